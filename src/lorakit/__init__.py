@@ -1,0 +1,15 @@
+"""lorakit: LoRA for PyTorch — wrap, train, save, share, swap and merge low-rank adapters."""
+
+from .config import LoraBias, LoraConfig
+from .errors import LoraError, LoraFileError, LoraMergeError, LoraStateError
+from .io import load_adapters, read_adapter_config, save_adapters
+from .layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear, with_lora
+from .model import apply_lora, lora_layers, merge, merge_, summary, trainable_parameters, unmerge_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraBias", "LoraConfig", "LoraConv", "LoraConv1D", "LoraEmbedding", "LoraError", "LoraFileError", "LoraLayer",
+    "LoraLinear", "LoraMergeError", "LoraStateError", "apply_lora", "load_adapters", "lora_layers", "merge", "merge_",
+    "read_adapter_config", "save_adapters", "summary", "trainable_parameters", "unmerge_", "with_lora",
+]

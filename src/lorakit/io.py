@@ -1,0 +1,390 @@
+"""Adapter files: one layer's `.safetensors`, and the model-level directory in Hugging Face PEFT's layout.
+
+    adapter_config.json          PEFT's LoraConfig fields (peft_type, r, lora_alpha, target_modules, ...)
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight / .lora_B.weight
+                                 (embeddings: .lora_embedding_A / .lora_embedding_B; bias: .base_layer.bias)
+
+Loading is strict: the config, every key, shape, rank, dtype and value is checked before anything is
+copied, so a bad file leaves the model exactly as it was. Only JSON and safetensors are ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import safetensors_io
+from .config import INITS, LoraBias, LoraConfig
+from .errors import LoraFileError
+from .layers import LoraEmbedding, LoraLayer, wrapper_for
+from .model import apply_lora, find_targets, lora_layers, rule_matches
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+MAX_CONFIG_BYTES = 1024 * 1024
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# PEFT config keys we read, or that carry no behaviour for a saved adapter
+_UNDERSTOOD = {
+    "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora",
+    "fan_in_fan_out", "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save", "exclude_modules",
+    "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "megatron_core",
+    "qalora_group_size", "ensure_weight_tying", "eva_config", "lorakit",
+}
+# init_lora_weights values that assume a base changed at init time (PiSSA, OLoRA, CorDA, LoftQ, ...)
+_INIT_OK = (True, False, "gaussian", "eva", "orthogonal")
+
+
+# -- one layer: <path>.safetensors -----------------------------------------------------------------
+
+def _layer_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
+def save_layer_adapter(layer: LoraLayer, path: str | Path) -> Path:
+    """Write one layer's adapter (lora_A, lora_B, bias under "all") with its config in the metadata."""
+    path = _layer_path(path)
+    meta = {"format": "lorakit-layer", "layer": type(layer).__name__, "config": json.dumps(layer.config.to_dict()),
+            "base_weight_shape": json.dumps(list(layer.base_weight.shape))}
+    safetensors_io.write(path, layer.adapter_tensors(), meta)
+    return path
+
+
+def load_layer_adapter(layer: LoraLayer, path: str | Path, *, allow_nonfinite: bool = False) -> None:
+    """Load a `save_layer_adapter` file into `layer`; checked in full before anything is copied."""
+    path = _layer_path(path)
+    tensors, meta = safetensors_io.read(path)
+    if meta.get("format") != "lorakit-layer":
+        raise LoraFileError(f"{path}: not a lorakit layer adapter (metadata format={meta.get('format')!r})")
+    try:
+        config = LoraConfig(**json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoraFileError(f"{path}: the config in the metadata is invalid ({e})") from None
+    if meta.get("layer") != type(layer).__name__:
+        raise LoraFileError(f"{path}: adapter is for a {meta.get('layer')}, this layer is a {type(layer).__name__}")
+    if config.rank != layer.rank:
+        raise LoraFileError(f"{path}: adapter rank {config.rank} does not match the layer's rank {layer.rank}")
+    if config.bias is not layer.config.bias:
+        raise LoraFileError(f"{path}: adapter bias={config.bias.value!r}, layer bias={layer.config.bias.value!r}")
+    targets = layer.adapter_tensors()
+    _check_tensors(str(path), tensors, {k: tuple(t.shape) for k, t in targets.items()}, allow_nonfinite)
+    _copy(tensors, targets)
+    layer.config = config
+
+
+# -- the model: PEFT's directory layout -------------------------------------------------------------
+
+def _peft_suffixes(layer_cls: type[LoraLayer]) -> dict[str, str]:
+    """Our tensor name -> PEFT's key suffix for one layer type."""
+    if issubclass(layer_cls, LoraEmbedding):
+        return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", "bias": "base_layer.bias"}
+    return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "bias": "base_layer.bias"}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter's tensors under PEFT's key names (what `save_adapters` writes)."""
+    out: dict[str, Tensor] = {}
+    for name, layer in lora_layers(model).items():
+        for ours, suffix in _peft_suffixes(type(layer)).items():
+            t = layer.adapter_tensors().get(ours)
+            if t is not None:
+                out[f"{PREFIX}{name}.{suffix}"] = t
+    for name in getattr(model, "lorakit_modules_to_save", ()):
+        for pname, p in model.get_submodule(name).named_parameters():
+            out[f"{PREFIX}{name}.{pname}"] = p
+    return out
+
+
+def peft_config(model: nn.Module) -> dict:
+    """adapter_config.json for the LoRA layers in `model`, in PEFT's vocabulary."""
+    layers = lora_layers(model)
+    if not layers:
+        raise LoraFileError("the model has no LoRA layers; apply_lora first")
+    configs = {name: layer.config for name, layer in layers.items()}
+    base = Counter((c.rank, c.alpha) for c in configs.values()).most_common(1)[0][0]
+    one = next(iter(configs.values()))
+    names = list(configs)
+    others = [n for n, _ in model.named_modules() if n and n not in configs]
+    if any(n.endswith("." + t) for n in others for t in names):
+        target_modules: list[str] | str = "|".join(re.escape(n) for n in names)  # a regex string: exact names
+    else:
+        target_modules = names
+    rank_pattern = {_exact_key(n, names): c.rank for n, c in configs.items() if c.rank != base[0]}
+    alpha_pattern = {_exact_key(n, names): c.alpha for n, c in configs.items() if c.alpha != base[1]}
+    linears = [type(layer).fan_in_fan_out for layer in layers.values() if hasattr(type(layer), "fan_in_fan_out")]
+    name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": name_or_path,
+        "r": base[0],
+        "lora_alpha": base[1],
+        "lora_dropout": one.dropout,
+        "target_modules": target_modules,
+        "bias": "lora_only" if one.bias is LoraBias.ALL else "none",  # PEFT's name for "biases of wrapped layers"
+        "use_rslora": one.use_rslora,
+        "fan_in_fan_out": bool(linears) and all(linears),
+        "init_lora_weights": True if one.init == "kaiming" else one.init,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": list(getattr(model, "lorakit_modules_to_save", ())) or None,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+        "lorakit": {"format": 1},
+    }
+
+
+def _exact_key(name: str, names: list[str]) -> str:
+    """A rank/alpha_pattern key that PEFT matches to `name` only: plain where unambiguous, else anchored."""
+    if sum(1 for n in names if re.match(rf"(.*\.)?({name})$", n)) == 1:
+        return name
+    return "^" + re.escape(name)
+
+
+def save_adapters(model: nn.Module, directory: str | Path) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT layout) for the model's LoRA layers.
+
+    Example:
+        >>> import tempfile
+        >>> mlp = apply_lora(nn.Sequential(nn.Linear(4, 4)), LoraConfig(rank=2), ["0"])
+        >>> sorted(p.name for p in save_adapters(mlp, tempfile.mkdtemp()).iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    directory = Path(directory)
+    config = peft_config(model)
+    safetensors_io.write(directory / WEIGHTS_NAME, adapter_state_dict(model), {"format": "pt"})
+    safetensors_io.atomic_write(directory / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    return directory
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What an adapter directory asks for, read from its config: LoRA config, targets, extra modules."""
+
+    config: LoraConfig
+    targets: list[str]
+    exclude: list[str]
+    modules_to_save: list[str]
+    raw: dict
+
+
+def read_adapter_config(directory: str | Path) -> AdapterSpec:
+    """Read and validate `adapter_config.json`; PEFT features lorakit lacks are refused by name."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise LoraFileError(f"{path}: no such file (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise LoraFileError(f"{path}: {path.stat().st_size} bytes is past the {MAX_CONFIG_BYTES}-byte limit for a config")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoraFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise LoraFileError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+
+    def field(key, kinds, default=None, required=False):
+        if key not in raw:
+            if required:
+                raise LoraFileError(f"{path}: missing key {key!r}")
+            return default
+        v = raw[key]
+        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in _tuple(kinds)):
+            raise LoraFileError(f"{path}: key {key!r} is {v!r}; expected {_kind_names(kinds)}")
+        return v
+
+    if field("peft_type", str, required=True) != "LORA":
+        raise LoraFileError(f"{path}: peft_type {raw['peft_type']!r} is not supported; expected 'LORA'")
+    for key, value in raw.items():
+        if key not in _UNDERSTOOD and value not in (None, False, {}, [], ""):
+            raise LoraFileError(f"{path}: PEFT feature {key}={value!r} is not supported by lorakit")
+    init = raw.get("init_lora_weights", True)
+    if init not in _INIT_OK:
+        raise LoraFileError(f"{path}: init_lora_weights={init!r} is not supported: that adapter expects a base "
+                            f"changed at init time; supported: {', '.join(map(repr, _INIT_OK))}")
+    bias = field("bias", str, "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise LoraFileError(f"{path}: key 'bias' is {bias!r}; expected 'none', 'all' or 'lora_only'")
+    targets = field("target_modules", (list, str), required=True)
+    if isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
+        raise LoraFileError(f"{path}: key 'target_modules' must be a list of strings or a regex string")
+    exclude = field("exclude_modules", (list, str), None)
+    modules_to_save = field("modules_to_save", list, None) or []
+    try:
+        config = LoraConfig(
+            rank=field("r", int, required=True),
+            alpha=field("lora_alpha", (int, float), 8),
+            dropout=field("lora_dropout", (int, float), 0.0),
+            bias="none" if bias == "none" else "all",
+            use_rslora=field("use_rslora", bool, False),
+            init=init if init in INITS else "kaiming",
+            rank_pattern=field("rank_pattern", dict, None) or {},
+            alpha_pattern=field("alpha_pattern", dict, None) or {},
+        )
+    except ValueError as e:
+        raise LoraFileError(f"{path}: {e}") from None
+    return AdapterSpec(config, _rules(targets), _rules(exclude) if exclude else [], list(modules_to_save), raw)
+
+
+def _tuple(kinds):
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _kind_names(kinds) -> str:
+    return " or ".join({"str": "a string", "int": "an int", "float": "a number", "bool": "true/false",
+                        "list": "a list", "dict": "an object"}[k.__name__] for k in _tuple(kinds))
+
+
+def _rules(peft_targets: list[str] | str) -> list[str]:
+    """PEFT target semantics in lorakit rules: a list is names/suffixes, a string is a full-match regex."""
+    if isinstance(peft_targets, str):
+        return ["all-linear"] if peft_targets == "all-linear" else [f"re:{peft_targets}"]
+    return list(peft_targets)
+
+
+def load_adapters(model: nn.Module, directory: str | Path, *, allow_nonfinite: bool = False) -> nn.Module:
+    """Load a PEFT-layout adapter directory into `model`, strictly; returns the model.
+
+    On a model without LoRA, the adapter's own config is applied first (targets, ranks, alphas), as
+    PEFT's `from_pretrained` does; on a LoRA model the tensors load into the existing layers.
+    Every key, shape, rank, dtype and value is checked before anything changes.
+
+    Example:
+        >>> import tempfile
+        >>> mlp = apply_lora(nn.Sequential(nn.Linear(4, 4)), LoraConfig(rank=2), ["0"])
+        >>> d = save_adapters(mlp, tempfile.mkdtemp())
+        >>> fresh = load_adapters(nn.Sequential(nn.Linear(4, 4)), d)
+        >>> type(fresh[0]).__name__
+        'LoraLinear'
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LoraFileError(f"{directory}: not an adapter directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    spec = read_adapter_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+        hint = f" ({', '.join(pickled)} is pickle, which lorakit never loads)" if pickled else ""
+        raise LoraFileError(f"{weights}: no such file{hint}")
+    tensors, _ = safetensors_io.read(weights)
+    where = str(weights)
+
+    existing = lora_layers(model)
+    if existing:
+        plan = {name: (type(layer), layer.base, spec.config.for_module(name)) for name, layer in existing.items()}
+        for name, (_, _, cfg) in plan.items():
+            if cfg.rank != existing[name].rank and _key(name, "lora_A", type(existing[name])) in tensors:
+                raise LoraFileError(f"{where}: module {name!r} has rank {cfg.rank} in the adapter but "
+                                    f"{existing[name].rank} in the model")
+    else:
+        save_rules = spec.modules_to_save
+        exclude = spec.exclude + [f"re:{re.escape(n)}(\\..*)?" for n in _names(model, save_rules)]
+        try:
+            names = find_targets(model, spec.targets, exclude=exclude)
+        except ValueError as e:
+            raise LoraFileError(f"{directory / CONFIG_NAME}: {e}") from None
+        plan = {}
+        for name in names:
+            module = model.get_submodule(name)
+            cls = wrapper_for(module)
+            if cls is None:
+                raise LoraFileError(f"{where}: target {name!r} is a {type(module).__name__}, which LoRA does not support")
+            plan[name] = (cls, module, spec.config.for_module(name))
+
+    expected: dict[str, tuple[tuple[int, ...], Tensor | None]] = {}
+    for name, (cls, base, cfg) in plan.items():
+        a_shape, b_shape = cls.factor_shapes(base, cfg.rank)
+        layer = existing.get(name)
+        expected[_key(name, "lora_A", cls)] = (a_shape, layer.lora_A if layer else None)
+        expected[_key(name, "lora_B", cls)] = (b_shape, layer.lora_B if layer else None)
+        if cfg.bias is LoraBias.ALL and getattr(base, "bias", None) is not None:
+            expected[_key(name, "bias", cls)] = (tuple(base.bias.shape), base.bias)
+    for name in _names(model, spec.modules_to_save):
+        for pname, p in model.get_submodule(name).named_parameters():
+            expected[f"{PREFIX}{name}.{pname}"] = (tuple(p.shape), p)
+    if spec.config.bias is LoraBias.ALL:  # PEFT's bias="all" also saves biases of modules without LoRA
+        params = dict(model.named_parameters())
+        for key in tensors:
+            if key in expected or not key.endswith(".bias") or not key.startswith(PREFIX):
+                continue
+            pname = key[len(PREFIX):]
+            if ".original_module." in pname or ".modules_to_save." in pname:
+                continue  # PEFT's own copies of modules_to_save; the plain key carries the trained value
+            if pname in params:
+                expected[key] = (tuple(params[pname].shape), params[pname])
+        tensors = {k: v for k, v in tensors.items()
+                   if k in expected or not (".original_module." in k or ".modules_to_save." in k)}
+
+    _check_tensors(where, tensors, {k: v[0] for k, v in expected.items()}, allow_nonfinite)
+
+    # everything checked: change the model
+    if not existing:
+        apply_lora(model, spec.config, [f"re:{re.escape(n)}" for n in plan],
+                   modules_to_save=[f"re:{re.escape(n)}" for n in _names(model, spec.modules_to_save)])
+        layers = lora_layers(model)
+        for name, layer in layers.items():
+            expected[_key(name, "lora_A", type(layer))] = (None, layer.lora_A)
+            expected[_key(name, "lora_B", type(layer))] = (None, layer.lora_B)
+            if layer.base is not plan[name][1]:
+                raise AssertionError("apply_lora wrapped a different module than planned")
+            if _key(name, "bias", type(layer)) in expected:
+                expected[_key(name, "bias", type(layer))] = (None, layer.base.bias)
+    else:
+        for name, layer in existing.items():
+            layer.config = plan[name][2]
+    _copy(tensors, {k: t for k, (_, t) in expected.items()})
+    return model
+
+
+def _names(model: nn.Module, rules: list[str]) -> list[str]:
+    """Module names matching any rule (PEFT's modules_to_save semantics: name or suffix)."""
+    if not rules:
+        return []
+    return [n for n, _ in model.named_modules() if n and any(rule_matches(r, n) for r in rules)
+            and not any(rule_matches(r, n.rpartition(".")[0]) for r in rules if "." in n)]
+
+
+def _key(name: str, tensor: str, cls: type[LoraLayer]) -> str:
+    return f"{PREFIX}{name}.{_peft_suffixes(cls)[tensor]}"
+
+
+def _check_tensors(where: str, tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]],
+                   allow_nonfinite: bool) -> None:
+    """Every expected key present, nothing unexpected, shapes equal, floating dtypes, finite values."""
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_few(unexpected)}")
+        raise LoraFileError(f"{where}: adapter does not fit the model; " + "; ".join(parts))
+    for key, shape in shapes.items():
+        t = tensors[key]
+        if t.dtype not in FLOAT_DTYPES:
+            raise LoraFileError(f"{where}: {key} has dtype {t.dtype}; expected a floating dtype")
+        if tuple(t.shape) != tuple(shape):
+            raise LoraFileError(f"{where}: {key} has shape {tuple(t.shape)}; the model expects {tuple(shape)} "
+                                "(an adapter for a different base, or another rank?)")
+        if not allow_nonfinite and not torch.isfinite(t).all():
+            raise LoraFileError(f"{where}: {key} holds NaN or Inf values (pass allow_nonfinite=True to load anyway)")
+
+
+def _few(keys: list[str], k: int = 6) -> str:
+    return ", ".join(keys[:k]) + (f", ... (+{len(keys) - k})" if len(keys) > k else "")
+
+
+def _copy(tensors: dict[str, Tensor], targets: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for key, dst in targets.items():
+            dst.copy_(tensors[key].to(dst.dtype))

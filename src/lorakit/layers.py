@@ -1,0 +1,233 @@
+"""LoRA layers: each holds its frozen base plus the trainable factors `lora_A` and `lora_B`.
+
+Dispatch is a registry {module type: wrapper}; adding a layer type is one class and one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .config import LoraBias, LoraConfig
+from .errors import LoraStateError
+
+
+class LoraLayer(nn.Module):
+    """Common shell of every LoRA layer: frozen `base`, factors `lora_A` (r, d_in, ...) and `lora_B` (d_out, r, ...).
+
+    Subclasses say how to build the factors' shapes, how to run forward, and how the weight delta is laid out.
+    """
+
+    def __init__(self, base: nn.Module, config: LoraConfig) -> None:
+        super().__init__()
+        if config.rank_pattern or config.alpha_pattern:
+            config = config.for_module("")
+        self.base = base
+        self.config = config
+        self.merged = False
+        self._unmerged_weight: Tensor | None = None  # the exact base weight while merged in place
+        for p in base.parameters():
+            p.requires_grad_(False)
+        a_shape, b_shape = self.factor_shapes(base, config.rank)
+        w = self.base_weight
+        self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, dtype=w.dtype, device=w.device))
+        ops.init_factors_(self.lora_A, self.lora_B, config.init)
+        if config.bias is LoraBias.ALL and getattr(base, "bias", None) is not None:
+            base.bias.requires_grad_(True)
+
+    # -- what subclasses define -------------------------------------------------------------------
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of (lora_A, lora_B) for LoRA of `rank` beside `base`."""
+        raise NotImplementedError
+
+    def lora_forward(self, x: Tensor) -> Tensor:
+        """base(x) + scaling · B(A(dropout(x)))."""
+        raise NotImplementedError
+
+    def weight_delta(self) -> Tensor:
+        """scaling · B @ A in fp32, laid out like the base's weight."""
+        return ops.delta_weight(self.lora_A, self.lora_B, self.scaling)
+
+    # -- shared behaviour -------------------------------------------------------------------------
+    @property
+    def base_weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base(x)
+        return self.lora_forward(x)
+
+    def merge(self) -> nn.Module:
+        """A plain copy of the base with W + scaling·B@A (and the bias as trained); this layer is unchanged."""
+        plain = copy.deepcopy(self.base)
+        if not self.merged:
+            with torch.no_grad():
+                plain.weight.copy_(ops.merged_weight(self.base_weight, self.weight_delta()))
+        for p in plain.parameters():
+            p.requires_grad_(False)
+        return plain
+
+    def merge_(self) -> LoraLayer:
+        """Merge in place for serving; `unmerge_()` restores the base weight bit for bit."""
+        if self.merged:
+            raise LoraStateError(f"{type(self).__name__} is already merged; call unmerge_() first")
+        w = self.base_weight
+        merged = ops.merged_weight(w, self.weight_delta())
+        self._unmerged_weight = w.detach().clone()
+        with torch.no_grad():
+            w.copy_(merged)
+        self.merged = True
+        return self
+
+    def unmerge_(self) -> LoraLayer:
+        """Undo `merge_()`: the base weight becomes exactly what it was."""
+        if not self.merged:
+            raise LoraStateError(f"{type(self).__name__} is not merged; nothing to unmerge")
+        with torch.no_grad():
+            self.base_weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+        return self
+
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        """What an adapter file holds for this layer: lora_A, lora_B, and the bias under bias="all"."""
+        out = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.config.bias is LoraBias.ALL and getattr(self.base, "bias", None) is not None:
+            out["bias"] = self.base.bias
+        return out
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write lora_A, lora_B (+ bias) to `<path>.safetensors`, config in the metadata."""
+        from . import io  # layers know nothing of files; io does the work
+
+        return io.save_layer_adapter(self, path)
+
+    def load_adapter(self, path: str | Path) -> LoraLayer:
+        """Load a file written by `save_adapter`; validated fully before anything is copied."""
+        from . import io
+
+        io.load_layer_adapter(self, path)
+        return self
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"rank={c.rank}, alpha={c.alpha:g}, scaling={self.scaling:g}, dropout={c.dropout:g}, merged={self.merged}"
+
+
+class LoraLinear(LoraLayer):
+    """LoRA beside an nn.Linear: A (r, d_in), B (d_out, r)."""
+
+    fan_in_fan_out = False  # True where the base stores its weight as (d_in, d_out)
+
+    @classmethod
+    def factor_shapes(cls, base, rank):
+        d_out, d_in = base.weight.shape[::-1] if cls.fan_in_fan_out else base.weight.shape
+        return (rank, d_in), (d_out, rank)
+
+    def lora_forward(self, x):
+        w = self.base_weight.t() if self.fan_in_fan_out else self.base_weight  # a view, no copy
+        return ops.lora_linear(x, w, self.base.bias, self.lora_A, self.lora_B, self.scaling,
+                               self.config.dropout, self.training)
+
+    def weight_delta(self):
+        delta = super().weight_delta()  # (d_out, d_in)
+        return delta.t() if self.fan_in_fan_out else delta
+
+
+class LoraConv1D(LoraLinear):
+    """LoRA beside transformers' GPT-2 style Conv1D, whose weight is stored (d_in, d_out)."""
+
+    fan_in_fan_out = True
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA beside an nn.Embedding: A (r, num_embeddings), B (embedding_dim, r), as PEFT lays them out."""
+
+    @classmethod
+    def factor_shapes(cls, base, rank):
+        num, dim = base.weight.shape
+        return (rank, num), (dim, rank)
+
+    def lora_forward(self, ids):
+        # dropout has no meaning on token ids (PEFT skips it too)
+        return ops.lora_embedding(ids, self.base, self.lora_A, self.lora_B, self.scaling)
+
+    def weight_delta(self):
+        return super().weight_delta().t()  # (num_embeddings, dim)
+
+
+class LoraConv(LoraLayer):
+    """LoRA beside nn.Conv1d/2d/3d: A is a conv with the base's kernel (r, d_in, *k), B a 1×1 conv (d_out, r, 1...)."""
+
+    @classmethod
+    def factor_shapes(cls, base, rank):
+        if base.groups != 1:
+            raise TypeError(f"LoRA on a grouped convolution (groups={base.groups}) is not supported; expected groups=1")
+        d_out, d_in, *kernel = base.weight.shape
+        return (rank, d_in, *kernel), (d_out, rank, *([1] * len(kernel)))
+
+    def lora_forward(self, x):
+        return ops.lora_conv(x, self.base, self.lora_A, self.lora_B, self.scaling, self.config.dropout, self.training)
+
+
+LORA_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {
+    nn.Linear: LoraLinear,
+    nn.Embedding: LoraEmbedding,
+    nn.Conv1d: LoraConv,
+    nn.Conv2d: LoraConv,
+    nn.Conv3d: LoraConv,
+}
+
+
+def _registry() -> dict[type[nn.Module], type[LoraLayer]]:
+    """The registry, plus transformers' Conv1D once transformers is loaded (never imported just for this)."""
+    hf = sys.modules.get("transformers.pytorch_utils")
+    if hf is not None and getattr(hf, "Conv1D", None) not in (None, *LORA_LAYERS):
+        LORA_LAYERS[hf.Conv1D] = LoraConv1D
+    return LORA_LAYERS
+
+
+def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA class for this module's type (or a registered parent type), None if unsupported."""
+    registry = _registry()
+    for cls in type(module).__mro__:
+        if cls in registry:
+            return registry[cls]
+    return None
+
+
+def supported_types() -> str:
+    """The supported module type names, for error messages."""
+    return ", ".join(sorted({t.__name__ for t in _registry()}))
+
+
+def with_lora(module: nn.Module, config: LoraConfig) -> LoraLayer:
+    """Wrap one layer with LoRA; the base is frozen, lora_A/lora_B train.
+
+    Example:
+        >>> layer = with_lora(nn.Linear(32, 64), LoraConfig(rank=4, alpha=8.0))
+        >>> layer(torch.zeros(2, 32)).shape
+        torch.Size([2, 64])
+    """
+    if isinstance(module, LoraLayer):
+        raise LoraStateError(f"{type(module).__name__} already has LoRA; wrapping it again is not allowed")
+    wrapper = wrapper_for(module)
+    if wrapper is None:
+        raise TypeError(f"LoRA does not support {type(module).__name__}; supported types: {supported_types()}")
+    return wrapper(module, config)

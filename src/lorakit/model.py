@@ -1,0 +1,197 @@
+"""Model-wide LoRA: find targets, wrap them in place, freeze the rest, merge, count, summarise."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from .config import LoraConfig
+from .errors import LoraStateError
+from .layers import LoraLayer, supported_types, with_lora, wrapper_for
+
+ALL_LINEAR = "all-linear"
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """Every LoRA layer in the model, by dotted module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from .layers import LoraConv1D, LoraLinear
+
+    return wrapper_for(module) in (LoraLinear, LoraConv1D)
+
+
+def output_head(model: nn.Module) -> str | None:
+    """The name of the output head: `get_output_embeddings()` where the model has it, else its last linear layer."""
+    named = list(model.named_modules())
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        head = get_out()
+        if head is not None:
+            return next(name for name, m in named if m is head)
+    linears = [name for name, m in named if _is_linear(m)]
+    return linears[-1] if linears else None
+
+
+def rule_matches(rule: str, name: str) -> bool:
+    """One target rule: exact name, dot-boundary suffix, or `re:<pattern>` (full match)."""
+    if rule.startswith("re:"):
+        return re.fullmatch(rule[3:], name) is not None
+    return name == rule or name.endswith("." + rule)
+
+
+def find_targets(model: nn.Module, targets: str | Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """The names of the modules `targets` selects, in model order; raises if a rule matches nothing.
+
+    Example:
+        >>> mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> find_targets(mlp, "all-linear")
+        ['0']
+    """
+    rules = [targets] if isinstance(targets, str) else list(targets)
+    if not rules or not all(isinstance(r, str) and r for r in rules):
+        raise ValueError(f"targets={targets!r} is invalid: expected 'all-linear', a module name, a suffix or 're:<regex>'")
+    for rule in rules:
+        if rule.startswith("re:"):
+            try:
+                re.compile(rule[3:])
+            except re.error as e:
+                raise ValueError(f"target {rule!r} is not a valid regex: {e}") from None
+    names = [name for name, _ in model.named_modules() if name]
+    chosen: dict[str, None] = {}
+    for rule in rules:
+        if rule == ALL_LINEAR:
+            head = output_head(model)
+            hits = [n for n in names if _is_linear(model.get_submodule(n)) and n != head]
+        else:
+            hits = [n for n in names if rule_matches(rule, n)]
+        hits = [n for n in hits if not any(rule_matches(e, n) for e in exclude)]
+        if not hits:
+            raise ValueError(f"target {rule!r} matches no module; some module names: {_sample(names)}")
+        chosen.update(dict.fromkeys(hits))
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def _sample(names: list[str], k: int = 12) -> str:
+    shown = ", ".join(repr(n) for n in names[:k])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > k else "")
+
+
+def apply_lora(model: nn.Module, config: LoraConfig, targets: str | Sequence[str] = ALL_LINEAR, *,
+               modules_to_save: Sequence[str] = (), exclude: Sequence[str] = ()) -> nn.Module:
+    """Wrap every module `targets` selects with LoRA, in place; freeze every other parameter.
+
+    `modules_to_save` names modules (same rules) that train in full and are saved with the adapter
+    (PEFT's convention, e.g. a new classification head). Everything is checked before anything changes.
+
+    Example:
+        >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> mlp = apply_lora(mlp, LoraConfig(rank=2), targets=["0"])
+        >>> trainable_parameters(mlp)
+        (24, 73)
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    existing = lora_layers(model)
+    if existing:
+        raise LoraStateError(
+            f"the model already has LoRA on {len(existing)} modules (e.g. {next(iter(existing))!r}); "
+            "apply_lora twice is not allowed: merge it, or load adapters into the existing layers")
+    save_names = find_targets(model, list(modules_to_save)) if modules_to_save else []
+    names = find_targets(model, targets, exclude=[*exclude, *(f"re:{re.escape(n)}(\\..*)?" for n in save_names)])
+    bad = [(n, type(model.get_submodule(n)).__name__) for n in names if wrapper_for(model.get_submodule(n)) is None]
+    if bad:
+        listed = ", ".join(f"{n!r} ({t})" for n, t in bad[:8])
+        raise TypeError(f"targets match modules LoRA does not support: {listed}; supported types: {supported_types()}")
+    for n in names:  # per-type checks (e.g. grouped convs) before anything changes
+        module = model.get_submodule(n)
+        wrapper_for(module).factor_shapes(module, config.for_module(n).rank)
+    # all checks passed: now change the model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        _set_module(model, name, with_lora(model.get_submodule(name), config.for_module(name)))
+    for name in save_names:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    model.lorakit_modules_to_save = tuple(save_names)
+    return model
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every LoRA layer by its merged plain layer (W + scaling·B@A); returns the model.
+
+    Example:
+        >>> mlp = apply_lora(nn.Sequential(nn.Linear(4, 4)), LoraConfig(rank=2), ["0"])
+        >>> type(merge(mlp)[0]).__name__
+        'Linear'
+    """
+    layers = lora_layers(model)
+    merged = {name: layer.merge() for name, layer in layers.items()}  # all computed (and checked) first
+    for name, plain in merged.items():
+        _set_module(model, name, plain)
+    return model
+
+
+def merge_(model: nn.Module) -> nn.Module:
+    """Merge every LoRA layer in place, reversibly (see `unmerge_`)."""
+    layers = lora_layers(model).values()
+    if any(layer.merged for layer in layers):
+        raise LoraStateError("some LoRA layers are already merged; call unmerge_(model) first")
+    for layer in layers:
+        layer.merge_()
+    return model
+
+
+def unmerge_(model: nn.Module) -> nn.Module:
+    """Undo `merge_`: every base weight becomes exactly what it was."""
+    layers = lora_layers(model).values()
+    if not all(layer.merged for layer in layers):
+        raise LoraStateError("unmerge_ needs every LoRA layer merged; some are not")
+    for layer in layers:
+        layer.unmerge_()
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts.
+
+    Example:
+        >>> trainable_parameters(nn.Linear(2, 3))
+        (9, 9)
+    """
+    params = list(_unique(model.parameters()))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _unique(params: Iterable[nn.Parameter]) -> Iterable[nn.Parameter]:
+    seen: set[int] = set()
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
+
+
+def summary(model: nn.Module) -> str:
+    """A readable table of the LoRA layers: module, type, shapes, rank, alpha, trainable counts."""
+    rows = [("module", "type", "lora_A", "lora_B", "rank", "alpha", "trainable")]
+    for name, layer in lora_layers(model).items():
+        n = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        rows.append((name, type(layer.base).__name__, "×".join(map(str, layer.lora_A.shape)),
+                     "×".join(map(str, layer.lora_B.shape)), str(layer.rank), f"{layer.config.alpha:g}", f"{n:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    trainable, total = trainable_parameters(model)
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
+    return "\n".join(lines)
