@@ -109,7 +109,8 @@ def peft_config(model: nn.Module) -> dict:
     if not layers:
         raise LoraFileError("the model has no LoRA layers; apply_lora first")
     configs = {name: layer.config for name, layer in layers.items()}
-    base = Counter((c.rank, c.alpha) for c in configs.values()).most_common(1)[0][0]
+    base = (Counter(c.rank for c in configs.values()).most_common(1)[0][0],
+            Counter(c.alpha for c in configs.values()).most_common(1)[0][0])
     one = next(iter(configs.values()))
     names = list(configs)
     others = [n for n, _ in model.named_modules() if n and n not in configs]
@@ -193,7 +194,7 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
         raise LoraFileError(f"{path}: expected a JSON object, got {type(raw).__name__}")
 
     def field(key, kinds, default=None, required=False):
-        if key not in raw:
+        if raw.get(key) is None:
             if required:
                 raise LoraFileError(f"{path}: missing key {key!r}")
             return default
@@ -308,6 +309,16 @@ def load_adapters(model: nn.Module, directory: str | Path, *, allow_nonfinite: b
         expected[_key(name, "lora_B", cls)] = (b_shape, layer.lora_B if layer else None)
         if cfg.bias is LoraBias.ALL and getattr(base, "bias", None) is not None:
             expected[_key(name, "bias", cls)] = (tuple(base.bias.shape), base.bias)
+    # PEFT also saves whole embedding matrices when it targets them (resized vocabularies): load them too
+    optional: dict[str, tuple[tuple[int, ...], Tensor]] = {}
+    for name, (cls, base, _) in plan.items():
+        optional[f"{PREFIX}{name}.base_layer.weight"] = (tuple(base.weight.shape), base.weight)
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        emb = getattr(model, get, lambda: None)() if callable(getattr(model, get, None)) else None
+        name = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
+        if name and name not in plan:
+            optional[f"{PREFIX}{name}.weight"] = (tuple(emb.weight.shape), emb.weight)
+    expected.update({k: v for k, v in optional.items() if k in tensors})
     for name in _names(model, spec.modules_to_save):
         for pname, p in model.get_submodule(name).named_parameters():
             expected[f"{PREFIX}{name}.{pname}"] = (tuple(p.shape), p)
