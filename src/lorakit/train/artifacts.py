@@ -1,0 +1,107 @@
+"""A run's artifact directory: config.json, metrics.jsonl, loss.png, checkpoint and adapters.
+
+    config.json               the TrainConfig plus run facts (device, parameter counts, steps)
+    metrics.jsonl             one JSON object per line; "kind" is "step" or "epoch" (schema below)
+    loss.png                  train (per logged step) and valid (per epoch) loss, refreshed each epoch
+    checkpoint.safetensors    the latest training checkpoint (see checkpoint.py)
+    adapter/                  the final adapter (lorakit.save_adapters: PEFT layout)
+    best_adapter/             the adapter of the epoch with the lowest valid loss
+
+metrics.jsonl rows:
+    {"kind": "step", "epoch", "step", "batch", "loss", "lr", "grad_norm", "throughput", "elapsed_s", "<metric>"...}
+    {"kind": "epoch", "epoch", "step", "train_loss", "valid_loss", "best_valid_loss", "is_best", "lr",
+     "elapsed_s", "train_<metric>"..., "valid_<metric>"...}
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from .. import safetensors_io
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+CHECKPOINT = "checkpoint.safetensors"
+ADAPTER = "adapter"
+BEST_ADAPTER = "best_adapter"
+
+
+class ArtifactDir:
+    """Paths and writers for one run's directory; every whole-file write is atomic."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        """A file or folder in the run directory."""
+        return self.root / name
+
+    def write_json(self, name: str, data: dict) -> None:
+        """Write `data` as indented JSON, atomically."""
+        safetensors_io.atomic_write(self.path(name), (json.dumps(data, indent=2) + "\n").encode())
+
+    def append_row(self, row: dict) -> None:
+        """Append one metrics row (one line, flushed)."""
+        with open(self.path(METRICS), "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        """Every complete row of metrics.jsonl (a torn last line from a killed run is skipped)."""
+        p = self.path(METRICS)
+        if not p.exists():
+            return []
+        out = []
+        for line in p.read_text(encoding="utf-8").splitlines(keepends=True):
+            if line.endswith("\n"):
+                out.append(json.loads(line))
+        return out
+
+    def keep_rows(self, n: int) -> list[dict]:
+        """Cut metrics.jsonl back to its first `n` rows (what a resumed checkpoint had written)."""
+        rows = self.rows()[:n]
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        safetensors_io.atomic_write(self.path(METRICS), data)
+        return rows
+
+    def clear_rows(self) -> None:
+        """Start metrics.jsonl empty (a fresh run in a used directory)."""
+        safetensors_io.atomic_write(self.path(METRICS), b"")
+
+    def plot(self, rows: list[dict], title: str = "loss") -> Path:
+        """Draw loss.png from metrics rows: train loss per logged step, train and valid loss per epoch."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
+        from matplotlib.figure import Figure
+
+        steps = [r for r in rows if r["kind"] == "step"]
+        epochs = [r for r in rows if r["kind"] == "epoch"]
+        fig = Figure(figsize=(7, 4), dpi=110)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        if steps:
+            ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="tab:blue", alpha=0.45,
+                    linewidth=1, label="train (logged steps)")
+        if epochs:
+            ax.plot([r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o-", color="tab:blue",
+                    label="train (epoch mean)")
+            valid = [r for r in epochs if r.get("valid_loss") is not None]
+            if valid:
+                ax.plot([r["step"] for r in valid], [r["valid_loss"] for r in valid], "s-", color="tab:orange",
+                        label="valid")
+        losses = [r["loss"] for r in steps] + [r["train_loss"] for r in epochs]
+        if losses and min(losses) > 0 and max(losses) / min(losses) > 20:
+            ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if steps or epochs:
+            ax.legend()
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        safetensors_io.atomic_write(self.path(PLOT), buf.getvalue())
+        return self.path(PLOT)

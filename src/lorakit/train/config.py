@@ -1,0 +1,102 @@
+"""TrainConfig: every knob of a training run, frozen and validated, written as the run's config.json."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of a run. Only trainable parameters reach the optimizer (AdamW).
+
+    Args:
+        epochs: passes over the training data (int >= 1).
+        lr: peak learning rate.
+        weight_decay: AdamW's decoupled weight decay.
+        betas: AdamW's (beta1, beta2).
+        schedule: "constant", "linear" (to 0 at the last step) or "cosine" (to 0), after `warmup_steps`.
+        warmup_steps: optimizer steps of linear warm-up from lr/warmup_steps to lr.
+        max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        grad_accum: micro-batches summed into one optimizer step.
+        precision: "fp32", or "bf16" (autocast; an error on a device without bf16 support).
+        device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps".
+        seed: seeds torch, random and numpy at the start of a fresh run.
+        log_every: optimizer steps between step rows in metrics.jsonl and plain log lines.
+        checkpoint_every: optimizer steps between checkpoints (0: at the end of each epoch only).
+
+    Example:
+        >>> TrainConfig(epochs=2, lr=1e-3, schedule="cosine", warmup_steps=10).schedule
+        'cosine'
+    """
+
+    epochs: int = 3
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    grad_accum: int = 1
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_int("epochs", self.epochs)
+        _positive_int("grad_accum", self.grad_accum)
+        _positive_int("log_every", self.log_every)
+        for name in ("warmup_steps", "checkpoint_every", "seed"):
+            _int(name, getattr(self, name), minimum=0)
+        _finite("lr", self.lr, minimum=0.0, strict=True)
+        _finite("weight_decay", self.weight_decay, minimum=0.0)
+        if self.max_grad_norm is not None:
+            _finite("max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True)
+        betas = tuple(self.betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"TrainConfig.betas={self.betas!r} is invalid: expected two floats in [0, 1)")
+        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule={self.schedule!r} is invalid: expected one of {SCHEDULES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision={self.precision!r} is invalid: expected one of {PRECISIONS}")
+        base = self.device.split(":")[0] if isinstance(self.device, str) else None
+        if base not in DEVICES or (":" in self.device and (base != "cuda" or not self.device[5:].isdigit())):
+            raise ValueError(f"TrainConfig.device={self.device!r} is invalid: expected one of {DEVICES} or 'cuda:N'")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready values."""
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """The inverse of `to_dict`; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**{k: tuple(v) if k == "betas" else v for k, v in d.items()})
+
+
+def _int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"TrainConfig.{name}={value!r} is invalid: expected an int >= {minimum}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    _int(name, value, 1)
+
+
+def _finite(name: str, value: object, minimum: float, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ValueError(f"TrainConfig.{name}={value!r} is invalid: expected a finite number {bound}")

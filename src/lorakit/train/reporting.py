@@ -1,0 +1,86 @@
+"""Plain one-line-per-interval logs (CI, pipes, files), and the choice between them and the dashboard.
+
+Every line is `<kind> key=value ...`, with no colour or cursor codes, so `grep '^epoch'` or
+`awk` can read a run's log.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+import torch
+
+from .device import peak_memory_mib
+from .events import CheckpointSaved, EpochEnded, Event, RunEnded, RunStarted, StepLogged
+
+
+def fmt_duration(seconds: float) -> str:
+    """`1:02:03`, `2:03` style.
+
+    Example:
+        >>> fmt_duration(3723.4), fmt_duration(65)
+        ('1:02:03', '1:05')
+    """
+    s = int(round(max(seconds, 0.0)))
+    h, m, s = s // 3600, s // 60 % 60, s % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _metrics(prefix: str, values: dict[str, float]) -> str:
+    return "".join(f" {prefix}{k}={v:.6g}" for k, v in values.items())
+
+
+class PlainLog:
+    """Writes one greppable line per event to `stream` (stdout by default)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+        self.device = torch.device("cpu")
+        self.epochs = self.total_steps = 0
+
+    def _write(self, line: str) -> None:
+        stream = self.stream or sys.stdout
+        stream.write(line + "\n")
+        stream.flush()
+
+    def _mem(self) -> str:
+        mib, kind = peak_memory_mib(self.device)
+        return f"mem_{kind}_mib={mib:.0f}"
+
+    def __call__(self, e: Event) -> None:
+        """Log one event."""
+        if isinstance(e, RunStarted):
+            self.device, self.epochs, self.total_steps = torch.device(e.device), e.epochs, e.total_steps
+            pct = 100 * e.trainable_params / max(e.total_params, 1)
+            resumed = f" resumed_at_step={e.start_step}" if e.start_step else ""
+            self._write(f"start device={e.device} precision={e.precision} epochs={e.epochs} "
+                        f"steps={e.total_steps} steps_per_epoch={e.steps_per_epoch} trainable={e.trainable_params} "
+                        f"total={e.total_params} trainable_pct={pct:.2f}{resumed} artifacts={e.artifact_dir}")
+        elif isinstance(e, StepLogged):
+            norm = f" grad_norm={e.grad_norm:.4g}" if e.grad_norm is not None else ""
+            self._write(f"step epoch={e.epoch}/{self.epochs} step={e.step}/{self.total_steps} loss={e.loss:.6g} "
+                        f"lr={e.lr:.3e}{norm}{_metrics('', e.metrics)} {e.unit}_per_s={e.throughput:.0f} "
+                        f"elapsed={fmt_duration(e.elapsed_s)} {self._mem()}")
+        elif isinstance(e, EpochEnded):
+            valid = f" valid_loss={e.valid_loss:.6g}" if e.valid_loss is not None else ""
+            best = f" best_valid_loss={e.best_valid_loss:.6g}" if e.best_valid_loss is not None else ""
+            self._write(f"epoch epoch={e.epoch}/{self.epochs} step={e.step}/{self.total_steps} "
+                        f"train_loss={e.train_loss:.6g}{valid}{best}{' best=yes' if e.is_best else ''}"
+                        f"{_metrics('train_', e.train_metrics)}{_metrics('valid_', e.valid_metrics)} "
+                        f"lr={e.lr:.3e} elapsed={fmt_duration(e.elapsed_s)} {self._mem()}")
+        elif isinstance(e, CheckpointSaved):
+            self._write(f"checkpoint step={e.step} path={e.path}")
+        elif isinstance(e, RunEnded):
+            valid = f" valid_loss={e.valid_loss:.6g}" if e.valid_loss is not None else ""
+            self._write(f"done steps={e.step} train_loss={e.train_loss:.6g}{valid} "
+                        f"elapsed={fmt_duration(e.elapsed_s)} {self._mem()} artifacts={e.artifact_dir}")
+
+
+def auto_reporter(stream: TextIO | None = None):
+    """The live dashboard when `stream` (stdout) is a terminal, else `PlainLog`."""
+    out = stream or sys.stdout
+    if out.isatty():
+        from .dashboard import Dashboard
+        return Dashboard()
+    return PlainLog(stream)

@@ -1,0 +1,326 @@
+"""The training loop: AdamW on the trainable parameters only, a schedule, clipping, accumulation,
+bf16 autocast, validation, artifacts, and checkpoints that resume bit-for-bit (on CPU).
+
+Batches are `(inputs, targets)` pairs, scored by `loss_fn(outputs, targets)`, or mappings passed as
+`model(**batch)` whose output carries `.loss` (Hugging Face style; `batch["labels"]` are the targets).
+The loop never prints: it emits events (events.py) to its callbacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..io import save_adapters
+from ..model import lora_layers, trainable_parameters
+from .. import safetensors_io
+from . import artifacts as art
+from . import rng
+from .checkpoint import load_params, read_checkpoint, write_checkpoint
+from .config import TrainConfig
+from .device import bf16_supported, resolve_device, to_device
+from .events import CheckpointSaved, EpochEnded, Event, RunEnded, RunStarted, StepLogged
+from .metrics import Meter, Metric, as_metrics
+from .schedule import lr_at
+
+Callback = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What `Trainer.fit` returns."""
+
+    steps: int
+    train_loss: float
+    valid_loss: float | None
+    best_valid_loss: float | None
+    elapsed_s: float
+    artifact_dir: Path | None
+
+
+class Trainer:
+    """Train any `nn.Module` (LoRA-wrapped or not) from train/valid DataLoaders.
+
+    Args:
+        model: the model; only parameters with `requires_grad` are optimized and checkpointed.
+        config: the run's hyper-parameters.
+        loss_fn: `loss_fn(outputs, targets) -> scalar`; optional for mapping batches whose output has `.loss`.
+        metrics: extra metrics (`[accuracy(), perplexity()]` or `{"mae": fn(outputs, targets)}`).
+        callbacks: consumers of events; None picks the dashboard on a terminal, plain logs otherwise.
+        artifact_dir: where config.json, metrics.jsonl, loss.png, checkpoints and adapters go (None: nowhere).
+
+    Example:
+        >>> import lorakit as lk
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> _ = torch.manual_seed(0)
+        >>> model = lk.apply_lora(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), lk.LoraConfig(rank=2), ["0"])
+        >>> x = torch.randn(64, 4); data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
+        >>> result = Trainer(model, TrainConfig(epochs=2, device="cpu"), loss_fn=nn.functional.mse_loss, callbacks=[]).fit(data)
+        >>> result.steps
+        8
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig | None = None, *,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 metrics: Iterable[Metric] | dict | None = None, callbacks: Sequence[Callback] | None = None,
+                 artifact_dir: str | Path | None = None) -> None:
+        self.model = model
+        self.config = config or TrainConfig()
+        if not isinstance(self.config, TrainConfig):
+            raise TypeError(f"config must be a lorakit.train.TrainConfig, got {type(self.config).__name__}")
+        self.loss_fn = loss_fn
+        self.metrics = as_metrics(metrics)
+        if callbacks is None:
+            from .reporting import auto_reporter
+            callbacks = [auto_reporter()]
+        self.callbacks = list(callbacks)
+        self.artifacts = art.ArtifactDir(artifact_dir) if artifact_dir is not None else None
+        self.device = resolve_device(self.config.device)
+        if self.config.precision == "bf16" and not bf16_supported(self.device):
+            raise ValueError(f"precision='bf16' is not supported on device {self.device}; use precision='fp32'")
+
+    # -- one batch ----------------------------------------------------------------------------------
+
+    def _forward(self, batch: object) -> tuple[Tensor, Tensor | None, Tensor | None, int, int, str]:
+        """(loss, outputs, targets, samples, units, unit name) for one batch, under autocast when bf16."""
+        batch = to_device(batch, self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            if isinstance(batch, Mapping):
+                out = self.model(**batch)
+                targets = batch.get("labels")
+                logits = getattr(out, "logits", out if isinstance(out, Tensor) else None)
+                if self.loss_fn is not None:
+                    loss = self.loss_fn(logits, targets)
+                elif getattr(out, "loss", None) is not None:
+                    loss = out.loss
+                else:
+                    raise ValueError("a mapping batch needs a model output with .loss, or Trainer(loss_fn=...)")
+                ids = batch.get("input_ids")
+                n = len(next(v for v in batch.values() if isinstance(v, Tensor)))
+                mask = batch.get("attention_mask")
+                tokens = int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
+                return loss.float(), logits, targets, n, tokens or n, "tokens" if tokens else "samples"
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(f"a batch must be (inputs, targets) or a mapping; got {type(batch).__name__}"
+                                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+            if self.loss_fn is None:
+                raise ValueError("(inputs, targets) batches need Trainer(loss_fn=...), e.g. nn.functional.mse_loss")
+            x, y = batch
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+            return loss.float(), out, y, len(x), len(x), "samples"
+
+    def evaluate(self, loader: Iterable) -> dict[str, float]:
+        """Mean loss and metrics over `loader`, in eval mode, without gradients: {"loss": ..., name: ...}."""
+        meter = Meter(self.metrics)
+        was_training = self.model.training
+        self.model.to(self.device).eval()
+        with torch.no_grad():
+            for batch in loader:
+                loss, out, y, n, _, _ = self._forward(batch)
+                meter.update(float(loss), n, out, y)
+        self.model.train(was_training)
+        return meter.means()
+
+    # -- the run ------------------------------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        for cb in self.callbacks:
+            cb(event)
+
+    def fit(self, train: Iterable, valid: Iterable | None = None, *, resume: bool = False) -> TrainResult:
+        """Train for `config.epochs`; with `resume=True`, continue from the artifact dir's checkpoint.
+
+        A resumed run restores parameters, optimizer, schedule position, every RNG and the position in
+        the epoch, so on CPU it ends with the same adapter bytes as an uninterrupted run.
+        """
+        try:
+            return self._fit(train, valid, resume)
+        finally:
+            for cb in self.callbacks:
+                close = getattr(cb, "close", None)
+                if callable(close):
+                    close()
+
+    def _fit(self, train: Iterable, valid: Iterable | None, resume: bool) -> TrainResult:
+        cfg, model, arts = self.config, self.model, self.artifacts
+        try:
+            batches_per_epoch = len(train)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"train must have a length (a DataLoader over a sized dataset); got {type(train).__name__}") from None
+        if batches_per_epoch == 0:
+            raise ValueError("the train loader yields no batches")
+        model.to(self.device).train()
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not params:
+            raise ValueError("the model has no trainable parameters (apply_lora first, or unfreeze some)")
+        optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+        total_steps = steps_per_epoch * cfg.epochs
+        epoch_meter, interval = Meter(self.metrics), Meter(self.metrics)
+        s = {"epoch": 1, "batch": 0, "step": 0, "elapsed_s": 0.0, "best_valid_loss": None, "rows": 0,
+             "train_loss": math.nan, "valid_loss": None, "grad_norm_sum": 0.0, "grad_norms": 0}
+        generator = getattr(train, "generator", None)  # a DataLoader's own shuffle generator, if given
+        ckpt = None
+        if resume:
+            ckpt = self._load_checkpoint(params, optimizer, s, epoch_meter, interval)
+            if not s["batch"]:  # checkpoint at an epoch boundary: the live RNG state is all we need
+                _restore(ckpt.rng["current"], ckpt.state["rng"]["current"], generator)
+        else:
+            rng.seed_everything(cfg.seed)
+            if arts:
+                arts.clear_rows()
+        trainable, total = trainable_parameters(model)
+        if arts:
+            arts.write_json(art.CONFIG, {"train": cfg.to_dict(), "device": str(self.device), "trainable_params": trainable,
+                                         "total_params": total, "steps_per_epoch": steps_per_epoch,
+                                         "total_steps": total_steps, "metrics": [m.name for m in self.metrics]})
+        self._emit(RunStarted(cfg.epochs, steps_per_epoch, total_steps, s["epoch"], s["step"], trainable, total,
+                              str(self.device), cfg.precision, str(arts.root) if arts else None))
+        t0, elapsed0, start_epoch = time.perf_counter(), s["elapsed_s"], s["epoch"]
+
+        def elapsed() -> float:
+            return elapsed0 + time.perf_counter() - t0
+
+        def checkpoint() -> None:
+            s["elapsed_s"] = elapsed()
+            now_t, now_json = _snapshot(generator)
+            state = {**s, "config": cfg.to_dict(), "epoch_meter": epoch_meter.state(), "interval": interval.state(),
+                     "rng": {"current": now_json, "epoch_start": epoch_json}}
+            path = write_checkpoint(arts.path(art.CHECKPOINT), params, optimizer,
+                                    {"current": now_t, "epoch_start": epoch_t}, state)
+            self._emit(CheckpointSaved(s["step"], str(path)))
+
+        lr = lr_at(s["step"], total_steps, cfg.lr, cfg.schedule, cfg.warmup_steps)
+        for epoch in range(s["epoch"], cfg.epochs + 1):
+            skip = s["batch"] if epoch == s["epoch"] else 0
+            if skip:  # mid-epoch resume: replay the epoch's shuffle, then put the live RNG back
+                epoch_t, epoch_json = ckpt.rng["epoch_start"], ckpt.state["rng"]["epoch_start"]
+                _restore(epoch_t, epoch_json, generator)
+            else:
+                epoch_t, epoch_json = _snapshot(generator)
+                epoch_meter.reset()
+            batches = iter(train)
+            for _ in itertools.islice(batches, skip):
+                pass
+            if skip:
+                _restore(ckpt.rng["current"], ckpt.state["rng"]["current"], generator)
+            s["epoch"] = epoch
+            model.train()
+            t_interval, units, unit = time.perf_counter(), 0, "samples"
+            for b, batch in enumerate(batches, start=skip + 1):
+                loss, out, y, n, u, unit = self._forward(batch)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss is {value} at epoch {epoch}, batch {b}, step {s['step'] + 1}")
+                (loss / cfg.grad_accum).backward()
+                epoch_meter.update(value, n, out, y)
+                interval.update(value, n, out, y)
+                units += u
+                if b % cfg.grad_accum and b != batches_per_epoch:
+                    continue
+                lr = lr_at(s["step"], total_steps, cfg.lr, cfg.schedule, cfg.warmup_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if cfg.max_grad_norm is not None:
+                    norm = float(torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm))
+                    s["grad_norm_sum"], s["grad_norms"] = s["grad_norm_sum"] + norm, s["grad_norms"] + 1
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                s["step"], s["batch"] = s["step"] + 1, b
+                if s["step"] % cfg.log_every == 0:
+                    now = time.perf_counter()
+                    means = interval.means()
+                    grad_norm = s["grad_norm_sum"] / s["grad_norms"] if s["grad_norms"] else None
+                    event = StepLogged(epoch, s["step"], b, batches_per_epoch, means.pop("loss"), lr, grad_norm,
+                                       units / max(now - t_interval, 1e-9), elapsed(), means, unit)
+                    self._row({"kind": "step", "epoch": epoch, "step": s["step"], "batch": b, "loss": event.loss,
+                               "lr": lr, "grad_norm": grad_norm, "throughput": event.throughput,
+                               "throughput_unit": unit, "elapsed_s": event.elapsed_s, **means}, s)
+                    self._emit(event)
+                    interval.reset()
+                    s["grad_norm_sum"], s["grad_norms"], t_interval, units = 0.0, 0, now, 0
+                if arts and cfg.checkpoint_every and s["step"] % cfg.checkpoint_every == 0 and b != batches_per_epoch:
+                    checkpoint()
+            train_means = epoch_meter.means()
+            valid_means = self.evaluate(valid) if valid is not None else {}
+            s["train_loss"], s["valid_loss"] = train_means.pop("loss"), valid_means.pop("loss", None)
+            is_best = s["valid_loss"] is not None and (s["best_valid_loss"] is None or s["valid_loss"] < s["best_valid_loss"])
+            if is_best:
+                s["best_valid_loss"] = s["valid_loss"]
+                if arts:
+                    export_adapter(model, arts.path(art.BEST_ADAPTER))
+            event = EpochEnded(epoch, s["step"], s["train_loss"], s["valid_loss"], s["best_valid_loss"], is_best,
+                               lr, elapsed(), train_means, valid_means)
+            self._row({"kind": "epoch", "epoch": epoch, "step": s["step"], "train_loss": s["train_loss"],
+                       "valid_loss": s["valid_loss"], "best_valid_loss": s["best_valid_loss"], "is_best": is_best,
+                       "lr": lr, "elapsed_s": event.elapsed_s, **{f"train_{k}": v for k, v in train_means.items()},
+                       **{f"valid_{k}": v for k, v in valid_means.items()}}, s)
+            self._emit(event)
+            s["epoch"], s["batch"] = epoch + 1, 0
+            if arts:
+                checkpoint()
+                arts.plot(arts.rows())
+        if arts:
+            export_adapter(model, arts.path(art.ADAPTER))
+            if s["epoch"] == start_epoch:  # nothing ran (resumed a finished run): the plot was never drawn here
+                arts.plot(arts.rows())
+        self._emit(RunEnded(s["step"], elapsed(), s["train_loss"], s["valid_loss"], s["best_valid_loss"],
+                            str(arts.root) if arts else None))
+        return TrainResult(s["step"], s["train_loss"], s["valid_loss"], s["best_valid_loss"], elapsed(),
+                           arts.root if arts else None)
+
+    def _row(self, row: dict, s: dict) -> None:
+        if self.artifacts:
+            self.artifacts.append_row(row)
+            s["rows"] += 1
+
+    def _load_checkpoint(self, params, optimizer, s, epoch_meter, interval):
+        """Restore parameters, optimizer, counters and meters from the artifact dir's checkpoint."""
+        if self.artifacts is None:
+            raise ValueError("resume=True needs an artifact_dir holding a checkpoint")
+        path = self.artifacts.path(art.CHECKPOINT)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no checkpoint to resume from (run without resume first)")
+        ckpt = read_checkpoint(path)
+        saved = ckpt.state["config"]
+        if saved != self.config.to_dict():
+            diff = {k: (saved.get(k), v) for k, v in self.config.to_dict().items() if saved.get(k) != v}
+            raise ValueError(f"{path}: the checkpoint was made with a different TrainConfig; (saved, now): {diff}")
+        load_params(str(path), self.model, ckpt.params)
+        optimizer.load_state_dict(ckpt.optimizer)
+        for key in s:
+            s[key] = ckpt.state[key]
+        epoch_meter.load_state(ckpt.state["epoch_meter"])
+        interval.load_state(ckpt.state["interval"])
+        self.artifacts.keep_rows(s["rows"])
+        return ckpt
+
+
+def _snapshot(generator: torch.Generator | None) -> tuple[dict[str, Tensor], dict]:
+    tensors, data = rng.capture()
+    if isinstance(generator, torch.Generator):
+        tensors["loader"] = generator.get_state()
+    return tensors, data
+
+
+def _restore(tensors: dict[str, Tensor], data: dict, generator: torch.Generator | None) -> None:
+    rng.restore(tensors, data)
+    if isinstance(generator, torch.Generator) and "loader" in tensors:
+        generator.set_state(tensors["loader"])
+
+
+def export_adapter(model: nn.Module, directory: Path) -> Path:
+    """Save what training changed: the PEFT-layout adapter for a LoRA model, else the trainable parameters."""
+    if lora_layers(model):
+        return save_adapters(model, directory)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    safetensors_io.write(directory / "trainable.safetensors", trainable, {"format": "lorakit-trainable"})
+    return directory
