@@ -1,0 +1,358 @@
+"""Training data from JSONL or CSV files: read, validate every row, tokenize, batch.
+
+    causal-lm rows:  {"text": ...}  or  {"prompt": ..., "completion": ...}   (loss on completion tokens only)
+    seq-cls rows:    {"text": ..., "label": "positive" | 3}
+
+Every bad row (invalid JSON, missing field, wrong type, empty text, unknown label, ...) is reported as
+`file:line: reason`; `prepare` refuses to go on while any exist unless told to skip them. File-level
+problems (not UTF-8, empty, unknown format, missing CSV columns) are errors at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import LoraError
+
+TASKS = ("causal-lm", "seq-cls")
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+MAX_LINE_BYTES = 1 << 20  # 1 MiB: far past any sensible training row, short of a runaway file
+IGNORE_INDEX = -100  # the label that PyTorch's cross-entropy (and transformers) skip
+SHOWN_BAD_ROWS = 20
+
+
+class DataError(LoraError, ValueError):
+    """A data file that cannot be used as it is; `bad_rows` lists the rows at fault, if any."""
+
+    def __init__(self, message: str, bad_rows: Sequence[BadRow] = ()) -> None:
+        super().__init__(message)
+        self.bad_rows = list(bad_rows)
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """One row that cannot be used, with where it is and why."""
+
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated row. `completion` is set for prompt/completion rows (then `text` is the prompt)."""
+
+    path: str
+    line: int
+    text: str
+    completion: str | None = None
+    label: str | int | None = None
+
+
+@dataclass
+class Prepared:
+    """Tokenized train/valid sets ready for batching, plus what was dropped and the label names."""
+
+    train: list[dict]
+    valid: list[dict]
+    id2label: dict[int, str] | None
+    bad_rows: list[BadRow] = field(default_factory=list)
+
+
+# -- reading: rows with their line numbers --------------------------------------------------------
+
+def read_records(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[tuple[int, dict]], list[BadRow]]:
+    """(line, row) pairs from a .jsonl or .csv/.tsv file, and the rows that could not be parsed."""
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unknown data format {path.suffix or '(no suffix)'!r}; expected {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    lines, bad = _read_lines(path, max_line_bytes)
+    if not any(text.strip() for _, text in lines):
+        raise DataError(f"{path}: the file is empty; expected one row per line")
+    if fmt == "jsonl":
+        records, more_bad = _parse_jsonl(str(path), lines)
+    else:
+        records, more_bad = _parse_csv(str(path), lines, "," if fmt == "csv" else "\t")
+    return records, sorted(bad + more_bad, key=lambda b: b.line)
+
+
+def _read_lines(path: Path, max_line_bytes: int) -> tuple[list[tuple[int, str]], list[BadRow]]:
+    """Physical lines as (number, text); a line over the limit becomes a bad row, not a memory spike."""
+    lines: list[tuple[int, str]] = []
+    bad: list[BadRow] = []
+    with open(path, "rb") as f:
+        number = 0
+        while True:
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                break
+            number += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line in bounded chunks
+                    raw = f.readline(max_line_bytes)
+                bad.append(BadRow(str(path), number, f"line is longer than {max_line_bytes:,} bytes (--max-line-bytes)"))
+                continue
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+            if "\x00" in text:
+                raise DataError(f"{path}:{number}: contains NUL bytes; is this a text file (UTF-16 or binary?)")
+            lines.append((number, text))
+    return lines, bad
+
+
+def _parse_jsonl(path: str, lines: list[tuple[int, str]]) -> tuple[list[tuple[int, dict]], list[BadRow]]:
+    records, bad = [], []
+    for number, text in lines:
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            bad.append(BadRow(path, number, f"not valid JSON ({e.msg} at column {e.colno})"))
+            continue
+        if not isinstance(row, dict):
+            bad.append(BadRow(path, number, f"expected a JSON object, got {type(row).__name__}"))
+            continue
+        records.append((number, row))
+    return records, bad
+
+
+def _parse_csv(path: str, lines: list[tuple[int, str]], delimiter: str) -> tuple[list[tuple[int, dict]], list[BadRow]]:
+    numbers = [n for n, _ in lines]
+    reader = csv.reader(io.StringIO("".join(t for _, t in lines), newline=""), delimiter=delimiter)
+    records, bad = [], []
+    header: list[str] | None = None
+    while True:
+        start = numbers[min(reader.line_num, len(numbers) - 1)]  # the physical line a (maybe multi-line) row starts on
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            bad.append(BadRow(path, start, f"not valid CSV ({e})"))
+            continue
+        if not cells or all(not c.strip() for c in cells):
+            continue
+        if header is None:
+            header = [c.strip() for c in cells]
+            if len(set(header)) != len(header):
+                raise DataError(f"{path}:{start}: the CSV header repeats a column name: {header}")
+            continue
+        if len(cells) != len(header):
+            bad.append(BadRow(path, start, f"has {len(cells)} fields; the header has {len(header)} ({', '.join(header)})"))
+            continue
+        records.append((start, dict(zip(header, cells))))
+    if header is None:
+        raise DataError(f"{path}: the CSV file has no header row")
+    return records, bad
+
+
+# -- validation: rows -> examples -----------------------------------------------------------------
+
+def validate(path: str | Path, records: Sequence[tuple[int, dict]], task: str,
+             label2id: Mapping[str | int, int] | None = None) -> tuple[list[Example], list[BadRow]]:
+    """Examples for `task` from raw rows; `label2id` (seq-cls) flags labels not seen in training."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is invalid: expected one of {', '.join(TASKS)}")
+    path = str(path)
+    examples, bad = [], []
+    for line, row in records:
+        try:
+            examples.append(_example(path, line, row, task, label2id))
+        except ValueError as e:
+            bad.append(BadRow(path, line, str(e)))
+    return examples, bad
+
+
+def _example(path: str, line: int, row: dict, task: str, label2id: Mapping | None) -> Example:
+    if task == "causal-lm":
+        has_text, has_pair = "text" in row, "prompt" in row or "completion" in row
+        if has_text and has_pair:
+            raise ValueError("has both 'text' and 'prompt'/'completion'; use one form per row")
+        if has_text:
+            return Example(path, line, _string(row, "text", allow_empty=False))
+        if has_pair:
+            return Example(path, line, _string(row, "prompt", allow_empty=True),
+                           completion=_string(row, "completion", allow_empty=False))
+        raise ValueError(f"missing field 'text' (or 'prompt' and 'completion'); the row has {_keys(row)}")
+    text = _string(row, "text", allow_empty=False)
+    if "label" not in row:
+        raise ValueError(f"missing field 'label'; the row has {_keys(row)}")
+    label = row["label"]
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise ValueError(f"label {label!r} is a {type(label).__name__}; expected a string or an int")
+    if isinstance(label, str) and not label.strip():
+        raise ValueError("label is empty")
+    if isinstance(label, int) and label < 0:
+        raise ValueError(f"label {label} is negative; int labels are class ids 0, 1, 2, ...")
+    if label2id is not None and label not in label2id:
+        known = ", ".join(map(repr, list(label2id)[:10]))
+        raise ValueError(f"unknown label {label!r}; the training labels are {known}")
+    return Example(path, line, text, label=label)
+
+
+def _string(row: dict, key: str, *, allow_empty: bool) -> str:
+    if key not in row:
+        raise ValueError(f"missing field {key!r}; the row has {_keys(row)}")
+    value = row[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} is a {type(value).__name__} ({str(value)[:40]!r}); expected a string")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"field {key!r} is empty")
+    return value
+
+
+def _keys(row: dict) -> str:
+    return ", ".join(map(repr, row)) or "no fields"
+
+
+def label_names(examples: Sequence[Example]) -> dict[int, str]:
+    """id2label from training labels: int labels are their own ids; strings are sorted (numbers numerically)."""
+    labels = {e.label for e in examples}
+    kinds = {type(x) for x in labels}
+    if len(kinds) > 1:
+        first = {k: next(e for e in examples if type(e.label) is k) for k in kinds}
+        where = "; ".join(f"{e.path}:{e.line} has {e.label!r}" for e in first.values())
+        raise DataError(f"labels mix strings and ints ({where}); use one kind")
+    if len(labels) < 2:
+        raise DataError(f"a classifier needs at least 2 labels; the training data has {sorted(map(str, labels))}")
+    if kinds == {int}:
+        return {i: str(i) for i in range(max(labels) + 1)}
+    ordered = sorted(labels, key=lambda s: (0, int(s), s) if s.strip().lstrip("-").isdigit() else (1, 0, s))
+    return dict(enumerate(ordered))
+
+
+def label_to_id(id2label: Mapping[int, str], examples: Sequence[Example]) -> dict[str | int, int]:
+    """label -> id for these examples' kind of label (ints map to themselves)."""
+    if examples and isinstance(examples[0].label, int):
+        return {i: i for i in id2label}
+    return {name: i for i, name in id2label.items()}
+
+
+# -- tokenization and batches ---------------------------------------------------------------------
+
+def encode(examples: Sequence[Example], tokenizer, task: str, max_length: int,
+           label2id: Mapping[str | int, int] | None = None) -> tuple[list[dict], list[BadRow]]:
+    """Token ids per example; causal-lm labels are -100 on prompt tokens, so loss falls on completions."""
+    out, bad = [], []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for ex in examples:
+        if task == "seq-cls":
+            ids = tokenizer(ex.text, truncation=True, max_length=max_length)["input_ids"]
+            out.append({"input_ids": ids, "labels": label2id[ex.label]})
+            continue
+        if ex.completion is None:
+            ids = (tokenizer(ex.text)["input_ids"] + eos)[:max_length]
+            labels = list(ids)
+        else:
+            prompt = tokenizer(ex.text)["input_ids"] if ex.text else []
+            completion = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + eos
+            ids = (prompt + completion)[:max_length]
+            labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
+        if len(ids) < 2 or all(x == IGNORE_INDEX for x in labels[1:]):
+            why = "the prompt fills --max-length" if ex.completion is not None and len(ids) >= 2 else "fewer than 2 tokens"
+            bad.append(BadRow(ex.path, ex.line, f"{why}; nothing to learn from this row"))
+            continue
+        out.append({"input_ids": ids, "labels": labels})
+    return out, bad
+
+
+def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids and attention_mask (B, T); labels (B, T) with -100 padding, or (B,)."""
+    T = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
+    for i, b in enumerate(batch):
+        ids[i, :len(b["input_ids"])] = torch.tensor(b["input_ids"])
+        mask[i, :len(b["input_ids"])] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    if isinstance(batch[0]["labels"], int):
+        out["labels"] = torch.tensor([b["labels"] for b in batch])  # (B,)
+    else:
+        labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        for i, b in enumerate(batch):
+            labels[i, :len(b["labels"])] = torch.tensor(b["labels"])
+        out["labels"] = labels
+    return out
+
+
+def batches(data: Sequence[dict], batch_size: int, pad_id: int, *, shuffle: bool = False,
+            seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches in order, or shuffled with a seed."""
+    order = list(range(len(data)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        yield collate([data[j] for j in order[i:i + batch_size]], pad_id)
+
+
+def holdout(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, valid): a seeded random `fraction` held out (at least one row each side)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"valid fraction {fraction!r} is invalid: expected a number in (0, 1)")
+    if len(examples) < 2:
+        raise DataError(f"cannot hold out a validation split from {len(examples)} row(s); pass --valid FILE")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    k = min(max(1, round(len(examples) * fraction)), len(examples) - 1)
+    held = set(order[:k])
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+# -- the whole pipeline ----------------------------------------------------------------------------
+
+def prepare(train_path: str | Path, task: str, tokenizer, *, valid_path: str | Path | None = None,
+            valid_fraction: float = 0.1, seed: int = 0, max_length: int = 256, skip_bad_rows: bool = False,
+            max_line_bytes: int = MAX_LINE_BYTES) -> Prepared:
+    """Read, validate, split and tokenize; raises DataError listing every bad row unless `skip_bad_rows`."""
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} is invalid: expected at least 2 tokens")
+    records, bad = read_records(train_path, max_line_bytes=max_line_bytes)
+    train, more = validate(train_path, records, task)
+    bad += more
+    id2label = label2id = None
+    if task == "seq-cls":
+        if not train:
+            raise DataError(f"{train_path}: no usable rows", bad)
+        id2label = label_names(train)
+        label2id = label_to_id(id2label, train)
+    if valid_path is not None:
+        records, more = read_records(valid_path, max_line_bytes=max_line_bytes)
+        valid, more2 = validate(valid_path, records, task, label2id)
+        bad += more + more2
+    else:
+        train, valid = holdout(train, valid_fraction, seed) if len(train) >= 2 else (train, [])
+    train_enc, more = encode(train, tokenizer, task, max_length, label2id)
+    valid_enc, more2 = encode(valid, tokenizer, task, max_length, label2id)
+    bad += more + more2
+    files = [str(train_path), str(valid_path)]
+    bad.sort(key=lambda b: (files.index(b.path) if b.path in files else 2, b.line))
+    if bad and not skip_bad_rows:
+        shown = "\n".join(f"  {b}" for b in bad[:SHOWN_BAD_ROWS])
+        more_text = f"\n  ... and {len(bad) - SHOWN_BAD_ROWS} more" if len(bad) > SHOWN_BAD_ROWS else ""
+        raise DataError(f"{len(bad)} bad row(s); fix them, or pass --skip-bad-rows to train without them:\n"
+                        f"{shown}{more_text}", bad)
+    if not train_enc:
+        raise DataError(f"{train_path}: no usable training rows", bad)
+    if not valid_enc:
+        raise DataError(f"{valid_path or train_path}: no usable validation rows", bad)
+    return Prepared(train_enc, valid_enc, id2label, bad)
