@@ -1,0 +1,102 @@
+"""Timing and reporting helpers for the benchmark: interleaved repeats, medians, paired ratios, the machine.
+
+Timings on a shared machine drift; interleaving the cases inside each round and taking the median of
+*paired* ratios (case_i / reference_i within the same round) cancels most of that drift.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    """Seconds one call of `fn` takes, with the device drained before and after."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+@dataclass
+class Samples:
+    """Per-round timings of every case in one interleaved group."""
+
+    times: dict[str, list[float]] = field(default_factory=dict)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+    def ratio(self, name: str, ref: str) -> float:
+        """The median over rounds of time(name) / time(ref) measured in the same round."""
+        return statistics.median(a / b for a, b in zip(self.times[name], self.times[ref]))
+
+    def spread(self, name: str) -> float:
+        """Half the inter-quartile range relative to the median: how noisy this case was."""
+        xs = sorted(self.times[name])
+        if len(xs) < 4:
+            return 0.0
+        q = statistics.quantiles(xs, n=4)
+        return (q[2] - q[0]) / 2 / statistics.median(xs)
+
+
+def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int, device: str,
+                setup: dict[str, Callable[[], object]] | None = None) -> Samples:
+    """Run every case once per round, rotating the order each round; `setup[name]` runs untimed before a case."""
+    setup = setup or {}
+    names = list(cases)
+    for _ in range(warmup):
+        for n in names:
+            if n in setup:
+                setup[n]()
+            cases[n]()
+    out = Samples({n: [] for n in names})
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            if n in setup:
+                setup[n]()
+            out.times[n].append(timed(cases[n], device))
+    return out
+
+
+def machine(device: str, threads: int) -> str:
+    """One line describing where the numbers came from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import peft
+    import transformers
+
+    dev = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {threads} torch thread(s)"
+    return (f"{cpu} ({os.cpu_count()} logical cores); {dev}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
+
+
+def fmt_time(s: float) -> str:
+    return f"{s * 1e3:,.1f} ms" if s >= 1e-3 else f"{s * 1e6:,.0f} µs"
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,437 @@
+"""lorakit vs PEFT vs the cost floor, side by side, in one process: writes benchmarks/RESULTS.md.
+
+    .venv/bin/python benchmarks/run.py                # the default model (about 5 minutes on 2 CPU cores)
+    .venv/bin/python benchmarks/run.py --quick --out /tmp/r.md   # a tiny model, seconds (the test uses this)
+    .venv/bin/python benchmarks/run.py --device cuda --threads 8
+
+Model: a Llama-style transformers model built from a config (random weights, seeded), LoRA on all seven
+projections. lorakit and PEFT get the same base weights, the same A/B and the same inputs; every case runs
+once per round, rounds interleave and rotate, and ratios are medians of same-round ratios.
+
+Fairness of the frozen bound: the three LoRA-shaped training cases (lorakit, PEFT, frozen) take the token
+embeddings as an input that requires grad, so all three back-propagate through exactly the same
+activations down to layer 0; a LoRA step then differs from the frozen step only by its LoRA branches
+(with token ids as input a LoRA step would skip layer 0's q/k/v input gradients, which would flatter it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from harness import fmt_bytes, fmt_time, table  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--dropout", type=float, default=0.1, help="the non-zero dropout case")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 matches the issue's numbers)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the training cases")
+    p.add_argument("--fast-rounds", type=int, default=15, help="rounds of inference and adapter cases")
+    p.add_argument("--no-rss", action="store_true", help="skip the per-case peak-RSS subprocesses")
+    p.add_argument("--quick", action="store_true", help="a tiny model and few rounds (for tests)")
+    p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--rss-case", help=argparse.SUPPRESS)  # internal: one case's peak RSS, in a fresh process
+    a = p.parse_args(argv)
+    if a.quick:
+        a.hidden, a.intermediate, a.layers, a.heads, a.vocab, a.batch, a.seq = 32, 64, 2, 2, 128, 2, 16
+        a.rounds, a.fast_rounds, a.no_rss = 3, 3, True
+    return a
+
+
+# -- models -------------------------------------------------------------------------------------------
+
+def build_base(a: argparse.Namespace) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
+                      num_attention_heads=a.heads, num_key_value_heads=a.heads, vocab_size=a.vocab,
+                      max_position_embeddings=max(2048, a.seq), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(a.device)
+
+
+def build_lorakit(a, base, dropout: float):
+    import lorakit as lk
+
+    model = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, dropout=dropout),
+                          TARGETS)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B = 0 at init; give it values so outputs and gradients really flow through it
+        for layer in lk.lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.02)
+    return model
+
+
+def build_peft(a, base, lorakit_model, dropout: float):
+    """PEFT on a copy of the same base, with lorakit_model's A and B copied in."""
+    import peft
+
+    import lorakit as lk
+
+    cfg = peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=dropout, target_modules=TARGETS)
+    model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for name, layer in lk.lora_layers(lorakit_model).items():
+            pl = model.base_model.model.get_submodule(name)
+            pl.lora_A["default"].weight.copy_(layer.lora_A)
+            pl.lora_B["default"].weight.copy_(layer.lora_B)
+    return model
+
+
+def frozen(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def inputs(a):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(a.device)
+    return ids, ids.clone()  # labels: HF shifts them inside the loss
+
+
+class TrainCase:
+    """One training step: forward with embeddings that require grad, backward, AdamW on what trains."""
+
+    def __init__(self, model, embed, ids, labels, use_ids: bool = False):
+        self.model, self.embed, self.ids, self.labels, self.use_ids = model.train(), embed, ids, labels, use_ids
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def forward(self):
+        if self.use_ids:
+            return self.model(input_ids=self.ids, labels=self.labels).loss
+        x = self.embed(self.ids).detach().requires_grad_(True)  # (B, T, d): the graph starts at layer 0
+        return self.model(inputs_embeds=x, labels=self.labels).loss
+
+    def __call__(self):
+        self.forward().backward()
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+
+def train_cases(a, base):
+    """{name: TrainCase} for both dropouts; the frozen bound and full fine-tuning once."""
+    ids, labels = inputs(a)
+    embed = base.get_input_embeddings()
+    cases = {}
+    for p in (0.0, a.dropout):
+        lkm = build_lorakit(a, base, p)
+        cases[f"lorakit p={p:g}"] = TrainCase(lkm, embed, ids, labels)
+        cases[f"PEFT p={p:g}"] = TrainCase(build_peft(a, base, lkm, p), embed, ids, labels)
+    cases["frozen bound"] = TrainCase(frozen(copy.deepcopy(base)), embed, ids, labels)
+    full = copy.deepcopy(base)
+    for prm in full.parameters():
+        prm.requires_grad_(True)
+    cases["full fine-tuning"] = TrainCase(full, embed, ids, labels, use_ids=True)
+    return cases
+
+
+# -- measurements -------------------------------------------------------------------------------------
+
+def saved_bytes(case: TrainCase) -> int:
+    """Bytes of distinct storages saved for backward by one forward (parameters excluded)."""
+    skip = {p.untyped_storage().data_ptr() for p in case.model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = case.forward()
+    del loss
+    return sum(seen.values())
+
+
+def rss_case(a, name: str) -> dict:
+    """In a fresh process: RSS before a training step and the peak over two steps (bytes)."""
+    base = build_base(a)
+    cases = {k: v for k, v in train_cases(a, base).items() if k == name}
+    case = cases[name]
+    if a.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        case(), case()
+        return {"before": before, "peak": torch.cuda.max_memory_allocated()}
+    before = _rss("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM so the build's peak does not count
+        peak_key = "VmHWM"
+    except OSError:
+        peak_key = None
+    case(), case()
+    peak = _rss(peak_key) if peak_key else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"before": before, "peak": peak}
+
+
+def _rss(key: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def peak_rss(a, names: list[str]) -> dict[str, dict]:
+    flags = [f"--hidden={a.hidden}", f"--intermediate={a.intermediate}", f"--layers={a.layers}",
+             f"--heads={a.heads}", f"--vocab={a.vocab}", f"--rank={a.rank}", f"--batch={a.batch}",
+             f"--seq={a.seq}", f"--dropout={a.dropout}", f"--threads={a.threads}", f"--device={a.device}"]
+    out = {}
+    for n in names:
+        r = subprocess.run([sys.executable, __file__, *flags, "--rss-case", n], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"peak-RSS subprocess for {n!r} failed:\n{r.stderr[-2000:]}")
+        out[n] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def inference_cases(a, base, lorakit_model, peft_model):
+    import lorakit as lk
+
+    ids, _ = inputs(a)
+    merged = lk.merge(copy.deepcopy(lorakit_model)).eval()
+    models = {"base": base.eval(), "lorakit unmerged": lorakit_model, "PEFT unmerged": peft_model, "merged": merged}
+
+    def run(m):
+        def f():
+            m.eval()
+            with torch.no_grad():
+                m(input_ids=ids)
+        return f
+
+    with torch.no_grad():  # sanity: the same numbers from every path
+        ref = merged(input_ids=ids).logits
+        lkm, pm = lorakit_model.eval(), peft_model.eval()
+        diffs = {"lorakit vs PEFT": (lkm(input_ids=ids).logits - pm(input_ids=ids).logits).abs().max().item(),
+                 "lorakit unmerged vs merged": (lkm(input_ids=ids).logits - ref).abs().max().item()}
+    return {n: run(m) for n, m in models.items()}, diffs
+
+
+def adapter_ops(a, base, lorakit_model, peft_model, tmp: Path) -> dict[str, dict[str, float]]:
+    """Median seconds of save, load, hot swap, merge, unmerge for lorakit and PEFT (same tensors)."""
+    import peft
+    from peft.utils.hotswap import hotswap_adapter
+
+    import lorakit as lk
+
+    lkm, pm = lorakit_model.eval(), peft_model.eval()
+    lk_dirs, pf_dirs = [tmp / "lk_a", tmp / "lk_b"], [tmp / "pf_a", tmp / "pf_b"]
+    lk.save_adapters(lkm, lk_dirs[0])
+    pm.save_pretrained(pf_dirs[0])
+    with torch.no_grad():  # a second adapter with other values, for swaps
+        for layer in lk.lora_layers(lkm).values():
+            layer.lora_B.mul_(-1.0)
+        for m in pm.modules():
+            if isinstance(m, peft.tuners.lora.LoraLayer):
+                m.lora_B["default"].weight.mul_(-1.0)
+    lk.save_adapters(lkm, lk_dirs[1])
+    pm.save_pretrained(pf_dirs[1])
+    state = {"i": 0, "fresh": None, "extra": None}
+
+    def fresh():
+        state["fresh"] = copy.deepcopy(base)
+
+    def nxt():
+        state["i"] += 1
+        return state["i"] % 2
+
+    def peft_swap():
+        name = f"swap{state['i']}"
+        i = nxt()
+        pm.load_adapter(str(pf_dirs[i]), adapter_name=name)
+        pm.set_adapter(name)
+        state["extra"] = name
+
+    def peft_swap_cleanup():
+        if state["extra"] is not None:
+            pm.set_adapter("default")
+            pm.delete_adapter(state["extra"])
+            state["extra"] = None
+
+    cases = {
+        "save: lorakit": lambda: lk.save_adapters(lkm, tmp / "lk_save"),
+        "save: PEFT": lambda: pm.save_pretrained(tmp / "pf_save"),
+        "load into a fresh base: lorakit": lambda: lk.load_adapters(state["fresh"], lk_dirs[0]),
+        "load into a fresh base: PEFT": lambda: peft.PeftModel.from_pretrained(state["fresh"], str(pf_dirs[0])),
+        "load-and-activate (hot swap): lorakit": lambda: lk.load_adapters(lkm, lk_dirs[nxt()]),
+        "load-and-activate (hot swap): PEFT": peft_swap,
+        "load-and-activate (hot swap): PEFT hotswap_adapter": lambda: hotswap_adapter(pm, str(pf_dirs[nxt()]), "default"),
+    }
+    setup = {"load into a fresh base: lorakit": fresh, "load into a fresh base: PEFT": fresh,
+             "load-and-activate (hot swap): PEFT": peft_swap_cleanup}
+    s = harness.interleaved(cases, a.fast_rounds, 1, a.device, setup)
+    peft_swap_cleanup()
+    out = {n: s.median(n) for n in cases}
+    # merge/unmerge in place (reversible) must alternate, so pair them by hand
+    times = {k: [] for k in ("merge: lorakit", "unmerge: lorakit", "merge: PEFT", "unmerge: PEFT")}
+    for r in range(a.fast_rounds + 1):
+        order = [("lorakit", lambda: lk.merge_(lkm), lambda: lk.unmerge_(lkm)),
+                 ("PEFT", pm.merge_adapter, pm.unmerge_adapter)]
+        for lib, merge, unmerge in order if r % 2 else order[::-1]:
+            tm, tu = harness.timed(merge, a.device), harness.timed(unmerge, a.device)
+            if r:  # round 0 is warm-up
+                times[f"merge: {lib}"].append(tm)
+                times[f"unmerge: {lib}"].append(tu)
+    out.update({k: harness.Samples(times).median(k) for k in times})
+    return out
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> Path | None:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.rss_case:
+        print(json.dumps(rss_case(a, a.rss_case)))
+        return None
+    t0 = time.perf_counter()
+    log = (lambda *m: print(*m, file=sys.stderr, flush=True))
+    base = build_base(a)
+    cases = train_cases(a, base)
+    p = f"{a.dropout:g}"
+
+    log(f"training steps: {a.rounds} rounds of {len(cases)} cases")
+    train = harness.interleaved(cases, a.rounds, 1, a.device)
+
+    log("bytes saved for backward")
+    saved = {n: saved_bytes(c) for n, c in cases.items()}
+    rss = None if a.no_rss else peak_rss(a, list(cases))
+
+    log("inference")
+    lk0, pf0 = cases["lorakit p=0"].model, cases["PEFT p=0"].model
+    inf_cases, diffs = inference_cases(a, base, lk0, pf0)
+    inf = harness.interleaved(inf_cases, a.fast_rounds, 1, a.device)
+
+    log("adapter operations")
+    with tempfile.TemporaryDirectory() as tmp:
+        ops = adapter_ops(a, base, lk0, pf0, Path(tmp))
+
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(report(a, train, saved, rss, inf, ops, diffs, time.perf_counter() - t0))
+    log(f"wrote {a.out} in {time.perf_counter() - t0:.0f} s")
+    return a.out
+
+
+def report(a, train, saved, rss, inf, ops, diffs, seconds) -> str:
+    p = f"{a.dropout:g}"
+    fb = "frozen bound"
+    rows = [[n, fmt_time(train.median(n)), f"{train.ratio(n, fb):.3f}×", f"±{100 * train.spread(n):.0f}%"]
+            for n in train.times]
+    lora_bytes = {n: saved[n] - saved[fb] for n in saved if n not in (fb, "full fine-tuning")}
+    mem_rows = []
+    for n in saved:
+        lb = lora_bytes.get(n)
+        peft_name = n.replace("lorakit", "PEFT")
+        vs = f"{lb / lora_bytes[peft_name]:.2f}×" if n.startswith("lorakit") and lora_bytes.get(peft_name) else ""
+        r = rss[n] if rss else None
+        mem_rows.append([n, fmt_bytes(saved[n]), fmt_bytes(lb) if lb is not None else "", vs,
+                         fmt_bytes(r["peak"]) if r else "—", fmt_bytes(r["peak"] - r["before"]) if r else "—"])
+    inf_rows = [[n, fmt_time(inf.median(n)), f"{inf.ratio(n, 'base'):.3f}×", f"±{100 * inf.spread(n):.0f}%"]
+                for n in inf.times]
+    op_names = ["save", "load into a fresh base", "load-and-activate (hot swap)", "merge", "unmerge"]
+    op_rows = [[o, fmt_time(ops[f"{o}: lorakit"]), fmt_time(ops[f"{o}: PEFT"]),
+                f"{ops[f'{o}: PEFT'] / ops[f'{o}: lorakit']:.1f}×"] for o in op_names]
+    hs = "load-and-activate (hot swap): PEFT hotswap_adapter"
+    op_rows.append([f"hot swap vs PEFT's `hotswap_adapter`", fmt_time(ops["load-and-activate (hot swap): lorakit"]),
+                    fmt_time(ops[hs]), f"{ops[hs] / ops['load-and-activate (hot swap): lorakit']:.1f}×"])
+
+    lk_lora, pf_lora = lora_bytes[f"lorakit p={p}"], lora_bytes[f"PEFT p={p}"]
+    swap = ops["load-and-activate (hot swap): PEFT"] / ops["load-and-activate (hot swap): lorakit"]
+    targets = [
+        ("training step ≤ 1.05× frozen bound, p=0", train.ratio("lorakit p=0", fb), 1.05, "le"),
+        (f"training step ≤ 1.12× frozen bound, p={p}", train.ratio(f"lorakit p={p}", fb), 1.12, "le"),
+        (f"LoRA-branch saved bytes ≤ 0.5× PEFT's, p={p}", lk_lora / pf_lora if pf_lora else float("nan"), 0.5, "le"),
+        ("unmerged inference ≤ 1.05× base forward", inf.ratio("lorakit unmerged", "base"), 1.05, "le"),
+        ("load-and-activate ≥ 5× faster than PEFT", swap, 5.0, "ge"),
+        ("merge no slower than PEFT (PEFT / lorakit ≥ 1)", ops["merge: PEFT"] / ops["merge: lorakit"], 1.0, "ge"),
+        ("unmerge no slower than PEFT (PEFT / lorakit ≥ 1)", ops["unmerge: PEFT"] / ops["unmerge: lorakit"], 1.0, "ge"),
+    ]
+    t_rows = [[t, f"{v:.3f}", "met" if (v <= lim if how == "le" else v >= lim) else "**missed**"]
+              for t, v, lim, how in targets]
+    n_tok = a.batch * a.seq
+    return "\n".join([
+        "# Benchmark results: lorakit vs PEFT vs the cost floor",
+        "",
+        f"Command: `{Path(sys.executable).name} benchmarks/run.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
+        f"({'quick mode, a tiny model: not meaningful numbers' if a.quick else 'full run'}; {seconds:.0f} s)",
+        "",
+        f"Machine: {harness.machine(a.device, a.threads)}.",
+        "",
+        f"Model: Llama-style (transformers `LlamaForCausalLM` from a config, fp32), hidden {a.hidden}, "
+        f"intermediate {a.intermediate}, {a.layers} layers, {a.heads} heads, vocab {a.vocab}; LoRA r={a.rank}, "
+        f"alpha={2 * a.rank} on {', '.join(TARGETS)}; batch {a.batch} × {a.seq} = {n_tok} tokens. "
+        f"Training rounds: {a.rounds}; inference/adapter rounds: {a.fast_rounds}. Times are medians; ratios are "
+        "medians of same-round ratios; ± is half the inter-quartile range.",
+        "",
+        "## Targets",
+        "",
+        table(["target", "measured", ""], t_rows),
+        "",
+        "## Training step (forward + backward + AdamW)",
+        "",
+        table(["case", "median", "× frozen bound", "noise"], rows),
+        "",
+        "The frozen bound is the same model with every weight frozen, back-propagating through activations only. "
+        "lorakit, PEFT and the frozen bound all take the token embeddings as an input that requires grad, so "
+        "their backward passes cover the same activations and differ only by the LoRA branches. Full "
+        "fine-tuning takes token ids and trains every weight (embeddings included).",
+        "",
+        "## Memory",
+        "",
+        table(["case", "saved for backward", "LoRA branch (over frozen)", "× PEFT", "peak RSS", "peak − before step"],
+              mem_rows),
+        "",
+        "Saved-for-backward bytes count distinct storages seen by `torch.autograd.graph.saved_tensors_hooks` in "
+        "one forward, parameters excluded. The LoRA branch's share is the case's total minus the frozen bound's "
+        "(the frozen model saves nothing for its linear layers' inputs, so everything over it is LoRA's). Peak RSS "
+        "comes from a fresh process per case (two steps; VmHWM reset after the model is built)"
+        + (" — skipped in this run." if rss is None else "."),
+        "",
+        "## Inference forward (no_grad, eval)",
+        "",
+        table(["case", "median", "× base", "noise"], inf_rows),
+        "",
+        "Sanity (max |Δ logits|): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + ".",
+        "",
+        "## Adapter operations (28 LoRA modules at the default size)",
+        "",
+        table(["operation", "lorakit", "PEFT", "PEFT / lorakit"], op_rows),
+        "",
+        "Save: `lk.save_adapters` vs `save_pretrained`. Load into a fresh base: `lk.load_adapters` on a model "
+        "without LoRA vs `PeftModel.from_pretrained`. Load-and-activate: read another adapter from disk and make it "
+        "the one the model runs: `lk.load_adapters` into the LoRA model vs `load_adapter` + `set_adapter` (and, "
+        "separately, PEFT's in-place `hotswap_adapter`). Merge/unmerge: reversible in place, `lk.merge_`/`lk.unmerge_` "
+        "vs `merge_adapter`/`unmerge_adapter`.",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    main()
