@@ -1,0 +1,1 @@
+"""Runnable examples; `lorakit example` runs the MLP one (mlp_example.py)."""

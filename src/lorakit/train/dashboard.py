@@ -1,0 +1,149 @@
+"""The live terminal dashboard (rich): progress with ETA, a loss chart, lr, throughput, parameters, memory.
+
+It consumes trainer events and redraws about four times a second. It sizes itself to the terminal:
+the chart takes the rows an 80×24 screen has left, and the panel stops growing past 120 columns.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from .chart import line_chart
+from .device import peak_memory_mib
+from .events import CheckpointSaved, EpochEnded, Event, RunEnded, RunStarted, StepLogged
+from .reporting import fmt_duration
+
+MAX_WIDTH = 120
+TRAIN_STYLE, VALID_STYLE = "cyan", "magenta"
+
+
+class Dashboard:
+    """A `rich.live.Live` view of a run; a trainer callback. `close()` restores the terminal."""
+
+    def __init__(self, console: Console | None = None, title: str = "lorakit") -> None:
+        self.console = console or Console()
+        self.title = title
+        self.live: Live | None = None
+        self.start: RunStarted | None = None
+        self.last: StepLogged | None = None
+        self.epoch: EpochEnded | None = None
+        self.checkpoint: CheckpointSaved | None = None
+        self.train_pts: list[tuple[float, float]] = []
+        self.valid_pts: list[tuple[float, float]] = []
+        self.done = False
+        self.t0 = time.perf_counter()
+
+    def __call__(self, e: Event) -> None:
+        """Take one event; the view redraws on its own clock (and at once at start and end)."""
+        if isinstance(e, RunStarted):
+            self.start, self.t0 = e, time.perf_counter()
+            self.live = Live(get_renderable=self.render, console=self.console, refresh_per_second=4,
+                             transient=False, redirect_stdout=False, redirect_stderr=False)
+            self.live.start(refresh=True)
+        elif isinstance(e, StepLogged):
+            self.last = e
+            self.train_pts.append((e.step, e.loss))
+        elif isinstance(e, EpochEnded):
+            self.epoch = e
+            if e.valid_loss is not None:
+                self.valid_pts.append((e.step, e.valid_loss))
+            if not self.train_pts or self.train_pts[-1][0] != e.step:
+                self.train_pts.append((e.step, e.train_loss))
+        elif isinstance(e, CheckpointSaved):
+            self.checkpoint = e
+        elif isinstance(e, RunEnded):
+            self.done = True
+            self.close()
+
+    def close(self) -> None:
+        """Draw the last frame and stop the live view (idempotent)."""
+        if self.live is not None:
+            self.live.refresh()
+            self.live.stop()
+            self.live = None
+
+    # -- drawing ------------------------------------------------------------------------------------
+
+    def _progress(self) -> tuple[int, float, int, float]:
+        """(epoch, fraction of the epoch, step, fraction of the run) as of the last event."""
+        s = self.start
+        step = max(self.last.step if self.last else s.start_step, self.epoch.step if self.epoch else 0)
+        if self.epoch and (not self.last or self.epoch.step >= self.last.step):
+            epoch, frac = self.epoch.epoch, 1.0
+        elif self.last:
+            epoch, frac = self.last.epoch, self.last.batch / max(self.last.batches_per_epoch, 1)
+        else:
+            epoch, frac = s.start_epoch, 0.0
+        return epoch, frac, step, step / max(s.total_steps, 1)
+
+    def _eta(self, step: int) -> str:
+        s = self.start
+        done_here = step - s.start_step
+        if self.done:
+            return "done"
+        if done_here <= 0:
+            return "--:--"
+        rate = (time.perf_counter() - self.t0) / done_here
+        return fmt_duration(rate * (s.total_steps - step))
+
+    def render(self) -> Panel | Text:
+        """The whole dashboard as one renderable, sized to the console."""
+        s = self.start
+        if s is None:
+            return Text("waiting for the run to start…")
+        width = min(self.console.size.width, MAX_WIDTH)
+        inner = width - 4  # panel borders and padding
+        epoch, efrac, step, frac = self._progress()
+
+        bars = Table.grid(padding=(0, 1), expand=True)
+        bars.add_column(width=14, no_wrap=True)
+        bars.add_column(ratio=1)
+        bars.add_column(width=15, no_wrap=True, justify="right")
+        bars.add_row(f"epoch {epoch}/{s.epochs}", ProgressBar(total=1.0, completed=efrac),
+                     f"{100 * efrac:3.0f}% of epoch")
+        bars.add_row(f"step {step}/{s.total_steps}", ProgressBar(total=1.0, completed=frac, complete_style="green"),
+                     f"ETA {self._eta(step)}")
+
+        stats = Table.grid(padding=(0, 2), expand=True)
+        for _ in range(2):
+            stats.add_column(style="dim", no_wrap=True)
+            stats.add_column(no_wrap=True, ratio=1)
+        last, ep = self.last, self.epoch
+        train = f"{last.loss:.4g}" if last else (f"{ep.train_loss:.4g}" if ep else "—")
+        valid = "—"
+        if ep and ep.valid_loss is not None:
+            valid = f"{ep.valid_loss:.4g} (best {ep.best_valid_loss:.4g})"
+        mib, kind = peak_memory_mib(torch.device(s.device))
+        pct = 100 * s.trainable_params / max(s.total_params, 1)
+        throughput = f"{last.throughput:,.0f} {last.unit}/s" if last else "—"
+        stats.add_row("train loss", Text(train, style=TRAIN_STYLE), "valid loss", Text(valid, style=VALID_STYLE))
+        stats.add_row("lr", f"{last.lr:.2e}" if last else "—", "throughput", throughput)
+        stats.add_row("elapsed", fmt_duration(time.perf_counter() - self.t0),
+                      "memory", f"{mib:,.0f} MiB {'CUDA peak' if kind == 'cuda' else 'peak RSS'}")
+        stats.add_row("params", f"{s.trainable_params:,} / {s.total_params:,} ({pct:.1f}%)",
+                      "device", f"{s.device} · {s.precision}")
+        metrics = dict(last.metrics) if last else {}
+        if ep:
+            metrics.update({f"valid {k}": v for k, v in ep.valid_metrics.items()})
+        if metrics:
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:4])
+            stats.add_row("metrics", shown, "", "")
+
+        legend = Text.assemble(("── train", TRAIN_STYLE), "  ", ("── valid", VALID_STYLE), style="")
+        if self.checkpoint:
+            legend.append(f"   checkpoint @ step {self.checkpoint.step}", style="dim")
+        used = 2 + 2 + 4 + (1 if metrics else 0) + 1 + 1  # borders, bars, stats, legend, spacer
+        chart_h = max(4, min(16, self.console.size.height - used - 3))
+        chart = line_chart([("train", self.train_pts, TRAIN_STYLE), ("valid", self.valid_pts, VALID_STYLE)],
+                           width=inner, height=chart_h)
+        status = "done" if self.done else "training"
+        return Panel(Group(bars, stats, legend, chart), title=f"{self.title} · {status}", title_align="left",
+                     width=width, border_style="green" if self.done else "blue", padding=(0, 1))
