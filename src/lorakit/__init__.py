@@ -1,5 +1,7 @@
 """lorakit: LoRA for PyTorch — wrap, train, save, share, swap and merge low-rank adapters."""
 
+from .adapters import (CombineReport, active_adapter, combine_adapters, delete_adapter, disable_adapters,
+                       list_adapters, mixed_batch, set_adapter, use_adapter)
 from .config import LoraBias, LoraConfig
 from .errors import LoraError, LoraFileError, LoraMergeError, LoraStateError
 from .io import load_adapters, read_adapter_config, save_adapters
@@ -9,6 +11,8 @@ from .model import apply_lora, lora_layers, merge, merge_, summary, trainable_pa
 __version__ = "0.1.0"
 
 __all__ = [
+    "CombineReport", "active_adapter", "combine_adapters", "delete_adapter", "disable_adapters", "list_adapters",
+    "mixed_batch", "set_adapter", "use_adapter",
     "LoraBias", "LoraConfig", "LoraConv", "LoraConv1D", "LoraEmbedding", "LoraError", "LoraFileError", "LoraLayer",
     "LoraLinear", "LoraMergeError", "LoraStateError", "apply_lora", "load_adapters", "lora_layers", "merge", "merge_",
     "read_adapter_config", "save_adapters", "summary", "trainable_parameters", "unmerge_", "with_lora",

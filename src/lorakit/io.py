@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from . import safetensors_io
 from .config import INITS, LoraBias, LoraConfig
 from .errors import LoraFileError
-from .layers import LoraEmbedding, LoraLayer, wrapper_for
-from .model import apply_lora, find_targets, lora_layers, rule_matches
+from .layers import DEFAULT_ADAPTER, LoraEmbedding, LoraLayer, check_adapter_name, with_lora, wrapper_for
+from .model import apply_lora, find_targets, lora_layers, rule_matches, set_module
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -89,26 +89,37 @@ def _peft_suffixes(layer_cls: type[LoraLayer]) -> dict[str, str]:
     return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "bias": "base_layer.bias"}
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter's tensors under PEFT's key names (what `save_adapters` writes)."""
-    out: dict[str, Tensor] = {}
-    for name, layer in lora_layers(model).items():
-        for ours, suffix in _peft_suffixes(type(layer)).items():
-            t = layer.adapter_tensors().get(ours)
-            if t is not None:
-                out[f"{PREFIX}{name}.{suffix}"] = t
-    for name in getattr(model, "lorakit_modules_to_save", ()):
-        for pname, p in model.get_submodule(name).named_parameters():
-            out[f"{PREFIX}{name}.{pname}"] = p
+def adapter_slots(model: nn.Module, name: str | None = None) -> dict[str, tuple[LoraLayer, Tensor, Tensor, LoraConfig]]:
+    """Per wrapped module holding adapter `name` (None: each layer's active one): (layer, lora_A, lora_B, config)."""
+    out = {}
+    for module, layer in lora_layers(model).items():
+        n = layer.adapter_name if name is None else name
+        if n is not None and n in layer.adapter_names():
+            out[module] = (layer, *layer.factors(n))
     return out
 
 
-def peft_config(model: nn.Module) -> dict:
-    """adapter_config.json for the LoRA layers in `model`, in PEFT's vocabulary."""
-    layers = lora_layers(model)
-    if not layers:
-        raise LoraFileError("the model has no LoRA layers; apply_lora first")
-    configs = {name: layer.config for name, layer in layers.items()}
+def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
+    """The adapter's tensors under PEFT's key names (what `save_adapters` writes)."""
+    out: dict[str, Tensor] = {}
+    for module, (layer, A, B, config) in adapter_slots(model, name).items():
+        out[_key(module, "lora_A", type(layer))] = A
+        out[_key(module, "lora_B", type(layer))] = B
+        if config.bias is LoraBias.ALL and getattr(layer.base, "bias", None) is not None:
+            out[_key(module, "bias", type(layer))] = layer.base.bias
+    for module in getattr(model, "lorakit_modules_to_save", ()):
+        for pname, p in model.get_submodule(module).named_parameters():
+            out[f"{PREFIX}{module}.{pname}"] = p
+    return out
+
+
+def peft_config(model: nn.Module, name: str | None = None) -> dict:
+    """adapter_config.json for adapter `name` (None: the active one), in PEFT's vocabulary."""
+    slots = adapter_slots(model, name)
+    if not slots:
+        what = "no LoRA layers; apply_lora first" if name is None else f"no adapter named {name!r}"
+        raise LoraFileError(f"the model has {what}")
+    configs = {module: config for module, (_, _, _, config) in slots.items()}
     base = (Counter(c.rank for c in configs.values()).most_common(1)[0][0],
             Counter(c.alpha for c in configs.values()).most_common(1)[0][0])
     one = next(iter(configs.values()))
@@ -120,7 +131,7 @@ def peft_config(model: nn.Module) -> dict:
         target_modules = names
     rank_pattern = {_exact_key(n, names): c.rank for n, c in configs.items() if c.rank != base[0]}
     alpha_pattern = {_exact_key(n, names): c.alpha for n, c in configs.items() if c.alpha != base[1]}
-    linears = [type(layer).fan_in_fan_out for layer in layers.values() if hasattr(type(layer), "fan_in_fan_out")]
+    linears = [type(layer).fan_in_fan_out for layer, *_ in slots.values() if hasattr(type(layer), "fan_in_fan_out")]
     name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     return {
         "peft_type": "LORA",
@@ -152,8 +163,8 @@ def _exact_key(name: str, names: list[str]) -> str:
     return "^" + re.escape(name)
 
 
-def save_adapters(model: nn.Module, directory: str | Path) -> Path:
-    """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT layout) for the model's LoRA layers.
+def save_adapters(model: nn.Module, directory: str | Path, *, name: str | None = None) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT layout) for adapter `name` (default: active).
 
     Example:
         >>> import tempfile
@@ -162,8 +173,8 @@ def save_adapters(model: nn.Module, directory: str | Path) -> Path:
         ['adapter_config.json', 'adapter_model.safetensors']
     """
     directory = Path(directory)
-    config = peft_config(model)
-    safetensors_io.write(directory / WEIGHTS_NAME, adapter_state_dict(model), {"format": "pt"})
+    config = peft_config(model, name)
+    safetensors_io.write(directory / WEIGHTS_NAME, adapter_state_dict(model, name), {"format": "pt"})
     safetensors_io.atomic_write(directory / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return directory
 
@@ -252,11 +263,14 @@ def _rules(peft_targets: list[str] | str) -> list[str]:
     return list(peft_targets)
 
 
-def load_adapters(model: nn.Module, directory: str | Path, *, allow_nonfinite: bool = False) -> nn.Module:
+def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None = None,
+                  allow_nonfinite: bool = False) -> nn.Module:
     """Load a PEFT-layout adapter directory into `model`, strictly; returns the model.
 
     On a model without LoRA, the adapter's own config is applied first (targets, ranks, alphas), as
-    PEFT's `from_pretrained` does; on a LoRA model the tensors load into the existing layers.
+    PEFT's `from_pretrained` does. On a LoRA model the tensors load into the active adapter, or, with
+    `name`, into that named adapter (a hot swap: in place, no re-wrapping), or, if the model has no
+    adapter of that name, into a new inactive adapter beside the others (see `lorakit.adapters`).
     Every key, shape, rank, dtype and value is checked before anything changes.
 
     Example:
@@ -270,6 +284,8 @@ def load_adapters(model: nn.Module, directory: str | Path, *, allow_nonfinite: b
     directory = Path(directory)
     if not directory.is_dir():
         raise LoraFileError(f"{directory}: not an adapter directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    if name is not None:
+        check_adapter_name(name)
     spec = read_adapter_config(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
@@ -280,80 +296,109 @@ def load_adapters(model: nn.Module, directory: str | Path, *, allow_nonfinite: b
     where = str(weights)
 
     existing = lora_layers(model)
-    if existing:
-        plan = {name: (type(layer), layer.base, spec.config.for_module(name)) for name, layer in existing.items()}
-        for name, (_, _, cfg) in plan.items():
-            if cfg.rank != existing[name].rank and _key(name, "lora_A", type(existing[name])) in tensors:
-                raise LoraFileError(f"{where}: module {name!r} has rank {cfg.rank} in the adapter but "
-                                    f"{existing[name].rank} in the model")
+    known = {n for layer in existing.values() for n in layer.adapter_names()}
+    into = bool(existing) and (name is None or name in known)  # load into an adapter the model already has
+    plan: dict[str, tuple[type[LoraLayer], nn.Module, LoraConfig]] = {}
+    if into:
+        for module, (layer, A, _, config) in adapter_slots(model, name).items():
+            cfg = spec.config.for_module(module)
+            if cfg.rank != config.rank and _key(module, "lora_A", type(layer)) in tensors:
+                raise LoraFileError(f"{where}: module {module!r} has rank {cfg.rank} in the adapter but "
+                                    f"{config.rank} in the model")
+            plan[module] = (type(layer), layer.base, cfg)
     else:
-        save_rules = spec.modules_to_save
-        exclude = spec.exclude + [f"re:{re.escape(n)}(\\..*)?" for n in _names(model, save_rules)]
+        if existing and spec.modules_to_save:
+            raise LoraFileError(f"{where}: an adapter with modules_to_save cannot sit beside other named adapters "
+                                "(those modules are shared); load it into a fresh base")
+        save_names = _names(model, spec.modules_to_save)
+        exclude = spec.exclude + [f"re:{re.escape(n)}(\\..*)?" for n in save_names]
         try:
-            names = find_targets(model, spec.targets, exclude=exclude)
+            modules = find_targets(model, spec.targets, exclude=exclude)
         except ValueError as e:
             raise LoraFileError(f"{directory / CONFIG_NAME}: {e}") from None
-        plan = {}
-        for name in names:
-            module = model.get_submodule(name)
-            cls = wrapper_for(module)
-            if cls is None:
-                raise LoraFileError(f"{where}: target {name!r} is a {type(module).__name__}, which LoRA does not support")
-            plan[name] = (cls, module, spec.config.for_module(name))
+        for module in modules:
+            m = model.get_submodule(module)
+            cfg = spec.config.for_module(module)
+            if isinstance(m, LoraLayer):
+                if LoraBias.ALL in [cfg.bias] + [m.factors(n)[2].bias for n in m.adapter_names()]:
+                    raise LoraFileError(f"{where}: adapters with bias='all' train the shared base bias of "
+                                        f"{module!r}, so they cannot sit beside other named adapters")
+                plan[module] = (type(m), m.base, cfg)
+            elif wrapper_for(m) is None:
+                raise LoraFileError(f"{where}: target {module!r} is a {type(m).__name__}, which LoRA does not support")
+            else:
+                plan[module] = (wrapper_for(m), m, cfg)
 
-    expected: dict[str, tuple[tuple[int, ...], Tensor | None]] = {}
-    for name, (cls, base, cfg) in plan.items():
+    shapes: dict[str, tuple[int, ...]] = {}
+    for module, (cls, base, cfg) in plan.items():
         a_shape, b_shape = cls.factor_shapes(base, cfg.rank)
-        layer = existing.get(name)
-        expected[_key(name, "lora_A", cls)] = (a_shape, layer.lora_A if layer else None)
-        expected[_key(name, "lora_B", cls)] = (b_shape, layer.lora_B if layer else None)
+        shapes[_key(module, "lora_A", cls)] = a_shape
+        shapes[_key(module, "lora_B", cls)] = b_shape
         if cfg.bias is LoraBias.ALL and getattr(base, "bias", None) is not None:
-            expected[_key(name, "bias", cls)] = (tuple(base.bias.shape), base.bias)
-    # PEFT also saves whole embedding matrices when it targets them (resized vocabularies): load them too
-    optional: dict[str, tuple[tuple[int, ...], Tensor]] = {}
-    for name, (cls, base, _) in plan.items():
-        optional[f"{PREFIX}{name}.base_layer.weight"] = (tuple(base.weight.shape), base.weight)
+            shapes[_key(module, "bias", cls)] = tuple(base.bias.shape)
+    extra = _extra_tensors(model, spec, plan, tensors)  # modules_to_save, whole embeddings, PEFT's other biases
+    shapes.update({k: tuple(t.shape) for k, t in extra.items()})
+    tensors = {k: v for k, v in tensors.items() if k in shapes or not _peft_copy(k)}
+    _check_tensors(where, tensors, shapes, allow_nonfinite)
+
+    # everything checked: change the model
+    adapter = name
+    if not existing:
+        adapter = name or DEFAULT_ADAPTER
+        apply_lora(model, spec.config, [f"re:{re.escape(n)}" for n in plan],
+                   modules_to_save=[f"re:{re.escape(n)}" for n in _names(model, spec.modules_to_save)],
+                   adapter_name=adapter)
+    elif not into:
+        active = Counter(layer.adapter_name for layer in existing.values()).most_common(1)[0][0]
+        for module, (cls, base, cfg) in plan.items():
+            m = model.get_submodule(module)
+            if isinstance(m, LoraLayer):
+                m.add_adapter(name, cfg)
+            else:
+                layer = with_lora(m, cfg, adapter_name=name)
+                set_module(model, module, layer)
+                layer.activate(active if active in layer.adapter_names() else None)
+    destinations = dict(extra)
+    for module, (layer, A, B, config) in adapter_slots(model, adapter).items():
+        destinations[_key(module, "lora_A", type(layer))] = A
+        destinations[_key(module, "lora_B", type(layer))] = B
+        if _key(module, "bias", type(layer)) in shapes:
+            destinations[_key(module, "bias", type(layer))] = layer.base.bias
+        layer.set_adapter_config(adapter or layer.adapter_name, plan[module][2])
+    assert destinations.keys() == shapes.keys(), "planned and wrapped modules differ"
+    _copy(tensors, destinations)
+    return model
+
+
+def _peft_copy(key: str) -> bool:
+    """PEFT's bookkeeping copies of modules_to_save (the plain key carries the trained value)."""
+    return ".original_module." in key or ".modules_to_save." in key
+
+
+def _extra_tensors(model: nn.Module, spec: AdapterSpec, plan: dict, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Model tensors an adapter file may also carry, by key: modules_to_save, whole embeddings, other biases."""
+    extra: dict[str, Tensor] = {}
+    for module in _names(model, spec.modules_to_save):
+        for pname, p in model.get_submodule(module).named_parameters():
+            extra[f"{PREFIX}{module}.{pname}"] = p
+    # PEFT saves whole embedding matrices when it targets them (resized vocabularies): optional
+    optional = {f"{PREFIX}{module}.base_layer.weight": base.weight for module, (_, base, _) in plan.items()}
     for get in ("get_input_embeddings", "get_output_embeddings"):
-        emb = getattr(model, get, lambda: None)() if callable(getattr(model, get, None)) else None
-        name = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
-        if name and name not in plan:
-            optional[f"{PREFIX}{name}.weight"] = (tuple(emb.weight.shape), emb.weight)
-    expected.update({k: v for k, v in optional.items() if k in tensors})
-    for name in _names(model, spec.modules_to_save):
-        for pname, p in model.get_submodule(name).named_parameters():
-            expected[f"{PREFIX}{name}.{pname}"] = (tuple(p.shape), p)
+        emb = getattr(model, get)() if callable(getattr(model, get, None)) else None
+        module = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
+        if module and module not in plan:
+            if isinstance(emb, LoraLayer):
+                optional[f"{PREFIX}{module}.base_layer.weight"] = emb.base.weight
+            else:
+                optional[f"{PREFIX}{module}.weight"] = emb.weight
     if spec.config.bias is LoraBias.ALL:  # PEFT's bias="all" also saves biases of modules without LoRA
         params = dict(model.named_parameters())
         for key in tensors:
-            if key in expected or not key.endswith(".bias") or not key.startswith(PREFIX):
-                continue
             pname = key[len(PREFIX):]
-            if ".original_module." in pname or ".modules_to_save." in pname:
-                continue  # PEFT's own copies of modules_to_save; the plain key carries the trained value
-            if pname in params:
-                expected[key] = (tuple(params[pname].shape), params[pname])
-        tensors = {k: v for k, v in tensors.items()
-                   if k in expected or not (".original_module." in k or ".modules_to_save." in k)}
-
-    _check_tensors(where, tensors, {k: v[0] for k, v in expected.items()}, allow_nonfinite)
-
-    # everything checked: change the model
-    if not existing:
-        apply_lora(model, spec.config, [f"re:{re.escape(n)}" for n in plan],
-                   modules_to_save=[f"re:{re.escape(n)}" for n in _names(model, spec.modules_to_save)])
-        layers = lora_layers(model)
-        for name, layer in layers.items():
-            expected[_key(name, "lora_A", type(layer))] = (None, layer.lora_A)
-            expected[_key(name, "lora_B", type(layer))] = (None, layer.lora_B)
-            if layer.base is not plan[name][1]:
-                raise AssertionError("apply_lora wrapped a different module than planned")
-            if _key(name, "bias", type(layer)) in expected:
-                expected[_key(name, "bias", type(layer))] = (None, layer.base.bias)
-    else:
-        for name, layer in existing.items():
-            layer.config = plan[name][2]
-    _copy(tensors, {k: t for k, (_, t) in expected.items()})
-    return model
+            if key.startswith(PREFIX) and key.endswith(".bias") and not _peft_copy(key) and pname in params:
+                optional.setdefault(key, params[pname])
+    extra.update({k: t for k, t in optional.items() if k in tensors and k not in extra})
+    return extra
 
 
 def _names(model: nn.Module, rules: list[str]) -> list[str]:

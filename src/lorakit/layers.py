@@ -6,6 +6,7 @@ Dispatch is a registry {module type: wrapper}; adding a layer type is one class 
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from pathlib import Path
 
@@ -17,29 +18,63 @@ from .config import LoraBias, LoraConfig
 from .errors import LoraStateError
 
 
+DEFAULT_ADAPTER = "default"
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def check_adapter_name(name: object) -> str:
+    """Adapter names are short identifiers (letters, digits, '_' and '-'), usable as module keys."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+        raise ValueError(f"adapter name {name!r} is invalid: expected letters, digits, '_' or '-'")
+    if hasattr(nn.ModuleDict, name):
+        raise ValueError(f"adapter name {name!r} is reserved (a torch.nn.Module attribute); choose another")
+    return name
+
+
+class StashedAdapter(nn.Module):
+    """A named adapter that is not the active one on its layer: frozen factors plus their config."""
+
+    def __init__(self, lora_A: nn.Parameter, lora_B: nn.Parameter, config: LoraConfig) -> None:
+        super().__init__()
+        self.lora_A, self.lora_B, self.config = lora_A, lora_B, config
+        lora_A.requires_grad_(False)
+        lora_B.requires_grad_(False)
+
+
 class LoraLayer(nn.Module):
     """Common shell of every LoRA layer: frozen `base`, factors `lora_A` (r, d_in, ...) and `lora_B` (d_out, r, ...).
 
-    Subclasses say how to build the factors' shapes, how to run forward, and how the weight delta is laid out.
+    `lora_A`/`lora_B`/`config` are the active adapter (named `adapter_name`); other named adapters wait,
+    frozen, in `stash`. With no active adapter (`adapter_name is None`) the factors are None and the
+    layer computes its base. Subclasses say how to build the factors' shapes, how to run forward,
+    and how the weight delta is laid out.
     """
 
-    def __init__(self, base: nn.Module, config: LoraConfig) -> None:
+    def __init__(self, base: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
         if config.rank_pattern or config.alpha_pattern:
             config = config.for_module("")
         self.base = base
-        self.config = config
+        self.config: LoraConfig | None = config
+        self.adapter_name: str | None = check_adapter_name(adapter_name)
+        self.stash = nn.ModuleDict()
         self.merged = False
+        self.disabled = False  # set by lorakit.adapters.disable_adapters: run the bare base
+        self.mixed = None  # set by lorakit.adapters.mixed_batch: (A stack, B stack, row -> slot)
         self._unmerged_weight: Tensor | None = None  # the exact base weight while merged in place
         for p in base.parameters():
             p.requires_grad_(False)
-        a_shape, b_shape = self.factor_shapes(base, config.rank)
-        w = self.base_weight
-        self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, dtype=w.dtype, device=w.device))
-        ops.init_factors_(self.lora_A, self.lora_B, config.init)
+        self.lora_A, self.lora_B = self._new_factors(config)
         if config.bias is LoraBias.ALL and getattr(base, "bias", None) is not None:
             base.bias.requires_grad_(True)
+
+    def _new_factors(self, config: LoraConfig) -> tuple[nn.Parameter, nn.Parameter]:
+        a_shape, b_shape = self.factor_shapes(self.base, config.rank)
+        w = self.base_weight
+        A = nn.Parameter(torch.empty(a_shape, dtype=w.dtype, device=w.device))
+        B = nn.Parameter(torch.empty(b_shape, dtype=w.dtype, device=w.device))
+        ops.init_factors_(A, B, config.init)
+        return A, B
 
     # -- what subclasses define -------------------------------------------------------------------
     @classmethod
@@ -52,7 +87,10 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def weight_delta(self) -> Tensor:
-        """scaling · B @ A in fp32, laid out like the base's weight."""
+        """scaling · B @ A in fp32, laid out like the base's weight (zero with no active adapter)."""
+        if self.lora_A is None:
+            a_shape, b_shape = self.factor_shapes(self.base, 1)
+            return torch.zeros(b_shape[0], *a_shape[1:], device=self.base_weight.device)
         return ops.delta_weight(self.lora_A, self.lora_B, self.scaling)
 
     # -- shared behaviour -------------------------------------------------------------------------
@@ -69,9 +107,79 @@ class LoraLayer(nn.Module):
         return self.config.rank
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
+        if self.mixed is not None:
+            return self.mixed_forward(x, *self.mixed)
+        if self.merged or self.disabled or self.lora_A is None:
             return self.base(x)
         return self.lora_forward(x)
+
+    def mixed_forward(self, x: Tensor, A: Tensor, B: Tensor, slots: Tensor) -> Tensor:
+        """base(x) + each batch row's own adapter: A (n, r, ...), B (n, d_out, r, ...) pre-scaled, slots (batch,)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run mixed-adapter batches")
+
+    # -- named adapters -----------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        """Every adapter this layer holds, active first."""
+        return ([self.adapter_name] if self.adapter_name else []) + list(self.stash)
+
+    def factors(self, name: str) -> tuple[nn.Parameter, nn.Parameter, LoraConfig]:
+        """(lora_A, lora_B, config) of the named adapter, active or stashed."""
+        if name == self.adapter_name:
+            return self.lora_A, self.lora_B, self.config
+        if name in self.stash:
+            s = self.stash[name]
+            return s.lora_A, s.lora_B, s.config
+        raise KeyError(f"adapter {name!r} is not on this layer; it has {self.adapter_names()}")
+
+    def add_adapter(self, name: str, config: LoraConfig) -> None:
+        """Add a named adapter, freshly initialised and stashed (inactive)."""
+        check_adapter_name(name)
+        if name in self.adapter_names():
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if LoraBias.ALL in [config.bias] + [self.factors(n)[2].bias for n in self.adapter_names()]:
+            raise ValueError("adapters with bias='all' train the shared base bias, so they cannot sit beside "
+                             "other named adapters; use bias='none'")
+        self.stash[name] = StashedAdapter(*self._new_factors(config), config)
+
+    def activate(self, name: str | None) -> None:
+        """Make `name` the active adapter (trainable), stashing the current one; None leaves only the base."""
+        if name == self.adapter_name:
+            return
+        if self.merged:
+            raise LoraStateError("cannot switch adapters while merged in place; call unmerge_() first")
+        if name is not None and name not in self.stash:
+            raise KeyError(f"adapter {name!r} is not on this layer; it has {self.adapter_names()}")
+        if self.adapter_name is not None:
+            self.stash[self.adapter_name] = StashedAdapter(self.lora_A, self.lora_B, self.config)
+        if name is None:
+            self.lora_A = self.lora_B = self.config = None
+        else:
+            s = self.stash.pop(name)
+            self.lora_A, self.lora_B, self.config = s.lora_A, s.lora_B, s.config
+            self.lora_A.requires_grad_(True)
+            self.lora_B.requires_grad_(True)
+        self.adapter_name = name
+
+    def set_adapter_config(self, name: str, config: LoraConfig) -> None:
+        """Replace a named adapter's config (alpha, dropout, ...) by a loaded one of the same rank."""
+        if config.rank != self.factors(name)[2].rank:
+            raise ValueError(f"rank {config.rank} does not match adapter {name!r}'s rank {self.factors(name)[2].rank}")
+        if name == self.adapter_name:
+            self.config = config
+        else:
+            self.stash[name].config = config
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop a named adapter; deleting the active one leaves the layer with none active."""
+        if name == self.adapter_name:
+            if self.merged:
+                raise LoraStateError("cannot delete the merged adapter; call unmerge_() first")
+            self.lora_A = self.lora_B = self.config = None
+            self.adapter_name = None
+        elif name in self.stash:
+            del self.stash[name]
+        else:
+            raise KeyError(f"adapter {name!r} is not on this layer; it has {self.adapter_names()}")
 
     def merge(self) -> nn.Module:
         """A plain copy of the base with W + scaling·B@A (and the bias as trained); this layer is unchanged."""
@@ -107,6 +215,8 @@ class LoraLayer(nn.Module):
 
     def adapter_tensors(self) -> dict[str, Tensor]:
         """What an adapter file holds for this layer: lora_A, lora_B, and the bias under bias="all"."""
+        if self.lora_A is None:
+            return {}
         out = {"lora_A": self.lora_A, "lora_B": self.lora_B}
         if self.config.bias is LoraBias.ALL and getattr(self.base, "bias", None) is not None:
             out["bias"] = self.base.bias
@@ -127,7 +237,9 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"rank={c.rank}, alpha={c.alpha:g}, scaling={self.scaling:g}, dropout={c.dropout:g}, merged={self.merged}"
+        if c is None:
+            return f"no active adapter, stashed={list(self.stash)}"
+        return f"adapter={self.adapter_name!r}, rank={c.rank}, alpha={c.alpha:g}, scaling={self.scaling:g}, dropout={c.dropout:g}, merged={self.merged}"
 
 
 class LoraLinear(LoraLayer):
@@ -148,6 +260,10 @@ class LoraLinear(LoraLayer):
     def weight_delta(self):
         delta = super().weight_delta()  # (d_out, d_in)
         return delta.t() if self.fan_in_fan_out else delta
+
+    def mixed_forward(self, x, A, B, slots):
+        w = self.base_weight.t() if self.fan_in_fan_out else self.base_weight
+        return ops.lora_linear_mixed(x, w, self.base.bias, A, B, slots)
 
 
 class LoraConv1D(LoraLinear):
@@ -171,6 +287,9 @@ class LoraEmbedding(LoraLayer):
     def weight_delta(self):
         return super().weight_delta().t()  # (num_embeddings, dim)
 
+    def mixed_forward(self, ids, A, B, slots):
+        return ops.lora_embedding_mixed(ids, self.base, A, B, slots)
+
 
 class LoraConv(LoraLayer):
     """LoRA beside nn.Conv1d/2d/3d: A is a conv with the base's kernel (r, d_in, *k), B a 1×1 conv (d_out, r, 1...)."""
@@ -184,6 +303,9 @@ class LoraConv(LoraLayer):
 
     def lora_forward(self, x):
         return ops.lora_conv(x, self.base, self.lora_A, self.lora_B, self.scaling, self.config.dropout, self.training)
+
+    def mixed_forward(self, x, A, B, slots):
+        return ops.lora_conv_mixed(x, self.base, A, B, slots)
 
 
 LORA_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {
@@ -217,7 +339,7 @@ def supported_types() -> str:
     return ", ".join(sorted({t.__name__ for t in _registry()}))
 
 
-def with_lora(module: nn.Module, config: LoraConfig) -> LoraLayer:
+def with_lora(module: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoraLayer:
     """Wrap one layer with LoRA; the base is frozen, lora_A/lora_B train.
 
     Example:
@@ -230,4 +352,4 @@ def with_lora(module: nn.Module, config: LoraConfig) -> LoraLayer:
     wrapper = wrapper_for(module)
     if wrapper is None:
         raise TypeError(f"LoRA does not support {type(module).__name__}; supported types: {supported_types()}")
-    return wrapper(module, config)
+    return wrapper(module, config, adapter_name)

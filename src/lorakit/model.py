@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import LoraStateError
-from .layers import LoraLayer, supported_types, with_lora, wrapper_for
+from .layers import DEFAULT_ADAPTER, LoraLayer, supported_types, with_lora, wrapper_for
 
 ALL_LINEAR = "all-linear"
 
@@ -22,7 +22,21 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
 def _is_linear(module: nn.Module) -> bool:
     from .layers import LoraConv1D, LoraLinear
 
+    if isinstance(module, LoraLayer):
+        return isinstance(module, LoraLinear)
     return wrapper_for(module) in (LoraLinear, LoraConv1D)
+
+
+def module_names(model: nn.Module) -> list[str]:
+    """Names of the model's modules as a user sees them: a LoRA layer stands for its base (no `.base` inside)."""
+    names, inside = [], ()
+    for name, module in model.named_modules():
+        if not name or name.startswith(inside):
+            continue
+        names.append(name)
+        if isinstance(module, LoraLayer):
+            inside = tuple(inside) + (name + ".",)
+    return names
 
 
 def output_head(model: nn.Module) -> str | None:
@@ -33,7 +47,7 @@ def output_head(model: nn.Module) -> str | None:
         head = get_out()
         if head is not None:
             return next(name for name, m in named if m is head)
-    linears = [name for name, m in named if _is_linear(m)]
+    linears = [name for name in module_names(model) if _is_linear(model.get_submodule(name))]
     return linears[-1] if linears else None
 
 
@@ -61,7 +75,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str], exclude: Sequen
                 re.compile(rule[3:])
             except re.error as e:
                 raise ValueError(f"target {rule!r} is not a valid regex: {e}") from None
-    names = [name for name, _ in model.named_modules() if name]
+    names = module_names(model)
     chosen: dict[str, None] = {}
     for rule in rules:
         if rule == ALL_LINEAR:
@@ -83,7 +97,8 @@ def _sample(names: list[str], k: int = 12) -> str:
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, targets: str | Sequence[str] = ALL_LINEAR, *,
-               modules_to_save: Sequence[str] = (), exclude: Sequence[str] = ()) -> nn.Module:
+               modules_to_save: Sequence[str] = (), exclude: Sequence[str] = (),
+               adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Wrap every module `targets` selects with LoRA, in place; freeze every other parameter.
 
     `modules_to_save` names modules (same rules) that train in full and are saved with the adapter
@@ -115,7 +130,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, targets: str | Sequence[str
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        _set_module(model, name, with_lora(model.get_submodule(name), config.for_module(name)))
+        set_module(model, name, with_lora(model.get_submodule(name), config.for_module(name), adapter_name))
     for name in save_names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
@@ -123,7 +138,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, targets: str | Sequence[str
     return model
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called `name` by `new`."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
 
@@ -139,7 +155,7 @@ def merge(model: nn.Module) -> nn.Module:
     layers = lora_layers(model)
     merged = {name: layer.merge() for name, layer in layers.items()}  # all computed (and checked) first
     for name, plain in merged.items():
-        _set_module(model, name, plain)
+        set_module(model, name, plain)
     return model
 
 

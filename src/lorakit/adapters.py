@@ -1,0 +1,265 @@
+"""Many named adapters on one frozen base: list, switch, disable, delete, mixed batches, combine.
+
+Each LoRA layer holds its active adapter as `lora_A`/`lora_B` and the others, frozen, in `stash`;
+switching rebinds parameters (no copies, no weight changes). Load a named adapter with
+`lorakit.load_adapters(model, dir, name="math")`; loading again under the same name is a hot swap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import LoraConfig
+from .errors import LoraStateError
+from .layers import LoraLayer, check_adapter_name
+from .model import lora_layers, set_module
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Every adapter name in the model, sorted.
+
+    Example:
+        >>> import lorakit as lk
+        >>> m = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
+        >>> list_adapters(m)
+        ['default']
+    """
+    return sorted({n for layer in lora_layers(model).values() for n in layer.adapter_names()})
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The name of the active adapter (None when no layer has one)."""
+    names = Counter(layer.adapter_name for layer in lora_layers(model).values() if layer.adapter_name)
+    return names.most_common(1)[0][0] if names else None
+
+
+def _require(model: nn.Module, name: str) -> dict[str, LoraLayer]:
+    layers = lora_layers(model)
+    if name not in {n for layer in layers.values() for n in layer.adapter_names()}:
+        raise KeyError(f"no adapter named {name!r}; the model has {list_adapters(model)}")
+    return layers
+
+
+def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
+    """Make `name` the active adapter on every layer (trainable); the others wait frozen. None: base only."""
+    layers = lora_layers(model) if name is None else _require(model, name)
+    if any(layer.merged for layer in layers.values()):
+        raise LoraStateError("cannot switch adapters while merged in place; call unmerge_(model) first")
+    for layer in layers.values():
+        layer.activate(name if name is None or name in layer.adapter_names() else None)
+    return model
+
+
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
+    """Temporarily switch to adapter `name`; the previous one is active again on exit."""
+    previous = {n: layer.adapter_name for n, layer in lora_layers(model).items()}
+    set_adapter(model, name)
+    try:
+        yield model
+    finally:
+        for n, layer in lora_layers(model).items():
+            layer.activate(previous.get(n))
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the bare base inside the block; no weight is touched."""
+    layers = lora_layers(model).values()
+    if any(layer.merged for layer in layers):
+        raise LoraStateError("the base cannot run bare while adapters are merged in place; call unmerge_(model) first")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter `name` everywhere; a layer left with no adapter at all becomes its plain base again."""
+    layers = _require(model, name)
+    if any(layer.merged and layer.adapter_name == name for layer in layers.values()):
+        raise LoraStateError(f"adapter {name!r} is merged in place; call unmerge_(model) first")
+    for module, layer in layers.items():
+        if name in layer.adapter_names():
+            layer.delete_adapter(name)
+        if not layer.adapter_names():
+            set_module(model, module, layer.base)
+    return model
+
+
+# -- mixed-adapter batches -------------------------------------------------------------------------
+
+def _stack(layer: LoraLayer, names: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """A (1+n, r_max, ...) and B (1+n, d_out, r_max, ...) with scaling folded into B; slot 0 is zeros."""
+    parts = [layer.factors(n) if n in layer.adapter_names() else None for n in names]
+    ranks = [p[2].rank for p in parts if p is not None] or [1]
+    r = max(ranks)
+    a_shape, b_shape = layer.factor_shapes(layer.base, r)
+    w = layer.base_weight
+    A = torch.zeros(1 + len(names), *a_shape, dtype=w.dtype, device=w.device)
+    B = torch.zeros(1 + len(names), *b_shape, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        for i, p in enumerate(parts, start=1):
+            if p is not None:
+                a, b, cfg = p
+                A[i, : cfg.rank] = a
+                B[i, :, : cfg.rank] = b * cfg.scaling
+    if len(b_shape) > 2:  # convs: B is (d_out, r, 1, ...) -> (d_out, r)
+        B = B.flatten(2)
+    return A, B
+
+
+@dataclass
+class _StackCache:
+    key: tuple
+    A: Tensor
+    B: Tensor
+
+
+_CACHE_ATTR = "_lorakit_mixed_cache"
+
+
+def _cached_stack(layer: LoraLayer, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+    """Stacks rebuilt only when the adapter set or a factor's storage/version changed."""
+    key = (names, tuple((id(a), a._version, id(b), b._version, cfg.scaling)
+                        for n in names if n in layer.adapter_names() for a, b, cfg in [layer.factors(n)]))
+    cache = layer.__dict__.get(_CACHE_ATTR)
+    if cache is None or cache.key != key:
+        cache = _StackCache(key, *_stack(layer, names))
+        layer.__dict__[_CACHE_ATTR] = cache
+    return cache.A, cache.B
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, row i of the batch runs with adapter `rows[i]` (None: the bare base), in one forward.
+
+    Adapters are stacked per layer (zero-padded to the largest rank, scaling folded in) and rows pick
+    theirs with batched gathers and bmm. An inference feature: dropout is not applied.
+
+    Example:
+        >>> import lorakit as lk
+        >>> m = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
+        >>> with mixed_batch(m, ["default", None]):
+        ...     m(torch.zeros(2, 4)).shape
+        torch.Size([2, 4])
+    """
+    layers = lora_layers(model)
+    names = tuple(dict.fromkeys(n for n in rows if n is not None))
+    for n in names:
+        _require(model, n)
+    if any(layer.merged for layer in layers.values()):
+        raise LoraStateError("mixed batches need unmerged adapters; call unmerge_(model) first")
+    index = {n: i for i, n in enumerate(names, start=1)}
+    slots_cpu = torch.tensor([index.get(n, 0) if n is not None else 0 for n in rows], dtype=torch.long)
+    for layer in layers.values():
+        A, B = _cached_stack(layer, names)
+        layer.mixed = (A, B, slots_cpu.to(A.device))
+    try:
+        yield model
+    finally:
+        for layer in layers.values():
+            layer.mixed = None
+
+
+# -- combining adapters ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CombineReport:
+    """What `combine_adapters` built: the new adapter, its method, and per-module relative error of ΔW."""
+
+    name: str
+    method: str
+    ranks: dict[str, int]
+    relative_error: dict[str, float]  # ||ΔW_new - Σ w_i ΔW_i||_F / ||Σ w_i ΔW_i||_F per module
+
+    @property
+    def max_relative_error(self) -> float:
+        return max(self.relative_error.values(), default=0.0)
+
+
+def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, *, method: str = "cat",
+                     rank: int | None = None) -> CombineReport:
+    """A new (inactive) adapter `name` from weighted existing ones: ΔW_new ≈ Σ w_i ΔW_i per module.
+
+    - "cat": exact; A stacked, B stacked with w_i·scaling_i folded in; ranks add up.
+    - "svd": ΔW computed exactly, then truncated to `rank` by SVD; the report gives the relative error.
+    - "linear": A = Σ √(w_i s_i) A_i, B = Σ √(w_i s_i) B_i; needs equal ranks; approximate (cross terms
+      B_i A_j remain), as PEFT's "linear" — the report shows how far off it is.
+
+    Example:
+        >>> import lorakit as lk
+        >>> m = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
+        >>> combine_adapters(m, {"default": 0.5}, "halved").max_relative_error < 1e-6
+        True
+    """
+    check_adapter_name(name)
+    if method not in ("cat", "svd", "linear"):
+        raise ValueError(f"method={method!r} is invalid: expected 'cat', 'svd' or 'linear'")
+    if method == "svd" and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"method='svd' needs rank=<int >= 1>, got {rank!r}")
+    if not weights:
+        raise ValueError("weights is empty: expected {adapter name: weight}")
+    for n in weights:
+        _require(model, n)
+    if name in list_adapters(model):
+        raise ValueError(f"adapter {name!r} already exists")
+    layers = lora_layers(model)
+    built: dict[str, tuple[LoraLayer, Tensor, Tensor]] = {}
+    errors: dict[str, float] = {}
+    for module, layer in layers.items():
+        parts = [(w, *layer.factors(n)) for n, w in weights.items() if n in layer.adapter_names()]
+        if not parts:
+            continue
+        if layer.merged:
+            raise LoraStateError(f"{module!r} is merged in place; call unmerge_(model) first")
+        A, B = _combine(module, parts, method, rank)
+        want = sum(w * cfg.scaling * _delta(b, a) for w, a, b, cfg in parts)
+        got = _delta(B, A)
+        errors[module] = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+        built[module] = (layer, A, B)
+    for module, (layer, A, B) in built.items():
+        r = A.shape[0]
+        layer.add_adapter(name, LoraConfig(rank=r, alpha=float(r)))  # scaling 1: the weights live in B
+        a, b, _ = layer.factors(name)
+        with torch.no_grad():
+            a.copy_(A)
+            b.copy_(B)
+    return CombineReport(name, method, {m: built[m][1].shape[0] for m in built}, errors)
+
+
+def _delta(B: Tensor, A: Tensor) -> Tensor:
+    return B.reshape(B.shape[0], -1).float() @ A.reshape(A.shape[0], -1).float()
+
+
+def _combine(module: str, parts: list, method: str, rank: int | None) -> tuple[Tensor, Tensor]:
+    """(A, B) of the combined adapter for one module; B carries the weights and scalings."""
+    if method == "cat":
+        A = torch.cat([a.detach() for _, a, _, _ in parts])
+        B = torch.cat([(b.detach().float() * (w * cfg.scaling)).to(b.dtype) for w, _, b, cfg in parts], dim=1)
+        return A, B
+    if method == "linear":
+        ranks = {cfg.rank for _, _, _, cfg in parts}
+        if len(ranks) > 1:
+            raise ValueError(f"method='linear' needs equal ranks; {module!r} has ranks {sorted(ranks)} (use 'cat' or 'svd')")
+        coef = [abs(w * cfg.scaling) ** 0.5 for w, _, _, cfg in parts]
+        sign = [1.0 if w * cfg.scaling >= 0 else -1.0 for w, _, _, cfg in parts]
+        A = sum(c * a.detach() for c, (_, a, _, _) in zip(coef, parts))
+        B = sum(s * c * b.detach() for s, c, (_, _, b, _) in zip(sign, coef, parts))
+        return A, B
+    _, a0, b0, _ = parts[0]
+    delta = sum(w * cfg.scaling * _delta(b, a) for w, a, b, cfg in parts)  # (d_out, d_in·k)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(rank, S.shape[0])
+    B = (U[:, :k] * S[:k]).to(b0.dtype).reshape(b0.shape[0], k, *b0.shape[2:])
+    A = Vh[:k].to(a0.dtype).reshape(k, *a0.shape[1:])
+    return A, B

@@ -1,0 +1,231 @@
+"""Many named adapters on one base: switch, disable, delete, hot swap, mixed batches, combine."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorakit as lk
+
+
+def llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+IDS = torch.randint(0, 100, (4, 10), generator=torch.Generator().manual_seed(5))
+
+SPECS = {  # name -> (config, targets): different ranks, alphas and target subsets
+    "math": (lk.LoraConfig(rank=4, alpha=8), ["q_proj", "v_proj"]),
+    "code": (lk.LoraConfig(rank=2, alpha=16, use_rslora=True), ["o_proj", "down_proj", "embed_tokens"]),
+    "chat": (lk.LoraConfig(rank=8, alpha=4), "all-linear"),
+}
+
+
+def random_adapter(base, name, directory, seed):
+    cfg, targets = SPECS[name]
+    model = lk.apply_lora(copy.deepcopy(base), cfg, targets)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    lk.save_adapters(model, directory / name)
+    return model
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters")
+    base = llama()
+    singles = {n: random_adapter(base, n, d, seed) for seed, n in enumerate(SPECS)}
+    model = copy.deepcopy(base)
+    for n in SPECS:
+        lk.load_adapters(model, d / n, name=n)
+    return base, singles, model, d
+
+
+def test_load_list_and_switch(setup):
+    base, singles, model, _ = setup
+    assert lk.list_adapters(model) == ["chat", "code", "math"]
+    assert lk.active_adapter(model) == "math"  # the first one loaded; later ones wait
+    for n in SPECS:
+        lk.set_adapter(model, n)
+        assert lk.active_adapter(model) == n
+        torch.testing.assert_close(logits(model), logits(singles[n]), rtol=1e-5, atol=1e-5)
+    lk.set_adapter(model, None)
+    torch.testing.assert_close(logits(model), logits(base), rtol=0, atol=0)
+    with pytest.raises(KeyError, match="no adapter named 'nope'"):
+        lk.set_adapter(model, "nope")
+    lk.set_adapter(model, "math")
+
+
+def test_use_adapter_and_disable_are_temporary_and_touch_no_weight(setup):
+    base, singles, model, _ = setup
+    lk.set_adapter(model, "math")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with lk.use_adapter(model, "code"):
+        torch.testing.assert_close(logits(model), logits(singles["code"]), rtol=1e-5, atol=1e-5)
+    assert lk.active_adapter(model) == "math"
+    with lk.disable_adapters(model):
+        assert torch.equal(logits(model), logits(base))
+    torch.testing.assert_close(logits(model), logits(singles["math"]), rtol=1e-5, atol=1e-5)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_training_one_adapter_leaves_the_others_byte_identical(setup):
+    _, _, model, _ = setup
+    model = copy.deepcopy(model)
+    lk.set_adapter(model, "code")
+    others = {n: {k: v.clone() for k, v in lk.io.adapter_state_dict(model, n).items()} for n in ("math", "chat")}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and len(trainable) == 2 * len(lk.io.adapter_slots(model, "code"))
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+    for n, tensors in others.items():
+        now = lk.io.adapter_state_dict(model, n)
+        assert all(torch.equal(now[k], v) for k, v in tensors.items()), n
+        assert not any(t.requires_grad for t in now.values())
+
+
+def test_hot_swap_in_place_and_strict(setup, tmp_path):
+    base, singles, model, d = setup
+    model = copy.deepcopy(model)
+    lk.set_adapter(model, "math")
+    params_before = {id(p) for p in model.parameters()}
+    # new weights for "math" from another file with the same config
+    other = random_adapter(base, "math", tmp_path, seed=42)
+    lk.load_adapters(model, tmp_path / "math", name="math")
+    assert {id(p) for p in model.parameters()} == params_before  # no re-wrapping, same parameters
+    torch.testing.assert_close(logits(model), logits(other), rtol=1e-5, atol=1e-5)
+    # a bad file (the "code" adapter's weights under math's name) changes nothing
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lk.LoraFileError):
+        lk.load_adapters(model, d / "code", name="math")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_delete_adapter_unwraps_layers_left_empty(setup):
+    base, _, model, _ = setup
+    model = copy.deepcopy(model)
+    lk.delete_adapter(model, "chat")
+    assert lk.list_adapters(model) == ["code", "math"]
+    assert "model.layers.0.mlp.gate_proj" not in lk.lora_layers(model)  # only "chat" was there
+    assert type(model.model.layers[0].mlp.gate_proj) is nn.Linear
+    lk.delete_adapter(model, "math")
+    lk.delete_adapter(model, "code")
+    assert not lk.lora_layers(model)
+    assert torch.equal(logits(model), logits(base))
+
+
+def test_adapters_cost_their_own_bytes_never_a_base_copy(setup):
+    base, _, model, d = setup
+    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    adapters = sum(t.numel() * t.element_size() for n in SPECS for t in lk.io.adapter_state_dict(model, n).values())
+    assert total == base_bytes + adapters
+
+
+@pytest.mark.parametrize("rows", [["math", "code", None, "chat"], ["chat", "chat", "math", None], [None] * 4])
+def test_mixed_batch_equals_each_row_alone(setup, rows):
+    base, singles, model, _ = setup
+    with lk.mixed_batch(model, rows):
+        got = logits(model)
+    assert all(layer.mixed is None for layer in lk.lora_layers(model).values())
+    for i, n in enumerate(rows):
+        want = logits(singles[n] if n else base, IDS[i:i + 1])
+        torch.testing.assert_close(got[i:i + 1], want, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_batch_with_conv_layers():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    model = lk.apply_lora(copy.deepcopy(net), lk.LoraConfig(rank=2, alpha=2), ["0", "2"], adapter_name="a")
+    lk.combine_adapters(model, {"a": 3.0}, "b")
+    with torch.no_grad():
+        for layer in lk.lora_layers(model).values():
+            layer.lora_B.normal_()
+    x = torch.randn(3, 3, 5, 5)
+    with torch.no_grad(), lk.mixed_batch(model, ["b", None, "a"]):
+        got = model(x)
+    with torch.no_grad():
+        want_a = model(x[2:3])
+        with lk.use_adapter(model, "b"):
+            want_b = model(x[0:1])
+        torch.testing.assert_close(got[0:1], want_b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1:2], net(x[1:2]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[2:3], want_a, rtol=1e-5, atol=1e-5)
+
+
+def test_combine_cat_is_exact(setup):
+    _, _, model, _ = setup
+    model = copy.deepcopy(model)
+    report = lk.combine_adapters(model, {"math": 0.7, "code": -0.4}, "mix", method="cat")
+    assert report.max_relative_error < 1e-5
+    q = "model.layers.0.self_attn.q_proj"
+    assert report.ranks[q] == 4 and report.ranks["model.layers.0.self_attn.o_proj"] == 2
+    layer = lk.lora_layers(model)[q]
+    with lk.use_adapter(model, "mix"):
+        got = layer.weight_delta()
+    with lk.use_adapter(model, "math"):
+        want = 0.7 * layer.weight_delta()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_combine_svd_reports_its_error_and_linear_needs_equal_ranks(setup):
+    _, _, model, _ = setup
+    model = copy.deepcopy(model)
+    full = lk.combine_adapters(model, {"math": 1.0, "chat": 1.0}, "full", method="svd", rank=12)
+    assert full.max_relative_error < 1e-4  # rank 4 + 8 fits in 12
+    small = lk.combine_adapters(model, {"math": 1.0, "chat": 1.0}, "small", method="svd", rank=2)
+    q = "model.layers.1.self_attn.q_proj"
+    layer = lk.lora_layers(model)[q]
+    with lk.use_adapter(model, "small"):
+        approx = layer.weight_delta()
+    with lk.use_adapter(model, "full"):
+        exact = layer.weight_delta()
+    measured = ((approx - exact).norm() / exact.norm()).item()
+    assert 0.01 < small.relative_error[q] and abs(measured - small.relative_error[q]) < 1e-3
+    with pytest.raises(ValueError, match="equal ranks"):
+        lk.combine_adapters(model, {"math": 1.0, "chat": 1.0}, "lin", method="linear")
+    lin = lk.combine_adapters(model, {"math": 0.5}, "lin", method="linear")
+    assert lin.max_relative_error < 1e-5  # one adapter: no cross terms, exact
+
+
+def test_bias_all_adapter_cannot_sit_beside_others(setup, tmp_path):
+    base, _, model, _ = setup
+    m = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=2, bias="all"), ["q_proj"])
+    lk.save_adapters(m, tmp_path)
+    target = copy.deepcopy(model)
+    state = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(lk.LoraFileError, match="bias='all'"):
+        lk.load_adapters(target, tmp_path, name="biased")
+    assert target.state_dict().keys() == state.keys()
+
+
+def test_save_a_named_adapter(setup, tmp_path):
+    base, singles, model, _ = setup
+    lk.save_adapters(model, tmp_path, name="code")  # not the active one
+    torch.testing.assert_close(logits(lk.load_adapters(copy.deepcopy(base), tmp_path)), logits(singles["code"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_reserved_and_bad_names(setup, tmp_path):
+    _, _, model, d = setup
+    for bad in ("half", "a.b", ""):
+        with pytest.raises(ValueError, match="adapter name"):
+            lk.load_adapters(copy.deepcopy(model), d / "math", name=bad)
