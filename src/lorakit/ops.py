@@ -206,7 +206,8 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
     y = F.linear(x, weight, bias)  # (batch, ..., d_out)
     xb = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, T, d_in)
     h = torch.bmm(xb, A[slots].transpose(1, 2))  # (batch, T, r)
-    return y.add_(torch.bmm(h, B[slots].transpose(1, 2)).view(y.shape))
+    y.view(x.shape[0], -1, y.shape[-1]).baddbmm_(h, B[slots].transpose(1, 2))  # in place: no output-sized temporary
+    return y
 
 
 def lora_embedding_mixed(ids: Tensor, emb: torch.nn.Embedding, A: Tensor, B: Tensor, slots: Tensor) -> Tensor:
