@@ -42,7 +42,9 @@ def example(args: argparse.Namespace) -> int:
 
 # -- the command -------------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_example]
+from .hf_cli import ADDERS as HF_SUBCOMMANDS  # finetune, merge, inspect, generate (Hugging Face models)
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_example, *HF_SUBCOMMANDS]
 
 
 def _positive_int(text: str) -> int:

@@ -1,0 +1,127 @@
+"""Fine-tune a local Hugging Face model with LoRA on a JSONL/CSV file: the job behind `lorakit finetune`.
+
+    job = FinetuneJob(model="models/tiny-llama", data="train.jsonl", task="causal-lm", out="adapters/run1")
+    setup = prepare(job)            # model, tokenizer, data: every input problem surfaces here
+    report = run(setup)             # trainer + dashboard; writes the adapter to job.out
+
+`job.out` becomes a PEFT-format adapter directory (plus `lorakit_task.json` with the task and label
+names); the run's artifacts (metrics, plot, checkpoint, best adapter, report) go to `job.out/run/`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data, hf, io, safetensors_io
+from .config import LoraConfig
+from .model import apply_lora, trainable_parameters
+from .train import Trainer, TrainConfig, accuracy, perplexity
+
+RUN_DIR = "run"
+REPORT = "finetune_report.json"
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """Everything a fine-tuning run needs; paths are local."""
+
+    model: str | Path
+    data: str | Path
+    task: str
+    out: str | Path
+    valid: str | Path | None = None
+    targets: Sequence[str] = ("all-linear",)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=8, alpha=16.0))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    batch_size: int = 8
+    max_length: int = 256
+    valid_fraction: float = 0.1
+    skip_bad_rows: bool = False
+    max_line_bytes: int = data.MAX_LINE_BYTES
+    trust_remote_code: bool = False
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task not in hf.TASKS:
+            raise ValueError(f"task={self.task!r} is invalid: expected one of {', '.join(hf.TASKS)}")
+        for name in ("batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1")
+
+
+@dataclass
+class Setup:
+    """A job made concrete: the LoRA-wrapped model, its tokenizer, the tokenized data."""
+
+    job: FinetuneJob
+    model: nn.Module
+    tokenizer: object
+    prepared: data.Prepared
+    train_loader: torch.utils.data.DataLoader
+    valid_loader: torch.utils.data.DataLoader
+
+
+def prepare(job: FinetuneJob) -> Setup:
+    """Check the output dir, load the tokenizer, read and tokenize the data, load and wrap the model.
+
+    Raises lorakit's file/data errors or ValueError for anything wrong with the inputs.
+    """
+    out = Path(job.out)
+    run_dir = out / RUN_DIR
+    if job.resume:
+        if not (run_dir / "checkpoint.safetensors").is_file():
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (run without --resume first)")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not job.overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty; pass --resume to continue that run, "
+                              "--overwrite to replace it, or choose a new --out")
+    tok = hf.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
+    prepared = data.prepare(job.data, job.task, tok, valid_path=job.valid, valid_fraction=job.valid_fraction,
+                            seed=job.train.seed, max_length=job.max_length, skip_bad_rows=job.skip_bad_rows,
+                            max_line_bytes=job.max_line_bytes)
+    torch.manual_seed(job.train.seed)  # a new classification head starts the same way in every run
+    model = hf.load_model(job.model, job.task, id2label=prepared.id2label, trust_remote_code=job.trust_remote_code)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    save = hf.head_names(model) if job.task == "seq-cls" else []
+    apply_lora(model, job.lora, list(job.targets), modules_to_save=save)
+    collate = functools.partial(data.collate, pad_id=tok.pad_token_id)
+    shuffle = torch.Generator().manual_seed(job.train.seed)
+    train_loader = torch.utils.data.DataLoader(prepared.train, batch_size=job.batch_size, shuffle=True,
+                                               generator=shuffle, collate_fn=collate)
+    valid_loader = torch.utils.data.DataLoader(prepared.valid, batch_size=job.batch_size, collate_fn=collate)
+    return Setup(job, model, tok, prepared, train_loader, valid_loader)
+
+
+def run(setup: Setup, callbacks: list | None = None) -> dict:
+    """Evaluate, train, evaluate again; write the adapter to `job.out` and return the report."""
+    job, model = setup.job, setup.model
+    out = Path(job.out)
+    metric = accuracy() if job.task == "seq-cls" else perplexity()
+    trainer = Trainer(model, job.train, metrics=[metric], callbacks=callbacks, artifact_dir=out / RUN_DIR)
+    before = trainer.evaluate(setup.valid_loader)
+    result = trainer.fit(setup.train_loader, setup.valid_loader, resume=job.resume)
+    after = trainer.evaluate(setup.valid_loader)
+    io.save_adapters(model, out)
+    hf.write_task_file(out, job.task, base_model=Path(job.model).resolve(), id2label=setup.prepared.id2label,
+                       max_length=job.max_length)
+    trainable, total = trainable_parameters(model)
+    report = {
+        "task": job.task, "model": str(job.model), "data": str(job.data), "valid": str(job.valid) if job.valid else None,
+        "adapter": str(out), "artifacts": str(out / RUN_DIR), "train_rows": len(setup.prepared.train),
+        "valid_rows": len(setup.prepared.valid), "skipped_bad_rows": [str(b) for b in setup.prepared.bad_rows],
+        "id2label": setup.prepared.id2label, "lora": job.lora.to_dict(), "targets": list(job.targets),
+        "train": job.train.to_dict(), "batch_size": job.batch_size, "max_length": job.max_length,
+        "trainable_params": trainable, "total_params": total, "steps": result.steps,
+        "elapsed_s": result.elapsed_s, "before": before, "after": after,
+    }
+    safetensors_io.atomic_write(out / RUN_DIR / REPORT, (json.dumps(report, indent=2) + "\n").encode())
+    return report

@@ -1,0 +1,265 @@
+"""The Hugging Face subcommands of `lorakit`: finetune, merge, inspect, generate.
+
+Each is a short function: check the inputs (a problem there exits 2), then call the core (a failure
+there exits 1). `cli.py` adds them to its parser through ADDERS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class BadInput(Exception):
+    """A problem with what the user passed (paths, files, flags): exit code 2."""
+
+
+def _inputs(fn, *args, **kwargs):
+    """Run an input-reading step; lorakit's file/data errors and bad values become BadInput."""
+    from .errors import LoraError
+
+    try:
+        return fn(*args, **kwargs)
+    except (LoraError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        raise BadInput(str(e)) from None
+
+
+def _quiet_transformers() -> None:
+    """Offline, and no progress bars or load reports: lorakit says what matters itself."""
+    from . import hf
+
+    hf.offline()
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def guarded(name: str):
+    """Map a subcommand's outcome to exit codes: 0 ok, 1 runtime failure, 2 bad input."""
+    return lambda fn: _guard(name, fn)
+
+
+def _guard(name: str, fn):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args) or EXIT_OK
+        except BadInput as e:
+            print(f"lorakit {name}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print(f"lorakit {name}: interrupted", file=sys.stderr)
+            return EXIT_FAILURE
+        except Exception as e:  # a runtime failure: say what, not a traceback
+            print(f"lorakit {name}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+
+    run.__name__ = fn.__name__
+    return run
+
+
+# -- finetune --------------------------------------------------------------------------------------
+
+@guarded("finetune")
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from . import finetune
+    from .config import LoraConfig
+    from .train import TrainConfig
+
+    _quiet_transformers()
+    targets = [t for chunk in args.targets for t in chunk.split(",") if t]
+    job = _inputs(lambda: finetune.FinetuneJob(
+        model=args.model, data=args.data, task=args.task, out=args.out, valid=args.valid, targets=targets,
+        lora=LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+                        dropout=args.dropout, use_rslora=args.rslora),
+        train=TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                          warmup_steps=args.warmup_steps, grad_accum=args.grad_accum, precision=args.precision,
+                          device=args.device, seed=args.seed, log_every=args.log_every,
+                          checkpoint_every=args.checkpoint_every),
+        batch_size=args.batch_size, max_length=args.max_length, valid_fraction=args.valid_fraction,
+        skip_bad_rows=args.skip_bad_rows, max_line_bytes=args.max_line_bytes,
+        trust_remote_code=args.trust_remote_code, resume=args.resume, overwrite=args.overwrite))
+    setup = _inputs(finetune.prepare, job)
+    bad = setup.prepared.bad_rows
+    if bad:
+        print(f"skipping {len(bad)} bad row(s) (--skip-bad-rows); first: {bad[0]}", file=sys.stderr)
+    report = finetune.run(setup, callbacks=[_plain_log()] if args.plain else None)
+    metric = "accuracy" if job.task == "seq-cls" else "perplexity"
+    for when in ("before", "after"):
+        values = report[when]
+        print(f"{when:<6} valid_loss={values['loss']:.4f} valid_{metric}={values[metric]:.4f}")
+    print(f"adapter: {report['adapter']}  (run artifacts: {report['artifacts']})")
+    return EXIT_OK
+
+
+def _plain_log():
+    from .train import PlainLog
+
+    return PlainLog()
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+
+@guarded("inspect")
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import adapter_info
+
+    info = _inputs(adapter_info.describe, args.adapter)
+    print(json.dumps(info, indent=2) if args.json else adapter_info.render(info))
+    return EXIT_OK
+
+
+# -- merge -----------------------------------------------------------------------------------------
+
+@guarded("merge")
+def cmd_merge(args: argparse.Namespace) -> int:
+    from . import hf
+
+    _quiet_transformers()
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"{out}: exists and is not an empty directory; choose a new --out")
+    _inputs(hf.check_model_dir, args.model)
+    _inputs(hf.read_task, args.adapter)
+    model, tok, task = _inputs(hf.load_with_adapter, args.model, args.adapter, task=args.task,
+                               trust_remote_code=args.trust_remote_code)
+    n = hf.save_merged(model, tok, out, dtype=args.dtype)
+    print(f"merged {n} LoRA modules of {args.adapter} into {args.model} ({task}); wrote {out}")
+    return EXIT_OK
+
+
+# -- generate --------------------------------------------------------------------------------------
+
+@guarded("generate")
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import hf, io
+
+    _quiet_transformers()
+    if args.max_new_tokens < 1:
+        raise BadInput(f"--max-new-tokens {args.max_new_tokens} is invalid: expected >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise BadInput("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.compare and not args.adapter:
+        raise BadInput("--compare needs --adapter")
+    if args.adapter:
+        task, _ = _inputs(hf.read_task, args.adapter)
+        if task != "causal-lm":
+            raise BadInput(f"{args.adapter} is a {task} adapter; generate needs a causal-lm adapter")
+    model, tok = _inputs(hf.load, args.model, "causal-lm", trust_remote_code=args.trust_remote_code)
+    if args.device:
+        model.to(args.device)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed)
+    if args.compare:
+        print("--- base ---")
+        print(args.prompt + hf.generate(model, tok, args.prompt, **options))
+    if args.adapter:
+        _inputs(io.load_adapters, model, args.adapter)
+        if args.compare:
+            print("--- base + adapter ---")
+    print(args.prompt + hf.generate(model, tok, args.prompt, **options))
+    return EXIT_OK
+
+
+# -- the parsers -----------------------------------------------------------------------------------
+
+def add_finetune(subparsers) -> None:
+    """Flags of `lorakit finetune`."""
+    p = subparsers.add_parser(
+        "finetune", help="fine-tune a local Hugging Face model with LoRA on a JSONL/CSV file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a LoRA adapter for a local causal LM or sequence classifier.\n\n"
+                    "data rows (JSONL, or CSV with a header):\n"
+                    '  causal-lm  {"text": ...}  or  {"prompt": ..., "completion": ...}  (loss on the completion only)\n'
+                    '  seq-cls    {"text": ..., "label": "positive" | 3}\n\n'
+                    "Bad rows are listed as file:line and the run does not start unless --skip-bad-rows.\n"
+                    "OUT becomes a PEFT-format adapter directory; metrics, plot, checkpoint go to OUT/run/.",
+        epilog="example: lorakit finetune --model models/tiny-llama --data train.jsonl --task causal-lm --out adapters/a1")
+    p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
+    p.add_argument("--data", required=True, metavar="FILE", help="training rows: .jsonl or .csv/.tsv")
+    p.add_argument("--valid", metavar="FILE", help="validation rows (default: hold out --valid-fraction of --data)")
+    p.add_argument("--task", required=True, choices=["causal-lm", "seq-cls"])
+    p.add_argument("--out", required=True, metavar="DIR", help="the adapter directory to write")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--targets", nargs="+", default=["all-linear"], metavar="T",
+                   help="modules to adapt: names, suffixes (q_proj), 're:<regex>' or all-linear (default)")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    g.add_argument("--alpha", type=float, help="LoRA alpha (default 2 * rank)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch (default 0)")
+    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
+    g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
+    g.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
+    g.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default 1)")
+    g.add_argument("--max-length", type=int, default=256, help="truncate rows to this many tokens (default 256)")
+    g.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="linear", help="default linear")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument("--seed", type=int, default=0, help="seeds the split, shuffling, head init and dropout")
+    g.add_argument("--log-every", type=int, default=10, help="optimizer steps between log lines (default 10)")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
+    g.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace what is in OUT")
+    g.add_argument("--plain", action="store_true", help="plain log lines instead of the dashboard")
+    g = p.add_argument_group("data")
+    g.add_argument("--valid-fraction", type=float, default=0.1, help="held out when there is no --valid (default 0.1)")
+    g.add_argument("--skip-bad-rows", action="store_true", help="train without the bad rows instead of refusing")
+    g.add_argument("--max-line-bytes", type=int, default=1 << 20, help="longest accepted line (default 1 MiB)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    p.set_defaults(run=cmd_finetune)
+
+
+def add_inspect(subparsers) -> None:
+    """Flags of `lorakit inspect`."""
+    p = subparsers.add_parser(
+        "inspect", help="show what an adapter holds (lorakit- or PEFT-made)",
+        description="Show an adapter's config, targets, per-module shapes and ranks, parameter count, file size "
+                    "and the base weight shapes it expects. Reads only JSON and safetensors.")
+    p.add_argument("adapter", help="adapter directory, its adapter_model.safetensors, or a lorakit layer .safetensors")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.set_defaults(run=cmd_inspect)
+
+
+def add_merge(subparsers) -> None:
+    """Flags of `lorakit merge`."""
+    p = subparsers.add_parser(
+        "merge", help="merge an adapter into its base model and save a plain transformers model",
+        description="Load the base model and adapter, fold the adapter into the weights (in fp32), and write a "
+                    "directory that transformers' AutoModel*.from_pretrained(OUT) loads: weights, config, tokenizer.")
+    p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter directory (lorakit or PEFT)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model (new or empty)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the merged weights (default: as stored)")
+    p.add_argument("--task", choices=["causal-lm", "seq-cls"], help="default: what the adapter directory records")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    p.set_defaults(run=cmd_merge)
+
+
+def add_generate(subparsers) -> None:
+    """Flags of `lorakit generate`."""
+    p = subparsers.add_parser(
+        "generate", help="generate text from a causal LM, with or without an adapter",
+        description="Complete a prompt with a local causal LM; greedy by default, sampling with --temperature > 0. "
+                    "With --compare, print the base model's completion and then the adapter's.")
+    p.add_argument("--model", required=True, metavar="DIR", help="the base model directory")
+    p.add_argument("--adapter", metavar="DIR", help="an adapter directory to load first (lorakit or PEFT)")
+    p.add_argument("--prompt", required=True, help="the text to complete")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--compare", action="store_true", help="also show the base model's completion")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    p.set_defaults(run=cmd_generate)
+
+
+ADDERS = [add_finetune, add_merge, add_inspect, add_generate]  # cli.py lists these in SUBCOMMANDS
