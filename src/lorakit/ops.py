@@ -151,6 +151,11 @@ class _LoraLinearFn(torch.autograd.Function):
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
                 scaling: float, dropout: float = 0.0, training: bool = False) -> Tensor:
     """The LoRA linear forward. `weight` is (d_out, d_in) as in nn.Linear (pass Conv1D's weight transposed)."""
+    if torch.is_autocast_enabled(x.device.type):  # autocast skips in-place ops and custom Functions: cast here, once
+        dt = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), A.to(dt), B.to(dt),
+                               scaling, dropout, training)
     if torch.is_grad_enabled():
         return _LoraLinearFn.apply(x, weight, bias, A, B, scaling, dropout, training)
     # inference: the same math without autograd bookkeeping
