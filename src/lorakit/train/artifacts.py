@@ -2,7 +2,8 @@
 
     config.json               the TrainConfig plus run facts (device, parameter counts, steps)
     metrics.jsonl             one JSON object per line; "kind" is "step" or "epoch" (schema below)
-    loss.png                  train (per logged step) and valid (per epoch) loss, refreshed each epoch
+    loss.png                  train (per logged step) and valid (per epoch) loss; at the end, and after
+                              an epoch when 5 s have passed since the last drawing
     checkpoint.safetensors    the latest training checkpoint (see checkpoint.py)
     adapter/                  the final adapter (lorakit.save_adapters: PEFT layout)
     best_adapter/             the adapter of the epoch with the lowest valid loss
@@ -71,7 +72,7 @@ class ArtifactDir:
         """Start metrics.jsonl empty (a fresh run in a used directory)."""
         safetensors_io.atomic_write(self.path(METRICS), b"")
 
-    def plot(self, rows: list[dict], title: str = "loss") -> Path:
+    def plot(self, rows: list[dict], title: str = "train and valid loss") -> Path:
         """Draw loss.png from metrics rows: train loss per logged step, train and valid loss per epoch."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
         from matplotlib.figure import Figure

@@ -104,7 +104,7 @@ class Dashboard:
         epoch, efrac, step, frac = self._progress()
 
         bars = Table.grid(padding=(0, 1), expand=True)
-        bars.add_column(width=14, no_wrap=True)
+        bars.add_column(width=len(f"step {s.total_steps}/{s.total_steps}"), no_wrap=True)
         bars.add_column(ratio=1)
         bars.add_column(width=15, no_wrap=True, justify="right")
         bars.add_row(f"epoch {epoch}/{s.epochs}", ProgressBar(total=1.0, completed=efrac),

@@ -31,6 +31,7 @@ from .metrics import Meter, Metric, as_metrics
 from .schedule import lr_at
 
 Callback = Callable[[Event], None]
+PLOT_INTERVAL_S = 5.0  # loss.png is redrawn at an epoch's end if this long has passed (a plot costs ~0.25 s)
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ class Trainer:
                                          "total_steps": total_steps, "metrics": [m.name for m in self.metrics]})
         self._emit(RunStarted(cfg.epochs, steps_per_epoch, total_steps, s["epoch"], s["step"], trainable, total,
                               str(self.device), cfg.precision, str(arts.root) if arts else None))
-        t0, elapsed0, start_epoch = time.perf_counter(), s["elapsed_s"], s["epoch"]
+        t0, elapsed0, last_plot = time.perf_counter(), s["elapsed_s"], time.perf_counter()
 
         def elapsed() -> float:
             return elapsed0 + time.perf_counter() - t0
@@ -267,11 +268,12 @@ class Trainer:
             s["epoch"], s["batch"] = epoch + 1, 0
             if arts:
                 checkpoint()
-                arts.plot(arts.rows())
+                if time.perf_counter() - last_plot >= PLOT_INTERVAL_S:
+                    arts.plot(arts.rows())
+                    last_plot = time.perf_counter()
         if arts:
             export_adapter(model, arts.path(art.ADAPTER))
-            if s["epoch"] == start_epoch:  # nothing ran (resumed a finished run): the plot was never drawn here
-                arts.plot(arts.rows())
+            arts.plot(arts.rows())
         self._emit(RunEnded(s["step"], elapsed(), s["train_loss"], s["valid_loss"], s["best_valid_loss"],
                             str(arts.root) if arts else None))
         return TrainResult(s["step"], s["train_loss"], s["valid_loss"], s["best_valid_loss"], elapsed(),

@@ -1,0 +1,153 @@
+"""The trainer on small real models: convergence, what it optimizes, metrics.jsonl, metrics, accumulation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lorakit as lk
+from lorakit.train import EpochEnded, Metric, RunEnded, RunStarted, StepLogged, TrainConfig, Trainer, accuracy, perplexity
+
+
+def _regression(n: int = 256, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = x @ torch.randn(6, 1, generator=g) + 0.5
+    split = n * 3 // 4
+    return (DataLoader(TensorDataset(x[:split], y[:split]), batch_size=16, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed)),
+            DataLoader(TensorDataset(x[split:], y[split:]), batch_size=64))
+
+
+def _lora_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+    return lk.apply_lora(model, lk.LoraConfig(rank=4, alpha=8), targets=["0", "2"])
+
+
+def test_converges_and_trains_only_the_adapter(tmp_path) -> None:
+    model = _lora_mlp()
+    train, valid = _regression()
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    events = []
+    trainer = Trainer(model, TrainConfig(epochs=15, lr=2e-2, schedule="cosine", warmup_steps=5, device="cpu"),
+                      loss_fn=nn.functional.mse_loss, callbacks=[events.append], artifact_dir=tmp_path)
+    start = trainer.evaluate(valid)["loss"]
+    result = trainer.fit(train, valid)
+    assert result.valid_loss < start / 20, (start, result.valid_loss)
+    assert result.steps == 15 * 12
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base_before[n]), f"frozen {n} changed"
+    kinds = [type(e) for e in events]
+    assert kinds[0] is RunStarted and kinds[-1] is RunEnded and kinds.count(EpochEnded) == 15
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "best_adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = lk.load_adapters(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1)), tmp_path / "best_adapter")
+    assert lk.lora_layers(best).keys() == {"0", "2"}
+
+
+def test_metrics_jsonl_schema(tmp_path) -> None:
+    model = _lora_mlp()
+    train, valid = _regression()
+    cfg = TrainConfig(epochs=2, lr=1e-2, device="cpu", log_every=4)
+    Trainer(model, cfg, loss_fn=nn.functional.mse_loss, callbacks=[], artifact_dir=tmp_path,
+            metrics={"mae": lambda out, y: (out - y).abs().mean()}).fit(train, valid)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "step"]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert [r["step"] for r in steps] == [4, 8, 12, 16, 20, 24]
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(1, 12), (2, 24)]
+    step_keys = {"kind", "epoch", "step", "batch", "loss", "lr", "grad_norm", "throughput", "throughput_unit",
+                 "elapsed_s", "mae"}
+    epoch_keys = {"kind", "epoch", "step", "train_loss", "valid_loss", "best_valid_loss", "is_best", "lr",
+                  "elapsed_s", "train_mae", "valid_mae"}
+    assert all(set(r) == step_keys for r in steps)
+    assert all(set(r) == epoch_keys for r in epochs)
+    for r in rows:
+        for k, v in r.items():
+            if k not in ("kind", "throughput_unit", "is_best"):
+                assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
+    assert epochs[1]["best_valid_loss"] == min(r["valid_loss"] for r in epochs)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["train"] == cfg.to_dict() and config["total_steps"] == 24 and config["metrics"] == ["mae"]
+
+
+def test_classification_metrics_accuracy_and_perplexity() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(384, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # 3 classes
+    data = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    lk.apply_lora(model, lk.LoraConfig(rank=8, alpha=16), modules_to_save=["2"], targets=["0"])
+    steps: list[StepLogged] = []
+    trainer = Trainer(model, TrainConfig(epochs=8, lr=2e-2, device="cpu", log_every=6),
+                      loss_fn=nn.functional.cross_entropy, metrics=[accuracy(), perplexity()],
+                      callbacks=[lambda e: steps.append(e) if isinstance(e, StepLogged) else None])
+    trainer.fit(data)
+    final = trainer.evaluate(data)
+    assert final["accuracy"] > 0.9
+    assert final["perplexity"] == pytest.approx(math.exp(final["loss"]))
+    assert set(steps[-1].metrics) == {"accuracy", "perplexity"}
+
+
+def test_grad_accumulation_matches_a_larger_batch() -> None:
+    def run(batch_size: int, accum: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(64, 6, generator=g)
+        data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=batch_size)
+        model = _lora_mlp()
+        Trainer(model, TrainConfig(epochs=2, lr=1e-2, grad_accum=accum, device="cpu", max_grad_norm=None),
+                loss_fn=nn.functional.mse_loss, callbacks=[]).fit(data)
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    big, small = run(32, 1), run(8, 4)
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_on_cpu_trains() -> None:
+    model = _lora_mlp()
+    train, valid = _regression()
+    trainer = Trainer(model, TrainConfig(epochs=3, lr=2e-2, precision="bf16", device="cpu"),
+                      loss_fn=nn.functional.mse_loss, callbacks=[])
+    start = trainer.evaluate(valid)["loss"]
+    assert trainer.fit(train, valid).valid_loss < start
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"epochs": 0}, "TrainConfig.epochs=0"),
+    ({"lr": -1.0}, "TrainConfig.lr=-1.0"),
+    ({"schedule": "step"}, "TrainConfig.schedule='step'"),
+    ({"precision": "fp16"}, "TrainConfig.precision='fp16'"),
+    ({"device": "tpu"}, "TrainConfig.device='tpu'"),
+    ({"betas": (0.9, 1.5)}, "TrainConfig.betas=(0.9, 1.5)"),
+    ({"grad_accum": 1.5}, "TrainConfig.grad_accum=1.5"),
+])
+def test_config_errors_name_the_value(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**kwargs)
+
+
+def test_user_errors_are_clear() -> None:
+    model = nn.Linear(3, 1).requires_grad_(False)
+    data = DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), batch_size=4)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Trainer(model, TrainConfig(device="cpu"), loss_fn=nn.functional.mse_loss, callbacks=[]).fit(data)
+    with pytest.raises(ValueError, match="need Trainer\\(loss_fn=...\\)"):
+        Trainer(nn.Linear(3, 1), TrainConfig(device="cpu"), callbacks=[]).fit(data)
+    with pytest.raises(ValueError, match="metric name 'my metric'"):
+        Metric("my metric", fn=lambda o, t: 0.0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda'"):
+            Trainer(nn.Linear(3, 1), TrainConfig(device="cuda"), callbacks=[])
+    nan_data = DataLoader(TensorDataset(torch.full((8, 3), math.nan), torch.randn(8, 1)), batch_size=4)
+    with pytest.raises(FloatingPointError, match="loss is nan at epoch 1, batch 1"):
+        Trainer(nn.Linear(3, 1), TrainConfig(device="cpu"), loss_fn=nn.functional.mse_loss, callbacks=[]).fit(nan_data)
