@@ -1,0 +1,72 @@
+"""The dashboard and plain logs, fed by a real run: sizes that fit 80×24 and wide screens, no control codes."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lorakit as lk
+from lorakit.train import PlainLog, TrainConfig, Trainer
+from lorakit.train.chart import line_chart
+from lorakit.train.dashboard import Dashboard
+
+ANSI = re.compile(r"\x1b|\r|\x07")
+
+
+def _run(callbacks: list) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g)
+    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
+    torch.manual_seed(0)
+    model = lk.apply_lora(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), lk.LoraConfig(rank=2), ["0"])
+    Trainer(model, TrainConfig(epochs=3, lr=1e-2, device="cpu", log_every=2), loss_fn=nn.functional.mse_loss,
+            callbacks=callbacks, metrics={"mae": lambda o, y: (o - y).abs().mean()}).fit(data, data)
+
+
+@pytest.mark.parametrize("width, height", [(80, 24), (200, 50), (60, 20)])
+def test_dashboard_fits_the_terminal(width: int, height: int) -> None:
+    screen = Console(file=io.StringIO(), width=width, height=height, force_terminal=True, color_system="truecolor")
+    dash = Dashboard(console=screen, title="test run")
+    _run([dash])
+    assert dash.live is None  # stopped at the end
+    frame = Console(file=io.StringIO(), width=width, height=height, record=True)
+    frame.print(dash.render())
+    lines = frame.export_text().rstrip("\n").splitlines()
+    assert len(lines) <= height - 2, "\n".join(lines)
+    assert all(len(line) == min(width, 120) for line in lines), "\n".join(lines)
+    text = "\n".join(lines)
+    for needle in ("test run · done", "epoch 3/3", "step 48/48", "ETA done", "train loss", "valid loss", "lr",
+                   "samples/s", "params", "(", "MiB peak RSS", "elapsed", "── train", "── valid"):
+        assert needle in text, needle
+    assert re.search(r"[\u2801-\u28ff]", text), "no chart dots"
+
+
+def test_plain_log_is_greppable_lines_without_control_codes() -> None:
+    out = io.StringIO()
+    _run([PlainLog(out)])
+    lines = out.getvalue().splitlines()
+    assert not ANSI.search(out.getvalue())
+    assert lines[0].startswith("start device=cpu precision=fp32 epochs=3 steps=48 ")
+    assert [line.split()[0] for line in lines].count("step") == 24
+    assert [line.split()[0] for line in lines].count("epoch") == 3
+    assert lines[-1].startswith("done steps=48 ")
+    for line in lines:
+        assert all("=" in field for field in line.split()[1:]), line
+    assert "valid_mae=" in [line for line in lines if line.startswith("epoch ")][-1]
+
+
+def test_chart_draws_each_series_and_axis_labels() -> None:
+    train = [(i, 2.0 / (i + 1)) for i in range(50)]
+    chart = line_chart([("train", train, "cyan"), ("valid", [(10, 0.5), (49, 0.1)], "magenta")], 60, 10)
+    lines = chart.plain.splitlines()
+    assert len(lines) == 10 and all(len(line) <= 60 for line in lines)
+    assert lines[0].strip().startswith("2 ┤") and lines[7].lstrip().startswith("0.04 ┤")
+    assert lines[-1].split() == ["0", "49"]
+    styles = {span.style for span in chart.spans}
+    assert {"cyan", "magenta"} <= styles
