@@ -288,3 +288,38 @@ def test_ambiguous_names_saved_exactly(tmp_path):
     fresh = lk.load_adapters(Outer(), tmp_path)
     assert sorted(lk.lora_layers(fresh)) == ["fc1"]
     assert io.read_adapter_config(tmp_path).targets == ["re:fc1"]
+
+
+WRITER = r"""
+import sys, torch, lorakit as lk
+from torch import nn
+model = lk.apply_lora(nn.Sequential(nn.Linear(2048, 2048)), lk.LoraConfig(rank=512), ["0"])
+i = 0
+while True:
+    with torch.no_grad():
+        lk.lora_layers(model)["0"].lora_B.fill_(float(i))
+    lk.save_adapters(model, sys.argv[1])
+    i += 1
+    print(i, flush=True)
+"""
+
+
+def test_writer_killed_mid_save_leaves_a_whole_file(tmp_path):
+    """SIGKILL a process that keeps rewriting an 8 MiB adapter; what is on disk always loads whole."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for attempt, delay in enumerate((0.0, 0.013, 0.031, 0.057)):
+        d = tmp_path / f"run{attempt}"
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(d)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "1"  # one save completed
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        model = lk.load_adapters(nn.Sequential(nn.Linear(2048, 2048)), d)
+        B = lk.lora_layers(model)["0"].lora_B
+        assert torch.all(B == B[0, 0])  # one consistent version, never a torn mix
+        leftovers = [p.name for p in d.iterdir() if p.name not in ("adapter_config.json", "adapter_model.safetensors")]
+        assert all(n.endswith(".tmp") for n in leftovers)  # at most an orphaned temp file, never a torn target

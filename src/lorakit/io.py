@@ -66,7 +66,7 @@ def load_layer_adapter(layer: LoraLayer, path: str | Path, *, allow_nonfinite: b
         raise LoraFileError(f"{path}: not a lorakit layer adapter (metadata format={meta.get('format')!r})")
     try:
         config = LoraConfig(**json.loads(meta["config"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
         raise LoraFileError(f"{path}: the config in the metadata is invalid ({e})") from None
     if meta.get("layer") != type(layer).__name__:
         raise LoraFileError(f"{path}: adapter is for a {meta.get('layer')}, this layer is a {type(layer).__name__}")
@@ -199,8 +199,8 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
         raise LoraFileError(f"{path}: {path.stat().st_size} bytes is past the {MAX_CONFIG_BYTES}-byte limit for a config")
     try:
         raw = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoraFileError(f"{path}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise LoraFileError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(raw, dict):
         raise LoraFileError(f"{path}: expected a JSON object, got {type(raw).__name__}")
 
@@ -231,6 +231,9 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
         raise LoraFileError(f"{path}: key 'target_modules' must be a list of strings or a regex string")
     exclude = field("exclude_modules", (list, str), None)
     modules_to_save = field("modules_to_save", list, None) or []
+    for key, value in (("exclude_modules", exclude), ("modules_to_save", modules_to_save)):
+        if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
+            raise LoraFileError(f"{path}: key {key!r} must be a list of module names")
     try:
         config = LoraConfig(
             rank=field("r", int, required=True),

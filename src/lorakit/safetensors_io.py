@@ -48,8 +48,8 @@ def parse(data: bytes, where: str = "<bytes>") -> tuple[dict[str, Tensor], dict[
         raise LoraFileError(f"{where}: header length {n} runs past the end of the file ({len(data)} bytes; truncated?)")
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoraFileError(f"{where}: header is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise LoraFileError(f"{where}: header is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise LoraFileError(f"{where}: header must be a JSON object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", None) or {}
@@ -79,7 +79,8 @@ def parse(data: bytes, where: str = "<bytes>") -> tuple[dict[str, Tensor], dict[
 def _entry(where: str, name: str, info: object) -> tuple[torch.dtype, list[int], int, int]:
     if not isinstance(info, dict):
         raise LoraFileError(f"{where}: entry {name!r} must be an object with dtype, shape, data_offsets")
-    dtype = DTYPES.get(info.get("dtype"))
+    name_of_dtype = info.get("dtype")
+    dtype = DTYPES.get(name_of_dtype) if isinstance(name_of_dtype, str) else None
     if dtype is None:
         raise LoraFileError(f"{where}: tensor {name!r} has dtype {info.get('dtype')!r}; expected one of {', '.join(DTYPES)}")
     shape, offsets = info.get("shape"), info.get("data_offsets")
