@@ -82,3 +82,41 @@ def test_resume_refuses_a_different_config(uninterrupted: Path, tmp_path: Path) 
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer(model, tiny.CONFIG, loss_fn=nn.functional.mse_loss, callbacks=[], artifact_dir=tmp_path).fit(
             train, resume=True)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_from_an_epoch_end_checkpoint_matches_uninterrupted(uninterrupted: Path, tmp_path: Path) -> None:
+    from torch import nn
+
+    from lorakit.train import CheckpointSaved, Trainer
+
+    tiny = _tiny_run()
+
+    def crash_after_epoch_2(event: object) -> None:
+        if isinstance(event, CheckpointSaved) and event.step == 24:  # 12 steps per epoch
+            raise _Crash
+
+    model, train, valid = tiny.build()
+    with pytest.raises(_Crash):
+        Trainer(model, tiny.CONFIG, loss_fn=nn.functional.mse_loss, callbacks=[crash_after_epoch_2],
+                metrics={"mae": lambda out, y: (out - y).abs().mean()}, artifact_dir=tmp_path).fit(train, valid)
+    model, train, valid = tiny.build()
+    Trainer(model, tiny.CONFIG, loss_fn=nn.functional.mse_loss, callbacks=[],
+            metrics={"mae": lambda out, y: (out - y).abs().mean()}, artifact_dir=tmp_path).fit(train, valid, resume=True)
+    assert ((tmp_path / "adapter/adapter_model.safetensors").read_bytes()
+            == (uninterrupted / "adapter/adapter_model.safetensors").read_bytes())
+    assert _rows(tmp_path) == _rows(uninterrupted)
+
+
+def test_artifacts_are_safetensors_json_and_png_only(uninterrupted: Path) -> None:
+    from lorakit import safetensors_io
+
+    suffixes = {p.suffix for p in uninterrupted.rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".jsonl", ".png", ".safetensors"}, suffixes
+    tensors, meta = safetensors_io.read(uninterrupted / "checkpoint.safetensors")
+    assert meta["format"] == "lorakit-train-checkpoint"
+    assert {k.split(".")[0] for k in tensors} == {"param", "optim", "rng"}
+    assert all("lora_" in k for k in tensors if k.startswith("param."))  # adapter only: nothing of the base

@@ -101,7 +101,8 @@ def load_params(where: str, model: torch.nn.Module, params: dict[str, Tensor]) -
                             f"missing {missing[:6]}, unexpected {unexpected[:6]}")
     for name, p in live.items():
         if tuple(params[name].shape) != tuple(p.shape):
-            raise LoraFileError(f"{where}: {name} has shape {tuple(params[name].shape)}; the model expects {tuple(p.shape)}")
+            raise LoraFileError(f"{where}: {name} has shape {tuple(params[name].shape)}; "
+                                f"the model expects {tuple(p.shape)}")
     with torch.no_grad():
         for name, p in live.items():
             p.copy_(params[name].to(p.dtype))

@@ -46,7 +46,7 @@ class Dashboard:
         if isinstance(e, RunStarted):
             self.start, self.t0 = e, time.perf_counter()
             self.live = Live(get_renderable=self.render, console=self.console, refresh_per_second=4,
-                             transient=False, redirect_stdout=False, redirect_stderr=False)
+                             transient=False)  # prints and warnings during the run appear above the view
             self.live.start(refresh=True)
         elif isinstance(e, StepLogged):
             self.last = e

@@ -155,7 +155,8 @@ class Trainer:
         try:
             batches_per_epoch = len(train)  # type: ignore[arg-type]
         except TypeError:
-            raise TypeError(f"train must have a length (a DataLoader over a sized dataset); got {type(train).__name__}") from None
+            raise TypeError("train must have a length (a DataLoader over a sized dataset); "
+                            f"got {type(train).__name__}") from None
         if batches_per_epoch == 0:
             raise ValueError("the train loader yields no batches")
         model.to(self.device).train()
@@ -180,9 +181,10 @@ class Trainer:
                 arts.clear_rows()
         trainable, total = trainable_parameters(model)
         if arts:
-            arts.write_json(art.CONFIG, {"train": cfg.to_dict(), "device": str(self.device), "trainable_params": trainable,
-                                         "total_params": total, "steps_per_epoch": steps_per_epoch,
-                                         "total_steps": total_steps, "metrics": [m.name for m in self.metrics]})
+            arts.write_json(art.CONFIG, {"train": cfg.to_dict(), "device": str(self.device),
+                                         "trainable_params": trainable, "total_params": total,
+                                         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                                         "metrics": [m.name for m in self.metrics]})
         self._emit(RunStarted(cfg.epochs, steps_per_epoch, total_steps, s["epoch"], s["step"], trainable, total,
                               str(self.device), cfg.precision, str(arts.root) if arts else None))
         t0, elapsed0, last_plot = time.perf_counter(), s["elapsed_s"], time.perf_counter()
@@ -253,7 +255,8 @@ class Trainer:
             train_means = epoch_meter.means()
             valid_means = self.evaluate(valid) if valid is not None else {}
             s["train_loss"], s["valid_loss"] = train_means.pop("loss"), valid_means.pop("loss", None)
-            is_best = s["valid_loss"] is not None and (s["best_valid_loss"] is None or s["valid_loss"] < s["best_valid_loss"])
+            best = s["best_valid_loss"]
+            is_best = s["valid_loss"] is not None and (best is None or s["valid_loss"] < best)
             if is_best:
                 s["best_valid_loss"] = s["valid_loss"]
                 if arts:
