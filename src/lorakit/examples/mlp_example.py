@@ -27,7 +27,8 @@ from .. import safetensors_io
 from ..errors import LoraError
 from ..train import Trainer, TrainConfig
 from ..train.device import resolve_device
-from ..train.reporting import auto_reporter
+from ..train.dashboard import Dashboard
+from ..train.reporting import PlainLog
 from .simple_mlp import SimpleMlp, loaders
 
 BASE_FILE, PROBE_FILE, ADAPTER_DIR, TRAIN_DIR = "base_model.safetensors", "probe.safetensors", "adapter", "train"
@@ -81,7 +82,8 @@ def run(opts: ExampleOptions) -> int:
     pre_cfg = TrainConfig(epochs=opts.pretrain_epochs, lr=3e-3, schedule="cosine", warmup_steps=20,
                           device=opts.device, seed=opts.seed, log_every=50)
     t = time.perf_counter()
-    result = Trainer(model, pre_cfg, loss_fn=nn.functional.mse_loss, callbacks=[]).fit(train_a, valid_a)
+    live = [Dashboard(title="lorakit example · pre-training on task A", transient=True)] if sys.stdout.isatty() else []
+    result = Trainer(model, pre_cfg, loss_fn=nn.functional.mse_loss, callbacks=live).fit(train_a, valid_a)
     model.cpu().eval()
     safetensors_io.write(out / BASE_FILE, model.state_dict(), {"format": "pt"})
     say(f"      task A valid loss {result.valid_loss:.4f} (the mean scores 1.0), {time.perf_counter() - t:.1f}s")
@@ -97,9 +99,7 @@ def run(opts: ExampleOptions) -> int:
     say(f"[3/6] fine-tune on task B, {opts.epochs} epochs; run artifacts: {out / TRAIN_DIR}")
     ft_cfg = TrainConfig(epochs=opts.epochs, lr=1e-2, schedule="cosine", warmup_steps=20, device=opts.device,
                          seed=opts.seed, log_every=16)
-    reporter = auto_reporter()
-    if hasattr(reporter, "title"):
-        reporter.title = "lorakit example · LoRA fine-tune on task B"
+    reporter = Dashboard(title="lorakit example · LoRA fine-tune on task B") if sys.stdout.isatty() else PlainLog()
     Trainer(model, ft_cfg, loss_fn=nn.functional.mse_loss, callbacks=[reporter],
             artifact_dir=out / TRAIN_DIR).fit(train_b, valid_b)
     model.cpu().eval()

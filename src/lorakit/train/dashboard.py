@@ -28,9 +28,9 @@ TRAIN_STYLE, VALID_STYLE = "cyan", "magenta"
 class Dashboard:
     """A `rich.live.Live` view of a run; a trainer callback. `close()` restores the terminal."""
 
-    def __init__(self, console: Console | None = None, title: str = "lorakit") -> None:
+    def __init__(self, console: Console | None = None, title: str = "lorakit", transient: bool = False) -> None:
         self.console = console or Console()
-        self.title = title
+        self.title, self.transient = title, transient  # transient: the view is erased when the run ends
         self.live: Live | None = None
         self.start: RunStarted | None = None
         self.last: StepLogged | None = None
@@ -46,7 +46,7 @@ class Dashboard:
         if isinstance(e, RunStarted):
             self.start, self.t0 = e, time.perf_counter()
             self.live = Live(get_renderable=self.render, console=self.console, refresh_per_second=4,
-                             transient=False)  # prints and warnings during the run appear above the view
+                             transient=self.transient)  # prints and warnings during the run appear above it
             self.live.start(refresh=True)
         elif isinstance(e, StepLogged):
             self.last = e
