@@ -1,0 +1,295 @@
+"""The `lorakit` command in real subprocesses: finetune, merge, inspect, generate; exit codes 0 / 1 / 2.
+
+Interop is checked against the ecosystem itself: PEFT loads what `lorakit finetune` writes, transformers
+loads what `lorakit merge` writes, and PEFT-made adapters go through merge/inspect/generate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _hf_models  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from lorakit import data, hf  # noqa: E402
+
+transformers.utils.logging.set_verbosity_error()
+DATA = Path(__file__).parent / "data"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def lorakit(*args, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {kind: _hf_models.save_tiny(kind, root / kind) for kind in ("llama", "gpt2")}
+
+
+def _write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _causal_rows(n: int = 24) -> list[dict]:
+    qa = [("question : what is two plus two ? answer :", "four"), ("question : what colour is the sky ? answer :", "blue")]
+    rows = [{"prompt": q, "completion": a} for q, a in qa] * 4
+    return rows + [{"text": s} for s in _hf_models.SENTENCES] * 2
+
+
+IDS = torch.tensor([[2, 4, 5, 6, 7, 8], [2, 9, 10, 11, 0, 0]])
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+
+
+def _logits(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=IDS, attention_mask=MASK).logits
+
+
+# -- help and usage errors -------------------------------------------------------------------------
+
+def test_help_and_usage_errors_exit_2(tmp_path, tiny):
+    r = lorakit("finetune", "--help")
+    assert r.returncode == 0 and "usage: lorakit finetune" in r.stdout and '{"prompt": ..., "completion": ...}' in r.stdout
+    r = lorakit("merge", "--model", tiny["gpt2"])
+    assert r.returncode == 2 and "required: --adapter, --out" in r.stderr
+    r = lorakit("finetune", "--model", tmp_path, "--data", "x.jsonl", "--task", "causal-lm", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "not a Hugging Face model directory (no config.json)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_data_refuses_to_start_with_file_and_line(tmp_path, tiny):
+    bad = _write_jsonl(tmp_path / "bad.jsonl", _causal_rows()[:6] + [{"text": ""}, "{oops", {"prompt": "q"}])
+    base = ["finetune", "--model", tiny["gpt2"], "--task", "causal-lm", "--epochs", "1", "--plain"]
+    r = lorakit(*base, "--data", bad, "--out", tmp_path / "o1")
+    assert r.returncode == 2, r.stderr
+    assert "3 bad row(s)" in r.stderr and "--skip-bad-rows" in r.stderr
+    for line, why in ((7, "field 'text' is empty"), (8, "not valid JSON"), (9, "missing field 'completion'")):
+        assert f"{bad}:{line}: {why}" in r.stderr
+    assert not (tmp_path / "o1").exists()  # refused before anything was written
+
+    r = lorakit(*base, "--data", bad, "--out", tmp_path / "o4", "--skip-bad-rows")
+    assert r.returncode == 0, r.stderr
+    assert "skipping 3 bad row(s)" in r.stderr
+    report = json.loads((tmp_path / "o4" / "run" / "finetune_report.json").read_text())
+    assert len(report["skipped_bad_rows"]) == 3 and report["skipped_bad_rows"][0].startswith(f"{bad}:7:")
+
+
+def test_runtime_failure_exits_1(tmp_path, tiny):
+    rows = _write_jsonl(tmp_path / "t.jsonl", _causal_rows())
+    r = lorakit("finetune", "--model", tiny["gpt2"], "--data", rows, "--task", "causal-lm", "--out", tmp_path / "o",
+                "--lr", "1e30", "--epochs", "3", "--batch-size", "4", "--device", "cpu", "--plain")
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "lorakit finetune: failed: FloatingPointError" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- finetune -> PEFT, merge -> transformers, generate ---------------------------------------------------
+
+def test_finetune_causal_lm_then_peft_merge_generate_inspect(tmp_path, tiny, capsys):
+    rows = _write_jsonl(tmp_path / "train.jsonl", _causal_rows())
+    out = tmp_path / "adapter"
+    r = lorakit("finetune", "--model", tiny["llama"], "--data", rows, "--task", "causal-lm", "--out", out,
+                "--targets", "q_proj,k_proj,v_proj,o_proj", "gate_proj", "up_proj", "down_proj", "--rank", "4",
+                "--epochs", "4", "--lr", "1e-2", "--batch-size", "8", "--device", "cpu", "--plain")
+    assert r.returncode == 0, r.stderr
+    assert "before valid_loss=" in r.stdout and "after  valid_loss=" in r.stdout and "valid_perplexity=" in r.stdout
+    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "lorakit_task.json", "run"}
+    assert {p.name for p in (out / "run").iterdir()} >= {"metrics.jsonl", "loss.png", "checkpoint.safetensors"}
+    report = json.loads((out / "run" / "finetune_report.json").read_text())
+    assert report["after"]["loss"] < report["before"]["loss"]
+
+    # PEFT loads the adapter and computes the same logits as lorakit
+    ours, _, _ = hf.load_with_adapter(tiny["llama"], out)
+    want = _logits(ours)
+    theirs = peft.PeftModel.from_pretrained(hf.load_model(tiny["llama"], "causal-lm"), out)
+    diff = (_logits(theirs) - want).abs().max().item()
+    print(f"\nPEFT parity (causal-lm, finetune adapter): max |Δlogits| = {diff:.3g}")
+    assert diff < 1e-5
+
+    # merge writes a directory transformers loads, equal to base + adapter
+    r = lorakit("merge", "--model", tiny["llama"], "--adapter", out, "--out", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    diff = (_logits(merged) - want).abs().max().item()
+    print(f"merged vs base+adapter (causal-lm): max |Δlogits| = {diff:.3g}")
+    assert diff < 1e-4
+
+    r = lorakit("generate", "--model", tiny["llama"], "--adapter", out, "--prompt",
+                "question : what is two plus two ? answer :", "--max-new-tokens", "3", "--compare")
+    assert r.returncode == 0, r.stderr
+    assert "--- base ---" in r.stdout and "--- base + adapter ---" in r.stdout
+    assert r.stdout.strip().splitlines()[-1].split(":")[-1].split()[0] == "four"  # what the adapter learned
+
+    from lorakit.cli import main  # in-process, to keep the suite quick: same entry point, same output
+
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ranks"] == [4] and len(info["modules"]) == 14 and info["config"]["task_type"] == "CAUSAL_LM"
+
+
+def test_finetune_seq_cls_csv_string_labels_head_saved_and_merged(tmp_path, tiny):
+    csv_path = tmp_path / "train.csv"
+    lines = ["text,label"] + [f"{s},{'animal' if any(w in s for w in ('cat', 'dog', 'bird', 'fox')) else 'other'}"
+                              for s in _hf_models.SENTENCES] * 2
+    csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "cls"
+    r = lorakit("finetune", "--model", tiny["gpt2"], "--data", csv_path, "--task", "seq-cls", "--out", out,
+                "--epochs", "2", "--batch-size", "4", "--valid-fraction", "0.25", "--device", "cpu", "--plain")
+    assert r.returncode == 0, r.stderr
+    assert "valid_accuracy=" in r.stdout
+    task = json.loads((out / "lorakit_task.json").read_text())
+    assert task["task"] == "seq-cls" and task["id2label"] == {"0": "animal", "1": "other"}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["score"] and config["task_type"] == "SEQ_CLS"
+
+    ours, _, _ = hf.load_with_adapter(tiny["gpt2"], out)
+    want = _logits(ours)
+    base = hf.load_model(tiny["gpt2"], "seq-cls", id2label={0: "animal", 1: "other"})
+    theirs = peft.PeftModel.from_pretrained(base, out)
+    diff = (_logits(theirs) - want).abs().max().item()
+    print(f"\nPEFT parity (seq-cls with modules_to_save head): max |Δlogits| = {diff:.3g}")
+    assert diff < 1e-5
+
+    r = lorakit("merge", "--model", tiny["gpt2"], "--adapter", out, "--out", tmp_path / "merged", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert merged.config.id2label == {0: "animal", 1: "other"}
+    assert (_logits(merged) - want).abs().max().item() < 1e-4
+
+
+def test_resume_and_existing_out(tmp_path, tiny, capsys):
+    rows = _write_jsonl(tmp_path / "t.jsonl", _causal_rows())
+    args = ["finetune", "--model", tiny["gpt2"], "--data", rows, "--task", "causal-lm", "--out", tmp_path / "o",
+            "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--plain"]
+    assert lorakit(*args).returncode == 0
+    first = (tmp_path / "o" / "adapter_model.safetensors").read_bytes()
+    from lorakit.cli import main
+
+    assert main([str(a) for a in args]) == 2  # in-process: refused before any model is loaded
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err
+    r = lorakit(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o" / "adapter_model.safetensors").read_bytes() == first  # a finished run stays as it was
+
+
+# -- a PEFT-made adapter through lorakit's commands ---------------------------------------------------------
+
+def test_peft_trained_adapter_through_merge_inspect_generate(tmp_path, tiny):
+    base, tok = hf.load(tiny["gpt2"], "causal-lm")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                      fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    batch = data.collate([{"input_ids": tok(s)["input_ids"], "labels": tok(s)["input_ids"]}
+                          for s in _hf_models.SENTENCES], tok.pad_token_id)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):  # PEFT trains it
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    want = _logits(model)
+    model.save_pretrained(tmp_path / "peft")
+
+    r = lorakit("inspect", tmp_path / "peft")
+    assert r.returncode == 0, r.stderr
+    assert "transformer.h.0.attn.c_attn" in r.stdout and "4 LoRA modules, ranks [4]" in r.stdout
+    assert "base weight" in r.stdout and "32×96" in r.stdout  # the Conv1D base it expects, (d_in, d_out)
+
+    r = lorakit("merge", "--model", tiny["gpt2"], "--adapter", tmp_path / "peft", "--out", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    diff = (_logits(merged) - want).abs().max().item()
+    print(f"\nPEFT-trained adapter, lorakit merge vs PEFT: max |Δlogits| = {diff:.3g}")
+    assert diff < 1e-4
+
+    r = lorakit("generate", "--model", tiny["gpt2"], "--adapter", tmp_path / "peft", "--prompt", "the cat",
+                "--max-new-tokens", "4", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("the cat")
+
+
+# -- the real model: MiniLM, where LoRA beats a frozen encoder -------------------------------------------
+
+def test_minilm_lora_beats_frozen_encoder_with_trained_head(tmp_path):
+    """Who won: 'the red team lost to the blue team'. Both teams are in every sentence, so a frozen
+    sentence encoder (order-blind features) plus the best linear head does badly; LoRA learns it."""
+    train, valid = DATA / "winners_train.jsonl", DATA / "winners_valid.jsonl"
+    out = tmp_path / "minilm"
+    r = lorakit("finetune", "--model", _hf_models.minilm_dir(), "--data", train, "--valid", valid, "--task", "seq-cls",
+                "--out", out, "--targets", "query", "value", "--rank", "8", "--epochs", "2", "--lr", "3e-3",
+                "--batch-size", "16", "--max-length", "32", "--device", "cpu", "--plain", timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "run" / "finetune_report.json").read_text())
+    lora_acc = report["after"]["accuracy"]
+
+    # baseline: the frozen encoder's features, and the best linear head on them that training can find
+    tok = hf.load_tokenizer(_hf_models.minilm_dir())
+    prepared = data.prepare(train, "seq-cls", tok, valid_path=valid, max_length=32)
+    model = hf.load_model(_hf_models.minilm_dir(), "seq-cls", id2label=prepared.id2label).eval()
+
+    def features(rows):
+        b = data.collate(rows, tok.pad_token_id)
+        with torch.no_grad():
+            pooled = model.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).pooler_output  # (B, 384)
+        return pooled, b["labels"]
+
+    (xt, yt), (xv, yv) = features(prepared.train), features(prepared.valid)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(xt.shape[1], 2)  # what BertForSequenceClassification puts on the pooled output
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    for _ in range(500):
+        loss = torch.nn.functional.cross_entropy(head(xt), yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        frozen_acc = (head(xv).argmax(-1) == yv).float().mean().item()
+        frozen_train_acc = (head(xt).argmax(-1) == yt).float().mean().item()
+    print(f"\nMiniLM winners task, held-out accuracy: lorakit LoRA {lora_acc:.3f} (before training "
+          f"{report['before']['accuracy']:.3f}); frozen encoder + trained head {frozen_acc:.3f} "
+          f"(train {frozen_train_acc:.3f})")
+    assert lora_acc >= 0.9
+    assert lora_acc >= frozen_acc + 0.15
+
+
+def test_more_exit_codes_in_process(tmp_path, tiny, capsys):
+    """The same entry point called in-process: cheap checks of the remaining input errors (exit 2)."""
+    import lorakit as lk
+    from lorakit.cli import main
+
+    model = hf.load_model(tiny["gpt2"], "seq-cls", id2label={0: "a", 1: "b"})
+    lk.apply_lora(model, lk.LoraConfig(rank=2), "all-linear", modules_to_save=hf.head_names(model))
+    adapter = lk.save_adapters(model, tmp_path / "cls")
+    hf.write_task_file(adapter, "seq-cls", id2label={0: "a", 1: "b"})
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    rows = _write_jsonl(tmp_path / "t.jsonl", _causal_rows())
+    cases = [
+        (["generate", "--model", tiny["gpt2"], "--adapter", adapter, "--prompt", "hi"], "is a seq-cls adapter"),
+        (["merge", "--model", tiny["gpt2"], "--adapter", adapter, "--out", tmp_path / "full"], "not an empty directory"),
+        (["merge", "--model", tiny["gpt2"], "--adapter", tmp_path, "--out", tmp_path / "m"], "adapter_config.json: no such file"),
+        (["inspect", tmp_path / "nothing"], "no such file or directory"),
+        (["finetune", "--model", tiny["gpt2"], "--data", rows, "--task", "causal-lm", "--out", tmp_path / "r", "--resume"],
+         "no checkpoint to resume from"),
+        (["finetune", "--model", tiny["gpt2"], "--data", rows, "--task", "causal-lm", "--out", tmp_path / "r",
+          "--targets", "nope"], "target 'nope' matches no module"),
+        (["finetune", "--model", tiny["gpt2"], "--data", rows, "--task", "causal-lm", "--out", tmp_path / "r",
+          "--rank", "0"], "rank=0 is invalid"),
+    ]
+    for argv, message in cases:
+        assert main([str(a) for a in argv]) == 2, argv
+        assert message in capsys.readouterr().err, argv
