@@ -29,6 +29,8 @@ def add_example(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and shuffling (default: 0)")
     p.add_argument("--check-only", action="store_true",
                    help="only rerun the reload and merge checks on a finished run's --artifact-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run in --artifact-dir from its last checkpoint (same flags)")
     p.set_defaults(run=example)
 
 
@@ -37,7 +39,8 @@ def example(args: argparse.Namespace) -> int:
     from .examples.mlp_example import ExampleOptions, run
 
     return run(ExampleOptions(epochs=args.epochs, rank=args.rank, alpha=args.alpha, device=args.device,
-                              artifact_dir=args.artifact_dir, seed=args.seed, check_only=args.check_only))
+                              artifact_dir=args.artifact_dir, seed=args.seed, check_only=args.check_only,
+                              resume=args.resume))
 
 
 # -- the command -------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@
     6. merge: outputs must match the unmerged model's within 1e-5
 
 Every check that fails makes the run exit non-zero. `--check-only` reruns 5 and 6 on a finished run's
-artifact directory (so a tampered adapter is caught there too).
+artifact directory (so a tampered adapter is caught there too). `--resume` continues a killed run from its
+last checkpoint (the fine-tune checkpoints every 16 steps) and ends with the same adapter bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..errors import LoraError
 from ..train import Trainer, TrainConfig
 from ..train.device import resolve_device
 from ..train.dashboard import Dashboard
+from ..train.artifacts import CHECKPOINT
 from ..train.reporting import PlainLog
 from .simple_mlp import SimpleMlp, loaders
 
@@ -47,6 +49,7 @@ class ExampleOptions:
     seed: int = 0
     pretrain_epochs: int = 15
     check_only: bool = False
+    resume: bool = False
 
 
 def say(text: str = "") -> None:
@@ -77,16 +80,24 @@ def run(opts: ExampleOptions) -> int:
     train_b, valid_b = loaders("B", 2048, 1024, 32, opts.seed + 1)
     xb, yb = valid_b.dataset.tensors
 
-    say(f"[1/6] pre-train SimpleMlp (32→64→64→1) on task A, {opts.pretrain_epochs} epochs")
+    resume = opts.resume and (out / TRAIN_DIR / CHECKPOINT).is_file() and (out / BASE_FILE).is_file()
+    if opts.resume and not resume:
+        say("      --resume: no checkpoint in this artifact directory yet; starting from the beginning")
     model = SimpleMlp()
-    pre_cfg = TrainConfig(epochs=opts.pretrain_epochs, lr=3e-3, schedule="cosine", warmup_steps=20,
-                          device=opts.device, seed=opts.seed, log_every=50)
-    t = time.perf_counter()
-    live = [Dashboard(title="lorakit example · pre-training on task A", transient=True)] if sys.stdout.isatty() else []
-    result = Trainer(model, pre_cfg, loss_fn=nn.functional.mse_loss, callbacks=live).fit(train_a, valid_a)
-    model.cpu().eval()
-    safetensors_io.write(out / BASE_FILE, model.state_dict(), {"format": "pt"})
-    say(f"      task A valid loss {result.valid_loss:.4f} (the mean scores 1.0), {time.perf_counter() - t:.1f}s")
+    if resume:  # pre-training finished before the run was killed: its saved weights are the base
+        model.load_state_dict(safetensors_io.read(out / BASE_FILE)[0])
+        say(f"[1/6] resume: base weights from {out / BASE_FILE}, fine-tune from its last checkpoint")
+    else:
+        say(f"[1/6] pre-train SimpleMlp (32→64→64→1) on task A, {opts.pretrain_epochs} epochs")
+        pre_cfg = TrainConfig(epochs=opts.pretrain_epochs, lr=3e-3, schedule="cosine", warmup_steps=20,
+                              device=opts.device, seed=opts.seed, log_every=50)
+        t = time.perf_counter()
+        live = ([Dashboard(title="lorakit example · pre-training on task A", transient=True)]
+                if sys.stdout.isatty() else [])
+        result = Trainer(model, pre_cfg, loss_fn=nn.functional.mse_loss, callbacks=live).fit(train_a, valid_a)
+        model.cpu().eval()
+        safetensors_io.write(out / BASE_FILE, model.state_dict(), {"format": "pt"})
+        say(f"      task A valid loss {result.valid_loss:.4f} (the mean scores 1.0), {time.perf_counter() - t:.1f}s")
     say(f"      base weights: {out / BASE_FILE} ({_size(out / BASE_FILE)})")
     before = _mse(model, xb, yb)
 
@@ -98,10 +109,10 @@ def run(opts: ExampleOptions) -> int:
 
     say(f"[3/6] fine-tune on task B, {opts.epochs} epochs; run artifacts: {out / TRAIN_DIR}")
     ft_cfg = TrainConfig(epochs=opts.epochs, lr=1e-2, schedule="cosine", warmup_steps=20, device=opts.device,
-                         seed=opts.seed, log_every=16)
+                         seed=opts.seed, log_every=16, checkpoint_every=16)
     reporter = Dashboard(title="lorakit example · LoRA fine-tune on task B") if sys.stdout.isatty() else PlainLog()
     Trainer(model, ft_cfg, loss_fn=nn.functional.mse_loss, callbacks=[reporter],
-            artifact_dir=out / TRAIN_DIR).fit(train_b, valid_b)
+            artifact_dir=out / TRAIN_DIR).fit(train_b, valid_b, resume=resume)
     model.cpu().eval()
     after = _mse(model, xb, yb)
     improved = after < before
