@@ -135,7 +135,7 @@ def test_peft_adapter_loads_in_lorakit(case, tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_dora", True), ("layers_to_transform", [0]), ("init_lora_weights", "pissa"),
+    ("use_qalora", True), ("layers_to_transform", [0]), ("init_lora_weights", "pissa"),
     ("lora_bias", True), ("layer_replication", [[0, 1]]), ("some_future_feature", {"x": 1}),
 ])
 def test_unsupported_peft_features_refused_by_name(field, value, tmp_path):

@@ -159,6 +159,10 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Mod
         _require(model, n)
     if any(layer.merged for layer in layers.values()):
         raise LoraStateError("mixed batches need unmerged adapters; call unmerge_(model) first")
+    dora = sorted({n for layer in layers.values() for n in names if n in layer.adapter_names()
+                   and layer.factors(n)[2].use_dora})
+    if dora:
+        raise ValueError(f"mixed batches run plain LoRA adapters only; {dora} use DoRA (use set_adapter instead)")
     index = {n: i for i, n in enumerate(names, start=1)}
     slots_cpu = torch.tensor([index.get(n, 0) if n is not None else 0 for n in rows], dtype=torch.long)
     for layer in layers.values():
@@ -220,6 +224,8 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
         parts = [(w, *layer.factors(n)) for n, w in weights.items() if n in layer.adapter_names()]
         if not parts:
             continue
+        if any(cfg.use_dora for *_, cfg in parts):
+            raise ValueError(f"{module!r}: DoRA adapters are not linear in B·A, so they cannot be combined")
         if layer.merged:
             raise LoraStateError(f"{module!r} is merged in place; call unmerge_(model) first")
         A, B = _combine(module, parts, method, rank)

@@ -32,6 +32,8 @@ class LoraConfig:
         bias: "none" or "all" (see `LoraBias`).
         use_rslora: rank-stabilised scaling (Kalajdzievski 2023).
         init: "kaiming" (A as torch's Linear init) or "gaussian" (A ~ N(0, (1/r)^2), as PEFT); B = 0 either way.
+        use_dora: weight-decomposed LoRA (Liu et al. 2024): a trainable magnitude per output row scales
+            the normalised direction W + scaling·B A (linear layers only).
         rank_pattern: per-module rank overrides, PEFT semantics (key = module name suffix or regex).
         alpha_pattern: per-module alpha overrides, same matching.
 
@@ -48,6 +50,7 @@ class LoraConfig:
     init: str = "kaiming"
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         _check_rank("rank", self.rank)
@@ -64,6 +67,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.bias={self.bias!r} is invalid: expected one of {allowed}") from None
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"LoraConfig.use_rslora={self.use_rslora!r} is invalid: expected True or False")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora={self.use_dora!r} is invalid: expected True or False")
         if self.init not in INITS:
             raise ValueError(f"LoraConfig.init={self.init!r} is invalid: expected one of {', '.join(map(repr, INITS))}")
         for name, pattern, check in (("rank_pattern", self.rank_pattern, _check_rank),
@@ -101,6 +106,7 @@ class LoraConfig:
             "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "bias": self.bias.value,
             "use_rslora": self.use_rslora, "init": self.init,
             "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
+            "use_dora": self.use_dora,
         }
 
 

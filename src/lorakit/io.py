@@ -36,7 +36,7 @@ _UNDERSTOOD = {
     "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora",
     "fan_in_fan_out", "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save", "exclude_modules",
     "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "megatron_core",
-    "qalora_group_size", "ensure_weight_tying", "eva_config", "lorakit",
+    "qalora_group_size", "ensure_weight_tying", "eva_config", "lorakit", "use_dora",
 }
 # init_lora_weights values that assume a base changed at init time (PiSSA, OLoRA, CorDA, LoftQ, ...)
 _INIT_OK = (True, False, "gaussian", "eva", "orthogonal")
@@ -74,6 +74,8 @@ def load_layer_adapter(layer: LoraLayer, path: str | Path, *, allow_nonfinite: b
         raise LoraFileError(f"{path}: adapter rank {config.rank} does not match the layer's rank {layer.rank}")
     if config.bias is not layer.config.bias:
         raise LoraFileError(f"{path}: adapter bias={config.bias.value!r}, layer bias={layer.config.bias.value!r}")
+    if config.use_dora != layer.config.use_dora:
+        raise LoraFileError(f"{path}: adapter use_dora={config.use_dora}, layer use_dora={layer.config.use_dora}")
     targets = layer.adapter_tensors()
     _check_tensors(str(path), tensors, {k: tuple(t.shape) for k, t in targets.items()}, allow_nonfinite)
     _copy(tensors, targets)
@@ -86,7 +88,8 @@ def _peft_suffixes(layer_cls: type[LoraLayer]) -> dict[str, str]:
     """Our tensor name -> PEFT's key suffix for one layer type."""
     if issubclass(layer_cls, LoraEmbedding):
         return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", "bias": "base_layer.bias"}
-    return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "bias": "base_layer.bias"}
+    return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "bias": "base_layer.bias",
+            "lora_magnitude": "lora_magnitude_vector"}  # DoRA's m, as PEFT 0.21 saves it
 
 
 def adapter_slots(model: nn.Module, name: str | None = None) -> dict[str, tuple[LoraLayer, Tensor, Tensor, LoraConfig]]:
@@ -105,6 +108,8 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, T
     for module, (layer, A, B, config) in adapter_slots(model, name).items():
         out[_key(module, "lora_A", type(layer))] = A
         out[_key(module, "lora_B", type(layer))] = B
+        if config.use_dora:
+            out[_key(module, "lora_magnitude", type(layer))] = layer.magnitude(name or layer.adapter_name)
         if config.bias is LoraBias.ALL and getattr(layer.base, "bias", None) is not None:
             out[_key(module, "bias", type(layer))] = layer.base.bias
     for module in getattr(model, "lorakit_modules_to_save", ()):
@@ -148,7 +153,7 @@ def peft_config(model: nn.Module, name: str | None = None) -> dict:
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "modules_to_save": list(getattr(model, "lorakit_modules_to_save", ())) or None,
-        "use_dora": False,
+        "use_dora": one.use_dora,
         "layers_to_transform": None,
         "layers_pattern": None,
         "inference_mode": True,
@@ -244,6 +249,7 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
             init=init if init in INITS else "kaiming",
             rank_pattern=field("rank_pattern", dict, None) or {},
             alpha_pattern=field("alpha_pattern", dict, None) or {},
+            use_dora=field("use_dora", bool, False),
         )
     except ValueError as e:
         raise LoraFileError(f"{path}: {e}") from None
@@ -308,6 +314,9 @@ def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None =
             if cfg.rank != config.rank and _key(module, "lora_A", type(layer)) in tensors:
                 raise LoraFileError(f"{where}: module {module!r} has rank {cfg.rank} in the adapter but "
                                     f"{config.rank} in the model")
+            if cfg.use_dora != config.use_dora:
+                raise LoraFileError(f"{where}: module {module!r} has use_dora={cfg.use_dora} in the adapter but "
+                                    f"{config.use_dora} in the model")
             plan[module] = (type(layer), layer.base, cfg)
     else:
         if existing and spec.modules_to_save:
@@ -337,6 +346,11 @@ def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None =
         a_shape, b_shape = cls.factor_shapes(base, cfg.rank)
         shapes[_key(module, "lora_A", cls)] = a_shape
         shapes[_key(module, "lora_B", cls)] = b_shape
+        if cfg.use_dora:
+            if not cls.supports_dora:
+                raise LoraFileError(f"{where}: module {module!r} is a {type(base).__name__}; lorakit's DoRA "
+                                    "supports linear layers only")
+            shapes[_key(module, "lora_magnitude", cls)] = (b_shape[0],)
         if cfg.bias is LoraBias.ALL and getattr(base, "bias", None) is not None:
             shapes[_key(module, "bias", cls)] = tuple(base.bias.shape)
     extra = _extra_tensors(model, spec, plan, tensors)  # modules_to_save, whole embeddings, PEFT's other biases
@@ -365,6 +379,8 @@ def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None =
     for module, (layer, A, B, config) in adapter_slots(model, adapter).items():
         destinations[_key(module, "lora_A", type(layer))] = A
         destinations[_key(module, "lora_B", type(layer))] = B
+        if config.use_dora:
+            destinations[_key(module, "lora_magnitude", type(layer))] = layer.magnitude(adapter or layer.adapter_name)
         if _key(module, "bias", type(layer)) in shapes:
             destinations[_key(module, "bias", type(layer))] = layer.base.bias
         layer.set_adapter_config(adapter or layer.adapter_name, plan[module][2])

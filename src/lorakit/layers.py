@@ -34,11 +34,13 @@ def check_adapter_name(name: object) -> str:
 class StashedAdapter(nn.Module):
     """A named adapter that is not the active one on its layer: frozen factors plus their config."""
 
-    def __init__(self, lora_A: nn.Parameter, lora_B: nn.Parameter, config: LoraConfig) -> None:
+    def __init__(self, lora_A: nn.Parameter, lora_B: nn.Parameter, config: LoraConfig,
+                 lora_magnitude: nn.Parameter | None = None) -> None:
         super().__init__()
-        self.lora_A, self.lora_B, self.config = lora_A, lora_B, config
-        lora_A.requires_grad_(False)
-        lora_B.requires_grad_(False)
+        self.lora_A, self.lora_B, self.config, self.lora_magnitude = lora_A, lora_B, config, lora_magnitude
+        for p in (lora_A, lora_B, lora_magnitude):
+            if p is not None:
+                p.requires_grad_(False)
 
 
 class LoraLayer(nn.Module):
@@ -65,6 +67,7 @@ class LoraLayer(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.lora_A, self.lora_B = self._new_factors(config)
+        self.lora_magnitude: nn.Parameter | None = self._new_magnitude(config, self.lora_A, self.lora_B)
         if config.bias is LoraBias.ALL and getattr(base, "bias", None) is not None:
             base.bias.requires_grad_(True)
 
@@ -75,6 +78,27 @@ class LoraLayer(nn.Module):
         B = nn.Parameter(torch.empty(b_shape, dtype=w.dtype, device=w.device))
         ops.init_factors_(A, B, config.init)
         return A, B
+
+    supports_dora = False  # layer types with a DoRA forward and merge set this
+
+    def _new_magnitude(self, config: LoraConfig, A: Tensor, B: Tensor) -> nn.Parameter | None:
+        """DoRA's magnitude m (d_out,), initialised to ‖W + s·B A‖ per row so the layer starts unchanged."""
+        if not config.use_dora:
+            return None
+        if not self.supports_dora:
+            raise TypeError(f"DoRA (use_dora=True) is not supported on {type(self.base).__name__}; "
+                            f"supported: {', '.join(sorted(dora_types()))}")
+        w = self.dense_weight()
+        return nn.Parameter(ops.dora_weight_norm(w, A, B, config.scaling).to(w.dtype))
+
+    def dense_weight(self) -> Tensor:
+        """The base weight as a plain (d_out, d_in, ...) tensor (dequantised where the base is quantised)."""
+        return self.base_weight
+
+    def magnitude(self, name: str) -> nn.Parameter | None:
+        """DoRA magnitude of the named adapter (None for plain LoRA)."""
+        self.factors(name)  # raises for an unknown name
+        return self.lora_magnitude if name == self.adapter_name else self.stash[name].lora_magnitude
 
     # -- what subclasses define -------------------------------------------------------------------
     @classmethod
@@ -139,7 +163,8 @@ class LoraLayer(nn.Module):
         if LoraBias.ALL in [config.bias] + [self.factors(n)[2].bias for n in self.adapter_names()]:
             raise ValueError("adapters with bias='all' train the shared base bias, so they cannot sit beside "
                              "other named adapters; use bias='none'")
-        self.stash[name] = StashedAdapter(*self._new_factors(config), config)
+        A, B = self._new_factors(config)
+        self.stash[name] = StashedAdapter(A, B, config, self._new_magnitude(config, A, B))
 
     def activate(self, name: str | None) -> None:
         """Make `name` the active adapter (trainable), stashing the current one; None leaves only the base."""
@@ -150,20 +175,24 @@ class LoraLayer(nn.Module):
         if name is not None and name not in self.stash:
             raise KeyError(f"adapter {name!r} is not on this layer; it has {self.adapter_names()}")
         if self.adapter_name is not None:
-            self.stash[self.adapter_name] = StashedAdapter(self.lora_A, self.lora_B, self.config)
+            self.stash[self.adapter_name] = StashedAdapter(self.lora_A, self.lora_B, self.config, self.lora_magnitude)
         if name is None:
-            self.lora_A = self.lora_B = self.config = None
+            self.lora_A = self.lora_B = self.config = self.lora_magnitude = None
         else:
             s = self.stash.pop(name)
-            self.lora_A, self.lora_B, self.config = s.lora_A, s.lora_B, s.config
-            self.lora_A.requires_grad_(True)
-            self.lora_B.requires_grad_(True)
+            self.lora_A, self.lora_B, self.config, self.lora_magnitude = s.lora_A, s.lora_B, s.config, s.lora_magnitude
+            for p in (self.lora_A, self.lora_B, self.lora_magnitude):
+                if p is not None:
+                    p.requires_grad_(True)
         self.adapter_name = name
 
     def set_adapter_config(self, name: str, config: LoraConfig) -> None:
         """Replace a named adapter's config (alpha, dropout, ...) by a loaded one of the same rank."""
         if config.rank != self.factors(name)[2].rank:
             raise ValueError(f"rank {config.rank} does not match adapter {name!r}'s rank {self.factors(name)[2].rank}")
+        if config.use_dora != self.factors(name)[2].use_dora:
+            raise ValueError(f"use_dora={config.use_dora} does not match adapter {name!r}'s "
+                             f"use_dora={self.factors(name)[2].use_dora}")
         if name == self.adapter_name:
             self.config = config
         else:
@@ -174,7 +203,7 @@ class LoraLayer(nn.Module):
         if name == self.adapter_name:
             if self.merged:
                 raise LoraStateError("cannot delete the merged adapter; call unmerge_() first")
-            self.lora_A = self.lora_B = self.config = None
+            self.lora_A = self.lora_B = self.config = self.lora_magnitude = None
             self.adapter_name = None
         elif name in self.stash:
             del self.stash[name]
@@ -218,6 +247,8 @@ class LoraLayer(nn.Module):
         if self.lora_A is None:
             return {}
         out = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.lora_magnitude is not None:
+            out["lora_magnitude"] = self.lora_magnitude
         if self.config.bias is LoraBias.ALL and getattr(self.base, "bias", None) is not None:
             out["bias"] = self.base.bias
         return out
@@ -252,13 +283,37 @@ class LoraLinear(LoraLayer):
         d_out, d_in = base.weight.shape[::-1] if cls.fan_in_fan_out else base.weight.shape
         return (rank, d_in), (d_out, rank)
 
+    supports_dora = True
+
+    def dense_weight(self):
+        w = self.base_weight
+        return w.t() if self.fan_in_fan_out else w  # (d_out, d_in): a view, no copy
+
+    def _w_sqnorm(self) -> Tensor:
+        """‖w_i‖² of the base weight for DoRA, cached until the weight changes (merge_, load, requantise)."""
+        w = self.base_weight
+        key = (id(w), w._version, w.device, w.dtype)
+        cache = self.__dict__.get("_dora_sqnorm")
+        if cache is None or cache[0] != key:
+            cache = (key, ops.dora_row_sqnorm(self.dense_weight()))
+            self.__dict__["_dora_sqnorm"] = cache
+        return cache[1]
+
     def lora_forward(self, x):
+        if self.lora_magnitude is not None:
+            return ops.dora_linear(x, self.dense_weight(), self.base.bias, self.lora_A, self.lora_B,
+                                   self.lora_magnitude, self.scaling, self.config.dropout, self.training,
+                                   self._w_sqnorm())
         w = self.base_weight.t() if self.fan_in_fan_out else self.base_weight  # a view, no copy
         return ops.lora_linear(x, w, self.base.bias, self.lora_A, self.lora_B, self.scaling,
                                self.config.dropout, self.training)
 
     def weight_delta(self):
-        delta = super().weight_delta()  # (d_out, d_in)
+        if self.lora_magnitude is not None:  # DoRA: merged W' = g ⊙ (W + s·B A), so the delta is W' - W
+            delta = ops.dora_merged_delta(self.dense_weight(), self.lora_A, self.lora_B, self.lora_magnitude,
+                                          self.scaling)
+        else:
+            delta = super().weight_delta()  # (d_out, d_in)
         return delta.t() if self.fan_in_fan_out else delta
 
     def mixed_forward(self, x, A, B, slots):
@@ -315,6 +370,11 @@ LORA_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {
     nn.Conv2d: LoraConv,
     nn.Conv3d: LoraConv,
 }
+
+
+def dora_types() -> list[str]:
+    """Module type names whose LoRA layer supports DoRA."""
+    return sorted({t.__name__ for t, w in _registry().items() if w.supports_dora})
 
 
 def _registry() -> dict[type[nn.Module], type[LoraLayer]]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import LoraStateError
-from .layers import DEFAULT_ADAPTER, LoraLayer, supported_types, with_lora, wrapper_for
+from .layers import DEFAULT_ADAPTER, LoraLayer, dora_types, supported_types, with_lora, wrapper_for
 
 ALL_LINEAR = "all-linear"
 
@@ -126,6 +126,9 @@ def apply_lora(model: nn.Module, config: LoraConfig, targets: str | Sequence[str
     for n in names:  # per-type checks (e.g. grouped convs) before anything changes
         module = model.get_submodule(n)
         wrapper_for(module).factor_shapes(module, config.for_module(n).rank)
+        if config.use_dora and not wrapper_for(module).supports_dora:
+            raise TypeError(f"DoRA (use_dora=True) does not support {n!r} ({type(module).__name__}); "
+                            f"supported: {', '.join(dora_types())}; exclude it or target only those types")
     # all checks passed: now change the model
     for p in model.parameters():
         p.requires_grad_(False)

@@ -230,3 +230,65 @@ def lora_conv_mixed(x: Tensor, conv: torch.nn.modules.conv._ConvNd, A: Tensor, B
     h = conv._conv_forward(x, A.reshape(n * r, *A.shape[2:]), None)  # (batch, n·r, *spatial)
     h = h.view(x.shape[0], n, r, *h.shape[2:])[torch.arange(x.shape[0], device=x.device), slots]  # (batch, r, ...)
     return y + torch.einsum("bor,br...->bo...", B[slots], h)
+
+
+# -- DoRA: weight-decomposed LoRA (Liu et al. 2024, arXiv:2402.09353) -----------------------------------
+#     y = (m / ‖W + s·B A‖_row) ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b       m: (d_out,) trainable magnitude
+# The row norm is detached (paper §4.3, as PEFT), so it is a per-step constant: we get it from
+#     ‖w_i + s·B_i A‖² = ‖w_i‖² + 2s·B_i·(A w_i) + s²·B_iᵀ (A Aᵀ) B_i
+# with ‖w_i‖² cached: one (d_out, r) product W Aᵀ per step instead of PEFT's eye(d_in) pass that builds
+# the d_out×d_in matrix B A (and then W + s·B A) every step.
+
+def dora_row_sqnorm(weight: Tensor) -> Tensor:
+    """‖w_i‖² per output row of a (d_out, d_in) weight, in fp32: the cacheable part of the DoRA norm."""
+    return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square_()
+
+
+def dora_weight_norm(weight: Tensor, A: Tensor, B: Tensor, scaling: float, w_sqnorm: Tensor | None = None) -> Tensor:
+    """‖W + s·B A‖ per output row (d_out,) in fp32, detached, without forming a d_out×d_in matrix."""
+    with torch.no_grad():
+        sq = dora_row_sqnorm(weight) if w_sqnorm is None else w_sqnorm
+        Af, Bf = A.detach().float(), B.detach().float()  # (r, d_in), (d_out, r): small
+        WA = (weight @ A.detach().to(weight.dtype).t()).float()  # (d_out, r): A w_i for every row
+        cross = (Bf * WA).sum(1)  # (d_out,)  B_i·(A w_i)
+        quad = ((Bf @ (Af @ Af.t())) * Bf).sum(1)  # (d_out,)  B_iᵀ (A Aᵀ) B_i
+        return (sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min_(0.0).sqrt_()
+
+
+def dora_weight_norm_reference(weight: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """The norm as PEFT computes it, forming W + s·B A (for tests and the benchmark)."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(weight.float() + delta_weight(A, B, scaling), dim=1)
+
+
+def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
+                scaling: float, dropout: float = 0.0, training: bool = False, w_sqnorm: Tensor | None = None) -> Tensor:
+    """The DoRA linear forward. `weight` is (d_out, d_in); `w_sqnorm` the cached `dora_row_sqnorm(weight)`.
+
+    Without dropout this is g ⊙ lora_linear(x) + b with g = m/‖W + s·B A‖, so the LoRA fast path does the
+    GEMMs and autograd adds only two output-sized passes. With dropout, PEFT's form: the dropped input
+    feeds the direction term, base(x) + (g-1)⊙(drop(x) Wᵀ) + g⊙s·(drop(x) Aᵀ) Bᵀ (one more GEMM).
+    """
+    norm = dora_weight_norm(weight, A, B, scaling, w_sqnorm)  # (d_out,) fp32, constant for autograd
+    g = (magnitude.float() / norm).to(x.dtype)  # (d_out,) gradient flows to the magnitude only
+    if dropout > 0.0 and training:
+        xd = F.dropout(x, dropout, True)
+        y = F.linear(x, weight, bias)  # (..., d_out)
+        return y + (g * lora_linear(xd, weight, None, A, B, scaling) - F.linear(xd, weight))
+    u = lora_linear(x, weight, None, A, B, scaling)  # (..., d_out): x Wᵀ + s·x Aᵀ Bᵀ
+    return u * g if bias is None else torch.addcmul(bias, u, g)
+
+
+def dora_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+                          magnitude: Tensor, scaling: float) -> Tensor:
+    """The formula written naively (no dropout): the merged DoRA weight applied to x."""
+    V = weight + scaling * (B @ A)  # (d_out, d_in)
+    norm = torch.linalg.vector_norm(V, dim=1).detach()
+    return F.linear(x, (magnitude / norm)[:, None] * V, bias)
+
+
+def dora_merged_delta(weight: Tensor, A: Tensor, B: Tensor, magnitude: Tensor, scaling: float) -> Tensor:
+    """g ⊙ (W + s·B A) − W in fp32, (d_out, d_in): what `merged_weight` adds to W to merge a DoRA adapter."""
+    V = delta_weight(A, B, scaling).add_(weight)  # (d_out, d_in) fp32: the direction, formed once for the merge
+    g = magnitude.detach().float() / torch.linalg.vector_norm(V, dim=1)
+    return V.mul_(g[:, None]).sub_(weight)

@@ -1,0 +1,192 @@
+"""DoRA: the math against a naive reference and against PEFT's DoRA (outputs, gradients, files both ways)."""
+
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import lorakit as lk
+from lorakit import ops
+from lorakit.io import adapter_state_dict
+
+
+def llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)).eval()
+
+
+IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(5))
+TARGETS = {llama: ["q_proj", "v_proj", "down_proj"], gpt2: ["c_attn", "c_fc", "c_proj"]}
+
+
+def randomise(model, seed=7):
+    """Non-zero A and B, and a magnitude moved off its init, in lorakit's and PEFT's models alike."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif "lora_magnitude" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def peft_load(base, directory):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(base, str(directory), is_trainable=True).eval()
+
+
+def test_row_norm_matches_the_formed_matrix():
+    g = torch.Generator().manual_seed(0)
+    W, A, B = torch.randn(48, 40, generator=g), torch.randn(4, 40, generator=g), torch.randn(48, 4, generator=g)
+    got = ops.dora_weight_norm(W, A, B, 0.7)
+    torch.testing.assert_close(got, ops.dora_weight_norm_reference(W, A, B, 0.7), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ops.dora_weight_norm(W, A, B, 0.7, ops.dora_row_sqnorm(W)))
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_layer_matches_reference_and_merges_exactly(fan_in_fan_out):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(24, 16) if fan_in_fan_out else nn.Linear(16, 24)
+    layer = randomise(lk.with_lora(base, lk.LoraConfig(rank=4, alpha=8.0, use_dora=True)))
+    assert layer.lora_magnitude.shape == (24,)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    W = layer.dense_weight()
+    ref = ops.dora_linear_reference(x, W, layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude,
+                                    layer.scaling)
+    y = layer(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(y.square().sum(), [x, layer.lora_A, layer.lora_B, layer.lora_magnitude])
+    want = torch.autograd.grad(ref.square().sum(), [x, layer.lora_A, layer.lora_B, layer.lora_magnitude])
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.merge()(x), y, rtol=1e-5, atol=1e-5)
+        w0 = layer.base_weight.clone()
+        layer.merge_()
+        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+        layer.unmerge_()
+        assert torch.equal(layer.base_weight, w0)
+        torch.testing.assert_close(layer(x), y)  # the cached ‖w_i‖² follows the weight back
+
+
+def test_fresh_dora_layer_is_the_base():
+    base = nn.Linear(8, 6)
+    layer = lk.with_lora(copy.deepcopy(base), lk.LoraConfig(rank=2, use_dora=True))
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(layer(x), base(x))
+
+
+def test_unsupported_types_are_refused_before_anything_changes():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
+    with pytest.raises(TypeError, match="DoRA.*Embedding"):
+        lk.apply_lora(model, lk.LoraConfig(rank=2, use_dora=True), ["0", "1"])
+    assert isinstance(model[1], nn.Linear)
+    with pytest.raises(TypeError, match="DoRA"):
+        lk.with_lora(nn.Conv2d(3, 4, 3), lk.LoraConfig(rank=2, use_dora=True))
+
+
+@pytest.mark.parametrize("make", [llama, gpt2])
+def test_outputs_and_gradients_equal_peft(make, tmp_path):
+    ours = randomise(lk.apply_lora(make(), lk.LoraConfig(rank=4, alpha=8, use_dora=True), TARGETS[make]))
+    lk.save_adapters(ours, tmp_path)
+    theirs = peft_load(make(), tmp_path)
+    assert any("lora_magnitude_vector" in n for n, _ in theirs.named_parameters())
+    y_ours, y_theirs = ours(IDS).logits, theirs(IDS).logits
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-4, atol=1e-5)
+    y_ours.square().mean().backward()
+    y_theirs.square().mean().backward()
+    g_theirs = {n.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p.grad
+                for n, p in theirs.named_parameters() if p.requires_grad}
+    state = adapter_state_dict(ours)
+    assert state.keys() == {k for k in g_theirs}
+    for key, p in state.items():
+        torch.testing.assert_close(p.grad, g_theirs[key], rtol=1e-3, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("make", [llama, gpt2])
+def test_peft_dora_adapter_loads_in_lorakit(make, tmp_path):
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=TARGETS[make], use_dora=True,
+                          fan_in_fan_out=make is gpt2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = randomise(peft.get_peft_model(make(), cfg)).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = lk.load_adapters(make(), tmp_path)
+    assert all(layer.config.use_dora for layer in lk.lora_layers(ours).values())
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-4, atol=1e-5)
+        merged = lk.merge(ours)(IDS).logits
+        torch.testing.assert_close(merged, theirs(IDS).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_matches_peft_form():
+    """With dropout PEFT feeds the dropped input to the (g-1)·x Wᵀ term too; same seed, same mask, same output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12))
+    ours = randomise(lk.apply_lora(copy.deepcopy(model), lk.LoraConfig(rank=4, alpha=8, dropout=0.3, use_dora=True),
+                                   ["0"])).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = randomise(peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["0"], use_dora=True))).train()
+    x = torch.randn(6, 16)
+    torch.manual_seed(3)
+    a = ours(x)
+    torch.manual_seed(3)
+    b = theirs(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_named_dora_adapters_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = lk.apply_lora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
+                          lk.LoraConfig(rank=2, use_dora=True), ["0", "2"])
+    randomise(model)
+    x = torch.randn(5, 8)
+    y = model(x).detach()
+    lk.save_adapters(model, tmp_path)
+    layer = model[0]
+    layer.add_adapter("other", lk.LoraConfig(rank=2, use_dora=True))
+    from lorakit.adapters import set_adapter
+
+    set_adapter(model, "other")
+    assert model[0].lora_magnitude.requires_grad and not model[0].stash["default"].lora_magnitude.requires_grad
+    set_adapter(model, "default")
+    torch.testing.assert_close(model(x), y)
+    fresh = lk.load_adapters(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), tmp_path)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora" not in k and "stash" not in k},
+                          strict=False)
+    torch.testing.assert_close(fresh(x), y)
+    layer.save_adapter(tmp_path / "one")
+    other = lk.with_lora(copy.deepcopy(layer.base), lk.LoraConfig(rank=2, use_dora=True)).load_adapter(tmp_path / "one")
+    torch.testing.assert_close(other.lora_magnitude, layer.lora_magnitude)
+    with pytest.raises(lk.LoraFileError, match="use_dora"):
+        lk.with_lora(copy.deepcopy(layer.base), lk.LoraConfig(rank=2)).load_adapter(tmp_path / "one")
+
+
+def test_dora_config_without_magnitudes_is_refused(tmp_path):
+    import json
+
+    model = lk.apply_lora(llama(), lk.LoraConfig(rank=2), ["q_proj"])
+    lk.save_adapters(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    fresh = llama()
+    with pytest.raises(lk.LoraFileError, match="missing keys.*lora_magnitude_vector"):
+        lk.load_adapters(fresh, tmp_path)
+    assert not lk.lora_layers(fresh)
