@@ -163,6 +163,30 @@ def test_peft_made_adapter_loads_merges_and_inspects(tmp_path, tiny):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")("the cat")["input_ids"] == tok("the cat")["input_ids"]
 
 
+def test_peft_seq_cls_adapter_without_lorakit_task_file(tmp_path, tiny):
+    base = hf.load_model(tiny["gpt2"], "seq-cls", id2label={0: "x", 1: "y", 2: "z"})
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                       init_lora_weights=False, task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "modules_to_save" in name:
+                p.normal_()  # a trained head
+    want = _logits(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    assert hf.read_task(tmp_path / "peft") == ("seq-cls", {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"})
+    ours, _, task = hf.load_with_adapter(tiny["gpt2"], tmp_path / "peft")
+    torch.testing.assert_close(_logits(ours), want, rtol=1e-5, atol=1e-5)
+
+
+def test_save_merged_refuses_a_non_empty_directory(tmp_path, tiny):
+    model, tok = hf.load(tiny["gpt2"], "causal-lm")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        hf.save_merged(model, tok, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
 def test_gpt2_conv1d_adapter_round_trips_through_peft(tmp_path, tiny):
     model, _ = hf.load(tiny["gpt2"], "causal-lm")
     lk.apply_lora(model, lk.LoraConfig(rank=2, alpha=2.0), ["c_attn", "c_proj", "c_fc"])

@@ -71,7 +71,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .train import TrainConfig
 
     _quiet_transformers()
-    targets = [t for chunk in args.targets for t in chunk.split(",") if t]
+    # "q_proj,v_proj" or "q_proj v_proj"; a regex ("re:...") is taken whole, commas and all
+    targets = [t for chunk in args.targets for t in ([chunk] if chunk.startswith("re:") else chunk.split(",")) if t]
     job = _inputs(lambda: finetune.FinetuneJob(
         model=args.model, data=args.data, task=args.task, out=args.out, valid=args.valid, targets=targets,
         lora=LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
