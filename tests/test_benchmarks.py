@@ -1,0 +1,43 @@
+"""The benchmark suite runs end to end on a tiny model and writes a RESULTS-style report (to a tmp dir)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+def load_run():
+    spec = importlib.util.spec_from_file_location("lorakit_benchmarks_run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_a_report(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    threads = torch.get_num_threads()
+    try:
+        assert load_run().main(["--quick", "--out", str(out)]) == out
+    finally:
+        torch.set_num_threads(threads)  # the run pins threads; leave the session as it was
+    text = out.read_text()
+    for heading in ("## Targets", "## Training step", "## Memory", "## Inference forward", "## Adapter operations"):
+        assert heading in text
+    assert "Machine: " in text and "torch " in text and "peft " in text
+    for case in ("lorakit p=0", "PEFT p=0.1", "frozen bound", "full fine-tuning", "lorakit unmerged", "merged"):
+        assert f"| {case} |" in text
+    for op in ("save", "load-and-activate (hot swap)", "merge", "unmerge"):
+        assert f"| {op} |" in text
+    targets = [line for line in text.splitlines() if line.startswith("| ") and line.endswith(("| met |", "| **missed** |"))]
+    assert len(targets) == 7  # every target is judged, met or missed
+    assert "nan" not in text.lower().replace("nanogpt", "")
