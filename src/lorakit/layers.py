@@ -73,7 +73,7 @@ class LoraLayer(nn.Module):
 
     def _new_factors(self, config: LoraConfig) -> tuple[nn.Parameter, nn.Parameter]:
         a_shape, b_shape = self.factor_shapes(self.base, config.rank)
-        w = self.base_weight
+        w = self.dense_weight()  # dtype/device of the factors (a quantised base gives its compute dtype)
         A = nn.Parameter(torch.empty(a_shape, dtype=w.dtype, device=w.device))
         B = nn.Parameter(torch.empty(b_shape, dtype=w.dtype, device=w.device))
         ops.init_factors_(A, B, config.init)
@@ -212,10 +212,11 @@ class LoraLayer(nn.Module):
 
     def merge(self) -> nn.Module:
         """A plain copy of the base with W + scaling·B@A (and the bias as trained); this layer is unchanged."""
-        plain = copy.deepcopy(self.base)
+        quantized = getattr(self.base, "quantized", False)
+        plain = self.base.dequantized() if quantized else copy.deepcopy(self.base)  # lorakit.quant: dense export
         if not self.merged:
             with torch.no_grad():
-                plain.weight.copy_(ops.merged_weight(self.base_weight, self.weight_delta()))
+                plain.weight.copy_(ops.merged_weight(plain.weight, self.weight_delta()))
         for p in plain.parameters():
             p.requires_grad_(False)
         return plain
@@ -224,6 +225,8 @@ class LoraLayer(nn.Module):
         """Merge in place for serving; `unmerge_()` restores the base weight bit for bit."""
         if self.merged:
             raise LoraStateError(f"{type(self).__name__} is already merged; call unmerge_() first")
+        if getattr(self.base, "quantized", False):
+            raise LoraStateError("a quantised base cannot be merged in place; merge() exports a dequantised layer")
         w = self.base_weight
         merged = ops.merged_weight(w, self.weight_delta())
         self._unmerged_weight = w.detach().clone()
@@ -280,14 +283,24 @@ class LoraLinear(LoraLayer):
 
     @classmethod
     def factor_shapes(cls, base, rank):
+        if getattr(base, "quantized", False):  # lorakit.quant.QuantLinear: the stored weight may be packed
+            return (rank, base.in_features), (base.out_features, rank)
         d_out, d_in = base.weight.shape[::-1] if cls.fan_in_fan_out else base.weight.shape
         return (rank, d_in), (d_out, rank)
 
     supports_dora = True
 
-    def dense_weight(self):
+    def _linear_weight(self) -> Tensor:
+        """The base weight as (d_out, d_in) for the ops: a view, or the quantised tensor (ops.dense reads it)."""
+        if getattr(self.base, "quantized", False):  # lorakit.quant.QuantLinear stores (d_out, d_in) for either type
+            return self.base.weight
         w = self.base_weight
-        return w.t() if self.fan_in_fan_out else w  # (d_out, d_in): a view, no copy
+        return w.t() if self.fan_in_fan_out else w  # a view, no copy
+
+    def dense_weight(self):
+        if getattr(self.base, "quantized", False):
+            return self.base.dequantize()
+        return self._linear_weight()  # (d_out, d_in)
 
     def _w_sqnorm(self) -> Tensor:
         """‖w_i‖² of the base weight for DoRA, cached until the weight changes (merge_, load, requantise)."""
@@ -301,11 +314,10 @@ class LoraLinear(LoraLayer):
 
     def lora_forward(self, x):
         if self.lora_magnitude is not None:
-            return ops.dora_linear(x, self.dense_weight(), self.base.bias, self.lora_A, self.lora_B,
+            return ops.dora_linear(x, self._linear_weight(), self.base.bias, self.lora_A, self.lora_B,
                                    self.lora_magnitude, self.scaling, self.config.dropout, self.training,
                                    self._w_sqnorm())
-        w = self.base_weight.t() if self.fan_in_fan_out else self.base_weight  # a view, no copy
-        return ops.lora_linear(x, w, self.base.bias, self.lora_A, self.lora_B, self.scaling,
+        return ops.lora_linear(x, self._linear_weight(), self.base.bias, self.lora_A, self.lora_B, self.scaling,
                                self.config.dropout, self.training)
 
     def weight_delta(self):
@@ -317,8 +329,7 @@ class LoraLinear(LoraLayer):
         return delta.t() if self.fan_in_fan_out else delta
 
     def mixed_forward(self, x, A, B, slots):
-        w = self.base_weight.t() if self.fan_in_fan_out else self.base_weight
-        return ops.lora_linear_mixed(x, w, self.base.bias, A, B, slots)
+        return ops.lora_linear_mixed(x, self.dense_weight(), self.base.bias, A, B, slots)
 
 
 class LoraConv1D(LoraLinear):

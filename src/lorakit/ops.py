@@ -85,6 +85,25 @@ def _merge_pays(n: int, d_in: int, d_out: int, dtype: torch.dtype, passes: int =
     return dtype in (torch.float32, torch.float64) and n * (d_in + d_out) > passes * d_in * d_out
 
 
+def is_quantized(weight: Tensor) -> bool:
+    """Whether `weight` is a quantised base weight that `dense` dequantises (packed int8 or torchao NF4)."""
+    return weight.dtype == torch.int8 or hasattr(weight, "get_original_weight")
+
+
+def dense(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The weight as a plain tensor in `dtype`: a quantised base (lorakit.quant) is dequantised, others cast.
+
+    Packed int8 is (d_out, d_in + 4) with each row's fp32 absmax scale in its last 4 bytes; an NF4Tensor
+    (torchao) dequantises itself. Called where the LoRA linear uses W, so autograd saves the quantised form.
+    """
+    if weight.dtype == torch.int8:
+        scale = weight[:, -4:].contiguous().view(torch.float32)  # (d_out, 1)
+        return weight[:, :-4] * scale.to(dtype or torch.float32)  # int8 · scale promotes to the scale's dtype
+    if hasattr(weight, "get_original_weight"):  # torchao's NF4Tensor
+        weight = weight.get_original_weight()
+    return weight if dtype is None else weight.to(dtype)
+
+
 class _LoraLinearFn(torch.autograd.Function):
     """y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ  with hand-written backward.
 
@@ -95,6 +114,7 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling, p, training):
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        wq, weight = weight, dense(weight, x2.dtype)  # a quantised base: saved quantised, dequantised again in backward
         n, (d_out, d_in) = x2.shape[0], weight.shape
         keep, drop_scale, merge = None, 1.0, False
         if p > 0.0 and training:
@@ -111,7 +131,7 @@ class _LoraLinearFn(torch.autograd.Function):
             else:
                 y = F.linear(x2, weight, bias)
                 y.addmm_(h, B.t(), alpha=scaling)
-        ctx.save_for_backward(x2, weight, A, B, h, keep)
+        ctx.save_for_backward(x2, wq, A, B, h, keep)
         ctx.scaling, ctx.drop_scale, ctx.merge, ctx.has_bias = scaling, drop_scale, merge, bias is not None
         return y.view(*x.shape[:-1], d_out)
 
@@ -128,6 +148,7 @@ class _LoraLinearFn(torch.autograd.Function):
             dh = gy2 @ B  # (N, r)
             dh.mul_(s * ctx.drop_scale)  # both scales at rank r
         if need_x:
+            weight = dense(weight, x2.dtype)
             if ctx.merge:
                 dx = gy2 @ torch.addmm(weight, B, A, alpha=s)  # (N, d_in): base and LoRA in one GEMM
             else:
@@ -154,12 +175,13 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     if torch.is_autocast_enabled(x.device.type):  # autocast skips in-place ops and custom Functions: cast here, once
         dt = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), A.to(dt), B.to(dt),
+            return lora_linear(x.to(dt), weight if is_quantized(weight) else weight.to(dt), None if bias is None else bias.to(dt), A.to(dt), B.to(dt),
                                scaling, dropout, training)
     if torch.is_grad_enabled():
         return _LoraLinearFn.apply(x, weight, bias, A, B, scaling, dropout, training)
     # inference: the same math without autograd bookkeeping
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+    weight = dense(weight, x2.dtype)
     d_out, d_in = weight.shape
     if dropout > 0.0 and training:
         keep, drop_scale = dropout_keep(x2.shape, dropout, x2.device)
@@ -263,18 +285,19 @@ def dora_weight_norm_reference(weight: Tensor, A: Tensor, B: Tensor, scaling: fl
 
 def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
                 scaling: float, dropout: float = 0.0, training: bool = False, w_sqnorm: Tensor | None = None) -> Tensor:
-    """The DoRA linear forward. `weight` is (d_out, d_in); `w_sqnorm` the cached `dora_row_sqnorm(weight)`.
+    """The DoRA linear forward. `weight` is (d_out, d_in), maybe quantised; `w_sqnorm` the cached `dora_row_sqnorm`.
 
     Without dropout this is g ⊙ lora_linear(x) + b with g = m/‖W + s·B A‖, so the LoRA fast path does the
     GEMMs and autograd adds only two output-sized passes. With dropout, PEFT's form: the dropped input
     feeds the direction term, base(x) + (g-1)⊙(drop(x) Wᵀ) + g⊙s·(drop(x) Aᵀ) Bᵀ (one more GEMM).
     """
-    norm = dora_weight_norm(weight, A, B, scaling, w_sqnorm)  # (d_out,) fp32, constant for autograd
+    norm = dora_weight_norm(dense(weight, x.dtype), A, B, scaling, w_sqnorm)  # (d_out,) fp32, constant for autograd
     g = (magnitude.float() / norm).to(x.dtype)  # (d_out,) gradient flows to the magnitude only
     if dropout > 0.0 and training:
         xd = F.dropout(x, dropout, True)
-        y = F.linear(x, weight, bias)  # (..., d_out)
-        return y + (g * lora_linear(xd, weight, None, A, B, scaling) - F.linear(xd, weight))
+        wd = dense(weight, x.dtype)
+        y = F.linear(x, wd, bias)  # (..., d_out)
+        return y + (g * lora_linear(xd, weight, None, A, B, scaling) - F.linear(xd, wd))
     u = lora_linear(x, weight, None, A, B, scaling)  # (..., d_out): x Wᵀ + s·x Aᵀ Bᵀ
     return u * g if bias is None else torch.addcmul(bias, u, g)
 

@@ -1,0 +1,148 @@
+"""QLoRA: store the frozen base weight of each wrapped linear layer quantised; dequantise it on the fly.
+
+    quantize_base(model, "nf4")    # 4-bit NormalFloat (Dettmers et al. 2023) via torchao's NF4Tensor
+    quantize_base(model, "int8")   # per-row absmax int8, written here (8 bits + one fp32 scale per row)
+
+Only the frozen base weights change; lora_A/lora_B (and DoRA's magnitude) stay in full precision and
+train as before. The quantised weight is what autograd saves: the LoRA linear Function dequantises it
+in forward and again in backward (`ops.dense`), so no dense copy of W stays alive between the two.
+`lorakit.merge(model)` returns plain layers of the original type holding the dequantised merged weight.
+NF4 needs torchao (`pip install lorakit[quant]`); int8 needs nothing extra.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .errors import LoraStateError
+from .layers import LoraLinear
+from .model import lora_layers
+
+FORMATS = ("nf4", "int8")
+NF4_BLOCK = 64  # weights per absmax block (QLoRA's choice)
+NF4_SCALER_BLOCK = 256  # blocks per block of double-quantised scales
+
+
+def quantize_int8(weight: Tensor) -> Tensor:
+    """Per-row absmax int8, packed as one int8 tensor (d_out, d_in + 4): each row's fp32 scale in its last 4 bytes.
+
+    Packing keeps the quantised weight a single tensor, so autograd can save it and `ops.dense` can
+    dequantise it without side tables.
+    """
+    w = weight.detach().float()  # (d_out, d_in)
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min_(torch.finfo(torch.float32).tiny)  # (d_out, 1)
+    q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)  # (d_out, d_in)
+    return torch.cat([q, scale.view(torch.int8)], dim=1)  # (d_out, d_in + 4)
+
+
+def quantize_nf4(weight: Tensor) -> Tensor:
+    """torchao's NF4Tensor of `weight` (d_out, d_in); block sizes shrink for small layers where needed."""
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    except ImportError as e:
+        raise ImportError("NF4 quantisation needs torchao: pip install 'lorakit[quant]' (or use 'int8')") from e
+    n = weight.numel()
+    if n % NF4_BLOCK:
+        raise ValueError(f"NF4 needs a weight size divisible by {NF4_BLOCK}; this one has {n} elements (use 'int8')")
+    blocks = n // NF4_BLOCK
+    scaler_block = math.gcd(blocks, NF4_SCALER_BLOCK)  # 256 for real layers; smaller for toy ones
+    return to_nf4(weight.detach().contiguous(), NF4_BLOCK, scaler_block)
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer whose weight (d_out, d_in) is stored quantised; the base of a quantised LoraLinear.
+
+    `weight` is the quantised tensor (an NF4Tensor, or packed int8), `dtype` the compute dtype it
+    dequantises to. `dequantized()` rebuilds the original module type (nn.Linear or GPT-2's Conv1D).
+    """
+
+    def __init__(self, base: nn.Module, fmt: str, fan_in_fan_out: bool) -> None:
+        super().__init__()
+        if fmt not in FORMATS:
+            raise ValueError(f"quantisation format {fmt!r} is invalid: expected one of {', '.join(map(repr, FORMATS))}")
+        w = base.weight.detach()
+        w = w.t() if fan_in_fan_out else w  # (d_out, d_in) whatever the original layout
+        self.format, self.dtype, self.fan_in_fan_out, self.orig_type = fmt, w.dtype, fan_in_fan_out, type(base)
+        self.out_features, self.in_features = w.shape
+        q = quantize_nf4(w) if fmt == "nf4" else quantize_int8(w)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.bias = base.bias  # kept as is: it may train under bias="all"
+
+    quantized = True  # LoraLinear reads this: the weight is already (d_out, d_in) and needs ops.dense
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense weight (d_out, d_in) in `dtype` (default: the original dtype)."""
+        return ops.dense(self.weight, dtype or self.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def dequantized(self) -> nn.Module:
+        """A plain module of the original type with the dequantised weight (and a copy of the bias)."""
+        w = self.dequantize().detach()
+        has_bias = self.bias is not None
+        if self.fan_in_fan_out:  # transformers' Conv1D(nf=d_out, nx=d_in), weight (d_in, d_out)
+            plain = self.orig_type(self.out_features, self.in_features)
+            w = w.t()
+        else:
+            plain = nn.Linear(self.in_features, self.out_features, bias=has_bias)
+        plain = plain.to(device=w.device, dtype=self.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(w)
+            if has_bias:
+                plain.bias.copy_(self.bias)
+            elif getattr(plain, "bias", None) is not None:
+                plain.bias = None
+        return plain.requires_grad_(False)
+
+    def weight_bytes(self) -> int:
+        """Bytes the quantised weight occupies (every inner tensor of an NF4Tensor counted)."""
+        return tensor_bytes(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+def tensor_bytes(t: Tensor) -> int:
+    """Storage bytes of a tensor, adding up the inner tensors of a subclass such as NF4Tensor."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) is not torch.Tensor and type(t) is not nn.Parameter:
+        return sum(tensor_bytes(getattr(t, name)) for name in flatten()[0])
+    return t.numel() * t.element_size()
+
+
+def quantize_base(model: nn.Module, fmt: str = "nf4") -> nn.Module:
+    """Quantise the frozen base weight of every LoRA linear layer in `model` (in place); returns the model.
+
+    Example:
+        >>> import lorakit as lk
+        >>> m = lk.apply_lora(nn.Sequential(nn.Linear(64, 64)), lk.LoraConfig(rank=2), ["0"])
+        >>> type(quantize_base(m, "int8")[0].base).__name__
+        'QuantLinear'
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"quantisation format {fmt!r} is invalid: expected one of {', '.join(map(repr, FORMATS))}")
+    layers = {n: layer for n, layer in lora_layers(model).items() if isinstance(layer, LoraLinear)}
+    if not layers:
+        raise ValueError("the model has no LoRA linear layers to quantise; apply_lora first")
+    for name, layer in layers.items():
+        if layer.merged:
+            raise LoraStateError(f"{name!r} is merged in place; call unmerge_(model) before quantising")
+        if isinstance(layer.base, QuantLinear):
+            raise LoraStateError(f"{name!r} is already quantised ({layer.base.format})")
+        if fmt == "nf4" and layer.base.weight.numel() % NF4_BLOCK:
+            raise ValueError(f"{name!r}: NF4 needs a weight size divisible by {NF4_BLOCK}, it has "
+                             f"{layer.base.weight.numel()} elements (use 'int8' or exclude it)")
+    for layer in layers.values():
+        layer.base = QuantLinear(layer.base, fmt, type(layer).fan_in_fan_out)  # stored (d_out, d_in) either way
+        layer.__dict__.pop("_dora_sqnorm", None)
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """The LoRA layers whose base is quantised, by module name."""
+    return {n: layer for n, layer in lora_layers(model).items() if isinstance(layer.base, QuantLinear)}
