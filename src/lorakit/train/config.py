@@ -28,6 +28,8 @@ class TrainConfig:
         seed: seeds torch, random and numpy at the start of a fresh run.
         log_every: optimizer steps between step rows in metrics.jsonl and plain log lines.
         checkpoint_every: optimizer steps between checkpoints (0: at the end of each epoch only).
+        fsdp: under torchrun, shard the frozen weights with FSDP2 instead of replicating the model with
+            DDP (see distributed.py); one process trains the same either way.
 
     Example:
         >>> TrainConfig(epochs=2, lr=1e-3, schedule="cosine", warmup_steps=10).schedule
@@ -47,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("epochs", self.epochs)
@@ -54,6 +57,8 @@ class TrainConfig:
         _positive_int("log_every", self.log_every)
         for name in ("warmup_steps", "checkpoint_every", "seed"):
             _int(name, getattr(self, name), minimum=0)
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"TrainConfig.fsdp={self.fsdp!r} is invalid: expected True or False")
         _finite("lr", self.lr, minimum=0.0, strict=True)
         _finite("weight_decay", self.weight_decay, minimum=0.0)
         if self.max_grad_norm is not None:

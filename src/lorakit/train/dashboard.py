@@ -28,6 +28,8 @@ TRAIN_STYLE, VALID_STYLE = "cyan", "magenta"
 class Dashboard:
     """A `rich.live.Live` view of a run; a trainer callback. `close()` restores the terminal."""
 
+    main_rank_only = True  # under torchrun, only rank 0 draws
+
     def __init__(self, console: Console | None = None, title: str = "lorakit", transient: bool = False) -> None:
         self.console = console or Console()
         self.title, self.transient = title, transient  # transient: the view is erased when the run ends

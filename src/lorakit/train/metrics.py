@@ -83,13 +83,24 @@ class Meter:
 
     def update(self, loss: float, n: int, outputs: Tensor | None = None, targets: Tensor | None = None) -> None:
         """Add one batch of `n` samples with mean loss `loss`."""
-        self.sums["loss"] += loss * n
+        self.add(self.batch_sums(loss, n, outputs, targets), n)
+
+    def batch_sums(self, loss: float, n: int, outputs: Tensor | None = None,
+                   targets: Tensor | None = None) -> dict[str, float]:
+        """One batch's sample-weighted sums {"loss": loss * n, metric: value * n}, for `add` (here or on all ranks)."""
+        sums = {"loss": loss * n}
         for m in self.metrics:
             if m.fn is not None:
                 if outputs is None or targets is None:
                     raise ValueError(f"metric {m.name!r} needs outputs and targets, and this batch has none")
                 with torch.no_grad():
-                    self.sums[m.name] += float(m.fn(outputs.detach().float(), targets)) * n
+                    sums[m.name] = float(m.fn(outputs.detach().float(), targets)) * n
+        return sums
+
+    def add(self, sums: dict[str, float], n: int) -> None:
+        """Add `batch_sums` over `n` samples."""
+        for k, v in sums.items():
+            self.sums[k] += v
         self.count += n
 
     def means(self) -> dict[str, float]:

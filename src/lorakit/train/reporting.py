@@ -32,7 +32,9 @@ def _metrics(prefix: str, values: dict[str, float]) -> str:
 
 
 class PlainLog:
-    """Writes one greppable line per event to `stream` (stdout by default)."""
+    """Writes one greppable line per event to `stream` (stdout by default); under torchrun, on rank 0 only."""
+
+    main_rank_only = True  # the Trainer leaves it out on other ranks: their numbers are the same
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream

@@ -4,6 +4,9 @@ bf16 autocast, validation, artifacts, and checkpoints that resume bit-for-bit (o
 Batches are `(inputs, targets)` pairs, scored by `loss_fn(outputs, targets)`, or mappings passed as
 `model(**batch)` whose output carries `.loss` (Hugging Face style; `batch["labels"]` are the targets).
 The loop never prints: it emits events (events.py) to its callbacks.
+
+Under torchrun the same loop runs on every rank (distributed.py): DDP or FSDP2, a sharded train loader,
+metrics summed over ranks; rank 0 alone writes artifacts and runs the reporters.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from . import rng
 from .checkpoint import load_params, read_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .device import bf16_supported, resolve_device, to_device
+from .distributed import Group
 from .events import CheckpointSaved, EpochEnded, Event, RunEnded, RunStarted, StepLogged
 from .metrics import Meter, Metric, as_metrics
 from .schedule import lr_at
@@ -56,6 +60,7 @@ class Trainer:
         metrics: extra metrics (`[accuracy(), perplexity()]` or `{"mae": fn(outputs, targets)}`).
         callbacks: consumers of events; None picks the dashboard on a terminal, plain logs otherwise.
         artifact_dir: where config.json, metrics.jsonl, loss.png, checkpoints and adapters go (None: nowhere).
+            Under torchrun only rank 0 writes there; for `resume` every rank reads its checkpoint.
 
     Example:
         >>> import lorakit as lk
@@ -78,23 +83,28 @@ class Trainer:
             raise TypeError(f"config must be a lorakit.train.TrainConfig, got {type(self.config).__name__}")
         self.loss_fn = loss_fn
         self.metrics = as_metrics(metrics)
+        self.group, self.device = Group.join(resolve_device(self.config.device))
+        self.group.barrier()  # every rank has checked its inputs before rank 0 creates the artifact dir
         if callbacks is None:
             from .reporting import auto_reporter
-            callbacks = [auto_reporter()]
-        self.callbacks = list(callbacks)
-        self.artifacts = art.ArtifactDir(artifact_dir) if artifact_dir is not None else None
-        self.device = resolve_device(self.config.device)
+            callbacks = [auto_reporter()] if self.group.is_main else []
+        # reporters speak for the whole run (its numbers are summed over ranks): on rank 0 only
+        self.callbacks = [cb for cb in callbacks if self.group.is_main or not getattr(cb, "main_rank_only", False)]
+        self.artifact_root = Path(artifact_dir) if artifact_dir is not None else None
+        self.artifacts = art.ArtifactDir(artifact_dir) if artifact_dir is not None and self.group.is_main else None
         if self.config.precision == "bf16" and not bf16_supported(self.device):
             raise ValueError(f"precision='bf16' is not supported on device {self.device}; use precision='fp32'")
 
     # -- one batch ----------------------------------------------------------------------------------
 
-    def _forward(self, batch: object) -> tuple[Tensor, Tensor | None, Tensor | None, int, int, str]:
-        """(loss, outputs, targets, samples, units, unit name) for one batch, under autocast when bf16."""
+    def _forward(self, batch: object, net: nn.Module | None = None
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None, int, int, str]:
+        """(loss, outputs, targets, samples, units, unit name) for one batch through `net` (default: the model)."""
+        net = net or self.model
         batch = to_device(batch, self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
             if isinstance(batch, Mapping):
-                out = self.model(**batch)
+                out = net(**batch)
                 targets = batch.get("labels")
                 logits = getattr(out, "logits", out if isinstance(out, Tensor) else None)
                 if self.loss_fn is not None:
@@ -114,12 +124,15 @@ class Trainer:
             if self.loss_fn is None:
                 raise ValueError("(inputs, targets) batches need Trainer(loss_fn=...), e.g. nn.functional.mse_loss")
             x, y = batch
-            out = self.model(x)
+            out = net(x)
             loss = self.loss_fn(out, y)
             return loss.float(), out, y, len(x), len(x), "samples"
 
     def evaluate(self, loader: Iterable) -> dict[str, float]:
-        """Mean loss and metrics over `loader`, in eval mode, without gradients: {"loss": ..., name: ...}."""
+        """Mean loss and metrics over `loader`, in eval mode, without gradients: {"loss": ..., name: ...}.
+
+        Under torchrun every rank evaluates all of `loader` (so every rank gets the same exact numbers).
+        """
         meter = Meter(self.metrics)
         was_training = self.model.training
         self.model.to(self.device).eval()
@@ -151,7 +164,9 @@ class Trainer:
                     close()
 
     def _fit(self, train: Iterable, valid: Iterable | None, resume: bool) -> TrainResult:
-        cfg, model, arts = self.config, self.model, self.artifacts
+        cfg, model, arts, world = self.config, self.model, self.artifacts, self.group
+        saving = self.artifact_root is not None  # on every rank (checkpoints gather from all); arts: rank 0
+        train = world.shard_loader(train, cfg.seed)
         try:
             batches_per_epoch = len(train)  # type: ignore[arg-type]
         except TypeError:
@@ -163,6 +178,7 @@ class Trainer:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not params:
             raise ValueError("the model has no trainable parameters (apply_lora first, or unfreeze some)")
+        net = world.wrap(model, self.device, cfg.fsdp)  # what runs the batches; `model` keeps the names
         optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
         total_steps = steps_per_epoch * cfg.epochs
@@ -174,14 +190,15 @@ class Trainer:
         if resume:
             ckpt = self._load_checkpoint(params, optimizer, s, epoch_meter, interval)
             if not s["batch"]:  # checkpoint at an epoch boundary: the live RNG state is all we need
-                _restore(ckpt.rng["current"], ckpt.state["rng"]["current"], generator)
+                _restore(*self._rng(ckpt, "current"), generator)
         else:
-            rng.seed_everything(cfg.seed)
+            rng.seed_everything(cfg.seed + world.rank)  # ranks draw different dropout masks
             if arts:
                 arts.clear_rows()
         trainable, total = trainable_parameters(model)
         if arts:
             arts.write_json(art.CONFIG, {"train": cfg.to_dict(), "device": str(self.device),
+                                         "world_size": world.world_size,
                                          "trainable_params": trainable, "total_params": total,
                                          "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                                          "metrics": [m.name for m in self.metrics]})
@@ -192,43 +209,55 @@ class Trainer:
         def elapsed() -> float:
             return elapsed0 + time.perf_counter() - t0
 
-        def checkpoint() -> None:
+        def checkpoint() -> None:  # on every rank: rank 0 writes every rank's RNG state
             s["elapsed_s"] = elapsed()
             now_t, now_json = _snapshot(generator)
-            state = {**s, "config": cfg.to_dict(), "epoch_meter": epoch_meter.state(), "interval": interval.state(),
-                     "rng": {"current": now_json, "epoch_start": epoch_json}}
-            path = write_checkpoint(arts.path(art.CHECKPOINT), params, optimizer,
-                                    {"current": now_t, "epoch_start": epoch_t}, state)
-            self._emit(CheckpointSaved(s["step"], str(path)))
+            rng_t, rng_json = {}, {}
+            for r, states in enumerate(world.gather({"current": (now_t, now_json),
+                                                     "epoch_start": (epoch_t, epoch_json)})):
+                for name, (tensors, data) in states.items():
+                    rng_t[_rng_key(name, r)], rng_json[_rng_key(name, r)] = tensors, data
+            if arts:
+                state = {**s, "config": cfg.to_dict(), "world_size": world.world_size,
+                         "epoch_meter": epoch_meter.state(), "interval": interval.state(), "rng": rng_json}
+                path = write_checkpoint(arts.path(art.CHECKPOINT), params, optimizer, rng_t, state)
+                self._emit(CheckpointSaved(s["step"], str(path)))
 
         lr = lr_at(s["step"], total_steps, cfg.lr, cfg.schedule, cfg.warmup_steps)
         for epoch in range(s["epoch"], cfg.epochs + 1):
             skip = s["batch"] if epoch == s["epoch"] else 0
             if skip:  # mid-epoch resume: replay the epoch's shuffle, then put the live RNG back
-                epoch_t, epoch_json = ckpt.rng["epoch_start"], ckpt.state["rng"]["epoch_start"]
+                epoch_t, epoch_json = self._rng(ckpt, "epoch_start")
                 _restore(epoch_t, epoch_json, generator)
             else:
                 epoch_t, epoch_json = _snapshot(generator)
                 epoch_meter.reset()
+            if callable(getattr(getattr(train, "sampler", None), "set_epoch", None)):
+                train.sampler.set_epoch(epoch - 1)  # a DistributedSampler's shuffle for this epoch
             batches = iter(train)
             for _ in itertools.islice(batches, skip):
                 pass
             if skip:
-                _restore(ckpt.rng["current"], ckpt.state["rng"]["current"], generator)
+                _restore(*self._rng(ckpt, "current"), generator)
             s["epoch"] = epoch
             model.train()
             t_interval, units, unit = time.perf_counter(), 0, "samples"
             for b, batch in enumerate(batches, start=skip + 1):
-                loss, out, y, n, u, unit = self._forward(batch)
-                value = float(loss.detach())
-                if not math.isfinite(value):
+                stepping = b % cfg.grad_accum == 0 or b == batches_per_epoch
+                with world.no_sync(net, skip=not stepping):  # ranks average gradients once per step
+                    loss, out, y, n, u, unit = self._forward(batch, net)
+                    (loss / cfg.grad_accum).backward()
+                sums = epoch_meter.batch_sums(float(loss.detach()), n, out, y)
+                *totals, n, u = world.sum([*sums.values(), n, u])  # the whole step's numbers, on every rank
+                sums, n, units = dict(zip(sums, totals)), int(n), units + int(u)
+                value = sums["loss"] / n
+                if not math.isfinite(value):  # every rank sees the same value, so every rank stops here
                     raise FloatingPointError(f"loss is {value} at epoch {epoch}, batch {b}, step {s['step'] + 1}")
-                (loss / cfg.grad_accum).backward()
-                epoch_meter.update(value, n, out, y)
-                interval.update(value, n, out, y)
-                units += u
-                if b % cfg.grad_accum and b != batches_per_epoch:
+                epoch_meter.add(sums, n)
+                interval.add(sums, n)
+                if not stepping:
                     continue
+                world.average_gradients(params.values())
                 lr = lr_at(s["step"], total_steps, cfg.lr, cfg.schedule, cfg.warmup_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -250,7 +279,7 @@ class Trainer:
                     self._emit(event)
                     interval.reset()
                     s["grad_norm_sum"], s["grad_norms"], t_interval, units = 0.0, 0, now, 0
-                if arts and cfg.checkpoint_every and s["step"] % cfg.checkpoint_every == 0 and b != batches_per_epoch:
+                if saving and cfg.checkpoint_every and s["step"] % cfg.checkpoint_every == 0 and b != batches_per_epoch:
                     checkpoint()
             train_means = epoch_meter.means()
             valid_means = self.evaluate(valid) if valid is not None else {}
@@ -269,8 +298,9 @@ class Trainer:
                        **{f"valid_{k}": v for k, v in valid_means.items()}}, s)
             self._emit(event)
             s["epoch"], s["batch"] = epoch + 1, 0
-            if arts:
+            if saving:
                 checkpoint()
+            if arts:
                 if time.perf_counter() - last_plot >= PLOT_INTERVAL_S:
                     arts.plot(arts.rows())
                     last_plot = time.perf_counter()
@@ -287,11 +317,16 @@ class Trainer:
             self.artifacts.append_row(row)
             s["rows"] += 1
 
+    def _rng(self, ckpt, name: str) -> tuple[dict[str, Tensor], dict]:
+        """This rank's saved RNG state `name` ("current" or "epoch_start")."""
+        key = _rng_key(name, self.group.rank)
+        return ckpt.rng[key], ckpt.state["rng"][key]
+
     def _load_checkpoint(self, params, optimizer, s, epoch_meter, interval):
         """Restore parameters, optimizer, counters and meters from the artifact dir's checkpoint."""
-        if self.artifacts is None:
+        if self.artifact_root is None:
             raise ValueError("resume=True needs an artifact_dir holding a checkpoint")
-        path = self.artifacts.path(art.CHECKPOINT)
+        path = self.artifact_root / art.CHECKPOINT
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no checkpoint to resume from (run without resume first)")
         ckpt = read_checkpoint(path)
@@ -299,14 +334,24 @@ class Trainer:
         if saved != self.config.to_dict():
             diff = {k: (saved.get(k), v) for k, v in self.config.to_dict().items() if saved.get(k) != v}
             raise ValueError(f"{path}: the checkpoint was made with a different TrainConfig; (saved, now): {diff}")
+        saved_world = ckpt.state.get("world_size", 1)
+        if saved_world != self.group.world_size:
+            raise ValueError(f"{path}: the checkpoint was made by {saved_world} process(es) and this run has "
+                             f"{self.group.world_size}; resume with the same torchrun --nnodes/--nproc-per-node")
         load_params(str(path), self.model, ckpt.params)
         optimizer.load_state_dict(ckpt.optimizer)
         for key in s:
             s[key] = ckpt.state[key]
         epoch_meter.load_state(ckpt.state["epoch_meter"])
         interval.load_state(ckpt.state["interval"])
-        self.artifacts.keep_rows(s["rows"])
+        if self.artifacts:
+            self.artifacts.keep_rows(s["rows"])
         return ckpt
+
+
+def _rng_key(name: str, rank: int) -> str:
+    """Checkpoint name of a rank's RNG state: "current" for rank 0 (and one process), "current_rank1", ..."""
+    return name if rank == 0 else f"{name}_rank{rank}"
 
 
 def _snapshot(generator: torch.Generator | None) -> tuple[dict[str, Tensor], dict]:
