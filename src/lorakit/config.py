@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+BASE_CHANGING_INITS = ("pissa", "olora")  # A, B taken from W at init and W adjusted to match
 
 
 class LoraBias(str, enum.Enum):
@@ -32,6 +33,9 @@ class LoraConfig:
         bias: "none" or "all" (see `LoraBias`).
         use_rslora: rank-stabilised scaling (Kalajdzievski 2023).
         init: "kaiming" (A as torch's Linear init) or "gaussian" (A ~ N(0, (1/r)^2), as PEFT); B = 0 either way.
+            "pissa" / "olora" (linear layers): A, B from W's top-r SVD / its QR, as PEFT, and the base becomes
+            W - scaling·B A so the layer is unchanged at init; saved adapters are converted to a rank-2r LoRA
+            for the original W (docs/variants.md).
         use_dora: weight-decomposed LoRA (Liu et al. 2024): a trainable magnitude per output row scales
             the normalised direction W + scaling·B A (linear layers only).
         rank_pattern: per-module rank overrides, PEFT semantics (key = module name suffix or regex).

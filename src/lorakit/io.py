@@ -52,9 +52,13 @@ def _layer_path(path: str | Path) -> Path:
 def save_layer_adapter(layer: LoraLayer, path: str | Path) -> Path:
     """Write one layer's adapter (lora_A, lora_B, bias under "all") with its config in the metadata."""
     path = _layer_path(path)
-    meta = {"format": "lorakit-layer", "layer": type(layer).__name__, "config": json.dumps(layer.config.to_dict()),
+    tensors, config = layer.adapter_tensors(), layer.config
+    if layer.adapter_name is not None:  # PiSSA/OLoRA: saved as a rank-2r LoRA for the original base
+        A, B, config = layer.exported_factors(layer.adapter_name)
+        tensors.update(lora_A=A, lora_B=B)
+    meta = {"format": "lorakit-layer", "layer": type(layer).__name__, "config": json.dumps(config.to_dict()),
             "base_weight_shape": json.dumps(list(layer.base_weight.shape))}
-    safetensors_io.write(path, layer.adapter_tensors(), meta)
+    safetensors_io.write(path, tensors, meta)
     return path
 
 
@@ -92,20 +96,24 @@ def _peft_suffixes(layer_cls: type[LoraLayer]) -> dict[str, str]:
             "lora_magnitude": "lora_magnitude_vector"}  # DoRA's m, as PEFT 0.21 saves it
 
 
-def adapter_slots(model: nn.Module, name: str | None = None) -> dict[str, tuple[LoraLayer, Tensor, Tensor, LoraConfig]]:
-    """Per wrapped module holding adapter `name` (None: each layer's active one): (layer, lora_A, lora_B, config)."""
+def adapter_slots(model: nn.Module, name: str | None = None, *,
+                  exported: bool = False) -> dict[str, tuple[LoraLayer, Tensor, Tensor, LoraConfig]]:
+    """Per wrapped module holding adapter `name` (None: each layer's active one): (layer, lora_A, lora_B, config).
+
+    `exported`: the factors as saved, i.e. PiSSA/OLoRA adapters converted to a rank-2r LoRA for the original base.
+    """
     out = {}
     for module, layer in lora_layers(model).items():
         n = layer.adapter_name if name is None else name
         if n is not None and n in layer.adapter_names():
-            out[module] = (layer, *layer.factors(n))
+            out[module] = (layer, *(layer.exported_factors(n) if exported else layer.factors(n)))
     return out
 
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
     """The adapter's tensors under PEFT's key names (what `save_adapters` writes)."""
     out: dict[str, Tensor] = {}
-    for module, (layer, A, B, config) in adapter_slots(model, name).items():
+    for module, (layer, A, B, config) in adapter_slots(model, name, exported=True).items():
         out[_key(module, "lora_A", type(layer))] = A
         out[_key(module, "lora_B", type(layer))] = B
         if config.use_dora:
@@ -120,7 +128,7 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, T
 
 def peft_config(model: nn.Module, name: str | None = None) -> dict:
     """adapter_config.json for adapter `name` (None: the active one), in PEFT's vocabulary."""
-    slots = adapter_slots(model, name)
+    slots = adapter_slots(model, name, exported=True)
     if not slots:
         what = "no LoRA layers; apply_lora first" if name is None else f"no adapter named {name!r}"
         raise LoraFileError(f"the model has {what}")
@@ -157,7 +165,6 @@ def peft_config(model: nn.Module, name: str | None = None) -> dict:
         "layers_to_transform": None,
         "layers_pattern": None,
         "inference_mode": True,
-        "lorakit": {"format": 1},
     }
 
 

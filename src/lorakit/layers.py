@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .config import LoraBias, LoraConfig
+from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
 from .errors import LoraStateError
 
 
@@ -67,6 +67,11 @@ class LoraLayer(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.lora_A, self.lora_B = self._new_factors(config)
+        self.register_buffer("initial_A", None)  # PiSSA/OLoRA: the factors at init, whose product left the base
+        self.register_buffer("initial_B", None)
+        self.init_adapter: str | None = None  # the adapter they belong to
+        if config.init in BASE_CHANGING_INITS:
+            self._init_from_base(config)
         self.lora_magnitude: nn.Parameter | None = self._new_magnitude(config, self.lora_A, self.lora_B)
         if config.bias is LoraBias.ALL and getattr(base, "bias", None) is not None:
             base.bias.requires_grad_(True)
@@ -80,6 +85,28 @@ class LoraLayer(nn.Module):
         return A, B
 
     supports_dora = False  # layer types with a DoRA forward and merge set this
+    supports_base_init = False  # layer types that implement init="pissa"/"olora" set this
+
+    def _init_from_base(self, config: LoraConfig) -> None:
+        """PiSSA/OLoRA: A, B from the base weight, the base set to the residual (see ops.base_init)."""
+        raise TypeError(f"init={config.init!r} is supported on linear layers only, not {type(self.base).__name__}")
+
+    def exported_factors(self, name: str) -> tuple[Tensor, Tensor, LoraConfig]:
+        """(A, B, config) of adapter `name` as a plain LoRA for the ORIGINAL base weight.
+
+        For PiSSA/OLoRA the base holds W − s·B₀A₀, so the update to W is s·(B A − B₀A₀) = s·[B, −B₀][A; A₀]:
+        a rank-2r LoRA with the same scaling (PEFT's path_initial_model_for_weight_conversion).
+        """
+        A, B, config = self.factors(name)
+        if config.init not in BASE_CHANGING_INITS or name != self.init_adapter:
+            return A, B, config
+        r2 = 2 * config.rank
+        alpha = config.alpha * (2 ** 0.5 if config.use_rslora else 2.0)  # same scaling at rank 2r
+        exported = LoraConfig(**{**config.to_dict(), "rank": r2, "alpha": alpha, "init": "kaiming"})
+        assert abs(exported.scaling - config.scaling) <= 1e-12 * config.scaling
+        A2 = torch.cat([A.detach(), self.initial_A.to(A.dtype)])  # (2r, d_in)
+        B2 = torch.cat([B.detach(), -self.initial_B.to(B.dtype)], dim=1)  # (d_out, 2r)
+        return A2, B2, exported
 
     def _new_magnitude(self, config: LoraConfig, A: Tensor, B: Tensor) -> nn.Parameter | None:
         """DoRA's magnitude m (d_out,), initialised to ‖W + s·B A‖ per row so the layer starts unchanged."""
@@ -158,6 +185,9 @@ class LoraLayer(nn.Module):
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         """Add a named adapter, freshly initialised and stashed (inactive)."""
         check_adapter_name(name)
+        if config.init in BASE_CHANGING_INITS or self.initial_A is not None:
+            raise ValueError(f"PiSSA/OLoRA change the base weight at init, so such an adapter cannot sit beside "
+                             f"others on one base; save it (it is converted for the original base) and load that")
         if name in self.adapter_names():
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if LoraBias.ALL in [config.bias] + [self.factors(n)[2].bias for n in self.adapter_names()]:
@@ -289,6 +319,17 @@ class LoraLinear(LoraLayer):
         return (rank, d_in), (d_out, rank)
 
     supports_dora = True
+    supports_base_init = True
+
+    def _init_from_base(self, config):
+        A, B, residual = ops.base_init(self.dense_weight(), config.rank, config.scaling, config.init,
+                                       self.lora_A.dtype)
+        with torch.no_grad():
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+            self.dense_weight().copy_(residual)  # a view of base.weight ((d_in, d_out) Conv1D included)
+        self.initial_A, self.initial_B = A.clone(), B.clone()
+        self.init_adapter = self.adapter_name
 
     def _linear_weight(self) -> Tensor:
         """The base weight as (d_out, d_in) for the ops: a view, or the quantised tensor (ops.dense reads it)."""

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from .config import LoraConfig
+from .config import BASE_CHANGING_INITS, LoraConfig
 from .errors import LoraStateError
 from .layers import DEFAULT_ADAPTER, LoraLayer, dora_types, supported_types, with_lora, wrapper_for
 
@@ -126,6 +126,9 @@ def apply_lora(model: nn.Module, config: LoraConfig, targets: str | Sequence[str
     for n in names:  # per-type checks (e.g. grouped convs) before anything changes
         module = model.get_submodule(n)
         wrapper_for(module).factor_shapes(module, config.for_module(n).rank)
+        if config.init in BASE_CHANGING_INITS and not wrapper_for(module).supports_base_init:
+            raise TypeError(f"init={config.init!r} does not support {n!r} ({type(module).__name__}); "
+                            "it is for linear layers only; exclude it or target only those types")
         if config.use_dora and not wrapper_for(module).supports_dora:
             raise TypeError(f"DoRA (use_dora=True) does not support {n!r} ({type(module).__name__}); "
                             f"supported: {', '.join(dora_types())}; exclude it or target only those types")

@@ -24,6 +24,8 @@ def init_factors_(A: Tensor, B: Tensor, init: str) -> None:
             torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         elif init == "gaussian":  # PEFT's "gaussian": std 1/r
             torch.nn.init.normal_(A, std=1.0 / A.shape[0])
+        elif init in ("pissa", "olora"):  # filled from the base weight by `base_init` (the layer calls it)
+            A.zero_()
         else:
             raise ValueError(f"unknown init {init!r}: expected 'kaiming' or 'gaussian'")
         B.zero_()
@@ -315,3 +317,31 @@ def dora_merged_delta(weight: Tensor, A: Tensor, B: Tensor, magnitude: Tensor, s
     V = delta_weight(A, B, scaling).add_(weight)  # (d_out, d_in) fp32: the direction, formed once for the merge
     g = magnitude.detach().float() / torch.linalg.vector_norm(V, dim=1)
     return V.mul_(g[:, None]).sub_(weight)
+
+
+# -- inits that take A and B from the base weight (PEFT's formulas) --------------------------------------
+#   PiSSA (Meng et al. 2024): W = U S Vᵀ;  A = √(S_r/s) V_rᵀ,  B = U_r √(S_r/s)   (s·B A = U_r S_r V_rᵀ)
+#   OLoRA (Büyükakyüz 2024):  W = Q R;     A = R_r (first r rows),  B = Q_r (first r columns)
+# Either way the base becomes the residual W − s·B A, so the wrapped layer computes W at init.
+
+def base_init(weight: Tensor, rank: int, scaling: float, init: str, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(A, B, residual) for init "pissa" or "olora" from a (d_out, d_in) weight; A, B in `dtype`, residual in W's.
+
+    The residual is formed from A and B as rounded to `dtype`, so base + s·B A reproduces W as closely as the
+    weight's dtype allows.
+    """
+    W = weight.detach().float()  # (d_out, d_in)
+    if rank > min(W.shape):
+        raise ValueError(f"init={init!r} needs rank <= min(d_out, d_in) = {min(W.shape)}, got rank {rank}")
+    if init == "pissa":
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+        root = (S[:rank] / scaling).sqrt()  # (r,)
+        A, B = root[:, None] * Vh[:rank], U[:, :rank] * root  # (r, d_in), (d_out, r)
+    elif init == "olora":
+        Q, R = torch.linalg.qr(W)  # (d_out, k), (k, d_in)
+        A, B = R[:rank], Q[:, :rank]
+    else:
+        raise ValueError(f"init {init!r} does not take its factors from the base weight")
+    A, B = A.to(dtype).contiguous(), B.to(dtype).contiguous()
+    residual = torch.addmm(W, B.float(), A.float(), alpha=-scaling)  # W − s·B A
+    return A, B, residual.to(weight.dtype)
