@@ -30,6 +30,8 @@ class TrainConfig:
         checkpoint_every: optimizer steps between checkpoints (0: at the end of each epoch only).
         fsdp: under torchrun, shard the frozen weights with FSDP2 instead of replicating the model with
             DDP (see distributed.py); one process trains the same either way.
+        loraplus_ratio: LoRA+ (Hayou et al. 2024): every `lora_B` trains with learning rate ratio × lr
+            (the paper suggests ~16); None or 1.0 for one learning rate.
 
     Example:
         >>> TrainConfig(epochs=2, lr=1e-3, schedule="cosine", warmup_steps=10).schedule
@@ -50,6 +52,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0
     fsdp: bool = False
+    loraplus_ratio: float | None = None
 
     def __post_init__(self) -> None:
         _positive_int("epochs", self.epochs)
@@ -59,6 +62,8 @@ class TrainConfig:
             _int(name, getattr(self, name), minimum=0)
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"TrainConfig.fsdp={self.fsdp!r} is invalid: expected True or False")
+        if self.loraplus_ratio is not None:
+            _finite("loraplus_ratio", self.loraplus_ratio, minimum=0.0, strict=True)
         _finite("lr", self.lr, minimum=0.0, strict=True)
         _finite("weight_decay", self.weight_decay, minimum=0.0)
         if self.max_grad_norm is not None:

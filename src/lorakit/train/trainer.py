@@ -179,7 +179,8 @@ class Trainer:
         if not params:
             raise ValueError("the model has no trainable parameters (apply_lora first, or unfreeze some)")
         net = world.wrap(model, self.device, cfg.fsdp)  # what runs the batches; `model` keeps the names
-        optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(params, cfg.loraplus_ratio), lr=cfg.lr, betas=cfg.betas,
+                                      weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
         total_steps = steps_per_epoch * cfg.epochs
         epoch_meter, interval = Meter(self.metrics), Meter(self.metrics)
@@ -260,7 +261,7 @@ class Trainer:
                 world.average_gradients(params.values())
                 lr = lr_at(s["step"], total_steps, cfg.lr, cfg.schedule, cfg.warmup_steps)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 if cfg.max_grad_norm is not None:
                     norm = float(torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm))
                     s["grad_norm_sum"], s["grad_norms"] = s["grad_norm_sum"] + norm, s["grad_norms"] + 1
@@ -374,3 +375,11 @@ def export_adapter(model: nn.Module, directory: Path) -> Path:
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     safetensors_io.write(directory / "trainable.safetensors", trainable, {"format": "lorakit-trainable"})
     return directory
+
+
+def param_groups(params: dict[str, torch.nn.Parameter], loraplus_ratio: float | None) -> list[dict]:
+    """AdamW groups: with LoRA+ the `lora_B` factors get lr_scale = ratio, everything else 1 (the trainer multiplies)."""
+    ratio = 1.0 if loraplus_ratio is None else float(loraplus_ratio)
+    b = [p for n, p in params.items() if ratio != 1.0 and "lora_B" in n.split(".")]
+    rest = [p for n, p in params.items() if not (ratio != 1.0 and "lora_B" in n.split("."))]
+    return [g for g in ({"params": rest, "lr_scale": 1.0}, {"params": b, "lr_scale": ratio}) if g["params"]]
