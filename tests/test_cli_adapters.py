@@ -1,0 +1,91 @@
+"""`lorakit merge` and `generate` with several named adapters (--adapter NAME=DIR, --weight NAME=W)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _hf_models  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+import lorakit as lk  # noqa: E402
+from lorakit import hf  # noqa: E402
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+IDS = torch.tensor([[2, 4, 5, 6, 7, 8], [2, 9, 10, 11, 12, 3]])
+
+
+def lorakit(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multi")
+    model_dir = _hf_models.save_tiny("llama", root / "llama")
+    base, _ = hf.load(model_dir, "causal-lm")
+    dirs = {}
+    for seed, (name, rank, targets) in enumerate([("math", 4, ["q_proj", "v_proj"]), ("code", 2, ["v_proj", "down_proj"])]):
+        model = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=rank, alpha=2 * rank), targets)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        dirs[name] = lk.save_adapters(model, root / name)
+    return model_dir, base, dirs
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
+def test_merge_a_weighted_combination(setup, tmp_path):
+    model_dir, base, dirs = setup
+    out = tmp_path / "merged"
+    r = lorakit("merge", "--model", model_dir, "--adapter", f"math={dirs['math']}", "--adapter", f"code={dirs['code']}",
+                "--weight", "math=0.5", "--weight", "code=-1", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "combined (cat): max relative error of ΔW" in r.stdout
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+    # the reference: each adapter's ΔW added to the base by hand, with its weight
+    want = copy.deepcopy(base)
+    for name, w in (("math", 0.5), ("code", -1.0)):
+        one = lk.load_adapters(copy.deepcopy(base), dirs[name])
+        with torch.no_grad():
+            for module, layer in lk.lora_layers(one).items():
+                want.get_submodule(module).weight.add_(w * layer.weight_delta())
+    torch.testing.assert_close(_logits(merged), _logits(want), rtol=1e-4, atol=1e-5)
+
+
+def test_merge_refuses_unknown_weight_names(setup, tmp_path):
+    model_dir, _, dirs = setup
+    r = lorakit("merge", "--model", model_dir, "--adapter", f"math={dirs['math']}", "--weight", "nope=1",
+                "--out", tmp_path / "o")
+    assert r.returncode == 2 and "--weight names ['nope'] match no --adapter" in r.stderr
+    r = lorakit("merge", "--model", model_dir, "--adapter", f"half={dirs['math']}", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "reserved" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_one_completion_per_adapter(setup):
+    model_dir, _, dirs = setup
+    r = lorakit("generate", "--model", model_dir, "--adapter", f"math={dirs['math']}", "--adapter", f"code={dirs['code']}",
+                "--prompt", "the cat", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("--- adapter math ---") == 1 and r.stdout.count("--- adapter code ---") == 1
+    r = lorakit("generate", "--model", model_dir, "--adapter", f"math={dirs['math']}", "--adapter", f"code={dirs['code']}",
+                "--weight", "math=1", "--weight", "code=1", "--combine", "svd", "--combine-rank", "2",
+                "--prompt", "the cat", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert "--- combined (svd, max relative error of ΔW" in r.stdout
