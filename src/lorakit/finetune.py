@@ -48,6 +48,7 @@ class FinetuneJob:
     trust_remote_code: bool = False
     resume: bool = False
     overwrite: bool = False
+    quantize: str | None = None  # "nf4" or "int8": QLoRA, the wrapped layers' frozen weights quantised
 
     def __post_init__(self) -> None:
         if self.task not in hf.TASKS:
@@ -56,6 +57,8 @@ class FinetuneJob:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1")
+        if self.quantize not in (None, "nf4", "int8"):
+            raise ValueError(f"quantize={self.quantize!r} is invalid: expected 'nf4', 'int8' or None")
 
 
 @dataclass
@@ -93,6 +96,10 @@ def prepare(job: FinetuneJob) -> Setup:
         model.config.pad_token_id = tok.pad_token_id
     save = hf.head_names(model) if job.task == "seq-cls" else []
     apply_lora(model, job.lora, list(job.targets), modules_to_save=save)
+    if job.quantize:
+        from .quant import quantize_base
+
+        quantize_base(model, job.quantize)
     collate = functools.partial(data.collate, pad_id=tok.pad_token_id)
     shuffle = torch.Generator().manual_seed(job.train.seed)
     train_loader = torch.utils.data.DataLoader(prepared.train, batch_size=job.batch_size, shuffle=True,
@@ -119,7 +126,7 @@ def run(setup: Setup, callbacks: list | None = None) -> dict:
         "adapter": str(out), "artifacts": str(out / RUN_DIR), "train_rows": len(setup.prepared.train),
         "valid_rows": len(setup.prepared.valid), "skipped_bad_rows": [str(b) for b in setup.prepared.bad_rows],
         "id2label": setup.prepared.id2label, "lora": job.lora.to_dict(), "targets": list(job.targets),
-        "train": job.train.to_dict(), "batch_size": job.batch_size, "max_length": job.max_length,
+        "train": job.train.to_dict(), "quantize": job.quantize, "batch_size": job.batch_size, "max_length": job.max_length,
         "trainable_params": trainable, "total_params": total, "steps": result.steps,
         "elapsed_s": result.elapsed_s, "before": before, "after": after,
     }
