@@ -1,0 +1,142 @@
+"""LoRA variants side by side: DoRA's cost over plain LoRA (lorakit and PEFT), QLoRA's memory, speed and error.
+
+    .venv/bin/python benchmarks/variants.py                 # about a minute on a few CPU cores
+    .venv/bin/python benchmarks/variants.py --quick         # a tiny model, seconds
+    .venv/bin/python benchmarks/variants.py --d 2048 --tokens 1024 --threads 8
+
+Model: a stack of `--layers` d×d linear layers with GELU between them, LoRA (rank `--rank`) on every
+layer, one training step = forward + backward (fp32, AdamW excluded) on `--tokens` rows. Each case runs
+once per round, rounds interleave and rotate; ratios are medians of same-round ratios (benchmarks/harness.py).
+Prints a markdown table; writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+import lorakit as lk  # noqa: E402
+from lorakit import ops  # noqa: E402
+from lorakit.quant import quantize_base, quantized_layers  # noqa: E402
+
+
+def stack(d: int, layers: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        mods += [nn.Linear(d, d)] + ([nn.GELU()] if i < layers - 1 else [])
+    return nn.Sequential(*mods)
+
+
+def targets(model: nn.Sequential) -> list[str]:
+    return [str(i) for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+
+
+def randomise(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_B" in name or "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+def step(model: nn.Module, x: torch.Tensor):
+    def run():
+        model(x).square().mean().backward()
+        for p in model.parameters():
+            p.grad = None
+    return run
+
+
+def peft_model(base: nn.Module, rank: int, dora: bool) -> nn.Module:
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                                    target_modules=targets(base), use_dora=dora))
+    return randomise(m)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--quick", action="store_true", help="d=128, 2 layers, 64 tokens, 3 rounds")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.d, a.layers, a.tokens, a.rounds = 128, 2, 64, 3
+    torch.set_num_threads(a.threads)
+    base = stack(a.d, a.layers)
+    x = torch.randn(a.tokens, a.d, generator=torch.Generator().manual_seed(2))
+    cfg = lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank)
+    lora = randomise(lk.apply_lora(copy.deepcopy(base), cfg, targets(base)))
+    dora = randomise(lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, use_dora=True),
+                                   targets(base)))
+    nf4 = quantize_base(copy.deepcopy(lora), "nf4")
+    int8 = quantize_base(copy.deepcopy(lora), "int8")
+    cases = {"lora": step(lora, x), "dora": step(dora, x), "nf4": step(nf4, x), "int8": step(int8, x)}
+    try:
+        cases["peft-lora"] = step(peft_model(base, a.rank, False), x)
+        cases["peft-dora"] = step(peft_model(base, a.rank, True), x)
+    except ImportError:
+        pass
+    s = harness.interleaved(cases, rounds=a.rounds, warmup=1, device="cpu")
+
+    # DoRA's per-step row norm: the expansion (one d_out×r product) vs forming W + s·B A (PEFT's way)
+    layer = dora[0]
+    W, A, B = layer.dense_weight(), layer.lora_A, layer.lora_B
+    sq = ops.dora_row_sqnorm(W)
+    norms = harness.interleaved({"expanded": lambda: ops.dora_weight_norm(W, A, B, layer.scaling, sq),
+                                 "formed": lambda: ops.dora_weight_norm_reference(W, A, B, layer.scaling)},
+                                rounds=max(a.rounds, 9), warmup=2, device="cpu")
+    norm_err = (ops.dora_weight_norm(W, A, B, layer.scaling, sq)
+                - ops.dora_weight_norm_reference(W, A, B, layer.scaling)).abs().max().item()
+
+    # QLoRA: bytes of the wrapped layers' frozen weights vs bf16, output error vs the unquantised model
+    n_weights = sum(layer.base.in_features * layer.base.out_features for layer in quantized_layers(nf4).values())
+    with torch.no_grad():
+        y = lora(x)
+        err = {fmt: ((m(x) - y).norm() / y.norm()).item() for fmt, m in (("nf4", nf4), ("int8", int8))}
+    mem = {fmt: sum(layer.base.weight_bytes() for layer in quantized_layers(m).values()) / (2 * n_weights)
+           for fmt, m in (("nf4", nf4), ("int8", int8))}
+
+    def row(name, what, extra_mem="—", extra_err="—"):
+        ratio = s.ratio(name, "lora")
+        return [name, what, harness.fmt_time(s.median(name)), f"{ratio:.2f}×", extra_mem, extra_err]
+
+    rows = [row("lora", "plain LoRA (reference)", "1.00× fp32 = 2.00× bf16"),
+            row("dora", "lorakit DoRA")]
+    if "peft-dora" in cases:
+        rows += [row("peft-lora", "PEFT LoRA"), row("peft-dora", "PEFT DoRA")]
+    rows += [row("nf4", "QLoRA, NF4 base (torchao)", f"{mem['nf4']:.3f}× bf16", f"{err['nf4']:.4f}"),
+             row("int8", "QLoRA, int8 base (per-row absmax)", f"{mem['int8']:.3f}× bf16", f"{err['int8']:.4f}")]
+    print(f"{a.layers} × Linear({a.d}, {a.d}), rank {a.rank}, {a.tokens} tokens, fp32 forward+backward; "
+          f"{a.rounds} interleaved rounds\n{harness.machine('cpu', a.threads)}\n")
+    print(harness.table(["case", "what", "step (median)", "vs lorakit LoRA", "frozen weight memory",
+                         "output rel. error"], rows))
+    if "peft-dora" in cases:
+        print(f"\nDoRA overhead: lorakit {s.ratio('dora', 'lora'):.2f}× its LoRA; "
+              f"PEFT {s.ratio('peft-dora', 'peft-lora'):.2f}× its LoRA")
+    print(f"\nDoRA row norm per layer and step: expanded {harness.fmt_time(norms.median('expanded'))} vs formed "
+          f"{harness.fmt_time(norms.median('formed'))} ({norms.ratio('formed', 'expanded'):.1f}× slower); "
+          f"max |difference| {norm_err:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
