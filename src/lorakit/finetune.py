@@ -23,6 +23,7 @@ from . import data, hf, io, safetensors_io
 from .config import LoraConfig
 from .model import apply_lora, trainable_parameters
 from .train import Trainer, TrainConfig, accuracy, perplexity
+from .train.distributed import is_main
 
 RUN_DIR = "run"
 REPORT = "finetune_report.json"
@@ -117,9 +118,10 @@ def run(setup: Setup, callbacks: list | None = None) -> dict:
     before = trainer.evaluate(setup.valid_loader)
     result = trainer.fit(setup.train_loader, setup.valid_loader, resume=job.resume)
     after = trainer.evaluate(setup.valid_loader)
-    io.save_adapters(model, out)
-    hf.write_task_file(out, job.task, base_model=Path(job.model).resolve(), id2label=setup.prepared.id2label,
-                       max_length=job.max_length)
+    if is_main():  # under torchrun every rank holds the same adapter; rank 0 writes it
+        io.save_adapters(model, out)
+        hf.write_task_file(out, job.task, base_model=Path(job.model).resolve(), id2label=setup.prepared.id2label,
+                           max_length=job.max_length)
     trainable, total = trainable_parameters(model)
     report = {
         "task": job.task, "model": str(job.model), "data": str(job.data), "valid": str(job.valid) if job.valid else None,
@@ -130,5 +132,6 @@ def run(setup: Setup, callbacks: list | None = None) -> dict:
         "trainable_params": trainable, "total_params": total, "steps": result.steps,
         "elapsed_s": result.elapsed_s, "before": before, "after": after,
     }
-    safetensors_io.atomic_write(out / RUN_DIR / REPORT, (json.dumps(report, indent=2) + "\n").encode())
+    if is_main():
+        safetensors_io.atomic_write(out / RUN_DIR / REPORT, (json.dumps(report, indent=2) + "\n").encode())
     return report

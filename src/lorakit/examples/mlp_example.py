@@ -28,6 +28,7 @@ from .. import safetensors_io
 from ..errors import LoraError
 from ..train import Trainer, TrainConfig
 from ..train.device import resolve_device
+from ..train.distributed import is_main
 from ..train.dashboard import Dashboard
 from ..train.artifacts import CHECKPOINT
 from ..train.reporting import PlainLog
@@ -53,8 +54,9 @@ class ExampleOptions:
 
 
 def say(text: str = "") -> None:
-    """The example's report goes to stdout, a line at a time (plain text: fine in pipes and logs)."""
-    print(text, flush=True)
+    """The example's report goes to stdout, a line at a time (plain text: fine in pipes and logs); rank 0's only."""
+    if is_main():
+        print(text, flush=True)
 
 
 def _mse(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -96,9 +98,11 @@ def run(opts: ExampleOptions) -> int:
                 if sys.stdout.isatty() else [])
         result = Trainer(model, pre_cfg, loss_fn=nn.functional.mse_loss, callbacks=live).fit(train_a, valid_a)
         model.cpu().eval()
-        safetensors_io.write(out / BASE_FILE, model.state_dict(), {"format": "pt"})
+        if is_main():  # under torchrun: rank 0 writes, every rank trains
+            safetensors_io.write(out / BASE_FILE, model.state_dict(), {"format": "pt"})
         say(f"      task A valid loss {result.valid_loss:.4f} (the mean scores 1.0), {time.perf_counter() - t:.1f}s")
-    say(f"      base weights: {out / BASE_FILE} ({_size(out / BASE_FILE)})")
+    if is_main():
+        say(f"      base weights: {out / BASE_FILE} ({_size(out / BASE_FILE)})")
     before = _mse(model, xb, yb)
 
     cfg = lk.LoraConfig(rank=opts.rank, alpha=opts.alpha, dropout=0.0, bias="none")
@@ -113,6 +117,8 @@ def run(opts: ExampleOptions) -> int:
     reporter = Dashboard(title="lorakit example · LoRA fine-tune on task B") if sys.stdout.isatty() else PlainLog()
     Trainer(model, ft_cfg, loss_fn=nn.functional.mse_loss, callbacks=[reporter],
             artifact_dir=out / TRAIN_DIR).fit(train_b, valid_b, resume=resume)
+    if not is_main():  # under torchrun the other ranks only train; rank 0 saves and checks
+        return 0
     model.cpu().eval()
     after = _mse(model, xb, yb)
     improved = after < before

@@ -74,8 +74,11 @@ class Launch:
 
 
 def rank() -> int:
-    """This process's rank in the initialised process group (0 without one)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank: in the process group, else the one torchrun set (0 when not launched)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    launch = Launch.from_env()
+    return launch.rank if launch else 0
 
 
 def is_main() -> bool:
