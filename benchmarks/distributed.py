@@ -101,7 +101,8 @@ def main() -> None:
         ms = statistics.median(r["step_ms"] for r in runs[name])
         rss = statistics.median(r["rss_mib"] for r in runs[name])
         rows = args.batch * world
-        print(f"| {name} | {rows} | {ms:.1f} | {1000 * rows / ms:,.0f} | {base * world / ms:.2f}× rows/s | {rss:.0f} |")
+        speed = base * world / ms
+        print(f"| {name} | {rows} | {ms:.1f} | {1000 * rows / ms:,.0f} | {speed:.2f}× rows/s | {rss:.0f} |")
 
 
 if __name__ == "__main__":

@@ -192,7 +192,8 @@ class Group:
             return loader
         if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
             raise TypeError("under torchrun the train data must be a torch DataLoader over a map-style dataset "
-                            f"(lorakit gives each rank its slice with a DistributedSampler); got {type(loader).__name__}")
+                            "(lorakit gives each rank its slice with a DistributedSampler); "
+                            f"got {type(loader).__name__}")
         if isinstance(loader.sampler, DistributedSampler):
             return loader
         if loader.batch_size is None:
