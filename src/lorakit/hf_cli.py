@@ -90,6 +90,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if bad:
         print(f"skipping {len(bad)} bad row(s) (--skip-bad-rows); first: {bad[0]}", file=sys.stderr)
     report = finetune.run(setup, callbacks=[_plain_log()] if args.plain else None)
+    from .train.distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 reports
+        return EXIT_OK
     metric = "accuracy" if job.task == "seq-cls" else "perplexity"
     for when in ("before", "after"):
         values = report[when]
