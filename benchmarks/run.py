@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--rss-case", help=argparse.SUPPRESS)  # internal: one case's peak RSS, in a fresh process
     a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     if a.quick:
         a.hidden, a.intermediate, a.layers, a.heads, a.vocab, a.batch, a.seq = 32, 64, 2, 2, 128, 2, 16
         a.rounds, a.fast_rounds, a.no_rss = 3, 3, True
@@ -303,6 +304,20 @@ def adapter_ops(a, base, lorakit_model, peft_model, tmp: Path) -> dict[str, dict
     return out
 
 
+def profile_delta(cases: dict, name: str, ref: str, top: int = 8) -> list[tuple[str, float, float]]:
+    """Self-CPU milliseconds per op in one step of `name` and of `ref`, largest differences first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per = {}
+    for n in (name, ref):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            cases[n]()
+        per[n] = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+    keys = set(per[name]) | set(per[ref])
+    rows = [(k, per[name].get(k, 0.0), per[ref].get(k, 0.0)) for k in keys]
+    return sorted(rows, key=lambda r: r[2] - r[1])[:top]
+
+
 # -- the run ------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -320,6 +335,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     log(f"training steps: {a.rounds} rounds of {len(cases)} cases")
     train = harness.interleaved(cases, a.rounds, 1, a.device)
 
+    prof = {n: profile_delta(cases, n, "frozen bound") for n in ("lorakit p=0", f"lorakit p={p}")}
+
     log("bytes saved for backward")
     saved = {n: saved_bytes(c) for n, c in cases.items()}
     rss = None if a.no_rss else peak_rss(a, list(cases))
@@ -334,12 +351,12 @@ def main(argv: list[str] | None = None) -> Path | None:
         ops = adapter_ops(a, base, lk0, pf0, Path(tmp))
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(report(a, train, saved, rss, inf, ops, diffs, time.perf_counter() - t0))
+    a.out.write_text(report(a, train, saved, rss, inf, ops, diffs, prof, time.perf_counter() - t0))
     log(f"wrote {a.out} in {time.perf_counter() - t0:.0f} s")
     return a.out
 
 
-def report(a, train, saved, rss, inf, ops, diffs, seconds) -> str:
+def report(a, train, saved, rss, inf, ops, diffs, prof, seconds) -> str:
     p = f"{a.dropout:g}"
     fb = "frozen bound"
     rows = [[n, fmt_time(train.median(n)), f"{train.ratio(n, fb):.3f}×", f"±{100 * train.spread(n):.0f}%"]
@@ -376,10 +393,17 @@ def report(a, train, saved, rss, inf, ops, diffs, seconds) -> str:
     t_rows = [[t, f"{v:.3f}", "met" if (v <= lim if how == "le" else v >= lim) else "**missed**"]
               for t, v, lim, how in targets]
     n_tok = a.batch * a.seq
+    prof_text = []
+    for name, rows_ in prof.items():
+        extra = sum(r[1] - r[2] for r in rows_)
+        prof_text += [f"One step of {name} against one of the frozen bound (self CPU ms per op, largest "
+                      f"differences; these {len(rows_)} ops account for {extra:+.0f} ms):", "",
+                      table(["op", name, "frozen bound", "difference"],
+                            [[f"`{k}`", f"{x:.1f}", f"{y:.1f}", f"{x - y:+.1f}"] for k, x, y in rows_]), ""]
     return "\n".join([
         "# Benchmark results: lorakit vs PEFT vs the cost floor",
         "",
-        f"Command: `{Path(sys.executable).name} benchmarks/run.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
+        f"Command: `python benchmarks/run.py {' '.join(a.argv)}`".rstrip() + "`" * (not a.argv),
         f"({'quick mode, a tiny model: not meaningful numbers' if a.quick else 'full run'}; {seconds:.0f} s)",
         "",
         f"Machine: {harness.machine(a.device, a.threads)}.",
@@ -403,6 +427,9 @@ def report(a, train, saved, rss, inf, ops, diffs, seconds) -> str:
         "their backward passes cover the same activations and differ only by the LoRA branches. Full "
         "fine-tuning takes token ids and trains every weight (embeddings included).",
         "",
+        "### Where LoRA's extra time goes (torch.profiler)",
+        "",
+        *prof_text,
         "## Memory",
         "",
         table(["case", "saved for backward", "LoRA branch (over frozen)", "× PEFT", "peak RSS", "peak − before step"],

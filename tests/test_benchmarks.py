@@ -41,3 +41,10 @@ def test_quick_run_writes_a_report(tmp_path):
     targets = [line for line in text.splitlines() if line.startswith("| ") and line.endswith(("| met |", "| **missed** |"))]
     assert len(targets) == 7  # every target is judged, met or missed
     assert "nan" not in text.lower().replace("nanogpt", "")
+
+
+def test_lorakit_bench_subcommand_is_wired():
+    from lorakit import cli
+
+    args = cli.build_parser().parse_args(["bench", "--quick", "--threads", "2", "--out", "x.md"])
+    assert args.run is cli.bench and args.quick and args.threads == 2 and str(args.out) == "x.md"

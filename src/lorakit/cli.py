@@ -43,11 +43,44 @@ def example(args: argparse.Namespace) -> int:
                               resume=args.resume))
 
 
+# -- lorakit bench -----------------------------------------------------------------------------------
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    """Flags of `lorakit bench` (passed on to benchmarks/run.py)."""
+    p = sub.add_parser("bench", help="benchmark lorakit against PEFT and the cost floor",
+                       description="Runs benchmarks/run.py of a source checkout: lorakit vs PEFT vs the frozen "
+                                   "bound on a Llama-style model; writes benchmarks/RESULTS.md (or --out).")
+    p.add_argument("--quick", action="store_true", help="a tiny model, a few seconds (numbers not meaningful)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (default: 8)")
+    p.add_argument("--out", type=Path, help="report path (default: benchmarks/RESULTS.md)")
+    p.set_defaults(run=bench)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Run `lorakit bench`."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
+    if not script.is_file():
+        raise OSError(f"{script}: not found; `lorakit bench` needs a source checkout of lorakit")
+    spec = importlib.util.spec_from_file_location("lorakit_benchmarks_run", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    argv = [f"--threads={args.threads}", f"--device={args.device}", f"--rank={args.rank}"]
+    argv += ["--quick"] if args.quick else []
+    argv += [f"--out={args.out}"] if args.out else []
+    print(f"wrote {module.main(argv)}")
+    return 0
+
+
 # -- the command -------------------------------------------------------------------------------------
 
 from .hf_cli import ADDERS as HF_SUBCOMMANDS  # finetune, merge, inspect, generate (Hugging Face models)
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_example, *HF_SUBCOMMANDS]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_example, *HF_SUBCOMMANDS, add_bench]
 
 
 def _positive_int(text: str) -> int:
