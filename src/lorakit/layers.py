@@ -240,13 +240,17 @@ class LoraLayer(nn.Module):
         else:
             raise KeyError(f"adapter {name!r} is not on this layer; it has {self.adapter_names()}")
 
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        """`weight` + this adapter's delta, in fp32, checked finite, in `weight`'s dtype and layout."""
+        return ops.merged_weight(weight, self.weight_delta())
+
     def merge(self) -> nn.Module:
         """A plain copy of the base with W + scaling·B@A (and the bias as trained); this layer is unchanged."""
         quantized = getattr(self.base, "quantized", False)
         plain = self.base.dequantized() if quantized else copy.deepcopy(self.base)  # lorakit.quant: dense export
         if not self.merged:
             with torch.no_grad():
-                plain.weight.copy_(ops.merged_weight(plain.weight, self.weight_delta()))
+                plain.weight.copy_(self.merged_weight(plain.weight))
         for p in plain.parameters():
             p.requires_grad_(False)
         return plain
@@ -258,10 +262,9 @@ class LoraLayer(nn.Module):
         if getattr(self.base, "quantized", False):
             raise LoraStateError("a quantised base cannot be merged in place; merge() exports a dequantised layer")
         w = self.base_weight
-        merged = ops.merged_weight(w, self.weight_delta())
-        self._unmerged_weight = w.detach().clone()
-        with torch.no_grad():
-            w.copy_(merged)
+        merged = self.merged_weight(w).contiguous()  # a new tensor
+        # swap storages rather than clone + copy: the original tensor is kept as is, for an exact unmerge_
+        self._unmerged_weight, w.data = w.data, merged
         self.merged = True
         return self
 
@@ -269,8 +272,7 @@ class LoraLayer(nn.Module):
         """Undo `merge_()`: the base weight becomes exactly what it was."""
         if not self.merged:
             raise LoraStateError(f"{type(self).__name__} is not merged; nothing to unmerge")
-        with torch.no_grad():
-            self.base_weight.copy_(self._unmerged_weight)
+        self.base_weight.data = self._unmerged_weight  # the very tensor merge_ set aside: bit for bit
         self._unmerged_weight = None
         self.merged = False
         return self
@@ -371,6 +373,13 @@ class LoraLinear(LoraLayer):
 
     def mixed_forward(self, x, A, B, slots):
         return ops.lora_linear_mixed(x, self.dense_weight(), self.base.bias, A, B, slots)
+
+    def merged_weight(self, weight):
+        if self.lora_magnitude is not None or self.lora_A is None:
+            return super().merged_weight(weight)
+        if self.fan_in_fan_out:  # W (d_in, d_out) + s·(B A)ᵀ = W + s·Aᵀ Bᵀ
+            return ops.merged_low_rank(weight, self.lora_A.t(), self.lora_B.t(), self.scaling)
+        return ops.merged_low_rank(weight, self.lora_B, self.lora_A, self.scaling)
 
 
 class LoraConv1D(LoraLinear):

@@ -43,11 +43,22 @@ def merged_weight(weight: Tensor, delta: Tensor, name: str = "weight") -> Tensor
 
     `delta` (fp32, from `delta_weight`) is consumed: the sum is formed in its buffer.
     """
-    merged = delta.add_(weight)  # fp32 (+ a bf16/fp16 weight promotes), no new weight-sized buffer
+    return _finite(delta.add_(weight), weight.dtype, name)  # fp32 (+ a bf16/fp16 weight promotes), in delta's buffer
+
+
+def merged_low_rank(weight: Tensor, m1: Tensor, m2: Tensor, scaling: float, name: str = "weight") -> Tensor:
+    """weight + scaling · m1 @ m2 as one fp32 addmm (no separate delta, scale or add passes), checked finite.
+
+    For a linear weight (d_out, d_in) pass (B, A); for one stored (d_in, d_out) pass (Aᵀ, Bᵀ).
+    """
+    return _finite(torch.addmm(weight.float(), m1.float(), m2.float(), alpha=scaling), weight.dtype, name)
+
+
+def _finite(merged: Tensor, dtype: torch.dtype, name: str) -> Tensor:
     lo, hi = torch.aminmax(merged)  # one pass; NaN or Inf anywhere shows up in min or max
     if not (torch.isfinite(lo) and torch.isfinite(hi)):
         raise LoraMergeError(f"merging into {name} gives non-finite values (inf/nan); the weight was not changed")
-    return merged.to(weight.dtype)
+    return merged.to(dtype)
 
 
 # -- the LoRA linear fast path ------------------------------------------------------------------------
