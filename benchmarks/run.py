@@ -87,11 +87,15 @@ read the same x (q/k/v, gate/up: 4 masks per block instead of 7) with a single c
 GEMM, and on GPU a fused kernel that generates the mask (Philox) inside the A GEMM and regenerates it in
 backward instead of storing it.
 
-**Inference, merge, unmerge** are memory-bound and close to their targets; on this shared 2-core machine
-their ratios move by ±10% between runs (see the noise column and the load average): unmerged inference folds
-the branch into the weight once N is large (fp32), merge is one fp32 delta, an in-place add and one aminmax
-finiteness check, plus the exact copy of the base weight that `unmerge_` restores bit for bit (PEFT's
-unmerge subtracts and is not exact).
+**Inference, merge, unmerge** are memory-bound. Unmerged inference folds the branch into the weight once N
+is large (fp32). Merge in place is one fp32 addmm (W + s·B·A), one aminmax finiteness check and a storage
+swap: the original weight tensor is set aside untouched, so `unmerge_` is a swap back, exact to the bit
+and ~40× faster than PEFT's (which subtracts, and is not exact). That exactness is why merge itself sits at
+0.96–1.0× PEFT rather than above: PEFT adds into the existing weight, while lorakit writes the merged weight
+into a fresh buffer (first-touch page faults on 28 new weight-sized tensors) and reads it once more for the
+finiteness check. Per 1376×512 layer, warm, that is 0.66 ms against PEFT's 0.74 ms. Closing the rest means
+adding into the existing weight as PEFT does, which gives up the exact unmerge (or keeping a spare
+weight-sized buffer per layer between merges, which costs the memory LoRA is meant to save): not taken.
 """
 
 
@@ -496,6 +500,14 @@ def report(a, train, saved, rss, inf, ops, diffs, prof, seconds) -> str:
         "vs `merge_adapter`/`unmerge_adapter`.",
         "",
         NOTES,
+        "",
+        "## The other suites",
+        "",
+        "`bash benchmarks/all.sh` runs this file's suite and three more, each writing its own page: "
+        "[mixed-adapter batches](RESULTS-adapters.md) (`benchmarks/adapters.py`), "
+        "[DoRA and QLoRA](RESULTS-variants.md) (`benchmarks/variants.py`) and "
+        "[1 → 2 processes](RESULTS-distributed.md) (`benchmarks/distributed.py`).",
+        "",
     ])
 
 

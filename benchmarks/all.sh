@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every benchmark suite, one after the other (about 10 minutes on 2 CPU cores); each writes its own page:
+#   RESULTS.md (lorakit vs PEFT vs the cost floor), RESULTS-adapters.md, RESULTS-variants.md, RESULTS-distributed.md
+# Extra arguments go to run.py (e.g. --device cuda).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+machine() { "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import harness; print(harness.machine('cpu', 1))"; }
+"$PY" benchmarks/run.py "$@"
+"$PY" benchmarks/adapters.py
+{
+  echo "# LoRA variants: DoRA and QLoRA against plain LoRA"
+  echo
+  echo "Command: \`python benchmarks/variants.py --threads 1\`"
+  echo
+  echo "Machine: $(machine)."
+  echo
+  "$PY" benchmarks/variants.py --threads 1 2>/dev/null
+} > benchmarks/RESULTS-variants.md.tmp && mv benchmarks/RESULTS-variants.md.tmp benchmarks/RESULTS-variants.md
+{
+  echo "# Distributed training on CPU: 1 process against 2 ranks (torchrun, gloo)"
+  echo
+  echo "Command: \`python benchmarks/distributed.py\`"
+  echo
+  echo "Machine: $(machine)."
+  echo
+  "$PY" benchmarks/distributed.py 2>/dev/null
+} > benchmarks/RESULTS-distributed.md.tmp && mv benchmarks/RESULTS-distributed.md.tmp benchmarks/RESULTS-distributed.md
+echo "wrote benchmarks/RESULTS*.md"
