@@ -1,0 +1,172 @@
+"""PEFT's `adapter_config.json`, both ways: lorakit configs to PEFT's fields, and PEFT's fields validated into lorakit's.
+
+PEFT features lorakit does not have are refused by name, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import INITS, LoraBias, LoraConfig
+from .errors import LoraFileError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1024 * 1024
+
+# PEFT config keys we read, or that carry no behaviour for a saved adapter
+_UNDERSTOOD = {
+    "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora",
+    "fan_in_fan_out", "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save", "exclude_modules",
+    "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "megatron_core",
+    "qalora_group_size", "ensure_weight_tying", "eva_config", "lorakit", "use_dora",
+}
+# init_lora_weights values that assume a base changed at init time (PiSSA, OLoRA, CorDA, LoftQ, ...)
+_INIT_OK = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def to_peft_config(configs: dict[str, LoraConfig], other_modules: list[str], *, fan_in_fan_out: bool = False,
+                   modules_to_save: list[str] | None = None, name_or_path: str | None = None) -> dict:
+    """adapter_config.json for LoRA on `configs` (module name -> its config), in PEFT's vocabulary.
+
+    Targets are written as the exact module names (a regex of them where a name is also the suffix of
+    one of `other_modules`); ranks and alphas that differ from the most common go to rank/alpha_pattern.
+    """
+    base = (Counter(c.rank for c in configs.values()).most_common(1)[0][0],
+            Counter(c.alpha for c in configs.values()).most_common(1)[0][0])
+    one = next(iter(configs.values()))
+    names = list(configs)
+    if any(n.endswith("." + t) for n in other_modules for t in names):
+        target_modules: list[str] | str = "|".join(re.escape(n) for n in names)  # a regex string: exact names
+    else:
+        target_modules = names
+    rank_pattern = {_exact_key(n, names): c.rank for n, c in configs.items() if c.rank != base[0]}
+    alpha_pattern = {_exact_key(n, names): c.alpha for n, c in configs.items() if c.alpha != base[1]}
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": name_or_path,
+        "r": base[0],
+        "lora_alpha": base[1],
+        "lora_dropout": one.dropout,
+        "target_modules": target_modules,
+        "bias": "lora_only" if one.bias is LoraBias.ALL else "none",  # PEFT's name for "biases of wrapped layers"
+        "use_rslora": one.use_rslora,
+        "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": True if one.init == "kaiming" else one.init,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": list(modules_to_save or ()) or None,
+        "use_dora": one.use_dora,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+
+
+def _exact_key(name: str, names: list[str]) -> str:
+    """A rank/alpha_pattern key that PEFT matches to `name` only: plain where unambiguous, else anchored."""
+    if sum(1 for n in names if re.match(rf"(.*\.)?({name})$", n)) == 1:
+        return name
+    return "^" + re.escape(name)
+
+
+
+
+def _exact_key(name: str, names: list[str]) -> str:
+    """A rank/alpha_pattern key that PEFT matches to `name` only: plain where unambiguous, else anchored."""
+    if sum(1 for n in names if re.match(rf"(.*\.)?({name})$", n)) == 1:
+        return name
+    return "^" + re.escape(name)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What an adapter directory asks for, read from its config: LoRA config, targets, extra modules."""
+
+    config: LoraConfig
+    targets: list[str]
+    exclude: list[str]
+    modules_to_save: list[str]
+    raw: dict
+
+
+def read_adapter_config(directory: str | Path) -> AdapterSpec:
+    """Read and validate `adapter_config.json`; PEFT features lorakit lacks are refused by name."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise LoraFileError(f"{path}: no such file (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise LoraFileError(f"{path}: {path.stat().st_size} bytes is past the {MAX_CONFIG_BYTES}-byte limit for a config")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise LoraFileError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(raw, dict):
+        raise LoraFileError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+
+    def field(key, kinds, default=None, required=False):
+        if raw.get(key) is None:
+            if required:
+                raise LoraFileError(f"{path}: missing key {key!r}")
+            return default
+        v = raw[key]
+        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in _tuple(kinds)):
+            raise LoraFileError(f"{path}: key {key!r} is {v!r}; expected {_kind_names(kinds)}")
+        return v
+
+    if field("peft_type", str, required=True) != "LORA":
+        raise LoraFileError(f"{path}: peft_type {raw['peft_type']!r} is not supported; expected 'LORA'")
+    for key, value in raw.items():
+        if key not in _UNDERSTOOD and value not in (None, False, {}, [], ""):
+            raise LoraFileError(f"{path}: PEFT feature {key}={value!r} is not supported by lorakit")
+    init = raw.get("init_lora_weights", True)
+    if init not in _INIT_OK:
+        raise LoraFileError(f"{path}: init_lora_weights={init!r} is not supported: that adapter expects a base "
+                            f"changed at init time; supported: {', '.join(map(repr, _INIT_OK))}")
+    bias = field("bias", str, "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise LoraFileError(f"{path}: key 'bias' is {bias!r}; expected 'none', 'all' or 'lora_only'")
+    targets = field("target_modules", (list, str), required=True)
+    if isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
+        raise LoraFileError(f"{path}: key 'target_modules' must be a list of strings or a regex string")
+    exclude = field("exclude_modules", (list, str), None)
+    modules_to_save = field("modules_to_save", list, None) or []
+    for key, value in (("exclude_modules", exclude), ("modules_to_save", modules_to_save)):
+        if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
+            raise LoraFileError(f"{path}: key {key!r} must be a list of module names")
+    try:
+        config = LoraConfig(
+            rank=field("r", int, required=True),
+            alpha=field("lora_alpha", (int, float), 8),
+            dropout=field("lora_dropout", (int, float), 0.0),
+            bias="none" if bias == "none" else "all",
+            use_rslora=field("use_rslora", bool, False),
+            init=init if init in INITS else "kaiming",
+            rank_pattern=field("rank_pattern", dict, None) or {},
+            alpha_pattern=field("alpha_pattern", dict, None) or {},
+            use_dora=field("use_dora", bool, False),
+        )
+    except ValueError as e:
+        raise LoraFileError(f"{path}: {e}") from None
+    return AdapterSpec(config, _rules(targets), _rules(exclude) if exclude else [], list(modules_to_save), raw)
+
+
+def _tuple(kinds):
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _kind_names(kinds) -> str:
+    return " or ".join({"str": "a string", "int": "an int", "float": "a number", "bool": "true/false",
+                        "list": "a list", "dict": "an object"}[k.__name__] for k in _tuple(kinds))
+
+
+def _rules(peft_targets: list[str] | str) -> list[str]:
+    """PEFT target semantics in lorakit rules: a list is names/suffixes, a string is a full-match regex."""
+    if isinstance(peft_targets, str):
+        return ["all-linear"] if peft_targets == "all-linear" else [f"re:{peft_targets}"]
+    return list(peft_targets)
