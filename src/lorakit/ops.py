@@ -9,6 +9,7 @@ Everything else in lorakit calls these; nothing else does LoRA arithmetic.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,39 @@ def dropout_keep(shape: tuple[int, ...], p: float, device: torch.device | str | 
     return lanes >= cut - 2**15, 2**_DROP_BITS / (2**_DROP_BITS - cut)
 
 
+class _SiblingDropout:
+    """The dropout last drawn for an input tensor, shared by the sibling layers that read the same x.
+
+    q/k/v (and gate/up) take one input; drawing one mask and one dropped input for all of them saves
+    two of three draws, multiplies and stored masks — as if dropout were applied once to the block's
+    LoRA input. A layer that reads the same x again (a repeated call) gets a fresh draw. A weak
+    reference and the tensor's version counter make sure the mask is only reused for that very x.
+    """
+
+    def __init__(self) -> None:
+        self.ref: weakref.ref | None = None
+        self.version, self.p, self.users = -1, -1.0, set()
+        self.keep: Tensor | None = None
+        self.dropped: Tensor | None = None
+        self.scale = 1.0
+
+    def get(self, x: Tensor, x2: Tensor, p: float, user: int) -> tuple[Tensor, Tensor, float]:
+        """(keep mask, x2 · mask, 1/(1-p)) for layer `user` reading `x` (viewed as x2: (N, d_in))."""
+        if (self.ref is not None and self.ref() is x and self.version == x._version and self.p == p
+                and user not in self.users and not torch.compiler.is_compiling()):
+            self.users.add(user)
+            return self.keep, self.dropped, self.scale
+        keep, scale = dropout_keep(x2.shape, p, x2.device)
+        dropped = x2 * _as_mask(keep, x2.dtype)  # (N, d_in), unscaled: the scale is applied at rank r
+        if not torch.compiler.is_compiling():
+            self.ref, self.version, self.p, self.users = weakref.ref(x), x._version, p, {user}
+            self.keep, self.dropped, self.scale = keep, dropped, scale
+        return keep, dropped, scale
+
+
+_sibling_dropout = _SiblingDropout()
+
+
 def _as_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
     """keep (bool) as 0/1 in `dtype`: multiplying by it is ~2× faster than by a bool tensor (no mixed dtypes)."""
     return keep.view(torch.uint8).to(dtype)
@@ -131,8 +165,8 @@ class _LoraLinearFn(torch.autograd.Function):
         n, (d_out, d_in) = x2.shape[0], weight.shape
         keep, drop_scale, merge = None, 1.0, False
         if p > 0.0 and training:
-            keep, drop_scale = dropout_keep(x2.shape, p, x2.device)  # (N, d_in) bool
-            h = (x2 * _as_mask(keep, x2.dtype)) @ A.t()  # (N, r)
+            keep, dropped, drop_scale = _sibling_dropout.get(x, x2, p, id(A))  # (N, d_in) bool, shared by siblings
+            h = dropped @ A.t()  # (N, r)
             h.mul_(drop_scale)
             y = F.linear(x2, weight, bias)  # (N, d_out)
             y.addmm_(h, B.t(), alpha=scaling)  # += s·h Bᵀ in place: no output-sized temporary
