@@ -1,20 +1,17 @@
 """Many named adapters on one base: switch, disable, delete, hot swap, mixed batches, combine."""
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit as lk
 
-
-def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny_models import llama  # noqa: E402
 
 
 IDS = torch.randint(0, 100, (4, 10), generator=torch.Generator().manual_seed(5))

@@ -1,29 +1,21 @@
 """DoRA: the math against a naive reference and against PEFT's DoRA (outputs, gradients, files both ways)."""
 
 import copy
+import sys
 import warnings
+from pathlib import Path
 
 import peft
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import lorakit as lk
 from lorakit import ops
 from lorakit.io import adapter_state_dict
 
-
-def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def gpt2():
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)).eval()
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny_models import gpt2, llama  # noqa: E402
 
 
 IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(5))
