@@ -96,6 +96,20 @@ def main(argv: list[str] | None = None) -> Path:
         with torch.no_grad(), lk.disable_adapters(lkm):
             lkm(input_ids=ids)
 
+    def decode(model, steps=16, **kw):  # a prefill, then one token per row per step with the KV cache
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True, **kw)
+            for _ in range(steps):
+                out = model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True, **kw)
+
+    def lk_decode_mixed():
+        with lk.mixed_batch(lkm, names):
+            decode(lkm)
+
+    gen_cases = {"lorakit single adapter": lambda: decode(lkm), "lorakit mixed batch": lk_decode_mixed,
+                 "PEFT single adapter": lambda: decode(pm), "PEFT mixed batch": lambda: decode(pm, adapter_names=names)}
+    g = harness.interleaved(gen_cases, max(3, a.rounds // 2), warmup=1, device=a.device)
+
     cases = {"base (adapters disabled)": base_only, "lorakit single adapter": lk_single,
              "lorakit mixed batch": lk_mixed, "PEFT single adapter": pf_single, "PEFT mixed batch": pf_mixed}
     s = harness.interleaved(cases, a.rounds, warmup=2, device=a.device)
@@ -119,6 +133,14 @@ def main(argv: list[str] | None = None) -> Path:
         f"logits agree to {agree:.1e} on the mixed batch.",
         "",
         harness.table(["case", "median", "noise"], rows),
+        "",
+        f"Generation: a prefill of the same batch, then 16 decode steps of one token per row (KV cache), "
+        f"{max(3, a.rounds // 2)} interleaved rounds:",
+        "",
+        harness.table(["case", "median", "× single adapter"], [
+            [n, harness.fmt_time(g.median(n)),
+             f"{g.ratio(n, n.replace('mixed batch', 'single adapter')):.3f}×" if "mixed" in n else "1×"]
+            for n in gen_cases]),
         "",
         harness.table(["target", "measured", ""], [
             ["lorakit mixed batch ≤ 1.10× its single-adapter batch", f"{mixed_ratio:.3f}",

@@ -167,7 +167,7 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Mod
     slots_cpu = torch.tensor([index.get(n, 0) if n is not None else 0 for n in rows], dtype=torch.long)
     for layer in layers.values():
         A, B = _cached_stack(layer, names)
-        layer.mixed = (A, B, slots_cpu.to(A.device))
+        layer.mixed = layer.mixed_state(A, B, slots_cpu.to(A.device))
     try:
         yield model
     finally:

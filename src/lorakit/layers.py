@@ -62,7 +62,7 @@ class LoraLayer(nn.Module):
         self.stash = nn.ModuleDict()
         self.merged = False
         self.disabled = False  # set by lorakit.adapters.disable_adapters: run the bare base
-        self.mixed = None  # set by lorakit.adapters.mixed_batch: (A stack, B stack, row -> slot)
+        self.mixed = None  # set by lorakit.adapters.mixed_batch: what mixed_forward needs, from mixed_state
         self._unmerged_weight: Tensor | None = None  # the exact base weight while merged in place
         for p in base.parameters():
             p.requires_grad_(False)
@@ -163,6 +163,10 @@ class LoraLayer(nn.Module):
         if self.merged or self.disabled or self.lora_A is None:
             return self.base(x)
         return self.lora_forward(x)
+
+    def mixed_state(self, A: Tensor, B: Tensor, slots: Tensor) -> tuple[Tensor, ...]:
+        """What `mixed_forward` takes after x, prepared once per mixed batch from the stacks and row -> slot."""
+        return A, B, slots
 
     def mixed_forward(self, x: Tensor, A: Tensor, B: Tensor, slots: Tensor) -> Tensor:
         """base(x) + each batch row's own adapter: A (n, r, ...), B (n, d_out, r, ...) pre-scaled, slots (batch,)."""
@@ -371,8 +375,11 @@ class LoraLinear(LoraLayer):
             delta = super().weight_delta()  # (d_out, d_in)
         return delta.t() if self.fan_in_fan_out else delta
 
-    def mixed_forward(self, x, A, B, slots):
-        return ops.lora_linear_mixed(x, self.dense_weight(), self.base.bias, A, B, slots)
+    def mixed_state(self, A, B, slots):
+        return ops.mixed_rows(A, B, slots)  # gathered once, not at every forward (a decode step is one token)
+
+    def mixed_forward(self, x, At, Bt):
+        return ops.lora_linear_mixed(x, self.dense_weight(), self.base.bias, At, Bt)
 
     def merged_weight(self, weight):
         if self.lora_magnitude is not None or self.lora_A is None:

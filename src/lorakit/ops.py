@@ -275,12 +275,17 @@ def lora_conv(x: Tensor, conv: torch.nn.modules.conv._ConvNd, A: Tensor, B: Tens
 # adapter's scaling folded into B; slot 0 is all zeros (rows that use no adapter). Batched gathers and bmm:
 # no Python loop over adapters.
 
-def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, slots: Tensor) -> Tensor:
-    """F.linear(x, W, b) + per-row (x Aᵀ_slot) Bᵀ_slot.  x: (batch, ..., d_in), slots: (batch,)."""
+def mixed_rows(A: Tensor, B: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's own factors, gathered once per mixed batch: Aᵀ (batch, d_in, r) and Bᵀ (batch, r, d_out)."""
+    return A[slots].transpose(1, 2), B[slots].transpose(1, 2)
+
+
+def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, At: Tensor, Bt: Tensor) -> Tensor:
+    """F.linear(x, W, b) + per-row (x Aᵀ_row) Bᵀ_row.  x: (batch, ..., d_in); At, Bt from `mixed_rows`."""
     y = F.linear(x, weight, bias)  # (batch, ..., d_out)
     xb = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, T, d_in)
-    h = torch.bmm(xb, A[slots].transpose(1, 2))  # (batch, T, r)
-    y.view(x.shape[0], -1, y.shape[-1]).baddbmm_(h, B[slots].transpose(1, 2))  # in place: no output-sized temporary
+    h = torch.bmm(xb, At)  # (batch, T, r)
+    y.view(x.shape[0], -1, y.shape[-1]).baddbmm_(h, Bt)  # in place: no output-sized temporary
     return y
 
 
