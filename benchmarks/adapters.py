@@ -21,19 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
-from run import TARGETS, build_base  # noqa: E402
+from run import TARGETS, add_model_args, build_base  # noqa: E402
 
 import lorakit as lk  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1376)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--rank", type=int, default=8)
+    add_model_args(p)
     p.add_argument("--adapters", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--rounds", type=int, default=15)
