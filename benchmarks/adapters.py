@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> Path:
     s = harness.interleaved(cases, a.rounds, warmup=2, device=a.device)
     base_bytes = sum(t.numel() * t.element_size() for t in base.parameters())
     total = sum(t.numel() * t.element_size() for t in lkm.parameters())
-    one = sum(t.numel() * t.element_size() for t in lk.io.adapter_state_dict(lkm, names[0]).values())
+    one = sum(t.numel() * t.element_size() for t in lk.saving.adapter_state_dict(lkm, names[0]).values())
     rows = [[n, harness.fmt_time(s.median(n)), f"±{100 * s.spread(n):.0f}%"] for n in cases]
     mixed_ratio = s.ratio("lorakit mixed batch", "lorakit single adapter")
     peft_ratio = s.ratio("PEFT mixed batch", "PEFT single adapter")

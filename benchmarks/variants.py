@@ -26,7 +26,7 @@ import harness  # noqa: E402
 
 import lorakit as lk  # noqa: E402
 from lorakit import ops  # noqa: E402
-from lorakit.quant import quantize_base, quantized_layers  # noqa: E402
+from lorakit.variants.quant import quantize_base, quantized_layers  # noqa: E402
 
 
 def stack(d: int, layers: int) -> nn.Sequential:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lorakit as lk
-from lorakit import safetensors_io
+from lorakit.files import safetensors as safetensors_io
 from lorakit.train import TrainConfig, Trainer
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "artifacts/mlp_lora")

@@ -17,7 +17,7 @@ from torch import nn
 
 with atheris.instrument_imports(include=["lorakit"]):  # instrument our code, not torch
     import lorakit as lk
-    from lorakit import safetensors_io
+    from lorakit.files import safetensors as safetensors_io
 
 LAYER = lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=2))
 TMP = Path(tempfile.mkdtemp())

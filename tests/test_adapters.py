@@ -84,9 +84,9 @@ def test_training_one_adapter_leaves_the_others_byte_identical(setup):
     _, _, model, _ = setup
     model = copy.deepcopy(model)
     lk.set_adapter(model, "code")
-    others = {n: {k: v.clone() for k, v in lk.io.adapter_state_dict(model, n).items()} for n in ("math", "chat")}
+    others = {n: {k: v.clone() for k, v in lk.saving.adapter_state_dict(model, n).items()} for n in ("math", "chat")}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable and len(trainable) == 2 * len(lk.io.adapter_slots(model, "code"))
+    assert trainable and len(trainable) == 2 * len(lk.saving.adapter_slots(model, "code"))
     opt = torch.optim.AdamW(trainable, lr=1e-2)
     model.train()
     for _ in range(3):
@@ -94,7 +94,7 @@ def test_training_one_adapter_leaves_the_others_byte_identical(setup):
         model(IDS, labels=IDS).loss.backward()
         opt.step()
     for n, tensors in others.items():
-        now = lk.io.adapter_state_dict(model, n)
+        now = lk.saving.adapter_state_dict(model, n)
         assert all(torch.equal(now[k], v) for k, v in tensors.items()), n
         assert not any(t.requires_grad for t in now.values())
 
@@ -133,7 +133,7 @@ def test_adapters_cost_their_own_bytes_never_a_base_copy(setup):
     base, _, model, d = setup
     base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    adapters = sum(t.numel() * t.element_size() for n in SPECS for t in lk.io.adapter_state_dict(model, n).values())
+    adapters = sum(t.numel() * t.element_size() for n in SPECS for t in lk.saving.adapter_state_dict(model, n).values())
     assert total == base_bytes + adapters
 
 

@@ -21,7 +21,8 @@ import _hf_models  # noqa: E402
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lorakit import data, hf  # noqa: E402
+from lorakit.hf import data  # noqa: E402
+from lorakit.hf import models as hf  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 DATA = Path(__file__).parent / "data"

@@ -17,7 +17,7 @@ import _hf_models  # noqa: E402
 transformers = pytest.importorskip("transformers")
 
 import lorakit as lk  # noqa: E402
-from lorakit import hf  # noqa: E402
+from lorakit.hf import models as hf  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 IDS = torch.tensor([[2, 4, 5, 6, 7, 8], [2, 9, 10, 11, 12, 3]])

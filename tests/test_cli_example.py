@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakit import safetensors_io
+from lorakit.files import safetensors as safetensors_io
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n: colours, cursor moves, \r
 ENV = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "80"}  # a colour terminal, but stdout is a pipe

@@ -16,7 +16,7 @@ from test_cli import _causal_rows, _logits, _write_jsonl, lorakit  # noqa: E402
 peft = pytest.importorskip("peft")
 pytest.importorskip("torchao")
 
-from lorakit import hf  # noqa: E402
+from lorakit.hf import models as hf  # noqa: E402
 
 
 def test_finetune_dora_pissa_nf4_loraplus_loads_in_peft_on_the_original_base(tmp_path):

@@ -14,8 +14,8 @@ import _hf_models  # noqa: E402
 
 pytest.importorskip("transformers")
 
-from lorakit import data  # noqa: E402
-from lorakit.data import DataError  # noqa: E402
+from lorakit.hf import data  # noqa: E402
+from lorakit.hf.data import DataError  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit import ops
-from lorakit.io import adapter_state_dict
+from lorakit.saving import adapter_state_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_models import gpt2, llama  # noqa: E402

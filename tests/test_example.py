@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakit import safetensors_io
+from lorakit.files import safetensors as safetensors_io
 from lorakit.examples.mlp_example import ExampleOptions, check_artifacts, run
 
 SMALL = dict(epochs=3, pretrain_epochs=4, device="cpu", seed=3)

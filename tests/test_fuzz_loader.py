@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorakit as lk
-from lorakit import io, safetensors_io
+from lorakit import loading as io
+from lorakit.files import safetensors as safetensors_io
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import lorakit as lk  # noqa: E402
-from lorakit import adapter_info, hf  # noqa: E402
+from lorakit.files import inspect as adapter_info  # noqa: E402
+from lorakit.hf import models as hf  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -207,7 +208,7 @@ def test_lorakit_model_trains_inside_transformers_trainer(tmp_path, tiny):
     lk.apply_lora(model, lk.LoraConfig(rank=4, alpha=8.0), "all-linear")
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     rows = [{"input_ids": tok(s)["input_ids"], "labels": tok(s)["input_ids"]} for s in _hf_models.SENTENCES]
-    from lorakit import data
+    from lorakit.hf import data
 
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=len(rows),
                                           max_steps=15, learning_rate=3e-2, logging_steps=1, save_strategy="no",

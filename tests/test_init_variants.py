@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import lorakit as lk
 from lorakit import ops
-from lorakit.io import adapter_state_dict
+from lorakit.saving import adapter_state_dict
 
 INITS = ["pissa", "olora"]
 
@@ -112,7 +112,7 @@ def test_refusals():
 def test_quantising_the_residual_keeps_the_error_small():
     """The PiSSA + QLoRA recipe: the principal part stays in full precision, the residual is quantised."""
     pytest.importorskip("torchao")
-    from lorakit.quant import quantize_base
+    from lorakit.variants.quant import quantize_base
 
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(128, 128))

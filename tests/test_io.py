@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit import io, safetensors_io
+from lorakit import loading as io
+from lorakit.files import safetensors as safetensors_io
 
 
 class Net(nn.Module):

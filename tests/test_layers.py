@@ -274,7 +274,7 @@ def test_layer_load_refuses_damaged_file(damage, needle, tmp_path):
 
 
 def test_layer_load_refuses_nan_unless_allowed(tmp_path):
-    from lorakit import io
+    from lorakit import loading as io
 
     src = lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=2))
     with torch.no_grad():

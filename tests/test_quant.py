@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
 from lorakit import ops
-from lorakit.quant import QuantLinear, quantize_base, quantize_int8, quantized_layers
+from lorakit.variants.quant import QuantLinear, quantize_base, quantize_int8, quantized_layers
 
 pytest.importorskip("torchao")
 

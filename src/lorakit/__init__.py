@@ -4,7 +4,9 @@ from .adapters import (CombineReport, active_adapter, combine_adapters, delete_a
                        list_adapters, mixed_batch, set_adapter, use_adapter)
 from .config import LoraBias, LoraConfig
 from .errors import LoraError, LoraFileError, LoraMergeError, LoraStateError
-from .io import load_adapters, read_adapter_config, save_adapters
+from .files.peft_format import read_adapter_config
+from .loading import load_adapters
+from .saving import save_adapters
 from .layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear, with_lora
 from .model import apply_lora, lora_layers, merge, merge_, summary, trainable_parameters, unmerge_
 

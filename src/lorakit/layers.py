@@ -84,6 +84,7 @@ class LoraLayer(nn.Module):
         ops.init_factors_(A, B, config.init)
         return A, B
 
+    peft_layout = "linear"  # which PEFT key names its tensors take (files.peft_format.SUFFIXES)
     supports_dora = False  # layer types with a DoRA forward and merge set this
     supports_base_init = False  # layer types that implement init="pissa"/"olora" set this
 
@@ -294,15 +295,15 @@ class LoraLayer(nn.Module):
 
     def save_adapter(self, path: str | Path) -> Path:
         """Write lora_A, lora_B (+ bias) to `<path>.safetensors`, config in the metadata."""
-        from . import io  # layers know nothing of files; io does the work
+        from .saving import save_layer_adapter  # layers know nothing of files; saving does the work
 
-        return io.save_layer_adapter(self, path)
+        return save_layer_adapter(self, path)
 
     def load_adapter(self, path: str | Path) -> LoraLayer:
         """Load a file written by `save_adapter`; validated fully before anything is copied."""
-        from . import io
+        from .loading import load_layer_adapter
 
-        io.load_layer_adapter(self, path)
+        load_layer_adapter(self, path)
         return self
 
     def extra_repr(self) -> str:
@@ -397,6 +398,8 @@ class LoraConv1D(LoraLinear):
 
 class LoraEmbedding(LoraLayer):
     """LoRA beside an nn.Embedding: A (r, num_embeddings), B (embedding_dim, r), as PEFT lays them out."""
+
+    peft_layout = "embedding"
 
     @classmethod
     def factor_shapes(cls, base, rank):

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lorakit as lk
-from lorakit import safetensors_io
+from lorakit.files import safetensors as safetensors_io
 from lorakit.train import PlainLog, StepLogged, TrainConfig, Trainer
 from lorakit.train.distributed import rank
 

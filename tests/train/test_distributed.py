@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lorakit import safetensors_io
+from lorakit.files import safetensors as safetensors_io
 from lorakit.train.distributed import Group, Launch
 
 SCRIPT = Path(__file__).with_name("dist_run.py")

@@ -112,7 +112,7 @@ def test_resume_from_an_epoch_end_checkpoint_matches_uninterrupted(uninterrupted
 
 
 def test_artifacts_are_safetensors_json_and_png_only(uninterrupted: Path) -> None:
-    from lorakit import safetensors_io
+    from lorakit.files import safetensors as safetensors_io
 
     suffixes = {p.suffix for p in uninterrupted.rglob("*") if p.is_file()}
     assert suffixes <= {".json", ".jsonl", ".png", ".safetensors"}, suffixes

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 import lorakit as lk
 
-from .. import safetensors_io
+from ..files import safetensors as safetensors_io
+from ..files.atomic import atomic_write
 from ..errors import LoraError
 from ..train import Trainer, TrainConfig
 from ..train.device import resolve_device

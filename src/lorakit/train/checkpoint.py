@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import safetensors_io
+from ..files import safetensors as safetensors_io
+from ..files.atomic import atomic_write
 from ..errors import LoraFileError
 
 FORMAT = "lorakit-train-checkpoint"

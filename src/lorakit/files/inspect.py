@@ -9,8 +9,9 @@ import json
 import math
 from pathlib import Path
 
-from . import io, safetensors_io
-from .errors import LoraFileError
+from . import peft_format
+from . import safetensors as safetensors_io
+from ..errors import LoraFileError
 
 # PEFT key suffix -> (factor, layout)
 _SUFFIXES = {
@@ -32,13 +33,13 @@ def describe(path: str | Path) -> dict:
     """
     path = Path(path)
     if path.is_dir():
-        directory, weights = path, path / io.WEIGHTS_NAME
+        directory, weights = path, path / peft_format.WEIGHTS_NAME
     elif path.is_file():
-        directory, weights = (path.parent if (path.parent / io.CONFIG_NAME).is_file() else None), path
+        directory, weights = (path.parent if (path.parent / peft_format.CONFIG_NAME).is_file() else None), path
     else:
         raise LoraFileError(f"{path}: no such file or directory")
     if not weights.is_file():
-        raise LoraFileError(f"{weights}: no such file (an adapter directory holds {io.CONFIG_NAME} and {io.WEIGHTS_NAME})")
+        raise LoraFileError(f"{weights}: no such file (an adapter directory holds {peft_format.CONFIG_NAME} and {peft_format.WEIGHTS_NAME})")
     tensors, meta = safetensors_io.read(weights)
     if meta.get("format") == "lorakit-layer":
         return _describe_layer(weights, tensors, meta)
@@ -47,13 +48,13 @@ def describe(path: str | Path) -> dict:
                   "file_bytes": weights.stat().st_size, "config": None, "loadable": None, "problem": None}
     spec = None
     if directory is not None:
-        config_path = directory / io.CONFIG_NAME
+        config_path = directory / peft_format.CONFIG_NAME
         try:
             info["config"] = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             info["problem"] = f"{config_path}: unreadable ({e})"
         try:
-            spec = io.read_adapter_config(directory)
+            spec = peft_format.read_adapter_config(directory)
             info["loadable"] = True
         except LoraFileError as e:
             info["loadable"], info["problem"] = False, str(e)
@@ -63,7 +64,7 @@ def describe(path: str | Path) -> dict:
     modules: dict[str, dict] = {}
     extra: list[dict] = []
     for key, t in tensors.items():
-        name = key[len(io.PREFIX):] if key.startswith(io.PREFIX) else key
+        name = key[len(peft_format.PREFIX):] if key.startswith(peft_format.PREFIX) else key
         hit = next(((name[:-len(s)], v) for s, v in _SUFFIXES.items() if name.endswith(s)), None)
         if hit is None:
             extra.append({"name": name, "shape": list(t.shape), "params": t.numel(), "dtype": str(t.dtype).removeprefix("torch.")})

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoraError
+from ..errors import LoraError
 
 TASKS = ("causal-lm", "seq-cls")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}

@@ -17,10 +17,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from .errors import LoraStateError
-from .layers import LoraLinear
-from .model import lora_layers
+from .. import ops
+from ..errors import LoraStateError
+from ..layers import LoraLinear
+from ..model import lora_layers
 
 FORMATS = ("nf4", "int8")
 NF4_BLOCK = 64  # weights per absmax block (QLoRA's choice)

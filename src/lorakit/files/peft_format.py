@@ -11,12 +11,30 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import INITS, LoraBias, LoraConfig
-from .errors import LoraFileError
+from ..config import INITS, LoraBias, LoraConfig
+from ..errors import LoraFileError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1024 * 1024
+PREFIX = "base_model.model."  # PEFT's key prefix for the wrapped model's modules
+
+# lorakit's tensor name -> PEFT's key suffix, per layer layout (the one definition of PEFT's key names)
+SUFFIXES: dict[str, dict[str, str]] = {
+    "linear": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "bias": "base_layer.bias",
+               "lora_magnitude": "lora_magnitude_vector"},  # DoRA's m, as PEFT 0.21 saves it
+    "embedding": {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", "bias": "base_layer.bias"},
+}
+
+
+def peft_key(module: str, tensor: str, layout: str = "linear") -> str:
+    """The PEFT state-dict key of `tensor` ("lora_A", "lora_B", "bias", "lora_magnitude") of `module`."""
+    return f"{PREFIX}{module}.{SUFFIXES[layout][tensor]}"
+
+
+def is_peft_copy(key: str) -> bool:
+    """PEFT's bookkeeping copies of modules_to_save (the plain key carries the trained value)."""
+    return ".original_module." in key or ".modules_to_save." in key
 
 # PEFT config keys we read, or that carry no behaviour for a saved adapter
 _UNDERSTOOD = {
@@ -66,15 +84,6 @@ def to_peft_config(configs: dict[str, LoraConfig], other_modules: list[str], *, 
         "layers_pattern": None,
         "inference_mode": True,
     }
-
-
-def _exact_key(name: str, names: list[str]) -> str:
-    """A rank/alpha_pattern key that PEFT matches to `name` only: plain where unambiguous, else anchored."""
-    if sum(1 for n in names if re.match(rf"(.*\.)?({name})$", n)) == 1:
-        return name
-    return "^" + re.escape(name)
-
-
 
 
 def _exact_key(name: str, names: list[str]) -> str:

@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import data, hf, io, safetensors_io
-from .config import LoraConfig
-from .model import apply_lora, trainable_parameters
-from .train import Trainer, TrainConfig, accuracy, perplexity
-from .train.distributed import is_main
+from ..saving import save_adapters
+from ..files.atomic import atomic_write
+from . import data
+from . import models as hf
+from ..config import LoraConfig
+from ..model import apply_lora, trainable_parameters
+from ..train import Trainer, TrainConfig, accuracy, perplexity
+from ..train.distributed import is_main
 
 RUN_DIR = "run"
 REPORT = "finetune_report.json"
@@ -98,7 +101,7 @@ def prepare(job: FinetuneJob) -> Setup:
     save = hf.head_names(model) if job.task == "seq-cls" else []
     apply_lora(model, job.lora, list(job.targets), modules_to_save=save)
     if job.quantize:
-        from .quant import quantize_base
+        from ..variants.quant import quantize_base
 
         quantize_base(model, job.quantize)
     collate = functools.partial(data.collate, pad_id=tok.pad_token_id)
@@ -119,7 +122,7 @@ def run(setup: Setup, callbacks: list | None = None) -> dict:
     result = trainer.fit(setup.train_loader, setup.valid_loader, resume=job.resume)
     after = trainer.evaluate(setup.valid_loader)
     if is_main():  # under torchrun every rank holds the same adapter; rank 0 writes it
-        io.save_adapters(model, out)
+        save_adapters(model, out)
         hf.write_task_file(out, job.task, base_model=Path(job.model).resolve(), id2label=setup.prepared.id2label,
                            max_length=job.max_length)
     trainable, total = trainable_parameters(model)
@@ -133,5 +136,5 @@ def run(setup: Setup, callbacks: list | None = None) -> dict:
         "elapsed_s": result.elapsed_s, "before": before, "after": after,
     }
     if is_main():
-        safetensors_io.atomic_write(out / RUN_DIR / REPORT, (json.dumps(report, indent=2) + "\n").encode())
+        atomic_write(out / RUN_DIR / REPORT, (json.dumps(report, indent=2) + "\n").encode())
     return report

@@ -36,7 +36,7 @@ def add_example(sub: argparse._SubParsersAction) -> None:
 
 def example(args: argparse.Namespace) -> int:
     """Run `lorakit example`."""
-    from .examples.mlp_example import ExampleOptions, run
+    from ..examples.mlp_example import ExampleOptions, run
 
     return run(ExampleOptions(epochs=args.epochs, rank=args.rank, alpha=args.alpha, device=args.device,
                               artifact_dir=args.artifact_dir, seed=args.seed, check_only=args.check_only,
@@ -78,7 +78,7 @@ def bench(args: argparse.Namespace) -> int:
 
 # -- the command -------------------------------------------------------------------------------------
 
-from .hf_cli import ADDERS as HF_SUBCOMMANDS  # finetune, merge, inspect, generate (Hugging Face models)
+from .hf_commands import ADDERS as HF_SUBCOMMANDS  # finetune, merge, inspect, generate (Hugging Face models)
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_example, *HF_SUBCOMMANDS, add_bench]
 
@@ -92,7 +92,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `lorakit` argument parser with every subcommand in SUBCOMMANDS."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA for PyTorch: train, save, load and merge "
                                      "low-rank adapters. Start with `lorakit example`.")

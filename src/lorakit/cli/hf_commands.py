@@ -20,7 +20,7 @@ class BadInput(Exception):
 
 def _inputs(fn, *args, **kwargs):
     """Run an input-reading step; lorakit's file/data errors and bad values become BadInput."""
-    from .errors import LoraError
+    from ..errors import LoraError
 
     try:
         return fn(*args, **kwargs)
@@ -30,7 +30,7 @@ def _inputs(fn, *args, **kwargs):
 
 def _quiet_transformers() -> None:
     """Offline, and no progress bars or load reports: lorakit says what matters itself."""
-    from . import hf
+    from ..hf import models as hf
 
     hf.offline()
     import transformers
@@ -66,9 +66,9 @@ def _guard(name: str, fn):
 
 @guarded("finetune")
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from . import finetune
-    from .config import LoraConfig
-    from .train import TrainConfig
+    from ..hf import finetune
+    from ..config import LoraConfig
+    from ..train import TrainConfig
 
     _quiet_transformers()
     # "q_proj,v_proj" or "q_proj v_proj"; a regex ("re:...") is taken whole, commas and all
@@ -90,7 +90,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if bad:
         print(f"skipping {len(bad)} bad row(s) (--skip-bad-rows); first: {bad[0]}", file=sys.stderr)
     report = finetune.run(setup, callbacks=[_plain_log()] if args.plain else None)
-    from .train.distributed import is_main
+    from ..train.distributed import is_main
 
     if not is_main():  # under torchrun, rank 0 reports
         return EXIT_OK
@@ -103,7 +103,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _plain_log():
-    from .train import PlainLog
+    from ..train import PlainLog
 
     return PlainLog()
 
@@ -112,7 +112,7 @@ def _plain_log():
 
 @guarded("inspect")
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from . import adapter_info
+    from ..files import inspect as adapter_info
 
     info = _inputs(adapter_info.describe, args.adapter)
     print(json.dumps(info, indent=2) if args.json else adapter_info.render(info))
@@ -123,7 +123,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 @guarded("merge")
 def cmd_merge(args: argparse.Namespace) -> int:
-    from . import hf
+    from ..hf import models as hf
 
     _quiet_transformers()
     out = Path(args.out)
@@ -149,7 +149,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def _adapter_specs(values: list[str]) -> list[tuple[str, Path]]:
     """[(name, dir)] from `--adapter DIR` or `--adapter NAME=DIR` (repeatable); names default to the folder's."""
-    from .layers import check_adapter_name
+    from ..layers import check_adapter_name
 
     specs: list[tuple[str, Path]] = []
     for value in values:
@@ -188,7 +188,8 @@ def _weights_for(specs: list[tuple[str, Path]], weights: dict[str, float]) -> di
 
 def _load_named(model_dir, specs, task, trust_remote_code):
     """The base with every adapter loaded under its name (all for the same task)."""
-    from . import hf, io
+    from ..loading import load_adapters
+    from ..hf import models as hf
 
     tasks = {n: _inputs(hf.read_task, d) for n, d in specs}
     kinds = {t for t, _ in tasks.values()}
@@ -199,13 +200,13 @@ def _load_named(model_dir, specs, task, trust_remote_code):
         raise BadInput("several adapters with classification heads cannot share one model; merge them one at a time")
     model, tok = _inputs(hf.load, model_dir, task, trust_remote_code=trust_remote_code)
     for name, d in specs:
-        _inputs(io.load_adapters, model, d, name=name)
+        _inputs(load_adapters, model, d, name=name)
     return model, tok, task
 
 
 def _combine(model, specs, weights, method, rank):
     """Combine the named adapters into one active adapter "combined"; the originals are dropped."""
-    from . import adapters
+    from .. import adapters
 
     report = _inputs(adapters.combine_adapters, model, _weights_for(specs, weights), "combined",
                      method=method, rank=rank)
@@ -219,7 +220,8 @@ def _combine(model, specs, weights, method, rank):
 
 @guarded("generate")
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import hf, io
+    from ..loading import load_adapters
+    from ..hf import models as hf
 
     _quiet_transformers()
     if args.max_new_tokens < 1:
@@ -242,14 +244,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("--- base ---")
         print(args.prompt + hf.generate(model, tok, args.prompt, **options))
     if len(specs) == 1 and not weights:
-        _inputs(io.load_adapters, model, specs[0][1])
+        _inputs(load_adapters, model, specs[0][1])
         if args.compare:
             print("--- base + adapter ---")
     elif specs:
-        from . import adapters
+        from .. import adapters
 
         for name, d in specs:
-            _inputs(io.load_adapters, model, d, name=name)
+            _inputs(load_adapters, model, d, name=name)
         if not weights:  # one completion per adapter, on the one shared base
             for name, _ in specs:
                 with adapters.use_adapter(model, name):

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .errors import LoraFileError
+from ..errors import LoraFileError
+from .atomic import atomic_write
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # 16 MiB of JSON is far past any adapter's header
 
@@ -112,27 +111,3 @@ def dumps(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) ->
 def write(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically."""
     atomic_write(path, dumps(tensors, metadata))
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write bytes to `path` so a reader sees the old file or the new one, never a torn one.
-
-    A temporary file in the same directory, fsync, rename over the target, fsync the directory.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

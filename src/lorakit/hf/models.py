@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .errors import LoraFileError
+from ..errors import LoraFileError
 
 TASKS = ("causal-lm", "seq-cls")
 HEAD_NAMES = ("classifier", "score")  # PEFT's SEQ_CLS modules_to_save
@@ -78,7 +78,7 @@ def load_model(path: str | Path, task: str, *, id2label: Mapping[int, str] | Non
         >>> load_model("/nonexistent", "causal-lm")
         Traceback (most recent call last):
         ...
-        lorakit.hf.ModelDirError: /nonexistent: no such directory (lorakit loads models from local directories only, never a hub)
+        lorakit.hf.models.ModelDirError: /nonexistent: no such directory (lorakit loads models from local directories only, never a hub)
     """
     path = check_model_dir(path)
     auto = _auto_class(task)
@@ -156,23 +156,27 @@ def head_names(model: nn.Module) -> list[str]:
 def write_task_file(adapter_dir: str | Path, task: str, *, base_model: str | Path | None = None,
                     id2label: Mapping[int, str] | None = None, max_length: int | None = None) -> Path:
     """Record the task (and label names) beside an adapter; also set PEFT's task_type in its config."""
-    from . import io, safetensors_io
+    from ..files import peft_format
+    from ..files import safetensors as safetensors_io
+    from ..files.atomic import atomic_write
 
     adapter_dir = Path(adapter_dir)
     info: dict = {"task": task, "base_model": str(base_model) if base_model else None, "max_length": max_length}
     if id2label is not None:
         info["id2label"] = {str(i): str(v) for i, v in sorted(id2label.items())}
-    safetensors_io.atomic_write(adapter_dir / TASK_FILE, (json.dumps(info, indent=2) + "\n").encode())
-    config_path = adapter_dir / io.CONFIG_NAME
+    atomic_write(adapter_dir / TASK_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    config_path = adapter_dir / peft_format.CONFIG_NAME
     config = _read_json(config_path)
     config["task_type"] = PEFT_TASK_TYPES[task]
-    safetensors_io.atomic_write(config_path, (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write(config_path, (json.dumps(config, indent=2) + "\n").encode())
     return adapter_dir / TASK_FILE
 
 
 def read_task(adapter_dir: str | Path) -> tuple[str, dict[int, str] | None]:
     """(task, id2label) of an adapter: from lorakit's task file, else PEFT's task_type and the head's shape."""
-    from . import io, safetensors_io
+    from ..files import peft_format
+    from ..files import safetensors as safetensors_io
+    from ..files.atomic import atomic_write
 
     adapter_dir = Path(adapter_dir)
     if (adapter_dir / TASK_FILE).is_file():
@@ -182,14 +186,14 @@ def read_task(adapter_dir: str | Path) -> tuple[str, dict[int, str] | None]:
             raise LoraFileError(f"{adapter_dir / TASK_FILE}: task {task!r} is not one of {', '.join(TASKS)}")
         labels = info.get("id2label")
         return task, ({int(k): str(v) for k, v in labels.items()} if labels else None)
-    spec = io.read_adapter_config(adapter_dir)
+    spec = peft_format.read_adapter_config(adapter_dir)
     task_type = spec.raw.get("task_type")
     if task_type != "SEQ_CLS":
         return "causal-lm", None
-    tensors, _ = safetensors_io.read(adapter_dir / io.WEIGHTS_NAME)
+    tensors, _ = safetensors_io.read(adapter_dir / peft_format.WEIGHTS_NAME)
     for head in HEAD_NAMES:
         for suffix in ("weight", "out_proj.weight"):  # BERT/decoders; RoBERTa-style heads
-            t = tensors.get(f"{io.PREFIX}{head}.{suffix}")
+            t = tensors.get(f"{peft_format.PREFIX}{head}.{suffix}")
             if t is not None and t.dim() == 2:
                 return "seq-cls", {i: f"LABEL_{i}" for i in range(t.shape[0])}
     raise LoraFileError(f"{adapter_dir}: a SEQ_CLS adapter without a saved classification head; cannot tell the labels")
@@ -200,13 +204,13 @@ def read_task(adapter_dir: str | Path) -> tuple[str, dict[int, str] | None]:
 def load_with_adapter(model_dir: str | Path, adapter_dir: str | Path, *, task: str | None = None,
                       dtype: str | None = None, trust_remote_code: bool = False):
     """(model, tokenizer, task) with a lorakit- or PEFT-made adapter loaded strictly into the base."""
-    from . import io
+    from ..loading import load_adapters
 
     adapter_task, id2label = read_task(adapter_dir)
     task = task or adapter_task
     model, tok = load(model_dir, task, id2label=id2label if task == "seq-cls" else None, dtype=dtype,
                       trust_remote_code=trust_remote_code)
-    io.load_adapters(model, adapter_dir)
+    load_adapters(model, adapter_dir)
     return model, tok, task
 
 
@@ -215,7 +219,7 @@ def save_merged(model: nn.Module, tok, out_dir: str | Path, *, dtype: str | None
 
     The merge is computed in fp32 and checked finite; `dtype` casts the result.
     """
-    from .model import lora_layers, merge
+    from ..model import lora_layers, merge
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
