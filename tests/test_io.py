@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit import loading as io
+from lorakit.files import peft_format
 from lorakit.files import safetensors as safetensors_io
 
 
@@ -64,7 +64,7 @@ def test_round_trip_into_bare_and_wrapped_models(bias, tmp_path):
     bare = lk.load_adapters(Net(), tmp_path)
     assert torch.equal(out(bare), out(model))
     assert sorted(lk.lora_layers(bare)) == ["embed", "fc1", "fc2"]
-    assert bare.head.weight.requires_grad  # modules_to_save train again after loading
+    assert bare.head.trained.weight.requires_grad  # modules_to_save train again after loading
     wrapped = lk.apply_lora(Net(), lk.LoraConfig(rank=2, alpha=1, bias=bias), ["embed", "fc1", "fc2"],
                             modules_to_save=["head"])
     lk.load_adapters(wrapped, tmp_path)
@@ -288,7 +288,7 @@ def test_ambiguous_names_saved_exactly(tmp_path):
     lk.save_adapters(model, tmp_path)
     fresh = lk.load_adapters(Outer(), tmp_path)
     assert sorted(lk.lora_layers(fresh)) == ["fc1"]
-    assert io.read_adapter_config(tmp_path).targets == ["re:fc1"]
+    assert peft_format.read_adapter_config(tmp_path).targets == ["re:fc1"]
 
 
 WRITER = r"""

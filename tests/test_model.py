@@ -76,11 +76,35 @@ def test_apply_freezes_everything_else_and_keeps_outputs():
     assert t == 4 * (2 * 8 + 8 * 2) and total == sum(p.numel() for p in model.parameters())
 
 
-def test_modules_to_save_train_in_full():
+def test_modules_to_save_train_in_full_as_a_copy():
+    plain = Net()
     model = lk.apply_lora(Net(), CFG, targets="all-linear", modules_to_save=["head"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {"head.weight", "head.bias"} <= trainable
-    assert "head" not in lk.lora_layers(model)
+    assert {"head.trained.weight", "head.trained.bias"} <= trainable  # the copy trains, the original does not
+    assert not any(p.requires_grad for p in model.head.original.parameters())
+    assert "head" not in lk.lora_layers(model) and not hasattr(model, "lorakit_modules_to_save")
+    ids = torch.randint(0, 20, (2, 5))
+    step = torch.randn(plain.head.weight.shape)
+    with torch.no_grad():
+        model.head.trained.weight.add_(step)
+    assert torch.equal(model.head.original.weight, plain.head.weight)  # the user's module is never written
+    merged = lk.merge(model)
+    assert isinstance(merged.head, nn.Linear) and torch.equal(merged.head.weight, plain.head.weight + step)
+    assert not torch.allclose(merged(ids), plain(ids))
+
+
+def test_modules_to_save_on_a_tied_head_leaves_the_embeddings_alone():
+    class Tied(Net):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 20, bias=False)
+            self.head.weight = self.embed.weight  # tie_word_embeddings
+
+    model = lk.apply_lora(Tied(), CFG, targets=["q_proj"], modules_to_save=["head"])
+    assert model.head.original.weight is model.embed.weight and not model.embed.weight.requires_grad
+    with torch.no_grad():
+        model.head.trained.weight.add_(1.0)
+    assert torch.equal(model.embed.weight, Tied().embed.weight)
 
 
 def _snapshot(model):

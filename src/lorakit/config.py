@@ -16,7 +16,8 @@ class LoraBias(str, enum.Enum):
     """Which biases train with the adapter (PEFT's `bias` field)."""
 
     NONE = "none"  # every base bias stays frozen
-    ALL = "all"  # the biases of LoRA-wrapped layers train and are saved with the adapter
+    ALL = "all"  # the biases of LoRA-wrapped layers train and are saved with the adapter (PEFT's "lora_only")
+    MODEL = "model"  # every bias of the model trains and is saved, wrapped or not (PEFT's "all")
 
     def __str__(self) -> str:
         return self.value
@@ -30,7 +31,7 @@ class LoraConfig:
         rank: r, the inner dimension of the low-rank update (int >= 1).
         alpha: numerator of the scaling; `scaling = alpha / rank` (or `alpha / sqrt(rank)` with rsLoRA).
         dropout: dropout probability on the LoRA branch's input, in [0, 1).
-        bias: "none" or "all" (see `LoraBias`).
+        bias: "none", "all" (biases of LoRA-wrapped layers) or "model" (every bias); see `LoraBias`.
         use_rslora: rank-stabilised scaling (Kalajdzievski 2023).
         init: "kaiming" (A as torch's Linear init) or "gaussian" (A ~ N(0, (1/r)^2), as PEFT); B = 0 either way.
             "pissa" / "olora" (linear layers): A, B from W's top-r SVD / its QR, as PEFT, and the base becomes

@@ -1,43 +1,55 @@
-"""Loading adapters, strictly: the config, every key, shape, rank, dtype and value is checked before anything is
-copied, so a bad file leaves the model exactly as it was. Only JSON and safetensors are ever read.
+"""Loading adapters, strictly, in three steps that follow the data:
+
+    read    parse the files once (files/): config and tensors; no model involved
+    plan    decide where every tensor goes and check it all (keys, shapes, ranks, dtypes, values, model state);
+            the model is only looked at
+    attach  the one step that changes the model: wrap or add the adapter, then copy the checked tensors
+
+So a bad file, or a model in the wrong state, leaves the model exactly as it was.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor, nn
 
+from .adapters import active_adapter
 from .config import LoraBias, LoraConfig
-from .errors import LoraFileError
+from .errors import LoraFileError, LoraStateError
 from .files import layer_file
-from .files import safetensors as st
 from .files.checks import check_tensors, copy_into
-from .files.peft_format import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterSpec, is_peft_copy, peft_key,
-                                read_adapter_config)
+from .files.peft_format import AdapterFile, peft_key, plain_key, read_adapter
 from .layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, with_lora, wrapper_for
-from .model import apply_lora, find_targets, lora_layers, rule_matches, set_module
-from .saving import adapter_slots
+from .model import (apply_lora, find_targets, lora_layers, module_names, own_bias, plain_biases, rule_matches,
+                    set_module, trained_biases)
+from .saving import adapter_slots, adapter_state_dict, layer_tensors
+from .trained_copy import TrainedCopy
+
+APPLY, INTO, ADD = "apply", "into", "add"  # wrap a bare model / load into an adapter it has / add a named one
 
 
-def load_layer_adapter(layer: LoraLayer, path: str | Path, *, allow_nonfinite: bool = False) -> None:
-    """Load a `save_layer_adapter` file into `layer`; checked in full before anything is copied."""
-    path = layer_file.layer_path(path)
-    tensors, config, layer_type = layer_file.read_layer_file(path)
-    if layer_type != type(layer).__name__:
-        raise LoraFileError(f"{path}: adapter is for a {layer_type}, this layer is a {type(layer).__name__}")
-    if config.rank != layer.rank:
-        raise LoraFileError(f"{path}: adapter rank {config.rank} does not match the layer's rank {layer.rank}")
-    if config.bias is not layer.config.bias:
-        raise LoraFileError(f"{path}: adapter bias={config.bias.value!r}, layer bias={layer.config.bias.value!r}")
-    if config.use_dora != layer.config.use_dora:
-        raise LoraFileError(f"{path}: adapter use_dora={config.use_dora}, layer use_dora={layer.config.use_dora}")
-    targets = layer.adapter_tensors()
-    check_tensors(str(path), tensors, {k: tuple(t.shape) for k, t in targets.items()}, allow_nonfinite)
-    copy_into(tensors, targets)
-    layer.config = config
+@dataclass(frozen=True)
+class Slot:
+    """One module the adapter puts LoRA on: its LoRA class, its plain base layer, its config."""
+
+    cls: type[LoraLayer]
+    base: nn.Module
+    config: LoraConfig
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Everything `attach` does, decided and checked: how, into which adapter, where, and the tensors by key."""
+
+    how: str  # APPLY, INTO or ADD
+    adapter: str | None  # None: each layer's active adapter (INTO without a name)
+    config: LoraConfig  # the adapter's own config (APPLY wraps with it)
+    slots: dict[str, Slot]  # module name -> what it gets
+    copies: list[str]  # modules_to_save: trained in full, each a TrainedCopy after attach
+    tensors: dict[str, Tensor]  # checked; exactly the keys attach fills
 
 
 def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None = None,
@@ -48,7 +60,8 @@ def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None =
     PEFT's `from_pretrained` does. On a LoRA model the tensors load into the active adapter, or, with
     `name`, into that named adapter (a hot swap: in place, no re-wrapping), or, if the model has no
     adapter of that name, into a new inactive adapter beside the others (see `lorakit.adapters`).
-    Every key, shape, rank, dtype and value is checked before anything changes.
+    Every key, shape, rank, dtype and value is checked before anything changes; a model merged in place
+    (`merge_`) is refused with `LoraStateError` (unmerge it first).
 
     Example:
         >>> import tempfile, lorakit as lk
@@ -58,139 +71,212 @@ def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None =
         >>> type(fresh[0]).__name__
         'LoraLinear'
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise LoraFileError(f"{directory}: not an adapter directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     if name is not None:
         check_adapter_name(name)
-    spec = read_adapter_config(directory)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
-        hint = f" ({', '.join(pickled)} is pickle, which lorakit never loads)" if pickled else ""
-        raise LoraFileError(f"{weights}: no such file{hint}")
-    tensors, _ = st.read(weights)
-    where = str(weights)
-
-    existing = lora_layers(model)
-    known = {n for layer in existing.values() for n in layer.adapter_names()}
-    into = bool(existing) and (name is None or name in known)  # load into an adapter the model already has
-    plan: dict[str, tuple[type[LoraLayer], nn.Module, LoraConfig]] = {}
-    if into:
-        for module, (layer, A, _, config) in adapter_slots(model, name).items():
-            cfg = spec.config.for_module(module)
-            if cfg.rank != config.rank and peft_key(module, "lora_A", layer.peft_layout) in tensors:
-                raise LoraFileError(f"{where}: module {module!r} has rank {cfg.rank} in the adapter but "
-                                    f"{config.rank} in the model")
-            if cfg.use_dora != config.use_dora:
-                raise LoraFileError(f"{where}: module {module!r} has use_dora={cfg.use_dora} in the adapter but "
-                                    f"{config.use_dora} in the model")
-            plan[module] = (type(layer), layer.base, cfg)
-    else:
-        if existing and spec.modules_to_save:
-            raise LoraFileError(f"{where}: an adapter with modules_to_save cannot sit beside other named adapters "
-                                "(those modules are shared); load it into a fresh base")
-        save_names = _names(model, spec.modules_to_save)
-        exclude = spec.exclude + [f"re:{re.escape(n)}(\\..*)?" for n in save_names]
-        try:
-            modules = find_targets(model, spec.targets, exclude=exclude)
-        except ValueError as e:
-            raise LoraFileError(f"{directory / CONFIG_NAME}: {e}") from None
-        for module in modules:
-            m = model.get_submodule(module)
-            cfg = spec.config.for_module(module)
-            if isinstance(m, LoraLayer):
-                if LoraBias.ALL in [cfg.bias] + [m.factors(n)[2].bias for n in m.adapter_names()]:
-                    raise LoraFileError(f"{where}: adapters with bias='all' train the shared base bias of "
-                                        f"{module!r}, so they cannot sit beside other named adapters")
-                plan[module] = (type(m), m.base, cfg)
-            elif wrapper_for(m) is None:
-                raise LoraFileError(f"{where}: target {module!r} is a {type(m).__name__}, which LoRA does not support")
-            else:
-                plan[module] = (wrapper_for(m), m, cfg)
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for module, (cls, base, cfg) in plan.items():
-        a_shape, b_shape = cls.factor_shapes(base, cfg.rank)
-        shapes[peft_key(module, "lora_A", cls.peft_layout)] = a_shape
-        shapes[peft_key(module, "lora_B", cls.peft_layout)] = b_shape
-        if cfg.use_dora:
-            if not cls.supports_dora:
-                raise LoraFileError(f"{where}: module {module!r} is a {type(base).__name__}; lorakit's DoRA "
-                                    "supports linear layers only")
-            shapes[peft_key(module, "lora_magnitude", cls.peft_layout)] = (b_shape[0],)
-        if cfg.bias is LoraBias.ALL and getattr(base, "bias", None) is not None:
-            shapes[peft_key(module, "bias", cls.peft_layout)] = tuple(base.bias.shape)
-    extra = _extra_tensors(model, spec, plan, tensors)  # modules_to_save, whole embeddings, PEFT's other biases
-    shapes.update({k: tuple(t.shape) for k, t in extra.items()})
-    tensors = {k: v for k, v in tensors.items() if k in shapes or not _peftcopy_into(k)}
-    check_tensors(where, tensors, shapes, allow_nonfinite)
-
-    # everything checked: change the model
-    adapter = name
-    if not existing:
-        adapter = name or DEFAULT_ADAPTER
-        apply_lora(model, spec.config, [f"re:{re.escape(n)}" for n in plan],
-                   modules_to_save=[f"re:{re.escape(n)}" for n in _names(model, spec.modules_to_save)],
-                   adapter_name=adapter)
-    elif not into:
-        active = Counter(layer.adapter_name for layer in existing.values()).most_common(1)[0][0]
-        for module, (cls, base, cfg) in plan.items():
-            m = model.get_submodule(module)
-            if isinstance(m, LoraLayer):
-                m.add_adapter(name, cfg)
-            else:
-                layer = with_lora(m, cfg, adapter_name=name)
-                set_module(model, module, layer)
-                layer.activate(active if active in layer.adapter_names() else None)
-    destinations = dict(extra)
-    for module, (layer, A, B, config) in adapter_slots(model, adapter).items():
-        destinations[peft_key(module, "lora_A", layer.peft_layout)] = A
-        destinations[peft_key(module, "lora_B", layer.peft_layout)] = B
-        if config.use_dora:
-            destinations[peft_key(module, "lora_magnitude", layer.peft_layout)] = layer.magnitude(adapter or layer.adapter_name)
-        if peft_key(module, "bias", layer.peft_layout) in shapes:
-            destinations[peft_key(module, "bias", layer.peft_layout)] = layer.base.bias
-        layer.set_adapter_config(adapter or layer.adapter_name, plan[module][2])
-    assert destinations.keys() == shapes.keys(), "planned and wrapped modules differ"
-    copy_into(tensors, destinations)
+    attach(model, plan_load(model, read_adapter(directory), name, allow_nonfinite=allow_nonfinite))
     return model
 
 
-def _peftcopy_into(key: str) -> bool:
-    """PEFT's bookkeeping copies of modules_to_save (the plain key carries the trained value)."""
-    return ".original_module." in key or ".modules_to_save." in key
+# -- plan: every decision and check; the model is only read ---------------------------------------
+
+def plan_load(model: nn.Module, file: AdapterFile, name: str | None = None, *,
+              allow_nonfinite: bool = False) -> LoadPlan:
+    """Where each tensor of `file` goes in `model`, fully checked; raises before anything could change."""
+    _refuse_merged(model, "load adapters into")
+    existing = lora_layers(model)
+    known = {n for layer in existing.values() for n in layer.adapter_names()}
+    how = APPLY if not existing else INTO if name is None or name in known else ADD
+    copies = _modules_to_save(model, file.spec.modules_to_save)
+    if how == ADD and copies:
+        raise LoraFileError(f"{file.where}: an adapter with modules_to_save cannot sit beside other named adapters "
+                            "(those modules are shared); load it into a fresh base")
+    slots = _slots_into(model, file, name) if how == INTO else _slots_new(model, file, copies)
+    if how != APPLY:
+        _check_shared_biases(model, file, name, slots)
+    check_tensors(file.where, file.tensors, _expected_shapes(model, file, slots, copies), allow_nonfinite)
+    adapter = (name or DEFAULT_ADAPTER) if how == APPLY else name
+    return LoadPlan(how, adapter, file.spec.config, slots, copies, file.tensors)
 
 
-def _extra_tensors(model: nn.Module, spec: AdapterSpec, plan: dict, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Model tensors an adapter file may also carry, by key: modules_to_save, whole embeddings, other biases."""
-    extra: dict[str, Tensor] = {}
-    for module in _names(model, spec.modules_to_save):
-        for pname, p in model.get_submodule(module).named_parameters():
-            extra[f"{PREFIX}{module}.{pname}"] = p
-    # PEFT saves whole embedding matrices when it targets them (resized vocabularies): optional
-    optional = {f"{PREFIX}{module}.base_layer.weight": base.weight for module, (_, base, _) in plan.items()}
+def _refuse_merged(model: nn.Module, what: str) -> None:
+    merged = [n for n, layer in lora_layers(model).items() if layer.merged]
+    if merged:
+        raise LoraStateError(f"cannot {what} a model merged in place ({len(merged)} layers merged, e.g. "
+                             f"{merged[0]!r}): it would keep serving the merged weights; call unmerge_(model) first")
+
+
+def _slots_into(model: nn.Module, file: AdapterFile, name: str | None) -> dict[str, Slot]:
+    """Loading into an adapter the model has: every layer holding it, with the file's config for that module."""
+    slots = {}
+    for module, (layer, _, _, config) in adapter_slots(model, name).items():
+        cfg = file.spec.config.for_module(module)
+        if cfg.rank != config.rank and peft_key(module, "lora_A", layer.peft_layout) in file.tensors:
+            raise LoraFileError(f"{file.where}: module {module!r} has rank {cfg.rank} in the adapter but "
+                                f"{config.rank} in the model")
+        if cfg.use_dora != config.use_dora:
+            raise LoraFileError(f"{file.where}: module {module!r} has use_dora={cfg.use_dora} in the adapter but "
+                                f"{config.use_dora} in the model")
+        slots[module] = Slot(type(layer), layer.base, cfg)
+    return slots
+
+
+def _slots_new(model: nn.Module, file: AdapterFile, copies: list[str]) -> dict[str, Slot]:
+    """A new adapter: the modules its target rules select (modules_to_save and what they hold excluded)."""
+    exclude = file.spec.exclude + [f"re:{re.escape(n)}(\\..*)?" for n in copies]
+    try:
+        modules = find_targets(model, file.spec.targets, exclude=exclude)
+    except ValueError as e:
+        raise LoraFileError(f"{file.config_path}: {e}") from None
+    slots = {}
+    for module in modules:
+        m = model.get_submodule(module)
+        cls, base = (type(m), m.base) if isinstance(m, LoraLayer) else (wrapper_for(m), m)
+        if cls is None:
+            raise LoraFileError(f"{file.where}: target {module!r} is a {type(m).__name__}, which LoRA does not support")
+        cfg = file.spec.config.for_module(module)
+        if cfg.use_dora and not cls.supports_dora:
+            raise LoraFileError(f"{file.where}: module {module!r} is a {type(base).__name__}; lorakit's DoRA "
+                                "supports linear layers only")
+        slots[module] = Slot(cls, base, cfg)
+    return slots
+
+
+def _check_shared_biases(model: nn.Module, file: AdapterFile, name: str | None, slots: dict[str, Slot]) -> None:
+    """A trained bias belongs to the base, which every named adapter shares: such an adapter must be alone."""
+    for module, layer in lora_layers(model).items():
+        if module not in slots:
+            continue
+        others = [n for n in layer.adapter_names() if n != (name or layer.adapter_name)]
+        biased = [n for n in others if layer.factors(n)[2].bias is not LoraBias.NONE]
+        if others and (file.spec.config.bias is not LoraBias.NONE or biased):
+            raise LoraFileError(f"{file.where}: adapters that train biases (bias='all' or 'model') train the shared "
+                                f"base bias of {module!r}, so they cannot sit beside other named adapters "
+                                f"(it has {others})")
+
+
+def _expected_shapes(model: nn.Module, file: AdapterFile, slots: dict[str, Slot],
+                     copies: list[str]) -> dict[str, tuple[int, ...]]:
+    """Every key the file must hold (and the optional ones it does hold), with its shape."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for module, slot in slots.items():
+        layout = slot.cls.peft_layout
+        try:
+            a_shape, b_shape = slot.cls.factor_shapes(slot.base, slot.config.rank)
+        except TypeError as e:  # a layer type's own limits (e.g. grouped convolutions)
+            raise LoraFileError(f"{file.where}: module {module!r}: {e}") from None
+        shapes[peft_key(module, "lora_A", layout)] = a_shape
+        shapes[peft_key(module, "lora_B", layout)] = b_shape
+        if slot.config.use_dora:
+            shapes[peft_key(module, "lora_magnitude", layout)] = (b_shape[0],)
+        if slot.config.bias is not LoraBias.NONE and own_bias(slot.base) is not None:
+            shapes[peft_key(module, "bias", layout)] = tuple(slot.base.bias.shape)
+    if file.spec.config.bias is LoraBias.MODEL:  # PEFT's bias="all": every other bias too
+        for module, bias in plain_biases(model).items():
+            if module not in slots:
+                shapes[plain_key(module, "bias")] = tuple(bias.shape)
+    for module in copies:
+        shapes.update({plain_key(module, pname): tuple(p.shape) for pname, p in _saved(model, module).named_parameters()})
+    optional = _whole_embeddings(model, set(slots), copies)
+    shapes.update({k: tuple(t.shape) for k, t in optional.items() if k in file.tensors})
+    return shapes
+
+
+def _saved(model: nn.Module, module: str) -> nn.Module:
+    """The module whose values a modules_to_save entry holds: a TrainedCopy's copy, else the module itself."""
+    m = model.get_submodule(module)
+    return m.trained if isinstance(m, TrainedCopy) else m
+
+
+def _whole_embeddings(model: nn.Module, wrapped: set[str], copies: list[str]) -> dict[str, Tensor]:
+    """Weights PEFT saves in full when it targets embeddings or their vocabulary was resized: optional keys."""
+    out = {peft_key(module, "base_weight"): _plain(model.get_submodule(module)).weight for module in wrapped}
     for get in ("get_input_embeddings", "get_output_embeddings"):
         emb = getattr(model, get)() if callable(getattr(model, get, None)) else None
         module = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
-        if module and module not in plan:
+        if module and module not in wrapped and module not in copies and not isinstance(emb, TrainedCopy):
             if isinstance(emb, LoraLayer):
-                optional[f"{PREFIX}{module}.base_layer.weight"] = emb.base.weight
+                out[peft_key(module, "base_weight")] = emb.base.weight
             else:
-                optional[f"{PREFIX}{module}.weight"] = emb.weight
-    if spec.config.bias is LoraBias.ALL:  # PEFT's bias="all" also saves biases of modules without LoRA
-        params = dict(model.named_parameters())
-        for key in tensors:
-            pname = key[len(PREFIX):]
-            if key.startswith(PREFIX) and key.endswith(".bias") and not _peftcopy_into(key) and pname in params:
-                optional.setdefault(key, params[pname])
-    extra.update({k: t for k, t in optional.items() if k in tensors and k not in extra})
-    return extra
+                out[plain_key(module, "weight")] = emb.weight
+    return out
 
 
-def _names(model: nn.Module, rules: list[str]) -> list[str]:
-    """Module names matching any rule (PEFT's modules_to_save semantics: name or suffix)."""
+def _plain(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, LoraLayer) else module
+
+
+def _modules_to_save(model: nn.Module, rules: list[str]) -> list[str]:
+    """Module names matching any rule (PEFT's modules_to_save semantics: name or suffix), outermost only."""
     if not rules:
         return []
-    return [n for n, _ in model.named_modules() if n and any(rule_matches(r, n) for r in rules)
+    return [n for n in module_names(model) if any(rule_matches(r, n) for r in rules)
             and not any(rule_matches(r, n.rpartition(".")[0]) for r in rules if "." in n)]
+
+
+# -- attach: the only step that changes the model -------------------------------------------------
+
+def attach(model: nn.Module, plan: LoadPlan) -> None:
+    """Carry out a checked plan: wrap or add the adapter, set its configs, copy its tensors in."""
+    if plan.how == APPLY:
+        apply_lora(model, plan.config, [f"re:{re.escape(n)}" for n in plan.slots],
+                   modules_to_save=[f"re:{re.escape(n)}" for n in plan.copies], adapter_name=plan.adapter)
+    elif plan.how == ADD:
+        _add_named(model, plan)
+    for module in plan.copies:
+        if not isinstance(model.get_submodule(module), TrainedCopy):
+            set_module(model, module, TrainedCopy(model.get_submodule(module)))
+    layers = lora_layers(model)
+    for module, slot in plan.slots.items():
+        layers[module].set_adapter_config(plan.adapter or layers[module].adapter_name, slot.config)
+    if plan.how == INTO:
+        for bias in trained_biases(model, plan.config.bias).values():
+            bias.requires_grad_(True)
+    destinations = {**adapter_state_dict(model, plan.adapter, exported=False),
+                    **_whole_embeddings(model, set(plan.slots), plan.copies)}
+    missing = plan.tensors.keys() - destinations.keys()
+    assert not missing, f"planned keys without a place in the model: {sorted(missing)[:4]}"
+    copy_into(plan.tensors, {k: destinations[k] for k in plan.tensors})
+
+
+def _add_named(model: nn.Module, plan: LoadPlan) -> None:
+    """A new inactive adapter `plan.adapter` on every planned module; newly wrapped ones keep the active adapter."""
+    active = active_adapter(model)
+    for module, slot in plan.slots.items():
+        m = model.get_submodule(module)
+        if isinstance(m, LoraLayer):
+            m.add_adapter(plan.adapter, slot.config)
+        else:
+            layer = with_lora(m, slot.config, adapter_name=plan.adapter)
+            set_module(model, module, layer)
+            layer.activate(active if active in layer.adapter_names() else None)
+
+
+# -- one layer's file --------------------------------------------------------------------------------
+
+def load_layer_adapter(layer: LoraLayer, path: str | Path, *, allow_nonfinite: bool = False) -> None:
+    """Load a `save_layer_adapter` file into `layer`'s active adapter; checked in full before anything is copied."""
+    path = layer_file.layer_path(path)
+    tensors, config, layer_type = layer_file.read_layer_file(path)  # read
+    _plan_layer(layer, path, tensors, config, layer_type, allow_nonfinite)  # plan (checks only)
+    copy_into(tensors, layer_tensors(layer))  # attach
+    layer.set_adapter_config(layer.adapter_name, config)
+
+
+def _plan_layer(layer: LoraLayer, path: Path, tensors: dict[str, Tensor], config: LoraConfig, layer_type: str,
+                allow_nonfinite: bool) -> None:
+    """Every check of a layer load: the layer's state, its type, rank, bias mode, DoRA, then the tensors."""
+    if layer.merged:
+        raise LoraStateError(f"cannot load {path} into a layer merged in place: it would keep serving the merged "
+                             "weights; call unmerge_() first")
+    if layer.adapter_name is None:
+        raise LoraStateError(f"cannot load {path}: the layer has no active adapter; activate one first")
+    if layer_type != type(layer).__name__:
+        raise LoraFileError(f"{path}: adapter is for a {layer_type}, this layer is a {type(layer).__name__}")
+    if config.rank != layer.rank:
+        raise LoraFileError(f"{path}: adapter rank {config.rank} does not match the layer's rank {layer.rank}")
+    if config.bias is not layer.config.bias:
+        raise LoraFileError(f"{path}: adapter bias={config.bias.value!r}, layer bias={layer.config.bias.value!r}")
+    if config.use_dora != layer.config.use_dora:
+        raise LoraFileError(f"{path}: adapter use_dora={config.use_dora}, layer use_dora={layer.config.use_dora}")
+    shapes = {k: tuple(t.shape) for k, t in layer_tensors(layer).items()}
+    check_tensors(str(path), tensors, shapes, allow_nonfinite)

@@ -7,9 +7,10 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from .config import BASE_CHANGING_INITS, LoraConfig
+from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
 from .errors import LoraStateError
 from .layers import DEFAULT_ADAPTER, LoraLayer, dora_types, supported_types, with_lora, wrapper_for
+from .trained_copy import TrainedCopy, trained_copies
 
 ALL_LINEAR = "all-linear"
 
@@ -28,15 +29,40 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def module_names(model: nn.Module) -> list[str]:
-    """Names of the model's modules as a user sees them: a LoRA layer stands for its base (no `.base` inside)."""
+    """Names of the model's modules as a user sees them: a LoRA layer stands for its base, a TrainedCopy for
+    its module (nothing inside either is listed)."""
     names, inside = [], ()
     for name, module in model.named_modules():
         if not name or name.startswith(inside):
             continue
         names.append(name)
-        if isinstance(module, LoraLayer):
+        if isinstance(module, (LoraLayer, TrainedCopy)):
             inside = tuple(inside) + (name + ".",)
     return names
+
+
+def own_bias(module: nn.Module) -> nn.Parameter | None:
+    """The module's own `bias` parameter (not a child's), None where it has none."""
+    return dict(module.named_parameters(recurse=False)).get("bias")
+
+
+def plain_biases(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The bias of every module outside LoRA layers and trained copies, by module name (bias="model" trains them)."""
+    out = {}
+    for name in module_names(model):
+        module = model.get_submodule(name)
+        bias = None if isinstance(module, (LoraLayer, TrainedCopy)) else own_bias(module)
+        if bias is not None:
+            out[name] = bias
+    return out
+
+
+def trained_biases(model: nn.Module, bias: LoraBias) -> dict[str, nn.Parameter]:
+    """The biases an adapter with `bias` trains, by module name: none, the LoRA layers' ("all"), or every one ("model")."""
+    if bias is LoraBias.NONE:
+        return {}
+    out = {name: b for name, layer in lora_layers(model).items() if (b := own_bias(layer.base)) is not None}
+    return {**out, **plain_biases(model)} if bias is LoraBias.MODEL else out
 
 
 def output_head(model: nn.Module) -> str | None:
@@ -102,7 +128,9 @@ def apply_lora(model: nn.Module, config: LoraConfig, targets: str | Sequence[str
     """Wrap every module `targets` selects with LoRA, in place; freeze every other parameter.
 
     `modules_to_save` names modules (same rules) that train in full and are saved with the adapter
-    (PEFT's convention, e.g. a new classification head). Everything is checked before anything changes.
+    (PEFT's convention, e.g. a new classification head): each is replaced by a `TrainedCopy`, whose copy
+    trains while the original stays as it was (a head tied to the embeddings leaves them alone).
+    Everything is checked before anything changes.
 
     Example:
         >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -117,7 +145,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, targets: str | Sequence[str
         raise LoraStateError(
             f"the model already has LoRA on {len(existing)} modules (e.g. {next(iter(existing))!r}); "
             "apply_lora twice is not allowed: merge it, or load adapters into the existing layers")
-    save_names = find_targets(model, list(modules_to_save)) if modules_to_save else []
+    save_names = _outermost(find_targets(model, list(modules_to_save))) if modules_to_save else []
     names = find_targets(model, targets, exclude=[*exclude, *(f"re:{re.escape(n)}(\\..*)?" for n in save_names)])
     bad = [(n, type(model.get_submodule(n)).__name__) for n in names if wrapper_for(model.get_submodule(n)) is None]
     if bad:
@@ -138,10 +166,16 @@ def apply_lora(model: nn.Module, config: LoraConfig, targets: str | Sequence[str
     for name in names:
         set_module(model, name, with_lora(model.get_submodule(name), config.for_module(name), adapter_name))
     for name in save_names:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
-    model.lorakit_modules_to_save = tuple(save_names)
+        if not isinstance(model.get_submodule(name), TrainedCopy):  # one kept from an earlier apply_lora stays
+            set_module(model, name, TrainedCopy(model.get_submodule(name)))
+    for p in trained_biases(model, config.bias).values():
+        p.requires_grad_(True)
     return model
+
+
+def _outermost(names: list[str]) -> list[str]:
+    """`names` without those inside another of them (saving a module saves its children)."""
+    return [n for n in names if not any(n.startswith(other + ".") for other in names)]
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -151,7 +185,7 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Replace every LoRA layer by its merged plain layer (W + scaling·B@A); returns the model.
+    """Replace every LoRA layer by its merged plain layer (W + scaling·B@A), every TrainedCopy by its trained copy.
 
     Example:
         >>> mlp = apply_lora(nn.Sequential(nn.Linear(4, 4)), LoraConfig(rank=2), ["0"])
@@ -162,6 +196,8 @@ def merge(model: nn.Module) -> nn.Module:
     merged = {name: layer.merge() for name, layer in layers.items()}  # all computed (and checked) first
     for name, plain in merged.items():
         set_module(model, name, plain)
+    for name, saved in trained_copies(model).items():
+        set_module(model, name, saved.trained)
     return model
 
 

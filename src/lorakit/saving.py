@@ -2,7 +2,8 @@
 
     adapter_config.json          PEFT's LoraConfig fields (peft_type, r, lora_alpha, target_modules, ...)
     adapter_model.safetensors    base_model.model.<module>.lora_A.weight / .lora_B.weight
-                                 (embeddings: .lora_embedding_A / .lora_embedding_B; bias: .base_layer.bias)
+                                 (embeddings: .lora_embedding_A / .lora_embedding_B; bias: .base_layer.bias;
+                                 modules_to_save and, under bias="model", other biases: their plain keys)
 """
 
 from __future__ import annotations
@@ -13,22 +14,34 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from .config import LoraBias, LoraConfig
-from .errors import LoraFileError
+from .errors import LoraFileError, LoraStateError
 from .files import atomic, layer_file
 from .files import safetensors as st
-from .files.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, peft_key, to_peft_config
+from .files.peft_format import CONFIG_NAME, WEIGHTS_NAME, peft_key, plain_key, to_peft_config
 from .layers import LoraLayer
-from .model import lora_layers
+from .model import lora_layers, own_bias, plain_biases
+from .trained_copy import trained_copies
 
 
 def save_layer_adapter(layer: LoraLayer, path: str | Path) -> Path:
-    """Write one layer's adapter (lora_A, lora_B, bias under "all") with its config in the metadata."""
-    tensors, config = layer.adapter_tensors(), layer.config
-    if layer.adapter_name is not None:  # PiSSA/OLoRA: saved as a rank-2r LoRA for the original base
-        A, B, config = layer.exported_factors(layer.adapter_name)
-        tensors.update(lora_A=A, lora_B=B)
+    """Write one layer's active adapter (see `layer_tensors`) with its config in the metadata."""
+    if layer.adapter_name is None:
+        raise LoraStateError("the layer has no active adapter to save; activate one first")
+    tensors = layer_tensors(layer, exported=True)
+    _, _, config = layer.exported_factors(layer.adapter_name)  # PiSSA/OLoRA: a rank-2r LoRA for the original base
     return layer_file.write_layer_file(path, tensors, config, type(layer).__name__, tuple(layer.base_weight.shape))
 
+
+def layer_tensors(layer: LoraLayer, *, exported: bool = False) -> dict[str, Tensor]:
+    """A layer file's tensors for the active adapter: lora_A, lora_B, DoRA's lora_magnitude, the bias it trains."""
+    name = layer.adapter_name
+    A, B, config = layer.exported_factors(name) if exported else layer.factors(name)
+    out = {"lora_A": A, "lora_B": B}
+    if config.use_dora:
+        out["lora_magnitude"] = layer.magnitude(name)
+    if config.bias is not LoraBias.NONE and own_bias(layer.base) is not None:
+        out["bias"] = layer.base.bias
+    return out
 
 
 def adapter_slots(model: nn.Module, name: str | None = None, *,
@@ -45,20 +58,31 @@ def adapter_slots(model: nn.Module, name: str | None = None, *,
     return out
 
 
-def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
-    """The adapter's tensors under PEFT's key names (what `save_adapters` writes)."""
+def adapter_state_dict(model: nn.Module, name: str | None = None, *, exported: bool = True) -> dict[str, Tensor]:
+    """The adapter's tensors under PEFT's key names (what `save_adapters` writes, where `load_adapters` copies).
+
+    Per LoRA layer its factors (and DoRA magnitude); the biases its bias mode trains; every TrainedCopy's
+    trained copy (modules_to_save) under the module's plain key, as PEFT saves it. `exported`: see `adapter_slots`.
+    """
     out: dict[str, Tensor] = {}
-    for module, (layer, A, B, config) in adapter_slots(model, name, exported=True).items():
+    slots = adapter_slots(model, name, exported=exported)
+    for module, (layer, A, B, config) in slots.items():
         out[peft_key(module, "lora_A", layer.peft_layout)] = A
         out[peft_key(module, "lora_B", layer.peft_layout)] = B
         if config.use_dora:
             out[peft_key(module, "lora_magnitude", layer.peft_layout)] = layer.magnitude(name or layer.adapter_name)
-        if config.bias is LoraBias.ALL and getattr(layer.base, "bias", None) is not None:
+        if config.bias is not LoraBias.NONE and own_bias(layer.base) is not None:
             out[peft_key(module, "bias", layer.peft_layout)] = layer.base.bias
-    for module in getattr(model, "lorakit_modules_to_save", ()):
-        for pname, p in model.get_submodule(module).named_parameters():
-            out[f"{PREFIX}{module}.{pname}"] = p
+    if _bias_mode(slots) is LoraBias.MODEL:  # every other bias of the model trains too
+        out.update({plain_key(module, "bias"): bias for module, bias in plain_biases(model).items()})
+    for module, saved in trained_copies(model).items():
+        out.update({plain_key(module, pname): p for pname, p in saved.trained.named_parameters()})
     return out
+
+
+def _bias_mode(slots: dict) -> LoraBias:
+    """The adapter's bias mode (one per adapter: `LoraConfig.for_module` keeps it)."""
+    return next((config.bias for *_, config in slots.values()), LoraBias.NONE)
 
 
 def peft_config(model: nn.Module, name: str | None = None) -> dict:
@@ -71,7 +95,7 @@ def peft_config(model: nn.Module, name: str | None = None) -> dict:
     others = [n for n, _ in model.named_modules() if n and n not in configs]
     linears = [type(layer).fan_in_fan_out for layer, *_ in slots.values() if hasattr(type(layer), "fan_in_fan_out")]
     return to_peft_config(configs, others, fan_in_fan_out=bool(linears) and all(linears),
-                          modules_to_save=list(getattr(model, "lorakit_modules_to_save", ())),
+                          modules_to_save=list(trained_copies(model)),
                           name_or_path=getattr(getattr(model, "config", None), "name_or_path", None) or None)
 
 

@@ -1,6 +1,7 @@
-"""PEFT's `adapter_config.json`, both ways: lorakit configs to PEFT's fields, and PEFT's fields validated into lorakit's.
+"""PEFT's adapter directory, both ways: its key names, its `adapter_config.json` fields, and reading one whole.
 
-PEFT features lorakit does not have are refused by name, never dropped.
+PEFT features lorakit does not have are refused by name, never dropped. This is the one module that speaks
+PEFT's vocabulary (key suffixes, field names, bias modes); the rest of lorakit asks it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import Tensor
+
 from ..config import INITS, LoraBias, LoraConfig
 from ..errors import LoraFileError
+from . import safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -22,14 +26,36 @@ PREFIX = "base_model.model."  # PEFT's key prefix for the wrapped model's module
 # lorakit's tensor name -> PEFT's key suffix, per layer layout (the one definition of PEFT's key names)
 SUFFIXES: dict[str, dict[str, str]] = {
     "linear": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "bias": "base_layer.bias",
-               "lora_magnitude": "lora_magnitude_vector"},  # DoRA's m, as PEFT 0.21 saves it
-    "embedding": {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", "bias": "base_layer.bias"},
+               "lora_magnitude": "lora_magnitude_vector",  # DoRA's m, as PEFT 0.21 saves it
+               "base_weight": "base_layer.weight"},  # saved whole only for resized vocabularies
+    "embedding": {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", "bias": "base_layer.bias",
+                  "base_weight": "base_layer.weight"},
 }
+
+# lorakit's bias modes <-> PEFT's `bias` field. lorakit's "all" (burn's name) is the wrapped layers' biases,
+# which PEFT calls "lora_only"; PEFT's "all" (every bias of the model) is lorakit's "model".
+BIAS_TO_PEFT = {LoraBias.NONE: "none", LoraBias.ALL: "lora_only", LoraBias.MODEL: "all"}
+BIAS_FROM_PEFT = {peft: ours for ours, peft in BIAS_TO_PEFT.items()}
 
 
 def peft_key(module: str, tensor: str, layout: str = "linear") -> str:
-    """The PEFT state-dict key of `tensor` ("lora_A", "lora_B", "bias", "lora_magnitude") of `module`."""
+    """The PEFT state-dict key of `tensor` ("lora_A", "lora_B", "bias", "lora_magnitude") of a LoRA `module`."""
     return f"{PREFIX}{module}.{SUFFIXES[layout][tensor]}"
+
+
+def plain_key(module: str, param: str) -> str:
+    """The PEFT key of a parameter of a module without LoRA (modules_to_save, biases under PEFT's bias="all")."""
+    return f"{PREFIX}{module}.{param}"
+
+
+def split_key(key: str) -> tuple[str, str, str] | None:
+    """(module, lorakit tensor name, layout) of a PEFT LoRA key; None for any other key."""
+    name = key.removeprefix(PREFIX)
+    for layout, suffixes in SUFFIXES.items():
+        for tensor, suffix in suffixes.items():
+            if name.endswith("." + suffix):
+                return name[:-len(suffix) - 1], tensor, layout
+    return None
 
 
 def is_peft_copy(key: str) -> bool:
@@ -72,7 +98,7 @@ def to_peft_config(configs: dict[str, LoraConfig], other_modules: list[str], *, 
         "lora_alpha": base[1],
         "lora_dropout": one.dropout,
         "target_modules": target_modules,
-        "bias": "lora_only" if one.bias is LoraBias.ALL else "none",  # PEFT's name for "biases of wrapped layers"
+        "bias": BIAS_TO_PEFT[one.bias],
         "use_rslora": one.use_rslora,
         "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True if one.init == "kaiming" else one.init,
@@ -138,8 +164,8 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
         raise LoraFileError(f"{path}: init_lora_weights={init!r} is not supported: that adapter expects a base "
                             f"changed at init time; supported: {', '.join(map(repr, _INIT_OK))}")
     bias = field("bias", str, "none")
-    if bias not in ("none", "all", "lora_only"):
-        raise LoraFileError(f"{path}: key 'bias' is {bias!r}; expected 'none', 'all' or 'lora_only'")
+    if bias not in BIAS_FROM_PEFT:
+        raise LoraFileError(f"{path}: key 'bias' is {bias!r}; expected {', '.join(map(repr, BIAS_FROM_PEFT))}")
     targets = field("target_modules", (list, str), required=True)
     if isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
         raise LoraFileError(f"{path}: key 'target_modules' must be a list of strings or a regex string")
@@ -153,7 +179,7 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
             rank=field("r", int, required=True),
             alpha=field("lora_alpha", (int, float), 8),
             dropout=field("lora_dropout", (int, float), 0.0),
-            bias="none" if bias == "none" else "all",
+            bias=BIAS_FROM_PEFT[bias],
             use_rslora=field("use_rslora", bool, False),
             init=init if init in INITS else "kaiming",
             rank_pattern=field("rank_pattern", dict, None) or {},
@@ -179,3 +205,32 @@ def _rules(peft_targets: list[str] | str) -> list[str]:
     if isinstance(peft_targets, str):
         return ["all-linear"] if peft_targets == "all-linear" else [f"re:{peft_targets}"]
     return list(peft_targets)
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """An adapter directory read whole: its validated config and its tensors by PEFT key."""
+
+    spec: AdapterSpec
+    tensors: dict[str, Tensor]
+    where: str  # the weights file, for error messages
+    config_path: str
+
+
+def read_adapter(directory: str | Path) -> AdapterFile:
+    """Read an adapter directory once (config validated, safetensors parsed); touches no model.
+
+    PEFT's bookkeeping copies of modules_to_save are dropped: the plain key carries the trained value.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LoraFileError(f"{directory}: not an adapter directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    spec = read_adapter_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+        hint = f" ({', '.join(pickled)} is pickle, which lorakit never loads)" if pickled else ""
+        raise LoraFileError(f"{weights}: no such file{hint}")
+    tensors, _ = safetensors.read(weights)
+    tensors = {k: t for k, t in tensors.items() if not is_peft_copy(k)}
+    return AdapterFile(spec, tensors, str(weights), str(directory / CONFIG_NAME))
