@@ -109,7 +109,7 @@ def test_apply_lora_on_bert_minilm():
     layers = lk.lora_layers(model)
     # per layer: query, key, value, attention.output.dense, intermediate.dense, output.dense; plus pooler.dense
     assert len(layers) == 6 * 6 + 1 and "classifier" not in layers
-    assert all(p.requires_grad for p in model.classifier.parameters())
+    assert all(p.requires_grad for p in model.classifier.trained.parameters())
     all_linear = hf.load(_hf_models.minilm_dir(), "seq-cls", id2label={0: "a", 1: "b"})[0]
     lk.apply_lora(all_linear, lk.LoraConfig(rank=2), "all-linear")
     assert "classifier" not in lk.lora_layers(all_linear)

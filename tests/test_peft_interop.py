@@ -141,3 +141,96 @@ def test_unsupported_peft_features_refused_by_name(field, value, tmp_path):
     with pytest.raises(lk.LoraFileError, match=field):
         lk.load_adapters(fresh, tmp_path)
     assert not lk.lora_layers(fresh)
+
+
+# -- modules_to_save on a tied head, PEFT's bias="all": both ways, PEFT as the oracle ---------------
+
+def tied_llama():
+    """The tiny Llama with lm_head tied to embed_tokens (tie_word_embeddings, as in many small Llamas)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def perturb_trainable(model, scale=0.25):
+    """Every trainable tensor that is not a LoRA factor (a saved module's copy, biases) moved off its value."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def test_peft_modules_to_save_on_a_tied_head_trains_a_copy_both_ways(tmp_path):
+    base = tied_llama()
+    embeddings = base.model.embed_tokens.weight.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                      modules_to_save=["lm_head"]))
+    pm = perturb_trainable(randomise_lora(pm)).eval()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    want = logits(pm)
+    model = lk.load_adapters(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(logits(model), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)  # the input embeddings are the base's
+    # and back: lorakit's file loads in PEFT to the same logits
+    lk.save_adapters(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    torch.testing.assert_close(logits(peft_load(copy.deepcopy(base), tmp_path / "ours")), want, rtol=1e-5, atol=1e-5)
+    # the merged model is PEFT's merge_and_unload: an untied head, the base's embeddings
+    merged = lk.merge(model)
+    torch.testing.assert_close(logits(merged), want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(merged.model.embed_tokens.weight, embeddings)
+
+
+def test_lorakit_modules_to_save_on_a_tied_head_loads_in_peft(tmp_path):
+    base = tied_llama()
+    model = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=2, alpha=4), ["v_proj"], modules_to_save=["lm_head"])
+    model = perturb_trainable(randomise_lora(model))
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    want = logits(model)
+    lk.save_adapters(model, tmp_path)
+    torch.testing.assert_close(logits(peft_load(copy.deepcopy(base), tmp_path)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_bias_all_is_saved_back_whole(tmp_path):
+    base = gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
+                                                                      bias="all", fan_in_fan_out=True))
+        pm = perturb_trainable(randomise_lora(pm)).eval()  # every bias of the model trains under PEFT's "all"
+        pm.save_pretrained(str(tmp_path / "peft"))
+    want = logits(pm)
+    model = lk.load_adapters(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(logits(model), want, rtol=1e-5, atol=1e-5)
+    lk.save_adapters(model, tmp_path / "ours")
+    torch.testing.assert_close(logits(peft_load(copy.deepcopy(base), tmp_path / "ours")), want, rtol=1e-5, atol=1e-5)
+    from safetensors.torch import load_file
+
+    peft_keys = set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == peft_keys  # all 13 biases, not 2
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["bias"] == "all"
+    assert lk.lora_layers(model)["transformer.h.0.attn.c_attn"].config.bias is lk.LoraBias.MODEL
+
+
+@pytest.mark.parametrize("ours,theirs", [("all", "lora_only"), ("model", "all")])
+def test_lorakit_bias_modes_mean_what_peft_reads(ours, theirs, tmp_path):
+    base = gpt2()
+    model = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=2, bias=ours), ["c_attn"])
+    trains = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert all(n.endswith("bias") for n in trains)
+    assert len(trains) == (2 if ours == "all" else 13)  # c_attn's two, or every bias of the model
+    model = perturb_trainable(randomise_lora(model))
+    want = logits(model)
+    lk.save_adapters(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["bias"] == theirs
+    torch.testing.assert_close(logits(peft_load(copy.deepcopy(base), tmp_path)), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(lk.load_adapters(copy.deepcopy(base), tmp_path)), want, rtol=1e-5, atol=1e-5)

@@ -1,9 +1,9 @@
 """Saving adapters: one layer to its own file, or a model's adapter as a PEFT-layout directory.
 
-    adapter_config.json          PEFT's LoraConfig fields (peft_type, r, lora_alpha, target_modules, ...)
-    adapter_model.safetensors    base_model.model.<module>.lora_A.weight / .lora_B.weight
-                                 (embeddings: .lora_embedding_A / .lora_embedding_B; bias: .base_layer.bias;
-                                 modules_to_save and, under bias="model", other biases: their plain keys)
+    adapter_config.json          PEFT's LoraConfig fields (files.peft_format.to_peft_config)
+    adapter_model.safetensors    per LoRA module its factors (+ DoRA magnitude, + the bias it trains); each
+                                 TrainedCopy (modules_to_save) and, under bias="model", every other bias
+                                 under its plain key; key names from files.peft_format
 """
 
 from __future__ import annotations

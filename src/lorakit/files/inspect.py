@@ -13,12 +13,7 @@ from . import peft_format
 from . import safetensors as safetensors_io
 from ..errors import LoraFileError
 
-# PEFT key suffix -> (factor, layout)
-_SUFFIXES = {
-    ".lora_A.weight": ("A", "linear"), ".lora_B.weight": ("B", "linear"),
-    ".lora_embedding_A": ("A", "embedding"), ".lora_embedding_B": ("B", "embedding"),
-    ".base_layer.bias": ("bias", None),
-}
+_FACTORS = {"lora_A": "A", "lora_B": "B", "bias": "bias", "lora_magnitude": "magnitude"}  # per-module tensors
 
 
 def describe(path: str | Path) -> dict:
@@ -64,16 +59,16 @@ def describe(path: str | Path) -> dict:
     modules: dict[str, dict] = {}
     extra: list[dict] = []
     for key, t in tensors.items():
-        name = key[len(peft_format.PREFIX):] if key.startswith(peft_format.PREFIX) else key
-        hit = next(((name[:-len(s)], v) for s, v in _SUFFIXES.items() if name.endswith(s)), None)
-        if hit is None:
+        hit = peft_format.split_key(key)
+        if hit is None or hit[1] not in _FACTORS:  # modules_to_save, other biases, whole embeddings
+            name = key.removeprefix(peft_format.PREFIX)
             extra.append({"name": name, "shape": list(t.shape), "params": t.numel(), "dtype": str(t.dtype).removeprefix("torch.")})
             continue
-        module, (factor, layout) = hit
+        module, tensor, layout = hit
         entry = modules.setdefault(module, {"module": module})
-        entry[factor] = list(t.shape)
-        entry["dtype"] = str(t.dtype).removeprefix("torch.")
-        if layout:
+        entry[_FACTORS[tensor]] = list(t.shape)
+        if tensor in ("lora_A", "lora_B"):  # bias keys are the same in every layout
+            entry["dtype"] = str(t.dtype).removeprefix("torch.")
             entry["layout"] = layout
     rows = []
     for name, e in modules.items():
@@ -90,7 +85,7 @@ def describe(path: str | Path) -> dict:
             base_shape, kind = [d_out, *d_in], f"conv{len(a) - 2}d"
         else:
             base_shape, kind = ([d_in[0], d_out] if fan_in_fan_out else [d_out, d_in[0]]), "linear"
-        params = math.prod(a) + math.prod(b) + (math.prod(e["bias"]) if "bias" in e else 0)
+        params = math.prod(a) + math.prod(b) + sum(math.prod(e[k]) for k in ("bias", "magnitude") if k in e)
         rows.append({"module": name, "kind": kind, "lora_A": a, "lora_B": b, "rank": rank,
                      "alpha": cfg.alpha if cfg else None, "scaling": cfg.scaling if cfg else None,
                      "bias": "bias" in e, "params": params, "dtype": e.get("dtype"), "base_weight_shape": base_shape})

@@ -228,8 +228,6 @@ def save_merged(model: nn.Module, tok, out_dir: str | Path, *, dtype: str | None
     merge(model)
     if dtype is not None:
         model.to(DTYPES[dtype])
-    if hasattr(model, "lorakit_modules_to_save"):
-        del model.lorakit_modules_to_save  # a merged model is a plain model again
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     return n
