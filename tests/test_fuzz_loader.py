@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorakit as lk
-from lorakit import loading as io
+from lorakit.files import peft_format
 from lorakit.files import safetensors as safetensors_io
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -100,7 +100,7 @@ def test_deeply_nested_json_is_a_clear_error(tmp_path):
     d.mkdir()
     (d / "adapter_config.json").write_bytes(deep)
     with pytest.raises(lk.LoraFileError, match="not valid JSON"):
-        io.read_adapter_config(d)
+        peft_format.read_adapter_config(d)
 
 
 def test_huge_shape_claims_allocate_nothing():

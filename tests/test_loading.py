@@ -76,3 +76,39 @@ def test_plan_reads_the_model_and_changes_nothing(tmp_path):
     assert plan.how == "apply" and sorted(plan.slots) == ["0", "2"] and plan.adapter == "default"
     assert sorted(plan.tensors) == sorted(f"base_model.model.{m}.lora_{f}.weight" for m in "02" for f in "AB")
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("bias", ["all", "model"])
+def test_an_adapter_training_biases_cannot_join_named_adapters(bias, tmp_path):
+    biased = lk.apply_lora(mlp(), lk.LoraConfig(rank=2, bias=bias), ["2"])  # only the last layer
+    lk.save_adapters(biased, tmp_path)
+    model = trained(seed=1)
+    before = state(model)
+    with pytest.raises(lk.LoraFileError, match="cannot sit beside other named adapters"):
+        lk.load_adapters(model, tmp_path, name="biased")
+    assert_unchanged(model, before)
+
+
+def test_modules_to_save_loaded_into_a_lora_model_leave_a_tied_original_alone(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(10, 8)
+            self.fc = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.embed.weight  # tie_word_embeddings
+
+        def forward(self, ids):
+            return self.head(self.fc(self.embed(ids)))
+
+    source = lk.apply_lora(Tied(), lk.LoraConfig(rank=2), ["fc"], modules_to_save=["head"])
+    with torch.no_grad():
+        source.head.trained.weight.mul_(-1.0)
+    lk.save_adapters(source, tmp_path)
+    model = lk.apply_lora(Tied(), lk.LoraConfig(rank=2), ["fc"])  # LoRA already, no saved modules yet
+    lk.load_adapters(model, tmp_path)
+    assert isinstance(model.head, lk.TrainedCopy) and model.head.original.weight is model.embed.weight
+    assert torch.equal(model.embed.weight, Tied().embed.weight)
+    ids = torch.arange(10)[None]
+    torch.testing.assert_close(model(ids), source(ids))

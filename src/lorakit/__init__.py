@@ -9,6 +9,7 @@ from .loading import load_adapters
 from .saving import save_adapters
 from .layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear, with_lora
 from .model import apply_lora, lora_layers, merge, merge_, summary, trainable_parameters, unmerge_
+from .trained_copy import TrainedCopy
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ __all__ = [
     "LoraBias", "LoraConfig", "LoraConv", "LoraConv1D", "LoraEmbedding", "LoraError", "LoraFileError", "LoraLayer",
     "LoraLinear", "LoraMergeError", "LoraStateError", "apply_lora", "load_adapters", "lora_layers", "merge", "merge_",
     "read_adapter_config", "save_adapters", "summary", "trainable_parameters", "unmerge_", "with_lora",
+    "TrainedCopy",
 ]

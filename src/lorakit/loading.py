@@ -143,12 +143,13 @@ def _slots_new(model: nn.Module, file: AdapterFile, copies: list[str]) -> dict[s
 
 def _check_shared_biases(model: nn.Module, file: AdapterFile, name: str | None, slots: dict[str, Slot]) -> None:
     """A trained bias belongs to the base, which every named adapter shares: such an adapter must be alone."""
+    bias = file.spec.config.bias
     for module, layer in lora_layers(model).items():
-        if module not in slots:
+        if module not in slots and bias is not LoraBias.MODEL:  # "model" trains every bias, not only the slots'
             continue
         others = [n for n in layer.adapter_names() if n != (name or layer.adapter_name)]
         biased = [n for n in others if layer.factors(n)[2].bias is not LoraBias.NONE]
-        if others and (file.spec.config.bias is not LoraBias.NONE or biased):
+        if others and (bias is not LoraBias.NONE or biased):
             raise LoraFileError(f"{file.where}: adapters that train biases (bias='all' or 'model') train the shared "
                                 f"base bias of {module!r}, so they cannot sit beside other named adapters "
                                 f"(it has {others})")
@@ -175,7 +176,8 @@ def _expected_shapes(model: nn.Module, file: AdapterFile, slots: dict[str, Slot]
             if module not in slots:
                 shapes[plain_key(module, "bias")] = tuple(bias.shape)
     for module in copies:
-        shapes.update({plain_key(module, pname): tuple(p.shape) for pname, p in _saved(model, module).named_parameters()})
+        saved = _saved(model, module).named_parameters()
+        shapes.update({plain_key(module, pname): tuple(p.shape) for pname, p in saved})
     optional = _whole_embeddings(model, set(slots), copies)
     shapes.update({k: tuple(t.shape) for k, t in optional.items() if k in file.tensors})
     return shapes

@@ -58,7 +58,7 @@ def plain_biases(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def trained_biases(model: nn.Module, bias: LoraBias) -> dict[str, nn.Parameter]:
-    """The biases an adapter with `bias` trains, by module name: none, the LoRA layers' ("all"), or every one ("model")."""
+    """The biases an adapter with `bias` trains, by module name: none, LoRA layers' ("all"), every one ("model")."""
     if bias is LoraBias.NONE:
         return {}
     out = {name: b for name, layer in lora_layers(model).items() if (b := own_bias(layer.base)) is not None}
