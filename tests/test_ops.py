@@ -1,7 +1,9 @@
 """The LoRA math's fast paths pinned against the naive formula (`ops.lora_linear_reference`).
 
 Outputs and the gradients of x, A, B, bias (and a weight that asks for one) across shapes, ranks, dtypes,
-dropout on/off, train/eval and grad/no-grad; dropout is compared with the same mask by re-seeding.
+dropout on/off, train/eval and grad/no-grad, nn.Linear's and Conv1D's weight layout; dropout is compared
+with the same mask by re-seeding. Other ways of running (checkpointing, compile, threads, autocast,
+torch.func) are in test_modes.py; dropout's semantics in test_dropout.py.
 Tolerances: relative (norm) error ≤ 1e-5 in fp32, ≤ 1e-2 in bf16.
 """
 
@@ -11,6 +13,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lorakit as lk
@@ -174,18 +177,71 @@ def test_merged_weight_refuses_non_finite(bad):
         ops.merged_weight(big.to(torch.bfloat16), big.clone())
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
 @pytest.mark.parametrize("training", [True, False])
-def test_lora_linear_compiles_fullgraph(training):
-    """A LoRA layer traces as one graph (no graph breaks) and matches eager, forward and backward."""
+def test_lora_linear_compiles_fullgraph(training, dropout):
+    """A LoRA layer traces as one graph (no graph breaks, dropout's draw included) and matches eager,
+    forward and backward; aot_eager runs the graph on eager's generator, so one seed gives one mask."""
     torch._dynamo.reset()
-    layer = lk.with_lora(nn.Linear(16, 24), lk.LoraConfig(rank=4, alpha=8.0))
+    layer = lk.with_lora(nn.Linear(16, 24), lk.LoraConfig(rank=4, alpha=8.0, dropout=dropout))
     nn.init.normal_(layer.lora_B)
     layer.train(training)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     for n in (3, 64):  # both the unmerged and the folded-weight path
         x = torch.randn(n, 16, requires_grad=True)
-        y, y_c = layer(x), compiled(x)
+        torch.manual_seed(n)
+        y = layer(x)
+        torch.manual_seed(n)
+        y_c = compiled(x)
         assert rel(y_c, y) <= 1e-5
         gy = torch.randn_like(y)
         for g, g_c in zip(grads(y, [x, layer.lora_A, layer.lora_B], gy), grads(y_c, [x, layer.lora_A, layer.lora_B], gy)):
             assert rel(g_c, g) <= 1e-5
+
+
+# -- the base's own arithmetic (transformers' Conv1D computes addmm(b, x, W) on W stored (d_in, d_out)) --
+
+def conv1d_base(x, W_stored, b):
+    """What transformers.pytorch_utils.Conv1D.forward computes, written out (no transformers import)."""
+    return torch.addmm(b, x.view(-1, x.shape[-1]), W_stored).view(*x.shape[:-1], W_stored.shape[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["grad", "no_grad"])
+@pytest.mark.parametrize("lead", [(3,), (4, 50)])  # few tokens: the unmerged path; many (fp32): the folded weight
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_zero_B_gives_the_base_bit_for_bit(layout, lead, mode, dtype):
+    """Issue 12 defect 14: with B = 0 the output, and the input gradient, are exactly the base's, on any CPU,
+    because the base term is computed by the base's own GEMM (and the fold keeps the base's weight layout)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*lead, 24, generator=g).to(dtype).requires_grad_(mode == "grad")
+    W = (torch.randn(40, 24, generator=g) * 0.2).to(dtype)  # (d_out, d_in)
+    b = torch.randn(40, generator=g).to(dtype)
+    A = torch.randn(4, 24, generator=g).to(dtype).requires_grad_()
+    B = torch.zeros(40, 4, dtype=dtype, requires_grad=True)
+    if layout == "conv1d":
+        W_stored = W.t().contiguous()  # (d_in, d_out), as Conv1D stores it
+        base, weight = conv1d_base(x, W_stored, b), W_stored.t()  # the layer passes the transposed view
+    else:
+        base, weight = F.linear(x, W, b), W
+    with torch.set_grad_enabled(mode == "grad"):
+        y = ops.lora_linear(x, weight, b, A, B, 2.0, fan_in_fan_out=layout == "conv1d")
+    assert torch.equal(y, base)
+    if mode == "grad":
+        gy = torch.randn(base.shape, generator=g).to(dtype)
+        assert torch.equal(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(base, x, gy)[0])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("lead", [(3,), (4, 50)])
+def test_conv1d_layout_matches_the_formula(lead, p):
+    x, W, b, A, B = make(lead, 24, 40, 4, torch.float32, bias=True)
+    torch.manual_seed(5)
+    y = ops.lora_linear(x, W.detach().t().contiguous().t(), b, A, B, 1.5, p, True, fan_in_fan_out=True)
+    torch.manual_seed(5)
+    keep, scale = ops.dropout_keep((x[..., 0].numel(), 24), p) if p else (None, 1.0)
+    y_ref = ops.lora_linear_reference(x, W.detach(), b, A, B, 1.5, keep, scale)
+    assert rel(y, y_ref) <= 1e-5
+    gy = torch.randn_like(y)
+    for g, g_ref in zip(grads(y, [x, A, B, b], gy), grads(y_ref, [x, A, B, b], gy)):
+        assert rel(g, g_ref) <= 1e-5

@@ -365,8 +365,11 @@ class LoraLinear(LoraLayer):
             return ops.dora_linear(x, self._linear_weight(), self.base.bias, self.lora_A, self.lora_B,
                                    self.lora_magnitude, self.scaling, self.config.dropout, self.training,
                                    self._w_sqnorm())
+        # a Conv1D base gets its own addmm (fan_in_fan_out), so a fresh layer is exactly its base on any CPU;
+        # a quantised base (lorakit.quant) computes F.linear on (d_out, d_in) whatever the original type
+        conv1d = self.fan_in_fan_out and not getattr(self.base, "quantized", False)
         return ops.lora_linear(x, self._linear_weight(), self.base.bias, self.lora_A, self.lora_B, self.scaling,
-                               self.config.dropout, self.training)
+                               self.config.dropout, self.training, fan_in_fan_out=conv1d)
 
     def weight_delta(self):
         if self.lora_magnitude is not None:  # DoRA: merged W' = g ⊙ (W + s·B A), so the delta is W' - W
