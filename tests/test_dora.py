@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit import ops
+from lorakit.variants import dora
 from lorakit.saving import adapter_state_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,9 +43,9 @@ def peft_load(base, directory):
 def test_row_norm_matches_the_formed_matrix():
     g = torch.Generator().manual_seed(0)
     W, A, B = torch.randn(48, 40, generator=g), torch.randn(4, 40, generator=g), torch.randn(48, 4, generator=g)
-    got = ops.dora_weight_norm(W, A, B, 0.7)
-    torch.testing.assert_close(got, ops.dora_weight_norm_reference(W, A, B, 0.7), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got, ops.dora_weight_norm(W, A, B, 0.7, ops.dora_row_sqnorm(W)))
+    got = dora.weight_norm(W, A, B, 0.7)
+    torch.testing.assert_close(got, dora.weight_norm_reference(W, A, B, 0.7), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, dora.weight_norm(W, A, B, 0.7, dora.row_sqnorm(W)))
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
@@ -58,7 +58,7 @@ def test_layer_matches_reference_and_merges_exactly(fan_in_fan_out):
     assert layer.lora_magnitude.shape == (24,)
     x = torch.randn(3, 5, 16, requires_grad=True)
     W = layer.dense_weight()
-    ref = ops.dora_linear_reference(x, W, layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude,
+    ref = dora.dora_linear_reference(x, W, layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude,
                                     layer.scaling)
     y = layer(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
@@ -153,7 +153,7 @@ def test_named_dora_adapters_round_trip(tmp_path):
     y = model(x).detach()
     lk.save_adapters(model, tmp_path)
     layer = model[0]
-    layer.add_adapter("other", lk.LoraConfig(rank=2, use_dora=True))
+    layer.slots.add("other", lk.LoraConfig(rank=2, use_dora=True))
     from lorakit.adapters import set_adapter
 
     set_adapter(model, "other")

@@ -54,7 +54,7 @@ def test_forward_backward_equal_the_dequantised_reference_without_keeping_dense_
     quantize_base(model, fmt)
     assert set(quantized_layers(model)) == {"0", "2"}
     layer = model[0]
-    W = layer.base.dequantize()
+    W = layer.base.dense_weight()
     saved = []
 
     def pack(t):

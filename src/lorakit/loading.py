@@ -17,7 +17,7 @@ from .files import safetensors as st
 from .files.checks import check_tensors, copy_into
 from .files.peft_format import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterSpec, is_peft_copy, peft_key,
                                 read_adapter_config)
-from .layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, with_lora, wrapper_for
+from .layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, supported_types, with_lora, wrapper_for
 from .model import apply_lora, find_targets, lora_layers, rule_matches, set_module
 from .saving import adapter_slots
 
@@ -26,18 +26,18 @@ def load_layer_adapter(layer: LoraLayer, path: str | Path, *, allow_nonfinite: b
     """Load a `save_layer_adapter` file into `layer`; checked in full before anything is copied."""
     path = layer_file.layer_path(path)
     tensors, config, layer_type = layer_file.read_layer_file(path)
+    if config.use_dora != layer.config.use_dora:
+        raise LoraFileError(f"{path}: adapter use_dora={config.use_dora}, layer use_dora={layer.config.use_dora}")
     if layer_type != type(layer).__name__:
         raise LoraFileError(f"{path}: adapter is for a {layer_type}, this layer is a {type(layer).__name__}")
     if config.rank != layer.rank:
         raise LoraFileError(f"{path}: adapter rank {config.rank} does not match the layer's rank {layer.rank}")
     if config.bias is not layer.config.bias:
         raise LoraFileError(f"{path}: adapter bias={config.bias.value!r}, layer bias={layer.config.bias.value!r}")
-    if config.use_dora != layer.config.use_dora:
-        raise LoraFileError(f"{path}: adapter use_dora={config.use_dora}, layer use_dora={layer.config.use_dora}")
     targets = layer.adapter_tensors()
     check_tensors(str(path), tensors, {k: tuple(t.shape) for k, t in targets.items()}, allow_nonfinite)
     copy_into(tensors, targets)
-    layer.config = config
+    layer.slots.set_config(layer.adapter_name, config)
 
 
 def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None = None,
@@ -73,7 +73,7 @@ def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None =
     where = str(weights)
 
     existing = lora_layers(model)
-    known = {n for layer in existing.values() for n in layer.adapter_names()}
+    known = {n for layer in existing.values() for n in layer.slots.names()}
     into = bool(existing) and (name is None or name in known)  # load into an adapter the model already has
     plan: dict[str, tuple[type[LoraLayer], nn.Module, LoraConfig]] = {}
     if into:
@@ -100,25 +100,24 @@ def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None =
             m = model.get_submodule(module)
             cfg = spec.config.for_module(module)
             if isinstance(m, LoraLayer):
-                if LoraBias.ALL in [cfg.bias] + [m.factors(n)[2].bias for n in m.adapter_names()]:
+                if LoraBias.ALL in [cfg.bias] + [m.slots.config(n).bias for n in m.slots.names()]:
                     raise LoraFileError(f"{where}: adapters with bias='all' train the shared base bias of "
                                         f"{module!r}, so they cannot sit beside other named adapters")
+                if cfg.variant != m.variant:
+                    raise LoraFileError(f"{where}: module {module!r} holds {m.variant} adapters; this one is "
+                                        f"{cfg.variant} (use_dora={cfg.use_dora}), and one layer holds one variant")
                 plan[module] = (type(m), m.base, cfg)
-            elif wrapper_for(m) is None:
-                raise LoraFileError(f"{where}: target {module!r} is a {type(m).__name__}, which LoRA does not support")
+            elif wrapper_for(m, cfg.variant) is None:
+                raise LoraFileError(f"{where}: target {module!r} is a {type(m).__name__}, which "
+                                    f"{'DoRA' if cfg.use_dora else 'LoRA'} does not support "
+                                    f"(supported: {supported_types(cfg.variant)})")
             else:
-                plan[module] = (wrapper_for(m), m, cfg)
+                plan[module] = (wrapper_for(m, cfg.variant), m, cfg)
 
     shapes: dict[str, tuple[int, ...]] = {}
     for module, (cls, base, cfg) in plan.items():
-        a_shape, b_shape = cls.factor_shapes(base, cfg.rank)
-        shapes[peft_key(module, "lora_A", cls.peft_layout)] = a_shape
-        shapes[peft_key(module, "lora_B", cls.peft_layout)] = b_shape
-        if cfg.use_dora:
-            if not cls.supports_dora:
-                raise LoraFileError(f"{where}: module {module!r} is a {type(base).__name__}; lorakit's DoRA "
-                                    "supports linear layers only")
-            shapes[peft_key(module, "lora_magnitude", cls.peft_layout)] = (b_shape[0],)
+        for tensor, shape in cls.adapter_shapes(base, cfg).items():  # lora_A, lora_B (+ DoRA's lora_magnitude)
+            shapes[peft_key(module, tensor, cls.peft_layout)] = shape
         if cfg.bias is LoraBias.ALL and getattr(base, "bias", None) is not None:
             shapes[peft_key(module, "bias", cls.peft_layout)] = tuple(base.bias.shape)
     extra = _extra_tensors(model, spec, plan, tensors)  # modules_to_save, whole embeddings, PEFT's other biases
@@ -138,20 +137,21 @@ def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None =
         for module, (cls, base, cfg) in plan.items():
             m = model.get_submodule(module)
             if isinstance(m, LoraLayer):
-                m.add_adapter(name, cfg)
+                m.slots.add(name, cfg)
             else:
                 layer = with_lora(m, cfg, adapter_name=name)
                 set_module(model, module, layer)
-                layer.activate(active if active in layer.adapter_names() else None)
+                layer.slots.activate(active if active in layer.slots else None)
     destinations = dict(extra)
     for module, (layer, A, B, config) in adapter_slots(model, adapter).items():
         destinations[peft_key(module, "lora_A", layer.peft_layout)] = A
         destinations[peft_key(module, "lora_B", layer.peft_layout)] = B
         if config.use_dora:
-            destinations[peft_key(module, "lora_magnitude", layer.peft_layout)] = layer.magnitude(adapter or layer.adapter_name)
+            destinations[peft_key(module, "lora_magnitude", layer.peft_layout)] = \
+                layer.slots.tensors(adapter or layer.adapter_name)["lora_magnitude"]
         if peft_key(module, "bias", layer.peft_layout) in shapes:
             destinations[peft_key(module, "bias", layer.peft_layout)] = layer.base.bias
-        layer.set_adapter_config(adapter or layer.adapter_name, plan[module][2])
+        layer.slots.set_config(adapter or layer.adapter_name, plan[module][2])
     assert destinations.keys() == shapes.keys(), "planned and wrapped modules differ"
     copy_into(tensors, destinations)
     return model

@@ -40,8 +40,8 @@ def adapter_slots(model: nn.Module, name: str | None = None, *,
     out = {}
     for module, layer in lora_layers(model).items():
         n = layer.adapter_name if name is None else name
-        if n is not None and n in layer.adapter_names():
-            out[module] = (layer, *(layer.exported_factors(n) if exported else layer.factors(n)))
+        if n is not None and n in layer.slots:
+            out[module] = (layer, *(layer.exported_factors(n) if exported else layer.slots.factors(n)))
     return out
 
 
@@ -52,7 +52,8 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, T
         out[peft_key(module, "lora_A", layer.peft_layout)] = A
         out[peft_key(module, "lora_B", layer.peft_layout)] = B
         if config.use_dora:
-            out[peft_key(module, "lora_magnitude", layer.peft_layout)] = layer.magnitude(name or layer.adapter_name)
+            out[peft_key(module, "lora_magnitude", layer.peft_layout)] = \
+                layer.slots.tensors(name or layer.adapter_name)["lora_magnitude"]
         if config.bias is LoraBias.ALL and getattr(layer.base, "bias", None) is not None:
             out[peft_key(module, "bias", layer.peft_layout)] = layer.base.bias
     for module in getattr(model, "lorakit_modules_to_save", ()):
