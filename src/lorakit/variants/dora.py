@@ -26,16 +26,21 @@ from ..slots import DEFAULT_ADAPTER
 
 
 def row_sqnorm(weight: Tensor) -> Tensor:
-    """‖w_i‖² per output row of a (d_out, d_in) weight, in fp32: the cacheable part of the DoRA norm."""
-    return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square_()
+    """‖w_i‖² per output row of a (d_out, d_in) weight, in fp32 (fp64 for fp64): the cacheable part of the norm."""
+    return torch.linalg.vector_norm(weight, dim=1, dtype=_acc(weight)).square_()
+
+
+def _acc(weight: Tensor) -> torch.dtype:
+    """The dtype the norm accumulates in: fp32, or fp64 for an fp64 weight."""
+    return torch.promote_types(weight.dtype, torch.float32)
 
 
 def weight_norm(weight: Tensor, A: Tensor, B: Tensor, scaling: float, w_sqnorm: Tensor | None = None) -> Tensor:
     """‖W + s·B A‖ per output row (d_out,) in fp32, detached, without forming a d_out×d_in matrix."""
     with torch.no_grad():
         sq = row_sqnorm(weight) if w_sqnorm is None else w_sqnorm
-        Af, Bf = A.detach().float(), B.detach().float()  # (r, d_in), (d_out, r): small
-        WA = (weight @ A.detach().to(weight.dtype).t()).float()  # (d_out, r): A w_i for every row
+        Af, Bf = A.detach().to(_acc(weight)), B.detach().to(_acc(weight))  # (r, d_in), (d_out, r): small
+        WA = (weight @ A.detach().to(weight.dtype).t()).to(_acc(weight))  # (d_out, r): A w_i for every row
         cross = (Bf * WA).sum(1)  # (d_out,)  B_i·(A w_i)
         quad = ((Bf @ (Af @ Af.t())) * Bf).sum(1)  # (d_out,)  B_iᵀ (A Aᵀ) B_i
         return (sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min_(0.0).sqrt_()
