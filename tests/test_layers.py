@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
 from lorakit import ops
@@ -19,6 +18,7 @@ def make(kind, dtype=torch.float32, bias=True):
     if kind == "linear":
         return nn.Linear(6, 5, bias=bias).to(dtype), torch.randn(3, 4, 6, dtype=dtype)
     if kind == "conv1d_hf":
+        Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D  # only these cases need the HF extra
         m = Conv1D(5, 6).to(dtype)  # nf=5 out, nx=6 in; weight stored (6, 5)
         nn.init.normal_(m.weight, std=0.2)
         nn.init.normal_(m.bias)
@@ -48,7 +48,7 @@ def naive(layer, x):
     """The formula with the delta added to the weight, written out per type (no dropout)."""
     base = layer.base
     w = base.weight.float() + layer.weight_delta()
-    if isinstance(base, Conv1D):
+    if isinstance(layer, lk.LoraConv1D):
         return x.float() @ w + base.bias.float()
     if isinstance(base, nn.Embedding):
         return nn.functional.embedding(x, w, base.padding_idx)

@@ -23,11 +23,9 @@ __all__ = ["DEFAULT_ADAPTER", "LoraConv", "LoraConv1D", "LoraEmbedding", "LoraLa
 
 
 class LoraLayer(nn.Module):
-    """A frozen `base` and its adapters; the active one's factors are `lora_A` (r, d_in, ...) and `lora_B` (d_out, r, ...).
-
-    The active adapter is `adapter_name` with `config`; the others wait, frozen, in `stash` (`slots` switches
-    them). With no active adapter (`adapter_name is None`) the layer computes its base. Subclasses say how
-    the factors are shaped, how forward runs and how the weight delta is laid out.
+    """A frozen `base` and its adapters: the active one (`adapter_name`, `config`) as `lora_A` (r, d_in, ...) and
+    `lora_B` (d_out, r, ...), the others frozen in `stash` (see `slots`); with none active, the base alone.
+    Subclasses say how the factors are shaped, how forward runs and how the weight delta is laid out.
     """
 
     tensor_names: tuple[str, ...] = ("lora_A", "lora_B")  # an adapter's tensors; a variant may add its own
@@ -41,9 +39,7 @@ class LoraLayer(nn.Module):
             raise ValueError(f"{type(self).__name__} holds {self.variant} adapters, not {config.variant}")
         if config.rank_pattern or config.alpha_pattern:
             config = config.for_module("")
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
+        self.base = base.requires_grad_(False)
         self.stash = nn.ModuleDict()
         self.merged, self.disabled = False, False  # disabled: set by lorakit.adapters.disable_adapters
         self.mixed: tuple[int, tuple] | None = None  # set by lorakit.adapters.mixed_batch: (rows, mixed_state)
