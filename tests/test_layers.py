@@ -294,3 +294,18 @@ def test_reference_formula_function():
     want = x @ (w + 1.5 * B @ A).t() + b
     torch.testing.assert_close(ops.lora_linear_reference(x, w, b, A, B, 1.5), want)
     torch.testing.assert_close(ops.lora_linear(x, w, b, A, B, 1.5), want)
+
+
+@pytest.mark.parametrize("module,config,needle", [
+    (lambda: nn.Conv2d(4, 4, 3, groups=2), lk.LoraConfig(rank=2), "groups=2"),
+    (lambda: nn.Linear(4, 3), lk.LoraConfig(rank=4, init="pissa"), "rank <= min"),
+    (lambda: nn.Embedding(6, 4), lk.LoraConfig(rank=2, init="olora"), "linear layers only"),
+    (lambda: nn.Embedding(6, 4), lk.LoraConfig(rank=2, use_dora=True), "DoRA"),
+])
+def test_refused_wrap_leaves_the_module_trainable_and_unchanged(module, config, needle):
+    m = module()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises((TypeError, ValueError), match=needle):
+        lk.with_lora(m, config)
+    assert all(p.requires_grad for p in m.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

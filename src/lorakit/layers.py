@@ -37,9 +37,11 @@ class LoraLayer(nn.Module):
         super().__init__()
         if config.variant != self.variant:  # with_lora picks the class from the config
             raise ValueError(f"{type(self).__name__} holds {self.variant} adapters, not {config.variant}")
+        if config.init in BASE_CHANGING_INITS and not self.supports_base_init:
+            raise TypeError(f"init={config.init!r} is supported on linear layers only, not {type(base).__name__}")
         if config.rank_pattern or config.alpha_pattern:
             config = config.for_module("")
-        self.base = base.requires_grad_(False)
+        self.base = base
         self.stash = nn.ModuleDict()
         self.merged, self.disabled = False, False  # disabled: set by lorakit.adapters.disable_adapters
         self.mixed: tuple[int, tuple] | None = None  # set by lorakit.adapters.mixed_batch: (rows, mixed_state)
@@ -47,9 +49,8 @@ class LoraLayer(nn.Module):
         self.base_init: nn.Module | None = None  # PiSSA/OLoRA: the factors at init, whose product left the base
         self.slots.bind(check_adapter_name(adapter_name), self.new_adapter(config), config)
         if config.init in BASE_CHANGING_INITS:  # PiSSA/OLoRA: A, B from W, the residual left in the base
-            if not self.supports_base_init:
-                raise TypeError(f"init={config.init!r} is supported on linear layers only, not {type(base).__name__}")
             self.base_init = BASE_INITS[config.init](self, config)  # lorakit.variants.base_init
+        base.requires_grad_(False)  # last: a refused shape or rank above leaves the user's module as it was
         if config.bias is LoraBias.ALL and getattr(base, "bias", None) is not None:
             base.bias.requires_grad_(True)
 
