@@ -68,13 +68,6 @@ class LoraLayer(nn.Module):
         ops.init_factors_(A, B, config.init)
         return {"lora_A": A, "lora_B": B}
 
-    def exported_factors(self, name: str) -> tuple[Tensor, Tensor, LoraConfig]:
-        """(A, B, config) of adapter `name` as a plain LoRA for the ORIGINAL base weight (see variants.base_init)."""
-        A, B, config = self.slots.factors(name)
-        if self.base_init is None or name != self.base_init.adapter:
-            return A, B, config
-        return self.base_init.export(A, B, config)
-
     def dense_weight(self) -> Tensor:
         """The base weight as a plain (d_out, d_in, ...) tensor (dequantised where the base is quantised)."""
         return bases.dense_weight(self.base)
@@ -136,9 +129,7 @@ class LoraLayer(nn.Module):
         if not self.merged:
             with torch.no_grad():
                 plain.weight.copy_(self.merged_weight(plain.weight))
-        for p in plain.parameters():
-            p.requires_grad_(False)
-        return plain
+        return plain.requires_grad_(False)
 
     def merge_(self) -> LoraLayer:
         """Merge in place for serving; `unmerge_()` restores the base weight bit for bit."""

@@ -25,7 +25,7 @@ def save_layer_adapter(layer: LoraLayer, path: str | Path) -> Path:
     """Write one layer's adapter (lora_A, lora_B, bias under "all") with its config in the metadata."""
     tensors, config = layer.adapter_tensors(), layer.config
     if layer.adapter_name is not None:  # PiSSA/OLoRA: saved as a rank-2r LoRA for the original base
-        A, B, config = layer.exported_factors(layer.adapter_name)
+        A, B, config = layer.slots.exported_factors(layer.adapter_name)
         tensors.update(lora_A=A, lora_B=B)
     return layer_file.write_layer_file(path, tensors, config, type(layer).__name__, tuple(layer.base_weight.shape))
 
@@ -41,7 +41,7 @@ def adapter_slots(model: nn.Module, name: str | None = None, *,
     for module, layer in lora_layers(model).items():
         n = layer.adapter_name if name is None else name
         if n is not None and n in layer.slots:
-            out[module] = (layer, *(layer.exported_factors(n) if exported else layer.slots.factors(n)))
+            out[module] = (layer, *(layer.slots.exported_factors(n) if exported else layer.slots.factors(n)))
     return out
 
 

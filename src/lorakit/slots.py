@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from torch import nn
+from torch import Tensor, nn
 
 from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
 from .errors import LoraAdapterNotFound, LoraStateError
@@ -84,6 +84,12 @@ class AdapterSlots:
         """(lora_A, lora_B, config) of the named adapter."""
         t = self.tensors(name)
         return t["lora_A"], t["lora_B"], self.config(name)
+
+    def exported_factors(self, name: str) -> tuple[Tensor, Tensor, LoraConfig]:
+        """(A, B, config) as saved: a PiSSA/OLoRA adapter as a plain LoRA for the ORIGINAL base (variants.base_init)."""
+        A, B, config = self.factors(name)
+        init = self.layer.base_init
+        return (A, B, config) if init is None or name != init.adapter else init.export(A, B, config)
 
     def add(self, name: str, config: LoraConfig) -> None:
         """Add a named adapter, freshly initialised and waiting (inactive)."""
