@@ -18,6 +18,7 @@ from torch import nn
 with atheris.instrument_imports(include=["lorakit"]):  # instrument our code, not torch
     import lorakit as lk
     from lorakit.files import safetensors as safetensors_io
+    from lorakit.saving import layer_tensors
 
 LAYER = lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=2))
 TMP = Path(tempfile.mkdtemp())
@@ -39,7 +40,7 @@ def test_one(data: bytes) -> None:
 def main() -> None:
     seed_dir = TMP / "corpus"
     seed_dir.mkdir()
-    tensors = LAYER.adapter_tensors()
+    tensors = layer_tensors(LAYER)
     meta = {"format": "lorakit-layer", "layer": "LoraLinear", "config": json.dumps(LAYER.config.to_dict())}
     (seed_dir / "valid").write_bytes(safetensors_io.dumps(tensors, meta))
     torch.set_num_threads(1)

@@ -226,3 +226,102 @@ def test_reserved_and_bad_names(setup, tmp_path):
     for bad in ("half", "a.b", ""):
         with pytest.raises(ValueError, match="adapter name"):
             lk.load_adapters(copy.deepcopy(model), d / "math", name=bad)
+
+
+def _two_adapter_mlp():
+    torch.manual_seed(0)
+    model = lk.apply_lora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), lk.LoraConfig(rank=2, alpha=2),
+                          ["0", "2"], adapter_name="a")
+    lk.combine_adapters(model, {"a": -1.5}, "b")
+    with torch.no_grad():
+        for layer in lk.lora_layers(model).values():
+            for n in layer.slots.names():
+                layer.slots.tensors(n)["lora_B"].normal_()
+    return model
+
+
+def _rows_alone(model, x, rows):
+    """Each row through the model with its own adapter active (the reference for a mixed batch)."""
+    out = []
+    for i, n in enumerate(rows):
+        if n is None:
+            with lk.disable_adapters(model):
+                out.append(model(x[i:i + 1]))
+        else:
+            with lk.use_adapter(model, n):
+                out.append(model(x[i:i + 1]))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("change", ["data", "to_float64", "in_place"])
+def test_mixed_batch_stacks_follow_factor_changes(change):
+    """Regression: the per-layer stacks were cached on (id, version) of A and B, which `A.data = ...` and
+    `model.to(torch.float64)` leave as they were: the next mixed batch used the old values (or crashed on dtypes)."""
+    model = _two_adapter_mlp()
+    rows = ["a", None, "b"]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        with lk.mixed_batch(model, rows):
+            model(x)  # builds the stacks
+        layer = model[0]
+        if change == "data":
+            layer.lora_A.data = torch.randn(layer.lora_A.shape)
+            layer.stash["b"].lora_B.data = torch.randn(layer.stash["b"].lora_B.shape)
+        elif change == "to_float64":
+            model.to(torch.float64)
+            x = x.double()
+        else:
+            layer.lora_A.mul_(3)
+        with lk.mixed_batch(model, rows):
+            got = model(x)
+        torch.testing.assert_close(got, _rows_alone(model, x, rows), rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_changes_inside_a_mixed_batch_are_refused():
+    """Regression: use_adapter / disable_adapters inside mixed_batch were silently ignored."""
+    model = _two_adapter_mlp()
+    rows = ["a", "b"]
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        want = _rows_alone(model, x, rows)
+        with lk.mixed_batch(model, rows):
+            for enter in (lambda: lk.use_adapter(model, "b"), lambda: lk.disable_adapters(model),
+                          lambda: lk.mixed_batch(model, ["b", "a"])):
+                with pytest.raises(lk.LoraStateError, match="inside a mixed_batch"):
+                    with enter():
+                        pass
+            for call in (lambda: lk.set_adapter(model, "b"), lambda: lk.delete_adapter(model, "b"),
+                         lambda: lk.combine_adapters(model, {"a": 1.0}, "c"), lambda: model[0].merge_()):
+                with pytest.raises(lk.LoraStateError, match="inside a mixed_batch"):
+                    call()
+            torch.testing.assert_close(model(x), want)  # nothing changed
+        assert lk.active_adapter(model) == "a" and lk.list_adapters(model) == ["a", "b"]
+        with lk.disable_adapters(model), pytest.raises(lk.LoraStateError, match="disable_adapters"):
+            with lk.mixed_batch(model, rows):
+                pass
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mixed_batch_with_the_wrong_number_of_rows_names_both_counts(batch):
+    """Regression: rows != batch size gave a torch internals error from bmm."""
+    model = _two_adapter_mlp()
+    with torch.no_grad(), lk.mixed_batch(model, ["a", "b"]):
+        with pytest.raises(lk.LoraStateError, match=f"given 2 rows .* batch has {batch}"):
+            model(torch.randn(batch, 8))
+
+
+def test_unknown_adapter_names_raise_a_lorakit_key_error():
+    """Regression: unknown names raised a bare KeyError; now LoraAdapterNotFound (a KeyError) naming what there is."""
+    model = _two_adapter_mlp()
+    calls = [lambda: lk.set_adapter(model, "nope"), lambda: lk.delete_adapter(model, "nope"),
+             lambda: lk.mixed_batch(model, ["nope"]).__enter__(), lambda: lk.use_adapter(model, "nope").__enter__(),
+             lambda: lk.combine_adapters(model, {"nope": 1.0}, "c")]
+    for call in calls:
+        with pytest.raises(lk.LoraAdapterNotFound, match=r"no adapter named 'nope'; the model has \['a', 'b'\]"):
+            call()
+    for call in (lambda: model[0].slots.activate("nope"), lambda: model[0].slots.factors("nope"),
+                 lambda: model[0].slots.delete("nope")):
+        with pytest.raises(KeyError, match=r"adapter 'nope' is not on this layer; it has \['a', 'b'\]") as e:
+            call()
+        assert isinstance(e.value, lk.LoraError)
+    assert lk.list_adapters(model) == ["a", "b"] and lk.active_adapter(model) == "a"

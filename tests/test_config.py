@@ -54,3 +54,28 @@ def test_for_module_uses_peft_pattern_rules():
 def test_to_dict_round_trip():
     cfg = lk.LoraConfig(rank=4, alpha=8, dropout=0.1, bias="all", use_rslora=True, init="gaussian", rank_pattern={"a": 2})
     assert lk.LoraConfig(**cfg.to_dict()) == cfg
+
+
+def test_configs_hash_and_patterns_stay_dict_like():
+    """Regression: hash(LoraConfig(...)) raised (a frozen dataclass holding dicts)."""
+    a = lk.LoraConfig(rank=4, rank_pattern={"q": 8}, alpha_pattern={"k": 3})
+    b = lk.LoraConfig(rank=4, rank_pattern={"q": 8}, alpha_pattern={"k": 3.0})
+    assert hash(a) == hash(b) and a == b and len({a, b, lk.LoraConfig(rank=4)}) == 2
+    assert a.rank_pattern["q"] == 8 and dict(a.alpha_pattern) == {"k": 3.0} and "q" in a.rank_pattern
+    assert a.rank_pattern == {"q": 8} and a.for_module("x.k").rank_pattern == {}
+    d = a.to_dict()
+    assert type(d["rank_pattern"]) is dict and d["rank_pattern"] == {"q": 8}
+    assert lk.LoraConfig(**d) == a
+    with pytest.raises(TypeError):
+        a.rank_pattern["q"] = 2  # read-only, as the rest of a frozen config
+
+
+def test_unknown_init_lists_every_init():
+    """Regression: ops.init_factors_ listed 2 of the 4 inits."""
+    import torch
+
+    from lorakit import config, ops
+
+    with pytest.raises(ValueError) as e:
+        ops.init_factors_(torch.empty(2, 4), torch.empty(4, 2), "loftq")
+    assert all(repr(i) in str(e.value) for i in config.INITS) and "'loftq'" in str(e.value)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit import ops
+from lorakit.variants import dora
 from lorakit.saving import adapter_state_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,9 +43,9 @@ def peft_load(base, directory):
 def test_row_norm_matches_the_formed_matrix():
     g = torch.Generator().manual_seed(0)
     W, A, B = torch.randn(48, 40, generator=g), torch.randn(4, 40, generator=g), torch.randn(48, 4, generator=g)
-    got = ops.dora_weight_norm(W, A, B, 0.7)
-    torch.testing.assert_close(got, ops.dora_weight_norm_reference(W, A, B, 0.7), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got, ops.dora_weight_norm(W, A, B, 0.7, ops.dora_row_sqnorm(W)))
+    got = dora.weight_norm(W, A, B, 0.7)
+    torch.testing.assert_close(got, dora.weight_norm_reference(W, A, B, 0.7), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, dora.weight_norm(W, A, B, 0.7, dora.row_sqnorm(W)))
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
@@ -58,7 +58,7 @@ def test_layer_matches_reference_and_merges_exactly(fan_in_fan_out):
     assert layer.lora_magnitude.shape == (24,)
     x = torch.randn(3, 5, 16, requires_grad=True)
     W = layer.dense_weight()
-    ref = ops.dora_linear_reference(x, W, layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude,
+    ref = dora.dora_linear_reference(x, W, layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude,
                                     layer.scaling)
     y = layer(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
@@ -153,7 +153,7 @@ def test_named_dora_adapters_round_trip(tmp_path):
     y = model(x).detach()
     lk.save_adapters(model, tmp_path)
     layer = model[0]
-    layer.add_adapter("other", lk.LoraConfig(rank=2, use_dora=True))
+    layer.slots.add("other", lk.LoraConfig(rank=2, use_dora=True))
     from lorakit.adapters import set_adapter
 
     set_adapter(model, "other")
@@ -182,3 +182,38 @@ def test_dora_config_without_magnitudes_is_refused(tmp_path):
     with pytest.raises(lk.LoraFileError, match="missing keys.*lora_magnitude_vector"):
         lk.load_adapters(fresh, tmp_path)
     assert not lk.lora_layers(fresh)
+
+
+@pytest.mark.parametrize("change", ["data", "to_float64", "new_parameter", "in_place"])
+def test_row_norm_cache_follows_the_base_weight(change):
+    """Regression: the cached ‖w_i‖² survived `base.weight.data = new` (off by 0.13, or inf), because its key
+    (object id + version) does not move when a Parameter's storage is replaced."""
+    torch.manual_seed(0)
+    layer = randomise(lk.with_lora(nn.Linear(16, 24), lk.LoraConfig(rank=4, alpha=8, use_dora=True)))
+    x = torch.randn(5, 16)
+    layer(x)  # fills the cache
+    with torch.no_grad():
+        if change == "data":
+            layer.base.weight.data = torch.randn(24, 16) * 3
+        elif change == "to_float64":
+            layer.to(torch.float64)
+            x = x.double()
+        elif change == "new_parameter":
+            layer.base.weight = nn.Parameter(torch.randn(24, 16), requires_grad=False)
+        else:
+            layer.base.weight.mul_(2)
+    want = dora.dora_linear_reference(x, layer.dense_weight(), layer.base.bias, layer.lora_A, layer.lora_B,
+                                      layer.lora_magnitude, layer.scaling)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_is_its_own_layer_class_built_through_the_registry():
+    from transformers.pytorch_utils import Conv1D
+
+    assert type(lk.with_lora(nn.Linear(4, 4), lk.LoraConfig(rank=2, use_dora=True))) is lk.DoraLinear
+    assert type(lk.with_lora(nn.Linear(4, 4), lk.LoraConfig(rank=2))) is lk.LoraLinear
+    assert type(lk.with_lora(Conv1D(4, 4), lk.LoraConfig(rank=2, use_dora=True))).__name__ == "DoraConv1D"
+    layer = lk.with_lora(nn.Linear(4, 4), lk.LoraConfig(rank=2))
+    with pytest.raises(ValueError, match="one layer holds one variant"):
+        layer.slots.add("d", lk.LoraConfig(rank=2, use_dora=True))
+    assert layer.slots.names() == ["default"]

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorakit as lk
+from lorakit.saving import layer_tensors
 from lorakit.files import peft_format
 from lorakit.files import safetensors as safetensors_io
 
@@ -21,7 +22,7 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 def valid_file() -> bytes:
     layer = lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=2, alpha=3))
-    return safetensors_io.dumps(layer.adapter_tensors(), {"format": "lorakit-layer", "layer": "LoraLinear",
+    return safetensors_io.dumps(layer_tensors(layer), {"format": "lorakit-layer", "layer": "LoraLinear",
                                                           "config": json.dumps(layer.config.to_dict())})
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lorakit as lk
-from lorakit import ops
+from lorakit.variants.base_init import base_init
 from lorakit.saving import adapter_state_dict
 
 INITS = ["pissa", "olora"]
@@ -103,10 +103,10 @@ def test_refusals():
         lk.with_lora(nn.Linear(4, 3), lk.LoraConfig(rank=4, init="olora"))
     layer = lk.with_lora(nn.Linear(8, 8), lk.LoraConfig(rank=2, init="pissa"))
     with pytest.raises(ValueError, match="PiSSA/OLoRA"):
-        layer.add_adapter("other", lk.LoraConfig(rank=2))
+        layer.slots.add("other", lk.LoraConfig(rank=2))
     plain = lk.with_lora(nn.Linear(8, 8), lk.LoraConfig(rank=2))
     with pytest.raises(ValueError, match="PiSSA/OLoRA"):
-        plain.add_adapter("other", lk.LoraConfig(rank=2, init="olora"))
+        plain.slots.add("other", lk.LoraConfig(rank=2, init="olora"))
 
 
 def test_quantising_the_residual_keeps_the_error_small():
@@ -130,5 +130,5 @@ def test_quantising_the_residual_keeps_the_error_small():
 def test_base_init_math():
     W = torch.randn(10, 6)
     for init in INITS:
-        A, B, R = ops.base_init(W, 3, 0.5, init, torch.float32)
+        A, B, R = base_init(W, 3, 0.5, init, torch.float32)
         torch.testing.assert_close(R + 0.5 * B @ A, W, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
 from lorakit import ops
@@ -19,6 +18,7 @@ def make(kind, dtype=torch.float32, bias=True):
     if kind == "linear":
         return nn.Linear(6, 5, bias=bias).to(dtype), torch.randn(3, 4, 6, dtype=dtype)
     if kind == "conv1d_hf":
+        Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D  # only these cases need the HF extra
         m = Conv1D(5, 6).to(dtype)  # nf=5 out, nx=6 in; weight stored (6, 5)
         nn.init.normal_(m.weight, std=0.2)
         nn.init.normal_(m.bias)
@@ -48,7 +48,7 @@ def naive(layer, x):
     """The formula with the delta added to the weight, written out per type (no dropout)."""
     base = layer.base
     w = base.weight.float() + layer.weight_delta()
-    if isinstance(base, Conv1D):
+    if isinstance(layer, lk.LoraConv1D):
         return x.float() @ w + base.bias.float()
     if isinstance(base, nn.Embedding):
         return nn.functional.embedding(x, w, base.padding_idx)
@@ -294,3 +294,18 @@ def test_reference_formula_function():
     want = x @ (w + 1.5 * B @ A).t() + b
     torch.testing.assert_close(ops.lora_linear_reference(x, w, b, A, B, 1.5), want)
     torch.testing.assert_close(ops.lora_linear(x, w, b, A, B, 1.5), want)
+
+
+@pytest.mark.parametrize("module,config,needle", [
+    (lambda: nn.Conv2d(4, 4, 3, groups=2), lk.LoraConfig(rank=2), "groups=2"),
+    (lambda: nn.Linear(4, 3), lk.LoraConfig(rank=4, init="pissa"), "rank <= min"),
+    (lambda: nn.Embedding(6, 4), lk.LoraConfig(rank=2, init="olora"), "linear layers only"),
+    (lambda: nn.Embedding(6, 4), lk.LoraConfig(rank=2, use_dora=True), "DoRA"),
+])
+def test_refused_wrap_leaves_the_module_trainable_and_unchanged(module, config, needle):
+    m = module()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises((TypeError, ValueError), match=needle):
+        lk.with_lora(m, config)
+    assert all(p.requires_grad for p in m.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

@@ -54,7 +54,7 @@ def test_forward_backward_equal_the_dequantised_reference_without_keeping_dense_
     quantize_base(model, fmt)
     assert set(quantized_layers(model)) == {"0", "2"}
     layer = model[0]
-    W = layer.base.dequantize()
+    W = layer.base.dense_weight()
     saved = []
 
     def pack(t):
@@ -144,3 +144,42 @@ def test_bad_requests_are_refused():
     with pytest.raises(ValueError, match="divisible"):
         quantize_base(odd, "nf4")
     assert not quantized_layers(odd)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_small_layers_deepcopy_save_and_load_exactly(fmt, tmp_path):
+    """Regression: deepcopy of an NF4 Linear(64, 64) failed inside torchao (it re-quantises with its default
+    scaler block of 256, and a 64×64 weight has only 64 blocks). The copy must hold the very same stored values."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 64))
+    model = quantize_base(lk.apply_lora(copy.deepcopy(dense), lk.LoraConfig(rank=2, use_dora=True), ["0"]), fmt)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y = model(x)
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(x), y)
+        w, w2 = model[0].base.weight, twin[0].base.weight
+        assert type(w2) is type(w) and torch.equal(model[0].base.dense_weight(), twin[0].base.dense_weight())
+        w2_inner = getattr(w2, "quantized_data", w2)
+        assert w2_inner.data_ptr() != getattr(w, "quantized_data", w).data_ptr()  # a copy, not shared storage
+        lk.save_adapters(model, tmp_path)
+        again = quantize_base(lk.load_adapters(copy.deepcopy(dense), tmp_path), fmt)
+        assert torch.equal(again(x), y)
+        fresh = quantize_base(lk.apply_lora(copy.deepcopy(dense), lk.LoraConfig(rank=2, use_dora=True), ["0"]), fmt)
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(fresh(x), y)
+
+
+def test_dora_row_norm_follows_a_requantised_base():
+    """The cached ‖w_i‖² is keyed on the base weight, so swapping in a quantised base recomputes it."""
+    torch.manual_seed(0)
+    model = lk.apply_lora(mlp(), lk.LoraConfig(rank=4, use_dora=True), ["0"])
+    x = torch.randn(3, 64)
+    model(x)  # caches ‖w_i‖² of the dense weight
+    quantize_base(model, "int8")
+    layer = model[0]
+    from lorakit.variants.dora import dora_linear_reference
+
+    want = dora_linear_reference(x, layer.base.dense_weight(), layer.base.bias, layer.lora_A, layer.lora_B,
+                                 layer.lora_magnitude, layer.scaling)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,8 @@
 """Many named adapters on one frozen base: list, switch, disable, delete, mixed batches, combine.
 
-Each LoRA layer holds its active adapter as `lora_A`/`lora_B` and the others, frozen, in `stash`;
-switching rebinds parameters (no copies, no weight changes). Load a named adapter with
+Each LoRA layer holds its active adapter as `lora_A`/`lora_B` and the others, frozen, in `stash`
+(`lorakit.slots` does every change on one layer; this module does them across the model); switching
+rebinds parameters (no copies, no weight changes). Load a named adapter with
 `lorakit.load_adapters(model, dir, name="math")`; loading again under the same name is a hot swap.
 """
 
@@ -9,16 +10,18 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .cache import TensorCache
 from .config import LoraConfig
-from .errors import LoraStateError
-from .layers import LoraLayer, check_adapter_name
+from .errors import LoraAdapterNotFound, LoraStateError
+from .layers import LoraLayer
 from .model import lora_layers, set_module
+from .slots import check_adapter_name
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -30,7 +33,7 @@ def list_adapters(model: nn.Module) -> list[str]:
         >>> list_adapters(m)
         ['default']
     """
-    return sorted({n for layer in lora_layers(model).values() for n in layer.adapter_names()})
+    return sorted({n for layer in lora_layers(model).values() for n in layer.slots.names()})
 
 
 def active_adapter(model: nn.Module) -> str | None:
@@ -41,18 +44,26 @@ def active_adapter(model: nn.Module) -> str | None:
 
 def _require(model: nn.Module, name: str) -> dict[str, LoraLayer]:
     layers = lora_layers(model)
-    if name not in {n for layer in layers.values() for n in layer.adapter_names()}:
-        raise KeyError(f"no adapter named {name!r}; the model has {list_adapters(model)}")
+    if name not in {n for layer in layers.values() for n in layer.slots.names()}:
+        raise LoraAdapterNotFound(f"no adapter named {name!r}; the model has {list_adapters(model)}")
     return layers
+
+
+def _refuse_in_mixed_batch(layers: Iterable[LoraLayer], what: str) -> None:
+    """A mixed batch fixes each row's adapter when it starts; changing adapters inside it would be ignored."""
+    if any(layer.mixed is not None for layer in layers):
+        raise LoraStateError(f"cannot {what} inside a mixed_batch block: each row's adapter is fixed when the "
+                             "block starts; leave it first, or give the rows other adapter names")
 
 
 def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
     """Make `name` the active adapter on every layer (trainable); the others wait frozen. None: base only."""
     layers = lora_layers(model) if name is None else _require(model, name)
+    _refuse_in_mixed_batch(layers.values(), "switch adapters")
     if any(layer.merged for layer in layers.values()):
         raise LoraStateError("cannot switch adapters while merged in place; call unmerge_(model) first")
     for layer in layers.values():
-        layer.activate(name if name is None or name in layer.adapter_names() else None)
+        layer.slots.activate(name if name in layer.slots else None)
     return model
 
 
@@ -65,13 +76,14 @@ def use_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
         yield model
     finally:
         for n, layer in lora_layers(model).items():
-            layer.activate(previous.get(n))
+            layer.slots.activate(previous.get(n))
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the bare base inside the block; no weight is touched."""
     layers = lora_layers(model).values()
+    _refuse_in_mixed_batch(layers, "disable adapters")
     if any(layer.merged for layer in layers):
         raise LoraStateError("the base cannot run bare while adapters are merged in place; call unmerge_(model) first")
     for layer in layers:
@@ -86,12 +98,13 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter `name` everywhere; a layer left with no adapter at all becomes its plain base again."""
     layers = _require(model, name)
+    _refuse_in_mixed_batch(layers.values(), "delete an adapter")
     if any(layer.merged and layer.adapter_name == name for layer in layers.values()):
         raise LoraStateError(f"adapter {name!r} is merged in place; call unmerge_(model) first")
     for module, layer in layers.items():
-        if name in layer.adapter_names():
-            layer.delete_adapter(name)
-        if not layer.adapter_names():
+        if name in layer.slots:
+            layer.slots.delete(name)
+        if not layer.slots.names():
             set_module(model, module, layer.base)
     return model
 
@@ -100,13 +113,13 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 def _stack(layer: LoraLayer, names: Sequence[str]) -> tuple[Tensor, Tensor]:
     """A (1+n, r_max, ...) and B (1+n, d_out, r_max, ...) with scaling folded into B; slot 0 is zeros."""
-    parts = [layer.factors(n) if n in layer.adapter_names() else None for n in names]
+    parts = [layer.slots.factors(n) if n in layer.slots else None for n in names]
     ranks = [p[2].rank for p in parts if p is not None] or [1]
     r = max(ranks)
     a_shape, b_shape = layer.factor_shapes(layer.base, r)
-    w = layer.base_weight
-    A = torch.zeros(1 + len(names), *a_shape, dtype=w.dtype, device=w.device)
-    B = torch.zeros(1 + len(names), *b_shape, dtype=w.dtype, device=w.device)
+    like = layer.slots.tensors(layer.slots.names()[0])["lora_A"]  # the factors' dtype and device (not a packed base's)
+    A = torch.zeros(1 + len(names), *a_shape, dtype=like.dtype, device=like.device)
+    B = torch.zeros(1 + len(names), *b_shape, dtype=like.dtype, device=like.device)
     with torch.no_grad():
         for i, p in enumerate(parts, start=1):
             if p is not None:
@@ -118,25 +131,13 @@ def _stack(layer: LoraLayer, names: Sequence[str]) -> tuple[Tensor, Tensor]:
     return A, B
 
 
-@dataclass
-class _StackCache:
-    key: tuple
-    A: Tensor
-    B: Tensor
-
-
-_CACHE_ATTR = "_lorakit_mixed_cache"
-
-
 def _cached_stack(layer: LoraLayer, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
-    """Stacks rebuilt only when the adapter set or a factor's storage/version changed."""
-    key = (names, tuple((id(a), a._version, id(b), b._version, cfg.scaling)
-                        for n in names if n in layer.adapter_names() for a, b, cfg in [layer.factors(n)]))
-    cache = layer.__dict__.get(_CACHE_ATTR)
-    if cache is None or cache.key != key:
-        cache = _StackCache(key, *_stack(layer, names))
-        layer.__dict__[_CACHE_ATTR] = cache
-    return cache.A, cache.B
+    """The stacks, rebuilt whenever the adapter set, a config, or any factor changed (in place, `.data =`, `.to()`)."""
+    held = [n for n in names if n in layer.slots]
+    factors = [layer.slots.factors(n) for n in held]
+    cache = layer.__dict__.setdefault("_lorakit_mixed_stacks", TensorCache())
+    tensors = [t for a, b, _ in factors for t in (a, b)] + [layer.slots.tensors(layer.slots.names()[0])["lora_A"]]
+    return cache.get(tensors, lambda: _stack(layer, names), extra=(names, tuple(cfg for *_, cfg in factors)))
 
 
 @contextlib.contextmanager
@@ -144,7 +145,9 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Mod
     """Inside the block, row i of the batch runs with adapter `rows[i]` (None: the bare base), in one forward.
 
     Adapters are stacked per layer (zero-padded to the largest rank, scaling folded in) and rows pick
-    theirs with batched gathers and bmm. An inference feature: dropout is not applied.
+    theirs with batched gathers and bmm. An inference feature: dropout is not applied. Inside the block
+    the rows' adapters are fixed: switching, disabling or deleting adapters is refused, and every input
+    must have exactly `len(rows)` rows.
 
     Example:
         >>> import lorakit as lk
@@ -154,20 +157,27 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Mod
         torch.Size([2, 4])
     """
     layers = lora_layers(model)
+    rows = list(rows)
     names = tuple(dict.fromkeys(n for n in rows if n is not None))
     for n in names:
         _require(model, n)
+    _refuse_in_mixed_batch(layers.values(), "start another mixed batch")
     if any(layer.merged for layer in layers.values()):
         raise LoraStateError("mixed batches need unmerged adapters; call unmerge_(model) first")
-    dora = sorted({n for layer in layers.values() for n in names if n in layer.adapter_names()
-                   and layer.factors(n)[2].use_dora})
+    if any(layer.disabled for layer in layers.values()):
+        raise LoraStateError("cannot run a mixed batch inside disable_adapters(); use None rows for the bare base")
+    dora = sorted({n for layer in layers.values() for n in names if n in layer.slots
+                   and layer.slots.config(n).use_dora})
     if dora:
         raise ValueError(f"mixed batches run plain LoRA adapters only; {dora} use DoRA (use set_adapter instead)")
     index = {n: i for i, n in enumerate(names, start=1)}
     slots_cpu = torch.tensor([index.get(n, 0) if n is not None else 0 for n in rows], dtype=torch.long)
-    for layer in layers.values():
+    states = {}
+    for module, layer in layers.items():
         A, B = _cached_stack(layer, names)
-        layer.mixed = layer.mixed_state(A, B, slots_cpu.to(A.device))
+        states[module] = (len(rows), layer.mixed_state(A, B, slots_cpu.to(A.device)))
+    for module, layer in layers.items():
+        layer.mixed = states[module]
     try:
         yield model
     finally:
@@ -218,10 +228,11 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
     if name in list_adapters(model):
         raise ValueError(f"adapter {name!r} already exists")
     layers = lora_layers(model)
+    _refuse_in_mixed_batch(layers.values(), "combine adapters")
     built: dict[str, tuple[LoraLayer, Tensor, Tensor]] = {}
     errors: dict[str, float] = {}
     for module, layer in layers.items():
-        parts = [(w, *layer.factors(n)) for n, w in weights.items() if n in layer.adapter_names()]
+        parts = [(w, *layer.slots.factors(n)) for n, w in weights.items() if n in layer.slots]
         if not parts:
             continue
         if any(cfg.use_dora for *_, cfg in parts):
@@ -235,8 +246,8 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
         built[module] = (layer, A, B)
     for module, (layer, A, B) in built.items():
         r = A.shape[0]
-        layer.add_adapter(name, LoraConfig(rank=r, alpha=float(r)))  # scaling 1: the weights live in B
-        a, b, _ = layer.factors(name)
+        layer.slots.add(name, LoraConfig(rank=r, alpha=float(r)))  # scaling 1: the weights live in B
+        a, b, _ = layer.slots.factors(name)
         with torch.no_grad():
             a.copy_(A)
             b.copy_(B)

@@ -5,11 +5,35 @@ from __future__ import annotations
 import enum
 import math
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Mapping
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 BASE_CHANGING_INITS = ("pissa", "olora")  # A, B taken from W at init and W adjusted to match
+
+
+class FrozenMapping(Mapping):
+    """A read-only, hashable dict: what a frozen config holds where a user passes a dict (so configs hash)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping | None = None) -> None:
+        self._items = dict(items or {})
+
+    def __getitem__(self, key: str) -> object:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
 
 
 class LoraBias(str, enum.Enum):
@@ -39,7 +63,8 @@ class LoraConfig:
             for the original W (docs/variants.md).
         use_dora: weight-decomposed LoRA (Liu et al. 2024): a trainable magnitude per output row scales
             the normalised direction W + scaling·B A (linear layers only).
-        rank_pattern: per-module rank overrides, PEFT semantics (key = module name suffix or regex).
+        rank_pattern: per-module rank overrides, PEFT semantics (key = module name suffix or regex); given as a
+            dict, held read-only (a `FrozenMapping`, so configs can be hashed and used as keys).
         alpha_pattern: per-module alpha overrides, same matching.
 
     Example:
@@ -84,12 +109,18 @@ class LoraConfig:
                 if not isinstance(key, str) or not key:
                     raise ValueError(f"LoraConfig.{name} key {key!r} is invalid: expected a non-empty module pattern")
                 check(f"{name}[{key!r}]", value)
-            object.__setattr__(self, name, {k: (float(v) if name == "alpha_pattern" else v) for k, v in pattern.items()})
+            object.__setattr__(self, name, FrozenMapping(
+                {k: (float(v) if name == "alpha_pattern" else v) for k, v in pattern.items()}))
 
     @property
     def scaling(self) -> float:
         """The factor on B·A: alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def variant(self) -> str:
+        """Which LoRA layer class the adapter needs beside a module type: "dora" or "lora" (the layer registry's key)."""
+        return "dora" if self.use_dora else "lora"
 
     def for_module(self, name: str) -> LoraConfig:
         """The config of one module: rank and alpha resolved from the patterns (PEFT's matching rules)."""

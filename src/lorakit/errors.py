@@ -15,3 +15,13 @@ class LoraStateError(LoraError, RuntimeError):
 
 class LoraMergeError(LoraError, ValueError):
     """A merge would produce non-finite weights."""
+
+
+class LoraAdapterNotFound(LoraError, KeyError):
+    """No adapter of that name on the model or layer; the message lists the ones there are.
+
+    A KeyError, as a lookup by name is, but its message reads as written (KeyError would quote it).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

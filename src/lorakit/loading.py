@@ -22,7 +22,7 @@ from .errors import LoraFileError, LoraStateError
 from .files import layer_file
 from .files.checks import check_tensors, copy_into
 from .files.peft_format import AdapterFile, peft_key, plain_key, read_adapter
-from .layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, with_lora, wrapper_for
+from .layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, supported_types, with_lora, wrapper_for
 from .model import (apply_lora, find_targets, lora_layers, module_names, own_bias, plain_biases, rule_matches,
                     set_module, trained_biases)
 from .saving import adapter_slots, adapter_state_dict, layer_tensors
@@ -84,7 +84,7 @@ def plan_load(model: nn.Module, file: AdapterFile, name: str | None = None, *,
     """Where each tensor of `file` goes in `model`, fully checked; raises before anything could change."""
     _refuse_merged(model, "load adapters into")
     existing = lora_layers(model)
-    known = {n for layer in existing.values() for n in layer.adapter_names()}
+    known = {n for layer in existing.values() for n in layer.slots.names()}
     how = APPLY if not existing else INTO if name is None or name in known else ADD
     copies = _modules_to_save(model, file.spec.modules_to_save)
     if how == ADD and copies:
@@ -130,13 +130,15 @@ def _slots_new(model: nn.Module, file: AdapterFile, copies: list[str]) -> dict[s
     slots = {}
     for module in modules:
         m = model.get_submodule(module)
-        cls, base = (type(m), m.base) if isinstance(m, LoraLayer) else (wrapper_for(m), m)
-        if cls is None:
-            raise LoraFileError(f"{file.where}: target {module!r} is a {type(m).__name__}, which LoRA does not support")
         cfg = file.spec.config.for_module(module)
-        if cfg.use_dora and not cls.supports_dora:
-            raise LoraFileError(f"{file.where}: module {module!r} is a {type(base).__name__}; lorakit's DoRA "
-                                "supports linear layers only")
+        cls, base = (type(m), m.base) if isinstance(m, LoraLayer) else (wrapper_for(m, cfg.variant), m)
+        if cls is None:
+            raise LoraFileError(f"{file.where}: target {module!r} is a {type(m).__name__}, which "
+                                f"{'DoRA' if cfg.use_dora else 'LoRA'} does not support "
+                                f"(supported: {supported_types(cfg.variant)})")
+        if cls.variant != cfg.variant:
+            raise LoraFileError(f"{file.where}: module {module!r} holds {cls.variant} adapters; this one is "
+                                f"{cfg.variant} (use_dora={cfg.use_dora}), and one layer holds one variant")
         slots[module] = Slot(cls, base, cfg)
     return slots
 
@@ -147,8 +149,8 @@ def _check_shared_biases(model: nn.Module, file: AdapterFile, name: str | None, 
     for module, layer in lora_layers(model).items():
         if module not in slots and bias is not LoraBias.MODEL:  # "model" trains every bias, not only the slots'
             continue
-        others = [n for n in layer.adapter_names() if n != (name or layer.adapter_name)]
-        biased = [n for n in others if layer.factors(n)[2].bias is not LoraBias.NONE]
+        others = [n for n in layer.slots.names() if n != (name or layer.adapter_name)]
+        biased = [n for n in others if layer.slots.factors(n)[2].bias is not LoraBias.NONE]
         if others and (bias is not LoraBias.NONE or biased):
             raise LoraFileError(f"{file.where}: adapters that train biases (bias='all' or 'model') train the shared "
                                 f"base bias of {module!r}, so they cannot sit beside other named adapters "
@@ -162,13 +164,11 @@ def _expected_shapes(model: nn.Module, file: AdapterFile, slots: dict[str, Slot]
     for module, slot in slots.items():
         layout = slot.cls.peft_layout
         try:
-            a_shape, b_shape = slot.cls.factor_shapes(slot.base, slot.config.rank)
+            adapter_shapes = slot.cls.adapter_shapes(slot.base, slot.config)  # lora_A, lora_B (+ DoRA's magnitude)
         except TypeError as e:  # a layer type's own limits (e.g. grouped convolutions)
             raise LoraFileError(f"{file.where}: module {module!r}: {e}") from None
-        shapes[peft_key(module, "lora_A", layout)] = a_shape
-        shapes[peft_key(module, "lora_B", layout)] = b_shape
-        if slot.config.use_dora:
-            shapes[peft_key(module, "lora_magnitude", layout)] = (b_shape[0],)
+        for tensor, shape in adapter_shapes.items():
+            shapes[peft_key(module, tensor, layout)] = shape
         if slot.config.bias is not LoraBias.NONE and own_bias(slot.base) is not None:
             shapes[peft_key(module, "bias", layout)] = tuple(slot.base.bias.shape)
     if file.spec.config.bias is LoraBias.MODEL:  # PEFT's bias="all": every other bias too
@@ -229,7 +229,7 @@ def attach(model: nn.Module, plan: LoadPlan) -> None:
             set_module(model, module, TrainedCopy(model.get_submodule(module)))
     layers = lora_layers(model)
     for module, slot in plan.slots.items():
-        layers[module].set_adapter_config(plan.adapter or layers[module].adapter_name, slot.config)
+        layers[module].slots.set_config(plan.adapter or layers[module].adapter_name, slot.config)
     if plan.how == INTO:
         for bias in trained_biases(model, plan.config.bias).values():
             bias.requires_grad_(True)
@@ -246,11 +246,11 @@ def _add_named(model: nn.Module, plan: LoadPlan) -> None:
     for module, slot in plan.slots.items():
         m = model.get_submodule(module)
         if isinstance(m, LoraLayer):
-            m.add_adapter(plan.adapter, slot.config)
+            m.slots.add(plan.adapter, slot.config)
         else:
             layer = with_lora(m, slot.config, adapter_name=plan.adapter)
             set_module(model, module, layer)
-            layer.activate(active if active in layer.adapter_names() else None)
+            layer.slots.activate(active if active in layer.slots.names() else None)
 
 
 # -- one layer's file --------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def load_layer_adapter(layer: LoraLayer, path: str | Path, *, allow_nonfinite: b
     tensors, config, layer_type = layer_file.read_layer_file(path)  # read
     _plan_layer(layer, path, tensors, config, layer_type, allow_nonfinite)  # plan (checks only)
     copy_into(tensors, layer_tensors(layer))  # attach
-    layer.set_adapter_config(layer.adapter_name, config)
+    layer.slots.set_config(layer.adapter_name, config)
 
 
 def _plan_layer(layer: LoraLayer, path: Path, tensors: dict[str, Tensor], config: LoraConfig, layer_type: str,
@@ -272,13 +272,13 @@ def _plan_layer(layer: LoraLayer, path: Path, tensors: dict[str, Tensor], config
                              "weights; call unmerge_() first")
     if layer.adapter_name is None:
         raise LoraStateError(f"cannot load {path}: the layer has no active adapter; activate one first")
+    if config.use_dora != layer.config.use_dora:
+        raise LoraFileError(f"{path}: adapter use_dora={config.use_dora}, layer use_dora={layer.config.use_dora}")
     if layer_type != type(layer).__name__:
         raise LoraFileError(f"{path}: adapter is for a {layer_type}, this layer is a {type(layer).__name__}")
     if config.rank != layer.rank:
         raise LoraFileError(f"{path}: adapter rank {config.rank} does not match the layer's rank {layer.rank}")
     if config.bias is not layer.config.bias:
         raise LoraFileError(f"{path}: adapter bias={config.bias.value!r}, layer bias={layer.config.bias.value!r}")
-    if config.use_dora != layer.config.use_dora:
-        raise LoraFileError(f"{path}: adapter use_dora={config.use_dora}, layer use_dora={layer.config.use_dora}")
     shapes = {k: tuple(t.shape) for k, t in layer_tensors(layer).items()}
     check_tensors(str(path), tensors, shapes, allow_nonfinite)

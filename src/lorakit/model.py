@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
 from .errors import LoraStateError
-from .layers import DEFAULT_ADAPTER, LoraLayer, dora_types, supported_types, with_lora, wrapper_for
+from .layers import DEFAULT_ADAPTER, LoraLayer, layer_class, supported_types, with_lora, wrapper_for
 from .trained_copy import TrainedCopy, trained_copies
 
 ALL_LINEAR = "all-linear"
@@ -151,15 +151,16 @@ def apply_lora(model: nn.Module, config: LoraConfig, targets: str | Sequence[str
     if bad:
         listed = ", ".join(f"{n!r} ({t})" for n, t in bad[:8])
         raise TypeError(f"targets match modules LoRA does not support: {listed}; supported types: {supported_types()}")
-    for n in names:  # per-type checks (e.g. grouped convs) before anything changes
+    for n in names:  # per-type checks (variant support, grouped convs) before anything changes
         module = model.get_submodule(n)
-        wrapper_for(module).factor_shapes(module, config.for_module(n).rank)
-        if config.init in BASE_CHANGING_INITS and not wrapper_for(module).supports_base_init:
+        try:
+            wrapper = layer_class(module, config)
+        except TypeError as e:
+            raise TypeError(f"{n!r}: {e}; exclude it or target only those types") from None
+        wrapper.factor_shapes(module, config.for_module(n).rank)
+        if config.init in BASE_CHANGING_INITS and not wrapper.supports_base_init:
             raise TypeError(f"init={config.init!r} does not support {n!r} ({type(module).__name__}); "
                             "it is for linear layers only; exclude it or target only those types")
-        if config.use_dora and not wrapper_for(module).supports_dora:
-            raise TypeError(f"DoRA (use_dora=True) does not support {n!r} ({type(module).__name__}); "
-                            f"supported: {', '.join(dora_types())}; exclude it or target only those types")
     # all checks passed: now change the model
     for p in model.parameters():
         p.requires_grad_(False)

@@ -3,7 +3,8 @@
     y = base(x) + scaling * B(A(dropout(x)))      A: (r, d_in)   B: (d_out, r)
     merge:  W' = W + scaling * B @ A              (fp32, checked finite, cast back)
 
-Everything else in lorakit calls these; nothing else does LoRA arithmetic.
+Everything else in lorakit calls these; nothing else does LoRA arithmetic, but for the variants, whose
+math sits beside their layers (lorakit.variants.dora, lorakit.variants.base_init).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from .config import BASE_CHANGING_INITS, INITS
 from .errors import LoraMergeError
 
 
@@ -25,10 +27,10 @@ def init_factors_(A: Tensor, B: Tensor, init: str) -> None:
             torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         elif init == "gaussian":  # PEFT's "gaussian": std 1/r
             torch.nn.init.normal_(A, std=1.0 / A.shape[0])
-        elif init in ("pissa", "olora"):  # filled from the base weight by `base_init` (the layer calls it)
+        elif init in BASE_CHANGING_INITS:  # filled from the base weight (lorakit.variants.base_init)
             A.zero_()
         else:
-            raise ValueError(f"unknown init {init!r}: expected 'kaiming' or 'gaussian'")
+            raise ValueError(f"unknown init {init!r}: expected one of {', '.join(map(repr, INITS))}")
         B.zero_()
 
 
@@ -387,94 +389,3 @@ def lora_conv_mixed(x: Tensor, conv: torch.nn.modules.conv._ConvNd, A: Tensor, B
     h = conv._conv_forward(x, A.reshape(n * r, *A.shape[2:]), None)  # (batch, n·r, *spatial)
     h = h.view(x.shape[0], n, r, *h.shape[2:])[torch.arange(x.shape[0], device=x.device), slots]  # (batch, r, ...)
     return y + torch.einsum("bor,br...->bo...", B[slots], h)
-
-
-# -- DoRA: weight-decomposed LoRA (Liu et al. 2024, arXiv:2402.09353) -----------------------------------
-#     y = (m / ‖W + s·B A‖_row) ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b       m: (d_out,) trainable magnitude
-# The row norm is detached (paper §4.3, as PEFT), so it is a per-step constant: we get it from
-#     ‖w_i + s·B_i A‖² = ‖w_i‖² + 2s·B_i·(A w_i) + s²·B_iᵀ (A Aᵀ) B_i
-# with ‖w_i‖² cached: one (d_out, r) product W Aᵀ per step instead of PEFT's eye(d_in) pass that builds
-# the d_out×d_in matrix B A (and then W + s·B A) every step.
-
-def dora_row_sqnorm(weight: Tensor) -> Tensor:
-    """‖w_i‖² per output row of a (d_out, d_in) weight, in fp32: the cacheable part of the DoRA norm."""
-    return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square_()
-
-
-def dora_weight_norm(weight: Tensor, A: Tensor, B: Tensor, scaling: float, w_sqnorm: Tensor | None = None) -> Tensor:
-    """‖W + s·B A‖ per output row (d_out,) in fp32, detached, without forming a d_out×d_in matrix."""
-    with torch.no_grad():
-        sq = dora_row_sqnorm(weight) if w_sqnorm is None else w_sqnorm
-        Af, Bf = A.detach().float(), B.detach().float()  # (r, d_in), (d_out, r): small
-        WA = (weight @ A.detach().to(weight.dtype).t()).float()  # (d_out, r): A w_i for every row
-        cross = (Bf * WA).sum(1)  # (d_out,)  B_i·(A w_i)
-        quad = ((Bf @ (Af @ Af.t())) * Bf).sum(1)  # (d_out,)  B_iᵀ (A Aᵀ) B_i
-        return (sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min_(0.0).sqrt_()
-
-
-def dora_weight_norm_reference(weight: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
-    """The norm as PEFT computes it, forming W + s·B A (for tests and the benchmark)."""
-    with torch.no_grad():
-        return torch.linalg.vector_norm(weight.float() + delta_weight(A, B, scaling), dim=1)
-
-
-def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
-                scaling: float, dropout: float = 0.0, training: bool = False, w_sqnorm: Tensor | None = None) -> Tensor:
-    """The DoRA linear forward. `weight` is (d_out, d_in), maybe quantised; `w_sqnorm` the cached `dora_row_sqnorm`.
-
-    Without dropout this is g ⊙ lora_linear(x) + b with g = m/‖W + s·B A‖, so the LoRA fast path does the
-    GEMMs and autograd adds only two output-sized passes. With dropout, PEFT's form: the dropped input
-    feeds the direction term, base(x) + (g-1)⊙(drop(x) Wᵀ) + g⊙s·(drop(x) Aᵀ) Bᵀ (one more GEMM).
-    """
-    norm = dora_weight_norm(dense(weight, x.dtype), A, B, scaling, w_sqnorm)  # (d_out,) fp32, constant for autograd
-    g = (magnitude.float() / norm).to(x.dtype)  # (d_out,) gradient flows to the magnitude only
-    if dropout > 0.0 and training:
-        xd = F.dropout(x, dropout, True)
-        wd = dense(weight, x.dtype)
-        y = F.linear(x, wd, bias)  # (..., d_out)
-        return y + (g * lora_linear(xd, weight, None, A, B, scaling) - F.linear(xd, wd))
-    u = lora_linear(x, weight, None, A, B, scaling)  # (..., d_out): x Wᵀ + s·x Aᵀ Bᵀ
-    return u * g if bias is None else torch.addcmul(bias, u, g)
-
-
-def dora_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
-                          magnitude: Tensor, scaling: float) -> Tensor:
-    """The formula written naively (no dropout): the merged DoRA weight applied to x."""
-    V = weight + scaling * (B @ A)  # (d_out, d_in)
-    norm = torch.linalg.vector_norm(V, dim=1).detach()
-    return F.linear(x, (magnitude / norm)[:, None] * V, bias)
-
-
-def dora_merged_delta(weight: Tensor, A: Tensor, B: Tensor, magnitude: Tensor, scaling: float) -> Tensor:
-    """g ⊙ (W + s·B A) − W in fp32, (d_out, d_in): what `merged_weight` adds to W to merge a DoRA adapter."""
-    V = delta_weight(A, B, scaling).add_(weight)  # (d_out, d_in) fp32: the direction, formed once for the merge
-    g = magnitude.detach().float() / torch.linalg.vector_norm(V, dim=1)
-    return V.mul_(g[:, None]).sub_(weight)
-
-
-# -- inits that take A and B from the base weight (PEFT's formulas) --------------------------------------
-#   PiSSA (Meng et al. 2024): W = U S Vᵀ;  A = √(S_r/s) V_rᵀ,  B = U_r √(S_r/s)   (s·B A = U_r S_r V_rᵀ)
-#   OLoRA (Büyükakyüz 2024):  W = Q R;     A = R_r (first r rows),  B = Q_r (first r columns)
-# Either way the base becomes the residual W − s·B A, so the wrapped layer computes W at init.
-
-def base_init(weight: Tensor, rank: int, scaling: float, init: str, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(A, B, residual) for init "pissa" or "olora" from a (d_out, d_in) weight; A, B in `dtype`, residual in W's.
-
-    The residual is formed from A and B as rounded to `dtype`, so base + s·B A reproduces W as closely as the
-    weight's dtype allows.
-    """
-    W = weight.detach().float()  # (d_out, d_in)
-    if rank > min(W.shape):
-        raise ValueError(f"init={init!r} needs rank <= min(d_out, d_in) = {min(W.shape)}, got rank {rank}")
-    if init == "pissa":
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (d_out, k), (k,), (k, d_in)
-        root = (S[:rank] / scaling).sqrt()  # (r,)
-        A, B = root[:, None] * Vh[:rank], U[:, :rank] * root  # (r, d_in), (d_out, r)
-    elif init == "olora":
-        Q, R = torch.linalg.qr(W)  # (d_out, k), (k, d_in)
-        A, B = R[:rank], Q[:, :rank]
-    else:
-        raise ValueError(f"init {init!r} does not take its factors from the base weight")
-    A, B = A.to(dtype).contiguous(), B.to(dtype).contiguous()
-    residual = torch.addmm(W, B.float(), A.float(), alpha=-scaling)  # W − s·B A
-    return A, B, residual.to(weight.dtype)

@@ -28,17 +28,17 @@ def save_layer_adapter(layer: LoraLayer, path: str | Path) -> Path:
     if layer.adapter_name is None:
         raise LoraStateError("the layer has no active adapter to save; activate one first")
     tensors = layer_tensors(layer, exported=True)
-    _, _, config = layer.exported_factors(layer.adapter_name)  # PiSSA/OLoRA: a rank-2r LoRA for the original base
+    _, _, config = layer.slots.exported_factors(layer.adapter_name)  # PiSSA/OLoRA: a rank-2r LoRA for the original base
     return layer_file.write_layer_file(path, tensors, config, type(layer).__name__, tuple(layer.base_weight.shape))
 
 
 def layer_tensors(layer: LoraLayer, *, exported: bool = False) -> dict[str, Tensor]:
     """A layer file's tensors for the active adapter: lora_A, lora_B, DoRA's lora_magnitude, the bias it trains."""
     name = layer.adapter_name
-    A, B, config = layer.exported_factors(name) if exported else layer.factors(name)
+    A, B, config = layer.slots.exported_factors(name) if exported else layer.slots.factors(name)
     out = {"lora_A": A, "lora_B": B}
     if config.use_dora:
-        out["lora_magnitude"] = layer.magnitude(name)
+        out["lora_magnitude"] = layer.slots.tensors(name)["lora_magnitude"]
     if config.bias is not LoraBias.NONE and own_bias(layer.base) is not None:
         out["bias"] = layer.base.bias
     return out
@@ -53,8 +53,8 @@ def adapter_slots(model: nn.Module, name: str | None = None, *,
     out = {}
     for module, layer in lora_layers(model).items():
         n = layer.adapter_name if name is None else name
-        if n is not None and n in layer.adapter_names():
-            out[module] = (layer, *(layer.exported_factors(n) if exported else layer.factors(n)))
+        if n is not None and n in layer.slots.names():
+            out[module] = (layer, *(layer.slots.exported_factors(n) if exported else layer.slots.factors(n)))
     return out
 
 
@@ -70,7 +70,7 @@ def adapter_state_dict(model: nn.Module, name: str | None = None, *, exported: b
         out[peft_key(module, "lora_A", layer.peft_layout)] = A
         out[peft_key(module, "lora_B", layer.peft_layout)] = B
         if config.use_dora:
-            out[peft_key(module, "lora_magnitude", layer.peft_layout)] = layer.magnitude(name or layer.adapter_name)
+            out[peft_key(module, "lora_magnitude", layer.peft_layout)] = layer.slots.tensors(name or layer.adapter_name)["lora_magnitude"]
         if config.bias is not LoraBias.NONE and own_bias(layer.base) is not None:
             out[peft_key(module, "bias", layer.peft_layout)] = layer.base.bias
     if _bias_mode(slots) is LoraBias.MODEL:  # every other bias of the model trains too

@@ -12,12 +12,15 @@ NF4 needs torchao (`pip install lorakit[quant]`); int8 needs nothing extra.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .. import ops
+from ..bases import QuantizedBase
 from ..errors import LoraStateError
 from ..layers import LoraLinear
 from ..model import lora_layers
@@ -53,11 +56,12 @@ def quantize_nf4(weight: Tensor) -> Tensor:
     return to_nf4(weight.detach().contiguous(), NF4_BLOCK, scaler_block)
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(QuantizedBase):
     """A frozen linear layer whose weight (d_out, d_in) is stored quantised; the base of a quantised LoraLinear.
 
     `weight` is the quantised tensor (an NF4Tensor, or packed int8), `dtype` the compute dtype it
     dequantises to. `dequantized()` rebuilds the original module type (nn.Linear or GPT-2's Conv1D).
+    LoRA layers see it through `lorakit.bases` (`dense_weight()`), never through its storage format.
     """
 
     def __init__(self, base: nn.Module, fmt: str, fan_in_fan_out: bool) -> None:
@@ -72,18 +76,26 @@ class QuantLinear(nn.Module):
         self.weight = nn.Parameter(q, requires_grad=False)
         self.bias = base.bias  # kept as is: it may train under bias="all"
 
-    quantized = True  # LoraLinear reads this: the weight is already (d_out, d_in) and needs ops.dense
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+    def dense_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense weight (d_out, d_in) in `dtype` (default: the original dtype)."""
         return ops.dense(self.weight, dtype or self.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
+        return torch.nn.functional.linear(x, self.dense_weight(x.dtype), self.bias)
+
+    def __deepcopy__(self, memo: dict) -> QuantLinear:
+        # torchao's NF4Tensor copies by re-quantising with default block sizes, which fails for small layers
+        # (and may not reproduce the stored values): copy the stored tensor exactly, the rest as usual
+        weight = self._parameters["weight"]
+        memo[id(weight)] = nn.Parameter(exact_clone(weight.detach()), requires_grad=False)
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def dequantized(self) -> nn.Module:
         """A plain module of the original type with the dequantised weight (and a copy of the bias)."""
-        w = self.dequantize().detach()
+        w = self.dense_weight().detach()
         has_bias = self.bias is not None
         if self.fan_in_fan_out:  # transformers' Conv1D(nf=d_out, nx=d_in), weight (d_in, d_out)
             plain = self.orig_type(self.out_features, self.in_features)
@@ -105,6 +117,15 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+def exact_clone(t: Tensor) -> Tensor:
+    """A copy of a (maybe quantised) tensor with the very same stored values: a wrapper subclass such as
+    NF4Tensor is rebuilt from copies of its inner tensors, with its own block sizes."""
+    if not is_traceable_wrapper_subclass(t):
+        return t.clone()
+    names, ctx = t.__tensor_flatten__()
+    return type(t).__tensor_unflatten__({n: exact_clone(getattr(t, n)) for n in names}, ctx, t.size(), t.stride())
 
 
 def tensor_bytes(t: Tensor) -> int:
@@ -139,7 +160,6 @@ def quantize_base(model: nn.Module, fmt: str = "nf4") -> nn.Module:
                              f"{layer.base.weight.numel()} elements (use 'int8' or exclude it)")
     for layer in layers.values():
         layer.base = QuantLinear(layer.base, fmt, type(layer).fan_in_fan_out)  # stored (d_out, d_in) either way
-        layer.__dict__.pop("_dora_sqnorm", None)
     return model
 
 

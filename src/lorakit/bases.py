@@ -1,0 +1,61 @@
+"""What a LoRA layer asks of its frozen base: the weight as a plain tensor, its shape, a plain copy.
+
+A base that keeps its weight in another form (a quantised one, `lorakit.variants.quant.QuantLinear`)
+implements `QuantizedBase`; every LoRA layer goes through the functions here, never through the
+weight's storage format, so a new storage format is one class and no change to the layers.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+
+from torch import Tensor, nn
+
+
+class QuantizedBase(nn.Module, ABC):
+    """A frozen linear base whose weight is stored in another form, as (d_out, d_in) whatever the original layout.
+
+    `weight` is the stored tensor, which `ops.dense` dequantises: the LoRA linear passes it to the ops
+    so that autograd saves the stored form, not a dense copy.
+    """
+
+    in_features: int
+    out_features: int
+
+    @abstractmethod
+    def dense_weight(self) -> Tensor:
+        """The weight dequantised: a plain (d_out, d_in) tensor in the original dtype."""
+
+    @abstractmethod
+    def dequantized(self) -> nn.Module:
+        """A plain module of the original type holding the dequantised weight (and a copy of the bias)."""
+
+
+def dense_weight(base: nn.Module, fan_in_fan_out: bool = False, *, stored: bool = False) -> Tensor:
+    """The base weight laid out (d_out, d_in, ...) as a plain tensor.
+
+    A plain weight comes back as a view (writes reach the base; `fan_in_fan_out` transposes a (d_in, d_out)
+    one such as GPT-2's Conv1D); a quantised one dequantised, or with `stored=True` as its stored tensor.
+    """
+    if isinstance(base, QuantizedBase):
+        return base.weight if stored else base.dense_weight()
+    return base.weight.t() if fan_in_fan_out else base.weight
+
+
+def weight_shape(base: nn.Module, fan_in_fan_out: bool = False) -> tuple[int, ...]:
+    """The shape `dense_weight` has, without dequantising anything."""
+    if isinstance(base, QuantizedBase):
+        return base.out_features, base.in_features
+    shape = tuple(base.weight.shape)
+    return shape[::-1] if fan_in_fan_out else shape
+
+
+def plain_copy(base: nn.Module) -> nn.Module:
+    """A copy of the base as a plain module of its original type (a quantised base dequantised)."""
+    return base.dequantized() if isinstance(base, QuantizedBase) else copy.deepcopy(base)
+
+
+def is_quantized(base: nn.Module) -> bool:
+    """Whether the base stores its weight quantised (then it cannot be merged in place)."""
+    return isinstance(base, QuantizedBase)

@@ -1,0 +1,150 @@
+"""DoRA: weight-decomposed LoRA (Liu et al. 2024, arXiv:2402.09353), its own layer class beside LoraLinear.
+
+    y = (m / ‖W + s·B A‖_row) ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b       m: (d_out,) trainable magnitude
+    merge:  W' = (m / ‖W + s·B A‖_row) ⊙ (W + s·B A)
+
+The row norm is detached (paper §4.3, as PEFT), so it is a per-step constant: we get it from
+    ‖w_i + s·B_i A‖² = ‖w_i‖² + 2s·B_i·(A w_i) + s²·B_iᵀ (A Aᵀ) B_i
+with ‖w_i‖² cached until the base weight changes: one (d_out, r) product W Aᵀ per step instead of
+PEFT's eye(d_in) pass that builds the d_out×d_in matrix B A (and then W + s·B A) every step.
+
+`with_lora`/`apply_lora` build these layers for `LoraConfig(use_dora=True)` through the layer registry
+(the entries at the bottom); files keep PEFT's `lora_magnitude_vector` key, so PEFT reads them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..cache import TensorCache
+from ..config import LoraConfig
+from ..layers import LORA_LAYERS, LoraLinear
+from ..slots import DEFAULT_ADAPTER
+
+
+def row_sqnorm(weight: Tensor) -> Tensor:
+    """‖w_i‖² per output row of a (d_out, d_in) weight, in fp32 (fp64 for fp64): the cacheable part of the norm."""
+    return torch.linalg.vector_norm(weight, dim=1, dtype=_acc(weight)).square_()
+
+
+def _acc(weight: Tensor) -> torch.dtype:
+    """The dtype the norm accumulates in: fp32, or fp64 for an fp64 weight."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def weight_norm(weight: Tensor, A: Tensor, B: Tensor, scaling: float, w_sqnorm: Tensor | None = None) -> Tensor:
+    """‖W + s·B A‖ per output row (d_out,) in fp32, detached, without forming a d_out×d_in matrix."""
+    with torch.no_grad():
+        sq = row_sqnorm(weight) if w_sqnorm is None else w_sqnorm
+        Af, Bf = A.detach().to(_acc(weight)), B.detach().to(_acc(weight))  # (r, d_in), (d_out, r): small
+        WA = (weight @ A.detach().to(weight.dtype).t()).to(_acc(weight))  # (d_out, r): A w_i for every row
+        cross = (Bf * WA).sum(1)  # (d_out,)  B_i·(A w_i)
+        quad = ((Bf @ (Af @ Af.t())) * Bf).sum(1)  # (d_out,)  B_iᵀ (A Aᵀ) B_i
+        return (sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min_(0.0).sqrt_()
+
+
+def weight_norm_reference(weight: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """The norm as PEFT computes it, forming W + s·B A (for tests and the benchmark)."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(weight.float() + ops.delta_weight(A, B, scaling), dim=1)
+
+
+def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
+                scaling: float, dropout: float = 0.0, training: bool = False, w_sqnorm: Tensor | None = None) -> Tensor:
+    """The DoRA linear forward. `weight` is (d_out, d_in), maybe quantised; `w_sqnorm` its `row_sqnorm`, if known.
+
+    Without dropout this is g ⊙ lora_linear(x) + b with g = m/‖W + s·B A‖, so the LoRA fast path does the
+    GEMMs and autograd adds only two output-sized passes. With dropout, PEFT's form: the dropped input
+    feeds the direction term, base(x) + (g-1)⊙(drop(x) Wᵀ) + g⊙s·(drop(x) Aᵀ) Bᵀ (one more GEMM).
+    """
+    norm = weight_norm(ops.dense(weight, x.dtype), A, B, scaling, w_sqnorm)  # (d_out,) fp32, constant for autograd
+    g = (magnitude.float() / norm).to(x.dtype)  # (d_out,) gradient flows to the magnitude only
+    if dropout > 0.0 and training:
+        xd = F.dropout(x, dropout, True)
+        wd = ops.dense(weight, x.dtype)
+        y = F.linear(x, wd, bias)  # (..., d_out)
+        return y + (g * ops.lora_linear(xd, weight, None, A, B, scaling) - F.linear(xd, wd))
+    u = ops.lora_linear(x, weight, None, A, B, scaling)  # (..., d_out): x Wᵀ + s·x Aᵀ Bᵀ
+    return u * g if bias is None else torch.addcmul(bias, u, g)
+
+
+def dora_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+                          magnitude: Tensor, scaling: float) -> Tensor:
+    """The formula written naively (no dropout): the merged DoRA weight applied to x."""
+    V = weight + scaling * (B @ A)  # (d_out, d_in)
+    norm = torch.linalg.vector_norm(V, dim=1).detach()
+    return F.linear(x, (magnitude / norm)[:, None] * V, bias)
+
+
+def merged_delta(weight: Tensor, A: Tensor, B: Tensor, magnitude: Tensor, scaling: float) -> Tensor:
+    """g ⊙ (W + s·B A) − W in fp32, (d_out, d_in): what `ops.merged_weight` adds to W to merge a DoRA adapter."""
+    V = ops.delta_weight(A, B, scaling).add_(weight)  # (d_out, d_in) fp32: the direction, formed once for the merge
+    g = magnitude.detach().float() / torch.linalg.vector_norm(V, dim=1)
+    return V.mul_(g[:, None]).sub_(weight)
+
+
+class DoraLinear(LoraLinear):
+    """DoRA beside an nn.Linear: LoRA's A (r, d_in) and B (d_out, r), plus the magnitude `lora_magnitude` (d_out,).
+
+    Example:
+        >>> import lorakit as lk
+        >>> layer = lk.with_lora(nn.Linear(8, 6), lk.LoraConfig(rank=2, use_dora=True))
+        >>> type(layer).__name__, tuple(layer.lora_magnitude.shape)
+        ('DoraLinear', (6,))
+    """
+
+    tensor_names = (*LoraLinear.tensor_names, "lora_magnitude")
+    variant = "dora"
+
+    def __init__(self, base: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
+        super().__init__(base, config, adapter_name)
+        self._w_sqnorm = TensorCache()  # ‖w_i‖², keyed on the base weight: follows merge_, load, .data =, .to()
+        if self.base_init is not None:  # PiSSA/OLoRA moved W: m is the norm of the weight as it now is (as PEFT)
+            with torch.no_grad():
+                self.lora_magnitude.copy_(self._initial_magnitude(self.lora_A, self.lora_B, self.config))
+
+    def _initial_magnitude(self, A: Tensor, B: Tensor, config: LoraConfig) -> Tensor:
+        """m = ‖W + s·B A‖ per row, so a fresh layer computes exactly what its base did."""
+        w = self.dense_weight()
+        return weight_norm(w, A, B, config.scaling).to(w.dtype)
+
+    def new_adapter(self, config):
+        tensors = super().new_adapter(config)
+        tensors["lora_magnitude"] = nn.Parameter(self._initial_magnitude(tensors["lora_A"], tensors["lora_B"], config))
+        return tensors
+
+    @classmethod
+    def adapter_shapes(cls, base, config):
+        shapes = super().adapter_shapes(base, config)
+        return {**shapes, "lora_magnitude": shapes["lora_B"][:1]}  # (d_out,)
+
+    def lora_forward(self, x):
+        w_sqnorm = self._w_sqnorm.get([self.base_weight], lambda: row_sqnorm(self.dense_weight()))
+        return dora_linear(x, self._linear_weight(), self.base.bias, self.lora_A, self.lora_B, self.lora_magnitude,
+                           self.scaling, self.config.dropout, self.training, w_sqnorm)
+
+    def weight_delta(self):
+        if self.adapter_name is None:
+            return super().weight_delta()
+        # merged W' = g ⊙ (W + s·B A), so the delta is W' − W
+        delta = merged_delta(self.dense_weight(), self.lora_A, self.lora_B, self.lora_magnitude, self.scaling)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def merged_weight(self, weight):
+        return ops.merged_weight(weight, self.weight_delta())  # not low rank: no addmm shortcut
+
+    def mixed_forward(self, x, *state):
+        raise NotImplementedError("DoRA adapters do not run in mixed batches (the row norm is per adapter)")
+
+
+class DoraConv1D(DoraLinear):
+    """DoRA beside transformers' GPT-2 style Conv1D, whose weight is stored (d_in, d_out)."""
+
+    fan_in_fan_out = True
+
+
+LORA_LAYERS[nn.Linear, "dora"] = DoraLinear
+LORA_LAYERS["transformers.pytorch_utils.Conv1D", "dora"] = DoraConv1D
