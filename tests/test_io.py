@@ -228,26 +228,99 @@ def test_missing_directory_and_files(tmp_path):
 
 
 def _header_file(path, header, data=b""):
-    raw = json.dumps(header).encode()
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
 
-@pytest.mark.parametrize("header,data,needle", [
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "outside the data"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 8, "needs 8"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlap"),
-    ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "dtype 'Q4'"),
-    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "non-negative ints"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8]}}, b"\0" * 8, "data_offsets"),
-    ({"a": [1, 2]}, b"", "must be an object"),
-    ({"__metadata__": {"k": 1}}, b"", "__metadata__"),
-])
-def test_corrupt_safetensors_headers(header, data, needle, tmp_path):
-    path = tmp_path / "x.safetensors"
-    _header_file(path, header, data)
-    with pytest.raises(lk.LoraFileError, match=needle):
+F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+# every malformed file docs/reliability.md lists; the needles are the safetensors library's reasons (and our hints)
+CORRUPT = {
+    "empty": (b"", "header too small"),
+    "shorter than the length field": (b"\x01\x02\x03", "header too small"),
+    "header length past the end": (struct.pack("<Q", 100) + b"{}", "header runs past the end of the file: truncated"),
+    "huge header length": (struct.pack("<Q", 2**63) + b"{}", "header too large"),
+    "header not JSON": (({"raw": b"{not json"}), "invalid JSON in header"),
+    "header not UTF-8": (({"raw": b"\xff\xfe{}"}), "invalid UTF-8 in header"),
+    "header not an object": (({"header": [1, 2]}), "invalid JSON in header"),
+    "entry not an object": (({"header": {"a": [1, 2]}}), "invalid JSON in header"),
+    "deeply nested JSON": (({"raw": DEEP}), "invalid JSON in header"),
+    "data truncated": (({"header": {"a": F32x2}, "data": b"\0" * 4}), "truncated, or extra bytes"),
+    "extra bytes after the data": (({"header": {"a": F32x2}, "data": b"\0" * 12}), "truncated, or extra bytes"),
+    "wrong byte count for the shape": (({"header": {"a": {**F32x2, "data_offsets": [0, 4]}}, "data": b"\0" * 8}),
+                                       "invalid shape, data type, or offset"),
+    "overlapping offsets": (({"header": {"a": F32x2, "b": {**F32x2, "data_offsets": [4, 12]}}, "data": b"\0" * 12}),
+                            "invalid offset for tensor `b`"),
+    "gap before the data": (({"header": {"a": {**F32x2, "data_offsets": [4, 12]}}, "data": b"\0" * 12}),
+                            "invalid offset for tensor `a`"),
+    "unknown dtype": (({"header": {"a": {**F32x2, "dtype": "Q4"}}, "data": b"\0" * 8}), "unknown variant `Q4`"),
+    "negative shape": (({"header": {"a": {**F32x2, "shape": [-2]}}, "data": b"\0" * 8}), "integer `-2`"),
+    "bad data_offsets": (({"header": {"a": {**F32x2, "data_offsets": [8]}}, "data": b"\0" * 8}), "invalid length 1"),
+    "bad metadata": (({"header": {"__metadata__": {"k": 1}}}), "invalid JSON in header"),
+    "huge shape claim": (({"header": {"a": {**F32x2, "shape": [2**40, 2**40]}}, "data": b"\0" * 8}), "overflow"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_corrupt_safetensors_refused_naming_the_file(case, tmp_path):
+    content, needle = CORRUPT[case]
+    path = tmp_path / "adapter_model.safetensors"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        _header_file(path, content.get("raw", content.get("header")), content.get("data", b""))
+    with pytest.raises(lk.LoraFileError) as e:
         safetensors_io.read(path)
+    assert str(e.value).startswith(f"{path}: not a valid safetensors file: ")
+    assert needle in str(e.value)
+    lk.save_adapters(trained(), tmp_path / "ok")
+    (tmp_path / "ok" / "adapter_model.safetensors").write_bytes(path.read_bytes())
+    model = Net()
+    snap = snapshot(model)
+    with pytest.raises(lk.LoraFileError, match="adapter_model.safetensors: not a valid safetensors file"):
+        lk.load_adapters(model, tmp_path / "ok")
+    assert_unchanged(model, snap)
+
+
+def test_write_stores_views_shared_and_odd_tensors(tmp_path):
+    base = torch.arange(12.0).reshape(3, 4)
+    t = {"w": base, "tied": base, "t": base.t(), "row": base[1], "bf16": base.to(torch.bfloat16),
+         "ints": torch.arange(3), "flags": torch.tensor([True, False]), "empty": torch.zeros(0, 4),
+         "scalar": torch.tensor(2.5), "param": nn.Parameter(torch.ones(2))}
+    safetensors_io.write(tmp_path / "x.safetensors", t, {"k": "v"})
+    back, meta = safetensors_io.read(tmp_path / "x.safetensors")
+    assert meta == {"k": "v"} and back.keys() == t.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v.detach()) for k, v in t.items())
+
+
+READ_PEAK = r"""
+import re, sys
+import torch
+from lorakit.files import safetensors as safetensors_io
+def kib(field):
+    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # start the peak (VmHWM) afresh: imports above may have peaked higher
+before = kib("VmRSS")
+tensors, _ = safetensors_io.read(sys.argv[1])
+assert sum(float(t.sum()) for t in tensors.values()) > 0  # every byte really read
+print((kib("VmHWM") - before) * 1024)
+"""
+
+
+def test_reading_needs_one_copy_of_the_file_not_two(tmp_path):
+    """The peak memory of reading a 64 MiB file, in a fresh process, is about the file's size."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.safetensors"
+    safetensors_io.write(path, {f"t{i}": torch.full((1024, 1024), float(i + 1)) for i in range(16)})
+    size = path.stat().st_size
+    run = subprocess.run([sys.executable, "-c", READ_PEAK, str(path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    grown = int(run.stdout)
+    assert 0.9 * size < grown < 1.3 * size, f"reading {size >> 20} MiB raised the peak RSS by {grown >> 20} MiB"
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
@@ -291,36 +364,187 @@ def test_ambiguous_names_saved_exactly(tmp_path):
     assert io.read_adapter_config(tmp_path).targets == ["re:fc1"]
 
 
-WRITER = r"""
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def test_written_files_get_the_permissions_open_gives(umask, tmp_path):
+    """Adapters, layer files, task files, checkpoints, metrics, plots and JSON: mode 0o666 & ~umask, not 0600."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lorakit.hf.models import write_task_file
+    from lorakit.train import TrainConfig, Trainer
+
+    model = trained()
+    lk.save_adapters(model, tmp_path / "adapter")
+    write_task_file(tmp_path / "adapter", "causal-lm")
+    lk.lora_layers(model)["fc1"].save_adapter(tmp_path / "layer")
+    mlp = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
+    data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 4)), batch_size=4)
+    Trainer(mlp, TrainConfig(epochs=1, device="cpu"), loss_fn=nn.functional.mse_loss,
+            artifact_dir=tmp_path / "run").fit(data, data)
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777)
+             for p in tmp_path.rglob("*") if p.is_file()}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/lorakit_task.json",
+            "layer.safetensors", "run/checkpoint.safetensors", "run/config.json", "run/metrics.jsonl",
+            "run/loss.png", "run/adapter/adapter_model.safetensors",
+            "run/best_adapter/adapter_config.json"} <= modes.keys()
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
+
+
+def _marked(alpha: float) -> nn.Module:
+    """A LoRA model whose every adapter weight equals its alpha: a load pairs config and weights right iff they agree."""
+    model = lk.apply_lora(nn.Sequential(nn.Linear(8, 8)), lk.LoraConfig(rank=2, alpha=alpha), ["0"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.fill_(alpha)
+    return model
+
+
+def _load_whole(directory) -> float:
+    """Load the adapter in `directory`; its weights must come from the same save as its config."""
+    layer = lk.lora_layers(lk.load_adapters(nn.Sequential(nn.Linear(8, 8)), directory))["0"]
+    values = torch.cat([layer.lora_A.flatten(), layer.lora_B.flatten()]).unique().tolist()
+    assert values == [layer.config.alpha], f"weights {values} loaded with the config of alpha {layer.config.alpha}"
+    return layer.config.alpha
+
+
+SAVER = r"""
 import sys, torch, lorakit as lk
 from torch import nn
-model = lk.apply_lora(nn.Sequential(nn.Linear(2048, 2048)), lk.LoraConfig(rank=512), ["0"])
-i = 0
-while True:
+directory, alpha, rounds = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+model = lk.apply_lora(nn.Sequential(nn.Linear(8, 8)), lk.LoraConfig(rank=2, alpha=alpha), ["0"])
+with torch.no_grad():
+    for p in model.parameters():
+        if p.requires_grad:
+            p.fill_(alpha)
+print("ready", flush=True)
+sys.stdin.readline()  # start when the parent says so, together with the other saver
+for _ in range(rounds):
+    lk.save_adapters(model, directory)
+"""
+ROUNDS = 100
+
+
+@pytest.mark.parametrize("how", ["threads", "processes"])
+def test_concurrent_saves_never_pair_one_adapters_weights_with_anothers_config(how, tmp_path):
+    """Two savers write different adapters into one directory while a reader loads it, over and over."""
+    import subprocess
+    import sys
+    import threading
+
+    lk.save_adapters(_marked(1.0), tmp_path)
+    seen = set()
+    if how == "threads":
+        start, errors = threading.Barrier(3), []
+
+        def save(alpha):
+            model = _marked(alpha)
+            start.wait()
+            try:
+                for _ in range(ROUNDS):
+                    lk.save_adapters(model, tmp_path)
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                errors.append(e)
+
+        savers = [threading.Thread(target=save, args=(a,)) for a in (2.0, 3.0)]
+        for t in savers:
+            t.start()
+        start.wait()
+        while any(t.is_alive() for t in savers):
+            seen.add(_load_whole(tmp_path))
+        for t in savers:
+            t.join()
+        assert not errors, errors
+    else:
+        savers = [subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), str(a), str(ROUNDS)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for a in (2.0, 3.0)]
+        try:
+            assert [p.stdout.readline() for p in savers] == ["ready\n"] * 2
+            for p in savers:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            while any(p.poll() is None for p in savers):
+                seen.add(_load_whole(tmp_path))
+        finally:
+            for p in savers:
+                p.kill() if p.poll() is None else None
+                p.wait()
+        assert [p.returncode for p in savers] == [0, 0]
+    seen.add(_load_whole(tmp_path))
+    assert seen <= {1.0, 2.0, 3.0} and seen & {2.0, 3.0}
+
+
+KILLED = r"""
+import os, sys, torch, lorakit as lk
+from torch import nn
+directory, point = sys.argv[1], sys.argv[2]
+model = lk.apply_lora(nn.Sequential(nn.Linear(256, 256)), lk.LoraConfig(rank=64), ["0"])
+
+
+def save(version):
     with torch.no_grad():
-        lk.lora_layers(model)["0"].lora_B.fill_(float(i))
-    lk.save_adapters(model, sys.argv[1])
-    i += 1
-    print(i, flush=True)
+        lk.lora_layers(model)["0"].lora_B.fill_(float(version))
+    lk.save_adapters(model, directory)
+
+
+def stop_here():
+    print("stopped", flush=True)
+    sys.stdin.readline()  # the parent SIGKILLs this process now
+
+
+real_fsync, real_replace = os.fsync, os.replace
+
+
+def fsync(fd):  # the weights are written, not yet renamed into place
+    if point.endswith("before-rename") and "adapter_model.safetensors" in os.readlink(f"/proc/self/fd/{fd}"):
+        stop_here()
+    real_fsync(fd)
+
+
+def replace(src, dst):  # the weights are in place, the config not yet
+    real_replace(src, dst)
+    if point == "after-rename" and str(dst).endswith("adapter_model.safetensors"):
+        stop_here()
+
+
+if not point.startswith("first-save"):
+    save(1)
+os.fsync, os.replace = fsync, replace
+save(2)
+print("finished without stopping", flush=True)
 """
 
 
-def test_writer_killed_mid_save_leaves_a_whole_file(tmp_path):
-    """SIGKILL a process that keeps rewriting an 8 MiB adapter; what is on disk always loads whole."""
-    import signal
+@pytest.mark.parametrize("point,version", [("first-save-before-rename", None), ("before-rename", 1.0),
+                                           ("after-rename", 2.0)])
+def test_writer_killed_mid_save_leaves_the_old_adapter_or_the_new_one(point, version, tmp_path):
+    """SIGKILL a saving process at a known point of its save: on disk is the old adapter or the new one, whole.
+
+    The child stops itself (in a patched os.fsync / os.replace) and says so on stdout; then it is killed.
+    A writer that wrote the target in place would leave the new bytes where the old adapter is expected.
+    """
     import subprocess
     import sys
-    import time
 
-    for attempt, delay in enumerate((0.0, 0.013, 0.031, 0.057)):
-        d = tmp_path / f"run{attempt}"
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(d)], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "1"  # one save completed
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path), point], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line == "stopped\n", (line, proc.stderr.read()[-3000:] if proc.poll() is not None else "")
+    finally:
+        proc.kill()
         proc.wait()
-        model = lk.load_adapters(nn.Sequential(nn.Linear(2048, 2048)), d)
-        B = lk.lora_layers(model)["0"].lora_B
-        assert torch.all(B == B[0, 0])  # one consistent version, never a torn mix
-        leftovers = [p.name for p in d.iterdir() if p.name not in ("adapter_config.json", "adapter_model.safetensors")]
-        assert all(n.endswith(".tmp") for n in leftovers)  # at most an orphaned temp file, never a torn target
+    names = sorted(p.name for p in tmp_path.iterdir())
+    temps = [n for n in names if n.startswith(".adapter_model.safetensors.") and n.endswith(".tmp")]
+    assert len(temps) == (0 if point == "after-rename" else 1), names
+    if version is None:  # killed during the very first save: no adapter at all, not a broken one
+        assert names == temps
+        return
+    assert set(names) - set(temps) == {"adapter_config.json", "adapter_model.safetensors"}
+    model = lk.load_adapters(nn.Sequential(nn.Linear(256, 256)), tmp_path)
+    assert torch.all(lk.lora_layers(model)["0"].lora_B == version)

@@ -14,6 +14,7 @@ from .config import LoraBias, LoraConfig
 from .errors import LoraFileError
 from .files import layer_file
 from .files import safetensors as st
+from .files.atomic import locked_dir
 from .files.checks import check_tensors, copy_into
 from .files.peft_format import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterSpec, is_peft_copy, peft_key,
                                 read_adapter_config)
@@ -63,13 +64,14 @@ def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None =
         raise LoraFileError(f"{directory}: not an adapter directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     if name is not None:
         check_adapter_name(name)
-    spec = read_adapter_config(directory)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
-        hint = f" ({', '.join(pickled)} is pickle, which lorakit never loads)" if pickled else ""
-        raise LoraFileError(f"{weights}: no such file{hint}")
-    tensors, _ = st.read(weights)
+    with locked_dir(directory, exclusive=False):  # config and weights of one save, never of two
+        spec = read_adapter_config(directory)
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+            hint = f" ({', '.join(pickled)} is pickle, which lorakit never loads)" if pickled else ""
+            raise LoraFileError(f"{weights}: no such file{hint}")
+        tensors, _ = st.read(weights)
     where = str(weights)
 
     existing = lora_layers(model)
