@@ -20,7 +20,7 @@ from ..errors import LoraFileError
 from .atomic import atomic_write
 
 # what the library and torch raise on a malformed file (torch, e.g., for a packed dtype whose shape lies)
-_MALFORMED = (SafetensorError, OSError, RuntimeError, ValueError, TypeError, KeyError, OverflowError)
+_MALFORMED = (SafetensorError, RuntimeError, ValueError, TypeError, KeyError, OverflowError)
 # plain words for the library's terser reasons
 _HINTS = {"file not fully covered": "the data does not end where the header says: truncated, or extra bytes?",
           "invalid header length": "the header runs past the end of the file: truncated?"}
@@ -44,6 +44,8 @@ def read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         with safe_open(path, framework="pt", backend="pread") as f:  # header checked in full first
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except OSError as e:  # the library's I/O errors do not name the file
+        raise LoraFileError(f"{path}: cannot be read ({e})") from None
     except _MALFORMED as e:
         reason = str(e)[:300]
         hint = next((f" ({h})" for words, h in _HINTS.items() if words in reason), "")
@@ -67,7 +69,7 @@ def write(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]
 
 
 def _plain(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """CPU, contiguous, each owning its whole storage: the library refuses views and shared storage."""
+    """CPU, contiguous, each owning its whole storage: the library refuses entries that share storage."""
     out: dict[str, Tensor] = {}
     seen: set[int] = set()
     for key, t in tensors.items():
