@@ -1,9 +1,7 @@
 """Adapter directories: round trips and strict, side-effect-free refusal of every kind of bad file."""
 
-import copy
 import json
 import os
-import struct
 
 import pytest
 import torch
@@ -85,18 +83,6 @@ def test_saved_files_use_peft_names(tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 1.0
     assert cfg["target_modules"] == ["embed", "fc1", "fc2"] and cfg["modules_to_save"] == ["head"]
     assert cfg["bias"] == "lora_only"
-
-
-def test_safetensors_matches_the_reference_library(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    t = {"a": torch.randn(3, 4), "b": torch.randn(2).to(torch.bfloat16), "c": torch.arange(5)}
-    safetensors_io.write(tmp_path / "ours.safetensors", t, {"k": "v"})
-    theirs = load_file(tmp_path / "ours.safetensors")
-    assert all(torch.equal(theirs[k], v) for k, v in t.items())
-    save_file(t, tmp_path / "ref.safetensors")
-    ours, _ = safetensors_io.read(tmp_path / "ref.safetensors")
-    assert all(torch.equal(ours[k], v) for k, v in t.items())
 
 
 def _rewrite(path, edit):
@@ -227,29 +213,6 @@ def test_missing_directory_and_files(tmp_path):
         lk.load_adapters(Net(), tmp_path)
 
 
-def _header_file(path, header, data=b""):
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
-
-
-@pytest.mark.parametrize("header,data,needle", [
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "outside the data"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 8, "needs 8"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlap"),
-    ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "dtype 'Q4'"),
-    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "non-negative ints"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8]}}, b"\0" * 8, "data_offsets"),
-    ({"a": [1, 2]}, b"", "must be an object"),
-    ({"__metadata__": {"k": 1}}, b"", "__metadata__"),
-])
-def test_corrupt_safetensors_headers(header, data, needle, tmp_path):
-    path = tmp_path / "x.safetensors"
-    _header_file(path, header, data)
-    with pytest.raises(lk.LoraFileError, match=needle):
-        safetensors_io.read(path)
-
-
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     model = trained()
     lk.save_adapters(model, tmp_path)
@@ -289,38 +252,3 @@ def test_ambiguous_names_saved_exactly(tmp_path):
     fresh = lk.load_adapters(Outer(), tmp_path)
     assert sorted(lk.lora_layers(fresh)) == ["fc1"]
     assert peft_format.read_adapter_config(tmp_path).targets == ["re:fc1"]
-
-
-WRITER = r"""
-import sys, torch, lorakit as lk
-from torch import nn
-model = lk.apply_lora(nn.Sequential(nn.Linear(2048, 2048)), lk.LoraConfig(rank=512), ["0"])
-i = 0
-while True:
-    with torch.no_grad():
-        lk.lora_layers(model)["0"].lora_B.fill_(float(i))
-    lk.save_adapters(model, sys.argv[1])
-    i += 1
-    print(i, flush=True)
-"""
-
-
-def test_writer_killed_mid_save_leaves_a_whole_file(tmp_path):
-    """SIGKILL a process that keeps rewriting an 8 MiB adapter; what is on disk always loads whole."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    for attempt, delay in enumerate((0.0, 0.013, 0.031, 0.057)):
-        d = tmp_path / f"run{attempt}"
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(d)], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "1"  # one save completed
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        model = lk.load_adapters(nn.Sequential(nn.Linear(2048, 2048)), d)
-        B = lk.lora_layers(model)["0"].lora_B
-        assert torch.all(B == B[0, 0])  # one consistent version, never a torn mix
-        leftovers = [p.name for p in d.iterdir() if p.name not in ("adapter_config.json", "adapter_model.safetensors")]
-        assert all(n.endswith(".tmp") for n in leftovers)  # at most an orphaned temp file, never a torn target

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -109,7 +108,8 @@ def save_adapters(model: nn.Module, directory: str | Path, *, name: str | None =
         ['adapter_config.json', 'adapter_model.safetensors']
     """
     directory = Path(directory)
-    config = peft_config(model, name)
-    st.write(directory / WEIGHTS_NAME, adapter_state_dict(model, name), {"format": "pt"})
-    atomic.atomic_write(directory / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    config, tensors = peft_config(model, name), adapter_state_dict(model, name)
+    with atomic.locked_dir(directory):  # a concurrent save or load of this directory sees one whole adapter
+        st.write(directory / WEIGHTS_NAME, tensors, {"format": "pt"})
+        atomic.write_json(directory / CONFIG_NAME, config)
     return directory

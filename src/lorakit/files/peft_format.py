@@ -17,6 +17,7 @@ from torch import Tensor
 from ..config import INITS, LoraBias, LoraConfig
 from ..errors import LoraFileError
 from . import safetensors
+from .atomic import locked_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -225,12 +226,13 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     directory = Path(directory)
     if not directory.is_dir():
         raise LoraFileError(f"{directory}: not an adapter directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    spec = read_adapter_config(directory)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
-        hint = f" ({', '.join(pickled)} is pickle, which lorakit never loads)" if pickled else ""
-        raise LoraFileError(f"{weights}: no such file{hint}")
-    tensors, _ = safetensors.read(weights)
+    with locked_dir(directory, exclusive=False):  # config and weights of one save, never of two
+        spec = read_adapter_config(directory)
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+            hint = f" ({', '.join(pickled)} is pickle, which lorakit never loads)" if pickled else ""
+            raise LoraFileError(f"{weights}: no such file{hint}")
+        tensors, _ = safetensors.read(weights)
     tensors = {k: t for k, t in tensors.items() if not is_peft_copy(k)}
     return AdapterFile(spec, tensors, str(weights), str(directory / CONFIG_NAME))

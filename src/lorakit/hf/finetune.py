@@ -11,7 +11,6 @@ names); the run's artifacts (metrics, plot, checkpoint, best adapter, report) go
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from ..saving import save_adapters
-from ..files.atomic import atomic_write
+from ..files.atomic import write_json
 from . import data
 from . import models as hf
 from ..config import LoraConfig
@@ -136,5 +135,5 @@ def run(setup: Setup, callbacks: list | None = None) -> dict:
         "elapsed_s": result.elapsed_s, "before": before, "after": after,
     }
     if is_main():
-        atomic_write(out / RUN_DIR / REPORT, (json.dumps(report, indent=2) + "\n").encode())
+        write_json(out / RUN_DIR / REPORT, report)
     return report

@@ -157,18 +157,18 @@ def write_task_file(adapter_dir: str | Path, task: str, *, base_model: str | Pat
                     id2label: Mapping[int, str] | None = None, max_length: int | None = None) -> Path:
     """Record the task (and label names) beside an adapter; also set PEFT's task_type in its config."""
     from ..files import peft_format
-    from ..files import safetensors as safetensors_io
-    from ..files.atomic import atomic_write
+    from ..files.atomic import locked_dir, write_json
 
     adapter_dir = Path(adapter_dir)
     info: dict = {"task": task, "base_model": str(base_model) if base_model else None, "max_length": max_length}
     if id2label is not None:
         info["id2label"] = {str(i): str(v) for i, v in sorted(id2label.items())}
-    atomic_write(adapter_dir / TASK_FILE, (json.dumps(info, indent=2) + "\n").encode())
-    config_path = adapter_dir / peft_format.CONFIG_NAME
-    config = _read_json(config_path)
-    config["task_type"] = PEFT_TASK_TYPES[task]
-    atomic_write(config_path, (json.dumps(config, indent=2) + "\n").encode())
+    with locked_dir(adapter_dir):  # the config is read, changed and rewritten: no save in between
+        write_json(adapter_dir / TASK_FILE, info)
+        config_path = adapter_dir / peft_format.CONFIG_NAME
+        config = _read_json(config_path)
+        config["task_type"] = PEFT_TASK_TYPES[task]
+        write_json(config_path, config)
     return adapter_dir / TASK_FILE
 
 
@@ -176,7 +176,6 @@ def read_task(adapter_dir: str | Path) -> tuple[str, dict[int, str] | None]:
     """(task, id2label) of an adapter: from lorakit's task file, else PEFT's task_type and the head's shape."""
     from ..files import peft_format
     from ..files import safetensors as safetensors_io
-    from ..files.atomic import atomic_write
 
     adapter_dir = Path(adapter_dir)
     if (adapter_dir / TASK_FILE).is_file():

@@ -20,8 +20,7 @@ import io
 import json
 from pathlib import Path
 
-from ..files import safetensors as safetensors_io
-from ..files.atomic import atomic_write
+from ..files import atomic
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -44,7 +43,7 @@ class ArtifactDir:
 
     def write_json(self, name: str, data: dict) -> None:
         """Write `data` as indented JSON, atomically."""
-        atomic_write(self.path(name), (json.dumps(data, indent=2) + "\n").encode())
+        atomic.write_json(self.path(name), data)
 
     def append_row(self, row: dict) -> None:
         """Append one metrics row (one line, flushed)."""
@@ -66,12 +65,12 @@ class ArtifactDir:
         """Cut metrics.jsonl back to its first `n` rows (what a resumed checkpoint had written)."""
         rows = self.rows()[:n]
         data = "".join(json.dumps(r) + "\n" for r in rows).encode()
-        atomic_write(self.path(METRICS), data)
+        atomic.atomic_write(self.path(METRICS), data)
         return rows
 
     def clear_rows(self) -> None:
         """Start metrics.jsonl empty (a fresh run in a used directory)."""
-        atomic_write(self.path(METRICS), b"")
+        atomic.atomic_write(self.path(METRICS), b"")
 
     def plot(self, rows: list[dict], title: str = "train and valid loss") -> Path:
         """Draw loss.png from metrics rows: train loss per logged step, train and valid loss per epoch."""
@@ -105,5 +104,5 @@ class ArtifactDir:
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
-        atomic_write(self.path(PLOT), buf.getvalue())
+        atomic.atomic_write(self.path(PLOT), buf.getvalue())
         return self.path(PLOT)

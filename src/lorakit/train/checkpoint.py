@@ -5,7 +5,7 @@
     rng.<group>.<name>        generator states (uint8 tensors)
     __metadata__["state"]     JSON: config, epoch, batch position, step, optimizer hyper-parameters, meters, ...
 
-No pickle anywhere: a checkpoint is read with the same strict safetensors parser as adapters. One file
+No pickle anywhere: a checkpoint is read with the same strict safetensors reader as adapters. One file
 means a reader (a resumed run) sees either the previous checkpoint or the new one, never a mix.
 """
 
@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from ..files import safetensors as safetensors_io
-from ..files.atomic import atomic_write
 from ..errors import LoraFileError
 
 FORMAT = "lorakit-train-checkpoint"
