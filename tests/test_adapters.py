@@ -325,3 +325,23 @@ def test_unknown_adapter_names_raise_a_lorakit_key_error():
             call()
         assert isinstance(e.value, lk.LoraError)
     assert lk.list_adapters(model) == ["a", "b"] and lk.active_adapter(model) == "a"
+
+
+def test_disable_adapters_runs_the_original_of_a_trained_copy():
+    """Regression: disable_adapters left a TrainedCopy (modules_to_save) running its trained copy, so the
+    "bare base" inside the block still had the trained head. PEFT switches it to the original module."""
+    base = llama()
+    model = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=2), ["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # LoRA factors and the head's trained copy
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    adapted = logits(model)
+    assert not torch.allclose(adapted, logits(base))
+    with lk.disable_adapters(model):
+        assert torch.equal(logits(model), logits(base))
+        with lk.disable_adapters(model):  # nested: the outer block still runs the base after the inner one
+            pass
+        assert torch.equal(logits(model), logits(base))
+    assert torch.equal(logits(model), adapted)
