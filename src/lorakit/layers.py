@@ -191,12 +191,17 @@ class LoraLinear(LoraLayer):
         """The base weight as (d_out, d_in) for the ops: a view, or a quantised base's stored tensor (ops.dense reads it)."""
         return bases.dense_weight(self.base, self.fan_in_fan_out, stored=True)
 
+    def _conv1d_gemm(self) -> bool:
+        """Whether the base computes Conv1D's addmm on its stored (d_in, d_out) weight (the ops' fan_in_fan_out).
+
+        The ops then do the same, so a fresh layer is exactly its base on any CPU; a quantised base computes
+        F.linear on (d_out, d_in) whatever the original type.
+        """
+        return self.fan_in_fan_out and not bases.is_quantized(self.base)
+
     def lora_forward(self, x):
-        # a Conv1D base gets its own addmm (fan_in_fan_out), so a fresh layer is exactly its base on any CPU;
-        # a quantised base computes F.linear on (d_out, d_in) whatever the original type
-        conv1d = self.fan_in_fan_out and not bases.is_quantized(self.base)
         return ops.lora_linear(x, self._linear_weight(), self.base.bias, self.lora_A, self.lora_B, self.scaling,
-                               self.config.dropout, self.training, fan_in_fan_out=conv1d)
+                               self.config.dropout, self.training, fan_in_fan_out=self._conv1d_gemm())
 
     def weight_delta(self):
         delta = super().weight_delta()  # (d_out, d_in)
@@ -206,7 +211,7 @@ class LoraLinear(LoraLayer):
         return ops.mixed_rows(A, B, slots)  # gathered once, not at every forward (a decode step is one token)
 
     def mixed_forward(self, x, At, Bt):
-        return ops.lora_linear_mixed(x, self.dense_weight(), self.base.bias, At, Bt)
+        return ops.lora_linear_mixed(x, self.dense_weight(), self.base.bias, At, Bt, self._conv1d_gemm())
 
     def merged_weight(self, weight):
         if self.adapter_name is None:
