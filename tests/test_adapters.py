@@ -325,3 +325,48 @@ def test_unknown_adapter_names_raise_a_lorakit_key_error():
             call()
         assert isinstance(e.value, lk.LoraError)
     assert lk.list_adapters(model) == ["a", "b"] and lk.active_adapter(model) == "a"
+
+
+def test_disable_adapters_runs_the_original_of_a_trained_copy():
+    """Regression: disable_adapters left a TrainedCopy (modules_to_save) running its trained copy, so the
+    "bare base" inside the block still had the trained head. PEFT switches it to the original module."""
+    base = llama()
+    model = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=2), ["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # LoRA factors and the head's trained copy
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    adapted = logits(model)
+    assert not torch.allclose(adapted, logits(base))
+    with lk.disable_adapters(model):
+        assert torch.equal(logits(model), logits(base))
+        with lk.disable_adapters(model):  # nested: the outer block still runs the base after the inner one
+            pass
+        assert torch.equal(logits(model), logits(base))
+    assert torch.equal(logits(model), adapted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_mixed_batch_rows_without_an_adapter_are_the_conv1d_base_bit_for_bit(dtype):
+    """Rows with no adapter (None) or a fresh one (B = 0) compute the base with the base's own GEMM: GPT-2's
+    Conv1D is addmm on its stored (d_in, d_out) weight, which the mixed path ran as F.linear on a transposed
+    view (the same numbers only where the two GEMM calls round alike, which depends on the CPU)."""
+    import _tiny_models
+
+    base = _tiny_models.gpt2().to(dtype)
+    model = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=2, alpha=4), ["c_attn", "c_proj", "c_fc"],
+                          adapter_name="fresh")
+    lk.combine_adapters(model, {"fresh": 1.0}, "trained")
+    with torch.no_grad():
+        for layer in lk.lora_layers(model).values():
+            layer.slots.tensors("trained")["lora_B"].normal_()  # "trained" moves its rows; the others must not
+    rows = [None, "fresh", "trained", None]
+    ids = IDS[: len(rows)]
+    with torch.no_grad(), lk.mixed_batch(model, rows):
+        got = model(ids).logits
+    want = logits(base, ids)  # the base on the same batch: same GEMM shapes
+    for i, name in enumerate(rows):
+        if name != "trained":
+            assert torch.equal(got[i], want[i]), (name, (got[i] - want[i]).abs().max())
+    assert not torch.allclose(got[2], want[2])

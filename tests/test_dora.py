@@ -76,11 +76,60 @@ def test_layer_matches_reference_and_merges_exactly(fan_in_fan_out):
         torch.testing.assert_close(layer(x), y)  # the cached ‖w_i‖² follows the weight back
 
 
-def test_fresh_dora_layer_is_the_base():
-    base = nn.Linear(8, 6)
-    layer = lk.with_lora(copy.deepcopy(base), lk.LoraConfig(rank=2, use_dora=True))
-    x = torch.randn(4, 8)
-    torch.testing.assert_close(layer(x), base(x))
+def _dora_base(kind, dtype=torch.float32):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(24, 16) if kind == "conv1d_hf" else nn.Linear(16, 24)  # Conv1D stores its weight (16, 24)
+    with torch.no_grad():
+        base.bias.normal_()  # a bias that matters
+    return base.to(dtype)
+
+
+@pytest.mark.parametrize("rows", [5, 64])  # 64 rows: the LoRA fast path folds B A into the weight
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "conv1d_hf"])
+def test_fresh_dora_layer_is_the_base(kind, dtype, rows):
+    """Regression: DoRA computed a Conv1D base with F.linear and added the bias apart from the GEMM, and divided
+    an fp64 magnitude rounded to fp32, so a fresh DoRA layer was not its base bit for bit (fp64 off by 1e-7).
+
+    At init m = ‖W + s·B A‖ = ‖W‖ per row (B = 0), computed by the very function the forward divides by, so
+    g = m / ‖W‖ is exactly 1 in fp32 and fp64 (x / x == 1 in IEEE arithmetic) and the layer is the base bit for
+    bit. In bf16 the magnitude is stored in the weight's dtype (as PEFT stores it), i.e. ‖W‖ rounded to bf16,
+    so g = 1 ± 2⁻⁹: there the layer is only close to its base, by construction.
+    """
+    base = _dora_base(kind, dtype)
+    layer = lk.with_lora(copy.deepcopy(base), lk.LoraConfig(rank=2, alpha=4, use_dora=True))
+    x = torch.randn(rows, 16, dtype=dtype)
+    for grad in (False, True):  # the inference path, and the autograd one (the magnitude trains)
+        with torch.set_grad_enabled(grad):
+            y, want = layer(x), base(x)
+        if dtype is torch.bfloat16:
+            torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+        else:
+            assert torch.equal(y, want), (grad, (y - want).abs().max())
+
+
+@pytest.mark.parametrize("bias", ["none", "all"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("kind", ["linear", "conv1d_hf"])
+def test_dora_trains_on_an_inference_tensor(kind, dropout, bias):
+    """A tensor made under torch.inference_mode() fed to a training forward (as LoraLinear takes it, see
+    ops._savable): the same output and gradients as its normal copy, with and without dropout."""
+    layer = randomise(lk.with_lora(_dora_base(kind), lk.LoraConfig(rank=2, alpha=4, dropout=dropout, use_dora=True,
+                                                                    bias=bias))).train()
+    with torch.inference_mode():
+        x = torch.randn(3, 4, 16)
+    results = []
+    for inp in (x, x.clone()):  # the inference tensor, then a normal one (a clone outside inference mode)
+        torch.manual_seed(1)  # the same dropout mask both times
+        y = layer(inp)
+        grads = torch.autograd.grad(y.square().sum(), [p for p in layer.parameters() if p.requires_grad])
+        results.append((y, grads))
+    assert not results[1][0].is_inference()
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for got, want in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_unsupported_types_are_refused_before_anything_changes():

@@ -223,3 +223,38 @@ def test_lorakit_model_trains_inside_transformers_trainer(tmp_path, tiny):
         if n in frozen:
             assert torch.equal(p, frozen[n]), n  # the base never moves
     assert any(l.lora_B.abs().sum() > 0 for l in lk.lora_layers(model).values())
+
+
+@pytest.mark.parametrize("targets,saved", [(["q_proj", "v_proj"], ["lm_head"]), (["q_proj", "embed_tokens"], [])])
+def test_save_merged_unties_a_trained_copy_of_a_tied_head(tmp_path, targets, saved):
+    """Regression: a trained lm_head (modules_to_save) of a tied Llama was saved apart from embed_tokens but with
+    `tie_word_embeddings: true` in config.json, so transformers ties it back to the embeddings (at `tie_weights()`,
+    which resizing embeddings calls, or in any loader that trusts the config) and the trained head is lost.
+    LoRA merged into tied embeddings parts them the same way (the head keeps the base's weight, as unmerged)."""
+    import _tiny_models
+
+    model = _tiny_models.llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    lk.apply_lora(model, lk.LoraConfig(rank=2, alpha=4.0), targets, modules_to_save=saved)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # as after training: LoRA factors and the head's trained copy moved
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    ids = torch.randint(0, 100, (2, 9), generator=g)
+    want = _logits(model, ids, torch.ones_like(ids))
+    hf.save_merged(model, _hf_models.tokenizer(bos=True), tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    reloaded.tie_weights()  # what the config says, transformers does
+    assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
+    torch.testing.assert_close(_logits(reloaded, ids, torch.ones_like(ids)), want, rtol=0, atol=1e-5)
+
+
+def test_save_merged_keeps_a_head_that_is_still_tied_tied(tmp_path):
+    import _tiny_models
+
+    model = _tiny_models.llama(tie_word_embeddings=True)
+    lk.apply_lora(model, lk.LoraConfig(rank=2), ["q_proj"])
+    hf.save_merged(model, _hf_models.tokenizer(bos=True), tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True

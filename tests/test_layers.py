@@ -1,6 +1,7 @@
 """LoRA layers, table-driven over layer types and dtypes; the math pinned against naive references."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,8 +275,6 @@ def test_layer_load_refuses_damaged_file(damage, needle, tmp_path):
 
 
 def test_layer_load_refuses_nan_unless_allowed(tmp_path):
-    from lorakit import loading as io
-
     src = lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=2))
     with torch.no_grad():
         src.lora_B[0, 0] = float("nan")
@@ -283,8 +282,70 @@ def test_layer_load_refuses_nan_unless_allowed(tmp_path):
     target = lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=2))
     with pytest.raises(lk.LoraFileError, match="NaN"):
         target.load_adapter(tmp_path / "a")
-    io.load_layer_adapter(target, tmp_path / "a", allow_nonfinite=True)
+    target.load_adapter(tmp_path / "a", allow_nonfinite=True)
     assert torch.isnan(target.lora_B[0, 0])
+
+
+def _imports(module: str) -> set[str]:
+    """The lorakit modules `module`'s source imports anywhere (top level, in functions, under TYPE_CHECKING)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    package = module if spec.submodule_search_locations else module.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(Path(spec.origin).read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            for a in node.names:  # `from . import ops` names a module, `from .slots import X` a name in one
+                out.add(f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return {m for m in out if m.startswith("lorakit.") and _is_module(m)}
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # `from .slots import check_adapter_name`: a name, not a module
+        return False
+
+
+def test_layers_reach_no_model_level_module():
+    """Regression: LoraLayer.save_adapter/load_adapter imported lorakit.saving/.loading inside their bodies, a
+    cycle layers -> saving/loading -> layers. The layer file is the layers' own business (via files/)."""
+    seen, todo = set(), ["lorakit.layers"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(_imports(module))
+    assert "lorakit.files.layer_file" in seen  # the one-layer file goes through files/ ...
+    assert not seen & {"lorakit.saving", "lorakit.loading", "lorakit.model", "lorakit.adapters"}  # ... and only
+
+
+def test_layer_file_round_trip_keeps_every_tensor_and_the_config(tmp_path):
+    for config in (lk.LoraConfig(rank=2, alpha=3, bias="all"), lk.LoraConfig(rank=2, use_dora=True)):
+        src = randomise(lk.with_lora(nn.Linear(6, 5), config))
+        path = src.save_adapter(tmp_path / "a")
+        target = lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=2, alpha=1, bias=config.bias.value,
+                                                            use_dora=config.use_dora))
+        assert target.load_adapter(path) is target
+        assert target.config == src.config
+        skip = {"base.weight"} | ({"base.bias"} if config.bias is lk.LoraBias.NONE else set())  # the base's own
+        want = {k: v for k, v in src.state_dict().items() if k not in skip}  # factors, magnitude, trained bias
+        assert all(torch.equal(target.state_dict()[k], v) for k, v in want.items())
+
+
+def test_layer_load_into_a_merged_layer_is_refused(tmp_path):
+    path = randomise(lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=2))).save_adapter(tmp_path / "a")
+    target = lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=2)).merge_()
+    state = _state(target)
+    with pytest.raises(lk.LoraStateError, match="merged in place"):
+        target.load_adapter(path)
+    _assert_unchanged(target, state)
 
 
 def test_reference_formula_function():

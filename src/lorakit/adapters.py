@@ -22,6 +22,7 @@ from .errors import LoraAdapterNotFound, LoraStateError
 from .layers import LoraLayer
 from .model import lora_layers, set_module
 from .slots import check_adapter_name
+from .trained_copy import trained_copies
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -81,18 +82,31 @@ def use_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the bare base inside the block; no weight is touched."""
+    """Run the bare base inside the block: LoRA layers run their base, modules_to_save their original module.
+
+    No weight is touched. A bias trained under bias="all"/"model" is the base's own, so it stays as trained.
+
+    Example:
+        >>> import lorakit as lk
+        >>> m = lk.apply_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), lk.LoraConfig(rank=2), ["0"],
+        ...                   modules_to_save=["1"])
+        >>> with disable_adapters(m):
+        ...     type(m[0]).__name__, m[1].disabled
+        ('LoraLinear', True)
+    """
     layers = lora_layers(model).values()
     _refuse_in_mixed_batch(layers, "disable adapters")
     if any(layer.merged for layer in layers):
         raise LoraStateError("the base cannot run bare while adapters are merged in place; call unmerge_(model) first")
-    for layer in layers:
-        layer.disabled = True
+    switches = [*layers, *trained_copies(model).values()]
+    before = [m.disabled for m in switches]  # nested blocks: the outer one's state comes back on exit
+    for m in switches:
+        m.disabled = True
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.disabled = False
+        for m, was in zip(switches, before):
+            m.disabled = was
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:

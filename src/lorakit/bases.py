@@ -56,6 +56,11 @@ def plain_copy(base: nn.Module) -> nn.Module:
     return base.dequantized() if isinstance(base, QuantizedBase) else copy.deepcopy(base)
 
 
+def own_bias(module: nn.Module) -> nn.Parameter | None:
+    """The module's own `bias` parameter (not a child's), None where it has none."""
+    return dict(module.named_parameters(recurse=False)).get("bias")
+
+
 def is_quantized(base: nn.Module) -> bool:
     """Whether the base stores its weight quantised (then it cannot be merged in place)."""
     return isinstance(base, QuantizedBase)

@@ -2,7 +2,8 @@
 
 Dispatch is a registry {(module type, variant): layer class}; adding a layer type or a variant (DoRA, in
 `lorakit.variants.dora`) is one class and one line. Which named adapter is active is `slots.py`'s business;
-how the base stores its weight is `bases.py`'s.
+how the base stores its weight is `bases.py`'s. A layer's own adapter file (`save_adapter`) goes through
+`files.layer_file`; a model's adapter directory is `saving`/`loading`'s, which build on this module.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from torch import Tensor, nn
 
 from . import bases, ops
 from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
-from .errors import LoraStateError
+from .errors import LoraFileError, LoraStateError
+from .files import layer_file
+from .files.checks import check_tensors, copy_into
 from .slots import DEFAULT_ADAPTER, AdapterSlots, check_adapter_name
 
 __all__ = ["DEFAULT_ADAPTER", "LoraConv", "LoraConv1D", "LoraEmbedding", "LoraLayer", "LoraLinear",
-           "check_adapter_name", "with_lora"]
+           "check_adapter_name", "layer_tensors", "load_layer_adapter", "save_layer_adapter", "with_lora"]
 
 
 class LoraLayer(nn.Module):
@@ -156,14 +159,12 @@ class LoraLayer(nn.Module):
         return self
 
     def save_adapter(self, path: str | Path) -> Path:
-        """Write the active adapter (+ bias) to `<path>.safetensors`, config in the metadata."""
-        from .saving import save_layer_adapter  # layers know nothing of files; saving does the work
+        """Write the active adapter (`layer_tensors`) to `<path>.safetensors`, config in the metadata."""
         return save_layer_adapter(self, path)
 
-    def load_adapter(self, path: str | Path) -> LoraLayer:
-        """Load a file written by `save_adapter`; validated fully before anything is copied."""
-        from .loading import load_layer_adapter
-        load_layer_adapter(self, path)
+    def load_adapter(self, path: str | Path, *, allow_nonfinite: bool = False) -> LoraLayer:
+        """Load a file written by `save_adapter` into the active adapter; checked in full before anything is copied."""
+        load_layer_adapter(self, path, allow_nonfinite=allow_nonfinite)
         return self
 
     def extra_repr(self) -> str:
@@ -190,12 +191,17 @@ class LoraLinear(LoraLayer):
         """The base weight as (d_out, d_in) for the ops: a view, or a quantised base's stored tensor (ops.dense reads it)."""
         return bases.dense_weight(self.base, self.fan_in_fan_out, stored=True)
 
+    def _conv1d_gemm(self) -> bool:
+        """Whether the base computes Conv1D's addmm on its stored (d_in, d_out) weight (the ops' fan_in_fan_out).
+
+        The ops then do the same, so a fresh layer is exactly its base on any CPU; a quantised base computes
+        F.linear on (d_out, d_in) whatever the original type.
+        """
+        return self.fan_in_fan_out and not bases.is_quantized(self.base)
+
     def lora_forward(self, x):
-        # a Conv1D base gets its own addmm (fan_in_fan_out), so a fresh layer is exactly its base on any CPU;
-        # a quantised base computes F.linear on (d_out, d_in) whatever the original type
-        conv1d = self.fan_in_fan_out and not bases.is_quantized(self.base)
         return ops.lora_linear(x, self._linear_weight(), self.base.bias, self.lora_A, self.lora_B, self.scaling,
-                               self.config.dropout, self.training, fan_in_fan_out=conv1d)
+                               self.config.dropout, self.training, fan_in_fan_out=self._conv1d_gemm())
 
     def weight_delta(self):
         delta = super().weight_delta()  # (d_out, d_in)
@@ -205,7 +211,7 @@ class LoraLinear(LoraLayer):
         return ops.mixed_rows(A, B, slots)  # gathered once, not at every forward (a decode step is one token)
 
     def mixed_forward(self, x, At, Bt):
-        return ops.lora_linear_mixed(x, self.dense_weight(), self.base.bias, At, Bt)
+        return ops.lora_linear_mixed(x, self.dense_weight(), self.base.bias, At, Bt, self._conv1d_gemm())
 
     def merged_weight(self, weight):
         if self.adapter_name is None:
@@ -312,3 +318,53 @@ def with_lora(module: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT
     if isinstance(module, LoraLayer):
         raise LoraStateError(f"{type(module).__name__} already has LoRA; wrapping it again is not allowed")
     return layer_class(module, config)(module, config, adapter_name)
+
+
+# -- one layer's adapter file: read -> plan (every check) -> attach, as `loading.load_adapters` does for a model --
+
+def layer_tensors(layer: LoraLayer, *, exported: bool = False) -> dict[str, Tensor]:
+    """A layer file's tensors for the active adapter: lora_A, lora_B, a variant's own (DoRA's lora_magnitude),
+    and the bias it trains. `exported`: a PiSSA/OLoRA adapter as a plain LoRA for the original base."""
+    name = layer.adapter_name
+    A, B, config = layer.slots.exported_factors(name) if exported else layer.slots.factors(name)
+    out = {**layer.slots.tensors(name), "lora_A": A, "lora_B": B}
+    if config.bias is not LoraBias.NONE and (bias := bases.own_bias(layer.base)) is not None:
+        out["bias"] = bias
+    return out
+
+
+def save_layer_adapter(layer: LoraLayer, path: str | Path) -> Path:
+    """Write `layer`'s active adapter (`layer_tensors`, exported) with its config in the metadata; returns the path."""
+    if layer.adapter_name is None:
+        raise LoraStateError("the layer has no active adapter to save; activate one first")
+    _, _, config = layer.slots.exported_factors(layer.adapter_name)  # PiSSA/OLoRA: a rank-2r LoRA for the original base
+    return layer_file.write_layer_file(path, layer_tensors(layer, exported=True), config, type(layer).__name__,
+                                       tuple(layer.base_weight.shape))
+
+
+def load_layer_adapter(layer: LoraLayer, path: str | Path, *, allow_nonfinite: bool = False) -> None:
+    """Load a `save_layer_adapter` file into `layer`'s active adapter; checked in full before anything is copied."""
+    path = layer_file.layer_path(path)
+    tensors, config, layer_type = layer_file.read_layer_file(path)  # read
+    _plan_layer_load(layer, path, tensors, config, layer_type, allow_nonfinite)  # plan (checks only)
+    copy_into(tensors, layer_tensors(layer))  # attach
+    layer.slots.set_config(layer.adapter_name, config)
+
+
+def _plan_layer_load(layer: LoraLayer, path: Path, tensors: dict[str, Tensor], config: LoraConfig, layer_type: str,
+                     allow_nonfinite: bool) -> None:
+    """Every check of a layer load: the layer's state, its type, rank, bias mode, DoRA, then the tensors."""
+    if layer.merged:
+        raise LoraStateError(f"cannot load {path} into a layer merged in place: it would keep serving the merged "
+                             "weights; call unmerge_() first")
+    if layer.adapter_name is None:
+        raise LoraStateError(f"cannot load {path}: the layer has no active adapter; activate one first")
+    if config.use_dora != layer.config.use_dora:
+        raise LoraFileError(f"{path}: adapter use_dora={config.use_dora}, layer use_dora={layer.config.use_dora}")
+    if layer_type != type(layer).__name__:
+        raise LoraFileError(f"{path}: adapter is for a {layer_type}, this layer is a {type(layer).__name__}")
+    if config.rank != layer.rank:
+        raise LoraFileError(f"{path}: adapter rank {config.rank} does not match the layer's rank {layer.rank}")
+    if config.bias is not layer.config.bias:
+        raise LoraFileError(f"{path}: adapter bias={config.bias.value!r}, layer bias={layer.config.bias.value!r}")
+    check_tensors(str(path), tensors, {k: tuple(t.shape) for k, t in layer_tensors(layer).items()}, allow_nonfinite)

@@ -19,13 +19,12 @@ from torch import Tensor, nn
 from .adapters import active_adapter
 from .config import LoraBias, LoraConfig
 from .errors import LoraFileError, LoraStateError
-from .files import layer_file
 from .files.checks import check_tensors, copy_into
 from .files.peft_format import AdapterFile, peft_key, plain_key, read_adapter
 from .layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, supported_types, with_lora, wrapper_for
 from .model import (apply_lora, find_targets, lora_layers, module_names, own_bias, plain_biases, rule_matches,
                     set_module, trained_biases)
-from .saving import adapter_slots, adapter_state_dict, layer_tensors
+from .saving import adapter_slots, adapter_state_dict
 from .trained_copy import TrainedCopy
 
 APPLY, INTO, ADD = "apply", "into", "add"  # wrap a bare model / load into an adapter it has / add a named one
@@ -251,34 +250,3 @@ def _add_named(model: nn.Module, plan: LoadPlan) -> None:
             layer = with_lora(m, slot.config, adapter_name=plan.adapter)
             set_module(model, module, layer)
             layer.slots.activate(active if active in layer.slots.names() else None)
-
-
-# -- one layer's file --------------------------------------------------------------------------------
-
-def load_layer_adapter(layer: LoraLayer, path: str | Path, *, allow_nonfinite: bool = False) -> None:
-    """Load a `save_layer_adapter` file into `layer`'s active adapter; checked in full before anything is copied."""
-    path = layer_file.layer_path(path)
-    tensors, config, layer_type = layer_file.read_layer_file(path)  # read
-    _plan_layer(layer, path, tensors, config, layer_type, allow_nonfinite)  # plan (checks only)
-    copy_into(tensors, layer_tensors(layer))  # attach
-    layer.slots.set_config(layer.adapter_name, config)
-
-
-def _plan_layer(layer: LoraLayer, path: Path, tensors: dict[str, Tensor], config: LoraConfig, layer_type: str,
-                allow_nonfinite: bool) -> None:
-    """Every check of a layer load: the layer's state, its type, rank, bias mode, DoRA, then the tensors."""
-    if layer.merged:
-        raise LoraStateError(f"cannot load {path} into a layer merged in place: it would keep serving the merged "
-                             "weights; call unmerge_() first")
-    if layer.adapter_name is None:
-        raise LoraStateError(f"cannot load {path}: the layer has no active adapter; activate one first")
-    if config.use_dora != layer.config.use_dora:
-        raise LoraFileError(f"{path}: adapter use_dora={config.use_dora}, layer use_dora={layer.config.use_dora}")
-    if layer_type != type(layer).__name__:
-        raise LoraFileError(f"{path}: adapter is for a {layer_type}, this layer is a {type(layer).__name__}")
-    if config.rank != layer.rank:
-        raise LoraFileError(f"{path}: adapter rank {config.rank} does not match the layer's rank {layer.rank}")
-    if config.bias is not layer.config.bias:
-        raise LoraFileError(f"{path}: adapter bias={config.bias.value!r}, layer bias={layer.config.bias.value!r}")
-    shapes = {k: tuple(t.shape) for k, t in layer_tensors(layer).items()}
-    check_tensors(str(path), tensors, shapes, allow_nonfinite)

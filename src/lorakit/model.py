@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
+from .bases import own_bias
 from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
 from .errors import LoraStateError
 from .layers import DEFAULT_ADAPTER, LoraLayer, layer_class, supported_types, with_lora, wrapper_for
@@ -39,11 +40,6 @@ def module_names(model: nn.Module) -> list[str]:
         if isinstance(module, (LoraLayer, TrainedCopy)):
             inside = tuple(inside) + (name + ".",)
     return names
-
-
-def own_bias(module: nn.Module) -> nn.Parameter | None:
-    """The module's own `bias` parameter (not a child's), None where it has none."""
-    return dict(module.named_parameters(recurse=False)).get("bias")
 
 
 def plain_biases(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -132,8 +132,9 @@ def dense(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return weight if dtype is None else weight.to(dtype)
 
 
-def _base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> Tensor:
-    """The base layer's own GEMM, so that B = 0 reproduces its output bit for bit on any CPU.
+def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool = False) -> Tensor:
+    """The base layer's own GEMM, so that B = 0 reproduces its output bit for bit on any CPU (every linear
+    path computes its base term here: LoRA, mixed batches, DoRA).
 
     nn.Linear computes F.linear(x, W, b). transformers' Conv1D computes addmm(b, x, W_stored) on its weight
     stored (d_in, d_out), of which `weight` (d_out, d_in) is the transposed view. Same math, but the two
@@ -147,7 +148,7 @@ def _base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out:
 
 
 def _folded(weight: Tensor, A: Tensor, B: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
-    """W + s·B A (d_out, d_in), laid out in memory as the base lays out W, so `_base_linear` runs W's GEMM on it."""
+    """W + s·B A (d_out, d_in), laid out in memory as the base lays out W, so `base_linear` runs W's GEMM on it."""
     if fan_in_fan_out:
         return torch.addmm(weight.t(), A.t(), B.t(), alpha=scaling).t()  # formed (d_in, d_out), as Conv1D stores W
     return torch.addmm(weight, B, A, alpha=scaling)
@@ -162,13 +163,13 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tenso
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
     weight = dense(weight, x.dtype)
     if fold:  # one GEMM on W + s·B A, as if merged; h only for B's gradient
-        y = _base_linear(x, _folded(weight, A, B, scaling, fan_in_fan_out), bias, fan_in_fan_out)
+        y = base_linear(x, _folded(weight, A, B, scaling, fan_in_fan_out), bias, fan_in_fan_out)
         return y, (x2 @ A.t() if need_h else None)
     dropped = x2 if keep is None else x2 * _as_mask(keep, x2.dtype)  # (N, d_in), unscaled: scaled at rank r
     h = dropped @ A.t()  # (N, r)
     if keep is not None:
         h.mul_(drop_scale)
-    y = _base_linear(x, weight, bias, fan_in_fan_out)  # (..., d_out)
+    y = base_linear(x, weight, bias, fan_in_fan_out)  # (..., d_out)
     y.view(-1, y.shape[-1]).addmm_(h, B.t(), alpha=scaling)  # += s·h Bᵀ in place: no output-sized temporary
     return y, h
 
@@ -278,7 +279,7 @@ def _plain(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
            scaling: float, drop_scale: float, fan_in_fan_out: bool) -> Tensor:
     """The formula in plain differentiable ops, with the mask the fast path would use."""
     dropped = x if keep is None else x * keep.view(x.shape).to(x.dtype) * drop_scale  # (..., d_in)
-    return _base_linear(x, dense(weight, x.dtype), bias, fan_in_fan_out) + scaling * ((dropped @ A.t()) @ B.t())
+    return base_linear(x, dense(weight, x.dtype), bias, fan_in_fan_out) + scaling * ((dropped @ A.t()) @ B.t())
 
 
 def _savable(x: Tensor) -> Tensor:
@@ -365,9 +366,14 @@ def mixed_rows(A: Tensor, B: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
     return A[slots].transpose(1, 2), B[slots].transpose(1, 2)
 
 
-def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, At: Tensor, Bt: Tensor) -> Tensor:
-    """F.linear(x, W, b) + per-row (x Aᵀ_row) Bᵀ_row.  x: (batch, ..., d_in); At, Bt from `mixed_rows`."""
-    y = F.linear(x, weight, bias)  # (batch, ..., d_out)
+def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, At: Tensor, Bt: Tensor,
+                      fan_in_fan_out: bool = False) -> Tensor:
+    """base(x) + per-row (x Aᵀ_row) Bᵀ_row.  x: (batch, ..., d_in); At, Bt from `mixed_rows`.
+
+    The base term is the base's own GEMM (`base_linear`), so a row with no adapter (slot 0, zeros) or a
+    fresh one (B = 0) is the base bit for bit, Conv1D included.
+    """
+    y = base_linear(x, weight, bias, fan_in_fan_out)  # (batch, ..., d_out)
     xb = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, T, d_in)
     h = torch.bmm(xb, At)  # (batch, T, r)
     y.view(x.shape[0], -1, y.shape[-1]).baddbmm_(h, Bt)  # in place: no output-sized temporary

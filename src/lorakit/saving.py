@@ -1,4 +1,4 @@
-"""Saving adapters: one layer to its own file, or a model's adapter as a PEFT-layout directory.
+"""Saving a model's adapter as a PEFT-layout directory (one layer's own file: `LoraLayer.save_adapter`).
 
     adapter_config.json          PEFT's LoraConfig fields (files.peft_format.to_peft_config)
     adapter_model.safetensors    per LoRA module its factors (+ DoRA magnitude, + the bias it trains); each
@@ -13,34 +13,13 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from .config import LoraBias, LoraConfig
-from .errors import LoraFileError, LoraStateError
-from .files import atomic, layer_file
+from .errors import LoraFileError
+from .files import atomic
 from .files import safetensors as st
 from .files.peft_format import CONFIG_NAME, WEIGHTS_NAME, peft_key, plain_key, to_peft_config
-from .layers import LoraLayer
+from .layers import LoraLayer, layer_tensors  # noqa: F401  (layer_tensors: imported from here by tests/ and fuzz/)
 from .model import lora_layers, own_bias, plain_biases
 from .trained_copy import trained_copies
-
-
-def save_layer_adapter(layer: LoraLayer, path: str | Path) -> Path:
-    """Write one layer's active adapter (see `layer_tensors`) with its config in the metadata."""
-    if layer.adapter_name is None:
-        raise LoraStateError("the layer has no active adapter to save; activate one first")
-    tensors = layer_tensors(layer, exported=True)
-    _, _, config = layer.slots.exported_factors(layer.adapter_name)  # PiSSA/OLoRA: a rank-2r LoRA for the original base
-    return layer_file.write_layer_file(path, tensors, config, type(layer).__name__, tuple(layer.base_weight.shape))
-
-
-def layer_tensors(layer: LoraLayer, *, exported: bool = False) -> dict[str, Tensor]:
-    """A layer file's tensors for the active adapter: lora_A, lora_B, DoRA's lora_magnitude, the bias it trains."""
-    name = layer.adapter_name
-    A, B, config = layer.slots.exported_factors(name) if exported else layer.slots.factors(name)
-    out = {"lora_A": A, "lora_B": B}
-    if config.use_dora:
-        out["lora_magnitude"] = layer.slots.tensors(name)["lora_magnitude"]
-    if config.bias is not LoraBias.NONE and own_bias(layer.base) is not None:
-        out["bias"] = layer.base.bias
-    return out
 
 
 def adapter_slots(model: nn.Module, name: str | None = None, *,

@@ -13,7 +13,8 @@ from torch import nn
 
 
 class TrainedCopy(nn.Module):
-    """`original` (frozen, as the user gave it) and `trained` (a deep copy that trains); runs `trained`.
+    """`original` (frozen, as the user gave it) and `trained` (a deep copy that trains); runs `trained`, or
+    `original` while `disabled` (set by `lorakit.adapters.disable_adapters`, as PEFT's wrapper does).
 
     Example:
         >>> import torch
@@ -31,13 +32,14 @@ class TrainedCopy(nn.Module):
             raise TypeError("the module is already a TrainedCopy; wrapping it again is not allowed")
         self.original = original
         self.trained = copy.deepcopy(original)  # new storage even where `original` shares a tied weight
+        self.disabled = False
         for p in original.parameters():
             p.requires_grad_(False)
         for p in self.trained.parameters():
             p.requires_grad_(True)
 
     def forward(self, *args, **kwargs):
-        return self.trained(*args, **kwargs)
+        return (self.original if self.disabled else self.trained)(*args, **kwargs)
 
 
 def trained_copies(model: nn.Module) -> dict[str, TrainedCopy]:

@@ -225,11 +225,36 @@ def save_merged(model: nn.Module, tok, out_dir: str | Path, *, dtype: str | None
         raise FileExistsError(f"{out_dir}: exists and is not an empty directory; choose a new output directory")
     n = len(lora_layers(model))
     merge(model)
+    _untie_if_apart(model)
     if dtype is not None:
         model.to(DTYPES[dtype])
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     return n
+
+
+def _untie_if_apart(model: nn.Module) -> None:
+    """Set `tie_word_embeddings=False` where the merged head no longer shares the input embeddings' weight.
+
+    A trained copy of a tied lm_head (modules_to_save), or a merged LoRA on tied embeddings, leaves the two
+    apart; with the config still saying "tied", transformers ties them again (`tie_weights()`, or any loader
+    that trusts the config) and one of them, e.g. the trained head, is lost. transformers 5 reads the flag
+    from the model's own config; older composite models kept it in the text config: both are set.
+    """
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not (callable(get_in) and callable(get_out)):
+        return
+    try:
+        inp, out = get_in(), get_out()
+    except NotImplementedError:  # a model without (one of) them: nothing tied
+        return
+    if inp is None or out is None or getattr(out, "weight", None) is getattr(inp, "weight", None):
+        return
+    config = model.config
+    get_text = getattr(config, "get_text_config", None)
+    for c in (config, get_text(decoder=True) if callable(get_text) else config):
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
 
 
 def generate(model: nn.Module, tok, prompt: str, *, max_new_tokens: int = 40, temperature: float = 0.0,

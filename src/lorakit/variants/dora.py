@@ -53,22 +53,27 @@ def weight_norm_reference(weight: Tensor, A: Tensor, B: Tensor, scaling: float) 
 
 
 def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
-                scaling: float, dropout: float = 0.0, training: bool = False, w_sqnorm: Tensor | None = None) -> Tensor:
-    """The DoRA linear forward. `weight` is (d_out, d_in), maybe quantised; `w_sqnorm` its `row_sqnorm`, if known.
+                scaling: float, dropout: float = 0.0, training: bool = False, w_sqnorm: Tensor | None = None,
+                fan_in_fan_out: bool = False) -> Tensor:
+    """The DoRA linear forward. `weight` is (d_out, d_in), maybe quantised; `w_sqnorm` its `row_sqnorm`, if known;
+    `fan_in_fan_out` as in `ops.lora_linear` (the base term is the base's own GEMM, bias included).
 
-    Without dropout this is g ⊙ lora_linear(x) + b with g = m/‖W + s·B A‖, so the LoRA fast path does the
-    GEMMs and autograd adds only two output-sized passes. With dropout, PEFT's form: the dropped input
-    feeds the direction term, base(x) + (g-1)⊙(drop(x) Wᵀ) + g⊙s·(drop(x) Aᵀ) Bᵀ (one more GEMM).
+    Without dropout this is g ⊙ (u − b) + b with u = lora_linear(x) (bias included) and g = m/‖W + s·B A‖,
+    so the LoRA fast path does the GEMMs and autograd adds only two output-sized passes; written
+    g⊙u + (1−g)⊙b so that g = 1 (a fresh layer) gives u, which is then the base's output bit for bit.
+    With dropout, PEFT's form: the dropped input feeds the direction term,
+    base(x) + (g-1)⊙(drop(x) Wᵀ) + g⊙s·(drop(x) Aᵀ) Bᵀ (one more GEMM).
     """
-    norm = weight_norm(ops.dense(weight, x.dtype), A, B, scaling, w_sqnorm)  # (d_out,) fp32, constant for autograd
-    g = (magnitude.float() / norm).to(x.dtype)  # (d_out,) gradient flows to the magnitude only
+    norm = weight_norm(ops.dense(weight, x.dtype), A, B, scaling, w_sqnorm)  # (d_out,) fp32/fp64, constant for autograd
+    g = (magnitude.to(norm.dtype) / norm).to(x.dtype)  # (d_out,) exactly 1 where m is this very norm (init)
     if dropout > 0.0 and training:
         xd = F.dropout(x, dropout, True)
         wd = ops.dense(weight, x.dtype)
-        y = F.linear(x, wd, bias)  # (..., d_out)
-        return y + (g * ops.lora_linear(xd, weight, None, A, B, scaling) - F.linear(xd, wd))
-    u = ops.lora_linear(x, weight, None, A, B, scaling)  # (..., d_out): x Wᵀ + s·x Aᵀ Bᵀ
-    return u * g if bias is None else torch.addcmul(bias, u, g)
+        y = ops.base_linear(x, wd, bias, fan_in_fan_out)  # (..., d_out)
+        direction = ops.lora_linear(xd, weight, None, A, B, scaling, fan_in_fan_out=fan_in_fan_out)
+        return y + (g * direction - ops.base_linear(xd, wd, None, fan_in_fan_out))
+    u = ops.lora_linear(x, weight, bias, A, B, scaling, fan_in_fan_out=fan_in_fan_out)  # (..., d_out): x Wᵀ + b + s·x Aᵀ Bᵀ
+    return u * g if bias is None else torch.addcmul(bias * (1 - g), u, g)  # (1−g)⊙b is (d_out,): one output pass
 
 
 def dora_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
@@ -124,7 +129,7 @@ class DoraLinear(LoraLinear):
     def lora_forward(self, x):
         w_sqnorm = self._w_sqnorm.get([self.base_weight], lambda: row_sqnorm(self.dense_weight()))
         return dora_linear(x, self._linear_weight(), self.base.bias, self.lora_A, self.lora_B, self.lora_magnitude,
-                           self.scaling, self.config.dropout, self.training, w_sqnorm)
+                           self.scaling, self.config.dropout, self.training, w_sqnorm, self._conv1d_gemm())
 
     def weight_delta(self):
         if self.adapter_name is None:
