@@ -86,11 +86,13 @@ at hidden 4096 the same ratio is ≈1%.
 **Training step at dropout 0.1.** Dropout on the LoRA input is elementwise work over N×d_in per layer:
 drawing the mask (64-bit random words split into four 16-bit lanes, ~4× cheaper than `torch.rand`), x·mask
 forward and again backward (the dropped copy is never stored, to keep memory low), and the masked accumulate
-of the input gradient. Sibling layers that read the same input (q/k/v, gate/up) share one draw, one stored
-mask and one dropped input (4 draws per block instead of 7): that took the step from 1.27× to 1.22× the
-frozen bound and the LoRA branch's saved bytes from 0.40× to 0.36× PEFT's. What would close the rest: one
-concatenated [A_q; A_k; A_v] GEMM for the siblings (one pass over the dropped input instead of three, and
-the same in backward), and on GPU a fused kernel that generates the mask (Philox) inside the A GEMM and
+of the input gradient. Each LoRA layer draws its own mask, as the LoRA paper and PEFT do (7 draws per block).
+Until the core rebuild (issue 12) sibling layers that read the same input (q/k/v, gate/up) shared one draw
+through a process-global cache; that was 1.22× instead of 1.27× but gave wrong gradients under gradient
+checkpointing, leaked masks across threads and broke torch.compile, so it was removed. What would recover
+the cost without shared state: one concatenated [A_q; A_k; A_v] GEMM for the siblings, declared by the
+model's structure (one pass over the input instead of three, each block of columns with its own mask), and
+on GPU a fused kernel that generates the mask (Philox) inside the A GEMM and
 regenerates it in backward instead of storing it.
 
 **Inference, merge, unmerge** are memory-bound. Unmerged inference folds the branch into the weight once N
