@@ -339,7 +339,7 @@ class Trainer:
         saved_world = ckpt.state.get("world_size", 1)
         if saved_world != self.group.world_size:
             raise ValueError(f"{path}: the checkpoint was made by {saved_world} process(es) and this run has "
-                             f"{self.group.world_size}; resume with the same torchrun --nnodes/--nproc-per-node")
+                             f"{self.group.world_size}; resume with the same number of processes")
         load_params(str(path), self.model, ckpt.params)
         optimizer.load_state_dict(ckpt.optimizer)
         for key in s:
