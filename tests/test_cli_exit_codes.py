@@ -97,3 +97,9 @@ def test_library_messages_name_no_cli_flags() -> None:
              if "cli" not in p.relative_to(root).parts for line, text in _flags_in_strings(p)}
     assert not found, found
     assert _flags_in_strings(root / "cli" / "finetune.py")  # the scan does see flags where they belong
+
+
+def test_bench_finds_the_benchmarks_of_this_checkout() -> None:
+    from lorakit.cli.example import BENCH_SCRIPT
+
+    assert BENCH_SCRIPT == Path(__file__).resolve().parents[1] / "benchmarks" / "run.py" and BENCH_SCRIPT.is_file()

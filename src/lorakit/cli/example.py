@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .common import positive_int
 
+BENCH_SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "run.py"  # src/lorakit/cli/ -> checkout root
+
 
 def example(args: argparse.Namespace) -> int:
     """Run `lorakit example`; its exit status is 1 when any of its checks fails."""
@@ -22,7 +24,7 @@ def bench(args: argparse.Namespace) -> int:
     """Run `lorakit bench` (needs a source checkout: the benchmarks are not installed)."""
     import importlib.util
 
-    script = Path(__file__).resolve().parents[3] / "benchmarks" / "run.py"
+    script = BENCH_SCRIPT
     if not script.is_file():
         raise OSError(f"{script}: not found; `lorakit bench` needs a source checkout of lorakit")
     spec = importlib.util.spec_from_file_location("lorakit_benchmarks_run", script)
