@@ -25,7 +25,6 @@ from torch import Tensor, nn
 import lorakit as lk
 
 from ..files import safetensors as safetensors_io
-from ..files.atomic import atomic_write
 from ..errors import LoraError
 from ..tables import table, to_text
 from ..train import Trainer, TrainConfig

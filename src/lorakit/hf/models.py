@@ -188,7 +188,6 @@ def write_task_file(adapter_dir: str | Path, task: str, *, base_model: str | Pat
                     id2label: Mapping[int, str] | None = None, max_length: int | None = None) -> Path:
     """Record the task (and label names) beside an adapter; also set PEFT's task_type in its config."""
     from ..files import peft_format
-    from ..files import safetensors as safetensors_io
     from ..files.atomic import atomic_write
 
     adapter_dir = Path(adapter_dir)
@@ -207,7 +206,6 @@ def read_task(adapter_dir: str | Path) -> tuple[str, dict[int, str] | None]:
     """(task, id2label) of an adapter: from lorakit's task file, else PEFT's task_type and the head's shape."""
     from ..files import peft_format
     from ..files import safetensors as safetensors_io
-    from ..files.atomic import atomic_write
 
     adapter_dir = Path(adapter_dir)
     if (adapter_dir / TASK_FILE).is_file():

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from ..saving import save_adapters
 from ..model import lora_layers, trainable_parameters
 from ..files import safetensors as safetensors_io
-from ..files.atomic import atomic_write
 from . import artifacts as art
 from . import rng
 from .checkpoint import load_params, read_checkpoint, write_checkpoint
