@@ -279,9 +279,18 @@ def test_more_exit_codes_in_process(tmp_path, tiny, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     rows = _write_jsonl(tmp_path / "t.jsonl", _causal_rows())
+    remote = tmp_path / "remote"  # a model that ships its own code
+    remote.mkdir()
+    for f in tiny["gpt2"].iterdir():
+        (remote / f.name).write_bytes(f.read_bytes())
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "evil.Model"}}))
     cases = [
+        (["finetune", "--model", remote, "--data", rows, "--task", "causal-lm", "--out", tmp_path / "r"],
+         "needs its own Python code (config.json has auto_map); lorakit runs it only with --trust-remote-code"),
         (["generate", "--model", tiny["gpt2"], "--adapter", adapter, "--prompt", "hi"], "is a seq-cls adapter"),
-        (["merge", "--model", tiny["gpt2"], "--adapter", adapter, "--out", tmp_path / "full"], "not an empty directory"),
+        (["merge", "--model", tiny["gpt2"], "--adapter", adapter, "--out", tmp_path / "full"],
+         "exists and is not an empty directory; choose a new --out"),
         (["merge", "--model", tiny["gpt2"], "--adapter", tmp_path, "--out", tmp_path / "m"], "adapter_config.json: no such file"),
         (["inspect", tmp_path / "nothing"], "no such file or directory"),
         (["finetune", "--model", tiny["gpt2"], "--data", rows, "--task", "causal-lm", "--out", tmp_path / "r", "--resume"],

@@ -75,7 +75,7 @@ def test_bad_usage_exits_with_a_message(capsys: pytest.CaptureFixture) -> None:
         assert flag in shown
     if not torch.cuda.is_available():
         assert main(["example", "--device", "cuda"]) == 1
-        assert "lorakit example: error: device 'cuda'" in capsys.readouterr().err
+        assert "lorakit example: failed: ValueError: device 'cuda'" in capsys.readouterr().err
 
 
 def test_console_script_without_a_command_shows_usage() -> None:

@@ -130,7 +130,7 @@ def test_bom_is_accepted_and_huge_lines_become_bad_rows(tmp_path):
     p.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\n' + b'{"text": "' + b"x" * 5000 + b'"}\n{"text": "b"}\n')
     records, bad = data.read_records(p, max_line_bytes=1000)
     assert [n for n, _ in records] == [1, 3]
-    assert [str(b) for b in bad] == [f"{p}:2: line is longer than 1,000 bytes (--max-line-bytes)"]
+    assert [str(b) for b in bad] == [f"{p}:2: line is longer than 1,000 bytes (max_line_bytes)"]
 
 
 # -- tokenization ------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def test_loss_only_on_completion_tokens(tok):
 def test_prompt_filling_max_length_is_a_bad_row(tok):
     ex = data.Example("f.jsonl", 7, "one two three four five", completion="four")
     out, bad = data.encode([ex], tok, "causal-lm", max_length=4)
-    assert out == [] and [str(b) for b in bad] == ["f.jsonl:7: the prompt fills --max-length; nothing to learn from this row"]
+    assert out == [] and [str(b) for b in bad] == ["f.jsonl:7: the prompt fills max_length; nothing to learn from this row"]
 
 
 def test_collate_pads_and_masks():
@@ -168,7 +168,7 @@ def test_prepare_refuses_bad_rows_unless_skipped(tmp_path, tok):
     with pytest.raises(DataError) as e:
         data.prepare(p, "seq-cls", tok)
     assert "2 bad row(s)" in str(e.value) and f"{p}:21:" in str(e.value) and f"{p}:22:" in str(e.value)
-    assert "--skip-bad-rows" in str(e.value) and len(e.value.bad_rows) == 2
+    assert "skip_bad_rows=True" in str(e.value) and len(e.value.bad_rows) == 2
     prepared = data.prepare(p, "seq-cls", tok, skip_bad_rows=True, valid_fraction=0.25, seed=3)
     assert len(prepared.train) == 15 and len(prepared.valid) == 5 and len(prepared.bad_rows) == 2
     assert prepared.id2label == {0: "a", 1: "b"}

@@ -75,7 +75,7 @@ def test_remote_code_needs_the_flag(tmp_path, tiny):
     config = json.loads((d / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(hf.ModelDirError, match="--trust-remote-code"):
+    with pytest.raises(hf.RemoteCodeError, match="trust_remote_code=True"):
         hf.load_model(d, "causal-lm")
 
 

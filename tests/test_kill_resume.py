@@ -1,12 +1,15 @@
 """SIGKILL the real CLI mid-run, resume, and end with exactly the adapter of an uninterrupted run."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+TESTS = Path(__file__).parent
 LORAKIT = [sys.executable, "-m", "lorakit"]
+HOLD = [sys.executable, str(TESTS / "_cli_hold.py")]  # the CLI, blocked for good after a chosen line
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -14,18 +17,33 @@ def adapter_bytes(d: Path) -> bytes:
     return (d / "adapter_model.safetensors").read_bytes()
 
 
-def run_until(cmd: list[str], marker: str) -> str:
-    """Start `cmd`, SIGKILL it right after a stdout line starting with `marker`; returns what it printed."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+def killed_at(marker: str, args: list[str]) -> list[str]:
+    """Run `lorakit ARGS`, held still right after its stdout line starting with `marker`; SIGKILL it there.
+
+    Returns every line it printed, read to the end of its output after the kill.
+    """
+    proc = subprocess.Popen(HOLD + [marker] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
     seen = []
     for line in proc.stdout:
         seen.append(line)
         if line.startswith(marker):
             proc.send_signal(signal.SIGKILL)
             break
+    seen += proc.stdout.readlines()  # whatever else it wrote: nothing, if it held where it should
+    err = proc.stderr.read()
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
-    return "".join(seen)
+    proc.stdout.close()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:]) + err
+    assert seen[-1].startswith(marker), seen[-3:]  # killed at the marker, not after it
+    return seen
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    from lorakit.train.checkpoint import read_checkpoint
+
+    return read_checkpoint(run_dir / "checkpoint.safetensors").state["step"]
 
 
 def test_example_killed_mid_finetune_resumes_to_the_same_adapter(tmp_path):
@@ -33,20 +51,18 @@ def test_example_killed_mid_finetune_resumes_to_the_same_adapter(tmp_path):
     args = ["example", "--epochs", "6"]
     ok = subprocess.run(LORAKIT + args + ["--artifact-dir", str(whole)], capture_output=True, text=True, env=ENV)
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
-    printed = run_until(LORAKIT + args + ["--artifact-dir", str(killed)], "checkpoint step=160 ")
-    assert "step=384/384" not in printed  # killed part-way through the fine-tune
-    assert not (killed / "adapter").exists()
+    printed = killed_at("checkpoint step=160 ", args + ["--artifact-dir", str(killed)])
+    assert not any(line.startswith("done ") for line in printed)  # killed part-way through the fine-tune
+    assert checkpoint_step(killed / "train") == 160 and not (killed / "adapter").exists()
     resumed = subprocess.run(LORAKIT + args + ["--artifact-dir", str(killed), "--resume"],
                              capture_output=True, text=True, env=ENV)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert "resumed_at_step=" in resumed.stdout and "all checks passed" in resumed.stdout
+    assert "resumed_at_step=160 " in resumed.stdout and "all checks passed" in resumed.stdout
     assert adapter_bytes(killed / "adapter") == adapter_bytes(whole / "adapter")
 
 
 def test_finetune_killed_mid_run_resumes_to_the_same_adapter(tmp_path):
-    import json
-
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(TESTS))
     import _hf_models
 
     model_dir = _hf_models.save_tiny("gpt2", tmp_path / "gpt2")
@@ -58,9 +74,11 @@ def test_finetune_killed_mid_run_resumes_to_the_same_adapter(tmp_path):
     ok = subprocess.run(LORAKIT + args + ["--out", str(whole)], capture_output=True, text=True, env=ENV)
     assert ok.returncode == 0, ok.stderr[-2000:]
     total = json.loads((whole / "run" / "config.json").read_text())["total_steps"]
-    printed = run_until(LORAKIT + args + ["--out", str(killed)], "checkpoint step=6 ")
-    assert f"step={total}/{total}" not in printed
+    assert total > 6  # so step 6 is mid-run
+    printed = killed_at("checkpoint step=6 ", args + ["--out", str(killed)])
+    assert not any(line.startswith("done ") for line in printed)
+    assert checkpoint_step(killed / "run") == 6 and not (killed / "adapter_model.safetensors").exists()
     resumed = subprocess.run(LORAKIT + args + ["--out", str(killed), "--resume"], capture_output=True, text=True, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed_at_step=" in resumed.stdout
+    assert "resumed_at_step=6 " in resumed.stdout
     assert adapter_bytes(killed) == adapter_bytes(whole)

@@ -1,4 +1,7 @@
-"""LoRA layers, table-driven over layer types and dtypes; the math pinned against naive references."""
+"""LoRA layers, table-driven over layer types and dtypes; the math pinned against naive references.
+
+This module needs only torch: transformers' GPT-2 Conv1D runs the same checks in test_layers_hf.py.
+"""
 
 import copy
 from pathlib import Path
@@ -18,8 +21,9 @@ def make(kind, dtype=torch.float32, bias=True):
     torch.manual_seed(0)
     if kind == "linear":
         return nn.Linear(6, 5, bias=bias).to(dtype), torch.randn(3, 4, 6, dtype=dtype)
-    if kind == "conv1d_hf":
-        Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D  # only these cases need the HF extra
+    if kind == "conv1d_hf":  # test_layers_hf.py
+        from transformers.pytorch_utils import Conv1D
+
         m = Conv1D(5, 6).to(dtype)  # nf=5 out, nx=6 in; weight stored (6, 5)
         nn.init.normal_(m.weight, std=0.2)
         nn.init.normal_(m.bias)
@@ -33,7 +37,7 @@ def make(kind, dtype=torch.float32, bias=True):
     raise AssertionError(kind)
 
 
-KINDS = ["linear", "conv1d_hf", "embedding", "conv1d", "conv2d"]
+KINDS = ["linear", "embedding", "conv1d", "conv2d"]  # and "conv1d_hf", in test_layers_hf.py
 
 
 def randomise(layer):
@@ -49,7 +53,7 @@ def naive(layer, x):
     """The formula with the delta added to the weight, written out per type (no dropout)."""
     base = layer.base
     w = base.weight.float() + layer.weight_delta()
-    if isinstance(layer, lk.LoraConv1D):
+    if isinstance(layer, lk.LoraConv1D):  # transformers' Conv1D: weight (d_in, d_out)
         return x.float() @ w + base.bias.float()
     if isinstance(base, nn.Embedding):
         return nn.functional.embedding(x, w, base.padding_idx)
@@ -140,7 +144,7 @@ def test_gradients_reach_only_the_adapter(kind, bias):
     assert trainable == {"lora_A", "lora_B"} | ({"base.bias"} if bias == "all" and has_bias else set())
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d_hf", "conv2d", "embedding"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
 def test_gradients_match_naive_autograd(kind):
     base, x = make(kind)
     layer = randomise(lk.with_lora(base, lk.LoraConfig(rank=3, alpha=5, bias="all")))

@@ -1,5 +1,7 @@
 """load_adapters / load_layer_adapter: the model's state is checked in the plan, before anything changes."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -112,3 +114,16 @@ def test_modules_to_save_loaded_into_a_lora_model_leave_a_tied_original_alone(tm
     assert torch.equal(model.embed.weight, Tied().embed.weight)
     ids = torch.arange(10)[None]
     torch.testing.assert_close(model(ids), source(ids))
+
+
+@pytest.mark.parametrize("key, value", [("exclude_modules", "["), ("target_modules", "(fc"),
+                                        ("rank_pattern", {"[": 2}), ("alpha_pattern", {"fc(": 2.0})])
+def test_a_bad_regex_in_the_config_is_a_file_error(tmp_path, key, value):
+    """Found by tests/test_fuzz_loader.py: an invalid regex raised re.error from deep inside the loader."""
+    model = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
+    lk.save_adapters(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config[key] = value
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(lk.LoraFileError, match="regex"):
+        lk.load_adapters(nn.Sequential(nn.Linear(4, 4)), tmp_path)

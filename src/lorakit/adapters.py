@@ -215,6 +215,9 @@ class CombineReport:
         return max(self.relative_error.values(), default=0.0)
 
 
+COMBINE_METHODS = ("cat", "svd", "linear")  # how combine_adapters folds several adapters into one
+
+
 def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, *, method: str = "cat",
                      rank: int | None = None) -> CombineReport:
     """A new (inactive) adapter `name` from weighted existing ones: ΔW_new ≈ Σ w_i ΔW_i per module.
@@ -231,8 +234,8 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
         True
     """
     check_adapter_name(name)
-    if method not in ("cat", "svd", "linear"):
-        raise ValueError(f"method={method!r} is invalid: expected 'cat', 'svd' or 'linear'")
+    if method not in COMBINE_METHODS:
+        raise ValueError(f"method={method!r} is invalid: expected one of {', '.join(map(repr, COMBINE_METHODS))}")
     if method == "svd" and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"method='svd' needs rank=<int >= 1>, got {rank!r}")
     if not weights:

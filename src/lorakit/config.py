@@ -108,6 +108,10 @@ class LoraConfig:
             for key, value in pattern.items():
                 if not isinstance(key, str) or not key:
                     raise ValueError(f"LoraConfig.{name} key {key!r} is invalid: expected a non-empty module pattern")
+                try:  # keys are matched as regexes (PEFT's rule, see _pattern_key)
+                    re.compile(key)
+                except re.error as e:
+                    raise ValueError(f"LoraConfig.{name} key {key!r} is not a valid regex: {e}") from None
                 check(f"{name}[{key!r}]", value)
             object.__setattr__(self, name, FrozenMapping(
                 {k: (float(v) if name == "alpha_pattern" else v) for k, v in pattern.items()}))

@@ -12,6 +12,7 @@ from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
 from .errors import LoraStateError
 from .layers import DEFAULT_ADAPTER, LoraLayer, layer_class, supported_types, with_lora, wrapper_for
 from .trained_copy import TrainedCopy, trained_copies
+from .tables import table, to_text
 
 ALL_LINEAR = "all-linear"
 
@@ -238,15 +239,30 @@ def _unique(params: Iterable[nn.Parameter]) -> Iterable[nn.Parameter]:
 
 
 def summary(model: nn.Module) -> str:
-    """A readable table of the LoRA layers: module, type, shapes, rank, alpha, trainable counts."""
-    rows = [("module", "type", "lora_A", "lora_B", "rank", "alpha", "trainable")]
+    """A table of the LoRA layers: module, base type, active adapter, factor shapes, rank, alpha, trainable count.
+
+    A layer with no active adapter (after `set_adapter(model, None)`) shows "-" for the adapter's columns.
+
+    Example:
+        >>> mlp = apply_lora(nn.Sequential(nn.Linear(4, 8)), LoraConfig(rank=2), ["0"])
+        >>> print(summary(mlp))
+        module  type    adapter  lora_A  lora_B  rank  alpha  trainable
+        ───────────────────────────────────────────────────────────────
+        0       Linear  default  2×4     8×2        2      1         24
+        trainable 24 of 64 parameters (37.50%)
+    """
+    t = table("module", "type", "adapter", "lora_A", "lora_B", "rank", "alpha", "trainable",
+              right=("rank", "alpha", "trainable"))
     for name, layer in lora_layers(model).items():
         n = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-        rows.append((name, type(layer.base).__name__, "×".join(map(str, layer.lora_A.shape)),
-                     "×".join(map(str, layer.lora_B.shape)), str(layer.rank), f"{layer.config.alpha:g}", f"{n:,}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        if layer.lora_A is None:  # no active adapter: the layer computes its base
+            t.add_row(name, type(layer.base).__name__, "-", "-", "-", "-", "-", f"{n:,}")
+            continue
+        t.add_row(name, type(layer.base).__name__, layer.adapter_name, _shape(layer.lora_A), _shape(layer.lora_B),
+                  str(layer.config.rank), f"{layer.config.alpha:g}", f"{n:,}")
     trainable, total = trainable_parameters(model)
-    lines.insert(1, "-" * len(lines[0]))
-    lines.append(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
-    return "\n".join(lines)
+    return to_text(t, f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
+
+
+def _shape(t: nn.Parameter) -> str:
+    return "×".join(map(str, t.shape))

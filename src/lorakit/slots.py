@@ -9,15 +9,32 @@ This is the one place that reads or writes a layer's `adapter_name`, `config`, b
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
 from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
 from .errors import LoraAdapterNotFound, LoraStateError
 
-if TYPE_CHECKING:
-    from .layers import LoraLayer
+
+
+class SlotHolder(Protocol):
+    """What AdapterSlots reads and writes on its layer (a `lorakit.layers.LoraLayer`), named here so that
+    slots.py depends on no layer module: layers import slots, never the reverse."""
+
+    adapter_name: str | None
+    config: LoraConfig | None
+    stash: nn.ModuleDict
+    merged: bool
+    mixed: Any
+    base_init: nn.Module | None
+    tensor_names: tuple[str, ...]
+    variant: str
+
+    @property
+    def rank(self) -> int: ...
+
+    def new_adapter(self, config: LoraConfig) -> dict[str, nn.Parameter]: ...
 
 DEFAULT_ADAPTER = "default"
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -57,7 +74,7 @@ class AdapterSlots:
         (['other', 'default'], 1)
     """
 
-    def __init__(self, layer: LoraLayer) -> None:
+    def __init__(self, layer: SlotHolder) -> None:
         self.layer = layer
 
     @property

@@ -1,16 +1,19 @@
 """A tiny LoRA run for the distributed tests: under torchrun (2 ranks × batch b) or as one process (batch 2b).
 
 Usage: [torchrun --nproc-per-node 2] python dist_run.py OUT [--batch-size B] [--fsdp] [--dropout P]
-                                                          [--resume] [--sleep SECONDS_PER_STEP]
+                                                          [--resume] [--hold-at-step N]
 
 As one process the loader uses a DistributedSampler of one replica, so it reads the same shuffled order
 as the ranks together. After training every rank writes its trainable parameters to OUT/rank<r>.safetensors.
+With --hold-at-step N every rank, after logging step N, prints `held rank=R pid=P` and blocks until a signal
+ends it: torchrun starts its workers in sessions of their own, so a test kills each by the pid it printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import signal
 
 import torch
 from torch import nn
@@ -57,15 +60,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--one-process", action="store_true")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--hold-at-step", type=int, default=0)
     args = p.parse_args(argv)
     model, train, valid = build(args.batch_size, args.dropout, args.one_process)
 
-    def slow(event: object) -> None:
-        if isinstance(event, StepLogged) and args.sleep:
-            time.sleep(args.sleep)
+    def hold(event: object) -> None:  # on every rank, after rank 0's PlainLog has printed the step's line
+        if isinstance(event, StepLogged) and event.step == args.hold_at_step:
+            print(f"held rank={rank()} pid={os.getpid()}", flush=True)
+            while True:
+                signal.pause()
 
-    trainer = Trainer(model, config(args.fsdp), loss_fn=nn.functional.mse_loss, callbacks=[PlainLog(), slow],
+    trainer = Trainer(model, config(args.fsdp), loss_fn=nn.functional.mse_loss, callbacks=[PlainLog(), hold],
                       metrics={"mae": lambda out, y: (out - y).abs().mean()}, artifact_dir=args.out)
     trainer.fit(train, valid, resume=args.resume)
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -3,6 +3,7 @@ doubled batch, both ranks end with the same adapter, and a SIGKILLed 2-rank run 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -84,17 +85,28 @@ def test_a_killed_two_rank_run_resumes_to_the_same_bytes(tmp_path: Path) -> None
     whole = tmp_path / "whole"
     _run2(whole, "--dropout", "0.1")  # dropout: every rank's own RNG stream must come back too
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_torchrun(killed, "--dropout", "0.1", "--sleep", "0.1"), stdout=subprocess.PIPE,
+    # both ranks hold still after step 7, two steps past the checkpoint at 5, mid-epoch, and say so; then
+    # torchrun and each rank (in a session of its own) are killed there
+    proc = subprocess.Popen(_torchrun(killed, "--dropout", "0.1", "--hold-at-step", "7"), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=ENV, start_new_session=True)
-    seen = []
-    for line in proc.stdout:  # two steps after the checkpoint at step 5, mid-epoch: kill torchrun and both ranks
+    seen, held = [], {}
+    for line in proc.stdout:
         seen.append(line)
-        if line.startswith("step ") and "step=7/" in line:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
+        if line.startswith("held "):
+            fields = dict(kv.split("=") for kv in line.split()[1:])
+            held[fields["rank"]] = int(fields["pid"])
+            if len(held) == 2:
+                break
+    with contextlib.suppress(ProcessLookupError):  # (gone already if the run failed before holding)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in held.values():
+            os.kill(pid, signal.SIGKILL)
+    seen += proc.stdout.readlines()
     proc.wait(timeout=60)
     proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert proc.returncode == -signal.SIGKILL and len(held) == 2, "".join(seen)
+    steps = [line for line in seen if line.startswith("step ")]
+    assert "step=7/" in steps[-1]  # nothing past the step it held at
     assert any(line.startswith("checkpoint step=5 ") for line in seen)
     assert not (killed / "adapter").exists()
 

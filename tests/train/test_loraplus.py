@@ -1,6 +1,5 @@
 """LoRA+: lora_B trains with ratio × the learning rate of everything else."""
 
-import copy
 
 import pytest
 import torch

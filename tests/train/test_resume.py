@@ -44,17 +44,20 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_resume_after_sigkill_mid_epoch_matches_uninterrupted(uninterrupted: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--sleep", "0.05"], stdout=subprocess.PIPE,
+    # the child holds still after logging step 17, two steps past the checkpoint at 15: epoch 2 of 3, mid-epoch
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--hold-at-step", "17"], stdout=subprocess.PIPE,
                             text=True, env=ENV)
     seen = []
-    for line in proc.stdout:  # kill two steps after the checkpoint at step 15: epoch 2 of 3, mid-epoch
+    for line in proc.stdout:
         seen.append(line)
         if line.startswith("step ") and "step=17/" in line:
             proc.send_signal(signal.SIGKILL)
             break
+    seen += proc.stdout.readlines()
     proc.wait(timeout=60)
     proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert "step=17/" in seen[-1]  # nothing after the line it held at
     assert any(line.startswith("checkpoint step=15 ") for line in seen)
     assert not (out / "adapter").exists()
     assert any(r["step"] == 17 for r in _rows(out))  # rows past the checkpoint, which resume must drop

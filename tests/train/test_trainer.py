@@ -114,6 +114,31 @@ def test_grad_accumulation_matches_a_larger_batch() -> None:
         torch.testing.assert_close(small[name], big[name], rtol=1e-5, atol=1e-6)
 
 
+def test_a_short_last_accumulation_group_is_the_mean_of_its_batches() -> None:
+    """5 batches with grad_accum=4: steps of 4 batches and of 1, each the mean gradient of its own batches
+    (a naive loop); the last batch once weighed 1/4."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 6, generator=g)
+    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)  # 5 batches, in order
+    model = _lora_mlp()
+    Trainer(model, TrainConfig(epochs=2, lr=1e-2, grad_accum=4, device="cpu", max_grad_norm=None),
+            loss_fn=nn.functional.mse_loss, callbacks=[]).fit(data)
+
+    naive = _lora_mlp()
+    params = {n: p for n, p in naive.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=1e-2, weight_decay=0.0)  # TrainConfig's defaults
+    batches = list(data)
+    for _ in range(2):
+        for group in (batches[:4], batches[4:]):
+            for xb, yb in group:
+                (nn.functional.mse_loss(naive(xb), yb) / len(group)).backward()
+            opt.step()
+            opt.zero_grad()
+    trained = dict(model.named_parameters())
+    for name, want in params.items():
+        torch.testing.assert_close(trained[name].detach(), want.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_autocast_on_cpu_trains() -> None:
     model = _lora_mlp()
     train, valid = _regression()

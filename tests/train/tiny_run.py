@@ -1,12 +1,15 @@
 """A tiny LoRA training run, used as a real subprocess by the trainer tests (resume, plain logs).
 
-Usage: python tiny_run.py ARTIFACT_DIR [--resume] [--sleep SECONDS_PER_STEP]
+Usage: python tiny_run.py ARTIFACT_DIR [--resume] [--hold-at-step N]
+
+With --hold-at-step N the run prints step N's log line and then blocks until a signal ends it, so a test
+that kills it on reading that line knows exactly where the run stood.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import signal
 
 import torch
 from torch import nn
@@ -37,15 +40,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("artifact_dir")
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--hold-at-step", type=int, default=0)
     args = parser.parse_args(argv)
     model, train, valid = build()
 
-    def slow(event: object) -> None:
-        if isinstance(event, StepLogged) and args.sleep:
-            time.sleep(args.sleep)
+    def hold(event: object) -> None:  # after PlainLog has printed the step's line
+        if isinstance(event, StepLogged) and event.step == args.hold_at_step:
+            while True:
+                signal.pause()
 
-    trainer = Trainer(model, CONFIG, loss_fn=nn.functional.mse_loss, callbacks=[PlainLog(), slow],
+    trainer = Trainer(model, CONFIG, loss_fn=nn.functional.mse_loss, callbacks=[PlainLog(), hold],
                       metrics={"mae": lambda out, y: (out - y).abs().mean()}, artifact_dir=args.artifact_dir)
     trainer.fit(train, valid, resume=args.resume)
 

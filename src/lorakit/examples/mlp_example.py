@@ -7,8 +7,8 @@
     5. rebuild a fresh base from the saved weights, load the adapter: outputs must be equal
     6. merge: outputs must match the unmerged model's within 1e-5
 
-Every check that fails makes the run exit non-zero. `--check-only` reruns 5 and 6 on a finished run's
-artifact directory (so a tampered adapter is caught there too). `--resume` continues a killed run from its
+Every check that fails makes the run exit non-zero. `check_only` reruns 5 and 6 on a finished run's
+artifact directory (so a tampered adapter is caught there too). `resume` continues a killed run from its
 last checkpoint (the fine-tune checkpoints every 16 steps) and ends with the same adapter bytes.
 """
 
@@ -25,8 +25,8 @@ from torch import Tensor, nn
 import lorakit as lk
 
 from ..files import safetensors as safetensors_io
-from ..files.atomic import atomic_write
 from ..errors import LoraError
+from ..tables import table, to_text
 from ..train import Trainer, TrainConfig
 from ..train.device import resolve_device
 from ..train.distributed import is_main
@@ -85,7 +85,7 @@ def run(opts: ExampleOptions) -> int:
 
     resume = opts.resume and (out / TRAIN_DIR / CHECKPOINT).is_file() and (out / BASE_FILE).is_file()
     if opts.resume and not resume:
-        say("      --resume: no checkpoint in this artifact directory yet; starting from the beginning")
+        say("      resume: no checkpoint in this artifact directory yet; starting from the beginning")
     model = SimpleMlp()
     if resume:  # pre-training finished before the run was killed: its saved weights are the base
         model.load_state_dict(safetensors_io.read(out / BASE_FILE)[0])
@@ -130,10 +130,13 @@ def run(opts: ExampleOptions) -> int:
     files = sorted((out / ADAPTER_DIR).iterdir())
     adapter_bytes, full_bytes = sum(f.stat().st_size for f in files), (out / BASE_FILE).stat().st_size
     say(f"[4/6] adapter saved to {out / ADAPTER_DIR}:")
+    sizes = table("file", "bytes", right=("bytes",))
     for f in files:
-        say(f"      {f.name:<26} {f.stat().st_size:>8,} B")
-    say(f"      {'total':<26} {adapter_bytes:>8,} B  ({100 * adapter_bytes / full_bytes:.1f}% of the "
-        f"{full_bytes:,} B full model)")
+        sizes.add_row(f.name, f"{f.stat().st_size:,}")
+    sizes.add_row("total", f"{adapter_bytes:,}")
+    for line in to_text(sizes).splitlines():
+        say(f"      {line}")
+    say(f"      the adapter is {100 * adapter_bytes / full_bytes:.1f}% of the {full_bytes:,} B full model")
     with torch.no_grad():
         reference = model(xb)
     safetensors_io.write(out / PROBE_FILE, {"x": xb, "y": reference}, {"format": "lorakit-example-probe"})

@@ -12,6 +12,7 @@ from pathlib import Path
 from . import peft_format
 from . import safetensors as safetensors_io
 from ..errors import LoraFileError
+from ..tables import key_values, table, to_text
 
 _FACTORS = {"lora_A": "A", "lora_B": "B", "bias": "bias", "lora_magnitude": "magnitude"}  # per-module tensors
 
@@ -114,33 +115,30 @@ def _describe_layer(path: Path, tensors: dict, meta: dict) -> dict:
 
 
 def render(info: dict) -> str:
-    """The description as readable text."""
-    lines = [f"adapter   {info['path']}", f"kind      {info['kind']}", f"size      {_size(info['file_bytes'])}"]
+    """The description as readable text: the file and its config, then one table row per LoRA module."""
+    head = [("adapter", info["path"]), ("kind", info["kind"]), ("size", _size(info["file_bytes"]))]
     config = info.get("config") or {}
     if "peft_type" in config:
         keys = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "bias", "use_rslora",
                 "target_modules", "modules_to_save", "base_model_name_or_path")
-        lines += [f"  {k:<24} {json.dumps(config.get(k))}" for k in keys if k in config]
+        head += [(f"  {k}", json.dumps(config.get(k))) for k in keys if k in config]
         if config.get("rank_pattern") or config.get("alpha_pattern"):
-            lines.append(f"  {'rank/alpha_pattern':<24} {json.dumps(config.get('rank_pattern'))} "
-                         f"{json.dumps(config.get('alpha_pattern'))}")
+            head.append(("  rank/alpha_pattern",
+                         f"{json.dumps(config.get('rank_pattern'))} {json.dumps(config.get('alpha_pattern'))}"))
     elif config:
-        lines.append(f"config    {json.dumps(config)}")
-    if info.get("loadable") is False:
-        lines.append(f"NOT LOADABLE by lorakit: {info['problem']}")
-    rows = [("module", "kind", "lora_A", "lora_B", "rank", "alpha", "params", "base weight")]
+        head.append(("config", json.dumps(config)))
+    modules = table("module", "kind", "lora_A", "lora_B", "rank", "alpha", "params", "base weight",
+                    right=("rank", "alpha", "params"))
     for m in info["modules"]:
-        rows.append((m["module"], m["kind"], _shape(m["lora_A"]), _shape(m["lora_B"]), str(m["rank"]),
-                     "" if m["alpha"] is None else f"{m['alpha']:g}", f"{m['params']:,}", _shape(m["base_weight_shape"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines.append("")
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    for x in info["extra_tensors"]:
-        lines.append(f"saved in full: {x['name']} {_shape(x.get('shape'))} ({x.get('params', 0):,} params)"
-                     if "problem" not in x else f"problem: {x['name']} {x['problem']}")
-    lines.append(f"{len(info['modules'])} LoRA modules, ranks {info['ranks']}, {info['lora_params']:,} LoRA params, "
-                 f"{info['trainable_params']:,} params in all")
-    return "\n".join(lines)
+        modules.add_row(m["module"], m["kind"], _shape(m["lora_A"]), _shape(m["lora_B"]), str(m["rank"]),
+                        "" if m["alpha"] is None else f"{m['alpha']:g}", f"{m['params']:,}",
+                        _shape(m["base_weight_shape"]))
+    tail = [f"NOT LOADABLE by lorakit: {info['problem']}"] if info.get("loadable") is False else []
+    tail += [f"saved in full: {x['name']} {_shape(x.get('shape'))} ({x.get('params', 0):,} params)"
+             if "problem" not in x else f"problem: {x['name']} {x['problem']}" for x in info["extra_tensors"]]
+    tail.append(f"{len(info['modules'])} LoRA modules, ranks {info['ranks']}, {info['lora_params']:,} LoRA params, "
+                f"{info['trainable_params']:,} params in all")
+    return to_text(key_values(head), "", modules, *tail)
 
 
 def _shape(shape) -> str:

@@ -189,6 +189,12 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
         )
     except ValueError as e:
         raise LoraFileError(f"{path}: {e}") from None
+    for key, value in (("target_modules", targets), ("exclude_modules", exclude)):
+        if isinstance(value, str) and value != "all-linear":  # PEFT reads a string as a full-match regex
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise LoraFileError(f"{path}: key {key!r} is {value!r}, not a valid regex: {e}") from None
     return AdapterSpec(config, _rules(targets), _rules(exclude) if exclude else [], list(modules_to_save), raw)
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ..errors import LoraError
+from .models import TASKS
 
-TASKS = ("causal-lm", "seq-cls")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: far past any sensible training row, short of a runaway file
 IGNORE_INDEX = -100  # the label that PyTorch's cross-entropy (and transformers) skip
@@ -35,6 +35,25 @@ class DataError(LoraError, ValueError):
     def __init__(self, message: str, bad_rows: Sequence[BadRow] = ()) -> None:
         super().__init__(message)
         self.bad_rows = list(bad_rows)
+
+
+class BadRowsError(DataError):
+    """Bad rows, refused because `skip_bad_rows` is off; `bad_rows` lists them all, `listing` the first few."""
+
+    def __init__(self, bad_rows: Sequence[BadRow]) -> None:
+        shown = "\n".join(f"  {b}" for b in bad_rows[:SHOWN_BAD_ROWS])
+        more = f"\n  ... and {len(bad_rows) - SHOWN_BAD_ROWS} more" if len(bad_rows) > SHOWN_BAD_ROWS else ""
+        self.listing = shown + more
+        super().__init__(f"{len(bad_rows)} bad row(s); fix them, or pass skip_bad_rows=True to train without them:\n"
+                         f"{self.listing}", bad_rows)
+
+
+class NoValidSplitError(DataError):
+    """Too few rows to hold out a validation split from; `detail` says how many."""
+
+    def __init__(self, count: int) -> None:
+        self.detail = f"cannot hold out a validation split from {count} row(s)"
+        super().__init__(f"{self.detail}; give validation rows of their own (valid_path)")
 
 
 @dataclass(frozen=True)
@@ -104,7 +123,7 @@ def _read_lines(path: Path, max_line_bytes: int) -> tuple[list[tuple[int, str]],
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
                 while raw and not raw.endswith(b"\n"):  # skip the rest of the line in bounded chunks
                     raw = f.readline(max_line_bytes)
-                bad.append(BadRow(str(path), number, f"line is longer than {max_line_bytes:,} bytes (--max-line-bytes)"))
+                bad.append(BadRow(str(path), number, f"line is longer than {max_line_bytes:,} bytes (max_line_bytes)"))
                 continue
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
@@ -269,7 +288,7 @@ def encode(examples: Sequence[Example], tokenizer, task: str, max_length: int,
             ids = (prompt + completion)[:max_length]
             labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
         if len(ids) < 2 or all(x == IGNORE_INDEX for x in labels[1:]):
-            why = "the prompt fills --max-length" if ex.completion is not None and len(ids) >= 2 else "fewer than 2 tokens"
+            why = "the prompt fills max_length" if ex.completion is not None and len(ids) >= 2 else "fewer than 2 tokens"
             bad.append(BadRow(ex.path, ex.line, f"{why}; nothing to learn from this row"))
             continue
         out.append({"input_ids": ids, "labels": labels})
@@ -310,7 +329,7 @@ def holdout(examples: Sequence[Example], fraction: float, seed: int) -> tuple[li
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"valid fraction {fraction!r} is invalid: expected a number in (0, 1)")
     if len(examples) < 2:
-        raise DataError(f"cannot hold out a validation split from {len(examples)} row(s); pass --valid FILE")
+        raise NoValidSplitError(len(examples))
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     k = min(max(1, round(len(examples) * fraction)), len(examples) - 1)
@@ -347,10 +366,7 @@ def prepare(train_path: str | Path, task: str, tokenizer, *, valid_path: str | P
     files = [str(train_path), str(valid_path)]
     bad.sort(key=lambda b: (files.index(b.path) if b.path in files else 2, b.line))
     if bad and not skip_bad_rows:
-        shown = "\n".join(f"  {b}" for b in bad[:SHOWN_BAD_ROWS])
-        more_text = f"\n  ... and {len(bad) - SHOWN_BAD_ROWS} more" if len(bad) > SHOWN_BAD_ROWS else ""
-        raise DataError(f"{len(bad)} bad row(s); fix them, or pass --skip-bad-rows to train without them:\n"
-                        f"{shown}{more_text}", bad)
+        raise BadRowsError(bad)
     if not train_enc:
         raise DataError(f"{train_path}: no usable training rows", bad)
     if not valid_enc:

@@ -25,6 +25,8 @@ from . import models as hf
 from ..config import LoraConfig
 from ..model import apply_lora, trainable_parameters
 from ..train import Trainer, TrainConfig, accuracy, perplexity
+from ..train.artifacts import CHECKPOINT
+from ..variants.quant import FORMATS as QUANT_FORMATS, quantize_base
 from ..train.distributed import is_main
 
 RUN_DIR = "run"
@@ -51,7 +53,7 @@ class FinetuneJob:
     trust_remote_code: bool = False
     resume: bool = False
     overwrite: bool = False
-    quantize: str | None = None  # "nf4" or "int8": QLoRA, the wrapped layers' frozen weights quantised
+    quantize: str | None = None  # one of variants.quant.FORMATS: QLoRA, the wrapped layers' frozen weights quantised
 
     def __post_init__(self) -> None:
         if self.task not in hf.TASKS:
@@ -60,8 +62,9 @@ class FinetuneJob:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1")
-        if self.quantize not in (None, "nf4", "int8"):
-            raise ValueError(f"quantize={self.quantize!r} is invalid: expected 'nf4', 'int8' or None")
+        if self.quantize is not None and self.quantize not in QUANT_FORMATS:
+            raise ValueError(f"quantize={self.quantize!r} is invalid: expected one of {', '.join(QUANT_FORMATS)} "
+                             "or None")
 
 
 @dataclass
@@ -79,16 +82,16 @@ class Setup:
 def prepare(job: FinetuneJob) -> Setup:
     """Check the output dir, load the tokenizer, read and tokenize the data, load and wrap the model.
 
-    Raises lorakit's file/data errors or ValueError for anything wrong with the inputs.
+    Raises lorakit's file/data errors or ValueError for anything wrong with the inputs; `out` must be new or
+    empty (hf.OutputDirNotEmpty) unless the job resumes or overwrites.
     """
     out = Path(job.out)
     run_dir = out / RUN_DIR
     if job.resume:
-        if not (run_dir / "checkpoint.safetensors").is_file():
-            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (run without --resume first)")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not job.overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty; pass --resume to continue that run, "
-                              "--overwrite to replace it, or choose a new --out")
+        if not (run_dir / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (run once without resume first)")
+    elif not job.overwrite:
+        hf.check_output_dir(out)  # resume=True continues the run there, overwrite=True replaces it
     tok = hf.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
     prepared = data.prepare(job.data, job.task, tok, valid_path=job.valid, valid_fraction=job.valid_fraction,
                             seed=job.train.seed, max_length=job.max_length, skip_bad_rows=job.skip_bad_rows,
@@ -100,8 +103,6 @@ def prepare(job: FinetuneJob) -> Setup:
     save = hf.head_names(model) if job.task == "seq-cls" else []
     apply_lora(model, job.lora, list(job.targets), modules_to_save=save)
     if job.quantize:
-        from ..variants.quant import quantize_base
-
         quantize_base(model, job.quantize)
     collate = functools.partial(data.collate, pad_id=tok.pad_token_id)
     shuffle = torch.Generator().manual_seed(job.train.seed)

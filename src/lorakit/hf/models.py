@@ -17,9 +17,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..errors import LoraFileError
+from ..errors import LoraError, LoraFileError
 
-TASKS = ("causal-lm", "seq-cls")
+TASKS = ("causal-lm", "seq-cls")  # what lorakit fine-tunes: the one list the data, the jobs and the CLI use
 HEAD_NAMES = ("classifier", "score")  # PEFT's SEQ_CLS modules_to_save
 TASK_FILE = "lorakit_task.json"  # written beside an adapter: task, labels, base model
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
@@ -29,6 +29,38 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 class ModelDirError(LoraFileError):
     """A path that is not a usable local Hugging Face model directory."""
+
+
+class RemoteCodeError(ModelDirError):
+    """A model that needs its own Python code, loaded without trust_remote_code; `detail` says which."""
+
+    def __init__(self, path: Path) -> None:
+        self.detail = f"{path}: this model needs its own Python code (config.json has auto_map)"
+        super().__init__(f"{self.detail}; lorakit runs it only with trust_remote_code=True, after you have read "
+                         "that code")
+
+
+class OutputDirNotEmpty(LoraError, FileExistsError):
+    """An output path that exists and is not an empty directory (lorakit writes only into new or empty ones)."""
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """The path, if it is new or an empty directory; else OutputDirNotEmpty. Nothing is created.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); _ = (d / "weights.bin").write_bytes(b"")
+        >>> check_output_dir(d / "merged") == d / "merged"
+        True
+        >>> check_output_dir(d)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lorakit.hf.models.OutputDirNotEmpty: ...: exists and is not an empty directory
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise OutputDirNotEmpty(f"{path}: exists and is not an empty directory")
+    return path
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -116,8 +148,7 @@ def load(path: str | Path, task: str, *, id2label: Mapping[int, str] | None = No
 def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
     config = _read_json(path / "config.json")
     if config.get("auto_map") and not trust_remote_code:
-        raise ModelDirError(f"{path}: this model needs its own Python code (config.json has auto_map); lorakit runs "
-                            "it only with --trust-remote-code, after you have read that code")
+        raise RemoteCodeError(path)
 
 
 def _pad_id_from_dir(path: Path) -> int | None:
@@ -220,9 +251,7 @@ def save_merged(model: nn.Module, tok, out_dir: str | Path, *, dtype: str | None
     """
     from ..model import lora_layers, merge
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir}: exists and is not an empty directory; choose a new output directory")
+    out_dir = check_output_dir(out_dir)
     n = len(lora_layers(model))
     merge(model)
     _untie_if_apart(model)

@@ -22,7 +22,8 @@ class TrainConfig:
         schedule: "constant", "linear" (to 0 at the last step) or "cosine" (to 0), after `warmup_steps`.
         warmup_steps: optimizer steps of linear warm-up from lr/warmup_steps to lr.
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
-        grad_accum: micro-batches summed into one optimizer step.
+        grad_accum: micro-batches per optimizer step; the step uses the mean of their gradients (a shorter
+            last group of an epoch is averaged over the batches it holds).
         precision: "fp32", or "bf16" (autocast; an error on a device without bf16 support).
         device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps".
         seed: seeds torch, random and numpy at the start of a fresh run.

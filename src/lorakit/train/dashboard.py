@@ -19,7 +19,7 @@ from rich.text import Text
 from .chart import line_chart
 from .device import peak_memory_mib
 from .events import CheckpointSaved, EpochEnded, Event, RunEnded, RunStarted, StepLogged
-from .reporting import fmt_duration
+from .fmt import fmt_duration
 
 MAX_WIDTH = 120
 TRAIN_STYLE, VALID_STYLE = "cyan", "magenta"

@@ -13,18 +13,7 @@ import torch
 
 from .device import peak_memory_mib
 from .events import CheckpointSaved, EpochEnded, Event, RunEnded, RunStarted, StepLogged
-
-
-def fmt_duration(seconds: float) -> str:
-    """`1:02:03`, `2:03` style.
-
-    Example:
-        >>> fmt_duration(3723.4), fmt_duration(65)
-        ('1:02:03', '1:05')
-    """
-    s = int(round(max(seconds, 0.0)))
-    h, m, s = s // 3600, s // 60 % 60, s % 60
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+from .fmt import fmt_duration
 
 
 def _metrics(prefix: str, values: dict[str, float]) -> str:

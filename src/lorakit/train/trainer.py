@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from ..saving import save_adapters
 from ..model import lora_layers, trainable_parameters
 from ..files import safetensors as safetensors_io
-from ..files.atomic import atomic_write
 from . import artifacts as art
 from . import rng
 from .checkpoint import load_params, read_checkpoint, write_checkpoint
@@ -248,7 +247,7 @@ class Trainer:
                 stepping = b % cfg.grad_accum == 0 or b == batches_per_epoch
                 with world.no_sync(net, skip=not stepping):  # ranks average gradients once per step
                     loss, out, y, n, u, unit = self._forward(batch, net)
-                    (loss / cfg.grad_accum).backward()
+                    (loss / group_size(b, cfg.grad_accum, batches_per_epoch)).backward()
                 sums = epoch_meter.batch_sums(float(loss.detach()), n, out, y)
                 *totals, n, u = world.sum([*sums.values(), n, u])  # the whole step's numbers, on every rank
                 sums, n, units = dict(zip(sums, totals)), int(n), units + int(u)
@@ -339,7 +338,7 @@ class Trainer:
         saved_world = ckpt.state.get("world_size", 1)
         if saved_world != self.group.world_size:
             raise ValueError(f"{path}: the checkpoint was made by {saved_world} process(es) and this run has "
-                             f"{self.group.world_size}; resume with the same torchrun --nnodes/--nproc-per-node")
+                             f"{self.group.world_size}; resume with the same number of processes")
         load_params(str(path), self.model, ckpt.params)
         optimizer.load_state_dict(ckpt.optimizer)
         for key in s:
@@ -349,6 +348,19 @@ class Trainer:
         if self.artifacts:
             self.artifacts.keep_rows(s["rows"])
         return ckpt
+
+
+def group_size(b: int, grad_accum: int, batches_per_epoch: int) -> int:
+    """How many batches the accumulation group of batch `b` (1-based) holds: `grad_accum`, or fewer at the
+    end of an epoch. Each batch's loss is divided by it, so every step's gradient is the mean over the
+    batches actually accumulated (a last group of 1 batch weighs 1, not 1/grad_accum).
+
+    Example:
+        >>> [group_size(b, 4, 5) for b in range(1, 6)]
+        [4, 4, 4, 4, 1]
+    """
+    first = (b - 1) // grad_accum * grad_accum + 1  # the group's first batch
+    return min(grad_accum, batches_per_epoch - first + 1)
 
 
 def _rng_key(name: str, rank: int) -> str:

@@ -1,0 +1,62 @@
+"""What every subcommand shares: BadInput (exit 2), the library's input errors worded in flags, small parsers."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TypeVar
+
+from ..errors import LoraError
+from ..hf import data
+from ..hf import models as hf
+
+T = TypeVar("T")
+
+
+class BadInput(Exception):
+    """A problem with what the user passed (paths, files, flags): exit code 2."""
+
+
+def flag_words(e: BaseException) -> str:
+    """The message of a library error, its remedy worded in the CLI's flags where the library names a parameter."""
+    if isinstance(e, data.BadRowsError):
+        return (f"{len(e.bad_rows)} bad row(s); fix them, or pass --skip-bad-rows to train without them:\n"
+                f"{e.listing}")
+    if isinstance(e, data.NoValidSplitError):
+        return f"{e.detail}; pass --valid FILE"
+    if isinstance(e, hf.RemoteCodeError):
+        return f"{e.detail}; lorakit runs it only with --trust-remote-code, after you have read that code"
+    return str(e)
+
+
+def inputs(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Run a step that reads the user's inputs; lorakit's file/data errors and bad values become BadInput."""
+    try:
+        return fn(*args, **kwargs)
+    except (LoraError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        raise BadInput(flag_words(e)) from None
+
+
+def new_or_empty(path: str, remedy: str) -> None:
+    """BadInput unless `path` is new or an empty directory (hf.check_output_dir), with the CLI's `remedy`."""
+    try:
+        hf.check_output_dir(path)
+    except hf.OutputDirNotEmpty as e:
+        raise BadInput(f"{e}; {remedy}") from None
+
+
+def quiet_transformers() -> None:
+    """Offline, and no progress bars or load reports: lorakit says what matters itself."""
+    hf.offline()
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value

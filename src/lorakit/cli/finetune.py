@@ -1,0 +1,111 @@
+"""`lorakit finetune`: LoRA-train a local Hugging Face model on a JSONL/CSV file (the job is hf/finetune.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import INITS
+from ..hf import finetune as job_module
+from ..hf import models as hf
+from ..hf.data import MAX_LINE_BYTES
+from ..train.config import PRECISIONS, SCHEDULES
+from ..variants.quant import FORMATS as QUANT_FORMATS
+from .common import inputs, new_or_empty, quiet_transformers
+
+
+def finetune(args: argparse.Namespace) -> int:
+    """Run `lorakit finetune`: build the job from the flags, prepare it (input errors exit 2), train, report."""
+    from ..config import LoraConfig
+    from ..train import PlainLog, TrainConfig
+    from ..train.distributed import is_main
+
+    quiet_transformers()
+    # "q_proj,v_proj" or "q_proj v_proj"; a regex ("re:...") is taken whole, commas and all
+    targets = [t for chunk in args.targets for t in ([chunk] if chunk.startswith("re:") else chunk.split(",")) if t]
+    job = inputs(lambda: job_module.FinetuneJob(
+        model=args.model, data=args.data, task=args.task, out=args.out, valid=args.valid, targets=targets,
+        lora=LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+                        dropout=args.dropout, use_rslora=args.rslora, use_dora=args.use_dora, init=args.init),
+        train=TrainConfig(loraplus_ratio=args.loraplus_ratio,
+                          epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                          warmup_steps=args.warmup_steps, grad_accum=args.grad_accum, precision=args.precision,
+                          device=args.device, seed=args.seed, log_every=args.log_every,
+                          checkpoint_every=args.checkpoint_every, fsdp=args.fsdp),
+        batch_size=args.batch_size, max_length=args.max_length, valid_fraction=args.valid_fraction,
+        skip_bad_rows=args.skip_bad_rows, max_line_bytes=args.max_line_bytes,
+        trust_remote_code=args.trust_remote_code, resume=args.resume, overwrite=args.overwrite, quantize=args.quantize))
+    if not (job.resume or job.overwrite):
+        new_or_empty(job.out, "pass --resume to continue that run, --overwrite to replace it, or choose a new --out")
+    setup = inputs(job_module.prepare, job)
+    bad = setup.prepared.bad_rows
+    if bad:
+        print(f"skipping {len(bad)} bad row(s) (--skip-bad-rows); first: {bad[0]}", file=sys.stderr)
+    report = job_module.run(setup, callbacks=[PlainLog()] if args.plain else None)
+    if not is_main():  # under torchrun, rank 0 reports
+        return 0
+    metric = "accuracy" if job.task == "seq-cls" else "perplexity"
+    for when in ("before", "after"):
+        values = report[when]
+        print(f"{when:<6} valid_loss={values['loss']:.4f} valid_{metric}={values[metric]:.4f}")
+    print(f"adapter: {report['adapter']}  (run artifacts: {report['artifacts']})")
+    return 0
+
+
+def add_finetune(subparsers: argparse._SubParsersAction) -> None:
+    """Flags of `lorakit finetune`."""
+    p = subparsers.add_parser(
+        "finetune", help="fine-tune a local Hugging Face model with LoRA on a JSONL/CSV file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a LoRA adapter for a local causal LM or sequence classifier.\n\n"
+                    "data rows (JSONL, or CSV with a header):\n"
+                    '  causal-lm  {"text": ...}  or  {"prompt": ..., "completion": ...}  (loss on the completion only)\n'
+                    '  seq-cls    {"text": ..., "label": "positive" | 3}\n\n'
+                    "Bad rows are listed as file:line and the run does not start unless --skip-bad-rows.\n"
+                    "OUT becomes a PEFT-format adapter directory; metrics, plot, checkpoint go to OUT/run/.",
+        epilog="example: lorakit finetune --model models/tiny-llama --data train.jsonl --task causal-lm --out adapters/a1")
+    p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
+    p.add_argument("--data", required=True, metavar="FILE", help="training rows: .jsonl or .csv/.tsv")
+    p.add_argument("--valid", metavar="FILE", help="validation rows (default: hold out --valid-fraction of --data)")
+    p.add_argument("--task", required=True, choices=hf.TASKS)
+    p.add_argument("--out", required=True, metavar="DIR", help="the adapter directory to write")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--targets", nargs="+", default=["all-linear"], metavar="T",
+                   help="modules to adapt: names, suffixes (q_proj), 're:<regex>' or all-linear (default)")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    g.add_argument("--alpha", type=float, help="LoRA alpha (default 2 * rank)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch (default 0)")
+    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    g.add_argument("--use-dora", action="store_true", help="DoRA: a trained magnitude per output row (linear layers)")
+    g.add_argument("--init", choices=INITS, default="kaiming",
+                   help="how A and B start (default kaiming); pissa/olora take them from W and adjust the base; "
+                        "the saved adapter is then a rank-2r LoRA for the original model (docs/variants.md)")
+    g.add_argument("--quantize", choices=QUANT_FORMATS, help="QLoRA: store the wrapped layers' frozen weights "
+                   "4-bit NF4 (needs torchao) or int8")
+    g.add_argument("--loraplus-ratio", type=float, metavar="R",
+                   help="LoRA+: lora_B learns at R x the learning rate (the paper suggests 16)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
+    g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
+    g.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
+    g.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default 1)")
+    g.add_argument("--max-length", type=int, default=256, help="truncate rows to this many tokens (default 256)")
+    g.add_argument("--schedule", choices=SCHEDULES, default="linear", help="default linear")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument("--seed", type=int, default=0, help="seeds the split, shuffling, head init and dropout")
+    g.add_argument("--log-every", type=int, default=10, help="optimizer steps between log lines (default 10)")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
+    g.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace what is in OUT")
+    g.add_argument("--plain", action="store_true", help="plain log lines instead of the dashboard")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the frozen base with FSDP2 instead of DDP (docs/distributed.md)")
+    g = p.add_argument_group("data")
+    g.add_argument("--valid-fraction", type=float, default=0.1, help="held out when there is no --valid (default 0.1)")
+    g.add_argument("--skip-bad-rows", action="store_true", help="train without the bad rows instead of refusing")
+    g.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES, help="longest accepted line (default 1 MiB)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    p.set_defaults(run=finetune)

@@ -1,0 +1,105 @@
+"""The CLI's one exit-code map (0 ok, 1 runtime failure, 2 bad input, 130 interrupted), and library messages
+that leave the CLI's flags to the CLI."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lorakit
+from lorakit import cli
+from lorakit.cli.common import BadInput
+
+TESTS = Path(__file__).parent
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def test_ctrl_c_mid_training_exits_130(tmp_path: Path) -> None:
+    """SIGINT (what Ctrl-C sends) to a real `lorakit finetune`, held still right after its first logged step."""
+    sys.path.insert(0, str(TESTS))
+    import _hf_models
+
+    model_dir = _hf_models.save_tiny("gpt2", tmp_path / "gpt2")
+    rows = tmp_path / "train.jsonl"
+    rows.write_text("".join(json.dumps({"text": s}) + "\n" for s in _hf_models.SENTENCES * 2))
+    marker = "step epoch=1/"
+    proc = subprocess.Popen([sys.executable, str(TESTS / "_cli_hold.py"), marker, "finetune", "--model", str(model_dir),
+                             "--data", str(rows), "--task", "causal-lm", "--out", str(tmp_path / "out"), "--epochs", "2",
+                             "--batch-size", "2", "--log-every", "1", "--device", "cpu", "--plain"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(marker):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=60)
+    assert seen and seen[-1].startswith(marker), "".join(seen) + out + err  # it got as far as training
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert err.strip().splitlines()[-1] == "lorakit finetune: interrupted" and "Traceback" not in err
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+# command: (module of its handler, its arguments)
+COMMANDS = {"example": ("example", []), "bench": ("example", []), "inspect": ("adapter_commands", ["x"]),
+            "merge": ("adapter_commands", ["--model", "m", "--adapter", "a", "--out", "o"]),
+            "generate": ("adapter_commands", ["--model", "m", "--prompt", "p"]),
+            "finetune": ("finetune", ["--model", "m", "--data", "d", "--task", "causal-lm", "--out", "o"])}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_goes_through_the_one_map(command: str, monkeypatch, capsys) -> None:
+    module, args = COMMANDS[command]
+    for error, status, says in ((KeyboardInterrupt(), 130, "interrupted"), (BadInput("no"), 2, "error: no"),
+                                (FloatingPointError("nan"), 1, "failed: FloatingPointError: nan")):
+        def handler(_args, error=error) -> int:
+            raise error
+
+        monkeypatch.setattr(importlib.import_module(f"lorakit.cli.{module}"), command, handler)
+        assert cli.main([command, *args]) == status
+        assert capsys.readouterr().err == f"lorakit {command}: {says}\n"
+
+
+def test_the_exit_codes_are_one_map() -> None:
+    assert (cli.EXIT_OK, cli.EXIT_FAILURE, cli.EXIT_BAD_INPUT, cli.EXIT_INTERRUPTED) == (0, 1, 2, 130)
+    sources = {p.name: p.read_text() for p in (Path(cli.__file__).parent).glob("*.py")}
+    for name, text in sources.items():  # only the dispatcher turns outcomes into statuses
+        if name != "__init__.py":
+            assert "except KeyboardInterrupt" not in text and "130" not in text, name
+
+
+def _flags_in_strings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every string literal but docstrings that names a `--flag`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            words = node.value.split()
+            if any(w.lstrip("(`'\"").startswith("--") and w.lstrip("(`'\"")[2:3].isalpha() for w in words):
+                found.append((node.lineno, node.value))
+    return found
+
+
+def test_library_messages_name_no_cli_flags() -> None:
+    root = Path(lorakit.__file__).parent
+    found = {f"{p.relative_to(root)}:{line}": text for p in sorted(root.rglob("*.py"))
+             if "cli" not in p.relative_to(root).parts for line, text in _flags_in_strings(p)}
+    assert not found, found
+    assert _flags_in_strings(root / "cli" / "finetune.py")  # the scan does see flags where they belong
+
+
+def test_bench_finds_the_benchmarks_of_this_checkout() -> None:
+    from lorakit.cli.example import BENCH_SCRIPT
+
+    assert BENCH_SCRIPT == Path(__file__).resolve().parents[1] / "benchmarks" / "run.py" and BENCH_SCRIPT.is_file()

@@ -1,0 +1,111 @@
+"""lorakit's modules import one way: the graph of imports between them (any import statement, at the top
+of a file or inside a function) has no cycle, and files/ never reaches model code."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+import lorakit
+
+ROOT = Path(lorakit.__file__).parent
+# what files/ must never import, directly or through another lorakit module
+MODEL_CODE = ("lorakit.layers", "lorakit.model", "lorakit.adapters", "lorakit.loading", "lorakit.saving",
+              "lorakit.variants", "lorakit.train", "lorakit.hf", "lorakit.cli", "lorakit.examples")
+
+
+def _modules() -> dict[str, Path]:
+    """{dotted name: file} of every lorakit module (a package is its __init__.py)."""
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = ("lorakit", *path.relative_to(ROOT).with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def imports_of(name: str, path: Path) -> set[str]:
+    """The lorakit modules that module `name` (at `path`) imports anywhere in its body."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            for alias in node.names:  # `from pkg import mod` needs pkg.mod; `from pkg import name` needs pkg
+                found.add(f"{source}.{alias.name}" if f"{source}.{alias.name}" in MODULES else source)
+    return {m for m in found if m in MODULES and m != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {name: imports_of(name, path) for name, path in MODULES.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as [a, b, ..., a], or None (depth-first search, three colours)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+
+
+def test_the_graph_sees_relative_and_function_level_imports() -> None:
+    graph = import_graph()
+    assert "lorakit.train.events" in graph["lorakit.train.trainer"]  # from .events import ...
+    assert "lorakit.train.dashboard" in graph["lorakit.train.reporting"]  # inside auto_reporter()
+    assert "lorakit.model" in graph["lorakit"]  # a package's __init__
+    assert "lorakit.files.peft_format" in graph["lorakit.files.inspect"]  # from . import peft_format
+    assert "lorakit.files" not in graph["lorakit.files.inspect"]  # ... which needs no name of files/__init__
+
+
+def test_no_import_cycles() -> None:
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_files_never_reaches_model_code() -> None:
+    graph = import_graph()
+    for start in (m for m in MODULES if m.startswith("lorakit.files")):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        bad = sorted(m for m in seen if any(m == p or m.startswith(p + ".") for p in MODEL_CODE))
+        assert not bad, f"{start} imports model code: {bad}"
+
+
+@pytest.mark.parametrize("name", sorted(set(MODULES) - {"lorakit.__main__"}))  # __main__ runs the CLI
+def test_every_module_imports(name: str) -> None:
+    importlib.import_module(name)
