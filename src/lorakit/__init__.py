@@ -1,25 +1,63 @@
 """lorakit: LoRA for PyTorch — wrap, train, save, share, swap and merge low-rank adapters."""
 
-from .adapters import (CombineReport, active_adapter, combine_adapters, delete_adapter, disable_adapters,
-                       list_adapters, mixed_batch, set_adapter, use_adapter)
+from .adapters import (
+    CombineReport,
+    active_adapter,
+    combine_adapters,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    mixed_batch,
+    set_adapter,
+    use_adapter,
+)
 from .config import LoraBias, LoraConfig
 from .errors import LoraAdapterNotFound, LoraError, LoraFileError, LoraMergeError, LoraStateError
 from .files.peft_format import read_adapter_config
-from .loading import load_adapters
-from .saving import save_adapters
 from .layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear, with_lora
+from .loading import load_adapters
 from .model import apply_lora, lora_layers, merge, merge_, summary, trainable_parameters, unmerge_
+from .saving import save_adapters
 from .trained_copy import TrainedCopy
-from .variants import base_init as _base_init, dora as _dora  # noqa: F401  (they register into the layer registries)
+from .variants import base_init as _base_init  # noqa: F401  (they register into the layer registries)
+from .variants import dora as _dora
 from .variants.dora import DoraLinear
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CombineReport", "DoraLinear", "LoraAdapterNotFound", "active_adapter", "combine_adapters", "delete_adapter", "disable_adapters", "list_adapters",
-    "mixed_batch", "set_adapter", "use_adapter",
-    "LoraBias", "LoraConfig", "LoraConv", "LoraConv1D", "LoraEmbedding", "LoraError", "LoraFileError", "LoraLayer",
-    "LoraLinear", "LoraMergeError", "LoraStateError", "apply_lora", "load_adapters", "lora_layers", "merge", "merge_",
-    "read_adapter_config", "save_adapters", "summary", "trainable_parameters", "unmerge_", "with_lora",
+    "CombineReport",
+    "DoraLinear",
+    "LoraAdapterNotFound",
+    "active_adapter",
+    "combine_adapters",
+    "delete_adapter",
+    "disable_adapters",
+    "list_adapters",
+    "mixed_batch",
+    "set_adapter",
+    "use_adapter",
+    "LoraBias",
+    "LoraConfig",
+    "LoraConv",
+    "LoraConv1D",
+    "LoraEmbedding",
+    "LoraError",
+    "LoraFileError",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraMergeError",
+    "LoraStateError",
+    "apply_lora",
+    "load_adapters",
+    "lora_layers",
+    "merge",
+    "merge_",
+    "read_adapter_config",
+    "save_adapters",
+    "summary",
+    "trainable_parameters",
+    "unmerge_",
+    "with_lora",
     "TrainedCopy",
 ]

@@ -53,8 +53,10 @@ def _require(model: nn.Module, name: str) -> dict[str, LoraLayer]:
 def _refuse_in_mixed_batch(layers: Iterable[LoraLayer], what: str) -> None:
     """A mixed batch fixes each row's adapter when it starts; changing adapters inside it would be ignored."""
     if any(layer.mixed is not None for layer in layers):
-        raise LoraStateError(f"cannot {what} inside a mixed_batch block: each row's adapter is fixed when the "
-                             "block starts; leave it first, or give the rows other adapter names")
+        raise LoraStateError(
+            f"cannot {what} inside a mixed_batch block: each row's adapter is fixed when the "
+            "block starts; leave it first, or give the rows other adapter names"
+        )
 
 
 def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
@@ -125,6 +127,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 # -- mixed-adapter batches -------------------------------------------------------------------------
 
+
 def _stack(layer: LoraLayer, names: Sequence[str]) -> tuple[Tensor, Tensor]:
     """A (1+n, r_max, ...) and B (1+n, d_out, r_max, ...) with scaling folded into B; slot 0 is zeros."""
     parts = [layer.slots.factors(n) if n in layer.slots else None for n in names]
@@ -180,8 +183,9 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Mod
         raise LoraStateError("mixed batches need unmerged adapters; call unmerge_(model) first")
     if any(layer.disabled for layer in layers.values()):
         raise LoraStateError("cannot run a mixed batch inside disable_adapters(); use None rows for the bare base")
-    dora = sorted({n for layer in layers.values() for n in names if n in layer.slots
-                   and layer.slots.config(n).use_dora})
+    dora = sorted(
+        {n for layer in layers.values() for n in names if n in layer.slots and layer.slots.config(n).use_dora}
+    )
     if dora:
         raise ValueError(f"mixed batches run plain LoRA adapters only; {dora} use DoRA (use set_adapter instead)")
     index = {n: i for i, n in enumerate(names, start=1)}
@@ -201,6 +205,7 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Mod
 
 # -- combining adapters ----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class CombineReport:
     """What `combine_adapters` built: the new adapter, its method, and per-module relative error of ΔW."""
@@ -218,8 +223,9 @@ class CombineReport:
 COMBINE_METHODS = ("cat", "svd", "linear")  # how combine_adapters folds several adapters into one
 
 
-def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, *, method: str = "cat",
-                     rank: int | None = None) -> CombineReport:
+def combine_adapters(
+    model: nn.Module, weights: Mapping[str, float], name: str, *, method: str = "cat", rank: int | None = None
+) -> CombineReport:
     """A new (inactive) adapter `name` from weighted existing ones: ΔW_new ≈ Σ w_i ΔW_i per module.
 
     - "cat": exact; A stacked, B stacked with w_i·scaling_i folded in; ranks add up.
@@ -284,7 +290,9 @@ def _combine(module: str, parts: list, method: str, rank: int | None) -> tuple[T
     if method == "linear":
         ranks = {cfg.rank for _, _, _, cfg in parts}
         if len(ranks) > 1:
-            raise ValueError(f"method='linear' needs equal ranks; {module!r} has ranks {sorted(ranks)} (use 'cat' or 'svd')")
+            raise ValueError(
+                f"method='linear' needs equal ranks; {module!r} has ranks {sorted(ranks)} (use 'cat' or 'svd')"
+            )
         coef = [abs(w * cfg.scaling) ** 0.5 for w, _, _, cfg in parts]
         sign = [1.0 if w * cfg.scaling >= 0 else -1.0 for w, _, _, cfg in parts]
         A = sum(c * a.detach() for c, (_, a, _, _) in zip(coef, parts))

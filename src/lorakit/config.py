@@ -101,10 +101,14 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.use_dora={self.use_dora!r} is invalid: expected True or False")
         if self.init not in INITS:
             raise ValueError(f"LoraConfig.init={self.init!r} is invalid: expected one of {', '.join(map(repr, INITS))}")
-        for name, pattern, check in (("rank_pattern", self.rank_pattern, _check_rank),
-                                     ("alpha_pattern", self.alpha_pattern, _check_alpha)):
+        for name, pattern, check in (
+            ("rank_pattern", self.rank_pattern, _check_rank),
+            ("alpha_pattern", self.alpha_pattern, _check_alpha),
+        ):
             if not isinstance(pattern, Mapping):
-                raise ValueError(f"LoraConfig.{name}={pattern!r} is invalid: expected a dict of module pattern -> value")
+                raise ValueError(
+                    f"LoraConfig.{name}={pattern!r} is invalid: expected a dict of module pattern -> value"
+                )
             for key, value in pattern.items():
                 if not isinstance(key, str) or not key:
                     raise ValueError(f"LoraConfig.{name} key {key!r} is invalid: expected a non-empty module pattern")
@@ -113,8 +117,9 @@ class LoraConfig:
                 except re.error as e:
                     raise ValueError(f"LoraConfig.{name} key {key!r} is not a valid regex: {e}") from None
                 check(f"{name}[{key!r}]", value)
-            object.__setattr__(self, name, FrozenMapping(
-                {k: (float(v) if name == "alpha_pattern" else v) for k, v in pattern.items()}))
+            object.__setattr__(
+                self, name, FrozenMapping({k: (float(v) if name == "alpha_pattern" else v) for k, v in pattern.items()})
+            )
 
     @property
     def scaling(self) -> float:
@@ -143,9 +148,14 @@ class LoraConfig:
     def to_dict(self) -> dict:
         """A JSON-ready dict; `LoraConfig(**d)` rebuilds the config."""
         return {
-            "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "bias": self.bias.value,
-            "use_rslora": self.use_rslora, "init": self.init,
-            "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "bias": self.bias.value,
+            "use_rslora": self.use_rslora,
+            "init": self.init,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
             "use_dora": self.use_dora,
         }
 

@@ -21,8 +21,19 @@ from .files import layer_file
 from .files.checks import check_tensors, copy_into
 from .slots import DEFAULT_ADAPTER, AdapterSlots, check_adapter_name
 
-__all__ = ["DEFAULT_ADAPTER", "LoraConv", "LoraConv1D", "LoraEmbedding", "LoraLayer", "LoraLinear",
-           "check_adapter_name", "layer_tensors", "load_layer_adapter", "save_layer_adapter", "with_lora"]
+__all__ = [
+    "DEFAULT_ADAPTER",
+    "LoraConv",
+    "LoraConv1D",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "check_adapter_name",
+    "layer_tensors",
+    "load_layer_adapter",
+    "save_layer_adapter",
+    "with_lora",
+]
 
 
 class LoraLayer(nn.Module):
@@ -115,8 +126,10 @@ class LoraLayer(nn.Module):
         if self.mixed is not None:
             rows, state = self.mixed
             if x.shape[0] != rows:
-                raise LoraStateError(f"mixed_batch was given {rows} rows (one adapter name per row) but the batch "
-                                     f"has {x.shape[0]} (the first dimension of a {tuple(x.shape)} input)")
+                raise LoraStateError(
+                    f"mixed_batch was given {rows} rows (one adapter name per row) but the batch "
+                    f"has {x.shape[0]} (the first dimension of a {tuple(x.shape)} input)"
+                )
             return self.mixed_forward(x, *state)
         if self.merged or self.disabled or self.adapter_name is None:
             return self.base(x)
@@ -200,8 +213,17 @@ class LoraLinear(LoraLayer):
         return self.fan_in_fan_out and not bases.is_quantized(self.base)
 
     def lora_forward(self, x):
-        return ops.lora_linear(x, self._linear_weight(), self.base.bias, self.lora_A, self.lora_B, self.scaling,
-                               self.config.dropout, self.training, fan_in_fan_out=self._conv1d_gemm())
+        return ops.lora_linear(
+            x,
+            self._linear_weight(),
+            self.base.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.config.dropout,
+            self.training,
+            fan_in_fan_out=self._conv1d_gemm(),
+        )
 
     def weight_delta(self):
         delta = super().weight_delta()  # (d_out, d_in)
@@ -302,8 +324,9 @@ def layer_class(module: nn.Module, config: LoraConfig) -> type[LoraLayer]:
     wrapper = wrapper_for(module, config.variant)
     if wrapper is None:
         what = "DoRA (use_dora=True)" if config.use_dora else "LoRA"
-        raise TypeError(f"{what} does not support {type(module).__name__}; supported types: "
-                        f"{supported_types(config.variant)}")
+        raise TypeError(
+            f"{what} does not support {type(module).__name__}; supported types: {supported_types(config.variant)}"
+        )
     return wrapper
 
 
@@ -322,6 +345,7 @@ def with_lora(module: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT
 
 # -- one layer's adapter file: read -> plan (every check) -> attach, as `loading.load_adapters` does for a model --
 
+
 def layer_tensors(layer: LoraLayer, *, exported: bool = False) -> dict[str, Tensor]:
     """A layer file's tensors for the active adapter: lora_A, lora_B, a variant's own (DoRA's lora_magnitude),
     and the bias it trains. `exported`: a PiSSA/OLoRA adapter as a plain LoRA for the original base."""
@@ -338,8 +362,9 @@ def save_layer_adapter(layer: LoraLayer, path: str | Path) -> Path:
     if layer.adapter_name is None:
         raise LoraStateError("the layer has no active adapter to save; activate one first")
     _, _, config = layer.slots.exported_factors(layer.adapter_name)  # PiSSA/OLoRA: a rank-2r LoRA for the original base
-    return layer_file.write_layer_file(path, layer_tensors(layer, exported=True), config, type(layer).__name__,
-                                       tuple(layer.base_weight.shape))
+    return layer_file.write_layer_file(
+        path, layer_tensors(layer, exported=True), config, type(layer).__name__, tuple(layer.base_weight.shape)
+    )
 
 
 def load_layer_adapter(layer: LoraLayer, path: str | Path, *, allow_nonfinite: bool = False) -> None:
@@ -351,12 +376,15 @@ def load_layer_adapter(layer: LoraLayer, path: str | Path, *, allow_nonfinite: b
     layer.slots.set_config(layer.adapter_name, config)
 
 
-def _plan_layer_load(layer: LoraLayer, path: Path, tensors: dict[str, Tensor], config: LoraConfig, layer_type: str,
-                     allow_nonfinite: bool) -> None:
+def _plan_layer_load(
+    layer: LoraLayer, path: Path, tensors: dict[str, Tensor], config: LoraConfig, layer_type: str, allow_nonfinite: bool
+) -> None:
     """Every check of a layer load: the layer's state, its type, rank, bias mode, DoRA, then the tensors."""
     if layer.merged:
-        raise LoraStateError(f"cannot load {path} into a layer merged in place: it would keep serving the merged "
-                             "weights; call unmerge_() first")
+        raise LoraStateError(
+            f"cannot load {path} into a layer merged in place: it would keep serving the merged "
+            "weights; call unmerge_() first"
+        )
     if layer.adapter_name is None:
         raise LoraStateError(f"cannot load {path}: the layer has no active adapter; activate one first")
     if config.use_dora != layer.config.use_dora:

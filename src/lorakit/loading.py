@@ -22,8 +22,17 @@ from .errors import LoraFileError, LoraStateError
 from .files.checks import check_tensors, copy_into
 from .files.peft_format import AdapterFile, peft_key, plain_key, read_adapter
 from .layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, supported_types, with_lora, wrapper_for
-from .model import (apply_lora, find_targets, lora_layers, module_names, own_bias, plain_biases, rule_matches,
-                    set_module, trained_biases)
+from .model import (
+    apply_lora,
+    find_targets,
+    lora_layers,
+    module_names,
+    own_bias,
+    plain_biases,
+    rule_matches,
+    set_module,
+    trained_biases,
+)
 from .saving import adapter_slots, adapter_state_dict
 from .trained_copy import TrainedCopy
 
@@ -51,8 +60,9 @@ class LoadPlan:
     tensors: dict[str, Tensor]  # checked; exactly the keys attach fills
 
 
-def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None = None,
-                  allow_nonfinite: bool = False) -> nn.Module:
+def load_adapters(
+    model: nn.Module, directory: str | Path, *, name: str | None = None, allow_nonfinite: bool = False
+) -> nn.Module:
     """Load a PEFT-layout adapter directory into `model`, strictly; returns the model.
 
     On a model without LoRA, the adapter's own config is applied first (targets, ranks, alphas), as
@@ -78,8 +88,10 @@ def load_adapters(model: nn.Module, directory: str | Path, *, name: str | None =
 
 # -- plan: every decision and check; the model is only read ---------------------------------------
 
-def plan_load(model: nn.Module, file: AdapterFile, name: str | None = None, *,
-              allow_nonfinite: bool = False) -> LoadPlan:
+
+def plan_load(
+    model: nn.Module, file: AdapterFile, name: str | None = None, *, allow_nonfinite: bool = False
+) -> LoadPlan:
     """Where each tensor of `file` goes in `model`, fully checked; raises before anything could change."""
     _refuse_merged(model, "load adapters into")
     existing = lora_layers(model)
@@ -87,8 +99,10 @@ def plan_load(model: nn.Module, file: AdapterFile, name: str | None = None, *,
     how = APPLY if not existing else INTO if name is None or name in known else ADD
     copies = _modules_to_save(model, file.spec.modules_to_save)
     if how == ADD and copies:
-        raise LoraFileError(f"{file.where}: an adapter with modules_to_save cannot sit beside other named adapters "
-                            "(those modules are shared); load it into a fresh base")
+        raise LoraFileError(
+            f"{file.where}: an adapter with modules_to_save cannot sit beside other named adapters "
+            "(those modules are shared); load it into a fresh base"
+        )
     slots = _slots_into(model, file, name) if how == INTO else _slots_new(model, file, copies)
     if how != APPLY:
         _check_shared_biases(model, file, name, slots)
@@ -100,8 +114,10 @@ def plan_load(model: nn.Module, file: AdapterFile, name: str | None = None, *,
 def _refuse_merged(model: nn.Module, what: str) -> None:
     merged = [n for n, layer in lora_layers(model).items() if layer.merged]
     if merged:
-        raise LoraStateError(f"cannot {what} a model merged in place ({len(merged)} layers merged, e.g. "
-                             f"{merged[0]!r}): it would keep serving the merged weights; call unmerge_(model) first")
+        raise LoraStateError(
+            f"cannot {what} a model merged in place ({len(merged)} layers merged, e.g. "
+            f"{merged[0]!r}): it would keep serving the merged weights; call unmerge_(model) first"
+        )
 
 
 def _slots_into(model: nn.Module, file: AdapterFile, name: str | None) -> dict[str, Slot]:
@@ -110,11 +126,14 @@ def _slots_into(model: nn.Module, file: AdapterFile, name: str | None) -> dict[s
     for module, (layer, _, _, config) in adapter_slots(model, name).items():
         cfg = file.spec.config.for_module(module)
         if cfg.rank != config.rank and peft_key(module, "lora_A", layer.peft_layout) in file.tensors:
-            raise LoraFileError(f"{file.where}: module {module!r} has rank {cfg.rank} in the adapter but "
-                                f"{config.rank} in the model")
+            raise LoraFileError(
+                f"{file.where}: module {module!r} has rank {cfg.rank} in the adapter but {config.rank} in the model"
+            )
         if cfg.use_dora != config.use_dora:
-            raise LoraFileError(f"{file.where}: module {module!r} has use_dora={cfg.use_dora} in the adapter but "
-                                f"{config.use_dora} in the model")
+            raise LoraFileError(
+                f"{file.where}: module {module!r} has use_dora={cfg.use_dora} in the adapter but "
+                f"{config.use_dora} in the model"
+            )
         slots[module] = Slot(type(layer), layer.base, cfg)
     return slots
 
@@ -132,12 +151,16 @@ def _slots_new(model: nn.Module, file: AdapterFile, copies: list[str]) -> dict[s
         cfg = file.spec.config.for_module(module)
         cls, base = (type(m), m.base) if isinstance(m, LoraLayer) else (wrapper_for(m, cfg.variant), m)
         if cls is None:
-            raise LoraFileError(f"{file.where}: target {module!r} is a {type(m).__name__}, which "
-                                f"{'DoRA' if cfg.use_dora else 'LoRA'} does not support "
-                                f"(supported: {supported_types(cfg.variant)})")
+            raise LoraFileError(
+                f"{file.where}: target {module!r} is a {type(m).__name__}, which "
+                f"{'DoRA' if cfg.use_dora else 'LoRA'} does not support "
+                f"(supported: {supported_types(cfg.variant)})"
+            )
         if cls.variant != cfg.variant:
-            raise LoraFileError(f"{file.where}: module {module!r} holds {cls.variant} adapters; this one is "
-                                f"{cfg.variant} (use_dora={cfg.use_dora}), and one layer holds one variant")
+            raise LoraFileError(
+                f"{file.where}: module {module!r} holds {cls.variant} adapters; this one is "
+                f"{cfg.variant} (use_dora={cfg.use_dora}), and one layer holds one variant"
+            )
         slots[module] = Slot(cls, base, cfg)
     return slots
 
@@ -151,13 +174,16 @@ def _check_shared_biases(model: nn.Module, file: AdapterFile, name: str | None, 
         others = [n for n in layer.slots.names() if n != (name or layer.adapter_name)]
         biased = [n for n in others if layer.slots.factors(n)[2].bias is not LoraBias.NONE]
         if others and (bias is not LoraBias.NONE or biased):
-            raise LoraFileError(f"{file.where}: adapters that train biases (bias='all' or 'model') train the shared "
-                                f"base bias of {module!r}, so they cannot sit beside other named adapters "
-                                f"(it has {others})")
+            raise LoraFileError(
+                f"{file.where}: adapters that train biases (bias='all' or 'model') train the shared "
+                f"base bias of {module!r}, so they cannot sit beside other named adapters "
+                f"(it has {others})"
+            )
 
 
-def _expected_shapes(model: nn.Module, file: AdapterFile, slots: dict[str, Slot],
-                     copies: list[str]) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(
+    model: nn.Module, file: AdapterFile, slots: dict[str, Slot], copies: list[str]
+) -> dict[str, tuple[int, ...]]:
     """Every key the file must hold (and the optional ones it does hold), with its shape."""
     shapes: dict[str, tuple[int, ...]] = {}
     for module, slot in slots.items():
@@ -210,17 +236,27 @@ def _modules_to_save(model: nn.Module, rules: list[str]) -> list[str]:
     """Module names matching any rule (PEFT's modules_to_save semantics: name or suffix), outermost only."""
     if not rules:
         return []
-    return [n for n in module_names(model) if any(rule_matches(r, n) for r in rules)
-            and not any(rule_matches(r, n.rpartition(".")[0]) for r in rules if "." in n)]
+    return [
+        n
+        for n in module_names(model)
+        if any(rule_matches(r, n) for r in rules)
+        and not any(rule_matches(r, n.rpartition(".")[0]) for r in rules if "." in n)
+    ]
 
 
 # -- attach: the only step that changes the model -------------------------------------------------
 
+
 def attach(model: nn.Module, plan: LoadPlan) -> None:
     """Carry out a checked plan: wrap or add the adapter, set its configs, copy its tensors in."""
     if plan.how == APPLY:
-        apply_lora(model, plan.config, [f"re:{re.escape(n)}" for n in plan.slots],
-                   modules_to_save=[f"re:{re.escape(n)}" for n in plan.copies], adapter_name=plan.adapter)
+        apply_lora(
+            model,
+            plan.config,
+            [f"re:{re.escape(n)}" for n in plan.slots],
+            modules_to_save=[f"re:{re.escape(n)}" for n in plan.copies],
+            adapter_name=plan.adapter,
+        )
     elif plan.how == ADD:
         _add_named(model, plan)
     for module in plan.copies:
@@ -232,8 +268,10 @@ def attach(model: nn.Module, plan: LoadPlan) -> None:
     if plan.how == INTO:
         for bias in trained_biases(model, plan.config.bias).values():
             bias.requires_grad_(True)
-    destinations = {**adapter_state_dict(model, plan.adapter, exported=False),
-                    **_whole_embeddings(model, set(plan.slots), plan.copies)}
+    destinations = {
+        **adapter_state_dict(model, plan.adapter, exported=False),
+        **_whole_embeddings(model, set(plan.slots), plan.copies),
+    }
     missing = plan.tensors.keys() - destinations.keys()
     assert not missing, f"planned keys without a place in the model: {sorted(missing)[:4]}"
     copy_into(plan.tensors, {k: destinations[k] for k in plan.tensors})

@@ -11,8 +11,8 @@ from .bases import own_bias
 from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
 from .errors import LoraStateError
 from .layers import DEFAULT_ADAPTER, LoraLayer, layer_class, supported_types, with_lora, wrapper_for
-from .trained_copy import TrainedCopy, trained_copies
 from .tables import table, to_text
+from .trained_copy import TrainedCopy, trained_copies
 
 ALL_LINEAR = "all-linear"
 
@@ -91,7 +91,9 @@ def find_targets(model: nn.Module, targets: str | Sequence[str], exclude: Sequen
     """
     rules = [targets] if isinstance(targets, str) else list(targets)
     if not rules or not all(isinstance(r, str) and r for r in rules):
-        raise ValueError(f"targets={targets!r} is invalid: expected 'all-linear', a module name, a suffix or 're:<regex>'")
+        raise ValueError(
+            f"targets={targets!r} is invalid: expected 'all-linear', a module name, a suffix or 're:<regex>'"
+        )
     for rule in rules:
         if rule.startswith("re:"):
             try:
@@ -119,9 +121,15 @@ def _sample(names: list[str], k: int = 12) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > k else "")
 
 
-def apply_lora(model: nn.Module, config: LoraConfig, targets: str | Sequence[str] = ALL_LINEAR, *,
-               modules_to_save: Sequence[str] = (), exclude: Sequence[str] = (),
-               adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    config: LoraConfig,
+    targets: str | Sequence[str] = ALL_LINEAR,
+    *,
+    modules_to_save: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> nn.Module:
     """Wrap every module `targets` selects with LoRA, in place; freeze every other parameter.
 
     `modules_to_save` names modules (same rules) that train in full and are saved with the adapter
@@ -141,7 +149,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, targets: str | Sequence[str
     if existing:
         raise LoraStateError(
             f"the model already has LoRA on {len(existing)} modules (e.g. {next(iter(existing))!r}); "
-            "apply_lora twice is not allowed: merge it, or load adapters into the existing layers")
+            "apply_lora twice is not allowed: merge it, or load adapters into the existing layers"
+        )
     save_names = _outermost(find_targets(model, list(modules_to_save))) if modules_to_save else []
     names = find_targets(model, targets, exclude=[*exclude, *(f"re:{re.escape(n)}(\\..*)?" for n in save_names)])
     bad = [(n, type(model.get_submodule(n)).__name__) for n in names if wrapper_for(model.get_submodule(n)) is None]
@@ -156,8 +165,10 @@ def apply_lora(model: nn.Module, config: LoraConfig, targets: str | Sequence[str
             raise TypeError(f"{n!r}: {e}; exclude it or target only those types") from None
         wrapper.factor_shapes(module, config.for_module(n).rank)
         if config.init in BASE_CHANGING_INITS and not wrapper.supports_base_init:
-            raise TypeError(f"init={config.init!r} does not support {n!r} ({type(module).__name__}); "
-                            "it is for linear layers only; exclude it or target only those types")
+            raise TypeError(
+                f"init={config.init!r} does not support {n!r} ({type(module).__name__}); "
+                "it is for linear layers only; exclude it or target only those types"
+            )
     # all checks passed: now change the model
     for p in model.parameters():
         p.requires_grad_(False)
@@ -251,15 +262,32 @@ def summary(model: nn.Module) -> str:
         0       Linear  default  2×4     8×2        2      1         24
         trainable 24 of 64 parameters (37.50%)
     """
-    t = table("module", "type", "adapter", "lora_A", "lora_B", "rank", "alpha", "trainable",
-              right=("rank", "alpha", "trainable"))
+    t = table(
+        "module",
+        "type",
+        "adapter",
+        "lora_A",
+        "lora_B",
+        "rank",
+        "alpha",
+        "trainable",
+        right=("rank", "alpha", "trainable"),
+    )
     for name, layer in lora_layers(model).items():
         n = sum(p.numel() for p in layer.parameters() if p.requires_grad)
         if layer.lora_A is None:  # no active adapter: the layer computes its base
             t.add_row(name, type(layer.base).__name__, "-", "-", "-", "-", "-", f"{n:,}")
             continue
-        t.add_row(name, type(layer.base).__name__, layer.adapter_name, _shape(layer.lora_A), _shape(layer.lora_B),
-                  str(layer.config.rank), f"{layer.config.alpha:g}", f"{n:,}")
+        t.add_row(
+            name,
+            type(layer.base).__name__,
+            layer.adapter_name,
+            _shape(layer.lora_A),
+            _shape(layer.lora_B),
+            str(layer.config.rank),
+            f"{layer.config.alpha:g}",
+            f"{n:,}",
+        )
     trainable, total = trainable_parameters(model)
     return to_text(t, f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
 

@@ -95,7 +95,7 @@ def dropout_keep(shape: tuple[int, ...], p: float, device: torch.device | str | 
     cut = min(round(p * 2**_DROP_BITS), 2**_DROP_BITS - 1)  # lanes below the cut are dropped
     # randint over the whole int64 range draws the words Tensor.random_(-2**63, 2**63 - 1) would (same
     # generator, same stream), and torch.compile traces it, which it does not do for random_ with bounds
-    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     lanes = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
     return lanes >= cut - 2**15, 2**_DROP_BITS / (2**_DROP_BITS - cut)
 
@@ -154,8 +154,19 @@ def _folded(weight: Tensor, A: Tensor, B: Tensor, scaling: float, fan_in_fan_out
     return torch.addmm(weight, B, A, alpha=scaling)
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, keep: Tensor | None,
-             scaling: float, drop_scale: float, fan_in_fan_out: bool, fold: bool, need_h: bool) -> tuple[Tensor, Tensor | None]:
+def _forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    keep: Tensor | None,
+    scaling: float,
+    drop_scale: float,
+    fan_in_fan_out: bool,
+    fold: bool,
+    need_h: bool,
+) -> tuple[Tensor, Tensor | None]:
     """(y (..., d_out), h = drop(x) Aᵀ (N, r) or None): the forward of both the autograd and the no-grad path.
 
     One function for both, so a reentrant checkpoint's no-grad first pass and its recompute agree bit for bit.
@@ -205,8 +216,9 @@ class _LoraLinearFn(torch.autograd.Function):
         return (*grads, None, None, None, None, None)  # keep, scaling, drop_scale, fan_in_fan_out, fold
 
 
-def _backward(ctx, gy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, h: Tensor,
-              keep: Tensor | None) -> tuple[Tensor | None, ...]:
+def _backward(
+    ctx, gy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, h: Tensor, keep: Tensor | None
+) -> tuple[Tensor | None, ...]:
     """(dx, dW, db, dA, dB), each only if asked for: both scales at rank r, the mask applied once."""
     s = ctx.scaling
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
@@ -240,8 +252,9 @@ def _backward(ctx, gy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, 
     return dx, dw, db, dA, dB
 
 
-def _backward_differentiable(ctx, gy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor,
-                             keep: Tensor | None) -> tuple[Tensor | None, ...]:
+def _backward_differentiable(
+    ctx, gy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, keep: Tensor | None
+) -> tuple[Tensor | None, ...]:
     """The same gradients in plain autograd ops on the saved inputs, for double backward (create_graph=True)."""
     s = ctx.scaling
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
@@ -275,8 +288,17 @@ def _functional_transform(*tensors: Tensor | None) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _plain(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, keep: Tensor | None,
-           scaling: float, drop_scale: float, fan_in_fan_out: bool) -> Tensor:
+def _plain(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    keep: Tensor | None,
+    scaling: float,
+    drop_scale: float,
+    fan_in_fan_out: bool,
+) -> Tensor:
     """The formula in plain differentiable ops, with the mask the fast path would use."""
     dropped = x if keep is None else x * keep.view(x.shape).to(x.dtype) * drop_scale  # (..., d_in)
     return base_linear(x, dense(weight, x.dtype), bias, fan_in_fan_out) + scaling * ((dropped @ A.t()) @ B.t())
@@ -290,8 +312,17 @@ def _savable(x: Tensor) -> Tensor:
     return x.clone() if not torch.compiler.is_compiling() and x.is_inference() else x
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
-                dropout: float = 0.0, training: bool = False, fan_in_fan_out: bool = False) -> Tensor:
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = False,
+    fan_in_fan_out: bool = False,
+) -> Tensor:
     """The LoRA linear forward: base(x) + scaling · (dropout(x) Aᵀ) Bᵀ.
 
     Args:
@@ -312,8 +343,17 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     if torch.is_autocast_enabled(x.device.type):  # autocast skips in-place ops and custom Functions: cast here, once
         dt = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(x.to(dt), weight if is_quantized(weight) else weight.to(dt), None if bias is None else bias.to(dt), A.to(dt), B.to(dt),
-                               scaling, dropout, training, fan_in_fan_out)
+            return lora_linear(
+                x.to(dt),
+                weight if is_quantized(weight) else weight.to(dt),
+                None if bias is None else bias.to(dt),
+                A.to(dt),
+                B.to(dt),
+                scaling,
+                dropout,
+                training,
+                fan_in_fan_out,
+            )
     n, d_in, d_out = math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0]
     keep, drop_scale = dropout_keep((n, d_in), dropout, x.device) if dropout > 0.0 and training else (None, 1.0)
     if _functional_transform(x, weight, bias, A, B):
@@ -325,8 +365,16 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     return _forward(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, need_h=False)[0]
 
 
-def lora_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
-                          scaling: float, keep: Tensor | None = None, drop_scale: float = 1.0) -> Tensor:
+def lora_linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    scaling: float,
+    keep: Tensor | None = None,
+    drop_scale: float = 1.0,
+) -> Tensor:
     """The formula written naively; with `keep` (from `dropout_keep`), the branch reads x·keep·drop_scale.
 
     The fast path is tested against it, outputs and gradients.
@@ -342,8 +390,15 @@ def lora_embedding(ids: Tensor, emb: torch.nn.Embedding, A: Tensor, B: Tensor, s
     return y + scaling * (h @ B.t())
 
 
-def lora_conv(x: Tensor, conv: torch.nn.modules.conv._ConvNd, A: Tensor, B: Tensor, scaling: float,
-              dropout: float = 0.0, training: bool = False) -> Tensor:
+def lora_conv(
+    x: Tensor,
+    conv: torch.nn.modules.conv._ConvNd,
+    A: Tensor,
+    B: Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> Tensor:
     """Conv plus s · conv1x1_B(conv_A(drop(x))); A has the base's kernel/stride/padding, B is 1×1."""
     y = conv(x)  # (N, d_out, *spatial)
     if dropout > 0.0 and training:
@@ -361,13 +416,15 @@ def lora_conv(x: Tensor, conv: torch.nn.modules.conv._ConvNd, A: Tensor, B: Tens
 # adapter's scaling folded into B; slot 0 is all zeros (rows that use no adapter). Batched gathers and bmm:
 # no Python loop over adapters.
 
+
 def mixed_rows(A: Tensor, B: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
     """Each row's own factors, gathered once per mixed batch: Aᵀ (batch, d_in, r) and Bᵀ (batch, r, d_out)."""
     return A[slots].transpose(1, 2), B[slots].transpose(1, 2)
 
 
-def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, At: Tensor, Bt: Tensor,
-                      fan_in_fan_out: bool = False) -> Tensor:
+def lora_linear_mixed(
+    x: Tensor, weight: Tensor, bias: Tensor | None, At: Tensor, Bt: Tensor, fan_in_fan_out: bool = False
+) -> Tensor:
     """base(x) + per-row (x Aᵀ_row) Bᵀ_row.  x: (batch, ..., d_in); At, Bt from `mixed_rows`.
 
     The base term is the base's own GEMM (`base_linear`), so a row with no adapter (slot 0, zeros) or a

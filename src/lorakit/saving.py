@@ -1,9 +1,9 @@
 """Saving a model's adapter as a PEFT-layout directory (one layer's own file: `LoraLayer.save_adapter`).
 
-    adapter_config.json          PEFT's LoraConfig fields (files.peft_format.to_peft_config)
-    adapter_model.safetensors    per LoRA module its factors (+ DoRA magnitude, + the bias it trains); each
-                                 TrainedCopy (modules_to_save) and, under bias="model", every other bias
-                                 under its plain key; key names from files.peft_format
+adapter_config.json          PEFT's LoraConfig fields (files.peft_format.to_peft_config)
+adapter_model.safetensors    per LoRA module its factors (+ DoRA magnitude, + the bias it trains); each
+                             TrainedCopy (modules_to_save) and, under bias="model", every other bias
+                             under its plain key; key names from files.peft_format
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from .model import lora_layers, own_bias, plain_biases
 from .trained_copy import trained_copies
 
 
-def adapter_slots(model: nn.Module, name: str | None = None, *,
-                  exported: bool = False) -> dict[str, tuple[LoraLayer, Tensor, Tensor, LoraConfig]]:
+def adapter_slots(
+    model: nn.Module, name: str | None = None, *, exported: bool = False
+) -> dict[str, tuple[LoraLayer, Tensor, Tensor, LoraConfig]]:
     """Per wrapped module holding adapter `name` (None: each layer's active one): (layer, lora_A, lora_B, config).
 
     `exported`: the factors as saved, i.e. PiSSA/OLoRA adapters converted to a rank-2r LoRA for the original base.
@@ -48,7 +49,9 @@ def adapter_state_dict(model: nn.Module, name: str | None = None, *, exported: b
         out[peft_key(module, "lora_A", layer.peft_layout)] = A
         out[peft_key(module, "lora_B", layer.peft_layout)] = B
         if config.use_dora:
-            out[peft_key(module, "lora_magnitude", layer.peft_layout)] = layer.slots.tensors(name or layer.adapter_name)["lora_magnitude"]
+            out[peft_key(module, "lora_magnitude", layer.peft_layout)] = layer.slots.tensors(
+                name or layer.adapter_name
+            )["lora_magnitude"]
         if config.bias is not LoraBias.NONE and own_bias(layer.base) is not None:
             out[peft_key(module, "bias", layer.peft_layout)] = layer.base.bias
     if _bias_mode(slots) is LoraBias.MODEL:  # every other bias of the model trains too
@@ -72,9 +75,13 @@ def peft_config(model: nn.Module, name: str | None = None) -> dict:
     configs = {module: config for module, (_, _, _, config) in slots.items()}
     others = [n for n, _ in model.named_modules() if n and n not in configs]
     linears = [type(layer).fan_in_fan_out for layer, *_ in slots.values() if hasattr(type(layer), "fan_in_fan_out")]
-    return to_peft_config(configs, others, fan_in_fan_out=bool(linears) and all(linears),
-                          modules_to_save=list(trained_copies(model)),
-                          name_or_path=getattr(getattr(model, "config", None), "name_or_path", None) or None)
+    return to_peft_config(
+        configs,
+        others,
+        fan_in_fan_out=bool(linears) and all(linears),
+        modules_to_save=list(trained_copies(model)),
+        name_or_path=getattr(getattr(model, "config", None), "name_or_path", None) or None,
+    )
 
 
 def save_adapters(model: nn.Module, directory: str | Path, *, name: str | None = None) -> Path:

@@ -17,7 +17,6 @@ from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
 from .errors import LoraAdapterNotFound, LoraStateError
 
 
-
 class SlotHolder(Protocol):
     """What AdapterSlots reads and writes on its layer (a `lorakit.layers.LoraLayer`), named here so that
     slots.py depends on no layer module: layers import slots, never the reverse."""
@@ -35,6 +34,7 @@ class SlotHolder(Protocol):
     def rank(self) -> int: ...
 
     def new_adapter(self, config: LoraConfig) -> dict[str, nn.Parameter]: ...
+
 
 DEFAULT_ADAPTER = "default"
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -114,16 +114,22 @@ class AdapterSlots:
         self._refuse_in_mixed_batch("add an adapter")
         layer = self.layer
         if config.init in BASE_CHANGING_INITS or layer.base_init is not None:
-            raise ValueError(f"PiSSA/OLoRA change the base weight at init, so such an adapter cannot sit beside "
-                             f"others on one base; save it (it is converted for the original base) and load that")
+            raise ValueError(
+                "PiSSA/OLoRA change the base weight at init, so such an adapter cannot sit beside "
+                "others on one base; save it (it is converted for the original base) and load that"
+            )
         if name in self:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         if config.variant != layer.variant:
-            raise ValueError(f"adapter {name!r} is a {config.variant} adapter (use_dora={config.use_dora}) but this "
-                             f"{type(layer).__name__} holds {layer.variant} adapters; one layer holds one variant")
+            raise ValueError(
+                f"adapter {name!r} is a {config.variant} adapter (use_dora={config.use_dora}) but this "
+                f"{type(layer).__name__} holds {layer.variant} adapters; one layer holds one variant"
+            )
         if any(c.bias is not LoraBias.NONE for c in [config] + [self.config(n) for n in self.names()]):
-            raise ValueError("adapters with bias='all' or 'model' train the shared base bias, so they cannot sit "
-                             "beside other named adapters; use bias='none'")
+            raise ValueError(
+                "adapters with bias='all' or 'model' train the shared base bias, so they cannot sit "
+                "beside other named adapters; use bias='none'"
+            )
         layer.stash[name] = Adapter(layer.new_adapter(config), config)
 
     def activate(self, name: str | None) -> None:
@@ -181,5 +187,7 @@ class AdapterSlots:
 
     def _refuse_in_mixed_batch(self, what: str) -> None:
         if self.layer.mixed is not None:
-            raise LoraStateError(f"cannot {what} inside a mixed_batch block: its rows' adapters are fixed when it "
-                                 "starts; leave the block first")
+            raise LoraStateError(
+                f"cannot {what} inside a mixed_batch block: its rows' adapters are fixed when it "
+                "starts; leave the block first"
+            )

@@ -26,8 +26,9 @@ def table(*columns: str, right: tuple[str, ...] = (), title: str | None = None) 
         ─────────────────────
         layers.0.q_proj     8
     """
-    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), title=title,
-              title_justify="left")  # columns two spaces apart
+    t = Table(
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), title=title, title_justify="left"
+    )  # columns two spaces apart
     for name in columns:
         t.add_column(name, justify="right" if name in right else "left", no_wrap=True)
     return t

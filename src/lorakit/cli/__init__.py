@@ -25,15 +25,23 @@ from .finetune import add_finetune
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_example, add_finetune, add_merge, add_inspect, add_generate, add_bench]
+    add_example,
+    add_finetune,
+    add_merge,
+    add_inspect,
+    add_generate,
+    add_bench,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `lorakit` argument parser with every subcommand in SUBCOMMANDS."""
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA for PyTorch: train, save, load and merge "
-                                     "low-rank adapters. Start with `lorakit example`.")
+    parser = argparse.ArgumentParser(
+        prog="lorakit",
+        description="LoRA for PyTorch: train, save, load and merge low-rank adapters. Start with `lorakit example`.",
+    )
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND", title="commands", dest="command")
     for add in SUBCOMMANDS:

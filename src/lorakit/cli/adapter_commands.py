@@ -14,8 +14,8 @@ from ..adapters import COMBINE_METHODS
 from ..hf import models as hf
 from .common import BadInput, inputs, new_or_empty, quiet_transformers
 
-
 # -- inspect ---------------------------------------------------------------------------------------
+
 
 def inspect(args: argparse.Namespace) -> int:
     """Run `lorakit inspect`."""
@@ -28,6 +28,7 @@ def inspect(args: argparse.Namespace) -> int:
 
 # -- merge -----------------------------------------------------------------------------------------
 
+
 def merge(args: argparse.Namespace) -> int:
     """Run `lorakit merge`: one adapter, or a weighted combination of several, folded into the base and saved."""
     quiet_transformers()
@@ -36,8 +37,9 @@ def merge(args: argparse.Namespace) -> int:
     inputs(hf.check_model_dir, args.model)
     specs, weights = _adapter_specs(args.adapter), _weights(args.weight)
     if len(specs) == 1 and not weights:
-        model, tok, task = inputs(hf.load_with_adapter, args.model, specs[0][1], task=args.task,
-                                  trust_remote_code=args.trust_remote_code)
+        model, tok, task = inputs(
+            hf.load_with_adapter, args.model, specs[0][1], task=args.task, trust_remote_code=args.trust_remote_code
+        )
         what = str(specs[0][1])
     else:
         model, tok, task = _load_named(args.model, specs, args.task, args.trust_remote_code)
@@ -50,6 +52,7 @@ def merge(args: argparse.Namespace) -> int:
 
 
 # -- generate --------------------------------------------------------------------------------------
+
 
 def generate(args: argparse.Namespace) -> int:
     """Run `lorakit generate`: the base's completion, an adapter's, one per adapter, or a combination's."""
@@ -71,8 +74,13 @@ def generate(args: argparse.Namespace) -> int:
     model, tok = inputs(hf.load, args.model, "causal-lm", trust_remote_code=args.trust_remote_code)
     if args.device:
         model.to(args.device)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, seed=args.seed)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
 
     def complete(title: str | None) -> None:
         if title:
@@ -101,6 +109,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 # -- several adapters: --adapter NAME=DIR, --weight NAME=W -------------------------------------------
+
 
 def _adapter_specs(values: list[str]) -> list[tuple[str, Path]]:
     """[(name, dir)] from `--adapter DIR` or `--adapter NAME=DIR` (repeatable); names default to the folder's."""
@@ -148,7 +157,7 @@ def _load_named(model_dir, specs, task, trust_remote_code):
     tasks = {n: inputs(hf.read_task, d) for n, d in specs}
     kinds = {t for t, _ in tasks.values()}
     if len(kinds) > 1:
-        raise BadInput(f"the adapters are for different tasks: {({n: t for n, (t, _) in tasks.items()})}")
+        raise BadInput(f"the adapters are for different tasks: { ({n: t for n, (t, _) in tasks.items()}) }")
     task = task or kinds.pop()
     if task == "seq-cls":
         raise BadInput("several adapters with classification heads cannot share one model; merge them one at a time")
@@ -162,8 +171,9 @@ def _combine(model, specs, weights, method, rank):
     """Combine the named adapters into one active adapter "combined"; the originals are dropped."""
     from .. import adapters
 
-    report = inputs(adapters.combine_adapters, model, _weights_for(specs, weights), "combined",
-                    method=method, rank=rank)
+    report = inputs(
+        adapters.combine_adapters, model, _weights_for(specs, weights), "combined", method=method, rank=rank
+    )
     adapters.set_adapter(model, "combined")
     for name, _ in specs:
         adapters.delete_adapter(model, name)
@@ -172,12 +182,15 @@ def _combine(model, specs, weights, method, rank):
 
 # -- the parsers -----------------------------------------------------------------------------------
 
+
 def add_inspect(subparsers: argparse._SubParsersAction) -> None:
     """Flags of `lorakit inspect`."""
     p = subparsers.add_parser(
-        "inspect", help="show what an adapter holds (lorakit- or PEFT-made)",
+        "inspect",
+        help="show what an adapter holds (lorakit- or PEFT-made)",
         description="Show an adapter's config, targets, per-module shapes and ranks, parameter count, file size "
-                    "and the base weight shapes it expects. Reads only JSON and safetensors.")
+        "and the base weight shapes it expects. Reads only JSON and safetensors.",
+    )
     p.add_argument("adapter", help="adapter directory, its adapter_model.safetensors, or a lorakit layer .safetensors")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     p.set_defaults(run=inspect)
@@ -186,12 +199,19 @@ def add_inspect(subparsers: argparse._SubParsersAction) -> None:
 def add_merge(subparsers: argparse._SubParsersAction) -> None:
     """Flags of `lorakit merge`."""
     p = subparsers.add_parser(
-        "merge", help="merge an adapter into its base model and save a plain transformers model",
+        "merge",
+        help="merge an adapter into its base model and save a plain transformers model",
         description="Load the base model and adapter, fold the adapter into the weights (in fp32), and write a "
-                    "directory that transformers' AutoModel*.from_pretrained(OUT) loads: weights, config, tokenizer.")
+        "directory that transformers' AutoModel*.from_pretrained(OUT) loads: weights, config, tokenizer.",
+    )
     p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
-    p.add_argument("--adapter", required=True, action="append", metavar="[NAME=]DIR",
-                   help="the adapter directory (lorakit or PEFT); repeat to merge several, combined with --weight")
+    p.add_argument(
+        "--adapter",
+        required=True,
+        action="append",
+        metavar="[NAME=]DIR",
+        help="the adapter directory (lorakit or PEFT); repeat to merge several, combined with --weight",
+    )
     _add_combine_flags(p)
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model (new or empty)")
     p.add_argument("--dtype", choices=list(hf.DTYPES), help="cast the merged weights (default: as stored)")
@@ -203,13 +223,19 @@ def add_merge(subparsers: argparse._SubParsersAction) -> None:
 def add_generate(subparsers: argparse._SubParsersAction) -> None:
     """Flags of `lorakit generate`."""
     p = subparsers.add_parser(
-        "generate", help="generate text from a causal LM, with or without an adapter",
+        "generate",
+        help="generate text from a causal LM, with or without an adapter",
         description="Complete a prompt with a local causal LM; greedy by default, sampling with --temperature > 0. "
-                    "With --compare, print the base model's completion and then the adapter's.")
+        "With --compare, print the base model's completion and then the adapter's.",
+    )
     p.add_argument("--model", required=True, metavar="DIR", help="the base model directory")
-    p.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
-                   help="an adapter directory to load (lorakit or PEFT); repeat for one completion per adapter, "
-                        "or with --weight for one completion of their weighted combination")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        metavar="[NAME=]DIR",
+        help="an adapter directory to load (lorakit or PEFT); repeat for one completion per adapter, "
+        "or with --weight for one completion of their weighted combination",
+    )
     _add_combine_flags(p)
     p.add_argument("--prompt", required=True, help="the text to complete")
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
@@ -224,9 +250,17 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_combine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weight", action="append", metavar="NAME=W",
-                   help="weight of adapter NAME in a combination (default 1 for each); repeatable")
-    p.add_argument("--combine", choices=COMBINE_METHODS, default="cat",
-                   help="how several adapters combine: cat (exact, ranks add up; default), svd (to --combine-rank), "
-                        "linear (equal ranks, approximate)")
+    p.add_argument(
+        "--weight",
+        action="append",
+        metavar="NAME=W",
+        help="weight of adapter NAME in a combination (default 1 for each); repeatable",
+    )
+    p.add_argument(
+        "--combine",
+        choices=COMBINE_METHODS,
+        default="cat",
+        help="how several adapters combine: cat (exact, ranks add up; default), svd (to --combine-rank), "
+        "linear (equal ranks, approximate)",
+    )
     p.add_argument("--combine-rank", type=int, help="the rank of an svd combination")

@@ -20,8 +20,7 @@ class BadInput(Exception):
 def flag_words(e: BaseException) -> str:
     """The message of a library error, its remedy worded in the CLI's flags where the library names a parameter."""
     if isinstance(e, data.BadRowsError):
-        return (f"{len(e.bad_rows)} bad row(s); fix them, or pass --skip-bad-rows to train without them:\n"
-                f"{e.listing}")
+        return f"{len(e.bad_rows)} bad row(s); fix them, or pass --skip-bad-rows to train without them:\n{e.listing}"
     if isinstance(e, data.NoValidSplitError):
         return f"{e.detail}; pass --valid FILE"
     if isinstance(e, hf.RemoteCodeError):

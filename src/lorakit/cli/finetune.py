@@ -23,18 +23,48 @@ def finetune(args: argparse.Namespace) -> int:
     quiet_transformers()
     # "q_proj,v_proj" or "q_proj v_proj"; a regex ("re:...") is taken whole, commas and all
     targets = [t for chunk in args.targets for t in ([chunk] if chunk.startswith("re:") else chunk.split(",")) if t]
-    job = inputs(lambda: job_module.FinetuneJob(
-        model=args.model, data=args.data, task=args.task, out=args.out, valid=args.valid, targets=targets,
-        lora=LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
-                        dropout=args.dropout, use_rslora=args.rslora, use_dora=args.use_dora, init=args.init),
-        train=TrainConfig(loraplus_ratio=args.loraplus_ratio,
-                          epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
-                          warmup_steps=args.warmup_steps, grad_accum=args.grad_accum, precision=args.precision,
-                          device=args.device, seed=args.seed, log_every=args.log_every,
-                          checkpoint_every=args.checkpoint_every, fsdp=args.fsdp),
-        batch_size=args.batch_size, max_length=args.max_length, valid_fraction=args.valid_fraction,
-        skip_bad_rows=args.skip_bad_rows, max_line_bytes=args.max_line_bytes,
-        trust_remote_code=args.trust_remote_code, resume=args.resume, overwrite=args.overwrite, quantize=args.quantize))
+    job = inputs(
+        lambda: job_module.FinetuneJob(
+            model=args.model,
+            data=args.data,
+            task=args.task,
+            out=args.out,
+            valid=args.valid,
+            targets=targets,
+            lora=LoraConfig(
+                rank=args.rank,
+                alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+                dropout=args.dropout,
+                use_rslora=args.rslora,
+                use_dora=args.use_dora,
+                init=args.init,
+            ),
+            train=TrainConfig(
+                loraplus_ratio=args.loraplus_ratio,
+                epochs=args.epochs,
+                lr=args.lr,
+                weight_decay=args.weight_decay,
+                schedule=args.schedule,
+                warmup_steps=args.warmup_steps,
+                grad_accum=args.grad_accum,
+                precision=args.precision,
+                device=args.device,
+                seed=args.seed,
+                log_every=args.log_every,
+                checkpoint_every=args.checkpoint_every,
+                fsdp=args.fsdp,
+            ),
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            valid_fraction=args.valid_fraction,
+            skip_bad_rows=args.skip_bad_rows,
+            max_line_bytes=args.max_line_bytes,
+            trust_remote_code=args.trust_remote_code,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            quantize=args.quantize,
+        )
+    )
     if not (job.resume or job.overwrite):
         new_or_empty(job.out, "pass --resume to continue that run, --overwrite to replace it, or choose a new --out")
     setup = inputs(job_module.prepare, job)
@@ -55,35 +85,53 @@ def finetune(args: argparse.Namespace) -> int:
 def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     """Flags of `lorakit finetune`."""
     p = subparsers.add_parser(
-        "finetune", help="fine-tune a local Hugging Face model with LoRA on a JSONL/CSV file",
+        "finetune",
+        help="fine-tune a local Hugging Face model with LoRA on a JSONL/CSV file",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a LoRA adapter for a local causal LM or sequence classifier.\n\n"
-                    "data rows (JSONL, or CSV with a header):\n"
-                    '  causal-lm  {"text": ...}  or  {"prompt": ..., "completion": ...}  (loss on the completion only)\n'
-                    '  seq-cls    {"text": ..., "label": "positive" | 3}\n\n'
-                    "Bad rows are listed as file:line and the run does not start unless --skip-bad-rows.\n"
-                    "OUT becomes a PEFT-format adapter directory; metrics, plot, checkpoint go to OUT/run/.",
-        epilog="example: lorakit finetune --model models/tiny-llama --data train.jsonl --task causal-lm --out adapters/a1")
+        "data rows (JSONL, or CSV with a header):\n"
+        '  causal-lm  {"text": ...}  or  {"prompt": ..., "completion": ...}  (loss on the completion only)\n'
+        '  seq-cls    {"text": ..., "label": "positive" | 3}\n\n'
+        "Bad rows are listed as file:line and the run does not start unless --skip-bad-rows.\n"
+        "OUT becomes a PEFT-format adapter directory; metrics, plot, checkpoint go to OUT/run/.",
+        epilog="example: lorakit finetune --model models/tiny-llama --data train.jsonl --task causal-lm --out adapters/a1",
+    )
     p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
     p.add_argument("--data", required=True, metavar="FILE", help="training rows: .jsonl or .csv/.tsv")
     p.add_argument("--valid", metavar="FILE", help="validation rows (default: hold out --valid-fraction of --data)")
     p.add_argument("--task", required=True, choices=hf.TASKS)
     p.add_argument("--out", required=True, metavar="DIR", help="the adapter directory to write")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--targets", nargs="+", default=["all-linear"], metavar="T",
-                   help="modules to adapt: names, suffixes (q_proj), 're:<regex>' or all-linear (default)")
+    g.add_argument(
+        "--targets",
+        nargs="+",
+        default=["all-linear"],
+        metavar="T",
+        help="modules to adapt: names, suffixes (q_proj), 're:<regex>' or all-linear (default)",
+    )
     g.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     g.add_argument("--alpha", type=float, help="LoRA alpha (default 2 * rank)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch (default 0)")
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
     g.add_argument("--use-dora", action="store_true", help="DoRA: a trained magnitude per output row (linear layers)")
-    g.add_argument("--init", choices=INITS, default="kaiming",
-                   help="how A and B start (default kaiming); pissa/olora take them from W and adjust the base; "
-                        "the saved adapter is then a rank-2r LoRA for the original model (docs/variants.md)")
-    g.add_argument("--quantize", choices=QUANT_FORMATS, help="QLoRA: store the wrapped layers' frozen weights "
-                   "4-bit NF4 (needs torchao) or int8")
-    g.add_argument("--loraplus-ratio", type=float, metavar="R",
-                   help="LoRA+: lora_B learns at R x the learning rate (the paper suggests 16)")
+    g.add_argument(
+        "--init",
+        choices=INITS,
+        default="kaiming",
+        help="how A and B start (default kaiming); pissa/olora take them from W and adjust the base; "
+        "the saved adapter is then a rank-2r LoRA for the original model (docs/variants.md)",
+    )
+    g.add_argument(
+        "--quantize",
+        choices=QUANT_FORMATS,
+        help="QLoRA: store the wrapped layers' frozen weights 4-bit NF4 (needs torchao) or int8",
+    )
+    g.add_argument(
+        "--loraplus-ratio",
+        type=float,
+        metavar="R",
+        help="LoRA+: lora_B learns at R x the learning rate (the paper suggests 16)",
+    )
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
     g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
@@ -101,8 +149,11 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace what is in OUT")
     g.add_argument("--plain", action="store_true", help="plain log lines instead of the dashboard")
-    g.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard the frozen base with FSDP2 instead of DDP (docs/distributed.md)")
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the frozen base with FSDP2 instead of DDP (docs/distributed.md)",
+    )
     g = p.add_argument_group("data")
     g.add_argument("--valid-fraction", type=float, default=0.1, help="held out when there is no --valid (default 0.1)")
     g.add_argument("--skip-bad-rows", action="store_true", help="train without the bad rows instead of refusing")

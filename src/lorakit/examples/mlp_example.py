@@ -24,14 +24,14 @@ from torch import Tensor, nn
 
 import lorakit as lk
 
-from ..files import safetensors as safetensors_io
 from ..errors import LoraError
+from ..files import safetensors as safetensors_io
 from ..tables import table, to_text
-from ..train import Trainer, TrainConfig
+from ..train import TrainConfig, Trainer
+from ..train.artifacts import CHECKPOINT
+from ..train.dashboard import Dashboard
 from ..train.device import resolve_device
 from ..train.distributed import is_main
-from ..train.dashboard import Dashboard
-from ..train.artifacts import CHECKPOINT
 from ..train.reporting import PlainLog
 from .simple_mlp import SimpleMlp, loaders
 
@@ -92,11 +92,19 @@ def run(opts: ExampleOptions) -> int:
         say(f"[1/6] resume: base weights from {out / BASE_FILE}, fine-tune from its last checkpoint")
     else:
         say(f"[1/6] pre-train SimpleMlp (32→64→64→1) on task A, {opts.pretrain_epochs} epochs")
-        pre_cfg = TrainConfig(epochs=opts.pretrain_epochs, lr=3e-3, schedule="cosine", warmup_steps=20,
-                              device=opts.device, seed=opts.seed, log_every=50)
+        pre_cfg = TrainConfig(
+            epochs=opts.pretrain_epochs,
+            lr=3e-3,
+            schedule="cosine",
+            warmup_steps=20,
+            device=opts.device,
+            seed=opts.seed,
+            log_every=50,
+        )
         t = time.perf_counter()
-        live = ([Dashboard(title="lorakit example · pre-training on task A", transient=True)]
-                if sys.stdout.isatty() else [])
+        live = (
+            [Dashboard(title="lorakit example · pre-training on task A", transient=True)] if sys.stdout.isatty() else []
+        )
         result = Trainer(model, pre_cfg, loss_fn=nn.functional.mse_loss, callbacks=live).fit(train_a, valid_a)
         model.cpu().eval()
         if is_main():  # under torchrun: rank 0 writes, every rank trains
@@ -113,18 +121,29 @@ def run(opts: ExampleOptions) -> int:
     say(f"      trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     say(f"[3/6] fine-tune on task B, {opts.epochs} epochs; run artifacts: {out / TRAIN_DIR}")
-    ft_cfg = TrainConfig(epochs=opts.epochs, lr=1e-2, schedule="cosine", warmup_steps=20, device=opts.device,
-                         seed=opts.seed, log_every=16, checkpoint_every=16)
+    ft_cfg = TrainConfig(
+        epochs=opts.epochs,
+        lr=1e-2,
+        schedule="cosine",
+        warmup_steps=20,
+        device=opts.device,
+        seed=opts.seed,
+        log_every=16,
+        checkpoint_every=16,
+    )
     reporter = Dashboard(title="lorakit example · LoRA fine-tune on task B") if sys.stdout.isatty() else PlainLog()
-    Trainer(model, ft_cfg, loss_fn=nn.functional.mse_loss, callbacks=[reporter],
-            artifact_dir=out / TRAIN_DIR).fit(train_b, valid_b, resume=resume)
+    Trainer(model, ft_cfg, loss_fn=nn.functional.mse_loss, callbacks=[reporter], artifact_dir=out / TRAIN_DIR).fit(
+        train_b, valid_b, resume=resume
+    )
     if not is_main():  # under torchrun the other ranks only train; rank 0 saves and checks
         return 0
     model.cpu().eval()
     after = _mse(model, xb, yb)
     improved = after < before
-    say(f"      task B loss: base {before:.4f} → LoRA {after:.4f} ({before / max(after, 1e-12):.1f}× lower)"
-        + ("" if improved else "  FAILED: not lower"))
+    say(
+        f"      task B loss: base {before:.4f} → LoRA {after:.4f} ({before / max(after, 1e-12):.1f}× lower)"
+        + ("" if improved else "  FAILED: not lower")
+    )
 
     lk.save_adapters(model, out / ADAPTER_DIR)
     files = sorted((out / ADAPTER_DIR).iterdir())
@@ -142,8 +161,10 @@ def run(opts: ExampleOptions) -> int:
     safetensors_io.write(out / PROBE_FILE, {"x": xb, "y": reference}, {"format": "lorakit-example-probe"})
 
     ok = check_artifacts(out) and improved
-    say(f"{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - t_start:.1f}s; "
-        f"artifacts: {out}")
+    say(
+        f"{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - t_start:.1f}s; "
+        f"artifacts: {out}"
+    )
     return 0 if ok else 1
 
 
@@ -165,14 +186,18 @@ def check_artifacts(out: str | Path) -> bool:
         loaded = fresh(x)
         diff = (loaded - reference).abs().max().item()
         same = torch.equal(loaded, reference)
-        say(f"[5/6] reloaded (fresh base + adapter) vs trained: max |diff| {diff:.3g} "
-            + ("(identical) ok" if same else "FAILED: outputs differ"))
+        say(
+            f"[5/6] reloaded (fresh base + adapter) vs trained: max |diff| {diff:.3g} "
+            + ("(identical) ok" if same else "FAILED: outputs differ")
+        )
         merged = lk.merge(fresh)
         merged_diff = (merged(x) - loaded).abs().max().item()
     plain = not lk.lora_layers(merged)
     merge_ok = plain and merged_diff <= MERGE_TOLERANCE
-    say(f"[6/6] merged vs unmerged: max |diff| {merged_diff:.3g} (limit {MERGE_TOLERANCE:g}) "
-        + ("ok" if merge_ok else "FAILED"))
+    say(
+        f"[6/6] merged vs unmerged: max |diff| {merged_diff:.3g} (limit {MERGE_TOLERANCE:g}) "
+        + ("ok" if merge_ok else "FAILED")
+    )
     return same and merge_ok
 
 

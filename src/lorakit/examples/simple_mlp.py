@@ -57,6 +57,7 @@ def loaders(task: str, n_train: int, n_valid: int, batch_size: int, seed: int) -
     """Seeded train (shuffled with its own generator) and valid loaders for one task."""
     x, y = make_task(task, n_train, seed, split=0 if task == "A" else 2)
     vx, vy = make_task(task, n_valid, seed, split=1 if task == "A" else 3)
-    train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
-                       generator=torch.Generator().manual_seed(seed))
+    train = DataLoader(
+        TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     return train, DataLoader(TensorDataset(vx, vy), batch_size=512)

@@ -9,10 +9,10 @@ import json
 import math
 from pathlib import Path
 
-from . import peft_format
-from . import safetensors as safetensors_io
 from ..errors import LoraFileError
 from ..tables import key_values, table, to_text
+from . import peft_format
+from . import safetensors as safetensors_io
 
 _FACTORS = {"lora_A": "A", "lora_B": "B", "bias": "bias", "lora_magnitude": "magnitude"}  # per-module tensors
 
@@ -35,13 +35,22 @@ def describe(path: str | Path) -> dict:
     else:
         raise LoraFileError(f"{path}: no such file or directory")
     if not weights.is_file():
-        raise LoraFileError(f"{weights}: no such file (an adapter directory holds {peft_format.CONFIG_NAME} and {peft_format.WEIGHTS_NAME})")
+        raise LoraFileError(
+            f"{weights}: no such file (an adapter directory holds {peft_format.CONFIG_NAME} and {peft_format.WEIGHTS_NAME})"
+        )
     tensors, meta = safetensors_io.read(weights)
     if meta.get("format") == "lorakit-layer":
         return _describe_layer(weights, tensors, meta)
 
-    info: dict = {"path": str(path), "kind": "model adapter (PEFT layout)", "weights_file": str(weights),
-                  "file_bytes": weights.stat().st_size, "config": None, "loadable": None, "problem": None}
+    info: dict = {
+        "path": str(path),
+        "kind": "model adapter (PEFT layout)",
+        "weights_file": str(weights),
+        "file_bytes": weights.stat().st_size,
+        "config": None,
+        "loadable": None,
+        "problem": None,
+    }
     spec = None
     if directory is not None:
         config_path = directory / peft_format.CONFIG_NAME
@@ -63,7 +72,14 @@ def describe(path: str | Path) -> dict:
         hit = peft_format.split_key(key)
         if hit is None or hit[1] not in _FACTORS:  # modules_to_save, other biases, whole embeddings
             name = key.removeprefix(peft_format.PREFIX)
-            extra.append({"name": name, "shape": list(t.shape), "params": t.numel(), "dtype": str(t.dtype).removeprefix("torch.")})
+            extra.append(
+                {
+                    "name": name,
+                    "shape": list(t.shape),
+                    "params": t.numel(),
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                }
+            )
             continue
         module, tensor, layout = hit
         entry = modules.setdefault(module, {"module": module})
@@ -87,9 +103,21 @@ def describe(path: str | Path) -> dict:
         else:
             base_shape, kind = ([d_in[0], d_out] if fan_in_fan_out else [d_out, d_in[0]]), "linear"
         params = math.prod(a) + math.prod(b) + sum(math.prod(e[k]) for k in ("bias", "magnitude") if k in e)
-        rows.append({"module": name, "kind": kind, "lora_A": a, "lora_B": b, "rank": rank,
-                     "alpha": cfg.alpha if cfg else None, "scaling": cfg.scaling if cfg else None,
-                     "bias": "bias" in e, "params": params, "dtype": e.get("dtype"), "base_weight_shape": base_shape})
+        rows.append(
+            {
+                "module": name,
+                "kind": kind,
+                "lora_A": a,
+                "lora_B": b,
+                "rank": rank,
+                "alpha": cfg.alpha if cfg else None,
+                "scaling": cfg.scaling if cfg else None,
+                "bias": "bias" in e,
+                "params": params,
+                "dtype": e.get("dtype"),
+                "base_weight_shape": base_shape,
+            }
+        )
     info["modules"] = rows
     info["extra_tensors"] = extra  # modules_to_save (e.g. a classification head) and anything unrecognised
     info["lora_params"] = sum(r["params"] for r in rows)
@@ -105,13 +133,34 @@ def _describe_layer(path: Path, tensors: dict, meta: dict) -> dict:
     config = json.loads(meta.get("config", "{}"))
     a, b = list(tensors["lora_A"].shape), list(tensors["lora_B"].shape)
     params = sum(t.numel() for t in tensors.values())
-    return {"path": str(path), "kind": f"lorakit layer adapter ({meta.get('layer')})", "weights_file": str(path),
-            "file_bytes": path.stat().st_size, "config": config, "loadable": True, "problem": None,
-            "modules": [{"module": "(layer)", "kind": meta.get("layer"), "lora_A": a, "lora_B": b, "rank": a[0],
-                         "alpha": config.get("alpha"), "scaling": None, "bias": "bias" in tensors, "params": params,
-                         "dtype": str(tensors["lora_A"].dtype).removeprefix("torch."),
-                         "base_weight_shape": json.loads(meta.get("base_weight_shape", "null"))}],
-            "extra_tensors": [], "lora_params": params, "trainable_params": params, "ranks": [a[0]]}
+    return {
+        "path": str(path),
+        "kind": f"lorakit layer adapter ({meta.get('layer')})",
+        "weights_file": str(path),
+        "file_bytes": path.stat().st_size,
+        "config": config,
+        "loadable": True,
+        "problem": None,
+        "modules": [
+            {
+                "module": "(layer)",
+                "kind": meta.get("layer"),
+                "lora_A": a,
+                "lora_B": b,
+                "rank": a[0],
+                "alpha": config.get("alpha"),
+                "scaling": None,
+                "bias": "bias" in tensors,
+                "params": params,
+                "dtype": str(tensors["lora_A"].dtype).removeprefix("torch."),
+                "base_weight_shape": json.loads(meta.get("base_weight_shape", "null")),
+            }
+        ],
+        "extra_tensors": [],
+        "lora_params": params,
+        "trainable_params": params,
+        "ranks": [a[0]],
+    }
 
 
 def render(info: dict) -> str:
@@ -119,25 +168,61 @@ def render(info: dict) -> str:
     head = [("adapter", info["path"]), ("kind", info["kind"]), ("size", _size(info["file_bytes"]))]
     config = info.get("config") or {}
     if "peft_type" in config:
-        keys = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "bias", "use_rslora",
-                "target_modules", "modules_to_save", "base_model_name_or_path")
+        keys = (
+            "peft_type",
+            "task_type",
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "bias",
+            "use_rslora",
+            "target_modules",
+            "modules_to_save",
+            "base_model_name_or_path",
+        )
         head += [(f"  {k}", json.dumps(config.get(k))) for k in keys if k in config]
         if config.get("rank_pattern") or config.get("alpha_pattern"):
-            head.append(("  rank/alpha_pattern",
-                         f"{json.dumps(config.get('rank_pattern'))} {json.dumps(config.get('alpha_pattern'))}"))
+            head.append(
+                (
+                    "  rank/alpha_pattern",
+                    f"{json.dumps(config.get('rank_pattern'))} {json.dumps(config.get('alpha_pattern'))}",
+                )
+            )
     elif config:
         head.append(("config", json.dumps(config)))
-    modules = table("module", "kind", "lora_A", "lora_B", "rank", "alpha", "params", "base weight",
-                    right=("rank", "alpha", "params"))
+    modules = table(
+        "module",
+        "kind",
+        "lora_A",
+        "lora_B",
+        "rank",
+        "alpha",
+        "params",
+        "base weight",
+        right=("rank", "alpha", "params"),
+    )
     for m in info["modules"]:
-        modules.add_row(m["module"], m["kind"], _shape(m["lora_A"]), _shape(m["lora_B"]), str(m["rank"]),
-                        "" if m["alpha"] is None else f"{m['alpha']:g}", f"{m['params']:,}",
-                        _shape(m["base_weight_shape"]))
+        modules.add_row(
+            m["module"],
+            m["kind"],
+            _shape(m["lora_A"]),
+            _shape(m["lora_B"]),
+            str(m["rank"]),
+            "" if m["alpha"] is None else f"{m['alpha']:g}",
+            f"{m['params']:,}",
+            _shape(m["base_weight_shape"]),
+        )
     tail = [f"NOT LOADABLE by lorakit: {info['problem']}"] if info.get("loadable") is False else []
-    tail += [f"saved in full: {x['name']} {_shape(x.get('shape'))} ({x.get('params', 0):,} params)"
-             if "problem" not in x else f"problem: {x['name']} {x['problem']}" for x in info["extra_tensors"]]
-    tail.append(f"{len(info['modules'])} LoRA modules, ranks {info['ranks']}, {info['lora_params']:,} LoRA params, "
-                f"{info['trainable_params']:,} params in all")
+    tail += [
+        f"saved in full: {x['name']} {_shape(x.get('shape'))} ({x.get('params', 0):,} params)"
+        if "problem" not in x
+        else f"problem: {x['name']} {x['problem']}"
+        for x in info["extra_tensors"]
+    ]
+    tail.append(
+        f"{len(info['modules'])} LoRA modules, ranks {info['ranks']}, {info['lora_params']:,} LoRA params, "
+        f"{info['trainable_params']:,} params in all"
+    )
     return to_text(key_values(head), "", modules, *tail)
 
 

@@ -1,6 +1,6 @@
 """lorakit's one-layer adapter file: `<path>.safetensors` with lora_A, lora_B (+ bias, magnitude) and the config.
 
-    metadata: format="lorakit-layer", layer=<LoRA layer class>, config=<LoraConfig JSON>, base_weight_shape=<JSON>
+metadata: format="lorakit-layer", layer=<LoRA layer class>, config=<LoraConfig JSON>, base_weight_shape=<JSON>
 """
 
 from __future__ import annotations
@@ -23,12 +23,21 @@ def layer_path(path: str | Path) -> Path:
     return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
 
 
-def write_layer_file(path: str | Path, tensors: dict[str, Tensor], config: LoraConfig, layer_type: str,
-                     base_weight_shape: tuple[int, ...]) -> Path:
+def write_layer_file(
+    path: str | Path,
+    tensors: dict[str, Tensor],
+    config: LoraConfig,
+    layer_type: str,
+    base_weight_shape: tuple[int, ...],
+) -> Path:
     """Write one layer's adapter tensors with its config in the metadata, atomically."""
     path = layer_path(path)
-    meta = {"format": FORMAT, "layer": layer_type, "config": json.dumps(config.to_dict()),
-            "base_weight_shape": json.dumps(list(base_weight_shape))}
+    meta = {
+        "format": FORMAT,
+        "layer": layer_type,
+        "config": json.dumps(config.to_dict()),
+        "base_weight_shape": json.dumps(list(base_weight_shape)),
+    }
     safetensors.write(path, tensors, meta)
     return path
 

@@ -26,11 +26,19 @@ PREFIX = "base_model.model."  # PEFT's key prefix for the wrapped model's module
 
 # lorakit's tensor name -> PEFT's key suffix, per layer layout (the one definition of PEFT's key names)
 SUFFIXES: dict[str, dict[str, str]] = {
-    "linear": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "bias": "base_layer.bias",
-               "lora_magnitude": "lora_magnitude_vector",  # DoRA's m, as PEFT 0.21 saves it
-               "base_weight": "base_layer.weight"},  # saved whole only for resized vocabularies
-    "embedding": {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", "bias": "base_layer.bias",
-                  "base_weight": "base_layer.weight"},
+    "linear": {
+        "lora_A": "lora_A.weight",
+        "lora_B": "lora_B.weight",
+        "bias": "base_layer.bias",
+        "lora_magnitude": "lora_magnitude_vector",  # DoRA's m, as PEFT 0.21 saves it
+        "base_weight": "base_layer.weight",
+    },  # saved whole only for resized vocabularies
+    "embedding": {
+        "lora_A": "lora_embedding_A",
+        "lora_B": "lora_embedding_B",
+        "bias": "base_layer.bias",
+        "base_weight": "base_layer.weight",
+    },
 }
 
 # lorakit's bias modes <-> PEFT's `bias` field. lorakit's "all" (burn's name) is the wrapped layers' biases,
@@ -55,7 +63,7 @@ def split_key(key: str) -> tuple[str, str, str] | None:
     for layout, suffixes in SUFFIXES.items():
         for tensor, suffix in suffixes.items():
             if name.endswith("." + suffix):
-                return name[:-len(suffix) - 1], tensor, layout
+                return name[: -len(suffix) - 1], tensor, layout
     return None
 
 
@@ -63,26 +71,56 @@ def is_peft_copy(key: str) -> bool:
     """PEFT's bookkeeping copies of modules_to_save (the plain key carries the trained value)."""
     return ".original_module." in key or ".modules_to_save." in key
 
+
 # PEFT config keys we read, or that carry no behaviour for a saved adapter
 _UNDERSTOOD = {
-    "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora",
-    "fan_in_fan_out", "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save", "exclude_modules",
-    "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "megatron_core",
-    "qalora_group_size", "ensure_weight_tying", "eva_config", "lorakit", "use_dora",
+    "peft_type",
+    "task_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "bias",
+    "use_rslora",
+    "fan_in_fan_out",
+    "init_lora_weights",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "exclude_modules",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    "megatron_core",
+    "qalora_group_size",
+    "ensure_weight_tying",
+    "eva_config",
+    "lorakit",
+    "use_dora",
 }
 # init_lora_weights values that assume a base changed at init time (PiSSA, OLoRA, CorDA, LoftQ, ...)
 _INIT_OK = (True, False, "gaussian", "eva", "orthogonal")
 
 
-def to_peft_config(configs: dict[str, LoraConfig], other_modules: list[str], *, fan_in_fan_out: bool = False,
-                   modules_to_save: list[str] | None = None, name_or_path: str | None = None) -> dict:
+def to_peft_config(
+    configs: dict[str, LoraConfig],
+    other_modules: list[str],
+    *,
+    fan_in_fan_out: bool = False,
+    modules_to_save: list[str] | None = None,
+    name_or_path: str | None = None,
+) -> dict:
     """adapter_config.json for LoRA on `configs` (module name -> its config), in PEFT's vocabulary.
 
     Targets are written as the exact module names (a regex of them where a name is also the suffix of
     one of `other_modules`); ranks and alphas that differ from the most common go to rank/alpha_pattern.
     """
-    base = (Counter(c.rank for c in configs.values()).most_common(1)[0][0],
-            Counter(c.alpha for c in configs.values()).most_common(1)[0][0])
+    base = (
+        Counter(c.rank for c in configs.values()).most_common(1)[0][0],
+        Counter(c.alpha for c in configs.values()).most_common(1)[0][0],
+    )
     one = next(iter(configs.values()))
     names = list(configs)
     if any(n.endswith("." + t) for n in other_modules for t in names):
@@ -137,7 +175,9 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
     if not path.is_file():
         raise LoraFileError(f"{path}: no such file (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise LoraFileError(f"{path}: {path.stat().st_size} bytes is past the {MAX_CONFIG_BYTES}-byte limit for a config")
+        raise LoraFileError(
+            f"{path}: {path.stat().st_size} bytes is past the {MAX_CONFIG_BYTES}-byte limit for a config"
+        )
     try:
         raw = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -162,8 +202,10 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
             raise LoraFileError(f"{path}: PEFT feature {key}={value!r} is not supported by lorakit")
     init = raw.get("init_lora_weights", True)
     if init not in _INIT_OK:
-        raise LoraFileError(f"{path}: init_lora_weights={init!r} is not supported: that adapter expects a base "
-                            f"changed at init time; supported: {', '.join(map(repr, _INIT_OK))}")
+        raise LoraFileError(
+            f"{path}: init_lora_weights={init!r} is not supported: that adapter expects a base "
+            f"changed at init time; supported: {', '.join(map(repr, _INIT_OK))}"
+        )
     bias = field("bias", str, "none")
     if bias not in BIAS_FROM_PEFT:
         raise LoraFileError(f"{path}: key 'bias' is {bias!r}; expected {', '.join(map(repr, BIAS_FROM_PEFT))}")
@@ -203,8 +245,17 @@ def _tuple(kinds):
 
 
 def _kind_names(kinds) -> str:
-    return " or ".join({"str": "a string", "int": "an int", "float": "a number", "bool": "true/false",
-                        "list": "a list", "dict": "an object"}[k.__name__] for k in _tuple(kinds))
+    return " or ".join(
+        {
+            "str": "a string",
+            "int": "an int",
+            "float": "a number",
+            "bool": "true/false",
+            "list": "a list",
+            "dict": "an object",
+        }[k.__name__]
+        for k in _tuple(kinds)
+    )
 
 
 def _rules(peft_targets: list[str] | str) -> list[str]:

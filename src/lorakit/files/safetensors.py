@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
@@ -22,15 +21,17 @@ from .atomic import atomic_write
 # what the library and torch raise on a malformed file (torch, e.g., for a packed dtype whose shape lies)
 _MALFORMED = (SafetensorError, RuntimeError, ValueError, TypeError, KeyError, OverflowError)
 # plain words for the library's terser reasons
-_HINTS = {"file not fully covered": "the data does not end where the header says: truncated, or extra bytes?",
-          "invalid header length": "the header runs past the end of the file: truncated?"}
+_HINTS = {
+    "file not fully covered": "the data does not end where the header says: truncated, or extra bytes?",
+    "invalid header length": "the header runs past the end of the file: truncated?",
+}
 
 
 def read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; any flaw raises LoraFileError naming the file.
 
     Example:
-        >>> import tempfile
+        >>> import tempfile, torch
         >>> path = Path(tempfile.mkdtemp()) / "t.safetensors"
         >>> write(path, {"w": torch.ones(2, 3)}, {"format": "pt"})
         >>> tensors, meta = read(path)
@@ -57,7 +58,7 @@ def write(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]
     """Write tensors (any device, layout or sharing) and string metadata to a safetensors file, atomically.
 
     Example:
-        >>> import tempfile
+        >>> import tempfile, torch
         >>> w = torch.arange(6.0).reshape(2, 3)
         >>> path = Path(tempfile.mkdtemp()) / "t.safetensors"
         >>> write(path, {"w": w, "w_t": w.t()})  # a transposed view is stored as its own tensor

@@ -44,8 +44,10 @@ class BadRowsError(DataError):
         shown = "\n".join(f"  {b}" for b in bad_rows[:SHOWN_BAD_ROWS])
         more = f"\n  ... and {len(bad_rows) - SHOWN_BAD_ROWS} more" if len(bad_rows) > SHOWN_BAD_ROWS else ""
         self.listing = shown + more
-        super().__init__(f"{len(bad_rows)} bad row(s); fix them, or pass skip_bad_rows=True to train without them:\n"
-                         f"{self.listing}", bad_rows)
+        super().__init__(
+            f"{len(bad_rows)} bad row(s); fix them, or pass skip_bad_rows=True to train without them:\n{self.listing}",
+            bad_rows,
+        )
 
 
 class NoValidSplitError(DataError):
@@ -91,7 +93,10 @@ class Prepared:
 
 # -- reading: rows with their line numbers --------------------------------------------------------
 
-def read_records(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[list[tuple[int, dict]], list[BadRow]]:
+
+def read_records(
+    path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES
+) -> tuple[list[tuple[int, dict]], list[BadRow]]:
     """(line, row) pairs from a .jsonl or .csv/.tsv file, and the rows that could not be parsed."""
     path = Path(path)
     fmt = FORMATS.get(path.suffix.lower())
@@ -130,8 +135,10 @@ def _read_lines(path: Path, max_line_bytes: int) -> tuple[list[tuple[int, str]],
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                                "re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+                raise DataError(
+                    f"{path}:{number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    "re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
+                ) from None
             if "\x00" in text:
                 raise DataError(f"{path}:{number}: contains NUL bytes; is this a text file (UTF-16 or binary?)")
             lines.append((number, text))
@@ -177,7 +184,9 @@ def _parse_csv(path: str, lines: list[tuple[int, str]], delimiter: str) -> tuple
                 raise DataError(f"{path}:{start}: the CSV header repeats a column name: {header}")
             continue
         if len(cells) != len(header):
-            bad.append(BadRow(path, start, f"has {len(cells)} fields; the header has {len(header)} ({', '.join(header)})"))
+            bad.append(
+                BadRow(path, start, f"has {len(cells)} fields; the header has {len(header)} ({', '.join(header)})")
+            )
             continue
         records.append((start, dict(zip(header, cells))))
     if header is None:
@@ -187,8 +196,10 @@ def _parse_csv(path: str, lines: list[tuple[int, str]], delimiter: str) -> tuple
 
 # -- validation: rows -> examples -----------------------------------------------------------------
 
-def validate(path: str | Path, records: Sequence[tuple[int, dict]], task: str,
-             label2id: Mapping[str | int, int] | None = None) -> tuple[list[Example], list[BadRow]]:
+
+def validate(
+    path: str | Path, records: Sequence[tuple[int, dict]], task: str, label2id: Mapping[str | int, int] | None = None
+) -> tuple[list[Example], list[BadRow]]:
     """Examples for `task` from raw rows; `label2id` (seq-cls) flags labels not seen in training."""
     if task not in TASKS:
         raise ValueError(f"task={task!r} is invalid: expected one of {', '.join(TASKS)}")
@@ -210,8 +221,12 @@ def _example(path: str, line: int, row: dict, task: str, label2id: Mapping | Non
         if has_text:
             return Example(path, line, _string(row, "text", allow_empty=False))
         if has_pair:
-            return Example(path, line, _string(row, "prompt", allow_empty=True),
-                           completion=_string(row, "completion", allow_empty=False))
+            return Example(
+                path,
+                line,
+                _string(row, "prompt", allow_empty=True),
+                completion=_string(row, "completion", allow_empty=False),
+            )
         raise ValueError(f"missing field 'text' (or 'prompt' and 'completion'); the row has {_keys(row)}")
     text = _string(row, "text", allow_empty=False)
     if "label" not in row:
@@ -269,8 +284,10 @@ def label_to_id(id2label: Mapping[int, str], examples: Sequence[Example]) -> dic
 
 # -- tokenization and batches ---------------------------------------------------------------------
 
-def encode(examples: Sequence[Example], tokenizer, task: str, max_length: int,
-           label2id: Mapping[str | int, int] | None = None) -> tuple[list[dict], list[BadRow]]:
+
+def encode(
+    examples: Sequence[Example], tokenizer, task: str, max_length: int, label2id: Mapping[str | int, int] | None = None
+) -> tuple[list[dict], list[BadRow]]:
     """Token ids per example; causal-lm labels are -100 on prompt tokens, so loss falls on completions."""
     out, bad = [], []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -288,7 +305,9 @@ def encode(examples: Sequence[Example], tokenizer, task: str, max_length: int,
             ids = (prompt + completion)[:max_length]
             labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
         if len(ids) < 2 or all(x == IGNORE_INDEX for x in labels[1:]):
-            why = "the prompt fills max_length" if ex.completion is not None and len(ids) >= 2 else "fewer than 2 tokens"
+            why = (
+                "the prompt fills max_length" if ex.completion is not None and len(ids) >= 2 else "fewer than 2 tokens"
+            )
             bad.append(BadRow(ex.path, ex.line, f"{why}; nothing to learn from this row"))
             continue
         out.append({"input_ids": ids, "labels": labels})
@@ -301,27 +320,28 @@ def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
     for i, b in enumerate(batch):
-        ids[i, :len(b["input_ids"])] = torch.tensor(b["input_ids"])
-        mask[i, :len(b["input_ids"])] = 1
+        ids[i, : len(b["input_ids"])] = torch.tensor(b["input_ids"])
+        mask[i, : len(b["input_ids"])] = 1
     out = {"input_ids": ids, "attention_mask": mask}
     if isinstance(batch[0]["labels"], int):
         out["labels"] = torch.tensor([b["labels"] for b in batch])  # (B,)
     else:
         labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
         for i, b in enumerate(batch):
-            labels[i, :len(b["labels"])] = torch.tensor(b["labels"])
+            labels[i, : len(b["labels"])] = torch.tensor(b["labels"])
         out["labels"] = labels
     return out
 
 
-def batches(data: Sequence[dict], batch_size: int, pad_id: int, *, shuffle: bool = False,
-            seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def batches(
+    data: Sequence[dict], batch_size: int, pad_id: int, *, shuffle: bool = False, seed: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches in order, or shuffled with a seed."""
     order = list(range(len(data)))
     if shuffle:
         random.Random(seed).shuffle(order)
     for i in range(0, len(order), batch_size):
-        yield collate([data[j] for j in order[i:i + batch_size]], pad_id)
+        yield collate([data[j] for j in order[i : i + batch_size]], pad_id)
 
 
 def holdout(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -339,9 +359,19 @@ def holdout(examples: Sequence[Example], fraction: float, seed: int) -> tuple[li
 
 # -- the whole pipeline ----------------------------------------------------------------------------
 
-def prepare(train_path: str | Path, task: str, tokenizer, *, valid_path: str | Path | None = None,
-            valid_fraction: float = 0.1, seed: int = 0, max_length: int = 256, skip_bad_rows: bool = False,
-            max_line_bytes: int = MAX_LINE_BYTES) -> Prepared:
+
+def prepare(
+    train_path: str | Path,
+    task: str,
+    tokenizer,
+    *,
+    valid_path: str | Path | None = None,
+    valid_fraction: float = 0.1,
+    seed: int = 0,
+    max_length: int = 256,
+    skip_bad_rows: bool = False,
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> Prepared:
     """Read, validate, split and tokenize; raises DataError listing every bad row unless `skip_bad_rows`."""
     if max_length < 2:
         raise ValueError(f"max_length={max_length} is invalid: expected at least 2 tokens")

@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..saving import save_adapters
+from ..config import LoraConfig
 from ..files.atomic import write_json
+from ..model import apply_lora, trainable_parameters
+from ..saving import save_adapters
+from ..train import TrainConfig, Trainer, accuracy, perplexity
+from ..train.artifacts import CHECKPOINT
+from ..train.distributed import is_main
+from ..variants.quant import FORMATS as QUANT_FORMATS
+from ..variants.quant import quantize_base
 from . import data
 from . import models as hf
-from ..config import LoraConfig
-from ..model import apply_lora, trainable_parameters
-from ..train import Trainer, TrainConfig, accuracy, perplexity
-from ..train.artifacts import CHECKPOINT
-from ..variants.quant import FORMATS as QUANT_FORMATS, quantize_base
-from ..train.distributed import is_main
 
 RUN_DIR = "run"
 REPORT = "finetune_report.json"
@@ -63,8 +64,9 @@ class FinetuneJob:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1")
         if self.quantize is not None and self.quantize not in QUANT_FORMATS:
-            raise ValueError(f"quantize={self.quantize!r} is invalid: expected one of {', '.join(QUANT_FORMATS)} "
-                             "or None")
+            raise ValueError(
+                f"quantize={self.quantize!r} is invalid: expected one of {', '.join(QUANT_FORMATS)} or None"
+            )
 
 
 @dataclass
@@ -93,9 +95,17 @@ def prepare(job: FinetuneJob) -> Setup:
     elif not job.overwrite:
         hf.check_output_dir(out)  # resume=True continues the run there, overwrite=True replaces it
     tok = hf.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
-    prepared = data.prepare(job.data, job.task, tok, valid_path=job.valid, valid_fraction=job.valid_fraction,
-                            seed=job.train.seed, max_length=job.max_length, skip_bad_rows=job.skip_bad_rows,
-                            max_line_bytes=job.max_line_bytes)
+    prepared = data.prepare(
+        job.data,
+        job.task,
+        tok,
+        valid_path=job.valid,
+        valid_fraction=job.valid_fraction,
+        seed=job.train.seed,
+        max_length=job.max_length,
+        skip_bad_rows=job.skip_bad_rows,
+        max_line_bytes=job.max_line_bytes,
+    )
     torch.manual_seed(job.train.seed)  # a new classification head starts the same way in every run
     model = hf.load_model(job.model, job.task, id2label=prepared.id2label, trust_remote_code=job.trust_remote_code)
     if getattr(model.config, "pad_token_id", None) is None:
@@ -106,8 +116,9 @@ def prepare(job: FinetuneJob) -> Setup:
         quantize_base(model, job.quantize)
     collate = functools.partial(data.collate, pad_id=tok.pad_token_id)
     shuffle = torch.Generator().manual_seed(job.train.seed)
-    train_loader = torch.utils.data.DataLoader(prepared.train, batch_size=job.batch_size, shuffle=True,
-                                               generator=shuffle, collate_fn=collate)
+    train_loader = torch.utils.data.DataLoader(
+        prepared.train, batch_size=job.batch_size, shuffle=True, generator=shuffle, collate_fn=collate
+    )
     valid_loader = torch.utils.data.DataLoader(prepared.valid, batch_size=job.batch_size, collate_fn=collate)
     return Setup(job, model, tok, prepared, train_loader, valid_loader)
 
@@ -123,17 +134,37 @@ def run(setup: Setup, callbacks: list | None = None) -> dict:
     after = trainer.evaluate(setup.valid_loader)
     if is_main():  # under torchrun every rank holds the same adapter; rank 0 writes it
         save_adapters(model, out)
-        hf.write_task_file(out, job.task, base_model=Path(job.model).resolve(), id2label=setup.prepared.id2label,
-                           max_length=job.max_length)
+        hf.write_task_file(
+            out,
+            job.task,
+            base_model=Path(job.model).resolve(),
+            id2label=setup.prepared.id2label,
+            max_length=job.max_length,
+        )
     trainable, total = trainable_parameters(model)
     report = {
-        "task": job.task, "model": str(job.model), "data": str(job.data), "valid": str(job.valid) if job.valid else None,
-        "adapter": str(out), "artifacts": str(out / RUN_DIR), "train_rows": len(setup.prepared.train),
-        "valid_rows": len(setup.prepared.valid), "skipped_bad_rows": [str(b) for b in setup.prepared.bad_rows],
-        "id2label": setup.prepared.id2label, "lora": job.lora.to_dict(), "targets": list(job.targets),
-        "train": job.train.to_dict(), "quantize": job.quantize, "batch_size": job.batch_size, "max_length": job.max_length,
-        "trainable_params": trainable, "total_params": total, "steps": result.steps,
-        "elapsed_s": result.elapsed_s, "before": before, "after": after,
+        "task": job.task,
+        "model": str(job.model),
+        "data": str(job.data),
+        "valid": str(job.valid) if job.valid else None,
+        "adapter": str(out),
+        "artifacts": str(out / RUN_DIR),
+        "train_rows": len(setup.prepared.train),
+        "valid_rows": len(setup.prepared.valid),
+        "skipped_bad_rows": [str(b) for b in setup.prepared.bad_rows],
+        "id2label": setup.prepared.id2label,
+        "lora": job.lora.to_dict(),
+        "targets": list(job.targets),
+        "train": job.train.to_dict(),
+        "quantize": job.quantize,
+        "batch_size": job.batch_size,
+        "max_length": job.max_length,
+        "trainable_params": trainable,
+        "total_params": total,
+        "steps": result.steps,
+        "elapsed_s": result.elapsed_s,
+        "before": before,
+        "after": after,
     }
     if is_main():
         write_json(out / RUN_DIR / REPORT, report)

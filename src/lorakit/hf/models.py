@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -24,7 +24,12 @@ HEAD_NAMES = ("classifier", "score")  # PEFT's SEQ_CLS modules_to_save
 TASK_FILE = "lorakit_task.json"  # written beside an adapter: task, labels, base model
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class ModelDirError(LoraFileError):
@@ -36,8 +41,9 @@ class RemoteCodeError(ModelDirError):
 
     def __init__(self, path: Path) -> None:
         self.detail = f"{path}: this model needs its own Python code (config.json has auto_map)"
-        super().__init__(f"{self.detail}; lorakit runs it only with trust_remote_code=True, after you have read "
-                         "that code")
+        super().__init__(
+            f"{self.detail}; lorakit runs it only with trust_remote_code=True, after you have read that code"
+        )
 
 
 class OutputDirNotEmpty(LoraError, FileExistsError):
@@ -67,12 +73,16 @@ def check_model_dir(path: str | Path) -> Path:
     """The path as a model directory (config.json + weights), or a ModelDirError saying what is missing."""
     path = Path(path)
     if not path.exists():
-        raise ModelDirError(f"{path}: no such directory (lorakit loads models from local directories only, never a hub)")
+        raise ModelDirError(
+            f"{path}: no such directory (lorakit loads models from local directories only, never a hub)"
+        )
     if not path.is_dir():
         raise ModelDirError(f"{path}: not a directory; expected a Hugging Face model directory with config.json")
     if not (path / "config.json").is_file():
-        raise ModelDirError(f"{path}: not a Hugging Face model directory (no config.json); "
-                            "save one with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)")
+        raise ModelDirError(
+            f"{path}: not a Hugging Face model directory (no config.json); "
+            "save one with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)"
+        )
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
         raise ModelDirError(f"{path}: has config.json but no weights (expected one of {', '.join(_WEIGHT_FILES)})")
     return path
@@ -92,9 +102,13 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
 
     path = check_model_dir(path)
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        tok = transformers.AutoTokenizer.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError, TypeError) as e:
-        raise ModelDirError(f"{path}: no usable tokenizer ({_first_line(e)}); save one with tokenizer.save_pretrained(DIR)") from None
+        raise ModelDirError(
+            f"{path}: no usable tokenizer ({_first_line(e)}); save one with tokenizer.save_pretrained(DIR)"
+        ) from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelDirError(f"{path}: the tokenizer has neither a pad token nor an EOS token to pad with")
@@ -102,8 +116,14 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str | Path, task: str, *, id2label: Mapping[int, str] | None = None,
-               dtype: str | None = None, trust_remote_code: bool = False) -> nn.Module:
+def load_model(
+    path: str | Path,
+    task: str,
+    *,
+    id2label: Mapping[int, str] | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
     """A causal-LM or sequence-classification model from a local directory; seq-cls needs `id2label`.
 
     Example:
@@ -135,8 +155,14 @@ def load_model(path: str | Path, task: str, *, id2label: Mapping[int, str] | Non
     return model
 
 
-def load(path: str | Path, task: str, *, id2label: Mapping[int, str] | None = None, dtype: str | None = None,
-         trust_remote_code: bool = False):
+def load(
+    path: str | Path,
+    task: str,
+    *,
+    id2label: Mapping[int, str] | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+):
     """(model, tokenizer) from a local model directory; the model's pad id follows the tokenizer's."""
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model = load_model(path, task, id2label=id2label, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -184,8 +210,15 @@ def head_names(model: nn.Module) -> list[str]:
 
 # -- what an adapter directory says about its task ---------------------------------------------------
 
-def write_task_file(adapter_dir: str | Path, task: str, *, base_model: str | Path | None = None,
-                    id2label: Mapping[int, str] | None = None, max_length: int | None = None) -> Path:
+
+def write_task_file(
+    adapter_dir: str | Path,
+    task: str,
+    *,
+    base_model: str | Path | None = None,
+    id2label: Mapping[int, str] | None = None,
+    max_length: int | None = None,
+) -> Path:
     """Record the task (and label names) beside an adapter; also set PEFT's task_type in its config."""
     from ..files import peft_format
     from ..files.atomic import locked_dir, write_json
@@ -231,15 +264,27 @@ def read_task(adapter_dir: str | Path) -> tuple[str, dict[int, str] | None]:
 
 # -- merge, generate -------------------------------------------------------------------------------
 
-def load_with_adapter(model_dir: str | Path, adapter_dir: str | Path, *, task: str | None = None,
-                      dtype: str | None = None, trust_remote_code: bool = False):
+
+def load_with_adapter(
+    model_dir: str | Path,
+    adapter_dir: str | Path,
+    *,
+    task: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+):
     """(model, tokenizer, task) with a lorakit- or PEFT-made adapter loaded strictly into the base."""
     from ..loading import load_adapters
 
     adapter_task, id2label = read_task(adapter_dir)
     task = task or adapter_task
-    model, tok = load(model_dir, task, id2label=id2label if task == "seq-cls" else None, dtype=dtype,
-                      trust_remote_code=trust_remote_code)
+    model, tok = load(
+        model_dir,
+        task,
+        id2label=id2label if task == "seq-cls" else None,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
     load_adapters(model, adapter_dir)
     return model, tok, task
 
@@ -286,8 +331,17 @@ def _untie_if_apart(model: nn.Module) -> None:
             c.tie_word_embeddings = False
 
 
-def generate(model: nn.Module, tok, prompt: str, *, max_new_tokens: int = 40, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> str:
+def generate(
+    model: nn.Module,
+    tok,
+    prompt: str,
+    *,
+    max_new_tokens: int = 40,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> str:
     """The completion of `prompt`: greedy when temperature is 0, else sampled (seeded)."""
     model.eval()
     enc = tok(prompt, return_tensors="pt")
@@ -301,7 +355,7 @@ def generate(model: nn.Module, tok, prompt: str, *, max_new_tokens: int = 40, te
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(**enc, **kwargs)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def offline() -> None:

@@ -13,6 +13,19 @@ from .reporting import PlainLog, auto_reporter
 from .trainer import Trainer, TrainResult, export_adapter
 
 __all__ = [
-    "CheckpointSaved", "EpochEnded", "Event", "Metric", "PlainLog", "RunEnded", "RunStarted", "StepLogged",
-    "TrainConfig", "TrainResult", "Trainer", "accuracy", "auto_reporter", "export_adapter", "perplexity",
+    "CheckpointSaved",
+    "EpochEnded",
+    "Event",
+    "Metric",
+    "PlainLog",
+    "RunEnded",
+    "RunStarted",
+    "StepLogged",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "accuracy",
+    "auto_reporter",
+    "export_adapter",
+    "perplexity",
 ]

@@ -83,15 +83,31 @@ class ArtifactDir:
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         if steps:
-            ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="tab:blue", alpha=0.45,
-                    linewidth=1, label="train (logged steps)")
+            ax.plot(
+                [r["step"] for r in steps],
+                [r["loss"] for r in steps],
+                color="tab:blue",
+                alpha=0.45,
+                linewidth=1,
+                label="train (logged steps)",
+            )
         if epochs:
-            ax.plot([r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o-", color="tab:blue",
-                    label="train (epoch mean)")
+            ax.plot(
+                [r["step"] for r in epochs],
+                [r["train_loss"] for r in epochs],
+                "o-",
+                color="tab:blue",
+                label="train (epoch mean)",
+            )
             valid = [r for r in epochs if r.get("valid_loss") is not None]
             if valid:
-                ax.plot([r["step"] for r in valid], [r["valid_loss"] for r in valid], "s-", color="tab:orange",
-                        label="valid")
+                ax.plot(
+                    [r["step"] for r in valid],
+                    [r["valid_loss"] for r in valid],
+                    "s-",
+                    color="tab:orange",
+                    label="valid",
+                )
         losses = [r["loss"] for r in steps] + [r["train_loss"] for r in epochs]
         if losses and min(losses) > 0 and max(losses) / min(losses) > 20:
             ax.set_yscale("log")

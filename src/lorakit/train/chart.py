@@ -16,8 +16,9 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.1e}"
 
 
-def line_chart(series: Sequence[tuple[str, Sequence[tuple[float, float]], str]], width: int, height: int,
-               log_y: bool | None = None) -> Text:
+def line_chart(
+    series: Sequence[tuple[str, Sequence[tuple[float, float]], str]], width: int, height: int, log_y: bool | None = None
+) -> Text:
     """Draw `(name, [(x, y), ...], style)` series in `width` columns and `height` rows (the x axis takes 2).
 
     The y axis is logarithmic when every value is positive and they span more than 20× (losses), or
@@ -74,7 +75,7 @@ def line_chart(series: Sequence[tuple[str, Sequence[tuple[float, float]], str]],
         label_rows[(rows - 1) // 2] = hi - (hi - lo) * ((rows - 1) // 2 * 4 + 1.5) / (dots_h - 1)
     for r in range(rows):
         value = label_rows.get(r)
-        label = _fmt(10 ** value if log_y else value) if value is not None else ""
+        label = _fmt(10**value if log_y else value) if value is not None else ""
         out.append(f"{label:>{LABEL_WIDTH}} ┤", style="dim")
         for c in range(plot_w):
             bits, style = cells.get((r, c), (0, ""))

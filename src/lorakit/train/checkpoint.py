@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..files import safetensors as safetensors_io
 from ..errors import LoraFileError
+from ..files import safetensors as safetensors_io
 
 FORMAT = "lorakit-train-checkpoint"
 VERSION = 1
@@ -35,8 +35,13 @@ class Checkpoint:
     state: dict  # the JSON part
 
 
-def write_checkpoint(path: str | Path, params: dict[str, Tensor], optimizer: torch.optim.Optimizer,
-                     rng: dict[str, dict[str, Tensor]], state: dict) -> Path:
+def write_checkpoint(
+    path: str | Path,
+    params: dict[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    rng: dict[str, dict[str, Tensor]],
+    state: dict,
+) -> Path:
     """Write a checkpoint atomically; `state` must be JSON-ready."""
     path = Path(path)
     tensors: dict[str, Tensor] = {f"param.{n}": p.detach() for n, p in params.items()}
@@ -51,8 +56,11 @@ def write_checkpoint(path: str | Path, params: dict[str, Tensor], optimizer: tor
     for group, states in rng.items():
         for name, t in states.items():
             tensors[f"rng.{group}.{name}"] = t
-    meta = {"format": FORMAT, "version": str(VERSION), "state": json.dumps(
-        {**state, "optimizer": {"param_groups": sd["param_groups"], "extra": extra}})}
+    meta = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "state": json.dumps({**state, "optimizer": {"param_groups": sd["param_groups"], "extra": extra}}),
+    }
     safetensors_io.write(path, tensors, meta)
     return path
 
@@ -97,12 +105,15 @@ def load_params(where: str, model: torch.nn.Module, params: dict[str, Tensor]) -
     live = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(live) - set(params)), sorted(set(params) - set(live))
     if missing or unexpected:
-        raise LoraFileError(f"{where}: checkpoint does not fit the model's trainable parameters; "
-                            f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise LoraFileError(
+            f"{where}: checkpoint does not fit the model's trainable parameters; "
+            f"missing {missing[:6]}, unexpected {unexpected[:6]}"
+        )
     for name, p in live.items():
         if tuple(params[name].shape) != tuple(p.shape):
-            raise LoraFileError(f"{where}: {name} has shape {tuple(params[name].shape)}; "
-                                f"the model expects {tuple(p.shape)}")
+            raise LoraFileError(
+                f"{where}: {name} has shape {tuple(params[name].shape)}; the model expects {tuple(p.shape)}"
+            )
     with torch.no_grad():
         for name, p in live.items():
             p.copy_(params[name].to(p.dtype))

@@ -47,8 +47,9 @@ class Dashboard:
         """Take one event; the view redraws on its own clock (and at once at start and end)."""
         if isinstance(e, RunStarted):
             self.start, self.t0 = e, time.perf_counter()
-            self.live = Live(get_renderable=self.render, console=self.console, refresh_per_second=4,
-                             transient=self.transient)  # prints and warnings during the run appear above it
+            self.live = Live(
+                get_renderable=self.render, console=self.console, refresh_per_second=4, transient=self.transient
+            )  # prints and warnings during the run appear above it
             self.live.start(refresh=True)
         elif isinstance(e, StepLogged):
             self.last = e
@@ -109,10 +110,14 @@ class Dashboard:
         bars.add_column(width=len(f"step {s.total_steps}/{s.total_steps}"), no_wrap=True)
         bars.add_column(ratio=1)
         bars.add_column(width=15, no_wrap=True, justify="right")
-        bars.add_row(f"epoch {epoch}/{s.epochs}", ProgressBar(total=1.0, completed=efrac),
-                     f"{100 * efrac:3.0f}% of epoch")
-        bars.add_row(f"step {step}/{s.total_steps}", ProgressBar(total=1.0, completed=frac, complete_style="green"),
-                     f"ETA {self._eta(step)}")
+        bars.add_row(
+            f"epoch {epoch}/{s.epochs}", ProgressBar(total=1.0, completed=efrac), f"{100 * efrac:3.0f}% of epoch"
+        )
+        bars.add_row(
+            f"step {step}/{s.total_steps}",
+            ProgressBar(total=1.0, completed=frac, complete_style="green"),
+            f"ETA {self._eta(step)}",
+        )
 
         stats = Table.grid(padding=(0, 2), expand=True)
         for _ in range(2):
@@ -128,10 +133,18 @@ class Dashboard:
         throughput = f"{last.throughput:,.0f} {last.unit}/s" if last else "—"
         stats.add_row("train loss", Text(train, style=TRAIN_STYLE), "valid loss", Text(valid, style=VALID_STYLE))
         stats.add_row("lr", f"{last.lr:.2e}" if last else "—", "throughput", throughput)
-        stats.add_row("elapsed", fmt_duration(time.perf_counter() - self.t0),
-                      "memory", f"{mib:,.0f} MiB {'CUDA peak' if kind == 'cuda' else 'peak RSS'}")
-        stats.add_row("params", f"{s.trainable_params:,} / {s.total_params:,} ({pct:.1f}%)",
-                      "device", f"{s.device} · {s.precision}")
+        stats.add_row(
+            "elapsed",
+            fmt_duration(time.perf_counter() - self.t0),
+            "memory",
+            f"{mib:,.0f} MiB {'CUDA peak' if kind == 'cuda' else 'peak RSS'}",
+        )
+        stats.add_row(
+            "params",
+            f"{s.trainable_params:,} / {s.total_params:,} ({pct:.1f}%)",
+            "device",
+            f"{s.device} · {s.precision}",
+        )
         metrics = dict(last.metrics) if last else {}
         if ep:
             metrics.update({f"valid {k}": v for k, v in ep.valid_metrics.items()})
@@ -144,8 +157,17 @@ class Dashboard:
             legend.append(f"   checkpoint @ step {self.checkpoint.step}", style="dim")
         used = 2 + 2 + 4 + (1 if metrics else 0) + 1 + 1  # borders, bars, stats, legend, spacer
         chart_h = max(4, min(16, self.console.size.height - used - 3))
-        chart = line_chart([("train", self.train_pts, TRAIN_STYLE), ("valid", self.valid_pts, VALID_STYLE)],
-                           width=inner, height=chart_h)
+        chart = line_chart(
+            [("train", self.train_pts, TRAIN_STYLE), ("valid", self.valid_pts, VALID_STYLE)],
+            width=inner,
+            height=chart_h,
+        )
         status = "done" if self.done else "training"
-        return Panel(Group(bars, stats, legend, chart), title=f"{self.title} · {status}", title_align="left",
-                     width=width, border_style="green" if self.done else "blue", padding=(0, 1))
+        return Panel(
+            Group(bars, stats, legend, chart),
+            title=f"{self.title} · {status}",
+            title_align="left",
+            width=width,
+            border_style="green" if self.done else "blue",
+            padding=(0, 1),
+        )

@@ -10,7 +10,7 @@ import torch
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda, else mps, else cpu; a named device that is not present is an error naming it.
+    """ "auto" -> cuda, else mps, else cpu; a named device that is not present is an error naming it.
 
     Example:
         >>> resolve_device("cpu")

@@ -58,8 +58,10 @@ class Launch:
         if not present:
             return None
         if len(present) < len(ENV):
-            raise ValueError(f"a torchrun launch sets {', '.join(ENV)}; only {', '.join(present)} "
-                             "is set here (start with torchrun, or unset them)")
+            raise ValueError(
+                f"a torchrun launch sets {', '.join(ENV)}; only {', '.join(present)} "
+                "is set here (start with torchrun, or unset them)"
+            )
         values = []
         for name in ENV:
             try:
@@ -68,8 +70,10 @@ class Launch:
                 raise ValueError(f"{name}={env[name]!r} is invalid: expected an integer") from None
         world, rank, local = values
         if world < 1 or not 0 <= rank < world or local < 0:
-            raise ValueError(f"WORLD_SIZE={world}, RANK={rank}, LOCAL_RANK={local} are inconsistent: "
-                             "expected WORLD_SIZE >= 1, 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0")
+            raise ValueError(
+                f"WORLD_SIZE={world}, RANK={rank}, LOCAL_RANK={local} are inconsistent: "
+                "expected WORLD_SIZE >= 1, 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0"
+            )
         return cls(world, rank, local)
 
 
@@ -89,8 +93,9 @@ def is_main() -> bool:
 class Group:
     """The processes training one model: several under torchrun, else one (every method a no-op)."""
 
-    def __init__(self, world_size: int = 1, rank: int = 0, local_rank: int = 0,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self, world_size: int = 1, rank: int = 0, local_rank: int = 0, device: torch.device | None = None
+    ) -> None:
         self.world_size, self.rank, self.local_rank = world_size, rank, local_rank
         self.device = device or torch.device("cpu")  # where collectives' tensors live (nccl: CUDA)
         self.fsdp = False  # set by wrap()
@@ -117,14 +122,17 @@ class Group:
         if world == 1:
             return cls(), device
         if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device {str(device)!r} cannot train under torchrun: "
-                             "distributed training runs on 'cpu' (gloo) or 'cuda' (nccl)")
+            raise ValueError(
+                f"device {str(device)!r} cannot train under torchrun: "
+                "distributed training runs on 'cpu' (gloo) or 'cuda' (nccl)"
+            )
         if device.type == "cuda":
             device = device if device.index is not None else torch.device("cuda", local)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+            )
             atexit.register(_destroy)
         return cls(world, rank, local, device), device
 
@@ -178,7 +186,7 @@ class Group:
         flat /= self.world_size
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     # -- data and numbers -------------------------------------------------------------------------
@@ -191,23 +199,41 @@ class Group:
         if self.world_size == 1:
             return loader
         if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
-            raise TypeError("under torchrun the train data must be a torch DataLoader over a map-style dataset "
-                            "(lorakit gives each rank its slice with a DistributedSampler); "
-                            f"got {type(loader).__name__}")
+            raise TypeError(
+                "under torchrun the train data must be a torch DataLoader over a map-style dataset "
+                "(lorakit gives each rank its slice with a DistributedSampler); "
+                f"got {type(loader).__name__}"
+            )
         if isinstance(loader.sampler, DistributedSampler):
             return loader
         if loader.batch_size is None:
-            raise ValueError("under torchrun the train DataLoader needs batch_size= (it has a custom batch_sampler); "
-                             "or build it with a torch.utils.data.DistributedSampler yourself")
-        sampler = DistributedSampler(loader.dataset, num_replicas=self.world_size, rank=self.rank,
-                                     shuffle=isinstance(loader.sampler, RandomSampler), seed=seed)
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
-                          num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                          pin_memory=loader.pin_memory, drop_last=loader.drop_last, timeout=loader.timeout,
-                          worker_init_fn=loader.worker_init_fn, generator=loader.generator,
-                          multiprocessing_context=loader.multiprocessing_context,
-                          prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
-                          pin_memory_device=loader.pin_memory_device)
+            raise ValueError(
+                "under torchrun the train DataLoader needs batch_size= (it has a custom batch_sampler); "
+                "or build it with a torch.utils.data.DistributedSampler yourself"
+            )
+        sampler = DistributedSampler(
+            loader.dataset,
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=isinstance(loader.sampler, RandomSampler),
+            seed=seed,
+        )
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=sampler,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            drop_last=loader.drop_last,
+            timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
+            generator=loader.generator,
+            multiprocessing_context=loader.multiprocessing_context,
+            prefetch_factor=loader.prefetch_factor,
+            persistent_workers=loader.persistent_workers,
+            pin_memory_device=loader.pin_memory_device,
+        )
 
     def sum(self, values: list[float]) -> list[float]:
         """Each value summed over ranks (float64)."""

@@ -85,8 +85,9 @@ class Meter:
         """Add one batch of `n` samples with mean loss `loss`."""
         self.add(self.batch_sums(loss, n, outputs, targets), n)
 
-    def batch_sums(self, loss: float, n: int, outputs: Tensor | None = None,
-                   targets: Tensor | None = None) -> dict[str, float]:
+    def batch_sums(
+        self, loss: float, n: int, outputs: Tensor | None = None, targets: Tensor | None = None
+    ) -> dict[str, float]:
         """One batch's sample-weighted sums {"loss": loss * n, metric: value * n}, for `add` (here or on all ranks)."""
         sums = {"loss": loss * n}
         for m in self.metrics:

@@ -45,27 +45,35 @@ class PlainLog:
             self.device, self.epochs, self.total_steps = torch.device(e.device), e.epochs, e.total_steps
             pct = 100 * e.trainable_params / max(e.total_params, 1)
             resumed = f" resumed_at_step={e.start_step}" if e.start_step else ""
-            self._write(f"start device={e.device} precision={e.precision} epochs={e.epochs} "
-                        f"steps={e.total_steps} steps_per_epoch={e.steps_per_epoch} trainable={e.trainable_params} "
-                        f"total={e.total_params} trainable_pct={pct:.2f}{resumed} artifacts={e.artifact_dir}")
+            self._write(
+                f"start device={e.device} precision={e.precision} epochs={e.epochs} "
+                f"steps={e.total_steps} steps_per_epoch={e.steps_per_epoch} trainable={e.trainable_params} "
+                f"total={e.total_params} trainable_pct={pct:.2f}{resumed} artifacts={e.artifact_dir}"
+            )
         elif isinstance(e, StepLogged):
             norm = f" grad_norm={e.grad_norm:.4g}" if e.grad_norm is not None else ""
-            self._write(f"step epoch={e.epoch}/{self.epochs} step={e.step}/{self.total_steps} loss={e.loss:.6g} "
-                        f"lr={e.lr:.3e}{norm}{_metrics('', e.metrics)} {e.unit}_per_s={e.throughput:.0f} "
-                        f"elapsed={fmt_duration(e.elapsed_s)} {self._mem()}")
+            self._write(
+                f"step epoch={e.epoch}/{self.epochs} step={e.step}/{self.total_steps} loss={e.loss:.6g} "
+                f"lr={e.lr:.3e}{norm}{_metrics('', e.metrics)} {e.unit}_per_s={e.throughput:.0f} "
+                f"elapsed={fmt_duration(e.elapsed_s)} {self._mem()}"
+            )
         elif isinstance(e, EpochEnded):
             valid = f" valid_loss={e.valid_loss:.6g}" if e.valid_loss is not None else ""
             best = f" best_valid_loss={e.best_valid_loss:.6g}" if e.best_valid_loss is not None else ""
-            self._write(f"epoch epoch={e.epoch}/{self.epochs} step={e.step}/{self.total_steps} "
-                        f"train_loss={e.train_loss:.6g}{valid}{best}{' best=yes' if e.is_best else ''}"
-                        f"{_metrics('train_', e.train_metrics)}{_metrics('valid_', e.valid_metrics)} "
-                        f"lr={e.lr:.3e} elapsed={fmt_duration(e.elapsed_s)} {self._mem()}")
+            self._write(
+                f"epoch epoch={e.epoch}/{self.epochs} step={e.step}/{self.total_steps} "
+                f"train_loss={e.train_loss:.6g}{valid}{best}{' best=yes' if e.is_best else ''}"
+                f"{_metrics('train_', e.train_metrics)}{_metrics('valid_', e.valid_metrics)} "
+                f"lr={e.lr:.3e} elapsed={fmt_duration(e.elapsed_s)} {self._mem()}"
+            )
         elif isinstance(e, CheckpointSaved):
             self._write(f"checkpoint step={e.step} path={e.path}")
         elif isinstance(e, RunEnded):
             valid = f" valid_loss={e.valid_loss:.6g}" if e.valid_loss is not None else ""
-            self._write(f"done steps={e.step} train_loss={e.train_loss:.6g}{valid} "
-                        f"elapsed={fmt_duration(e.elapsed_s)} {self._mem()} artifacts={e.artifact_dir}")
+            self._write(
+                f"done steps={e.step} train_loss={e.train_loss:.6g}{valid} "
+                f"elapsed={fmt_duration(e.elapsed_s)} {self._mem()} artifacts={e.artifact_dir}"
+            )
 
 
 def auto_reporter(stream: TextIO | None = None):
@@ -73,5 +81,6 @@ def auto_reporter(stream: TextIO | None = None):
     out = stream or sys.stdout
     if out.isatty():
         from .dashboard import Dashboard
+
         return Dashboard()
     return PlainLog(stream)

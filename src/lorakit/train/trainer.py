@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..saving import save_adapters
-from ..model import lora_layers, trainable_parameters
 from ..files import safetensors as safetensors_io
+from ..model import lora_layers, trainable_parameters
+from ..saving import save_adapters
 from . import artifacts as art
 from . import rng
 from .checkpoint import load_params, read_checkpoint, write_checkpoint
@@ -73,10 +73,16 @@ class Trainer:
         8
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig | None = None, *,
-                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-                 metrics: Iterable[Metric] | dict | None = None, callbacks: Sequence[Callback] | None = None,
-                 artifact_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig | None = None,
+        *,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        metrics: Iterable[Metric] | dict | None = None,
+        callbacks: Sequence[Callback] | None = None,
+        artifact_dir: str | Path | None = None,
+    ) -> None:
         self.model = model
         self.config = config or TrainConfig()
         if not isinstance(self.config, TrainConfig):
@@ -87,6 +93,7 @@ class Trainer:
         self.group.barrier()  # every rank has checked its inputs before rank 0 creates the artifact dir
         if callbacks is None:
             from .reporting import auto_reporter
+
             callbacks = [auto_reporter()] if self.group.is_main else []
         # reporters speak for the whole run (its numbers are summed over ranks): on rank 0 only
         self.callbacks = [cb for cb in callbacks if self.group.is_main or not getattr(cb, "main_rank_only", False)]
@@ -97,8 +104,9 @@ class Trainer:
 
     # -- one batch ----------------------------------------------------------------------------------
 
-    def _forward(self, batch: object, net: nn.Module | None = None
-                 ) -> tuple[Tensor, Tensor | None, Tensor | None, int, int, str]:
+    def _forward(
+        self, batch: object, net: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, int, int, str]:
         """(loss, outputs, targets, samples, units, unit name) for one batch through `net` (default: the model)."""
         net = net or self.model
         batch = to_device(batch, self.device)
@@ -119,8 +127,10 @@ class Trainer:
                 tokens = int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
                 return loss.float(), logits, targets, n, tokens or n, "tokens" if tokens else "samples"
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise TypeError(f"a batch must be (inputs, targets) or a mapping; got {type(batch).__name__}"
-                                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+                raise TypeError(
+                    f"a batch must be (inputs, targets) or a mapping; got {type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                )
             if self.loss_fn is None:
                 raise ValueError("(inputs, targets) batches need Trainer(loss_fn=...), e.g. nn.functional.mse_loss")
             x, y = batch
@@ -170,8 +180,9 @@ class Trainer:
         try:
             batches_per_epoch = len(train)  # type: ignore[arg-type]
         except TypeError:
-            raise TypeError("train must have a length (a DataLoader over a sized dataset); "
-                            f"got {type(train).__name__}") from None
+            raise TypeError(
+                f"train must have a length (a DataLoader over a sized dataset); got {type(train).__name__}"
+            ) from None
         if batches_per_epoch == 0:
             raise ValueError("the train loader yields no batches")
         model.to(self.device).train()
@@ -179,13 +190,24 @@ class Trainer:
         if not params:
             raise ValueError("the model has no trainable parameters (apply_lora first, or unfreeze some)")
         net = world.wrap(model, self.device, cfg.fsdp)  # what runs the batches; `model` keeps the names
-        optimizer = torch.optim.AdamW(param_groups(params, cfg.loraplus_ratio), lr=cfg.lr, betas=cfg.betas,
-                                      weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            param_groups(params, cfg.loraplus_ratio), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
         total_steps = steps_per_epoch * cfg.epochs
         epoch_meter, interval = Meter(self.metrics), Meter(self.metrics)
-        s = {"epoch": 1, "batch": 0, "step": 0, "elapsed_s": 0.0, "best_valid_loss": None, "rows": 0,
-             "train_loss": math.nan, "valid_loss": None, "grad_norm_sum": 0.0, "grad_norms": 0}
+        s = {
+            "epoch": 1,
+            "batch": 0,
+            "step": 0,
+            "elapsed_s": 0.0,
+            "best_valid_loss": None,
+            "rows": 0,
+            "train_loss": math.nan,
+            "valid_loss": None,
+            "grad_norm_sum": 0.0,
+            "grad_norms": 0,
+        }
         generator = getattr(train, "generator", None)  # a DataLoader's own shuffle generator, if given
         ckpt = None
         if resume:
@@ -198,13 +220,33 @@ class Trainer:
                 arts.clear_rows()
         trainable, total = trainable_parameters(model)
         if arts:
-            arts.write_json(art.CONFIG, {"train": cfg.to_dict(), "device": str(self.device),
-                                         "world_size": world.world_size,
-                                         "trainable_params": trainable, "total_params": total,
-                                         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                                         "metrics": [m.name for m in self.metrics]})
-        self._emit(RunStarted(cfg.epochs, steps_per_epoch, total_steps, s["epoch"], s["step"], trainable, total,
-                              str(self.device), cfg.precision, str(arts.root) if arts else None))
+            arts.write_json(
+                art.CONFIG,
+                {
+                    "train": cfg.to_dict(),
+                    "device": str(self.device),
+                    "world_size": world.world_size,
+                    "trainable_params": trainable,
+                    "total_params": total,
+                    "steps_per_epoch": steps_per_epoch,
+                    "total_steps": total_steps,
+                    "metrics": [m.name for m in self.metrics],
+                },
+            )
+        self._emit(
+            RunStarted(
+                cfg.epochs,
+                steps_per_epoch,
+                total_steps,
+                s["epoch"],
+                s["step"],
+                trainable,
+                total,
+                str(self.device),
+                cfg.precision,
+                str(arts.root) if arts else None,
+            )
+        )
         t0, elapsed0, last_plot = time.perf_counter(), s["elapsed_s"], time.perf_counter()
 
         def elapsed() -> float:
@@ -214,13 +256,20 @@ class Trainer:
             s["elapsed_s"] = elapsed()
             now_t, now_json = _snapshot(generator)
             rng_t, rng_json = {}, {}
-            for r, states in enumerate(world.gather({"current": (now_t, now_json),
-                                                     "epoch_start": (epoch_t, epoch_json)})):
+            for r, states in enumerate(
+                world.gather({"current": (now_t, now_json), "epoch_start": (epoch_t, epoch_json)})
+            ):
                 for name, (tensors, data) in states.items():
                     rng_t[_rng_key(name, r)], rng_json[_rng_key(name, r)] = tensors, data
             if arts:
-                state = {**s, "config": cfg.to_dict(), "world_size": world.world_size,
-                         "epoch_meter": epoch_meter.state(), "interval": interval.state(), "rng": rng_json}
+                state = {
+                    **s,
+                    "config": cfg.to_dict(),
+                    "world_size": world.world_size,
+                    "epoch_meter": epoch_meter.state(),
+                    "interval": interval.state(),
+                    "rng": rng_json,
+                }
                 path = write_checkpoint(arts.path(art.CHECKPOINT), params, optimizer, rng_t, state)
                 self._emit(CheckpointSaved(s["step"], str(path)))
 
@@ -272,11 +321,35 @@ class Trainer:
                     now = time.perf_counter()
                     means = interval.means()
                     grad_norm = s["grad_norm_sum"] / s["grad_norms"] if s["grad_norms"] else None
-                    event = StepLogged(epoch, s["step"], b, batches_per_epoch, means.pop("loss"), lr, grad_norm,
-                                       units / max(now - t_interval, 1e-9), elapsed(), means, unit)
-                    self._row({"kind": "step", "epoch": epoch, "step": s["step"], "batch": b, "loss": event.loss,
-                               "lr": lr, "grad_norm": grad_norm, "throughput": event.throughput,
-                               "throughput_unit": unit, "elapsed_s": event.elapsed_s, **means}, s)
+                    event = StepLogged(
+                        epoch,
+                        s["step"],
+                        b,
+                        batches_per_epoch,
+                        means.pop("loss"),
+                        lr,
+                        grad_norm,
+                        units / max(now - t_interval, 1e-9),
+                        elapsed(),
+                        means,
+                        unit,
+                    )
+                    self._row(
+                        {
+                            "kind": "step",
+                            "epoch": epoch,
+                            "step": s["step"],
+                            "batch": b,
+                            "loss": event.loss,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "throughput": event.throughput,
+                            "throughput_unit": unit,
+                            "elapsed_s": event.elapsed_s,
+                            **means,
+                        },
+                        s,
+                    )
                     self._emit(event)
                     interval.reset()
                     s["grad_norm_sum"], s["grad_norms"], t_interval, units = 0.0, 0, now, 0
@@ -291,12 +364,34 @@ class Trainer:
                 s["best_valid_loss"] = s["valid_loss"]
                 if arts:
                     export_adapter(model, arts.path(art.BEST_ADAPTER))
-            event = EpochEnded(epoch, s["step"], s["train_loss"], s["valid_loss"], s["best_valid_loss"], is_best,
-                               lr, elapsed(), train_means, valid_means)
-            self._row({"kind": "epoch", "epoch": epoch, "step": s["step"], "train_loss": s["train_loss"],
-                       "valid_loss": s["valid_loss"], "best_valid_loss": s["best_valid_loss"], "is_best": is_best,
-                       "lr": lr, "elapsed_s": event.elapsed_s, **{f"train_{k}": v for k, v in train_means.items()},
-                       **{f"valid_{k}": v for k, v in valid_means.items()}}, s)
+            event = EpochEnded(
+                epoch,
+                s["step"],
+                s["train_loss"],
+                s["valid_loss"],
+                s["best_valid_loss"],
+                is_best,
+                lr,
+                elapsed(),
+                train_means,
+                valid_means,
+            )
+            self._row(
+                {
+                    "kind": "epoch",
+                    "epoch": epoch,
+                    "step": s["step"],
+                    "train_loss": s["train_loss"],
+                    "valid_loss": s["valid_loss"],
+                    "best_valid_loss": s["best_valid_loss"],
+                    "is_best": is_best,
+                    "lr": lr,
+                    "elapsed_s": event.elapsed_s,
+                    **{f"train_{k}": v for k, v in train_means.items()},
+                    **{f"valid_{k}": v for k, v in valid_means.items()},
+                },
+                s,
+            )
             self._emit(event)
             s["epoch"], s["batch"] = epoch + 1, 0
             if saving:
@@ -308,10 +403,19 @@ class Trainer:
         if arts:
             export_adapter(model, arts.path(art.ADAPTER))
             arts.plot(arts.rows())
-        self._emit(RunEnded(s["step"], elapsed(), s["train_loss"], s["valid_loss"], s["best_valid_loss"],
-                            str(arts.root) if arts else None))
-        return TrainResult(s["step"], s["train_loss"], s["valid_loss"], s["best_valid_loss"], elapsed(),
-                           arts.root if arts else None)
+        self._emit(
+            RunEnded(
+                s["step"],
+                elapsed(),
+                s["train_loss"],
+                s["valid_loss"],
+                s["best_valid_loss"],
+                str(arts.root) if arts else None,
+            )
+        )
+        return TrainResult(
+            s["step"], s["train_loss"], s["valid_loss"], s["best_valid_loss"], elapsed(), arts.root if arts else None
+        )
 
     def _row(self, row: dict, s: dict) -> None:
         if self.artifacts:
@@ -337,8 +441,10 @@ class Trainer:
             raise ValueError(f"{path}: the checkpoint was made with a different TrainConfig; (saved, now): {diff}")
         saved_world = ckpt.state.get("world_size", 1)
         if saved_world != self.group.world_size:
-            raise ValueError(f"{path}: the checkpoint was made by {saved_world} process(es) and this run has "
-                             f"{self.group.world_size}; resume with the same number of processes")
+            raise ValueError(
+                f"{path}: the checkpoint was made by {saved_world} process(es) and this run has "
+                f"{self.group.world_size}; resume with the same number of processes"
+            )
         load_params(str(path), self.model, ckpt.params)
         optimizer.load_state_dict(ckpt.optimizer)
         for key in s:

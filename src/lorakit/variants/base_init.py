@@ -21,7 +21,9 @@ from ..config import BASE_CHANGING_INITS, LoraConfig
 from ..layers import BASE_INITS, LoraLayer
 
 
-def base_init(weight: Tensor, rank: int, scaling: float, init: str, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def base_init(
+    weight: Tensor, rank: int, scaling: float, init: str, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
     """(A, B, residual) for init "pissa" or "olora" from a (d_out, d_in) weight; A, B in `dtype`, residual in W's.
 
     The residual is formed from A and B as rounded to `dtype`, so base + s·B A reproduces W as closely as the
@@ -38,8 +40,10 @@ def base_init(weight: Tensor, rank: int, scaling: float, init: str, dtype: torch
         Q, R = torch.linalg.qr(W)  # (d_out, k), (k, d_in)
         A, B = R[:rank], Q[:, :rank]
     else:
-        raise ValueError(f"init {init!r} does not take its factors from the base weight; "
-                         f"those that do: {', '.join(map(repr, BASE_CHANGING_INITS))}")
+        raise ValueError(
+            f"init {init!r} does not take its factors from the base weight; "
+            f"those that do: {', '.join(map(repr, BASE_CHANGING_INITS))}"
+        )
     A, B = A.to(dtype).contiguous(), B.to(dtype).contiguous()
     residual = torch.addmm(W, B.float(), A.float(), alpha=-scaling)  # W − s·B A
     return A, B, residual.to(weight.dtype)
@@ -56,7 +60,7 @@ class InitialFactors(nn.Module):
 
     def export(self, A: Tensor, B: Tensor, config: LoraConfig) -> tuple[Tensor, Tensor, LoraConfig]:
         """(A, B, config) trained from A₀, B₀ as a rank-2r LoRA for the original W, with the same scaling."""
-        alpha = config.alpha * (2 ** 0.5 if config.use_rslora else 2.0)  # same scaling at rank 2r
+        alpha = config.alpha * (2**0.5 if config.use_rslora else 2.0)  # same scaling at rank 2r
         exported = replace(config, rank=2 * config.rank, alpha=alpha, init="kaiming")
         assert abs(exported.scaling - config.scaling) <= 1e-12 * config.scaling
         A2 = torch.cat([A.detach(), self.A0.to(A.dtype)])  # (2r, d_in)

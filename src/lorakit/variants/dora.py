@@ -52,9 +52,19 @@ def weight_norm_reference(weight: Tensor, A: Tensor, B: Tensor, scaling: float) 
         return torch.linalg.vector_norm(weight.float() + ops.delta_weight(A, B, scaling), dim=1)
 
 
-def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
-                scaling: float, dropout: float = 0.0, training: bool = False, w_sqnorm: Tensor | None = None,
-                fan_in_fan_out: bool = False) -> Tensor:
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    magnitude: Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = False,
+    w_sqnorm: Tensor | None = None,
+    fan_in_fan_out: bool = False,
+) -> Tensor:
     """The DoRA linear forward. `weight` is (d_out, d_in), maybe quantised; `w_sqnorm` its `row_sqnorm`, if known;
     `fan_in_fan_out` as in `ops.lora_linear` (the base term is the base's own GEMM, bias included).
 
@@ -72,12 +82,15 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
         y = ops.base_linear(x, wd, bias, fan_in_fan_out)  # (..., d_out)
         direction = ops.lora_linear(xd, weight, None, A, B, scaling, fan_in_fan_out=fan_in_fan_out)
         return y + (g * direction - ops.base_linear(xd, wd, None, fan_in_fan_out))
-    u = ops.lora_linear(x, weight, bias, A, B, scaling, fan_in_fan_out=fan_in_fan_out)  # (..., d_out): x Wᵀ + b + s·x Aᵀ Bᵀ
+    u = ops.lora_linear(
+        x, weight, bias, A, B, scaling, fan_in_fan_out=fan_in_fan_out
+    )  # (..., d_out): x Wᵀ + b + s·x Aᵀ Bᵀ
     return u * g if bias is None else torch.addcmul(bias * (1 - g), u, g)  # (1−g)⊙b is (d_out,): one output pass
 
 
-def dora_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
-                          magnitude: Tensor, scaling: float) -> Tensor:
+def dora_linear_reference(
+    x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, scaling: float
+) -> Tensor:
     """The formula written naively (no dropout): the merged DoRA weight applied to x."""
     V = weight + scaling * (B @ A)  # (d_out, d_in)
     norm = torch.linalg.vector_norm(V, dim=1).detach()
@@ -128,8 +141,19 @@ class DoraLinear(LoraLinear):
 
     def lora_forward(self, x):
         w_sqnorm = self._w_sqnorm.get([self.base_weight], lambda: row_sqnorm(self.dense_weight()))
-        return dora_linear(x, self._linear_weight(), self.base.bias, self.lora_A, self.lora_B, self.lora_magnitude,
-                           self.scaling, self.config.dropout, self.training, w_sqnorm, self._conv1d_gemm())
+        return dora_linear(
+            x,
+            self._linear_weight(),
+            self.base.bias,
+            self.lora_A,
+            self.lora_B,
+            self.lora_magnitude,
+            self.scaling,
+            self.config.dropout,
+            self.training,
+            w_sqnorm,
+            self._conv1d_gemm(),
+        )
 
     def weight_delta(self):
         if self.adapter_name is None:

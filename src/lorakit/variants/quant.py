@@ -156,8 +156,10 @@ def quantize_base(model: nn.Module, fmt: str = "nf4") -> nn.Module:
         if isinstance(layer.base, QuantLinear):
             raise LoraStateError(f"{name!r} is already quantised ({layer.base.format})")
         if fmt == "nf4" and layer.base.weight.numel() % NF4_BLOCK:
-            raise ValueError(f"{name!r}: NF4 needs a weight size divisible by {NF4_BLOCK}, it has "
-                             f"{layer.base.weight.numel()} elements (use 'int8' or exclude it)")
+            raise ValueError(
+                f"{name!r}: NF4 needs a weight size divisible by {NF4_BLOCK}, it has "
+                f"{layer.base.weight.numel()} elements (use 'int8' or exclude it)"
+            )
     for layer in layers.values():
         layer.base = QuantLinear(layer.base, fmt, type(layer).fan_in_fan_out)  # stored (d_out, d_in) either way
     return model
