@@ -4,15 +4,18 @@ Usage: python scripts/check_docstrings.py [DOCS_API_DIR] [SRC]
 
 `mkdocs build --strict` fails on a broken docstring section (an Args entry naming no parameter, ...), but not
 on a missing docstring, nor on a doctest outside an `Examples:` section (griffe reads `Example:` as a note
-and the `>>>` lines render as nested quotes). This script checks those two. The modules checked are the
-`::: module` lines of docs/api/*.md, so the check follows the pages: in each, the public functions and classes
-(the names in `__all__`, or else those defined there without a leading `_`) and the public methods and
-properties of those classes. A method overriding a documented one (or nn.Module's forward/extra_repr)
-inherits its docstring. Exits 1 naming each problem.
+and the `>>>` lines render as nested quotes). This script checks those two, and reports griffe's warnings
+on the same docstrings too, so that the pre-commit hook catches broken sections without a docs build.
+
+The modules checked are the `::: module` lines of docs/api/*.md, so the check follows the pages: in each, the
+public functions and classes (the names in `__all__`, or else those defined there without a leading `_`) and
+the public methods and properties of those classes. A method overriding a documented one (or nn.Module's
+forward/extra_repr) inherits its docstring. Exits 1 naming each problem.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from pathlib import Path
@@ -40,7 +43,7 @@ def public_members(obj: griffe.Object) -> list[griffe.Object]:
             continue
         if member.is_alias and exports is None:
             continue  # imported, not exported: documented where it is defined
-        target = member.final_target if member.is_alias else member
+        target = member.final_target if isinstance(member, griffe.Alias) else member
         if target.is_function or target.is_class or (target.is_attribute and "property" in target.labels):
             out.append(target)
     return out
@@ -74,15 +77,40 @@ def doctest_outside_examples(obj: griffe.Object) -> bool:
     return False
 
 
+class _Warnings(logging.Handler):
+    """Collects griffe's warnings (a broken section, an Args entry naming no parameter, ...) as problems."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def problems(modules: list[str], src: Path) -> list[str]:
     """One line per public object of `modules` (or of their public classes) without a usable docstring."""
+    warnings = _Warnings()
+    logger = logging.getLogger("griffe")
+    logger.addHandler(warnings)
+    logger.propagate = False
+    try:
+        return _problems(modules, src) + warnings.lines
+    finally:
+        logger.removeHandler(warnings)
+        logger.propagate = True
+
+
+def _problems(modules: list[str], src: Path) -> list[str]:
+    """The missing docstrings and misplaced doctests (griffe's own warnings are collected by problems)."""
     loader = griffe.GriffeLoader(search_paths=[str(src)])
     found: list[str] = []
     seen: set[str] = set()
     for path in modules:
         top = loader.load(path.split(".")[0])
         loader.resolve_aliases(external=False, implicit=False)
-        module = top[path.partition(".")[2]] if "." in path else top
+        named = top.get_member(path.partition(".")[2]) if "." in path else top
+        module = named.final_target if isinstance(named, griffe.Alias) else named
         objects = [module]
         for member in public_members(module):
             objects += [member, *(public_members(member) if member.is_class else [])]
