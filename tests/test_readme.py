@@ -1,4 +1,5 @@
-"""The README's API tour runs as written (its first Python block), and its commands are the ones CI uses."""
+"""The README's API tour runs as written (its first Python block), and its commands are the ones CI uses:
+.ci/run sets up with the first half of the test command and runs its second half as the last step."""
 
 import re
 from pathlib import Path
@@ -22,4 +23,8 @@ def test_the_two_commands_come_first_and_ci_runs_the_test_command():
     assert run.endswith("lorakit example") and "pytest" in test
     ci = (ROOT / ".ci" / "run").read_text()
     setup, _, pytest_cmd = test.partition(" && ")
-    assert "scripts/setup.sh dev" in ci and pytest_cmd in ci
+    assert setup == "bash scripts/setup.sh dev" and re.search(rf"^setup\(\) {{ {setup}; }}$", ci, re.M)
+    tests_step = re.search(r"^tests\(\) {\n(.*?)^}", ci, re.M | re.S)
+    assert tests_step and pytest_cmd in tests_step.group(1)
+    steps = re.search(r"^ALL=\((.*)\)$", ci, re.M).group(1).split()
+    assert steps[0] == "setup" and steps[-1] == "tests"  # set up first; the README's test command runs last
