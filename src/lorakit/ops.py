@@ -235,6 +235,7 @@ def _backward(
         if ctx.fold:  # base and LoRA in one GEMM, on the weight laid out as the base's
             dx = gy2 @ _folded(w, A, B, s, ctx.fan_in_fan_out)  # (N, d_in)
         else:
+            assert dh is not None  # computed above for need_x without fold
             dx = gy2 @ w  # (N, d_in): what autograd of the base's GEMM computes (w: (d_out, d_in) as the base has it)
             if mask is None:
                 dx.addmm_(dh, A)
@@ -242,6 +243,7 @@ def _backward(
                 dx.addcmul_(dh @ A, mask)  # the mask's scale is already in dh
         dx = dx.view(x.shape)
     if need_A:
+        assert dh is not None  # computed above for need_A
         dA = dh.t() @ (x2 if mask is None else x2 * mask)  # (r, d_in)
     if need_B:
         dB = (h.t() @ gy2).t().mul_(s)  # (d_out, r); hᵀ·gy is ~2× faster than gyᵀ·h here
