@@ -9,11 +9,12 @@ import gc
 import types
 import weakref
 
+import pytest
 import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit import ops
+from lorakit import ops, ops_linear
 
 P = 0.3
 
@@ -94,14 +95,16 @@ def test_eval_and_zero_dropout_draw_nothing():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_ops_holds_no_mutable_state():
-    """Module-level names in lorakit.ops are functions, classes, modules and immutable constants only."""
+@pytest.mark.parametrize("module", [ops, ops_linear], ids=lambda m: m.__name__)
+def test_ops_holds_no_mutable_state(module):
+    """Module-level names in lorakit.ops (and its linear fast path) are functions, classes, modules and
+    immutable constants only."""
     immutable = (int, float, str, bytes, bool, tuple, frozenset, type(None))
-    for name, value in vars(ops).items():
+    for name, value in vars(module).items():
         if name.startswith("__") or name == "annotations":
             continue
         ok = isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.ModuleType, type, *immutable))
-        assert ok, f"lorakit.ops.{name} is a {type(value).__name__}: module-level state shared by every caller"
+        assert ok, f"{module.__name__}.{name} is a {type(value).__name__}: module-level state shared by every caller"
 
 
 def test_nothing_outlives_the_model():

@@ -374,3 +374,20 @@ def test_refused_wrap_leaves_the_module_trainable_and_unchanged(module, config, 
         lk.with_lora(m, config)
     assert all(p.requires_grad for p in m.parameters())
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_no_active_adapter_is_a_state_error_not_a_missing_attribute():
+    """Regression (found by mypy: config and the factors are None with no active adapter): `layer.rank` and
+    `layer.scaling` read as missing attributes (nn.Module swallowed the property's AttributeError), and
+    `layer_tensors` looked for an adapter called None. Each now says that no adapter is active."""
+    from lorakit.layer_io import layer_tensors
+
+    layer = lk.with_lora(nn.Linear(4, 4), lk.LoraConfig(rank=2))
+    layer.slots.activate(None)
+    reads = (lambda: layer.rank, lambda: layer.scaling, lambda: layer_tensors(layer), lambda: layer.active_factors())
+    for read in reads:
+        with pytest.raises(lk.LoraStateError, match="no active adapter"):
+            read()
+    assert torch.equal(layer(torch.ones(1, 4)), layer.base(torch.ones(1, 4)))  # the base alone, as before
+    layer.slots.activate("default")
+    assert (layer.rank, layer.scaling) == (2, 0.5)

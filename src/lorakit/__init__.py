@@ -19,9 +19,8 @@ from .loading import load_adapters
 from .model import apply_lora, lora_layers, merge, merge_, summary, trainable_parameters, unmerge_
 from .saving import save_adapters
 from .trained_copy import TrainedCopy
-from .variants import base_init as _base_init  # noqa: F401  (they register into the layer registries)
-from .variants import dora as _dora
-from .variants.dora import DoraLinear
+from .variants import base_init as _base_init  # noqa: F401  (registers PiSSA/OLoRA into layers.BASE_INITS)
+from .variants.dora import DoraLinear  # importing DoRA registers it into layers.LORA_LAYERS
 
 __version__ = "0.1.0"
 

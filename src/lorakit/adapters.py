@@ -22,7 +22,9 @@ from .errors import LoraAdapterNotFound, LoraStateError
 from .layers import LoraLayer
 from .model import lora_layers, set_module
 from .slots import check_adapter_name
-from .trained_copy import trained_copies
+from .trained_copy import TrainedCopy, trained_copies
+
+_Part = tuple[float, Tensor, Tensor, LoraConfig]  # one adapter in a combination: (weight, A, B, config)
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -100,14 +102,14 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     _refuse_in_mixed_batch(layers, "disable adapters")
     if any(layer.merged for layer in layers):
         raise LoraStateError("the base cannot run bare while adapters are merged in place; call unmerge_(model) first")
-    switches = [*layers, *trained_copies(model).values()]
+    switches: list[LoraLayer | TrainedCopy] = [*layers, *trained_copies(model).values()]
     before = [m.disabled for m in switches]  # nested blocks: the outer one's state comes back on exit
     for m in switches:
         m.disabled = True
     try:
         yield model
     finally:
-        for m, was in zip(switches, before):
+        for m, was in zip(switches, before, strict=True):
             m.disabled = was
 
 
@@ -190,7 +192,7 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Mod
         raise ValueError(f"mixed batches run plain LoRA adapters only; {dora} use DoRA (use set_adapter instead)")
     index = {n: i for i, n in enumerate(names, start=1)}
     slots_cpu = torch.tensor([index.get(n, 0) if n is not None else 0 for n in rows], dtype=torch.long)
-    states = {}
+    states: dict[str, tuple[int, tuple[Tensor, ...]]] = {}
     for module, layer in layers.items():
         A, B = _cached_stack(layer, names)
         states[module] = (len(rows), layer.mixed_state(A, B, slots_cpu.to(A.device)))
@@ -217,6 +219,7 @@ class CombineReport:
 
     @property
     def max_relative_error(self) -> float:
+        """The largest per-module relative error (0 for an exact combination)."""
         return max(self.relative_error.values(), default=0.0)
 
 
@@ -255,7 +258,7 @@ def combine_adapters(
     built: dict[str, tuple[LoraLayer, Tensor, Tensor]] = {}
     errors: dict[str, float] = {}
     for module, layer in layers.items():
-        parts = [(w, *layer.slots.factors(n)) for n, w in weights.items() if n in layer.slots]
+        parts: list[_Part] = [(w, *layer.slots.factors(n)) for n, w in weights.items() if n in layer.slots]
         if not parts:
             continue
         if any(cfg.use_dora for *_, cfg in parts):
@@ -263,11 +266,11 @@ def combine_adapters(
         if layer.merged:
             raise LoraStateError(f"{module!r} is merged in place; call unmerge_(model) first")
         A, B = _combine(module, parts, method, rank)
-        want = sum(w * cfg.scaling * _delta(b, a) for w, a, b, cfg in parts)
+        want = _sum([w * cfg.scaling * _delta(b, a) for w, a, b, cfg in parts])
         got = _delta(B, A)
         errors[module] = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
         built[module] = (layer, A, B)
-    for module, (layer, A, B) in built.items():
+    for layer, A, B in built.values():
         r = A.shape[0]
         layer.slots.add(name, LoraConfig(rank=r, alpha=float(r)))  # scaling 1: the weights live in B
         a, b, _ = layer.slots.factors(name)
@@ -281,7 +284,12 @@ def _delta(B: Tensor, A: Tensor) -> Tensor:
     return B.reshape(B.shape[0], -1).float() @ A.reshape(A.shape[0], -1).float()
 
 
-def _combine(module: str, parts: list, method: str, rank: int | None) -> tuple[Tensor, Tensor]:
+def _sum(terms: list[Tensor]) -> Tensor:
+    """terms[0] + terms[1] + ..., left to right (as the builtin sum, without its int start)."""
+    return sum(terms[1:], terms[0])
+
+
+def _combine(module: str, parts: list[_Part], method: str, rank: int | None) -> tuple[Tensor, Tensor]:
     """(A, B) of the combined adapter for one module; B carries the weights and scalings."""
     if method == "cat":
         A = torch.cat([a.detach() for _, a, _, _ in parts])
@@ -295,11 +303,12 @@ def _combine(module: str, parts: list, method: str, rank: int | None) -> tuple[T
             )
         coef = [abs(w * cfg.scaling) ** 0.5 for w, _, _, cfg in parts]
         sign = [1.0 if w * cfg.scaling >= 0 else -1.0 for w, _, _, cfg in parts]
-        A = sum(c * a.detach() for c, (_, a, _, _) in zip(coef, parts))
-        B = sum(s * c * b.detach() for s, c, (_, _, b, _) in zip(sign, coef, parts))
+        A = _sum([c * a.detach() for c, (_, a, _, _) in zip(coef, parts, strict=True)])
+        B = _sum([s * c * b.detach() for s, c, (_, _, b, _) in zip(sign, coef, parts, strict=True)])
         return A, B
+    assert rank is not None, "combine_adapters checks that method='svd' has a rank"
     _, a0, b0, _ = parts[0]
-    delta = sum(w * cfg.scaling * _delta(b, a) for w, a, b, cfg in parts)  # (d_out, d_in·k)
+    delta = _sum([w * cfg.scaling * _delta(b, a) for w, a, b, cfg in parts])  # (d_out, d_in·k)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     k = min(rank, S.shape[0])
     B = (U[:, :k] * S[:k]).to(b0.dtype).reshape(b0.shape[0], k, *b0.shape[2:])

@@ -22,6 +22,7 @@ class QuantizedBase(nn.Module, ABC):
 
     in_features: int
     out_features: int
+    weight: Tensor  # the stored form (packed int8, an NF4Tensor, ...)
 
     @abstractmethod
     def dense_weight(self) -> Tensor:
@@ -40,15 +41,30 @@ def dense_weight(base: nn.Module, fan_in_fan_out: bool = False, *, stored: bool 
     """
     if isinstance(base, QuantizedBase):
         return base.weight if stored else base.dense_weight()
-    return base.weight.t() if fan_in_fan_out else base.weight
+    w = weight(base)
+    return w.t() if fan_in_fan_out else w
 
 
 def weight_shape(base: nn.Module, fan_in_fan_out: bool = False) -> tuple[int, ...]:
     """The shape `dense_weight` has, without dequantising anything."""
     if isinstance(base, QuantizedBase):
         return base.out_features, base.in_features
-    shape = tuple(base.weight.shape)
+    shape = tuple(weight(base).shape)
     return shape[::-1] if fan_in_fan_out else shape
+
+
+def weight(module: nn.Module) -> Tensor:
+    """The module's `weight` tensor as stored; TypeError naming the module where it has none."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor (its weight is {type(w).__name__})")
+    return w
+
+
+def bias(module: nn.Module) -> Tensor | None:
+    """The module's `bias` tensor, as its forward adds it; None where it has none."""
+    b = getattr(module, "bias", None)
+    return b if isinstance(b, Tensor) else None
 
 
 def plain_copy(base: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 T = TypeVar("T")
 
 
-def tensor_key(t: Tensor) -> tuple | None:
+def tensor_key(t: Tensor) -> tuple[object, ...] | None:
     """What identifies the tensor's current contents; None where that cannot be known (an inference tensor)."""
     if is_traceable_wrapper_subclass(t):  # e.g. torchao's NF4Tensor: its contents are its inner tensors
         inner = [tensor_key(getattr(t, name)) for name in t.__tensor_flatten__()[0]]
@@ -44,9 +44,10 @@ class TensorCache(Generic[T]):
     """
 
     def __init__(self) -> None:
-        self._entry: tuple[list, T] | None = None  # (key, value), one attribute: replaced atomically
+        self._entry: tuple[list[object], T] | None = None  # (key, value), one attribute: replaced atomically
 
     def get(self, tensors: Sequence[Tensor], compute: Callable[[], T], extra: Hashable = None) -> T:
+        """The cached value while `tensors` and `extra` are as when it was computed, else `compute()` (kept)."""
         if torch.compiler.is_compiling():  # a compiled graph holds no Python-side state
             return compute()
         key = [extra, *(tensor_key(t) for t in tensors)]
@@ -60,10 +61,11 @@ class TensorCache(Generic[T]):
         return value
 
     def clear(self) -> None:
+        """Forget the value."""
         self._entry = None
 
-    def __getstate__(self) -> dict:  # copies and pickles start empty: the key names the original's tensors
+    def __getstate__(self) -> dict[str, object]:  # copies and pickles start empty: the key names the original's tensors
         return {}
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict[str, object]) -> None:
         self._entry = None

@@ -7,20 +7,22 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 BASE_CHANGING_INITS = ("pissa", "olora")  # A, B taken from W at init and W adjusted to match
+V = TypeVar("V")
 
 
-class FrozenMapping(Mapping):
+class FrozenMapping(Mapping[str, V]):
     """A read-only, hashable dict: what a frozen config holds where a user passes a dict (so configs hash)."""
 
     __slots__ = ("_items",)
 
-    def __init__(self, items: Mapping | None = None) -> None:
+    def __init__(self, items: Mapping[str, V] | None = None) -> None:
         self._items = dict(items or {})
 
-    def __getitem__(self, key: str) -> object:
+    def __getitem__(self, key: str) -> V:
         return self._items[key]
 
     def __iter__(self) -> Iterator[str]:
@@ -128,7 +130,7 @@ class LoraConfig:
 
     @property
     def variant(self) -> str:
-        """Which LoRA layer class the adapter needs beside a module type: "dora" or "lora" (the layer registry's key)."""
+        """Which LoRA layer class the adapter needs beside a module type: "dora" or "lora" (the registry's key)."""
         return "dora" if self.use_dora else "lora"
 
     def for_module(self, name: str) -> LoraConfig:
@@ -145,13 +147,13 @@ class LoraConfig:
             alpha_pattern={},
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; `LoraConfig(**d)` rebuilds the config."""
         return {
             "rank": self.rank,
             "alpha": self.alpha,
             "dropout": self.dropout,
-            "bias": self.bias.value,
+            "bias": LoraBias(self.bias).value,
             "use_rslora": self.use_rslora,
             "init": self.init,
             "rank_pattern": dict(self.rank_pattern),

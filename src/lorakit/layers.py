@@ -2,8 +2,8 @@
 
 Dispatch is a registry {(module type, variant): layer class}; adding a layer type or a variant (DoRA, in
 `lorakit.variants.dora`) is one class and one line. Which named adapter is active is `slots.py`'s business;
-how the base stores its weight is `bases.py`'s. A layer's own adapter file (`save_adapter`) goes through
-`files.layer_file`; a model's adapter directory is `saving`/`loading`'s, which build on this module.
+how the base stores its weight is `bases.py`'s; a layer's own adapter file (`save_adapter`) is `layer_io.py`'s.
+A model's adapter directory is `saving`/`loading`'s, which build on this module.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from torch import Tensor, nn
 
 from . import bases, ops
 from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
-from .errors import LoraFileError, LoraStateError
-from .files import layer_file
-from .files.checks import check_tensors, copy_into
-from .slots import DEFAULT_ADAPTER, AdapterSlots, check_adapter_name
+from .errors import LoraStateError
+from .layer_io import layer_tensors, load_layer_adapter, save_layer_adapter
+from .slots import DEFAULT_ADAPTER, AdapterSlots, BaseInit, check_adapter_name
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -43,9 +42,14 @@ class LoraLayer(nn.Module):
     """
 
     tensor_names: tuple[str, ...] = ("lora_A", "lora_B")  # an adapter's tensors; a variant may add its own
-    variant = "lora"  # its key in the registry beside the module type (LoraConfig.variant)
-    peft_layout = "linear"  # which PEFT key names its tensors take (files.peft_format.SUFFIXES)
-    supports_base_init = False  # layer types that implement init="pissa"/"olora" set this
+    # bound by slots.py, all four together; None while no adapter is active (the layer computes its base)
+    adapter_name: str | None
+    config: LoraConfig | None
+    lora_A: nn.Parameter | None  # (r, d_in, ...)
+    lora_B: nn.Parameter | None  # (d_out, r, ...)
+    variant: str = "lora"  # its key in the registry beside the module type (LoraConfig.variant)
+    peft_layout: str = "linear"  # which PEFT key names its tensors take (files.peft_format.SUFFIXES)
+    supports_base_init: bool = False  # layer types that implement init="pissa"/"olora" set this
 
     def __init__(self, base: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
@@ -58,15 +62,15 @@ class LoraLayer(nn.Module):
         self.base = base
         self.stash = nn.ModuleDict()
         self.merged, self.disabled = False, False  # disabled: set by lorakit.adapters.disable_adapters
-        self.mixed: tuple[int, tuple] | None = None  # set by lorakit.adapters.mixed_batch: (rows, mixed_state)
+        self.mixed: tuple[int, tuple[Tensor, ...]] | None = None  # set by adapters.mixed_batch: (rows, mixed_state)
         self._unmerged_weight: Tensor | None = None  # the exact base weight while merged in place
-        self.base_init: nn.Module | None = None  # PiSSA/OLoRA: the factors at init, whose product left the base
+        self.base_init: BaseInit | None = None  # PiSSA/OLoRA: the factors at init, whose product left the base
         self.slots.bind(check_adapter_name(adapter_name), self.new_adapter(config), config)
         if config.init in BASE_CHANGING_INITS:  # PiSSA/OLoRA: A, B from W, the residual left in the base
             self.base_init = BASE_INITS[config.init](self, config)  # lorakit.variants.base_init
         base.requires_grad_(False)  # last: a refused shape or rank above leaves the user's module as it was
-        if config.bias is not LoraBias.NONE and getattr(base, "bias", None) is not None:
-            base.bias.requires_grad_(True)  # bias "all" and "model" train the wrapped layer's own bias
+        if config.bias is not LoraBias.NONE and (bias := bases.bias(base)) is not None:
+            bias.requires_grad_(True)  # bias "all" and "model" train the wrapped layer's own bias
 
     @property
     def slots(self) -> AdapterSlots:
@@ -107,20 +111,40 @@ class LoraLayer(nn.Module):
         if self.adapter_name is None:
             a_shape, b_shape = self.factor_shapes(self.base, 1)
             return torch.zeros(b_shape[0], *a_shape[1:], device=self.base_weight.device)
-        return ops.delta_weight(self.lora_A, self.lora_B, self.scaling)
+        A, B, config = self.active_factors()
+        return ops.delta_weight(A, B, config.scaling)
 
     def mixed_state(self, A: Tensor, B: Tensor, slots: Tensor) -> tuple[Tensor, ...]:
         """What `mixed_forward` takes after x, prepared once per mixed batch from the stacks and row -> slot."""
         return A, B, slots
 
-    def mixed_forward(self, x: Tensor, A: Tensor, B: Tensor, slots: Tensor) -> Tensor:
-        """base(x) + each batch row's own adapter: A (n, r, ...), B (n, d_out, r, ...) pre-scaled, slots (batch,)."""
+    def mixed_forward(self, x: Tensor, *state: Tensor) -> Tensor:
+        """base(x) + each batch row's own adapter, `state` from `mixed_state` (by default A (n, r, ...),
+        B (n, d_out, r, ...) pre-scaled, slots (batch,))."""
         raise NotImplementedError
 
     # -- shared behaviour -------------------------------------------------------------------------
-    base_weight = property(lambda self: self.base.weight, doc="The base's weight as stored.")
-    scaling = property(lambda self: self.config.scaling, doc="The active adapter's scaling.")
-    rank = property(lambda self: self.config.rank, doc="The active adapter's rank.")
+    @property
+    def base_weight(self) -> Tensor:
+        """The base's weight as stored."""
+        return bases.weight(self.base)
+
+    @property
+    def scaling(self) -> float:
+        """The active adapter's scaling."""
+        return self.active_factors()[2].scaling
+
+    @property
+    def rank(self) -> int:
+        """The active adapter's rank."""
+        return self.active_factors()[2].rank
+
+    def active_factors(self) -> tuple[nn.Parameter, nn.Parameter, LoraConfig]:
+        """(lora_A, lora_B, config) of the active adapter; LoraStateError where none is active."""
+        A, B, config = self.lora_A, self.lora_B, self.config
+        if A is None or B is None or config is None:
+            raise LoraStateError(f"the layer has no active adapter (it holds {list(self.stash)}); activate one")
+        return A, B, config
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mixed is not None:
@@ -144,7 +168,8 @@ class LoraLayer(nn.Module):
         plain = bases.plain_copy(self.base)  # a quantised base exports dequantised
         if not self.merged:
             with torch.no_grad():
-                plain.weight.copy_(self.merged_weight(plain.weight))
+                w = bases.weight(plain)
+                w.copy_(self.merged_weight(w))
         return plain.requires_grad_(False)
 
     def merge_(self) -> LoraLayer:
@@ -166,6 +191,7 @@ class LoraLayer(nn.Module):
         """Undo `merge_()`: the base weight becomes exactly what it was."""
         if not self.merged:
             raise LoraStateError(f"{type(self).__name__} is not merged; nothing to unmerge")
+        assert self._unmerged_weight is not None, "merge_ set the base weight aside"
         self.base_weight.data = self._unmerged_weight  # the very tensor merge_ set aside: bit for bit
         self._unmerged_weight = None
         self.merged = False
@@ -183,25 +209,28 @@ class LoraLayer(nn.Module):
     def extra_repr(self) -> str:
         if (c := self.config) is None:
             return f"no active adapter, stashed={list(self.stash)}"
-        return f"adapter={self.adapter_name!r}, rank={c.rank}, alpha={c.alpha:g}, scaling={self.scaling:g}, dropout={c.dropout:g}, merged={self.merged}"
+        return (
+            f"adapter={self.adapter_name!r}, rank={c.rank}, alpha={c.alpha:g}, scaling={c.scaling:g}, "
+            f"dropout={c.dropout:g}, merged={self.merged}"
+        )
 
 
 class LoraLinear(LoraLayer):
     """LoRA beside an nn.Linear: A (r, d_in), B (d_out, r)."""
 
-    fan_in_fan_out = False  # True where the base stores its weight as (d_in, d_out)
+    fan_in_fan_out: bool = False  # True where the base stores its weight as (d_in, d_out)
     supports_base_init = True
 
     @classmethod
-    def factor_shapes(cls, base, rank):
+    def factor_shapes(cls, base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         d_out, d_in = bases.weight_shape(base, cls.fan_in_fan_out)
         return (rank, d_in), (d_out, rank)
 
-    def dense_weight(self):
+    def dense_weight(self) -> Tensor:
         return bases.dense_weight(self.base, self.fan_in_fan_out)  # (d_out, d_in)
 
     def _linear_weight(self) -> Tensor:
-        """The base weight as (d_out, d_in) for the ops: a view, or a quantised base's stored tensor (ops.dense reads it)."""
+        """The base weight as (d_out, d_in) for the ops: a view, or a quantised base's stored tensor (ops.dense)."""
         return bases.dense_weight(self.base, self.fan_in_fan_out, stored=True)
 
     def _conv1d_gemm(self) -> bool:
@@ -212,35 +241,31 @@ class LoraLinear(LoraLayer):
         """
         return self.fan_in_fan_out and not bases.is_quantized(self.base)
 
-    def lora_forward(self, x):
+    def lora_forward(self, x: Tensor) -> Tensor:
+        A, B, config = self.active_factors()
+        weight, bias = self._linear_weight(), bases.bias(self.base)
         return ops.lora_linear(
-            x,
-            self._linear_weight(),
-            self.base.bias,
-            self.lora_A,
-            self.lora_B,
-            self.scaling,
-            self.config.dropout,
-            self.training,
-            fan_in_fan_out=self._conv1d_gemm(),
+            x, weight, bias, A, B, config.scaling, config.dropout, self.training, fan_in_fan_out=self._conv1d_gemm()
         )
 
-    def weight_delta(self):
+    def weight_delta(self) -> Tensor:
         delta = super().weight_delta()  # (d_out, d_in)
         return delta.t() if self.fan_in_fan_out else delta
 
-    def mixed_state(self, A, B, slots):
+    def mixed_state(self, A: Tensor, B: Tensor, slots: Tensor) -> tuple[Tensor, ...]:
         return ops.mixed_rows(A, B, slots)  # gathered once, not at every forward (a decode step is one token)
 
-    def mixed_forward(self, x, At, Bt):
-        return ops.lora_linear_mixed(x, self.dense_weight(), self.base.bias, At, Bt, self._conv1d_gemm())
+    def mixed_forward(self, x: Tensor, *state: Tensor) -> Tensor:
+        At, Bt = state
+        return ops.lora_linear_mixed(x, self.dense_weight(), bases.bias(self.base), At, Bt, self._conv1d_gemm())
 
-    def merged_weight(self, weight):
+    def merged_weight(self, weight: Tensor) -> Tensor:
         if self.adapter_name is None:
             return super().merged_weight(weight)
+        A, B, config = self.active_factors()
         if self.fan_in_fan_out:  # W (d_in, d_out) + s·(B A)ᵀ = W + s·Aᵀ Bᵀ
-            return ops.merged_low_rank(weight, self.lora_A.t(), self.lora_B.t(), self.scaling)
-        return ops.merged_low_rank(weight, self.lora_B, self.lora_A, self.scaling)
+            return ops.merged_low_rank(weight, A.t(), B.t(), config.scaling)
+        return ops.merged_low_rank(weight, B, A, config.scaling)
 
 
 class LoraConv1D(LoraLinear):
@@ -253,38 +278,42 @@ class LoraEmbedding(LoraLayer):
     """LoRA beside an nn.Embedding: A (r, num_embeddings), B (embedding_dim, r), as PEFT lays them out."""
 
     peft_layout = "embedding"
+    base: nn.Embedding
 
     @classmethod
-    def factor_shapes(cls, base, rank):
-        num, dim = base.weight.shape
+    def factor_shapes(cls, base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        num, dim = bases.weight(base).shape
         return (rank, num), (dim, rank)
 
-    def lora_forward(self, ids):
-        # dropout has no meaning on token ids (PEFT skips it too)
-        return ops.lora_embedding(ids, self.base, self.lora_A, self.lora_B, self.scaling)
+    def lora_forward(self, ids: Tensor) -> Tensor:
+        A, B, config = self.active_factors()  # dropout has no meaning on token ids (PEFT skips it too)
+        return ops.lora_embedding(ids, self.base, A, B, config.scaling)
 
-    def weight_delta(self):
+    def weight_delta(self) -> Tensor:
         return super().weight_delta().t()  # (num_embeddings, dim)
 
-    def mixed_forward(self, ids, A, B, slots):
-        return ops.lora_embedding_mixed(ids, self.base, A, B, slots)
+    def mixed_forward(self, ids: Tensor, *state: Tensor) -> Tensor:
+        return ops.lora_embedding_mixed(ids, self.base, *state)
 
 
 class LoraConv(LoraLayer):
     """LoRA beside nn.Conv1d/2d/3d: A is a conv with the base's kernel (r, d_in, *k), B a 1×1 conv (d_out, r, 1...)."""
 
+    base: nn.modules.conv._ConvNd
+
     @classmethod
-    def factor_shapes(cls, base, rank):
+    def factor_shapes(cls, base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         if base.groups != 1:
             raise TypeError(f"LoRA on a grouped convolution (groups={base.groups}) is not supported; expected groups=1")
-        d_out, d_in, *kernel = base.weight.shape
+        d_out, d_in, *kernel = bases.weight(base).shape
         return (rank, d_in, *kernel), (d_out, rank, *([1] * len(kernel)))
 
-    def lora_forward(self, x):
-        return ops.lora_conv(x, self.base, self.lora_A, self.lora_B, self.scaling, self.config.dropout, self.training)
+    def lora_forward(self, x: Tensor) -> Tensor:
+        A, B, config = self.active_factors()
+        return ops.lora_conv(x, self.base, A, B, config.scaling, config.dropout, self.training)
 
-    def mixed_forward(self, x, A, B, slots):
-        return ops.lora_conv_mixed(x, self.base, A, B, slots)
+    def mixed_forward(self, x: Tensor, *state: Tensor) -> Tensor:
+        return ops.lora_conv_mixed(x, self.base, *state)
 
 
 # -- the registries variants plug into --------------------------------------------------------------
@@ -301,7 +330,7 @@ LORA_LAYERS: dict[tuple[type[nn.Module] | str, str], type[LoraLayer]] = {
 
 # init name -> fn(layer, config) that takes A, B from the layer's base weight, leaves the residual in the base
 # and returns the module that remembers the initial factors (registered by lorakit.variants.base_init)
-BASE_INITS: dict[str, Callable[[LoraLayer, LoraConfig], nn.Module]] = {}
+BASE_INITS: dict[str, Callable[[LoraLayer, LoraConfig], BaseInit]] = {}
 
 
 def wrapper_for(module: nn.Module, variant: str = "lora") -> type[LoraLayer] | None:
@@ -341,58 +370,3 @@ def with_lora(module: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT
     if isinstance(module, LoraLayer):
         raise LoraStateError(f"{type(module).__name__} already has LoRA; wrapping it again is not allowed")
     return layer_class(module, config)(module, config, adapter_name)
-
-
-# -- one layer's adapter file: read -> plan (every check) -> attach, as `loading.load_adapters` does for a model --
-
-
-def layer_tensors(layer: LoraLayer, *, exported: bool = False) -> dict[str, Tensor]:
-    """A layer file's tensors for the active adapter: lora_A, lora_B, a variant's own (DoRA's lora_magnitude),
-    and the bias it trains. `exported`: a PiSSA/OLoRA adapter as a plain LoRA for the original base."""
-    name = layer.adapter_name
-    A, B, config = layer.slots.exported_factors(name) if exported else layer.slots.factors(name)
-    out = {**layer.slots.tensors(name), "lora_A": A, "lora_B": B}
-    if config.bias is not LoraBias.NONE and (bias := bases.own_bias(layer.base)) is not None:
-        out["bias"] = bias
-    return out
-
-
-def save_layer_adapter(layer: LoraLayer, path: str | Path) -> Path:
-    """Write `layer`'s active adapter (`layer_tensors`, exported) with its config in the metadata; returns the path."""
-    if layer.adapter_name is None:
-        raise LoraStateError("the layer has no active adapter to save; activate one first")
-    _, _, config = layer.slots.exported_factors(layer.adapter_name)  # PiSSA/OLoRA: a rank-2r LoRA for the original base
-    return layer_file.write_layer_file(
-        path, layer_tensors(layer, exported=True), config, type(layer).__name__, tuple(layer.base_weight.shape)
-    )
-
-
-def load_layer_adapter(layer: LoraLayer, path: str | Path, *, allow_nonfinite: bool = False) -> None:
-    """Load a `save_layer_adapter` file into `layer`'s active adapter; checked in full before anything is copied."""
-    path = layer_file.layer_path(path)
-    tensors, config, layer_type = layer_file.read_layer_file(path)  # read
-    _plan_layer_load(layer, path, tensors, config, layer_type, allow_nonfinite)  # plan (checks only)
-    copy_into(tensors, layer_tensors(layer))  # attach
-    layer.slots.set_config(layer.adapter_name, config)
-
-
-def _plan_layer_load(
-    layer: LoraLayer, path: Path, tensors: dict[str, Tensor], config: LoraConfig, layer_type: str, allow_nonfinite: bool
-) -> None:
-    """Every check of a layer load: the layer's state, its type, rank, bias mode, DoRA, then the tensors."""
-    if layer.merged:
-        raise LoraStateError(
-            f"cannot load {path} into a layer merged in place: it would keep serving the merged "
-            "weights; call unmerge_() first"
-        )
-    if layer.adapter_name is None:
-        raise LoraStateError(f"cannot load {path}: the layer has no active adapter; activate one first")
-    if config.use_dora != layer.config.use_dora:
-        raise LoraFileError(f"{path}: adapter use_dora={config.use_dora}, layer use_dora={layer.config.use_dora}")
-    if layer_type != type(layer).__name__:
-        raise LoraFileError(f"{path}: adapter is for a {layer_type}, this layer is a {type(layer).__name__}")
-    if config.rank != layer.rank:
-        raise LoraFileError(f"{path}: adapter rank {config.rank} does not match the layer's rank {layer.rank}")
-    if config.bias is not layer.config.bias:
-        raise LoraFileError(f"{path}: adapter bias={config.bias.value!r}, layer bias={layer.config.bias.value!r}")
-    check_tensors(str(path), tensors, {k: tuple(t.shape) for k, t in layer_tensors(layer).items()}, allow_nonfinite)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from . import bases
 from .adapters import active_adapter
 from .config import LoraBias, LoraConfig
 from .errors import LoraFileError, LoraStateError
@@ -194,8 +195,8 @@ def _expected_shapes(
             raise LoraFileError(f"{file.where}: module {module!r}: {e}") from None
         for tensor, shape in adapter_shapes.items():
             shapes[peft_key(module, tensor, layout)] = shape
-        if slot.config.bias is not LoraBias.NONE and own_bias(slot.base) is not None:
-            shapes[peft_key(module, "bias", layout)] = tuple(slot.base.bias.shape)
+        if slot.config.bias is not LoraBias.NONE and (bias := own_bias(slot.base)) is not None:
+            shapes[peft_key(module, "bias", layout)] = tuple(bias.shape)
     if file.spec.config.bias is LoraBias.MODEL:  # PEFT's bias="all": every other bias too
         for module, bias in plain_biases(model).items():
             if module not in slots:
@@ -216,15 +217,17 @@ def _saved(model: nn.Module, module: str) -> nn.Module:
 
 def _whole_embeddings(model: nn.Module, wrapped: set[str], copies: list[str]) -> dict[str, Tensor]:
     """Weights PEFT saves in full when it targets embeddings or their vocabulary was resized: optional keys."""
-    out = {peft_key(module, "base_weight"): _plain(model.get_submodule(module)).weight for module in wrapped}
+    out = {peft_key(module, "base_weight"): bases.weight(_plain(model.get_submodule(module))) for module in wrapped}
     for get in ("get_input_embeddings", "get_output_embeddings"):
         emb = getattr(model, get)() if callable(getattr(model, get, None)) else None
-        module = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
-        if module and module not in wrapped and module not in copies and not isinstance(emb, TrainedCopy):
+        if not isinstance(emb, nn.Module) or isinstance(emb, TrainedCopy):
+            continue
+        module = next((n for n, m in model.named_modules() if m is emb), None)
+        if module and module not in wrapped and module not in copies:
             if isinstance(emb, LoraLayer):
-                out[peft_key(module, "base_weight")] = emb.base.weight
+                out[peft_key(module, "base_weight")] = emb.base_weight
             else:
-                out[plain_key(module, "weight")] = emb.weight
+                out[plain_key(module, "weight")] = bases.weight(emb)
     return out
 
 
@@ -255,7 +258,7 @@ def attach(model: nn.Module, plan: LoadPlan) -> None:
             plan.config,
             [f"re:{re.escape(n)}" for n in plan.slots],
             modules_to_save=[f"re:{re.escape(n)}" for n in plan.copies],
-            adapter_name=plan.adapter,
+            adapter_name=plan.adapter or DEFAULT_ADAPTER,  # plan_load names it
         )
     elif plan.how == ADD:
         _add_named(model, plan)
@@ -264,7 +267,9 @@ def attach(model: nn.Module, plan: LoadPlan) -> None:
             set_module(model, module, TrainedCopy(model.get_submodule(module)))
     layers = lora_layers(model)
     for module, slot in plan.slots.items():
-        layers[module].slots.set_config(plan.adapter or layers[module].adapter_name, slot.config)
+        adapter = plan.adapter or layers[module].adapter_name
+        assert adapter is not None, "a plan without a name loads into active adapters only"
+        layers[module].slots.set_config(adapter, slot.config)
     if plan.how == INTO:
         for bias in trained_biases(model, plan.config.bias).values():
             bias.requires_grad_(True)
@@ -279,12 +284,14 @@ def attach(model: nn.Module, plan: LoadPlan) -> None:
 
 def _add_named(model: nn.Module, plan: LoadPlan) -> None:
     """A new inactive adapter `plan.adapter` on every planned module; newly wrapped ones keep the active adapter."""
+    name = plan.adapter
+    assert name is not None, "plan_load names the adapter it adds"
     active = active_adapter(model)
     for module, slot in plan.slots.items():
         m = model.get_submodule(module)
         if isinstance(m, LoraLayer):
-            m.slots.add(plan.adapter, slot.config)
+            m.slots.add(name, slot.config)
         else:
-            layer = with_lora(m, slot.config, adapter_name=plan.adapter)
+            layer = with_lora(m, slot.config, adapter_name=name)
             set_module(model, module, layer)
             layer.slots.activate(active if active in layer.slots.names() else None)

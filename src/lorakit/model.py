@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from .bases import own_bias
 from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
@@ -33,19 +33,20 @@ def _is_linear(module: nn.Module) -> bool:
 def module_names(model: nn.Module) -> list[str]:
     """Names of the model's modules as a user sees them: a LoRA layer stands for its base, a TrainedCopy for
     its module (nothing inside either is listed)."""
-    names, inside = [], ()
+    names: list[str] = []
+    inside: tuple[str, ...] = ()
     for name, module in model.named_modules():
         if not name or name.startswith(inside):
             continue
         names.append(name)
         if isinstance(module, (LoraLayer, TrainedCopy)):
-            inside = tuple(inside) + (name + ".",)
+            inside = (*inside, name + ".")
     return names
 
 
 def plain_biases(model: nn.Module) -> dict[str, nn.Parameter]:
     """The bias of every module outside LoRA layers and trained copies, by module name (bias="model" trains them)."""
-    out = {}
+    out: dict[str, nn.Parameter] = {}
     for name in module_names(model):
         module = model.get_submodule(name)
         bias = None if isinstance(module, (LoraLayer, TrainedCopy)) else own_bias(module)
@@ -54,8 +55,9 @@ def plain_biases(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def trained_biases(model: nn.Module, bias: LoraBias) -> dict[str, nn.Parameter]:
+def trained_biases(model: nn.Module, bias: LoraBias | str) -> dict[str, nn.Parameter]:
     """The biases an adapter with `bias` trains, by module name: none, LoRA layers' ("all"), every one ("model")."""
+    bias = LoraBias(bias)
     if bias is LoraBias.NONE:
         return {}
     out = {name: b for name, layer in lora_layers(model).items() if (b := own_bias(layer.base)) is not None}
@@ -275,22 +277,23 @@ def summary(model: nn.Module) -> str:
     )
     for name, layer in lora_layers(model).items():
         n = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-        if layer.lora_A is None:  # no active adapter: the layer computes its base
+        A, B, config = layer.lora_A, layer.lora_B, layer.config
+        if A is None or B is None or config is None:  # no active adapter: the layer computes its base
             t.add_row(name, type(layer.base).__name__, "-", "-", "-", "-", "-", f"{n:,}")
             continue
         t.add_row(
             name,
             type(layer.base).__name__,
             layer.adapter_name,
-            _shape(layer.lora_A),
-            _shape(layer.lora_B),
-            str(layer.config.rank),
-            f"{layer.config.alpha:g}",
+            _shape(A),
+            _shape(B),
+            str(config.rank),
+            f"{config.alpha:g}",
             f"{n:,}",
         )
     trainable, total = trainable_parameters(model)
     return to_text(t, f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
 
 
-def _shape(t: nn.Parameter) -> str:
+def _shape(t: Tensor) -> str:
     return "×".join(map(str, t.shape))

@@ -9,6 +9,7 @@ adapter_model.safetensors    per LoRA module its factors (+ DoRA magnitude, + th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -17,7 +18,8 @@ from .errors import LoraFileError
 from .files import atomic
 from .files import safetensors as st
 from .files.peft_format import CONFIG_NAME, WEIGHTS_NAME, peft_key, plain_key, to_peft_config
-from .layers import LoraLayer, layer_tensors  # noqa: F401  (layer_tensors: imported from here by tests/ and fuzz/)
+from .layer_io import layer_tensors  # noqa: F401  (imported from here by tests/ and fuzz/)
+from .layers import LoraLayer
 from .model import lora_layers, own_bias, plain_biases
 from .trained_copy import trained_copies
 
@@ -29,7 +31,7 @@ def adapter_slots(
 
     `exported`: the factors as saved, i.e. PiSSA/OLoRA adapters converted to a rank-2r LoRA for the original base.
     """
-    out = {}
+    out: dict[str, tuple[LoraLayer, Tensor, Tensor, LoraConfig]] = {}
     for module, layer in lora_layers(model).items():
         n = layer.adapter_name if name is None else name
         if n is not None and n in layer.slots.names():
@@ -49,11 +51,11 @@ def adapter_state_dict(model: nn.Module, name: str | None = None, *, exported: b
         out[peft_key(module, "lora_A", layer.peft_layout)] = A
         out[peft_key(module, "lora_B", layer.peft_layout)] = B
         if config.use_dora:
-            out[peft_key(module, "lora_magnitude", layer.peft_layout)] = layer.slots.tensors(
-                name or layer.adapter_name
-            )["lora_magnitude"]
-        if config.bias is not LoraBias.NONE and own_bias(layer.base) is not None:
-            out[peft_key(module, "bias", layer.peft_layout)] = layer.base.bias
+            adapter = name or layer.adapter_name
+            assert adapter is not None, "adapter_slots gives the layers that hold the adapter"
+            out[peft_key(module, "lora_magnitude", layer.peft_layout)] = layer.slots.tensors(adapter)["lora_magnitude"]
+        if config.bias is not LoraBias.NONE and (bias := own_bias(layer.base)) is not None:
+            out[peft_key(module, "bias", layer.peft_layout)] = bias
     if _bias_mode(slots) is LoraBias.MODEL:  # every other bias of the model trains too
         out.update({plain_key(module, "bias"): bias for module, bias in plain_biases(model).items()})
     for module, saved in trained_copies(model).items():
@@ -61,12 +63,12 @@ def adapter_state_dict(model: nn.Module, name: str | None = None, *, exported: b
     return out
 
 
-def _bias_mode(slots: dict) -> LoraBias:
+def _bias_mode(slots: dict[str, tuple[LoraLayer, Tensor, Tensor, LoraConfig]]) -> LoraBias:
     """The adapter's bias mode (one per adapter: `LoraConfig.for_module` keeps it)."""
-    return next((config.bias for *_, config in slots.values()), LoraBias.NONE)
+    return next((LoraBias(config.bias) for *_, config in slots.values()), LoraBias.NONE)
 
 
-def peft_config(model: nn.Module, name: str | None = None) -> dict:
+def peft_config(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     """adapter_config.json for adapter `name` (None: the active one), in PEFT's vocabulary."""
     slots = adapter_slots(model, name, exported=True)
     if not slots:
@@ -74,7 +76,7 @@ def peft_config(model: nn.Module, name: str | None = None) -> dict:
         raise LoraFileError(f"the model has {what}")
     configs = {module: config for module, (_, _, _, config) in slots.items()}
     others = [n for n, _ in model.named_modules() if n and n not in configs]
-    linears = [type(layer).fan_in_fan_out for layer, *_ in slots.values() if hasattr(type(layer), "fan_in_fan_out")]
+    linears = [f for layer, *_ in slots.values() if (f := getattr(type(layer), "fan_in_fan_out", None)) is not None]
     return to_peft_config(
         configs,
         others,

@@ -9,12 +9,24 @@ This is the one place that reads or writes a layer's `adapter_name`, `config`, b
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
 from torch import Tensor, nn
 
 from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
 from .errors import LoraAdapterNotFound, LoraStateError
+
+
+class BaseInit(nn.Module, ABC):
+    """What an init that changed the base (PiSSA/OLoRA, `lorakit.variants.base_init`) leaves on the layer:
+    the name of the adapter it initialised, and how to save that adapter for the original base."""
+
+    adapter: str
+
+    @abstractmethod
+    def export(self, A: Tensor, B: Tensor, config: LoraConfig) -> tuple[Tensor, Tensor, LoraConfig]:
+        """(A, B, config) trained from the init, as a plain LoRA for the original base weight."""
 
 
 class SlotHolder(Protocol):
@@ -26,7 +38,7 @@ class SlotHolder(Protocol):
     stash: nn.ModuleDict
     merged: bool
     mixed: Any
-    base_init: nn.Module | None
+    base_init: BaseInit | None
     tensor_names: tuple[str, ...]
     variant: str
 
@@ -55,11 +67,13 @@ class Adapter(nn.Module):
     def __init__(self, tensors: dict[str, nn.Parameter], config: LoraConfig) -> None:
         super().__init__()
         for key, p in tensors.items():
-            self.register_parameter(key, p.requires_grad_(False))
+            p.requires_grad_(False)
+            self.register_parameter(key, p)
         self.config = config
 
     def tensors(self) -> dict[str, nn.Parameter]:
-        return dict(self._parameters)
+        """Its tensors by key (lora_A, lora_B, and a variant's own)."""
+        return {key: p for key, p in self._parameters.items() if p is not None}
 
 
 class AdapterSlots:
@@ -79,6 +93,7 @@ class AdapterSlots:
 
     @property
     def active(self) -> str | None:
+        """The active adapter's name (None: the layer computes its base)."""
         return self.layer.adapter_name
 
     def names(self) -> list[str]:
@@ -95,7 +110,11 @@ class AdapterSlots:
         return self._stashed(name).tensors()
 
     def config(self, name: str) -> LoraConfig:
-        return self.layer.config if name is not None and name == self.active else self._stashed(name).config
+        """The named adapter's config, active or waiting."""
+        if name is not None and name == self.active:
+            assert self.layer.config is not None, "an active adapter has a config (bind sets both)"
+            return self.layer.config
+        return self._stashed(name).config
 
     def factors(self, name: str) -> tuple[nn.Parameter, nn.Parameter, LoraConfig]:
         """(lora_A, lora_B, config) of the named adapter."""
@@ -143,12 +162,16 @@ class AdapterSlots:
         if name is not None:
             self._stashed(name)  # raises for an unknown name before anything changes
         if self.active is not None:
-            layer.stash[self.active] = Adapter(self.tensors(self.active), layer.config)
+            layer.stash[self.active] = Adapter(self.tensors(self.active), self.config(self.active))
         if name is None:
             self.bind(None, {}, None)
         else:
-            waiting = layer.stash.pop(name)
-            self.bind(name, {key: p.requires_grad_(True) for key, p in waiting.tensors().items()}, waiting.config)
+            waiting = self._stashed(name)
+            del layer.stash[name]
+            tensors = waiting.tensors()
+            for p in tensors.values():
+                p.requires_grad_(True)
+            self.bind(name, tensors, waiting.config)
 
     def bind(self, name: str | None, tensors: dict[str, nn.Parameter], config: LoraConfig | None) -> None:
         """Make `tensors` the layer's active parameters under `name` (None, {}, None: no active adapter)."""
@@ -167,7 +190,7 @@ class AdapterSlots:
         if name == self.active:
             self.layer.config = config
         else:
-            self.layer.stash[name].config = config
+            self._stashed(name).config = config
 
     def delete(self, name: str) -> None:
         """Drop a named adapter; deleting the active one leaves the layer with none active."""
@@ -183,7 +206,9 @@ class AdapterSlots:
     def _stashed(self, name: str) -> Adapter:
         if name not in self.layer.stash:
             raise LoraAdapterNotFound(f"adapter {name!r} is not on this layer; it has {self.names()}")
-        return self.layer.stash[name]
+        adapter = self.layer.stash[name]
+        assert isinstance(adapter, Adapter), "the stash holds Adapters only"
+        return adapter
 
     def _refuse_in_mixed_batch(self, what: str) -> None:
         if self.layer.mixed is not None:

@@ -52,7 +52,8 @@ def key_values(pairs: list[tuple[str, str]]) -> Table:
 
 def to_text(*renderables: RenderableType) -> str:
     """Render tables (and strings) as plain text, one after the other; lines end without padding."""
-    console = Console(file=StringIO(), width=WIDE, color_system=None, highlight=False, emoji=False, markup=False)
+    out = StringIO()
+    console = Console(file=out, width=WIDE, color_system=None, highlight=False, emoji=False, markup=False)
     for r in renderables:
         console.print(r)
-    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines())

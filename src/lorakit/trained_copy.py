@@ -8,6 +8,7 @@ own tensors are never written. `lorakit.merge` puts the trained copy in the wrap
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from torch import nn
 
@@ -38,7 +39,7 @@ class TrainedCopy(nn.Module):
         for p in self.trained.parameters():
             p.requires_grad_(True)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return (self.original if self.disabled else self.trained)(*args, **kwargs)
 
 

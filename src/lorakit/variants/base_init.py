@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import bases
 from ..config import BASE_CHANGING_INITS, LoraConfig
 from ..layers import BASE_INITS, LoraLayer
+from ..slots import BaseInit
 
 
 def base_init(
@@ -49,8 +50,11 @@ def base_init(
     return A, B, residual.to(weight.dtype)
 
 
-class InitialFactors(nn.Module):
+class InitialFactors(BaseInit):
     """The factors A₀ (r, d_in), B₀ (d_out, r) adapter `adapter` started from, whose product left the base."""
+
+    A0: Tensor  # buffers: they follow the layer's .to() and state_dict
+    B0: Tensor
 
     def __init__(self, adapter: str, A0: Tensor, B0: Tensor) -> None:
         super().__init__()
@@ -72,11 +76,13 @@ def init_from_base(layer: LoraLayer, config: LoraConfig) -> InitialFactors:
     """Fill the layer's active A, B from its base weight and leave the residual in the base."""
     if bases.is_quantized(layer.base):
         raise TypeError(f"init={config.init!r} needs a plain base weight to change; quantise after the init")
+    lora_A, lora_B, _ = layer.active_factors()  # just bound by LoraLayer.__init__, as adapter_name
+    assert layer.adapter_name is not None, "bound with the factors"
     weight = layer.dense_weight()  # (d_out, d_in): a view of base.weight ((d_in, d_out) Conv1D included)
-    A, B, residual = base_init(weight, config.rank, config.scaling, config.init, layer.lora_A.dtype)
+    A, B, residual = base_init(weight, config.rank, config.scaling, config.init, lora_A.dtype)
     with torch.no_grad():
-        layer.lora_A.copy_(A)
-        layer.lora_B.copy_(B)
+        lora_A.copy_(A)
+        lora_B.copy_(B)
         weight.copy_(residual)
     return InitialFactors(layer.adapter_name, A.clone(), B.clone())
 

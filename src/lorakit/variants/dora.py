@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from .. import bases, ops
 from ..cache import TensorCache
 from ..config import LoraConfig
 from ..layers import LORA_LAYERS, LoraLinear
@@ -116,56 +116,66 @@ class DoraLinear(LoraLinear):
 
     tensor_names = (*LoraLinear.tensor_names, "lora_magnitude")
     variant = "dora"
+    lora_magnitude: nn.Parameter | None  # (d_out,), bound with lora_A and lora_B (None while none is active)
 
     def __init__(self, base: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__(base, config, adapter_name)
-        self._w_sqnorm = TensorCache()  # ‖w_i‖², keyed on the base weight: follows merge_, load, .data =, .to()
+        self._w_sqnorm: TensorCache[Tensor] = TensorCache()  # ‖w_i‖², keyed on the base weight: follows merge_, .to()
         if self.base_init is not None:  # PiSSA/OLoRA moved W: m is the norm of the weight as it now is (as PEFT)
+            A, B, magnitude, config = self._active()
             with torch.no_grad():
-                self.lora_magnitude.copy_(self._initial_magnitude(self.lora_A, self.lora_B, self.config))
+                magnitude.copy_(self._initial_magnitude(A, B, config))
+
+    def _active(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter, LoraConfig]:
+        """(lora_A, lora_B, lora_magnitude, config) of the active adapter; LoraStateError where none is active."""
+        A, B, config = self.active_factors()
+        magnitude = self.lora_magnitude
+        assert magnitude is not None, "slots.py binds the magnitude with A and B"
+        return A, B, magnitude, config
 
     def _initial_magnitude(self, A: Tensor, B: Tensor, config: LoraConfig) -> Tensor:
         """m = ‖W + s·B A‖ per row, so a fresh layer computes exactly what its base did."""
         w = self.dense_weight()
         return weight_norm(w, A, B, config.scaling).to(w.dtype)
 
-    def new_adapter(self, config):
+    def new_adapter(self, config: LoraConfig) -> dict[str, nn.Parameter]:
         tensors = super().new_adapter(config)
         tensors["lora_magnitude"] = nn.Parameter(self._initial_magnitude(tensors["lora_A"], tensors["lora_B"], config))
         return tensors
 
     @classmethod
-    def adapter_shapes(cls, base, config):
+    def adapter_shapes(cls, base: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
         shapes = super().adapter_shapes(base, config)
         return {**shapes, "lora_magnitude": shapes["lora_B"][:1]}  # (d_out,)
 
-    def lora_forward(self, x):
+    def lora_forward(self, x: Tensor) -> Tensor:
+        A, B, magnitude, config = self._active()
         w_sqnorm = self._w_sqnorm.get([self.base_weight], lambda: row_sqnorm(self.dense_weight()))
         return dora_linear(
             x,
             self._linear_weight(),
-            self.base.bias,
-            self.lora_A,
-            self.lora_B,
-            self.lora_magnitude,
-            self.scaling,
-            self.config.dropout,
+            bases.bias(self.base),
+            A,
+            B,
+            magnitude,
+            config.scaling,
+            config.dropout,
             self.training,
             w_sqnorm,
             self._conv1d_gemm(),
         )
 
-    def weight_delta(self):
+    def weight_delta(self) -> Tensor:
         if self.adapter_name is None:
             return super().weight_delta()
-        # merged W' = g ⊙ (W + s·B A), so the delta is W' − W
-        delta = merged_delta(self.dense_weight(), self.lora_A, self.lora_B, self.lora_magnitude, self.scaling)
+        A, B, magnitude, config = self._active()  # merged W' = g ⊙ (W + s·B A), so the delta is W' − W
+        delta = merged_delta(self.dense_weight(), A, B, magnitude, config.scaling)
         return delta.t() if self.fan_in_fan_out else delta
 
-    def merged_weight(self, weight):
+    def merged_weight(self, weight: Tensor) -> Tensor:
         return ops.merged_weight(weight, self.weight_delta())  # not low rank: no addmm shortcut
 
-    def mixed_forward(self, x, *state):
+    def mixed_forward(self, x: Tensor, *state: Tensor) -> Tensor:
         raise NotImplementedError("DoRA adapters do not run in mixed batches (the row norm is per adapter)")
 
 

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .. import ops
+from .. import bases, ops
 from ..bases import QuantizedBase
 from ..errors import LoraStateError
-from ..layers import LoraLinear
+from ..layers import LoraLayer, LoraLinear
 from ..model import lora_layers
 
 FORMATS = ("nf4", "int8")
@@ -64,17 +64,19 @@ class QuantLinear(QuantizedBase):
     LoRA layers see it through `lorakit.bases` (`dense_weight()`), never through its storage format.
     """
 
+    bias: Tensor | None  # the original layer's own bias parameter, kept as is
+
     def __init__(self, base: nn.Module, fmt: str, fan_in_fan_out: bool) -> None:
         super().__init__()
         if fmt not in FORMATS:
             raise ValueError(f"quantisation format {fmt!r} is invalid: expected one of {', '.join(map(repr, FORMATS))}")
-        w = base.weight.detach()
+        w = bases.weight(base).detach()
         w = w.t() if fan_in_fan_out else w  # (d_out, d_in) whatever the original layout
         self.format, self.dtype, self.fan_in_fan_out, self.orig_type = fmt, w.dtype, fan_in_fan_out, type(base)
         self.out_features, self.in_features = w.shape
         q = quantize_nf4(w) if fmt == "nf4" else quantize_int8(w)
         self.weight = nn.Parameter(q, requires_grad=False)
-        self.bias = base.bias  # kept as is: it may train under bias="all"
+        self.bias = bases.bias(base)  # kept as is: it may train under bias="all"
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dense weight (d_out, d_in) in `dtype` (default: the original dtype)."""
@@ -83,10 +85,10 @@ class QuantLinear(QuantizedBase):
     def forward(self, x: Tensor) -> Tensor:
         return torch.nn.functional.linear(x, self.dense_weight(x.dtype), self.bias)
 
-    def __deepcopy__(self, memo: dict) -> QuantLinear:
+    def __deepcopy__(self, memo: dict[int, object]) -> QuantLinear:
         # torchao's NF4Tensor copies by re-quantising with default block sizes, which fails for small layers
         # (and may not reproduce the stored values): copy the stored tensor exactly, the rest as usual
-        weight = self._parameters["weight"]
+        weight = self.weight
         memo[id(weight)] = nn.Parameter(exact_clone(weight.detach()), requires_grad=False)
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
@@ -104,11 +106,13 @@ class QuantLinear(QuantizedBase):
             plain = nn.Linear(self.in_features, self.out_features, bias=has_bias)
         plain = plain.to(device=w.device, dtype=self.dtype)
         with torch.no_grad():
-            plain.weight.copy_(w)
-            if has_bias:
-                plain.bias.copy_(self.bias)
-            elif getattr(plain, "bias", None) is not None:
-                plain.bias = None
+            bases.weight(plain).copy_(w)
+            plain_bias = bases.bias(plain)
+            if self.bias is not None:
+                assert plain_bias is not None, "nn.Linear(bias=True) and Conv1D have a bias"
+                plain_bias.copy_(self.bias)
+            elif plain_bias is not None:
+                plain.register_parameter("bias", None)  # Conv1D always makes one
         return plain.requires_grad_(False)
 
     def weight_bytes(self) -> int:
@@ -155,16 +159,16 @@ def quantize_base(model: nn.Module, fmt: str = "nf4") -> nn.Module:
             raise LoraStateError(f"{name!r} is merged in place; call unmerge_(model) before quantising")
         if isinstance(layer.base, QuantLinear):
             raise LoraStateError(f"{name!r} is already quantised ({layer.base.format})")
-        if fmt == "nf4" and layer.base.weight.numel() % NF4_BLOCK:
+        if fmt == "nf4" and (n := bases.weight(layer.base).numel()) % NF4_BLOCK:
             raise ValueError(
                 f"{name!r}: NF4 needs a weight size divisible by {NF4_BLOCK}, it has "
-                f"{layer.base.weight.numel()} elements (use 'int8' or exclude it)"
+                f"{n} elements (use 'int8' or exclude it)"
             )
     for layer in layers.values():
         layer.base = QuantLinear(layer.base, fmt, type(layer).fan_in_fan_out)  # stored (d_out, d_in) either way
     return model
 
 
-def quantized_layers(model: nn.Module) -> dict[str, LoraLinear]:
+def quantized_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """The LoRA layers whose base is quantised, by module name."""
     return {n: layer for n, layer in lora_layers(model).items() if isinstance(layer.base, QuantLinear)}

@@ -1,0 +1,317 @@
+"""The LoRA linear fast path: `lora_linear`, a custom autograd Function over the base's own GEMM.
+
+    y = base(x) + scaling · (dropout(x) Aᵀ) Bᵀ      A: (r, d_in)   B: (d_out, r)
+
+Part of the math (`lorakit.ops` re-exports its public functions); the naive formula it is tested
+against is `ops.lora_linear_reference`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd import forward_ad
+
+# Costs per layer (N tokens): the base is 2·N·d_in·d_out FLOPs forward and again for the input gradient;
+# LoRA adds rank-r GEMMs that are memory-bound on CPU, so the fast path is about passes over N-sized
+# tensors: scale at rank r, accumulate into the base output, never keep a dropped copy of x, and, for
+# fp32 without dropout once N is large, fold the branch into the weight: x (W + s·B A)ᵀ is one GEMM and
+# the input gradient gy (W + s·B A) another, with no N-sized LoRA pass at all.
+#
+# Dropout: every call of every layer draws its own mask from torch's default generator, as the LoRA paper
+# and PEFT do, and nothing outlives the call. So gradient checkpointing, which replays the generator's
+# state when it recomputes a forward, redraws the very masks of the first pass (either mode), threads and
+# models never see each other's draws, and torch.compile traces the draw like any other op.
+
+_DROP_BITS = 16  # dropout probability resolution: masks come from 16-bit lanes of 64-bit random words
+
+
+def dropout_keep(shape: tuple[int, ...], p: float, device: torch.device | str | None = None) -> tuple[Tensor, float]:
+    """A bool keep-mask for dropout with probability p, and the 1/(1-p) scale that keeps it unbiased.
+
+    Four mask entries per 64 random bits (each 16-bit lane compared to a threshold): ~2× cheaper than
+    `torch.rand` + compare on CPU. p is realised to 1/65536 (0.1 -> 0.1000061); the returned scale is
+    1/(1 - realised p), so E[keep·scale] = 1 exactly. Draws from torch's default generator (seedable).
+
+    Example:
+        >>> keep, scale = dropout_keep((2, 3), 0.5)
+        >>> keep.dtype, keep.shape, scale
+        (torch.bool, torch.Size([2, 3]), 2.0)
+    """
+    n = math.prod(shape)
+    cut = min(round(p * 2**_DROP_BITS), 2**_DROP_BITS - 1)  # lanes below the cut are dropped
+    # randint over the whole int64 range draws the words Tensor.random_(-2**63, 2**63 - 1) would (same
+    # generator, same stream), and torch.compile traces it, which it does not do for random_ with bounds
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    lanes = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
+    return lanes >= cut - 2**15, 2**_DROP_BITS / (2**_DROP_BITS - cut)
+
+
+def _as_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """keep (bool) as 0/1 in `dtype`: multiplying by it is ~2× faster than by a bool tensor (no mixed dtypes)."""
+    return keep.view(torch.uint8).to(dtype)
+
+
+def _merge_pays(n: int, d_in: int, d_out: int, dtype: torch.dtype, passes: int = 1) -> bool:
+    """Whether forming W + s·B A (a weight-sized pass, `passes` times) beats the N-sized LoRA passes.
+
+    Only in fp32/fp64: in bf16/fp16 the sum would round the update onto the weight's coarse grid.
+    """
+    return dtype in (torch.float32, torch.float64) and n * (d_in + d_out) > passes * d_in * d_out
+
+
+def is_quantized(weight: Tensor) -> bool:
+    """Whether `weight` is a quantised base weight that `dense` dequantises (packed int8 or torchao NF4)."""
+    return weight.dtype == torch.int8 or hasattr(weight, "get_original_weight")
+
+
+def dense(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The weight as a plain tensor in `dtype`: a quantised base (lorakit.quant) is dequantised, others cast.
+
+    Packed int8 is (d_out, d_in + 4) with each row's fp32 absmax scale in its last 4 bytes; an NF4Tensor
+    (torchao) dequantises itself. Called where the LoRA linear uses W, so autograd saves the quantised form.
+    """
+    if weight.dtype == torch.int8:
+        scale = weight[:, -4:].contiguous().view(torch.float32)  # (d_out, 1)
+        return weight[:, :-4] * scale.to(dtype or torch.float32)  # int8 · scale promotes to the scale's dtype
+    if hasattr(weight, "get_original_weight"):  # torchao's NF4Tensor
+        weight = weight.get_original_weight()
+    return weight if dtype is None else weight.to(dtype)
+
+
+def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool = False) -> Tensor:
+    """The base layer's own GEMM, so that B = 0 reproduces its output bit for bit on any CPU (every linear
+    path computes its base term here: LoRA, mixed batches, DoRA).
+
+    nn.Linear computes F.linear(x, W, b). transformers' Conv1D computes addmm(b, x, W_stored) on its weight
+    stored (d_in, d_out), of which `weight` (d_out, d_in) is the transposed view. Same math, but the two
+    GEMM calls round differently on some CPUs (AMD EPYC), so each base gets its own.
+    """
+    if not fan_in_fan_out:
+        return F.linear(x, weight, bias)  # (..., d_out)
+    x2 = x.reshape(-1, x.shape[-1])  # (N, d_in), Conv1D's x.view(-1, d_in)
+    y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # weight.t(): the stored tensor
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _folded(weight: Tensor, A: Tensor, B: Tensor, scaling: float, fan_in_fan_out: bool) -> Tensor:
+    """W + s·B A (d_out, d_in), laid out in memory as the base lays out W, so `base_linear` runs W's GEMM on it."""
+    if fan_in_fan_out:
+        return torch.addmm(weight.t(), A.t(), B.t(), alpha=scaling).t()  # formed (d_in, d_out), as Conv1D stores W
+    return torch.addmm(weight, B, A, alpha=scaling)
+
+
+def _forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    keep: Tensor | None,
+    scaling: float,
+    drop_scale: float,
+    fan_in_fan_out: bool,
+    fold: bool,
+    need_h: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(y (..., d_out), h = drop(x) Aᵀ (N, r) or None): the forward of both the autograd and the no-grad path.
+
+    One function for both, so a reentrant checkpoint's no-grad first pass and its recompute agree bit for bit.
+    """
+    x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+    weight = dense(weight, x.dtype)
+    if fold:  # one GEMM on W + s·B A, as if merged; h only for B's gradient
+        y = base_linear(x, _folded(weight, A, B, scaling, fan_in_fan_out), bias, fan_in_fan_out)
+        return y, (x2 @ A.t() if need_h else None)
+    dropped = x2 if keep is None else x2 * _as_mask(keep, x2.dtype)  # (N, d_in), unscaled: scaled at rank r
+    h = dropped @ A.t()  # (N, r)
+    if keep is not None:
+        h.mul_(drop_scale)
+    y = base_linear(x, weight, bias, fan_in_fan_out)  # (..., d_out)
+    y.view(-1, y.shape[-1]).addmm_(h, B.t(), alpha=scaling)  # += s·h Bᵀ in place: no output-sized temporary
+    return y, h
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    """y = base(x) + s·(drop(x) Aᵀ) Bᵀ with a hand-written backward; the mask `keep` is drawn by the caller.
+
+    Saves x, h = drop(x) Aᵀ (N×r) and, with dropout, the bool keep-mask (1 byte/element): never a dropped
+    copy of x. The frozen weight and bias get gradients only if they ask for one. Under create_graph=True
+    the backward runs in plain autograd ops (h recomputed from x and A), so second derivatives are exact.
+    """
+
+    # forward(ctx, ...) rather than setup_context: the latter binds the signature on every call (~36 µs per
+    # layer here), and torch.func never reaches this Function (lora_linear runs `_plain` under it)
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold):
+        y, h = _forward(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, need_h=True)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, A, B, h, keep)
+        ctx.scaling, ctx.drop_scale, ctx.fan_in_fan_out, ctx.fold = scaling, drop_scale, fan_in_fan_out, fold
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        if gy is None:
+            return (None,) * 10
+        x, weight, A, B, h, keep = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must themselves be differentiable
+            grads = _backward_differentiable(ctx, gy, x, weight, A, B, keep)
+        else:
+            grads = _backward(ctx, gy, x, weight, A, B, h, keep)
+        return (*grads, None, None, None, None, None)  # keep, scaling, drop_scale, fan_in_fan_out, fold
+
+
+def _backward(
+    ctx, gy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, h: Tensor, keep: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """(dx, dW, db, dA, dB), each only if asked for: both scales at rank r, the mask applied once."""
+    s = ctx.scaling
+    x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+    gy2 = gy.reshape(-1, gy.shape[-1])  # (N, d_out)
+    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+    dx = dw = db = dA = dB = None
+    mask = _as_mask(keep, x2.dtype) if keep is not None and (need_x or need_A) else None
+    dh = None
+    if need_A or (need_x and not ctx.fold):
+        dh = gy2 @ B  # (N, r)
+        dh.mul_(s * ctx.drop_scale)  # both scales at rank r
+    if need_x:
+        w = dense(weight, x2.dtype)
+        if ctx.fold:  # base and LoRA in one GEMM, on the weight laid out as the base's
+            dx = gy2 @ _folded(w, A, B, s, ctx.fan_in_fan_out)  # (N, d_in)
+        else:
+            assert dh is not None  # computed above for need_x without fold
+            dx = gy2 @ w  # (N, d_in): what autograd of the base's GEMM computes (w: (d_out, d_in) as the base has it)
+            if mask is None:
+                dx.addmm_(dh, A)
+            else:
+                dx.addcmul_(dh @ A, mask)  # the mask's scale is already in dh
+        dx = dx.view(x.shape)
+    if need_A:
+        assert dh is not None  # computed above for need_A
+        dA = dh.t() @ (x2 if mask is None else x2 * mask)  # (r, d_in)
+    if need_B:
+        dB = (h.t() @ gy2).t().mul_(s)  # (d_out, r); hᵀ·gy is ~2× faster than gyᵀ·h here
+    if need_w:
+        dw = gy2.t() @ x2  # (d_out, d_in)
+    if need_b and ctx.has_bias:
+        db = gy2.sum(0)
+    return dx, dw, db, dA, dB
+
+
+def _backward_differentiable(
+    ctx, gy: Tensor, x: Tensor, weight: Tensor, A: Tensor, B: Tensor, keep: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """The same gradients in plain autograd ops on the saved inputs, for double backward (create_graph=True)."""
+    s = ctx.scaling
+    x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+    gy2 = gy.reshape(-1, gy.shape[-1])  # (N, d_out)
+    mask = None if keep is None else _as_mask(keep, x2.dtype) * ctx.drop_scale  # (N, d_in)
+    dropped = x2 if mask is None else x2 * mask  # (N, d_in)
+    dh = (gy2 @ B) * s  # (N, r)
+    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+    dx = dw = db = dA = dB = None
+    if need_x:
+        dx_lora = dh @ A if mask is None else (dh @ A) * mask  # (N, d_in)
+        dx = (gy2 @ dense(weight, x2.dtype) + dx_lora).view(x.shape)
+    if need_A:
+        dA = dh.t() @ dropped  # (r, d_in)
+    if need_B:
+        dB = s * (gy2.t() @ (dropped @ A.t()))  # (d_out, r)
+    if need_w:
+        dw = gy2.t() @ x2
+    if need_b and ctx.has_bias:
+        db = gy2.sum(0)
+    return dx, dw, db, dA, dB
+
+
+def _functional_transform(*tensors: Tensor | None) -> bool:
+    """Whether torch.func (grad, vmap, jvp, ...) or forward-mode AD is at work on this call.
+
+    The custom Function has no vmap or jvp rule, so these run `_plain`, the formula in plain autograd ops.
+    """
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _plain(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    keep: Tensor | None,
+    scaling: float,
+    drop_scale: float,
+    fan_in_fan_out: bool,
+) -> Tensor:
+    """The formula in plain differentiable ops, with the mask the fast path would use."""
+    dropped = x if keep is None else x * keep.view(x.shape).to(x.dtype) * drop_scale  # (..., d_in)
+    return base_linear(x, dense(weight, x.dtype), bias, fan_in_fan_out) + scaling * ((dropped @ A.t()) @ B.t())
+
+
+def _savable(x: Tensor) -> Tensor:
+    """x, or a normal copy of an inference tensor (made under torch.inference_mode): autograd cannot save those.
+
+    (dynamo does not trace `is_inference`; a compiled graph takes its inputs as normal tensors anyway)
+    """
+    return x.clone() if not torch.compiler.is_compiling() and x.is_inference() else x
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = False,
+    fan_in_fan_out: bool = False,
+) -> Tensor:
+    """The LoRA linear forward: base(x) + scaling · (dropout(x) Aᵀ) Bᵀ.
+
+    Args:
+        x: (..., d_in) input.
+        weight: the base weight as (d_out, d_in), as nn.Linear holds it (maybe quantised, see `dense`).
+        bias: the base bias (d_out,) or None.
+        A, B: the factors, (r, d_in) and (d_out, r).
+        scaling: alpha / r (or alpha / sqrt(r)).
+        dropout, training: with both, this call draws its own mask from torch's default generator.
+        fan_in_fan_out: the base is transformers' Conv1D, `weight` the transposed view of its stored
+            (d_in, d_out) tensor; the base term is then computed as Conv1D computes it.
+
+    Example:
+        >>> x, W, A, B = torch.randn(5, 4), torch.randn(3, 4), torch.randn(2, 4), torch.zeros(3, 2)
+        >>> torch.equal(lora_linear(x, W, None, A, B, 2.0), F.linear(x, W))
+        True
+    """
+    if torch.is_autocast_enabled(x.device.type):  # autocast skips in-place ops and custom Functions: cast here, once
+        dt = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(
+                x.to(dt),
+                weight if is_quantized(weight) else weight.to(dt),
+                None if bias is None else bias.to(dt),
+                A.to(dt),
+                B.to(dt),
+                scaling,
+                dropout,
+                training,
+                fan_in_fan_out,
+            )
+    n, d_in, d_out = math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0]
+    keep, drop_scale = dropout_keep((n, d_in), dropout, x.device) if dropout > 0.0 and training else (None, 1.0)
+    if _functional_transform(x, weight, bias, A, B):
+        return _plain(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, A, B)):
+        fold = keep is None and _merge_pays(n, d_in, d_out, x.dtype, passes=2)  # formed again for the input gradient
+        return _LoraLinearFn.apply(_savable(x), weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold)
+    fold = keep is None and _merge_pays(n, d_in, d_out, x.dtype)  # inference: no autograd bookkeeping
+    return _forward(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, need_h=False)[0]
