@@ -44,7 +44,7 @@ def read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(path, framework="pt", backend="pread") as f:  # header checked in full first
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except OSError as e:  # the library's I/O errors do not name the file
         raise LoraFileError(f"{path}: cannot be read ({e})") from None
     except _MALFORMED as e:
