@@ -243,10 +243,12 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
 
 
 def _tuple(kinds: _Kinds) -> tuple[type, ...]:
+    """`kinds` as a tuple of types."""
     return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
 def _kind_names(kinds: _Kinds) -> str:
+    """The JSON kinds in words, for error messages."""
     return " or ".join(
         {
             "str": "a string",
