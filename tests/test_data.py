@@ -151,6 +151,16 @@ def test_prompt_filling_max_length_is_a_bad_row(tok):
     assert out == [] and [str(b) for b in bad] == ["f.jsonl:7: the prompt fills max_length; nothing to learn from this row"]
 
 
+def test_seq_cls_encoding_needs_label2id_and_a_label(tok):
+    # found by mypy: a missing label2id was a bare TypeError ('NoneType' is not subscriptable)
+    with pytest.raises(ValueError, match="f.jsonl:3: seq-cls needs"):
+        data.encode([data.Example("f.jsonl", 3, "hi", label="pos")], tok, "seq-cls", max_length=8)
+    with pytest.raises(ValueError, match="f.jsonl:4: seq-cls needs"):
+        data.encode([data.Example("f.jsonl", 4, "hi")], tok, "seq-cls", max_length=8, label2id={"pos": 0})
+    [enc], _ = data.encode([data.Example("f.jsonl", 5, "hi", label="pos")], tok, "seq-cls", 8, {"pos": 0})
+    assert enc["labels"] == 0
+
+
 def test_collate_pads_and_masks():
     batch = data.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]

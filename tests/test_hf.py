@@ -103,6 +103,13 @@ def test_apply_lora_on_decoders(tiny, kind):
     assert names == set(layers) and head not in names  # all-linear: every linear layer but the output head
 
 
+def test_generate_refuses_a_model_that_cannot_generate():
+    # found by mypy: a classifier failed with AttributeError deep in generate()
+    model, tok = hf.load(_hf_models.minilm_dir(), "seq-cls", id2label={0: "a", 1: "b"})
+    with pytest.raises(TypeError, match="BertForSequenceClassification cannot generate text"):
+        hf.generate(model, tok, "hello")
+
+
 def test_apply_lora_on_bert_minilm():
     model, _ = hf.load(_hf_models.minilm_dir(), "seq-cls", id2label={0: "a", 1: "b"})
     lk.apply_lora(model, lk.LoraConfig(rank=2), ["query", "key", "value", "dense"], modules_to_save=hf.head_names(model))

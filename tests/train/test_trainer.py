@@ -177,3 +177,26 @@ def test_user_errors_are_clear() -> None:
     nan_data = DataLoader(TensorDataset(torch.full((8, 3), math.nan), torch.randn(8, 1)), batch_size=4)
     with pytest.raises(FloatingPointError, match="loss is nan at epoch 1, batch 1"):
         Trainer(nn.Linear(3, 1), TrainConfig(device="cpu"), loss_fn=nn.functional.mse_loss, callbacks=[]).fit(nan_data)
+
+
+class _Dict(nn.Module):
+    """A mapping-batch model whose output is a dict: neither a Tensor nor an object with .logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        return {"out": self.lin(x)}
+
+
+def test_loss_fn_on_a_mapping_batch_names_what_it_lacks() -> None:
+    # found by mypy: loss_fn(None, labels) failed inside the user's loss function
+    cfg = TrainConfig(device="cpu")
+    trainer = Trainer(_Dict(), cfg, loss_fn=nn.functional.mse_loss, callbacks=[])
+    with pytest.raises(ValueError, match=r"needs batch\['labels'\] and a model output .* output=dict"):
+        trainer.evaluate([{"x": torch.randn(4, 3), "labels": torch.randn(4, 1)}])
+    unlabelled = Trainer(nn.Linear(3, 1), cfg, loss_fn=nn.functional.mse_loss, callbacks=[])
+    with pytest.raises(ValueError, match="got labels=NoneType, output=Tensor"):
+        unlabelled.evaluate([{"input": torch.randn(4, 3)}])
+

@@ -9,10 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..adapters import COMBINE_METHODS
+from torch import nn
+
+from ..adapters import COMBINE_METHODS, CombineReport
 from ..hf import models as hf
 from .common import BadInput, inputs, new_or_empty, quiet_transformers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # -- inspect ---------------------------------------------------------------------------------------
 
@@ -67,7 +73,7 @@ def generate(args: argparse.Namespace) -> int:
     specs, weights = _adapter_specs(args.adapter or []), _weights(args.weight)
     if args.compare and not specs:
         raise BadInput("--compare needs --adapter")
-    for name, d in specs:
+    for _, d in specs:
         task, _ = inputs(hf.read_task, d)
         if task != "causal-lm":
             raise BadInput(f"{d} is a {task} adapter; generate needs a causal-lm adapter")
@@ -144,13 +150,16 @@ def _weights(values: list[str] | None) -> dict[str, float]:
 
 
 def _weights_for(specs: list[tuple[str, Path]], weights: dict[str, float]) -> dict[str, float]:
+    """{name: weight} for every --adapter (1 where no --weight names it); unknown --weight names are BadInput."""
     unknown = sorted(set(weights) - {n for n, _ in specs})
     if unknown:
         raise BadInput(f"--weight names {unknown} match no --adapter; adapters: {[n for n, _ in specs]}")
     return {n: weights.get(n, 1.0) for n, _ in specs}
 
 
-def _load_named(model_dir, specs, task, trust_remote_code):
+def _load_named(
+    model_dir: str, specs: list[tuple[str, Path]], task: str | None, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """The base with every adapter loaded under its name (all for the same task)."""
     from ..loading import load_adapters
 
@@ -167,7 +176,9 @@ def _load_named(model_dir, specs, task, trust_remote_code):
     return model, tok, task
 
 
-def _combine(model, specs, weights, method, rank):
+def _combine(
+    model: nn.Module, specs: list[tuple[str, Path]], weights: dict[str, float], method: str, rank: int | None
+) -> CombineReport:
     """Combine the named adapters into one active adapter "combined"; the originals are dropped."""
     from .. import adapters
 
@@ -183,7 +194,7 @@ def _combine(model, specs, weights, method, rank):
 # -- the parsers -----------------------------------------------------------------------------------
 
 
-def add_inspect(subparsers: argparse._SubParsersAction) -> None:
+def add_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Flags of `lorakit inspect`."""
     p = subparsers.add_parser(
         "inspect",
@@ -196,7 +207,7 @@ def add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=inspect)
 
 
-def add_merge(subparsers: argparse._SubParsersAction) -> None:
+def add_merge(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Flags of `lorakit merge`."""
     p = subparsers.add_parser(
         "merge",
@@ -220,7 +231,7 @@ def add_merge(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=merge)
 
 
-def add_generate(subparsers: argparse._SubParsersAction) -> None:
+def add_generate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Flags of `lorakit generate`."""
     p = subparsers.add_parser(
         "generate",
@@ -250,6 +261,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_combine_flags(p: argparse.ArgumentParser) -> None:
+    """--weight, --combine, --combine-rank: how several adapters combine (merge and generate)."""
     p.add_argument(
         "--weight",
         action="append",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 from ..errors import LoraError
 from ..hf import data
@@ -28,7 +29,7 @@ def flag_words(e: BaseException) -> str:
     return str(e)
 
 
-def inputs(fn: Callable[..., T], *args, **kwargs) -> T:
+def inputs(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a step that reads the user's inputs; lorakit's file/data errors and bad values become BadInput."""
     try:
         return fn(*args, **kwargs)
@@ -36,7 +37,7 @@ def inputs(fn: Callable[..., T], *args, **kwargs) -> T:
         raise BadInput(flag_words(e)) from None
 
 
-def new_or_empty(path: str, remedy: str) -> None:
+def new_or_empty(path: str | Path, remedy: str) -> None:
     """BadInput unless `path` is new or an empty directory (hf.check_output_dir), with the CLI's `remedy`."""
     try:
         hf.check_output_dir(path)

@@ -37,6 +37,8 @@ def bench(args: argparse.Namespace) -> int:
     if not script.is_file():
         raise OSError(f"{script}: not found; `lorakit bench` needs a source checkout of lorakit")
     spec = importlib.util.spec_from_file_location("lorakit_benchmarks_run", script)
+    if spec is None or spec.loader is None:
+        raise OSError(f"{script}: cannot be loaded as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -47,7 +49,7 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_example(sub: argparse._SubParsersAction) -> None:
+def add_example(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Flags of `lorakit example`."""
     p = sub.add_parser(
         "example",
@@ -80,7 +82,7 @@ def add_example(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=example)
 
 
-def add_bench(sub: argparse._SubParsersAction) -> None:
+def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Flags of `lorakit bench` (passed on to benchmarks/run.py)."""
     p = sub.add_parser(
         "bench",

@@ -82,7 +82,7 @@ def finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_finetune(subparsers: argparse._SubParsersAction) -> None:
+def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Flags of `lorakit finetune`."""
     p = subparsers.add_parser(
         "finetune",
@@ -94,7 +94,8 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
         '  seq-cls    {"text": ..., "label": "positive" | 3}\n\n'
         "Bad rows are listed as file:line and the run does not start unless --skip-bad-rows.\n"
         "OUT becomes a PEFT-format adapter directory; metrics, plot, checkpoint go to OUT/run/.",
-        epilog="example: lorakit finetune --model models/tiny-llama --data train.jsonl --task causal-lm --out adapters/a1",
+        epilog="example: lorakit finetune --model models/tiny-llama --data train.jsonl --task causal-lm "
+        "--out adapters/a1",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
     p.add_argument("--data", required=True, metavar="FILE", help="training rows: .jsonl or .csv/.tsv")

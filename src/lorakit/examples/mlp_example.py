@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 import lorakit as lk
 
@@ -61,11 +62,13 @@ def say(text: str = "") -> None:
 
 
 def _mse(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """The model's mean squared error on (x, y), without gradients."""
     with torch.no_grad():
         return nn.functional.mse_loss(model(x), y).item()
 
 
 def _size(path: Path) -> str:
+    """A file's size in bytes, for the report."""
     return f"{path.stat().st_size:,} B"
 
 
@@ -81,6 +84,7 @@ def run(opts: ExampleOptions) -> int:
     torch.manual_seed(opts.seed)
     train_a, valid_a = loaders("A", 8192, 1024, 64, opts.seed)
     train_b, valid_b = loaders("B", 2048, 1024, 32, opts.seed + 1)
+    assert isinstance(valid_b.dataset, TensorDataset)  # what loaders() builds
     xb, yb = valid_b.dataset.tensors
 
     resume = opts.resume and (out / TRAIN_DIR / CHECKPOINT).is_file() and (out / BASE_FILE).is_file()

@@ -53,7 +53,9 @@ def make_task(task: str, n: int, seed: int, split: int) -> tuple[Tensor, Tensor]
     return x, y[:, None]
 
 
-def loaders(task: str, n_train: int, n_valid: int, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
+def loaders(
+    task: str, n_train: int, n_valid: int, batch_size: int, seed: int
+) -> tuple[DataLoader[tuple[Tensor, ...]], DataLoader[tuple[Tensor, ...]]]:
     """Seeded train (shuffled with its own generator) and valid loaders for one task."""
     x, y = make_task(task, n_train, seed, split=0 if task == "A" else 2)
     vx, vy = make_task(task, n_valid, seed, split=1 if task == "A" else 3)

@@ -43,15 +43,8 @@ def replacing(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    while True:  # O_EXCL: never reuse another writer's temporary file
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as in open()
-            break
-        except FileExistsError:
-            continue
+    tmp = _new_temp(path)
     try:
-        os.close(fd)
         yield tmp  # writers that take a file name (safetensors) open it themselves
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -63,6 +56,18 @@ def replacing(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _new_temp(path: Path) -> Path:
+    """Create an empty, never-used temporary file beside `path` (O_EXCL: never another writer's) and name it."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as in open()
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:

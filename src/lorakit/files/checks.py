@@ -37,6 +37,7 @@ def check_tensors(
 
 
 def few(keys: list[str], k: int = 6) -> str:
+    """The first `k` keys, comma-separated, and how many more there are."""
     return ", ".join(keys[:k]) + (f", ... (+{len(keys) - k})" if len(keys) > k else "")
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
+
+from torch import Tensor
 
 from ..errors import LoraFileError
 from ..tables import key_values, table, to_text
@@ -17,7 +20,7 @@ from . import safetensors as safetensors_io
 _FACTORS = {"lora_A": "A", "lora_B": "B", "bias": "bias", "lora_magnitude": "magnitude"}  # per-module tensors
 
 
-def describe(path: str | Path) -> dict:
+def describe(path: str | Path) -> dict[str, Any]:
     """A JSON-ready description of the adapter at `path` (directory or .safetensors file).
 
     Example:
@@ -28,6 +31,7 @@ def describe(path: str | Path) -> dict:
         ([8, 4], 24)
     """
     path = Path(path)
+    directory: Path | None
     if path.is_dir():
         directory, weights = path, path / peft_format.WEIGHTS_NAME
     elif path.is_file():
@@ -36,13 +40,14 @@ def describe(path: str | Path) -> dict:
         raise LoraFileError(f"{path}: no such file or directory")
     if not weights.is_file():
         raise LoraFileError(
-            f"{weights}: no such file (an adapter directory holds {peft_format.CONFIG_NAME} and {peft_format.WEIGHTS_NAME})"
+            f"{weights}: no such file "
+            f"(an adapter directory holds {peft_format.CONFIG_NAME} and {peft_format.WEIGHTS_NAME})"
         )
     tensors, meta = safetensors_io.read(weights)
     if meta.get("format") == "lorakit-layer":
         return _describe_layer(weights, tensors, meta)
 
-    info: dict = {
+    info: dict[str, Any] = {
         "path": str(path),
         "kind": "model adapter (PEFT layout)",
         "weights_file": str(weights),
@@ -66,8 +71,8 @@ def describe(path: str | Path) -> dict:
         info["file_bytes"] += config_path.stat().st_size if config_path.is_file() else 0
     fan_in_fan_out = bool(info["config"] and info["config"].get("fan_in_fan_out"))
 
-    modules: dict[str, dict] = {}
-    extra: list[dict] = []
+    modules: dict[str, dict[str, Any]] = {}
+    extra: list[dict[str, Any]] = []
     for key, t in tensors.items():
         hit = peft_format.split_key(key)
         if hit is None or hit[1] not in _FACTORS:  # modules_to_save, other biases, whole embeddings
@@ -88,21 +93,21 @@ def describe(path: str | Path) -> dict:
             entry["dtype"] = str(t.dtype).removeprefix("torch.")
             entry["layout"] = layout
     rows = []
-    for name, e in modules.items():
-        a, b = e.get("A"), e.get("B")
+    for name, entry in modules.items():
+        a, b = entry.get("A"), entry.get("B")
         if a is None or b is None:
             extra.append({"name": name, "problem": "has lora_A without lora_B (or the reverse)"})
             continue
         rank, d_out = a[0], b[0]
         d_in = a[1:]
         cfg = spec.config.for_module(name) if spec else None
-        if e.get("layout") == "embedding":  # A (r, num_embeddings), B (dim, r)
+        if entry.get("layout") == "embedding":  # A (r, num_embeddings), B (dim, r)
             base_shape, kind = [a[1], d_out], "embedding"
         elif len(a) > 2:  # conv: A (r, d_in, *k), B (d_out, r, 1...)
             base_shape, kind = [d_out, *d_in], f"conv{len(a) - 2}d"
         else:
             base_shape, kind = ([d_in[0], d_out] if fan_in_fan_out else [d_out, d_in[0]]), "linear"
-        params = math.prod(a) + math.prod(b) + sum(math.prod(e[k]) for k in ("bias", "magnitude") if k in e)
+        params = math.prod(a) + math.prod(b) + sum(math.prod(entry[k]) for k in ("bias", "magnitude") if k in entry)
         rows.append(
             {
                 "module": name,
@@ -112,9 +117,9 @@ def describe(path: str | Path) -> dict:
                 "rank": rank,
                 "alpha": cfg.alpha if cfg else None,
                 "scaling": cfg.scaling if cfg else None,
-                "bias": "bias" in e,
+                "bias": "bias" in entry,
                 "params": params,
-                "dtype": e.get("dtype"),
+                "dtype": entry.get("dtype"),
                 "base_weight_shape": base_shape,
             }
         )
@@ -129,7 +134,8 @@ def describe(path: str | Path) -> dict:
     return info
 
 
-def _describe_layer(path: Path, tensors: dict, meta: dict) -> dict:
+def _describe_layer(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> dict[str, Any]:
+    """`describe` for a lorakit layer file: one module, the config from the metadata."""
     config = json.loads(meta.get("config", "{}"))
     a, b = list(tensors["lora_A"].shape), list(tensors["lora_B"].shape)
     params = sum(t.numel() for t in tensors.values())
@@ -163,7 +169,7 @@ def _describe_layer(path: Path, tensors: dict, meta: dict) -> dict:
     }
 
 
-def render(info: dict) -> str:
+def render(info: dict[str, Any]) -> str:
     """The description as readable text: the file and its config, then one table row per LoRA module."""
     head = [("adapter", info["path"]), ("kind", info["kind"]), ("size", _size(info["file_bytes"]))]
     config = info.get("config") or {}
@@ -226,11 +232,13 @@ def render(info: dict) -> str:
     return to_text(key_values(head), "", modules, *tail)
 
 
-def _shape(shape) -> str:
+def _shape(shape: list[int] | None) -> str:
+    """A shape as `8×4`; `-` for none."""
     return "×".join(map(str, shape)) if shape else "-"
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
+    """A byte count in B, KiB, MiB or GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:,} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -100,6 +101,7 @@ _UNDERSTOOD = {
     "lorakit",
     "use_dora",
 }
+_Kinds = type | tuple[type, ...]  # what isinstance takes: the JSON types a config key may hold
 # init_lora_weights values that assume a base changed at init time (PiSSA, OLoRA, CorDA, LoftQ, ...)
 _INIT_OK = (True, False, "gaussian", "eva", "orthogonal")
 
@@ -111,7 +113,7 @@ def to_peft_config(
     fan_in_fan_out: bool = False,
     modules_to_save: list[str] | None = None,
     name_or_path: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """adapter_config.json for LoRA on `configs` (module name -> its config), in PEFT's vocabulary.
 
     Targets are written as the exact module names (a regex of them where a name is also the suffix of
@@ -137,7 +139,7 @@ def to_peft_config(
         "lora_alpha": base[1],
         "lora_dropout": one.dropout,
         "target_modules": target_modules,
-        "bias": BIAS_TO_PEFT[one.bias],
+        "bias": BIAS_TO_PEFT[LoraBias(one.bias)],
         "use_rslora": one.use_rslora,
         "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True if one.init == "kaiming" else one.init,
@@ -166,7 +168,7 @@ class AdapterSpec:
     targets: list[str]
     exclude: list[str]
     modules_to_save: list[str]
-    raw: dict
+    raw: dict[str, Any]
 
 
 def read_adapter_config(directory: str | Path) -> AdapterSpec:
@@ -185,7 +187,7 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
     if not isinstance(raw, dict):
         raise LoraFileError(f"{path}: expected a JSON object, got {type(raw).__name__}")
 
-    def field(key, kinds, default=None, required=False):
+    def field(key: str, kinds: _Kinds, default: Any = None, required: bool = False) -> Any:
         if raw.get(key) is None:
             if required:
                 raise LoraFileError(f"{path}: missing key {key!r}")
@@ -240,11 +242,13 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
     return AdapterSpec(config, _rules(targets), _rules(exclude) if exclude else [], list(modules_to_save), raw)
 
 
-def _tuple(kinds):
+def _tuple(kinds: _Kinds) -> tuple[type, ...]:
+    """`kinds` as a tuple of types."""
     return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
-def _kind_names(kinds) -> str:
+def _kind_names(kinds: _Kinds) -> str:
+    """The JSON kinds in words, for error messages."""
     return " or ".join(
         {
             "str": "a string",

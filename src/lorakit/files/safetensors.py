@@ -9,6 +9,7 @@ sees a torn file, and files get the permissions open() gives.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -44,7 +45,7 @@ def read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(path, framework="pt", backend="pread") as f:  # header checked in full first
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except OSError as e:  # the library's I/O errors do not name the file
         raise LoraFileError(f"{path}: cannot be read ({e})") from None
     except _MALFORMED as e:
@@ -54,7 +55,7 @@ def read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def write(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+def write(path: str | Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write tensors (any device, layout or sharing) and string metadata to a safetensors file, atomically.
 
     Example:
@@ -69,7 +70,7 @@ def write(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]
     atomic_write(path, save(_plain(tensors), metadata))
 
 
-def _plain(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+def _plain(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """CPU, contiguous, each owning its whole storage: the library refuses entries that share storage."""
     out: dict[str, Tensor] = {}
     seen: set[int] = set()

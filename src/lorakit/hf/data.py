@@ -1,4 +1,4 @@
-"""Training data from JSONL or CSV files: read, validate every row, tokenize, batch.
+"""Training data from JSONL or CSV files: read (`rows`), validate every row, tokenize, batch.
 
     causal-lm rows:  {"text": ...}  or  {"prompt": ..., "completion": ...}   (loss on completion tokens only)
     seq-cls rows:    {"text": ..., "label": "positive" | 3}
@@ -10,31 +10,23 @@ problems (not UTF-8, empty, unknown format, missing CSV columns) are errors at o
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import LoraError
 from .models import TASKS
+from .rows import MAX_LINE_BYTES, BadRow, DataError, Row, read_records
 
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
-MAX_LINE_BYTES = 1 << 20  # 1 MiB: far past any sensible training row, short of a runaway file
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 IGNORE_INDEX = -100  # the label that PyTorch's cross-entropy (and transformers) skip
 SHOWN_BAD_ROWS = 20
-
-
-class DataError(LoraError, ValueError):
-    """A data file that cannot be used as it is; `bad_rows` lists the rows at fault, if any."""
-
-    def __init__(self, message: str, bad_rows: Sequence[BadRow] = ()) -> None:
-        super().__init__(message)
-        self.bad_rows = list(bad_rows)
+Encoded = dict[str, Any]  # {"input_ids": [int], "labels": [int] (causal-lm, -100 on the prompt) or int (seq-cls)}
 
 
 class BadRowsError(DataError):
@@ -59,18 +51,6 @@ class NoValidSplitError(DataError):
 
 
 @dataclass(frozen=True)
-class BadRow:
-    """One row that cannot be used, with where it is and why."""
-
-    path: str
-    line: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}"
-
-
-@dataclass(frozen=True)
 class Example:
     """One validated row. `completion` is set for prompt/completion rows (then `text` is the prompt)."""
 
@@ -85,135 +65,34 @@ class Example:
 class Prepared:
     """Tokenized train/valid sets ready for batching, plus what was dropped and the label names."""
 
-    train: list[dict]
-    valid: list[dict]
+    train: list[Encoded]
+    valid: list[Encoded]
     id2label: dict[int, str] | None
     bad_rows: list[BadRow] = field(default_factory=list)
-
-
-# -- reading: rows with their line numbers --------------------------------------------------------
-
-
-def read_records(
-    path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES
-) -> tuple[list[tuple[int, dict]], list[BadRow]]:
-    """(line, row) pairs from a .jsonl or .csv/.tsv file, and the rows that could not be parsed."""
-    path = Path(path)
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise DataError(f"{path}: unknown data format {path.suffix or '(no suffix)'!r}; expected {', '.join(FORMATS)}")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    lines, bad = _read_lines(path, max_line_bytes)
-    if not any(text.strip() for _, text in lines):
-        raise DataError(f"{path}: the file is empty; expected one row per line")
-    if fmt == "jsonl":
-        records, more_bad = _parse_jsonl(str(path), lines)
-    else:
-        records, more_bad = _parse_csv(str(path), lines, "," if fmt == "csv" else "\t")
-    return records, sorted(bad + more_bad, key=lambda b: b.line)
-
-
-def _read_lines(path: Path, max_line_bytes: int) -> tuple[list[tuple[int, str]], list[BadRow]]:
-    """Physical lines as (number, text); a line over the limit becomes a bad row, not a memory spike."""
-    lines: list[tuple[int, str]] = []
-    bad: list[BadRow] = []
-    with open(path, "rb") as f:
-        number = 0
-        while True:
-            raw = f.readline(max_line_bytes + 1)
-            if not raw:
-                break
-            number += 1
-            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                while raw and not raw.endswith(b"\n"):  # skip the rest of the line in bounded chunks
-                    raw = f.readline(max_line_bytes)
-                bad.append(BadRow(str(path), number, f"line is longer than {max_line_bytes:,} bytes (max_line_bytes)"))
-                continue
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path}:{number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                    "re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
-                ) from None
-            if "\x00" in text:
-                raise DataError(f"{path}:{number}: contains NUL bytes; is this a text file (UTF-16 or binary?)")
-            lines.append((number, text))
-    return lines, bad
-
-
-def _parse_jsonl(path: str, lines: list[tuple[int, str]]) -> tuple[list[tuple[int, dict]], list[BadRow]]:
-    records, bad = [], []
-    for number, text in lines:
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            bad.append(BadRow(path, number, f"not valid JSON ({e.msg} at column {e.colno})"))
-            continue
-        if not isinstance(row, dict):
-            bad.append(BadRow(path, number, f"expected a JSON object, got {type(row).__name__}"))
-            continue
-        records.append((number, row))
-    return records, bad
-
-
-def _parse_csv(path: str, lines: list[tuple[int, str]], delimiter: str) -> tuple[list[tuple[int, dict]], list[BadRow]]:
-    numbers = [n for n, _ in lines]
-    reader = csv.reader(io.StringIO("".join(t for _, t in lines), newline=""), delimiter=delimiter)
-    records, bad = [], []
-    header: list[str] | None = None
-    while True:
-        start = numbers[min(reader.line_num, len(numbers) - 1)]  # the physical line a (maybe multi-line) row starts on
-        try:
-            cells = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            bad.append(BadRow(path, start, f"not valid CSV ({e})"))
-            continue
-        if not cells or all(not c.strip() for c in cells):
-            continue
-        if header is None:
-            header = [c.strip() for c in cells]
-            if len(set(header)) != len(header):
-                raise DataError(f"{path}:{start}: the CSV header repeats a column name: {header}")
-            continue
-        if len(cells) != len(header):
-            bad.append(
-                BadRow(path, start, f"has {len(cells)} fields; the header has {len(header)} ({', '.join(header)})")
-            )
-            continue
-        records.append((start, dict(zip(header, cells))))
-    if header is None:
-        raise DataError(f"{path}: the CSV file has no header row")
-    return records, bad
 
 
 # -- validation: rows -> examples -----------------------------------------------------------------
 
 
 def validate(
-    path: str | Path, records: Sequence[tuple[int, dict]], task: str, label2id: Mapping[str | int, int] | None = None
+    path: str | Path, records: Sequence[tuple[int, Row]], task: str, label2id: Mapping[str | int, int] | None = None
 ) -> tuple[list[Example], list[BadRow]]:
     """Examples for `task` from raw rows; `label2id` (seq-cls) flags labels not seen in training."""
     if task not in TASKS:
         raise ValueError(f"task={task!r} is invalid: expected one of {', '.join(TASKS)}")
-    path = str(path)
-    examples, bad = [], []
+    where = str(path)
+    examples: list[Example] = []
+    bad: list[BadRow] = []
     for line, row in records:
         try:
-            examples.append(_example(path, line, row, task, label2id))
+            examples.append(_example(where, line, row, task, label2id))
         except ValueError as e:
-            bad.append(BadRow(path, line, str(e)))
+            bad.append(BadRow(where, line, str(e)))
     return examples, bad
 
 
-def _example(path: str, line: int, row: dict, task: str, label2id: Mapping | None) -> Example:
+def _example(path: str, line: int, row: Row, task: str, label2id: Mapping[str | int, int] | None) -> Example:
+    """The row as an Example for `task`; ValueError saying what is wrong with it."""
     if task == "causal-lm":
         has_text, has_pair = "text" in row, "prompt" in row or "completion" in row
         if has_text and has_pair:
@@ -244,7 +123,8 @@ def _example(path: str, line: int, row: dict, task: str, label2id: Mapping | Non
     return Example(path, line, text, label=label)
 
 
-def _string(row: dict, key: str, *, allow_empty: bool) -> str:
+def _string(row: Row, key: str, *, allow_empty: bool) -> str:
+    """The string field `key` of a row; ValueError if missing, not a string, or empty where not allowed."""
     if key not in row:
         raise ValueError(f"missing field {key!r}; the row has {_keys(row)}")
     value = row[key]
@@ -255,7 +135,8 @@ def _string(row: dict, key: str, *, allow_empty: bool) -> str:
     return value
 
 
-def _keys(row: dict) -> str:
+def _keys(row: Row) -> str:
+    """The row's field names, for error messages."""
     return ", ".join(map(repr, row)) or "no fields"
 
 
@@ -270,8 +151,11 @@ def label_names(examples: Sequence[Example]) -> dict[int, str]:
     if len(labels) < 2:
         raise DataError(f"a classifier needs at least 2 labels; the training data has {sorted(map(str, labels))}")
     if kinds == {int}:
-        return {i: str(i) for i in range(max(labels) + 1)}
-    ordered = sorted(labels, key=lambda s: (0, int(s), s) if s.strip().lstrip("-").isdigit() else (1, 0, s))
+        return {i: str(i) for i in range(max(x for x in labels if isinstance(x, int)) + 1)}
+    ordered = sorted(
+        (x for x in labels if isinstance(x, str)),
+        key=lambda s: (0, int(s), s) if s.strip().lstrip("-").isdigit() else (1, 0, s),
+    )
     return dict(enumerate(ordered))
 
 
@@ -286,13 +170,20 @@ def label_to_id(id2label: Mapping[int, str], examples: Sequence[Example]) -> dic
 
 
 def encode(
-    examples: Sequence[Example], tokenizer, task: str, max_length: int, label2id: Mapping[str | int, int] | None = None
-) -> tuple[list[dict], list[BadRow]]:
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    max_length: int,
+    label2id: Mapping[str | int, int] | None = None,
+) -> tuple[list[Encoded], list[BadRow]]:
     """Token ids per example; causal-lm labels are -100 on prompt tokens, so loss falls on completions."""
-    out, bad = [], []
+    out: list[Encoded] = []
+    bad: list[BadRow] = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for ex in examples:
         if task == "seq-cls":
+            if label2id is None or ex.label is None:
+                raise ValueError(f"{ex.path}:{ex.line}: seq-cls needs the example's label and label2id (label_to_id)")
             ids = tokenizer(ex.text, truncation=True, max_length=max_length)["input_ids"]
             out.append({"input_ids": ids, "labels": label2id[ex.label]})
             continue
@@ -314,7 +205,7 @@ def encode(
     return out, bad
 
 
-def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids and attention_mask (B, T); labels (B, T) with -100 padding, or (B,)."""
     T = max(len(b["input_ids"]) for b in batch)
     ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
@@ -334,7 +225,7 @@ def collate(batch: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def batches(
-    data: Sequence[dict], batch_size: int, pad_id: int, *, shuffle: bool = False, seed: int = 0
+    data: Sequence[Encoded], batch_size: int, pad_id: int, *, shuffle: bool = False, seed: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches in order, or shuffled with a seed."""
     order = list(range(len(data)))
@@ -363,7 +254,7 @@ def holdout(examples: Sequence[Example], fraction: float, seed: int) -> tuple[li
 def prepare(
     train_path: str | Path,
     task: str,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     valid_path: str | Path | None = None,
     valid_fraction: float = 0.1,

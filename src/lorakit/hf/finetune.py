@@ -14,9 +14,10 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch.utils.data import DataLoader
 
 from ..config import LoraConfig
 from ..files.atomic import write_json
@@ -25,10 +26,15 @@ from ..saving import save_adapters
 from ..train import TrainConfig, Trainer, accuracy, perplexity
 from ..train.artifacts import CHECKPOINT
 from ..train.distributed import is_main
+from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
 from ..variants.quant import quantize_base
 from . import data
 from . import models as hf
+from .data import MAX_LINE_BYTES
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 RUN_DIR = "run"
 REPORT = "finetune_report.json"
@@ -50,7 +56,7 @@ class FinetuneJob:
     max_length: int = 256
     valid_fraction: float = 0.1
     skip_bad_rows: bool = False
-    max_line_bytes: int = data.MAX_LINE_BYTES
+    max_line_bytes: int = MAX_LINE_BYTES
     trust_remote_code: bool = False
     resume: bool = False
     overwrite: bool = False
@@ -74,11 +80,11 @@ class Setup:
     """A job made concrete: the LoRA-wrapped model, its tokenizer, the tokenized data."""
 
     job: FinetuneJob
-    model: nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     prepared: data.Prepared
-    train_loader: torch.utils.data.DataLoader
-    valid_loader: torch.utils.data.DataLoader
+    train_loader: DataLoader[data.Encoded]
+    valid_loader: DataLoader[data.Encoded]
 
 
 def prepare(job: FinetuneJob) -> Setup:
@@ -116,14 +122,23 @@ def prepare(job: FinetuneJob) -> Setup:
         quantize_base(model, job.quantize)
     collate = functools.partial(data.collate, pad_id=tok.pad_token_id)
     shuffle = torch.Generator().manual_seed(job.train.seed)
-    train_loader = torch.utils.data.DataLoader(
-        prepared.train, batch_size=job.batch_size, shuffle=True, generator=shuffle, collate_fn=collate
+    # a list is a map-style dataset to DataLoader; torch's stubs ask for a Dataset subclass
+    train_loader: DataLoader[data.Encoded] = DataLoader(
+        prepared.train,  # type: ignore[arg-type]
+        batch_size=job.batch_size,
+        shuffle=True,
+        generator=shuffle,
+        collate_fn=collate,
     )
-    valid_loader = torch.utils.data.DataLoader(prepared.valid, batch_size=job.batch_size, collate_fn=collate)
+    valid_loader: DataLoader[data.Encoded] = DataLoader(
+        prepared.valid,  # type: ignore[arg-type]
+        batch_size=job.batch_size,
+        collate_fn=collate,
+    )
     return Setup(job, model, tok, prepared, train_loader, valid_loader)
 
 
-def run(setup: Setup, callbacks: list | None = None) -> dict:
+def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Evaluate, train, evaluate again; write the adapter to `job.out` and return the report."""
     job, model = setup.job, setup.model
     out = Path(job.out)

@@ -13,11 +13,16 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import LoraError, LoraFileError
+
+if TYPE_CHECKING:  # transformers is the optional `hf` extra: imported where used, at run time
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 TASKS = ("causal-lm", "seq-cls")  # what lorakit fine-tunes: the one list the data, the jobs and the CLI use
 HEAD_NAMES = ("classifier", "score")  # PEFT's SEQ_CLS modules_to_save
@@ -88,7 +93,8 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
-def _auto_class(task: str):
+def _auto_class(task: str) -> type[_BaseAutoModelClass]:
+    """transformers' Auto class of `task`; ValueError for another task."""
     import transformers
 
     if task not in TASKS:
@@ -96,7 +102,7 @@ def _auto_class(task: str):
     return transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModelForSequenceClassification
 
 
-def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a model directory, with a pad token (EOS stands in where there is none)."""
     import transformers
 
@@ -123,18 +129,18 @@ def load_model(
     id2label: Mapping[int, str] | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
-) -> nn.Module:
+) -> PreTrainedModel:
     """A causal-LM or sequence-classification model from a local directory; seq-cls needs `id2label`.
 
     Example:
-        >>> load_model("/nonexistent", "causal-lm")
+        >>> load_model("/nonexistent", "causal-lm")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        lorakit.hf.models.ModelDirError: /nonexistent: no such directory (lorakit loads models from local directories only, never a hub)
+        lorakit.hf.models.ModelDirError: /nonexistent: no such directory ...
     """
     path = check_model_dir(path)
     auto = _auto_class(task)
-    kwargs: dict = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
@@ -162,7 +168,7 @@ def load(
     id2label: Mapping[int, str] | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
-):
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) from a local model directory; the model's pad id follows the tokenizer's."""
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model = load_model(path, task, id2label=id2label, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -172,12 +178,14 @@ def load(
 
 
 def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """RemoteCodeError if the model ships its own code (auto_map) and it is not trusted."""
     config = _read_json(path / "config.json")
     if config.get("auto_map") and not trust_remote_code:
         raise RemoteCodeError(path)
 
 
 def _pad_id_from_dir(path: Path) -> int | None:
+    """The pad id of the directory's tokenizer; None without a usable one."""
     try:
         tok = load_tokenizer(path)
     except ModelDirError:
@@ -185,7 +193,8 @@ def _pad_id_from_dir(path: Path) -> int | None:
     return tok.pad_token_id
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; ModelDirError for anything else."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -196,6 +205,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first line of an error's message (transformers' run to many), else its type."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
@@ -224,7 +234,11 @@ def write_task_file(
     from ..files.atomic import locked_dir, write_json
 
     adapter_dir = Path(adapter_dir)
-    info: dict = {"task": task, "base_model": str(base_model) if base_model else None, "max_length": max_length}
+    info: dict[str, Any] = {
+        "task": task,
+        "base_model": str(base_model) if base_model else None,
+        "max_length": max_length,
+    }
     if id2label is not None:
         info["id2label"] = {str(i): str(v) for i, v in sorted(id2label.items())}
     with locked_dir(adapter_dir):  # the config is read, changed and rewritten: no save in between
@@ -272,7 +286,7 @@ def load_with_adapter(
     task: str | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
-):
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """(model, tokenizer, task) with a lorakit- or PEFT-made adapter loaded strictly into the base."""
     from ..loading import load_adapters
 
@@ -289,7 +303,9 @@ def load_with_adapter(
     return model, tok, task
 
 
-def save_merged(model: nn.Module, tok, out_dir: str | Path, *, dtype: str | None = None) -> int:
+def save_merged(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, out_dir: str | Path, *, dtype: str | None = None
+) -> int:
     """Merge every LoRA layer and write a plain transformers directory (weights, config, tokenizer); returns how many.
 
     The merge is computed in fp32 and checked finite; `dtype` casts the result.
@@ -301,13 +317,13 @@ def save_merged(model: nn.Module, tok, out_dir: str | Path, *, dtype: str | None
     merge(model)
     _untie_if_apart(model)
     if dtype is not None:
-        model.to(DTYPES[dtype])
+        model.to(DTYPES[dtype])  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     return n
 
 
-def _untie_if_apart(model: nn.Module) -> None:
+def _untie_if_apart(model: PreTrainedModel) -> None:
     """Set `tie_word_embeddings=False` where the merged head no longer shares the input embeddings' weight.
 
     A trained copy of a tied lm_head (modules_to_save), or a merged LoRA on tied embeddings, leaves the two
@@ -332,8 +348,8 @@ def _untie_if_apart(model: nn.Module) -> None:
 
 
 def generate(
-    model: nn.Module,
-    tok,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
     prompt: str,
     *,
     max_new_tokens: int = 40,
@@ -343,11 +359,15 @@ def generate(
     seed: int = 0,
 ) -> str:
     """The completion of `prompt`: greedy when temperature is 0, else sampled (seeded)."""
+    from transformers import GenerationMixin
+
+    if not isinstance(model, GenerationMixin):
+        raise TypeError(f"{type(model).__name__} cannot generate text: expected a causal-lm model")
     model.eval()
     enc = tok(prompt, return_tensors="pt")
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
-    kwargs: dict = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
     else:
@@ -355,7 +375,9 @@ def generate(
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(**enc, **kwargs)
-    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert isinstance(text, str)  # one sequence of ids decodes to one string
+    return text
 
 
 def offline() -> None:

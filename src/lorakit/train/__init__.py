@@ -6,11 +6,12 @@ Example:
     1
 """
 
+from .artifacts import export_adapter
 from .config import TrainConfig
 from .events import CheckpointSaved, EpochEnded, Event, RunEnded, RunStarted, StepLogged
 from .metrics import Metric, accuracy, perplexity
 from .reporting import PlainLog, auto_reporter
-from .trainer import Trainer, TrainResult, export_adapter
+from .trainer import Trainer, TrainResult
 
 __all__ = [
     "CheckpointSaved",

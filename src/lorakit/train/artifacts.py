@@ -19,8 +19,15 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
+
+from torch import nn
 
 from ..files import atomic
+from ..files import safetensors as safetensors_io
+from ..model import lora_layers
+from ..saving import save_adapters
+from .events import EpochEnded, StepLogged
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -41,16 +48,16 @@ class ArtifactDir:
         """A file or folder in the run directory."""
         return self.root / name
 
-    def write_json(self, name: str, data: dict) -> None:
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
         """Write `data` as indented JSON, atomically."""
         atomic.write_json(self.path(name), data)
 
-    def append_row(self, row: dict) -> None:
+    def append_row(self, row: dict[str, Any]) -> None:
         """Append one metrics row (one line, flushed)."""
         with open(self.path(METRICS), "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
-    def rows(self) -> list[dict]:
+    def rows(self) -> list[dict[str, Any]]:
         """Every complete row of metrics.jsonl (a torn last line from a killed run is skipped)."""
         p = self.path(METRICS)
         if not p.exists():
@@ -61,7 +68,7 @@ class ArtifactDir:
                 out.append(json.loads(line))
         return out
 
-    def keep_rows(self, n: int) -> list[dict]:
+    def keep_rows(self, n: int) -> list[dict[str, Any]]:
         """Cut metrics.jsonl back to its first `n` rows (what a resumed checkpoint had written)."""
         rows = self.rows()[:n]
         data = "".join(json.dumps(r) + "\n" for r in rows).encode()
@@ -72,7 +79,7 @@ class ArtifactDir:
         """Start metrics.jsonl empty (a fresh run in a used directory)."""
         atomic.atomic_write(self.path(METRICS), b"")
 
-    def plot(self, rows: list[dict], title: str = "train and valid loss") -> Path:
+    def plot(self, rows: list[dict[str, Any]], title: str = "train and valid loss") -> Path:
         """Draw loss.png from metrics rows: train loss per logged step, train and valid loss per epoch."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
         from matplotlib.figure import Figure
@@ -122,3 +129,46 @@ class ArtifactDir:
         fig.savefig(buf, format="png")
         atomic.atomic_write(self.path(PLOT), buf.getvalue())
         return self.path(PLOT)
+
+
+def step_row(e: StepLogged) -> dict[str, Any]:
+    """The metrics.jsonl row of a logged step."""
+    return {
+        "kind": "step",
+        "epoch": e.epoch,
+        "step": e.step,
+        "batch": e.batch,
+        "loss": e.loss,
+        "lr": e.lr,
+        "grad_norm": e.grad_norm,
+        "throughput": e.throughput,
+        "throughput_unit": e.unit,
+        "elapsed_s": e.elapsed_s,
+        **e.metrics,
+    }
+
+
+def epoch_row(e: EpochEnded) -> dict[str, Any]:
+    """The metrics.jsonl row of an epoch's end."""
+    return {
+        "kind": "epoch",
+        "epoch": e.epoch,
+        "step": e.step,
+        "train_loss": e.train_loss,
+        "valid_loss": e.valid_loss,
+        "best_valid_loss": e.best_valid_loss,
+        "is_best": e.is_best,
+        "lr": e.lr,
+        "elapsed_s": e.elapsed_s,
+        **{f"train_{k}": v for k, v in e.train_metrics.items()},
+        **{f"valid_{k}": v for k, v in e.valid_metrics.items()},
+    }
+
+
+def export_adapter(model: nn.Module, directory: Path) -> Path:
+    """Save what training changed: the PEFT-layout adapter for a LoRA model, else the trainable parameters."""
+    if lora_layers(model):
+        return save_adapters(model, directory)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    safetensors_io.write(directory / "trainable.safetensors", trainable, {"format": "lorakit-trainable"})
+    return directory

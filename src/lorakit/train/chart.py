@@ -13,6 +13,7 @@ LABEL_WIDTH = 8
 
 
 def _fmt(v: float) -> str:
+    """An axis label: 3 significant digits, scientific outside [1e-3, 1e4)."""
     return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.1e}"
 
 
@@ -34,7 +35,7 @@ def line_chart(
     plot_w, rows = max(width - LABEL_WIDTH - 2, 4), max(height - 2, 2)
     out = Text(no_wrap=True, overflow="crop")
     if not points:
-        for r in range(rows):
+        for _ in range(rows):
             out.append(" " * LABEL_WIDTH + " ┤\n", style="dim")
         out.append(" " * LABEL_WIDTH + " └" + "─" * plot_w, style="dim")
         return out

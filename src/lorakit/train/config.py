@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16")
@@ -81,33 +82,37 @@ class TrainConfig:
         if base not in DEVICES or (":" in self.device and (base != "cuda" or not self.device[5:].isdigit())):
             raise ValueError(f"TrainConfig.device={self.device!r} is invalid: expected one of {DEVICES} or 'cuda:N'")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values."""
         d = asdict(self)
         d["betas"] = list(self.betas)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """The inverse of `to_dict`; unknown keys are an error naming them."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if k == "betas" else v for k, v in d.items()})
+        values: dict[str, Any] = {k: tuple(v) if k == "betas" else v for k, v in d.items()}
+        return cls(**values)
 
 
 def _int(name: str, value: object, minimum: int) -> None:
+    """ValueError unless `value` is an int (not a bool) >= minimum."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"TrainConfig.{name}={value!r} is invalid: expected an int >= {minimum}")
 
 
 def _positive_int(name: str, value: object) -> None:
+    """ValueError unless `value` is an int >= 1."""
     _int(name, value, 1)
 
 
 def _finite(name: str, value: object, minimum: float, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
+    """ValueError unless `value` is a finite number >= minimum (> minimum if `strict`)."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
         bound = f"> {minimum}" if strict else f">= {minimum}"
         raise ValueError(f"TrainConfig.{name}={value!r} is invalid: expected a finite number {bound}")

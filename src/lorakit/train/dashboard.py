@@ -75,9 +75,8 @@ class Dashboard:
 
     # -- drawing ------------------------------------------------------------------------------------
 
-    def _progress(self) -> tuple[int, float, int, float]:
+    def _progress(self, s: RunStarted) -> tuple[int, float, int, float]:
         """(epoch, fraction of the epoch, step, fraction of the run) as of the last event."""
-        s = self.start
         step = max(self.last.step if self.last else s.start_step, self.epoch.step if self.epoch else 0)
         if self.epoch and (not self.last or self.epoch.step >= self.last.step):
             epoch, frac = self.epoch.epoch, 1.0
@@ -87,8 +86,8 @@ class Dashboard:
             epoch, frac = s.start_epoch, 0.0
         return epoch, frac, step, step / max(s.total_steps, 1)
 
-    def _eta(self, step: int) -> str:
-        s = self.start
+    def _eta(self, s: RunStarted, step: int) -> str:
+        """Time left at the mean rate of this process's steps so far."""
         done_here = step - s.start_step
         if self.done:
             return "done"
@@ -104,7 +103,7 @@ class Dashboard:
             return Text("waiting for the run to start…")
         width = min(self.console.size.width, MAX_WIDTH)
         inner = width - 4  # panel borders and padding
-        epoch, efrac, step, frac = self._progress()
+        epoch, efrac, step, frac = self._progress(s)
 
         bars = Table.grid(padding=(0, 1), expand=True)
         bars.add_column(width=len(f"step {s.total_steps}/{s.total_steps}"), no_wrap=True)
@@ -116,7 +115,7 @@ class Dashboard:
         bars.add_row(
             f"step {step}/{s.total_steps}",
             ProgressBar(total=1.0, completed=frac, complete_style="green"),
-            f"ETA {self._eta(step)}",
+            f"ETA {self._eta(s, step)}",
         )
 
         stats = Table.grid(padding=(0, 2), expand=True)

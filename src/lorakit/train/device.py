@@ -33,6 +33,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _mps_available() -> bool:
+    """Whether this torch has an available MPS (Apple GPU) backend."""
     mps = getattr(torch.backends, "mps", None)
     return bool(mps and mps.is_available())
 

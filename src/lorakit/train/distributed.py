@@ -26,6 +26,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
 ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -157,11 +159,11 @@ class Group:
         with torch.no_grad():  # replicated parameters must start equal, as DDP's broadcast makes them
             for p in trainable:
                 dist.broadcast(p.data, src=0)
-        trainable = set(trainable)
+        ignored = set(trainable)
         mesh = init_device_mesh(device.type, (self.world_size,))
         for layer in lora_layers(model).values():  # one unit each: gathered just for that layer's op
-            fully_shard(layer, mesh=mesh, ignored_params=trainable)
-        fully_shard(model, mesh=mesh, ignored_params=trainable)
+            fully_shard(layer, mesh=mesh, ignored_params=ignored)
+        fully_shard(model, mesh=mesh, ignored_params=ignored)
         self.fsdp = True
         return model
 
@@ -191,7 +193,7 @@ class Group:
 
     # -- data and numbers -------------------------------------------------------------------------
 
-    def shard_loader(self, loader: Iterable, seed: int) -> Iterable:
+    def shard_loader(self, loader: Iterable[Any], seed: int) -> Iterable[Any]:
         """`loader` rebuilt so this rank reads its slice: a DistributedSampler (shuffled if the loader was)
         seeded with `seed`; the trainer calls its `set_epoch` each epoch. A loader that already has a
         DistributedSampler is used as it is.
@@ -211,7 +213,7 @@ class Group:
                 "under torchrun the train DataLoader needs batch_size= (it has a custom batch_sampler); "
                 "or build it with a torch.utils.data.DistributedSampler yourself"
             )
-        sampler = DistributedSampler(
+        sampler: DistributedSampler[Any] = DistributedSampler(
             loader.dataset,
             num_replicas=self.world_size,
             rank=self.rank,
@@ -243,11 +245,11 @@ class Group:
         dist.all_reduce(t)
         return t.tolist()
 
-    def gather(self, obj: object) -> list[object]:
+    def gather(self, obj: T) -> list[T]:
         """Every rank's `obj`, in rank order (picklable objects: RNG states)."""
         if self.world_size == 1:
             return [obj]
-        out: list[object] = [None] * self.world_size
+        out: list[Any] = [None] * self.world_size  # filled with every rank's obj
         dist.all_gather_object(out, obj)
         return out
 
@@ -258,5 +260,6 @@ class Group:
 
 
 def _destroy() -> None:
+    """Leave the process group at exit (torch warns about one left behind)."""
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,10 +115,10 @@ class Meter:
                 out[m.name] = m.from_loss(out["loss"])
         return out
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         """JSON-ready state, for checkpoints."""
         return {"sums": dict(self.sums), "count": self.count}
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict[str, Any]) -> None:
         """Restore `state()`."""
         self.sums, self.count = dict(state["sums"]), int(state["count"])

@@ -7,7 +7,7 @@ Every line is `<kind> key=value ...`, with no colour or cursor codes, so `grep '
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 
@@ -15,8 +15,12 @@ from .device import peak_memory_mib
 from .events import CheckpointSaved, EpochEnded, Event, RunEnded, RunStarted, StepLogged
 from .fmt import fmt_duration
 
+if TYPE_CHECKING:
+    from .dashboard import Dashboard
+
 
 def _metrics(prefix: str, values: dict[str, float]) -> str:
+    """` <prefix><name>=<value>` for each metric, for a log line."""
     return "".join(f" {prefix}{k}={v:.6g}" for k, v in values.items())
 
 
@@ -31,11 +35,13 @@ class PlainLog:
         self.epochs = self.total_steps = 0
 
     def _write(self, line: str) -> None:
+        """One log line, flushed."""
         stream = self.stream or sys.stdout
         stream.write(line + "\n")
         stream.flush()
 
     def _mem(self) -> str:
+        """Peak memory so far, as a log field."""
         mib, kind = peak_memory_mib(self.device)
         return f"mem_{kind}_mib={mib:.0f}"
 
@@ -76,7 +82,7 @@ class PlainLog:
             )
 
 
-def auto_reporter(stream: TextIO | None = None):
+def auto_reporter(stream: TextIO | None = None) -> Dashboard | PlainLog:
     """The live dashboard when `stream` (stdout) is a terminal, else `PlainLog`."""
     out = stream or sys.stdout
     if out.isatty():

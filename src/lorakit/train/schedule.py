@@ -1,8 +1,12 @@
-"""Learning-rate schedules as a pure function of the optimizer step, so resuming needs only the step."""
+"""Learning rates: schedules as a pure function of the optimizer step (so resuming needs only the step), and
+LoRA+'s per-group scale."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import torch
 
 
 def lr_at(step: int, total_steps: int, peak: float, kind: str = "constant", warmup_steps: int = 0) -> float:
@@ -26,3 +30,11 @@ def lr_at(step: int, total_steps: int, peak: float, kind: str = "constant", warm
     if kind == "cosine":
         return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"schedule {kind!r} is unknown: expected 'constant', 'linear' or 'cosine'")
+
+
+def param_groups(params: dict[str, torch.nn.Parameter], loraplus_ratio: float | None) -> list[dict[str, Any]]:
+    """AdamW groups: with LoRA+ the `lora_B` factors get lr_scale = ratio, the rest 1 (the trainer multiplies)."""
+    ratio = 1.0 if loraplus_ratio is None else float(loraplus_ratio)
+    b = [p for n, p in params.items() if ratio != 1.0 and "lora_B" in n.split(".")]
+    rest = [p for n, p in params.items() if not (ratio != 1.0 and "lora_B" in n.split("."))]
+    return [g for g in ({"params": rest, "lr_scale": 1.0}, {"params": b, "lr_scale": ratio}) if g["params"]]

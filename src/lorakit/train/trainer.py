@@ -2,8 +2,8 @@
 bf16 autocast, validation, artifacts, and checkpoints that resume bit-for-bit (on CPU).
 
 Batches are `(inputs, targets)` pairs, scored by `loss_fn(outputs, targets)`, or mappings passed as
-`model(**batch)` whose output carries `.loss` (Hugging Face style; `batch["labels"]` are the targets).
-The loop never prints: it emits events (events.py) to its callbacks.
+`model(**batch)` whose output carries `.loss` (Hugging Face style; `batch["labels"]` are the targets):
+see batch.py. The loop never prints: it emits events (events.py) to its callbacks.
 
 Under torchrun the same loop runs on every rank (distributed.py): DDP or FSDP2, a sharded train loader,
 metrics summed over ranks; rank 0 alone writes artifacts and runs the reporters.
@@ -14,25 +14,25 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..files import safetensors as safetensors_io
-from ..model import lora_layers, trainable_parameters
-from ..saving import save_adapters
+from ..model import trainable_parameters
 from . import artifacts as art
 from . import rng
-from .checkpoint import load_params, read_checkpoint, write_checkpoint
+from .batch import BatchOut, LossFn, forward, group_size
+from .checkpoint import Checkpoint, RunState, resume_from, write_checkpoint
 from .config import TrainConfig
-from .device import bf16_supported, resolve_device, to_device
+from .device import bf16_supported, resolve_device
 from .distributed import Group
 from .events import CheckpointSaved, EpochEnded, Event, RunEnded, RunStarted, StepLogged
-from .metrics import Meter, Metric, as_metrics
-from .schedule import lr_at
+from .metrics import BatchFn, Meter, Metric, as_metrics
+from .schedule import lr_at, param_groups
 
 Callback = Callable[[Event], None]
 PLOT_INTERVAL_S = 5.0  # loss.png is redrawn at an epoch's end if this long has passed (a plot costs ~0.25 s)
@@ -66,9 +66,11 @@ class Trainer:
         >>> import lorakit as lk
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> _ = torch.manual_seed(0)
-        >>> model = lk.apply_lora(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), lk.LoraConfig(rank=2), ["0"])
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> model = lk.apply_lora(net, lk.LoraConfig(rank=2), ["0"])
         >>> x = torch.randn(64, 4); data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
-        >>> result = Trainer(model, TrainConfig(epochs=2, device="cpu"), loss_fn=nn.functional.mse_loss, callbacks=[]).fit(data)
+        >>> trainer = Trainer(model, TrainConfig(epochs=2, device="cpu"), loss_fn=nn.functional.mse_loss, callbacks=[])
+        >>> result = trainer.fit(data)
         >>> result.steps
         8
     """
@@ -78,8 +80,8 @@ class Trainer:
         model: nn.Module,
         config: TrainConfig | None = None,
         *,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-        metrics: Iterable[Metric] | dict | None = None,
+        loss_fn: LossFn | None = None,
+        metrics: Iterable[Metric] | dict[str, BatchFn] | None = None,
         callbacks: Sequence[Callback] | None = None,
         artifact_dir: str | Path | None = None,
     ) -> None:
@@ -104,41 +106,12 @@ class Trainer:
 
     # -- one batch ----------------------------------------------------------------------------------
 
-    def _forward(
-        self, batch: object, net: nn.Module | None = None
-    ) -> tuple[Tensor, Tensor | None, Tensor | None, int, int, str]:
-        """(loss, outputs, targets, samples, units, unit name) for one batch through `net` (default: the model)."""
-        net = net or self.model
-        batch = to_device(batch, self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
-            if isinstance(batch, Mapping):
-                out = net(**batch)
-                targets = batch.get("labels")
-                logits = getattr(out, "logits", out if isinstance(out, Tensor) else None)
-                if self.loss_fn is not None:
-                    loss = self.loss_fn(logits, targets)
-                elif getattr(out, "loss", None) is not None:
-                    loss = out.loss
-                else:
-                    raise ValueError("a mapping batch needs a model output with .loss, or Trainer(loss_fn=...)")
-                ids = batch.get("input_ids")
-                n = len(next(v for v in batch.values() if isinstance(v, Tensor)))
-                mask = batch.get("attention_mask")
-                tokens = int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
-                return loss.float(), logits, targets, n, tokens or n, "tokens" if tokens else "samples"
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise TypeError(
-                    f"a batch must be (inputs, targets) or a mapping; got {type(batch).__name__}"
-                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                )
-            if self.loss_fn is None:
-                raise ValueError("(inputs, targets) batches need Trainer(loss_fn=...), e.g. nn.functional.mse_loss")
-            x, y = batch
-            out = net(x)
-            loss = self.loss_fn(out, y)
-            return loss.float(), out, y, len(x), len(x), "samples"
+    def _forward(self, batch: object, net: nn.Module | None = None) -> BatchOut:
+        """One batch through `net` (default: the model); see batch.forward."""
+        bf16 = self.config.precision == "bf16"
+        return forward(net or self.model, batch, self.device, self.loss_fn, bf16=bf16)
 
-    def evaluate(self, loader: Iterable) -> dict[str, float]:
+    def evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
         """Mean loss and metrics over `loader`, in eval mode, without gradients: {"loss": ..., name: ...}.
 
         Under torchrun every rank evaluates all of `loader` (so every rank gets the same exact numbers).
@@ -156,10 +129,11 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:
+        """Hand `event` to every callback."""
         for cb in self.callbacks:
             cb(event)
 
-    def fit(self, train: Iterable, valid: Iterable | None = None, *, resume: bool = False) -> TrainResult:
+    def fit(self, train: Iterable[Any], valid: Iterable[Any] | None = None, *, resume: bool = False) -> TrainResult:
         """Train for `config.epochs`; with `resume=True`, continue from the artifact dir's checkpoint.
 
         A resumed run restores parameters, optimizer, schedule position, every RNG and the position in
@@ -173,7 +147,8 @@ class Trainer:
                 if callable(close):
                     close()
 
-    def _fit(self, train: Iterable, valid: Iterable | None, resume: bool) -> TrainResult:
+    def _fit(self, train: Iterable[Any], valid: Iterable[Any] | None, resume: bool) -> TrainResult:
+        """`fit` without closing the callbacks."""
         cfg, model, arts, world = self.config, self.model, self.artifacts, self.group
         saving = self.artifact_root is not None  # on every rank (checkpoints gather from all); arts: rank 0
         train = world.shard_loader(train, cfg.seed)
@@ -196,24 +171,13 @@ class Trainer:
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
         total_steps = steps_per_epoch * cfg.epochs
         epoch_meter, interval = Meter(self.metrics), Meter(self.metrics)
-        s = {
-            "epoch": 1,
-            "batch": 0,
-            "step": 0,
-            "elapsed_s": 0.0,
-            "best_valid_loss": None,
-            "rows": 0,
-            "train_loss": math.nan,
-            "valid_loss": None,
-            "grad_norm_sum": 0.0,
-            "grad_norms": 0,
-        }
+        s = RunState()
         generator = getattr(train, "generator", None)  # a DataLoader's own shuffle generator, if given
-        ckpt = None
+        ckpt: Checkpoint | None = None
         if resume:
-            ckpt = self._load_checkpoint(params, optimizer, s, epoch_meter, interval)
-            if not s["batch"]:  # checkpoint at an epoch boundary: the live RNG state is all we need
-                _restore(*self._rng(ckpt, "current"), generator)
+            ckpt, s = self._resume(optimizer, epoch_meter, interval)
+            if not s.batch:  # checkpoint at an epoch boundary: the live RNG state is all we need
+                rng.restore_snapshot(*self._rng(ckpt, "current"), generator)
         else:
             rng.seed_everything(cfg.seed + world.rank)  # ranks draw different dropout masks
             if arts:
@@ -238,8 +202,8 @@ class Trainer:
                 cfg.epochs,
                 steps_per_epoch,
                 total_steps,
-                s["epoch"],
-                s["step"],
+                s.epoch,
+                s.step,
                 trainable,
                 total,
                 str(self.device),
@@ -247,23 +211,21 @@ class Trainer:
                 str(arts.root) if arts else None,
             )
         )
-        t0, elapsed0, last_plot = time.perf_counter(), s["elapsed_s"], time.perf_counter()
+        t0, elapsed0, last_plot = time.perf_counter(), s.elapsed_s, time.perf_counter()
 
-        def elapsed() -> float:
+        def elapsed() -> float:  # this run's time, and the time of the runs it resumes
             return elapsed0 + time.perf_counter() - t0
 
         def checkpoint() -> None:  # on every rank: rank 0 writes every rank's RNG state
-            s["elapsed_s"] = elapsed()
-            now_t, now_json = _snapshot(generator)
-            rng_t, rng_json = {}, {}
-            for r, states in enumerate(
-                world.gather({"current": (now_t, now_json), "epoch_start": (epoch_t, epoch_json)})
-            ):
+            s.elapsed_s = elapsed()
+            rng_t: dict[str, dict[str, Tensor]] = {}
+            rng_json: dict[str, Any] = {}
+            for r, states in enumerate(world.gather({"current": rng.snapshot(generator), "epoch_start": epoch_rng})):
                 for name, (tensors, data) in states.items():
-                    rng_t[_rng_key(name, r)], rng_json[_rng_key(name, r)] = tensors, data
+                    rng_t[rng.rank_key(name, r)], rng_json[rng.rank_key(name, r)] = tensors, data
             if arts:
                 state = {
-                    **s,
+                    **s.to_dict(),
                     "config": cfg.to_dict(),
                     "world_size": world.world_size,
                     "epoch_meter": epoch_meter.state(),
@@ -271,25 +233,26 @@ class Trainer:
                     "rng": rng_json,
                 }
                 path = write_checkpoint(arts.path(art.CHECKPOINT), params, optimizer, rng_t, state)
-                self._emit(CheckpointSaved(s["step"], str(path)))
+                self._emit(CheckpointSaved(s.step, str(path)))
 
-        lr = lr_at(s["step"], total_steps, cfg.lr, cfg.schedule, cfg.warmup_steps)
-        for epoch in range(s["epoch"], cfg.epochs + 1):
-            skip = s["batch"] if epoch == s["epoch"] else 0
+        lr = lr_at(s.step, total_steps, cfg.lr, cfg.schedule, cfg.warmup_steps)
+        for epoch in range(s.epoch, cfg.epochs + 1):
+            skip = s.batch if epoch == s.epoch else 0
             if skip:  # mid-epoch resume: replay the epoch's shuffle, then put the live RNG back
-                epoch_t, epoch_json = self._rng(ckpt, "epoch_start")
-                _restore(epoch_t, epoch_json, generator)
+                epoch_rng = self._rng(ckpt, "epoch_start")
+                rng.restore_snapshot(*epoch_rng, generator)
             else:
-                epoch_t, epoch_json = _snapshot(generator)
+                epoch_rng = rng.snapshot(generator)
                 epoch_meter.reset()
-            if callable(getattr(getattr(train, "sampler", None), "set_epoch", None)):
-                train.sampler.set_epoch(epoch - 1)  # a DistributedSampler's shuffle for this epoch
+            set_epoch = getattr(getattr(train, "sampler", None), "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch - 1)  # a DistributedSampler's shuffle for this epoch
             batches = iter(train)
             for _ in itertools.islice(batches, skip):
                 pass
             if skip:
-                _restore(*self._rng(ckpt, "current"), generator)
-            s["epoch"] = epoch
+                rng.restore_snapshot(*self._rng(ckpt, "current"), generator)
+            s.epoch = epoch
             model.train()
             t_interval, units, unit = time.perf_counter(), 0, "samples"
             for b, batch in enumerate(batches, start=skip + 1):
@@ -298,32 +261,32 @@ class Trainer:
                     loss, out, y, n, u, unit = self._forward(batch, net)
                     (loss / group_size(b, cfg.grad_accum, batches_per_epoch)).backward()
                 sums = epoch_meter.batch_sums(float(loss.detach()), n, out, y)
-                *totals, n, u = world.sum([*sums.values(), n, u])  # the whole step's numbers, on every rank
-                sums, n, units = dict(zip(sums, totals)), int(n), units + int(u)
+                *totals, n_all, u_all = world.sum([*sums.values(), n, u])  # the whole step's numbers, every rank
+                sums, n, units = dict(zip(sums, totals, strict=True)), int(n_all), units + int(u_all)
                 value = sums["loss"] / n
                 if not math.isfinite(value):  # every rank sees the same value, so every rank stops here
-                    raise FloatingPointError(f"loss is {value} at epoch {epoch}, batch {b}, step {s['step'] + 1}")
+                    raise FloatingPointError(f"loss is {value} at epoch {epoch}, batch {b}, step {s.step + 1}")
                 epoch_meter.add(sums, n)
                 interval.add(sums, n)
                 if not stepping:
                     continue
                 world.average_gradients(params.values())
-                lr = lr_at(s["step"], total_steps, cfg.lr, cfg.schedule, cfg.warmup_steps)
+                lr = lr_at(s.step, total_steps, cfg.lr, cfg.schedule, cfg.warmup_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 if cfg.max_grad_norm is not None:
                     norm = float(torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm))
-                    s["grad_norm_sum"], s["grad_norms"] = s["grad_norm_sum"] + norm, s["grad_norms"] + 1
+                    s.grad_norm_sum, s.grad_norms = s.grad_norm_sum + norm, s.grad_norms + 1
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                s["step"], s["batch"] = s["step"] + 1, b
-                if s["step"] % cfg.log_every == 0:
+                s.step, s.batch = s.step + 1, b
+                if s.step % cfg.log_every == 0:
                     now = time.perf_counter()
                     means = interval.means()
-                    grad_norm = s["grad_norm_sum"] / s["grad_norms"] if s["grad_norms"] else None
-                    event = StepLogged(
+                    grad_norm = s.grad_norm_sum / s.grad_norms if s.grad_norms else None
+                    logged = StepLogged(
                         epoch,
-                        s["step"],
+                        s.step,
                         b,
                         batches_per_epoch,
                         means.pop("loss"),
@@ -334,171 +297,80 @@ class Trainer:
                         means,
                         unit,
                     )
-                    self._row(
-                        {
-                            "kind": "step",
-                            "epoch": epoch,
-                            "step": s["step"],
-                            "batch": b,
-                            "loss": event.loss,
-                            "lr": lr,
-                            "grad_norm": grad_norm,
-                            "throughput": event.throughput,
-                            "throughput_unit": unit,
-                            "elapsed_s": event.elapsed_s,
-                            **means,
-                        },
-                        s,
-                    )
-                    self._emit(event)
+                    self._row(art.step_row(logged), s)
+                    self._emit(logged)
                     interval.reset()
-                    s["grad_norm_sum"], s["grad_norms"], t_interval, units = 0.0, 0, now, 0
-                if saving and cfg.checkpoint_every and s["step"] % cfg.checkpoint_every == 0 and b != batches_per_epoch:
+                    s.grad_norm_sum, s.grad_norms, t_interval, units = 0.0, 0, now, 0
+                if saving and cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0 and b != batches_per_epoch:
                     checkpoint()
             train_means = epoch_meter.means()
             valid_means = self.evaluate(valid) if valid is not None else {}
-            s["train_loss"], s["valid_loss"] = train_means.pop("loss"), valid_means.pop("loss", None)
-            best = s["best_valid_loss"]
-            is_best = s["valid_loss"] is not None and (best is None or s["valid_loss"] < best)
+            s.train_loss, s.valid_loss = train_means.pop("loss"), valid_means.pop("loss", None)
+            best = s.best_valid_loss
+            is_best = s.valid_loss is not None and (best is None or s.valid_loss < best)
             if is_best:
-                s["best_valid_loss"] = s["valid_loss"]
+                s.best_valid_loss = s.valid_loss
                 if arts:
-                    export_adapter(model, arts.path(art.BEST_ADAPTER))
-            event = EpochEnded(
+                    art.export_adapter(model, arts.path(art.BEST_ADAPTER))
+            ended = EpochEnded(
                 epoch,
-                s["step"],
-                s["train_loss"],
-                s["valid_loss"],
-                s["best_valid_loss"],
+                s.step,
+                s.train_loss,
+                s.valid_loss,
+                s.best_valid_loss,
                 is_best,
                 lr,
                 elapsed(),
                 train_means,
                 valid_means,
             )
-            self._row(
-                {
-                    "kind": "epoch",
-                    "epoch": epoch,
-                    "step": s["step"],
-                    "train_loss": s["train_loss"],
-                    "valid_loss": s["valid_loss"],
-                    "best_valid_loss": s["best_valid_loss"],
-                    "is_best": is_best,
-                    "lr": lr,
-                    "elapsed_s": event.elapsed_s,
-                    **{f"train_{k}": v for k, v in train_means.items()},
-                    **{f"valid_{k}": v for k, v in valid_means.items()},
-                },
-                s,
-            )
-            self._emit(event)
-            s["epoch"], s["batch"] = epoch + 1, 0
+            self._row(art.epoch_row(ended), s)
+            self._emit(ended)
+            s.epoch, s.batch = epoch + 1, 0
             if saving:
                 checkpoint()
-            if arts:
-                if time.perf_counter() - last_plot >= PLOT_INTERVAL_S:
-                    arts.plot(arts.rows())
-                    last_plot = time.perf_counter()
+            if arts and time.perf_counter() - last_plot >= PLOT_INTERVAL_S:
+                arts.plot(arts.rows())
+                last_plot = time.perf_counter()
         if arts:
-            export_adapter(model, arts.path(art.ADAPTER))
+            art.export_adapter(model, arts.path(art.ADAPTER))
             arts.plot(arts.rows())
         self._emit(
             RunEnded(
-                s["step"],
+                s.step,
                 elapsed(),
-                s["train_loss"],
-                s["valid_loss"],
-                s["best_valid_loss"],
+                s.train_loss,
+                s.valid_loss,
+                s.best_valid_loss,
                 str(arts.root) if arts else None,
             )
         )
         return TrainResult(
-            s["step"], s["train_loss"], s["valid_loss"], s["best_valid_loss"], elapsed(), arts.root if arts else None
+            s.step, s.train_loss, s.valid_loss, s.best_valid_loss, elapsed(), arts.root if arts else None
         )
 
-    def _row(self, row: dict, s: dict) -> None:
+    def _row(self, row: dict[str, Any], s: RunState) -> None:
+        """Append a metrics row (rank 0, with an artifact dir) and count it in the run state."""
         if self.artifacts:
             self.artifacts.append_row(row)
-            s["rows"] += 1
+            s.rows += 1
 
-    def _rng(self, ckpt, name: str) -> tuple[dict[str, Tensor], dict]:
+    def _rng(self, ckpt: Checkpoint | None, name: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """This rank's saved RNG state `name` ("current" or "epoch_start")."""
-        key = _rng_key(name, self.group.rank)
+        assert ckpt is not None, "only a resumed run replays saved RNG states"
+        key = rng.rank_key(name, self.group.rank)
         return ckpt.rng[key], ckpt.state["rng"][key]
 
-    def _load_checkpoint(self, params, optimizer, s, epoch_meter, interval):
+    def _resume(
+        self, optimizer: torch.optim.Optimizer, epoch_meter: Meter, interval: Meter
+    ) -> tuple[Checkpoint, RunState]:
         """Restore parameters, optimizer, counters and meters from the artifact dir's checkpoint."""
         if self.artifact_root is None:
             raise ValueError("resume=True needs an artifact_dir holding a checkpoint")
         path = self.artifact_root / art.CHECKPOINT
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no checkpoint to resume from (run without resume first)")
-        ckpt = read_checkpoint(path)
-        saved = ckpt.state["config"]
-        if saved != self.config.to_dict():
-            diff = {k: (saved.get(k), v) for k, v in self.config.to_dict().items() if saved.get(k) != v}
-            raise ValueError(f"{path}: the checkpoint was made with a different TrainConfig; (saved, now): {diff}")
-        saved_world = ckpt.state.get("world_size", 1)
-        if saved_world != self.group.world_size:
-            raise ValueError(
-                f"{path}: the checkpoint was made by {saved_world} process(es) and this run has "
-                f"{self.group.world_size}; resume with the same number of processes"
-            )
-        load_params(str(path), self.model, ckpt.params)
-        optimizer.load_state_dict(ckpt.optimizer)
-        for key in s:
-            s[key] = ckpt.state[key]
+        ckpt, s = resume_from(path, self.config, self.group.world_size, self.model, optimizer)
         epoch_meter.load_state(ckpt.state["epoch_meter"])
         interval.load_state(ckpt.state["interval"])
         if self.artifacts:
-            self.artifacts.keep_rows(s["rows"])
-        return ckpt
-
-
-def group_size(b: int, grad_accum: int, batches_per_epoch: int) -> int:
-    """How many batches the accumulation group of batch `b` (1-based) holds: `grad_accum`, or fewer at the
-    end of an epoch. Each batch's loss is divided by it, so every step's gradient is the mean over the
-    batches actually accumulated (a last group of 1 batch weighs 1, not 1/grad_accum).
-
-    Example:
-        >>> [group_size(b, 4, 5) for b in range(1, 6)]
-        [4, 4, 4, 4, 1]
-    """
-    first = (b - 1) // grad_accum * grad_accum + 1  # the group's first batch
-    return min(grad_accum, batches_per_epoch - first + 1)
-
-
-def _rng_key(name: str, rank: int) -> str:
-    """Checkpoint name of a rank's RNG state: "current" for rank 0 (and one process), "current_rank1", ..."""
-    return name if rank == 0 else f"{name}_rank{rank}"
-
-
-def _snapshot(generator: torch.Generator | None) -> tuple[dict[str, Tensor], dict]:
-    tensors, data = rng.capture()
-    if isinstance(generator, torch.Generator):
-        tensors["loader"] = generator.get_state()
-    return tensors, data
-
-
-def _restore(tensors: dict[str, Tensor], data: dict, generator: torch.Generator | None) -> None:
-    rng.restore(tensors, data)
-    if isinstance(generator, torch.Generator) and "loader" in tensors:
-        generator.set_state(tensors["loader"])
-
-
-def export_adapter(model: nn.Module, directory: Path) -> Path:
-    """Save what training changed: the PEFT-layout adapter for a LoRA model, else the trainable parameters."""
-    if lora_layers(model):
-        return save_adapters(model, directory)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    safetensors_io.write(directory / "trainable.safetensors", trainable, {"format": "lorakit-trainable"})
-    return directory
-
-
-def param_groups(params: dict[str, torch.nn.Parameter], loraplus_ratio: float | None) -> list[dict]:
-    """AdamW groups: with LoRA+ the `lora_B` factors get lr_scale = ratio, everything else 1 (the trainer multiplies)."""
-    ratio = 1.0 if loraplus_ratio is None else float(loraplus_ratio)
-    b = [p for n, p in params.items() if ratio != 1.0 and "lora_B" in n.split(".")]
-    rest = [p for n, p in params.items() if not (ratio != 1.0 and "lora_B" in n.split("."))]
-    return [g for g in ({"params": rest, "lr_scale": 1.0}, {"params": b, "lr_scale": ratio}) if g["params"]]
+            self.artifacts.keep_rows(s.rows)
+        return ckpt, s

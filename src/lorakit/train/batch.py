@@ -1,0 +1,90 @@
+"""One batch through a model: its loss, outputs, targets and size; and how gradient accumulation weighs it.
+
+Batches are `(inputs, targets)` pairs, scored by `loss_fn(outputs, targets)`, or mappings passed as
+`model(**batch)` whose output carries `.loss` (Hugging Face style; `batch["labels"]` are the targets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .device import to_device
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class BatchOut(NamedTuple):
+    """What one batch gave: its fp32 loss, the outputs and targets for metrics, and how big it was."""
+
+    loss: Tensor
+    outputs: Tensor | None
+    targets: Tensor | None
+    samples: int
+    units: int  # what throughput counts: tokens (attention-mask ones) for token batches, else samples
+    unit: str  # "tokens" or "samples"
+
+
+def forward(net: nn.Module, batch: object, device: torch.device, loss_fn: LossFn | None, *, bf16: bool) -> BatchOut:
+    """Move `batch` to `device`, run it through `net` (under bf16 autocast if `bf16`) and score it.
+
+    Example:
+        >>> net, batch = nn.Linear(3, 1), (torch.ones(4, 3), torch.zeros(4, 1))
+        >>> out = forward(net, batch, torch.device("cpu"), nn.functional.mse_loss, bf16=False)
+        >>> out.loss.dtype, out.samples, out.unit
+        (torch.float32, 4, 'samples')
+    """
+    batch = to_device(batch, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        if isinstance(batch, Mapping):
+            return _mapping(net, batch, loss_fn)
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(
+                f"a batch must be (inputs, targets) or a mapping; got {type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            )
+        if loss_fn is None:
+            raise ValueError("(inputs, targets) batches need Trainer(loss_fn=...), e.g. nn.functional.mse_loss")
+        x, y = batch
+        out = net(x)
+        loss = loss_fn(out, y)
+        return BatchOut(loss.float(), out, y, len(x), len(x), "samples")
+
+
+def _mapping(net: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn | None) -> BatchOut:
+    """A mapping batch: `net(**batch)`, scored by `loss_fn(logits, labels)` or the output's own `.loss`."""
+    out = net(**batch)
+    targets = batch.get("labels")
+    logits = getattr(out, "logits", out if isinstance(out, Tensor) else None)
+    if loss_fn is not None:
+        if logits is None or targets is None:
+            raise ValueError(
+                "Trainer(loss_fn=...) on a mapping batch needs batch['labels'] and a model output that is a "
+                f"Tensor or has .logits; got labels={type(targets).__name__}, output={type(out).__name__}"
+            )
+        loss = loss_fn(logits, targets)
+    elif getattr(out, "loss", None) is not None:
+        loss = out.loss
+    else:
+        raise ValueError("a mapping batch needs a model output with .loss, or Trainer(loss_fn=...)")
+    ids = batch.get("input_ids")
+    n = len(next(v for v in batch.values() if isinstance(v, Tensor)))
+    mask = batch.get("attention_mask")
+    tokens = int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
+    return BatchOut(loss.float(), logits, targets, n, tokens or n, "tokens" if tokens else "samples")
+
+
+def group_size(b: int, grad_accum: int, batches_per_epoch: int) -> int:
+    """How many batches the accumulation group of batch `b` (1-based) holds: `grad_accum`, or fewer at the
+    end of an epoch. Each batch's loss is divided by it, so every step's gradient is the mean over the
+    batches actually accumulated (a last group of 1 batch weighs 1, not 1/grad_accum).
+
+    Example:
+        >>> [group_size(b, 4, 5) for b in range(1, 6)]
+        [4, 4, 4, 4, 1]
+    """
+    first = (b - 1) // grad_accum * grad_accum + 1  # the group's first batch
+    return min(grad_accum, batches_per_epoch - first + 1)
