@@ -30,7 +30,7 @@ _Part = tuple[float, Tensor, Tensor, LoraConfig]  # one adapter in a combination
 def list_adapters(model: nn.Module) -> list[str]:
     """Every adapter name in the model, sorted.
 
-    Example:
+    Examples:
         >>> import lorakit as lk
         >>> m = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
         >>> list_adapters(m)
@@ -90,7 +90,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
     No weight is touched. A bias trained under bias="all"/"model" is the base's own, so it stays as trained.
 
-    Example:
+    Examples:
         >>> import lorakit as lk
         >>> m = lk.apply_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), lk.LoraConfig(rank=2), ["0"],
         ...                   modules_to_save=["1"])
@@ -168,7 +168,7 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Mod
     the rows' adapters are fixed: switching, disabling or deleting adapters is refused, and every input
     must have exactly `len(rows)` rows.
 
-    Example:
+    Examples:
         >>> import lorakit as lk
         >>> m = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
         >>> with mixed_batch(m, ["default", None]):
@@ -236,7 +236,7 @@ def combine_adapters(
     - "linear": A = Σ √(w_i s_i) A_i, B = Σ √(w_i s_i) B_i; needs equal ranks; approximate (cross terms
       B_i A_j remain), as PEFT's "linear" — the report shows how far off it is.
 
-    Example:
+    Examples:
         >>> import lorakit as lk
         >>> m = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
         >>> combine_adapters(m, {"default": 0.5}, "halved").max_relative_error < 1e-6

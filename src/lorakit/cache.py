@@ -33,7 +33,7 @@ def tensor_key(t: Tensor) -> tuple[object, ...] | None:
 class TensorCache(Generic[T]):
     """One value computed from `tensors` (and a hashable `extra`), recomputed whenever any of them changed.
 
-    Example:
+    Examples:
         >>> cache, w = TensorCache(), torch.ones(2)
         >>> cache.get([w], lambda: w.sum().item())
         2.0

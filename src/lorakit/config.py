@@ -69,7 +69,7 @@ class LoraConfig:
             dict, held read-only (a `FrozenMapping`, so configs can be hashed and used as keys).
         alpha_pattern: per-module alpha overrides, same matching.
 
-    Example:
+    Examples:
         >>> LoraConfig(rank=4, alpha=8.0).scaling
         2.0
     """

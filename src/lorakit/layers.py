@@ -362,7 +362,7 @@ def layer_class(module: nn.Module, config: LoraConfig) -> type[LoraLayer]:
 def with_lora(module: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoraLayer:
     """Wrap one layer with LoRA (or the config's variant, e.g. DoRA); the base is frozen, the adapter trains.
 
-    Example:
+    Examples:
         >>> layer = with_lora(nn.Linear(32, 64), LoraConfig(rank=4, alpha=8.0))
         >>> layer(torch.zeros(2, 32)).shape
         torch.Size([2, 64])

@@ -73,7 +73,7 @@ def load_adapters(
     Every key, shape, rank, dtype and value is checked before anything changes; a model merged in place
     (`merge_`) is refused with `LoraStateError` (unmerge it first).
 
-    Example:
+    Examples:
         >>> import tempfile, lorakit as lk
         >>> mlp = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
         >>> d = lk.save_adapters(mlp, tempfile.mkdtemp())

@@ -86,7 +86,7 @@ def rule_matches(rule: str, name: str) -> bool:
 def find_targets(model: nn.Module, targets: str | Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
     """The names of the modules `targets` selects, in model order; raises if a rule matches nothing.
 
-    Example:
+    Examples:
         >>> mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
         >>> find_targets(mlp, "all-linear")
         ['0']
@@ -139,7 +139,7 @@ def apply_lora(
     trains while the original stays as it was (a head tied to the embeddings leaves them alone).
     Everything is checked before anything changes.
 
-    Example:
+    Examples:
         >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
         >>> mlp = apply_lora(mlp, LoraConfig(rank=2), targets=["0"])
         >>> trainable_parameters(mlp)
@@ -198,7 +198,7 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def merge(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by its merged plain layer (W + scaling·B@A), every TrainedCopy by its trained copy.
 
-    Example:
+    Examples:
         >>> mlp = apply_lora(nn.Sequential(nn.Linear(4, 4)), LoraConfig(rank=2), ["0"])
         >>> type(merge(mlp)[0]).__name__
         'Linear'
@@ -235,7 +235,7 @@ def unmerge_(model: nn.Module) -> nn.Module:
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts.
 
-    Example:
+    Examples:
         >>> trainable_parameters(nn.Linear(2, 3))
         (9, 9)
     """
@@ -256,7 +256,7 @@ def summary(model: nn.Module) -> str:
 
     A layer with no active adapter (after `set_adapter(model, None)`) shows "-" for the adapter's columns.
 
-    Example:
+    Examples:
         >>> mlp = apply_lora(nn.Sequential(nn.Linear(4, 8)), LoraConfig(rank=2), ["0"])
         >>> print(summary(mlp))
         module  type    adapter  lora_A  lora_B  rank  alpha  trainable

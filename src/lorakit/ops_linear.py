@@ -36,7 +36,7 @@ def dropout_keep(shape: tuple[int, ...], p: float, device: torch.device | str | 
     `torch.rand` + compare on CPU. p is realised to 1/65536 (0.1 -> 0.1000061); the returned scale is
     1/(1 - realised p), so E[keep·scale] = 1 exactly. Draws from torch's default generator (seedable).
 
-    Example:
+    Examples:
         >>> keep, scale = dropout_keep((2, 3), 0.5)
         >>> keep.dtype, keep.shape, scale
         (torch.bool, torch.Size([2, 3]), 2.0)
@@ -287,7 +287,7 @@ def lora_linear(
         fan_in_fan_out: the base is transformers' Conv1D, `weight` the transposed view of its stored
             (d_in, d_out) tensor; the base term is then computed as Conv1D computes it.
 
-    Example:
+    Examples:
         >>> x, W, A, B = torch.randn(5, 4), torch.randn(3, 4), torch.randn(2, 4), torch.zeros(3, 2)
         >>> torch.equal(lora_linear(x, W, None, A, B, 2.0), F.linear(x, W))
         True

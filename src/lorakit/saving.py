@@ -89,7 +89,7 @@ def peft_config(model: nn.Module, name: str | None = None) -> dict[str, Any]:
 def save_adapters(model: nn.Module, directory: str | Path, *, name: str | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT layout) for adapter `name` (default: active).
 
-    Example:
+    Examples:
         >>> import tempfile, lorakit as lk
         >>> mlp = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
         >>> sorted(p.name for p in save_adapters(mlp, tempfile.mkdtemp()).iterdir())

@@ -79,7 +79,7 @@ class Adapter(nn.Module):
 class AdapterSlots:
     """The named adapters of one layer, active first (a view: the state is the layer's, the rules are here).
 
-    Example:
+    Examples:
         >>> import torch, lorakit as lk
         >>> layer = lk.with_lora(nn.Linear(4, 4), lk.LoraConfig(rank=2))
         >>> layer.slots.add("other", lk.LoraConfig(rank=1))

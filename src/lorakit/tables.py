@@ -18,7 +18,7 @@ WIDE = 10_000  # tables render at their natural width: a long module name is nev
 def table(*columns: str, right: tuple[str, ...] = (), title: str | None = None) -> Table:
     """An empty table with these column headings (those named in `right` right-aligned), a rule under them.
 
-    Example:
+    Examples:
         >>> t = table("module", "rank", right=("rank",))
         >>> t.add_row("layers.0.q_proj", "8")
         >>> print(to_text(t))
@@ -37,7 +37,7 @@ def table(*columns: str, right: tuple[str, ...] = (), title: str | None = None) 
 def key_values(pairs: list[tuple[str, str]]) -> Table:
     """A headerless two-column table: names on the left, values beside them.
 
-    Example:
+    Examples:
         >>> print(to_text(key_values([("adapter", "out/a1"), ("kind", "PEFT layout")])))
         adapter  out/a1
         kind     PEFT layout

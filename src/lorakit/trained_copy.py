@@ -17,7 +17,7 @@ class TrainedCopy(nn.Module):
     """`original` (frozen, as the user gave it) and `trained` (a deep copy that trains); runs `trained`, or
     `original` while `disabled` (set by `lorakit.adapters.disable_adapters`, as PEFT's wrapper does).
 
-    Example:
+    Examples:
         >>> import torch
         >>> head = nn.Linear(4, 2)
         >>> wrapped = TrainedCopy(head)

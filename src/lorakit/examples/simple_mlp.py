@@ -32,7 +32,7 @@ class SimpleMlp(nn.Module):
 def make_task(task: str, n: int, seed: int, split: int) -> tuple[Tensor, Tensor]:
     """`n` samples (x: (n, 32), y: (n, 1)) of task "A" or "B"; `split` picks disjoint input draws.
 
-    Example:
+    Examples:
         >>> x, y = make_task("B", 8, seed=0, split=1)
         >>> tuple(x.shape), tuple(y.shape)
         ((8, 32), (8, 1))

@@ -33,7 +33,7 @@ def replacing(path: str | Path) -> Iterator[Path]:
 
     If the block raises, the temporary file is removed and `path` is left as it was.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> target = Path(tempfile.mkdtemp()) / "notes.txt"
         >>> with replacing(target) as tmp:
@@ -73,7 +73,7 @@ def _new_temp(path: Path) -> Path:
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write bytes to `path` so a reader sees the old file or the new one, never a torn one.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> target = Path(tempfile.mkdtemp()) / "blob.bin"
         >>> atomic_write(target, b"abc"); target.read_bytes()
@@ -86,7 +86,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 def write_json(path: str | Path, obj: object) -> None:
     """Write `obj` as indented JSON with a final newline, atomically.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> target = Path(tempfile.mkdtemp()) / "config.json"
         >>> write_json(target, {"r": 8}); target.read_text()
@@ -111,7 +111,7 @@ def locked_dir(directory: str | Path, *, exclusive: bool = True) -> Iterator[Pat
     Threads and processes alike wait for each other (flock on a descriptor of the directory itself).
     An exclusive lock creates the directory if needed.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> d = Path(tempfile.mkdtemp()) / "adapter"
         >>> with locked_dir(d) as held:

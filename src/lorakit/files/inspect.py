@@ -23,7 +23,7 @@ _FACTORS = {"lora_A": "A", "lora_B": "B", "bias": "bias", "lora_magnitude": "mag
 def describe(path: str | Path) -> dict[str, Any]:
     """A JSON-ready description of the adapter at `path` (directory or .safetensors file).
 
-    Example:
+    Examples:
         >>> from torch import nn; import tempfile, lorakit as lk
         >>> m = lk.apply_lora(nn.Sequential(nn.Linear(4, 8)), lk.LoraConfig(rank=2), ["0"])
         >>> info = describe(lk.save_adapters(m, tempfile.mkdtemp()))

@@ -31,7 +31,7 @@ _HINTS = {
 def read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; any flaw raises LoraFileError naming the file.
 
-    Example:
+    Examples:
         >>> import tempfile, torch
         >>> path = Path(tempfile.mkdtemp()) / "t.safetensors"
         >>> write(path, {"w": torch.ones(2, 3)}, {"format": "pt"})
@@ -58,7 +58,7 @@ def read(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 def write(path: str | Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write tensors (any device, layout or sharing) and string metadata to a safetensors file, atomically.
 
-    Example:
+    Examples:
         >>> import tempfile, torch
         >>> w = torch.arange(6.0).reshape(2, 3)
         >>> path = Path(tempfile.mkdtemp()) / "t.safetensors"

@@ -58,7 +58,7 @@ class OutputDirNotEmpty(LoraError, FileExistsError):
 def check_output_dir(path: str | Path) -> Path:
     """The path, if it is new or an empty directory; else OutputDirNotEmpty. Nothing is created.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> d = Path(tempfile.mkdtemp()); _ = (d / "weights.bin").write_bytes(b"")
         >>> check_output_dir(d / "merged") == d / "merged"
@@ -132,7 +132,7 @@ def load_model(
 ) -> PreTrainedModel:
     """A causal-LM or sequence-classification model from a local directory; seq-cls needs `id2label`.
 
-    Example:
+    Examples:
         >>> load_model("/nonexistent", "causal-lm")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...

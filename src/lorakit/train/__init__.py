@@ -1,6 +1,6 @@
 """Training: a Trainer emitting typed events, metrics, checkpoints, artifacts, dashboard and plain logs.
 
-Example:
+Examples:
     >>> from lorakit.train import Trainer, TrainConfig, accuracy
     >>> TrainConfig(epochs=1).epochs
     1

@@ -31,7 +31,7 @@ class BatchOut(NamedTuple):
 def forward(net: nn.Module, batch: object, device: torch.device, loss_fn: LossFn | None, *, bf16: bool) -> BatchOut:
     """Move `batch` to `device`, run it through `net` (under bf16 autocast if `bf16`) and score it.
 
-    Example:
+    Examples:
         >>> net, batch = nn.Linear(3, 1), (torch.ones(4, 3), torch.zeros(4, 1))
         >>> out = forward(net, batch, torch.device("cpu"), nn.functional.mse_loss, bf16=False)
         >>> out.loss.dtype, out.samples, out.unit
@@ -82,7 +82,7 @@ def group_size(b: int, grad_accum: int, batches_per_epoch: int) -> int:
     end of an epoch. Each batch's loss is divided by it, so every step's gradient is the mean over the
     batches actually accumulated (a last group of 1 batch weighs 1, not 1/grad_accum).
 
-    Example:
+    Examples:
         >>> [group_size(b, 4, 5) for b in range(1, 6)]
         [4, 4, 4, 4, 1]
     """

@@ -25,7 +25,7 @@ def line_chart(
     The y axis is logarithmic when every value is positive and they span more than 20× (losses), or
     when `log_y` says so. Later series draw over earlier ones where they share a cell.
 
-    Example:
+    Examples:
         >>> lines = line_chart([("a", [(0, 1.0), (1, 2.0)], "")], width=20, height=4).plain.splitlines()
         >>> print(lines[0]); print(lines[3])
                2 ┤     ⣀⡠⠔⠒⠉

@@ -35,7 +35,7 @@ class TrainConfig:
         loraplus_ratio: LoRA+ (Hayou et al. 2024): every `lora_B` trains with learning rate ratio × lr
             (the paper suggests ~16); None or 1.0 for one learning rate.
 
-    Example:
+    Examples:
         >>> TrainConfig(epochs=2, lr=1e-3, schedule="cosine", warmup_steps=10).schedule
         'cosine'
     """

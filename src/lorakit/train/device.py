@@ -12,7 +12,7 @@ import torch
 def resolve_device(name: str) -> torch.device:
     """ "auto" -> cuda, else mps, else cpu; a named device that is not present is an error naming it.
 
-    Example:
+    Examples:
         >>> resolve_device("cpu")
         device(type='cpu')
     """

@@ -41,7 +41,7 @@ T = TypeVar("T")
 class Launch:
     """Where this process sits in a torchrun launch.
 
-    Example:
+    Examples:
         >>> Launch.from_env({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
         Launch(world_size=2, rank=1, local_rank=1)
         >>> Launch.from_env({}) is None

@@ -6,7 +6,7 @@ from __future__ import annotations
 def fmt_duration(seconds: float) -> str:
     """`1:02:03`, `2:03` style.
 
-    Example:
+    Examples:
         >>> fmt_duration(3723.4), fmt_duration(65)
         ('1:02:03', '1:05')
     """

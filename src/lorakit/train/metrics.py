@@ -21,7 +21,7 @@ BatchFn = Callable[[Tensor, Tensor], "Tensor | float"]
 class Metric:
     """One named metric: `fn(outputs, targets)` per batch, or `from_loss(mean_loss)` per interval.
 
-    Example:
+    Examples:
         >>> mae = Metric("mae", fn=lambda out, y: (out - y).abs().mean())
         >>> mae.fn(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0])).item()
         2.0

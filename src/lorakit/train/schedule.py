@@ -15,7 +15,7 @@ def lr_at(step: int, total_steps: int, peak: float, kind: str = "constant", warm
     Warm-up ramps linearly from peak/warmup_steps to peak; then "constant" stays, "linear" falls
     to 0 at the last step, "cosine" follows half a cosine to 0 (Loshchilov & Hutter, SGDR).
 
-    Example:
+    Examples:
         >>> [round(lr_at(s, 10, 1.0, "linear", warmup_steps=2), 3) for s in (0, 1, 2, 9)]
         [0.5, 1.0, 1.0, 0.125]
     """

@@ -62,7 +62,7 @@ class Trainer:
         artifact_dir: where config.json, metrics.jsonl, loss.png, checkpoints and adapters go (None: nowhere).
             Under torchrun only rank 0 writes there; for `resume` every rank reads its checkpoint.
 
-    Example:
+    Examples:
         >>> import lorakit as lk
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> _ = torch.manual_seed(0)

@@ -4,7 +4,7 @@
     OLoRA (Büyükakyüz 2024):  W = Q R;     A = R_r (first r rows),  B = Q_r (first r columns)
 
 Either way the base becomes the residual W − s·B₀A₀, so the wrapped layer computes W at init. An
-adapter trained from there is saved for the ORIGINAL W: its update is s·(B A − B₀A₀) = s·[B, −B₀][A; A₀],
+adapter trained from there is saved for the ORIGINAL W: its update is `s·(B A − B₀A₀) = s·[B, −B₀][A; A₀]`,
 a rank-2r LoRA with the same scaling (PEFT's path_initial_model_for_weight_conversion). Registered in
 `lorakit.layers.BASE_INITS`, which linear LoRA layers call for `LoraConfig(init="pissa" | "olora")`.
 """

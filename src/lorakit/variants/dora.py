@@ -107,7 +107,7 @@ def merged_delta(weight: Tensor, A: Tensor, B: Tensor, magnitude: Tensor, scalin
 class DoraLinear(LoraLinear):
     """DoRA beside an nn.Linear: LoRA's A (r, d_in) and B (d_out, r), plus the magnitude `lora_magnitude` (d_out,).
 
-    Example:
+    Examples:
         >>> import lorakit as lk
         >>> layer = lk.with_lora(nn.Linear(8, 6), lk.LoraConfig(rank=2, use_dora=True))
         >>> type(layer).__name__, tuple(layer.lora_magnitude.shape)

@@ -143,7 +143,7 @@ def tensor_bytes(t: Tensor) -> int:
 def quantize_base(model: nn.Module, fmt: str = "nf4") -> nn.Module:
     """Quantise the frozen base weight of every LoRA linear layer in `model` (in place); returns the model.
 
-    Example:
+    Examples:
         >>> import lorakit as lk
         >>> m = lk.apply_lora(nn.Sequential(nn.Linear(64, 64)), lk.LoraConfig(rank=2), ["0"])
         >>> type(quantize_base(m, "int8")[0].base).__name__
