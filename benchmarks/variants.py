@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import lorakit as lk  # noqa: E402
-from lorakit.variants import dora  # noqa: E402
+from lorakit.variants import dora as dora_math  # noqa: E402
 from lorakit.variants.quant import quantize_base, quantized_layers  # noqa: E402
 
 
@@ -100,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     # DoRA's per-step row norm: the expansion (one d_out×r product) vs forming W + s·B A (PEFT's way)
     layer = dora[0]
     W, A, B = layer.dense_weight(), layer.lora_A, layer.lora_B
-    sq = dora.row_sqnorm(W)
-    norms = harness.interleaved({"expanded": lambda: dora.weight_norm(W, A, B, layer.scaling, sq),
-                                 "formed": lambda: dora.weight_norm_reference(W, A, B, layer.scaling)},
+    sq = dora_math.row_sqnorm(W)
+    norms = harness.interleaved({"expanded": lambda: dora_math.weight_norm(W, A, B, layer.scaling, sq),
+                                 "formed": lambda: dora_math.weight_norm_reference(W, A, B, layer.scaling)},
                                 rounds=max(a.rounds, 9), warmup=2, device="cpu")
-    norm_err = (dora.weight_norm(W, A, B, layer.scaling, sq)
-                - dora.weight_norm_reference(W, A, B, layer.scaling)).abs().max().item()
+    norm_err = (dora_math.weight_norm(W, A, B, layer.scaling, sq)
+                - dora_math.weight_norm_reference(W, A, B, layer.scaling)).abs().max().item()
 
     # QLoRA: bytes of the wrapped layers' frozen weights vs bf16, output error vs the unquantised model
     n_weights = sum(layer.base.in_features * layer.base.out_features for layer in quantized_layers(nf4).values())

@@ -48,3 +48,14 @@ def test_lorakit_bench_subcommand_is_wired():
 
     args = cli.build_parser().parse_args(["bench", "--quick", "--threads", "2", "--out", "x.md"])
     assert args.run is cli.bench and args.quick and args.threads == 2 and str(args.out) == "x.md"
+
+
+def test_variants_suite_runs_quick():
+    """benchmarks/variants.py end to end on a tiny model (a name clash once broke it while all.sh said 'wrote')."""
+    import subprocess
+
+    script = RUN.parent / "variants.py"
+    r = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| dora | lorakit DoRA |" in r.stdout and "DoRA row norm" in r.stdout

@@ -217,12 +217,14 @@ def _saved(model: nn.Module, module: str) -> nn.Module:
 
 def _whole_embeddings(model: nn.Module, wrapped: set[str], copies: list[str]) -> dict[str, Tensor]:
     """Weights PEFT saves in full when it targets embeddings or their vocabulary was resized: optional keys."""
-    out = {peft_key(module, "base_weight"): bases.weight(_plain(model.get_submodule(module))) for module in wrapped}
+    modules = dict(model.named_modules())  # one walk of the model, not one per module (a hot swap's main cost)
+    out = {peft_key(module, "base_weight"): bases.weight(_plain(modules[module])) for module in wrapped}
+    names = {id(m): n for n, m in modules.items()}
     for get in ("get_input_embeddings", "get_output_embeddings"):
         emb = getattr(model, get)() if callable(getattr(model, get, None)) else None
         if not isinstance(emb, nn.Module) or isinstance(emb, TrainedCopy):
             continue
-        module = next((n for n, m in model.named_modules() if m is emb), None)
+        module = names.get(id(emb))
         if module and module not in wrapped and module not in copies:
             if isinstance(emb, LoraLayer):
                 out[peft_key(module, "base_weight")] = emb.base_weight
