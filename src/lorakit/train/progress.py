@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TextIO
+from typing import Any, TextIO
 
 from .fmt import fmt_duration
 
@@ -64,6 +64,7 @@ class Progress:
         self.enabled = enabled
         target = stream or sys.stderr
         self.rich = (rich if rich is not None else target.isatty()) and enabled
+        self._bar: Any = None  # the live rich.progress.Progress while a rich task runs
 
     @contextmanager
     def task(self, description: str, total: int | None = None, unit: str = "") -> Iterator[Task]:
@@ -100,7 +101,7 @@ class Progress:
         """Show the task's new state: the bar at once, a plain line at most once a second."""
         if not self.enabled:
             return
-        bar = getattr(self, "_bar", None)
+        bar = self._bar
         if self.rich and bar is not None and t.rich_id is not None:
             bar.advance(t.rich_id, n)
             return
