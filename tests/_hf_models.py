@@ -19,30 +19,52 @@ SENTENCES = [
     "hello world", "good morning", "the quick brown fox jumps over the lazy dog", "one two three four five",
 ]
 
+# A ChatML template (Qwen's, without its default system prompt): no {% generation %} markers, as most are.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+CHAT_WORDS = ["system user assistant", "you are a helpful bot"]
 
-def tokenizer(bos: bool):
-    """A WordLevel tokenizer over SENTENCES; `bos` adds <s> in front of every encoding (Llama-style)."""
+
+def tokenizer(bos: bool, chat: bool = False):
+    """A WordLevel tokenizer over SENTENCES; `bos` adds <s> in front of every encoding (Llama-style).
+
+    `chat` adds ChatML's special tokens and role words (ids past the plain vocabulary's specials shift, so other
+    tests keep theirs), makes <|im_end|> the EOS as Qwen does, and sets CHATML as the chat template.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
+    specials = ["<pad>", "<unk>", "<s>", "</s>"] + (CHAT_SPECIALS if chat else [])
+    tok.train_from_iterator(SENTENCES + (CHAT_WORDS if chat else []), trainers.WordLevelTrainer(special_tokens=specials))
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
     from tokenizers import decoders
 
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="<|im_end|>" if chat else "</s>")
+    if chat:
+        fast.chat_template = CHATML
+    return fast
 
 
-def save_tiny(kind: str, directory: str | Path) -> Path:
-    """A tiny random `kind` ("llama" or "gpt2") causal LM plus tokenizer, saved to `directory`."""
+def save_tiny(kind: str, directory: str | Path, chat_template: str | None = None) -> Path:
+    """A tiny random `kind` ("llama" or "gpt2") causal LM plus tokenizer, saved to `directory`.
+
+    With `chat_template` the tokenizer has the chat vocabulary (`tokenizer(chat=True)`) and that template;
+    pass "" for the chat vocabulary without a template.
+    """
     import transformers
 
     directory = Path(directory)
-    tok = tokenizer(bos=kind == "llama")
+    tok = tokenizer(bos=kind == "llama", chat=chat_template is not None)
+    if chat_template is not None:
+        tok.chat_template = chat_template or None
     torch.manual_seed(0)
     if kind == "llama":
         config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

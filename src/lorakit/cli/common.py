@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import LoraError
-from ..hf import data
+from ..hf import chat, data
 from ..hf import models as hf
 
 T = TypeVar("T")
@@ -24,6 +24,8 @@ def flag_words(e: BaseException) -> str:
         return f"{len(e.bad_rows)} bad row(s); fix them, or pass --skip-bad-rows to train without them:\n{e.listing}"
     if isinstance(e, data.NoValidSplitError):
         return f"{e.detail}; pass --valid FILE"
+    if isinstance(e, chat.NoChatTemplateError):  # H1: chat data
+        return f"{e.detail}; pass --chat-template FILE (a Jinja chat template, e.g. ChatML)"
     if isinstance(e, hf.RemoteCodeError):
         return f"{e.detail}; lorakit runs it only with --trust-remote-code, after you have read that code"
     return str(e)

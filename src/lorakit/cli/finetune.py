@@ -19,6 +19,7 @@ def finetune(args: argparse.Namespace) -> int:
     from ..config import LoraConfig
     from ..train import PlainLog, TrainConfig
     from ..train.distributed import is_main
+    from ..train.progress import Progress
 
     quiet_transformers()
     # "q_proj,v_proj" or "q_proj v_proj"; a regex ("re:...") is taken whole, commas and all
@@ -63,11 +64,12 @@ def finetune(args: argparse.Namespace) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             quantize=args.quantize,
+            chat_template=args.chat_template,  # H1: chat data
         )
     )
     if not (job.resume or job.overwrite):
         new_or_empty(job.out, "pass --resume to continue that run, --overwrite to replace it, or choose a new --out")
-    setup = inputs(job_module.prepare, job)
+    setup = inputs(job_module.prepare, job, progress=Progress())
     bad = setup.prepared.bad_rows
     if bad:
         print(f"skipping {len(bad)} bad row(s) (--skip-bad-rows); first: {bad[0]}", file=sys.stderr)
@@ -98,8 +100,13 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--out adapters/a1",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
-    p.add_argument("--data", required=True, metavar="FILE", help="training rows: .jsonl or .csv/.tsv")
-    p.add_argument("--valid", metavar="FILE", help="validation rows (default: hold out --valid-fraction of --data)")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE|DIR",
+        help="training rows: .jsonl or .csv/.tsv, or a directory of .parquet/.jsonl/.csv files",
+    )
+    p.add_argument("--valid", metavar="FILE|DIR", help="validation rows (default: hold out --valid-fraction of --data)")
     p.add_argument("--task", required=True, choices=hf.TASKS)
     p.add_argument("--out", required=True, metavar="DIR", help="the adapter directory to write")
     g = p.add_argument_group("LoRA")
@@ -159,5 +166,10 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     g.add_argument("--valid-fraction", type=float, default=0.1, help="held out when there is no --valid (default 0.1)")
     g.add_argument("--skip-bad-rows", action="store_true", help="train without the bad rows instead of refusing")
     g.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES, help="longest accepted line (default 1 MiB)")
+    g.add_argument(  # H1: chat data
+        "--chat-template",
+        metavar="FILE",
+        help="a Jinja chat template for chat rows (replaces the tokenizer's own; saved beside the adapter)",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
     p.set_defaults(run=finetune)

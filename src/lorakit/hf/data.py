@@ -1,11 +1,17 @@
-"""Training data from JSONL or CSV files: read (`rows`), validate every row, tokenize, batch.
+"""Training data: read (`sources`, `rows`), validate every row (`examples`), tokenize, batch.
 
-    causal-lm rows:  {"text": ...}  or  {"prompt": ..., "completion": ...}   (loss on completion tokens only)
+    causal-lm rows:  {"text": ...}                                    (loss on every token)
+                     {"prompt": ..., "completion": ...}               (loss on the completion only)
+                     {"messages": [{"role", "content", "train"?}]}    (chat; loss on assistant turns only)
+                     {"instruction", "input"?, "output"}               (Alpaca; the standard Alpaca prompt)
     seq-cls rows:    {"text": ..., "label": "positive" | 3}
 
-Every bad row (invalid JSON, missing field, wrong type, empty text, unknown label, ...) is reported as
-`file:line: reason`; `prepare` refuses to go on while any exist unless told to skip them. File-level
-problems (not UTF-8, empty, unknown format, missing CSV columns) are errors at once.
+Data is one .jsonl/.csv/.tsv file, or a directory of Parquet/JSONL/CSV files (`sources`). Chat rows are
+rendered with the tokenizer's chat template, or `chat_template=` (a Jinja file) for a tokenizer without one
+(`chat`). Every bad row (invalid JSON, missing field, wrong type, empty text, unknown label, a bad message, ...)
+is reported as `file:line: reason` (`file:row N` in Parquet); `prepare` refuses to go on while any exist unless
+told to skip them. File-level problems (not UTF-8, empty, unknown format, a CSV header without the task's
+columns, int labels with gaps, chat rows without a template) are errors at once.
 """
 
 from __future__ import annotations
@@ -18,8 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .models import TASKS
-from .rows import MAX_LINE_BYTES, BadRow, DataError, Row, read_records
+from ..train.progress import Progress, quiet
+from . import chat
+from .examples import Example, check_columns, label_names, label_to_id, validate
+from .rows import MAX_LINE_BYTES, BadRow, DataError, read_records
+from .sources import sources
+
+__all__ = [  # re-exported: callers read rows and examples through `data`
+    "MAX_LINE_BYTES", "BadRow", "DataError", "Example", "check_columns", "label_names", "label_to_id",
+    "read_records", "validate",
+]  # fmt: skip
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -50,17 +64,6 @@ class NoValidSplitError(DataError):
         super().__init__(f"{self.detail}; give validation rows of their own (valid_path)")
 
 
-@dataclass(frozen=True)
-class Example:
-    """One validated row. `completion` is set for prompt/completion rows (then `text` is the prompt)."""
-
-    path: str
-    line: int
-    text: str
-    completion: str | None = None
-    label: str | int | None = None
-
-
 @dataclass
 class Prepared:
     """Tokenized train/valid sets ready for batching, plus what was dropped and the label names."""
@@ -69,101 +72,7 @@ class Prepared:
     valid: list[Encoded]
     id2label: dict[int, str] | None
     bad_rows: list[BadRow] = field(default_factory=list)
-
-
-# -- validation: rows -> examples -----------------------------------------------------------------
-
-
-def validate(
-    path: str | Path, records: Sequence[tuple[int, Row]], task: str, label2id: Mapping[str | int, int] | None = None
-) -> tuple[list[Example], list[BadRow]]:
-    """Examples for `task` from raw rows; `label2id` (seq-cls) flags labels not seen in training."""
-    if task not in TASKS:
-        raise ValueError(f"task={task!r} is invalid: expected one of {', '.join(TASKS)}")
-    where = str(path)
-    examples: list[Example] = []
-    bad: list[BadRow] = []
-    for line, row in records:
-        try:
-            examples.append(_example(where, line, row, task, label2id))
-        except ValueError as e:
-            bad.append(BadRow(where, line, str(e)))
-    return examples, bad
-
-
-def _example(path: str, line: int, row: Row, task: str, label2id: Mapping[str | int, int] | None) -> Example:
-    """The row as an Example for `task`; ValueError saying what is wrong with it."""
-    if task == "causal-lm":
-        has_text, has_pair = "text" in row, "prompt" in row or "completion" in row
-        if has_text and has_pair:
-            raise ValueError("has both 'text' and 'prompt'/'completion'; use one form per row")
-        if has_text:
-            return Example(path, line, _string(row, "text", allow_empty=False))
-        if has_pair:
-            return Example(
-                path,
-                line,
-                _string(row, "prompt", allow_empty=True),
-                completion=_string(row, "completion", allow_empty=False),
-            )
-        raise ValueError(f"missing field 'text' (or 'prompt' and 'completion'); the row has {_keys(row)}")
-    text = _string(row, "text", allow_empty=False)
-    if "label" not in row:
-        raise ValueError(f"missing field 'label'; the row has {_keys(row)}")
-    label = row["label"]
-    if isinstance(label, bool) or not isinstance(label, (str, int)):
-        raise ValueError(f"label {label!r} is a {type(label).__name__}; expected a string or an int")
-    if isinstance(label, str) and not label.strip():
-        raise ValueError("label is empty")
-    if isinstance(label, int) and label < 0:
-        raise ValueError(f"label {label} is negative; int labels are class ids 0, 1, 2, ...")
-    if label2id is not None and label not in label2id:
-        known = ", ".join(map(repr, list(label2id)[:10]))
-        raise ValueError(f"unknown label {label!r}; the training labels are {known}")
-    return Example(path, line, text, label=label)
-
-
-def _string(row: Row, key: str, *, allow_empty: bool) -> str:
-    """The string field `key` of a row; ValueError if missing, not a string, or empty where not allowed."""
-    if key not in row:
-        raise ValueError(f"missing field {key!r}; the row has {_keys(row)}")
-    value = row[key]
-    if not isinstance(value, str):
-        raise ValueError(f"field {key!r} is a {type(value).__name__} ({str(value)[:40]!r}); expected a string")
-    if not allow_empty and not value.strip():
-        raise ValueError(f"field {key!r} is empty")
-    return value
-
-
-def _keys(row: Row) -> str:
-    """The row's field names, for error messages."""
-    return ", ".join(map(repr, row)) or "no fields"
-
-
-def label_names(examples: Sequence[Example]) -> dict[int, str]:
-    """id2label from training labels: int labels are their own ids; strings are sorted (numbers numerically)."""
-    labels = {e.label for e in examples}
-    kinds = {type(x) for x in labels}
-    if len(kinds) > 1:
-        first = {k: next(e for e in examples if type(e.label) is k) for k in kinds}
-        where = "; ".join(f"{e.path}:{e.line} has {e.label!r}" for e in first.values())
-        raise DataError(f"labels mix strings and ints ({where}); use one kind")
-    if len(labels) < 2:
-        raise DataError(f"a classifier needs at least 2 labels; the training data has {sorted(map(str, labels))}")
-    if kinds == {int}:
-        return {i: str(i) for i in range(max(x for x in labels if isinstance(x, int)) + 1)}
-    ordered = sorted(
-        (x for x in labels if isinstance(x, str)),
-        key=lambda s: (0, int(s), s) if s.strip().lstrip("-").isdigit() else (1, 0, s),
-    )
-    return dict(enumerate(ordered))
-
-
-def label_to_id(id2label: Mapping[int, str], examples: Sequence[Example]) -> dict[str | int, int]:
-    """label -> id for these examples' kind of label (ints map to themselves)."""
-    if examples and isinstance(examples[0].label, int):
-        return {i: i for i in id2label}
-    return {name: i for i, name in id2label.items()}
+    chat_template: str | None = None  # the template chat rows were rendered with (saved beside the adapter)
 
 
 # -- tokenization and batches ---------------------------------------------------------------------
@@ -175,34 +84,52 @@ def encode(
     task: str,
     max_length: int,
     label2id: Mapping[str | int, int] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[list[Encoded], list[BadRow]]:
-    """Token ids per example; causal-lm labels are -100 on prompt tokens, so loss falls on completions."""
+    """Token ids per example; causal-lm labels are -100 on prompt tokens (and all but assistant turns in chat
+    rows), so the loss falls on completions; chat.NoChatTemplateError if a chat row meets no template."""
     out: list[Encoded] = []
     bad: list[BadRow] = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for ex in examples:
-        if task == "seq-cls":
-            if label2id is None or ex.label is None:
-                raise ValueError(f"{ex.path}:{ex.line}: seq-cls needs the example's label and label2id (label_to_id)")
-            ids = tokenizer(ex.text, truncation=True, max_length=max_length)["input_ids"]
-            out.append({"input_ids": ids, "labels": label2id[ex.label]})
-            continue
-        if ex.completion is None:
-            ids = (tokenizer(ex.text)["input_ids"] + eos)[:max_length]
-            labels = list(ids)
-        else:
-            prompt = tokenizer(ex.text)["input_ids"] if ex.text else []
-            completion = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + eos
-            ids = (prompt + completion)[:max_length]
-            labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
-        if len(ids) < 2 or all(x == IGNORE_INDEX for x in labels[1:]):
-            why = (
-                "the prompt fills max_length" if ex.completion is not None and len(ids) >= 2 else "fewer than 2 tokens"
-            )
-            bad.append(BadRow(ex.path, ex.line, f"{why}; nothing to learn from this row"))
-            continue
-        out.append({"input_ids": ids, "labels": labels})
+    with (progress or quiet()).task("tokenizing", total=len(examples), unit="rows") as step:
+        for ex in examples:
+            step.advance()
+            if task == "seq-cls":
+                if label2id is None or ex.label is None:
+                    raise ValueError(f"{ex.where}: seq-cls needs the example's label and label2id (label_to_id)")
+                ids = tokenizer(ex.text, truncation=True, max_length=max_length)["input_ids"]
+                out.append({"input_ids": ids, "labels": label2id[ex.label]})
+                continue
+            if ex.messages is not None:
+                try:
+                    ids, labels = chat.encode_chat(tokenizer, ex.messages, max_length, ex.where)
+                except DataError:
+                    raise  # no template, no fast tokenizer: a problem of the setup, not of this row
+                except ValueError as e:
+                    bad.append(BadRow(ex.path, ex.line, str(e), ex.unit))
+                    continue
+            elif ex.completion is None:
+                ids = (tokenizer(ex.text)["input_ids"] + eos)[:max_length]
+                labels = list(ids)
+            else:
+                prompt = tokenizer(ex.text)["input_ids"] if ex.text else []
+                completion = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + eos
+                ids = (prompt + completion)[:max_length]
+                labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
+            if len(ids) < 2 or all(x == IGNORE_INDEX for x in labels[1:]):
+                bad.append(BadRow(ex.path, ex.line, f"{_why_empty(ex, ids)}; nothing to learn from this row", ex.unit))
+                continue
+            out.append({"input_ids": ids, "labels": labels})
     return out, bad
+
+
+def _why_empty(ex: Example, ids: Sequence[int]) -> str:
+    """Why a row kept no token to learn from."""
+    if len(ids) < 2:
+        return "fewer than 2 tokens"
+    if ex.messages is not None:
+        return "the conversation before the first trained assistant turn fills max_length"
+    return "the prompt fills max_length"
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -262,13 +189,19 @@ def prepare(
     max_length: int = 256,
     skip_bad_rows: bool = False,
     max_line_bytes: int = MAX_LINE_BYTES,
+    chat_template: str | Path | None = None,
+    progress: Progress | None = None,
 ) -> Prepared:
-    """Read, validate, split and tokenize; raises DataError listing every bad row unless `skip_bad_rows`."""
+    """Read, validate, split and tokenize; raises DataError listing every bad row unless `skip_bad_rows`.
+
+    `train_path`/`valid_path` are files or directories (`sources`). `chat_template` (a Jinja file) is set on
+    the tokenizer, replacing its own, so that the model's tokenizer renders chat rows (and later prompts) so.
+    """
     if max_length < 2:
         raise ValueError(f"max_length={max_length} is invalid: expected at least 2 tokens")
-    records, bad = read_records(train_path, max_line_bytes=max_line_bytes)
-    train, more = validate(train_path, records, task)
-    bad += more
+    if chat_template is not None:
+        tokenizer.chat_template = chat.read_template(chat_template)
+    train, bad, files = _read(train_path, task, None, max_line_bytes, progress)
     id2label = label2id = None
     if task == "seq-cls":
         if not train:
@@ -276,20 +209,41 @@ def prepare(
         id2label = label_names(train)
         label2id = label_to_id(id2label, train)
     if valid_path is not None:
-        records, more = read_records(valid_path, max_line_bytes=max_line_bytes)
-        valid, more2 = validate(valid_path, records, task, label2id)
-        bad += more + more2
+        valid, more, valid_files = _read(valid_path, task, label2id, max_line_bytes, progress)
+        bad, files = bad + more, files + valid_files
     else:
         train, valid = holdout(train, valid_fraction, seed) if len(train) >= 2 else (train, [])
-    train_enc, more = encode(train, tokenizer, task, max_length, label2id)
-    valid_enc, more2 = encode(valid, tokenizer, task, max_length, label2id)
+    train_enc, more = encode(train, tokenizer, task, max_length, label2id, progress)
+    valid_enc, more2 = encode(valid, tokenizer, task, max_length, label2id, progress)
     bad += more + more2
-    files = [str(train_path), str(valid_path)]
-    bad.sort(key=lambda b: (files.index(b.path) if b.path in files else 2, b.line))
+    bad.sort(key=lambda b: (files.index(b.path) if b.path in files else len(files), b.line))
     if bad and not skip_bad_rows:
         raise BadRowsError(bad)
     if not train_enc:
         raise DataError(f"{train_path}: no usable training rows", bad)
     if not valid_enc:
         raise DataError(f"{valid_path or train_path}: no usable validation rows", bad)
-    return Prepared(train_enc, valid_enc, id2label, bad)
+    used_chat = chat_template is not None or any(e.messages is not None for e in (*train, *valid))
+    return Prepared(train_enc, valid_enc, id2label, bad, tokenizer.chat_template if used_chat else None)
+
+
+def _read(
+    path: str | Path,
+    task: str,
+    label2id: Mapping[str | int, int] | None,
+    max_line_bytes: int,
+    progress: Progress | None,
+) -> tuple[list[Example], list[BadRow], list[str]]:
+    """Examples and bad rows from every file at `path`, and the files in order (bad rows sort by it)."""
+    found = sources(path, max_line_bytes=max_line_bytes)
+    examples: list[Example] = []
+    bad: list[BadRow] = []
+    with (progress or quiet()).task(f"reading {path}", total=len(found), unit="files") as step:
+        for src in found:
+            if src.columns is not None:
+                check_columns(src.path, src.columns, task, header=src.unit == "line")
+            more_examples, more_bad = validate(src.path, src.records, task, label2id, unit=src.unit)
+            examples += more_examples
+            bad += src.bad + more_bad
+            step.advance()
+    return examples, bad, [src.path for src in found]

@@ -5,7 +5,8 @@
     report = run(setup)             # trainer + dashboard; writes the adapter to job.out
 
 `job.out` becomes a PEFT-format adapter directory (plus `lorakit_task.json` with the task and label
-names); the run's artifacts (metrics, plot, checkpoint, best adapter, report) go to `job.out/run/`.
+names, and `chat_template.jinja` when it trained on chat rows: `chat.load_template` reads it); the run's
+artifacts (metrics, plot, checkpoint, best adapter, report) go to `job.out/run/`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from ..saving import save_adapters
 from ..train import TrainConfig, Trainer, accuracy, perplexity
 from ..train.artifacts import CHECKPOINT
 from ..train.distributed import is_main
+from ..train.progress import Progress
 from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
 from ..variants.quant import quantize_base
-from . import data
+from . import chat, data
 from . import models as hf
 from .data import MAX_LINE_BYTES
 
@@ -61,6 +63,8 @@ class FinetuneJob:
     resume: bool = False
     overwrite: bool = False
     quantize: str | None = None  # one of variants.quant.FORMATS: QLoRA, the wrapped layers' frozen weights quantised
+    # -- chat data (H1) --
+    chat_template: str | Path | None = None  # a Jinja file for chat rows, for a tokenizer without a template
 
     def __post_init__(self) -> None:
         if self.task not in hf.TASKS:
@@ -87,7 +91,7 @@ class Setup:
     valid_loader: DataLoader[data.Encoded]
 
 
-def prepare(job: FinetuneJob) -> Setup:
+def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     """Check the output dir, load the tokenizer, read and tokenize the data, load and wrap the model.
 
     Raises lorakit's file/data errors or ValueError for anything wrong with the inputs; `out` must be new or
@@ -111,6 +115,8 @@ def prepare(job: FinetuneJob) -> Setup:
         max_length=job.max_length,
         skip_bad_rows=job.skip_bad_rows,
         max_line_bytes=job.max_line_bytes,
+        chat_template=job.chat_template,
+        progress=progress,
     )
     torch.manual_seed(job.train.seed)  # a new classification head starts the same way in every run
     model = hf.load_model(job.model, job.task, id2label=prepared.id2label, trust_remote_code=job.trust_remote_code)
@@ -156,6 +162,8 @@ def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]
             id2label=setup.prepared.id2label,
             max_length=job.max_length,
         )
+        if setup.prepared.chat_template is not None:  # so that prediction renders prompts as training did
+            chat.save_template(out, setup.prepared.chat_template)
     trainable, total = trainable_parameters(model)
     report = {
         "task": job.task,

@@ -31,14 +31,20 @@ class DataError(LoraError, ValueError):
 
 @dataclass(frozen=True)
 class BadRow:
-    """One row that cannot be used, with where it is and why."""
+    """One row that cannot be used, with where it is and why; `unit` "row" for Parquet rows (0-based, as ds[N])."""
 
     path: str
     line: int
     reason: str
+    unit: str = "line"
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}"
+        return f"{where(self.path, self.line, self.unit)}: {self.reason}"
+
+
+def where(path: str, line: int, unit: str = "line") -> str:
+    """`file:12` for a line of a text file, `file:row 12` for a row of a Parquet file."""
+    return f"{path}:{line}" if unit == "line" else f"{path}:{unit} {line}"
 
 
 def read_records(

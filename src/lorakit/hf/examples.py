@@ -1,0 +1,189 @@
+"""Rows -> examples: which form a row has, whether it is valid for the task, and the label names.
+
+    causal-lm rows:  {"text"} | {"prompt", "completion"} | {"messages": [...]} (chat) | {"instruction", "output"}
+    seq-cls rows:    {"text", "label"}
+
+Every problem with a row is a ValueError whose message becomes the row's `BadRow` reason; a CSV header or
+Parquet schema without the task's columns is refused once for the file (`check_columns`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import chat
+from .models import TASKS
+from .rows import BadRow, DataError, Row, where
+
+# the columns each form of row needs, in the order errors list them
+FORMS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "causal-lm": (("text",), ("prompt", "completion"), ("messages",), ("instruction", "output")),
+    "seq-cls": (("text", "label"),),
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated row: `text` alone, or the prompt before a `completion`, or chat `messages`; a `label`.
+
+    `unit` is "line" for text files, "row" for Parquet rows (see `rows.where`).
+    """
+
+    path: str
+    line: int
+    text: str
+    completion: str | None = None
+    label: str | int | None = None
+    messages: tuple[chat.Turn, ...] | None = None
+    unit: str = "line"
+
+    @property
+    def where(self) -> str:
+        """`file:line` (or `file:row N`) of the row, for messages."""
+        return where(self.path, self.line, self.unit)
+
+
+def validate(
+    path: str | Path,
+    records: Iterable[tuple[int, Row]],
+    task: str,
+    label2id: Mapping[str | int, int] | None = None,
+    *,
+    unit: str = "line",
+) -> tuple[list[Example], list[BadRow]]:
+    """Examples for `task` from raw rows; `label2id` (seq-cls) flags labels not seen in training."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is invalid: expected one of {', '.join(TASKS)}")
+    name = str(path)
+    examples: list[Example] = []
+    bad: list[BadRow] = []
+    for line, row in records:
+        try:
+            examples.append(_example(name, line, row, task, label2id, unit))
+        except ValueError as e:
+            bad.append(BadRow(name, line, str(e), unit))
+    return examples, bad
+
+
+def check_columns(path: str, columns: Sequence[str], task: str, *, header: bool = True) -> None:
+    """DataError, once for the file, if a CSV header (or Parquet schema) has none of the task's column sets."""
+    if any(set(form) <= set(columns) for form in FORMS[task]):
+        return
+    wanted = ", or ".join(",".join(form) for form in FORMS[task])
+    has = ",".join(columns) or "no columns"
+    raise DataError(f"{path}: expected columns {wanted}; the {'header' if header else 'file'} has {has}")
+
+
+def _example(path: str, line: int, row: Row, task: str, label2id: Mapping[str | int, int] | None, unit: str) -> Example:
+    """The row as an Example for `task`; ValueError saying what is wrong with it."""
+    if task == "causal-lm":
+        return _causal(path, line, row, unit)
+    if "text" not in row and "messages" in row:
+        raise ValueError("chat rows ('messages') are for --task causal-lm; seq-cls rows are {text, label}")
+    text = _string(row, "text", allow_empty=False)
+    if "label" not in row:
+        raise ValueError(f"missing field 'label'; the row has {_keys(row)}")
+    label = row["label"]
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise ValueError(f"label {label!r} is a {type(label).__name__}; expected a string or an int")
+    if isinstance(label, str) and not label.strip():
+        raise ValueError("label is empty")
+    if isinstance(label, int) and label < 0:
+        raise ValueError(f"label {label} is negative; int labels are class ids 0, 1, 2, ...")
+    if label2id is not None and label not in label2id:
+        known = ", ".join(map(repr, list(label2id)[:10]))
+        raise ValueError(f"unknown label {label!r}; the training labels are {known}")
+    return Example(path, line, text, label=label, unit=unit)
+
+
+def _causal(path: str, line: int, row: Row, unit: str) -> Example:
+    """A causal-lm row in one of its four forms (FORMS); ValueError if it has none or more than one."""
+    forms = [form for form in FORMS["causal-lm"] if any(k in row for k in form)]
+    if len(forms) > 1:
+        names = [repr(form[0]) if len(form) == 1 else "/".join(map(repr, form)) for form in forms]
+        both = f"both {names[0]} and {names[1]}" if len(names) == 2 else ", ".join(names)
+        raise ValueError(f"has {both}; use one form per row")
+    if not forms:
+        raise ValueError(
+            "missing field 'text' (or 'prompt' and 'completion', or 'messages', or 'instruction' and 'output'); "
+            f"the row has {_keys(row)}"
+        )
+    form = forms[0]
+    if form == ("text",):
+        return Example(path, line, _string(row, "text", allow_empty=False), unit=unit)
+    if form == ("prompt", "completion"):
+        prompt = _string(row, "prompt", allow_empty=True)
+        return Example(path, line, prompt, completion=_string(row, "completion", allow_empty=False), unit=unit)
+    if form == ("messages",):
+        return Example(path, line, "", messages=chat.parse_messages(row["messages"]), unit=unit)
+    instruction = _string(row, "instruction", allow_empty=False)
+    extra = _string(row, "input", allow_empty=True) if row.get("input") is not None else ""  # Parquet: null
+    prompt = chat.alpaca_prompt(instruction, extra)
+    return Example(path, line, prompt, completion=_string(row, "output", allow_empty=False), unit=unit)
+
+
+def _string(row: Row, key: str, *, allow_empty: bool) -> str:
+    """The string field `key` of a row; ValueError if missing, not a string, or empty where not allowed."""
+    if key not in row:
+        raise ValueError(f"missing field {key!r}; the row has {_keys(row)}")
+    value = row[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} is a {type(value).__name__} ({str(value)[:40]!r}); expected a string")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"field {key!r} is empty")
+    return value
+
+
+def _keys(row: Row) -> str:
+    """The row's field names, for error messages."""
+    return ", ".join(map(repr, row)) or "no fields"
+
+
+def label_names(examples: Sequence[Example]) -> dict[int, str]:
+    """id2label from training labels: int labels are their own ids; strings are sorted (numbers numerically).
+
+    Int labels must be 0..n-1 with none missing: {0, 1, 2, 7} would silently make 8 classes, 4 never seen.
+
+    Examples:
+        >>> label_names([Example("f", 1, "t", label="b"), Example("f", 2, "t", label="a")])
+        {0: 'a', 1: 'b'}
+    """
+    labels = {e.label for e in examples}
+    kinds = {type(x) for x in labels}
+    if len(kinds) > 1:
+        first = {k: next(e for e in examples if type(e.label) is k) for k in kinds}
+        shown = "; ".join(f"{e.where} has {e.label!r}" for e in first.values())
+        raise DataError(f"labels mix strings and ints ({shown}); use one kind")
+    if len(labels) < 2:
+        raise DataError(f"a classifier needs at least 2 labels; the training data has {sorted(map(str, labels))}")
+    if kinds == {int}:
+        ids = sorted(x for x in labels if isinstance(x, int))
+        missing = sorted(set(range(ids[-1] + 1)) - set(ids))
+        if missing:
+            top = next(e for e in examples if e.label == ids[-1])
+            raise DataError(
+                f"int labels are class ids: {', '.join(map(str, ids))} would make {ids[-1] + 1} classes, and "
+                f"{_list(missing)} never occur in the training data ({top.where} has {ids[-1]}); renumber the "
+                f'labels 0..{len(ids) - 1}, or write them as strings ("{ids[-1]}") to use them as class names'
+            )
+        return {i: str(i) for i in ids}
+    ordered = sorted(
+        (x for x in labels if isinstance(x, str)),
+        key=lambda s: (0, int(s), s) if s.strip().lstrip("-").isdigit() else (1, 0, s),
+    )
+    return dict(enumerate(ordered))
+
+
+def _list(ids: Sequence[int], most: int = 10) -> str:
+    """A short list of ids for a message: `3, 4, 5` or `3, 4, ... (120 in all)`."""
+    shown = ", ".join(map(str, ids[:most]))
+    return shown if len(ids) <= most else f"{shown}, ... ({len(ids)} in all)"
+
+
+def label_to_id(id2label: Mapping[int, str], examples: Sequence[Example]) -> dict[str | int, int]:
+    """label -> id for these examples' kind of label (ints map to themselves)."""
+    if examples and isinstance(examples[0].label, int):
+        return {i: i for i in id2label}
+    return {name: i for i, name in id2label.items()}

@@ -1,0 +1,106 @@
+"""Where training rows come from: one JSONL/CSV file, or a directory of Parquet, JSONL and CSV files.
+
+    sources("train.jsonl")      # one Source: rows by line number (rows.read_records)
+    sources("data/")            # every .parquet/.jsonl/.ndjson/.csv/.tsv file under data/, in sorted order
+
+Parquet files are read through the `datasets` library, streamed (rows are handed on one at a time, nothing is
+converted to an Arrow cache), offline, with its cache in a temporary directory that is removed afterwards; a
+row is named `file:row N` (0-based, as `ds[N]`). JSONL and CSV files in a directory are read as single files
+are (`rows.read_records`), so that every bad line is named `file:line`: the `datasets` JSON loader stops at
+the first line it cannot parse without saying which. Other files in the directory (README.md, dataset_info.json)
+are ignored; a directory with no data file is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .rows import FORMATS, MAX_LINE_BYTES, BadRow, DataError, Row, read_records
+
+PARQUET = ".parquet"
+DIR_SUFFIXES = (PARQUET, ".jsonl", ".ndjson", ".csv", ".tsv")  # not .json: in dataset dirs that is metadata
+
+
+@dataclass
+class Source:
+    """One data file: its (line or row number, row) pairs, the rows that did not parse, its columns if fixed.
+
+    `records` may be lazy (Parquet): iterate it once. `unit` is "line" (text files) or "row" (Parquet);
+    `columns` is the CSV header or the Parquet schema, None for JSONL (each row has its own keys).
+    """
+
+    path: str
+    records: Iterable[tuple[int, Row]]
+    unit: str = "line"
+    columns: list[str] | None = None
+    bad: list[BadRow] = field(default_factory=list)
+
+
+def sources(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> list[Source]:
+    """The data files at `path` (a file, or a directory searched recursively); DataError if there are none."""
+    path = Path(path)
+    if not path.is_dir():
+        return [_text_source(path, max_line_bytes)]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DIR_SUFFIXES and _visible(p, path))
+    if not files:
+        raise DataError(f"{path}: no data files in this directory; expected {', '.join(DIR_SUFFIXES)} files")
+    return [_parquet_source(p) if p.suffix.lower() == PARQUET else _text_source(p, max_line_bytes) for p in files]
+
+
+def _visible(file: Path, root: Path) -> bool:
+    """False for files under hidden directories or hidden themselves (.git, .cache)."""
+    return not any(part.startswith(".") for part in file.relative_to(root).parts)
+
+
+def _text_source(path: Path, max_line_bytes: int) -> Source:
+    """A JSONL or CSV file read whole by line (rows.read_records)."""
+    records, bad = read_records(path, max_line_bytes=max_line_bytes)
+    columns = list(records[0][1]) if records and FORMATS.get(path.suffix.lower()) != "jsonl" else None
+    return Source(str(path), records, "line", columns, bad)
+
+
+def _parquet_source(path: Path) -> Source:
+    """A Parquet file streamed through `datasets`; its columns from the schema."""
+    datasets = _datasets()
+    try:
+        import pyarrow.parquet as pq
+
+        columns = list(pq.read_schema(path).names)
+    except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...: the file is not Parquet, whatever the reason
+        raise DataError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+    return Source(str(path), _parquet_rows(datasets, path), "row", columns)
+
+
+def _parquet_rows(datasets: object, path: Path) -> Iterator[tuple[int, Row]]:
+    """(row number, row) pairs of a Parquet file, streamed, the datasets cache in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="lorakit-datasets-") as cache:
+        try:
+            ds = datasets.load_dataset(  # type: ignore[attr-defined]
+                "parquet", data_files=[str(path)], split="train", streaming=True, cache_dir=cache
+            )
+            yield from enumerate(ds)
+        except DataError:
+            raise
+        except Exception as e:  # datasets/pyarrow errors name neither the file nor the row
+            raise DataError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+
+
+def _datasets() -> object:
+    """The datasets module, offline (local files only; it never needs the network for them)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading Parquet needs the datasets library: pip install 'lorakit[hf]'") from None
+    return datasets
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
