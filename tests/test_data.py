@@ -53,7 +53,8 @@ def test_causal_rows_bad_ones_named_by_file_and_line(tmp_path):
     assert [b.split(":")[1] for b in bad] == ["4", "5", "6", "7", "8", "9", "10"]
     assert f"{p}:4: not valid JSON" in bad[0]
     assert "field 'text' is empty" in bad[1] and "is a int" in bad[2] and "missing field 'completion'" in bad[3]
-    assert "missing field 'text' (or 'prompt' and 'completion'); the row has 'body'" in bad[4]
+    assert ("missing field 'text' (or 'prompt' and 'completion', or 'messages', or 'instruction' and 'output'); "
+            "the row has 'body'") in bad[4]
     assert "expected a JSON object, got list" in bad[5] and "both" in bad[6]
 
 
@@ -73,6 +74,34 @@ def test_seq_cls_labels_str_or_int_and_unknown_labels(tmp_path):
     v = _jsonl(tmp_path / "v.jsonl", [{"text": "x", "label": "pos"}, {"text": "y", "label": "meh"}])
     assert _bad(v, "seq-cls", label2id=data.label_to_id(id2label, examples)) == [
         f"{v}:2: unknown label 'meh'; the training labels are 'neg', 'pos'"]
+
+
+def test_int_labels_with_gaps_are_refused_not_made_into_phantom_classes(tmp_path, tok):
+    p = _jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": x} for x in (0, 1, 2, 7, 1, 0)])
+    with pytest.raises(DataError) as e:
+        data.prepare(p, "seq-cls", tok)
+    assert str(e.value) == (
+        f"int labels are class ids: 0, 1, 2, 7 would make 8 classes, and 3, 4, 5, 6 never occur in the training "
+        f'data ({p}:4 has 7); renumber the labels 0..3, or write them as strings ("7") to use them as class names')
+    strings = _jsonl(tmp_path / "s.jsonl", [{"text": "a", "label": str(x)} for x in (0, 1, 2, 7, 1, 0)])
+    assert data.prepare(strings, "seq-cls", tok, valid_path=strings).id2label == {0: "0", 1: "1", 2: "2", 3: "7"}
+
+
+def test_csv_header_without_the_task_columns_is_refused_once(tmp_path, tok):
+    p = tmp_path / "t.csv"
+    p.write_text("text,lbl\nthe cat,pos\nthe dog,neg\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        data.prepare(p, "seq-cls", tok)
+    assert str(e.value) == f"{p}: expected columns text,label; the header has text,lbl"
+    q = tmp_path / "q.tsv"
+    q.write_text("question\tanswer\nq\ta\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        data.prepare(q, "causal-lm", tok)
+    assert str(e.value) == (f"{q}: expected columns text, or prompt,completion, or messages, or instruction,output; "
+                            "the header has question,answer")
+    ok = tmp_path / "ok.csv"
+    ok.write_text("id,instruction,output\n1,greet,hello world\n2,count,one two three\n", encoding="utf-8")
+    assert len(data.prepare(ok, "causal-lm", tok, valid_path=ok).train) == 2  # extra columns are fine
 
 
 @pytest.mark.parametrize("labels, want", [
@@ -102,6 +131,74 @@ def test_csv_with_quoted_multiline_field_keeps_physical_line_numbers(tmp_path):
     tsv = tmp_path / "t.tsv"
     tsv.write_text("prompt\tcompletion\nq\ta\n", encoding="utf-8")
     assert data.read_records(tsv)[0] == [(2, {"prompt": "q", "completion": "a"})]
+
+
+# -- a directory of Parquet and JSONL files, through datasets ------------------------------------------------
+
+def _parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _cached() -> set[Path]:
+    from datasets import config
+
+    return set(Path(config.HF_DATASETS_CACHE).rglob("*"))
+
+
+def test_directory_of_parquet_and_jsonl_files(tmp_path, tok):
+    cached = _cached()
+    d = tmp_path / "data"
+    (d / "more").mkdir(parents=True)
+    _parquet(d / "a.parquet", [{"text": "the cat sat", "label": "pos"}, {"text": "", "label": "neg"},
+                               {"text": "the dog ran", "label": "neg"}])
+    _jsonl(d / "more" / "b.jsonl", [{"text": "hello world", "label": "pos"}, "{bad", {"text": "good", "label": "neg"}])
+    (d / "README.md").write_text("# not data\n")
+    (d / "dataset_info.json").write_text('{\n  "not": "rows"\n}\n')
+    (d / ".cache").mkdir()
+    _jsonl(d / ".cache" / "x.jsonl", ["{junk"])
+    with pytest.raises(DataError) as e:
+        data.prepare(d, "seq-cls", tok)
+    assert e.value.bad_rows == [data.BadRow(str(d / "a.parquet"), 1, "field 'text' is empty", "row"),
+                                data.BadRow(str(d / "more" / "b.jsonl"), 2, "not valid JSON (Expecting property name "
+                                            "enclosed in double quotes at column 2)")]
+    assert f"{d / 'a.parquet'}:row 1: field 'text' is empty" in str(e.value)
+    assert f"{d / 'more' / 'b.jsonl'}:2: not valid JSON" in str(e.value)
+    prepared = data.prepare(d, "seq-cls", tok, valid_path=d, skip_bad_rows=True)
+    assert len(prepared.train) == 4 and prepared.id2label == {0: "neg", 1: "pos"}
+    assert _cached() == cached and not list(d.rglob("*.lock"))  # the datasets cache went to a temporary directory
+
+
+def test_parquet_chat_rows_and_file_level_problems(tmp_path, tok):
+    chat_tok = _hf_models.tokenizer(bos=True, chat=True)
+    d = tmp_path / "chat"
+    d.mkdir()
+    u, a = {"role": "user", "content": "hello world"}, {"role": "assistant", "content": "good morning"}
+    _parquet(d / "c.parquet", [{"messages": [u, a]}, {"messages": [u, {**a, "train": False}, a]}, {"messages": [u]}])
+    with pytest.raises(DataError) as e:
+        data.prepare(d, "causal-lm", chat_tok, valid_path=d)
+    assert [str(b) for b in e.value.bad_rows] == [
+        f"{d / 'c.parquet'}:row 2: no assistant message; the loss falls on assistant turns only, so there is "
+        "nothing to learn"] * 2  # train and valid: the same directory
+    prepared = data.prepare(d, "causal-lm", chat_tok, valid_path=d, skip_bad_rows=True)
+    assert [sum(y != -100 for y in r["labels"]) for r in prepared.train] == [3, 3]  # good morning <|im_end|>
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    _parquet(wrong / "w.parquet", [{"body": "x"}])
+    with pytest.raises(DataError, match=r"w.parquet: expected columns text, or prompt,completion, or messages, or "
+                                        r"instruction,output; the file has body"):
+        data.prepare(wrong, "causal-lm", tok)
+    (wrong / "w.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"w.parquet: not a readable Parquet file"):
+        data.prepare(wrong, "causal-lm", tok)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"empty: no data files in this directory; expected .parquet, .jsonl"):
+        data.prepare(empty, "causal-lm", tok)
 
 
 # -- file-level problems --------------------------------------------------------------------------

@@ -111,8 +111,8 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 (the 
     """The standard Alpaca prompt for an instruction (and its optional input); the completion follows it.
 
     Examples:
-        >>> alpaca_prompt("Name a colour.").splitlines()[-3:]
-        ['### Instruction:', 'Name a colour.', '']
+        >>> alpaca_prompt("Name a colour.").splitlines()[-4:]
+        ['### Instruction:', 'Name a colour.', '', '### Response:']
     """
     if input.strip():
         return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
