@@ -288,8 +288,20 @@ def test_cli_finetunes_on_chat_rows_and_saves_the_template(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
     assert chat.load_template(tmp_path / "a") == _hf_models.CHATML
+
+
+def test_cli_without_a_template_names_the_flag(tmp_path, capsys):
+    """In-process (the entry point the subprocess runs): a chat row and no template exit 2 naming --chat-template."""
+    from lorakit.cli import main
+
     bare = _hf_models.save_tiny("llama", tmp_path / "bare", chat_template="")
-    r = _lorakit("finetune", "--model", bare, "--data", rows, "--task", "causal-lm", "--out", tmp_path / "b")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"{rows}:1: chat rows ('messages') need a chat template" in r.stderr
-    assert "pass --chat-template FILE" in r.stderr and not (tmp_path / "b").exists()
+    rows = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 4)
+    assert main(["finetune", "--model", str(bare), "--data", str(rows), "--task", "causal-lm",
+                 "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert f"{rows}:1: chat rows ('messages') need a chat template, and the model's tokenizer has none; " \
+           "pass --chat-template FILE" in err
+    assert "Traceback" not in err and not (tmp_path / "b").exists()
+    assert main(["finetune", "--model", str(bare), "--data", str(rows), "--task", "causal-lm",
+                 "--out", str(tmp_path / "b"), "--chat-template", str(tmp_path / "nope.jinja")]) == 2
+    assert f"{tmp_path / 'nope.jinja'}: no such chat template file" in capsys.readouterr().err

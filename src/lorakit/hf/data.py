@@ -85,13 +85,14 @@ def encode(
     max_length: int,
     label2id: Mapping[str | int, int] | None = None,
     progress: Progress | None = None,
+    description: str = "tokenizing",
 ) -> tuple[list[Encoded], list[BadRow]]:
     """Token ids per example; causal-lm labels are -100 on prompt tokens (and all but assistant turns in chat
     rows), so the loss falls on completions; chat.NoChatTemplateError if a chat row meets no template."""
     out: list[Encoded] = []
     bad: list[BadRow] = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    with (progress or quiet()).task("tokenizing", total=len(examples), unit="rows") as step:
+    with (progress or quiet()).task(description, total=len(examples), unit="rows") as step:
         for ex in examples:
             step.advance()
             if task == "seq-cls":
@@ -213,8 +214,8 @@ def prepare(
         bad, files = bad + more, files + valid_files
     else:
         train, valid = holdout(train, valid_fraction, seed) if len(train) >= 2 else (train, [])
-    train_enc, more = encode(train, tokenizer, task, max_length, label2id, progress)
-    valid_enc, more2 = encode(valid, tokenizer, task, max_length, label2id, progress)
+    train_enc, more = encode(train, tokenizer, task, max_length, label2id, progress, "tokenizing training rows")
+    valid_enc, more2 = encode(valid, tokenizer, task, max_length, label2id, progress, "tokenizing validation rows")
     bad += more + more2
     bad.sort(key=lambda b: (files.index(b.path) if b.path in files else len(files), b.line))
     if bad and not skip_bad_rows:
