@@ -19,6 +19,7 @@ def finetune(args: argparse.Namespace) -> int:
     from ..config import LoraConfig
     from ..train import PlainLog, TrainConfig
     from ..train.distributed import is_main
+    from ..train.progress import Progress
 
     quiet_transformers()
     # "q_proj,v_proj" or "q_proj v_proj"; a regex ("re:...") is taken whole, commas and all
@@ -63,11 +64,13 @@ def finetune(args: argparse.Namespace) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             quantize=args.quantize,
+            pack=args.pack,
+            gradient_checkpointing=args.gradient_checkpointing,
         )
     )
     if not (job.resume or job.overwrite):
         new_or_empty(job.out, "pass --resume to continue that run, --overwrite to replace it, or choose a new --out")
-    setup = inputs(job_module.prepare, job)
+    setup = inputs(job_module.prepare, job, progress=Progress())
     bad = setup.prepared.bad_rows
     if bad:
         print(f"skipping {len(bad)} bad row(s) (--skip-bad-rows); first: {bad[0]}", file=sys.stderr)
@@ -78,6 +81,13 @@ def finetune(args: argparse.Namespace) -> int:
     for when in ("before", "after"):
         values = report[when]
         print(f"{when:<6} valid_loss={values['loss']:.4f} valid_{metric}={values[metric]:.4f}")
+    packed = report.get("packing")
+    if packed:  # --pack: what it saved
+        print(
+            f"packing: {packed['rows_before']} rows -> {packed['rows_after']}, padding "
+            f"{100 * packed['padding_fraction_unpacked']:.1f}% -> {100 * packed['padding_fraction_packed']:.1f}% "
+            "of the tokens"
+        )
     print(f"adapter: {report['adapter']}  (run artifacts: {report['artifacts']})")
     return 0
 
@@ -155,9 +165,20 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         action="store_true",
         help="under torchrun: shard the frozen base with FSDP2 instead of DDP (docs/distributed.md)",
     )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each layer's activations in the backward: less memory, about one more forward per step",
+    )
     g = p.add_argument_group("data")
     g.add_argument("--valid-fraction", type=float, default=0.1, help="held out when there is no --valid (default 0.1)")
     g.add_argument("--skip-bad-rows", action="store_true", help="train without the bad rows instead of refusing")
     g.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES, help="longest accepted line (default 1 MiB)")
+    g.add_argument(
+        "--pack",
+        action="store_true",
+        help="causal-lm: pack several training rows into each --max-length row (attention stays within a row's "
+        "own text); less padding, fewer steps per epoch; validation stays unpacked",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
     p.set_defaults(run=finetune)

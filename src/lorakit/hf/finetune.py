@@ -26,10 +26,11 @@ from ..saving import save_adapters
 from ..train import TrainConfig, Trainer, accuracy, perplexity
 from ..train.artifacts import CHECKPOINT
 from ..train.distributed import is_main
+from ..train.progress import Progress
 from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
 from ..variants.quant import quantize_base
-from . import data
+from . import checkpointing, data, packing
 from . import models as hf
 from .data import MAX_LINE_BYTES
 
@@ -61,6 +62,9 @@ class FinetuneJob:
     resume: bool = False
     overwrite: bool = False
     quantize: str | None = None  # one of variants.quant.FORMATS: QLoRA, the wrapped layers' frozen weights quantised
+    # -- memory and throughput (hf/packing.py, hf/checkpointing.py) --
+    pack: bool = False  # causal-lm: several training examples per row, attention kept within each example
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward instead of keeping them
 
     def __post_init__(self) -> None:
         if self.task not in hf.TASKS:
@@ -73,6 +77,8 @@ class FinetuneJob:
             raise ValueError(
                 f"quantize={self.quantize!r} is invalid: expected one of {', '.join(QUANT_FORMATS)} or None"
             )
+        if self.pack and self.task != "causal-lm":
+            raise ValueError(f"pack=True (--pack) is for task 'causal-lm' (several texts per row); got {self.task!r}")
 
 
 @dataclass
@@ -85,9 +91,10 @@ class Setup:
     prepared: data.Prepared
     train_loader: DataLoader[data.Encoded]
     valid_loader: DataLoader[data.Encoded]
+    packing: dict[str, Any] | None = None  # what packing saved (packing.summary), when the job packs
 
 
-def prepare(job: FinetuneJob) -> Setup:
+def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     """Check the output dir, load the tokenizer, read and tokenize the data, load and wrap the model.
 
     Raises lorakit's file/data errors or ValueError for anything wrong with the inputs; `out` must be new or
@@ -121,21 +128,29 @@ def prepare(job: FinetuneJob) -> Setup:
     if job.quantize:
         quantize_base(model, job.quantize)
     collate = functools.partial(data.collate, pad_id=tok.pad_token_id)
+    train_rows, train_collate, packed = prepared.train, collate, None
+    if job.pack:  # training rows only: validation stays unpacked, so its loss is an unpacked run's
+        train_rows, packed = packing.pack_for_training(
+            model, prepared.train, job.max_length, job.batch_size, job.train.seed, progress
+        )
+        train_collate = functools.partial(packing.collate, pad_id=tok.pad_token_id)
+    if job.gradient_checkpointing:
+        checkpointing.enable(model)
     shuffle = torch.Generator().manual_seed(job.train.seed)
     # a list is a map-style dataset to DataLoader; torch's stubs ask for a Dataset subclass
     train_loader: DataLoader[data.Encoded] = DataLoader(
-        prepared.train,  # type: ignore[arg-type]
+        train_rows,  # type: ignore[arg-type]
         batch_size=job.batch_size,
         shuffle=True,
         generator=shuffle,
-        collate_fn=collate,
+        collate_fn=train_collate,
     )
     valid_loader: DataLoader[data.Encoded] = DataLoader(
         prepared.valid,  # type: ignore[arg-type]
         batch_size=job.batch_size,
         collate_fn=collate,
     )
-    return Setup(job, model, tok, prepared, train_loader, valid_loader)
+    return Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed)
 
 
 def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]:
@@ -180,6 +195,8 @@ def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]
         "elapsed_s": result.elapsed_s,
         "before": before,
         "after": after,
+        "gradient_checkpointing": job.gradient_checkpointing,
+        "packing": setup.packing,  # None unless job.pack: rows and padding fractions before and after
     }
     if is_main():
         write_json(out / RUN_DIR / REPORT, report)
