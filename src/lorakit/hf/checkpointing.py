@@ -34,6 +34,9 @@ def enable(model: PreTrainedModel) -> None:
     # transformers also makes the embeddings' output require grad, which only the reentrant variant needs;
     # undone, so the backward does not compute an input gradient for the first layer that nothing uses
     model.disable_input_require_grads()
+    # a checkpointed layer cannot fill a KV cache (its forward runs twice); transformers would drop it per layer,
+    # with a warning, while training
+    model.config.use_cache = False
     if not active(model):
         raise RuntimeError(f"{type(model).__name__}: gradient checkpointing was enabled but no layer has it on")
 
