@@ -98,7 +98,8 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     """Check the output dir, load the tokenizer, read and tokenize the data, load and wrap the model.
 
     Raises lorakit's file/data errors or ValueError for anything wrong with the inputs; `out` must be new or
-    empty (hf.OutputDirNotEmpty) unless the job resumes or overwrites.
+    empty (hf.OutputDirNotEmpty) unless the job resumes or overwrites. `job.pack` packs the training rows
+    (packing.py, reported on `progress`); `job.gradient_checkpointing` turns it on (checkpointing.py).
     """
     out = Path(job.out)
     run_dir = out / RUN_DIR

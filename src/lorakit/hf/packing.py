@@ -16,6 +16,12 @@ Labels: the first token of each example is -100, so the last token of one exampl
 predict the first token of the next; padding is -100 too. The loss of a packed batch is then the mean over
 exactly the labelled tokens an unpacked batch of the same examples would average over (the first label of
 an unpacked example is never a target either: causal-LM labels are shifted by one).
+
+`lorakit finetune --pack` packs the training rows only. Validation stays unpacked, so its loss (and
+perplexity) is exactly an unpacked run's. The training loss changes meaning a little: each batch is still
+the mean over its labelled tokens, but a packed batch holds more examples, so an epoch has fewer, bigger
+steps and its loss curve is not step-for-step comparable to an unpacked run's. The trainer's tokens/s counts
+a packed batch's positions, padding included (a packed batch has no attention_mask to count from).
 """
 
 from __future__ import annotations
