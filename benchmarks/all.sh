@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark suite, one after the other (about 10 minutes on 2 CPU cores); each writes its own page:
-#   RESULTS.md (lorakit vs PEFT vs the cost floor), RESULTS-adapters.md, RESULTS-variants.md, RESULTS-distributed.md
+#   RESULTS.md (lorakit vs PEFT vs the cost floor), RESULTS-adapters.md, RESULTS-variants.md, RESULTS-distributed.md,
+#   RESULTS-checkpointing.md (gradient checkpointing and packing, about 2 minutes)
 # Extra arguments go to run.py (e.g. --device cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,4 +30,5 @@ mv benchmarks/RESULTS-variants.md.tmp benchmarks/RESULTS-variants.md
   "$PY" benchmarks/distributed.py 2>benchmarks/distributed.log
 } > benchmarks/RESULTS-distributed.md.tmp
 mv benchmarks/RESULTS-distributed.md.tmp benchmarks/RESULTS-distributed.md
+"$PY" benchmarks/checkpointing.py 2>benchmarks/checkpointing.log
 echo "wrote benchmarks/RESULTS*.md"

@@ -59,3 +59,23 @@ def test_variants_suite_runs_quick():
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| dora | lorakit DoRA |" in r.stdout and "DoRA row norm" in r.stdout
+
+
+# -- benchmarks/checkpointing.py (gradient checkpointing and packing) ---------------------------------
+
+def test_checkpointing_suite_runs_quick(tmp_path):
+    """The suite end to end on a tiny model: both tables, every case, checkpointing keeping less for backward."""
+    import subprocess
+
+    out = tmp_path / "RESULTS-checkpointing.md"
+    r = subprocess.run([sys.executable, str(RUN.parent / "checkpointing.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    assert "Machine: " in text and "torch " in text and "nan" not in text.lower()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert {"plain", "gradient checkpointing", "unpacked", "packed"} <= rows.keys()
+    mib = [float(rows[c][4].split()[0]) for c in ("plain", "gradient checkpointing")]  # saved for backward
+    assert mib[1] < mib[0]
+    padding = [float(rows[c][3].rstrip("%")) for c in ("unpacked", "packed")]
+    assert padding[1] < padding[0]

@@ -65,6 +65,8 @@ def finetune(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             quantize=args.quantize,
             chat_template=args.chat_template,  # H1: chat data
+            pack=args.pack,
+            gradient_checkpointing=args.gradient_checkpointing,
         )
     )
     if not (job.resume or job.overwrite):
@@ -80,6 +82,13 @@ def finetune(args: argparse.Namespace) -> int:
     for when in ("before", "after"):
         values = report[when]
         print(f"{when:<6} valid_loss={values['loss']:.4f} valid_{metric}={values[metric]:.4f}")
+    packed = report.get("packing")
+    if packed:  # --pack: what it saved
+        print(
+            f"packing: {packed['rows_before']} rows -> {packed['rows_after']}, padding "
+            f"{100 * packed['padding_fraction_unpacked']:.1f}% -> {100 * packed['padding_fraction_packed']:.1f}% "
+            "of the tokens"
+        )
     print(f"adapter: {report['adapter']}  (run artifacts: {report['artifacts']})")
     return 0
 
@@ -162,6 +171,11 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         action="store_true",
         help="under torchrun: shard the frozen base with FSDP2 instead of DDP (docs/distributed.md)",
     )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each layer's activations in the backward: less memory, about one more forward per step",
+    )
     g = p.add_argument_group("data")
     g.add_argument("--valid-fraction", type=float, default=0.1, help="held out when there is no --valid (default 0.1)")
     g.add_argument("--skip-bad-rows", action="store_true", help="train without the bad rows instead of refusing")
@@ -170,6 +184,12 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--chat-template",
         metavar="FILE",
         help="a Jinja chat template for chat rows (replaces the tokenizer's own; saved beside the adapter)",
+    )
+    g.add_argument(
+        "--pack",
+        action="store_true",
+        help="causal-lm: pack several training rows into each --max-length row (attention stays within a row's "
+        "own text); less padding, fewer steps per epoch; validation stays unpacked",
     )
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
     p.set_defaults(run=finetune)

@@ -31,7 +31,7 @@ from ..train.progress import Progress
 from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
 from ..variants.quant import quantize_base
-from . import chat, data
+from . import chat, checkpointing, data, packing
 from . import models as hf
 from .data import MAX_LINE_BYTES
 
@@ -65,6 +65,9 @@ class FinetuneJob:
     quantize: str | None = None  # one of variants.quant.FORMATS: QLoRA, the wrapped layers' frozen weights quantised
     # -- chat data (H1) --
     chat_template: str | Path | None = None  # a Jinja file for chat rows, for a tokenizer without a template
+    # -- memory and throughput (hf/packing.py, hf/checkpointing.py) --
+    pack: bool = False  # causal-lm: several training examples per row, attention kept within each example
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward instead of keeping them
 
     def __post_init__(self) -> None:
         if self.task not in hf.TASKS:
@@ -77,6 +80,8 @@ class FinetuneJob:
             raise ValueError(
                 f"quantize={self.quantize!r} is invalid: expected one of {', '.join(QUANT_FORMATS)} or None"
             )
+        if self.pack and self.task != "causal-lm":
+            raise ValueError(f"pack=True (--pack) is for task 'causal-lm' (several texts per row); got {self.task!r}")
 
 
 @dataclass
@@ -89,13 +94,15 @@ class Setup:
     prepared: data.Prepared
     train_loader: DataLoader[data.Encoded]
     valid_loader: DataLoader[data.Encoded]
+    packing: dict[str, Any] | None = None  # what packing saved (packing.summary), when the job packs
 
 
 def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     """Check the output dir, load the tokenizer, read and tokenize the data, load and wrap the model.
 
     Raises lorakit's file/data errors or ValueError for anything wrong with the inputs; `out` must be new or
-    empty (hf.OutputDirNotEmpty) unless the job resumes or overwrites.
+    empty (hf.OutputDirNotEmpty) unless the job resumes or overwrites. `job.pack` packs the training rows
+    (packing.py, reported on `progress`); `job.gradient_checkpointing` turns it on (checkpointing.py).
     """
     out = Path(job.out)
     run_dir = out / RUN_DIR
@@ -127,21 +134,29 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     if job.quantize:
         quantize_base(model, job.quantize)
     collate = functools.partial(data.collate, pad_id=tok.pad_token_id)
+    train_rows, train_collate, packed = prepared.train, collate, None
+    if job.pack:  # training rows only: validation stays unpacked, so its loss is an unpacked run's
+        train_rows, packed = packing.pack_for_training(
+            model, prepared.train, job.max_length, job.batch_size, job.train.seed, progress
+        )
+        train_collate = functools.partial(packing.collate, pad_id=tok.pad_token_id)
+    if job.gradient_checkpointing:
+        checkpointing.enable(model)
     shuffle = torch.Generator().manual_seed(job.train.seed)
     # a list is a map-style dataset to DataLoader; torch's stubs ask for a Dataset subclass
     train_loader: DataLoader[data.Encoded] = DataLoader(
-        prepared.train,  # type: ignore[arg-type]
+        train_rows,  # type: ignore[arg-type]
         batch_size=job.batch_size,
         shuffle=True,
         generator=shuffle,
-        collate_fn=collate,
+        collate_fn=train_collate,
     )
     valid_loader: DataLoader[data.Encoded] = DataLoader(
         prepared.valid,  # type: ignore[arg-type]
         batch_size=job.batch_size,
         collate_fn=collate,
     )
-    return Setup(job, model, tok, prepared, train_loader, valid_loader)
+    return Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed)
 
 
 def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]:
@@ -188,6 +203,8 @@ def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]
         "elapsed_s": result.elapsed_s,
         "before": before,
         "after": after,
+        "gradient_checkpointing": job.gradient_checkpointing,
+        "packing": setup.packing,  # None unless job.pack: rows and padding fractions before and after
     }
     if is_main():
         write_json(out / RUN_DIR / REPORT, report)
