@@ -293,18 +293,9 @@ class Trainer:
                     now = time.perf_counter()
                     means = interval.means()
                     grad_norm = s.grad_norm_sum / s.grad_norms if s.grad_norms else None
+                    rate, mean = units / max(now - t_interval, 1e-9), means.pop("loss")
                     logged = StepLogged(
-                        epoch,
-                        s.step,
-                        b,
-                        batches_per_epoch,
-                        means.pop("loss"),
-                        lr,
-                        grad_norm,
-                        units / max(now - t_interval, 1e-9),
-                        elapsed(),
-                        means,
-                        unit,
+                        epoch, s.step, b, batches_per_epoch, mean, lr, grad_norm, rate, elapsed(), means, unit
                     )
                     self._row(art.step_row(logged), s)
                     self._emit(logged)
