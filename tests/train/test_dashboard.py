@@ -70,3 +70,60 @@ def test_chart_draws_each_series_and_axis_labels() -> None:
     assert lines[-1].split() == ["0", "49"]
     styles = {span.style for span in chart.spans}
     assert {"cyan", "magenta"} <= styles
+
+
+def _llm_run(callbacks: list) -> None:
+    """A tiny Llama with a valid loader, a reference text and eval_every=4: 2 epochs of 6 steps."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from test_forgetting import _adapted, _reference, _train_batches
+    finally:
+        sys.path.pop(0)
+    from lorakit.train import ReferenceKL
+
+    model, _ = _adapted()
+    cfg = TrainConfig(epochs=2, lr=1e-2, device="cpu", eval_every=4, log_every=2)
+    Trainer(model, cfg, callbacks=callbacks, reference=ReferenceKL(_reference())).fit(_train_batches(),
+                                                                                     _train_batches(2))
+
+
+def test_dashboard_shows_the_latest_evaluation_with_its_kl_and_step() -> None:
+    from lorakit.train import Evaluated
+
+    screen = Console(file=io.StringIO(), width=80, height=24, force_terminal=True, color_system="truecolor")
+    dash = Dashboard(console=screen, title="llm")
+    frames: list[str] = []
+
+    def snap(event: object) -> None:  # after the dashboard took the event
+        if isinstance(event, Evaluated):
+            frame = Console(file=io.StringIO(), width=80, height=24, record=True)
+            frame.print(dash.render())
+            frames.append(frame.export_text())
+
+    _llm_run([dash, snap])
+    assert len(frames) == 2  # steps 4 and 8; 12 is the last epoch's own evaluation
+    assert "eval @ step 4" in frames[0] and "kl_ref" in frames[0] and "(best " in frames[0]
+    frame = Console(file=io.StringIO(), width=80, height=24, record=True)
+    frame.print(dash.render())
+    lines = frame.export_text().rstrip("\n").splitlines()
+    assert len(lines) <= 22 and all(len(line) == 80 for line in lines), "\n".join(lines)
+    text = "\n".join(lines)
+    assert "eval @ step 12" in text and "kl_ref" in text and "llm · done" in text
+    kl = float(re.search(r"kl_ref\s+([0-9.e-]+)", text).group(1))
+    assert kl > 0
+
+
+def test_plain_log_writes_eval_lines_with_kl_ref() -> None:
+    out = io.StringIO()
+    _llm_run([PlainLog(out)])
+    lines = out.getvalue().splitlines()
+    evals = [line for line in lines if line.startswith("eval ")]
+    assert [line.split()[2] for line in evals] == ["step=4/12", "step=8/12"]
+    for line in evals:
+        assert all("=" in field for field in line.split()[1:]), line
+        assert " valid_loss=" in line and " kl_ref=" in line and " best_valid_loss=" in line
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all(" kl_ref=" in line for line in epochs)

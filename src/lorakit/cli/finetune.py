@@ -10,14 +10,15 @@ from ..hf import finetune as job_module
 from ..hf import models as hf
 from ..hf.data import MAX_LINE_BYTES
 from ..train.config import PRECISIONS, SCHEDULES
+from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
-from .common import inputs, new_or_empty, quiet_transformers
+from .common import inputs, new_or_empty, positive_int, quiet_transformers
 
 
 def finetune(args: argparse.Namespace) -> int:
     """Run `lorakit finetune`: build the job from the flags, prepare it (input errors exit 2), train, report."""
     from ..config import LoraConfig
-    from ..train import PlainLog, TrainConfig
+    from ..train import TrainConfig
     from ..train.distributed import is_main
     from ..train.progress import Progress
 
@@ -54,6 +55,8 @@ def finetune(args: argparse.Namespace) -> int:
                 log_every=args.log_every,
                 checkpoint_every=args.checkpoint_every,
                 fsdp=args.fsdp,
+                max_steps=args.max_steps,
+                eval_every=args.eval_every,
             ),
             batch_size=args.batch_size,
             max_length=args.max_length,
@@ -67,15 +70,17 @@ def finetune(args: argparse.Namespace) -> int:
             chat_template=args.chat_template,  # H1: chat data
             pack=args.pack,
             gradient_checkpointing=args.gradient_checkpointing,
+            reference=args.reference,
         )
     )
     if not (job.resume or job.overwrite):
         new_or_empty(job.out, "pass --resume to continue that run, --overwrite to replace it, or choose a new --out")
+    callbacks = _callbacks(args)  # before the slow part: a missing tensorboard fails here
     setup = inputs(job_module.prepare, job, progress=Progress())
     bad = setup.prepared.bad_rows
     if bad:
         print(f"skipping {len(bad)} bad row(s) (--skip-bad-rows); first: {bad[0]}", file=sys.stderr)
-    report = job_module.run(setup, callbacks=[PlainLog()] if args.plain else None)
+    report = job_module.run(setup, callbacks=callbacks)
     if not is_main():  # under torchrun, rank 0 reports
         return 0
     metric = "accuracy" if job.task == "seq-cls" else "perplexity"
@@ -91,6 +96,15 @@ def finetune(args: argparse.Namespace) -> int:
         )
     print(f"adapter: {report['adapter']}  (run artifacts: {report['artifacts']})")
     return 0
+
+
+def _callbacks(args: argparse.Namespace) -> list[Callback] | None:
+    """The reporter (--plain or the automatic choice) and, with --log tensorboard, the TensorBoard writer."""
+    from ..train import PlainLog, TensorBoard, auto_reporter
+
+    if args.log == "none":
+        return [PlainLog()] if args.plain else None  # None: the trainer picks the reporter on rank 0
+    return [PlainLog() if args.plain else auto_reporter(), TensorBoard()]  # both report on rank 0 only
 
 
 def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -166,6 +180,31 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     g.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace what is in OUT")
     g.add_argument("--plain", action="store_true", help="plain log lines instead of the dashboard")
+    # -- issue 13: step-based runs, evaluation every N steps, forgetting monitor, TensorBoard
+    g.add_argument(
+        "--max-steps",
+        type=positive_int,
+        metavar="N",
+        help="stop after N optimizer steps; overrides --epochs (the data is read again as often as needed)",
+    )
+    g.add_argument(
+        "--eval-every",
+        type=positive_int,
+        metavar="N",
+        help="evaluate every N optimizer steps (default: at epoch ends only; epoch ends always evaluate)",
+    )
+    g.add_argument(
+        "--reference",
+        metavar="FILE",
+        help="plain text the model should not forget: every evaluation reports kl_ref, the mean per-token "
+        "KL(adapted || base) on it, in chunks of --max-length tokens (causal-lm)",
+    )
+    g.add_argument(
+        "--log",
+        choices=("none", "tensorboard"),
+        default="none",
+        help="also log scalars to OUT/run/tensorboard/ (needs pip install 'lorakit[tensorboard]')",
+    )
     g.add_argument(
         "--fsdp",
         action="store_true",

@@ -27,6 +27,7 @@ from ..saving import save_adapters
 from ..train import TrainConfig, Trainer, accuracy, perplexity
 from ..train.artifacts import CHECKPOINT
 from ..train.distributed import is_main
+from ..train.forgetting import ReferenceKL, reference_loader
 from ..train.progress import Progress
 from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
@@ -68,6 +69,8 @@ class FinetuneJob:
     # -- memory and throughput (hf/packing.py, hf/checkpointing.py) --
     pack: bool = False  # causal-lm: several training examples per row, attention kept within each example
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward instead of keeping them
+    # forgetting monitor (train/forgetting.py): a plain text file whose KL(adapted || base) every evaluation reports
+    reference: str | Path | None = None
 
     def __post_init__(self) -> None:
         if self.task not in hf.TASKS:
@@ -76,6 +79,8 @@ class FinetuneJob:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1")
+        if self.reference is not None and self.task != "causal-lm":
+            raise ValueError(f"reference={str(self.reference)!r} measures next-token KL: it needs task='causal-lm'")
         if self.quantize is not None and self.quantize not in QUANT_FORMATS:
             raise ValueError(
                 f"quantize={self.quantize!r} is invalid: expected one of {', '.join(QUANT_FORMATS)} or None"
@@ -95,6 +100,7 @@ class Setup:
     train_loader: DataLoader[data.Encoded]
     valid_loader: DataLoader[data.Encoded]
     packing: dict[str, Any] | None = None  # what packing saved (packing.summary), when the job packs
+    reference_loader: DataLoader[Any] | None = None  # job.reference in chunks of max_length tokens
 
 
 def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
@@ -156,7 +162,24 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
         batch_size=job.batch_size,
         collate_fn=collate,
     )
-    return Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed)
+    setup = Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed)
+    if job.reference is not None:  # the forgetting monitor's text
+        setup.reference_loader = _reference_loader(Path(job.reference), tok, job.max_length, job.batch_size)
+    return setup
+
+
+def _reference_loader(path: Path, tok: PreTrainedTokenizerBase, chunk: int, batch_size: int) -> DataLoader[Any]:
+    """The reference text file's tokens in chunks of `chunk`, for ReferenceKL; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the reference text file does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: the reference text is not UTF-8 ({e.reason} at byte {e.start})") from None
+    ids = tok(text, add_special_tokens=False)["input_ids"] if text.strip() else []
+    if not ids:
+        raise ValueError(f"{path}: the reference text is empty")
+    return reference_loader(ids, chunk, batch_size, tok.pad_token_id or 0)
 
 
 def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]:
@@ -164,7 +187,10 @@ def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]
     job, model = setup.job, setup.model
     out = Path(job.out)
     metric = accuracy() if job.task == "seq-cls" else perplexity()
-    trainer = Trainer(model, job.train, metrics=[metric], callbacks=callbacks, artifact_dir=out / RUN_DIR)
+    reference = ReferenceKL(setup.reference_loader) if setup.reference_loader is not None else None
+    trainer = Trainer(
+        model, job.train, metrics=[metric], callbacks=callbacks, artifact_dir=out / RUN_DIR, reference=reference
+    )
     before = trainer.evaluate(setup.valid_loader)
     result = trainer.fit(setup.train_loader, setup.valid_loader, resume=job.resume)
     after = trainer.evaluate(setup.valid_loader)
@@ -195,6 +221,7 @@ def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]
         "targets": list(job.targets),
         "train": job.train.to_dict(),
         "quantize": job.quantize,
+        "reference": str(job.reference) if job.reference is not None else None,
         "batch_size": job.batch_size,
         "max_length": job.max_length,
         "trainable_params": trainable,

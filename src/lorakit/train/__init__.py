@@ -1,4 +1,5 @@
-"""Training: a Trainer emitting typed events, metrics, checkpoints, artifacts, dashboard and plain logs.
+"""Training: a Trainer emitting typed events, metrics, checkpoints, artifacts, dashboard, plain logs, TensorBoard,
+and a forgetting monitor (the KL of the adapted model from its base on reference text).
 
 Examples:
     >>> from lorakit.train import Trainer, TrainConfig, accuracy
@@ -8,20 +9,25 @@ Examples:
 
 from .artifacts import export_adapter
 from .config import TrainConfig
-from .events import CheckpointSaved, EpochEnded, Event, RunEnded, RunStarted, StepLogged
+from .events import CheckpointSaved, EpochEnded, Evaluated, Event, RunEnded, RunStarted, StepLogged
+from .forgetting import ReferenceKL, reference_loader
 from .metrics import Metric, accuracy, perplexity
 from .reporting import PlainLog, auto_reporter
+from .tensorboard import TensorBoard
 from .trainer import Trainer, TrainResult
 
 __all__ = [
     "CheckpointSaved",
     "EpochEnded",
+    "Evaluated",
     "Event",
     "Metric",
     "PlainLog",
+    "ReferenceKL",
     "RunEnded",
     "RunStarted",
     "StepLogged",
+    "TensorBoard",
     "TrainConfig",
     "TrainResult",
     "Trainer",
@@ -29,4 +35,5 @@ __all__ = [
     "auto_reporter",
     "export_adapter",
     "perplexity",
+    "reference_loader",
 ]

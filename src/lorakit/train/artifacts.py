@@ -1,17 +1,21 @@
 """A run's artifact directory: config.json, metrics.jsonl, loss.png, checkpoint and adapters.
 
     config.json               the TrainConfig plus run facts (device, parameter counts, steps)
-    metrics.jsonl             one JSON object per line; "kind" is "step" or "epoch" (schema below)
-    loss.png                  train (per logged step) and valid (per epoch) loss; at the end, and after
+    metrics.jsonl             one JSON object per line; "kind" is "step", "eval" or "epoch" (schema below)
+    loss.png                  train (per logged step) and valid (per evaluation) loss; at the end, and after
                               an epoch when 5 s have passed since the last drawing
     checkpoint.safetensors    the latest training checkpoint (see checkpoint.py)
     adapter/                  the final adapter (lorakit.save_adapters: PEFT layout)
-    best_adapter/             the adapter of the epoch with the lowest valid loss
+    best_adapter/             the adapter of the evaluation (epoch end or eval_every) with the lowest valid loss
+    tensorboard/              event files, when the run has a tensorboard.TensorBoard callback
 
 metrics.jsonl rows:
     {"kind": "step", "epoch", "step", "batch", "loss", "lr", "grad_norm", "throughput", "elapsed_s", "<metric>"...}
+    {"kind": "eval", "epoch", "step", "valid_loss", "best_valid_loss", "is_best", "elapsed_s", "valid_<metric>"...,
+     "kl_ref"}                                                 (every eval_every steps, inside an epoch)
     {"kind": "epoch", "epoch", "step", "train_loss", "valid_loss", "best_valid_loss", "is_best", "lr",
-     "elapsed_s", "train_<metric>"..., "valid_<metric>"...}
+     "elapsed_s", "train_<metric>"..., "valid_<metric>"..., "kl_ref"}
+"kl_ref" is there when the Trainer has a reference monitor (forgetting.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ..files import atomic
 from ..files import safetensors as safetensors_io
 from ..model import lora_layers
 from ..saving import save_adapters
-from .events import EpochEnded, StepLogged
+from .events import EpochEnded, Evaluated, StepLogged
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -80,12 +84,13 @@ class ArtifactDir:
         atomic.atomic_write(self.path(METRICS), b"")
 
     def plot(self, rows: list[dict[str, Any]], title: str = "train and valid loss") -> Path:
-        """Draw loss.png from metrics rows: train loss per logged step, train and valid loss per epoch."""
+        """Draw loss.png from metrics rows: train loss per logged step and per epoch, valid loss per evaluation."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
         from matplotlib.figure import Figure
 
         steps = [r for r in rows if r["kind"] == "step"]
         epochs = [r for r in rows if r["kind"] == "epoch"]
+        evals = [r for r in rows if r["kind"] in ("eval", "epoch") and r.get("valid_loss") is not None]
         fig = Figure(figsize=(7, 4), dpi=110)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
@@ -106,15 +111,10 @@ class ArtifactDir:
                 color="tab:blue",
                 label="train (epoch mean)",
             )
-            valid = [r for r in epochs if r.get("valid_loss") is not None]
-            if valid:
-                ax.plot(
-                    [r["step"] for r in valid],
-                    [r["valid_loss"] for r in valid],
-                    "s-",
-                    color="tab:orange",
-                    label="valid",
-                )
+        if evals:
+            ax.plot(
+                [r["step"] for r in evals], [r["valid_loss"] for r in evals], "s-", color="tab:orange", label="valid"
+            )
         losses = [r["loss"] for r in steps] + [r["train_loss"] for r in epochs]
         if losses and min(losses) > 0 and max(losses) / min(losses) > 20:
             ax.set_yscale("log")
@@ -148,6 +148,26 @@ def step_row(e: StepLogged) -> dict[str, Any]:
     }
 
 
+def _kl(kl_ref: float | None) -> dict[str, float]:
+    """The row's "kl_ref" entry, when measured."""
+    return {} if kl_ref is None else {"kl_ref": kl_ref}
+
+
+def eval_row(e: Evaluated) -> dict[str, Any]:
+    """The metrics.jsonl row of an `eval_every` evaluation."""
+    return {
+        "kind": "eval",
+        "epoch": e.epoch,
+        "step": e.step,
+        "valid_loss": e.valid_loss,
+        "best_valid_loss": e.best_valid_loss,
+        "is_best": e.is_best,
+        "elapsed_s": e.elapsed_s,
+        **{f"valid_{k}": v for k, v in e.metrics.items()},
+        **_kl(e.kl_ref),
+    }
+
+
 def epoch_row(e: EpochEnded) -> dict[str, Any]:
     """The metrics.jsonl row of an epoch's end."""
     return {
@@ -162,6 +182,7 @@ def epoch_row(e: EpochEnded) -> dict[str, Any]:
         "elapsed_s": e.elapsed_s,
         **{f"train_{k}": v for k, v in e.train_metrics.items()},
         **{f"valid_{k}": v for k, v in e.valid_metrics.items()},
+        **_kl(e.kl_ref),
     }
 
 

@@ -156,7 +156,8 @@ def resume_from(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from (run without resume first)")
     ckpt = read_checkpoint(path)
-    saved, now = ckpt.state["config"], config.to_dict()
+    saved = {**TrainConfig().to_dict(), **ckpt.state["config"]}  # a key newer than the checkpoint: its default
+    now = config.to_dict()
     if saved != now:
         diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         raise ValueError(f"{path}: the checkpoint was made with a different TrainConfig; (saved, now): {diff}")

@@ -16,7 +16,10 @@ class TrainConfig:
     """Hyper-parameters of a run. Only trainable parameters reach the optimizer (AdamW).
 
     Args:
-        epochs: passes over the training data (int >= 1).
+        epochs: passes over the training data (int >= 1); `max_steps` overrides it.
+        max_steps: stop after this many optimizer steps (None: `epochs` decides). It overrides `epochs`, as
+            transformers' max_steps does: the data is read again as often as needed, the schedule's total is
+            `max_steps`, and the last (partial) epoch ends with the usual evaluation and checkpoint.
         lr: peak learning rate.
         weight_decay: AdamW's decoupled weight decay.
         betas: AdamW's (beta1, beta2).
@@ -30,6 +33,9 @@ class TrainConfig:
         seed: seeds torch, random and numpy at the start of a fresh run.
         log_every: optimizer steps between step rows in metrics.jsonl and plain log lines.
         checkpoint_every: optimizer steps between checkpoints (0: at the end of each epoch only).
+        eval_every: optimizer steps between evaluations on the valid loader (and the reference KL, if the
+            Trainer has one); 0 or None: at the end of each epoch only. Epoch ends always evaluate, and the
+            best adapter is the lowest valid loss over all evaluations.
         fsdp: under torchrun, shard the frozen weights with FSDP2 instead of replicating the model with
             DDP (see distributed.py); one process trains the same either way.
         loraplus_ratio: LoRA+ (Hayou et al. 2024): every `lora_B` trains with learning rate ratio × lr
@@ -55,6 +61,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     fsdp: bool = False
     loraplus_ratio: float | None = None
+    max_steps: int | None = None
+    eval_every: int | None = 0
 
     def __post_init__(self) -> None:
         _positive_int("epochs", self.epochs)
@@ -62,6 +70,11 @@ class TrainConfig:
         _positive_int("log_every", self.log_every)
         for name in ("warmup_steps", "checkpoint_every", "seed"):
             _int(name, getattr(self, name), minimum=0)
+        if self.max_steps is not None:
+            _positive_int("max_steps", self.max_steps)
+        if self.eval_every is not None:
+            _int("eval_every", self.eval_every, minimum=0)
+        object.__setattr__(self, "eval_every", self.eval_every or 0)  # None and 0 say the same: one spelling
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"TrainConfig.fsdp={self.fsdp!r} is invalid: expected True or False")
         if self.loraplus_ratio is not None:

@@ -1,4 +1,5 @@
-"""The live terminal dashboard (rich): progress with ETA, a loss chart, lr, throughput, parameters, memory.
+"""The live terminal dashboard (rich): progress with ETA, a loss chart, lr, throughput, parameters, memory,
+and the latest evaluation (valid loss and metrics, the reference KL, its step).
 
 It consumes trainer events and redraws about four times a second. It sizes itself to the terminal:
 the chart takes the rows an 80×24 screen has left, and the panel stops growing past 120 columns.
@@ -18,7 +19,7 @@ from rich.text import Text
 
 from .chart import line_chart
 from .device import peak_memory_mib
-from .events import CheckpointSaved, EpochEnded, Event, RunEnded, RunStarted, StepLogged
+from .events import CheckpointSaved, EpochEnded, Evaluated, Event, RunEnded, RunStarted, StepLogged
 from .fmt import fmt_duration
 
 MAX_WIDTH = 120
@@ -37,6 +38,7 @@ class Dashboard:
         self.start: RunStarted | None = None
         self.last: StepLogged | None = None
         self.epoch: EpochEnded | None = None
+        self.evaluated: Evaluated | None = None  # the latest evaluation, eval_every's or an epoch end's
         self.checkpoint: CheckpointSaved | None = None
         self.train_pts: list[tuple[float, float]] = []
         self.valid_pts: list[tuple[float, float]] = []
@@ -54,10 +56,13 @@ class Dashboard:
         elif isinstance(e, StepLogged):
             self.last = e
             self.train_pts.append((e.step, e.loss))
+        elif isinstance(e, Evaluated):
+            self._evaluated(e)
         elif isinstance(e, EpochEnded):
             self.epoch = e
-            if e.valid_loss is not None:
-                self.valid_pts.append((e.step, e.valid_loss))
+            if e.valid_loss is not None or e.kl_ref is not None:
+                args = (e.valid_loss, e.best_valid_loss, e.is_best, e.elapsed_s, e.valid_metrics, e.kl_ref)
+                self._evaluated(Evaluated(e.epoch, e.step, *args))
             if not self.train_pts or self.train_pts[-1][0] != e.step:
                 self.train_pts.append((e.step, e.train_loss))
         elif isinstance(e, CheckpointSaved):
@@ -65,6 +70,12 @@ class Dashboard:
         elif isinstance(e, RunEnded):
             self.done = True
             self.close()
+
+    def _evaluated(self, e: Evaluated) -> None:
+        """Keep the latest evaluation and its point on the chart."""
+        self.evaluated = e
+        if e.valid_loss is not None:
+            self.valid_pts.append((e.step, e.valid_loss))
 
     def close(self) -> None:
         """Draw the last frame and stop the live view (idempotent)."""
@@ -122,11 +133,11 @@ class Dashboard:
         for _ in range(2):
             stats.add_column(style="dim", no_wrap=True)
             stats.add_column(no_wrap=True, ratio=1)
-        last, ep = self.last, self.epoch
+        last, ep, ev = self.last, self.epoch, self.evaluated
         train = f"{last.loss:.4g}" if last else (f"{ep.train_loss:.4g}" if ep else "—")
         valid = "—"
-        if ep and ep.valid_loss is not None:
-            valid = f"{ep.valid_loss:.4g} (best {ep.best_valid_loss:.4g})"
+        if ev and ev.valid_loss is not None:
+            valid = f"{ev.valid_loss:.4g} (best {ev.best_valid_loss:.4g})"
         mib, kind = peak_memory_mib(torch.device(s.device))
         pct = 100 * s.trainable_params / max(s.total_params, 1)
         throughput = f"{last.throughput:,.0f} {last.unit}/s" if last else "—"
@@ -145,16 +156,20 @@ class Dashboard:
             f"{s.device} · {s.precision}",
         )
         metrics = dict(last.metrics) if last else {}
-        if ep:
-            metrics.update({f"valid {k}": v for k, v in ep.valid_metrics.items()})
-        if metrics:
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:4])
-            stats.add_row("metrics", shown, "", "")
+        if ev:
+            metrics.update({f"valid {k}": v for k, v in ev.metrics.items()})
+        kl = ev.kl_ref if ev else None
+        extra = bool(metrics) or kl is not None  # a fifth row
+        if extra:
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:4]) or "—"
+            stats.add_row("metrics", shown, "kl_ref" if kl is not None else "", f"{kl:.4g}" if kl is not None else "")
 
         legend = Text.assemble(("── train", TRAIN_STYLE), "  ", ("── valid", VALID_STYLE), style="")
+        if ev:
+            legend.append(f"   eval @ step {ev.step}", style="dim")
         if self.checkpoint:
             legend.append(f"   checkpoint @ step {self.checkpoint.step}", style="dim")
-        used = 2 + 2 + 4 + (1 if metrics else 0) + 1 + 1  # borders, bars, stats, legend, spacer
+        used = 2 + 2 + 4 + (1 if extra else 0) + 1 + 1  # borders, bars, stats, legend, spacer
         chart_h = max(4, min(16, self.console.size.height - used - 3))
         chart = line_chart(
             [("train", self.train_pts, TRAIN_STYLE), ("valid", self.valid_pts, VALID_STYLE)],

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 class RunStarted:
     """Once, before the first step (also on resume, with `start_step` > 0)."""
 
-    epochs: int
+    epochs: int  # epochs the run touches (with max_steps: enough to take them, the last maybe partial)
     steps_per_epoch: int
     total_steps: int
     start_epoch: int  # 1-based epoch the run (re)starts in
@@ -42,8 +42,25 @@ class StepLogged:
 
 
 @dataclass(frozen=True)
+class Evaluated:
+    """Every `eval_every` optimizer steps, inside an epoch: validation (and the reference KL) at that step.
+
+    An evaluation that falls on an epoch's last step is that epoch's own (EpochEnded), not an Evaluated.
+    """
+
+    epoch: int
+    step: int
+    valid_loss: float | None  # None when the run has no valid loader (only the reference KL)
+    best_valid_loss: float | None  # the lowest over every evaluation so far, this one included
+    is_best: bool  # this evaluation's adapter became best_adapter/
+    elapsed_s: float
+    metrics: dict[str, float] = field(default_factory=dict)  # the valid metrics
+    kl_ref: float | None = None  # mean per-token KL(adapted ‖ base) on the reference text (forgetting.py)
+
+
+@dataclass(frozen=True)
 class EpochEnded:
-    """After each epoch's validation."""
+    """After each epoch's validation (the last epoch of a `max_steps` run may be partial)."""
 
     epoch: int
     step: int
@@ -55,6 +72,7 @@ class EpochEnded:
     elapsed_s: float
     train_metrics: dict[str, float] = field(default_factory=dict)
     valid_metrics: dict[str, float] = field(default_factory=dict)
+    kl_ref: float | None = None  # as in Evaluated, measured at this epoch's end
 
 
 @dataclass(frozen=True)
@@ -67,7 +85,7 @@ class CheckpointSaved:
 
 @dataclass(frozen=True)
 class RunEnded:
-    """Once, after the last epoch."""
+    """Once, after the last epoch (or the `max_steps`-th step)."""
 
     step: int
     elapsed_s: float
@@ -77,4 +95,4 @@ class RunEnded:
     artifact_dir: str | None
 
 
-Event = RunStarted | StepLogged | EpochEnded | CheckpointSaved | RunEnded
+Event = RunStarted | StepLogged | Evaluated | EpochEnded | CheckpointSaved | RunEnded

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 import torch
 
 from .device import peak_memory_mib
-from .events import CheckpointSaved, EpochEnded, Event, RunEnded, RunStarted, StepLogged
+from .events import CheckpointSaved, EpochEnded, Evaluated, Event, RunEnded, RunStarted, StepLogged
 from .fmt import fmt_duration
 
 if TYPE_CHECKING:
@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 def _metrics(prefix: str, values: dict[str, float]) -> str:
     """` <prefix><name>=<value>` for each metric, for a log line."""
     return "".join(f" {prefix}{k}={v:.6g}" for k, v in values.items())
+
+
+def _optional(name: str, value: float | None) -> str:
+    """` <name>=<value>`, or nothing for None."""
+    return f" {name}={value:.6g}" if value is not None else ""
 
 
 class PlainLog:
@@ -63,21 +68,26 @@ class PlainLog:
                 f"lr={e.lr:.3e}{norm}{_metrics('', e.metrics)} {e.unit}_per_s={e.throughput:.0f} "
                 f"elapsed={fmt_duration(e.elapsed_s)} {self._mem()}"
             )
+        elif isinstance(e, Evaluated):
+            self._write(
+                f"eval epoch={e.epoch}/{self.epochs} step={e.step}/{self.total_steps}"
+                f"{_optional('valid_loss', e.valid_loss)}{_optional('best_valid_loss', e.best_valid_loss)}"
+                f"{' best=yes' if e.is_best else ''}{_metrics('valid_', e.metrics)}{_optional('kl_ref', e.kl_ref)} "
+                f"elapsed={fmt_duration(e.elapsed_s)} {self._mem()}"
+            )
         elif isinstance(e, EpochEnded):
-            valid = f" valid_loss={e.valid_loss:.6g}" if e.valid_loss is not None else ""
-            best = f" best_valid_loss={e.best_valid_loss:.6g}" if e.best_valid_loss is not None else ""
             self._write(
                 f"epoch epoch={e.epoch}/{self.epochs} step={e.step}/{self.total_steps} "
-                f"train_loss={e.train_loss:.6g}{valid}{best}{' best=yes' if e.is_best else ''}"
-                f"{_metrics('train_', e.train_metrics)}{_metrics('valid_', e.valid_metrics)} "
-                f"lr={e.lr:.3e} elapsed={fmt_duration(e.elapsed_s)} {self._mem()}"
+                f"train_loss={e.train_loss:.6g}{_optional('valid_loss', e.valid_loss)}"
+                f"{_optional('best_valid_loss', e.best_valid_loss)}{' best=yes' if e.is_best else ''}"
+                f"{_metrics('train_', e.train_metrics)}{_metrics('valid_', e.valid_metrics)}"
+                f"{_optional('kl_ref', e.kl_ref)} lr={e.lr:.3e} elapsed={fmt_duration(e.elapsed_s)} {self._mem()}"
             )
         elif isinstance(e, CheckpointSaved):
             self._write(f"checkpoint step={e.step} path={e.path}")
         elif isinstance(e, RunEnded):
-            valid = f" valid_loss={e.valid_loss:.6g}" if e.valid_loss is not None else ""
             self._write(
-                f"done steps={e.step} train_loss={e.train_loss:.6g}{valid} "
+                f"done steps={e.step} train_loss={e.train_loss:.6g}{_optional('valid_loss', e.valid_loss)} "
                 f"elapsed={fmt_duration(e.elapsed_s)} {self._mem()} artifacts={e.artifact_dir}"
             )
 

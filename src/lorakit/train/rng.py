@@ -3,7 +3,9 @@ and restored exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,25 @@ def restore(tensors: dict[str, Tensor], data: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = data["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+@contextlib.contextmanager
+def kept() -> Iterator[None]:
+    """Run the block without moving the global generators: their states are put back after it.
+
+    Examples:
+        >>> _ = torch.manual_seed(0); want = torch.rand(1)
+        >>> _ = torch.manual_seed(0)
+        >>> with kept():
+        ...     _ = torch.rand(3)
+        >>> torch.equal(torch.rand(1), want)  # the block's draws left the stream where it was
+        True
+    """
+    tensors, data = capture()
+    try:
+        yield
+    finally:
+        restore(tensors, data)
 
 
 def rank_key(name: str, rank: int) -> str:

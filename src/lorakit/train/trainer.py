@@ -30,8 +30,11 @@ from .checkpoint import Checkpoint, RunState, resume_from, write_checkpoint
 from .config import TrainConfig
 from .device import bf16_supported, resolve_device
 from .distributed import Group
-from .events import CheckpointSaved, EpochEnded, Event, RunEnded, RunStarted, StepLogged
+from .evaluation import Evaluator
+from .events import CheckpointSaved, EpochEnded, Evaluated, Event, RunEnded, RunStarted, StepLogged
+from .forgetting import ReferenceKL
 from .metrics import BatchFn, Meter, Metric, as_metrics
+from .plan import RunPlan
 from .schedule import lr_at, param_groups
 
 Callback = Callable[[Event], None]
@@ -61,6 +64,11 @@ class Trainer:
         callbacks: consumers of events; None picks the dashboard on a terminal, plain logs otherwise.
         artifact_dir: where config.json, metrics.jsonl, loss.png, checkpoints and adapters go (None: nowhere).
             Under torchrun only rank 0 writes there; for `resume` every rank reads its checkpoint.
+        reference: a forgetting monitor (`ReferenceKL(loader)`, forgetting.py), measured at every evaluation
+            and reported as `kl_ref`.
+
+    Evaluations (epoch ends, and every `config.eval_every` steps) leave the random streams as they found
+    them, so validating or monitoring more often never changes what the run trains.
 
     Examples:
         >>> import lorakit as lk
@@ -84,8 +92,10 @@ class Trainer:
         metrics: Iterable[Metric] | dict[str, BatchFn] | None = None,
         callbacks: Sequence[Callback] | None = None,
         artifact_dir: str | Path | None = None,
+        reference: ReferenceKL | None = None,
     ) -> None:
         self.model = model
+        self.reference = reference
         self.config = config or TrainConfig()
         if not isinstance(self.config, TrainConfig):
             raise TypeError(f"config must be a lorakit.train.TrainConfig, got {type(self.config).__name__}")
@@ -111,20 +121,20 @@ class Trainer:
         bf16 = self.config.precision == "bf16"
         return forward(net or self.model, batch, self.device, self.loss_fn, bf16=bf16)
 
+    def _evaluator(self) -> Evaluator:
+        """Evaluations as this trainer runs them (its model, device, loss, metrics, precision, monitor)."""
+        best = self.artifacts.path(art.BEST_ADAPTER) if self.artifacts else None
+        bf16 = self.config.precision == "bf16"
+        return Evaluator(
+            self.model, self.device, self.loss_fn, self.metrics, bf16=bf16, reference=self.reference, best_adapter=best
+        )
+
     def evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
         """Mean loss and metrics over `loader`, in eval mode, without gradients: {"loss": ..., name: ...}.
 
         Under torchrun every rank evaluates all of `loader` (so every rank gets the same exact numbers).
         """
-        meter = Meter(self.metrics)
-        was_training = self.model.training
-        self.model.to(self.device).eval()
-        with torch.no_grad():
-            for batch in loader:
-                loss, out, y, n, _, _ = self._forward(batch)
-                meter.update(float(loss), n, out, y)
-        self.model.train(was_training)
-        return meter.means()
+        return self._evaluator().means(loader)
 
     # -- the run ------------------------------------------------------------------------------------
 
@@ -134,7 +144,8 @@ class Trainer:
             cb(event)
 
     def fit(self, train: Iterable[Any], valid: Iterable[Any] | None = None, *, resume: bool = False) -> TrainResult:
-        """Train for `config.epochs`; with `resume=True`, continue from the artifact dir's checkpoint.
+        """Train for `config.epochs` (or `config.max_steps`); with `resume=True`, continue from the artifact
+        dir's checkpoint.
 
         A resumed run restores parameters, optimizer, schedule position, every RNG and the position in
         the epoch, so on CPU it ends with the same adapter bytes as an uninterrupted run.
@@ -158,8 +169,14 @@ class Trainer:
             raise TypeError(
                 f"train must have a length (a DataLoader over a sized dataset); got {type(train).__name__}"
             ) from None
-        if batches_per_epoch == 0:
-            raise ValueError("the train loader yields no batches")
+        plan = RunPlan.of(cfg, batches_per_epoch)
+        if world.is_main:
+            plan.warn_if_warmup_too_long()
+        if cfg.eval_every and valid is None and self.reference is None:
+            raise ValueError(
+                f"TrainConfig.eval_every={cfg.eval_every} has nothing to evaluate: pass a valid loader "
+                "(fit(train, valid)) or a Trainer(reference=ReferenceKL(...))"
+            )
         model.to(self.device).train()
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not params:
@@ -168,8 +185,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             param_groups(params, cfg.loraplus_ratio), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
-        steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-        total_steps = steps_per_epoch * cfg.epochs
+        total_steps, evaluator = plan.total_steps, self._evaluator()
         epoch_meter, interval = Meter(self.metrics), Meter(self.metrics)
         s = RunState()
         generator = getattr(train, "generator", None)  # a DataLoader's own shuffle generator, if given
@@ -184,31 +200,23 @@ class Trainer:
                 arts.clear_rows()
         trainable, total = trainable_parameters(model)
         if arts:
-            arts.write_json(
-                art.CONFIG,
-                {
-                    "train": cfg.to_dict(),
-                    "device": str(self.device),
-                    "world_size": world.world_size,
-                    "trainable_params": trainable,
-                    "total_params": total,
-                    "steps_per_epoch": steps_per_epoch,
-                    "total_steps": total_steps,
-                    "metrics": [m.name for m in self.metrics],
-                },
-            )
+            facts = {"device": str(self.device), "world_size": world.world_size, "trainable_params": trainable}
+            facts |= {"total_params": total, "steps_per_epoch": plan.steps_per_epoch, "total_steps": total_steps}
+            arts.write_json(art.CONFIG, {"train": cfg.to_dict(), **facts, "metrics": [m.name for m in self.metrics]})
+        where = str(arts.root) if arts else None
+        device = str(self.device)
         self._emit(
             RunStarted(
-                cfg.epochs,
-                steps_per_epoch,
+                plan.epochs,
+                plan.steps_per_epoch,
                 total_steps,
                 s.epoch,
                 s.step,
                 trainable,
                 total,
-                str(self.device),
+                device,
                 cfg.precision,
-                str(arts.root) if arts else None,
+                where,
             )
         )
         t0, elapsed0, last_plot = time.perf_counter(), s.elapsed_s, time.perf_counter()
@@ -236,7 +244,7 @@ class Trainer:
                 self._emit(CheckpointSaved(s.step, str(path)))
 
         lr = lr_at(s.step, total_steps, cfg.lr, cfg.schedule, cfg.warmup_steps)
-        for epoch in range(s.epoch, cfg.epochs + 1):
+        for epoch in range(s.epoch, plan.epochs + 1):
             skip = s.batch if epoch == s.epoch else 0
             if skip:  # mid-epoch resume: replay the epoch's shuffle, then put the live RNG back
                 epoch_rng = self._rng(ckpt, "epoch_start")
@@ -280,49 +288,46 @@ class Trainer:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 s.step, s.batch = s.step + 1, b
-                if s.step % cfg.log_every == 0:
+                ending = plan.ends_epoch(b, s.step)  # the epoch's end evaluates and checkpoints anyway
+                if plan.log_due(s.step):
                     now = time.perf_counter()
                     means = interval.means()
                     grad_norm = s.grad_norm_sum / s.grad_norms if s.grad_norms else None
+                    rate, mean = units / max(now - t_interval, 1e-9), means.pop("loss")
                     logged = StepLogged(
-                        epoch,
-                        s.step,
-                        b,
-                        batches_per_epoch,
-                        means.pop("loss"),
-                        lr,
-                        grad_norm,
-                        units / max(now - t_interval, 1e-9),
-                        elapsed(),
-                        means,
-                        unit,
+                        epoch, s.step, b, batches_per_epoch, mean, lr, grad_norm, rate, elapsed(), means, unit
                     )
                     self._row(art.step_row(logged), s)
                     self._emit(logged)
                     interval.reset()
                     s.grad_norm_sum, s.grad_norms, t_interval, units = 0.0, 0, now, 0
-                if saving and cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0 and b != batches_per_epoch:
+                if plan.eval_due(s.step) and not ending:
+                    ev = evaluator.during_run(valid, s.best_valid_loss)
+                    s.best_valid_loss = ev.best_valid_loss
+                    evaluated = Evaluated(
+                        epoch, s.step, ev.valid_loss, s.best_valid_loss, ev.is_best, elapsed(), ev.metrics, ev.kl_ref
+                    )
+                    self._row(art.eval_row(evaluated), s)
+                    self._emit(evaluated)
+                if saving and plan.checkpoint_due(s.step) and not ending:
                     checkpoint()
+                if plan.done(s.step):  # max_steps: the run ends inside this epoch
+                    break
             train_means = epoch_meter.means()
-            valid_means = self.evaluate(valid) if valid is not None else {}
-            s.train_loss, s.valid_loss = train_means.pop("loss"), valid_means.pop("loss", None)
-            best = s.best_valid_loss
-            is_best = s.valid_loss is not None and (best is None or s.valid_loss < best)
-            if is_best:
-                s.best_valid_loss = s.valid_loss
-                if arts:
-                    art.export_adapter(model, arts.path(art.BEST_ADAPTER))
+            ev = evaluator.during_run(valid, s.best_valid_loss)
+            s.train_loss, s.valid_loss, s.best_valid_loss = train_means.pop("loss"), ev.valid_loss, ev.best_valid_loss
             ended = EpochEnded(
                 epoch,
                 s.step,
                 s.train_loss,
                 s.valid_loss,
                 s.best_valid_loss,
-                is_best,
+                ev.is_best,
                 lr,
                 elapsed(),
                 train_means,
-                valid_means,
+                ev.metrics,
+                ev.kl_ref,
             )
             self._row(art.epoch_row(ended), s)
             self._emit(ended)
@@ -335,16 +340,7 @@ class Trainer:
         if arts:
             art.export_adapter(model, arts.path(art.ADAPTER))
             arts.plot(arts.rows())
-        self._emit(
-            RunEnded(
-                s.step,
-                elapsed(),
-                s.train_loss,
-                s.valid_loss,
-                s.best_valid_loss,
-                str(arts.root) if arts else None,
-            )
-        )
+        self._emit(RunEnded(s.step, elapsed(), s.train_loss, s.valid_loss, s.best_valid_loss, where))
         return TrainResult(
             s.step, s.train_loss, s.valid_loss, s.best_valid_loss, elapsed(), arts.root if arts else None
         )

@@ -1,0 +1,86 @@
+"""Evaluation: the mean loss and metrics over a loader, and, inside a run, the reference KL (forgetting.py) and
+which adapter is the best so far (the lowest valid loss over every evaluation, epoch ends and `eval_every`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from . import artifacts as art
+from . import rng
+from .batch import LossFn, forward
+from .forgetting import ReferenceKL
+from .metrics import Meter, Metric
+
+
+class Evaluation(NamedTuple):
+    """One evaluation inside a run."""
+
+    valid_loss: float | None  # None without a valid loader
+    metrics: dict[str, float]  # the valid metrics
+    kl_ref: float | None  # None without a reference monitor
+    is_best: bool  # the lowest valid loss so far: best_adapter/ now holds this adapter
+    best_valid_loss: float | None
+
+
+class Evaluator:
+    """Evaluates `model` on `device` as the trainer runs it (its loss_fn, metrics and precision).
+
+    Args:
+        reference: the forgetting monitor measured at each in-run evaluation (None: none).
+        best_adapter: where an in-run evaluation with the lowest valid loss yet saves the adapter (None: nowhere).
+
+    Examples:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> x = torch.ones(8, 2); data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
+        >>> ev = Evaluator(nn.Linear(2, 1), torch.device("cpu"), nn.functional.mse_loss, [], bf16=False)
+        >>> sorted(ev.means(data)), ev.during_run(data, best_valid_loss=-1.0).is_best
+        (['loss'], False)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        loss_fn: LossFn | None,
+        metrics: list[Metric],
+        *,
+        bf16: bool,
+        reference: ReferenceKL | None = None,
+        best_adapter: Path | None = None,
+    ) -> None:
+        self.model, self.device, self.loss_fn, self.metrics = model, device, loss_fn, metrics
+        self.bf16, self.reference, self.best_adapter = bf16, reference, best_adapter
+
+    def means(self, loader: Iterable[Any]) -> dict[str, float]:
+        """Mean loss and metrics over `loader`, in eval mode, without gradients: {"loss": ..., name: ...}."""
+        meter = Meter(self.metrics)
+        was_training = self.model.training
+        self.model.to(self.device).eval()
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    out = forward(self.model, batch, self.device, self.loss_fn, bf16=self.bf16)
+                    meter.update(float(out.loss), out.samples, out.outputs, out.targets)
+        finally:
+            self.model.train(was_training)
+        return meter.means()
+
+    def during_run(self, valid: Iterable[Any] | None, best_valid_loss: float | None) -> Evaluation:
+        """Validate and measure the reference KL, leaving the random streams as they were (so evaluating more
+        often never changes the training); save the adapter when its valid loss beats `best_valid_loss`."""
+        with rng.kept():
+            means = self.means(valid) if valid is not None else {}
+            kl = self.reference.measure(self.model, self.device, bf16=self.bf16) if self.reference else None
+        loss = means.pop("loss", None)
+        is_best = loss is not None and (best_valid_loss is None or loss < best_valid_loss)
+        if is_best:
+            best_valid_loss = loss
+            if self.best_adapter is not None:
+                art.export_adapter(self.model, self.best_adapter)
+        return Evaluation(loss, means, kl, is_best, best_valid_loss)
