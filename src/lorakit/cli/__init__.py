@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from .adapter_commands import add_generate, add_inspect, add_merge
 from .common import BadInput
+from .eval_predict import add_eval, add_predict  # H4: eval/predict (issue 13)
 from .example import add_bench, add_example, bench  # noqa: F401  (bench: lorakit.cli.bench, as before)
 from .finetune import add_finetune
 
@@ -31,6 +32,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]]
     add_inspect,
     add_generate,
     add_bench,
+    # H4: eval/predict (issue 13)
+    add_eval,
+    add_predict,
 ]
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .device import to_device
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+IGNORE_INDEX = -100  # the label cross-entropy (and transformers) skip
 
 
 class BatchOut(NamedTuple):
@@ -23,7 +24,7 @@ class BatchOut(NamedTuple):
     loss: Tensor
     outputs: Tensor | None
     targets: Tensor | None
-    samples: int
+    samples: int  # the weight of the batch's mean loss: samples, or predicted tokens for a causal LM's own loss
     units: int  # what throughput counts: tokens (attention-mask ones) for token batches, else samples
     unit: str  # "tokens" or "samples"
 
@@ -72,6 +73,16 @@ def _mapping(net: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn | None) -
         raise ValueError("a mapping batch needs a model output with .loss, or Trainer(loss_fn=...)")
     ids = batch.get("input_ids")
     n = len(next(v for v in batch.values() if isinstance(v, Tensor)))
+    if (
+        loss_fn is None
+        and isinstance(targets, Tensor)
+        and targets.dim() == 2
+        and logits is not None
+        and logits.dim() == 3
+    ):
+        # a causal LM's own loss is the mean over its predicted tokens (labels shifted by one, -100 skipped):
+        # weigh the batch by that count, so validation loss is per token whatever the rows' lengths
+        n = int((targets[:, 1:] != IGNORE_INDEX).sum())
     mask = batch.get("attention_mask")
     tokens = int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
     return BatchOut(loss.float(), logits, targets, n, tokens or n, "tokens" if tokens else "samples")

@@ -1,0 +1,245 @@
+"""`lorakit eval | predict`: score the base and adapters on a data file; predict for input rows (hf/evaluate.py,
+hf/predict.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..hf import models as hf
+from ..hf.rows import MAX_LINE_BYTES
+from .adapter_commands import _adapter_specs
+from .common import BadInput, inputs, positive_int, quiet_transformers
+
+# -- eval ------------------------------------------------------------------------------------------
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Run `lorakit eval`: one table (or one JSON object) of the base's and each adapter's metrics."""
+    from ..hf import evaluate as ev
+    from ..train.progress import Progress
+
+    quiet_transformers()
+    specs = _adapter_specs(args.adapter or [])
+    inputs(hf.check_model_dir, args.model)
+    progress = Progress()
+    setup = inputs(
+        ev.prepare,
+        args.model,
+        dict(specs),
+        args.data,
+        task=args.task,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        skip_bad_rows=args.skip_bad_rows,
+        max_line_bytes=args.max_line_bytes,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        progress=progress,
+    )
+    if setup.bad_rows:
+        print(
+            f"skipping {len(setup.bad_rows)} bad row(s) (--skip-bad-rows); first: {setup.bad_rows[0]}", file=sys.stderr
+        )
+    report = ev.run(setup, progress)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    _print_tables(report)
+    return 0
+
+
+def _print_tables(report: dict[str, Any]) -> None:
+    """The metrics table, and a confusion matrix per seq-cls adapter: rich on a terminal, plain text piped."""
+    from rich.console import Console
+
+    from ..tables import table, to_text
+
+    seq_cls = report["task"] == "seq-cls"
+    title = f"{report['data']}: {report['rows']} rows, {report['task']}, max_length {report['max_length']}"
+    columns = ("model", "accuracy", "macro-F1", "loss") if seq_cls else ("model", "loss", "perplexity", "tokens")
+    t = table(*columns, right=columns[1:])
+    if report["base"] is None:
+        t.add_row("base", "-", "-", "-")
+    else:
+        b = report["base"]
+        t.add_row("base", f"{b['loss']:.4f}", f"{b['perplexity']:.3f}", str(b["tokens"]))
+    for name, m in report["adapters"].items():
+        if seq_cls:
+            t.add_row(name, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{m['loss']:.4f}")
+        else:
+            t.add_row(name, f"{m['loss']:.4f}", f"{m['perplexity']:.3f}", str(m["tokens"]))
+    parts: list[Any] = [title, t]
+    if report.get("note"):
+        parts.append(f"base: {report['note'].removeprefix('seq-cls: ')}")
+    for name, m in report["adapters"].items() if seq_cls else ():
+        labels = m["labels"]
+        c = table("true \\ predicted", *labels, right=tuple(labels))
+        for label, row in zip(labels, m["confusion"], strict=True):
+            c.add_row(label, *map(str, row))
+        parts += ["", f"confusion matrix of {name} (rows: true label, columns: predicted)", c]
+    if sys.stdout.isatty():
+        console = Console(highlight=False, markup=False)
+        for p in parts:
+            console.print(p)
+    else:
+        print(to_text(*parts))
+
+
+# -- predict ---------------------------------------------------------------------------------------
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Run `lorakit predict`: check every input row, then one JSON line per row on stdout, in input order."""
+    from ..hf import predict as pr
+    from ..loading import load_adapters
+    from ..train.progress import Progress
+
+    quiet_transformers()
+    if args.max_new_tokens < 1:
+        raise BadInput(f"--max-new-tokens {args.max_new_tokens} is invalid: expected >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise BadInput("--temperature must be >= 0 and --top-p in (0, 1]")
+    inputs(hf.check_model_dir, args.model)
+    task, id2label = inputs(hf.read_task, args.adapter) if args.adapter else ("causal-lm", None)
+    progress = Progress()
+    with progress.task("loading tokenizer"):
+        tok = inputs(hf.load_tokenizer, args.model, trust_remote_code=args.trust_remote_code)
+    if args.chat_template:
+        try:
+            tok.chat_template = Path(args.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"--chat-template {args.chat_template}: cannot read it ({e})") from None
+    if args.input != pr.STDIN and not Path(args.input).is_file():
+        raise BadInput(f"--input {args.input}: no such file")
+    try:
+        requests, bad = pr.read_requests(args.input, task, tok)
+    except pr.ChatTemplateMissing as e:
+        raise BadInput(f"{e.detail}; pass --chat-template FILE (a Jinja chat template)") from None
+    except (ValueError, OSError) as e:
+        raise BadInput(str(e)) from None
+    if bad and not args.skip_bad_rows:
+        listing = "\n".join(f"  {b}" for b in bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise BadInput(f"{len(bad)} bad input row(s); fix them, or pass --skip-bad-rows:\n{listing}")
+    with progress.task("loading model"):
+        model = inputs(hf.load_model, args.model, task, id2label=id2label, trust_remote_code=args.trust_remote_code)
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tok.pad_token_id
+        if args.adapter:
+            inputs(load_adapters, model, args.adapter)
+        model.to(args.device or "cpu")  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self
+    if task == "seq-cls":
+        assert id2label is not None  # read_task gives seq-cls adapters their labels
+        max_length = args.max_length or _trained_max_length(args.adapter)
+        results = pr.classify(
+            model, tok, requests, id2label, batch_size=args.batch_size, max_length=max_length, progress=progress
+        )
+    else:
+        completions = pr.complete(
+            model,
+            tok,
+            requests,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+        results = [{"completion": c} for c in completions]
+    lines: list[tuple[int, dict[str, Any]]] = [(b.line, {"line": b.line, "error": b.reason}) for b in bad]
+    for r, result in zip(requests, results, strict=True):
+        lines.append((r.line, {"line": r.line, **({"id": r.id} if r.id is not None else {}), **result}))
+    for _, obj in sorted(lines, key=lambda x: x[0]):
+        print(json.dumps(obj, ensure_ascii=False))
+    return 0
+
+
+def _trained_max_length(adapter: str | None) -> int:
+    """The max_length the adapter was trained with, else the default."""
+    from ..hf import evaluate as ev
+
+    return (ev.trained_max_length(adapter) if adapter else None) or ev.DEFAULT_MAX_LENGTH
+
+
+# -- the parsers -----------------------------------------------------------------------------------
+
+
+def add_eval(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Flags of `lorakit eval`."""
+    p = subparsers.add_parser(
+        "eval",
+        help="score the base model and adapters on a data file (loss/perplexity, or accuracy/F1/confusion)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score the base model and each adapter on one data file, read and checked as finetune reads it.\n\n"
+        "  causal-lm  mean loss per labelled token (completions only for prompt/completion rows) and perplexity\n"
+        "  seq-cls    accuracy, macro-F1 and a confusion matrix (rows: true label, columns: predicted), with the\n"
+        "             adapter's label names; the base is not scored (its classification head is untrained)\n\n"
+        "Causal-lm adapters share one base (loaded by name, switched in turn). The task comes from the\n"
+        "adapters' lorakit_task.json (all must agree). A table on stdout, or one JSON object with --json:\n"
+        '  {"task": ..., "base": {...} | null, "adapters": {"NAME": {...}}, ...}\n'
+        "Progress goes to stderr.",
+        epilog="examples:\n"
+        "  lorakit eval --model models/tiny-llama --adapter math=adapters/math --data valid.jsonl\n"
+        "  lorakit eval --model models/minilm --adapter adapters/sentiment --data valid.csv --json",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        metavar="[NAME=]DIR",
+        help="an adapter directory (lorakit or PEFT); repeatable; NAME defaults to the folder's name",
+    )
+    p.add_argument("--data", required=True, metavar="FILE", help="the rows to score: JSONL or CSV, as finetune takes")
+    p.add_argument("--task", choices=hf.TASKS, help="default: what the adapters record (causal-lm without adapters)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass (default 8)")
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        help="truncate rows to this many tokens (default: as the adapter was trained)",
+    )
+    p.add_argument("--skip-bad-rows", action="store_true", help="score without the bad rows instead of refusing")
+    p.add_argument("--max-line-bytes", type=positive_int, default=MAX_LINE_BYTES, help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    p.set_defaults(run=evaluate)
+
+
+def add_predict(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Flags of `lorakit predict`."""
+    p = subparsers.add_parser(
+        "predict",
+        help="predict for JSONL input rows: labels with probabilities, or completions",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="One JSON line per input row on stdout, in input order.\n\n"
+        'input rows (JSONL; stdin when --input is - or omitted), with an optional "id" carried through:\n'
+        '  {"text": ...}  {"prompt": ...}  {"messages": [{"role": "user", "content": ...}, ...]}\n'
+        "output:\n"
+        '  seq-cls    {"line": N, "label": "pos", "probabilities": {"neg": 0.1, "pos": 0.9}}\n'
+        '  causal-lm  {"line": N, "completion": "..."}   (greedy by default; batched, left-padded)\n\n'
+        "Every row is checked first: a bad one stops the run before any output (file:line: reason), or\n"
+        'with --skip-bad-rows becomes {"line": N, "error": "..."}. Chats use the tokenizer\'s chat template\n'
+        "(or --chat-template FILE), ending with the assistant's turn.",
+        epilog="examples:\n"
+        '  echo \'{"prompt": "question : what is two plus two ? answer :"}\' | '
+        "lorakit predict --model models/tiny-llama --adapter adapters/math\n"
+        "  lorakit predict --model models/minilm --adapter adapters/sentiment --input reviews.jsonl > labels.jsonl",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
+    p.add_argument("--adapter", metavar="DIR", help="an adapter directory (lorakit or PEFT); default: the base alone")
+    p.add_argument("--input", default="-", metavar="FILE", help="JSONL (or CSV) rows; - for stdin (default)")
+    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template for 'messages' rows")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch (default 8)")
+    p.add_argument("--max-length", type=positive_int, help="seq-cls: truncate texts (default: as trained)")
+    p.add_argument("--skip-bad-rows", action="store_true", help='write {"line": N, "error": ...} for bad rows')
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    p.set_defaults(run=predict)

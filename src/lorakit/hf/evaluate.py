@@ -1,0 +1,378 @@
+"""Metrics of a base model and of adapters on it, over a data file: the library behind `lorakit eval`.
+
+    report = evaluate("models/tiny-llama", {"math": "adapters/math"}, "valid.jsonl")
+    report["base"]["loss"], report["adapters"]["math"]["perplexity"]
+
+causal-lm: the mean cross-entropy over every labelled token of the file (token-weighted: a long row counts
+for its tokens, not as one sample; prompt tokens of prompt/completion rows carry no label) and its exp, the
+perplexity. seq-cls: accuracy, macro-F1 (the mean per-label F1 over the labels that occur in the data or the
+predictions, as scikit-learn's `f1_score(average="macro")`) and the confusion matrix (rows: true label,
+columns: predicted), labelled with the adapter's own label names.
+
+Data rows are read and checked as for fine-tuning (`data.validate`), so a bad row is `file:line: reason`.
+Causal-lm adapters share one base (loaded by name, switched with `use_adapter`; the base runs with
+`disable_adapters`). A seq-cls adapter brings its own classification head (modules_to_save), which cannot
+share a base with another's, so each gets a base of its own; the base itself is not scored for seq-cls, since
+its head is untrained (random): `report["base"]` is None and `report["note"]` says why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import LoraFileError
+from ..train import progress as progress_mod
+from . import data
+from . import models as hf
+from .rows import MAX_LINE_BYTES, BadRow, DataError, read_records
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ..train.progress import Progress
+
+DEFAULT_MAX_LENGTH = 256  # where neither the caller nor the adapter's task file says
+BASE_SEQ_CLS_NOTE = (
+    "seq-cls: the base model has no trained classification head (it would be random), so it is not scored"
+)
+_ENCODE_CHUNK = 256  # rows per tokenizer call, so the progress moves on a long file
+
+
+class TaskMismatchError(LoraFileError):
+    """Adapters (or an adapter and the task asked for) that are for different tasks or label sets."""
+
+
+def adapter_tasks(adapters: Mapping[str, str | Path], task: str | None = None) -> tuple[str, dict[int, str] | None]:
+    """(task, id2label) shared by every adapter (their lorakit_task.json); TaskMismatchError naming them if not.
+
+    With no adapters the task is `task` (default causal-lm); seq-cls then has no labels to score and is refused.
+    """
+    found = {name: hf.read_task(d) for name, d in adapters.items()}
+    kinds = {t for t, _ in found.values()}
+    if len(kinds) > 1:
+        which = ", ".join(f"{n}={adapters[n]} ({t})" for n, (t, _) in found.items())
+        raise TaskMismatchError(f"the adapters are for different tasks: {which}; evaluate each task on its own")
+    if not found:
+        if task == "seq-cls":
+            raise ValueError("seq-cls needs an adapter: the label names and the trained head come from it")
+        return task or "causal-lm", None
+    adapter_task = kinds.pop()
+    if task is not None and task != adapter_task:
+        raise TaskMismatchError(f"task={task!r} was asked for, but the adapters are {adapter_task} adapters")
+    labels = {name: id2label for name, (_, id2label) in found.items()}
+    if len({json.dumps(v, sort_keys=True) for v in labels.values()}) > 1:
+        which = "; ".join(f"{n}: {list(v.values()) if v else None}" for n, v in labels.items())
+        raise TaskMismatchError(f"the seq-cls adapters have different labels ({which}); evaluate them one at a time")
+    return adapter_task, next(iter(labels.values()))
+
+
+def trained_max_length(adapter_dir: str | Path) -> int | None:
+    """The max_length an adapter was fine-tuned with (its lorakit_task.json), if it says."""
+    path = Path(adapter_dir) / hf.TASK_FILE
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("max_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 2 else None
+
+
+def encode_file(
+    path: str | Path,
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    id2label: Mapping[int, str] | None = None,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    skip_bad_rows: bool = False,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    progress: Progress | None = None,
+) -> tuple[list[data.Encoded], list[BadRow]]:
+    """Read, validate and tokenize a data file as fine-tuning does; seq-cls labels must be `id2label`'s.
+
+    Raises data.BadRowsError listing every bad row unless `skip_bad_rows`, DataError when no row is usable.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} is invalid: expected at least 2 tokens")
+    progress = progress or progress_mod.quiet()
+    records, bad = read_records(path, max_line_bytes=max_line_bytes)
+    examples, more = data.validate(path, records, task)
+    bad += more
+    label2id = None
+    if task == "seq-cls":
+        if not id2label:
+            raise ValueError("seq-cls needs id2label (the adapter's label names) to score the rows")
+        label2id = data.label_to_id(id2label, examples)
+        known = ", ".join(map(repr, list(label2id)[:10]))
+        bad += [
+            BadRow(e.path, e.line, f"unknown label {e.label!r}; the adapter's labels are {known}")
+            for e in examples
+            if e.label not in label2id
+        ]
+        examples = [e for e in examples if e.label in label2id]
+    encoded: list[data.Encoded] = []
+    with progress.task("tokenizing", total=len(examples), unit="rows") as t:
+        for i in range(0, len(examples), _ENCODE_CHUNK):
+            chunk = examples[i : i + _ENCODE_CHUNK]
+            enc, more = data.encode(chunk, tokenizer, task, max_length, label2id)
+            encoded += enc
+            bad += more
+            t.advance(len(chunk))
+    bad.sort(key=lambda b: b.line)
+    if bad and not skip_bad_rows:
+        raise data.BadRowsError(bad)
+    if not encoded:
+        raise DataError(f"{path}: no usable rows", bad)
+    return encoded, bad
+
+
+def _outputs(
+    model: nn.Module, rows: Sequence[data.Encoded], pad_id: int, batch_size: int, progress: Progress | None, what: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(fp32 logits, labels) of each padded batch of `rows`, in eval mode, without gradients, on the model's device."""
+    progress = progress or progress_mod.quiet()
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad(), progress.task(what, total=math.ceil(len(rows) / batch_size), unit="batches") as t:
+        for batch in data.batches(rows, batch_size, pad_id):
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            yield model(input_ids=ids, attention_mask=mask).logits.float(), batch["labels"].to(device)
+            t.advance()
+
+
+def causal_lm_metrics(
+    model: nn.Module,
+    rows: Sequence[data.Encoded],
+    pad_id: int,
+    *,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+    description: str = "evaluating",
+) -> dict[str, Any]:
+    """{"rows", "tokens", "loss", "perplexity"}: mean next-token cross-entropy over every labelled token."""
+    total, tokens = 0.0, 0
+    for logits, labels in _outputs(model, rows, pad_id, batch_size, progress, description):  # (B, T, V), (B, T)
+        target = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=data.IGNORE_INDEX, reduction="sum"
+        )
+        total += float(loss)
+        tokens += int((target != data.IGNORE_INDEX).sum())
+    mean = total / tokens
+    return {"rows": len(rows), "tokens": tokens, "loss": mean, "perplexity": math.exp(min(mean, 700.0))}
+
+
+def seq_cls_metrics(
+    model: nn.Module,
+    rows: Sequence[data.Encoded],
+    pad_id: int,
+    id2label: Mapping[int, str],
+    *,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+    description: str = "evaluating",
+) -> dict[str, Any]:
+    """{"rows", "loss", "accuracy", "macro_f1", "labels", "confusion", "per_label"} of a classifier."""
+    k = len(id2label)
+    confusion = torch.zeros((k, k), dtype=torch.long)  # (true, predicted)
+    total = 0.0
+    for logits, y in _outputs(model, rows, pad_id, batch_size, progress, description):  # (B, C), (B,)
+        total += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        confusion += torch.bincount((y * k + logits.argmax(dim=-1)).cpu(), minlength=k * k).view(k, k)
+    return {"rows": len(rows), "loss": total / len(rows), **classification_scores(confusion.tolist(), id2label)}
+
+
+def classification_scores(confusion: Sequence[Sequence[int]], id2label: Mapping[int, str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-label precision/recall/F1/support from a confusion matrix (rows: true).
+
+    Examples:
+        >>> s = classification_scores([[3, 1], [0, 4]], {0: "neg", 1: "pos"})
+        >>> s["accuracy"], round(s["macro_f1"], 4), s["per_label"]["pos"]["precision"]
+        (0.875, 0.873, 0.8)
+    """
+    k = len(confusion)
+    names = [id2label[i] for i in range(k)]
+    n = sum(map(sum, confusion))
+    per_label: dict[str, dict[str, float | int]] = {}
+    f1s = []
+    for i, name in enumerate(names):
+        tp = confusion[i][i]
+        support, predicted = sum(confusion[i]), sum(row[i] for row in confusion)
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_label[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+        if support or predicted:  # a label absent from both data and predictions does not count
+            f1s.append(f1)
+    return {
+        "accuracy": sum(confusion[i][i] for i in range(k)) / n if n else 0.0,
+        "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+        "labels": names,
+        "confusion": [list(row) for row in confusion],
+        "per_label": per_label,
+    }
+
+
+def _load_base(
+    model_dir: str | Path, task: str, id2label: Mapping[int, str] | None, pad_id: int, trust_remote_code: bool
+) -> PreTrainedModel:
+    """The base model for `task`; its pad id follows the tokenizer's."""
+    model = hf.load_model(model_dir, task, id2label=id2label, trust_remote_code=trust_remote_code)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_id
+    return model
+
+
+@dataclass
+class EvalSetup:
+    """An evaluation made concrete: the tokenized rows and the model(s), every input checked."""
+
+    model_dir: Path
+    task: str
+    id2label: dict[int, str] | None
+    adapters: dict[str, Path]
+    tokenizer: PreTrainedTokenizerBase
+    rows: list[data.Encoded]
+    bad_rows: list[BadRow]
+    model: PreTrainedModel  # causal-lm: every adapter loaded by name; seq-cls: the bare base (adapters planned)
+    data_path: str
+    max_length: int
+    batch_size: int
+    device: str
+    trust_remote_code: bool
+
+
+def prepare(
+    model_dir: str | Path,
+    adapters: Mapping[str, str | Path],
+    data_path: str | Path,
+    *,
+    task: str | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    skip_bad_rows: bool = False,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> EvalSetup:
+    """Resolve the task, read and tokenize the data, load the base and the adapters: every input error is here.
+
+    `max_length` defaults to the one the adapters were trained with (their task files), else 256. seq-cls
+    adapters are checked against the base here (keys, shapes) and attached one at a time by `run`.
+    """
+    from ..loading import load_adapters, plan_load, read_adapter
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: expected an int >= 1")
+    progress = progress or progress_mod.quiet()
+    task, id2label = adapter_tasks(adapters, task)
+    if max_length is None:
+        trained = {m for d in adapters.values() if (m := trained_max_length(d)) is not None}
+        max_length = max(trained) if trained else DEFAULT_MAX_LENGTH
+    with progress.task("loading tokenizer"):
+        tok = hf.load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    rows, bad = encode_file(
+        data_path,
+        task,
+        tok,
+        id2label=id2label,
+        max_length=max_length,
+        skip_bad_rows=skip_bad_rows,
+        max_line_bytes=max_line_bytes,
+        progress=progress,
+    )
+    with progress.task("loading model", total=len(adapters) + 1, unit="parts") as t:
+        model = _load_base(model_dir, task, id2label, tok.pad_token_id, trust_remote_code)
+        t.advance()
+        for name, d in adapters.items():
+            if task == "seq-cls":  # each brings its own head: checked against the bare base, attached in run
+                plan_load(model, read_adapter(d))
+            else:
+                load_adapters(model, d, name=name)
+            t.advance()
+    return EvalSetup(
+        Path(model_dir),
+        task,
+        id2label,
+        {n: Path(d) for n, d in adapters.items()},
+        tok,
+        rows,
+        bad,
+        model,
+        str(data_path),
+        max_length,
+        batch_size,
+        device or "cpu",
+        trust_remote_code,
+    )
+
+
+def run(setup: EvalSetup, progress: Progress | None = None) -> dict[str, Any]:
+    """Score the base and each adapter of a prepared evaluation (see the module docstring).
+
+    Returns {"task", "data", "rows", "max_length", "skipped_bad_rows", "base": {...} | None,
+    "adapters": {name: {...}}}, plus "note" when the base is not scored (seq-cls).
+    """
+    from .. import adapters as named
+    from ..loading import load_adapters
+
+    progress = progress or progress_mod.quiet()
+    s = setup
+    report: dict[str, Any] = {
+        "task": s.task,
+        "data": s.data_path,
+        "rows": len(s.rows),
+        "max_length": s.max_length,
+        "skipped_bad_rows": [str(b) for b in s.bad_rows],
+    }
+    pad_id = s.tokenizer.pad_token_id
+    scored: dict[str, dict[str, Any]] = {}
+    common: dict[str, Any] = {"batch_size": s.batch_size, "progress": progress}
+    if s.task == "seq-cls":
+        assert s.id2label is not None  # adapter_tasks refuses seq-cls without adapters
+        report.update(base=None, note=BASE_SEQ_CLS_NOTE)
+        for i, (name, d) in enumerate(s.adapters.items()):
+            if i == 0:
+                model = s.model  # the prepared base takes the first adapter; the others get a fresh one each
+            else:
+                with progress.task(f"loading model for adapter {name}"):
+                    model = _load_base(s.model_dir, s.task, s.id2label, pad_id, s.trust_remote_code)
+            load_adapters(model, d)
+            model.to(s.device)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self
+            scored[name] = seq_cls_metrics(
+                model, s.rows, pad_id, s.id2label, **common, description=f"evaluating {name}"
+            )
+        report["adapters"] = scored
+        return report
+    s.model.to(s.device)  # type: ignore[arg-type]
+    with named.disable_adapters(s.model):
+        report["base"] = causal_lm_metrics(s.model, s.rows, pad_id, **common, description="evaluating base")
+    for name in s.adapters:
+        with named.use_adapter(s.model, name):
+            scored[name] = causal_lm_metrics(s.model, s.rows, pad_id, **common, description=f"evaluating {name}")
+    report["adapters"] = scored
+    return report
+
+
+def evaluate(
+    model_dir: str | Path,
+    adapters: Mapping[str, str | Path],
+    data_path: str | Path,
+    *,
+    progress: Progress | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """`run(prepare(...))`: metrics of the base and of each named adapter on one data file.
+
+    `options` are `prepare`'s (task, batch_size, max_length, skip_bad_rows, max_line_bytes, device,
+    trust_remote_code).
+    """
+    return run(prepare(model_dir, adapters, data_path, progress=progress, **options), progress)
