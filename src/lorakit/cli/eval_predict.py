@@ -94,6 +94,7 @@ def _print_tables(report: dict[str, Any]) -> None:
 
 def predict(args: argparse.Namespace) -> int:
     """Run `lorakit predict`: check every input row, then one JSON line per row on stdout, in input order."""
+    from ..hf import chat
     from ..hf import predict as pr
     from ..loading import load_adapters
     from ..train.progress import Progress
@@ -109,10 +110,9 @@ def predict(args: argparse.Namespace) -> int:
     with progress.task("loading tokenizer"):
         tok = inputs(hf.load_tokenizer, args.model, trust_remote_code=args.trust_remote_code)
     if args.chat_template:
-        try:
-            tok.chat_template = Path(args.chat_template).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise BadInput(f"--chat-template {args.chat_template}: cannot read it ({e})") from None
+        tok.chat_template = inputs(chat.read_template, args.chat_template)
+    elif args.adapter and (trained := chat.load_template(args.adapter)) is not None:
+        tok.chat_template = trained  # the template the adapter trained with (finetune --chat-template)
     if args.input != pr.STDIN and not Path(args.input).is_file():
         raise BadInput(f"--input {args.input}: no such file")
     try:

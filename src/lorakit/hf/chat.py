@@ -181,6 +181,25 @@ def assistant_span(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn], i:
     return start, len(through.rstrip())
 
 
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special token(s) the chat template writes right after an assistant turn's content (e.g. <|im_end|>).
+
+    Generation of a chat turn stops there: a template's end-of-turn is not always the tokenizer's EOS.
+    """
+    turns = (Turn("user", "hi"), Turn("assistant", "ok"))
+    try:
+        full = render(tokenizer, turns)
+        start = render(tokenizer, turns[:1], add_generation_prompt=True)
+    except ValueError:
+        return []
+    end = full.find("ok", len(start) if full.startswith(start) else 0)
+    if end < 0:
+        return []
+    after = tokenizer(full[end + 2 :].lstrip(" "), add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
+    return [int(after[0])] if after and int(after[0]) in special else []
+
+
 # -- the template file --------------------------------------------------------------------------------
 
 

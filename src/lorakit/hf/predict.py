@@ -61,10 +61,10 @@ class Request:
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> str:
-    """A chat as the prompt for the assistant's next turn (the tokenizer's chat template, as text)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert isinstance(text, str)  # tokenize=False on one conversation gives one string
-    return text
+    """A chat as the prompt for the assistant's next turn: rendered as training renders chats (chat.render)."""
+    from . import chat
+
+    return chat.render(tokenizer, chat.parse_messages(messages), add_generation_prompt=True)
 
 
 def source_name(source: str | Path | TextIO) -> str:
@@ -155,8 +155,8 @@ def read_requests(
         if isinstance(value, list):
             try:
                 requests.append(Request(line, render_chat(tokenizer, value), row_id, chat=True))
-            except Exception as e:  # a template's own checks (roles out of order, ...) are Jinja/Template errors
-                bad.append(BadRow(where, line, f"the chat template refused these messages ({e})"))
+            except ValueError as e:  # a bad message, or the template's own checks (roles out of order, ...)
+                bad.append(BadRow(where, line, str(e)))
         else:
             requests.append(Request(line, value, row_id))
     bad.sort(key=lambda b: b.line)
@@ -255,6 +255,11 @@ def complete(
         )
     progress = progress or progress_mod.quiet()
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    if any(r.chat for r in requests):  # a chat turn ends at the template's end-of-turn token, maybe not EOS
+        from . import chat
+
+        stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        kwargs["eos_token_id"] = stops + [i for i in chat.end_of_turn_ids(tokenizer) if i not in stops]
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:
