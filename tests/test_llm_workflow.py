@@ -64,14 +64,16 @@ def test_chat_finetune_eval_predict_merge(tmp_path):
     write_workspace(tmp_path)
     model = "models/tiny-chat"
     lorakit(tmp_path, "finetune", "--model", model, "--data", "chat.jsonl", "--valid", "chat-valid.jsonl",
-            "--task", "causal-lm", "--out", "adapters/chat", "--pack", "--epochs", "6", "--lr", "1e-2",
-            "--batch-size", "4", "--max-length", "64", "--eval-every", "4", "--reference", "reference.txt",
+            "--task", "causal-lm", "--out", "adapters/chat", "--pack", "--epochs", "8", "--lr", "2e-2", "--targets", "all-linear", "lm_head",
+            "--batch-size", "2", "--max-length", "64", "--eval-every", "3", "--reference", "reference.txt",
             "--log", "tensorboard", "--plain")
     report = json.loads((tmp_path / "adapters/chat/run/finetune_report.json").read_text())
     assert report["packing"]["rows_after"] < report["packing"]["rows_before"]
     rows = [json.loads(line) for line in (tmp_path / "adapters/chat/run/metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r.get("kind") == "eval"]
-    assert evals and all(r["kl_ref"] >= 0 for r in evals), rows[:3]
+    epochs = [r for r in rows if r.get("kind") == "epoch"]
+    assert evals and all(r["kl_ref"] >= 0 for r in evals + epochs), rows[:3]
+    assert epochs[-1]["kl_ref"] > epochs[0]["kl_ref"] > 0  # the adapter moves away from the base as it trains
     assert any((tmp_path / "adapters/chat/run/tensorboard").iterdir())
 
     out = lorakit(tmp_path, "eval", "--model", model, "--adapter", "chat=adapters/chat", "--data", "chat-valid.jsonl",
