@@ -26,6 +26,7 @@ from ..saving import save_adapters
 from ..train import TrainConfig, Trainer, accuracy, perplexity
 from ..train.artifacts import CHECKPOINT
 from ..train.distributed import is_main
+from ..train.progress import Progress, quiet
 from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
 from ..variants.quant import quantize_base
@@ -87,12 +88,13 @@ class Setup:
     valid_loader: DataLoader[data.Encoded]
 
 
-def prepare(job: FinetuneJob) -> Setup:
+def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     """Check the output dir, load the tokenizer, read and tokenize the data, load and wrap the model.
 
     Raises lorakit's file/data errors or ValueError for anything wrong with the inputs; `out` must be new or
-    empty (hf.OutputDirNotEmpty) unless the job resumes or overwrites.
+    empty (hf.OutputDirNotEmpty) unless the job resumes or overwrites. `progress` shows each step.
     """
+    progress = progress or quiet()
     out = Path(job.out)
     run_dir = out / RUN_DIR
     if job.resume:
@@ -100,26 +102,30 @@ def prepare(job: FinetuneJob) -> Setup:
             raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (run once without resume first)")
     elif not job.overwrite:
         hf.check_output_dir(out)  # resume=True continues the run there, overwrite=True replaces it
-    tok = hf.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
-    prepared = data.prepare(
-        job.data,
-        job.task,
-        tok,
-        valid_path=job.valid,
-        valid_fraction=job.valid_fraction,
-        seed=job.train.seed,
-        max_length=job.max_length,
-        skip_bad_rows=job.skip_bad_rows,
-        max_line_bytes=job.max_line_bytes,
-    )
+    with progress.task(f"loading the tokenizer of {job.model}"):
+        tok = hf.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
+    with progress.task(f"reading and tokenizing {job.data}" + (f" and {job.valid}" if job.valid else "")):
+        prepared = data.prepare(
+            job.data,
+            job.task,
+            tok,
+            valid_path=job.valid,
+            valid_fraction=job.valid_fraction,
+            seed=job.train.seed,
+            max_length=job.max_length,
+            skip_bad_rows=job.skip_bad_rows,
+            max_line_bytes=job.max_line_bytes,
+        )
     torch.manual_seed(job.train.seed)  # a new classification head starts the same way in every run
-    model = hf.load_model(job.model, job.task, id2label=prepared.id2label, trust_remote_code=job.trust_remote_code)
+    with progress.task(f"loading the model {job.model}"):
+        model = hf.load_model(job.model, job.task, id2label=prepared.id2label, trust_remote_code=job.trust_remote_code)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     save = hf.head_names(model) if job.task == "seq-cls" else []
-    apply_lora(model, job.lora, list(job.targets), modules_to_save=save)
-    if job.quantize:
-        quantize_base(model, job.quantize)
+    with progress.task("adding LoRA" + (f" and quantizing the base ({job.quantize})" if job.quantize else "")):
+        apply_lora(model, job.lora, list(job.targets), modules_to_save=save)
+        if job.quantize:
+            quantize_base(model, job.quantize)
     collate = functools.partial(data.collate, pad_id=tok.pad_token_id)
     shuffle = torch.Generator().manual_seed(job.train.seed)
     # a list is a map-style dataset to DataLoader; torch's stubs ask for a Dataset subclass
