@@ -49,9 +49,9 @@ def read(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     except FileNotFoundError:
         raise BadInput(f"--config {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"--config {path}: cannot read it ({e})") from None
+        raise BadInput(f"{path}: cannot read it ({e})") from None
     except tomllib.TOMLDecodeError as e:
-        raise BadInput(f"--config {path}: not valid TOML ({e})") from None
+        raise BadInput(f"{path}: not valid TOML ({e})") from None
     actions = flag_actions(parser)
     values: dict[str, Any] = {}
     for key, value in _flat(doc):
@@ -101,6 +101,8 @@ def _one(path: Path, key: str, value: Any, action: argparse.Action) -> Any:
         out = convert(value if isinstance(value, str) else str(value))
     except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
         raise BadInput(f"{path}: {key} = {_toml(value)} is invalid: expected {expected} ({e})") from None
+    if isinstance(value, str) and isinstance(out, (int, float)):  # a number's flag takes a TOML number
+        raise BadInput(f"{path}: {key} = {_toml(value)} is invalid: expected {expected}")
     if action.choices is not None and out not in action.choices:
         listed = ", ".join(map(str, action.choices))
         raise BadInput(f"{path}: {key} = {_toml(value)} is invalid: expected one of {listed}")

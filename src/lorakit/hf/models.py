@@ -20,6 +20,8 @@ from torch import nn
 
 from ..errors import LoraError, LoraFileError
 from .generation import generate as generate  # hf.generate, as before
+from .task_fit import TaskMismatchError as TaskMismatchError  # hf.TaskMismatchError beside the other load errors
+from .task_fit import check_task_fit
 
 if TYPE_CHECKING:  # transformers is the optional `hf` extra: imported where used, at run time
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -52,15 +54,6 @@ class RemoteCodeError(ModelDirError):
         super().__init__(
             f"{self.detail}; lorakit runs it only with trust_remote_code=True, after you have read that code"
         )
-
-
-class TaskMismatchError(ModelDirError):
-    """A model that cannot be fine-tuned for the task asked (hf/task_fit.py); `can` is a task it can do, if any."""
-
-    def __init__(self, path: Path, model_type: str, task: str, can: str | None, detail: str) -> None:
-        self.model_type, self.task, self.can = model_type, task, can
-        self.detail = f"{path}: {detail}"
-        super().__init__(self.detail + (f"; fine-tune it as task={can!r}" if can else ""))
 
 
 class OutputDirNotEmpty(LoraError, FileExistsError):
@@ -167,8 +160,6 @@ def load_model(
         model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelDirError(f"{path}: transformers could not load it as a {task} model ({_first_line(e)})") from None
-    from .task_fit import check_task_fit
-
     check_task_fit(path, model, task, info.get("missing_keys", ()))
     if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
         # decoders classify from the last non-pad token, so they must know the pad id

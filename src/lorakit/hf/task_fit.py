@@ -20,9 +20,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .models import TaskMismatchError
+from ..errors import LoraFileError
 
 HEAD_PREFIXES = ("classifier.", "score.")  # the new head of a seq-cls model (models.HEAD_NAMES)
+
+
+class TaskMismatchError(LoraFileError):
+    """A model that cannot be fine-tuned for the task asked (hf/task_fit.py); `can` is a task it can do, if any."""
+
+    def __init__(self, path: Path, model_type: str, task: str, can: str | None, detail: str) -> None:
+        self.model_type, self.task, self.can = model_type, task, can
+        self.detail = f"{path}: {detail}"
+        super().__init__(self.detail + (f"; fine-tune it as task={can!r}" if can else ""))
 
 
 def check_task_fit(path: Path, model: Any, task: str, missing_keys: Iterable[str]) -> None:
