@@ -89,3 +89,34 @@ def test_generate_one_completion_per_adapter(setup):
                 "--prompt", "the cat", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
     assert "--- combined (svd, max relative error of ΔW" in r.stdout
+
+
+def test_merge_shows_progress_piped_and_overwrite_swaps_in_only_a_whole_model(setup, tmp_path):
+    model_dir, base, dirs = setup
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("the model merged last week")
+    r = lorakit("merge", "--model", model_dir, "--adapter", dirs["math"], "--out", out)
+    assert r.returncode == 2 and "pass --overwrite to replace it, or choose a new --out" in r.stderr
+
+    blowup = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=2), ["q_proj"])  # its ΔW overflows fp32
+    with torch.no_grad():
+        for n, p in blowup.named_parameters():
+            if "lora_" in n:
+                p.fill_(1e30)
+    bad = lk.save_adapters(blowup, tmp_path / "blowup")
+    r = lorakit("merge", "--model", model_dir, "--adapter", bad, "--out", out, "--overwrite")
+    assert r.returncode == 1 and "non-finite" in r.stderr, r.stderr
+    assert [p.name for p in out.iterdir()] == ["old.txt"]  # the failed merge left OUT as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blowup", "merged"]  # and nothing beside it
+
+    r = lorakit("merge", "--model", model_dir, "--adapter", dirs["math"], "--out", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("merged 4 LoRA modules of") and str(out) in r.stdout
+    for step in (f"loading the model {model_dir}", f"loading the adapter {dirs['math']}",
+                 "merging 4 LoRA modules into the base", "writing "):
+        assert step in r.stderr, (step, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if " in " in line and line.endswith(" s")]
+    assert len(lines) == 4, r.stderr  # each step says when it is done, and how long it took
+    assert not (out / "old.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blowup", "merged"]

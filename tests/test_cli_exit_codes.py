@@ -103,3 +103,28 @@ def test_bench_finds_the_benchmarks_of_this_checkout() -> None:
     from lorakit.cli.example import BENCH_SCRIPT
 
     assert BENCH_SCRIPT == Path(__file__).resolve().parents[1] / "benchmarks" / "run.py" and BENCH_SCRIPT.is_file()
+
+
+def test_finetune_input_problems_exit_2(tmp_path: Path, capsys) -> None:
+    """Missing or unreadable inputs, named, before anything is written."""
+    sys.path.insert(0, str(TESTS))
+    import _hf_models
+
+    model_dir = _hf_models.save_tiny("gpt2", tmp_path / "gpt2")
+    rows = tmp_path / "t.jsonl"
+    rows.write_text("".join(json.dumps({"text": s}) + "\n" for s in _hf_models.SENTENCES))
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.toml").write_text("rank = [")
+    base = ["finetune", "--model", str(model_dir), "--task", "causal-lm", "--out", str(tmp_path / "o")]
+    cases = [
+        (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+        (["--data", str(rows), "--valid", str(tmp_path)], str(tmp_path)),
+        (["--data", str(tmp_path / "empty.jsonl")], "empty.jsonl"),
+        (["--data", str(rows), "--config", str(tmp_path / "bad.toml")], "bad.toml: not valid TOML"),
+        (["--data", str(rows), "--config", str(tmp_path / "none.toml")], "none.toml: no such file"),
+    ]
+    for extra, says in cases:
+        assert cli.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "o").exists()

@@ -28,3 +28,19 @@ def test_the_two_commands_come_first_and_ci_runs_the_test_command():
     assert tests_step and pytest_cmd in tests_step.group(1)
     steps = re.search(r"^ALL=\((.*)\)$", ci, re.M).group(1).split()
     assert steps[0] == "setup" and steps[-1] == "tests"  # set up first; the README's test command runs last
+
+
+def test_many_adapters_snippet_runs_after_the_tour(tmp_path, monkeypatch):
+    """The "Many adapters on one base" block, as written, in the namespace the tour left (a reader's session)."""
+    tour, many = re.findall(r"```python\n(.*?)```", README, re.S)[:2]
+    assert "### Many adapters on one base\n\n```python\n" + many in README
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(tour, "README.md", "exec"), namespace)
+    exec(compile(many, "README.md", "exec"), namespace)
+    import lorakit as lk
+
+    model = namespace["model"]
+    assert lk.list_adapters(model) == ["math", "mix"]  # code deleted; the combination kept
+    assert namespace["logits"].shape == (4, 8, 100)
+    assert (tmp_path / "adapters" / "mix" / "adapter_model.safetensors").is_file()

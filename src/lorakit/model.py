@@ -112,15 +112,28 @@ def find_targets(model: nn.Module, targets: str | Sequence[str], exclude: Sequen
             hits = [n for n in names if rule_matches(rule, n)]
         hits = [n for n in hits if not any(rule_matches(e, n) for e in exclude)]
         if not hits:
-            raise ValueError(f"target {rule!r} matches no module; some module names: {_sample(names)}")
+            raise ValueError(
+                f"target {rule!r} matches no module; layer names LoRA can target: {targetable_names(model)} "
+                "(a name matches itself and any module name ending in '.' + name; 're:<regex>' matches whole names)"
+            )
         chosen.update(dict.fromkeys(hits))
     order = {n: i for i, n in enumerate(names)}
     return sorted(chosen, key=order.__getitem__)
 
 
-def _sample(names: list[str], k: int = 12) -> str:
-    shown = ", ".join(repr(n) for n in names[:k])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > k else "")
+def targetable_names(model: nn.Module) -> str:
+    """The last name part of every layer LoRA can wrap (Linear, Conv1D, Embedding, Conv), deduplicated, in order,
+    and one full name to show what the rest looks like.
+
+    Examples:
+        >>> blocks = nn.ModuleList(nn.ModuleDict({"q_proj": nn.Linear(4, 4), "act": nn.ReLU()}) for _ in range(2))
+        >>> targetable_names(nn.ModuleDict({"blocks": blocks, "lm_head": nn.Linear(4, 9)}))
+        "q_proj, lm_head (full names like 'blocks.0.q_proj')"
+    """
+    leaves = [n for n in module_names(model) if wrapper_for(model.get_submodule(n)) is not None]
+    if not leaves:
+        return "none (no supported layer types)"
+    return ", ".join(dict.fromkeys(n.rpartition(".")[2] for n in leaves)) + f" (full names like {leaves[0]!r})"
 
 
 def apply_lora(

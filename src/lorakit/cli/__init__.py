@@ -9,6 +9,8 @@ A subcommand is two functions in one of this package's modules: `add_<name>(subp
 with `set_defaults(run=<name>)`, and `<name>(args) -> int` building a config and calling the library. It
 returns its status or raises: `common.BadInput` for bad input (the library's input errors become BadInput
 through `common.inputs`, worded in flags), anything else for a runtime failure. Only `main` maps them.
+A subcommand with a `--config FILE` flag reads its flags from a TOML run file too (runfile.py); one that
+sets `args.interrupt_hint` (a callable returning a line or None) has that line added to "interrupted".
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from . import runfile
 from .adapter_commands import add_generate, add_inspect, add_merge
 from .common import BadInput
 from .eval_predict import add_eval, add_predict  # H4: eval/predict (issue 13)
@@ -56,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lorakit` console script and `python -m lorakit`; returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        runfile.pre_parse(parser, argv)  # `--config FILE`: the file's values become the subcommand's defaults
+    except BadInput as e:
+        command = next((a for a in argv if not a.startswith("-")), "")
+        print(f"lorakit {command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     args = parser.parse_args(argv)  # a usage error exits 2 here, with argparse's message
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
@@ -67,7 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
+        hint = getattr(args, "interrupt_hint", None)  # a subcommand may say how to go on (finetune: --resume)
+        said = hint() if callable(hint) else None
+        print(f"{name}: interrupted" + (f"; {said}" if said else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # a runtime failure: say what, not a traceback
         print(f"{name}: failed: {type(e).__name__}: {e}", file=sys.stderr)

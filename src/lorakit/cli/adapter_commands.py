@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..adapters import COMBINE_METHODS, CombineReport
+from ..files.atomic import replacing_dir
 from ..hf import models as hf
+from ..train.progress import Progress
 from .common import BadInput, inputs, new_or_empty, quiet_transformers
 
 if TYPE_CHECKING:
@@ -39,20 +41,30 @@ def merge(args: argparse.Namespace) -> int:
     """Run `lorakit merge`: one adapter, or a weighted combination of several, folded into the base and saved."""
     quiet_transformers()
     out = Path(args.out)
-    new_or_empty(out, "choose a new --out")  # before the model is loaded
+    if not args.overwrite:  # before the model is loaded
+        new_or_empty(out, "pass --overwrite to replace it, or choose a new --out")
+    elif out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: is a file; --overwrite replaces a directory, not a file")
     inputs(hf.check_model_dir, args.model)
     specs, weights = _adapter_specs(args.adapter), _weights(args.weight)
+    progress = Progress()
     if len(specs) == 1 and not weights:
         model, tok, task = inputs(
-            hf.load_with_adapter, args.model, specs[0][1], task=args.task, trust_remote_code=args.trust_remote_code
+            hf.load_with_adapter,
+            args.model,
+            specs[0][1],
+            task=args.task,
+            trust_remote_code=args.trust_remote_code,
+            progress=progress,
         )
         what = str(specs[0][1])
     else:
-        model, tok, task = _load_named(args.model, specs, args.task, args.trust_remote_code)
+        model, tok, task = _load_named(args.model, specs, args.task, args.trust_remote_code, progress)
         report = _combine(model, specs, weights, args.combine, args.combine_rank)
         what = f"{report.method} of " + ", ".join(f"{w:g}×{n}" for n, w in _weights_for(specs, weights).items())
         print(f"combined ({report.method}): max relative error of ΔW {report.max_relative_error:.3g}")
-    n = hf.save_merged(model, tok, out, dtype=args.dtype)
+    with replacing_dir(out) as new:  # written aside, then swapped in: a failed merge leaves OUT as it was
+        n = hf.save_merged(model, tok, new, dtype=args.dtype, progress=progress)
     print(f"merged {n} LoRA modules of {what} into {args.model} ({task}); wrote {out}")
     return 0
 
@@ -77,7 +89,9 @@ def generate(args: argparse.Namespace) -> int:
         task, _ = inputs(hf.read_task, d)
         if task != "causal-lm":
             raise BadInput(f"{d} is a {task} adapter; generate needs a causal-lm adapter")
-    model, tok = inputs(hf.load, args.model, "causal-lm", trust_remote_code=args.trust_remote_code)
+    progress = Progress()
+    with progress.task(f"loading the model {args.model}"):
+        model, tok = inputs(hf.load, args.model, "causal-lm", trust_remote_code=args.trust_remote_code)
     if args.device:
         model.to(args.device)
     options = dict(
@@ -96,11 +110,13 @@ def generate(args: argparse.Namespace) -> int:
     if args.compare:
         complete("base")
     if len(specs) == 1 and not weights:
-        inputs(load_adapters, model, specs[0][1])
+        with progress.task(f"loading the adapter {specs[0][1]}"):
+            inputs(load_adapters, model, specs[0][1])
         complete("base + adapter" if args.compare else None)
         return 0
     for name, d in specs:
-        inputs(load_adapters, model, d, name=name)
+        with progress.task(f"loading the adapter {d}"):
+            inputs(load_adapters, model, d, name=name)
     if specs and not weights:  # one completion per adapter, on the one shared base
         for name, _ in specs:
             with adapters.use_adapter(model, name):
@@ -158,7 +174,7 @@ def _weights_for(specs: list[tuple[str, Path]], weights: dict[str, float]) -> di
 
 
 def _load_named(
-    model_dir: str, specs: list[tuple[str, Path]], task: str | None, trust_remote_code: bool
+    model_dir: str, specs: list[tuple[str, Path]], task: str | None, trust_remote_code: bool, progress: Progress
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """The base with every adapter loaded under its name (all for the same task)."""
     from ..loading import load_adapters
@@ -170,9 +186,11 @@ def _load_named(
     task = task or kinds.pop()
     if task == "seq-cls":
         raise BadInput("several adapters with classification heads cannot share one model; merge them one at a time")
-    model, tok = inputs(hf.load, model_dir, task, trust_remote_code=trust_remote_code)
+    with progress.task(f"loading the model {model_dir}"):
+        model, tok = inputs(hf.load, model_dir, task, trust_remote_code=trust_remote_code)
     for name, d in specs:
-        inputs(load_adapters, model, d, name=name)
+        with progress.task(f"loading the adapter {d}"):
+            inputs(load_adapters, model, d, name=name)
     return model, tok, task
 
 
@@ -225,6 +243,11 @@ def add_merge(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     _add_combine_flags(p)
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model (new or empty)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what is in --out (the merged model is written beside it and swapped in when complete)",
+    )
     p.add_argument("--dtype", choices=list(hf.DTYPES), help="cast the merged weights (default: as stored)")
     p.add_argument("--task", choices=hf.TASKS, help="default: what the adapter directory records")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")

@@ -28,6 +28,8 @@ def flag_words(e: BaseException) -> str:
         return f"{e.detail}; pass --chat-template FILE (a Jinja chat template, e.g. ChatML)"
     if isinstance(e, hf.RemoteCodeError):
         return f"{e.detail}; lorakit runs it only with --trust-remote-code, after you have read that code"
+    if isinstance(e, hf.TaskMismatchError):
+        return e.detail + (f"; use --task {e.can}" if e.can else "")
     return str(e)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..config import INITS
 from ..hf import finetune as job_module
@@ -12,7 +13,8 @@ from ..hf.data import MAX_LINE_BYTES
 from ..train.config import PRECISIONS, SCHEDULES
 from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
-from .common import inputs, new_or_empty, positive_int, quiet_transformers
+from . import out_dir, runfile
+from .common import inputs, positive_int, quiet_transformers
 
 
 def finetune(args: argparse.Namespace) -> int:
@@ -67,16 +69,21 @@ def finetune(args: argparse.Namespace) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             quantize=args.quantize,
-            chat_template=args.chat_template,  # H1: chat data
+            chat_template=args.chat_template,
             pack=args.pack,
             gradient_checkpointing=args.gradient_checkpointing,
             reference=args.reference,
         )
     )
-    if not (job.resume or job.overwrite):
-        new_or_empty(job.out, "pass --resume to continue that run, --overwrite to replace it, or choose a new --out")
+    out = Path(job.out)
+    out_dir.check_start(out, job.resume, job.overwrite)  # advice that fits what OUT holds
+    if job.resume:  # the same run, or exit 2 naming what changed, before anything loads
+        inputs(out_dir.check_same_run, out, args, args.parser, job.train.to_dict())
+    args.interrupt_hint = lambda: out_dir.interrupt_hint(out)  # after Ctrl-C: how to resume, once there is a checkpoint
     callbacks = _callbacks(args)  # before the slow part: a missing tensorboard fails here
     setup = inputs(job_module.prepare, job, progress=Progress())
+    if is_main():  # every flag's resolved value: `--config OUT/run/run.toml --out NEW` repeats this run
+        runfile.write(out / job_module.RUN_DIR / out_dir.RUN_FILE, args, args.parser, skip=out_dir.NOT_RECORDED)
     bad = setup.prepared.bad_rows
     if bad:
         print(f"skipping {len(bad)} bad row(s) (--skip-bad-rows); first: {bad[0]}", file=sys.stderr)
@@ -231,4 +238,11 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "own text); less padding, fewer steps per epoch; validation stays unpacked",
     )
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
-    p.set_defaults(run=finetune)
+    # -- run files (H5) --
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML run file of these flags (keys: rank, max_length, ...; paths relative to it); flags given "
+        "here override it; every run records its own in OUT/run/run.toml",
+    )
+    p.set_defaults(run=finetune, parser=p)

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,45 @@ def replacing(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def replacing_dir(path: str | Path) -> Iterator[Path]:
+    """A fresh empty directory beside `path` to fill; when the block ends it takes `path`'s place.
+
+    If the block raises, the new directory is removed and `path` (if any) is left as it was. The old
+    `path` is renamed aside, the new one renamed in, then the old one removed: a crash between the two
+    renames leaves the old one whole, as `.NAME.<hex>.old` beside it.
+
+    Examples:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "merged"
+        >>> with replacing_dir(target) as tmp:
+        ...     _ = (tmp / "weights").write_text("new")
+        >>> [p.name for p in target.iterdir()]
+        ['weights']
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.mkdir(tmp, 0o777)  # the umask applies, as for any new directory
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.{secrets.token_hex(6)}.old") if path.exists() else None
+    if old is not None:
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def _new_temp(path: Path) -> Path:

@@ -28,7 +28,7 @@ from ..train import TrainConfig, Trainer, accuracy, perplexity
 from ..train.artifacts import CHECKPOINT
 from ..train.distributed import is_main
 from ..train.forgetting import ReferenceKL, reference_loader
-from ..train.progress import Progress
+from ..train.progress import Progress, quiet
 from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
 from ..variants.quant import quantize_base
@@ -109,7 +109,9 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     Raises lorakit's file/data errors or ValueError for anything wrong with the inputs; `out` must be new or
     empty (hf.OutputDirNotEmpty) unless the job resumes or overwrites. `job.pack` packs the training rows
     (packing.py, reported on `progress`); `job.gradient_checkpointing` turns it on (checkpointing.py).
+    `progress` shows each step.
     """
+    progress = progress or quiet()
     out = Path(job.out)
     run_dir = out / RUN_DIR
     if job.resume:
@@ -117,8 +119,9 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
             raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (run once without resume first)")
     elif not job.overwrite:
         hf.check_output_dir(out)  # resume=True continues the run there, overwrite=True replaces it
-    tok = hf.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
-    prepared = data.prepare(
+    with progress.task(f"loading the tokenizer of {job.model}"):
+        tok = hf.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
+    prepared = data.prepare(  # reports reading and tokenizing, train and valid, on `progress`
         job.data,
         job.task,
         tok,
@@ -132,13 +135,15 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
         progress=progress,
     )
     torch.manual_seed(job.train.seed)  # a new classification head starts the same way in every run
-    model = hf.load_model(job.model, job.task, id2label=prepared.id2label, trust_remote_code=job.trust_remote_code)
+    with progress.task(f"loading the model {job.model}"):
+        model = hf.load_model(job.model, job.task, id2label=prepared.id2label, trust_remote_code=job.trust_remote_code)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     save = hf.head_names(model) if job.task == "seq-cls" else []
-    apply_lora(model, job.lora, list(job.targets), modules_to_save=save)
-    if job.quantize:
-        quantize_base(model, job.quantize)
+    with progress.task("adding LoRA" + (f" and quantizing the base ({job.quantize})" if job.quantize else "")):
+        apply_lora(model, job.lora, list(job.targets), modules_to_save=save)
+        if job.quantize:
+            quantize_base(model, job.quantize)
     collate = functools.partial(data.collate, pad_id=tok.pad_token_id)
     train_rows, train_collate, packed = prepared.train, collate, None
     if job.pack:  # training rows only: validation stays unpacked, so its loss is an unpacked run's

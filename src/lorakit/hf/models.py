@@ -19,10 +19,15 @@ import torch
 from torch import nn
 
 from ..errors import LoraError, LoraFileError
+from .generation import generate as generate  # hf.generate, as before
+from .task_fit import TaskMismatchError as TaskMismatchError  # hf.TaskMismatchError beside the other load errors
+from .task_fit import check_task_fit
 
 if TYPE_CHECKING:  # transformers is the optional `hf` extra: imported where used, at run time
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    from ..train.progress import Progress
 
 TASKS = ("causal-lm", "seq-cls")  # what lorakit fine-tunes: the one list the data, the jobs and the CLI use
 HEAD_NAMES = ("classifier", "score")  # PEFT's SEQ_CLS modules_to_save
@@ -152,9 +157,10 @@ def load_model(
         kwargs.update(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
     _check_remote_code(path, trust_remote_code)
     try:
-        model = auto.from_pretrained(path, **kwargs)
+        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelDirError(f"{path}: transformers could not load it as a {task} model ({_first_line(e)})") from None
+    check_task_fit(path, model, task, info.get("missing_keys", ()))
     if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
         # decoders classify from the last non-pad token, so they must know the pad id
         model.config.pad_token_id = _pad_id_from_dir(path)
@@ -286,40 +292,49 @@ def load_with_adapter(
     task: str | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
+    progress: Progress | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """(model, tokenizer, task) with a lorakit- or PEFT-made adapter loaded strictly into the base."""
     from ..loading import load_adapters
+    from ..train.progress import quiet
 
+    progress = progress or quiet()
     adapter_task, id2label = read_task(adapter_dir)
     task = task or adapter_task
-    model, tok = load(
-        model_dir,
-        task,
-        id2label=id2label if task == "seq-cls" else None,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-    )
-    load_adapters(model, adapter_dir)
+    with progress.task(f"loading the model {model_dir}"):
+        labels = id2label if task == "seq-cls" else None
+        model, tok = load(model_dir, task, id2label=labels, dtype=dtype, trust_remote_code=trust_remote_code)
+    with progress.task(f"loading the adapter {adapter_dir}"):
+        load_adapters(model, adapter_dir)
     return model, tok, task
 
 
 def save_merged(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, out_dir: str | Path, *, dtype: str | None = None
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    progress: Progress | None = None,
 ) -> int:
     """Merge every LoRA layer and write a plain transformers directory (weights, config, tokenizer); returns how many.
 
     The merge is computed in fp32 and checked finite; `dtype` casts the result.
     """
     from ..model import lora_layers, merge
+    from ..train.progress import quiet
 
+    progress = progress or quiet()
     out_dir = check_output_dir(out_dir)
     n = len(lora_layers(model))
-    merge(model)
-    _untie_if_apart(model)
-    if dtype is not None:
-        model.to(DTYPES[dtype])  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
+    with progress.task(f"merging {n} LoRA modules into the base"):
+        merge(model)
+        _untie_if_apart(model)
+        if dtype is not None:
+            model.to(DTYPES[dtype])  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self
+    with progress.task(f"writing {out_dir}"):
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tok.save_pretrained(out_dir)
     return n
 
 
@@ -345,39 +360,6 @@ def _untie_if_apart(model: PreTrainedModel) -> None:
     for c in (config, get_text(decoder=True) if callable(get_text) else config):
         if getattr(c, "tie_word_embeddings", False):
             c.tie_word_embeddings = False
-
-
-def generate(
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    prompt: str,
-    *,
-    max_new_tokens: int = 40,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-) -> str:
-    """The completion of `prompt`: greedy when temperature is 0, else sampled (seeded)."""
-    from transformers import GenerationMixin
-
-    if not isinstance(model, GenerationMixin):
-        raise TypeError(f"{type(model).__name__} cannot generate text: expected a causal-lm model")
-    model.eval()
-    enc = tok(prompt, return_tensors="pt")
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(**enc, **kwargs)
-    text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert isinstance(text, str)  # one sequence of ids decodes to one string
-    return text
 
 
 def offline() -> None:

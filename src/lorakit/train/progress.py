@@ -81,7 +81,17 @@ class Progress:
         self._write(t.line(final=True))
 
     def _rich_task(self, t: Task) -> Iterator[Task]:
-        """The task as a transient rich bar, then one line saying it is done."""
+        """The task as a transient rich bar, then one line saying it is done; a task inside a running one joins
+        its display (rich allows one live display at a time)."""
+        if self._bar is not None:
+            bar = self._bar
+            t.rich_id = bar.add_task(t.description, total=t.total)
+            try:
+                yield t
+            finally:
+                bar.remove_task(t.rich_id)
+            bar.console.print(f"[green]✓[/green] {t.line(final=True)}", highlight=False)
+            return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
         from rich.progress import Progress as RichProgress

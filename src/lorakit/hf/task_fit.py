@@ -1,0 +1,84 @@
+"""Whether a loaded model can be fine-tuned for a task, judged from what transformers initialised afresh.
+
+transformers loads a BERT checkpoint as `AutoModelForCausalLM` without complaint: `BertLMHeadModel`, its
+LM head (`cls.predictions...`) drawn at random and its attention still bidirectional, with the warnings
+that say so hidden by the CLI. Training that "causal LM" runs and learns nothing useful. So a load is
+refused when
+
+- any weight a causal LM needs is missing from the checkpoint (`output_loading_info`'s missing keys are
+  tensors that start from random values), or
+- the model type is an encoder (its masked-LM class is its pre-training head) not configured as a decoder:
+  it sees the tokens after the one it predicts, even where its LM head loads.
+
+For seq-cls the classification head is new by design (it trains in full beside LoRA); any other missing
+weight is refused the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..errors import LoraFileError
+
+HEAD_PREFIXES = ("classifier.", "score.")  # the new head of a seq-cls model (models.HEAD_NAMES)
+
+
+class TaskMismatchError(LoraFileError):
+    """A model that cannot be fine-tuned for the task asked (hf/task_fit.py); `can` is a task it can do, if any."""
+
+    def __init__(self, path: Path, model_type: str, task: str, can: str | None, detail: str) -> None:
+        self.model_type, self.task, self.can = model_type, task, can
+        self.detail = f"{path}: {detail}"
+        super().__init__(self.detail + (f"; fine-tune it as task={can!r}" if can else ""))
+
+
+def check_task_fit(path: Path, model: Any, task: str, missing_keys: Iterable[str]) -> None:
+    """TaskMismatchError if `model` (loaded from `path` for `task`) would train from randomly initialised parts."""
+    model_type = str(getattr(model.config, "model_type", "") or type(model).__name__)
+    missing = sorted(missing_keys)
+    if task == "seq-cls":
+        missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if task == "causal-lm" and _is_encoder(model):
+        raise TaskMismatchError(
+            path,
+            model_type,
+            task,
+            "seq-cls",
+            f"{model_type} is an encoder (bidirectional attention); it cannot be fine-tuned as a causal-lm"
+            + (f" (its causal-LM head would start from random weights: {_listed(missing)})" if missing else ""),
+        )
+    if missing:
+        can = "seq-cls" if task == "causal-lm" and _has_sequence_classifier(model_type) else None
+        raise TaskMismatchError(
+            path,
+            model_type,
+            task,
+            can,
+            f"{model_type} cannot be fine-tuned as a {task}: the checkpoint lacks weights the {task} model needs, "
+            f"so they would start from random values: {_listed(missing)}",
+        )
+
+
+def _is_encoder(model: Any) -> bool:
+    """An encoder-only model type (it has a masked-LM class) that its config does not make a decoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
+        return False
+    return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _has_sequence_classifier(model_type: str) -> bool:
+    """Whether transformers has a sequence-classification class for `model_type`."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+
+def _listed(keys: list[str], k: int = 4) -> str:
+    """The first `k` keys, and how many there are in all."""
+    shown = ", ".join(keys[:k])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > k else "")
