@@ -176,7 +176,7 @@ def test_bad_chat_rows_are_named_by_file_and_line(tmp_path):
         (13, "has both 'text' and 'messages'; use one form per row"),
     ]]
     _, bad = data.validate(p, records[:1], "seq-cls")
-    assert [b.reason for b in bad] == ["chat rows ('messages') are for --task causal-lm; seq-cls rows are {text, label}"]
+    assert [b.reason for b in bad] == ["chat rows ('messages') are for task 'causal-lm'; seq-cls rows are {text, label}"]
 
 
 def test_templates_that_refuse_or_rewrite_a_conversation_make_bad_rows(tmp_path, tok):

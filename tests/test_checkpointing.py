@@ -89,5 +89,5 @@ def test_checkpointing_is_on_and_gives_the_same_loss_and_gradients(job_files, tm
 def test_a_model_without_checkpointing_support_is_refused_by_name(job_files):
     model = transformers.AutoModelForCausalLM.from_pretrained(job_files[0])
     model.supports_gradient_checkpointing = False  # as transformers marks architectures without it
-    with pytest.raises(ValueError, match=r"--gradient-checkpointing\): the 'llama' model \(LlamaForCausalLM\)"):
+    with pytest.raises(ValueError, match=r"gradient_checkpointing=True: the 'llama' model \(LlamaForCausalLM\)"):
         checkpointing.enable(model)

@@ -67,8 +67,10 @@ class Turn:
 # -- rows -> turns ------------------------------------------------------------------------------------
 
 
-def parse_messages(value: Any) -> tuple[Turn, ...]:
+def parse_messages(value: Any, *, training: bool = True) -> tuple[Turn, ...]:
     """The turns of a row's `messages` field; ValueError naming the message and what is wrong with it.
+
+    A training row needs an assistant turn to learn from; a prompt (`training=False`) does not.
 
     Examples:
         >>> parse_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])[1]
@@ -79,6 +81,8 @@ def parse_messages(value: Any) -> tuple[Turn, ...]:
     if not value:
         raise ValueError("field 'messages' is empty; expected a list of {role, content} objects")
     turns = tuple(_turn(i, m) for i, m in enumerate(value))
+    if not training:
+        return turns
     if not any(t.role == "assistant" for t in turns):
         raise ValueError("no assistant message; the loss falls on assistant turns only, so there is nothing to learn")
     if not any(t.role == "assistant" and t.train for t in turns):

@@ -23,7 +23,7 @@ def enable(model: PreTrainedModel) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         kind = getattr(model.config, "model_type", "?")
         raise ValueError(
-            f"gradient_checkpointing=True (--gradient-checkpointing): the {kind!r} model ({type(model).__name__}) "
+            f"gradient_checkpointing=True: the {kind!r} model ({type(model).__name__}) "
             "does not support gradient checkpointing in transformers; train it without"
         )
     kwargs = {"use_reentrant": False}

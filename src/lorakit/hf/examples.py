@@ -81,7 +81,7 @@ def _example(path: str, line: int, row: Row, task: str, label2id: Mapping[str | 
     if task == "causal-lm":
         return _causal(path, line, row, unit)
     if "text" not in row and "messages" in row:
-        raise ValueError("chat rows ('messages') are for --task causal-lm; seq-cls rows are {text, label}")
+        raise ValueError("chat rows ('messages') are for task 'causal-lm'; seq-cls rows are {text, label}")
     text = _string(row, "text", allow_empty=False)
     if "label" not in row:
         raise ValueError(f"missing field 'label'; the row has {_keys(row)}")

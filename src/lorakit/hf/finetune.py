@@ -86,7 +86,7 @@ class FinetuneJob:
                 f"quantize={self.quantize!r} is invalid: expected one of {', '.join(QUANT_FORMATS)} or None"
             )
         if self.pack and self.task != "causal-lm":
-            raise ValueError(f"pack=True (--pack) is for task 'causal-lm' (several texts per row); got {self.task!r}")
+            raise ValueError(f"pack=True is for task 'causal-lm' (several texts per row); got {self.task!r}")
 
 
 @dataclass

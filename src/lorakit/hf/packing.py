@@ -176,7 +176,7 @@ def check_model(model: PreTrainedModel) -> None:
     if not worst <= tolerance * scale:
         kind = getattr(model.config, "model_type", "?")
         raise ValueError(
-            f"pack=True (--pack): the {kind!r} model ({type(model).__name__}) does not keep packed examples "
+            f"pack=True: the {kind!r} model ({type(model).__name__}) does not keep packed examples "
             f"apart: its attention ignores the restarting position_ids that mark them (a probe's logits moved "
             f"by {worst:.3g}); train this model without packing"
         )

@@ -64,7 +64,7 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any
     """A chat as the prompt for the assistant's next turn: rendered as training renders chats (chat.render)."""
     from . import chat
 
-    return chat.render(tokenizer, chat.parse_messages(messages), add_generation_prompt=True)
+    return chat.render(tokenizer, chat.parse_messages(messages, training=False), add_generation_prompt=True)
 
 
 def source_name(source: str | Path | TextIO) -> str:
