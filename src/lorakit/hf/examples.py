@@ -61,7 +61,7 @@ def validate(
     bad: list[BadRow] = []
     for line, row in records:
         try:
-            examples.append(_example(name, line, row, task, label2id, unit))
+            examples.append(example(name, line, row, task, label2id, unit))
         except ValueError as e:
             bad.append(BadRow(name, line, str(e), unit))
     return examples, bad
@@ -76,8 +76,10 @@ def check_columns(path: str, columns: Sequence[str], task: str, *, header: bool 
     raise DataError(f"{path}: expected columns {wanted}; the {'header' if header else 'file'} has {has}")
 
 
-def _example(path: str, line: int, row: Row, task: str, label2id: Mapping[str | int, int] | None, unit: str) -> Example:
-    """The row as an Example for `task`; ValueError saying what is wrong with it."""
+def example(
+    path: str, line: int, row: Row, task: str, label2id: Mapping[str | int, int] | None = None, unit: str = "line"
+) -> Example:
+    """One row as an Example for `task` (`validate` does every row of a file); ValueError saying what is wrong."""
     if task == "causal-lm":
         return _causal(path, line, row, unit)
     if "text" not in row and "messages" in row:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,8 +69,12 @@ def read_records(
 
 def _read_lines(path: Path, max_line_bytes: int) -> tuple[list[tuple[int, str]], list[BadRow]]:
     """Physical lines as (number, text); a line over the limit becomes a bad row, not a memory spike."""
-    lines: list[tuple[int, str]] = []
     bad: list[BadRow] = []
+    return list(iter_lines(path, max_line_bytes, bad)), bad
+
+
+def iter_lines(path: Path, max_line_bytes: int, bad: list[BadRow]) -> Iterator[tuple[int, str]]:
+    """(number, text) of each physical line, read lazily; lines over the limit are appended to `bad`."""
     with open(path, "rb") as f:
         number = 0
         while True:
@@ -94,8 +98,7 @@ def _read_lines(path: Path, max_line_bytes: int) -> tuple[list[tuple[int, str]],
                 ) from None
             if "\x00" in text:
                 raise DataError(f"{path}:{number}: contains NUL bytes; is this a text file (UTF-16 or binary?)")
-            lines.append((number, text))
-    return lines, bad
+            yield number, text
 
 
 def _parse_jsonl(path: str, lines: list[tuple[int, str]]) -> tuple[list[tuple[int, Row]], list[BadRow]]:
@@ -103,18 +106,25 @@ def _parse_jsonl(path: str, lines: list[tuple[int, str]]) -> tuple[list[tuple[in
     records: list[tuple[int, Row]] = []
     bad: list[BadRow] = []
     for number, text in lines:
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            bad.append(BadRow(path, number, f"not valid JSON ({e.msg} at column {e.colno})"))
-            continue
-        if not isinstance(row, dict):
-            bad.append(BadRow(path, number, f"expected a JSON object, got {type(row).__name__}"))
-            continue
-        records.append((number, row))
+        row = parse_json_line(path, number, text)
+        if isinstance(row, BadRow):
+            bad.append(row)
+        elif row is not None:
+            records.append((number, row))
     return records, bad
+
+
+def parse_json_line(path: str, number: int, text: str) -> Row | BadRow | None:
+    """The JSON object on a line, a BadRow if it is not one, None for a blank line."""
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        return BadRow(path, number, f"not valid JSON ({e.msg} at column {e.colno})")
+    if not isinstance(row, dict):
+        return BadRow(path, number, f"expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def _parse_csv(path: str, lines: list[tuple[int, str]], delimiter: str) -> tuple[list[tuple[int, Row]], list[BadRow]]:
