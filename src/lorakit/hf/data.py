@@ -18,42 +18,25 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..train.progress import Progress, quiet
-from . import chat
+from . import chat, ondisk
 from .examples import Example, check_columns, label_names, label_to_id, validate
+from .prepared import IGNORE_INDEX, BadRowsError, Encoded, Prepared, Rows, encode_one
 from .rows import MAX_LINE_BYTES, BadRow, DataError, read_records
 from .sources import sources
 
-__all__ = [  # re-exported: callers read rows and examples through `data`
-    "MAX_LINE_BYTES", "BadRow", "DataError", "Example", "check_columns", "label_names", "label_to_id",
-    "read_records", "validate",
+__all__ = [  # re-exported: callers read rows, examples and prepared data through `data`
+    "IGNORE_INDEX", "MAX_LINE_BYTES", "BadRow", "BadRowsError", "DataError", "Encoded", "Example", "Prepared", "Rows",
+    "check_columns", "encode_one", "label_names", "label_to_id", "read_records", "validate",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-IGNORE_INDEX = -100  # the label that PyTorch's cross-entropy (and transformers) skip
-SHOWN_BAD_ROWS = 20
-Encoded = dict[str, Any]  # {"input_ids": [int], "labels": [int] (causal-lm, -100 on the prompt) or int (seq-cls)}
-
-
-class BadRowsError(DataError):
-    """Bad rows, refused because `skip_bad_rows` is off; `bad_rows` lists them all, `listing` the first few."""
-
-    def __init__(self, bad_rows: Sequence[BadRow]) -> None:
-        shown = "\n".join(f"  {b}" for b in bad_rows[:SHOWN_BAD_ROWS])
-        more = f"\n  ... and {len(bad_rows) - SHOWN_BAD_ROWS} more" if len(bad_rows) > SHOWN_BAD_ROWS else ""
-        self.listing = shown + more
-        super().__init__(
-            f"{len(bad_rows)} bad row(s); fix them, or pass skip_bad_rows=True to train without them:\n{self.listing}",
-            bad_rows,
-        )
 
 
 class NoValidSplitError(DataError):
@@ -62,17 +45,6 @@ class NoValidSplitError(DataError):
     def __init__(self, count: int) -> None:
         self.detail = f"cannot hold out a validation split from {count} row(s)"
         super().__init__(f"{self.detail}; give validation rows of their own (valid_path)")
-
-
-@dataclass
-class Prepared:
-    """Tokenized train/valid sets ready for batching, plus what was dropped and the label names."""
-
-    train: list[Encoded]
-    valid: list[Encoded]
-    id2label: dict[int, str] | None
-    bad_rows: list[BadRow] = field(default_factory=list)
-    chat_template: str | None = None  # the template chat rows were rendered with (saved beside the adapter)
 
 
 # -- tokenization and batches ---------------------------------------------------------------------
@@ -91,46 +63,15 @@ def encode(
     rows), so the loss falls on completions; chat.NoChatTemplateError if a chat row meets no template."""
     out: list[Encoded] = []
     bad: list[BadRow] = []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     with (progress or quiet()).task(description, total=len(examples), unit="rows") as step:
         for ex in examples:
             step.advance()
-            if task == "seq-cls":
-                if label2id is None or ex.label is None:
-                    raise ValueError(f"{ex.where}: seq-cls needs the example's label and label2id (label_to_id)")
-                ids = tokenizer(ex.text, truncation=True, max_length=max_length)["input_ids"]
-                out.append({"input_ids": ids, "labels": label2id[ex.label]})
-                continue
-            if ex.messages is not None:
-                try:
-                    ids, labels = chat.encode_chat(tokenizer, ex.messages, max_length, ex.where)
-                except DataError:
-                    raise  # no template, no fast tokenizer: a problem of the setup, not of this row
-                except ValueError as e:
-                    bad.append(BadRow(ex.path, ex.line, str(e), ex.unit))
-                    continue
-            elif ex.completion is None:
-                ids = (tokenizer(ex.text)["input_ids"] + eos)[:max_length]
-                labels = list(ids)
+            enc = encode_one(ex, tokenizer, task, max_length, label2id)
+            if isinstance(enc, BadRow):
+                bad.append(enc)
             else:
-                prompt = tokenizer(ex.text)["input_ids"] if ex.text else []
-                completion = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + eos
-                ids = (prompt + completion)[:max_length]
-                labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
-            if len(ids) < 2 or all(x == IGNORE_INDEX for x in labels[1:]):
-                bad.append(BadRow(ex.path, ex.line, f"{_why_empty(ex, ids)}; nothing to learn from this row", ex.unit))
-                continue
-            out.append({"input_ids": ids, "labels": labels})
+                out.append(enc)
     return out, bad
-
-
-def _why_empty(ex: Example, ids: Sequence[int]) -> str:
-    """Why a row kept no token to learn from."""
-    if len(ids) < 2:
-        return "fewer than 2 tokens"
-    if ex.messages is not None:
-        return "the conversation before the first trained assistant turn fills max_length"
-    return "the prompt fills max_length"
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -191,17 +132,27 @@ def prepare(
     skip_bad_rows: bool = False,
     max_line_bytes: int = MAX_LINE_BYTES,
     chat_template: str | Path | None = None,
+    cache_dir: str | Path | None = None,
     progress: Progress | None = None,
 ) -> Prepared:
     """Read, validate, split and tokenize; raises DataError listing every bad row unless `skip_bad_rows`.
 
-    `train_path`/`valid_path` are files or directories (`sources`). `chat_template` (a Jinja file) is set on
-    the tokenizer, replacing its own, so that the model's tokenizer renders chat rows (and later prompts) so.
+    `train_path`/`valid_path` are files or directories (`sources`). A file is read into memory; a directory
+    (either path) goes row by row into Arrow files under `cache_dir` (a temporary directory if None) that
+    training reads on access, so it may be bigger than memory (`ondisk`). `chat_template` (a Jinja file) is
+    set on the tokenizer, replacing its own, so that the model's tokenizer renders chat rows (and later
+    prompts) so.
     """
     if max_length < 2:
         raise ValueError(f"max_length={max_length} is invalid: expected at least 2 tokens")
     if chat_template is not None:
         tokenizer.chat_template = chat.read_template(chat_template)
+    if Path(train_path).is_dir() or (valid_path is not None and Path(valid_path).is_dir()):
+        return ondisk.prepare(
+            train_path, task, tokenizer, valid_path=valid_path, valid_fraction=valid_fraction, seed=seed,
+            max_length=max_length, skip_bad_rows=skip_bad_rows, max_line_bytes=max_line_bytes,
+            chat=chat_template is not None, cache_dir=cache_dir, progress=progress,
+        )  # fmt: skip
     train, bad, files = _read(train_path, task, None, max_line_bytes, progress)
     id2label = label2id = None
     if task == "seq-cls":
