@@ -12,6 +12,7 @@ artifacts (metrics, plot, checkpoint, best adapter, report) go to `job.out/run/`
 from __future__ import annotations
 
 import functools
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 RUN_DIR = "run"
+DATA_CACHE = "data-cache"
 REPORT = "finetune_report.json"
 
 
@@ -121,19 +123,13 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
         hf.check_output_dir(out)  # resume=True continues the run there, overwrite=True replaces it
     with progress.task(f"loading the tokenizer of {job.model}"):
         tok = hf.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
-    prepared = data.prepare(  # reports reading and tokenizing, train and valid, on `progress`
-        job.data,
-        job.task,
-        tok,
-        valid_path=job.valid,
-        valid_fraction=job.valid_fraction,
-        seed=job.train.seed,
-        max_length=job.max_length,
-        skip_bad_rows=job.skip_bad_rows,
-        max_line_bytes=job.max_line_bytes,
-        chat_template=job.chat_template,
-        progress=progress,
-    )
+    cache = run_dir / DATA_CACHE  # a data directory's tokenized rows (ondisk.py); a data file needs none
+    made = [p for p in (out, run_dir, cache) if not p.exists()]
+    try:
+        prepared = _prepare_data(job, tok, cache, progress)
+    except BaseException:
+        _remove_new(made)  # a refused run leaves OUT as it found it, so that the fixed run may start there
+        raise
     torch.manual_seed(job.train.seed)  # a new classification head starts the same way in every run
     with progress.task(f"loading the model {job.model}"):
         model = hf.load_model(job.model, job.task, id2label=prepared.id2label, trust_remote_code=job.trust_remote_code)
@@ -171,6 +167,33 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     if job.reference is not None:  # the forgetting monitor's text
         setup.reference_loader = _reference_loader(Path(job.reference), tok, job.max_length, job.batch_size)
     return setup
+
+
+def _prepare_data(job: FinetuneJob, tok: PreTrainedTokenizerBase, cache: Path, progress: Progress) -> data.Prepared:
+    """The job's data read and tokenized (data.prepare), reported on `progress`."""
+    return data.prepare(
+        job.data,
+        job.task,
+        tok,
+        valid_path=job.valid,
+        valid_fraction=job.valid_fraction,
+        seed=job.train.seed,
+        max_length=job.max_length,
+        skip_bad_rows=job.skip_bad_rows,
+        max_line_bytes=job.max_line_bytes,
+        chat_template=job.chat_template,
+        cache_dir=cache,
+        progress=progress,
+    )
+
+
+def _remove_new(made: list[Path]) -> None:
+    """Remove the directories in `made` (outermost first) that preparing created: the cache, then empty parents."""
+    for path in reversed(made):
+        if path.name == DATA_CACHE:
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def _reference_loader(path: Path, tok: PreTrainedTokenizerBase, chunk: int, batch_size: int) -> DataLoader[Any]:

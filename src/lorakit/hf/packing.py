@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..train.progress import Progress, quiet
-from .data import IGNORE_INDEX, Encoded
+from .data import IGNORE_INDEX, Encoded, Rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -74,33 +74,75 @@ def plan(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return rows
 
 
-def pack(examples: Sequence[Encoded], max_length: int, progress: Progress | None = None) -> list[Encoded]:
+def pack(examples: Rows, max_length: int, progress: Progress | None = None) -> Rows:
     """Packed rows `{"input_ids", "labels", "position_ids"}` holding every example exactly once.
+
+    A list of examples gives a list of rows; examples read on access (a data directory's Arrow rows,
+    `ondisk`) give `PackedRows`, which builds each row when it is read: only the plan stays in memory.
 
     Examples:
         >>> rows = pack([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [-100, 5]}], 8)
         >>> rows[0]["input_ids"], rows[0]["labels"], rows[0]["position_ids"]
         ([1, 2, 3, 4, 5], [-100, 2, 3, -100, 5], [0, 1, 2, 0, 1])
     """
-    for i, ex in enumerate(examples):
-        if not isinstance(ex["labels"], list):
-            raise ValueError(f"example {i} has a class label: packing is for causal-lm rows (labels per token)")
-    progress = progress or quiet()
+    _check_token_labels(examples)
+    groups = plan(lengths(examples), max_length)
+    if not isinstance(examples, list):
+        return PackedRows(examples, groups)
     rows: list[Encoded] = []
-    groups = plan([len(ex["input_ids"]) for ex in examples], max_length)
-    with progress.task("packing", total=len(examples), unit="examples") as task:
+    with (progress or quiet()).task("packing", total=len(examples), unit="examples") as task:
         for group in groups:
-            ids: list[int] = []
-            labels: list[int] = []
-            positions: list[int] = []
-            for i in group:
-                ex = examples[i]
-                ids += ex["input_ids"]
-                labels += [IGNORE_INDEX] + list(ex["labels"][1:])  # nothing predicts across a boundary
-                positions += range(len(ex["input_ids"]))
-            rows.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+            rows.append(_packed([examples[i] for i in group]))
             task.advance(len(group))
     return rows
+
+
+def _packed(examples: Sequence[Encoded]) -> Encoded:
+    """One packed row from the examples planned into it."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for ex in examples:
+        ids += ex["input_ids"]
+        labels += [IGNORE_INDEX] + list(ex["labels"][1:])  # nothing predicts across a boundary
+        positions += range(len(ex["input_ids"]))
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+class PackedRows(Sequence[Encoded]):
+    """Packed rows built on access from examples read on access: the plan (`groups`) is all it holds."""
+
+    def __init__(self, examples: Rows, groups: list[list[int]]) -> None:
+        self.examples, self.groups = examples, groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: Any) -> Any:  # Sequence's overloads; rows are read by int index
+        return _packed([self.examples[j] for j in self.groups[i]])
+
+
+def lengths(examples: Rows) -> list[int]:
+    """Each example's token count; for an Arrow dataset from its column, without reading the tokens into Python."""
+    if hasattr(examples, "with_format"):  # datasets.Dataset (ondisk)
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(examples.with_format("arrow")["input_ids"]).to_pylist()
+    return [len(examples[i]["input_ids"]) for i in range(len(examples))]
+
+
+def _check_token_labels(examples: Rows) -> None:
+    """ValueError if the examples carry class labels (seq-cls) rather than labels per token."""
+    schema = getattr(getattr(examples, "data", None), "schema", None)
+    if schema is not None:  # an Arrow dataset (ondisk): its schema says
+        import pyarrow as pa
+
+        if not pa.types.is_list(schema.field("labels").type):
+            raise ValueError("the examples have class labels: packing is for causal-lm rows (labels per token)")
+        return
+    for i in range(len(examples)):
+        if not isinstance(examples[i]["labels"], list):
+            raise ValueError(f"example {i} has a class label: packing is for causal-lm rows (labels per token)")
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
@@ -137,10 +179,13 @@ def padding_fraction(lengths: Sequence[int], batch_size: int, seed: int = 0) -> 
     return (padded - sum(order)) / padded if padded else 0.0
 
 
-def summary(examples: Sequence[Encoded], rows: Sequence[Encoded], batch_size: int, seed: int) -> dict[str, Any]:
+def summary(examples: Rows, rows: Rows, batch_size: int, seed: int) -> dict[str, Any]:
     """What packing saved, for the run report: rows and padding fractions before and after."""
-    before = [len(ex["input_ids"]) for ex in examples]
-    after = [len(r["input_ids"]) for r in rows]
+    before = lengths(examples)
+    if isinstance(rows, PackedRows):
+        after = [sum(before[i] for i in group) for group in rows.groups]
+    else:
+        after = [len(rows[i]["input_ids"]) for i in range(len(rows))]
     return {
         "rows_before": len(before),
         "rows_after": len(after),
@@ -184,12 +229,12 @@ def check_model(model: PreTrainedModel) -> None:
 
 def pack_for_training(
     model: PreTrainedModel,
-    examples: Sequence[Encoded],
+    examples: Rows,
     max_length: int,
     batch_size: int,
     seed: int = 0,
     progress: Progress | None = None,
-) -> tuple[list[Encoded], dict[str, Any]]:
+) -> tuple[Rows, dict[str, Any]]:
     """Check that `model` honours packing, pack `examples`, and say what it saved: (rows, summary)."""
     check_model(model)
     rows = pack(examples, max_length, progress)
