@@ -178,8 +178,10 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Mod
     layers = lora_layers(model)
     rows = list(rows)
     names = tuple(dict.fromkeys(n for n in rows if n is not None))
+    known = {n for layer in layers.values() for n in layer.slots.names()}  # one walk, however many names
     for n in names:
-        _require(model, n)
+        if n not in known:
+            raise LoraAdapterNotFound(f"no adapter named {n!r}; the model has {list_adapters(model)}")
     _refuse_in_mixed_batch(layers.values(), "start another mixed batch")
     if any(layer.merged for layer in layers.values()):
         raise LoraStateError("mixed batches need unmerged adapters; call unmerge_(model) first")
