@@ -13,7 +13,9 @@ FastAPI's worker threads (inference only; no model is changed while requests rea
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,11 +86,13 @@ class EncoderService:
         id2label = {int(i): str(v) for i, v in known.items()}
         with self._lock:
             self.adapters[name] = (model, id2label)
+            self.metrics.loaded.set(len(self.adapters))
 
     def unload(self, name: str) -> None:
         """Drop an adapter's model."""
         with self._lock:
             self.adapters.pop(name, None)
+            self.metrics.loaded.set(len(self.adapters))
 
     def _model(self, adapter: str | None) -> tuple[nn.Module, dict[int, str] | None]:
         """The model serving `adapter` (the base for None) and its labels."""
@@ -158,7 +162,9 @@ class EncoderService:
         def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
             """OpenAI's embeddings."""
             vectors, tokens = self._held(body.model, self.embed, body.texts())
-            self.metrics.finished(self.resolve(body.model), "embeddings", "stop", tokens, 0)
+            self.metrics.finished(self.resolve(body.model), "stop", tokens, 0)
+            if body.encoding_format == "base64":
+                vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii") for v in vectors]
             data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
             usage = {"prompt_tokens": tokens, "total_tokens": tokens}
             return {"object": "list", "data": data, "model": body.model, "usage": usage}
@@ -167,7 +173,7 @@ class EncoderService:
         def classify(body: ClassifyRequest) -> dict[str, Any]:
             """Labels and probabilities of each text (a seq-cls adapter)."""
             results, tokens = self._held(body.model, self.classify, body.texts())
-            self.metrics.finished(self.resolve(body.model), "classify", "stop", tokens, 0)
+            self.metrics.finished(self.resolve(body.model), "stop", tokens, 0)
             data = [{"index": i, **r} for i, r in enumerate(results)]
             usage = {"prompt_tokens": tokens, "total_tokens": tokens}
             return {"object": "list", "data": data, "model": body.model, "usage": usage}

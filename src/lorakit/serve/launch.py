@@ -105,7 +105,7 @@ def _text(
     options: ServeOptions, model_dir: Path, base_name: str, metrics: Metrics, progress: Progress
 ) -> tuple[Any, Callable[[], None]]:
     """A causal LM, its engine (started) and registry."""
-    from ..adapters import delete_adapter
+    from ..adapters import delete_adapter, list_adapters
     from ..loading import load_adapters
     from .engine import Engine
     from .text import TextService
@@ -114,16 +114,30 @@ def _text(
         model, tok = hf.load(model_dir, "causal-lm", dtype=options.dtype, trust_remote_code=options.trust_remote_code)
         if options.device:
             model.to(options.device)  # type: ignore[arg-type]  # transformers' to() typing takes a model
-    engine = Engine(model, tok, max_batch=options.max_batch, max_queue=options.max_queue, on_step=metrics.step)
+    engine = Engine(
+        model,
+        tok,
+        max_batch=options.max_batch,
+        max_queue=options.max_queue,
+        on_step=metrics.step,
+        on_finish=metrics.engine_finished,
+    )
+
+    def counted(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            fn()
+            metrics.loaded.set(len(list_adapters(model)))
+
+        return run
 
     def load(name: str, path: Path) -> None:
         task, _ = hf.read_task(path)
         if task != "causal-lm":
             raise ValueError(f"{path} is a {task} adapter; this server serves the causal LM {base_name}")
-        engine.call(lambda: load_adapters(model, path, name=name))
+        engine.call(counted(lambda: load_adapters(model, path, name=name)))
 
     def unload(name: str) -> None:
-        engine.call(lambda: delete_adapter(model, name))
+        engine.call(counted(lambda: delete_adapter(model, name)))
 
     registry = Registry(load, unload, root=options.adapter_root, max_loaded=options.max_loaded)
     context: Any = getattr(model.config, "max_position_embeddings", None) or getattr(tok, "model_max_length", 2048)

@@ -165,7 +165,7 @@ class EmbeddingRequest(_Request):
 
     model: str
     input: str | list[str]
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 (the openai client's)
 
     def texts(self) -> list[str]:
         """`input` as a list."""

@@ -170,7 +170,7 @@ class TextService:
         except QueueFull as e:
             for h in handles:
                 h.cancel()
-            self.metrics.requests.labels(label(adapter), "queue", "rejected").inc()
+            self.metrics.rejected.labels("queue_full").inc()
             raise APIError(
                 429, f"the server is busy ({e}); retry shortly", code="queue_full", headers={"Retry-After": "1"}
             ) from None
@@ -228,9 +228,6 @@ class Reply:
                 t.cancel()
             for h in self.handles:
                 h.cancel()  # a no-op for a finished request; frees the slot of one whose client went away
-            for i, h in enumerate(self.handles):
-                if i not in self.finals:
-                    self.service.metrics.finished(self.adapter, self.endpoint, "cancelled", h.prompt_tokens, 0)
             self.service.release(self.adapter)
 
     def observe(self, i: int, step: Step) -> None:
@@ -242,7 +239,6 @@ class Reply:
             self.last[i] = now
         if step.finish_reason is not None:
             self.finals[i] = step
-            m.finished(self.adapter, self.endpoint, step.finish_reason, step.prompt_tokens, step.completion_tokens)
 
     def usage(self) -> dict[str, int]:
         """OpenAI's usage counts: each prompt counted once, every choice's completion tokens."""
