@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from ..errors import LoraError
 from ..hf import models as hf
 from ..train.progress import Progress, quiet
 from .app import build_app, resolver
@@ -66,7 +67,12 @@ class ServeOptions:
 def model_kind(model_dir: Path, adapters: tuple[tuple[str, Path], ...]) -> str:
     """ "causal-lm" (served by the engine) or "encoder" (embeddings, classification): from the adapters' task,
     else from the model's architecture."""
-    tasks = {name: hf.read_task(path)[0] for name, path in adapters}
+    tasks = {}
+    for name, path in adapters:
+        try:
+            tasks[name] = hf.read_task(path)[0]
+        except (LoraError, ValueError, OSError) as e:
+            raise ValueError(f"adapter {name!r} ({path}): {e}") from None
     if len(set(tasks.values())) > 1:
         raise ValueError(f"the adapters are for different tasks: {tasks}; one server serves one kind")
     if tasks:
@@ -90,7 +96,7 @@ def create_app(options: ServeOptions, progress: Progress | None = None) -> FastA
             try:
                 service.registry.add(name, Path(path))
             except Exception as e:
-                raise ValueError(f"--adapter {name}={path}: {e}") from None
+                raise ValueError(f"adapter {name!r} ({path}): {e}") from None
     return build_app(
         service,
         base_name=base_name,

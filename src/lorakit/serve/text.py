@@ -71,9 +71,8 @@ class TextService:
     def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
         """The token ids of each prompt: text is encoded as `lorakit generate` encodes it (with BOS)."""
         given: Any = body.prompt
-        prompts: list[str | list[int]] = given if given and not isinstance(given[0], int) else [given]
-        if isinstance(given, str):
-            prompts = [given]
+        single = isinstance(given, str) or (given and isinstance(given[0], int))  # one text, or one list of ids
+        prompts: list[str | list[int]] = [given] if single else given
         if not given:
             raise APIError(400, "prompt is an empty list; expected a string, strings, or token ids", param="prompt")
         out = []
@@ -262,7 +261,7 @@ class Reply:
             texts[i] += step.text
         failed = [s for s in self.finals.values() if s.finish_reason == "error"]
         if failed:
-            raise APIError(500, f"generation failed: {getattr(failed[0], 'error', None) or 'engine error'}")
+            raise APIError(500, f"generation failed: {failed[0].error or 'engine error'}")
         choices = []
         for i, text in enumerate(texts):
             reason = self.finals[i].finish_reason
@@ -285,7 +284,7 @@ class Reply:
                     yield event(self.frame([{"index": i, "text": self.head(i), "finish_reason": None}], chunk=True))
             async for i, step in self.steps():
                 if step.finish_reason == "error":
-                    yield event(error_body(500, f"generation failed: {getattr(step, 'error', None) or 'engine error'}"))
+                    yield event(error_body(500, f"generation failed: {step.error or 'engine error'}"))
                     continue
                 if not step.text and step.finish_reason is None:
                     continue
