@@ -25,6 +25,7 @@ from .common import BadInput
 from .eval_predict import add_eval, add_predict  # H4: eval/predict (issue 13)
 from .example import add_bench, add_example, bench  # noqa: F401  (bench: lorakit.cli.bench, as before)
 from .finetune import add_finetune
+from .serve import add_serve  # S2: lorakit serve (issue 14)
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -38,6 +39,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]]
     # H4: eval/predict (issue 13)
     add_eval,
     add_predict,
+    # S2: lorakit serve (issue 14)
+    add_serve,
 ]
 
 

@@ -1,0 +1,23 @@
+"""Serving many adapters of one causal LM: a continuous-batching engine (`lorakit serve` builds on it).
+
+`Engine` runs one forward per decode step for every active request, whatever its adapter (the
+mixed-adapter path of `lorakit.adapters.mixed_batch`), with a KV cache; requests join and leave the
+running batch between steps. `SamplingParams` says how one request samples; its `Handle` streams `Step`s.
+"""
+
+from __future__ import annotations
+
+from .engine import Engine, EngineClosed, QueueFull
+from .handle import Completion, Handle, RequestStats, Step
+from .sampling import SamplingParams
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineClosed",
+    "Handle",
+    "QueueFull",
+    "RequestStats",
+    "SamplingParams",
+    "Step",
+]

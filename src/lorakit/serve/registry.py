@@ -1,0 +1,198 @@
+"""The adapters a server knows, which of them are loaded, and who is using them.
+
+    registry = Registry(load=..., unload=..., root="/srv/adapters", max_loaded=8)
+    registry.add("sql", "/srv/adapters/sql")       # known and loaded (evicting the least recently used idle one)
+    registry.acquire("sql"); ...; registry.release("sql")   # around every request that uses it
+    registry.remove("sql")                         # unloaded now, or when its last request finishes
+
+A known adapter stays known after `--max-loaded` evicts it: its next request loads it again (vLLM keeps such
+adapters in a CPU cache; here the directory is the cache). `remove` forgets it; an adapter in use by requests
+is unloaded when the last of them releases it (deferred), so no request ever loses its adapter mid-generation.
+The `load`/`unload` callbacks do the model work (on the engine thread, for a decoder); this class only keeps
+the books, under one lock, and never calls them while holding it for anything but the decision.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+
+class RegistryError(Exception):
+    """A refused registry operation; `status` is the HTTP status the server answers with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_path(root: str | Path | None, given: str) -> Path:
+    """The adapter directory `given` (absolute, or relative to `root`), refused unless it lies under `root`.
+
+    `..` is refused as written; symlinks are resolved before the check, so a link out of `root` is refused too.
+
+    Examples:
+        >>> check_path("/srv/adapters", "../etc")
+        Traceback (most recent call last):
+        ...
+        lorakit.serve.registry.RegistryError: lora_path '../etc': '..' is not allowed; give a path under --adapter-root
+    """
+    if root is None:
+        raise RegistryError(400, "loading adapters at run time needs the server started with --adapter-root DIR")
+    path = Path(given)
+    if ".." in path.parts:
+        raise RegistryError(400, f"lora_path {given!r}: '..' is not allowed; give a path under --adapter-root")
+    base = Path(root).resolve()
+    full = (path if path.is_absolute() else base / path).resolve()
+    if not full.is_relative_to(base):
+        raise RegistryError(400, f"lora_path {given!r} resolves to {full}, outside --adapter-root {base}")
+    if not full.is_dir():
+        raise RegistryError(400, f"lora_path {given!r}: no such adapter directory under --adapter-root {base}")
+    return full
+
+
+class Registry:
+    """Known adapters (name -> directory), the loaded ones in least-recently-used order, and their users."""
+
+    def __init__(
+        self,
+        load: Callable[[str, Path], None],
+        unload: Callable[[str], None],
+        *,
+        root: str | Path | None = None,
+        max_loaded: int | None = None,
+    ) -> None:
+        if max_loaded is not None and max_loaded < 1:
+            raise ValueError(f"max_loaded={max_loaded} is invalid: expected >= 1")
+        self._load, self._unload = load, unload
+        self.root, self.max_loaded = root, max_loaded
+        self._lock = threading.Lock()
+        self._known: dict[str, Path] = {}
+        self._loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._users: dict[str, int] = {}
+        self._loading: dict[str, threading.Event] = {}
+        self._removed: set[str] = set()  # forgotten, unloaded when their last user releases them
+
+    def names(self) -> list[str]:
+        """The adapters requests can name, in the order they were added."""
+        with self._lock:
+            return list(self._known)
+
+    def path(self, name: str) -> Path:
+        """The directory of a known adapter."""
+        with self._lock:
+            return self._known[name]
+
+    def loaded(self) -> list[str]:
+        """The loaded adapters, least recently used first."""
+        with self._lock:
+            return list(self._loaded)
+
+    def users(self, name: str) -> int:
+        """How many requests hold `name` now."""
+        with self._lock:
+            return self._users.get(name, 0)
+
+    def add(self, name: str, path: Path) -> None:
+        """Know and load a new adapter; RegistryError 400 if the name is taken, the load's own error if it fails."""
+        with self._lock:
+            if name in self._known or name in self._removed:
+                what = "being unloaded" if name in self._removed else "already loaded"
+                raise RegistryError(400, f"an adapter named {name!r} is {what}; unload it first or pick another name")
+            self._known[name] = path
+        try:
+            self._ensure_loaded(name, path)
+        except BaseException:
+            with self._lock:
+                self._known.pop(name, None)
+            raise
+
+    def acquire(self, name: str) -> None:
+        """Hold `name` for one request: loaded (again, if it was evicted) and never unloaded until `release`."""
+        with self._lock:
+            if name not in self._known:
+                raise RegistryError(404, f"no adapter named {name!r}")
+            self._users[name] = self._users.get(name, 0) + 1
+            path = self._known[name]
+        try:
+            self._ensure_loaded(name, path)
+        except BaseException:
+            self.release(name)
+            raise
+
+    def release(self, name: str) -> None:
+        """A request using `name` has finished; a removed adapter is unloaded with its last user."""
+        with self._lock:
+            self._users[name] -= 1
+            last = self._users[name] == 0
+            if last:
+                del self._users[name]
+            drop = last and name in self._removed and name in self._loaded
+            if drop:
+                del self._loaded[name]
+            if last:
+                self._removed.discard(name)
+        if drop:
+            self._unload(name)
+
+    def remove(self, name: str) -> bool:
+        """Forget `name`; unload it now (True) or, while requests use it, when the last one finishes (False)."""
+        with self._lock:
+            if name not in self._known:
+                raise RegistryError(404, f"no adapter named {name!r} is loaded")
+            del self._known[name]
+            busy = self._users.get(name, 0) > 0
+            if busy:
+                self._removed.add(name)
+                return False
+            was_loaded = self._loaded.pop(name, "absent") is None
+        if was_loaded:
+            self._unload(name)
+        return True
+
+    def _ensure_loaded(self, name: str, path: Path) -> None:
+        """Load `name` unless it is; evict least recently used idle adapters first to stay within max_loaded."""
+        while True:
+            with self._lock:
+                if name in self._loaded:
+                    self._loaded.move_to_end(name)
+                    return
+                pending = self._loading.get(name)
+                if pending is None:
+                    victims = self._victims()
+                    self._loading[name] = threading.Event()
+                    break
+            pending.wait()  # another request is loading it; then look again
+        ok = False
+        try:
+            for victim in victims:
+                self._unload(victim)
+            self._load(name, path)
+            ok = True
+        finally:
+            with self._lock:
+                done = self._loading.pop(name)
+                wanted = name in self._known or bool(self._users.get(name))
+                if ok and wanted:
+                    self._loaded[name] = None
+            done.set()
+        if ok and not wanted:  # removed while it loaded
+            self._unload(name)
+
+    def _victims(self) -> list[str]:
+        """Idle loaded adapters to unload (taken off the books now) so that one more fits; under the lock."""
+        if self.max_loaded is None:
+            return []
+        excess = len(self._loaded) + len(self._loading) + 1 - self.max_loaded
+        idle = [n for n in self._loaded if not self._users.get(n)]
+        if excess > len(idle):
+            busy = len(self._loaded) - len(idle)
+            raise RegistryError(
+                429, f"all {busy} loaded adapters are in use (--max-loaded {self.max_loaded}); try again shortly"
+            )
+        victims = idle[: max(excess, 0)]
+        for v in victims:
+            del self._loaded[v]
+        return victims

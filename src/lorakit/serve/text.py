@@ -1,0 +1,302 @@
+"""`POST /v1/completions` and `POST /v1/chat/completions`: prompts become engine requests, steps become responses.
+
+A request with several prompts, or `n` > 1, is several engine requests (choice `index` = prompt * n + sample,
+as OpenAI numbers them), each its own row in the engine's batch; sample j of a seeded request uses seed + j.
+Chats are rendered with the tokenizer's chat template (`lorakit.hf.chat.render`, as `lorakit finetune` and
+`lorakit predict` render them) and stop at the template's end-of-turn token as well as at EOS.
+The adapter a request names is held in the registry from before its first engine request until its last one
+ends, so that an unload waits for it (`registry.Registry`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..hf import chat
+from .engine import Engine, EngineClosed, QueueFull
+from .handle import Handle, Step
+from .metrics import Metrics, label
+from .protocol import DONE, APIError, ChatRequest, CompletionRequest, error_body, event
+from .registry import Registry
+from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class TextService:
+    """A causal LM served through the engine: what the two text endpoints need."""
+
+    tokenizer: PreTrainedTokenizerBase
+    engine: Engine
+    registry: Registry
+    metrics: Metrics
+    resolve: Callable[[str], str | None]  # a request's "model" -> adapter name (None: the base); APIError 404
+    context: int  # the model's context length in tokens: prompt + max_tokens must fit
+    vocab_size: int
+    end_of_turn: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        eos = self.tokenizer.eos_token_id
+        self.eos: tuple[int, ...] = () if eos is None else (int(eos),)
+        self.end_of_turn = tuple(i for i in chat.end_of_turn_ids(self.tokenizer) if i not in self.eos)
+
+    def routes(self) -> APIRouter:
+        """The router with both endpoints."""
+        router = APIRouter()
+
+        @router.post("/v1/completions")
+        async def completions(body: CompletionRequest) -> Any:
+            """OpenAI's completions: text in, text out."""
+            return await self.complete(body, self.completion_prompts(body), self.eos, "completions", body.echo)
+
+        @router.post("/v1/chat/completions")
+        async def chat_completions(body: ChatRequest) -> Any:
+            """OpenAI's chat completions: a conversation in, the assistant's next message out."""
+            return await self.complete(body, [self.chat_prompt(body)], self.eos + self.end_of_turn, "chat", False)
+
+        return router
+
+    # -- prompts ---------------------------------------------------------------------------------------
+
+    def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        """The token ids of each prompt: text is encoded as `lorakit generate` encodes it (with BOS)."""
+        given: Any = body.prompt
+        single = isinstance(given, str) or (given and isinstance(given[0], int))  # one text, or one list of ids
+        prompts: list[str | list[int]] = [given] if single else given
+        if not given:
+            raise APIError(400, "prompt is an empty list; expected a string, strings, or token ids", param="prompt")
+        out = []
+        for p in prompts:
+            ids = [int(i) for i in self.tokenizer(p)["input_ids"]] if isinstance(p, str) else list(p)
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise APIError(
+                    400,
+                    f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                    param="prompt",
+                )
+            if not ids:
+                raise APIError(400, "prompt is empty: nothing to continue from", param="prompt")
+            out.append(ids)
+        return out
+
+    def chat_prompt(self, body: ChatRequest) -> list[int]:
+        """The conversation rendered with the chat template, ending in the assistant's header."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "the model's tokenizer has no chat template; use /v1/completions", param="messages")
+        try:
+            raw = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
+            text = chat.render(self.tokenizer, chat.parse_messages(raw, training=False), add_generation_prompt=True)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
+        return [int(i) for i in ids]
+
+    def params(
+        self, body: CompletionRequest | ChatRequest, prompt: list[int], stop_ids: tuple[int, ...]
+    ) -> list[SamplingParams]:
+        """One SamplingParams per sample of `prompt`; APIError 400 if prompt + max_tokens exceeds the context."""
+        room = self.context - len(prompt)
+        max_tokens = body.max_tokens if body.max_tokens is not None else room  # chat's default: the rest
+        if len(prompt) + max_tokens > self.context:
+            raise APIError(
+                400,
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) is {len(prompt) + max_tokens} "
+                f"tokens, over the model's context of {self.context} tokens; shorten the prompt or lower max_tokens",
+                param="max_tokens",
+            )
+        if max_tokens < 1:
+            raise APIError(
+                400,
+                f"the prompt ({len(prompt)} tokens) fills the model's context ({self.context})",
+                param="messages" if isinstance(body, ChatRequest) else "prompt",
+            )
+        return [
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                seed=None if body.seed is None else body.seed + j,
+                stop=body.stops(),
+                stop_token_ids=stop_ids,
+            )
+            for j in range(body.n)
+        ]
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    async def complete(
+        self,
+        body: CompletionRequest | ChatRequest,
+        prompts: list[list[int]],
+        stop_ids: tuple[int, ...],
+        endpoint: str,
+        echo: bool,
+    ) -> Any:
+        """Submit every choice, then answer with one JSON response or a stream of server-sent events."""
+        if body.logprobs not in (None, False):
+            raise APIError(400, "logprobs are not supported by lorakit serve", param="logprobs")
+        adapter = self.resolve(body.model)
+        params = [self.params(body, p, stop_ids) for p in prompts]  # all checked before anything is submitted
+        if adapter is not None:
+            await asyncio.to_thread(self.registry.acquire, adapter)
+        try:
+            handles = self.submit(prompts, adapter, params)
+        except BaseException:
+            self.release(adapter)
+            raise
+        reply = Reply(self, body, endpoint, prompts, echo, adapter, handles)
+        if body.stream:
+            return StreamingResponse(reply.stream(), media_type="text/event-stream")
+        return await reply.whole()
+
+    def submit(self, prompts: list[list[int]], adapter: str | None, params: list[list[SamplingParams]]) -> list[Handle]:
+        """Every choice's engine request, or none: a full queue cancels those already in and answers 429."""
+        handles: list[Handle] = []
+        try:
+            for prompt, ps in zip(prompts, params, strict=True):
+                handles += [self.engine.submit(prompt, adapter, p) for p in ps]
+        except QueueFull as e:
+            for h in handles:
+                h.cancel()
+            self.metrics.rejected.labels("queue_full").inc()
+            raise APIError(
+                429, f"the server is busy ({e}); retry shortly", code="queue_full", headers={"Retry-After": "1"}
+            ) from None
+        except EngineClosed:
+            for h in handles:
+                h.cancel()
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"}) from None
+        return handles
+
+    def release(self, adapter: str | None) -> None:
+        """Let go of the adapter, in a worker thread: a deferred unload runs on the engine thread meanwhile."""
+        if adapter is not None:
+            asyncio.get_running_loop().run_in_executor(None, self.registry.release, adapter)
+
+
+@dataclass
+class Reply:
+    """One request's choices read from the engine, as an OpenAI response or a stream of chunks."""
+
+    service: TextService
+    body: CompletionRequest | ChatRequest
+    endpoint: str
+    prompts: list[list[int]]
+    echo: bool
+    adapter: str | None
+    handles: list[Handle]
+    started: float = field(default_factory=time.perf_counter)
+    rid: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        self.chat = self.endpoint == "chat"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + self.rid
+        self.created = int(time.time())
+        self.last: dict[int, float] = {}
+        self.finals: dict[int, Step] = {}
+
+    async def steps(self) -> AsyncIterator[tuple[int, Step]]:
+        """(choice index, step) from every handle as they come; the adapter is released when all have ended."""
+        queue: asyncio.Queue[tuple[int, Step] | None] = asyncio.Queue()
+
+        async def pump(i: int, handle: Handle) -> None:
+            async for step in handle:
+                await queue.put((i, step))
+
+        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(self.handles)]
+        try:
+            while len(self.finals) < len(self.handles):
+                item = await queue.get()
+                assert item is not None
+                i, step = item
+                self.observe(i, step)
+                yield i, step
+        finally:
+            for t in tasks:
+                t.cancel()
+            for h in self.handles:
+                h.cancel()  # a no-op for a finished request; frees the slot of one whose client went away
+            self.service.release(self.adapter)
+
+    def observe(self, i: int, step: Step) -> None:
+        """Timing and counts of one step, into the metrics."""
+        m, now = self.service.metrics, time.perf_counter()
+        if step.token_id is not None:
+            hist = m.ttft if i not in self.last else m.per_token
+            hist.labels(label(self.adapter)).observe(now - self.last.get(i, self.started))
+            self.last[i] = now
+        if step.finish_reason is not None:
+            self.finals[i] = step
+
+    def usage(self) -> dict[str, int]:
+        """OpenAI's usage counts: each prompt counted once, every choice's completion tokens."""
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(s.completion_tokens for s in self.finals.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def head(self, i: int) -> str:
+        """The echoed prompt of choice i ("" without echo)."""
+        return str(self.service.tokenizer.decode(self.prompts[i // self.body.n])) if self.echo else ""
+
+    def frame(self, choices: list[dict[str, Any]], **more: Any) -> dict[str, Any]:
+        """The envelope of a response or a chunk."""
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if self.chat and more else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.body.model, "choices": choices}
+
+    async def whole(self) -> JSONResponse:
+        """Wait for every choice; the whole response (500 if the engine failed one)."""
+        texts = [self.head(i) for i in range(len(self.handles))]
+        async for i, step in self.steps():
+            texts[i] += step.text
+        failed = [s for s in self.finals.values() if s.finish_reason == "error"]
+        if failed:
+            raise APIError(500, f"generation failed: {failed[0].error or 'engine error'}")
+        choices = []
+        for i, text in enumerate(texts):
+            reason = self.finals[i].finish_reason
+            if self.chat:
+                message = {"role": "assistant", "content": text}
+                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+        return JSONResponse(self.frame(choices) | {"usage": self.usage()})
+
+    async def stream(self) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per step with text (and the finish), then usage if asked, then [DONE]."""
+        try:
+            if self.chat:
+                for i in range(len(self.handles)):
+                    delta = {"role": "assistant", "content": ""}
+                    yield event(self.frame([{"index": i, "delta": delta, "finish_reason": None}], chunk=True))
+            elif self.echo:
+                for i in range(len(self.handles)):
+                    yield event(self.frame([{"index": i, "text": self.head(i), "finish_reason": None}], chunk=True))
+            async for i, step in self.steps():
+                if step.finish_reason == "error":
+                    yield event(error_body(500, f"generation failed: {step.error or 'engine error'}"))
+                    continue
+                if not step.text and step.finish_reason is None:
+                    continue
+                if self.chat:
+                    delta = {"content": step.text} if step.text else {}
+                    choice: dict[str, Any] = {"index": i, "delta": delta, "finish_reason": step.finish_reason}
+                else:
+                    choice = {"index": i, "text": step.text, "logprobs": None, "finish_reason": step.finish_reason}
+                yield event(self.frame([choice], chunk=True))
+            if self.body.include_usage():
+                yield event(self.frame([], chunk=True) | {"usage": self.usage()})
+            yield DONE
+        except APIError as e:
+            yield event(e.body())
+            yield DONE

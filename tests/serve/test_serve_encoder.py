@@ -1,0 +1,96 @@
+"""`lorakit serve` with the real all-MiniLM-L6-v2 and a seq-cls adapter from `lorakit finetune`: embeddings as
+sentence-transformers computes them, classification as `lorakit predict` does, adapters loaded at run time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _serving  # noqa: E402
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+DATA = _serving.TESTS / "data"
+TEXTS = ["the red team beat the blue team", "the blue team won the cup", "a quiet evening at home"]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoder")
+    train, valid = root / "train.jsonl", root / "valid.jsonl"
+    train.write_text("\n".join((DATA / "winners_train.jsonl").read_text().splitlines()[:64]) + "\n")
+    valid.write_text("\n".join((DATA / "winners_valid.jsonl").read_text().splitlines()[:16]) + "\n")
+    adapters = root / "adapters"
+    r = subprocess.run([sys.executable, "-m", "lorakit", "finetune", "--model", _serving._hf_models.minilm_dir(),
+                        "--data", train, "--valid", valid, "--task", "seq-cls", "--out", adapters / "winners",
+                        "--targets", "query", "value", "--rank", "4", "--epochs", "1", "--lr", "3e-3",
+                        "--batch-size", "16", "--max-length", "32", "--device", "cpu", "--plain"],
+                       capture_output=True, text=True, env=_serving.ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    server = _serving.Server("--model", _serving._hf_models.minilm_dir(), "--adapter", f"cls={adapters / 'winners'}",
+                             "--adapter-root", adapters)
+    yield {"server": server, "client": server.client(), "adapter": adapters / "winners"}
+    assert server.stop() == 0, "".join(server.stderr)
+
+
+def test_base_embeddings_equal_sentence_transformers(encoder):
+    import sentence_transformers  # a dev dependency: the reference for MiniLM's sentence embeddings
+    got = encoder["client"].embeddings.create(model="base", input=TEXTS)
+    want = sentence_transformers.SentenceTransformer(str(_serving._hf_models.minilm_dir()), device="cpu").encode(TEXTS)
+    assert [d.index for d in got.data] == [0, 1, 2] and got.usage.prompt_tokens > len(TEXTS)
+    torch.testing.assert_close(torch.tensor([d.embedding for d in got.data]), torch.tensor(want), atol=1e-5, rtol=1e-4)
+
+
+def test_adapter_embeddings_come_from_the_encoder_with_its_lora(encoder):
+    from lorakit.hf import models as hf
+
+    got = encoder["client"].embeddings.create(model="cls", input=TEXTS[0])
+    model, tok, _ = hf.load_with_adapter(_serving._hf_models.minilm_dir(), encoder["adapter"])
+    enc = tok(TEXTS[:1], return_tensors="pt")
+    with torch.no_grad():
+        hidden = model.bert(**enc).last_hidden_state  # (1, T, H); one text: no padding to mask
+    want = torch.nn.functional.normalize(hidden.mean(1), dim=-1)[0]
+    torch.testing.assert_close(torch.tensor(got.data[0].embedding), want, atol=1e-5, rtol=1e-4)
+    base = encoder["client"].embeddings.create(model="base", input=TEXTS[0]).data[0].embedding
+    assert not torch.allclose(torch.tensor(base), want, atol=1e-4)
+
+
+def test_classify_answers_labels_and_probabilities_as_predict_does(encoder):
+    from lorakit.hf import models as hf
+    from lorakit.hf import predict
+
+    r = httpx.post(encoder["server"].url + "/classify", json={"model": "cls", "input": TEXTS})
+    assert r.status_code == 200, r.text
+    model, tok, _ = hf.load_with_adapter(_serving._hf_models.minilm_dir(), encoder["adapter"])
+    want = predict.classify(model, tok, [predict.Request(i, t) for i, t in enumerate(TEXTS)], model.config.id2label)
+    got = r.json()["data"]
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert set(g["probabilities"]) == {"red", "blue"} == set(w["probabilities"])
+        assert all(abs(g["probabilities"][k] - w["probabilities"][k]) < 1e-5 for k in w["probabilities"])
+
+
+def test_classify_needs_a_seq_cls_adapter(encoder):
+    r = httpx.post(encoder["server"].url + "/classify", json={"model": "base", "input": "x"})
+    assert r.status_code == 400 and "seq-cls adapter" in r.json()["error"]["message"]
+    r = httpx.post(encoder["server"].url + "/classify", json={"model": "cls", "input": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("input")
+
+
+def test_seq_cls_adapters_load_and_unload_at_run_time(encoder):
+    url = encoder["server"].url
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": "winners"}, timeout=60)
+    assert r.status_code == 200, r.text
+    one = httpx.post(url + "/classify", json={"model": "cls", "input": TEXTS}).json()["data"]
+    two = httpx.post(url + "/classify", json={"model": "again", "input": TEXTS}).json()["data"]
+    assert one == two
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "again"}).json()["status"] == "unloaded"
+    assert httpx.post(url + "/classify", json={"model": "again", "input": "x"}).status_code == 404
+    assert _serving.metric(httpx.get(url + "/metrics").text, "lorakit_requests_total", adapter="cls",
+                           finish_reason="stop") >= 1
