@@ -13,6 +13,7 @@ engine goes on serving.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections import deque
@@ -89,10 +90,8 @@ class Engine:
         on_step: called after each decode step with (batch size, queue depth), on the engine thread.
         on_finish: called with each finished request's `RequestStats`, on the engine thread.
 
-    Examples:
-        >>> engine = Engine(model, tokenizer, max_batch=8)  # doctest: +SKIP
-        >>> engine.start()  # doctest: +SKIP
-        >>> engine.submit(ids, "math", SamplingParams(max_tokens=8)).result().text  # doctest: +SKIP
+    Start it, `submit` token ids with an adapter name (None: the base) and `SamplingParams`, and read the
+    returned `Handle` (`for step in handle`, `async for step in handle`, or `handle.result()`); `stop` at the end.
     """
 
     def __init__(
@@ -279,31 +278,41 @@ class Engine:
     def _admit(self) -> None:
         """Prefill waiting requests (up to max_batch rows in all) in one forward; they join the running batch."""
         with self._cond:
-            room = self.max_batch - len(self._active)
-            new = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            new = list(itertools.islice(self._queue, max(0, self.max_batch - len(self._active))))
+        if not new:
+            return
+        joined = self._prefill(new)
+        with self._cond:  # they leave the queue only now, so stop() never finds them neither waiting nor running
+            for _ in new:
+                self._queue.popleft()  # only this thread removes, from the front; submit appends at the back
+            if joined is not None:
+                batch, rows = joined
+                self._batch = batch if self._batch is None else self._batch.merge(batch)
+                self._active.extend(rows)
+            self._cond.notify_all()
+        if joined is not None:
+            self._emit(batch.last.tolist(), range(len(self._active) - len(rows), len(self._active)))
+
+    def _prefill(self, new: list[_Request]) -> tuple[Batch, list[_Request]] | None:
+        """The new rows' batch (their first tokens sampled into `last`), or None when none is left to run."""
         now = time.perf_counter()
         for r in new:
             r.handle.started_at = now
-        missing = [r for r in new if r.adapter is not None and r.adapter not in self._names]
-        for r in missing:  # unloaded while the request waited
-            self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"adapter {r.adapter!r} is no longer loaded"))
-        new = [r for r in new if not r.done]
-        if not new:
-            return
+            if r.adapter is not None and r.adapter not in self._names:  # unloaded while the request waited
+                self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"adapter {r.adapter!r} is no longer loaded"))
+        rows = [r for r in new if not r.done]
+        if not rows:
+            return None
         try:
-            with _adapters(self.model, [r.adapter for r in new]):
-                logits, batch = Batch.prefill(self.model, [r.prompt for r in new], self._pad_id)
+            with _adapters(self.model, [r.adapter for r in rows]):
+                logits, batch = Batch.prefill(self.model, [r.prompt for r in rows], self._pad_id)
         except Exception as e:  # noqa: BLE001 - the requests in this forward fail; the engine goes on
-            for r in new:
+            for r in rows:
                 self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"{type(e).__name__}: {e}"))
-            return
-        tokens = sample_rows(logits, [r.params for r in new], [r.gen for r in new])
+            return None
+        tokens = sample_rows(logits, [r.params for r in rows], [r.gen for r in rows])
         batch.last = torch.tensor(tokens, dtype=torch.long, device=batch.mask.device)
-        with self._cond:
-            self._batch = batch if self._batch is None else self._batch.merge(batch)
-            self._active.extend(new)
-        first = len(self._active) - len(new)
-        self._emit(tokens, range(first, len(self._active)))
+        return batch, rows
 
     def _decode(self) -> None:
         """One forward for every running row; each samples its next token; finished rows leave."""
