@@ -119,6 +119,7 @@ class Engine:
         self._active: list[_Request] = []  # the rows of self._batch, in order
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._batch: Batch | None = None
+        self._held: tuple[tuple[str | None, ...], contextlib.ExitStack] | None = None  # see _hold
         self._accepting = True
         self.closed = threading.Event()  # set once stop() begins: no new requests from then on
         self._shutdown = False
@@ -227,6 +228,8 @@ class Engine:
         """Until stopped: calls, cancellations, admissions, one decode step; sleep when there is nothing to do."""
         with torch.no_grad():
             while True:
+                if not self._active:
+                    self._release()  # idle: the model is as it was outside
                 with self._cond:
                     while not (self._shutdown or self._calls or self._queue or self._active):
                         self._cond.wait()
@@ -234,6 +237,8 @@ class Engine:
                         break
                     calls = list(self._calls)
                     self._calls.clear()
+                if calls:
+                    self._release()
                 for fn, future in calls:
                     try:
                         future.set_result(self._run(fn))
@@ -243,6 +248,7 @@ class Engine:
                 self._admit()
                 if self._active:
                     self._decode()
+        self._release()
         with self._cond:  # requests left at shutdown: stop() cancels them after join
             self._cond.notify_all()
 
@@ -303,6 +309,7 @@ class Engine:
         rows = [r for r in new if not r.done]
         if not rows:
             return None
+        self._release()
         try:
             with _adapters(self.model, [r.adapter for r in rows]):
                 logits, batch = Batch.prefill(self.model, [r.prompt for r in rows], self._pad_id)
@@ -319,9 +326,10 @@ class Engine:
         assert self._batch is not None, "a running request always has its row in the batch"
         rows = list(self._active)
         try:
-            with _adapters(self.model, [r.adapter for r in rows]):
-                logits = self._batch.step(self.model)
+            self._hold(tuple(r.adapter for r in rows))
+            logits = self._batch.step(self.model)
         except Exception as e:  # noqa: BLE001 - every row of a failed step fails (its cache is unknown); serving goes on
+            self._release()
             for r in rows:
                 self._finish(r, Step(None, "", "error", len(r.prompt), r.produced, f"{type(e).__name__}: {e}"))
             self._keep([])
@@ -334,6 +342,22 @@ class Engine:
         if self.on_step is not None:
             with contextlib.suppress(Exception):
                 self.on_step(len(rows), self.queued)
+
+    def _hold(self, rows: tuple[str | None, ...]) -> None:
+        """Set the rows' adapters and keep them set across steps while the rows stay the same (entering a mixed
+        batch reads every layer's adapters, which costs as much as a decode step of a small model)."""
+        if self._held is not None and self._held[0] == rows:
+            return
+        self._release()
+        stack = contextlib.ExitStack()
+        stack.enter_context(_adapters(self.model, rows))
+        self._held = (rows, stack)
+
+    def _release(self) -> None:
+        """Undo `_hold` (before a prefill, a `call`, or leaving): the model is as it was outside."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            held[1].close()
 
     def _emit(self, tokens: list[int], rows: range) -> None:
         """Hand each row its new token's step; rows that finished leave the batch."""
