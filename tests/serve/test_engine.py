@@ -301,6 +301,7 @@ def test_stop_lets_requests_finish_then_refuses_new_ones(llama):
     engine.stop(60)
     assert [h.result().token_ids for h in handles] == [alone(model, tok, p, "a5", 6) for p in ps]
     assert engine.closed.is_set()
+    assert all(layer.mixed is None and not layer.disabled for layer in lk.lora_layers(model).values())  # as before
     with pytest.raises(EngineClosed):
         engine.submit(ps[0], None, greedy(tok, 2))
 
