@@ -69,15 +69,14 @@ class TextStream:
 
     def _held(self, full: str) -> int:
         """How many trailing characters must wait: an unfinished character, or a possible start of a stop string."""
-        if full.endswith(_UNFINISHED):
-            return len(full) - len(full.rstrip(_UNFINISHED))
-        longest = 0
+        whole = full.rstrip(_UNFINISHED)
+        longest = 0  # the longest end of `whole` that a stop string starts with
         for s in self._stop:
-            for k in range(min(len(s) - 1, len(full)), longest, -1):
-                if full.endswith(s[:k]):
+            for k in range(min(len(s) - 1, len(whole)), longest, -1):
+                if whole.endswith(s[:k]):
                     longest = k
                     break
-        return longest
+        return len(full) - len(whole) + longest
 
     def _emit(self, upto: str) -> str:
         """The part of `upto` not emitted yet; emitted text is never taken back."""

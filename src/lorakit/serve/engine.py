@@ -13,6 +13,7 @@ engine goes on serving.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections import deque
@@ -89,10 +90,8 @@ class Engine:
         on_step: called after each decode step with (batch size, queue depth), on the engine thread.
         on_finish: called with each finished request's `RequestStats`, on the engine thread.
 
-    Examples:
-        >>> engine = Engine(model, tokenizer, max_batch=8)  # doctest: +SKIP
-        >>> engine.start()  # doctest: +SKIP
-        >>> engine.submit(ids, "math", SamplingParams(max_tokens=8)).result().text  # doctest: +SKIP
+    Start it, `submit` token ids with an adapter name (None: the base) and `SamplingParams`, and read the
+    returned `Handle` (`for step in handle`, `async for step in handle`, or `handle.result()`); `stop` at the end.
     """
 
     def __init__(
@@ -120,6 +119,7 @@ class Engine:
         self._active: list[_Request] = []  # the rows of self._batch, in order
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._batch: Batch | None = None
+        self._held: tuple[tuple[str | None, ...], contextlib.ExitStack] | None = None  # see _hold
         self._accepting = True
         self.closed = threading.Event()  # set once stop() begins: no new requests from then on
         self._shutdown = False
@@ -228,6 +228,8 @@ class Engine:
         """Until stopped: calls, cancellations, admissions, one decode step; sleep when there is nothing to do."""
         with torch.no_grad():
             while True:
+                if not self._active:
+                    self._release()  # idle: the model is as it was outside
                 with self._cond:
                     while not (self._shutdown or self._calls or self._queue or self._active):
                         self._cond.wait()
@@ -235,6 +237,8 @@ class Engine:
                         break
                     calls = list(self._calls)
                     self._calls.clear()
+                if calls:
+                    self._release()
                 for fn, future in calls:
                     try:
                         future.set_result(self._run(fn))
@@ -244,6 +248,7 @@ class Engine:
                 self._admit()
                 if self._active:
                     self._decode()
+        self._release()
         with self._cond:  # requests left at shutdown: stop() cancels them after join
             self._cond.notify_all()
 
@@ -279,40 +284,52 @@ class Engine:
     def _admit(self) -> None:
         """Prefill waiting requests (up to max_batch rows in all) in one forward; they join the running batch."""
         with self._cond:
-            room = self.max_batch - len(self._active)
-            new = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            new = list(itertools.islice(self._queue, max(0, self.max_batch - len(self._active))))
+        if not new:
+            return
+        joined = self._prefill(new)
+        with self._cond:  # they leave the queue only now, so stop() never finds them neither waiting nor running
+            for _ in new:
+                self._queue.popleft()  # only this thread removes, from the front; submit appends at the back
+            if joined is not None:
+                batch, rows = joined
+                self._batch = batch if self._batch is None else self._batch.merge(batch)
+                self._active.extend(rows)
+            self._cond.notify_all()
+        if joined is not None:
+            self._emit(batch.last.tolist(), range(len(self._active) - len(rows), len(self._active)))
+
+    def _prefill(self, new: list[_Request]) -> tuple[Batch, list[_Request]] | None:
+        """The new rows' batch (their first tokens sampled into `last`), or None when none is left to run."""
         now = time.perf_counter()
         for r in new:
             r.handle.started_at = now
-        missing = [r for r in new if r.adapter is not None and r.adapter not in self._names]
-        for r in missing:  # unloaded while the request waited
-            self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"adapter {r.adapter!r} is no longer loaded"))
-        new = [r for r in new if not r.done]
-        if not new:
-            return
+            if r.adapter is not None and r.adapter not in self._names:  # unloaded while the request waited
+                self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"adapter {r.adapter!r} is no longer loaded"))
+        rows = [r for r in new if not r.done]
+        if not rows:
+            return None
+        self._release()
         try:
-            with _adapters(self.model, [r.adapter for r in new]):
-                logits, batch = Batch.prefill(self.model, [r.prompt for r in new], self._pad_id)
+            with _adapters(self.model, [r.adapter for r in rows]):
+                logits, batch = Batch.prefill(self.model, [r.prompt for r in rows], self._pad_id)
         except Exception as e:  # noqa: BLE001 - the requests in this forward fail; the engine goes on
-            for r in new:
+            for r in rows:
                 self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"{type(e).__name__}: {e}"))
-            return
-        tokens = sample_rows(logits, [r.params for r in new], [r.gen for r in new])
+            return None
+        tokens = sample_rows(logits, [r.params for r in rows], [r.gen for r in rows])
         batch.last = torch.tensor(tokens, dtype=torch.long, device=batch.mask.device)
-        with self._cond:
-            self._batch = batch if self._batch is None else self._batch.merge(batch)
-            self._active.extend(new)
-        first = len(self._active) - len(new)
-        self._emit(tokens, range(first, len(self._active)))
+        return batch, rows
 
     def _decode(self) -> None:
         """One forward for every running row; each samples its next token; finished rows leave."""
         assert self._batch is not None, "a running request always has its row in the batch"
         rows = list(self._active)
         try:
-            with _adapters(self.model, [r.adapter for r in rows]):
-                logits = self._batch.step(self.model)
+            self._hold(tuple(r.adapter for r in rows))
+            logits = self._batch.step(self.model)
         except Exception as e:  # noqa: BLE001 - every row of a failed step fails (its cache is unknown); serving goes on
+            self._release()
             for r in rows:
                 self._finish(r, Step(None, "", "error", len(r.prompt), r.produced, f"{type(e).__name__}: {e}"))
             self._keep([])
@@ -325,6 +342,22 @@ class Engine:
         if self.on_step is not None:
             with contextlib.suppress(Exception):
                 self.on_step(len(rows), self.queued)
+
+    def _hold(self, rows: tuple[str | None, ...]) -> None:
+        """Set the rows' adapters and keep them set across steps while the rows stay the same (entering a mixed
+        batch reads every layer's adapters, which costs as much as a decode step of a small model)."""
+        if self._held is not None and self._held[0] == rows:
+            return
+        self._release()
+        stack = contextlib.ExitStack()
+        stack.enter_context(_adapters(self.model, rows))
+        self._held = (rows, stack)
+
+    def _release(self) -> None:
+        """Undo `_hold` (before a prefill, a `call`, or leaving): the model is as it was outside."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            held[1].close()
 
     def _emit(self, tokens: list[int], rows: range) -> None:
         """Hand each row its new token's step; rows that finished leave the batch."""

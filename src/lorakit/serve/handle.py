@@ -84,6 +84,7 @@ class Handle:
         self._steps: deque[Step] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[Step] | None = None
+        self._result: Completion | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -132,7 +133,7 @@ class Handle:
         queue: asyncio.Queue[Step] = asyncio.Queue()
         with self._lock:
             if self._loop is not None:
-                raise RuntimeError("a Handle is read once: this one already has an async reader")
+                raise RuntimeError("this Handle already has an async reader")
             while self._steps:
                 queue.put_nowait(self._steps.popleft())
             self._loop, self._queue = asyncio.get_running_loop(), queue
@@ -143,20 +144,25 @@ class Handle:
                 done = step.finish_reason is not None
                 yield step
         finally:
+            with self._lock:  # later steps wait in the handle again (e.g. for result() after leaving early)
+                self._loop = self._queue = None
             if not done:
                 self.cancel()
 
     def result(self) -> Completion:
-        """Block until the request ends; its whole text, token ids and finish reason."""
+        """Block until the request ends; its whole text, token ids and finish reason (read once, then kept)."""
+        if self._result is not None:
+            return self._result
         text, ids = [], []
         for step in self:
             text.append(step.text)
             if step.token_id is not None:
                 ids.append(step.token_id)
         assert step.finish_reason is not None  # the iteration ends on the final step
-        return Completion(
+        self._result = Completion(
             "".join(text), ids, step.finish_reason, step.prompt_tokens, step.completion_tokens, step.error
         )
+        return self._result
 
     def stats(self) -> RequestStats | None:
         """Timing of the request once it has finished (None before)."""
