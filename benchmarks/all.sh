@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every benchmark suite, one after the other (about 10 minutes on 2 CPU cores); each writes its own page:
+# Every benchmark suite, one after the other (about 13 minutes on 2 CPU cores); each writes its own page:
 #   RESULTS.md (lorakit vs PEFT vs the cost floor), RESULTS-adapters.md, RESULTS-variants.md, RESULTS-distributed.md,
-#   RESULTS-checkpointing.md (gradient checkpointing and packing, about 2 minutes)
+#   RESULTS-checkpointing.md (gradient checkpointing and packing, about 2 minutes),
+#   RESULTS-serve.md (lorakit serve's engine: continuous batching across adapters, about 3 minutes)
 # Extra arguments go to run.py (e.g. --device cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,4 +32,5 @@ mv benchmarks/RESULTS-variants.md.tmp benchmarks/RESULTS-variants.md
 } > benchmarks/RESULTS-distributed.md.tmp
 mv benchmarks/RESULTS-distributed.md.tmp benchmarks/RESULTS-distributed.md
 "$PY" benchmarks/checkpointing.py 2>benchmarks/checkpointing.log
+"$PY" benchmarks/serve.py 2>benchmarks/serve.log
 echo "wrote benchmarks/RESULTS*.md"

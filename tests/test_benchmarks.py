@@ -79,3 +79,24 @@ def test_checkpointing_suite_runs_quick(tmp_path):
     assert mib[1] < mib[0]
     padding = [float(rows[c][3].rstrip("%")) for c in ("unpacked", "packed")]
     assert padding[1] < padding[0]
+
+
+# -- benchmarks/serve.py (the serving engine under load) ----------------------------------------------
+
+def test_serve_suite_runs_quick(tmp_path):
+    """The suite end to end on a tiny model: every configuration and target judged, the llama.cpp note."""
+    import subprocess
+
+    out = tmp_path / "RESULTS-serve.md"
+    r = subprocess.run([sys.executable, str(RUN.parent / "serve.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    assert "Machine: " in text and "torch " in text and "nan" not in text.lower()
+    throughput = text.split("## Throughput and latency", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in throughput.splitlines() if line.startswith("| ")}
+    assert {"base", "1 adapter", "4 adapters", "one at a time"} <= rows.keys()
+    assert all(float(rows[c][2].replace(",", "")) > 0 for c in ("base", "1 adapter", "4 adapters", "one at a time"))
+    targets = [line for line in text.splitlines() if line.endswith(("| met |", "| **missed** |"))]
+    assert len(targets) == 3
+    assert "llama.cpp" in text and "not run" in text
