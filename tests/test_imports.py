@@ -14,7 +14,12 @@ import lorakit
 ROOT = Path(lorakit.__file__).parent
 # what files/ must never import, directly or through another lorakit module
 MODEL_CODE = ("lorakit.layers", "lorakit.model", "lorakit.adapters", "lorakit.loading", "lorakit.saving",
-              "lorakit.variants", "lorakit.train", "lorakit.hf", "lorakit.cli", "lorakit.examples")
+              "lorakit.variants", "lorakit.train", "lorakit.hf", "lorakit.serve", "lorakit.cli", "lorakit.examples")
+# the packages late in the data flow (core -> files -> variants -> train -> hf -> serve -> cli), each with the
+# packages allowed to import it
+LATE = {"lorakit.hf": ("lorakit.hf", "lorakit.serve", "lorakit.cli"),
+        "lorakit.serve": ("lorakit.serve", "lorakit.cli"),
+        "lorakit.cli": ("lorakit.cli",)}
 
 
 def _modules() -> dict[str, Path]:
@@ -104,6 +109,14 @@ def test_files_never_reaches_model_code() -> None:
                 todo.append(nxt)
         bad = sorted(m for m in seen if any(m == p or m.startswith(p + ".") for p in MODEL_CODE))
         assert not bad, f"{start} imports model code: {bad}"
+
+
+def test_late_packages_are_imported_only_from_later_ones() -> None:
+    graph = import_graph()
+    wrong = sorted(f"{src} imports {dst}" for src, dsts in graph.items() for dst in dsts for pkg, allowed in LATE.items()
+                   if (dst == pkg or dst.startswith(pkg + ".")) and src != "lorakit.__main__"
+                   and not any(src == a or src.startswith(a + ".") for a in allowed))
+    assert not wrong, wrong
 
 
 @pytest.mark.parametrize("name", sorted(set(MODULES) - {"lorakit.__main__"}))  # __main__ runs the CLI

@@ -6,6 +6,7 @@ compared with the same prompt generated alone in this process (`generate` under 
 
 from __future__ import annotations
 
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,12 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 PROMPTS = ["the cat sat", "hello world", "one two three", "the quick brown fox"]
+SYSTEM = {"role": "system", "content": "you are a helpful bot"}
+SYSTEM_FIRST = (  # ChatML that opens every conversation with SYSTEM's message
+    "{{ '<|im_start|>system\\nyou are a helpful bot<|im_end|>\\n' }}{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +33,17 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     model = _serving.tiny_chat_llama(root / "llama")
     adapters = {"a": _serving.make_adapter(model, root / "a", 1), "b": _serving.make_adapter(model, root / "b", 2)}
-    server = _serving.Server("--model", model, "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}")
+    shutil.copytree(adapters["a"], root / "t")  # adapter a, trained (say) with its own chat template
+    (root / "t" / "chat_template.jinja").write_text(SYSTEM_FIRST, encoding="utf-8")
+    server = _serving.Server("--model", model, "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
+                             "--adapter", f"t={root / 't'}")
     yield {"server": server, "client": server.client(), "ref": _serving.Reference(model, adapters)}
     assert server.stop() == 0, "".join(server.stderr)
 
 
 def test_models_lists_the_base_and_every_adapter(setup):
     models = setup["client"].models.list()
-    assert [m.id for m in models.data] == ["llama", "a", "b"]
+    assert [m.id for m in models.data] == ["llama", "a", "b", "t"]
     assert models.data[1].model_extra["parent"] == "llama"
 
 
@@ -158,6 +168,17 @@ def test_prompt_plus_max_tokens_over_the_context_names_both(setup):
     assert "(4 tokens)" in message and f"({_serving.CONTEXT})" in message and str(_serving.CONTEXT) in message
 
 
+def test_chat_uses_the_template_an_adapter_trained_with(setup):
+    ref, client = setup["ref"], setup["client"]
+    messages = [{"role": "user", "content": "hello world"}]
+    own = client.chat.completions.create(model="t", messages=messages, max_tokens=8, temperature=0)
+    text, n, reason = ref.greedy("a", ref.chat_ids([SYSTEM, *messages]), 8, ref.chat_stops)  # t's weights are a's
+    assert own.usage.prompt_tokens == len(ref.chat_ids([SYSTEM, *messages])) > len(ref.chat_ids(messages))
+    assert (own.choices[0].message.content, own.choices[0].finish_reason) == (text, reason)
+    base = client.chat.completions.create(model="a", messages=messages, max_tokens=8, temperature=0)
+    assert base.usage.prompt_tokens == len(ref.chat_ids(messages))  # the tokenizer's own template
+
+
 def test_chat_with_a_bad_role_is_a_400(setup):
     with pytest.raises(openai.BadRequestError) as e:
         setup["client"].chat.completions.create(model="a", messages=[{"role": "robot", "content": "hi"}])
@@ -175,5 +196,5 @@ def test_metrics_count_requests_tokens_and_latency_per_adapter(setup):
     assert m(after, "lorakit_time_to_first_token_seconds_count", adapter="b") == m(
         before, "lorakit_time_to_first_token_seconds_count", adapter="b") + 1
     assert m(after, "lorakit_time_per_output_token_seconds_count", adapter="b") > 0
-    assert m(after, "lorakit_batch_size_count") > 0 and m(after, "lorakit_loaded_adapters") == 2
+    assert m(after, "lorakit_batch_size_count") > 0 and m(after, "lorakit_loaded_adapters") == 3
     assert sum(m(after, "lorakit_requests_total", adapter="b", finish_reason=r) for r in ("stop", "length")) >= 1

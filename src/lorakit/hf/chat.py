@@ -126,16 +126,25 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 (the 
 # -- turns -> text -> tokens --------------------------------------------------------------------------
 
 
-def render(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn], *, add_generation_prompt: bool = False) -> str:
+def render(
+    tokenizer: PreTrainedTokenizerBase,
+    turns: Sequence[Turn],
+    *,
+    add_generation_prompt: bool = False,
+    template: str | None = None,
+) -> str:
     """The conversation as the tokenizer's chat template writes it; ValueError if the template refuses it.
 
     With `add_generation_prompt` it ends with the header of the assistant's next turn: the prompt to generate from.
+    `template` (e.g. the one an adapter trained with, `load_template`) replaces the tokenizer's for this call only.
     """
     import jinja2
 
     messages = [{"role": t.role, "content": t.content} for t in turns]
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+        )
     except jinja2.TemplateError as e:
         raise ValueError(f"the chat template refused this conversation ({e})") from None
     assert isinstance(text, str), type(text)
@@ -185,15 +194,15 @@ def assistant_span(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn], i:
     return start, len(through.rstrip())
 
 
-def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> list[int]:
     """The special token(s) the chat template writes right after an assistant turn's content (e.g. <|im_end|>).
 
     Generation of a chat turn stops there: a template's end-of-turn is not always the tokenizer's EOS.
     """
     turns = (Turn("user", "hi"), Turn("assistant", "ok"))
     try:
-        full = render(tokenizer, turns)
-        start = render(tokenizer, turns[:1], add_generation_prompt=True)
+        full = render(tokenizer, turns, template=template)
+        start = render(tokenizer, turns[:1], add_generation_prompt=True, template=template)
     except ValueError:
         return []
     end = full.find("ok", len(start) if full.startswith(start) else 0)

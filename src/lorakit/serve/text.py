@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
@@ -49,6 +50,7 @@ class TextService:
         eos = self.tokenizer.eos_token_id
         self.eos: tuple[int, ...] = () if eos is None else (int(eos),)
         self.end_of_turn = tuple(i for i in chat.end_of_turn_ids(self.tokenizer) if i not in self.eos)
+        self._templates: dict[Path, str | None] = {}  # adapter directory -> the chat template saved beside it
 
     def routes(self) -> APIRouter:
         """The router with both endpoints."""
@@ -62,7 +64,9 @@ class TextService:
         @router.post("/v1/chat/completions")
         async def chat_completions(body: ChatRequest) -> Any:
             """OpenAI's chat completions: a conversation in, the assistant's next message out."""
-            return await self.complete(body, [self.chat_prompt(body)], self.eos + self.end_of_turn, "chat", False)
+            template = self.template(self.resolve(body.model))
+            stops = self.eos + tuple(i for i in chat.end_of_turn_ids(self.tokenizer, template) if i not in self.eos)
+            return await self.complete(body, [self.chat_prompt(body, template)], stops, "chat", False)
 
         return router
 
@@ -90,13 +94,25 @@ class TextService:
             out.append(ids)
         return out
 
-    def chat_prompt(self, body: ChatRequest) -> list[int]:
-        """The conversation rendered with the chat template, ending in the assistant's header."""
-        if not getattr(self.tokenizer, "chat_template", None):
+    def template(self, adapter: str | None) -> str | None:
+        """The chat template an adapter trained with (`finetune --chat-template`, saved beside it), else None:
+        the tokenizer's own. Read once per adapter directory."""
+        if adapter is None:
+            return None
+        path = self.registry.path(adapter)
+        if path not in self._templates:
+            self._templates[path] = chat.load_template(path)
+        return self._templates[path]
+
+    def chat_prompt(self, body: ChatRequest, template: str | None = None) -> list[int]:
+        """The conversation rendered with the chat template (`template`, or the tokenizer's), ending in the
+        assistant's header."""
+        if template is None and not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "the model's tokenizer has no chat template; use /v1/completions", param="messages")
         try:
             raw = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
-            text = chat.render(self.tokenizer, chat.parse_messages(raw, training=False), add_generation_prompt=True)
+            turns = chat.parse_messages(raw, training=False)
+            text = chat.render(self.tokenizer, turns, add_generation_prompt=True, template=template)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
