@@ -64,7 +64,7 @@ def merge(args: argparse.Namespace) -> int:
         what = f"{report.method} of " + ", ".join(f"{w:g}×{n}" for n, w in _weights_for(specs, weights).items())
         print(f"combined ({report.method}): max relative error of ΔW {report.max_relative_error:.3g}")
     with replacing_dir(out) as new:  # written aside, then swapped in: a failed merge leaves OUT as it was
-        n = hf.save_merged(model, tok, new, dtype=args.dtype, progress=progress)
+        n = hf.save_merged(model, tok, new, dtype=args.dtype, progress=progress, shown_as=out)
     print(f"merged {n} LoRA modules of {what} into {args.model} ({task}); wrote {out}")
     return 0
 

@@ -316,10 +316,12 @@ def save_merged(
     *,
     dtype: str | None = None,
     progress: Progress | None = None,
+    shown_as: str | Path | None = None,
 ) -> int:
     """Merge every LoRA layer and write a plain transformers directory (weights, config, tokenizer); returns how many.
 
-    The merge is computed in fp32 and checked finite; `dtype` casts the result.
+    The merge is computed in fp32 and checked finite; `dtype` casts the result. `shown_as` names the directory in
+    progress (the final one, when `out_dir` is a temporary sibling that replaces it).
     """
     from ..model import lora_layers, merge
     from ..train.progress import quiet
@@ -332,7 +334,7 @@ def save_merged(
         _untie_if_apart(model)
         if dtype is not None:
             model.to(DTYPES[dtype])  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self
-    with progress.task(f"writing {out_dir}"):
+    with progress.task(f"writing {shown_as or out_dir}"):
         model.save_pretrained(out_dir, safe_serialization=True)
         tok.save_pretrained(out_dir)
     return n
