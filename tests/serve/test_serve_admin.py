@@ -93,8 +93,8 @@ def test_load_serve_unload(admin, made):
 def test_paths_outside_the_root_are_refused(admin, made):
     link = made["served"] / "sneaky"
     link.symlink_to(made["outside"], target_is_directory=True)
-    cases = {"../outside": "'..' is not allowed", str(made["outside"]): "outside --adapter-root",
-             "sneaky": "outside --adapter-root", "missing": "no such adapter directory"}
+    cases = {"../outside": "'..' is not allowed", str(made["outside"]): "outside the adapter root",
+             "sneaky": "outside the adapter root", "missing": "no such adapter directory"}
     for path, reason in cases.items():
         r = _call(admin, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})
         assert r.status_code == 400 and reason in r.json()["error"]["message"], (path, r.text)

@@ -2,7 +2,7 @@
 
 Needs the `serve` extra (`pip install "lorakit[serve]"`: FastAPI, uvicorn, prometheus-client). Prints
 "lorakit serve: ready on http://HOST:PORT" once it listens; SIGTERM (or Ctrl-C) drains the requests in
-flight for up to --drain-timeout seconds, then it exits 0 (130 after Ctrl-C).
+flight for up to --drain-timeout seconds, then it exits 0 (Ctrl-C: the dispatcher's interrupted status).
 """
 
 from __future__ import annotations

@@ -34,22 +34,25 @@ def check_path(root: str | Path | None, given: str) -> Path:
     `..` is refused as written; symlinks are resolved before the check, so a link out of `root` is refused too.
 
     Examples:
-        >>> check_path("/srv/adapters", "../etc")
+        >>> check_path("/srv/adapters", "../etc")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        lorakit.serve.registry.RegistryError: lora_path '../etc': '..' is not allowed; give a path under --adapter-root
+        lorakit.serve.registry.RegistryError: lora_path '../etc': '..' is not allowed; give a path under the ...
     """
     if root is None:
-        raise RegistryError(400, "loading adapters at run time needs the server started with --adapter-root DIR")
+        raise RegistryError(
+            400,
+            "loading adapters at run time needs the server started with an adapter root (adapter_root)",
+        )
     path = Path(given)
     if ".." in path.parts:
-        raise RegistryError(400, f"lora_path {given!r}: '..' is not allowed; give a path under --adapter-root")
+        raise RegistryError(400, f"lora_path {given!r}: '..' is not allowed; give a path under the adapter root")
     base = Path(root).resolve()
     full = (path if path.is_absolute() else base / path).resolve()
     if not full.is_relative_to(base):
-        raise RegistryError(400, f"lora_path {given!r} resolves to {full}, outside --adapter-root {base}")
+        raise RegistryError(400, f"lora_path {given!r} resolves to {full}, outside the adapter root {base}")
     if not full.is_dir():
-        raise RegistryError(400, f"lora_path {given!r}: no such adapter directory under --adapter-root {base}")
+        raise RegistryError(400, f"lora_path {given!r}: no such adapter directory under the adapter root {base}")
     return full
 
 
@@ -190,7 +193,7 @@ class Registry:
         if excess > len(idle):
             busy = len(self._loaded) - len(idle)
             raise RegistryError(
-                429, f"all {busy} loaded adapters are in use (--max-loaded {self.max_loaded}); try again shortly"
+                429, f"all {busy} loaded adapters are in use (max_loaded={self.max_loaded}); try again shortly"
             )
         victims = idle[: max(excess, 0)]
         for v in victims:
