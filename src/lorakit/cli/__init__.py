@@ -24,6 +24,7 @@ from .adapter_commands import add_generate, add_inspect, add_merge
 from .common import BadInput
 from .eval_predict import add_eval, add_predict  # H4: eval/predict (issue 13)
 from .example import add_bench, add_example, bench  # noqa: F401  (bench: lorakit.cli.bench, as before)
+from .export import add_export  # E1: lorakit export (issue 15)
 from .finetune import add_finetune
 from .serve import add_serve  # S2: lorakit serve (issue 14)
 
@@ -41,6 +42,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]]
     add_predict,
     # S2: lorakit serve (issue 14)
     add_serve,
+    # E1: lorakit export (issue 15)
+    add_export,
 ]
 
 

@@ -1,0 +1,122 @@
+"""The proof that an exported artefact computes what lorakit does: the same inputs through both, compared.
+
+A Proof records the runtime, the largest |Δlogit| over the real (unpadded) positions, how many argmax predictions
+agree (per row for seq-cls, per position for causal-lm: the greedy next token), the tolerance and the verdict.
+It is written as JSON beside the artefact and printed by the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..files.atomic import write_json
+
+TOLERANCE = {"f32": 1e-4}  # max |Δlogit| allowed, per dtype of the exported weights
+
+
+@dataclass(frozen=True)
+class Proof:
+    """The comparison of an artefact's logits with lorakit's on the same inputs."""
+
+    runtime: str
+    artefact: str
+    task: str
+    dtype: str
+    inputs: int
+    positions: int
+    max_abs_diff: float
+    argmax_agree: int
+    tolerance: float
+    passed: bool
+
+    def summary(self) -> str:
+        """One line: `max |Δlogit| 3.1e-07 (tolerance 1e-04), argmax agrees 4/4: passed`."""
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"{self.runtime}: max |Δlogit| {self.max_abs_diff:.2g} (tolerance {self.tolerance:.0e}), "
+            f"argmax agrees {self.argmax_agree}/{self.positions}: {verdict}"
+        )
+
+    def write(self, path: str | Path) -> None:
+        """Write the proof as JSON (atomically)."""
+        write_json(path, asdict(self))
+
+
+def compare(
+    got: torch.Tensor,
+    reference: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    runtime: str,
+    artefact: str,
+    task: str,
+    dtype: str = "f32",
+    tolerance: float | None = None,
+) -> Proof:
+    """The Proof of `got` against `reference` logits ((B, C) or (B, T, V)), over the positions `mask` marks real.
+
+    Examples:
+        >>> ref = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+        >>> compare(ref + 1e-6, ref, None, runtime="rt", artefact="a", task="seq-cls").passed
+        True
+    """
+    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
+    if got.shape != reference.shape:
+        raise ValueError(f"{artefact}: logits of shape {tuple(got.shape)}, expected {tuple(reference.shape)}")
+    got, reference = got.float(), reference.float()
+    if reference.dim() == 3 and mask is not None:  # causal-lm: only the real tokens' positions count
+        keep = mask.bool()
+        got, reference = got[keep], reference[keep]  # (N, V)
+    diff = (got - reference).abs()
+    max_diff = float(diff.max()) if diff.numel() else 0.0
+    if not torch.isfinite(got).all():
+        max_diff = float("inf")
+    agree = int((got.argmax(-1) == reference.argmax(-1)).sum())
+    positions = got.shape[0] if got.dim() == 2 else int(got[..., 0].numel())
+    passed = max_diff <= tolerance and agree == positions
+    return Proof(
+        runtime=runtime,
+        artefact=artefact,
+        task=task,
+        dtype=dtype,
+        inputs=int(mask.shape[0]) if mask is not None else int(reference.shape[0]),
+        positions=positions,
+        max_abs_diff=max_diff,
+        argmax_agree=agree,
+        tolerance=tolerance,
+        passed=passed,
+    )
+
+
+def check_onnx(
+    onnx_file: Path,
+    inputs: dict[str, torch.Tensor],
+    reference: torch.Tensor,
+    *,
+    task: str,
+    tolerance: float | None = None,
+) -> Proof:
+    """Load `onnx_file` in onnxruntime (CPU provider), run `inputs`, compare with lorakit's `reference` logits."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    feed = {name: tensor.numpy() for name, tensor in inputs.items()}
+    (logits,) = session.run(["logits"], feed)
+    return compare(
+        torch.from_numpy(logits),
+        reference,
+        inputs.get("attention_mask"),
+        runtime=f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)",
+        artefact=str(onnx_file.name),
+        task=task,
+        tolerance=tolerance,
+    )
+
+
+def load(path: str | Path) -> dict[str, object]:
+    """A proof written by Proof.write, as a dict."""
+    return dict(json.loads(Path(path).read_text(encoding="utf-8")))
