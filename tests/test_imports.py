@@ -16,9 +16,9 @@ ROOT = Path(lorakit.__file__).parent
 MODEL_CODE = ("lorakit.layers", "lorakit.model", "lorakit.adapters", "lorakit.loading", "lorakit.saving",
               "lorakit.variants", "lorakit.train", "lorakit.hf", "lorakit.serve", "lorakit.export", "lorakit.cli",
               "lorakit.examples")
-# the packages late in the data flow (core -> files -> variants -> train -> hf -> serve -> cli), each with the
+# the packages late in the data flow (core -> files -> variants -> train -> hf -> serve, export -> cli), each with the
 # packages allowed to import it
-LATE = {"lorakit.hf": ("lorakit.hf", "lorakit.serve", "lorakit.cli"),
+LATE = {"lorakit.hf": ("lorakit.hf", "lorakit.serve", "lorakit.export", "lorakit.cli"),
         "lorakit.serve": ("lorakit.serve", "lorakit.cli"),
         "lorakit.export": ("lorakit.export", "lorakit.cli"),
         "lorakit.cli": ("lorakit.cli",)}

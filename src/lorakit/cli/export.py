@@ -32,6 +32,10 @@ def export(args: argparse.Namespace) -> int:
         raise BadInput(f"--dtype {args.dtype} is not supported for --format onnx yet; expected f32")
     if not args.adapter:
         raise BadInput("--adapter DIR is required (repeat it to merge several)")
+    try:
+        onnx.require_runtime()
+    except ImportError as e:
+        raise BadInput(str(e)) from None
     new_or_empty(args.out, "choose a new --out")
     inputs(onnx.check_exportable, args.model)
     adapters = [Path(a) for a in args.adapter]
@@ -39,8 +43,10 @@ def export(args: argparse.Namespace) -> int:
         if not a.is_dir():
             raise BadInput(f"--adapter {a}: no such directory")
     texts = args.text or onnx.PROOF_TEXTS
+    progress = Progress()
+    model, tok, task = inputs(onnx.load_unmerged, args.model, adapters, progress=progress)
     try:
-        done = inputs(onnx.export_onnx, args.model, adapters, args.out, texts=texts, progress=Progress())
+        done = onnx.export_loaded(model, tok, task, args.out, texts=texts, progress=progress)
     except onnx.ProofFailed as e:
         print(json.dumps(asdict(e.proof), indent=2))
         print(f"{e}; nothing written at {args.out}")

@@ -143,16 +143,32 @@ def export_onnx(
     tolerance: float | None = None,
     progress: Progress | None = None,
 ) -> Exported:
-    """Merge the adapter(s) into the base, export the logits to ONNX in `out` (a new directory), prove it.
+    """Load the base with its adapter(s) (`load_unmerged`) and export it to `out` (`export_loaded`)."""
+    require_runtime()
+    model, tok, task = load_unmerged(model_dir, adapter_dirs, progress=progress)
+    return export_loaded(model, tok, task, out, texts=texts, tolerance=tolerance, progress=progress)
 
-    Raises ProofFailed (and writes nothing at `out`) when onnxruntime's logits differ from lorakit's unmerged
-    model by more than the tolerance (proof.TOLERANCE for f32) or the argmax disagrees.
+
+def export_loaded(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    task: str,
+    out: str | Path,
+    *,
+    texts: tuple[str, ...] | list[str] = PROOF_TEXTS,
+    tolerance: float | None = None,
+    progress: Progress | None = None,
+) -> Exported:
+    """Merge the model's adapters, export its logits to ONNX in `out` (a new directory), prove it in onnxruntime.
+
+    Raises ProofFailed (and writes nothing at `out`) when onnxruntime's logits differ from the unmerged model's by
+    more than the tolerance (proof.TOLERANCE for f32) or an argmax disagrees. The model is merged in place.
     """
     from ..model import merge
 
     progress = progress or quiet()
+    require_runtime()
     out = Path(out)
-    model, tok, task = load_unmerged(model_dir, adapter_dirs, progress=progress)
     inputs = proof_inputs(tok, texts)
     with progress.task("computing lorakit's logits (adapters unmerged)"), torch.no_grad():
         reference = _Logits(model, tuple(inputs), task)(*inputs.values()).float()
@@ -170,6 +186,15 @@ def export_onnx(
         tok.save_pretrained(new)
         model.config.save_pretrained(new)
     return Exported(out, out / ONNX_FILE, task, proof)
+
+
+def require_runtime() -> None:
+    """ImportError naming the extra to install, unless onnx, onnxscript (torch's exporter) and onnxruntime import."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"ONNX export needs {', '.join(missing)}: pip install 'lorakit[export]'")
 
 
 def _export(module: nn.Module, inputs: dict[str, torch.Tensor], onnx_file: Path) -> None:
