@@ -52,7 +52,8 @@ def test_ctrl_c_mid_training_exits_130(tmp_path: Path) -> None:
 COMMANDS = {"example": ("example", []), "bench": ("example", []), "inspect": ("adapter_commands", ["x"]),
             "merge": ("adapter_commands", ["--model", "m", "--adapter", "a", "--out", "o"]),
             "generate": ("adapter_commands", ["--model", "m", "--prompt", "p"]),
-            "finetune": ("finetune", ["--model", "m", "--data", "d", "--task", "causal-lm", "--out", "o"])}
+            "finetune": ("finetune", ["--model", "m", "--data", "d", "--task", "causal-lm", "--out", "o"]),
+            "export": ("export", ["--model", "m", "--adapter", "a", "--out", "o"])}  # E1: lorakit export (issue 15)
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
