@@ -116,6 +116,29 @@ def test_tiny_llama_logits(llama, tmp_path):
         assert (base.eval()(**batch).logits[real] - reference[real]).abs().max() > 1e-2  # the adapter is in there
 
 
+def test_two_adapters_summed(llama, tmp_path):
+    """Two causal-lm adapters export as their sum: onnxruntime matches the base with one merged, then the other."""
+    from lorakit.loading import load_adapters
+
+    model_dir, adapter = llama
+    other_model, _ = hf.load(model_dir, "causal-lm")
+    lk.apply_lora(other_model, lk.LoraConfig(rank=2, alpha=4), ["k_proj", "up_proj", "v_proj"])
+    _randomise_lora(other_model, 2)
+    other = lk.save_adapters(other_model, tmp_path / "other")
+    hf.write_task_file(other, "causal-lm")
+    done = onnx.export_onnx(model_dir, [adapter, other], tmp_path / "out")
+    assert done.proof.passed
+    model, tok = hf.load(model_dir, "causal-lm")
+    load_adapters(model, adapter)
+    lk.merge(model)
+    load_adapters(model, other)
+    batch = onnx.proof_inputs(tok, ["the cat sat on the mat", "good morning"])
+    with torch.no_grad():
+        reference = model.eval()(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert (_onnx_logits(done.onnx_file, batch)[real] - reference[real]).abs().max() < 1e-4
+
+
 def test_failed_proof_leaves_nothing(llama, tmp_path):
     """A proof that fails (here: a tolerance no export meets) raises and leaves nothing at out, nor beside it."""
     model_dir, adapter = llama
