@@ -50,6 +50,14 @@ def minilm(tmp_path_factory):
     model = hf.load_model(model_dir, "seq-cls", id2label=LABELS)
     lk.apply_lora(model, lk.LoraConfig(rank=4, alpha=8), "all-linear", modules_to_save=hf.head_names(model))
     _randomise_lora(model, 0)
+    # A random head centred on calibration texts (not the held-out ones), so that its predictions differ from text
+    # to text: MiniLM's pooled outputs share a large common part, which alone would pick one label for all.
+    calibration = onnx.proof_inputs(hf.load_tokenizer(model_dir), _hf_models.SENTENCES)
+    head = model.classifier.trained
+    with torch.no_grad():
+        pooled = model.bert(**calibration).pooler_output  # (N, H)
+        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(3)))
+        head.bias.copy_(-(pooled.mean(0) @ head.weight.T))
     adapter = lk.save_adapters(model, root / "cls")
     hf.write_task_file(adapter, "seq-cls", id2label=LABELS)
     return model_dir, adapter
