@@ -1,0 +1,1 @@
+"""Exporting a fine-tuned model or adapter to edge runtimes (ONNX Runtime, llama.cpp)."""
