@@ -190,6 +190,14 @@ def test_failed_export_leaves_an_existing_file_as_it_was(tmp_path):
     assert out.read_bytes() == b"previous"
 
 
+def test_adapter_for_another_model_refused(tmp_path):
+    base, adapter, _ = saved(tmp_path, lk.LoraConfig(rank=2), ["gate_proj"])
+    cfg = (base / "config.json").read_text().replace('"intermediate_size": 64', '"intermediate_size": 48')
+    (base / "config.json").write_text(cfg)
+    with pytest.raises(GgufExportError, match=r"gate_proj.*\(64, 32\) weight.*\(48, 32\).*another model"):
+        write_gguf_adapter(adapter, base, tmp_path / "a.gguf")
+
+
 def test_non_llama_base_refused(tmp_path):
     base, adapter, _ = saved(tmp_path, lk.LoraConfig(rank=2), ["q_proj"])
     cfg = (base / "config.json").read_text().replace("LlamaForCausalLM", "GPT2LMHeadModel")

@@ -127,6 +127,12 @@ def write_gguf_adapter(
             name = names.get_name(module + ".weight", try_suffixes=(".weight",))
             if name is None:
                 raise GgufExportError(f"{file.where}: module {module!r} has no tensor in llama.cpp's llama layout")
+            want = _weight_shape(module, hparams)
+            if want is not None and (B.shape[0], A.shape[1]) != want:
+                raise GgufExportError(
+                    f"{file.where}: {module!r} adapts a ({B.shape[0]}, {A.shape[1]}) weight, but {base_dir}/config.json"
+                    f" gives that module a {want} weight: the adapter is for another model"
+                )
             cfg = spec.config.for_module(module)
             rank = A.shape[0]
             factor = cfg.scaling / (alpha / rank)  # what llama.cpp's alpha / r misses of lorakit's scaling
@@ -151,6 +157,25 @@ def _rope_permute(rows: Tensor, n_head: int) -> Tensor:
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
+def _weight_shape(module: str, hparams: dict[str, Any]) -> tuple[int, int] | None:
+    """(d_out, d_in) of a Llama module's weight from config.json; None for a module this does not know."""
+    hidden, n_head = int(hparams["hidden_size"]), int(hparams["num_attention_heads"])
+    n_kv = int(hparams.get("num_key_value_heads") or n_head)
+    head_dim = int(hparams.get("head_dim") or hidden // n_head)
+    inter = int(hparams.get("intermediate_size") or 0)
+    shapes = {
+        "q_proj": (n_head * head_dim, hidden),
+        "k_proj": (n_kv * head_dim, hidden),
+        "v_proj": (n_kv * head_dim, hidden),
+        "o_proj": (hidden, n_head * head_dim),
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
+        "lm_head": (int(hparams.get("vocab_size") or 0), hidden),
+    }
+    return shapes.get(module.rpartition(".")[2])
+
+
 def _natural(module: str) -> tuple[Any, ...]:
     """Sort key that puts layer 2 before layer 10."""
     return tuple(int(p) if p.isdigit() else p for p in module.split("."))
@@ -165,8 +190,8 @@ def _llama_hparams(base_dir: Path) -> dict[str, Any]:
         hparams = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GgufExportError(f"{path}: not valid JSON ({e})") from None
-    archs = hparams.get("architectures") or []
-    if not isinstance(hparams, dict) or not archs or archs[0] not in LLAMA_ARCHITECTURES:
+    archs = hparams.get("architectures") if isinstance(hparams, dict) else None
+    if not isinstance(archs, list) or not archs or archs[0] not in LLAMA_ARCHITECTURES:
         raise GgufExportError(
             f"{path}: architectures={archs!r}: the GGUF adapter export supports {', '.join(LLAMA_ARCHITECTURES)}"
         )
