@@ -140,6 +140,18 @@ def test_lm_head_lora_is_llama_cpp_output(tmp_path):
     np.testing.assert_allclose(gguf_delta(meta, tensors, "output"), deltas["lm_head"].numpy(), atol=1e-6, rtol=0)
 
 
+def test_embedding_lora_is_token_embd_with_a_transposed(tmp_path):
+    """llama.cpp adds b · lora_a[token] to a token's embedding row (llm_build_inp_embd), lora_a (vocab, r)."""
+    config = lk.LoraConfig(rank=3, alpha=2, use_rslora=True)
+    base, adapter, deltas = saved(tmp_path, config, ["embed_tokens", "v_proj"])
+    write_gguf_adapter(adapter, base, tmp_path / "a.gguf")
+    meta, tensors = read(tmp_path / "a.gguf")
+    a, b = tensors["token_embd.weight.lora_a"], tensors["token_embd.weight.lora_b"]
+    assert a.shape == (100, 3) and b.shape == (32, 3)
+    rows = (meta["adapter.lora.alpha"] / b.shape[1]) * (a @ b.T)  # row t: scale · b @ a[t]
+    np.testing.assert_allclose(rows, deltas["model.embed_tokens"].numpy(), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("dtype,tol", [("f16", 2e-3), ("bf16", 1.6e-2)])
 def test_half_dtypes(dtype, tol, tmp_path):
     base, adapter, deltas = saved(tmp_path, CASES["patterns"])
@@ -157,7 +169,6 @@ def test_half_dtypes(dtype, tol, tmp_path):
     ("dora", dict(config=lk.LoraConfig(rank=2, use_dora=True)), False, "no DoRA"),
     ("modules_to_save", dict(modules_to_save=["lm_head"]), False, "modules_to_save"),
     ("tied lm_head", dict(targets=["lm_head"]), True, "ties lm_head"),
-    ("embedding", dict(targets=["embed_tokens"]), False, "embedding LoRA"),
 ])
 def test_refused_with_reason_and_nothing_written(what, kw, tie, message, tmp_path):
     kw = dict(kw)

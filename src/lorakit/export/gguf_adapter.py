@@ -8,13 +8,15 @@ The layout (llama.cpp `convert_lora_to_gguf.py`, `src/llama-adapter.{h,cpp}`, gg
   (GGML ne = [d_in, r]); `lora_b` is PEFT's B, (d_out, r) (ne = [r, d_out]).
 - llama.cpp computes `W x + s · (alpha / r) · B (A x)` per module, r read from the tensor (`b->ne[0]`), s the
   user's `--lora-scaled` factor (1 for `--lora`); alpha = 0 means no alpha/r factor.
+- token_embd: llama.cpp gathers token rows of `lora_a`, so it holds PEFT's `lora_embedding_A` transposed,
+  (vocab, r); `lora_b` is `lora_embedding_B`, (dim, r) (`llm_build_inp_embd`, convert_lora_to_gguf.py).
 - Llama's q_proj / k_proj rows are permuted from HF's rotate-half order to GGML's interleaved RoPE
   (`LlamaModel.permute` in `convert_hf_to_gguf.py`), so their B rows get the same permutation.
 
 lorakit's scaling per module is `alpha_m / r_m` (or `alpha_m / sqrt(r_m)` with rsLoRA, alpha_m and r_m from
 alpha_pattern / rank_pattern). With one written alpha, each B is multiplied by `scaling_m / (alpha / r_m)`, so
 `(alpha / r_m) · B' A` is exactly lorakit's delta W. llama.cpp has no DoRA, no biases in an adapter, and no
-modules_to_save: those adapters are refused with the reason.
+modules_to_save (full weights): those adapters are refused with the reason.
 """
 
 from __future__ import annotations
@@ -102,12 +104,7 @@ def write_gguf_adapter(
                 f"{file.where}: tensor {key!r}: a llama.cpp adapter holds only lora_A/lora_B pairs (no biases, "
                 "no full weights); merge into the model and export with --format gguf"
             )
-        module, tensor, layout = parts
-        if layout != "linear":
-            raise GgufExportError(
-                f"{file.where}: {module!r} is an embedding LoRA: not exported to GGUF by lorakit yet "
-                "(llama.cpp stores token_embd.lora_a transposed); merge and export with --format gguf"
-            )
+        module, tensor, _ = parts
         pairs.setdefault(module, {})[tensor] = t
     n_layers = int(hparams["num_hidden_layers"])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
@@ -128,6 +125,8 @@ def write_gguf_adapter(
             if name is None:
                 raise GgufExportError(f"{file.where}: module {module!r} has no tensor in llama.cpp's llama layout")
             want = _weight_shape(module, hparams)
+            if module.endswith("embed_tokens"):  # PEFT's A (r, vocab), B (dim, r): delta W is (B A)^T
+                want = None if want is None else (want[1], want[0])
             if want is not None and (B.shape[0], A.shape[1]) != want:
                 raise GgufExportError(
                     f"{file.where}: {module!r} adapts a ({B.shape[0]}, {A.shape[1]}) weight, but {base_dir}/config.json"
@@ -143,7 +142,9 @@ def write_gguf_adapter(
                 b = _rope_permute(b, int(hparams.get("num_key_value_heads") or hparams["num_attention_heads"]))
             if factor != 1.0:
                 folded[module] = factor
-            tensors[name + ".lora_a"] = A.float().numpy()
+            # llama.cpp gathers token rows of lora_a, so token_embd's A is stored transposed (llm_build_inp_embd)
+            a = A.float().T if module.endswith("embed_tokens") else A.float()
+            tensors[name + ".lora_a"] = a.contiguous().numpy()
             tensors[name + ".lora_b"] = b.contiguous().numpy()
             task.advance()
     out = Path(out)
@@ -172,6 +173,7 @@ def _weight_shape(module: str, hparams: dict[str, Any]) -> tuple[int, int] | Non
         "up_proj": (inter, hidden),
         "down_proj": (hidden, inter),
         "lm_head": (int(hparams.get("vocab_size") or 0), hidden),
+        "embed_tokens": (int(hparams.get("vocab_size") or 0), hidden),
     }
     return shapes.get(module.rpartition(".")[2])
 
