@@ -82,7 +82,7 @@ def write_gguf_adapter(
     progress = progress or progress_mod.quiet()
     if dtype not in DTYPES:
         raise GgufExportError(f"dtype {dtype!r} is not supported for an adapter GGUF: expected one of {DTYPES}")
-    hparams = _llama_hparams(Path(base_dir))
+    hparams = llama_hparams(Path(base_dir))
     file = read_adapter(adapter_dir)
     spec = file.spec
     where = file.config_path
@@ -137,9 +137,9 @@ def write_gguf_adapter(
             factor = cfg.scaling / (alpha / rank)  # what llama.cpp's alpha / r misses of lorakit's scaling
             b = B.float() * factor if factor != 1.0 else B.float()
             if module.endswith("self_attn.q_proj"):
-                b = _rope_permute(b, int(hparams["num_attention_heads"]))
+                b = rope_permute(b, int(hparams["num_attention_heads"]))
             elif module.endswith("self_attn.k_proj"):
-                b = _rope_permute(b, int(hparams.get("num_key_value_heads") or hparams["num_attention_heads"]))
+                b = rope_permute(b, int(hparams.get("num_key_value_heads") or hparams["num_attention_heads"]))
             if factor != 1.0:
                 folded[module] = factor
             # llama.cpp gathers token rows of lora_a, so token_embd's A is stored transposed (llm_build_inp_embd)
@@ -153,7 +153,7 @@ def write_gguf_adapter(
     return GgufAdapterReport(out, alpha, {k: tuple(v.shape) for k, v in tensors.items()}, folded)
 
 
-def _rope_permute(rows: Tensor, n_head: int) -> Tensor:
+def rope_permute(rows: Tensor, n_head: int) -> Tensor:
     """HF's rotate-half row order of a q/k projection in GGML's interleaved order (convert_hf_to_gguf's permute)."""
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
@@ -183,7 +183,7 @@ def _natural(module: str) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in module.split("."))
 
 
-def _llama_hparams(base_dir: Path) -> dict[str, Any]:
+def llama_hparams(base_dir: Path) -> dict[str, Any]:
     """The base model's config.json, checked to be an architecture llama.cpp reads as "llama"."""
     path = base_dir / "config.json"
     if not path.is_file():
