@@ -21,6 +21,30 @@ PER_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
+SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "lorakit exports models to llama.cpp",
+             "small models run on small devices", "héllo wörld ✓"]
+
+
+def save_bpe_llama(directory, tie=False):
+    """A tiny random Llama (hidden 32, 4/2 heads, 2 layers) with a byte-level BPE tokenizer, saved to `directory`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie)
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return Path(directory)
+
+
 def permute(w, n_head):
     """convert_hf_to_gguf.py's LlamaModel.permute."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -50,7 +74,7 @@ def read(path):
 def test_merged_model_gguf_holds_every_weight_in_llama_cpp_order(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    base = save_tiny("llama", tmp_path / "base")
+    base = save_bpe_llama(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(base)
     lora = lk.apply_lora(copy.deepcopy(model), lk.LoraConfig(rank=2, alpha=4, use_rslora=True), ["q_proj", "k_proj"])
     with torch.no_grad():
@@ -59,9 +83,8 @@ def test_merged_model_gguf_holds_every_weight_in_llama_cpp_order(tmp_path):
                 p.normal_(0, 0.1)
     merged = lk.merge(lora)
     merged.save_pretrained(tmp_path / "merged")
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (base / f).exists():
-            (tmp_path / "merged" / f).write_bytes((base / f).read_bytes())
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "merged" / f).write_bytes((base / f).read_bytes())
     write_gguf_model(tmp_path / "merged", tmp_path / "m.gguf", dtype="f32")
     meta, tensors = read(tmp_path / "m.gguf")
     assert meta["general.architecture"] == "llama"
@@ -69,7 +92,8 @@ def test_merged_model_gguf_holds_every_weight_in_llama_cpp_order(tmp_path):
     assert meta["llama.embedding_length"] == 32 and meta["llama.rope.dimension_count"] == 8
     assert meta["tokenizer.ggml.model"] == "gpt2"
     assert len(meta["tokenizer.ggml.tokens"]) == merged.config.vocab_size
-    assert meta["tokenizer.ggml.bos_token_id"] == 2
+    assert meta["tokenizer.ggml.bos_token_id"] == 1 and meta["tokenizer.ggml.eos_token_id"] == 2
+    assert len(meta["tokenizer.ggml.merges"]) > 0
     want = expected_tensors(merged)
     assert sorted(tensors) == sorted(want)
     for name, w in want.items():
@@ -79,7 +103,7 @@ def test_merged_model_gguf_holds_every_weight_in_llama_cpp_order(tmp_path):
 
 @pytest.mark.parametrize("dtype,two_d", [("f16", "F16"), ("bf16", "BF16"), ("q8_0", "Q8_0")])
 def test_dtypes_keep_norms_f32(dtype, two_d, tmp_path):
-    base = save_tiny("llama", tmp_path / "base")
+    base = save_bpe_llama(tmp_path / "base")
     write_gguf_model(base, tmp_path / "m.gguf", dtype=dtype)
     _, tensors = read(tmp_path / "m.gguf")
     assert {t for n, (a, t) in tensors.items() if a.ndim == 1} == {"F32"}
@@ -87,21 +111,20 @@ def test_dtypes_keep_norms_f32(dtype, two_d, tmp_path):
 
 
 def test_tied_head_writes_no_output_tensor(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    base = save_tiny("llama", tmp_path / "base")
-    cfg = LlamaConfig.from_pretrained(base)
-    cfg.tie_word_embeddings = True
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied")
-    (tmp_path / "tied" / "tokenizer.json").write_bytes((base / "tokenizer.json").read_bytes())
-    (tmp_path / "tied" / "tokenizer_config.json").write_bytes((base / "tokenizer_config.json").read_bytes())
-    write_gguf_model(tmp_path / "tied", tmp_path / "m.gguf", dtype="f32")
+    write_gguf_model(save_bpe_llama(tmp_path / "tied", tie=True), tmp_path / "m.gguf", dtype="f32")
     _, tensors = read(tmp_path / "m.gguf")
     assert "output.weight" not in tensors and "token_embd.weight" in tensors
 
 
-def test_scaled_rope_refused_and_nothing_written(tmp_path):
+def test_word_level_tokenizer_refused(tmp_path):
     base = save_tiny("llama", tmp_path / "base")
+    with pytest.raises(GgufExportError, match="WordLevel tokenizer.*byte-level BPE"):
+        write_gguf_model(base, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_scaled_rope_refused_and_nothing_written(tmp_path):
+    base = save_bpe_llama(tmp_path / "base")
     cfg = (base / "config.json").read_text()
     (base / "config.json").write_text(cfg.replace('"rope_type": "default"', '"rope_type": "linear", "factor": 2.0'))
     with pytest.raises(GgufExportError, match="rope_type 'linear'"):

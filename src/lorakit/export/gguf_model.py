@@ -11,6 +11,7 @@ are refused with the reason.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,23 @@ def _check_supported(model_dir: Path, hparams: dict[str, Any]) -> None:
         raise GgufExportError(f"{where}: rope_type {kind!r}: only unscaled RoPE is exported to GGUF by lorakit")
 
 
+def _check_byte_level_bpe(path: Path) -> None:
+    """Refuse a tokenizer that llama.cpp's "gpt2" vocabulary would not reproduce (it needs byte-level BPE merges)."""
+    if not path.is_file():
+        raise GgufExportError(f"{path}: no such file (the GGUF carries the vocabulary; a fast tokenizer is needed)")
+    try:
+        tj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GgufExportError(f"{path}: not valid JSON ({e})") from None
+    kind = (tj.get("model") or {}).get("type")
+    if kind != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
+        raise GgufExportError(
+            f"{path}: a {kind} tokenizer with pre_tokenizer {json.dumps(tj.get('pre_tokenizer'))[:120]}: lorakit "
+            'writes llama.cpp\'s byte-level BPE ("gpt2") vocabulary only (SentencePiece and word-level '
+            "vocabularies are not exported yet)"
+        )
+
+
 def _qtype(gguf: Any, data: np.ndarray, dtype: str) -> Any:
     """The GGML type of one tensor: f32 for 1-D ones, else `dtype` (q8_0 falls back to f16 for odd rows)."""
     q = gguf.GGMLQuantizationType
@@ -155,6 +173,7 @@ def _write_vocab(gguf: Any, writer: Any, model_dir: Path, vocab_size: int) -> No
     """The tokenizer as llama.cpp's "gpt2" vocabulary (convert_hf_to_gguf's get_vocab_base / _set_vocab_gpt2)."""
     from transformers import AutoTokenizer
 
+    _check_byte_level_bpe(model_dir / "tokenizer.json")
     tok = AutoTokenizer.from_pretrained(model_dir)
     reverse = {i: t for t, i in tok.get_vocab().items()}
     added = tok.added_tokens_decoder
