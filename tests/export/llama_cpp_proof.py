@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from llama_cpp import Llama
 
 import lorakit as lk
 from lorakit.export.gguf_adapter import write_gguf_adapter
@@ -25,6 +24,8 @@ TOL = 1e-4  # f32 weights: llama.cpp's CPU kernels against torch's, on logits of
 
 
 def llama_cpp_logits(model_path, ids, lora_path=None):
+    from llama_cpp import Llama  # installed by the CI step that runs this proof, not a lorakit dependency
+
     llm = Llama(model_path=str(model_path), lora_path=str(lora_path) if lora_path else None, logits_all=True,
                 n_ctx=64, n_batch=64, n_threads=2, verbose=False)
     llm.eval(ids)
