@@ -149,7 +149,7 @@ def write_gguf_adapter(
             task.advance()
     out = Path(out)
     with progress.task(f"writing {out}"), replacing(out) as tmp:
-        _write(gguf, tmp, tensors, alpha, dtype)
+        _write(gguf, tmp, tensors, alpha, dtype, Path(adapter_dir).name)
     return GgufAdapterReport(out, alpha, {k: tuple(v.shape) for k, v in tensors.items()}, folded)
 
 
@@ -200,9 +200,11 @@ def llama_hparams(base_dir: Path) -> dict[str, Any]:
     return hparams
 
 
-def _write(gguf: Any, path: Path, tensors: dict[str, np.ndarray], alpha: float, dtype: str) -> None:
+def _write(gguf: Any, path: Path, tensors: dict[str, np.ndarray], alpha: float, dtype: str, name: str) -> None:
     """The GGUF file itself: llama.cpp's adapter metadata, then each tensor in `dtype`."""
     writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_name(name)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # convert_lora_to_gguf.py writes both
     writer.add_type(gguf.GGUFType.ADAPTER)  # general.type = "adapter"
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)

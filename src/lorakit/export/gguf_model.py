@@ -154,6 +154,7 @@ def _write_params(gguf: Any, writer: Any, hparams: dict[str, Any], name: str, dt
     head_dim = int(hparams.get("head_dim") or hidden // n_head)
     rope = hparams.get("rope_parameters") or {}
     writer.add_name(name)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_file_type(getattr(gguf.LlamaFileType, file_types[dtype]))
     writer.add_block_count(int(hparams["num_hidden_layers"]))
     writer.add_context_length(int(hparams["max_position_embeddings"]))
