@@ -153,6 +153,7 @@ def _write_params(gguf: Any, writer: Any, hparams: dict[str, Any], name: str, dt
     hidden, n_head = int(hparams["hidden_size"]), int(hparams["num_attention_heads"])
     head_dim = int(hparams.get("head_dim") or hidden // n_head)
     rope = hparams.get("rope_parameters") or {}
+    writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_file_type(getattr(gguf.LlamaFileType, file_types[dtype]))
