@@ -1,0 +1,195 @@
+"""A Llama-family transformers model directory (a merged one) as a llama.cpp GGUF model file.
+
+What llama.cpp's `convert_hf_to_gguf.py` (its `LlamaModel` and `TextModel.set_gguf_parameters`) writes for
+`LlamaForCausalLM`, narrowed to what lorakit proves: gguf's LLAMA architecture, tensor names from gguf's
+`TensorNameMap`, q/k projection rows permuted from HF's rotate-half order to GGML's interleaved RoPE
+(`LlamaModel.permute`), 1-D tensors (norms, biases) always f32, no `output.weight` when lm_head is tied (llama.cpp
+then reads token_embd), and the vocabulary as a "gpt2" (byte-level BPE) tokenizer with the merges and special
+ids gguf's `SpecialVocab` reads from the directory. RoPE scaling (llama3, yarn, ...) and quantised checkpoints
+are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from ..files import safetensors
+from ..files.atomic import replacing
+from ..train import progress as progress_mod
+from ..train.progress import Progress
+from .gguf_adapter import GgufExportError, llama_hparams, rope_permute
+
+DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclass(frozen=True)
+class GgufModelReport:
+    """What `write_gguf_model` wrote: the file and each tensor's GGUF name, numpy shape and type."""
+
+    path: Path
+    tensors: dict[str, tuple[tuple[int, ...], str]]
+
+
+def write_gguf_model(
+    model_dir: str | Path, out: str | Path, *, dtype: str = "f16", progress: Progress | None = None
+) -> GgufModelReport:
+    """Write the Llama-family model saved at `model_dir` (config.json, *.safetensors, tokenizer) as GGUF at `out`.
+
+    Args:
+        model_dir: a transformers model directory (for a fine-tuned model: the merged one).
+        out: the .gguf file to write (atomically: on error `out` is left as it was).
+        dtype: "f32", "f16", "bf16" or "q8_0" for the 2-D weights (a row length not a multiple of 32 stays f16
+            under q8_0, as convert_hf_to_gguf.py does).
+        progress: progress reporter (None: quiet).
+
+    Returns:
+        A `GgufModelReport`.
+    """
+    import gguf  # the `export` extra
+
+    progress = progress or progress_mod.quiet()
+    model_dir = Path(model_dir)
+    if dtype not in DTYPES:
+        raise GgufExportError(f"dtype {dtype!r} is not supported for a GGUF model: expected one of {DTYPES}")
+    hparams = llama_hparams(model_dir)
+    _check_supported(model_dir, hparams)
+    n_layers = int(hparams["num_hidden_layers"])
+    n_head = int(hparams["num_attention_heads"])
+    n_kv = int(hparams.get("num_key_value_heads") or n_head)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    state: dict[str, Tensor] = {}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise GgufExportError(f"{model_dir}: no *.safetensors weights (lorakit never loads pickled weights)")
+    with progress.task(f"reading {model_dir}", total=len(files), unit="files") as task:
+        for f in files:
+            state.update(safetensors.read(f)[0])
+            task.advance()
+    if hparams.get("tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    tensors: dict[str, np.ndarray] = {}
+    for key in sorted(state):
+        if key.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed by llama.cpp from rope.freq_base
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise GgufExportError(f"{model_dir}: tensor {key!r} has no place in llama.cpp's llama layout")
+        t = state[key].float()
+        if ".self_attn.q_proj." in key:
+            t = rope_permute(t, n_head)
+        elif ".self_attn.k_proj." in key:
+            t = rope_permute(t, n_kv)
+        tensors[name] = t.contiguous().numpy()
+    out = Path(out)
+    with progress.task(f"writing {out}", total=len(tensors), unit="tensors") as task, replacing(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch="llama")
+        _write_params(gguf, writer, hparams, model_dir.name, dtype)
+        _write_vocab(gguf, writer, model_dir, int(hparams["vocab_size"]))
+        types: dict[str, tuple[tuple[int, ...], str]] = {}
+        for name, data in tensors.items():
+            qtype = _qtype(gguf, data, dtype)
+            if qtype == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(name, data.astype(np.float32))
+            elif qtype == gguf.GGMLQuantizationType.F16:
+                writer.add_tensor(name, data.astype(np.float16))
+            else:
+                writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            types[name] = (tuple(data.shape), qtype.name)
+            task.advance()
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return GgufModelReport(out, types)
+
+
+def _check_supported(model_dir: Path, hparams: dict[str, Any]) -> None:
+    """Refuse what this writer does not reproduce: quantised weights, RoPE scaling."""
+    where = model_dir / "config.json"
+    if hparams.get("quantization_config"):
+        raise GgufExportError(f"{where}: a quantised checkpoint: export the full-precision model (merge first)")
+    rope = hparams.get("rope_parameters") or hparams.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind != "default":
+        raise GgufExportError(f"{where}: rope_type {kind!r}: only unscaled RoPE is exported to GGUF by lorakit")
+
+
+def _check_byte_level_bpe(path: Path) -> None:
+    """Refuse a tokenizer that llama.cpp's "gpt2" vocabulary would not reproduce (it needs byte-level BPE merges)."""
+    if not path.is_file():
+        raise GgufExportError(f"{path}: no such file (the GGUF carries the vocabulary; a fast tokenizer is needed)")
+    try:
+        tj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GgufExportError(f"{path}: not valid JSON ({e})") from None
+    kind = (tj.get("model") or {}).get("type")
+    if kind != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
+        raise GgufExportError(
+            f"{path}: a {kind} tokenizer with pre_tokenizer {json.dumps(tj.get('pre_tokenizer'))[:120]}: lorakit "
+            'writes llama.cpp\'s byte-level BPE ("gpt2") vocabulary only (SentencePiece and word-level '
+            "vocabularies are not exported yet)"
+        )
+
+
+def _qtype(gguf: Any, data: np.ndarray, dtype: str) -> Any:
+    """The GGML type of one tensor: f32 for 1-D ones, else `dtype` (q8_0 falls back to f16 for odd rows)."""
+    q = gguf.GGMLQuantizationType
+    if data.ndim <= 1 or dtype == "f32":
+        return q.F32
+    if dtype == "q8_0":
+        return q.Q8_0 if data.shape[-1] % 32 == 0 else q.F16
+    return q.BF16 if dtype == "bf16" else q.F16
+
+
+def _write_params(gguf: Any, writer: Any, hparams: dict[str, Any], name: str, dtype: str) -> None:
+    """llama.* hyper-parameters, as TextModel.set_gguf_parameters and LlamaModel write them."""
+    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+    hidden, n_head = int(hparams["hidden_size"]), int(hparams["num_attention_heads"])
+    head_dim = int(hparams.get("head_dim") or hidden // n_head)
+    rope = hparams.get("rope_parameters") or {}
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_types[dtype]))
+    writer.add_block_count(int(hparams["num_hidden_layers"]))
+    writer.add_context_length(int(hparams["max_position_embeddings"]))
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(int(hparams["intermediate_size"]))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(int(hparams.get("num_key_value_heads") or n_head))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", hparams.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(hparams["rms_norm_eps"]))
+    writer.add_vocab_size(int(hparams["vocab_size"]))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+
+
+def _write_vocab(gguf: Any, writer: Any, model_dir: Path, vocab_size: int) -> None:
+    """The tokenizer as llama.cpp's "gpt2" vocabulary (convert_hf_to_gguf's get_vocab_base / _set_vocab_gpt2)."""
+    from transformers import AutoTokenizer
+
+    _check_byte_level_bpe(model_dir / "tokenizer.json")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    reverse = {i: t for t, i in tok.get_vocab().items()}
+    added = tok.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(reverse[i])
+        special = i in added and added[i].special
+        types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(writer)
