@@ -36,5 +36,8 @@ class HoldingStdout:
 
 
 if __name__ == "__main__":
+    # a shell without job control starts background commands with SIGINT ignored, and children inherit that;
+    # the tests stand for a Ctrl-C at a terminal, where Python's own handler (KeyboardInterrupt) is in place
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.stdout = HoldingStdout(sys.stdout, sys.argv[1])
     sys.exit(main(sys.argv[2:]))

@@ -17,7 +17,7 @@ from ..adapters import COMBINE_METHODS, CombineReport
 from ..files.atomic import replacing_dir
 from ..hf import models as hf
 from ..train.progress import Progress
-from .common import BadInput, inputs, new_or_empty, quiet_transformers
+from .common import BadInput, check_sampling, inputs, new_or_empty, quiet_transformers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -78,10 +78,7 @@ def generate(args: argparse.Namespace) -> int:
     from ..loading import load_adapters
 
     quiet_transformers()
-    if args.max_new_tokens < 1:
-        raise BadInput(f"--max-new-tokens {args.max_new_tokens} is invalid: expected >= 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise BadInput("--temperature must be >= 0 and --top-p in (0, 1]")
+    check_sampling(args)
     specs, weights = _adapter_specs(args.adapter or []), _weights(args.weight)
     if args.compare and not specs:
         raise BadInput("--compare needs --adapter")

@@ -63,6 +63,14 @@ def quiet_transformers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def check_sampling(args: argparse.Namespace) -> None:
+    """BadInput unless --max-new-tokens >= 1, --temperature >= 0 and --top-p in (0, 1] (generate, predict)."""
+    if args.max_new_tokens < 1:
+        raise BadInput(f"--max-new-tokens {args.max_new_tokens} is invalid: expected >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise BadInput("--temperature must be >= 0 and --top-p in (0, 1]")
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an int >= 1."""
     value = int(text)

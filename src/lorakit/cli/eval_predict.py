@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..hf import data
 from ..hf import models as hf
 from ..hf.rows import MAX_LINE_BYTES
 from .adapter_commands import _adapter_specs
-from .common import BadInput, inputs, positive_int, quiet_transformers
+from .common import BadInput, check_sampling, inputs, positive_int, quiet_transformers
 
 # -- eval ------------------------------------------------------------------------------------------
 
@@ -100,10 +101,7 @@ def predict(args: argparse.Namespace) -> int:
     from ..train.progress import Progress
 
     quiet_transformers()
-    if args.max_new_tokens < 1:
-        raise BadInput(f"--max-new-tokens {args.max_new_tokens} is invalid: expected >= 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise BadInput("--temperature must be >= 0 and --top-p in (0, 1]")
+    check_sampling(args)
     inputs(hf.check_model_dir, args.model)
     task, id2label = inputs(hf.read_task, args.adapter) if args.adapter else ("causal-lm", None)
     progress = Progress()
@@ -116,13 +114,11 @@ def predict(args: argparse.Namespace) -> int:
     if args.input != pr.STDIN and not Path(args.input).is_file():
         raise BadInput(f"--input {args.input}: no such file")
     try:
-        requests, bad = pr.read_requests(args.input, task, tok)
-    except pr.ChatTemplateMissing as e:
-        raise BadInput(f"{e.detail}; pass --chat-template FILE (a Jinja chat template)") from None
-    except (ValueError, OSError) as e:
+        requests, bad = inputs(pr.read_requests, args.input, task, tok)
+    except OSError as e:
         raise BadInput(str(e)) from None
     if bad and not args.skip_bad_rows:
-        listing = "\n".join(f"  {b}" for b in bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        listing = data.BadRowsError(bad).listing  # the first rows, as finetune lists them
         raise BadInput(f"{len(bad)} bad input row(s); fix them, or pass --skip-bad-rows:\n{listing}")
     with progress.task("loading model"):
         model = inputs(hf.load_model, args.model, task, id2label=id2label, trust_remote_code=args.trust_remote_code)

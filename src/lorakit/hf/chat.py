@@ -48,10 +48,18 @@ ALPACA_NO_INPUT = (
 
 
 class NoChatTemplateError(DataError):
-    """A chat row for a tokenizer without a chat template; `detail` says where, the message the remedy."""
+    """Chat rows for a tokenizer without a chat template; `detail` says where (`lines`: which rows of a file),
+    the message the remedy."""
 
-    def __init__(self, where: str) -> None:
-        self.detail = f"{where}: chat rows ('messages') need a chat template, and the model's tokenizer has none"
+    def __init__(self, where: str, lines: Sequence[int] = ()) -> None:
+        self.lines = list(lines)
+        if self.lines:
+            shown = ", ".join(map(str, self.lines[:5])) + (" ..." if len(self.lines) > 5 else "")
+            self.detail = (
+                f"{where}: rows with 'messages' (line {shown}) need a chat template, and the tokenizer has none"
+            )
+        else:
+            self.detail = f"{where}: chat rows ('messages') need a chat template, and the model's tokenizer has none"
         super().__init__(f"{self.detail}; pass chat_template= with a Jinja template file (e.g. ChatML)")
 
 

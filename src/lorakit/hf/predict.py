@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 from torch import nn
 
-from ..errors import LoraError
 from ..train import progress as progress_mod
+from . import chat
 from .models import TASKS
-from .rows import BadRow, DataError, Row, read_records
+from .rows import BadRow, DataError, Row, parse_json_line, read_records
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -38,16 +38,6 @@ if TYPE_CHECKING:
 
 STDIN = "-"
 FIELDS = ("text", "prompt", "messages")
-
-
-class ChatTemplateMissing(LoraError, ValueError):
-    """Chat rows (`messages`) for a tokenizer without a chat template; `detail` names the rows, `lines` lists them."""
-
-    def __init__(self, where: str, lines: Sequence[int]) -> None:
-        self.lines = list(lines)
-        shown = ", ".join(map(str, self.lines[:5])) + (" ..." if len(self.lines) > 5 else "")
-        self.detail = f"{where}: rows with 'messages' (line {shown}) need a chat template, and the tokenizer has none"
-        super().__init__(f"{self.detail}; set tokenizer.chat_template (a Jinja template)")
 
 
 @dataclass(frozen=True)
@@ -62,8 +52,6 @@ class Request:
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> str:
     """A chat as the prompt for the assistant's next turn: rendered as training renders chats (chat.render)."""
-    from . import chat
-
     return chat.render(tokenizer, chat.parse_messages(messages, training=False), add_generation_prompt=True)
 
 
@@ -83,17 +71,11 @@ def read_rows(source: str | Path | TextIO) -> tuple[list[tuple[int, Row]], list[
     records: list[tuple[int, Row]] = []
     bad: list[BadRow] = []
     for number, text in enumerate(stream, start=1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            bad.append(BadRow(name, number, f"not valid JSON ({e.msg} at column {e.colno})"))
-            continue
-        if not isinstance(row, dict):
-            bad.append(BadRow(name, number, f"expected a JSON object, got {type(row).__name__}"))
-            continue
-        records.append((number, row))
+        row = parse_json_line(name, number, text)
+        if isinstance(row, BadRow):
+            bad.append(row)
+        elif row is not None:
+            records.append((number, row))
     if not records and not bad:
         raise DataError(f"{name}: no input rows; expected one JSON object a line")
     return records, bad
@@ -133,7 +115,7 @@ def read_requests(
 ) -> tuple[list[Request], list[BadRow]]:
     """Every row of `source` checked (and chats rendered) for `task`: the usable ones and the bad ones.
 
-    Raises ChatTemplateMissing when rows hold messages and the tokenizer has no chat template.
+    Raises chat.NoChatTemplateError when rows hold messages and the tokenizer has no chat template.
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r} is invalid: expected one of {', '.join(TASKS)}")
@@ -149,7 +131,7 @@ def read_requests(
         checked.append((line, value, row_id))
     chats = [line for line, value, _ in checked if isinstance(value, list)]
     if chats and not getattr(tokenizer, "chat_template", None):
-        raise ChatTemplateMissing(where, chats)
+        raise chat.NoChatTemplateError(where, chats)
     requests = []
     for line, value, row_id in checked:
         if isinstance(value, list):
@@ -256,8 +238,6 @@ def complete(
     progress = progress or progress_mod.quiet()
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
     if any(r.chat for r in requests):  # a chat turn ends at the template's end-of-turn token, maybe not EOS
-        from . import chat
-
         stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         kwargs["eos_token_id"] = stops + [i for i in chat.end_of_turn_ids(tokenizer) if i not in stops]
     if temperature > 0:
