@@ -15,11 +15,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
-onnxruntime = pytest.importorskip("onnxruntime")
+import onnxruntime  # noqa: E402  (the export extra; CI installs it: a missing runtime fails, never skips)
 
 import lorakit as lk  # noqa: E402
 from lorakit.cli import main  # noqa: E402
 from lorakit.export import onnx  # noqa: E402
+from lorakit.export.prepare import ProofFailed  # noqa: E402
 from lorakit.hf import models as hf  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -98,7 +99,9 @@ def test_minilm_seq_cls_cli(minilm, tmp_path):
                         "--format", "onnx", "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"exported seq-cls model to {out / 'model.onnx'}; proof onnxruntime" in r.stdout
-    proof = json.loads((out / "proof.json").read_text())
+    proofs = json.loads((out / "proof.json").read_text())
+    assert proofs["passed"] and len(proofs["proofs"]) == 1
+    proof = proofs["proofs"][0]
     assert proof["passed"] and proof["tolerance"] == 1e-4 and proof["argmax_agree"] == proof["positions"] == 4
     assert json.loads((out / "config.json").read_text())["id2label"] == {str(k): v for k, v in LABELS.items()}
     reference, batch = _lorakit_logits(model_dir, adapter, HELD_OUT)
@@ -115,7 +118,7 @@ def test_tiny_llama_logits(llama, tmp_path):
     assert done.task == "causal-lm" and done.proof.passed and done.proof.max_abs_diff < 1e-4
     texts = ["the cat sat", "hello world good morning one two three", "a bird sang a song"]
     reference, batch = _lorakit_logits(model_dir, adapter, texts)
-    got = _onnx_logits(done.onnx_file, batch)
+    got = _onnx_logits(done.artefact, batch)
     real = batch["attention_mask"].bool()
     assert (got[real] - reference[real]).abs().max() < 1e-4
     assert torch.equal(got[real].argmax(-1), reference[real].argmax(-1))
@@ -144,13 +147,13 @@ def test_two_adapters_summed(llama, tmp_path):
     with torch.no_grad():
         reference = model.eval()(**batch).logits
     real = batch["attention_mask"].bool()
-    assert (_onnx_logits(done.onnx_file, batch)[real] - reference[real]).abs().max() < 1e-4
+    assert (_onnx_logits(done.artefact, batch)[real] - reference[real]).abs().max() < 1e-4
 
 
 def test_failed_proof_leaves_nothing(llama, tmp_path):
     """A proof that fails (here: a tolerance no export meets) raises and leaves nothing at out, nor beside it."""
     model_dir, adapter = llama
-    with pytest.raises(onnx.ProofFailed, match="FAILED"):
+    with pytest.raises(ProofFailed, match="FAILED"):
         onnx.export_onnx(model_dir, [adapter], tmp_path / "out", tolerance=-1.0)
     assert list(tmp_path.iterdir()) == []
 

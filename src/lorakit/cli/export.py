@@ -1,9 +1,10 @@
-"""`lorakit export`: the model with its adapter(s) merged, in an edge runtime's format, proven by reloading it there.
+"""`lorakit export`: the fine-tuned model in an edge runtime's format, proven by reloading it there.
 
-    lorakit export --model DIR --adapter DIR --format onnx --out DIR
+    lorakit export --model DIR --adapter DIR --format onnx|gguf|gguf-adapter --out DIR [--dtype ...]
 
-prints the proof (max |Δlogit| and argmax agreement against lorakit's unmerged model, the tolerance, the verdict)
-and writes it as OUT/proof.json. Exit 1 when the proof fails (nothing is written at --out), 2 for bad input.
+prints the proof (max |Δlogit|, argmax and greedy-token agreement against lorakit's unmerged model, the
+tolerance, the verdict), writes it as OUT/proof.json beside the artefact, and ends with one line naming the
+artefact. Exit 1 when a proof fails (nothing is written at --out), 2 for bad input.
 """
 
 from __future__ import annotations
@@ -17,42 +18,65 @@ from pathlib import Path
 from ..train.progress import Progress
 from .common import BadInput, inputs, new_or_empty, quiet_transformers
 
-FORMATS = ("onnx",)  # E2 adds gguf and gguf-adapter
+FORMATS = ("onnx", "gguf", "gguf-adapter")
+DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def export(args: argparse.Namespace) -> int:
     """Run `lorakit export`."""
-    from ..export import onnx
+    from ..export import gguf, onnx, prepare
 
     quiet_transformers()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     if args.format not in FORMATS:
         raise BadInput(f"--format {args.format!r} is not supported; expected one of {', '.join(FORMATS)}")
-    if args.dtype != "f32":
-        raise BadInput(f"--dtype {args.dtype} is not supported for --format onnx yet; expected f32")
+    dtype = args.dtype or ("f32" if args.format == "onnx" else "f16")
+    allowed = onnx.DTYPES if args.format == "onnx" else DTYPES
+    if dtype not in allowed:
+        raise BadInput(f"--dtype {dtype} is not supported for --format {args.format}; expected one of {allowed}")
     if not args.adapter:
         raise BadInput("--adapter DIR is required (repeat it to merge several)")
     try:
-        onnx.require_runtime()
+        (onnx.require_runtime if args.format == "onnx" else gguf.require_runtime)()
     except ImportError as e:
         raise BadInput(str(e)) from None
     new_or_empty(args.out, "choose a new --out")
-    inputs(onnx.check_exportable, args.model)
+    inputs(prepare.check_exportable, args.model)
+    if args.format != "onnx":
+        from ..export.gguf_model import check_model
+
+        inputs(check_model, args.model)
     adapters = [Path(a) for a in args.adapter]
     for a in adapters:
         if not a.is_dir():
             raise BadInput(f"--adapter {a}: no such directory")
-    texts = args.text or onnx.PROOF_TEXTS
+    texts = args.text or prepare.PROOF_TEXTS
     progress = Progress()
-    model, tok, task = inputs(onnx.load_unmerged, args.model, adapters, progress=progress)
+    model, tok, task = inputs(prepare.load_unmerged, args.model, adapters, progress=progress)
     try:
-        done = onnx.export_loaded(model, tok, task, args.out, texts=texts, progress=progress)
-    except onnx.ProofFailed as e:
+        if args.format == "onnx":
+            done = onnx.export_loaded(model, tok, task, args.out, texts=texts, dtype=dtype, progress=progress)
+        else:
+            done = inputs(
+                gguf.export_gguf,
+                model,
+                tok,
+                task,
+                args.model,
+                adapters,
+                args.out,
+                dtype=dtype,
+                adapter_only=args.format == "gguf-adapter",
+                texts=texts,
+                progress=progress,
+            )
+    except prepare.ProofFailed as e:
         print(json.dumps(asdict(e.proof), indent=2))
         print(f"{e}; nothing written at {args.out}")
         return 1
-    print(json.dumps(asdict(done.proof), indent=2))
-    print(f"exported {done.task} model to {done.onnx_file}; proof {done.proof.summary()}")
+    for p in done.proofs:
+        print(f"proof: {p.summary()}")
+    print(f"exported {done.task} model to {done.artefact} ({dtype}); proof in {done.out / 'proof.json'}")
     return 0
 
 
@@ -60,11 +84,12 @@ def add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Flags of `lorakit export`."""
     p = subparsers.add_parser(
         "export",
-        help="export the model with its adapter(s) merged to ONNX, proven in onnxruntime",
-        description="Merge the adapter(s) into the base, export the forward logits (seq-cls or causal-lm) with "
-        "torch's ONNX exporter, reload the file in onnxruntime and compare its logits with lorakit's on the same "
-        "inputs. Writes OUT/model.onnx, the tokenizer, config.json and OUT/proof.json; fails (exit 1, nothing "
-        "written) when the logits differ by more than the stated tolerance or an argmax disagrees.",
+        help="export the fine-tuned model to ONNX or llama.cpp GGUF, proven by running it there",
+        description="Export the base with its adapter(s) for an edge runtime and prove it: onnx writes the merged "
+        "model's logits graph (torch's exporter) and runs it in onnxruntime; gguf writes the merged Llama-family "
+        "model for llama.cpp; gguf-adapter writes the adapter alone in llama.cpp's LoRA layout (with the base as "
+        "GGUF beside it). Each proof runs the same inputs through the runtime and through lorakit's unmerged model "
+        "and compares every logit; it fails (exit 1, nothing written) past the tolerance it states.",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (transformers)")
     p.add_argument(
@@ -75,7 +100,11 @@ def add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument("--format", default="onnx", help=f"what to write: {', '.join(FORMATS)} (default onnx)")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the export (new or empty)")
-    p.add_argument("--dtype", default="f32", choices=["f32"], help="the exported weights' dtype (default f32)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="the exported weights' type (default: f32 for onnx, f16 for gguf and gguf-adapter)",
+    )
     p.add_argument(
         "--text", action="append", metavar="TEXT", help="a proof input (repeatable; default: a few fixed sentences)"
     )

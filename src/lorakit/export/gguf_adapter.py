@@ -61,6 +61,7 @@ def write_gguf_adapter(
     *,
     dtype: str = "f32",
     progress: Progress | None = None,
+    shown_as: str | Path | None = None,
 ) -> GgufAdapterReport:
     """Write the adapter at `adapter_dir` (for the model at `base_dir`) as llama.cpp's LoRA GGUF at `out`.
 
@@ -73,6 +74,7 @@ def write_gguf_adapter(
         out: the .gguf file to write.
         dtype: "f32", "f16" or "bf16" for the A and B tensors.
         progress: progress reporter (None: quiet).
+        shown_as: the name progress gives `out` (the final path, when `out` is inside a temporary directory).
 
     Returns:
         A `GgufAdapterReport`.
@@ -148,7 +150,7 @@ def write_gguf_adapter(
             tensors[name + ".lora_b"] = b.contiguous().numpy()
             task.advance()
     out = Path(out)
-    with progress.task(f"writing {out}"), replacing(out) as tmp:
+    with progress.task(f"writing {shown_as or out}"), replacing(out) as tmp:
         _write(gguf, tmp, tensors, alpha, dtype, Path(adapter_dir).name)
     return GgufAdapterReport(out, alpha, {k: tuple(v.shape) for k, v in tensors.items()}, folded)
 

@@ -37,7 +37,12 @@ class GgufModelReport:
 
 
 def write_gguf_model(
-    model_dir: str | Path, out: str | Path, *, dtype: str = "f16", progress: Progress | None = None
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "f16",
+    progress: Progress | None = None,
+    shown_as: str | Path | None = None,
 ) -> GgufModelReport:
     """Write the Llama-family model saved at `model_dir` (config.json, *.safetensors, tokenizer) as GGUF at `out`.
 
@@ -47,6 +52,7 @@ def write_gguf_model(
         dtype: "f32", "f16", "bf16" or "q8_0" for the 2-D weights (a row length not a multiple of 32 stays f16
             under q8_0, as convert_hf_to_gguf.py does).
         progress: progress reporter (None: quiet).
+        shown_as: the name progress gives `out` (the final path, when `out` is inside a temporary directory).
 
     Returns:
         A `GgufModelReport`.
@@ -67,7 +73,8 @@ def write_gguf_model(
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise GgufExportError(f"{model_dir}: no *.safetensors weights (lorakit never loads pickled weights)")
-    with progress.task(f"reading {model_dir}", total=len(files), unit="files") as task:
+    reading = "reading the merged model" if shown_as else f"reading {model_dir}"
+    with progress.task(reading, total=len(files), unit="files") as task:
         for f in files:
             state.update(safetensors.read(f)[0])
             task.advance()
@@ -87,7 +94,7 @@ def write_gguf_model(
             t = rope_permute(t, n_kv)
         tensors[name] = t.contiguous().numpy()
     out = Path(out)
-    with progress.task(f"writing {out}", total=len(tensors), unit="tensors") as task, replacing(out) as tmp:
+    with progress.task(f"writing {shown_as or out}", total=len(tensors), unit="tensors") as task, replacing(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch="llama")
         _write_params(gguf, writer, hparams, model_dir.name, dtype)
         _write_vocab(gguf, writer, model_dir, int(hparams["vocab_size"]))
@@ -107,6 +114,13 @@ def write_gguf_model(
         writer.write_tensors_to_file()
         writer.close()
     return GgufModelReport(out, types)
+
+
+def check_model(model_dir: str | Path) -> None:
+    """Raise GgufExportError unless the model at `model_dir` is one `write_gguf_model` can write (before any work)."""
+    model_dir = Path(model_dir)
+    _check_supported(model_dir, llama_hparams(model_dir))
+    _check_byte_level_bpe(model_dir / "tokenizer.json")
 
 
 def _check_supported(model_dir: Path, hparams: dict[str, Any]) -> None:

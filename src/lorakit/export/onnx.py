@@ -10,56 +10,25 @@ place only when the proof passes, so a failed export leaves nothing at `out`.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..errors import LoraError
 from ..files.atomic import replacing_dir
-from ..hf import models as hf
 from ..train.progress import Progress, quiet
-from .proof import Proof, check_onnx
+from .prepare import PROOF_TEXTS, Exported, ProofFailed, load_unmerged
+from .proof import check_onnx
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ONNX_FILE = "model.onnx"
+DTYPES = ("f32",)  # the exported weights' types (proof.TOLERANCE has a bound for each)
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-# Held-out proof inputs of different lengths, so padding and the attention mask are exercised too.
-PROOF_TEXTS = (
-    "The film was a delight from start to finish.",
-    "I would not recommend this product to anyone.",
-    "Edge devices run small models.",
-    "ok",
-)
-
-
-class ExportInputError(LoraError, ValueError):
-    """The model or adapter cannot be exported as asked (a quantised base, an unsupported task, ...)."""
-
-
-class ProofFailed(LoraError, RuntimeError):
-    """The exported artefact does not compute what lorakit does, within the stated tolerance."""
-
-    def __init__(self, proof: Proof) -> None:
-        super().__init__(f"the proof failed: {proof.summary()}")
-        self.proof = proof
-
-
-@dataclass(frozen=True)
-class Exported:
-    """What `export_onnx` wrote: the directory, the ONNX file in it, the task and the proof."""
-
-    out: Path
-    onnx_file: Path
-    task: str
-    proof: Proof
 
 
 class _Logits(nn.Module):
@@ -79,57 +48,8 @@ class _Logits(nn.Module):
         return self.model(**kwargs).logits
 
 
-def check_exportable(model_dir: str | Path) -> Path:
-    """The model directory, checked for what ONNX export cannot take (a quantised base)."""
-    path = hf.check_model_dir(model_dir)
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "?")
-        raise ExportInputError(
-            f"{config_file}: the base is quantised ({method}); ONNX export needs full-precision weights: "
-            "export from the unquantised base model"
-        )
-    return path
-
-
-def load_unmerged(
-    model_dir: str | Path, adapter_dirs: list[Path], *, progress: Progress | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """(model, tokenizer, task): the base with its adapter(s) loaded, unmerged; several are combined exactly ("cat")."""
-    from .. import adapters
-    from ..loading import load_adapters
-
-    progress = progress or quiet()
-    check_exportable(model_dir)
-    if len(adapter_dirs) == 1:
-        model, tok, task = hf.load_with_adapter(model_dir, adapter_dirs[0], progress=progress)
-    else:
-        tasks = {hf.read_task(d)[0] for d in adapter_dirs}
-        if len(tasks) != 1 or "seq-cls" in tasks:
-            raise ExportInputError(
-                f"several adapters combine only for one causal-lm task; these are {sorted(tasks)}: export one at a time"
-            )
-        task = tasks.pop()
-        with progress.task(f"loading the model {model_dir}"):
-            model, tok = hf.load(model_dir, task)
-        names = [f"adapter{i}" for i in range(len(adapter_dirs))]
-        for name, d in zip(names, adapter_dirs, strict=True):
-            with progress.task(f"loading the adapter {d}"):
-                load_adapters(model, d, name=name)
-        adapters.combine_adapters(model, dict.fromkeys(names, 1.0), "combined")
-        adapters.set_adapter(model, "combined")
-        for name in names:
-            adapters.delete_adapter(model, name)
-    if task not in ("seq-cls", "causal-lm"):
-        raise ExportInputError(f"task {task!r}: ONNX export covers seq-cls and causal-lm")
-    return model.eval(), tok, task
-
-
 def proof_inputs(tok: PreTrainedTokenizerBase, texts: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
     """The tokenised proof texts as one padded batch, with the inputs the exported graph takes."""
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     batch = tok(list(texts), return_tensors="pt", padding=True)
     return {k: batch[k] for k in INPUT_NAMES if k in batch}
 
@@ -156,6 +76,7 @@ def export_loaded(
     out: str | Path,
     *,
     texts: tuple[str, ...] | list[str] = PROOF_TEXTS,
+    dtype: str = "f32",
     tolerance: float | None = None,
     progress: Progress | None = None,
 ) -> Exported:
@@ -185,7 +106,7 @@ def export_loaded(
             raise ProofFailed(proof)
         tok.save_pretrained(new)
         model.config.save_pretrained(new)
-    return Exported(out, out / ONNX_FILE, task, proof)
+    return Exported(out, out / ONNX_FILE, task, (proof,))
 
 
 def require_runtime() -> None:
