@@ -98,7 +98,8 @@ def test_minilm_seq_cls_cli(minilm, tmp_path):
     r = subprocess.run([sys.executable, "-m", "lorakit", "export", "--model", str(model_dir), "--adapter", str(adapter),
                         "--format", "onnx", "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert f"exported seq-cls model to {out / 'model.onnx'}; proof onnxruntime" in r.stdout
+    assert f"exported seq-cls model to {out / 'model.onnx'} (f32); proof in {out / 'proof.json'}" in r.stdout
+    assert "proof: onnxruntime" in r.stdout
     proofs = json.loads((out / "proof.json").read_text())
     assert proofs["passed"] and len(proofs["proofs"]) == 1
     proof = proofs["proofs"][0]

@@ -15,6 +15,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from ..errors import LoraFileError
 from ..train.progress import Progress
 from .common import BadInput, inputs, new_or_empty, quiet_transformers
 
@@ -42,14 +43,25 @@ def export(args: argparse.Namespace) -> int:
         raise BadInput(str(e)) from None
     new_or_empty(args.out, "choose a new --out")
     inputs(prepare.check_exportable, args.model)
-    if args.format != "onnx":
-        from ..export.gguf_model import check_model
-
-        inputs(check_model, args.model)
     adapters = [Path(a) for a in args.adapter]
     for a in adapters:
         if not a.is_dir():
             raise BadInput(f"--adapter {a}: no such directory")
+    if args.format != "onnx":  # before the model is loaded: what llama.cpp's GGUF cannot express
+        from ..export.gguf_adapter import check_adapter
+        from ..export.gguf_model import check_model
+
+        inputs(check_model, args.model)
+        if args.format == "gguf-adapter":
+            if len(adapters) != 1:
+                raise BadInput(
+                    f"--format gguf-adapter writes one adapter, got {len(adapters)}: export each (llama.cpp takes "
+                    "several --lora files) or merge them into the model with --format gguf"
+                )
+            try:
+                check_adapter(adapters[0], args.model)
+            except LoraFileError as e:
+                raise BadInput(_flags(e)) from None
     texts = args.text or prepare.PROOF_TEXTS
     progress = Progress()
     model, tok, task = inputs(prepare.load_unmerged, args.model, adapters, progress=progress)
@@ -57,8 +69,7 @@ def export(args: argparse.Namespace) -> int:
         if args.format == "onnx":
             done = onnx.export_loaded(model, tok, task, args.out, texts=texts, dtype=dtype, progress=progress)
         else:
-            done = inputs(
-                gguf.export_gguf,
+            done = gguf.export_gguf(
                 model,
                 tok,
                 task,
@@ -74,10 +85,17 @@ def export(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(e.proof), indent=2))
         print(f"{e}; nothing written at {args.out}")
         return 1
+    except (LoraFileError, prepare.ExportInputError) as e:  # what the writers refuse (the reason is in e)
+        raise BadInput(_flags(e)) from None
     for p in done.proofs:
         print(f"proof: {p.summary()}")
     print(f"exported {done.task} model to {done.artefact} ({dtype}); proof in {done.out / 'proof.json'}")
     return 0
+
+
+def _flags(e: BaseException) -> str:
+    """The library's message with the remedy worded in this command's flags."""
+    return str(e).replace('(format "gguf")', "(--format gguf)").replace("(task causal-lm)", "(--task causal-lm)")
 
 
 def add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

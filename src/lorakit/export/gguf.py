@@ -86,11 +86,11 @@ def export_gguf(
     progress = progress or quiet()
     require_runtime()
     if task != "causal-lm":
-        raise ExportInputError(f"task {task!r}: GGUF is for llama.cpp's causal language models (--task causal-lm)")
+        raise ExportInputError(f"task {task!r}: GGUF is for llama.cpp's causal language models (task causal-lm)")
     if adapter_only and len(adapter_dirs) != 1:
         raise ExportInputError(
-            f"--format gguf-adapter writes one adapter, got {len(adapter_dirs)}: export each (llama.cpp takes "
-            "several --lora files) or merge them into the model with --format gguf"
+            f"an adapter GGUF holds one adapter, got {len(adapter_dirs)}: export each (llama.cpp applies several "
+            'adapter files) or merge them into the model (format "gguf")'
         )
     out = Path(out)
     ids = [tok(t)["input_ids"] for t in texts]

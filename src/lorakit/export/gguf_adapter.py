@@ -84,6 +84,24 @@ def write_gguf_adapter(
     progress = progress or progress_mod.quiet()
     if dtype not in DTYPES:
         raise GgufExportError(f"dtype {dtype!r} is not supported for an adapter GGUF: expected one of {DTYPES}")
+    alpha, tensors, folded = _convert(gguf, Path(adapter_dir), Path(base_dir), progress)
+    out = Path(out)
+    with progress.task(f"writing {shown_as or out}"), replacing(out) as tmp:
+        _write(gguf, tmp, tensors, alpha, dtype, Path(adapter_dir).name)
+    return GgufAdapterReport(out, alpha, {k: tuple(v.shape) for k, v in tensors.items()}, folded)
+
+
+def check_adapter(adapter_dir: str | Path, base_dir: str | Path) -> None:
+    """Raise GgufExportError unless `write_gguf_adapter` can write this adapter for this base (nothing is written)."""
+    import gguf
+
+    _convert(gguf, Path(adapter_dir), Path(base_dir), progress_mod.quiet())
+
+
+def _convert(
+    gguf: Any, adapter_dir: Path, base_dir: Path, progress: Progress
+) -> tuple[float, dict[str, np.ndarray], dict[str, float]]:
+    """(alpha, {GGUF name: array}, {module: factor folded into B}) for the adapter, or GgufExportError saying why."""
     hparams = llama_hparams(Path(base_dir))
     file = read_adapter(adapter_dir)
     spec = file.spec
@@ -91,12 +109,12 @@ def write_gguf_adapter(
     if spec.config.use_dora:
         raise GgufExportError(
             f"{where}: use_dora=true: llama.cpp's LoRA adapters have no DoRA magnitude (it computes W + s·B·A only);"
-            " merge the adapter into the model and export that (--format gguf) instead"
+            ' merge the adapter into the model and export that (format "gguf") instead'
         )
     if spec.modules_to_save:
         raise GgufExportError(
             f"{where}: modules_to_save={spec.modules_to_save}: a llama.cpp adapter holds only lora_a/lora_b pairs "
-            "(convert_lora_to_gguf.py refuses full weights); merge into the model and export with --format gguf"
+            '(convert_lora_to_gguf.py refuses full weights); merge into the model and export that (format "gguf")'
         )
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, t in file.tensors.items():
@@ -104,7 +122,7 @@ def write_gguf_adapter(
         if parts is None or parts[1] not in ("lora_A", "lora_B"):
             raise GgufExportError(
                 f"{file.where}: tensor {key!r}: a llama.cpp adapter holds only lora_A/lora_B pairs (no biases, "
-                "no full weights); merge into the model and export with --format gguf"
+                'no full weights); merge into the model and export that (format "gguf")'
             )
         module, tensor, _ = parts
         pairs.setdefault(module, {})[tensor] = t
@@ -149,10 +167,7 @@ def write_gguf_adapter(
             tensors[name + ".lora_a"] = a.contiguous().numpy()
             tensors[name + ".lora_b"] = b.contiguous().numpy()
             task.advance()
-    out = Path(out)
-    with progress.task(f"writing {shown_as or out}"), replacing(out) as tmp:
-        _write(gguf, tmp, tensors, alpha, dtype, Path(adapter_dir).name)
-    return GgufAdapterReport(out, alpha, {k: tuple(v.shape) for k, v in tensors.items()}, folded)
+    return alpha, tensors, folded
 
 
 def rope_permute(rows: Tensor, n_head: int) -> Tensor:
@@ -197,7 +212,8 @@ def llama_hparams(base_dir: Path) -> dict[str, Any]:
     archs = hparams.get("architectures") if isinstance(hparams, dict) else None
     if not isinstance(archs, list) or not archs or archs[0] not in LLAMA_ARCHITECTURES:
         raise GgufExportError(
-            f"{path}: architectures={archs!r}: the GGUF adapter export supports {', '.join(LLAMA_ARCHITECTURES)}"
+            f"{path}: architectures={archs!r}: lorakit's GGUF export (model and adapter) supports "
+            + ", ".join(LLAMA_ARCHITECTURES)
         )
     return hparams
 

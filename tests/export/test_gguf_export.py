@@ -1,0 +1,169 @@
+"""`lorakit export --format gguf | gguf-adapter`, proven in llama.cpp itself (llama-cpp-python, installed by CI).
+
+The proofs are lorakit's own; these tests check that they run (not skipped: llama_cpp is imported here, so a
+missing runtime fails), that they are tight where they must be (f32 within 1e-5, not just the stated 1e-4), that
+the adapter's effect is large beside them (so agreement is not the base agreeing with itself), and that they fail
+when the file computes something else.
+"""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import llama_cpp  # noqa: F401  (the export extra: CI installs it; a missing runtime fails here, never skips)
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import lorakit as lk
+from lorakit.cli import main
+from lorakit.export import gguf, prepare
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_gguf_model import save_bpe_llama  # noqa: E402
+
+ENV_PY = [sys.executable, "-m", "lorakit", "export"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "embed_tokens", "lm_head"]
+
+
+def _randomised(model, seed=7, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def _adapter(base_dir, out, config, targets=TARGETS, seed=7):
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    lk.save_adapters(_randomised(lk.apply_lora(base, config, targets), seed), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(base dir, adapter dir): a tiny byte-level-BPE Llama and an rsLoRA adapter with per-module alpha and rank,
+    on attention, MLP, the embeddings and the (untied) head: everything llama.cpp's one global alpha gets wrong."""
+    root = tmp_path_factory.mktemp("gguf-export")
+    base_dir = save_bpe_llama(root / "base")
+    config = lk.LoraConfig(
+        rank=4, alpha=8, use_rslora=True, rank_pattern={"layers.1.self_attn.q_proj": 6}, alpha_pattern={"v_proj": 3}
+    )
+    return base_dir, _adapter(base_dir, root / "adapter", config)
+
+
+def _proofs(out):
+    return json.loads((out / "proof.json").read_text())
+
+
+def test_gguf_adapter_cli_proves_base_and_base_plus_adapter_in_llama_cpp(llama, tmp_path):
+    base_dir, adapter = llama
+    out = tmp_path / "out"
+    r = subprocess.run([*ENV_PY, "--model", base_dir, "--adapter", adapter, "--format", "gguf-adapter",
+                        "--dtype", "f32", "--out", out], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.gguf", "model.gguf", "proof.json"]
+    proofs = _proofs(out)
+    assert proofs["passed"] and [p["what"] for p in proofs["proofs"]] == ["base", "model.gguf + adapter.gguf"]
+    for p in proofs["proofs"]:
+        assert p["max_abs_diff"] < 1e-5 and p["tolerance"] == 1e-4  # measured ~6e-7
+        assert p["argmax_agree"] == p["positions"] and p["greedy_agree"] == p["greedy_tokens"] == 32
+        assert p["tokenizer_agrees"] is True
+        assert p["runtime"].startswith("llama.cpp (llama-cpp-python")
+    assert r.stdout.strip().splitlines()[-1] == f"exported causal-lm model to {out / 'adapter.gguf'} (f32); proof in {out / 'proof.json'}"
+
+
+def test_the_adapter_changes_the_logits_far_beyond_the_tolerance(llama):
+    """Agreement would mean nothing if the adapter did nothing: its effect on the proof inputs is >> 1e-4."""
+    base_dir, adapter = llama
+    model, tok, _ = prepare.load_unmerged(base_dir, [adapter])
+    ids = torch.tensor([tok(prepare.PROOF_TEXTS[0])["input_ids"]])
+    with torch.no_grad():
+        adapted = model(ids).logits
+        with lk.disable_adapters(model):
+            bare = model(ids).logits
+    assert (adapted - bare).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
+def test_merged_gguf_is_proven_for_each_dtype(llama, tmp_path, dtype):
+    base_dir, adapter = llama
+    model, tok, task = prepare.load_unmerged(base_dir, [adapter])
+    done = gguf.export_gguf(model, tok, task, base_dir, [adapter], tmp_path / "out", dtype=dtype)
+    (proof,) = done.proofs
+    assert proof.passed and proof.what == "merged" and proof.dtype == dtype
+    assert proof.tokenizer_agrees and proof.greedy_agree == proof.greedy_tokens
+    if dtype == "f32":
+        assert proof.max_abs_diff < 1e-5 and proof.argmax_agree == proof.positions
+    else:  # lossy, yet well inside the bound (measured a tenth of it or less for f16, under a third for q8_0)
+        assert 1e-6 < proof.max_abs_diff < proof.tolerance / 2
+    assert done.artefact == tmp_path / "out" / "model.gguf"
+
+
+def test_dora_is_merged_into_a_gguf_model_but_refused_as_a_gguf_adapter(tmp_path):
+    base_dir = save_bpe_llama(tmp_path / "base")
+    adapter = _adapter(base_dir, tmp_path / "dora", lk.LoraConfig(rank=4, alpha=8, use_dora=True), ["q_proj", "v_proj"])
+    model, tok, task = prepare.load_unmerged(base_dir, [adapter])
+    done = gguf.export_gguf(model, tok, task, base_dir, [adapter], tmp_path / "merged", dtype="f32")
+    assert done.proof.passed and done.proof.max_abs_diff < 1e-5
+    r = subprocess.run([*ENV_PY, "--model", base_dir, "--adapter", adapter, "--format", "gguf-adapter", "--out",
+                        tmp_path / "out"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "use_dora=true" in r.stderr and "--format gguf" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_computes_something_else_fails_the_proof_and_leaves_nothing(llama, tmp_path):
+    """The reference is the adapter loaded in the model; the GGUF is written from another adapter's directory:
+    llama.cpp then computes something else, the proof says so, and nothing is left at out or beside it."""
+    base_dir, adapter = llama
+    other = _adapter(base_dir, tmp_path / "other", lk.LoraConfig(rank=4, alpha=8, use_rslora=True,
+                     rank_pattern={"layers.1.self_attn.q_proj": 6}, alpha_pattern={"v_proj": 3}), seed=8)
+    model, tok, task = prepare.load_unmerged(base_dir, [adapter])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(prepare.ProofFailed, match="FAILED") as e:
+        gguf.export_gguf(model, tok, task, base_dir, [other], tmp_path / "out", dtype="f32", adapter_only=True)
+    assert e.value.proof.what == "model.gguf + adapter.gguf" and e.value.proof.max_abs_diff > 0.1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_bad_input_exits_2_before_loading_and_writes_nothing(llama, tmp_path, capsys):
+    base_dir, adapter = llama
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import _hf_models
+
+    gpt2 = _hf_models.save_tiny("gpt2", tmp_path / "gpt2")
+    tied = save_bpe_llama(tmp_path / "tied", tie=True)
+    head = _adapter(tied, tmp_path / "head", lk.LoraConfig(rank=2), ["lm_head"])
+    other = copy.deepcopy(json.loads((base_dir / "config.json").read_text()))
+    other["hidden_size"], other["intermediate_size"] = 64, 128
+    bigger = tmp_path / "bigger"
+    bigger.mkdir()
+    for f in base_dir.iterdir():
+        (bigger / f.name).write_bytes(f.read_bytes())
+    (bigger / "config.json").write_text(json.dumps(other))
+    out = tmp_path / "out"
+    cases = [
+        (["--model", gpt2, "--adapter", adapter, "--format", "gguf"], "GGUF export (model and adapter) supports"),
+        (["--model", base_dir, "--adapter", adapter, "--adapter", adapter, "--format", "gguf-adapter"],
+         "writes one adapter, got 2"),
+        (["--model", tied, "--adapter", head, "--format", "gguf-adapter"], "ties lm_head to the embeddings"),
+        (["--model", bigger, "--adapter", adapter, "--format", "gguf-adapter"], "the adapter is for another model"),
+        (["--model", base_dir, "--adapter", adapter, "--format", "gguf", "--dtype", "q4_k"], "invalid choice"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) if "q4_k" in args else _no_raise():
+            assert main(["export", *map(str, args), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
