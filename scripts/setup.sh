@@ -11,8 +11,20 @@ venv="${VENV:-.venv}"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 spec="${TORCH_SPEC-torch==2.13.0}"
 [ -z "$spec" ] || "${pip[@]}" "$spec"
+
+# llama-cpp-python (the runtime of the GGUF export's proof) builds llama.cpp from source: ~8 minutes on 2 cores.
+# It is built for any x86-64 with AVX2 (GGML_NATIVE=OFF), not for this machine's CPU, and kept in a wheel cache
+# of its own: pip's shared cache does not key wheels by CPU, and a build using this CPU's AVX-512 would die with
+# SIGILL on one without. A second set-up on any machine sharing that cache then takes seconds.
+llama_cpp() {
+  "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null && return 0
+  echo "setup: building llama-cpp-python (portable, ~8 minutes the first time; cached in $LLAMA_CACHE)" >&2
+  CMAKE_ARGS="-DGGML_NATIVE=OFF ${CMAKE_ARGS:-}" PIP_CACHE_DIR="$LLAMA_CACHE" "${pip[@]}" "llama-cpp-python==0.3.36"
+}
+LLAMA_CACHE="${LORAKIT_LLAMA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorakit/llama-cpp-portable}"
+
 case "$extras" in
-  dev) "${pip[@]}" -e ".[dev]" ;;
+  dev) "${pip[@]}" -e ".[dev]" && llama_cpp ;;
   *.whl) "${pip[@]}" "$extras" ;;
   *) "${pip[@]}" -e . ;;
 esac

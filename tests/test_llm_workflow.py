@@ -119,3 +119,8 @@ def test_readme_chat_workflow_runs_as_written(tmp_path):
     assert proc.returncode == 0, f"the README block failed:\n{block}\n{proc.stderr[-3000:]}"
     assert '"completion"' in proc.stdout
     assert (tmp_path / "models/tiny-chat-merged/config.json").is_file()
+    # the workflow ends with an export and, as a comment, the line it prints: that is the line printed
+    last_command, printed = block.strip().splitlines()[-2:]
+    assert last_command.startswith("lorakit export ") and printed.startswith("# ")
+    assert proc.stdout.strip().splitlines()[-1] == printed[2:]
+    assert json.loads((tmp_path / "chat-onnx/proof.json").read_text())["passed"]
