@@ -30,7 +30,21 @@ def inspect(args: argparse.Namespace) -> int:
     from ..files import inspect as adapter_info
 
     info = inputs(adapter_info.describe, args.adapter)
-    print(json.dumps(info, indent=2) if args.json else adapter_info.render(info))
+    # -- portability report (issue 15): --target / --model --------------------------------------------
+    if args.model and not args.target:
+        raise BadInput("--model is read by the portability checks: add --target vllm|llama.cpp|onnx|peft")
+    found = None
+    if args.target:
+        from ..export import portability
+
+        model = inputs(portability.read_model_config, Path(args.model)) if args.model else None
+        found = portability.check(info, list(dict.fromkeys(args.target)), model)
+        info["portability"] = {t: [f.to_json() for f in fs] for t, fs in found.items()}
+    # -------------------------------------------------------------------------------------------------
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(adapter_info.render(info) + ("\n\n" + portability.render(found) if found else ""))
     return 0
 
 
@@ -219,6 +233,14 @@ def add_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     p.add_argument("adapter", help="adapter directory, its adapter_model.safetensors, or a lorakit layer .safetensors")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.add_argument(
+        "--target",
+        action="append",
+        choices=("vllm", "llama.cpp", "onnx", "peft"),
+        help="report what this runtime refuses or computes differently for the adapter, and what fixes it "
+        "(repeatable); docs/export.md lists the rules and their sources",
+    )
+    p.add_argument("--model", metavar="DIR", help="with --target: also check the base model's config.json")
     p.set_defaults(run=inspect)
 
 
