@@ -32,6 +32,8 @@ def export(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise BadInput(f"--format {args.format!r} is not supported; expected one of {', '.join(FORMATS)}")
     dtype = args.dtype or ("f32" if args.format == "onnx" else "f16")
+    if args.format == "onnx":
+        inputs(onnx.check_dtype, dtype)  # bf16: refused with onnxruntime's reason
     allowed = onnx.DTYPES if args.format == "onnx" else DTYPES
     if dtype not in allowed:
         raise BadInput(f"--dtype {dtype} is not supported for --format {args.format}; expected one of {allowed}")
@@ -121,7 +123,9 @@ def add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--dtype",
         choices=DTYPES,
-        help="the exported weights' type (default: f32 for onnx, f16 for gguf and gguf-adapter)",
+        help="the exported weights' type (default: f32 for onnx, f16 for gguf and gguf-adapter); for onnx: f32, f16 "
+        "or q8_0 (ONNX Runtime's weight-only int8, MatMulNBits in blocks of 32: q8_0's scheme, not GGUF's bytes); "
+        "bf16 is refused for onnx (onnxruntime's CPU provider has no bfloat16 Add/Mul kernels)",
     )
     p.add_argument(
         "--text", action="append", metavar="TEXT", help="a proof input (repeatable; default: a few fixed sentences)"

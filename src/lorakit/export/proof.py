@@ -117,9 +117,13 @@ def check_onnx(
     reference: torch.Tensor,
     *,
     task: str,
+    dtype: str = "f32",
     tolerance: float | None = None,
 ) -> Proof:
-    """Load `onnx_file` in onnxruntime (CPU provider), run `inputs`, compare with lorakit's `reference` logits."""
+    """Load `onnx_file` in onnxruntime (CPU provider), run `inputs`, compare with lorakit's `reference` logits.
+
+    `dtype` is the graph's weight type, recorded in the proof; `tolerance` (default TOLERANCE["f32"]) is absolute.
+    """
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
@@ -132,7 +136,8 @@ def check_onnx(
         runtime=f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)",
         artefact=str(onnx_file.name),
         task=task,
-        tolerance=tolerance,
+        dtype=dtype,
+        tolerance=TOLERANCE["f32"] if tolerance is None else tolerance,
     )
 
 
