@@ -137,15 +137,20 @@ def test_minilm_seq_cls_cli(minilm, exported, dtype):
     assert proofs["passed"] and len(proofs["proofs"]) == 1
     proof = proofs["proofs"][0]
     assert proof["passed"] and proof["dtype"] == dtype and proof["positions"] == 4
-    # q8_0 may part from lorakit only at a near-tie (the proof's rule); here "ok" (top two 0.08 apart) flips
-    assert proof["argmax_agree"] == (3 if dtype == "q8_0" else 4)
+    # q8_0 may part from lorakit only at a near-tie (the proof's rule): "ok" (top two 0.08 apart) flipped here, on
+    # this AMD CPU; another CPU's int8 kernels may keep it
+    assert proof["argmax_agree"] == 4 or (dtype == "q8_0" and proof["argmax_agree"] == 3)
     assert proof["max_abs_diff"] <= proof["tolerance"]
     assert json.loads((out / "config.json").read_text())["id2label"] == {str(k): v for k, v in LABELS.items()}
     assert sorted(f.name for f in out.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]  # no f32 left over
     reference, batch = _lorakit_logits(model_dir, adapter, HELD_OUT)
     got = _onnx_logits(out / "model.onnx", batch)
     assert (got - reference).abs().max() < _bound(dtype, reference)
-    assert got.argmax(-1).tolist() == reference.argmax(-1).tolist()  # q8_0 too, on these held-out texts
+    if dtype == "q8_0":  # a prediction may differ only where lorakit's own top two are within 2 × the bound
+        chosen = reference.gather(-1, got.argmax(-1, keepdim=True)).squeeze(-1)
+        assert (reference.max(-1).values - chosen <= 2 * _bound(dtype, reference)).all()
+    else:
+        assert got.argmax(-1).tolist() == reference.argmax(-1).tolist()
     assert len(set(reference.argmax(-1).tolist())) > 1  # the adapter's head tells the texts apart
     if dtype == "f32":
         assert proof["tolerance"] == 1e-4
