@@ -32,8 +32,8 @@ def export(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise BadInput(f"--format {args.format!r} is not supported; expected one of {', '.join(FORMATS)}")
     dtype = args.dtype or ("f32" if args.format == "onnx" else "f16")
-    if args.format == "onnx":
-        inputs(onnx.check_dtype, dtype)  # bf16: refused with onnxruntime's reason
+    if args.format == "onnx" and dtype in onnx.REFUSED:  # bf16: refused with onnxruntime's reason
+        raise BadInput(f"--dtype {dtype} is refused for --format onnx: {onnx.REFUSED[dtype]}")
     allowed = onnx.DTYPES if args.format == "onnx" else DTYPES
     if dtype not in allowed:
         raise BadInput(f"--dtype {dtype} is not supported for --format {args.format}; expected one of {allowed}")

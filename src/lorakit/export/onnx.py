@@ -93,9 +93,9 @@ def export_onnx(
 def check_dtype(dtype: str) -> str:
     """`dtype` if ONNX export writes it; else ExportInputError with the reason (bf16) or the supported ones."""
     if dtype in REFUSED:
-        raise ExportInputError(f"--dtype {dtype} is refused for --format onnx: {REFUSED[dtype]}")
+        raise ExportInputError(f"dtype {dtype} is refused for ONNX export: {REFUSED[dtype]}")
     if dtype not in DTYPES:
-        raise ExportInputError(f"--dtype {dtype!r} is not supported for --format onnx; expected one of {DTYPES}")
+        raise ExportInputError(f"dtype {dtype!r} is not supported for ONNX export; expected one of {DTYPES}")
     return dtype
 
 
