@@ -20,6 +20,7 @@ from . import bases
 from .adapters import active_adapter
 from .config import LoraBias, LoraConfig
 from .errors import LoraFileError, LoraStateError
+from .fingerprint import check_base
 from .files.checks import check_tensors, copy_into
 from .files.peft_format import AdapterFile, peft_key, plain_key, read_adapter
 from .layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, supported_types, with_lora, wrapper_for
@@ -62,7 +63,12 @@ class LoadPlan:
 
 
 def load_adapters(
-    model: nn.Module, directory: str | Path, *, name: str | None = None, allow_nonfinite: bool = False
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    name: str | None = None,
+    allow_nonfinite: bool = False,
+    allow_base_mismatch: bool = False,
 ) -> nn.Module:
     """Load a PEFT-layout adapter directory into `model`, strictly; returns the model.
 
@@ -72,6 +78,11 @@ def load_adapters(
     adapter of that name, into a new inactive adapter beside the others (see `lorakit.adapters`).
     Every key, shape, rank, dtype and value is checked before anything changes; a model merged in place
     (`merge_`) is refused with `LoraStateError` (unmerge it first).
+
+    Then the adapter's `lorakit.json` is checked (`lorakit.fingerprint.check_base`): tensors changed since
+    saving raise `LoraFileChanged`; a base other than the one it was saved for raises `LoraBaseMismatch`
+    naming the modules that differ (a `ProvenanceNote` warning instead with `allow_base_mismatch`). A
+    PEFT-made adapter, without that file, loads with a `ProvenanceNote` that its base could not be checked.
 
     Examples:
         >>> import tempfile, lorakit as lk
@@ -83,7 +94,10 @@ def load_adapters(
     """
     if name is not None:
         check_adapter_name(name)
-    attach(model, plan_load(model, read_adapter(directory), name, allow_nonfinite=allow_nonfinite))
+    file = read_adapter(directory)
+    plan = plan_load(model, file, name, allow_nonfinite=allow_nonfinite)  # a damaged file is refused as such first
+    check_base(model, file, allow_mismatch=allow_base_mismatch)
+    attach(model, plan)
     return model
 
 
