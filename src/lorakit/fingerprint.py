@@ -57,9 +57,9 @@ def module_fingerprint(module: nn.Module) -> dict[str, Any]:
         w = bases.dense_weight(base)
         return {**_cached(base, w), "quantized": fmt, "source": "dequantized"}
     if layer is not None and layer.merged:
-        w = layer._unmerged_weight  # the exact base weight merge_ set aside
-        assert w is not None, "merge_ sets the base weight aside"
-        return _cached(base, w)
+        unmerged = layer._unmerged_weight  # the exact base weight merge_ set aside
+        assert unmerged is not None, "merge_ sets the base weight aside"
+        return _cached(base, unmerged)
     return _cached(base, bases.weight(base))
 
 

@@ -20,9 +20,9 @@ from . import bases
 from .adapters import active_adapter
 from .config import LoraBias, LoraConfig
 from .errors import LoraFileError, LoraStateError
-from .fingerprint import check_base
 from .files.checks import check_tensors, copy_into
 from .files.peft_format import AdapterFile, peft_key, plain_key, read_adapter
+from .fingerprint import check_base
 from .layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, supported_types, with_lora, wrapper_for
 from .model import (
     apply_lora,

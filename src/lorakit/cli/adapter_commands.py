@@ -17,7 +17,15 @@ from ..adapters import COMBINE_METHODS, CombineReport
 from ..files.atomic import replacing_dir
 from ..hf import models as hf
 from ..train.progress import Progress
-from .common import BadInput, check_sampling, inputs, new_or_empty, quiet_transformers
+from .common import (
+    BadInput,
+    add_base_mismatch_flag,
+    base_check,
+    check_sampling,
+    inputs,
+    new_or_empty,
+    quiet_transformers,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,7 +38,14 @@ def inspect(args: argparse.Namespace) -> int:
     from ..files import inspect as adapter_info
 
     info = inputs(adapter_info.describe, args.adapter)
-    print(json.dumps(info, indent=2) if args.json else adapter_info.render(info))
+    # -- issue 17 (provenance): the base the adapter was saved for; with --model, whether DIR holds it
+    from . import inspect_provenance
+
+    if info.get("kind") == "model adapter (PEFT layout)":
+        info.update(inspect_provenance.provenance_info(args))
+    text = adapter_info.render(info) + (inspect_provenance.render(info) if "provenance" in info else "")
+    # -- end of issue 17 block
+    print(json.dumps(info, indent=2) if args.json else text)
     return 0
 
 
@@ -55,11 +70,12 @@ def merge(args: argparse.Namespace) -> int:
             specs[0][1],
             task=args.task,
             trust_remote_code=args.trust_remote_code,
+            allow_base_mismatch=args.allow_base_mismatch,
             progress=progress,
         )
         what = str(specs[0][1])
     else:
-        model, tok, task = _load_named(args.model, specs, args.task, args.trust_remote_code, progress)
+        model, tok, task = _load_named(args.model, specs, args.task, args.trust_remote_code, progress, args)
         report = _combine(model, specs, weights, args.combine, args.combine_rank)
         what = f"{report.method} of " + ", ".join(f"{w:g}×{n}" for n, w in _weights_for(specs, weights).items())
         print(f"combined ({report.method}): max relative error of ΔW {report.max_relative_error:.3g}")
@@ -108,12 +124,12 @@ def generate(args: argparse.Namespace) -> int:
         complete("base")
     if len(specs) == 1 and not weights:
         with progress.task(f"loading the adapter {specs[0][1]}"):
-            inputs(load_adapters, model, specs[0][1])
+            inputs(load_adapters, model, specs[0][1], **base_check(args))
         complete("base + adapter" if args.compare else None)
         return 0
     for name, d in specs:
         with progress.task(f"loading the adapter {d}"):
-            inputs(load_adapters, model, d, name=name)
+            inputs(load_adapters, model, d, name=name, **base_check(args))
     if specs and not weights:  # one completion per adapter, on the one shared base
         for name, _ in specs:
             with adapters.use_adapter(model, name):
@@ -171,7 +187,12 @@ def _weights_for(specs: list[tuple[str, Path]], weights: dict[str, float]) -> di
 
 
 def _load_named(
-    model_dir: str, specs: list[tuple[str, Path]], task: str | None, trust_remote_code: bool, progress: Progress
+    model_dir: str,
+    specs: list[tuple[str, Path]],
+    task: str | None,
+    trust_remote_code: bool,
+    progress: Progress,
+    args: argparse.Namespace,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """The base with every adapter loaded under its name (all for the same task)."""
     from ..loading import load_adapters
@@ -187,7 +208,7 @@ def _load_named(
         model, tok = inputs(hf.load, model_dir, task, trust_remote_code=trust_remote_code)
     for name, d in specs:
         with progress.task(f"loading the adapter {d}"):
-            inputs(load_adapters, model, d, name=name)
+            inputs(load_adapters, model, d, name=name, **base_check(args))
     return model, tok, task
 
 
@@ -219,6 +240,8 @@ def add_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     p.add_argument("adapter", help="adapter directory, its adapter_model.safetensors, or a lorakit layer .safetensors")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
+    # issue 17 (provenance); H-port's --target block adds the same --model flag: keep one
+    p.add_argument("--model", metavar="DIR", help="a base model directory: say whether the adapter was saved for it")
     p.set_defaults(run=inspect)
 
 
@@ -248,6 +271,7 @@ def add_merge(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--dtype", choices=list(hf.DTYPES), help="cast the merged weights (default: as stored)")
     p.add_argument("--task", choices=hf.TASKS, help="default: what the adapter directory records")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    add_base_mismatch_flag(p)
     p.set_defaults(run=merge)
 
 
@@ -277,6 +301,7 @@ def add_generate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--compare", action="store_true", help="also show the base model's completion")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    add_base_mismatch_flag(p)
     p.set_defaults(run=generate)
 
 

@@ -49,7 +49,11 @@ def weight_digest(weight: Tensor) -> str:
 
 def weight_record(weight: Tensor) -> dict[str, Any]:
     """A base weight's entry in a fingerprint: its `weight_digest`, shape (as stored) and dtype."""
-    return {"sha256": weight_digest(weight), "shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch.")}
+    return {
+        "sha256": weight_digest(weight),
+        "shape": list(weight.shape),
+        "dtype": str(weight.dtype).removeprefix("torch."),
+    }
 
 
 def tensor_digest(t: Tensor) -> str:
@@ -62,8 +66,11 @@ def tensor_digest(t: Tensor) -> str:
 
 def file_digest(path: str | Path) -> str:
     """sha256 of a file's bytes."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -101,21 +108,35 @@ def read(directory: str | Path) -> Sidecar | None:
         raise LoraFileError(f"{path}: key 'base' must hold 'modules', each with its weight's 'sha256'")
     if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
         raise LoraFileError(f"{path}: key 'tensors' must map each tensor key to its sha256")
+    assert isinstance(base, dict), "modules came from it"
     return Sidecar(base, tensors, str(path))
 
 
 def check_unchanged(sidecar: Sidecar, tensors: Mapping[str, Tensor], where: str) -> None:
     """LoraFileChanged unless `tensors` (read from the file `where`) are the ones the sidecar recorded."""
-    changed = [k for k in sorted(tensors.keys() & sidecar.tensors.keys()) if tensor_digest(tensors[k]) != sidecar.tensors[k]]
+    changed = [
+        k for k in sorted(tensors.keys() & sidecar.tensors.keys()) if tensor_digest(tensors[k]) != sidecar.tensors[k]
+    ]
     added, removed = sorted(tensors.keys() - sidecar.tensors.keys()), sorted(sidecar.tensors.keys() - tensors.keys())
-    parts = [f"{what} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-             for what, keys in (("changed", changed), ("added", added), ("removed", removed)) if keys]
+    parts = [
+        f"{what} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+        for what, keys in (("changed", changed), ("added", added), ("removed", removed))
+        if keys
+    ]
     if parts:
         raise LoraFileChanged(
             f"{where}: the adapter file changed since it was saved (its tensors differ from the hashes in "
             f"{sidecar.path}: {'; '.join(parts)}); restore it from a good copy, or delete {SIDECAR_NAME} "
             "to load it unchecked"
         )
+
+
+def fingerprint_id(base: Mapping[str, Any]) -> str:
+    """A short id of a base fingerprint (its module hashes and config), to tell two bases apart at a glance."""
+    h = hashlib.sha256(
+        json.dumps([base.get("config", {}), sorted((n, m["sha256"]) for n, m in base["modules"].items())]).encode()
+    )
+    return h.hexdigest()[:16]
 
 
 def compare(saved: Mapping[str, Any], here: Mapping[str, Any]) -> list[str]:
@@ -133,6 +154,8 @@ def compare(saved: Mapping[str, Any], here: Mapping[str, Any]) -> list[str]:
             out.append(f"{name!r}: weight shape {tuple(s['shape'])} saved, {tuple(h['shape'])} here")
         elif s["sha256"] != h["sha256"]:
             dtypes = f" (saved as {s.get('dtype')}, here {h.get('dtype')})" if s.get("dtype") != h.get("dtype") else ""
-            source = " (saved from a quantised base whose source was unknown)" if s.get("source") == "dequantized" else ""
+            source = (
+                " (saved from a quantised base whose source was unknown)" if s.get("source") == "dequantized" else ""
+            )
             out.append(f"{name!r}: weight values differ{dtypes}{source}")
     return out
