@@ -81,10 +81,9 @@ def base_fingerprint(model: nn.Module, modules: Iterable[str]) -> dict[str, Any]
         >>> sorted(fp["modules"]["0"])
         ['dtype', 'sha256', 'shape']
     """
-    named = dict(model.named_modules())
     cfg = getattr(model, "config", None)
     out: dict[str, Any] = {
-        "modules": {n: module_fingerprint(named[n]) for n in modules if n in named},
+        "modules": {n: module_fingerprint(m) for n in modules if (m := _submodule(model, n)) is not None},
         "config": {f: v for f in CONFIG_FIELDS if isinstance(v := getattr(cfg, f, None), (int, float, str))},
         "class": type(model).__name__,
     }
@@ -94,6 +93,14 @@ def base_fingerprint(model: nn.Module, modules: Iterable[str]) -> dict[str, Any]
         if (Path(path) / "config.json").is_file():
             out["config_sha256"] = provenance.file_digest(Path(path) / "config.json")
     return out
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """The module called `name`, None where the model has none (a path walk, not a walk of the whole model)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def check_base(model: nn.Module, file: AdapterFile, *, allow_mismatch: bool = False) -> None:
