@@ -15,8 +15,10 @@ plus the architecture fields of `model.config`. Hashes are cached on the module 
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ CONFIG_FIELDS = (
     "num_key_value_heads",
     "head_dim",
 )
+MAX_THREADS = 8  # threads hashing a base's weights the first time
 _CACHE = "_lorakit_fingerprint"  # the attribute holding a module's TensorCache of its weight's record
 
 
@@ -81,9 +84,16 @@ def base_fingerprint(model: nn.Module, modules: Iterable[str]) -> dict[str, Any]
         >>> sorted(fp["modules"]["0"])
         ['dtype', 'sha256', 'shape']
     """
+    found = {n: m for n in modules if (m := _submodule(model, n)) is not None}
+    workers = min(len(found), os.cpu_count() or 1, MAX_THREADS)
+    if workers > 1 and not all(_CACHE in _plain_of(m).__dict__ for m in found.values()):  # a first hash: threads
+        with ThreadPoolExecutor(workers) as pool:  # hashlib and torch's casts release the GIL
+            records = list(pool.map(module_fingerprint, found.values()))
+    else:
+        records = [module_fingerprint(m) for m in found.values()]
     cfg = getattr(model, "config", None)
     out: dict[str, Any] = {
-        "modules": {n: module_fingerprint(m) for n in modules if (m := _submodule(model, n)) is not None},
+        "modules": dict(zip(found, records, strict=True)),
         "config": {f: v for f in CONFIG_FIELDS if isinstance(v := getattr(cfg, f, None), (int, float, str))},
         "class": type(model).__name__,
     }
@@ -146,5 +156,9 @@ def check_base(model: nn.Module, file: AdapterFile, *, allow_mismatch: bool = Fa
 
 def _plain(model: nn.Module, module: str) -> nn.Module:
     """The plain base module at `module` (a LoRA layer's base)."""
-    m = model.get_submodule(module)
-    return m.base if isinstance(m, LoraLayer) else m
+    return _plain_of(model.get_submodule(module))
+
+
+def _plain_of(module: nn.Module) -> nn.Module:
+    """A LoRA layer's base, or the module itself: the module that holds the weight (and its cached hash)."""
+    return module.base if isinstance(module, LoraLayer) else module
