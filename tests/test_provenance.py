@@ -200,3 +200,14 @@ def test_cli_inspect_shows_the_fingerprint_and_whether_a_model_matches(bases, ad
     assert info["matches"] is False and info["differences"] == [f"{CHANGED!r}: weight values differ"]
     text = lorakit("inspect", adapter, "--model", bases["base"])
     assert text.returncode == 0 and f"--model       {bases['base']}: matches" in text.stdout
+
+
+def test_cli_prints_the_peft_note_once(bases, tmp_path):
+    pm = peft.get_peft_model(hf.load_model(bases["base"], "causal-lm"), peft.LoraConfig(r=2, target_modules=TARGETS))
+    pm.save_pretrained(tmp_path / "peft")
+    done = lorakit("generate", "--model", bases["base"], "--adapter", tmp_path / "peft", "--prompt", "hi",
+                   "--max-new-tokens", 1)
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stderr.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {tmp_path / 'peft'}: no lorakit.json (a PEFT-made or older adapter): its base could not "
+                     "be checked"]

@@ -103,13 +103,14 @@ def base_check(args: argparse.Namespace) -> dict[str, bool]:
 
 def print_notes() -> None:
     """Print the library's ProvenanceNote warnings as one `note:` line each, each distinct one once."""
-    shown = warnings.showwarning
+    shown, said = warnings.showwarning, set()
 
     def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
-        if issubclass(category, ProvenanceNote):
-            print(f"note: {message}", file=sys.stderr)
-        else:
+        if not issubclass(category, ProvenanceNote):
             shown(message, category, *rest, **kw)
+        elif str(message) not in said:  # a step that checks and then loads an adapter warns twice
+            said.add(str(message))
+            print(f"note: {message}", file=sys.stderr)
 
     warnings.showwarning = show
-    warnings.filterwarnings("default", category=ProvenanceNote)  # each distinct note once
+    warnings.filterwarnings("always", category=ProvenanceNote)
