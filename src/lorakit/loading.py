@@ -85,12 +85,15 @@ def load_adapters(
     PEFT-made adapter, without that file, loads with a `ProvenanceNote` that its base could not be checked.
 
     Examples:
-        >>> import tempfile, lorakit as lk
-        >>> mlp = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
-        >>> d = lk.save_adapters(mlp, tempfile.mkdtemp())
-        >>> fresh = load_adapters(nn.Sequential(nn.Linear(4, 4)), d)
-        >>> type(fresh[0]).__name__
+        >>> import copy, tempfile, lorakit as lk
+        >>> base = nn.Sequential(nn.Linear(4, 4))
+        >>> d = lk.save_adapters(lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=2), ["0"]), tempfile.mkdtemp())
+        >>> type(load_adapters(base, d)[0]).__name__
         'LoraLinear'
+        >>> load_adapters(nn.Sequential(nn.Linear(4, 4)), d)  # same shapes, other weights  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lorakit.errors.LoraBaseMismatch: ...: this adapter was saved for a different base: '0': weight values ...
     """
     if name is not None:
         check_adapter_name(name)
