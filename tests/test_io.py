@@ -58,7 +58,7 @@ def assert_unchanged(model, snap):
 def test_round_trip_into_bare_and_wrapped_models(bias, tmp_path):
     model = trained(lk.LoraConfig(rank=2, alpha=4, bias=bias), modules_to_save=["head"])
     lk.save_adapters(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "lorakit.json"]
     bare = lk.load_adapters(Net(), tmp_path)
     assert torch.equal(out(bare), out(model))
     assert sorted(lk.lora_layers(bare)) == ["embed", "fc1", "fc2"]
@@ -130,6 +130,7 @@ def test_missing_and_unexpected_reported_separately(tmp_path):
 def test_nonfinite_loads_when_asked(tmp_path):
     lk.save_adapters(trained(), tmp_path)
     _rewrite(tmp_path / "adapter_model.safetensors", BAD_FILES["nan"][0])
+    (tmp_path / "lorakit.json").unlink()  # a hand-edited file fails its recorded hashes (tests/test_provenance.py)
     model = lk.load_adapters(Net(), tmp_path, allow_nonfinite=True)
     assert torch.isnan(lk.lora_layers(model)["fc2"].lora_B).all()
 
@@ -228,7 +229,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
         lk.save_adapters(model, tmp_path)
     monkeypatch.undo()
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "lorakit.json"]
 
 
 def test_save_without_lora_is_an_error(tmp_path):
@@ -247,8 +248,10 @@ def test_ambiguous_names_saved_exactly(tmp_path):
         def forward(self, x):
             return self.inner(self.fc1(x))
 
+    torch.manual_seed(0)
     model = lk.apply_lora(Outer(), lk.LoraConfig(rank=2), ["re:fc1"])  # only the top-level fc1
     lk.save_adapters(model, tmp_path)
+    torch.manual_seed(0)  # the same base: the adapter's recorded base fingerprint must match
     fresh = lk.load_adapters(Outer(), tmp_path)
     assert sorted(lk.lora_layers(fresh)) == ["fc1"]
     assert peft_format.read_adapter_config(tmp_path).targets == ["re:fc1"]

@@ -12,7 +12,16 @@ from .adapters import (
     use_adapter,
 )
 from .config import LoraBias, LoraConfig
-from .errors import LoraAdapterNotFound, LoraError, LoraFileError, LoraMergeError, LoraStateError
+from .errors import (
+    LoraAdapterNotFound,
+    LoraBaseMismatch,
+    LoraError,
+    LoraFileChanged,
+    LoraFileError,
+    LoraMergeError,
+    LoraStateError,
+    ProvenanceNote,
+)
 from .files.peft_format import read_adapter_config
 from .layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear, with_lora
 from .loading import load_adapters
@@ -43,6 +52,9 @@ __all__ = [
     "LoraEmbedding",
     "LoraError",
     "LoraFileError",
+    "LoraFileChanged",
+    "LoraBaseMismatch",
+    "ProvenanceNote",
     "LoraLayer",
     "LoraLinear",
     "LoraMergeError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -23,6 +24,8 @@ class QuantizedBase(nn.Module, ABC):
     in_features: int
     out_features: int
     weight: Tensor  # the stored form (packed int8, an NF4Tensor, ...)
+    # the weight it was made from, as `files.provenance.weight_record` gives it, where known (`lorakit.fingerprint`)
+    source_fingerprint: dict[str, Any] | None = None
 
     @abstractmethod
     def dense_weight(self) -> Tensor:

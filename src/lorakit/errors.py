@@ -25,3 +25,19 @@ class LoraAdapterNotFound(LoraError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class LoraFileChanged(LoraFileError):
+    """An adapter file's tensors differ from the hashes recorded beside it when it was saved (lorakit.json)."""
+
+
+class LoraBaseMismatch(LoraFileError):
+    """An adapter was saved for another base: `differences` says which modules or config fields differ, and how."""
+
+    def __init__(self, message: str, differences: list[str]) -> None:
+        super().__init__(message)
+        self.differences = differences
+
+
+class ProvenanceNote(UserWarning):
+    """What a load could not check, or checked another way: no lorakit.json, a QLoRA adapter on its source base."""

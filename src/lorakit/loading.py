@@ -22,6 +22,7 @@ from .config import LoraBias, LoraConfig
 from .errors import LoraFileError, LoraStateError
 from .files.checks import check_tensors, copy_into
 from .files.peft_format import AdapterFile, peft_key, plain_key, read_adapter
+from .fingerprint import check_base
 from .layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, supported_types, with_lora, wrapper_for
 from .model import (
     apply_lora,
@@ -62,7 +63,12 @@ class LoadPlan:
 
 
 def load_adapters(
-    model: nn.Module, directory: str | Path, *, name: str | None = None, allow_nonfinite: bool = False
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    name: str | None = None,
+    allow_nonfinite: bool = False,
+    allow_base_mismatch: bool = False,
 ) -> nn.Module:
     """Load a PEFT-layout adapter directory into `model`, strictly; returns the model.
 
@@ -73,17 +79,28 @@ def load_adapters(
     Every key, shape, rank, dtype and value is checked before anything changes; a model merged in place
     (`merge_`) is refused with `LoraStateError` (unmerge it first).
 
+    Then the adapter's `lorakit.json` is checked (`lorakit.fingerprint.check_base`): tensors changed since
+    saving raise `LoraFileChanged`; a base other than the one it was saved for raises `LoraBaseMismatch`
+    naming the modules that differ (a `ProvenanceNote` warning instead with `allow_base_mismatch`). A
+    PEFT-made adapter, without that file, loads with a `ProvenanceNote` that its base could not be checked.
+
     Examples:
-        >>> import tempfile, lorakit as lk
-        >>> mlp = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
-        >>> d = lk.save_adapters(mlp, tempfile.mkdtemp())
-        >>> fresh = load_adapters(nn.Sequential(nn.Linear(4, 4)), d)
-        >>> type(fresh[0]).__name__
+        >>> import copy, tempfile, lorakit as lk
+        >>> base = nn.Sequential(nn.Linear(4, 4))
+        >>> d = lk.save_adapters(lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=2), ["0"]), tempfile.mkdtemp())
+        >>> type(load_adapters(base, d)[0]).__name__
         'LoraLinear'
+        >>> load_adapters(nn.Sequential(nn.Linear(4, 4)), d)  # same shapes, other weights  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lorakit.errors.LoraBaseMismatch: ...: this adapter was saved for a different base: '0': weight values ...
     """
     if name is not None:
         check_adapter_name(name)
-    attach(model, plan_load(model, read_adapter(directory), name, allow_nonfinite=allow_nonfinite))
+    file = read_adapter(directory)
+    plan = plan_load(model, file, name, allow_nonfinite=allow_nonfinite)  # a damaged file is refused as such first
+    check_base(model, file, allow_mismatch=allow_base_mismatch)
+    attach(model, plan)
     return model
 
 

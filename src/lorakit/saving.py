@@ -4,6 +4,7 @@ adapter_config.json          PEFT's LoraConfig fields (files.peft_format.to_peft
 adapter_model.safetensors    per LoRA module its factors (+ DoRA magnitude, + the bias it trains); each
                              TrainedCopy (modules_to_save) and, under bias="model", every other bias
                              under its plain key; key names from files.peft_format
+lorakit.json                 lorakit's sidecar (files.provenance): the base's fingerprint, the tensors' hashes
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from torch import Tensor, nn
 
 from .config import LoraBias, LoraConfig
 from .errors import LoraFileError
-from .files import atomic
+from .files import atomic, provenance
 from .files import safetensors as st
 from .files.peft_format import CONFIG_NAME, WEIGHTS_NAME, peft_key, plain_key, to_peft_config
+from .fingerprint import base_fingerprint
 from .layer_io import layer_tensors  # noqa: F401  (imported from here by tests/ and fuzz/)
 from .layers import LoraLayer
 from .model import lora_layers, own_bias, plain_biases
@@ -89,15 +91,20 @@ def peft_config(model: nn.Module, name: str | None = None) -> dict[str, Any]:
 def save_adapters(model: nn.Module, directory: str | Path, *, name: str | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT layout) for adapter `name` (default: active).
 
+    Beside them `lorakit.json` (`files.provenance`): the fingerprint of the base the adapter is for (each
+    targeted module's frozen weight hashed) and the hashes of the tensors written, which loads check.
+
     Examples:
         >>> import tempfile, lorakit as lk
         >>> mlp = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
         >>> sorted(p.name for p in save_adapters(mlp, tempfile.mkdtemp()).iterdir())
-        ['adapter_config.json', 'adapter_model.safetensors']
+        ['adapter_config.json', 'adapter_model.safetensors', 'lorakit.json']
     """
     directory = Path(directory)
     config, tensors = peft_config(model, name), adapter_state_dict(model, name)
+    base = base_fingerprint(model, adapter_slots(model, name))
     with atomic.locked_dir(directory):  # a concurrent save or load of this directory sees one whole adapter
         st.write(directory / WEIGHTS_NAME, tensors, {"format": "pt"})
         atomic.write_json(directory / CONFIG_NAME, config)
+        provenance.write(directory, base, tensors)
     return directory

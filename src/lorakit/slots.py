@@ -23,6 +23,7 @@ class BaseInit(nn.Module, ABC):
     the name of the adapter it initialised, and how to save that adapter for the original base."""
 
     adapter: str
+    source_fingerprint: dict[str, Any] | None = None  # the original base weight's record (`lorakit.fingerprint`)
 
     @abstractmethod
     def export(self, A: Tensor, B: Tensor, config: LoraConfig) -> tuple[Tensor, Tensor, LoraConfig]:

@@ -43,9 +43,18 @@ def test_written_files_get_the_permissions_open_gives(umask, tmp_path):
     assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
 
 
+def _base() -> nn.Module:
+    """The one base every save and load here shares (no global RNG: savers build theirs in threads)."""
+    base = nn.Sequential(nn.Linear(8, 8))
+    with torch.no_grad():
+        base[0].weight.copy_(torch.arange(64.0).reshape(8, 8) / 64)
+        base[0].bias.zero_()
+    return base
+
+
 def _marked(alpha: float) -> nn.Module:
     """A LoRA model whose every adapter weight equals its alpha: a load pairs config and weights right iff they agree."""
-    model = lk.apply_lora(nn.Sequential(nn.Linear(8, 8)), lk.LoraConfig(rank=2, alpha=alpha), ["0"])
+    model = lk.apply_lora(_base(), lk.LoraConfig(rank=2, alpha=alpha), ["0"])
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -55,7 +64,7 @@ def _marked(alpha: float) -> nn.Module:
 
 def _load_whole(directory) -> float:
     """Load the adapter in `directory`; its weights must come from the same save as its config."""
-    layer = lk.lora_layers(lk.load_adapters(nn.Sequential(nn.Linear(8, 8)), directory))["0"]
+    layer = lk.lora_layers(lk.load_adapters(_base(), directory))["0"]
     values = torch.cat([layer.lora_A.flatten(), layer.lora_B.flatten()]).unique().tolist()
     assert values == [layer.config.alpha], f"weights {values} loaded with the config of alpha {layer.config.alpha}"
     return layer.config.alpha
@@ -65,7 +74,11 @@ SAVER = r"""
 import sys, torch, lorakit as lk
 from torch import nn
 directory, alpha, rounds = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-model = lk.apply_lora(nn.Sequential(nn.Linear(8, 8)), lk.LoraConfig(rank=2, alpha=alpha), ["0"])
+base = nn.Sequential(nn.Linear(8, 8))
+with torch.no_grad():
+    base[0].weight.copy_(torch.arange(64.0).reshape(8, 8) / 64)
+    base[0].bias.zero_()
+model = lk.apply_lora(base, lk.LoraConfig(rank=2, alpha=alpha), ["0"])
 with torch.no_grad():
     for p in model.parameters():
         if p.requires_grad:
@@ -127,6 +140,7 @@ KILLED = r"""
 import os, sys, torch, lorakit as lk
 from torch import nn
 directory, point = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
 model = lk.apply_lora(nn.Sequential(nn.Linear(256, 256)), lk.LoraConfig(rank=64), ["0"])
 
 
@@ -165,12 +179,14 @@ print("finished without stopping", flush=True)
 
 
 @pytest.mark.parametrize("point,version", [("first-save-before-rename", None), ("before-rename", 1.0),
-                                           ("after-rename", 2.0)])
+                                           ("after-rename", "torn")])
 def test_writer_killed_mid_save_leaves_the_old_adapter_or_the_new_one(point, version, tmp_path):
     """SIGKILL a saving process at a known point of its save: on disk is the old adapter or the new one, whole.
 
     The child stops itself (in a patched os.fsync / os.replace) and says so on stdout; then it is killed.
     A writer that wrote the target in place would leave the new bytes where the old adapter is expected.
+    Killed between the renames, the directory holds the new weights beside the old lorakit.json (written
+    last): a load refuses that torn adapter by its recorded hashes rather than pairing them.
     """
     proc = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path), point], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -186,6 +202,11 @@ def test_writer_killed_mid_save_leaves_the_old_adapter_or_the_new_one(point, ver
     if version is None:  # killed during the very first save: no adapter at all, not a broken one
         assert names == temps
         return
-    assert set(names) - set(temps) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert set(names) - set(temps) == {"adapter_config.json", "adapter_model.safetensors", "lorakit.json"}
+    torch.manual_seed(0)  # the child's base
+    if version == "torn":
+        with pytest.raises(lk.LoraFileChanged, match="changed since it was saved"):
+            lk.load_adapters(nn.Sequential(nn.Linear(256, 256)), tmp_path)
+        return
     model = lk.load_adapters(nn.Sequential(nn.Linear(256, 256)), tmp_path)
     assert torch.all(lk.lora_layers(model)["0"].lora_B == version)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from . import runfile
 from .adapter_commands import add_generate, add_inspect, add_merge
-from .common import BadInput
+from .common import BadInput, print_notes
 from .eval_predict import add_eval, add_predict  # H4: eval/predict (issue 13)
 from .example import add_bench, add_example, bench  # noqa: F401  (bench: lorakit.cli.bench, as before)
 from .export import add_export  # E1: lorakit export (issue 15)
@@ -77,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
     name = f"lorakit {args.command}"
+    print_notes()  # issue 17: the library's provenance notes as `note:` lines
     try:
         return args.run(args) or EXIT_OK
     except BadInput as e:

@@ -17,7 +17,15 @@ from ..adapters import COMBINE_METHODS, CombineReport
 from ..files.atomic import replacing_dir
 from ..hf import models as hf
 from ..train.progress import Progress
-from .common import BadInput, check_sampling, inputs, new_or_empty, quiet_transformers
+from .common import (
+    BadInput,
+    add_base_mismatch_flag,
+    base_check,
+    check_sampling,
+    inputs,
+    new_or_empty,
+    quiet_transformers,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,9 +38,12 @@ def inspect(args: argparse.Namespace) -> int:
     from ..files import inspect as adapter_info
 
     info = inputs(adapter_info.describe, args.adapter)
-    # -- portability report (issue 15): --target / --model --------------------------------------------
-    if args.model and not args.target:
-        raise BadInput("--model is read by the portability checks: add --target vllm|llama.cpp|onnx|peft")
+    # -- issue 17 (provenance): the base the adapter was saved for; with --model, whether DIR holds it
+    from . import inspect_provenance
+
+    if info.get("kind") == "model adapter (PEFT layout)":
+        info.update(inspect_provenance.provenance_info(args))
+    # -- portability report (issue 15): --target, and with --model the base's config.json too ----------
     found = None
     if args.target:
         from ..export import portability
@@ -44,7 +55,8 @@ def inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        print(adapter_info.render(info) + ("\n\n" + portability.render(found) if found else ""))
+        text = adapter_info.render(info) + (inspect_provenance.render(info) if "provenance" in info else "")
+        print(text + ("\n\n" + portability.render(found) if found else ""))
     return 0
 
 
@@ -69,11 +81,12 @@ def merge(args: argparse.Namespace) -> int:
             specs[0][1],
             task=args.task,
             trust_remote_code=args.trust_remote_code,
+            allow_base_mismatch=args.allow_base_mismatch,
             progress=progress,
         )
         what = str(specs[0][1])
     else:
-        model, tok, task = _load_named(args.model, specs, args.task, args.trust_remote_code, progress)
+        model, tok, task = _load_named(args.model, specs, args.task, args.trust_remote_code, progress, args)
         report = _combine(model, specs, weights, args.combine, args.combine_rank)
         what = f"{report.method} of " + ", ".join(f"{w:g}×{n}" for n, w in _weights_for(specs, weights).items())
         print(f"combined ({report.method}): max relative error of ΔW {report.max_relative_error:.3g}")
@@ -122,12 +135,12 @@ def generate(args: argparse.Namespace) -> int:
         complete("base")
     if len(specs) == 1 and not weights:
         with progress.task(f"loading the adapter {specs[0][1]}"):
-            inputs(load_adapters, model, specs[0][1])
+            inputs(load_adapters, model, specs[0][1], **base_check(args))
         complete("base + adapter" if args.compare else None)
         return 0
     for name, d in specs:
         with progress.task(f"loading the adapter {d}"):
-            inputs(load_adapters, model, d, name=name)
+            inputs(load_adapters, model, d, name=name, **base_check(args))
     if specs and not weights:  # one completion per adapter, on the one shared base
         for name, _ in specs:
             with adapters.use_adapter(model, name):
@@ -185,7 +198,12 @@ def _weights_for(specs: list[tuple[str, Path]], weights: dict[str, float]) -> di
 
 
 def _load_named(
-    model_dir: str, specs: list[tuple[str, Path]], task: str | None, trust_remote_code: bool, progress: Progress
+    model_dir: str,
+    specs: list[tuple[str, Path]],
+    task: str | None,
+    trust_remote_code: bool,
+    progress: Progress,
+    args: argparse.Namespace,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """The base with every adapter loaded under its name (all for the same task)."""
     from ..loading import load_adapters
@@ -201,7 +219,7 @@ def _load_named(
         model, tok = inputs(hf.load, model_dir, task, trust_remote_code=trust_remote_code)
     for name, d in specs:
         with progress.task(f"loading the adapter {d}"):
-            inputs(load_adapters, model, d, name=name)
+            inputs(load_adapters, model, d, name=name, **base_check(args))
     return model, tok, task
 
 
@@ -240,7 +258,12 @@ def add_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         help="report what this runtime refuses or computes differently for the adapter, and what fixes it "
         "(repeatable); docs/export.md lists the rules and their sources",
     )
-    p.add_argument("--model", metavar="DIR", help="with --target: also check the base model's config.json")
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="a base model directory: say whether the adapter was saved for it (and with --target, check its "
+        "config.json for the runtime too)",
+    )
     p.set_defaults(run=inspect)
 
 
@@ -270,6 +293,7 @@ def add_merge(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--dtype", choices=list(hf.DTYPES), help="cast the merged weights (default: as stored)")
     p.add_argument("--task", choices=hf.TASKS, help="default: what the adapter directory records")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    add_base_mismatch_flag(p)
     p.set_defaults(run=merge)
 
 
@@ -299,6 +323,7 @@ def add_generate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--compare", action="store_true", help="also show the base model's completion")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    add_base_mismatch_flag(p)
     p.set_defaults(run=generate)
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import LoraError
+from ..errors import LoraBaseMismatch, LoraError, ProvenanceNote
 from ..hf import chat, data
 from ..hf import models as hf
 
@@ -29,6 +31,8 @@ def flag_words(e: BaseException) -> str:
         return f"{e.detail}; pass --chat-template FILE (a Jinja chat template, e.g. ChatML)"
     if isinstance(e, hf.RemoteCodeError):
         return f"{e.detail}; lorakit runs it only with --trust-remote-code, after you have read that code"
+    if isinstance(e, LoraBaseMismatch):
+        return str(e).replace("pass allow_base_mismatch=True", "pass --allow-base-mismatch")
     if isinstance(e, hf.TaskMismatchError):
         return e.detail + (f"; use --task {e.can}" if e.can else "")
     return str(e)
@@ -77,3 +81,36 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
+
+
+# -- adapter provenance (issue 17): one flag for every command that loads an adapter onto a base ---------------
+
+
+def add_base_mismatch_flag(p: argparse.ArgumentParser) -> None:
+    """--allow-base-mismatch: load an adapter onto a base other than the one its lorakit.json records, warned."""
+    p.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="load an adapter even onto a base other than the one it was saved for (lorakit.json), with a "
+        "warning instead of an error",
+    )
+
+
+def base_check(args: argparse.Namespace) -> dict[str, bool]:
+    """The keyword `load_adapters` takes for --allow-base-mismatch (False where a command lacks the flag)."""
+    return {"allow_base_mismatch": bool(getattr(args, "allow_base_mismatch", False))}
+
+
+def print_notes() -> None:
+    """Print the library's ProvenanceNote warnings as one `note:` line each, each distinct one once."""
+    shown, said = warnings.showwarning, set()
+
+    def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+        if not issubclass(category, ProvenanceNote):
+            shown(message, category, *rest, **kw)
+        elif str(message) not in said:  # a step that checks and then loads an adapter warns twice
+            said.add(str(message))
+            print(f"note: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    warnings.filterwarnings("always", category=ProvenanceNote)

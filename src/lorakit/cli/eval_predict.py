@@ -13,7 +13,15 @@ from ..hf import data
 from ..hf import models as hf
 from ..hf.rows import MAX_LINE_BYTES
 from .adapter_commands import _adapter_specs
-from .common import BadInput, check_sampling, inputs, positive_int, quiet_transformers
+from .common import (
+    BadInput,
+    add_base_mismatch_flag,
+    base_check,
+    check_sampling,
+    inputs,
+    positive_int,
+    quiet_transformers,
+)
 
 # -- eval ------------------------------------------------------------------------------------------
 
@@ -39,6 +47,7 @@ def evaluate(args: argparse.Namespace) -> int:
         max_line_bytes=args.max_line_bytes,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
+        **base_check(args),
         progress=progress,
     )
     if setup.bad_rows:
@@ -125,7 +134,7 @@ def predict(args: argparse.Namespace) -> int:
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tok.pad_token_id
         if args.adapter:
-            inputs(load_adapters, model, args.adapter)
+            inputs(load_adapters, model, args.adapter, **base_check(args))
         model.to(args.device or "cpu")  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self
     if task == "seq-cls":
         assert id2label is not None  # read_task gives seq-cls adapters their labels
@@ -202,6 +211,7 @@ def add_eval(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    add_base_mismatch_flag(p)
     p.set_defaults(run=evaluate)
 
 
@@ -238,4 +248,5 @@ def add_predict(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--skip-bad-rows", action="store_true", help='write {"line": N, "error": ...} for bad rows')
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    add_base_mismatch_flag(p)
     p.set_defaults(run=predict)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .adapter_commands import _adapter_specs
-from .common import BadInput, inputs, positive_int, quiet_transformers
+from .common import BadInput, add_base_mismatch_flag, inputs, positive_int, quiet_transformers
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -44,6 +44,7 @@ def serve(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
+        allow_base_mismatch=args.allow_base_mismatch,
     )
     app = inputs(launch.create_app, options, Progress())
 
@@ -100,4 +101,5 @@ def add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--dtype", choices=list(hf.DTYPES), help="load the model's weights in this dtype")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    add_base_mismatch_flag(p)
     p.set_defaults(run=serve)

@@ -8,7 +8,8 @@ writes gets the permissions any other program's files get, not `mkstemp`'s 0600.
 An adapter is two files (config and weights). `locked_dir` serialises writers and readers of one
 directory with `flock` on the directory itself (no lock file beside the user's files), so two saves
 into one directory never leave one adapter's weights with the other's config, and a reader sees one
-whole adapter. A crash between the two renames can still leave the new weights with the old config.
+whole adapter. A crash between the renames can still leave the new weights with the old config and the
+old `lorakit.json` (written last); a load refuses that pair by the tensor hashes the sidecar records.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..config import INITS, LoraBias, LoraConfig
 from ..errors import LoraFileError
-from . import safetensors
+from . import provenance, safetensors
 from .atomic import locked_dir
 
 CONFIG_NAME = "adapter_config.json"
@@ -277,6 +277,7 @@ class AdapterFile:
     tensors: dict[str, Tensor]
     where: str  # the weights file, for error messages
     config_path: str
+    sidecar: provenance.Sidecar | None = None  # lorakit.json, read in the same locked read; None: PEFT-made
 
 
 def read_adapter(directory: str | Path) -> AdapterFile:
@@ -295,5 +296,6 @@ def read_adapter(directory: str | Path) -> AdapterFile:
             hint = f" ({', '.join(pickled)} is pickle, which lorakit never loads)" if pickled else ""
             raise LoraFileError(f"{weights}: no such file{hint}")
         tensors, _ = safetensors.read(weights)
+        sidecar = provenance.read(directory)
     tensors = {k: t for k, t in tensors.items() if not is_peft_copy(k)}
-    return AdapterFile(spec, tensors, str(weights), str(directory / CONFIG_NAME))
+    return AdapterFile(spec, tensors, str(weights), str(directory / CONFIG_NAME), sidecar)

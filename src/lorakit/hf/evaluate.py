@@ -247,6 +247,7 @@ class EvalSetup:
     batch_size: int
     device: str
     trust_remote_code: bool
+    allow_base_mismatch: bool = False  # adapters load even onto a base other than their lorakit.json records
 
 
 def prepare(
@@ -261,6 +262,7 @@ def prepare(
     max_line_bytes: int = MAX_LINE_BYTES,
     device: str | None = None,
     trust_remote_code: bool = False,
+    allow_base_mismatch: bool = False,
     progress: Progress | None = None,
 ) -> EvalSetup:
     """Resolve the task, read and tokenize the data, load the base and the adapters: every input error is here.
@@ -268,6 +270,7 @@ def prepare(
     `max_length` defaults to the one the adapters were trained with (their task files), else 256. seq-cls
     adapters are checked against the base here (keys, shapes) and attached one at a time by `run`.
     """
+    from ..fingerprint import check_base
     from ..loading import load_adapters, plan_load, read_adapter
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -294,9 +297,10 @@ def prepare(
         t.advance()
         for name, d in adapters.items():
             if task == "seq-cls":  # each brings its own head: checked against the bare base, attached in run
-                plan_load(model, read_adapter(d))
+                plan_load(model, file := read_adapter(d))
+                check_base(model, file, allow_mismatch=allow_base_mismatch)
             else:
-                load_adapters(model, d, name=name)
+                load_adapters(model, d, name=name, allow_base_mismatch=allow_base_mismatch)
             t.advance()
     return EvalSetup(
         Path(model_dir),
@@ -312,6 +316,7 @@ def prepare(
         batch_size,
         device or "cpu",
         trust_remote_code,
+        allow_base_mismatch,
     )
 
 
@@ -345,7 +350,7 @@ def run(setup: EvalSetup, progress: Progress | None = None) -> dict[str, Any]:
             else:
                 with progress.task(f"loading model for adapter {name}"):
                     model = _load_base(s.model_dir, s.task, s.id2label, pad_id, s.trust_remote_code)
-            load_adapters(model, d)
+            load_adapters(model, d, allow_base_mismatch=s.allow_base_mismatch)
             model.to(s.device)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self
             scored[name] = seq_cls_metrics(
                 model, s.rows, pad_id, s.id2label, **common, description=f"evaluating {name}"

@@ -292,9 +292,14 @@ def load_with_adapter(
     task: str | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
+    allow_base_mismatch: bool = False,
     progress: Progress | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """(model, tokenizer, task) with a lorakit- or PEFT-made adapter loaded strictly into the base."""
+    """(model, tokenizer, task) with a lorakit- or PEFT-made adapter loaded strictly into the base.
+
+    The adapter's recorded base is checked (`lorakit.load_adapters`): another base raises LoraBaseMismatch
+    unless `allow_base_mismatch`.
+    """
     from ..loading import load_adapters
     from ..train.progress import quiet
 
@@ -305,7 +310,7 @@ def load_with_adapter(
         labels = id2label if task == "seq-cls" else None
         model, tok = load(model_dir, task, id2label=labels, dtype=dtype, trust_remote_code=trust_remote_code)
     with progress.task(f"loading the adapter {adapter_dir}"):
-        load_adapters(model, adapter_dir)
+        load_adapters(model, adapter_dir, allow_base_mismatch=allow_base_mismatch)
     return model, tok, task
 
 

@@ -68,6 +68,7 @@ class EncoderService:
     resolve: Callable[[str], str | None]  # a request's "model" -> adapter name (None: the base); APIError 404
     registry: Registry = field(init=False)
     adapters: dict[str, tuple[nn.Module, dict[int, str]]] = field(default_factory=dict)
+    allow_base_mismatch: bool = False  # adapters load even onto a base other than their lorakit.json records
 
     def __post_init__(self) -> None:
         self.base.eval()
@@ -80,7 +81,9 @@ class EncoderService:
         task, labels = hf.read_task(path)
         if task != "seq-cls":
             raise ValueError(f"{path} is a {task} adapter; an encoder model serves seq-cls adapters")
-        model, _, _ = hf.load_with_adapter(self.model_dir, path, task="seq-cls")
+        model, _, _ = hf.load_with_adapter(
+            self.model_dir, path, task="seq-cls", allow_base_mismatch=self.allow_base_mismatch
+        )
         model.eval()
         known: Any = labels or model.config.id2label
         id2label = {int(i): str(v) for i, v in known.items()}

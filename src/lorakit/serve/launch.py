@@ -49,6 +49,7 @@ class ServeOptions:
     device: str | None = None
     dtype: str | None = None
     trust_remote_code: bool = False
+    allow_base_mismatch: bool = False  # adapters load even onto a base other than their lorakit.json records
 
     def __post_init__(self) -> None:
         for key in ("max_batch", "max_loaded"):
@@ -140,7 +141,8 @@ def _text(
         task, _ = hf.read_task(path)
         if task != "causal-lm":
             raise ValueError(f"{path} is a {task} adapter; this server serves the causal LM {base_name}")
-        engine.call(counted(lambda: load_adapters(model, path, name=name)))
+        allow = options.allow_base_mismatch
+        engine.call(counted(lambda: load_adapters(model, path, name=name, allow_base_mismatch=allow)))
 
     def unload(name: str) -> None:
         engine.call(counted(lambda: delete_adapter(model, name)))
@@ -174,7 +176,14 @@ def _encoder(
         base = transformers.AutoModel.from_pretrained(
             model_dir, local_files_only=True, trust_remote_code=options.trust_remote_code
         )
-    service = EncoderService(model_dir=model_dir, base=base, tokenizer=tok, metrics=metrics, resolve=lambda m: None)
+    service = EncoderService(
+        model_dir=model_dir,
+        base=base,
+        tokenizer=tok,
+        metrics=metrics,
+        resolve=lambda m: None,
+        allow_base_mismatch=options.allow_base_mismatch,
+    )
     service.registry = Registry(service.load, service.unload, root=options.adapter_root, max_loaded=options.max_loaded)
     service.resolve = resolver(base_name, service.registry)
     return service, None

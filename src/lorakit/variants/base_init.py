@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import bases
 from ..config import BASE_CHANGING_INITS, LoraConfig
+from ..files import provenance
 from ..layers import BASE_INITS, LoraLayer
 from ..slots import BaseInit
 
@@ -79,12 +80,15 @@ def init_from_base(layer: LoraLayer, config: LoraConfig) -> InitialFactors:
     lora_A, lora_B, _ = layer.active_factors()  # just bound by LoraLayer.__init__, as adapter_name
     assert layer.adapter_name is not None, "bound with the factors"
     weight = layer.dense_weight()  # (d_out, d_in): a view of base.weight ((d_in, d_out) Conv1D included)
+    source = provenance.weight_record(bases.weight(layer.base))  # the original W, before the residual replaces it
     A, B, residual = base_init(weight, config.rank, config.scaling, config.init, lora_A.dtype)
     with torch.no_grad():
         lora_A.copy_(A)
         lora_B.copy_(B)
         weight.copy_(residual)
-    return InitialFactors(layer.adapter_name, A.clone(), B.clone())
+    init = InitialFactors(layer.adapter_name, A.clone(), B.clone())
+    init.source_fingerprint = source
+    return init
 
 
 for _init in BASE_CHANGING_INITS:

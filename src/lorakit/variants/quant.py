@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from .. import bases, ops
 from ..bases import QuantizedBase
 from ..errors import LoraStateError
+from ..files import provenance
 from ..layers import LoraLayer, LoraLinear
 from ..model import lora_layers
 
@@ -71,6 +72,7 @@ class QuantLinear(QuantizedBase):
         if fmt not in FORMATS:
             raise ValueError(f"quantisation format {fmt!r} is invalid: expected one of {', '.join(map(repr, FORMATS))}")
         w = bases.weight(base).detach()
+        self.source_fingerprint = provenance.weight_record(w)  # before quantising: what a QLoRA adapter's base is
         w = w.t() if fan_in_fan_out else w  # (d_out, d_in) whatever the original layout
         self.format, self.dtype, self.fan_in_fan_out, self.orig_type = fmt, w.dtype, fan_in_fan_out, type(base)
         self.out_features, self.in_features = w.shape

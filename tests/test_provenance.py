@@ -1,0 +1,213 @@
+"""Adapter provenance (issue 17): lorakit.json records the base an adapter was saved for and its tensors' hashes;
+a load refuses another base (same shapes, other weights) and a file changed since saving, notes a PEFT-made
+adapter it cannot check, and accepts a QLoRA adapter on the full-precision base its quantised copy came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _hf_models  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import lorakit as lk  # noqa: E402
+from lorakit.files import provenance  # noqa: E402
+from lorakit.hf import models as hf  # noqa: E402
+from lorakit.variants.quant import quantize_base  # noqa: E402
+
+transformers.utils.logging.set_verbosity_error()
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+TARGETS = ["q_proj", "v_proj"]
+CHANGED = "model.layers.1.self_attn.v_proj"  # the one weight the other base changes
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    """"base": a tiny Llama; "other": the same shapes and weights but for one targeted module (another fine-tune)."""
+    root = tmp_path_factory.mktemp("bases")
+    base = _hf_models.save_tiny("llama", root / "base")
+    model = hf.load_model(base, "causal-lm")
+    with torch.no_grad():
+        model.get_submodule(CHANGED).weight.add_(1e-2)
+    model.save_pretrained(root / "other")
+    hf.load_tokenizer(base).save_pretrained(root / "other")
+    return {"base": base, "other": root / "other"}
+
+
+def _trained(model: torch.nn.Module, **config) -> torch.nn.Module:
+    """LoRA on q/v with B filled, so the adapter changes the output."""
+    lk.apply_lora(model, lk.LoraConfig(rank=2, **config), TARGETS)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in lk.lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapter(bases, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("adapter") / "a"
+    lk.save_adapters(_trained(hf.load_model(bases["base"], "causal-lm")), out)
+    hf.write_task_file(out, "causal-lm")
+    return out
+
+
+def _notes(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, lk.ProvenanceNote)]
+
+
+def _load(model_dir, adapter_dir, **kw) -> tuple[torch.nn.Module, list[str]]:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model = lk.load_adapters(hf.load_model(model_dir, "causal-lm"), adapter_dir, **kw)
+    return model, _notes(record)
+
+
+def test_sidecar_records_the_base_and_the_right_base_loads_silently(bases, adapter):
+    saved = json.loads((adapter / "lorakit.json").read_text())
+    assert saved["format"] == 1 and saved["base"]["path"] == str(bases["base"].resolve())
+    assert saved["base"]["config"]["model_type"] == "llama" and saved["base"]["config"]["hidden_size"] == 32
+    assert saved["base"]["config_sha256"] == provenance.file_digest(bases["base"] / "config.json")
+    assert sorted(saved["base"]["modules"]) == sorted(f"model.layers.{i}.self_attn.{t}" for i in (0, 1) for t in TARGETS)
+    assert sorted(saved["tensors"]) == sorted(provenance.read(adapter).tensors)
+    model, notes = _load(bases["base"], adapter)
+    assert notes == [] and len(lk.lora_layers(model)) == 4
+
+
+def test_same_shapes_different_weights_refused_naming_the_module(bases, adapter):
+    model = hf.load_model(bases["other"], "causal-lm")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lk.LoraBaseMismatch, match="saved for a different base") as e:
+        lk.load_adapters(model, adapter)
+    assert e.value.differences == [f"{CHANGED!r}: weight values differ"]
+    assert str(bases["base"].resolve()) in str(e.value) and "allow_base_mismatch=True" in str(e.value)
+    assert not lk.lora_layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    loaded, notes = _load(bases["other"], adapter, allow_base_mismatch=True)
+    assert len(lk.lora_layers(loaded)) == 4
+    assert len(notes) == 1 and CHANGED in notes[0] and "loading it anyway" in notes[0]
+
+
+def test_a_base_changed_in_place_after_a_load_is_seen(bases, adapter):
+    """The hash is cached on the module holding the weight; an in-place change invalidates it (tensor version)."""
+    model = lk.load_adapters(hf.load_model(bases["base"], "causal-lm"), adapter, name="one")
+    lk.load_adapters(model, adapter, name="two")  # the cached hashes: still the right base
+    with torch.no_grad():
+        lk.lora_layers(model)[CHANGED].base.weight.mul_(2)
+    with pytest.raises(lk.LoraBaseMismatch, match="v_proj"):
+        lk.load_adapters(model, adapter, name="three")
+
+
+def test_the_same_weights_in_bf16_are_the_same_base(bases, adapter):
+    model = hf.load_model(bases["base"], "causal-lm", dtype="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lk.ProvenanceNote)
+        lk.load_adapters(model, adapter)
+    assert len(lk.lora_layers(model)) == 4
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor's data: still a well-formed file
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_the_tensors_refused_as_changed_not_damaged(bases, adapter, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in adapter.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    _flip_last_byte(copy / "adapter_model.safetensors")
+    model = hf.load_model(bases["base"], "causal-lm")
+    with pytest.raises(lk.LoraFileChanged, match="the adapter file changed since it was saved") as e:
+        lk.load_adapters(model, copy)
+    assert str(copy / "adapter_model.safetensors") in str(e.value) and "changed (1)" in str(e.value)
+    assert not lk.lora_layers(model)
+    (copy / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes()[:-3])
+    with pytest.raises(lk.LoraFileError, match="not a valid safetensors file") as damaged:  # damaged stays damaged
+        lk.load_adapters(model, copy)
+    assert not isinstance(damaged.value, lk.LoraFileChanged)
+
+
+def test_peft_made_adapter_loads_with_one_note(bases, tmp_path):
+    base = hf.load_model(bases["base"], "causal-lm")
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    assert not (tmp_path / "peft" / "lorakit.json").exists()
+    _, notes = _load(bases["base"], tmp_path / "peft")
+    assert notes == [f"{tmp_path / 'peft'}: no lorakit.json (a PEFT-made or older adapter): its base could not be checked"]
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_qlora_adapter_loads_onto_the_full_precision_base_and_says_so(fmt, bases, tmp_path):
+    model = quantize_base(_trained(hf.load_model(bases["base"], "causal-lm")), fmt)
+    lk.save_adapters(model, tmp_path / "q")
+    saved = json.loads((tmp_path / "q" / "lorakit.json").read_text())["base"]["modules"]
+    assert {m["quantized"] for m in saved.values()} == {fmt} and not any("source" in m for m in saved.values())
+    loaded, notes = _load(bases["base"], tmp_path / "q")
+    assert len(lk.lora_layers(loaded)) == 4
+    assert len(notes) == 1 and f"trained on a {fmt}-quantised copy of this base" in notes[0]
+    with pytest.raises(lk.LoraBaseMismatch, match=CHANGED):  # the source is checked, not waved through
+        lk.load_adapters(hf.load_model(bases["other"], "causal-lm"), tmp_path / "q")
+    requantized = quantize_base(lk.apply_lora(hf.load_model(bases["base"], "causal-lm"), lk.LoraConfig(rank=2),
+                                              TARGETS), fmt)
+    lk.load_adapters(requantized, tmp_path / "q", name="q")  # onto another quantised copy of the same base
+
+
+def test_merged_and_pissa_models_record_the_original_weight(bases, adapter, tmp_path):
+    merged = lk.load_adapters(hf.load_model(bases["base"], "causal-lm"), adapter)
+    lk.merge_(merged)
+    lk.save_adapters(merged, tmp_path / "merged")  # hashes the weight merge_ set aside, not the merged one
+    assert provenance.read(tmp_path / "merged").base["modules"] == provenance.read(adapter).base["modules"]
+    pissa = _trained(hf.load_model(bases["base"], "causal-lm"), init="pissa")
+    lk.save_adapters(pissa, tmp_path / "pissa")  # the base holds the residual; the record is the original W
+    assert provenance.read(tmp_path / "pissa").base["modules"] == provenance.read(adapter).base["modules"]
+    _load(bases["base"], tmp_path / "pissa")
+
+
+def lorakit(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=120)
+
+
+def test_cli_refuses_another_base_with_exit_2_and_loads_it_when_allowed(bases, adapter, tmp_path):
+    args = ["generate", "--model", bases["other"], "--adapter", adapter, "--prompt", "hello", "--max-new-tokens", 2]
+    refused = lorakit(*args)
+    assert refused.returncode == 2, refused.stderr
+    assert "saved for a different base" in refused.stderr and CHANGED in refused.stderr
+    assert "pass --allow-base-mismatch" in refused.stderr
+    allowed = lorakit(*args, "--allow-base-mismatch")
+    assert allowed.returncode == 0, allowed.stderr
+    assert [line for line in allowed.stderr.splitlines() if line.startswith("note:")] == [
+        line for line in allowed.stderr.splitlines() if "loading it anyway" in line]
+    assert allowed.stderr.count("loading it anyway") == 1
+
+
+def test_cli_inspect_shows_the_fingerprint_and_whether_a_model_matches(bases, adapter):
+    shown = lorakit("inspect", adapter, "--json", "--model", bases["other"])
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)["provenance"]
+    assert info["base_path"] == str(bases["base"].resolve()) and info["modules"] == 4
+    assert info["matches"] is False and info["differences"] == [f"{CHANGED!r}: weight values differ"]
+    text = lorakit("inspect", adapter, "--model", bases["base"])
+    assert text.returncode == 0 and f"--model       {bases['base']}: matches" in text.stdout
+
+
+def test_cli_prints_the_peft_note_once(bases, tmp_path):
+    pm = peft.get_peft_model(hf.load_model(bases["base"], "causal-lm"), peft.LoraConfig(r=2, target_modules=TARGETS))
+    pm.save_pretrained(tmp_path / "peft")
+    done = lorakit("generate", "--model", bases["base"], "--adapter", tmp_path / "peft", "--prompt", "hi",
+                   "--max-new-tokens", 1)
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stderr.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {tmp_path / 'peft'}: no lorakit.json (a PEFT-made or older adapter): its base could not "
+                     "be checked"]
