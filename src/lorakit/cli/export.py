@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import LoraFileError
 from ..train.progress import Progress
-from .common import BadInput, inputs, new_or_empty, quiet_transformers
+from .common import BadInput, add_base_mismatch_flag, base_check, inputs, new_or_empty, quiet_transformers
 
 FORMATS = ("onnx", "gguf", "gguf-adapter")
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -66,7 +66,7 @@ def export(args: argparse.Namespace) -> int:
                 raise BadInput(_flags(e)) from None
     texts = args.text or prepare.PROOF_TEXTS
     progress = Progress()
-    model, tok, task = inputs(prepare.load_unmerged, args.model, adapters, progress=progress)
+    model, tok, task = inputs(prepare.load_unmerged, args.model, adapters, **base_check(args), progress=progress)
     try:
         if args.format == "onnx":
             done = onnx.export_loaded(model, tok, task, args.out, texts=texts, dtype=dtype, progress=progress)
@@ -130,4 +130,5 @@ def add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--text", action="append", metavar="TEXT", help="a proof input (repeatable; default: a few fixed sentences)"
     )
+    add_base_mismatch_flag(p)
     p.set_defaults(run=export)

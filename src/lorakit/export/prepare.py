@@ -70,16 +70,25 @@ def check_exportable(model_dir: str | Path) -> Path:
 
 
 def load_unmerged(
-    model_dir: str | Path, adapter_dirs: list[Path], *, progress: Progress | None = None
+    model_dir: str | Path,
+    adapter_dirs: list[Path],
+    *,
+    allow_base_mismatch: bool = False,
+    progress: Progress | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """(model, tokenizer, task): the base with its adapter(s) loaded, unmerged; several are combined exactly ("cat")."""
+    """(model, tokenizer, task): the base with its adapter(s) loaded, unmerged; several are combined exactly ("cat").
+
+    Each adapter is checked against the base it was saved for (its lorakit.json) unless `allow_base_mismatch`.
+    """
     from .. import adapters
     from ..loading import load_adapters
 
     progress = progress or quiet()
     check_exportable(model_dir)
     if len(adapter_dirs) == 1:
-        model, tok, task = hf.load_with_adapter(model_dir, adapter_dirs[0], progress=progress)
+        model, tok, task = hf.load_with_adapter(
+            model_dir, adapter_dirs[0], allow_base_mismatch=allow_base_mismatch, progress=progress
+        )
     else:
         tasks = {hf.read_task(d)[0] for d in adapter_dirs}
         if len(tasks) != 1 or "seq-cls" in tasks:
@@ -92,7 +101,7 @@ def load_unmerged(
         names = [f"adapter{i}" for i in range(len(adapter_dirs))]
         for name, d in zip(names, adapter_dirs, strict=True):
             with progress.task(f"loading the adapter {d}"):
-                load_adapters(model, d, name=name)
+                load_adapters(model, d, name=name, allow_base_mismatch=allow_base_mismatch)
         adapters.combine_adapters(model, dict.fromkeys(names, 1.0), "combined")
         adapters.set_adapter(model, "combined")
         for name in names:
