@@ -167,3 +167,40 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_an_adapter_saved_for_another_base_is_refused_unless_allowed(llama, tmp_path):
+    """Same shapes, different weights (another fine-tune of the base): exit 2 naming the mismatch; allowed, the
+    export runs and is proven against lorakit on the base it was given."""
+    base_dir, adapter = llama
+    other = tmp_path / "other-base"
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(1.01)
+    model.save_pretrained(other)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (other / f).write_bytes((base_dir / f).read_bytes())
+    args = [*ENV_PY, "--model", other, "--adapter", adapter, "--format", "gguf", "--dtype", "f32", "--out"]
+    r = subprocess.run([*args, tmp_path / "refused"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "q_proj" in r.stderr and "--allow-base-mismatch" in r.stderr, r.stderr
+    assert not (tmp_path / "refused").exists()
+    r = subprocess.run([*args, tmp_path / "allowed", "--allow-base-mismatch"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert _proofs(tmp_path / "allowed")["passed"]
+
+
+def test_a_gguf_adapter_export_refuses_an_adapter_file_changed_since_it_was_saved(llama, tmp_path):
+    base_dir, adapter = llama
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for f in adapter.iterdir():
+        (changed / f.name).write_bytes(f.read_bytes())
+    weights = changed / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last tensor's data: still a well-formed file
+    weights.write_bytes(bytes(data))
+    r = subprocess.run([*ENV_PY, "--model", base_dir, "--adapter", changed, "--format", "gguf-adapter", "--out",
+                        tmp_path / "out"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "changed since it was saved" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()

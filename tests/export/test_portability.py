@@ -194,9 +194,9 @@ def test_cli_inspect_target_text_and_json(tmp_path):
 
 
 @pytest.mark.parametrize("args,says", [
-    (["--model", "m"], "--model is read by the portability checks"),
+    (["--model", "nowhere"], "nowhere: no such directory"),  # --model alone: the provenance check (issue 17)
     (["--target", "tensorrt"], "invalid choice"),
-    (["--target", "vllm", "--model", "nowhere"], "config.json"),
+    (["--target", "vllm", "--model", "nowhere"], "nowhere: no such directory"),
 ])
 def test_cli_bad_target_flags_exit_2(tmp_path, args, says):
     adapter = saved(tmp_path, "a", llama(), lk.LoraConfig(rank=4), QV)
