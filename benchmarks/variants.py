@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import lorakit as lk  # noqa: E402
+from lorakit import nf4 as lk_nf4  # noqa: E402
 from lorakit.variants import dora as dora_math  # noqa: E402
 from lorakit.variants.quant import quantize_base, quantized_layers  # noqa: E402
 
@@ -58,6 +59,30 @@ def step(model: nn.Module, x: torch.Tensor):
     return run
 
 
+def torchao_dequantise(run):
+    """`run` with NF4 weights dequantised by torchao's own `get_original_weight` (lorakit's path before issue #16)."""
+    def patched():
+        fast = lk_nf4.dequantize
+        lk_nf4.dequantize = lambda w, dtype=None: w.get_original_weight().to(dtype or w.dtype)
+        try:
+            run()
+        finally:
+            lk_nf4.dequantize = fast
+    return patched
+
+
+def profile(run, rows: int) -> str:
+    """torch.profiler's table of three calls of `run` (after one warm-up), by self CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    run()
+    with prof(activities=[ProfilerActivity.CPU]) as p:
+        for _ in range(3):
+            run()
+    return p.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def peft_model(base: nn.Module, rank: int, dora: bool) -> nn.Module:
     import peft
 
@@ -77,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="d=128, 2 layers, 64 tokens, 3 rounds")
+    p.add_argument("--profile", metavar="CASE", help="print torch.profiler's table of CASE's step (e.g. nf4, "
+                   "nf4-torchao, lora) instead of the comparison")
     a = p.parse_args(argv)
     if a.quick:
         a.d, a.layers, a.tokens, a.rounds = 128, 2, 64, 3
@@ -89,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                                    targets(base)))
     nf4 = quantize_base(copy.deepcopy(lora), "nf4")
     int8 = quantize_base(copy.deepcopy(lora), "int8")
-    cases = {"lora": step(lora, x), "dora": step(dora, x), "nf4": step(nf4, x), "int8": step(int8, x)}
+    cases = {"lora": step(lora, x), "dora": step(dora, x), "nf4": step(nf4, x),
+             "nf4-torchao": torchao_dequantise(step(nf4, x)), "int8": step(int8, x)}
+    if a.profile:
+        print(profile(cases[a.profile], rows=20))
+        return 0
     try:
         cases["peft-lora"] = step(peft_model(base, a.rank, False), x)
         cases["peft-dora"] = step(peft_model(base, a.rank, True), x)
@@ -123,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             row("dora", "lorakit DoRA")]
     if "peft-dora" in cases:
         rows += [row("peft-lora", "PEFT LoRA"), row("peft-dora", "PEFT DoRA")]
-    rows += [row("nf4", "QLoRA, NF4 base (torchao)", f"{mem['nf4']:.3f}× bf16", f"{err['nf4']:.4f}"),
+    rows += [row("nf4", "QLoRA, NF4 base (torchao), lorakit's dequantise", f"{mem['nf4']:.3f}× bf16",
+                 f"{err['nf4']:.4f}"),
+             row("nf4-torchao", "the same, torchao's dequantise (before)", f"{mem['nf4']:.3f}× bf16",
+                 f"{err['nf4']:.4f}"),
              row("int8", "QLoRA, int8 base (per-row absmax)", f"{mem['int8']:.3f}× bf16", f"{err['int8']:.4f}")]
     print(f"{a.layers} × Linear({a.d}, {a.d}), rank {a.rank}, {a.tokens} tokens, fp32 forward+backward; "
           f"{a.rounds} interleaved rounds\n{harness.machine('cpu', a.threads)}\n")
