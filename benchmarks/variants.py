@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/variants.py --d 2048 --tokens 1024 --threads 8
 
 Model: a stack of `--layers` d×d linear layers with GELU between them, LoRA (rank `--rank`) on every
-layer, one training step = forward + backward (fp32, AdamW excluded) on `--tokens` rows. Each case runs
-once per round, rounds interleave and rotate; ratios are medians of same-round ratios (benchmarks/harness.py).
+layer, one training step = forward + backward (fp32 or `--dtype bf16`, AdamW excluded) on `--tokens` rows.
+Each case runs once per round, rounds interleave and rotate; ratios are medians of same-round ratios
+(benchmarks/harness.py). `--profile CASE` prints torch.profiler's table of one case's step instead.
 Prints a markdown table; writes nothing.
 """
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's and the input's dtype")
     p.add_argument("--quick", action="store_true", help="d=128, 2 layers, 64 tokens, 3 rounds")
     p.add_argument("--profile", metavar="CASE", help="print torch.profiler's table of CASE's step (e.g. nf4, "
                    "nf4-torchao, lora) instead of the comparison")
@@ -108,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.d, a.layers, a.tokens, a.rounds = 128, 2, 64, 3
     torch.set_num_threads(a.threads)
-    base = stack(a.d, a.layers)
-    x = torch.randn(a.tokens, a.d, generator=torch.Generator().manual_seed(2))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    base = stack(a.d, a.layers).to(dtype)
+    x = torch.randn(a.tokens, a.d, generator=torch.Generator().manual_seed(2)).to(dtype)
     cfg = lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank)
     lora = randomise(lk.apply_lora(copy.deepcopy(base), cfg, targets(base)))
     dora = randomise(lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, use_dora=True),
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     n_weights = sum(layer.base.in_features * layer.base.out_features for layer in quantized_layers(nf4).values())
     with torch.no_grad():
         y = lora(x)
-        err = {fmt: ((m(x) - y).norm() / y.norm()).item() for fmt, m in (("nf4", nf4), ("int8", int8))}
+        err = {fmt: ((m(x) - y).float().norm() / y.float().norm()).item() for fmt, m in (("nf4", nf4), ("int8", int8))}
     mem = {fmt: sum(layer.base.weight_bytes() for layer in quantized_layers(m).values()) / (2 * n_weights)
            for fmt, m in (("nf4", nf4), ("int8", int8))}
 
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = s.ratio(name, "lora")
         return [name, what, harness.fmt_time(s.median(name)), f"{ratio:.2f}×", extra_mem, extra_err]
 
-    rows = [row("lora", "plain LoRA (reference)", "1.00× fp32 = 2.00× bf16"),
+    rows = [row("lora", "plain LoRA (reference)", "1.00× fp32 = 2.00× bf16" if a.dtype == "fp32" else "1.00× bf16"),
             row("dora", "lorakit DoRA")]
     if "peft-dora" in cases:
         rows += [row("peft-lora", "PEFT LoRA"), row("peft-dora", "PEFT DoRA")]
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
              row("nf4-torchao", "the same, torchao's dequantise (before)", f"{mem['nf4']:.3f}× bf16",
                  f"{err['nf4']:.4f}"),
              row("int8", "QLoRA, int8 base (per-row absmax)", f"{mem['int8']:.3f}× bf16", f"{err['int8']:.4f}")]
-    print(f"{a.layers} × Linear({a.d}, {a.d}), rank {a.rank}, {a.tokens} tokens, fp32 forward+backward; "
+    print(f"{a.layers} × Linear({a.d}, {a.d}), rank {a.rank}, {a.tokens} tokens, {a.dtype} forward+backward; "
           f"{a.rounds} interleaved rounds\n{harness.machine('cpu', a.threads)}\n")
     print(harness.table(["case", "what", "step (median)", "vs lorakit LoRA", "frozen weight memory",
                          "output rel. error"], rows))

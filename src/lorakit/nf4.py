@@ -63,8 +63,9 @@ def dequantize(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     block = weight.block_size  # type: ignore[attr-defined]
     values = pairs.view(-1, block)  # (n_blocks, block)
     scales = block_scales(weight).unsqueeze(-1)  # (n_blocks, 1)
-    if torch.finfo(dtype).bits > torch.finfo(stored).bits:  # products rounded to the stored dtype first, as torchao
-        return torch.mul(values, scales).view(weight.shape).to(dtype)
+    if torch.finfo(dtype).bits >= torch.finfo(stored).bits:  # in place, rounded to the stored dtype as torchao does
+        dense = values.mul_(scales).view(weight.shape)  # in place: a fresh output buffer costs more than the multiply
+        return dense if dtype == stored else dense.to(dtype)
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     torch.mul(values, scales, out=out.view(-1, block))  # computed in the stored dtype, rounded once into `dtype`
     return out
