@@ -36,9 +36,9 @@ def block_scales(weight: Tensor) -> Tensor:
 
 def pair_table(weight: Tensor) -> Tensor:
     """(256, 2): row b holds the values of the two codes packed in byte b (high nibble first, as torchao packs)."""
-    codes = torch.arange(256, device=weight.device)
     lut = weight.nf4  # type: ignore[attr-defined]  # (16,) in the stored dtype
-    return torch.stack([lut[codes >> 4], lut[codes & 15]], dim=1)
+    high, low = lut.view(16, 1).expand(16, 16), lut.view(1, 16).expand(16, 16)  # [b >> 4, b & 15]
+    return torch.stack([high, low], dim=-1).view(256, 2)  # one small op: it runs twice per layer and step
 
 
 def dequantize(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
