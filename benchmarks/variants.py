@@ -60,11 +60,23 @@ def step(model: nn.Module, x: torch.Tensor):
     return run
 
 
+DEQUANTISE = "dequantise NF4"  # the profiler's label for every NF4 dequantisation
+
+
+def labelled(fn):
+    """`fn` inside a profiler range named DEQUANTISE."""
+    def wrapped(*args, **kwargs):
+        with torch.profiler.record_function(DEQUANTISE):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 def torchao_dequantise(run):
     """`run` with NF4 weights dequantised by torchao's own `get_original_weight` (lorakit's path before issue #16)."""
     def patched():
         fast = lk_nf4.dequantize
-        lk_nf4.dequantize = lambda w, dtype=None: w.get_original_weight().to(dtype or w.dtype)
+        torchao = lambda w, dtype=None: w.get_original_weight().to(dtype or w.dtype)  # noqa: E731
+        lk_nf4.dequantize = labelled(torchao) if getattr(fast, "labelled", False) else torchao
         try:
             run()
         finally:
@@ -72,16 +84,30 @@ def torchao_dequantise(run):
     return patched
 
 
-def profile(run, rows: int) -> str:
-    """torch.profiler's table of three calls of `run` (after one warm-up), by self CPU time."""
+def profile(run, rows: int, steps: int = 3) -> str:
+    """torch.profiler's table of `steps` calls of `run` (after one warm-up), by self CPU time, with the time
+    spent dequantising NF4 weights (ops inside lorakit.nf4.dequantize, or torchao's path) summed per step."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
-    run()
-    with prof(activities=[ProfilerActivity.CPU]) as p:
-        for _ in range(3):
-            run()
-    return p.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    fast = lk_nf4.dequantize
+    lk_nf4.dequantize = labelled(fast)
+    lk_nf4.dequantize.labelled = True
+    try:
+        run()
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            for _ in range(steps):
+                run()
+    finally:
+        lk_nf4.dequantize = fast
+    events = p.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    deq = [e for e in events if e.key == DEQUANTISE]
+    deq_ms = deq[0].cpu_time_total / steps / 1e3 if deq else 0.0
+    calls = deq[0].count // steps if deq else 0
+    return (events.table(sort_by="self_cpu_time_total", row_limit=rows) +
+            f"\nper step: {total:.1f} ms CPU, of which {deq_ms:.1f} ms ({deq_ms / total:.0%}) dequantising NF4 "
+            f"in {calls} calls ({deq_ms / max(calls, 1):.2f} ms each)")
 
 
 def peft_model(base: nn.Module, rank: int, dora: bool) -> nn.Module:
