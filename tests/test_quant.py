@@ -243,3 +243,18 @@ def test_nf4_layer_matches_torchaos_dequantisation_in_every_mode():
     ref_bf16 = ops.lora_linear_reference(x.bfloat16(), W.bfloat16(), layer.base.bias.bfloat16(),
                                          layer.lora_A.bfloat16(), layer.lora_B.bfloat16(), layer.scaling)
     torch.testing.assert_close(y, ref_bf16, rtol=2e-2, atol=2e-2)
+
+
+def test_variants_benchmark_profiles_the_nf4_dequantisation():
+    """`benchmarks/variants.py --profile` (RESULTS-qlora.md's tables): one dequantisation per layer in forward and
+    one per layer whose input needs a gradient in backward (the first layer's does not), on both paths."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "variants.py"
+    for case in ("nf4", "nf4-torchao"):
+        r = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--profile", case],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "dequantising NF4 in 3 calls" in r.stdout, r.stdout[-1500:]
