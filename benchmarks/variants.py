@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/variants.py --d 2048 --tokens 1024 --threads 8
 
 Model: a stack of `--layers` d×d linear layers with GELU between them, LoRA (rank `--rank`) on every
-layer, one training step = forward + backward (fp32, AdamW excluded) on `--tokens` rows. Each case runs
-once per round, rounds interleave and rotate; ratios are medians of same-round ratios (benchmarks/harness.py).
+layer, one training step = forward + backward (fp32 or `--dtype bf16`, AdamW excluded) on `--tokens` rows.
+Each case runs once per round, rounds interleave and rotate; ratios are medians of same-round ratios
+(benchmarks/harness.py). `--profile CASE` prints torch.profiler's table of one case's step instead.
 Prints a markdown table; writes nothing.
 """
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import lorakit as lk  # noqa: E402
+from lorakit import nf4 as lk_nf4  # noqa: E402
 from lorakit.variants import dora as dora_math  # noqa: E402
 from lorakit.variants.quant import quantize_base, quantized_layers  # noqa: E402
 
@@ -58,6 +60,56 @@ def step(model: nn.Module, x: torch.Tensor):
     return run
 
 
+DEQUANTISE = "dequantise NF4"  # the profiler's label for every NF4 dequantisation
+
+
+def labelled(fn):
+    """`fn` inside a profiler range named DEQUANTISE."""
+    def wrapped(*args, **kwargs):
+        with torch.profiler.record_function(DEQUANTISE):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def torchao_dequantise(run):
+    """`run` with NF4 weights dequantised by torchao's own `get_original_weight` (lorakit's path before issue #16)."""
+    def patched():
+        fast = lk_nf4.dequantize
+        torchao = lambda w, dtype=None: w.get_original_weight().to(dtype or w.dtype)  # noqa: E731
+        lk_nf4.dequantize = labelled(torchao) if getattr(fast, "labelled", False) else torchao
+        try:
+            run()
+        finally:
+            lk_nf4.dequantize = fast
+    return patched
+
+
+def profile(run, rows: int, steps: int = 3) -> str:
+    """torch.profiler's table of `steps` calls of `run` (after one warm-up), by self CPU time, with the time
+    spent dequantising NF4 weights (ops inside lorakit.nf4.dequantize, or torchao's path) summed per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    fast = lk_nf4.dequantize
+    lk_nf4.dequantize = labelled(fast)
+    lk_nf4.dequantize.labelled = True
+    try:
+        run()
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            for _ in range(steps):
+                run()
+    finally:
+        lk_nf4.dequantize = fast
+    events = p.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    deq = [e for e in events if e.key == DEQUANTISE]
+    deq_ms = deq[0].cpu_time_total / steps / 1e3 if deq else 0.0
+    calls = deq[0].count // steps if deq else 0
+    return (events.table(sort_by="self_cpu_time_total", row_limit=rows) +
+            f"\nper step: {total:.1f} ms CPU, of which {deq_ms:.1f} ms ({deq_ms / total:.0%}) dequantising NF4 "
+            f"in {calls} calls ({deq_ms / max(calls, 1):.2f} ms each)")
+
+
 def peft_model(base: nn.Module, rank: int, dora: bool) -> nn.Module:
     import peft
 
@@ -76,20 +128,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's and the input's dtype")
     p.add_argument("--quick", action="store_true", help="d=128, 2 layers, 64 tokens, 3 rounds")
+    p.add_argument("--profile", metavar="CASE", help="print torch.profiler's table of CASE's step (e.g. nf4, "
+                   "nf4-torchao, lora) instead of the comparison")
     a = p.parse_args(argv)
     if a.quick:
         a.d, a.layers, a.tokens, a.rounds = 128, 2, 64, 3
     torch.set_num_threads(a.threads)
-    base = stack(a.d, a.layers)
-    x = torch.randn(a.tokens, a.d, generator=torch.Generator().manual_seed(2))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    base = stack(a.d, a.layers).to(dtype)
+    x = torch.randn(a.tokens, a.d, generator=torch.Generator().manual_seed(2)).to(dtype)
     cfg = lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank)
     lora = randomise(lk.apply_lora(copy.deepcopy(base), cfg, targets(base)))
     dora = randomise(lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, use_dora=True),
                                    targets(base)))
     nf4 = quantize_base(copy.deepcopy(lora), "nf4")
     int8 = quantize_base(copy.deepcopy(lora), "int8")
-    cases = {"lora": step(lora, x), "dora": step(dora, x), "nf4": step(nf4, x), "int8": step(int8, x)}
+    cases = {"lora": step(lora, x), "dora": step(dora, x), "nf4": step(nf4, x),
+             "nf4-torchao": torchao_dequantise(step(nf4, x)), "int8": step(int8, x)}
+    if a.profile:
+        print(profile(cases[a.profile], rows=20))
+        return 0
     try:
         cases["peft-lora"] = step(peft_model(base, a.rank, False), x)
         cases["peft-dora"] = step(peft_model(base, a.rank, True), x)
@@ -111,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     n_weights = sum(layer.base.in_features * layer.base.out_features for layer in quantized_layers(nf4).values())
     with torch.no_grad():
         y = lora(x)
-        err = {fmt: ((m(x) - y).norm() / y.norm()).item() for fmt, m in (("nf4", nf4), ("int8", int8))}
+        err = {fmt: ((m(x) - y).float().norm() / y.float().norm()).item() for fmt, m in (("nf4", nf4), ("int8", int8))}
     mem = {fmt: sum(layer.base.weight_bytes() for layer in quantized_layers(m).values()) / (2 * n_weights)
            for fmt, m in (("nf4", nf4), ("int8", int8))}
 
@@ -119,13 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         ratio = s.ratio(name, "lora")
         return [name, what, harness.fmt_time(s.median(name)), f"{ratio:.2f}×", extra_mem, extra_err]
 
-    rows = [row("lora", "plain LoRA (reference)", "1.00× fp32 = 2.00× bf16"),
+    rows = [row("lora", "plain LoRA (reference)", "1.00× fp32 = 2.00× bf16" if a.dtype == "fp32" else "1.00× bf16"),
             row("dora", "lorakit DoRA")]
     if "peft-dora" in cases:
         rows += [row("peft-lora", "PEFT LoRA"), row("peft-dora", "PEFT DoRA")]
-    rows += [row("nf4", "QLoRA, NF4 base (torchao)", f"{mem['nf4']:.3f}× bf16", f"{err['nf4']:.4f}"),
+    rows += [row("nf4", "QLoRA, NF4 base (torchao), lorakit's dequantise", f"{mem['nf4']:.3f}× bf16",
+                 f"{err['nf4']:.4f}"),
+             row("nf4-torchao", "the same, torchao's dequantise (before)", f"{mem['nf4']:.3f}× bf16",
+                 f"{err['nf4']:.4f}"),
              row("int8", "QLoRA, int8 base (per-row absmax)", f"{mem['int8']:.3f}× bf16", f"{err['int8']:.4f}")]
-    print(f"{a.layers} × Linear({a.d}, {a.d}), rank {a.rank}, {a.tokens} tokens, fp32 forward+backward; "
+    print(f"{a.layers} × Linear({a.d}, {a.d}), rank {a.rank}, {a.tokens} tokens, {a.dtype} forward+backward; "
           f"{a.rounds} interleaved rounds\n{harness.machine('cpu', a.threads)}\n")
     print(harness.table(["case", "what", "step (median)", "vs lorakit LoRA", "frozen weight memory",
                          "output rel. error"], rows))

@@ -183,3 +183,78 @@ def test_dora_row_norm_follows_a_requantised_base():
     want = dora_linear_reference(x, layer.base.dense_weight(), layer.base.bias, layer.lora_A, layer.lora_B,
                                  layer.lora_magnitude, layer.scaling)
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+# --- lorakit's NF4 dequantise (lorakit.nf4): torchao's values exactly, in every mode ---------------------------------
+
+STORED = [torch.float32, torch.bfloat16, torch.float16, torch.float64]  # float64 takes the (256, 2) table path
+
+
+@pytest.mark.parametrize("stored", STORED)
+@pytest.mark.parametrize("shape", [(64, 64), (128, 320), (256, 1024)])  # scaler blocks of 64, 256 and 256
+def test_nf4_dequantise_equals_torchaos_bit_for_bit(stored, shape):
+    from lorakit import nf4
+
+    torch.manual_seed(0)
+    q = QuantLinear(nn.Linear(shape[1], shape[0]).to(stored), "nf4", False).weight  # an nn.Parameter, as layers hold it
+    assert nf4.is_nf4(q) and q.dtype == stored
+    for dtype in (None, torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        want = q.get_original_weight() if dtype is None else q.get_original_weight().to(dtype)
+        got = ops.dense(q, dtype)
+        assert type(got) is torch.Tensor and got.dtype == want.dtype and got.shape == shape
+        assert torch.equal(got, want), f"stored {stored}, asked {dtype}: max |diff| {(got - want).abs().max()}"
+
+
+def test_nf4_layer_matches_torchaos_dequantisation_in_every_mode():
+    """The LoRA layer over an NF4 base against the reference formula on torchao's own dequantised weight:
+    grad, no_grad, inference_mode, bf16 autocast, reentrant and non-reentrant checkpointing, deepcopy."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = quantize_base(wrapped(), "nf4")
+    layer = model[0]
+    W = layer.base.weight.get_original_weight()  # torchao's path, not lorakit's
+    x = torch.randn(6, 64, requires_grad=True)
+    ref = ops.lora_linear_reference(x, W, layer.base.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    params = [x, layer.lora_A, layer.lora_B]
+    want = torch.autograd.grad(ref.square().sum(), params)
+
+    def grads(y):  # .backward(): a reentrant checkpoint refuses autograd.grad
+        for t in params:
+            t.grad = None
+        y.square().sum().backward()
+        return [t.grad for t in params]
+
+    for name, run in {"grad": lambda: layer(x),
+                      "checkpoint": lambda: checkpoint(layer, x, use_reentrant=False),
+                      "checkpoint-reentrant": lambda: checkpoint(layer, x, use_reentrant=True),
+                      "deepcopy": lambda: copy.deepcopy(layer)(x)}.items():
+        y = run()
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5, msg=name)
+        if name != "deepcopy":  # a copy's factors are other tensors
+            for a, b in zip(grads(y), want):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x.detach()), ref.detach(), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref_bf16 = ops.lora_linear_reference(x.bfloat16(), W.bfloat16(), layer.base.bias.bfloat16(),
+                                         layer.lora_A.bfloat16(), layer.lora_B.bfloat16(), layer.scaling)
+    torch.testing.assert_close(y, ref_bf16, rtol=2e-2, atol=2e-2)
+
+
+def test_variants_benchmark_profiles_the_nf4_dequantisation():
+    """`benchmarks/variants.py --profile` (RESULTS-qlora.md's tables): one dequantisation per layer in forward and
+    one per layer whose input needs a gradient in backward (the first layer's does not), on both paths."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "variants.py"
+    for case in ("nf4", "nf4-torchao"):
+        r = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--profile", case],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "dequantising NF4 in 3 calls" in r.stdout, r.stdout[-1500:]

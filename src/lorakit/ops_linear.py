@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from . import nf4
+
 # Costs per layer (N tokens): the base is 2·N·d_in·d_out FLOPs forward and again for the input gradient;
 # LoRA adds rank-r GEMMs that are memory-bound on CPU, so the fast path is about passes over N-sized
 # tensors: scale at rank r, accumulate into the base output, never keep a dropped copy of x, and, for
@@ -77,8 +79,8 @@ def dense(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     if weight.dtype == torch.int8:
         scale = weight[:, -4:].contiguous().view(torch.float32)  # (d_out, 1)
         return weight[:, :-4] * scale.to(dtype or torch.float32)  # int8 · scale promotes to the scale's dtype
-    if hasattr(weight, "get_original_weight"):  # torchao's NF4Tensor
-        weight = weight.get_original_weight()
+    if nf4.is_nf4(weight):  # torchao's NF4Tensor, in one table gather (torchao's own path is ~10x slower)
+        return nf4.dequantize(weight, dtype)
     return weight if dtype is None else weight.to(dtype)
 
 

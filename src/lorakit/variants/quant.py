@@ -5,7 +5,8 @@
 
 Only the frozen base weights change; lora_A/lora_B (and DoRA's magnitude) stay in full precision and
 train as before. The quantised weight is what autograd saves: the LoRA linear Function dequantises it
-in forward and again in backward (`ops.dense`), so no dense copy of W stays alive between the two.
+in forward and again in backward (`ops.dense`; NF4 through `lorakit.nf4`, torchao's values bit for bit at a
+tenth of its own path's time), so no dense copy of W stays alive between the two.
 `lorakit.merge(model)` returns plain layers of the original type holding the dequantised merged weight.
 NF4 needs torchao (`pip install lorakit[quant]`); int8 needs nothing extra.
 """
