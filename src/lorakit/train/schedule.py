@@ -40,7 +40,9 @@ def param_groups(params: dict[str, torch.nn.Parameter], loraplus_ratio: float | 
     return [g for g in ({"params": rest, "lr_scale": 1.0}, {"params": b, "lr_scale": ratio}) if g["params"]]
 
 
-def adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+def adamw(
+    groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], weight_decay: float
+) -> torch.optim.AdamW:
     """AdamW over `groups` as one fused kernel (torch's `fused=True`) where every parameter allows it.
 
     LoRA trains many small tensors (two per layer): the default per-tensor loop costs ~4 ms a step for the
