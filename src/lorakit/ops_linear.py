@@ -53,6 +53,17 @@ def dropout_keep(shape: tuple[int, ...], p: float, device: torch.device | str | 
     return lanes >= cut - 2**15, 2**_DROP_BITS / (2**_DROP_BITS - cut)
 
 
+def _rank_r(a: Tensor, m: Tensor) -> Tensor:
+    """a mᵀ (N, r) for a (N, k) and a rank-r factor m (r, k): h = x Aᵀ, dh = gy B (m = Bᵀ).
+
+    In fp32 it is computed as (m aᵀ)ᵀ, a transposed view: the same sums, and on CPU (MKL, one thread, N = 1024)
+    1.5× faster for x Aᵀ and 4× for gy B than the (N, k) @ (k, r) call, whose narrow output takes a slow
+    kernel; in bf16 the direct call is as fast or faster. Every consumer takes the view as is (BLAS transposes
+    by flag); dA = dhᵀ x and dB = (hᵀ gy)ᵀ then read the contiguous side.
+    """
+    return (m @ a.t()).t() if a.dtype == torch.float32 else a @ m.t()
+
+
 def _as_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
     """keep (bool) as 0/1 in `dtype`: multiplying by it is ~2× faster than by a bool tensor (no mixed dtypes)."""
     return keep.view(torch.uint8).to(dtype)
@@ -128,9 +139,9 @@ def _forward(
     weight = dense(weight, x.dtype)
     if fold:  # one GEMM on W + s·B A, as if merged; h only for B's gradient
         y = base_linear(x, _folded(weight, A, B, scaling, fan_in_fan_out), bias, fan_in_fan_out)
-        return y, (x2 @ A.t() if need_h else None)
+        return y, (_rank_r(x2, A) if need_h else None)
     dropped = x2 if keep is None else x2 * _as_mask(keep, x2.dtype)  # (N, d_in), unscaled: scaled at rank r
-    h = dropped @ A.t()  # (N, r)
+    h = _rank_r(dropped, A)  # (N, r)
     if keep is not None:
         h.mul_(drop_scale)
     y = base_linear(x, weight, bias, fan_in_fan_out)  # (..., d_out)
@@ -184,7 +195,7 @@ def _backward(
     fold = need_x and keep is None and _fold_backward(x2.shape[0], x2.shape[1], gy2.shape[1], x2.dtype, need_A)
     dh = None
     if need_A or (need_x and not fold):
-        dh = gy2 @ B  # (N, r)
+        dh = _rank_r(gy2, B.t())  # (N, r) = gy B
         dh.mul_(s * ctx.drop_scale)  # both scales at rank r
     if need_x:
         w = dense(weight, x2.dtype)
