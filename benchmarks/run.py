@@ -75,25 +75,49 @@ NOTES = """## Reading the misses (CPU; written from the profiles above and per-l
 (A and B projections forward; dh, dA, dB and the input gradient backward) against the frozen base's
 2·N·d_in·d_out (forward and input gradient): 3r(d_in+d_out)/(d_in·d_out) = 9.4% for the 512×512 projections
 and 6.4% for the 512×1376 ones at r=8. Linear layers are about two thirds of the frozen step, so at hidden
-512 the LoRA arithmetic alone is ≈4–5% of the step even at full GEMM efficiency — and rank-8 GEMMs are
-memory-bound on CPU (each streams an N×d tensor: 0.15–0.3 ms for N=1024, d=512, against 4.3 ms for the base
-GEMM), so they run 3–6× below peak per FLOP. lorakit already folds the branch into the weight where that is
-cheaper (fp32, many tokens: x(W+s·BA)ᵀ forward and gy(W+s·BA) backward, no N-sized LoRA pass), scales at rank
-r, and uses the faster operand orders (dB = (hᵀ·gy)ᵀ). What would close the rest: kernels that read x and gy
-once for both the base and the rank-r products (a fused Triton/inductor kernel on GPU), or a bigger model —
-at hidden 4096 the same ratio is ≈1%.
+512 the LoRA arithmetic alone is ≈4–5% of the step even at full GEMM efficiency — and rank-r GEMMs are
+memory-bound on CPU (each streams an N×d tensor), so they run well below peak per FLOP. What lorakit does
+about it: fold the branch into the weight where that is the smaller pass, deciding forward and backward
+apart (x(W+s·BA)ᵀ replaces the N×d_out accumulate when N > d_in; gy(W+s·BA) the N×d_in one when N > d_out);
+compute the rank-r projections in the orientation MKL runs fast (h = (A xᵀ)ᵀ and dh = (Bᵀ gyᵀ)ᵀ: 1.5× and
+4× faster than x Aᵀ and gy B, whose narrow outputs take a slow kernel); scale at rank r; step AdamW as one
+fused kernel (~4 ms → 0.5 ms for the 56 factors). What would close the rest: kernels that read x and gy once
+for both the base and the rank-r products (a fused Triton/inductor kernel on GPU), or a bigger model — at
+hidden 4096 the same ratio is ≈1%.
+
+**Issue 16, round 2, before and after** (`python benchmarks/ab_linear.py --before e48b440 --rounds 15
+[--dropout 0.1]`: the LoRA linear and the trainer's per-tensor AdamW as they were at e48b440 against this
+tree's, interleaved with the frozen bound in one process, this process's CPU time on one thread, machine
+load 3.0–3.4 on 2 cores; 1 December 2026):
+
+| case | before × frozen bound | after × frozen bound | after / before |
+| --- | --- | --- | --- |
+| dropout 0 | 1.140 | 1.114 | 0.968 |
+| dropout 0.1 | 1.218 | 1.195 | 0.977 |
+
+Where the rest of dropout 0 goes (one step's profile, self CPU time over the frozen bound's): the rank-r
+GEMMs, ≈55 ms of the ≈90 ms — dA = dhᵀx and dB = (hᵀgy)ᵀ at ≈0.45 ms per 512-wide layer, h and dh at
+≈0.23 ms, 2–3× that for the 1376-wide side — then forming W + s·BA (weight-sized addmm and its copy,
+≈15 ms: a fresh weight-sized buffer is page-faulted in every time), the fused AdamW step (≈4 ms) and the
+custom Function's own overhead (≈9 ms for 56 calls).
+
+**Sibling fusion (q/k/v, gate/up as one [A_q; A_k; A_v] GEMM): measured, not built.** At N = 1024, one
+thread, the three q/k/v projections h cost 1.18 ms apart against 0.80 ms as one GEMM, and their dA 1.20 ms
+against 0.81 ms; gate/up 0.80 → 0.60 ms each way: ≈1.2 ms per block, ≈5 ms (0.6%) per step at dropout 0,
+and nothing with dropout, where each layer's own mask makes its input x·m_i a different operand (one GEMM
+cannot share it). Sharing across the three calls a model makes separately (`self.q_proj(h)`,
+`self.k_proj(h)`, ...) needs state that outlives a call — a parent-scoped cache of the group's projection,
+guarded by tensor identity, which is what issue 12 removed (it broke checkpointing, threads and compile) —
+or a rewrite of each architecture's attention and MLP forward, tied to one transformers version. Neither
+is worth 0.6%.
 
 **Training step at dropout 0.1.** Dropout on the LoRA input is elementwise work over N×d_in per layer:
 drawing the mask (64-bit random words split into four 16-bit lanes, ~4× cheaper than `torch.rand`), x·mask
 forward and again backward (the dropped copy is never stored, to keep memory low), and the masked accumulate
-of the input gradient. Each LoRA layer draws its own mask, as the LoRA paper and PEFT do (7 draws per block).
-Until the core rebuild (issue 12) sibling layers that read the same input (q/k/v, gate/up) shared one draw
-through a process-global cache; that was 1.22× instead of 1.27× but gave wrong gradients under gradient
-checkpointing, leaked masks across threads and broke torch.compile, so it was removed. What would recover
-the cost without shared state: one concatenated [A_q; A_k; A_v] GEMM for the siblings, declared by the
-model's structure (one pass over the input instead of three, each block of columns with its own mask), and
-on GPU a fused kernel that generates the mask (Philox) inside the A GEMM and
-regenerates it in backward instead of storing it.
+of the input gradient; no fold (the dropped input is not x). Each LoRA layer draws its own mask, as the LoRA
+paper and PEFT do (7 draws per block); sharing one draw between siblings, as lorakit did before issue 12,
+is not the same regularisation. On GPU a fused kernel could generate the mask (Philox) inside the A GEMM
+and regenerate it in backward instead of storing it.
 
 **Inference, merge, unmerge** are memory-bound. Unmerged inference folds the branch into the weight once N
 is large (fp32). Merge in place is one fp32 addmm (W + s·B·A), one aminmax finiteness check and a storage
@@ -160,12 +184,18 @@ def inputs(a):
 
 
 class TrainCase:
-    """One training step: forward with embeddings that require grad, backward, AdamW on what trains."""
+    """One training step: forward with embeddings that require grad, backward, AdamW on what trains.
+
+    Every case steps the optimizer lorakit's trainer builds (`lorakit.train.schedule.adamw`: torch's fused
+    AdamW), PEFT and full fine-tuning included, so the cases differ only by the model.
+    """
 
     def __init__(self, model, embed, ids, labels, use_ids: bool = False):
+        from lorakit.train.schedule import adamw
+
         self.model, self.embed, self.ids, self.labels, self.use_ids = model.train(), embed, ids, labels, use_ids
         params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+        self.opt = adamw([{"params": params}], 1e-4, (0.9, 0.999), 0.01) if params else None
 
     def forward(self):
         if self.use_ids:
@@ -433,7 +463,7 @@ def report(a, train, saved, rss, inf, ops, diffs, prof, seconds) -> str:
         ("training step ≤ 1.05× frozen bound, p=0", train.ratio("lorakit p=0", fb), 1.05, "le"),
         (f"training step ≤ 1.12× frozen bound, p={p}", train.ratio(f"lorakit p={p}", fb), 1.12, "le"),
         (f"LoRA-branch saved bytes ≤ 0.5× PEFT's, p={p}", lk_lora / pf_lora if pf_lora else float("nan"), 0.5, "le"),
-        ("unmerged inference ≤ 1.05× base forward", inf.ratio("lorakit unmerged", "base"), 1.05, "le"),
+        ("unmerged inference ≤ 1.02× base forward", inf.ratio("lorakit unmerged", "base"), 1.02, "le"),
         ("load-and-activate ≥ 5× faster than PEFT", swap, 5.0, "ge"),
         ("merge no slower than PEFT (PEFT / lorakit ≥ 1)", ops["merge: PEFT"] / ops["merge: lorakit"], 1.0, "ge"),
         ("unmerge no slower than PEFT (PEFT / lorakit ≥ 1)", ops["unmerge: PEFT"] / ops["unmerge: lorakit"], 1.0, "ge"),

@@ -22,8 +22,10 @@ from lorakit.errors import LoraMergeError
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
-# (leading dims, d_in, d_out): few tokens take the unmerged path, many tokens (fp32) the folded-weight path
-SHAPES = [((3,), 16, 24), ((2, 5), 7, 3), ((64,), 16, 16), ((4, 40), 24, 40), ((1,), 1, 1)]
+# (leading dims, d_in, d_out): few tokens take the unmerged path, many tokens (fp32) the folded-weight path;
+# 30 tokens at 16 -> 40 fold the forward only (N > d_in, N < d_out), at 40 -> 16 the input gradient only
+SHAPES = [((3,), 16, 24), ((2, 5), 7, 3), ((64,), 16, 16), ((4, 40), 24, 40), ((1,), 1, 1), ((30,), 16, 40),
+          ((30,), 40, 16)]
 RANKS = [1, 4, 8]
 
 
@@ -245,3 +247,19 @@ def test_conv1d_layout_matches_the_formula(lead, p):
     gy = torch.randn_like(y)
     for g, g_ref in zip(grads(y, [x, A, B, b], gy), grads(y_ref, [x, A, B, b], gy)):
         assert rel(g, g_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [((30,), 16, 40), ((30,), 40, 16), ((64,), 16, 16), ((3,), 16, 24)])
+@pytest.mark.parametrize("train_A", [True, False])
+def test_input_gradient_whichever_way_the_backward_folds(shape, train_A):
+    """The backward folds the input gradient on its own rule (cheaper when A's gradient is not owed, since
+    dh = gy B is then needed for dx alone): dx, dA, dB match the formula on both sides of the rule."""
+    lead, d_in, d_out = shape
+    x, W, b, A, B = make(lead, d_in, d_out, 4, torch.float32, bias=True)
+    A.requires_grad_(train_A)
+    gy = torch.randn(*lead, d_out, generator=torch.Generator().manual_seed(3))
+    got = grads(ops.lora_linear(x, W, b, A, B, 1.5), [x, A, B], gy)
+    want = grads(ops.lora_linear_reference(x, W, b, A, B, 1.5), [x, A, B], gy)
+    assert len(got) == len(want) == (3 if train_A else 2)
+    for g_got, g_want in zip(got, want):
+        assert rel(g_got, g_want) <= 1e-5

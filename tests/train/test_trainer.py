@@ -200,3 +200,26 @@ def test_loss_fn_on_a_mapping_batch_names_what_it_lacks() -> None:
     with pytest.raises(ValueError, match="got labels=NoneType, output=Tensor"):
         unlabelled.evaluate([{"input": torch.randn(4, 3)}])
 
+
+
+def test_the_trainers_adamw_is_the_fused_kernel_and_steps_as_the_loop_does() -> None:
+    """`schedule.adamw` (what Trainer.fit builds) is torch's fused AdamW on CPU, and a few steps of it move the
+    parameters as the per-tensor loop does (to rounding: the kernels order their arithmetic differently)."""
+    from lorakit.train.schedule import adamw
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(8, 16, generator=g), torch.randn(16, 8, generator=g), torch.randn(3, generator=g)]
+    fused_p = [nn.Parameter(t.clone()) for t in start]
+    loop_p = [nn.Parameter(t.clone()) for t in start]
+    fused = adamw([{"params": fused_p, "lr_scale": 1.0}], 1e-2, (0.9, 0.999), 0.01)
+    loop = torch.optim.AdamW(loop_p, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01, foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        grads = [torch.randn(t.shape, generator=g) for t in start]
+        for p, q, gr in zip(fused_p, loop_p, grads, strict=True):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        fused.step()
+        loop.step()
+    for p, q, t in zip(fused_p, loop_p, start, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p.detach(), t)  # it moved

@@ -1,5 +1,5 @@
-"""Learning rates: schedules as a pure function of the optimizer step (so resuming needs only the step), and
-LoRA+'s per-group scale."""
+"""Learning rates and the optimizer: schedules as a pure function of the optimizer step (so resuming needs only
+the step), LoRA+'s per-group scale, and the (fused) AdamW the trainer steps."""
 
 from __future__ import annotations
 
@@ -38,3 +38,19 @@ def param_groups(params: dict[str, torch.nn.Parameter], loraplus_ratio: float | 
     b = [p for n, p in params.items() if ratio != 1.0 and "lora_B" in n.split(".")]
     rest = [p for n, p in params.items() if not (ratio != 1.0 and "lora_B" in n.split("."))]
     return [g for g in ({"params": rest, "lr_scale": 1.0}, {"params": b, "lr_scale": ratio}) if g["params"]]
+
+
+def adamw(
+    groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], weight_decay: float
+) -> torch.optim.AdamW:
+    """AdamW over `groups` as one fused kernel (torch's `fused=True`) where every parameter allows it.
+
+    LoRA trains many small tensors (two per layer): the default per-tensor loop costs ~4 ms a step for the
+    56 factors of a 4-layer Llama-style model on one CPU thread, the fused kernel ~0.5 ms (RESULTS.md). Same
+    update rule; the two round differently (compare with a tolerance). Fused needs floating-point parameters
+    on a device with the kernel (CPU, CUDA, MPS, XPU): otherwise the default loop.
+    """
+    supported = ("cpu", "cuda", "mps", "xpu")
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.is_floating_point() and p.device.type in supported for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)

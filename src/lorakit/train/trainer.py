@@ -35,7 +35,7 @@ from .events import CheckpointSaved, EpochEnded, Evaluated, Event, RunEnded, Run
 from .forgetting import ReferenceKL
 from .metrics import BatchFn, Meter, Metric, as_metrics
 from .plan import RunPlan
-from .schedule import lr_at, param_groups
+from .schedule import adamw, lr_at, param_groups
 
 Callback = Callable[[Event], None]
 PLOT_INTERVAL_S = 5.0  # loss.png is redrawn at an epoch's end if this long has passed (a plot costs ~0.25 s)
@@ -182,9 +182,7 @@ class Trainer:
         if not params:
             raise ValueError("the model has no trainable parameters (apply_lora first, or unfreeze some)")
         net = world.wrap(model, self.device, cfg.fsdp)  # what runs the batches; `model` keeps the names
-        optimizer = torch.optim.AdamW(
-            param_groups(params, cfg.loraplus_ratio), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-        )
+        optimizer = adamw(param_groups(params, cfg.loraplus_ratio), cfg.lr, cfg.betas, cfg.weight_decay)
         total_steps, evaluator = plan.total_steps, self._evaluator()
         epoch_meter, interval = Meter(self.metrics), Meter(self.metrics)
         s = RunState()
