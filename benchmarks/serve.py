@@ -296,8 +296,8 @@ def main(argv: list[str] | None = None) -> Path:
     for load in loads.values():
         load.rounds = load.rounds[a.warmup:]  # the warm-up rounds' stats are not reported
     step_rounds = max(5, 3 * a.rounds)
+    engine.stop(timeout=10)  # its thread may still hold the last rows' adapters until it idles: join it first
     step = decode_steps(engine, a, ids, names, step_rounds)
-    engine.stop(timeout=10)
 
     def rate(name: str, r: int | None = None) -> float:
         times = s.times[name]

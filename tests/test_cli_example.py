@@ -58,7 +58,7 @@ def test_check_only_exits_non_zero_on_a_tampered_adapter(piped, tmp_path: Path) 
     safetensors_io.write(path, tensors, meta)
     tampered = lorakit("example", "--check-only", "--artifact-dir", str(bad), timeout=60)
     assert tampered.returncode == 1
-    assert "FAILED: outputs differ" in tampered.stdout
+    assert "reload FAILED" in tampered.stdout and "the adapter file changed since it was saved" in tampered.stdout
 
 
 def test_bad_usage_exits_with_a_message(capsys: pytest.CaptureFixture) -> None:

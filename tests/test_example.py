@@ -64,13 +64,19 @@ def _tamper(path: Path, key: str, change) -> None:
 
 
 @pytest.mark.parametrize("what, change, message", [
-    ("changed weights", lambda t: t + 1e-3, "FAILED: outputs differ"),
+    # lorakit.json holds the saved tensors' hashes: the reload itself refuses a changed file
+    ("changed weights", lambda t: t + 1e-3, "reload FAILED: " + "%s: the adapter file changed since it was saved"),
+    # without lorakit.json (a PEFT-made adapter) the file loads, and the outputs check catches it
+    ("changed weights, lorakit.json removed", lambda t: t + 1e-3, "FAILED: outputs differ"),
     ("a NaN", lambda t: t.index_fill_(0, torch.tensor([1]), float("nan")), "reload FAILED"),
     ("another shape", lambda t: t[:, :2], "reload FAILED"),
 ])
 def test_tampered_adapter_fails_the_checks(finished: Path, tmp_path: Path, capsys, what, change, message) -> None:
     out = _copy(finished, tmp_path)
     _tamper(out / "adapter/adapter_model.safetensors", "base_model.model.fc2.lora_B.weight", change)
+    if "removed" in what:
+        (out / "adapter/lorakit.json").unlink()
+    message = message.replace("%s", str(out / "adapter/adapter_model.safetensors"))
     assert not check_artifacts(out), what
     assert message in capsys.readouterr().out
 

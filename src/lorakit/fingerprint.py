@@ -43,6 +43,7 @@ CONFIG_FIELDS = (
 )
 MAX_THREADS = 8  # threads hashing a base's weights the first time
 _CACHE = "_lorakit_fingerprint"  # the attribute holding a module's TensorCache of its weight's record
+_SHARDED = "_lorakit_fingerprint_before_sharding"  # the record remember_before_sharding keeps on a base module
 
 
 def module_fingerprint(module: nn.Module) -> dict[str, Any]:
@@ -63,7 +64,35 @@ def module_fingerprint(module: nn.Module) -> dict[str, Any]:
         unmerged = layer._unmerged_weight  # the exact base weight merge_ set aside
         assert unmerged is not None, "merge_ sets the base weight aside"
         return _cached(base, unmerged)
-    return _cached(base, bases.weight(base))
+    w = bases.weight(base)
+    if _is_sharded(w):  # FSDP2: this rank holds a shard; the whole weight was fingerprinted before sharding
+        return dict(base.__dict__.get(_SHARDED) or {"shape": list(w.shape), "dtype": _dtype(w), "sharded": True})
+    return _cached(base, w)
+
+
+def remember_before_sharding(model: nn.Module) -> None:
+    """Fingerprint each LoRA layer's base weight now, on its module, for saves after FSDP2 shards the weights.
+
+    Once sharded, each rank holds part of every weight and a save (on one rank) cannot hash the whole: without
+    this record such a save writes the shape and dtype only, and loads cannot check the values.
+    """
+    from .model import lora_layers
+
+    for layer in lora_layers(model).values():
+        layer.base.__dict__[_SHARDED] = module_fingerprint(layer)
+
+
+def _is_sharded(w: Tensor) -> bool:
+    """Whether `w` is a DTensor (FSDP2's sharded parameter)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(w, DTensor)
+
+
+def _dtype(w: Tensor) -> str:
+    return str(w.dtype).removeprefix("torch.")
 
 
 def _cached(holder: nn.Module, w: Tensor) -> dict[str, Any]:

@@ -187,6 +187,7 @@ def test_trained_bias_refused(tmp_path):
     tensors, _ = safetensors.read(weights)
     tensors["base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias"] = torch.ones(32)
     safetensors.write(weights, tensors)
+    (adapter / "lorakit.json").unlink()  # as PEFT would write it: no lorakit.json (whose hashes this edit breaks)
     with pytest.raises(GgufExportError, match="q_proj.base_layer.bias.*only lora_A/lora_B pairs"):
         write_gguf_adapter(adapter, base, tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()

@@ -152,7 +152,7 @@ def compare(saved: Mapping[str, Any], here: Mapping[str, Any]) -> list[str]:
             out.append(f"{name!r}: not in this model")
         elif list(s.get("shape", ())) != list(h.get("shape", ())):
             out.append(f"{name!r}: weight shape {tuple(s['shape'])} saved, {tuple(h['shape'])} here")
-        elif s["sha256"] != h["sha256"]:
+        elif "sha256" in s and "sha256" in h and s["sha256"] != h["sha256"]:  # none: saved sharded, unhashed
             dtypes = f" (saved as {s.get('dtype')}, here {h.get('dtype')})" if s.get("dtype") != h.get("dtype") else ""
             source = (
                 " (saved from a quantised base whose source was unknown)" if s.get("source") == "dequantized" else ""

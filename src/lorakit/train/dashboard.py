@@ -146,8 +146,8 @@ class Dashboard:
         stats.add_row(
             "elapsed",
             fmt_duration(time.perf_counter() - self.t0),
-            "memory",
-            f"{mib:,.0f} MiB {'CUDA peak' if kind == 'cuda' else 'peak RSS'}",
+            "CUDA peak" if kind == "cuda" else "peak RSS",
+            _size(mib),
         )
         stats.add_row(
             "params",
@@ -185,3 +185,8 @@ class Dashboard:
             border_style="green" if self.done else "blue",
             padding=(0, 1),
         )
+
+
+def _size(mib: float) -> str:
+    """A memory size in at most 8 characters, so the stats row fits a 60-column terminal: `934 MiB`, `12.1 GiB`."""
+    return f"{mib:.0f} MiB" if mib < 1000 else f"{mib / 1024:.1f} GiB"

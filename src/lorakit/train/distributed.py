@@ -153,8 +153,10 @@ class Group:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        from ..fingerprint import remember_before_sharding
         from ..model import lora_layers
 
+        remember_before_sharding(model)  # a save after sharding could not hash whole weights (lorakit.json)
         trainable = [p for p in model.parameters() if p.requires_grad]  # a list: the same order on every rank
         with torch.no_grad():  # replicated parameters must start equal, as DDP's broadcast makes them
             for p in trainable:
