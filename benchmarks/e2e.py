@@ -153,8 +153,14 @@ def hf_side(a: argparse.Namespace, root: Path) -> None:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     torch.set_num_threads(a.threads)
     tok = AutoTokenizer.from_pretrained(root / "model")
@@ -297,9 +303,10 @@ def report(a, results: dict[str, list[dict]], load_start: str, load_end: str, se
         f"            --lr {a.lr} --batch-size {a.batch} --max-length {a.max_length} --schedule linear "
         "--weight-decay 0 \\",
         f"            --device {a.device} --seed 0 --log-every {a.log_every} --plain --max-steps {a.steps}",
-        "Trainer:  get_peft_model(AutoModelForCausalLM.from_pretrained(MODEL), LoraConfig(...)); dataset.map(tokenize);",
-        "          Trainer(model, TrainingArguments(per_device_train_batch_size, max_steps, logging_steps,",
-        "          save_strategy='no', report_to=[], optim='adamw_torch', ...), DataCollatorForLanguageModeling(mlm=False))",
+        "Trainer:  get_peft_model(AutoModelForCausalLM.from_pretrained(MODEL), LoraConfig(...));",
+        "          dataset.map(tokenize); Trainer(model, TrainingArguments(per_device_train_batch_size, max_steps,",
+        "          logging_steps, save_strategy='no', report_to=[], optim='adamw_torch', ...),",
+        "          DataCollatorForLanguageModeling(mlm=False))",
         "```",
         "",
     ])

@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny models, few points (for tests)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS-scale.md")
+    p.add_argument("--plots", default="scale", help="the plots are PLOTS-seq.png, -hidden.png, -adapters.png by --out")
     a = p.parse_args(argv)
     a.seqs, a.hiddens = [int(x) for x in a.seqs.split(",")], [int(x) for x in a.hiddens.split(",")]
     a.base_hidden = 512
@@ -160,7 +161,7 @@ def load_curve(a, tmp: Path) -> dict[str, dict[str, list[float]]]:
         for n in (["lorakit", "PEFT"] if i % 2 else ["PEFT", "lorakit"]):
             fn, limit = loads[n]
             if i <= limit:
-                out[n]["s"].append(harness.timed(lambda fn=fn: fn(i), a.device))
+                out[n]["s"].append(harness.timed(lambda fn=fn, i=i: fn(i), a.device))
                 out[n]["bytes"].append(float(resident(a.device)))
     assert len(lk.list_adapters(lkm)) == a.adapters + 1, lk.list_adapters(lkm)
     out["adapter_bytes"] = {"s": [], "bytes": [float(sum(p.numel() * p.element_size() for n, p in
@@ -253,7 +254,7 @@ def load_table(loads, a) -> tuple[str, float]:
 
 def report(a, seq_rows, hid_rows, loads, load_start: str, load_end: str, seconds: float) -> str:
     loads_md, ratio = load_table(loads, a)
-    per = {n: (loads[n]["bytes"][-1] - loads[n]["bytes"][0]) / (len(loads[n]["bytes"]) - 1) for n in ("lorakit", "PEFT")}
+    per = {n: (v["bytes"][-1] - v["bytes"][0]) / (len(v["bytes"]) - 1) for n, v in loads.items() if v["s"]}
     quick = " (--quick: tiny models; the numbers only show that the suite runs)" if a.quick else ""
     return "\n".join([
         "# Scale curves: step time and memory vs sequence length and hidden size; adapter loads vs adapters held",
@@ -280,7 +281,7 @@ def report(a, seq_rows, hid_rows, loads, load_start: str, load_end: str, seconds
         "",
         f"## Sequence length (hidden {a.base_hidden}, batch {a.seq_batch})",
         "",
-        "![step time and memory vs sequence length](scale-seq.png)",
+        f"![step time and memory vs sequence length]({a.plots}-seq.png)",
         "",
         curve_table(seq_rows, "sequence"),
         "",
@@ -288,7 +289,7 @@ def report(a, seq_rows, hid_rows, loads, load_start: str, load_end: str, seconds
         "",
         f"## Hidden size (sequence {a.hidden_seq}, batch 1, intermediate 2.6875× hidden, head dim 64)",
         "",
-        "![step time and memory vs hidden size](scale-hidden.png)",
+        f"![step time and memory vs hidden size]({a.plots}-hidden.png)",
         "",
         curve_table(hid_rows, "hidden"),
         "",
@@ -297,7 +298,7 @@ def report(a, seq_rows, hid_rows, loads, load_start: str, load_end: str, seconds
         "",
         f"## Adapter loads into one model (hidden {a.base_hidden}, {a.layers} layers, r{a.rank} on 7 projections)",
         "",
-        "![load time and memory vs adapters loaded](scale-adapters.png)",
+        f"![load time and memory vs adapters loaded]({a.plots}-adapters.png)",
         "",
         "Each load reads the same saved adapter under a new name (`lorakit.load_adapters(model, dir, name=f'a{i}')`, "
         "PEFT `model.load_adapter(dir, adapter_name=f'a{i}')`); the model starts with one adapter. Single loads "
@@ -306,7 +307,7 @@ def report(a, seq_rows, hid_rows, loads, load_start: str, load_end: str, seconds
         loads_md,
         "",
         table(["", "lorakit", "PEFT"], [
-            ["resident memory per loaded adapter", f"{per['lorakit'] / 2**20:.2f} MiB", f"{per['PEFT'] / 2**20:.2f} MiB"],
+            ["resident memory per loaded adapter", *(f"{per[n] / 2**20:.2f} MiB" for n in ("lorakit", "PEFT"))],
             ["the adapter's own tensors (fp32 A and B)", f"{loads['adapter_bytes']['bytes'][0] / 2**20:.2f} MiB", ""],
         ]),
         "",
@@ -332,9 +333,10 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"loads: {time.perf_counter() - t:.1f} s", file=sys.stderr)
     out = a.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_curve(seq_rows, "sequence length", out.parent / "scale-seq.png", f"hidden {a.base_hidden}, batch {a.seq_batch}")
-    plot_curve(hid_rows, "hidden size", out.parent / "scale-hidden.png", f"sequence {a.hidden_seq}, batch 1")
-    plot_loads(loads, out.parent / "scale-adapters.png")
+    seq_title = f"hidden {a.base_hidden}, batch {a.seq_batch}"
+    plot_curve(seq_rows, "sequence length", out.parent / f"{a.plots}-seq.png", seq_title)
+    plot_curve(hid_rows, "hidden size", out.parent / f"{a.plots}-hidden.png", f"sequence {a.hidden_seq}, batch 1")
+    plot_loads(loads, out.parent / f"{a.plots}-adapters.png")
     text = report(a, seq_rows, hid_rows, loads, load_start, loadavg(), time.perf_counter() - t0)
     out.write_text(text)
     print(text)
