@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/e2e.py --device cuda --threads 8
 
 Both sides get the same saved model directory (a Llama-style model from a transformers config, random seeded
-weights, and a WordLevel tokenizer saved with it), the same JSONL rows (varied lengths), the same LoRA config
+weights, and a WordLevel tokenizer saved with it), the same JSONL rows (lengths from 3/4 to 5/4 of max length:
+about half are truncated and the rest padded to their batch's longest, on both sides), the same LoRA config
 (r8, alpha16, dropout 0, q/k/v/o/gate/up/down), batch size, max length, steps, lr (linear schedule, no warmup),
 AdamW (weight decay 0), gradient clipping at 1.0, logging every --log-every steps, no evaluation while training,
 no checkpoint while training. Each side runs in its own fresh subprocess (its peak RSS is that process's
@@ -38,6 +39,10 @@ from harness import table  # noqa: E402
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPEED_TARGET, RSS_TARGET = 1.3, 0.85
+FLOORS = {  # what each side imports before it has a model: the resident floor under its peak
+    "lorakit finetune": "import lorakit.cli, lorakit.cli.finetune, lorakit.hf.finetune, lorakit.train",
+    "Trainer + PEFT": "import datasets, peft, transformers; from transformers import Trainer, AutoModelForCausalLM",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,8 +98,8 @@ def prepare(a: argparse.Namespace, root: Path) -> tuple[Path, Path, Path]:
     fast.save_pretrained(model_dir)
     rng = random.Random(0)
 
-    def row() -> str:  # varied lengths: some rows are truncated, most are padded in their batch
-        n = rng.randint(max(2, a.max_length // 4), a.max_length * 5 // 4)
+    def row() -> str:  # varied lengths: about half the rows are truncated, the others padded in their batch
+        n = rng.randint(max(2, a.max_length * 3 // 4), a.max_length * 5 // 4)
         return json.dumps({"text": " ".join(rng.choice(words) for _ in range(n))})
 
     train, valid = root / "train.jsonl", root / "valid.jsonl"
@@ -236,13 +241,16 @@ def main(argv: list[str] | None = None) -> Path:
                 r = run_lorakit(a, root, rep) if side == "lorakit finetune" else run_hf(a, root, rep, side_argv)
                 results[side].append(r)
                 print(f"rep {rep} {side}: {r}", file=sys.stderr)
-    text = report(a, results, load_start, loadavg(), time.perf_counter() - t0)
+        floors = {k: run_process([sys.executable, "-c", code], side_env(a), root / "floor.log")[1]
+                  for k, code in FLOORS.items()}
+    text = report(a, results, floors, load_start, loadavg(), time.perf_counter() - t0)
     a.out.write_text(text)
     print(text)
     return a.out
 
 
-def report(a, results: dict[str, list[dict]], load_start: str, load_end: str, seconds: float) -> str:
+def report(a, results: dict[str, list[dict]], floors: dict[str, int], load_start: str, load_end: str,
+           seconds: float) -> str:
     lk, hf = results["lorakit finetune"], results["Trainer + PEFT"]
     tps = {k: [r["tokens"] / r["loop_s"] for r in v] for k, v in results.items()}
     speed = [x / y for x, y in zip(tps["lorakit finetune"], tps["Trainer + PEFT"], strict=True)]
@@ -252,7 +260,9 @@ def report(a, results: dict[str, list[dict]], load_start: str, load_end: str, se
     def row(name: str) -> list[str]:
         v = results[name]
         return [name, f"{med(tps[name]):,.0f}", f"{med(r['loop_s'] for r in v):.2f} s",
+                f"{(a.steps - a.log_every) / med(r['loop_s'] for r in v):.3f}",
                 f"{med(r['tokens'] for r in v):,.0f}", f"{med(r['rss'] for r in v) / 2**20:,.0f} MiB",
+                f"{floors[name] / 2**20:,.0f} MiB", f"{(med(r['rss'] for r in v) - floors[name]) / 2**20:,.0f} MiB",
                 f"{med(r['wall_s'] for r in v):.1f} s", " / ".join(f"{x:,.0f}" for x in tps[name])]
 
     judged = [["tokens/s, lorakit finetune / Trainer + PEFT", f"≥ {SPEED_TARGET}×", f"{med(speed):.2f}×",
@@ -272,7 +282,7 @@ def report(a, results: dict[str, list[dict]], load_start: str, load_end: str, se
         "",
         f"Setup: Llama-style model from a transformers config (hidden {a.hidden}, intermediate {a.intermediate}, "
         f"{a.layers} layers, {a.heads} heads, vocab {a.vocab}, fp32, random seeded weights) saved with a WordLevel "
-        f"tokenizer; {a.rows} JSONL text rows of {max(2, a.max_length // 4)}–{a.max_length * 5 // 4} words "
+        f"tokenizer; {a.rows} JSONL text rows of {max(2, a.max_length * 3 // 4)}–{a.max_length * 5 // 4} words "
         f"(truncated to --max-length {a.max_length}, + EOS); LoRA r{a.rank} alpha{2 * a.rank} dropout 0 on "
         f"q/k/v/o/gate/up/down; batch {a.batch}; {a.steps} optimizer steps, the first {a.log_every} not counted; "
         f"lr {a.lr} linear to 0, AdamW (torch, weight decay 0), clip 1.0; logging every {a.log_every} steps; no "
@@ -287,9 +297,13 @@ def report(a, results: dict[str, list[dict]], load_start: str, load_end: str, se
         "",
         "tokens/s = real (attention-mask) tokens of the counted steps / loop time of those steps. Peak RSS = the "
         "side's whole process (imports, model load, data, training, saving): ru_maxrss from wait4. Wall = the "
-        "whole command, start to exit.",
+        "whole command, start to exit. Import floor = peak RSS of a process that only imports what the side imports "
+        "before it loads a model (lorakit: its CLI, hf and train packages; Trainer: torch, transformers, peft, "
+        "datasets), measured once.",
         "",
-        table(["side", "tokens/s", "loop time", "tokens counted", "peak RSS", "wall", "tokens/s per repetition"],
+        table(["side", "tokens/s", "loop time", "steps/s", "tokens counted", "peak RSS", "import floor", "peak − floor",
+               "wall",
+               "tokens/s per repetition"],
               [row("lorakit finetune"), row("Trainer + PEFT")]),
         "",
         f"Per-repetition ratios: tokens/s {', '.join(f'{x:.2f}' for x in speed)}; "
