@@ -115,17 +115,28 @@ def side_env(a: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+# A small parent between this process and each side: Linux keeps, in a process's peak RSS (ru_maxrss), the
+# high-water mark of the memory image it had before exec, and a child forked or vforked from this process
+# (which holds torch and the model) would start with ours. Spawned from this small interpreter, it starts near 0.
+SPAWN = """import json, os, subprocess, sys
+with open(sys.argv[2], "w") as log:
+    p = subprocess.Popen(sys.argv[3:], stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(p.pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"rc": os.waitstatus_to_exitcode(status), "maxrss": usage.ru_maxrss * 1024}, f)
+"""
+
+
 def run_process(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, int]:
-    """Run `cmd` to its end; (wall seconds, peak RSS bytes of that process from wait4)."""
+    """Run `cmd` to its end; (wall seconds, peak RSS bytes of that process: ru_maxrss from wait4)."""
     t = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    facts = log.with_suffix(".rusage.json")
+    subprocess.run([sys.executable, "-S", "-c", SPAWN, str(facts), str(log), *cmd], env=env, check=True)
     wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
-    return wall, usage.ru_maxrss * 1024
+    r = json.loads(facts.read_text())
+    if r["rc"] != 0:
+        raise RuntimeError(f"{cmd[:4]} failed ({r['rc']}):\n{log.read_text()[-3000:]}")
+    return wall, r["maxrss"]
 
 
 # -- lorakit: the real CLI ----------------------------------------------------------------------------------
@@ -241,8 +252,8 @@ def main(argv: list[str] | None = None) -> Path:
                 r = run_lorakit(a, root, rep) if side == "lorakit finetune" else run_hf(a, root, rep, side_argv)
                 results[side].append(r)
                 print(f"rep {rep} {side}: {r}", file=sys.stderr)
-        floors = {k: run_process([sys.executable, "-c", code], side_env(a), root / "floor.log")[1]
-                  for k, code in FLOORS.items()}
+        floors = {k: run_process([sys.executable, "-c", code], side_env(a), root / f"floor-{i}.log")[1]
+                  for i, (k, code) in enumerate(FLOORS.items())}
     text = report(a, results, floors, load_start, loadavg(), time.perf_counter() - t0)
     a.out.write_text(text)
     print(text)
