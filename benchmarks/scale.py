@@ -17,7 +17,10 @@ CUDA, max_memory_allocated over memory_allocated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import ctypes
+import gc
 import statistics
 import sys
 import tempfile
@@ -99,6 +102,12 @@ def _status(key: str) -> int:
         return int(next(line for line in f if line.startswith(key + ":")).split()[1]) * 1024
 
 
+def trim() -> None:
+    """glibc's malloc_trim(0): return every free heap page to the OS (elsewhere: nothing to do)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def peak_rise(step, device: str) -> int:
     """Bytes the step needs above what the process holds at rest (see the module docstring)."""
     if device.startswith("cuda"):
@@ -108,6 +117,8 @@ def peak_rise(step, device: str) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    gc.collect()
+    trim()  # hand the allocator's free pages back first: else an earlier step's freed pages hide this one's need
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     step()
@@ -130,6 +141,9 @@ def curve(a, name: str, xs: list[int], at) -> list[tuple[int, dict]]:
     for x in xs:
         t = time.perf_counter()
         rows.append((x, point(a, *at(x))))
+        gc.collect()  # the point's models (PEFT's hold reference cycles) go before the next, larger ones
+        if a.device.startswith("cuda"):
+            torch.cuda.empty_cache()
         print(f"{name} {x}: {rows[-1][1]} ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
     return rows
 
@@ -270,8 +284,8 @@ def report(a, seq_rows, hid_rows, loads, load_start: str, load_end: str, seconds
         f"after one warm-up round; PEFT loads stop at {a.peft_adapters} adapters (lorakit's go to {a.adapters}).",
         "",
         "A step is forward (the model's own causal-LM loss), backward and torch AdamW on the LoRA factors; "
-        "peak rise = memory the step needs above what the process holds at rest (on CPU VmHWM − VmRSS, reset before "
-        "the measured step).",
+        "peak rise = memory the step needs above what the process holds at rest (on CPU VmHWM − VmRSS, after "
+        "glibc's malloc_trim(0) hands freed pages back and VmHWM is reset, before the measured step).",
         "",
         "## Targets",
         "",
