@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE / "RESULTS-scale.md")
     p.add_argument("--plots", default="scale", help="the plots are PLOTS-seq.png, -hidden.png, -adapters.png by --out")
     a = p.parse_args(argv)
+    a.command = "".join(f" {x}" for x in (sys.argv[1:] if argv is None else argv) if not x.startswith("--hf-side"))
     a.seqs, a.hiddens = [int(x) for x in a.seqs.split(",")], [int(x) for x in a.hiddens.split(",")]
     a.base_hidden = 512
     if a.quick:
@@ -152,6 +153,9 @@ def curve(a, name: str, xs: list[int], at) -> list[tuple[int, dict]]:
 
 
 def resident(device: str) -> int:
+    """Bytes held now: CUDA memory allocated, or VmRSS after freed heap pages go back (see `trim`)."""
+    if not device.startswith("cuda"):
+        trim()
     return torch.cuda.memory_allocated() if device.startswith("cuda") else _status("VmRSS")
 
 
@@ -162,6 +166,7 @@ def load_curve(a, tmp: Path) -> dict[str, dict[str, list[float]]]:
     lkm, pm = lora_pair(a, build_base(a, a.base_hidden, 64))
     lk.save_adapters(lkm, tmp / "lk")
     pm.save_pretrained(str(tmp / "pf"))
+    gc.collect()
 
     def lk_load(i: int) -> None:
         lk.load_adapters(lkm, tmp / "lk", name=f"a{i}")
@@ -273,7 +278,7 @@ def report(a, seq_rows, hid_rows, loads, load_start: str, load_end: str, seconds
     return "\n".join([
         "# Scale curves: step time and memory vs sequence length and hidden size; adapter loads vs adapters held",
         "",
-        f"Command: `python benchmarks/scale.py{' --quick' if a.quick else ''}`{quick}. Total {seconds:.0f} s.",
+        f"Command: `python benchmarks/scale.py{a.command}`{quick}. Total {seconds:.0f} s.",
         "",
         f"Machine: {harness.machine(a.device, a.threads)}. Load average (1/5/15 min) at start {load_start}, at end "
         f"{load_end}: the machine is shared, every number here was taken under that load; cases interleave within "
@@ -316,7 +321,9 @@ def report(a, seq_rows, hid_rows, loads, load_start: str, load_end: str, seconds
         "",
         "Each load reads the same saved adapter under a new name (`lorakit.load_adapters(model, dir, name=f'a{i}')`, "
         "PEFT `model.load_adapter(dir, adapter_name=f'a{i}')`); the model starts with one adapter. Single loads "
-        "are noisy on a shared machine, so each row also gives the median of the 5 loads ending there.",
+        "are noisy on a shared machine, so each row also gives the median of the 5 loads ending there (of the first "
+        "5, for the first rows). Memory: VmRSS after each load, freed heap pages handed back first "
+        "(malloc_trim), so pages freed by the training steps above cannot hide what the adapters take.",
         "",
         loads_md,
         "",
