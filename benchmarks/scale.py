@@ -174,14 +174,15 @@ def load_curve(a, tmp: Path) -> dict[str, dict[str, list[float]]]:
     def pf_load(i: int) -> None:
         pm.load_adapter(str(tmp / "pf"), adapter_name=f"a{i}")
 
-    out = {n: {"s": [], "bytes": [float(resident(a.device))]} for n in ("lorakit", "PEFT")}
+    out: dict[str, dict[str, list[float]]] = {n: {"s": [], "bytes": [0.0]} for n in ("lorakit", "PEFT")}
     loads = {"lorakit": (lk_load, a.adapters), "PEFT": (pf_load, a.peft_adapters)}
     for i in range(1, max(a.adapters, a.peft_adapters) + 1):
         for n in (["lorakit", "PEFT"] if i % 2 else ["PEFT", "lorakit"]):
             fn, limit = loads[n]
-            if i <= limit:
+            if i <= limit:  # memory: this load's own rise (the two libraries share the process)
+                before = resident(a.device)
                 out[n]["s"].append(harness.timed(lambda fn=fn, i=i: fn(i), a.device))
-                out[n]["bytes"].append(float(resident(a.device)))
+                out[n]["bytes"].append(out[n]["bytes"][-1] + resident(a.device) - before)
     assert len(lk.list_adapters(lkm)) == a.adapters + 1, lk.list_adapters(lkm)
     out["adapter_bytes"] = {"s": [], "bytes": [float(sum(p.numel() * p.element_size() for n, p in
                                                          lkm.named_parameters() if "lora_" in n) / (a.adapters + 1))]}
@@ -267,7 +268,7 @@ def load_table(loads, a) -> tuple[str, float]:
              f"{pf[n - 1] * 1e3:.1f} ms" if n <= len(pf) else "—",
              f"{near(pf, n) * 1e3:.1f} ms" if n <= len(pf) else "—"] for n in marks]
     ratio = near(lk, a.adapters) / near(lk, 1)
-    return table(["n-th load", "lorakit", "lorakit (median of 5 around)", "PEFT", "PEFT (median of 5 around)"],
+    return table(["n-th load", "lorakit", "lorakit (median of 5)", "PEFT", "PEFT (median of 5)"],
                  body), ratio
 
 
@@ -322,8 +323,8 @@ def report(a, seq_rows, hid_rows, loads, load_start: str, load_end: str, seconds
         "Each load reads the same saved adapter under a new name (`lorakit.load_adapters(model, dir, name=f'a{i}')`, "
         "PEFT `model.load_adapter(dir, adapter_name=f'a{i}')`); the model starts with one adapter. Single loads "
         "are noisy on a shared machine, so each row also gives the median of the 5 loads ending there (of the first "
-        "5, for the first rows). Memory: VmRSS after each load, freed heap pages handed back first "
-        "(malloc_trim), so pages freed by the training steps above cannot hide what the adapters take.",
+        "5, for the first rows). Memory: the rise of VmRSS across each load, summed per library (freed heap pages "
+        "handed back first, by malloc_trim, so pages freed by the training steps above cannot hide it).",
         "",
         loads_md,
         "",
