@@ -142,7 +142,8 @@ def test_scale_suite_runs_quick(tmp_path):
     assert {"32", "64"} <= _table_rows(text, "## Hidden size").keys()
     loads = _table_rows(text, "## Adapter loads")
     assert {"1", "12"} <= loads.keys() and loads["12"][3] == "—"  # PEFT stops at 6 in --quick
-    assert float(loads["resident memory per loaded adapter"][1].split()[0]) >= 0
+    per_adapter = loads["resident memory per loaded adapter"]  # a number per library (tiny here, either sign)
+    assert all(float(cell.split()[0]) == float(cell.split()[0]) and "MiB" in cell for cell in per_adapter[1:3])
     targets = [line for line in text.splitlines() if line.endswith(("| met |", "| **missed** |"))]
     assert len(targets) == 1
     for kind in ("seq", "hidden", "adapters"):
