@@ -34,3 +34,7 @@ mv benchmarks/RESULTS-distributed.md.tmp benchmarks/RESULTS-distributed.md
 "$PY" benchmarks/checkpointing.py 2>benchmarks/checkpointing.log
 "$PY" benchmarks/serve.py 2>benchmarks/serve.log
 echo "wrote benchmarks/RESULTS*.md"
+# -- issue 16 (H-e2e): end to end against Trainer + PEFT (about 8 minutes), scale curves (about 5 minutes) ------
+"$PY" benchmarks/e2e.py 2>benchmarks/e2e.log
+"$PY" benchmarks/scale.py 2>benchmarks/scale.log
+echo "wrote benchmarks/RESULTS-e2e.md, RESULTS-scale.md"

@@ -100,3 +100,84 @@ def test_serve_suite_runs_quick(tmp_path):
     targets = [line for line in text.splitlines() if line.endswith(("| met |", "| **missed** |"))]
     assert len(targets) == 3
     assert "llama.cpp" in text and "not run" in text
+
+
+# -- benchmarks/e2e.py, scale.py, gpu.sh (issue #16: end to end, scale curves, GPU readiness) -----------------
+
+def _table_rows(text: str, section: str) -> dict[str, list[str]]:
+    part = text.split(section, 1)[1].split("\n## ", 1)[0]
+    return {line.split(" | ")[0][2:]: line.split(" | ") for line in part.splitlines() if line.startswith("| ")}
+
+
+def test_e2e_suite_runs_quick(tmp_path):
+    """lorakit finetune (the real CLI) and Trainer + PEFT each train in their own process; both are measured."""
+    import subprocess
+
+    out = tmp_path / "RESULTS-e2e.md"
+    r = subprocess.run([sys.executable, str(RUN.parent / "e2e.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "Machine: " in text and "Load average" in text and "nan" not in text.lower()
+    rows = _table_rows(text, "## Throughput and memory")
+    for side in ("lorakit finetune", "Trainer + PEFT"):
+        tokens_per_s, tokens, rss = (float(rows[side][i].split()[0].replace(",", "")) for i in (1, 3, 4))
+        assert tokens_per_s > 0 and rss > 100  # MiB: a process that imported torch
+        assert 0 < tokens <= 4 * 2 * 32  # the 4 counted steps of batch 2, at most max-length 32 real tokens a row
+    targets = [line for line in text.splitlines() if line.endswith(("| met |", "| **missed** |"))]
+    assert len(targets) == 2
+
+
+def test_scale_suite_runs_quick(tmp_path):
+    """Both curves at every point, the adapter-load curve judged against its target, three PNG plots."""
+    import subprocess
+
+    out = tmp_path / "RESULTS-scale.md"
+    r = subprocess.run([sys.executable, str(RUN.parent / "scale.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "Machine: " in text and "Load average" in text and "nan" not in text.lower()
+    assert {"16", "32"} <= _table_rows(text, "## Sequence length").keys()
+    assert {"32", "64"} <= _table_rows(text, "## Hidden size").keys()
+    loads = _table_rows(text, "## Adapter loads")
+    assert {"1", "12"} <= loads.keys() and loads["12"][3] == "—"  # PEFT stops at 6 in --quick
+    per_adapter = loads["resident memory per loaded adapter"]  # a number per library (tiny here, either sign)
+    assert all(float(cell.split()[0]) == float(cell.split()[0]) and "MiB" in cell for cell in per_adapter[1:3])
+    targets = [line for line in text.splitlines() if line.endswith(("| met |", "| **missed** |"))]
+    assert len(targets) == 1
+    for kind in ("seq", "hidden", "adapters"):
+        png = tmp_path / f"scale-{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(scale-{kind}.png)" in text
+
+
+def test_gpu_script_parses_and_every_flag_it_passes_is_accepted():
+    """gpu.sh cannot run without a GPU; its syntax and each script's parse of the flags it passes are checked."""
+    import shlex
+    import subprocess
+
+    script = RUN.parent / "gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    env = {**__import__("os").environ, "GPU_SH_DRY": "1", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    commands = [shlex.split(line)[1:] for line in r.stdout.splitlines()]
+    assert {Path(c[0]).name for c in commands} == {"run.py", "adapters.py", "e2e.py", "scale.py"}
+    # each script's own parser, stopped right after parsing (one process for all: the imports are shared);
+    # unknown flags or bad values exit 2
+    check = ("import argparse, json, runpy, sys\n"
+             "def parse(self, args=None, namespace=None):\n"
+             "    ns, extra = self.parse_known_args(args, namespace)\n"
+             "    if extra: self.error('unrecognized arguments: ' + ' '.join(extra))\n"
+             "    print('parsed', sys.argv[0], ns.device); raise SystemExit(0)\n"
+             "argparse.ArgumentParser.parse_args = parse\n"
+             "for c in json.loads(sys.argv[1]):\n"
+             "    sys.argv = c\n"
+             "    try: runpy.run_path(c[0], run_name='__main__')\n"
+             "    except SystemExit as e:\n"
+             "        if e.code: raise\n")
+    p = subprocess.run([sys.executable, "-c", check, __import__("json").dumps(commands)], capture_output=True,
+                       text=True, cwd=RUN.parents[1], timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [line for line in p.stdout.splitlines() if line.startswith("parsed ")] == [
+        f"parsed {c[0]} cuda" for c in commands]

@@ -29,6 +29,7 @@ from .model import (
     find_targets,
     lora_layers,
     module_names,
+    modules_outside_layers,
     own_bias,
     plain_biases,
     rule_matches,
@@ -189,13 +190,17 @@ def _check_shared_biases(model: nn.Module, file: AdapterFile, name: str | None, 
     for module, layer in lora_layers(model).items():
         if module not in slots and bias is not LoraBias.MODEL:  # "model" trains every bias, not only the slots'
             continue
-        others = [n for n in layer.slots.names() if n != (name or layer.adapter_name)]
-        biased = [n for n in others if layer.slots.factors(n)[2].bias is not LoraBias.NONE]
+        held, own = layer.slots.names(), name or layer.adapter_name
+        others = len(held) - (own in held)
+        # an adapter that trains biases is always alone on its layer (this check and slots.add keep it so): only a
+        # lone other adapter can be one, and looking no further keeps a load's cost flat in the adapters held
+        lone = [n for n in held if n != own] if others == 1 else []
+        biased = [n for n in lone if layer.slots.config(n).bias is not LoraBias.NONE]
         if others and (bias is not LoraBias.NONE or biased):
             raise LoraFileError(
                 f"{file.where}: adapters that train biases (bias='all' or 'model') train the shared "
                 f"base bias of {module!r}, so they cannot sit beside other named adapters "
-                f"(it has {others})"
+                f"(it has {[n for n in held if n != own]})"
             )
 
 
@@ -234,7 +239,7 @@ def _saved(model: nn.Module, module: str) -> nn.Module:
 
 def _whole_embeddings(model: nn.Module, wrapped: set[str], copies: list[str]) -> dict[str, Tensor]:
     """Weights PEFT saves in full when it targets embeddings or their vocabulary was resized: optional keys."""
-    modules = dict(model.named_modules())  # one walk of the model, not one per module (a hot swap's main cost)
+    modules = dict(modules_outside_layers(model))  # one walk, not one per module, and not into the layers
     out = {peft_key(module, "base_weight"): bases.weight(_plain(modules[module])) for module in wrapped}
     names = {id(m): n for n, m in modules.items()}
     for get in ("get_input_embeddings", "get_output_embeddings"):

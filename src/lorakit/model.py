@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from torch import Tensor, nn
 
@@ -19,7 +19,35 @@ ALL_LINEAR = "all-linear"
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """Every LoRA layer in the model, by dotted module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return {name: m for name, m in modules_outside_layers(model) if isinstance(m, LoraLayer)}
+
+
+def modules_outside_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """`model.named_modules()`, in its order, without what is inside a LoRA layer (its base, its waiting adapters).
+
+    A LoRA layer is yielded, not entered: LoRA layers do not nest, and each holds a submodule per waiting adapter,
+    so walking into them made every load slower by the number of adapters already loaded.
+
+    Examples:
+        >>> import lorakit as lk
+        >>> m = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
+        >>> [name for name, _ in modules_outside_layers(m)]
+        ['', '0']
+    """
+    seen: set[int] = set()
+
+    def visit(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        yield prefix, module
+        if isinstance(module, LoraLayer):
+            return
+        for name, child in module._modules.items():
+            if child is not None:
+                yield from visit(child, f"{prefix}.{name}" if prefix else name)
+
+    return visit(model, "")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -34,12 +62,12 @@ def module_names(model: nn.Module) -> list[str]:
     """Names of the model's modules as a user sees them: a LoRA layer stands for its base, a TrainedCopy for
     its module (nothing inside either is listed)."""
     names: list[str] = []
-    inside: tuple[str, ...] = ()
-    for name, module in model.named_modules():
+    inside: tuple[str, ...] = ()  # trained copies (the walk does not enter LoRA layers)
+    for name, module in modules_outside_layers(model):
         if not name or name.startswith(inside):
             continue
         names.append(name)
-        if isinstance(module, (LoraLayer, TrainedCopy)):
+        if isinstance(module, TrainedCopy):
             inside = (*inside, name + ".")
     return names
 

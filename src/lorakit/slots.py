@@ -145,7 +145,9 @@ class AdapterSlots:
                 f"adapter {name!r} is a {config.variant} adapter (use_dora={config.use_dora}) but this "
                 f"{type(layer).__name__} holds {layer.variant} adapters; one layer holds one variant"
             )
-        if any(c.bias is not LoraBias.NONE for c in [config] + [self.config(n) for n in self.names()]):
+        held = self.names()  # an adapter training biases is kept alone, so among two or more none does
+        lone = [self.config(held[0])] if len(held) == 1 else []
+        if any(c.bias is not LoraBias.NONE for c in [config, *lone]):
             raise ValueError(
                 "adapters with bias='all' or 'model' train the shared base bias, so they cannot sit "
                 "beside other named adapters; use bias='none'"

@@ -8,6 +8,7 @@ own tensors are never written. `lorakit.merge` puts the trained copy in the wrap
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -45,4 +46,19 @@ class TrainedCopy(nn.Module):
 
 def trained_copies(model: nn.Module) -> dict[str, TrainedCopy]:
     """Every TrainedCopy in the model, by dotted module name (the name of the module it stands for)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, TrainedCopy)}
+    return {name: m for name, m in _walk(model, "", set()) if isinstance(m, TrainedCopy)}
+
+
+def _walk(module: nn.Module, prefix: str, seen: set[int]) -> Iterator[tuple[str, nn.Module]]:
+    """`named_modules()` in its order, entering neither a TrainedCopy nor a LoRA layer (a module with a `stash` of
+    waiting adapters, told by that attribute so this file imports no layer module): a LoRA layer holds one
+    submodule per adapter, and walking them made every load slower by the number of adapters held."""
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    yield prefix, module
+    if isinstance(module, TrainedCopy) or isinstance(getattr(module, "stash", None), nn.ModuleDict):
+        return
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _walk(child, f"{prefix}.{name}" if prefix else name, seen)
