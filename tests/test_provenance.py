@@ -138,6 +138,29 @@ def test_flipped_byte_in_the_tensors_refused_as_changed_not_damaged(bases, adapt
     assert not isinstance(damaged.value, lk.LoraFileChanged)
 
 
+def test_a_hot_swap_re_hashes_a_file_edited_after_a_verified_load(bases, adapter, tmp_path):
+    """A model skips re-hashing a file it verified whose stamp (inode, size, mtime) is unchanged and settled (over
+    2 s old); an edit after that load changes the stamp and is refused, and a fresh file is always hashed."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in adapter.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    weights = copy / "adapter_model.safetensors"
+    old = weights.stat().st_mtime_ns - 10**10
+    os.utime(weights, ns=(old, old))  # settled: saved 10 s ago
+    model = hf.load_model(bases["base"], "causal-lm")
+    lk.load_adapters(model, copy, name="x")
+    assert any(str(weights) in k for k in model.__dict__["_lorakit_verified_files"])  # vouched for by its stamp
+    lk.load_adapters(model, copy, name="x")  # a hot swap of the same bytes
+    _flip_last_byte(weights)  # the edit gives it a new mtime, so a new stamp
+    with pytest.raises(lk.LoraFileChanged, match="changed since it was saved"):
+        lk.load_adapters(model, copy, name="x")
+    os.utime(weights, ns=(old, old))  # an edit that puts the old mtime back by hand is not seen by a stamp (see
+    fresh = hf.load_model(bases["base"], "causal-lm")  # docs/provenance.md); a model that never verified it hashes it
+    with pytest.raises(lk.LoraFileChanged):
+        lk.load_adapters(fresh, copy)
+
+
 def test_peft_made_adapter_loads_with_one_note(bases, tmp_path):
     base = hf.load_model(bases["base"], "causal-lm")
     pm = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))

@@ -44,6 +44,7 @@ CONFIG_FIELDS = (
 MAX_THREADS = 8  # threads hashing a base's weights the first time
 _CACHE = "_lorakit_fingerprint"  # the attribute holding a module's TensorCache of its weight's record
 _SHARDED = "_lorakit_fingerprint_before_sharding"  # the record remember_before_sharding keeps on a base module
+_VERIFIED = "_lorakit_verified_files"  # on a model: {weights file: the stamp its tensors were verified at}
 
 
 def module_fingerprint(module: nn.Module) -> dict[str, Any]:
@@ -68,6 +69,18 @@ def module_fingerprint(module: nn.Module) -> dict[str, Any]:
     if _is_sharded(w):  # FSDP2: this rank holds a shard; the whole weight was fingerprinted before sharding
         return dict(base.__dict__.get(_SHARDED) or {"shape": list(w.shape), "dtype": _dtype(w), "sharded": True})
     return _cached(base, w)
+
+
+def _check_unchanged(model: nn.Module, file: AdapterFile, sidecar: provenance.Sidecar) -> None:
+    """provenance.check_unchanged, once per file as it is on disk: a hot swap re-reading the file this model
+    already verified (same device, inode, size and modification time) skips re-hashing its tensors. The record
+    lives on the model (no process-wide state); any rewrite, copy or edit of the file changes the stamp."""
+    verified: dict[str, tuple[int, ...]] = model.__dict__.setdefault(_VERIFIED, {})
+    if file.stamp is not None and verified.get(file.where) == file.stamp:
+        return
+    provenance.check_unchanged(sidecar, file.tensors, file.where)
+    if file.stamp is not None:
+        verified[file.where] = file.stamp
 
 
 def remember_before_sharding(model: nn.Module) -> None:
@@ -158,7 +171,7 @@ def check_base(model: nn.Module, file: AdapterFile, *, allow_mismatch: bool = Fa
             stacklevel=3,
         )
         return
-    provenance.check_unchanged(sidecar, file.tensors, file.where)
+    _check_unchanged(model, file, sidecar)
     saved = sidecar.base
     differences = provenance.compare(saved, base_fingerprint(model, saved["modules"]))
     if differences:

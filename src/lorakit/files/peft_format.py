@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,6 +279,7 @@ class AdapterFile:
     where: str  # the weights file, for error messages
     config_path: str
     sidecar: provenance.Sidecar | None = None  # lorakit.json, read in the same locked read; None: PEFT-made
+    stamp: tuple[int, ...] | None = None  # the weights file's (device, inode, size, mtime ns) as it was read
 
 
 def read_adapter(directory: str | Path) -> AdapterFile:
@@ -295,7 +297,22 @@ def read_adapter(directory: str | Path) -> AdapterFile:
             pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
             hint = f" ({', '.join(pickled)} is pickle, which lorakit never loads)" if pickled else ""
             raise LoraFileError(f"{weights}: no such file{hint}")
+        before = _stamp(weights)
         tensors, _ = safetensors.read(weights)
         sidecar = provenance.read(directory)
+        stamp = before if _stamp(weights) == before and _settled(before) else None
     tensors = {k: t for k, t in tensors.items() if not is_peft_copy(k)}
-    return AdapterFile(spec, tensors, str(weights), str(directory / CONFIG_NAME), sidecar)
+    return AdapterFile(spec, tensors, str(weights), str(directory / CONFIG_NAME), sidecar, stamp)
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    """What changes when a file is rewritten, replaced or edited: device, inode, size, modification time (ns)."""
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _settled(stamp: tuple[int, ...]) -> bool:
+    """Whether the file was last modified over 2 s ago. A file's clock ticks coarsely (a few ms on ext4), so an
+    edit right after a read can leave the stamp as it was; like git's "racily clean" entries, a file younger
+    than that is never vouched for by its stamp (a stamp is also lost if the file changes while being read)."""
+    return time.time_ns() - stamp[3] > 2_000_000_000
