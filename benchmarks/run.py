@@ -325,6 +325,10 @@ def adapter_ops(a, base, lorakit_model, peft_model, tmp: Path) -> dict[str, dict
                 m.lora_B["default"].weight.mul_(-1.0)
     lk.save_adapters(lkm, lk_dirs[1])
     pm.save_pretrained(pf_dirs[1])
+    # A served adapter was saved before it is swapped in. lorakit hashes a file's tensors on every load while the
+    # file is under 2 s old (its stamp cannot vouch for it yet: docs/provenance.md), so the swaps start after that;
+    # "load into a fresh base" still hashes everything (a new model has verified nothing).
+    time.sleep(max(0.0, 2.1 - (time.time() - (lk_dirs[1] / "adapter_model.safetensors").stat().st_mtime)))
     state = {"i": 0, "fresh": None, "extra": None}
 
     def fresh():

@@ -164,15 +164,20 @@ def load_curve(a, tmp: Path) -> dict[str, dict[str, list[float]]]:
     import lorakit as lk
 
     lkm, pm = lora_pair(a, build_base(a, a.base_hidden, 64))
-    lk.save_adapters(lkm, tmp / "lk")
-    pm.save_pretrained(str(tmp / "pf"))
+    # each load reads its own adapter directory, as a server loading many adapters does (lorakit checks every new
+    # file's tensors against lorakit.json; re-reading one directory would measure its cached verification instead)
+    for i in range(1, max(a.adapters, a.peft_adapters) + 1):
+        if i <= a.adapters:
+            lk.save_adapters(lkm, tmp / f"lk{i}")
+        if i <= a.peft_adapters:
+            pm.save_pretrained(str(tmp / f"pf{i}"))
     gc.collect()
 
     def lk_load(i: int) -> None:
-        lk.load_adapters(lkm, tmp / "lk", name=f"a{i}")
+        lk.load_adapters(lkm, tmp / f"lk{i}", name=f"a{i}")
 
     def pf_load(i: int) -> None:
-        pm.load_adapter(str(tmp / "pf"), adapter_name=f"a{i}")
+        pm.load_adapter(str(tmp / f"pf{i}"), adapter_name=f"a{i}")
 
     out: dict[str, dict[str, list[float]]] = {n: {"s": [], "bytes": [0.0]} for n in ("lorakit", "PEFT")}
     loads = {"lorakit": (lk_load, a.adapters), "PEFT": (pf_load, a.peft_adapters)}
@@ -320,8 +325,9 @@ def report(a, seq_rows, hid_rows, loads, load_start: str, load_end: str, seconds
         "",
         f"![load time and memory vs adapters loaded]({a.plots}-adapters.png)",
         "",
-        "Each load reads the same saved adapter under a new name (`lorakit.load_adapters(model, dir, name=f'a{i}')`, "
-        "PEFT `model.load_adapter(dir, adapter_name=f'a{i}')`); the model starts with one adapter. Single loads "
+        "Load i reads its own saved copy of one adapter, under a new name (`lorakit.load_adapters(model, dir_i, "
+        "name=f'a{i}')`, which checks the file's tensors against its lorakit.json; PEFT `model.load_adapter(dir_i, "
+        "adapter_name=f'a{i}')`); the model starts with one adapter. Single loads "
         "are noisy on a shared machine, so each row also gives the median of the 5 loads ending there (of the first "
         "5, for the first rows). Memory: the rise of VmRSS across each load, summed per library (freed heap pages "
         "handed back first, by malloc_trim, so pages freed by the training steps above cannot hide it).",
