@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every benchmark suite, one after the other (about 13 minutes on 2 CPU cores); each writes its own page:
+# Every benchmark suite, one after the other (about 25 minutes on 2 CPU cores); each writes its own page:
 #   RESULTS.md (lorakit vs PEFT vs the cost floor), RESULTS-adapters.md, RESULTS-variants.md, RESULTS-distributed.md,
 #   RESULTS-checkpointing.md (gradient checkpointing and packing, about 2 minutes),
-#   RESULTS-serve.md (lorakit serve's engine: continuous batching across adapters, about 3 minutes)
+#   RESULTS-serve.md (lorakit serve's engine: continuous batching across adapters, about 3 minutes),
+#   RESULTS-e2e.md (lorakit finetune vs Trainer + PEFT), RESULTS-scale.md (+ scale-*.png), RESULTS-export.md
+# (RESULTS-qlora.md and RESULTS-fingerprint.md are written by hand from variants.py --profile and fingerprint.py.)
 # Extra arguments go to run.py (e.g. --device cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,8 +35,8 @@ mv benchmarks/RESULTS-variants.md.tmp benchmarks/RESULTS-variants.md
 mv benchmarks/RESULTS-distributed.md.tmp benchmarks/RESULTS-distributed.md
 "$PY" benchmarks/checkpointing.py 2>benchmarks/checkpointing.log
 "$PY" benchmarks/serve.py 2>benchmarks/serve.log
-echo "wrote benchmarks/RESULTS*.md"
-# -- issue 16 (H-e2e): end to end against Trainer + PEFT (about 8 minutes), scale curves (about 5 minutes) ------
+# end to end against Trainer + PEFT (about 8 minutes), scale curves (about 3 minutes), every export (about 1 minute)
 "$PY" benchmarks/e2e.py 2>benchmarks/e2e.log
 "$PY" benchmarks/scale.py 2>benchmarks/scale.log
-echo "wrote benchmarks/RESULTS-e2e.md, RESULTS-scale.md"
+"$PY" benchmarks/export.py 2>benchmarks/export.log
+echo "wrote benchmarks/RESULTS*.md"

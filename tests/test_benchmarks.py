@@ -181,3 +181,16 @@ def test_gpu_script_parses_and_every_flag_it_passes_is_accepted():
     assert p.returncode == 0, p.stderr[-2000:]
     assert [line for line in p.stdout.splitlines() if line.startswith("parsed ")] == [
         f"parsed {c[0]} cuda" for c in commands]
+
+
+def test_export_suite_runs_quick(tmp_path):
+    """Every format and dtype exported and proven on a tiny Llama: a row per proof, every proof passed."""
+    import subprocess
+
+    out = tmp_path / "RESULTS-export.md"
+    r = subprocess.run([sys.executable, str(RUN.parent / "export.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith(("| onnx", "| gguf"))]
+    assert len(rows) == 3 + 4 + 2 * 4  # onnx f32/f16/q8_0; gguf 4 dtypes; gguf-adapter 4 dtypes x (base, adapter)
+    assert all(row[7] == "passed" for row in rows), rows

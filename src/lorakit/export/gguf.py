@@ -39,10 +39,10 @@ MODEL_FILE = "model.gguf"
 ADAPTER_FILE = "adapter.gguf"
 GREEDY_TOKENS = 8  # generated per proof text by llama.cpp and by lorakit
 # Max |Δlogit| allowed, per dtype of the 2-D weights; llama.cpp runs with an f32 KV cache (its default f16 cache
-# alone costs ~1e-4). Measured on the test model (benchmarks/export_tolerance.py): f32 6e-7, and the lossy types
-# about a fifth of their bound. A lossy dtype's bound scales with the logits: it is `TOLERANCE[dtype]` times the
-# largest |logit| lorakit computes on the proof inputs (at least 1).
-TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 5e-2}
+# alone costs ~1e-4). A lossy dtype's bound scales with the logits: `TOLERANCE[dtype]` times the largest |logit|
+# lorakit computes on the proof inputs (at least 1). Measured (benchmarks/RESULTS-export.md, the tests' tiny Llama
+# and a hidden-512 one): f32 ≤ 2e-6; f16 ≤ 1.1e-3, bf16 ≤ 1.0e-2, q8_0 ≤ 3.0e-2 times the largest |logit|.
+TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 1e-1}
 RELATIVE = frozenset({"f16", "bf16", "q8_0"})
 
 
