@@ -226,13 +226,6 @@ def run_hf(a: argparse.Namespace, root: Path, rep: int, argv: list[str]) -> dict
 # -- the report ------------------------------------------------------------------------------------------------
 
 
-def loadavg() -> str:
-    try:
-        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def main(argv: list[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
@@ -242,7 +235,7 @@ def main(argv: list[str] | None = None) -> Path:
     keys = ("hidden", "intermediate", "layers", "heads", "vocab", "rank", "batch", "max_length", "rows", "steps",
             "log_every", "lr", "threads", "device")
     side_argv = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in keys]  # the settings after --quick's
-    load_start, t0 = loadavg(), time.perf_counter()
+    load_start, t0 = harness.loadavg(), time.perf_counter()
     results: dict[str, list[dict]] = {"lorakit finetune": [], "Trainer + PEFT": []}
     with tempfile.TemporaryDirectory(prefix="lorakit-e2e-") as tmp:
         root = Path(tmp)
@@ -255,7 +248,7 @@ def main(argv: list[str] | None = None) -> Path:
                 print(f"rep {rep} {side}: {r}", file=sys.stderr)
         floors = {k: run_process([sys.executable, "-c", code], side_env(a), root / f"floor-{i}.log")[1]
                   for i, (k, code) in enumerate(FLOORS.items())}
-    text = report(a, results, floors, load_start, loadavg(), time.perf_counter() - t0)
+    text = report(a, results, floors, load_start, harness.loadavg(), time.perf_counter() - t0)
     a.out.write_text(text)
     print(text)
     return a.out

@@ -74,6 +74,15 @@ def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int
     return out
 
 
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages ("3.18 / 3.80 / 4.43"), or "n/a" where /proc has none."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " / ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def machine(device: str, threads: int) -> str:
     """One line describing where the numbers came from."""
     cpu = platform.processor() or platform.machine()

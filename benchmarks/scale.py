@@ -342,17 +342,10 @@ def report(a, seq_rows, hid_rows, loads, load_start: str, load_end: str, seconds
     ])
 
 
-def loadavg() -> str:
-    try:
-        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def main(argv: list[str] | None = None) -> Path:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    load_start, t0 = loadavg(), time.perf_counter()
+    load_start, t0 = harness.loadavg(), time.perf_counter()
     seq_rows = curve(a, "seq", a.seqs, lambda s: (a.base_hidden, s, a.seq_batch))
     hid_rows = curve(a, "hidden", a.hiddens, lambda h: (h, a.hidden_seq, 1))
     with tempfile.TemporaryDirectory(prefix="lorakit-scale-") as tmp:
@@ -365,7 +358,7 @@ def main(argv: list[str] | None = None) -> Path:
     plot_curve(seq_rows, "sequence length", out.parent / f"{a.plots}-seq.png", seq_title)
     plot_curve(hid_rows, "hidden size", out.parent / f"{a.plots}-hidden.png", f"sequence {a.hidden_seq}, batch 1")
     plot_loads(loads, out.parent / f"{a.plots}-adapters.png")
-    text = report(a, seq_rows, hid_rows, loads, load_start, loadavg(), time.perf_counter() - t0)
+    text = report(a, seq_rows, hid_rows, loads, load_start, harness.loadavg(), time.perf_counter() - t0)
     out.write_text(text)
     print(text)
     return out

@@ -203,16 +203,28 @@ def _natural(module: str) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in module.split("."))
 
 
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """A transformers model directory's config.json as a dict; LoraFileError naming the file when it is not one."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise LoraFileError(f"{path}: no such file (a transformers model directory holds config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoraFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LoraFileError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
 def llama_hparams(base_dir: Path) -> dict[str, Any]:
     """The base model's config.json, checked to be an architecture llama.cpp reads as "llama"."""
     path = base_dir / "config.json"
-    if not path.is_file():
-        raise GgufExportError(f"{path}: no such file (the base model directory holds config.json)")
     try:
-        hparams = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GgufExportError(f"{path}: not valid JSON ({e})") from None
-    archs = hparams.get("architectures") if isinstance(hparams, dict) else None
+        hparams = read_model_config(base_dir)
+    except LoraFileError as e:
+        raise GgufExportError(str(e)) from None
+    archs = hparams.get("architectures")
     if not isinstance(archs, list) or not archs or archs[0] not in LLAMA_ARCHITECTURES:
         raise GgufExportError(
             f"{path}: architectures={archs!r}: lorakit's GGUF export (model and adapter) supports "

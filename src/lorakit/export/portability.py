@@ -10,15 +10,13 @@ module's output is not lorakit's), "refused" (the runtime, or its converter, rej
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LoraFileError
 from ..files.inspect import describe
-from .gguf_adapter import LLAMA_ARCHITECTURES
+from .gguf_adapter import LLAMA_ARCHITECTURES, read_model_config
 
 TARGETS = ("vllm", "llama.cpp", "onnx", "peft")
 SEVERITIES = ("fine", "differs", "refused")  # rising order; a target's verdict is its worst finding
@@ -91,20 +89,6 @@ def report(
         raise ValueError(f"unknown target(s) {unknown}: expected some of {', '.join(TARGETS)}")
     model = read_model_config(Path(model_dir)) if model_dir is not None else None
     return check(describe(adapter), targets, model)
-
-
-def read_model_config(model_dir: Path) -> dict[str, Any]:
-    """The base model's config.json (architecture, tied embeddings), read as JSON."""
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise LoraFileError(f"{path}: no such file (a transformers model directory holds config.json)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoraFileError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise LoraFileError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
 
 
 def check(
