@@ -95,10 +95,12 @@ def test_merged_gguf_is_proven_for_each_dtype(llama, tmp_path, dtype):
     done = gguf.export_gguf(model, tok, task, base_dir, [adapter], tmp_path / "out", dtype=dtype)
     (proof,) = done.proofs
     assert proof.passed and proof.what == "merged" and proof.dtype == dtype
-    assert proof.tokenizer_agrees and proof.greedy_agree == proof.greedy_tokens
+    assert proof.tokenizer_agrees
     if dtype == "f32":
         assert proof.max_abs_diff < 1e-5 and proof.argmax_agree == proof.positions
-    else:  # lossy, yet well inside the bound (measured a tenth of it or less for f16, under a third for q8_0)
+        assert proof.greedy_agree == proof.greedy_tokens
+    else:  # lossy, yet well inside the bound (measured a tenth of it or less for f16, under a seventh for q8_0);
+        # a greedy token may part from lorakit's at a near-tie (the proof checks that), as another CPU's may
         assert 1e-6 < proof.max_abs_diff < proof.tolerance / 2
     assert done.artefact == tmp_path / "out" / "model.gguf"
 

@@ -171,7 +171,11 @@ def test_tiny_llama_logits(llama, exported, dtype):
     got = _onnx_logits(done.artefact, batch)
     real = batch["attention_mask"].bool()
     assert (got[real] - reference[real]).abs().max() < _bound(dtype, reference[real])
-    assert torch.equal(got[real].argmax(-1), reference[real].argmax(-1))
+    if dtype == "f32":
+        assert torch.equal(got[real].argmax(-1), reference[real].argmax(-1))
+    else:  # a lossy graph may part from lorakit's greedy token only at a near-tie (the proof's rule; CPUs differ)
+        chosen = reference[real].gather(-1, got[real].argmax(-1, keepdim=True)).squeeze(-1)
+        assert (reference[real].max(-1).values - chosen <= 2 * _bound(dtype, reference[real])).all()
     base, _ = hf.load(model_dir, "causal-lm")
     with torch.no_grad():
         assert (base.eval()(**batch).logits[real] - reference[real]).abs().max() > 1e-2  # the adapter is in there
