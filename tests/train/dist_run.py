@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import signal
 
 import torch
@@ -66,7 +67,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def hold(event: object) -> None:  # on every rank, after rank 0's PlainLog has printed the step's line
         if isinstance(event, StepLogged) and event.step == args.hold_at_step:
-            print(f"held rank={rank()} pid={os.getpid()}", flush=True)
+            # one write(2) of the whole line, after this rank's own buffered output: both ranks share torchrun's
+            # stdout pipe, and print() writes text and newline apart, so another rank's line could land between
+            sys.stdout.flush()
+            os.write(sys.stdout.fileno(), f"held rank={rank()} pid={os.getpid()}\n".encode())
             while True:
                 signal.pause()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,9 +93,8 @@ def test_a_killed_two_rank_run_resumes_to_the_same_bytes(tmp_path: Path) -> None
     seen, held = [], {}
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith("held "):
-            fields = dict(kv.split("=") for kv in line.split()[1:])
-            held[fields["rank"]] = int(fields["pid"])
+        if match := re.search(r"held rank=(\d+) pid=(\d+)$", line):  # the line a rank writes in one write(2)
+            held[match[1]] = int(match[2])
             if len(held) == 2:
                 break
     with contextlib.suppress(ProcessLookupError):  # (gone already if the run failed before holding)
