@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 from harness import table  # noqa: E402
+from run import add_model_args  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -47,12 +48,7 @@ FLOORS = {  # what each side imports before it has a model: the resident floor u
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1376)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--rank", type=int, default=8)
+    add_model_args(p)  # the benchmark model's size and rank, as every suite takes them
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--rows", type=int, default=400, help="training rows (lengths drawn from max-length/4 to 1.25x)")
