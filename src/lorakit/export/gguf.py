@@ -153,8 +153,9 @@ def _reference(model: PreTrainedModel, ids: list[list[int]]) -> _Reference:
             seq = list(row)
             logits.append(model(torch.tensor([seq]), use_cache=False).logits[0].double())
             chosen, at = [], []
-            for _ in range(GREEDY_TOKENS):
-                last = model(torch.tensor([seq]), use_cache=False).logits[0, -1].double()
+            for step in range(GREEDY_TOKENS):  # the first step's logits are the prompt's last row, computed above
+                last = logits[-1][-1] if step == 0 else model(torch.tensor([seq]), use_cache=False).logits[0, -1]
+                last = last.double()
                 at.append(last)
                 chosen.append(int(last.argmax()))
                 seq.append(chosen[-1])
