@@ -109,6 +109,64 @@ def test_mask_matches_transformers_generation_mask(tok):
     assert sum(theirs["assistant_masks"]) == len(_ids(tok, "four the sky is blue hello world")) + 3
 
 
+# Templates with transformers' {% generation %} markers, for byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2 style)
+LLAMA3_GEN = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|eot_id|>' }}{% endgeneration %}"
+    "{% else %}{{ m['content'] + '<|eot_id|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+VICUNA_GEN = (  # the generation prompt ends in a space: the answer's first token starts with it ('Ġfour')
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + ' ' }}"
+    "{% elif m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
+    "{% else %}{{ 'ASSISTANT: ' }}{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT: ' }}{% endif %}"
+)
+VICUNA_NO_SPACE_GEN = (  # the generation prompt ends at the colon: the space is the answer's to write
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
+    "{% else %}{{ 'ASSISTANT:' }}{% generation %}{{ ' ' + m['content'] + eos_token }}{% endgeneration %}"
+    "{{ ' ' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+BPE_SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+ANSWERS = ["four", "Zebra", "blue", "hello world", "Xylophones hum", "the dog ran", "Quokka", "good morning"]
+
+
+def _byte_level_bpe(trim_offsets: bool):
+    """A byte-level BPE tokenizer trained here on the test sentences (GPT-2 / Llama-3 / Qwen2's model family):
+    'Ġfour' is one token, while 'Zebra' starts with a lone 'Ġ' token (no merge learned for it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
+    corpus = _hf_models.SENTENCES + _hf_models.CHAT_WORDS + ["USER: hello ASSISTANT: four"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=BPE_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("trim_offsets", [False, True])
+@pytest.mark.parametrize("template", [CHATML_GEN, LLAMA3_GEN, VICUNA_GEN, VICUNA_NO_SPACE_GEN],
+                         ids=["chatml", "llama3", "vicuna", "vicuna-no-space"])
+def test_byte_level_mask_matches_transformers_generation_mask(template, trim_offsets):
+    """transformers' `return_assistant_tokens_mask` is the oracle: a token is the assistant's when its characters
+    overlap the {% generation %} span. So with a prompt ending in 'ASSISTANT: ' the answer's first token 'Ġfour'
+    (which starts with the prompt's space) is labelled, and with trimmed offsets a lone 'Ġ' before 'Zebra' is not."""
+    tok = _byte_level_bpe(trim_offsets)
+    tok.chat_template = template
+    for answer in ANSWERS:
+        messages = [{"role": "user", "content": "what is two plus two ?"}, {"role": "assistant", "content": answer},
+                    {"role": "user", "content": "good morning"}, {"role": "assistant", "content": "hello"}]
+        ours, labels = chat.encode_chat(tok, chat.parse_messages(messages), 512, "f:1")
+        theirs = tok.apply_chat_template(messages, return_assistant_tokens_mask=True, return_dict=True)
+        assert ours == theirs["input_ids"]
+        assert [int(y != IGNORE) for y in labels] == theirs["assistant_masks"], (answer, tok.convert_ids_to_tokens(ours))
+
+
 def test_template_without_generation_prompt_or_special_end_token(tok):
     """Llama-2 style: add_generation_prompt is ignored, the turn ends with EOS; the header stays out."""
     tok.chat_template = LLAMA2

@@ -9,9 +9,10 @@ content of each assistant turn plus the end-of-turn token(s) the template writes
 learn to emit them to stop), never the role header; `"train": false` on an assistant turn keeps it as context
 without loss. The spans are found from the template itself, with or without `{% generation %}` markers: render
 the conversation up to the turn (with the generation prompt, which ends at the header), then through the turn;
-the characters in between, trailing whitespace dropped, are the turn's, and the fast tokenizer's offsets map
-them onto tokens of the whole rendering. A template that renders earlier turns differently once later ones
-follow, or does not render an assistant turn's content as given, makes that row a bad row, never a wrong mask.
+the characters in between, trailing whitespace dropped, are the turn's, and a token of the whole rendering is
+the turn's when its characters (the fast tokenizer's offsets) overlap them, as transformers' own mask decides.
+A template that renders earlier turns differently once later ones follow, or does not render an assistant
+turn's content as given, makes that row a bad row, never a wrong mask.
 
 Alpaca rows become prompt/completion rows with the standard Alpaca prompt (Taori et al., 2023), whatever the
 tokenizer: `alpaca_prompt` is that prompt, so that prediction can render the same one.
@@ -176,9 +177,12 @@ def encode_chat(
     spans = [assistant_span(tokenizer, turns, i, full) for i in trained]
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)  # the template writes BOS itself
     ids: list[int] = list(enc["input_ids"])
+    # a token is the assistant's when its characters overlap a span (transformers' rule for {% generation %}):
+    # 'Ġfour' after a prompt ending in a space starts before the span and is still the answer's first token, while
+    # a lone 'Ġ' whose trimmed offsets are empty at the span's start is the prompt's
     labels = [
-        tok if any(start <= a < end for start, end in spans) else IGNORE_INDEX
-        for tok, (a, _) in zip(ids, enc["offset_mapping"], strict=True)
+        tok if any(a < end and b > start for start, end in spans) else IGNORE_INDEX
+        for tok, (a, b) in zip(ids, enc["offset_mapping"], strict=True)
     ]
     return ids[:max_length], labels[:max_length]
 
