@@ -195,6 +195,17 @@ def test_truncation_keeps_the_mask_aligned(tok):
     assert row["labels"][first:] == ids[first : first + 2] and set(row["labels"][:first]) == {IGNORE}
 
 
+def test_a_row_with_nothing_after_its_first_token_labelled_is_not_said_to_fill_max_length(tok):
+    """An assistant turn that is the row's first token (nothing predicts it) leaves nothing to learn; the row is
+    whole, so the reason is not max_length."""
+    tok.chat_template = "{% for m in messages %}{{ m['content'] + ' ' }}{% endfor %}"
+    turns = chat.parse_messages([{"role": "assistant", "content": "four"}, {"role": "user", "content": "hello world"}])
+    rows, bad = data.encode([data.Example("c.jsonl", 3, "", messages=turns)], tok, "causal-lm", max_length=256)
+    assert rows == [] and [str(b) for b in bad] == [
+        "c.jsonl:3: no token after the row's first is labelled (the first token is never predicted); "
+        "nothing to learn from this row"]
+
+
 # -- bad rows ------------------------------------------------------------------------------------------
 
 def test_bad_chat_rows_are_named_by_file_and_line(tmp_path):
@@ -346,6 +357,19 @@ def test_cli_finetunes_on_chat_rows_and_saves_the_template(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
     assert chat.load_template(tmp_path / "a") == _hf_models.CHATML
+
+
+def test_cli_encoder_as_causal_lm_is_a_model_task_mismatch_before_the_chat_rows(tmp_path, capsys):
+    """MiniLM has no chat template, but a chat template would not help: the model/task check comes first."""
+    from lorakit.cli import main
+
+    rows = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 4)
+    assert main(["finetune", "--model", str(_hf_models.minilm_dir()), "--data", str(rows), "--task", "causal-lm",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "bert is an encoder (bidirectional attention); it cannot be fine-tuned as a causal-lm" in err
+    assert err.rstrip().endswith("use --task seq-cls") and "--chat-template" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_without_a_template_names_the_flag(tmp_path, capsys):

@@ -36,7 +36,7 @@ def evaluate(args: argparse.Namespace) -> int:
     inputs(hf.check_model_dir, args.model)
     progress = Progress()
     setup = inputs(
-        ev.prepare,
+        _prepare_eval,
         args.model,
         dict(specs),
         args.data,
@@ -47,6 +47,7 @@ def evaluate(args: argparse.Namespace) -> int:
         max_line_bytes=args.max_line_bytes,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
+        chat_template=args.chat_template,
         **base_check(args),
         progress=progress,
     )
@@ -60,6 +61,18 @@ def evaluate(args: argparse.Namespace) -> int:
         return 0
     _print_tables(report)
     return 0
+
+
+def _prepare_eval(*args: Any, **kwargs: Any) -> Any:
+    """hf.evaluate.prepare, its bad-row refusal worded for scoring (eval trains nothing)."""
+    from ..hf import evaluate as ev
+
+    try:
+        return ev.prepare(*args, **kwargs)
+    except data.BadRowsError as e:
+        raise BadInput(
+            f"{len(e.bad_rows)} bad row(s); fix them, or pass --skip-bad-rows to score without them:\n{e.listing}"
+        ) from None
 
 
 def _print_tables(report: dict[str, Any]) -> None:
@@ -207,6 +220,12 @@ def add_eval(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="truncate rows to this many tokens (default: as the adapter was trained)",
     )
     p.add_argument("--skip-bad-rows", action="store_true", help="score without the bad rows instead of refusing")
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="a Jinja chat template for 'messages' rows (default: the one the adapters trained with, saved beside "
+        "them, else the tokenizer's)",
+    )
     p.add_argument("--max-line-bytes", type=positive_int, default=MAX_LINE_BYTES, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")

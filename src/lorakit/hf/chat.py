@@ -23,7 +23,7 @@ back by `load_template`, so that a prediction renders conversations as training 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -275,3 +275,23 @@ def load_template(adapter_dir: str | Path) -> str | None:
     """
     path = Path(adapter_dir) / TEMPLATE_FILE
     return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def adapters_template(adapter_dirs: Mapping[str, str | Path], given: str | Path | None = None) -> str | None:
+    """The chat template to score or run `adapter_dirs` with: the file `given`, else the one they trained with
+    (`load_template`), else None (the tokenizer's own). DataError where the adapters trained with different ones:
+    one rendering of the data cannot be each one's.
+
+    Examples:
+        >>> adapters_template({"a": "no/such/adapter"}) is None
+        True
+    """
+    if given is not None:
+        return read_template(given)
+    saved = {name: t for name, d in adapter_dirs.items() if (t := load_template(d)) is not None}
+    if len(set(saved.values())) > 1:
+        raise DataError(
+            f"the adapters trained with different chat templates ({', '.join(saved)}: each its own "
+            f"{TEMPLATE_FILE}); evaluate them one at a time, or give one template for all"
+        )
+    return next(iter(saved.values()), None)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import LoraFileError
 from ..train import progress as progress_mod
-from . import data
+from . import chat, data
 from . import models as hf
 from .rows import MAX_LINE_BYTES, BadRow, DataError, read_records
 
@@ -263,12 +263,15 @@ def prepare(
     device: str | None = None,
     trust_remote_code: bool = False,
     allow_base_mismatch: bool = False,
+    chat_template: str | Path | None = None,
     progress: Progress | None = None,
 ) -> EvalSetup:
     """Resolve the task, read and tokenize the data, load the base and the adapters: every input error is here.
 
-    `max_length` defaults to the one the adapters were trained with (their task files), else 256. seq-cls
-    adapters are checked against the base here (keys, shapes) and attached one at a time by `run`.
+    `max_length` defaults to the one the adapters were trained with (their task files), else 256. Chat rows are
+    rendered with `chat_template` (a Jinja file), else the template the adapters trained with (saved beside
+    them), else the tokenizer's own: so an adapter is scored on the format it learned. seq-cls adapters are
+    checked against the base here (keys, shapes) and attached one at a time by `run`.
     """
     from ..fingerprint import check_base
     from ..loading import load_adapters, plan_load, read_adapter
@@ -277,11 +280,15 @@ def prepare(
         raise ValueError(f"batch_size={batch_size!r} is invalid: expected an int >= 1")
     progress = progress or progress_mod.quiet()
     task, id2label = adapter_tasks(adapters, task)
+    hf.check_task(model_dir, task, trust_remote_code=trust_remote_code)  # the model and task before the data
+    template = chat.adapters_template(adapters, chat_template)
     if max_length is None:
         trained = {m for d in adapters.values() if (m := trained_max_length(d)) is not None}
         max_length = max(trained) if trained else DEFAULT_MAX_LENGTH
     with progress.task("loading tokenizer"):
         tok = hf.load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    if template is not None:
+        tok.chat_template = template
     rows, bad = encode_file(
         data_path,
         task,
@@ -378,6 +385,6 @@ def evaluate(
     """`run(prepare(...))`: metrics of the base and of each named adapter on one data file.
 
     `options` are `prepare`'s (task, batch_size, max_length, skip_bad_rows, max_line_bytes, device,
-    trust_remote_code).
+    trust_remote_code, allow_base_mismatch, chat_template).
     """
     return run(prepare(model_dir, adapters, data_path, progress=progress, **options), progress)

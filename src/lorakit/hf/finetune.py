@@ -121,6 +121,7 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
             raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (run once without resume first)")
     elif not job.overwrite:
         hf.check_output_dir(out)  # resume=True continues the run there, overwrite=True replaces it
+    hf.check_task(job.model, job.task, trust_remote_code=job.trust_remote_code)  # the model/task first, then data
     with progress.task(f"loading the tokenizer of {job.model}"):
         tok = hf.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
     cache = run_dir / DATA_CACHE  # a data directory's tokenized rows (ondisk.py); a data file needs none

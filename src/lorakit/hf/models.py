@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import LoraError, LoraFileError
 from .generation import generate as generate  # hf.generate, as before
 from .task_fit import TaskMismatchError as TaskMismatchError  # hf.TaskMismatchError beside the other load errors
-from .task_fit import check_task_fit
+from .task_fit import check_config_fit, check_task_fit
 
 if TYPE_CHECKING:  # transformers is the optional `hf` extra: imported where used, at run time
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -96,6 +96,23 @@ def check_model_dir(path: str | Path) -> Path:
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
         raise ModelDirError(f"{path}: has config.json but no weights (expected one of {', '.join(_WEIGHT_FILES)})")
     return path
+
+
+def check_task(path: str | Path, task: str, *, trust_remote_code: bool = False) -> None:
+    """What the model's config alone says about fine-tuning it for `task` (task_fit.check_config_fit), before the
+    tokenizer and the data: TaskMismatchError for an encoder as a causal-lm; ModelDirError for a bad directory."""
+    import transformers
+
+    path = check_model_dir(path)
+    _auto_class(task)  # a ValueError for an unknown task
+    _check_remote_code(path, trust_remote_code)
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelDirError(f"{path}: transformers could not read its config.json ({_first_line(e)})") from None
+    check_config_fit(path, config, task)
 
 
 def _auto_class(task: str) -> type[_BaseAutoModelClass]:

@@ -7,6 +7,7 @@ Prepared     the train/valid rows (lists, or Arrow datasets read on access), lab
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -31,7 +32,7 @@ class BadRowsError(DataError):
         more = f"\n  ... and {len(bad_rows) - SHOWN_BAD_ROWS} more" if len(bad_rows) > SHOWN_BAD_ROWS else ""
         self.listing = shown + more
         super().__init__(
-            f"{len(bad_rows)} bad row(s); fix them, or pass skip_bad_rows=True to train without them:\n{self.listing}",
+            f"{len(bad_rows)} bad row(s); fix them, or pass skip_bad_rows=True to leave them out:\n{self.listing}",
             bad_rows,
         )
 
@@ -75,28 +76,31 @@ def encode_one(
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if ex.messages is not None:
         try:
-            ids, labels = chat.encode_chat(tokenizer, ex.messages, max_length, ex.where)
+            ids, labels = chat.encode_chat(tokenizer, ex.messages, sys.maxsize, ex.where)  # cut below
         except DataError:
             raise  # no template, no fast tokenizer: a problem of the setup, not of this row
         except ValueError as e:
             return BadRow(ex.path, ex.line, str(e), ex.unit)
     elif ex.completion is None:
-        ids = (tokenizer(ex.text)["input_ids"] + eos)[:max_length]
+        ids = tokenizer(ex.text)["input_ids"] + eos
         labels = list(ids)
     else:
         prompt = tokenizer(ex.text)["input_ids"] if ex.text else []
         completion = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + eos
-        ids = (prompt + completion)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
+        ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+    cut = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
     if len(ids) < 2 or all(x == IGNORE_INDEX for x in labels[1:]):
-        return BadRow(ex.path, ex.line, f"{_why_empty(ex, ids)}; nothing to learn from this row", ex.unit)
+        return BadRow(ex.path, ex.line, f"{_why_empty(ex, ids, cut)}; nothing to learn from this row", ex.unit)
     return {"input_ids": ids, "labels": labels}
 
 
-def _why_empty(ex: Example, ids: Sequence[int]) -> str:
-    """Why a row kept no token to learn from."""
+def _why_empty(ex: Example, ids: Sequence[int], cut: bool) -> str:
+    """Why a row kept no token to learn from (`cut`: max_length cut it short)."""
     if len(ids) < 2:
         return "fewer than 2 tokens"
+    if not cut:  # whole, yet no label after the first token (which nothing predicts)
+        return "no token after the row's first is labelled (the first token is never predicted)"
     if ex.messages is not None:
         return "the conversation before the first trained assistant turn fills max_length"
     return "the prompt fills max_length"

@@ -61,11 +61,29 @@ def check_task_fit(path: Path, model: Any, task: str, missing_keys: Iterable[str
         )
 
 
+def check_config_fit(path: Path, config: Any, task: str) -> None:
+    """TaskMismatchError if the model's config alone shows it cannot be fine-tuned for `task` (an encoder as a
+    causal-lm): checked before any data is read, so that a model/task mismatch is not reported as a data problem."""
+    if task == "causal-lm" and _is_encoder_config(config):
+        model_type = str(getattr(config, "model_type", "") or type(config).__name__)
+        raise TaskMismatchError(
+            path,
+            model_type,
+            task,
+            "seq-cls",
+            f"{model_type} is an encoder (bidirectional attention); it cannot be fine-tuned as a causal-lm",
+        )
+
+
 def _is_encoder(model: Any) -> bool:
     """An encoder-only model type (it has a masked-LM class) that its config does not make a decoder."""
+    return _is_encoder_config(model.config)
+
+
+def _is_encoder_config(config: Any) -> bool:
+    """`_is_encoder`, from a model config."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    config = model.config
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
         return False
     return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
