@@ -1,102 +1,126 @@
-"""What adapter provenance costs (issue 17): hashing the base at save and load, and a load's overhead.
+"""What adapter provenance costs: hashing the whole base (every tensor of its forward) at a first load.
 
     python benchmarks/fingerprint.py            # writes benchmarks/RESULTS-fingerprint.md
+    python benchmarks/fingerprint.py --quick    # a tiny model, seconds (tests)
 
-The Llama-style benchmark model (hidden 512, intermediate 1376, 4 layers), LoRA rank 8 on all seven
-projections. Measured: hashing every targeted weight (fp32 and bf16 bases: bf16 bytes either way), MB/s of
-weight bytes hashed, and `load_adapters` into a fresh base (hashes the base once) against a hot swap onto
-the same base (cached hashes) and against the same adapter without lorakit.json (nothing checked).
+The base has Llama-3.2-1B's shapes (hidden 2048, intermediate 8192, 16 layers, 32/8 heads, vocab 128256, tied
+embeddings: 1.24 B parameters, 4.9 GB in fp32), built on the meta device and filled with random values (no
+download, no 5 GB init pass of transformers). On one thread (`torch.set_num_threads(1)`, which also caps the
+fingerprint's own threads), measured:
+
+- `base_fingerprint` from scratch (a fresh `Fingerprints`): every byte of every tensor hashed, fp32 and bf16;
+- `load_adapters` of a rank-8 q/v adapter with its lorakit.json onto that base with a fresh `Fingerprints`
+  (it hashes the whole base) against the same adapter without lorakit.json (nothing checked): the difference
+  is what a first load adds;
+- the same checked load with the `Fingerprints` kept from before (a hot swap: nothing re-hashed).
+
+Interleaved rounds, medians (harness.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import itertools
 import shutil
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run import TARGETS, add_model_args, build_base  # noqa: E402
+from harness import fmt_time, interleaved, loadavg, machine, table  # noqa: E402
 
 import lorakit as lk  # noqa: E402
-from lorakit import fingerprint  # noqa: E402
-from lorakit.files import provenance  # noqa: E402
+from lorakit.fingerprint import Fingerprints, base_fingerprint  # noqa: E402
 
-SEVEN_B_TARGETED = 6.48e9  # Llama-2-7B parameters in the seven projections of its 32 layers
-SEVEN_B_QV = 32 * 2 * 4096 * 4096  # q_proj and v_proj only
+HERE = Path(__file__).parent
+ONE_B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+             num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)  # Llama-3.2-1B
+QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
+TARGETS = ["q_proj", "v_proj"]
 
 
-def best(fn, rounds: int) -> float:
-    """The fastest of `rounds` runs, in seconds."""
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def build(shape: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """A Llama of `shape` with random weights in `dtype`: built on the meta device, then filled tensor by tensor."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**shape, max_position_embeddings=2048))
+    model = model.to_empty(device="cpu").to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.05, 0.05, generator=gen)  # buffers left as they are: non-persistent, never hashed or run
+    return model.eval()
 
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_model_args(p)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS-fingerprint.md")
+    p.add_argument("--quick", action="store_true", help="a tiny model and 2 rounds (for tests)")
+    p.add_argument("--out", type=Path, default=HERE / "RESULTS-fingerprint.md")
     a = p.parse_args(argv)
+    rounds = 2 if a.quick else a.rounds
+    shape = QUICK if a.quick else ONE_B
     torch.set_num_threads(1)
-    base = build_base(a).eval()
-    names = [n for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
-    weights = [base.get_submodule(n).weight for n in names]
-    params = sum(w.numel() for w in weights)
-    rows = []
+    rows, figures = [], {}
     for dtype in (torch.float32, torch.bfloat16):
-        ws = [w.detach().to(dtype) for w in weights]
-        s = best(lambda ws=ws: [provenance.weight_digest(w) for w in ws], a.rounds)
-        mb = params * 2 / 1e6  # bf16 bytes hashed
-        rows.append((f"hash {len(ws)} targeted weights ({str(dtype).removeprefix('torch.')} base)", s, mb / s))
-    bf16_rate = rows[-1][2]
+        base = build(shape, dtype)
+        params = sum(t.numel() for t in base.state_dict().values() if t.is_floating_point())
+        nbytes = sum(t.numel() * t.element_size() for t in base.state_dict().values())
+        targeted = [n for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
+        tmp = Path(tempfile.mkdtemp())
+        lk.save_adapters(lk.apply_lora(base, lk.LoraConfig(rank=8, alpha=16.0), TARGETS), tmp / "checked")
+        shutil.copytree(tmp / "checked", tmp / "unchecked")
+        (tmp / "unchecked" / "lorakit.json").unlink()
+        names, kept = itertools.count(), Fingerprints()
+        lk.load_adapters(base, tmp / "checked", name="kept", fingerprints=kept)
 
-    tmp = Path(tempfile.mkdtemp())
-    model = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=a.rank), TARGETS)
-    lk.save_adapters(model, tmp / "a")
-    shutil.copytree(tmp / "a", tmp / "peft")
-    (tmp / "peft" / "lorakit.json").unlink()
-    fresh = [copy.deepcopy(base) for _ in range(a.rounds * 2)]
-    swap = lk.load_adapters(copy.deepcopy(base), tmp / "a", name="first")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", lk.ProvenanceNote)
-        first = best(lambda: lk.load_adapters(fresh.pop(), tmp / "a"), a.rounds)
-        unchecked = best(lambda: lk.load_adapters(fresh.pop(), tmp / "peft"), a.rounds)
-        hot = best(lambda: lk.load_adapters(swap, tmp / "a", name="first"), a.rounds)
-        hot_unchecked = best(lambda: lk.load_adapters(swap, tmp / "peft", name="first"), a.rounds)
-    check = best(lambda: fingerprint.base_fingerprint(swap, names), a.rounds)
-    shutil.rmtree(tmp)
+        def load(directory: Path, fp: Fingerprints) -> None:
+            lk.load_adapters(base, directory, name=f"a{next(names)}", fingerprints=fp)  # a new slot each call
 
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", lk.ProvenanceNote)
+            s = interleaved(
+                {
+                    "fingerprint": lambda: base_fingerprint(base, targeted, Fingerprints()),
+                    "checked": lambda: load(tmp / "checked", Fingerprints()),
+                    "unchecked": lambda: load(tmp / "unchecked", Fingerprints()),
+                    "hot": lambda: load(tmp / "checked", kept),
+                },
+                rounds,
+                warmup=0,
+                device="cpu",
+            )
+        shutil.rmtree(tmp)
+        kind = str(dtype).removeprefix("torch.")
+        first = s.median("checked") - s.median("unchecked")
+        figures[kind] = first
+        rows += [
+            [f"{kind}: `base_fingerprint`, every tensor ({nbytes / 1e9:.2f} GB)", fmt_time(s.median("fingerprint")),
+             f"{nbytes / 1e9 / s.median('fingerprint'):.1f} GB/s"],
+            [f"{kind}: first `load_adapters`, checked (hashes the base)", fmt_time(s.median("checked")), ""],
+            [f"{kind}: the same without lorakit.json (nothing checked)", fmt_time(s.median("unchecked")), ""],
+            [f"{kind}: **what a first load adds**", f"**{fmt_time(first)}**", ""],
+            [f"{kind}: hot swap, `Fingerprints` kept (nothing re-hashed)", fmt_time(s.median("hot")), ""],
+        ]
+        del base
     lines = [
-        "# Adapter provenance: cost of the base fingerprint (benchmarks/fingerprint.py)",
+        "# Adapter provenance: cost of the whole-base fingerprint (benchmarks/fingerprint.py)",
         "",
-        f"Llama-style model: hidden {a.hidden}, intermediate {a.intermediate}, {a.layers} layers; LoRA rank {a.rank} "
-        f"on {len(names)} targeted weights ({params / 1e6:.1f} M parameters). One thread, best of {a.rounds}.",
+        f"{'A tiny Llama (--quick)' if a.quick else 'Llama-3.2-1B shapes'}: {params / 1e6:,.1f} M parameters; a "
+        f"rank-8 adapter on {', '.join(TARGETS)}. One thread, median of {rounds} interleaved rounds.",
+        f"Machine: {machine('cpu', 1)}; load average {loadavg()}.",
         "",
-        "| step | time | rate |",
-        "|---|---:|---:|",
-        *[f"| {what} | {s * 1e3:.1f} ms | {rate:.0f} MB/s of bf16 bytes |" for what, s, rate in rows],
-        f"| `load_adapters` into a fresh base (hashes the base) | {first * 1e3:.1f} ms | |",
-        f"| the same adapter without lorakit.json (no check) | {unchecked * 1e3:.1f} ms | |",
-        f"| hot swap onto the same base (hashes cached) | {hot * 1e3:.1f} ms | |",
-        f"| hot swap without lorakit.json | {hot_unchecked * 1e3:.1f} ms | |",
-        f"| `base_fingerprint` again (cached) | {check * 1e3:.2f} ms | |",
+        table(["step", "time", "rate"], rows),
         "",
-        f"Extrapolated to a 7B Llama at {bf16_rate:.0f} MB/s: all seven projections ({SEVEN_B_TARGETED / 1e9:.2f} B "
-        f"parameters, {SEVEN_B_TARGETED * 2 / 1e9:.1f} GB as bf16) {SEVEN_B_TARGETED * 2 / 1e6 / bf16_rate:.1f} s; "
-        f"q_proj and v_proj only {SEVEN_B_QV * 2 / 1e6 / bf16_rate:.1f} s; once per base object, then cached.",
+        "Every byte of every tensor is hashed: a floating tensor is converted to bf16 a million elements at a time "
+        "into one reused buffer and streamed into xxh3-128 (the tensor is read once; the buffer stays in cache), "
+        "any other tensor's bytes as stored. A first load of the fp32 base adds "
+        f"{figures['float32']:.2f} s, of the bf16 base {figures['bfloat16']:.2f} s (target: at most 1 s).",
         "",
     ]
     a.out.write_text("\n".join(lines))

@@ -194,3 +194,15 @@ def test_export_suite_runs_quick(tmp_path):
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith(("| onnx", "| gguf"))]
     assert len(rows) == 3 + 4 + 2 * 4  # onnx f32/f16/q8_0; gguf 4 dtypes; gguf-adapter 4 dtypes x (base, adapter)
     assert all(row[7] == "passed" for row in rows), rows
+
+
+def test_fingerprint_suite_runs_quick(tmp_path):
+    """The whole-base fingerprint benchmark on a tiny Llama: every row written, the first-load figure stated."""
+    import subprocess
+
+    out = tmp_path / "RESULTS-fingerprint.md"
+    r = subprocess.run([sys.executable, str(RUN.parent / "fingerprint.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert text.count("**what a first load adds**") == 2 and "every byte of every tensor is hashed" in text.lower()

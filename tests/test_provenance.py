@@ -1,6 +1,7 @@
-"""Adapter provenance (issue 17): lorakit.json records the base an adapter was saved for and its tensors' hashes;
-a load refuses another base (same shapes, other weights) and a file changed since saving, notes a PEFT-made
-adapter it cannot check, and accepts a QLoRA adapter on the full-precision base its quantised copy came from."""
+"""Adapter provenance: lorakit.json records the base an adapter was saved for (every tensor of its forward and
+its config), the adapter config's computation fields and its tensors' hashes; a load refuses another base (any
+tensor or config field changed), an edited config and a file changed since saving, notes a PEFT-made adapter it
+cannot check and an older sidecar, and accepts a QLoRA adapter on the full-precision base its copy came from."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ peft = pytest.importorskip("peft")
 
 import lorakit as lk  # noqa: E402
 from lorakit.files import provenance  # noqa: E402
+from lorakit.fingerprint import Fingerprints  # noqa: E402
 from lorakit.hf import models as hf  # noqa: E402
 from lorakit.variants.quant import quantize_base  # noqa: E402
 
@@ -57,7 +59,7 @@ def _trained(model: torch.nn.Module, **config) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def adapter(bases, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("adapter") / "a"
-    lk.save_adapters(_trained(hf.load_model(bases["base"], "causal-lm")), out)
+    lk.save_adapters(_trained(hf.load_model(bases["base"], "causal-lm"), alpha=8.0), out)
     hf.write_task_file(out, "causal-lm")
     return out
 
@@ -75,11 +77,17 @@ def _load(model_dir, adapter_dir, **kw) -> tuple[torch.nn.Module, list[str]]:
 
 def test_sidecar_records_the_base_and_the_right_base_loads_silently(bases, adapter):
     saved = json.loads((adapter / "lorakit.json").read_text())
-    assert saved["format"] == 1 and saved["base"]["path"] == str(bases["base"].resolve())
+    assert saved["format"] == 2 and saved["base"]["path"] == str(bases["base"].resolve())
     assert saved["base"]["config"]["model_type"] == "llama" and saved["base"]["config"]["hidden_size"] == 32
     assert saved["base"]["config_sha256"] == provenance.file_digest(bases["base"] / "config.json")
     assert sorted(saved["base"]["modules"]) == sorted(f"model.layers.{i}.self_attn.{t}" for i in (0, 1) for t in TARGETS)
     assert sorted(saved["tensors"]) == sorted(provenance.read(adapter).tensors)
+    assert saved["base"]["config"]["rope_parameters"]["rope_theta"] == 10000.0 and "rms_norm_eps" in saved["base"]["config"]
+    others = set(saved["base"]["tensors"])  # every other tensor of the forward: norms, embeddings, projections
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers.0.mlp.down_proj.weight",
+            "model.layers.1.input_layernorm.weight", "model.layers.0.self_attn.k_proj.weight"} <= others
+    assert len(others) + len(saved["base"]["modules"]) == len(hf.load_model(bases["base"], "causal-lm").state_dict())
+    assert saved["adapter_config"]["lora_alpha"] == 8 and saved["adapter_config"]["r"] == 2
     model, notes = _load(bases["base"], adapter)
     assert notes == [] and len(lk.lora_layers(model)) == 4
 
@@ -98,13 +106,117 @@ def test_same_shapes_different_weights_refused_naming_the_module(bases, adapter)
 
 
 def test_a_base_changed_in_place_after_a_load_is_seen(bases, adapter):
-    """The hash is cached on the module holding the weight; an in-place change invalidates it (tensor version)."""
-    model = lk.load_adapters(hf.load_model(bases["base"], "causal-lm"), adapter, name="one")
-    lk.load_adapters(model, adapter, name="two")  # the cached hashes: still the right base
+    """The caller's Fingerprints keeps each hash until its tensor changes (tensor version): an in-place change of a
+    targeted or of another weight is seen by the next load."""
+    fp = Fingerprints()
+    model = lk.load_adapters(hf.load_model(bases["base"], "causal-lm"), adapter, name="one", fingerprints=fp)
+    assert "model.norm.weight" in fp.records and CHANGED in fp.records  # hashed once, kept by the caller
+    lk.load_adapters(model, adapter, name="two", fingerprints=fp)  # the cached hashes: still the right base
     with torch.no_grad():
+        model.get_submodule("model.norm").weight.add_(0.05)
+    with pytest.raises(lk.LoraBaseMismatch, match="model.norm.weight"):
+        lk.load_adapters(model, adapter, name="three", fingerprints=fp)
+    with torch.no_grad():
+        model.get_submodule("model.norm").weight.sub_(0.05)
         lk.lora_layers(model)[CHANGED].base.weight.mul_(2)
     with pytest.raises(lk.LoraBaseMismatch, match="v_proj"):
-        lk.load_adapters(model, adapter, name="three")
+        lk.load_adapters(model, adapter, name="three", fingerprints=fp)
+
+
+def _variant(bases, tmp_path, change) -> torch.nn.Module:
+    """The base with one thing changed by `change(model, config_dict)`: a tensor in place, or its config.json."""
+    d = tmp_path / "variant"
+    d.mkdir()
+    for f in bases["base"].iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    config = json.loads((d / "config.json").read_text())
+    change(None, config)
+    (d / "config.json").write_text(json.dumps(config))
+    model = hf.load_model(d, "causal-lm")
+    with torch.no_grad():
+        change(model, None)
+    return model
+
+
+VARIANTS = {  # a base that differs from the adapter's only in something its old fingerprint did not cover
+    "a norm weight": ("tensor 'model.layers.0.input_layernorm.weight'",
+                      lambda m, c: m and m.get_submodule("model.layers.0.input_layernorm").weight.mul_(1.5)),
+    "an embedding row": ("tensor 'model.embed_tokens.weight'",
+                         lambda m, c: m and m.get_submodule("model.embed_tokens").weight[5].add_(0.5)),
+    "a non-targeted projection": ("tensor 'model.layers.1.mlp.down_proj.weight'",
+                                  lambda m, c: m and m.get_submodule("model.layers.1.mlp.down_proj").weight.add_(1e-2)),
+    "rope_theta": ("config rope_parameters", lambda m, c: c and c["rope_parameters"].update(rope_theta=500000.0)),
+}
+
+
+@pytest.mark.parametrize("what", list(VARIANTS))
+def test_a_base_differing_only_outside_the_targets_is_refused(what, bases, adapter, tmp_path):
+    """The oracle: a different base (one tensor or one config field changed); the load must refuse it by name."""
+    named, change = VARIANTS[what]
+    model = _variant(bases, tmp_path, change)
+    with pytest.raises(lk.LoraBaseMismatch, match="saved for a different base") as e:
+        lk.load_adapters(model, adapter)
+    assert len(e.value.differences) == 1 and e.value.differences[0].startswith(named), e.value.differences
+    assert not lk.lora_layers(model)
+
+
+EDITS = {  # adapter_config.json edits that change the output though the tensors are the same
+    "lora_alpha": lambda c: c.update(lora_alpha=80),
+    "use_rslora": lambda c: c.update(use_rslora=True),
+    "alpha_pattern": lambda c: c.update(alpha_pattern={"model.layers.0.self_attn.q_proj": 32}),
+}
+
+
+@pytest.mark.parametrize("field", list(EDITS))
+def test_an_edited_adapter_config_is_refused_naming_the_field(field, bases, adapter, tmp_path):
+    """The oracle: the saved adapter with one field of adapter_config.json edited (its output changes)."""
+    copy = tmp_path / "edited"
+    copy.mkdir()
+    for f in adapter.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    config = json.loads((copy / "adapter_config.json").read_text())
+    EDITS[field](config)
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    model = hf.load_model(bases["base"], "causal-lm")
+    with pytest.raises(lk.LoraFileChanged, match=f"adapter config changed since it was saved \\({field} ") as e:
+        lk.load_adapters(model, copy)
+    assert str(copy / "adapter_config.json") in str(e.value) and not lk.lora_layers(model)
+    config.pop("lora_dropout")  # a field that changes no computation may be edited (or dropped) freely
+    config.update(EDIT_BACK := json.loads((adapter / "adapter_config.json").read_text()), lora_dropout=0.3)
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    assert EDIT_BACK["lora_dropout"] != 0.3
+    lk.load_adapters(model, copy)
+
+
+def _format_1_sidecar(adapter: Path, model: torch.nn.Module) -> dict:
+    """lorakit.json as the previous lorakit wrote it (format 1): sha256 of the targeted weights as bf16 bytes, seven
+    config fields, the adapter's tensor hashes; no other base tensor, no adapter config."""
+    side = json.loads((adapter / "lorakit.json").read_text())
+    fields = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim")
+    modules = {n: {"sha256": provenance.weight_digest(model.get_submodule(n).weight),
+                   "shape": list(model.get_submodule(n).weight.shape), "dtype": "float32"} for n in side["base"]["modules"]}
+    base = {"modules": modules, "config": {f: getattr(model.config, f) for f in fields}, "class": side["base"]["class"],
+            "path": side["base"]["path"], "config_sha256": side["base"]["config_sha256"]}
+    return {"format": 1, "base": base, "tensors": side["tensors"]}
+
+
+def test_a_format_1_sidecar_still_loads_and_checks_what_it_covers(bases, adapter, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in adapter.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    (old / "lorakit.json").write_text(json.dumps(_format_1_sidecar(adapter, hf.load_model(bases["base"], "causal-lm"))))
+    loaded, notes = _load(bases["base"], old)
+    assert len(lk.lora_layers(loaded)) == 4
+    assert len(notes) == 1 and "written by an older lorakit, it covers only the targeted weights" in notes[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lk.ProvenanceNote)
+        with pytest.raises(lk.LoraBaseMismatch, match=CHANGED):  # what it records is still checked
+            lk.load_adapters(hf.load_model(bases["other"], "causal-lm"), old)
+        _flip_last_byte(old / "adapter_model.safetensors")
+        with pytest.raises(lk.LoraFileChanged):
+            lk.load_adapters(hf.load_model(bases["base"], "causal-lm"), old)
 
 
 def test_the_same_weights_in_bf16_are_the_same_base(bases, adapter):
@@ -148,13 +260,13 @@ def test_a_hot_swap_re_hashes_a_file_edited_after_a_verified_load(bases, adapter
     weights = copy / "adapter_model.safetensors"
     old = weights.stat().st_mtime_ns - 10**10
     os.utime(weights, ns=(old, old))  # settled: saved 10 s ago
-    model = hf.load_model(bases["base"], "causal-lm")
-    lk.load_adapters(model, copy, name="x")
-    assert any(str(weights) in k for k in model.__dict__["_lorakit_verified_files"])  # vouched for by its stamp
-    lk.load_adapters(model, copy, name="x")  # a hot swap of the same bytes
+    model, fp = hf.load_model(bases["base"], "causal-lm"), Fingerprints()
+    lk.load_adapters(model, copy, name="x", fingerprints=fp)
+    assert any(str(weights) in k for k in fp.verified)  # vouched for by its stamp
+    lk.load_adapters(model, copy, name="x", fingerprints=fp)  # a hot swap of the same bytes
     _flip_last_byte(weights)  # the edit gives it a new mtime, so a new stamp
     with pytest.raises(lk.LoraFileChanged, match="changed since it was saved"):
-        lk.load_adapters(model, copy, name="x")
+        lk.load_adapters(model, copy, name="x", fingerprints=fp)
     os.utime(weights, ns=(old, old))  # an edit that puts the old mtime back by hand is not seen by a stamp (see
     fresh = hf.load_model(bases["base"], "causal-lm")  # docs/provenance.md); a model that never verified it hashes it
     with pytest.raises(lk.LoraFileChanged):

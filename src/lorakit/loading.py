@@ -22,7 +22,7 @@ from .config import LoraBias, LoraConfig
 from .errors import LoraFileError, LoraStateError
 from .files.checks import check_tensors, copy_into
 from .files.peft_format import AdapterFile, peft_key, plain_key, read_adapter
-from .fingerprint import check_base
+from .fingerprint import Fingerprints, check_base
 from .layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, supported_types, with_lora, wrapper_for
 from .model import (
     apply_lora,
@@ -70,6 +70,7 @@ def load_adapters(
     name: str | None = None,
     allow_nonfinite: bool = False,
     allow_base_mismatch: bool = False,
+    fingerprints: Fingerprints | None = None,
 ) -> nn.Module:
     """Load a PEFT-layout adapter directory into `model`, strictly; returns the model.
 
@@ -80,10 +81,13 @@ def load_adapters(
     Every key, shape, rank, dtype and value is checked before anything changes; a model merged in place
     (`merge_`) is refused with `LoraStateError` (unmerge it first).
 
-    Then the adapter's `lorakit.json` is checked (`lorakit.fingerprint.check_base`): tensors changed since
-    saving raise `LoraFileChanged`; a base other than the one it was saved for raises `LoraBaseMismatch`
-    naming the modules that differ (a `ProvenanceNote` warning instead with `allow_base_mismatch`). A
-    PEFT-made adapter, without that file, loads with a `ProvenanceNote` that its base could not be checked.
+    Then the adapter's `lorakit.json` is checked (`lorakit.fingerprint.check_base`): a computation field of
+    `adapter_config.json` (rank, alpha, rsLoRA, patterns, DoRA, targets, bias, modules_to_save) or a tensor
+    changed since saving raises `LoraFileChanged`; a base other than the one it was saved for (any tensor the
+    forward reads, or a config field that changes the computation) raises `LoraBaseMismatch` naming what
+    differs (a `ProvenanceNote` warning instead with `allow_base_mismatch`). A PEFT-made adapter, without that
+    file, loads with a `ProvenanceNote` that its base could not be checked. `fingerprints` (kept by the caller
+    for this model) hashes the base once across loads and saves; without it each load hashes it again.
 
     Examples:
         >>> import copy, tempfile, lorakit as lk
@@ -100,7 +104,7 @@ def load_adapters(
         check_adapter_name(name)
     file = read_adapter(directory)
     plan = plan_load(model, file, name, allow_nonfinite=allow_nonfinite)  # a damaged file is refused as such first
-    check_base(model, file, allow_mismatch=allow_base_mismatch)
+    check_base(model, file, allow_mismatch=allow_base_mismatch, fingerprints=fingerprints)
     attach(model, plan)
     return model
 

@@ -18,8 +18,16 @@ from .config import LoraBias, LoraConfig
 from .errors import LoraFileError
 from .files import atomic, provenance
 from .files import safetensors as st
-from .files.peft_format import CONFIG_NAME, WEIGHTS_NAME, peft_key, plain_key, to_peft_config
-from .fingerprint import base_fingerprint
+from .files.peft_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    computation_fields,
+    peft_key,
+    plain_key,
+    replaced_base_tensors,
+    to_peft_config,
+)
+from .fingerprint import Fingerprints, base_fingerprint
 from .layer_io import layer_tensors  # noqa: F401  (imported from here by tests/ and fuzz/)
 from .layers import LoraLayer
 from .model import lora_layers, own_bias, plain_biases
@@ -88,7 +96,9 @@ def peft_config(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     )
 
 
-def save_adapters(model: nn.Module, directory: str | Path, *, name: str | None = None) -> Path:
+def save_adapters(
+    model: nn.Module, directory: str | Path, *, name: str | None = None, fingerprints: Fingerprints | None = None
+) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT layout) for adapter `name` (default: active).
 
     Beside them `lorakit.json` (`files.provenance`): the fingerprint of the base the adapter is for (each
@@ -102,9 +112,10 @@ def save_adapters(model: nn.Module, directory: str | Path, *, name: str | None =
     """
     directory = Path(directory)
     config, tensors = peft_config(model, name), adapter_state_dict(model, name)
-    base = base_fingerprint(model, adapter_slots(model, name))
+    skip = replaced_base_tensors(tensors)  # what the adapter writes itself (trained biases, heads) is no base
+    base = base_fingerprint(model, adapter_slots(model, name), fingerprints, skip=skip)
     with atomic.locked_dir(directory):  # a concurrent save or load of this directory sees one whole adapter
         st.write(directory / WEIGHTS_NAME, tensors, {"format": "pt"})
         atomic.write_json(directory / CONFIG_NAME, config)
-        provenance.write(directory, base, tensors)
+        provenance.write(directory, base, tensors, computation_fields(config))
     return directory

@@ -28,15 +28,16 @@ def provenance_info(args: argparse.Namespace) -> dict[str, Any]:
         "base_config": base.get("config", {}),
         "fingerprint": provenance.fingerprint_id(base),
         "modules": len(base["modules"]),
+        "tensors": len(base.get("tensors", {})),  # the rest of the base (none in a format-1 sidecar)
         "quantized": sorted({m["quantized"] for m in base["modules"].values() if "quantized" in m}),
     }
     model_dir = getattr(args, "model", None)
     if model_dir:
-        from ..fingerprint import base_fingerprint
+        from ..fingerprint import fingerprint_like
 
         task, id2label = inputs(hf.read_task, directory)
         model = inputs(hf.load_model, model_dir, task, id2label=id2label if task == "seq-cls" else None)
-        differences = provenance.compare(base, base_fingerprint(model, base["modules"]))
+        differences = provenance.compare(base, fingerprint_like(model, sidecar))
         info.update(model=str(model_dir), matches=not differences, differences=differences)
     return {"provenance": info}
 
@@ -50,7 +51,7 @@ def render(info: dict[str, Any]) -> str:
         "",
         f"provenance      {p['sidecar']}",
         f"  base          {p['base_path'] or '(not a directory when saved)'} ({p['base_class']})",
-        f"  fingerprint   {p['fingerprint']} over {p['modules']} modules"
+        f"  fingerprint   {p['fingerprint']} over {p['modules']} modules and {p['tensors']} other base tensors"
         + (f" (source of a {'/'.join(p['quantized'])}-quantised base)" if p["quantized"] else ""),
     ]
     if p.get("base_config_sha256"):

@@ -10,6 +10,7 @@ import json
 import re
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,58 @@ _UNDERSTOOD = {
     "lorakit",
     "use_dora",
 }
+# adapter_config.json fields that change what a loaded adapter computes (lorakit.json records them at save time):
+# not the dropout or the init (training only), the base's path or the bookkeeping fields, nor task_type (which
+# `lorakit finetune` sets after the save; the task head is modules_to_save, its weights among the tensors)
+COMPUTATION_FIELDS = (
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_dora",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "bias",
+    "modules_to_save",
+    "fan_in_fan_out",
+)
+
+
+def computation_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The COMPUTATION_FIELDS of a raw adapter_config.json, an unset one (absent, null, false, empty) as None, so
+    that a tool re-writing the file with its defaults spelled out or left out does not count as a change.
+
+    Examples:
+        >>> computation_fields({"r": 8, "lora_alpha": 16, "use_rslora": False, "alpha_pattern": {}})["lora_alpha"]
+        16
+    """
+    unset = (None, False, "")
+    return {
+        k: None if any(v is u for u in unset) or (isinstance(v, (dict, list, str)) and not v) else v
+        for k in COMPUTATION_FIELDS
+        for v in [raw.get(k)]
+    }
+
+
+def replaced_base_tensors(keys: Iterable[str]) -> set[str]:
+    """Names of the base tensors an adapter with these PEFT keys writes into the model when it loads (trained
+    biases, modules_to_save, whole embedding weights): the adapter's own tensors, not part of its base."""
+    out = set()
+    for key in keys:
+        if is_peft_copy(key):
+            continue
+        split = split_key(key)
+        if split is None:  # a plain key: modules_to_save, or a bias under bias="all"
+            out.add(key.removeprefix(PREFIX))
+        elif split[1] in ("bias", "base_weight"):
+            out.add(f"{split[0]}.{'bias' if split[1] == 'bias' else 'weight'}")
+    return out
+
+
 _Kinds = type | tuple[type, ...]  # what isinstance takes: the JSON types a config key may hold
 # init_lora_weights values that assume a base changed at init time (PiSSA, OLoRA, CorDA, LoftQ, ...)
 _INIT_OK = (True, False, "gaussian", "eva", "orthogonal")

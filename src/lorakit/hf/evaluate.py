@@ -273,7 +273,7 @@ def prepare(
     them), else the tokenizer's own: so an adapter is scored on the format it learned. seq-cls adapters are
     checked against the base here (keys, shapes) and attached one at a time by `run`.
     """
-    from ..fingerprint import check_base
+    from ..fingerprint import Fingerprints, check_base
     from ..loading import load_adapters, plan_load, read_adapter
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -302,12 +302,13 @@ def prepare(
     with progress.task("loading model", total=len(adapters) + 1, unit="parts") as t:
         model = _load_base(model_dir, task, id2label, tok.pad_token_id, trust_remote_code)
         t.advance()
+        fp = Fingerprints()  # one base: hashed once for all the adapters
         for name, d in adapters.items():
             if task == "seq-cls":  # each brings its own head: checked against the bare base, attached in run
                 plan_load(model, file := read_adapter(d))
-                check_base(model, file, allow_mismatch=allow_base_mismatch)
+                check_base(model, file, allow_mismatch=allow_base_mismatch, fingerprints=fp)
             else:
-                load_adapters(model, d, name=name, allow_base_mismatch=allow_base_mismatch)
+                load_adapters(model, d, name=name, allow_base_mismatch=allow_base_mismatch, fingerprints=fp)
             t.advance()
     return EvalSetup(
         Path(model_dir),

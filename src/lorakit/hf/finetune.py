@@ -224,7 +224,7 @@ def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]
     result = trainer.fit(setup.train_loader, setup.valid_loader, resume=job.resume)
     after = trainer.evaluate(setup.valid_loader)
     if is_main():  # under torchrun every rank holds the same adapter; rank 0 writes it
-        save_adapters(model, out)
+        save_adapters(model, out, fingerprints=trainer.fingerprints)
         hf.write_task_file(
             out,
             job.task,

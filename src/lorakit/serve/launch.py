@@ -113,6 +113,7 @@ def _text(
 ) -> tuple[Any, Callable[[], None]]:
     """A causal LM, its engine (started) and registry."""
     from ..adapters import delete_adapter, list_adapters
+    from ..fingerprint import Fingerprints
     from ..loading import load_adapters
     from .engine import Engine
     from .text import TextService
@@ -137,12 +138,14 @@ def _text(
 
         return run
 
+    fp = Fingerprints()  # the served base, hashed once for every adapter loaded onto it
+
     def load(name: str, path: Path) -> None:
         task, _ = hf.read_task(path)
         if task != "causal-lm":
             raise ValueError(f"{path} is a {task} adapter; this server serves the causal LM {base_name}")
         allow = options.allow_base_mismatch
-        engine.call(counted(lambda: load_adapters(model, path, name=name, allow_base_mismatch=allow)))
+        engine.call(counted(lambda: load_adapters(model, path, name=name, allow_base_mismatch=allow, fingerprints=fp)))
 
     def unload(name: str) -> None:
         engine.call(counted(lambda: delete_adapter(model, name)))

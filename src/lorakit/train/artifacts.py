@@ -29,6 +29,7 @@ from torch import nn
 
 from ..files import atomic
 from ..files import safetensors as safetensors_io
+from ..fingerprint import Fingerprints
 from ..model import lora_layers
 from ..saving import save_adapters
 from .events import EpochEnded, Evaluated, StepLogged
@@ -186,10 +187,12 @@ def epoch_row(e: EpochEnded) -> dict[str, Any]:
     }
 
 
-def export_adapter(model: nn.Module, directory: Path) -> Path:
-    """Save what training changed: the PEFT-layout adapter for a LoRA model, else the trainable parameters."""
+def export_adapter(model: nn.Module, directory: Path, fingerprints: Fingerprints | None = None) -> Path:
+    """Save what training changed: the PEFT-layout adapter for a LoRA model, else the trainable parameters.
+
+    `fingerprints` keeps the base's hashes across saves (`lorakit.fingerprint.Fingerprints`)."""
     if lora_layers(model):
-        return save_adapters(model, directory)
+        return save_adapters(model, directory, fingerprints=fingerprints)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     safetensors_io.write(directory / "trainable.safetensors", trainable, {"format": "lorakit-trainable"})
     return directory

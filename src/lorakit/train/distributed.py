@@ -26,12 +26,15 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
+
+if TYPE_CHECKING:
+    from ..fingerprint import Fingerprints
 
 ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 T = TypeVar("T")
@@ -140,10 +143,13 @@ class Group:
 
     # -- the model --------------------------------------------------------------------------------
 
-    def wrap(self, model: nn.Module, device: torch.device, fsdp: bool) -> nn.Module:
+    def wrap(
+        self, model: nn.Module, device: torch.device, fsdp: bool, fingerprints: Fingerprints | None = None
+    ) -> nn.Module:
         """The module to call in training: `model` itself, its DDP wrapper, or `model` sharded by FSDP2.
 
-        `model` keeps its parameter names either way (checkpoints and adapters use them).
+        `model` keeps its parameter names either way (checkpoints and adapters use them). Before sharding, the
+        base is fingerprinted into `fingerprints`, which the saves after it must be given.
         """
         if self.world_size == 1:
             return model
@@ -156,7 +162,10 @@ class Group:
         from ..fingerprint import remember_before_sharding
         from ..model import lora_layers
 
-        remember_before_sharding(model)  # a save after sharding could not hash whole weights (lorakit.json)
+        if fingerprints is not None:
+            remember_before_sharding(
+                model, fingerprints
+            )  # a save after sharding could not hash whole weights (lorakit.json)
         trainable = [p for p in model.parameters() if p.requires_grad]  # a list: the same order on every rank
         with torch.no_grad():  # replicated parameters must start equal, as DDP's broadcast makes them
             for p in trainable:

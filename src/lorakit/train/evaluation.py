@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..fingerprint import Fingerprints
 from . import artifacts as art
 from . import rng
 from .batch import LossFn, forward
@@ -53,9 +54,11 @@ class Evaluator:
         bf16: bool,
         reference: ReferenceKL | None = None,
         best_adapter: Path | None = None,
+        fingerprints: Fingerprints | None = None,
     ) -> None:
         self.model, self.device, self.loss_fn, self.metrics = model, device, loss_fn, metrics
         self.bf16, self.reference, self.best_adapter = bf16, reference, best_adapter
+        self.fingerprints = fingerprints or Fingerprints()  # the base hashed once for every best-adapter save
 
     def means(self, loader: Iterable[Any]) -> dict[str, float]:
         """Mean loss and metrics over `loader`, in eval mode, without gradients: {"loss": ..., name: ...}."""
@@ -82,5 +85,5 @@ class Evaluator:
         if is_best:
             best_valid_loss = loss
             if self.best_adapter is not None:
-                art.export_adapter(self.model, self.best_adapter)
+                art.export_adapter(self.model, self.best_adapter, self.fingerprints)
         return Evaluation(loss, means, kl, is_best, best_valid_loss)

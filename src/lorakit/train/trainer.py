@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..fingerprint import Fingerprints
 from ..model import trainable_parameters
 from . import artifacts as art
 from . import rng
@@ -111,6 +112,7 @@ class Trainer:
         self.callbacks = [cb for cb in callbacks if self.group.is_main or not getattr(cb, "main_rank_only", False)]
         self.artifact_root = Path(artifact_dir) if artifact_dir is not None else None
         self.artifacts = art.ArtifactDir(artifact_dir) if artifact_dir is not None and self.group.is_main else None
+        self.fingerprints = Fingerprints()  # the frozen base's hashes, taken once for every adapter this run saves
         if self.config.precision == "bf16" and not bf16_supported(self.device):
             raise ValueError(f"precision='bf16' is not supported on device {self.device}; use precision='fp32'")
 
@@ -126,7 +128,14 @@ class Trainer:
         best = self.artifacts.path(art.BEST_ADAPTER) if self.artifacts else None
         bf16 = self.config.precision == "bf16"
         return Evaluator(
-            self.model, self.device, self.loss_fn, self.metrics, bf16=bf16, reference=self.reference, best_adapter=best
+            self.model,
+            self.device,
+            self.loss_fn,
+            self.metrics,
+            bf16=bf16,
+            reference=self.reference,
+            best_adapter=best,
+            fingerprints=self.fingerprints,
         )
 
     def evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
@@ -181,7 +190,9 @@ class Trainer:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not params:
             raise ValueError("the model has no trainable parameters (apply_lora first, or unfreeze some)")
-        net = world.wrap(model, self.device, cfg.fsdp)  # what runs the batches; `model` keeps the names
+        net = world.wrap(
+            model, self.device, cfg.fsdp, self.fingerprints
+        )  # what runs the batches; `model` keeps the names
         optimizer = adamw(param_groups(params, cfg.loraplus_ratio), cfg.lr, cfg.betas, cfg.weight_decay)
         total_steps, evaluator = plan.total_steps, self._evaluator()
         epoch_meter, interval = Meter(self.metrics), Meter(self.metrics)
