@@ -120,8 +120,12 @@ def remember_before_sharding(model: nn.Module, fingerprints: Fingerprints) -> No
     Once sharded, each rank holds part of every weight and a save (on one rank) cannot hash the whole: without
     this record such a save writes the shapes and dtypes only, and loads cannot check the values.
     """
+    from .model import lora_layers
+
     for name, get in _entries(model, set()).items():
         fingerprints.before_sharding[name] = get(fingerprints)
+    for name, layer in lora_layers(model).items():  # a targeted module's weight: under the module's name too
+        fingerprints.before_sharding[name] = module_fingerprint(layer, name, fingerprints)
 
 
 def _is_sharded(w: Tensor) -> bool:
