@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 from ..errors import LoraError
 from ..hf import models as hf
 from ..train.progress import Progress, quiet
+from .access_log import FORMATS
 from .app import build_app, resolver
+from .limits import Limits
 from .metrics import Metrics
 from .registry import Registry
 
@@ -50,8 +53,15 @@ class ServeOptions:
     dtype: str | None = None
     trust_remote_code: bool = False
     allow_base_mismatch: bool = False  # adapters load even onto a base other than their lorakit.json records
+    limits: Limits = Limits()
+    access_log: bool = True  # one line per request on stdout
+    log_format: str = "text"  # or "json": one JSON object per line
 
     def __post_init__(self) -> None:
+        if self.log_format not in FORMATS:
+            raise ValueError(f"log_format={self.log_format!r} is not one of {', '.join(FORMATS)}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty: give a key, or none to serve without one")
         for key in ("max_batch", "max_loaded"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -105,7 +115,15 @@ def create_app(options: ServeOptions, progress: Progress | None = None) -> FastA
         metrics=metrics,
         api_key=options.api_key,
         on_shutdown=on_shutdown,
+        limits=options.limits,
+        access_log=_print_line if options.access_log else None,
+        log_format=options.log_format,
     )
+
+
+def _print_line(line: str) -> None:
+    """An access-log line on stdout, flushed (uvicorn's access log goes to stdout too)."""
+    print(line, file=sys.stdout, flush=True)
 
 
 def _text(
@@ -158,6 +176,7 @@ def _text(
         resolve=resolver(base_name, registry),
         context=int(context),
         vocab_size=int(embeddings.weight.shape[0]),
+        limits=options.limits,
     )
     engine.start()
     return service, lambda: engine.stop(timeout=min(options.drain_timeout, 5.0))
@@ -183,6 +202,7 @@ def _encoder(
         metrics=metrics,
         resolve=lambda m: None,
         allow_base_mismatch=options.allow_base_mismatch,
+        limits=options.limits,
     )
     service.registry = Registry(service.load, service.unload, root=options.adapter_root, max_loaded=options.max_loaded)
     service.resolve = resolver(base_name, service.registry)

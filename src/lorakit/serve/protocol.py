@@ -1,8 +1,10 @@
 """The wire format: OpenAI-compatible request bodies (pydantic, checked strictly) and OpenAI-style error bodies.
 
-A request field of the wrong type (`"max_tokens": "5"`) is a 400 naming the field, as OpenAI's API answers it;
-fields this server does not know are ignored, so clients that send more (the `openai` client's extras, vLLM's
-sampling extensions) still work. Every error, whatever raised it, reaches the client as
+A request field of the wrong type (`"max_tokens": "5"`) is a 400 naming the field, as OpenAI's API answers it.
+A field that would change what a request means but that this server does not implement (`tools`,
+`response_format`, non-zero penalties, `best_of`, `suffix`, vLLM's `top_k` ...) is a 400 naming it too, unless
+its value asks for nothing (`"tools": []`, `"presence_penalty": 0`); other fields this server does not know (the
+`openai` client's `user`, metadata) are ignored. Every error, whatever raised it, reaches the client as
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 """
@@ -12,10 +14,11 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 ERROR_TYPES = {
     400: "invalid_request_error",
+    413: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
     429: "rate_limit_error",
@@ -65,10 +68,17 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         return f"the request body is not valid JSON ({reason})".replace(" ()", ""), None
     param = ".".join(loc) or None
     got = first.get("input")
-    shown = "" if param is None or isinstance(got, dict) else f" (got {got!r})"[:80]
+    shown = "" if param is None or isinstance(got, (dict, list)) else f" (got {_short(got)})"
     where = f"field {param!r}" if param else "the request body"
     more = f"; and {len(errors) - 1} more problem(s)" if len(errors) > 1 else ""
-    return f"{where}: {first.get('msg', 'invalid')}{shown}{more}", param
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{where}: {msg}{shown}{more}", param
+
+
+def _short(value: Any) -> str:
+    """repr of a value, cut to 60 characters without building the whole repr of a huge string."""
+    text = repr(value[:61] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 DONE = "data: [DONE]\n\n"  # the last server-sent event of a stream
@@ -96,6 +106,36 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+INT64 = 2**63  # OpenAI's and vLLM's seeds are 64-bit signed integers (torch's generator takes up to 2**64 - 1)
+
+# Fields that change what a request means, which this server does not implement -> the values that ask for
+# nothing (accepted, and ignored). Any other value is a 400 naming the field: never a silently different answer.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+    "top_k": (None, 0, -1),  # vLLM's sampling extensions
+    "min_p": (None, 0),
+    "repetition_penalty": (None, 1),
+}
+
+
+def refuse_unless_neutral(value: Any, info: ValidationInfo) -> Any:
+    """A field validator: the value if it asks for nothing (NEUTRAL), else ValueError naming the field."""
+    name = info.field_name or ""
+    if any(value == v and type(value) is not bool for v in NEUTRAL[name]):
+        return value
+    raise ValueError(
+        f"{name} is not supported by lorakit serve (a value other than {NEUTRAL[name][1]!r} would change the answer)"
+    )
+
+
 class _Sampling(_Request):
     """The sampling fields shared by completions and chat completions."""
 
@@ -103,12 +143,46 @@ class _Sampling(_Request):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=64)
+    best_of: int | None = Field(default=None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: Any = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    _refused = field_validator(
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "response_format",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+    )(refuse_unless_neutral)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """best_of = n returns every sample, as n alone does; more would need ranking by log-probability."""
+        if value is None or value == info.data.get("n", 1):
+            return value
+        raise ValueError("best_of other than n is not supported by lorakit serve (it ranks samples by log-probability)")
 
     @field_validator("stop")
     @classmethod
@@ -133,6 +207,9 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    suffix: str | None = None
+
+    _suffix = field_validator("suffix")(refuse_unless_neutral)
 
 
 class ChatMessage(_Request):
@@ -166,6 +243,7 @@ class EmbeddingRequest(_Request):
     model: str
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 (the openai client's)
+    dimensions: int | None = Field(default=None, ge=1)  # only the model's own size: no truncation is implied
 
     def texts(self) -> list[str]:
         """`input` as a list."""
@@ -183,14 +261,26 @@ class ClassifyRequest(_Request):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
+MAX_NAME = 255  # an adapter's name: one path component's worth
+MAX_PATH = 4096  # PATH_MAX on Linux
+
+
 class LoadAdapterRequest(_Request):
     """`POST /v1/load_lora_adapter` (vLLM's name and fields)."""
 
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1, max_length=MAX_NAME)
+    lora_path: str = Field(min_length=1, max_length=MAX_PATH)
+
+    @field_validator("lora_path")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        """A NUL cannot be in a file name: refused here rather than by the file system."""
+        if "\x00" in value:
+            raise ValueError("a path cannot contain a NUL character")
+        return value
 
 
 class UnloadAdapterRequest(_Request):
     """`POST /v1/unload_lora_adapter` (vLLM's name and fields)."""
 
-    lora_name: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1, max_length=MAX_NAME)

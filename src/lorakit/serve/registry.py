@@ -31,7 +31,9 @@ class RegistryError(Exception):
 def check_path(root: str | Path | None, given: str) -> Path:
     """The adapter directory `given` (absolute, or relative to `root`), refused unless it lies under `root`.
 
-    `..` is refused as written; symlinks are resolved before the check, so a link out of `root` is refused too.
+    `..` is refused as written; symlinks are resolved before the check, so a link out of `root` is refused too,
+    and so is a directory under `root` holding a file (or folder) that is a link leading out of it: a load
+    opens the files of the directory, so each of them must resolve under `root` as well.
 
     Examples:
         >>> check_path("/srv/adapters", "../etc")  # doctest: +ELLIPSIS
@@ -48,11 +50,22 @@ def check_path(root: str | Path | None, given: str) -> Path:
     if ".." in path.parts:
         raise RegistryError(400, f"lora_path {given!r}: '..' is not allowed; give a path under the adapter root")
     base = Path(root).resolve()
-    full = (path if path.is_absolute() else base / path).resolve()
-    if not full.is_relative_to(base):
-        raise RegistryError(400, f"lora_path {given!r} resolves to {full}, outside the adapter root {base}")
-    if not full.is_dir():
-        raise RegistryError(400, f"lora_path {given!r}: no such adapter directory under the adapter root {base}")
+    try:
+        full = (path if path.is_absolute() else base / path).resolve()
+        if not full.is_relative_to(base):
+            raise RegistryError(400, f"lora_path {given!r} resolves to {full}, outside the adapter root {base}")
+        if not full.is_dir():
+            raise RegistryError(400, f"lora_path {given!r}: no such adapter directory under the adapter root {base}")
+        for entry in sorted(full.iterdir()):
+            target = entry.resolve()
+            if not target.is_relative_to(base):
+                raise RegistryError(
+                    400,
+                    f"lora_path {given!r}: {entry.name} is a link to {target}, outside the adapter root {base}; "
+                    "every file an adapter load reads must lie under the root",
+                )
+    except (OSError, ValueError, RuntimeError) as e:  # a name too long, a loop of links
+        raise RegistryError(400, f"lora_path {given!r}: not a usable path ({e})") from None
     return full
 
 
