@@ -12,9 +12,20 @@ its value asks for nothing (`"tools": []`, `"presence_penalty": 0`); other field
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -201,10 +212,46 @@ class _Sampling(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+PromptTypes = str | list[str] | list[int] | list[list[int]]
+_PROMPT_LISTS: dict[type, TypeAdapter[Any]] = {
+    str: TypeAdapter(list[str]),
+    int: TypeAdapter(list[int]),
+    list: TypeAdapter(list[list[int]]),
+}
+
+
+def _prompt(value: Any) -> Any:
+    """A prompt checked by the type of its first item, in one pass: pydantic's union of list types would try each
+    and collect an error per item, seconds for a body of a million token ids."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        adapter = _PROMPT_LISTS.get(type(value[0]) if value else str)
+        if adapter is not None:
+            try:
+                return adapter.validate_python(value, strict=True)
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = "".join(f"[{p}]" for p in first["loc"])
+                raise ValueError(f"prompt{where}: {first['msg']}") from None
+    raise ValueError("expected a string, a list of strings, a list of token ids, or a list of lists of token ids")
+
+
+Prompt = Annotated[Any, PlainValidator(_prompt), WithJsonSchema(TypeAdapter(PromptTypes).json_schema())]
+MAX_MESSAGES = 4096  # counted before each message is validated (a body of tiny messages is otherwise slow to check)
+
+
+def _few_messages(value: Any) -> Any:
+    """messages, if there are at most MAX_MESSAGES (checked before each is validated)."""
+    if isinstance(value, list) and len(value) > MAX_MESSAGES:
+        raise ValueError(f"{len(value)} messages, over this server's limit of {MAX_MESSAGES}")
+    return value
+
+
 class CompletionRequest(_Sampling):
     """`POST /v1/completions`: one prompt or several, as text or token ids."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     echo: bool = False
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     suffix: str | None = None
@@ -234,7 +281,7 @@ class ChatMessage(_Request):
 class ChatRequest(_Sampling):
     """`POST /v1/chat/completions`: a conversation, rendered with the tokenizer's chat template."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], BeforeValidator(_few_messages)] = Field(min_length=1)
 
 
 class EmbeddingRequest(_Request):
