@@ -198,3 +198,21 @@ def test_metrics_count_requests_tokens_and_latency_per_adapter(setup):
     assert m(after, "lorakit_time_per_output_token_seconds_count", adapter="b") > 0
     assert m(after, "lorakit_batch_size_count") > 0 and m(after, "lorakit_loaded_adapters") == 3
     assert sum(m(after, "lorakit_requests_total", adapter="b", finish_reason=r) for r in ("stop", "length")) >= 1
+
+
+def test_each_request_has_one_access_line(setup):
+    server = setup["server"]
+    assert httpx.get(server.url + "/v1/models").status_code == 200
+    line = server.wait_for('"GET /v1/models" 200', timeout=60)
+    assert line.startswith("127.0.0.1:") and "adapter=- " in line and "total=" in line
+    setup["client"].completions.create(model="b", prompt="good morning", max_tokens=3, temperature=0)
+    line = server.wait_for('"POST /v1/completions" 200 adapter=b', timeout=60)
+    assert "completion_tokens=3" in line and "ttft=0." in line, line
+
+
+def test_unload_is_refused_like_load_without_an_adapter_root(setup):
+    r = httpx.post(setup["server"].url + "/v1/unload_lora_adapter", json={"lora_name": "b"})
+    assert r.status_code == 400 and "adapter root" in r.json()["error"]["message"], r.text
+    assert "b" in [m.id for m in setup["client"].models.list().data]
+    got = setup["client"].completions.create(model="b", prompt="hello", max_tokens=2)
+    assert got.choices[0].finish_reason in ("stop", "length")

@@ -64,6 +64,9 @@ def test_each_cap_is_refused_naming_its_flag(setup):
     chat = [{"role": "user", "content": "a" * CHARS}]
     e = _error(_post(server, "/v1/chat/completions", {"model": "base", "messages": chat}), 400)
     assert "--max-prompt-chars" in e["message"] and e["param"] == "messages"
+    many = [{"role": "user", "content": "hi"}] * 5000
+    e = _error(_post(server, "/v1/chat/completions", {"model": "base", "messages": many}), 400)
+    assert "4096" in e["message"] and e["param"] == "messages"
     e = _error(_post(server, "/v1/completions", {"model": "base", "prompt": [5] * (TOKENS + 1)}), 400)
     assert "--max-prompt-tokens" in e["message"] and e["param"] == "prompt"
     e = _error(_post(server, "/v1/completions", {"model": "base", "prompt": "hello " * (TOKENS + 1)}), 400)
