@@ -199,7 +199,7 @@ def routes_of(app: FastAPI) -> list[str]:
         f"{m} {r.path}"
         for r in app.routes
         if isinstance(r, APIRoute) and r.include_in_schema
-        for m in sorted(r.methods)
+        for m in sorted(r.methods or ())
     ]
 
 
