@@ -141,11 +141,13 @@ def test_health_stays_fast_while_a_flood_of_maximal_requests_is_refused(setup):
     finally:
         done.set()
         poller.join(60)
-    assert statuses == [s for _ in range(12) for _, s in floods]
     latencies.sort()
     p99 = latencies[int(0.99 * (len(latencies) - 1))]
+    print(f"/health during the flood: {len(latencies)} calls, p50 {latencies[len(latencies) // 2]:.3f}s, "
+          f"p99 {p99:.3f}s, max {latencies[-1]:.3f}s")
     assert len(latencies) >= 20, latencies
     assert p99 < 0.5, f"/health p99 {p99:.3f}s over {len(latencies)} calls (max {latencies[-1]:.3f}s)"
+    assert statuses == [s for _ in range(12) for _, s in floods]
 
 
 # -- fields and values that used to be 500s, or silently ignored -------------------------------------------
