@@ -124,3 +124,12 @@ def test_generation_routes_answer_that_this_is_an_encoder(encoder):
         r = httpx.post(encoder["server"].url + path, json={"model": "base", "prompt": "x"})
         error = r.json()["error"]
         assert r.status_code == 404 and "encoder" in error["message"] and "POST /v1/embeddings" in error["message"]
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(encoder):
+    schema = httpx.get(encoder["server"].url + "/openapi.json").json()
+    operations = sorted(f"{m.upper()} {p}" for p, ops in schema["paths"].items() for m in ops)
+    assert "POST /v1/embeddings" in operations and "POST /classify" in operations
+    cases, out = _serving.fuzz(encoder["server"], max_examples=15)
+    print(f"schemathesis: {cases} generated test cases over {len(operations)} operations")
+    assert cases >= 50, out[-3000:]
