@@ -108,7 +108,7 @@ def test_a_directory_under_the_root_whose_files_link_out_of_it_is_refused(admin,
         (linked / f.name).symlink_to(f)
     r = _call(admin, "/v1/load_lora_adapter", {"lora_name": "linked", "lora_path": "linked"})
     message = r.json()["error"]["message"]
-    assert r.status_code == 400 and "outside the adapter root" in message and "adapter_model.safetensors" in message
+    assert r.status_code == 400 and "outside the adapter root" in message and "is a link to" in message
     assert "linked" not in [m.id for m in admin.client(api_key=KEY).models.list().data]
 
 

@@ -130,6 +130,6 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(encoder):
     schema = httpx.get(encoder["server"].url + "/openapi.json").json()
     operations = sorted(f"{m.upper()} {p}" for p, ops in schema["paths"].items() for m in ops)
     assert "POST /v1/embeddings" in operations and "POST /classify" in operations
-    cases, out = _serving.fuzz(encoder["server"], max_examples=15)
+    cases, out = _serving.fuzz(encoder["server"], max_examples=15, models=["base", "cls"])
     print(f"schemathesis: {cases} generated test cases over {len(operations)} operations")
     assert cases >= 50, out[-3000:]

@@ -29,7 +29,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -194,13 +193,8 @@ def build_app(
 
 
 def routes_of(app: FastAPI) -> list[str]:
-    """ "METHOD /path" of every route the app serves (not its schema's)."""
-    return [
-        f"{m} {r.path}"
-        for r in app.routes
-        if isinstance(r, APIRoute) and r.include_in_schema
-        for m in sorted(r.methods or ())
-    ]
+    """ "METHOD /path" of every operation the app serves (its OpenAPI schema's)."""
+    return [f"{method.upper()} {path}" for path, ops in app.openapi()["paths"].items() for method in ops]
 
 
 def _errors(app: FastAPI, what: str) -> None:

@@ -147,6 +147,12 @@ def refuse_unless_neutral(value: Any, info: ValidationInfo) -> Any:
     )
 
 
+class TextFormat(_Request):
+    """`response_format` that asks for plain text: the only one served (no JSON mode, no schema)."""
+
+    type: Literal["text"]
+
+
 class _Sampling(_Request):
     """The sampling fields shared by completions and chat completions."""
 
@@ -161,17 +167,18 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: Any = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-    response_format: dict[str, Any] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    # the fields below accept only the values that ask for nothing, and the schema says so (NEUTRAL)
+    tools: list[Any] | None = Field(default=None, max_length=0)
+    tool_choice: Literal["none"] | None = None
+    functions: list[Any] | None = Field(default=None, max_length=0)
+    function_call: Literal["none"] | None = None
+    response_format: TextFormat | None = None
+    presence_penalty: float | None = Field(default=None, ge=0, le=0)
+    frequency_penalty: float | None = Field(default=None, ge=0, le=0)
+    logit_bias: dict[str, Any] | None = Field(default=None, max_length=0)
+    top_k: int | None = Field(default=None, ge=-1, le=0)
+    min_p: float | None = Field(default=None, ge=0, le=0)
+    repetition_penalty: float | None = Field(default=None, ge=1, le=1)
 
     _refused = field_validator(
         "tools",
@@ -185,6 +192,7 @@ class _Sampling(_Request):
         "top_k",
         "min_p",
         "repetition_penalty",
+        mode="before",
     )(refuse_unless_neutral)
 
     @field_validator("best_of")
@@ -254,9 +262,9 @@ class CompletionRequest(_Sampling):
     prompt: Prompt
     echo: bool = False
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-    suffix: str | None = None
+    suffix: str | None = Field(default=None, max_length=0)
 
-    _suffix = field_validator("suffix")(refuse_unless_neutral)
+    _suffix = field_validator("suffix", mode="before")(refuse_unless_neutral)
 
 
 class ChatMessage(_Request):
