@@ -177,7 +177,11 @@ def fuzz(server: Server, max_examples: int, models: list[str], timeout: float = 
            "--generation-database", "none", "--no-color", "--suppress-health-check", "all"]
     env = {**ENV, "SCHEMATHESIS_HOOKS": str(Path(__file__).parent / "_fuzz_hooks.py"),
            "LORAKIT_FUZZ_MODELS": ",".join(models)}
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # e.g. a request that never ends: show how far it got
+        got = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else str(e.stdout)
+        raise AssertionError(f"schemathesis ran over {timeout}s:\n{got[-4000:]}") from None
     out = run.stdout + run.stderr
     found = re.search(r"(\d+) generated", out)
     assert run.returncode == 0 and found, out[-6000:]

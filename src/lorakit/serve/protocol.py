@@ -166,7 +166,7 @@ class _Sampling(_Request):
     best_of: int | None = Field(default=None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: Any = None
+    logprobs: Annotated[Any, WithJsonSchema({"enum": [False, 0, None]})] = None  # others: 400 (text.py)
     # the fields below accept only the values that ask for nothing, and the schema says so (NEUTRAL)
     tools: list[Any] | None = Field(default=None, max_length=0)
     tool_choice: Literal["none"] | None = None
@@ -271,7 +271,7 @@ class ChatMessage(_Request):
     """One message; content as a string or as OpenAI's list of text parts."""
 
     model_config = ConfigDict(strict=True, extra="allow")
-    role: str
+    role: Literal["system", "user", "assistant"]  # lorakit.hf.chat.ROLES
     content: str | list[dict[str, Any]]
 
     def text(self, i: int) -> str:
