@@ -306,7 +306,7 @@ def test_stop_lets_requests_finish_then_refuses_new_ones(llama):
         engine.submit(ps[0], None, greedy(tok, 2))
 
 
-def test_stop_cancels_what_is_left_at_its_timeout(llama):
+def test_stop_ends_what_is_left_at_its_timeout_with_an_unavailable_error(llama):
     model, tok = llama
     ps = prompts(tok, 2)
     engine = Engine(model, tok, max_batch=1)
@@ -317,12 +317,15 @@ def test_stop_cancels_what_is_left_at_its_timeout(llama):
     steps = iter(running)
     next(steps)
     engine.stop(0)
-    assert list(steps)[-1].finish_reason == "cancelled"
-    assert (queued.result().finish_reason, queued.result().completion_tokens) == ("cancelled", 0)
+    last = list(steps)[-1]
+    assert (last.finish_reason, last.unavailable) == ("error", True) and "drain timeout of 0s" in last.error
+    assert (queued.result().finish_reason, queued.result().completion_tokens) == ("error", 0)
+    assert queued.result().unavailable
     never_started = Engine(model, tok)
     left = never_started.submit(ps[0], None, greedy(tok, 3))
     never_started.stop(0)
-    assert left.result().finish_reason == "cancelled"
+    assert (left.result().finish_reason, left.result().unavailable) == ("error", True)
+    engine.stop(0)  # a second stop is harmless
 
 
 def test_call_runs_on_the_engine_thread_between_steps(llama, tmp_path):

@@ -27,7 +27,7 @@ from .handle import Handle, Step
 from .metrics import Metrics, label
 from .protocol import DONE, APIError, ChatRequest, CompletionRequest, error_body, event
 from .registry import Registry
-from .sampling import SamplingParams
+from ..generation.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
