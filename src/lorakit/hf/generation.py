@@ -43,7 +43,7 @@ def generate(
     top_k: int = 0,
     seed: int = 0,
 ) -> str:
-    """The completion of `prompt`: greedy when temperature is 0, else sampled with the request's own seeded generator."""
+    """The completion of `prompt`: greedy when temperature is 0, else sampled with its own seeded generator."""
     check_causal(model)
     params = SamplingParams(
         max_tokens=max_new_tokens,

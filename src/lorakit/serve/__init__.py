@@ -7,9 +7,9 @@ running batch between steps. `SamplingParams` says how one request samples; its 
 
 from __future__ import annotations
 
+from ..generation.sampling import SamplingParams
 from .engine import Engine, EngineClosed, EngineFailed, QueueFull
 from .handle import Completion, Handle, RequestStats, Step
-from ..generation.sampling import SamplingParams
 
 __all__ = [
     "Completion",

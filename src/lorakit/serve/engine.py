@@ -1,18 +1,15 @@
 """The continuous-batching engine: one loop, one decode step for every request, whatever its adapter.
 
-A daemon thread owns the model. Each turn of its loop it runs the functions handed to `call` (adapter
-load and unload happen between steps, never mid-forward), drops cancelled requests, prefills the
-waiting ones (up to `max_batch` rows in all) left-padded and merges them into the running rows, then runs
-one decode step for all rows: one forward for the base and plain LoRA rows (a mixed-adapter batch,
-`lorakit.adapters.mixed_batch`, or the plain adapter or bare base when every row uses the same one), and one
-forward of its own for each adapter the mixed path cannot run (DoRA; `groups.py`). Finished rows leave at once.
+A daemon thread owns the model. Each turn it runs the functions handed to `call` (adapter loads and unloads happen
+between steps, never mid-forward), drops cancelled requests, prefills waiting ones (up to `max_batch` rows in all)
+and decodes one token for every running row: one forward for the base and plain LoRA rows (`mixed_batch`, or the
+one adapter or bare base they share), one of its own for each adapter the mixed path cannot run (DoRA; groups.py).
 Each request samples with its own generator (`lorakit.generation.sampling`), so its tokens do not depend on its
-batch company; a row whose sampling fails ends alone, a failed forward ends the requests in it, and the engine
-goes on serving.
+batch company; a row whose sampling fails ends alone, a failed forward ends its rows, and serving goes on.
 
-The loop is supervised: if it ever stops on an exception nothing else caught, every request in flight ends
-with an error marked `unavailable`, `failure` says why, later `submit`s and `call`s raise `EngineFailed`, and
-`on_failure(reason)` tells the server (which answers 503 and exits non-zero, so a supervisor restarts it).
+The loop is supervised: if it ever stops on an exception nothing else caught, every request in flight ends with
+an error marked `unavailable`, `failure` says why, `submit` and `call` raise `EngineFailed`, and `on_failure(reason)`
+tells the server (which answers 503 and exits non-zero, so that a supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from torch import nn
 
 from ..adapters import list_adapters
 from ..errors import LoraAdapterNotFound
-from ..generation.kv import Batch
+from ..generation.kv import Batch, context_length
 from ..generation.sampling import SamplingError, SamplingParams, generator, sample_rows
 from .detok import TextStream
 from .groups import Group, Row, adapters, group_key, solo_adapters
@@ -50,13 +47,6 @@ class EngineClosed(RuntimeError):
 
 class EngineFailed(EngineClosed):
     """The engine's loop stopped on an error: it serves nothing any more (the message says why)."""
-
-
-def _context_length(model: nn.Module) -> int | None:
-    """The model's longest sequence (max_position_embeddings), or None when its config does not say."""
-    config = getattr(model, "config", None)
-    n = getattr(config, "max_position_embeddings", None)
-    return n if isinstance(n, int) else None
 
 
 class Engine:
@@ -95,7 +85,7 @@ class Engine:
         self.on_step, self.on_finish, self.on_failure = on_step, on_finish, on_failure
         pad = getattr(tokenizer, "pad_token_id", None)
         self._pad_id = pad if isinstance(pad, int) else 0  # left padding is masked: any id does
-        self._context = _context_length(model)
+        self._context = context_length(model)
         self._names = frozenset(list_adapters(model))  # refreshed after every `call`, read by `submit`
         self._solo = solo_adapters(model)  # adapters that run in a forward of their own (refreshed with _names)
         self._cond = threading.Condition()
@@ -402,15 +392,8 @@ class Engine:
         for r, t in zip(rows, tokens, strict=True):
             if r.done:  # its sampling failed this step
                 continue
-            r.produced += 1
-            n, p = len(r.prompt), r.params
-            if t in p.stop_token_ids:
-                self._finish(r, Step(t, r.stream.rest(), "stop", n, r.produced))
-                continue
-            text, stopped = r.stream.push(t)
-            if stopped:
-                self._finish(r, Step(t, text, "stop", n, r.produced))
-            elif r.produced >= p.max_tokens:
-                self._finish(r, Step(t, text + r.stream.rest(), "length", n, r.produced))
+            step = r.advance(t)
+            if step.finish_reason is not None:
+                self._finish(r, step)
             else:
-                r.handle._push(Step(t, text, None, n, r.produced))
+                r.handle._push(step)

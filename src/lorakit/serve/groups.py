@@ -19,10 +19,10 @@ from torch import nn
 
 from ..adapters import disable_adapters, mixed_batch, use_adapter
 from ..generation.kv import Batch
-from ..model import lora_layers
 from ..generation.sampling import SamplingParams
+from ..model import lora_layers
 from .detok import TextStream
-from .handle import Handle
+from .handle import Handle, Step
 
 
 @dataclass(eq=False)
@@ -37,6 +37,19 @@ class Row:
     gen: torch.Generator
     produced: int = 0
     done: bool = field(default=False)
+
+    def advance(self, token: int) -> Step:
+        """The step of one new token: its text, and the finish reason if it ends the request."""
+        self.produced += 1
+        n, p = len(self.prompt), self.params
+        if token in p.stop_token_ids:
+            return Step(token, self.stream.rest(), "stop", n, self.produced)
+        text, stopped = self.stream.push(token)
+        if stopped:
+            return Step(token, text, "stop", n, self.produced)
+        if self.produced >= p.max_tokens:
+            return Step(token, text + self.stream.rest(), "length", n, self.produced)
+        return Step(token, text, None, n, self.produced)
 
 
 def solo_adapters(model: nn.Module) -> frozenset[str]:
