@@ -105,15 +105,15 @@ class Engine:
 
     @property
     def active(self) -> int:
-        """Requests in the running batch."""
+        """Requests in the running batch (a request that has ended is not, even before its row leaves)."""
         with self._cond:
-            return sum(len(g.rows) for g in self._groups)
+            return sum(not r.done for g in self._groups for r in g.rows)
 
     @property
     def queued(self) -> int:
         """Requests waiting for a slot."""
         with self._cond:
-            return len(self._queue)
+            return sum(not r.done for r in self._queue)
 
     def _running(self) -> list[Row]:
         """Every running row, group after group (under the lock, or on the engine thread)."""
