@@ -169,7 +169,7 @@ def test_seed_out_of_range_is_a_400_naming_it(setup):
     ("frequency_penalty", -1.0),
     ("best_of", 3),
     ("logit_bias", {"5": 100}),
-    ("top_k", 5),
+    ("min_p", 0.1),
 ])
 def test_fields_that_change_the_answer_are_refused_by_name(setup, field, value):
     body = {"model": "base", "messages": [{"role": "user", "content": "hi"}], field: value}

@@ -2,7 +2,7 @@
 
 A request field of the wrong type (`"max_tokens": "5"`) is a 400 naming the field, as OpenAI's API answers it.
 A field that would change what a request means but that this server does not implement (`tools`,
-`response_format`, non-zero penalties, `best_of`, `suffix`, vLLM's `top_k` ...) is a 400 naming it too, unless
+`response_format`, non-zero penalties, `best_of`, `suffix`, vLLM's `min_p` ...) is a 400 naming it too, unless
 its value asks for nothing (`"tools": []`, `"presence_penalty": 0`); other fields this server does not know (the
 `openai` client's `user`, metadata) are ignored. Every error, whatever raised it, reaches the client as
 
@@ -131,8 +131,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (None, 0),
     "logit_bias": (None, {}),
     "suffix": (None, ""),
-    "top_k": (None, 0, -1),  # vLLM's sampling extensions
-    "min_p": (None, 0),
+    "min_p": (None, 0),  # vLLM's sampling extensions
     "repetition_penalty": (None, 1),
 }
 
@@ -160,6 +159,7 @@ class _Sampling(_Request):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)  # vLLM's extension: 0 or -1 samples from every token
     seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=64)
@@ -176,7 +176,6 @@ class _Sampling(_Request):
     presence_penalty: float | None = Field(default=None, ge=0, le=0)
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)
     logit_bias: dict[str, Any] | None = Field(default=None, max_length=0)
-    top_k: int | None = Field(default=None, ge=-1, le=0)
     min_p: float | None = Field(default=None, ge=0, le=0)
     repetition_penalty: float | None = Field(default=None, ge=1, le=1)
 
@@ -189,7 +188,6 @@ class _Sampling(_Request):
         "presence_penalty",
         "frequency_penalty",
         "logit_bias",
-        "top_k",
         "min_p",
         "repetition_penalty",
         mode="before",

@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..generation.sampling import SamplingParams
 from ..hf import chat
 from . import schemas
 from .access_log import AccessRecord, record_of
-from .engine import Engine, EngineClosed, QueueFull
+from .engine import Engine, EngineClosed, EngineFailed, QueueFull
 from .handle import Handle, Step
 from .limits import Limits
 from .metrics import Metrics, label
 from .protocol import DONE, APIError, ChatRequest, CompletionRequest, error_body, event
 from .registry import Registry
-from .sampling import SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -159,6 +159,7 @@ class TextService:
                 max_tokens=max_tokens,
                 temperature=body.temperature,
                 top_p=body.top_p,
+                top_k=body.top_k,
                 seed=None if body.seed is None else body.seed + j,
                 stop=body.stops(),
                 stop_token_ids=stop_ids,
@@ -185,7 +186,7 @@ class TextService:
         record.adapter, record.prompt_tokens = label(adapter), sum(len(p) for p in prompts)
         params = [self.params(body, p, stop_ids) for p in prompts]  # all checked before anything is submitted
         if adapter is not None:
-            await asyncio.to_thread(self.registry.acquire, adapter)
+            await self.registry.hold(adapter)  # waits while --max-loaded adapters are all in use
         try:
             handles = self.submit(prompts, adapter, params)
         except BaseException:
@@ -209,10 +210,11 @@ class TextService:
             raise APIError(
                 429, f"the server is busy ({e}); retry shortly", code="queue_full", headers={"Retry-After": "1"}
             ) from None
-        except EngineClosed:
+        except EngineClosed as e:
             for h in handles:
                 h.cancel()
-            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"}) from None
+            message = str(e) if isinstance(e, EngineFailed) else "the server is shutting down"
+            raise APIError(503, message, headers={"Retry-After": "5"}) from None
         return handles
 
     def release(self, adapter: str | None) -> None:
@@ -294,13 +296,14 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.body.model, "choices": choices}
 
     async def whole(self) -> JSONResponse:
-        """Wait for every choice; the whole response (500 if the engine failed one)."""
+        """Wait for every choice; the whole response (500 if the engine failed one, 503 if the server did)."""
         texts = [self.head(i) for i in range(len(self.handles))]
         async for i, step in self.steps():
             texts[i] += step.text
         failed = [s for s in self.finals.values() if s.finish_reason == "error"]
         if failed:
-            raise APIError(500, f"generation failed: {failed[0].error or 'engine error'}")
+            status, headers = (503, {"Retry-After": "5"}) if failed[0].unavailable else (500, None)
+            raise APIError(status, f"generation failed: {failed[0].error or 'engine error'}", headers=headers)
         choices = []
         for i, text in enumerate(texts):
             reason = self.finals[i].finish_reason
@@ -323,7 +326,8 @@ class Reply:
                     yield event(self.frame([{"index": i, "text": self.head(i), "finish_reason": None}], chunk=True))
             async for i, step in self.steps():
                 if step.finish_reason == "error":
-                    yield event(error_body(500, f"generation failed: {step.error or 'engine error'}"))
+                    status = 503 if step.unavailable else 500
+                    yield event(error_body(status, f"generation failed: {step.error or 'engine error'}"))
                     continue
                 if not step.text and step.finish_reason is None:
                     continue
