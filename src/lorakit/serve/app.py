@@ -115,7 +115,7 @@ def build_app(
     kind = "an encoder model (embeddings, classification)" if isinstance(service, EncoderService) else "a causal LM"
     _errors(app, f"this server serves {base_name!r}, {kind}")
 
-    @app.get("/health", responses={200: {"model": schemas.Health, "description": "ready"}})
+    @app.get("/health", responses={200: {"model": schemas.Health, "description": "ready"}, 503: schemas.ERRORS[503]})
     async def health() -> dict[str, str]:
         """Ready: the model is loaded and requests are served."""
         return {"status": "ready"}
