@@ -165,7 +165,7 @@ class Reference:
         return text, len(new), "stop" if stopped else "length"
 
 
-def fuzz(server: Server, max_examples: int, models: list[str], timeout: float = 240) -> tuple[int, str]:
+def fuzz(server: Server, max_examples: int, models: list[str], timeout: float = 420) -> tuple[int, str]:
     """schemathesis against the server's own OpenAPI schema, every operation, checking that no answer is a 5xx
     and that every answer matches the schema: (the number of generated test cases, its output). Most bodies
     name one of `models` (tests/serve/_fuzz_hooks.py), so that their other fields reach the model."""
@@ -173,7 +173,7 @@ def fuzz(server: Server, max_examples: int, models: list[str], timeout: float = 
 
     cmd = [str(Path(sys.executable).parent / "schemathesis"), "run", server.url + "/openapi.json",
            "--checks", "not_a_server_error,response_schema_conformance", "--max-examples", str(max_examples),
-           "--phases", "examples,coverage,fuzzing", "--workers", "1", "--request-timeout", "30", "--max-failures", "3", "--seed", "1",
+           "--phases", "examples,coverage,fuzzing", "--workers", "1", "--request-timeout", "120", "--max-failures", "3", "--seed", "1",
            "--generation-database", "none", "--no-color", "--suppress-health-check", "all"]
     env = {**ENV, "SCHEMATHESIS_HOOKS": str(Path(__file__).parent / "_fuzz_hooks.py"),
            "LORAKIT_FUZZ_MODELS": ",".join(models)}
