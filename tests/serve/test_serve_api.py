@@ -182,7 +182,7 @@ def test_chat_uses_the_template_an_adapter_trained_with(setup):
 def test_chat_with_a_bad_role_is_a_400(setup):
     with pytest.raises(openai.BadRequestError) as e:
         setup["client"].chat.completions.create(model="a", messages=[{"role": "robot", "content": "hi"}])
-    assert "robot" in e.value.body["message"] and e.value.body["param"] == "messages"
+    assert "robot" in e.value.body["message"] and e.value.body["param"] == "messages.0.role"
 
 
 def test_metrics_count_requests_tokens_and_latency_per_adapter(setup):

@@ -177,9 +177,17 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# one server-sent event of a stream: its data is a JSON chunk (the answer's shape, one choice), an error, or [DONE]
+EVENT = {
+    "type": "object",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+    "required": ["data"],
+}
+
+
 def responses(model: type[BaseModel], *, stream: bool = False) -> dict[int | str, dict[str, Any]]:
     """The `responses=` of a route answering `model` (and with `stream`, server-sent events), and the errors."""
     ok: dict[str, Any] = {"model": model, "description": "the answer"}
     if stream:
-        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        ok["content"] = {"text/event-stream": {"schema": EVENT}}
     return {200: ok, **ERRORS}
