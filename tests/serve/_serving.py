@@ -12,6 +12,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -178,7 +179,8 @@ def fuzz(server: Server, max_examples: int, models: list[str], timeout: float = 
     env = {**ENV, "SCHEMATHESIS_HOOKS": str(Path(__file__).parent / "_fuzz_hooks.py"),
            "LORAKIT_FUZZ_MODELS": ",".join(models)}
     try:
-        run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        with tempfile.TemporaryDirectory() as scratch:  # schemathesis keeps a cache in its working directory
+            run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=scratch)
     except subprocess.TimeoutExpired as e:  # e.g. a request that never ends: show how far it got
         got = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else str(e.stdout)
         raise AssertionError(f"schemathesis ran over {timeout}s:\n{got[-4000:]}") from None
