@@ -206,7 +206,7 @@ def decode_steps(engine: Engine, a: argparse.Namespace, ids: list[list[int]], na
     step), the forward alone (the context already entered) and entering plus leaving the context.
     """
     from lorakit.serve.engine import _adapters
-    from lorakit.serve.kv import Batch
+    from lorakit.generation.kv import Batch
 
     mixes: dict[str, list[str | None]] = {
         "base": [None] * len(ids), "1 adapter": [names[0]] * len(ids),
@@ -260,7 +260,7 @@ def notes(a: argparse.Namespace, step: dict[str, dict[str, float]], r16: float) 
         "times faster than one request at a time even on one thread; its price is time to first token, since "
         f"{a.clients} prompts that arrive together share one prefill. Every configuration also pays for "
         "transformers' `DynamicCache`, which grows the KV cache by concatenation (`aten::cat`, 10–17% of a "
-        "decode step in a profile): a preallocated cache written in place (serve/kv.py) would save that.",
+        "decode step in a profile): a preallocated cache written in place (generation/kv.py) would save that.",
     ]
 
 
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> Path:
                "entering the adapter context"], step_rows),
         "",
         f"One decode step of {len(ids)} rows after a {a.prompt}-token prefill, the engine's own pieces "
-        "(`serve.engine._adapters` around `serve.kv.Batch.step`), medians over "
+        "(`serve.engine._adapters` around `generation.kv.Batch.step`), medians over "
         f"{step_rounds} interleaved rounds. The first column enters the adapter context (`disable_adapters`, "
         "`use_adapter` or `mixed_batch`) around the step; the engine holds it across decode steps while the "
         "batch's rows stay the same, so its steady decode step is the second column, and the last column (the "

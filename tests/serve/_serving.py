@@ -12,6 +12,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -96,11 +97,11 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def tiny_chat_llama(directory: Path) -> Path:
-    """The tiny random llama of _hf_models with the ChatML template, its context widened to CONTEXT."""
+def tiny_chat_llama(directory: Path, context: int = CONTEXT) -> Path:
+    """The tiny random llama of _hf_models with the ChatML template, its context set to `context` tokens."""
     _hf_models.save_tiny("llama", directory, chat_template=_hf_models.CHATML)
     config = json.loads((directory / "config.json").read_text())
-    config["max_position_embeddings"] = CONTEXT
+    config["max_position_embeddings"] = context
     (directory / "config.json").write_text(json.dumps(config))
     return directory
 
@@ -163,3 +164,27 @@ class Reference:
         full = self.tok.decode(ids + new, skip_special_tokens=True)
         text = full[len(self.tok.decode(ids, skip_special_tokens=True)):]
         return text, len(new), "stop" if stopped else "length"
+
+
+def fuzz(server: Server, max_examples: int, models: list[str], timeout: float = 420) -> tuple[int, str]:
+    """schemathesis against the server's own OpenAPI schema, every operation, checking that no answer is a 5xx
+    and that every answer matches the schema: (the number of generated test cases, its output). Most bodies
+    name one of `models` (tests/serve/_fuzz_hooks.py), so that their other fields reach the model."""
+    import re
+
+    cmd = [str(Path(sys.executable).parent / "schemathesis"), "run", server.url + "/openapi.json",
+           "--checks", "not_a_server_error,response_schema_conformance", "--max-examples", str(max_examples),
+           "--phases", "examples,coverage,fuzzing", "--workers", "1", "--request-timeout", "120", "--max-failures", "3", "--seed", "1",
+           "--generation-database", "none", "--no-color", "--suppress-health-check", "all"]
+    env = {**ENV, "SCHEMATHESIS_HOOKS": str(Path(__file__).parent / "_fuzz_hooks.py"),
+           "LORAKIT_FUZZ_MODELS": ",".join(models)}
+    try:
+        with tempfile.TemporaryDirectory() as scratch:  # schemathesis keeps a cache in its working directory
+            run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=scratch)
+    except subprocess.TimeoutExpired as e:  # e.g. a request that never ends: show how far it got
+        got = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else str(e.stdout)
+        raise AssertionError(f"schemathesis ran over {timeout}s:\n{got[-4000:]}") from None
+    out = run.stdout + run.stderr
+    found = re.search(r"(\d+) generated", out)
+    assert run.returncode == 0 and found, out[-6000:]
+    return int(found.group(1)), out

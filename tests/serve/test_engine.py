@@ -11,13 +11,14 @@ import asyncio
 import copy
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import lorakit as lk
-from lorakit.serve import Engine, EngineClosed, QueueFull, SamplingParams
+from lorakit.serve import Engine, EngineClosed, EngineFailed, QueueFull, SamplingParams
 from lorakit.serve.detok import TextStream
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -306,7 +307,7 @@ def test_stop_lets_requests_finish_then_refuses_new_ones(llama):
         engine.submit(ps[0], None, greedy(tok, 2))
 
 
-def test_stop_cancels_what_is_left_at_its_timeout(llama):
+def test_stop_ends_what_is_left_at_its_timeout_with_an_unavailable_error(llama):
     model, tok = llama
     ps = prompts(tok, 2)
     engine = Engine(model, tok, max_batch=1)
@@ -317,12 +318,15 @@ def test_stop_cancels_what_is_left_at_its_timeout(llama):
     steps = iter(running)
     next(steps)
     engine.stop(0)
-    assert list(steps)[-1].finish_reason == "cancelled"
-    assert (queued.result().finish_reason, queued.result().completion_tokens) == ("cancelled", 0)
+    last = list(steps)[-1]
+    assert (last.finish_reason, last.unavailable) == ("error", True) and "drain timeout of 0s" in last.error
+    assert (queued.result().finish_reason, queued.result().completion_tokens) == ("error", 0)
+    assert queued.result().unavailable
     never_started = Engine(model, tok)
     left = never_started.submit(ps[0], None, greedy(tok, 3))
     never_started.stop(0)
-    assert left.result().finish_reason == "cancelled"
+    assert (left.result().finish_reason, left.result().unavailable) == ("error", True)
+    engine.stop(0)  # a second stop is harmless
 
 
 def test_call_runs_on_the_engine_thread_between_steps(llama, tmp_path):
@@ -410,3 +414,127 @@ def test_async_readers_and_timing_hooks(llama):
     for stats in by_adapter.values():
         assert stats.completion_tokens == 6 and stats.ttft > 0 and stats.per_token > 0 and stats.queued >= 0
     assert steps_seen and max(b for b, _ in steps_seen) >= 2
+
+
+def within(handle, seconds: float = 60):
+    """The handle's result, or AssertionError if the engine never ends it (a dead engine thread hangs its requests)."""
+    box: list = []
+    reader = threading.Thread(target=lambda: box.append(handle.result()), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    assert box, f"the request did not end within {seconds}s: the engine has stopped serving"
+    return box[0]
+
+
+def test_no_sampling_value_the_params_accept_stops_the_engine(llama):
+    model, tok = llama
+    ps = prompts(tok, 4)
+    top = alone(model, tok, ps[1], "a3", 6)
+    engine = started(model, tok)
+    extreme = [
+        SamplingParams(max_tokens=6, temperature=1e-45, seed=1),  # logits / 1e-45 overflowed float32: now greedy
+        SamplingParams(max_tokens=6, temperature=1e-5, top_p=1e-300, seed=2),  # 1e-300 is 0 in float32
+        SamplingParams(max_tokens=6, temperature=2.0, top_k=10**9, seed=2**64 + 5),  # k past the vocabulary, seed past 2**64
+        SamplingParams(max_tokens=6, temperature=1e300, top_k=1, seed=-(2**70)),  # top-1 is greedy whatever the rest
+        SamplingParams(max_tokens=6, temperature=5e-324, top_p=5e-324, top_k=-1, seed=0),
+    ]
+    handles = [engine.submit(ps[1], "a3", p) for p in extreme]
+    results = [within(h) for h in handles]
+    assert all(r.finish_reason in ("stop", "length") for r in results), [r.error for r in results]
+    assert results[0].token_ids == results[3].token_ids == results[4].token_ids == top  # all greedy in effect
+    assert within(engine.submit(ps[2], None, greedy(tok, 3))).finish_reason in ("stop", "length")  # still serving
+    engine.stop(10)
+
+
+def test_a_row_whose_logits_cannot_be_sampled_fails_alone(llama):
+    model, tok = llama
+    ps = prompts(tok, 4)
+    refs = [alone(model, tok, ps[i], a, 8) for i, a in ((1, "a2"), (3, None))]
+    poison = tok.unk_token_id
+
+    def nan_rows(module, args, output):  # the rows whose input holds the poison token get NaN logits
+        ids = args[0] if args else None
+        if ids is not None:
+            output.logits[(ids == poison).any(-1)] = float("nan")
+        return output
+
+    hook = model.register_forward_hook(lambda m, a, kw, out: nan_rows(m, (kw.get("input_ids"),), out), with_kwargs=True)
+    try:
+        engine = started(model, tok)
+        held = threading.Event()
+        engine.on_step = lambda b, q: held.wait(60)  # the first decode step waits until all three are in
+        ok = [engine.submit(ps[1], "a2", greedy(tok, 8)), engine.submit(ps[3], None, greedy(tok, 8))]
+        bad = engine.submit([*ps[2], poison], "a2", SamplingParams(max_tokens=8, temperature=0.7, seed=3))
+        held.set()
+        failed = within(bad)
+        assert (failed.finish_reason, failed.completion_tokens) == ("error", 0) and "sampling" in failed.error
+        assert not failed.unavailable  # the request failed, not the server
+        assert [within(h).token_ids for h in ok] == refs
+        engine.stop(10)
+    finally:
+        hook.remove()
+
+
+class Fatal(BaseException):
+    """Nothing in the engine catches this (as a bug's exception in the loop would escape it)."""
+
+
+def test_the_loop_is_supervised_when_it_dies_for_real(llama):
+    model, tok = llama
+    ps = prompts(tok, 3)
+    trigger = tok.unk_token_id
+
+    def hook(module, args, kwargs):  # a real exception inside the model's forward, at a prefill with the trigger
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1 and (ids == trigger).any():
+            raise Fatal("the test's trigger")
+
+    failures: list[str] = []
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        engine = started(model, tok, on_failure=failures.append)
+        running = engine.submit(ps[1], None, SamplingParams(max_tokens=100))
+        steps = iter(running)
+        next(steps)
+        killer = engine.submit([*ps[2], trigger], None, greedy(tok, 3))
+        ended = [within(killer), within(running)]
+        assert all(r.finish_reason == "error" and r.unavailable for r in ended)
+        assert all("Fatal: the test's trigger" in r.error for r in ended)
+        assert engine.failure == "Fatal: the test's trigger" and failures == [engine.failure]
+        with pytest.raises(EngineFailed, match="the test's trigger"):
+            engine.submit(ps[0], None, greedy(tok, 3))
+        with pytest.raises(EngineFailed):
+            engine.call(lambda: None)
+        assert all(layer.mixed is None and not layer.disabled for layer in lk.lora_layers(model).values())
+    finally:
+        handle.remove()
+
+
+def test_stop_strings_cost_their_own_text_not_the_text_times_the_stops(llama):
+    """200 stop strings of 5,000 characters (each beginning like the text, so they stay partial matches) beside a
+    16-token neighbour: the engine thread's CPU time stays within 2x that of the same requests without stops (the
+    hold-back used to try every prefix of every stop string against the text at every token: 4.5x here)."""
+    model, tok = llama
+    ps = prompts(tok, 4)
+    text = tok.decode(alone(model, tok, ps[2], None, 40), skip_special_tokens=True)
+    stops = tuple((text[: 1 + i % 12] + "\x00" + str(i)).ljust(5000, "z") for i in range(200))
+    assert len(set(stops)) == 200
+
+    def run(stop: tuple[str, ...]) -> tuple[float, list[int]]:
+        engine = started(model, tok)
+        clock = time.pthread_getcpuclockid(engine._thread.ident)
+        before = time.clock_gettime(clock)
+        hostile = engine.submit(ps[2], None, SamplingParams(max_tokens=100, stop=stop))
+        neighbour = engine.submit(ps[3], None, SamplingParams(max_tokens=16))
+        out = within(hostile).token_ids
+        within(neighbour)
+        spent = time.clock_gettime(clock) - before
+        engine.stop(10)
+        return spent, out
+
+    run(())  # warm up: the first run pays for lazy initialisations
+    plain, plain_ids = run(())
+    hostile, hostile_ids = run(stops)
+    assert hostile_ids == plain_ids and len(hostile_ids) == 100  # no stop string matched
+    print(f"engine CPU: {plain:.3f}s without stops, {hostile:.3f}s with 200 x 5,000-char stops")
+    assert hostile < 2 * plain + 0.05, (plain, hostile)

@@ -101,6 +101,17 @@ def test_paths_outside_the_root_are_refused(admin, made):
     assert [m.id for m in admin.client(api_key=KEY).models.list().data] == ["llama"]
 
 
+def test_a_directory_under_the_root_whose_files_link_out_of_it_is_refused(admin, made):
+    linked = made["served"] / "linked"
+    linked.mkdir()
+    for f in made["outside"].iterdir():
+        (linked / f.name).symlink_to(f)
+    r = _call(admin, "/v1/load_lora_adapter", {"lora_name": "linked", "lora_path": "linked"})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and "outside the adapter root" in message and "is a link to" in message
+    assert "linked" not in [m.id for m in admin.client(api_key=KEY).models.list().data]
+
+
 def test_a_bad_adapter_is_refused_with_the_reason_and_serving_goes_on(admin, made):
     bad = made["served"] / "broken"
     bad.mkdir()

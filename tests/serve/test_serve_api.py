@@ -182,7 +182,7 @@ def test_chat_uses_the_template_an_adapter_trained_with(setup):
 def test_chat_with_a_bad_role_is_a_400(setup):
     with pytest.raises(openai.BadRequestError) as e:
         setup["client"].chat.completions.create(model="a", messages=[{"role": "robot", "content": "hi"}])
-    assert "robot" in e.value.body["message"] and e.value.body["param"] == "messages"
+    assert "robot" in e.value.body["message"] and e.value.body["param"] == "messages.0.role"
 
 
 def test_metrics_count_requests_tokens_and_latency_per_adapter(setup):
@@ -198,3 +198,23 @@ def test_metrics_count_requests_tokens_and_latency_per_adapter(setup):
     assert m(after, "lorakit_time_per_output_token_seconds_count", adapter="b") > 0
     assert m(after, "lorakit_batch_size_count") > 0 and m(after, "lorakit_loaded_adapters") == 3
     assert sum(m(after, "lorakit_requests_total", adapter="b", finish_reason=r) for r in ("stop", "length")) >= 1
+
+
+def test_each_request_has_one_access_line(setup):
+    server = setup["server"]
+    assert httpx.get(server.url + "/v1/models").status_code == 200
+    line = server.wait_for('"GET /v1/models" 200', timeout=60)
+    assert line.startswith("127.0.0.1:") and "adapter=- " in line and "total=" in line
+    got = setup["client"].completions.create(model="b", prompt="good morning", max_tokens=9, temperature=0)
+    want = f"adapter=b prompt_tokens={got.usage.prompt_tokens} completion_tokens={got.usage.completion_tokens} "
+    line = server.wait_for('"POST /v1/completions" 200 ' + want, timeout=60)  # earlier requests' lines first
+    ttft, total = (float(line.split(k)[1].split("s")[0]) for k in (" ttft=", " total="))
+    assert 0 < ttft <= total, line
+
+
+def test_unload_is_refused_like_load_without_an_adapter_root(setup):
+    r = httpx.post(setup["server"].url + "/v1/unload_lora_adapter", json={"lora_name": "b"})
+    assert r.status_code == 400 and "adapter root" in r.json()["error"]["message"], r.text
+    assert "b" in [m.id for m in setup["client"].models.list().data]
+    got = setup["client"].completions.create(model="b", prompt="hello", max_tokens=2)
+    assert got.choices[0].finish_reason in ("stop", "length")

@@ -3,6 +3,7 @@ sentence-transformers computes them, classification as `lorakit predict` does, a
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,41 @@ def test_seq_cls_adapters_load_and_unload_at_run_time(encoder):
     assert httpx.post(url + "/classify", json={"model": "again", "input": "x"}).status_code == 404
     assert _serving.metric(httpx.get(url + "/metrics").text, "lorakit_requests_total", adapter="cls",
                            finish_reason="stop") >= 1
+
+
+def test_labels_that_are_not_0_to_n_are_refused_at_load(encoder):
+    import shutil
+
+    bad = encoder["adapter"].parent / "gaps"
+    shutil.copytree(encoder["adapter"], bad)
+    task = json.loads((bad / "lorakit_task.json").read_text())
+    task["id2label"] = {"0": "red", "5": "blue"}
+    (bad / "lorakit_task.json").write_text(json.dumps(task))
+    r = httpx.post(encoder["server"].url + "/v1/load_lora_adapter", json={"lora_name": "gaps", "lora_path": "gaps"},
+                   timeout=60)
+    assert r.status_code == 400 and "id2label" in r.json()["error"]["message"], r.text
+    assert httpx.post(encoder["server"].url + "/classify", json={"model": "gaps", "input": "x"}).status_code == 404
+
+
+def test_dimensions_other_than_the_models_are_refused(encoder):
+    client = encoder["client"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="base", input="x", dimensions=64)
+    assert e.value.body["param"] == "dimensions" and "384" in e.value.body["message"]
+    assert len(client.embeddings.create(model="base", input="x", dimensions=384).data[0].embedding) == 384
+
+
+def test_generation_routes_answer_that_this_is_an_encoder(encoder):
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        r = httpx.post(encoder["server"].url + path, json={"model": "base", "prompt": "x"})
+        error = r.json()["error"]
+        assert r.status_code == 404 and "encoder" in error["message"] and "POST /v1/embeddings" in error["message"]
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(encoder):
+    schema = httpx.get(encoder["server"].url + "/openapi.json").json()
+    operations = sorted(f"{m.upper()} {p}" for p, ops in schema["paths"].items() for m in ops)
+    assert "POST /v1/embeddings" in operations and "POST /classify" in operations
+    cases, out = _serving.fuzz(encoder["server"], max_examples=15, models=["base", "cls"])
+    print(f"schemathesis: {cases} generated test cases over {len(operations)} operations")
+    assert cases >= 50, out[-3000:]

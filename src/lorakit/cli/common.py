@@ -73,6 +73,8 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise BadInput(f"--max-new-tokens {args.max_new_tokens} is invalid: expected >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise BadInput("--temperature must be >= 0 and --top-p in (0, 1]")
+    if getattr(args, "top_k", 0) < 0:
+        raise BadInput(f"--top-k {args.top_k} is invalid: expected >= 0 (0: every token)")
 
 
 def positive_int(text: str) -> int:

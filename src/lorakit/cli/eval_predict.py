@@ -163,6 +163,7 @@ def predict(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
+            top_k=args.top_k,
             seed=args.seed,
             batch_size=args.batch_size,
             progress=progress,
@@ -261,7 +262,8 @@ def add_predict(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (row i: seed + i)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch (default 8)")
     p.add_argument("--max-length", type=positive_int, help="seq-cls: truncate texts (default: as trained)")
     p.add_argument("--skip-bad-rows", action="store_true", help='write {"line": N, "error": ...} for bad rows')

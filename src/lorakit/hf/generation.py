@@ -1,13 +1,35 @@
-"""Text generation with a local causal LM: greedy or seeded sampling (`lorakit generate`)."""
+"""Text generation with a local causal LM: greedy or seeded sampling (`lorakit generate`), through the one sampler
+(`lorakit.generation`), so a seeded prompt gives the tokens `lorakit predict` and `lorakit serve` give it."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import torch
+from ..generation.decode import generate_ids
+from ..generation.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def stop_ids(model: nn.Module, tok: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The ids that end a completion: the model's generation config's EOS (one or several), else the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = tok.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+
+def check_causal(model: nn.Module) -> None:
+    """TypeError unless `model` generates text (a transformers causal LM)."""
+    from transformers import GenerationMixin
+
+    if not isinstance(model, GenerationMixin):
+        raise TypeError(f"{type(model).__name__} cannot generate text: expected a causal-lm model")
 
 
 def generate(
@@ -21,23 +43,20 @@ def generate(
     top_k: int = 0,
     seed: int = 0,
 ) -> str:
-    """The completion of `prompt`: greedy when temperature is 0, else sampled (seeded)."""
-    from transformers import GenerationMixin
-
-    if not isinstance(model, GenerationMixin):
-        raise TypeError(f"{type(model).__name__} cannot generate text: expected a causal-lm model")
+    """The completion of `prompt`: greedy when temperature is 0, else sampled with its own seeded generator."""
+    check_causal(model)
+    params = SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop_token_ids=stop_ids(model, tok),
+    )
     model.eval()
-    enc = tok(prompt, return_tensors="pt")
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(**enc, **kwargs)
-    text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    ids = [int(i) for i in tok(prompt)["input_ids"]]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    new = generate_ids(model, [ids], [params], pad_id=pad)[0]
+    text = tok.decode(new, skip_special_tokens=True)
     assert isinstance(text, str)  # one sequence of ids decodes to one string
     return text

@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 from torch import nn
 
+from ..generation.decode import generate_ids
+from ..generation.sampling import SamplingParams
 from ..train import progress as progress_mod
-from . import chat
+from . import chat, generation
 from .models import TASKS
 from .rows import BadRow, DataError, Row, parse_json_line, read_records
 
@@ -217,43 +219,39 @@ def complete(
     max_new_tokens: int = 40,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     seed: int = 0,
     batch_size: int = 8,
     progress: Progress | None = None,
 ) -> list[str]:
-    """The completion of each request, in order: greedy when temperature is 0, else sampled (seeded once).
+    """The completion of each request, in order: greedy when temperature is 0, else sampled, request i with its own
+    generator seeded `seed + i` (so row 0 gives what `lorakit generate --seed S` and the server's `"seed": S` give).
 
-    Rows are left-padded in batches, so greedy completions equal one-at-a-time ones (`models.generate`).
+    Rows are left-padded in batches, so a batch gives what one-at-a-time generation gives.
     """
-    from transformers import GenerationMixin
-
     _check_batch_size(batch_size)
-    if not isinstance(model, GenerationMixin):
-        raise TypeError(f"{type(model).__name__} cannot generate text: expected a causal-lm model")
+    generation.check_causal(model)
     if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(
             f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_p={top_p}: "
             "expected max_new_tokens >= 1, temperature >= 0, top_p in (0, 1]"
         )
     progress = progress or progress_mod.quiet()
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    stops = generation.stop_ids(model, tokenizer)
     if any(r.chat for r in requests):  # a chat turn ends at the template's end-of-turn token, maybe not EOS
-        stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        kwargs["eos_token_id"] = stops + [i for i in chat.end_of_turn_ids(tokenizer) if i not in stops]
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
+        stops += tuple(i for i in chat.end_of_turn_ids(tokenizer) if i not in stops)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[str] = []
     model.eval()
     total = math.ceil(len(requests) / batch_size)
-    with torch.no_grad(), progress.task("generating", total=total, unit="batches") as t:
-        for chunk in _chunks(requests, batch_size):
-            ids, mask = _pad([_token_ids(tokenizer, r) for r in chunk], tokenizer.pad_token_id, left=True)
-            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            new = generated[:, ids.shape[1] :].cpu()  # (B, <= max_new_tokens)
+    with progress.task("generating", total=total, unit="batches") as t:
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            params = [
+                SamplingParams(max_new_tokens, temperature, top_p, top_k, seed + start + i, stop_token_ids=stops)
+                for i in range(len(chunk))
+            ]
+            new = generate_ids(model, [_token_ids(tokenizer, r) for r in chunk], params, pad_id=pad)
             out += [str(tokenizer.decode(row, skip_special_tokens=True)) for row in new]
             t.advance()
     return out

@@ -7,14 +7,15 @@ running batch between steps. `SamplingParams` says how one request samples; its 
 
 from __future__ import annotations
 
-from .engine import Engine, EngineClosed, QueueFull
+from ..generation.sampling import SamplingParams
+from .engine import Engine, EngineClosed, EngineFailed, QueueFull
 from .handle import Completion, Handle, RequestStats, Step
-from .sampling import SamplingParams
 
 __all__ = [
     "Completion",
     "Engine",
     "EngineClosed",
+    "EngineFailed",
     "Handle",
     "QueueFull",
     "RequestStats",

@@ -7,11 +7,13 @@
     POST /v1/embeddings             encoders (encoder.py)
     POST /classify                  encoders with a seq-cls adapter (encoder.py)
     POST /v1/load_lora_adapter      {"lora_name", "lora_path"}: a directory under --adapter-root
-    POST /v1/unload_lora_adapter    {"lora_name"}: now, or when its in-flight requests end
+    POST /v1/unload_lora_adapter    {"lora_name"}: now, or when its in-flight requests end (also --adapter-root)
     GET  /metrics                   Prometheus
 
 `"model"` in a request names an adapter, or the base (its directory's name, or "base"). Every error is an
-OpenAI error body (protocol.py); with an API key, every path but /health needs `Authorization: Bearer KEY`.
+OpenAI error body (protocol.py), a path this server does not serve included (its 404 says what the server
+is and which routes it has); with an API key, every path but /health needs `Authorization: Bearer KEY`.
+Around the routes, outermost first: the access log (access_log.py), the API key, the body cap (limits.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import LoraError
 from ..layers import check_adapter_name
+from . import schemas
+from .access_log import AccessLog
 from .encoder import EncoderService
+from .limits import BodyLimit, Limits
 from .metrics import Metrics
 from .protocol import APIError, LoadAdapterRequest, UnloadAdapterRequest, error_body, validation_message
 from .registry import Registry, RegistryError, check_path
@@ -88,8 +93,14 @@ def build_app(
     metrics: Metrics,
     api_key: str | None = None,
     on_shutdown: Callable[[], None] | None = None,
+    limits: Limits | None = None,
+    access_log: Callable[[str], None] | None = None,
+    log_format: str = "text",
 ) -> FastAPI:
-    """The app serving `service` (a causal LM through its engine, or an encoder); `on_shutdown` runs at exit."""
+    """The app serving `service` (a causal LM through its engine, or an encoder); `on_shutdown` runs at exit.
+
+    `limits` caps each request (limits.py); `access_log(line)` is called once per request (None: no log).
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,14 +111,16 @@ def build_app(
     app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     registry = service.registry
     created = int(time.time())
-    _errors(app)
+    limits = limits or Limits()
+    kind = "an encoder model (embeddings, classification)" if isinstance(service, EncoderService) else "a causal LM"
+    _errors(app, f"this server serves {base_name!r}, {kind}")
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": schemas.Health, "description": "ready"}, 503: schemas.ERRORS[503]})
     async def health() -> dict[str, str]:
         """Ready: the model is loaded and requests are served."""
         return {"status": "ready"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=schemas.responses(schemas.ModelList))
     async def models() -> dict[str, Any]:
         """The base model and every adapter, as OpenAI lists models (with vLLM's root and parent)."""
         base = {
@@ -131,12 +144,12 @@ def build_app(
         ]
         return {"object": "list", "data": [base, *adapters]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
     async def prometheus() -> Response:
         """The Prometheus text exposition."""
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", responses=schemas.responses(schemas.AdapterLoaded))
     async def load_adapter(body: LoadAdapterRequest) -> dict[str, Any]:
         """Load an adapter directory under --adapter-root, strictly; a bad one is refused with the reason."""
         name = body.lora_name
@@ -146,16 +159,22 @@ def build_app(
             raise APIError(400, f"lora_name {name!r}: {e}", param="lora_name") from None
         if name in (base_name, BASE_ALIAS):
             raise APIError(400, f"lora_name {name!r} is the base model's name; pick another", param="lora_name")
-        path = check_path(registry.root, body.lora_path)
+        path = await asyncio.to_thread(check_path, registry.root, body.lora_path)
         try:
             await asyncio.to_thread(registry.add, name, path)
-        except (LoraError, ValueError, OSError, KeyError, TypeError) as e:
+        except RegistryError:
+            raise
+        except (LoraError, ValueError, OSError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise APIError(400, f"the adapter {name!r} at {path} was not loaded: {e}", param="lora_path") from None
         return {"status": "loaded", "lora_name": name, "lora_path": str(path)}
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", responses=schemas.responses(schemas.AdapterUnloaded))
     async def unload_adapter(body: UnloadAdapterRequest) -> dict[str, Any]:
-        """Unload an adapter now, or once the requests using it have finished."""
+        """Unload an adapter now, or once the requests using it have finished (as load: with --adapter-root)."""
+        if registry.root is None:
+            raise RegistryError(
+                400, "unloading adapters at run time needs the server started with an adapter root (adapter_root)"
+            )
         users = registry.users(body.lora_name)
         now = await asyncio.to_thread(registry.remove, body.lora_name)
         return {
@@ -165,13 +184,21 @@ def build_app(
         }
 
     app.include_router(service.routes())
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)  # each add wraps the ones before it
     if api_key:
         app.add_middleware(BearerAuth, key=api_key)
+    if access_log is not None:
+        app.add_middleware(AccessLog, write=access_log, fmt=log_format)
     return app
 
 
-def _errors(app: FastAPI) -> None:
-    """Every error as an OpenAI error body."""
+def routes_of(app: FastAPI) -> list[str]:
+    """ "METHOD /path" of every operation the app serves (its OpenAPI schema's)."""
+    return [f"{method.upper()} {path}" for path, ops in app.openapi()["paths"].items() for method in ops]
+
+
+def _errors(app: FastAPI, what: str) -> None:
+    """Every error as an OpenAI error body; a 404 for a path this server lacks says `what` it serves and its routes."""
 
     async def answer(request: Request, e: Any) -> JSONResponse:
         """The error body and status of `e`."""
@@ -183,8 +210,12 @@ def _errors(app: FastAPI) -> None:
         if isinstance(e, RequestValidationError):
             message, param = validation_message(list(e.errors()))
             return JSONResponse(error_body(400, message, param=param), status_code=400)
+        if isinstance(e, HTTPException) and e.status_code == 404:
+            message = f"{request.method} {request.url.path} is not served: {what}; its routes: {routes_of(app)}"
+            return JSONResponse(error_body(404, message, code="route_not_found"), status_code=404)
         if isinstance(e, HTTPException):
-            return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
+            body = error_body(e.status_code, str(e.detail))
+            return JSONResponse(body, status_code=e.status_code, headers=e.headers)
         return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
 
     for kind in (APIError, RegistryError, RequestValidationError, HTTPException, Exception):

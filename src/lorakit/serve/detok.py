@@ -3,13 +3,17 @@
 Decoding token by token is wrong for characters that take several tokens (a byte-level BPE splits "é"
 or an emoji over two or three) and for tokenizers whose pieces depend on their neighbours (SentencePiece's
 leading space). So every step decodes the whole completion, after a few prompt tokens for context, and
-emits the new suffix; a trailing U+FFFD (an unfinished character) is held back until it completes.
+emits the new suffix; a trailing U+FFFD (an unfinished character) is held back until it completes. Stop
+strings are matched as the text grows (`stops.StopScanner`), so each token costs its own characters, not the
+whole text times every stop string.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+from .stops import StopScanner
 
 _CONTEXT = 4  # prompt tokens decoded before the completion, so the first token's leading space survives
 _UNFINISHED = "\ufffd"  # what tokenizers decode an incomplete UTF-8 sequence to
@@ -33,7 +37,7 @@ class TextStream:
         self._tok = tokenizer
         self._context = list(prompt[-_CONTEXT:])
         self._prefix = self._decode(self._context)
-        self._stop = tuple(stop)
+        self._stops = StopScanner(stop)
         self._ids: list[int] = []
         self.text = ""  # what has been emitted so far
 
@@ -56,27 +60,16 @@ class TextStream:
         """
         self._ids.append(token_id)
         full = self._full()
-        hits = [i for i in (full.find(s) for s in self._stop) if i >= 0]
-        if hits:
-            end = max(min(hits), len(self.text))
-            return self._emit(full[:end]), True
-        safe = len(full) - self._held(full)
+        whole = full.rstrip(_UNFINISHED)  # an unfinished character is never part of a stop string yet
+        hit = self._stops.feed(whole)
+        if hit is not None:
+            return self._emit(full[: max(hit, len(self.text))]), True
+        safe = len(whole) - self._stops.held
         return self._emit(full[:safe]), False
 
     def rest(self) -> str:
         """The text held back so far (a possible start of a stop string), emitted when the completion ends."""
         return self._emit(self._full())
-
-    def _held(self, full: str) -> int:
-        """How many trailing characters must wait: an unfinished character, or a possible start of a stop string."""
-        whole = full.rstrip(_UNFINISHED)
-        longest = 0  # the longest end of `whole` that a stop string starts with
-        for s in self._stop:
-            for k in range(min(len(s) - 1, len(whole)), longest, -1):
-                if whole.endswith(s[:k]):
-                    longest = k
-                    break
-        return len(full) - len(whole) + longest
 
     def _emit(self, upto: str) -> str:
         """The part of `upto` not emitted yet; emitted text is never taken back."""

@@ -22,10 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
+from ..errors import LoraFileError
 from ..hf import models as hf
-from .metrics import Metrics
+from . import schemas
+from .access_log import record_of
+from .limits import Limits
+from .metrics import Metrics, label
 from .protocol import APIError, ClassifyRequest, EmbeddingRequest
 from .registry import Registry
 
@@ -69,6 +73,7 @@ class EncoderService:
     registry: Registry = field(init=False)
     adapters: dict[str, tuple[nn.Module, dict[int, str]]] = field(default_factory=dict)
     allow_base_mismatch: bool = False  # adapters load even onto a base other than their lorakit.json records
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         self.base.eval()
@@ -87,6 +92,12 @@ class EncoderService:
         model.eval()
         known: Any = labels or model.config.id2label
         id2label = {int(i): str(v) for i, v in known.items()}
+        classes = int(getattr(model.config, "num_labels", len(id2label)))
+        if sorted(id2label) != list(range(classes)):
+            raise LoraFileError(
+                f"{path}: id2label has the class ids {sorted(id2label)[:10]}, but the classification head has "
+                f"{classes} classes: expected the ids 0..{classes - 1}"
+            )
         with self._lock:
             self.adapters[name] = (model, id2label)
             self.metrics.loaded.set(len(self.adapters))
@@ -146,9 +157,11 @@ class EncoderService:
                 tokens += int(enc["attention_mask"].sum())
         return out, tokens
 
-    def _held(self, name: str, fn: Callable[[str | None, list[str]], Any], texts: list[str]) -> Any:
+    def _held(self, name: str, fn: Callable[[str | None, list[str]], Any], texts: list[str], request: Request) -> Any:
         """Run fn for the model `name` names, holding its adapter meanwhile."""
+        self.limits.check_texts(texts)
         adapter = self.resolve(name)
+        record_of(request).adapter = label(adapter)
         if adapter is not None:
             self.registry.acquire(adapter)
         try:
@@ -161,10 +174,19 @@ class EncoderService:
         """The router with both endpoints (sync handlers: FastAPI runs them in worker threads)."""
         router = APIRouter()
 
-        @router.post("/v1/embeddings")
-        def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
+        @router.post("/v1/embeddings", responses=schemas.responses(schemas.Embeddings))
+        def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
             """OpenAI's embeddings."""
-            vectors, tokens = self._held(body.model, self.embed, body.texts())
+            size = int(getattr(self.base.config, "hidden_size", 0))
+            if body.dimensions is not None and body.dimensions != size:
+                raise APIError(
+                    400,
+                    f"dimensions={body.dimensions}: this model's embeddings have {size} dimensions, and it was not "
+                    "trained to be cut shorter (leave dimensions out, or give {size})".replace("{size}", str(size)),
+                    param="dimensions",
+                )
+            vectors, tokens = self._held(body.model, self.embed, body.texts(), request)
+            record_of(request).prompt_tokens = tokens
             self.metrics.finished(self.resolve(body.model), "stop", tokens, 0)
             if body.encoding_format == "base64":
                 vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii") for v in vectors]
@@ -172,10 +194,11 @@ class EncoderService:
             usage = {"prompt_tokens": tokens, "total_tokens": tokens}
             return {"object": "list", "data": data, "model": body.model, "usage": usage}
 
-        @router.post("/classify")
-        def classify(body: ClassifyRequest) -> dict[str, Any]:
+        @router.post("/classify", responses=schemas.responses(schemas.Classifications))
+        def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
             """Labels and probabilities of each text (a seq-cls adapter)."""
-            results, tokens = self._held(body.model, self.classify, body.texts())
+            results, tokens = self._held(body.model, self.classify, body.texts(), request)
+            record_of(request).prompt_tokens = tokens
             self.metrics.finished(self.resolve(body.model), "stop", tokens, 0)
             data = [{"index": i, **r} for i, r in enumerate(results)]
             usage = {"prompt_tokens": tokens, "total_tokens": tokens}

@@ -1,13 +1,15 @@
-"""The continuous-batching engine: one loop, one forward per decode step for every request, whatever its adapter.
+"""The continuous-batching engine: one loop, one decode step for every request, whatever its adapter.
 
-A daemon thread owns the model. Each turn of its loop it runs the functions handed to `call` (adapter
-load and unload happen between steps, never mid-forward), drops cancelled requests, prefills the
-waiting ones (up to `max_batch` rows in all) in one left-padded forward and merges them into the
-running batch, then runs one decode step for all rows: a mixed-adapter batch
-(`lorakit.adapters.mixed_batch`), or the plain adapter or bare base when every row uses the same one.
-Finished rows leave the batch at once. Each request samples with its own generator, so its tokens do not
-depend on its batch company; a failed forward ends the requests in it with finish_reason "error" and the
-engine goes on serving.
+A daemon thread owns the model. Each turn it runs the functions handed to `call` (adapter loads and unloads happen
+between steps, never mid-forward), drops cancelled requests, prefills waiting ones (up to `max_batch` rows in all)
+and decodes one token for every running row: one forward for the base and plain LoRA rows (`mixed_batch`, or the
+one adapter or bare base they share), one of its own for each adapter the mixed path cannot run (DoRA; groups.py).
+Each request samples with its own generator (`lorakit.generation.sampling`), so its tokens do not depend on its
+batch company; a row whose sampling fails ends alone, a failed forward ends its rows, and serving goes on.
+
+The loop is supervised: if it ever stops on an exception nothing else caught, every request in flight ends with
+an error marked `unavailable`, `failure` says why, `submit` and `call` raise `EngineFailed`, and `on_failure(reason)`
+tells the server (which answers 503 and exits non-zero, so that a supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -17,20 +19,20 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from ..adapters import disable_adapters, list_adapters, mixed_batch, use_adapter
+from ..adapters import list_adapters
 from ..errors import LoraAdapterNotFound
+from ..generation.kv import Batch, context_length
+from ..generation.sampling import SamplingError, SamplingParams, generator, sample_rows
 from .detok import TextStream
+from .groups import Group, Row, adapters, group_key, solo_adapters
 from .handle import Handle, RequestStats, Step
-from .kv import Batch
-from .sampling import SamplingParams, generator, sample_rows
 
 T = TypeVar("T")
 
@@ -43,39 +45,8 @@ class EngineClosed(RuntimeError):
     """`submit` after `stop()`: the engine accepts no new requests."""
 
 
-@dataclass(eq=False)
-class _Request:
-    """A request inside the engine: what it asked for and how far it got."""
-
-    prompt: list[int]
-    adapter: str | None
-    params: SamplingParams
-    handle: Handle
-    stream: TextStream
-    gen: torch.Generator
-    produced: int = 0
-    done: bool = field(default=False)
-
-
-def _context_length(model: nn.Module) -> int | None:
-    """The model's longest sequence (max_position_embeddings), or None when its config does not say."""
-    config = getattr(model, "config", None)
-    n = getattr(config, "max_position_embeddings", None)
-    return n if isinstance(n, int) else None
-
-
-@contextlib.contextmanager
-def _adapters(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]:
-    """Row i runs adapter rows[i]: the bare base or one adapter as themselves, several as a mixed batch."""
-    distinct = set(rows)
-    if distinct == {None}:
-        ctx: contextlib.AbstractContextManager[Any] = disable_adapters(model)
-    elif len(distinct) == 1:
-        ctx = use_adapter(model, rows[0])
-    else:
-        ctx = mixed_batch(model, rows)
-    with ctx:
-        yield
+class EngineFailed(EngineClosed):
+    """The engine's loop stopped on an error: it serves nothing any more (the message says why)."""
 
 
 class Engine:
@@ -89,6 +60,7 @@ class Engine:
         max_queue: the most waiting requests; `submit` raises `QueueFull` beyond.
         on_step: called after each decode step with (batch size, queue depth), on the engine thread.
         on_finish: called with each finished request's `RequestStats`, on the engine thread.
+        on_failure: called once with the reason if the loop ever stops on an error, on the engine thread.
 
     Start it, `submit` token ids with an adapter name (None: the base) and `SamplingParams`, and read the
     returned `Handle` (`for step in handle`, `async for step in handle`, or `handle.result()`); `stop` at the end.
@@ -103,25 +75,27 @@ class Engine:
         max_queue: int = 256,
         on_step: Callable[[int, int], None] | None = None,
         on_finish: Callable[[RequestStats], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} are invalid: expected >= 1 and >= 0")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.on_step, self.on_finish = on_step, on_finish
+        self.on_step, self.on_finish, self.on_failure = on_step, on_finish, on_failure
         pad = getattr(tokenizer, "pad_token_id", None)
         self._pad_id = pad if isinstance(pad, int) else 0  # left padding is masked: any id does
-        self._context = _context_length(model)
+        self._context = context_length(model)
         self._names = frozenset(list_adapters(model))  # refreshed after every `call`, read by `submit`
+        self._solo = solo_adapters(model)  # adapters that run in a forward of their own (refreshed with _names)
         self._cond = threading.Condition()
-        self._queue: deque[_Request] = deque()
-        self._active: list[_Request] = []  # the rows of self._batch, in order
+        self._queue: deque[Row] = deque()
+        self._groups: list[Group] = []  # the running rows, by forward
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
-        self._batch: Batch | None = None
-        self._held: tuple[tuple[str | None, ...], contextlib.ExitStack] | None = None  # see _hold
+        self._held: tuple[object, contextlib.ExitStack] | None = None  # see _hold
         self._accepting = True
-        self.closed = threading.Event()  # set once stop() begins: no new requests from then on
+        self.closed = threading.Event()  # set once stop() begins (or the loop failed): no new requests from then on
+        self.failure: str | None = None  # why the loop stopped on an error; None while it is healthy
         self._shutdown = False
         self._thread: threading.Thread | None = None
         self.last_batch_size = 0
@@ -131,21 +105,25 @@ class Engine:
 
     @property
     def active(self) -> int:
-        """Requests in the running batch."""
+        """Requests in the running batch (a request that has ended is not, even before its row leaves)."""
         with self._cond:
-            return len(self._active)
+            return sum(not r.done for g in self._groups for r in g.rows)
 
     @property
     def queued(self) -> int:
         """Requests waiting for a slot."""
         with self._cond:
-            return len(self._queue)
+            return sum(not r.done for r in self._queue)
+
+    def _running(self) -> list[Row]:
+        """Every running row, group after group (under the lock, or on the engine thread)."""
+        return [r for g in self._groups for r in g.rows]
 
     def start(self) -> None:
         """Start the loop in a daemon thread (once)."""
         if self._thread is not None:
             raise RuntimeError("the engine is already started")
-        self._thread = threading.Thread(target=self._loop, name="lorakit-serve-engine", daemon=True)
+        self._thread = threading.Thread(target=self._supervised, name="lorakit-serve-engine", daemon=True)
         self._thread.start()
 
     def submit(self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams) -> Handle:
@@ -155,7 +133,7 @@ class Engine:
             LoraAdapterNotFound: (a KeyError) no adapter of that name is loaded.
             ValueError: an empty prompt, or prompt + max_tokens longer than the model's context.
             QueueFull: `max_queue` requests already wait.
-            EngineClosed: after `stop()`.
+            EngineClosed: after `stop()`; `EngineFailed` (one of them) after the loop failed.
         """
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -168,10 +146,11 @@ class Engine:
         if adapter is not None and adapter not in self._names:
             raise LoraAdapterNotFound(f"no adapter named {adapter!r}; the model has {sorted(self._names)}")
         handle = Handle(adapter, len(prompt))
-        request = _Request(
-            prompt, adapter, params, handle, TextStream(self.tokenizer, prompt, params.stop), generator(params.seed)
-        )
+        stream = TextStream(self.tokenizer, prompt, params.stop)
+        request = Row(prompt, adapter, params, handle, stream, generator(params.seed))
         with self._cond:
+            if self.failure is not None:
+                raise EngineFailed(f"the engine has failed ({self.failure}); the server must be restarted")
             if not self._accepting:
                 raise EngineClosed("the engine is stopping: it accepts no new requests")
             if len(self._queue) >= self.max_queue:
@@ -181,8 +160,13 @@ class Engine:
         return handle
 
     def call(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the engine thread between two steps (e.g. load or unload an adapter); its result or exception."""
+        """Run `fn` on the engine thread between two steps (e.g. load or unload an adapter); its result or exception.
+
+        Raises `EngineFailed` once the loop has failed: the model's state is unknown.
+        """
         with self._cond:
+            if self.failure is not None:
+                raise EngineFailed(f"the engine has failed ({self.failure}); the server must be restarted")
             direct = self._thread is None or not self._thread.is_alive() or threading.current_thread() is self._thread
             if not direct:
                 future: Future[T] = Future()
@@ -196,19 +180,21 @@ class Engine:
             return fn()
         finally:
             self._names = frozenset(list_adapters(self.model))
+            self._solo = solo_adapters(self.model)
 
     def in_flight(self, adapter: str | None) -> int:
         """Requests using `adapter` (None: the base) that are running or waiting."""
         with self._cond:
-            return sum(r.adapter == adapter for r in (*self._active, *self._queue))
+            return sum(r.adapter == adapter for r in (*self._running(), *self._queue))
 
     def stop(self, timeout: float) -> None:
-        """Stop accepting requests; let those in flight finish for up to `timeout` seconds, then cancel the rest."""
+        """Stop accepting requests; let those in flight finish for up to `timeout` seconds, then end the rest with an
+        error marked `unavailable` (the server was stopped, not the request wrong). Safe to call again."""
         deadline = time.monotonic() + timeout
         with self._cond:
             self._accepting = False
             self.closed.set()
-            while (self._active or self._queue) and self._thread is not None and self._thread.is_alive():
+            while (self._groups or self._queue) and self._thread is not None and self._thread.is_alive():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -217,21 +203,51 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
-        for r in [*self._queue, *self._active]:  # never started, or the loop has left: end them here
-            self._finish(r, Step(None, r.stream.rest(), "cancelled", len(r.prompt), r.produced))
-        self._queue.clear()
-        self._active.clear()
+        reason = f"the server stopped before this request finished (drain timeout of {timeout:g}s)"
+        self._end_all(reason)
+
+    def _end_all(self, reason: str) -> None:
+        """End every request still waiting or running with an `unavailable` error (the loop is not running)."""
+        with self._cond:
+            rows = [*self._queue, *self._running()]
+            self._queue.clear()
+            self._groups = []
+            calls = list(self._calls)
+            self._calls.clear()
+            self._cond.notify_all()
+        for r in rows:
+            if not r.done:
+                self._finish(r, Step(None, r.stream.rest(), "error", len(r.prompt), r.produced, reason, True))
+        for _, future in calls:
+            future.set_exception(EngineClosed(reason))
 
     # -- the engine thread ------------------------------------------------------------------------
+
+    def _supervised(self) -> None:
+        """The loop, watched: an exception nothing else caught ends every request and marks the engine failed."""
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - the engine must never die silently: say why, end what waits
+            reason = f"{type(e).__name__}: {e}"
+            with self._cond:
+                self.failure = reason
+                self._accepting = False
+                self.closed.set()
+            with contextlib.suppress(BaseException):  # the model may be mid-context: leave it as it can be left
+                self._release()
+            self._end_all(f"the engine failed ({reason}); the server must be restarted")
+            if self.on_failure is not None:
+                with contextlib.suppress(Exception):
+                    self.on_failure(reason)
 
     def _loop(self) -> None:
         """Until stopped: calls, cancellations, admissions, one decode step; sleep when there is nothing to do."""
         with torch.no_grad():
             while True:
-                if not self._active:
+                if not self._groups:
                     self._release()  # idle: the model is as it was outside
                 with self._cond:
-                    while not (self._shutdown or self._calls or self._queue or self._active):
+                    while not (self._shutdown or self._calls or self._queue or self._groups):
                         self._cond.wait()
                     if self._shutdown:
                         break
@@ -246,13 +262,13 @@ class Engine:
                         future.set_exception(e)
                 self._drop_cancelled()
                 self._admit()
-                if self._active:
+                if self._groups:
                     self._decode()
         self._release()
-        with self._cond:  # requests left at shutdown: stop() cancels them after join
+        with self._cond:  # requests left at shutdown: stop() ends them after join
             self._cond.notify_all()
 
-    def _finish(self, r: _Request, step: Step) -> None:
+    def _finish(self, r: Row, step: Step) -> None:
         """Push the final step of `r` and report its stats (the caller removes it from the batch)."""
         r.done = True
         r.handle._push(step)
@@ -261,13 +277,10 @@ class Engine:
             with contextlib.suppress(Exception):  # a metrics hook never stops the engine
                 self.on_finish(stats)
 
-    def _keep(self, rows: list[int]) -> None:
-        """Only these rows of the running batch go on."""
+    def _prune(self) -> None:
+        """Finished rows leave their groups; empty groups leave."""
         with self._cond:
-            if len(rows) == len(self._active):
-                return
-            self._active = [self._active[i] for i in rows]
-            self._batch = self._batch.select(rows) if rows and self._batch is not None else None
+            self._groups = [g for g in self._groups if g.keep([i for i, r in enumerate(g.rows) if not r.done])]
             self._cond.notify_all()  # stop() waits for the batch to empty
 
     def _drop_cancelled(self) -> None:
@@ -276,82 +289,97 @@ class Engine:
             gone = [r for r in self._queue if r.handle.cancelled]
             for r in gone:
                 self._queue.remove(r)
-        gone += [r for r in self._active if r.handle.cancelled]
+        gone += [r for r in self._running() if r.handle.cancelled]
         for r in gone:
             self._finish(r, Step(None, "", "cancelled", len(r.prompt), r.produced))
-        self._keep([i for i, r in enumerate(self._active) if not r.done])
+        self._prune()
 
     def _admit(self) -> None:
-        """Prefill waiting requests (up to max_batch rows in all) in one forward; they join the running batch."""
+        """Prefill waiting requests (up to max_batch rows in all), one forward per group; they join the running rows."""
         with self._cond:
-            new = list(itertools.islice(self._queue, max(0, self.max_batch - len(self._active))))
+            new = list(itertools.islice(self._queue, max(0, self.max_batch - len(self._running()))))
         if not new:
             return
-        joined = self._prefill(new)
-        with self._cond:  # they leave the queue only now, so stop() never finds them neither waiting nor running
-            for _ in new:
-                self._queue.popleft()  # only this thread removes, from the front; submit appends at the back
-            if joined is not None:
-                batch, rows = joined
-                self._batch = batch if self._batch is None else self._batch.merge(batch)
-                self._active.extend(rows)
-            self._cond.notify_all()
-        if joined is not None:
-            self._emit(batch.last.tolist(), range(len(self._active) - len(rows), len(self._active)))
-
-    def _prefill(self, new: list[_Request]) -> tuple[Batch, list[_Request]] | None:
-        """The new rows' batch (their first tokens sampled into `last`), or None when none is left to run."""
         now = time.perf_counter()
         for r in new:
             r.handle.started_at = now
             if r.adapter is not None and r.adapter not in self._names:  # unloaded while the request waited
                 self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"adapter {r.adapter!r} is no longer loaded"))
-        rows = [r for r in new if not r.done]
-        if not rows:
-            return None
+        by_key: dict[str | None, list[Row]] = {}
+        for r in new:
+            if not r.done:
+                by_key.setdefault(group_key(r.adapter, self._solo), []).append(r)
+        joined = [(key, *prefilled) for key, rows in by_key.items() if (prefilled := self._prefill(key, rows))]
+        with self._cond:  # they leave the queue only now, so stop() never finds them neither waiting nor running
+            for _ in new:
+                self._queue.popleft()  # only this thread removes, from the front; submit appends at the back
+            for key, batch, rows in joined:
+                group = next((g for g in self._groups if g.key == key), None)
+                if group is None:
+                    self._groups.append(Group(key, batch, rows))
+                else:
+                    group.join(batch, rows)
+            self._cond.notify_all()
+        for _, batch, rows in joined:
+            self._emit(rows, batch.last.tolist())
+        self._prune()
+
+    def _prefill(self, key: str | None, rows: list[Row]) -> tuple[Batch, list[Row]] | None:
+        """The rows' batch, their first tokens sampled into `last` (None when none is left to run)."""
         self._release()
         try:
-            with _adapters(self.model, [r.adapter for r in rows]):
+            with adapters(self.model, key, [r.adapter for r in rows]):
                 logits, batch = Batch.prefill(self.model, [r.prompt for r in rows], self._pad_id)
         except Exception as e:  # noqa: BLE001 - the requests in this forward fail; the engine goes on
             for r in rows:
                 self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"{type(e).__name__}: {e}"))
             return None
-        tokens = sample_rows(logits, [r.params for r in rows], [r.gen for r in rows])
-        batch.last = torch.tensor(tokens, dtype=torch.long, device=batch.mask.device)
+        batch.last = self._sample(rows, logits, batch)
         return batch, rows
 
-    def _decode(self) -> None:
-        """One forward for every running row; each samples its next token; finished rows leave."""
-        assert self._batch is not None, "a running request always has its row in the batch"
-        rows = list(self._active)
-        try:
-            self._hold(tuple(r.adapter for r in rows))
-            logits = self._batch.step(self.model)
-        except Exception as e:  # noqa: BLE001 - every row of a failed step fails (its cache is unknown); serving goes on
-            self._release()
-            for r in rows:
-                self._finish(r, Step(None, "", "error", len(r.prompt), r.produced, f"{type(e).__name__}: {e}"))
-            self._keep([])
-            return
+    def _sample(self, rows: list[Row], logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Each row's next token (B,); a row whose sampling fails ends alone (its slot holds a dummy token)."""
         tokens = sample_rows(logits, [r.params for r in rows], [r.gen for r in rows])
-        self._batch.last = torch.tensor(tokens, dtype=torch.long, device=self._batch.mask.device)
-        self.steps += 1
-        self.last_batch_size = len(rows)
-        self._emit(tokens, range(len(rows)))
-        if self.on_step is not None:
-            with contextlib.suppress(Exception):
-                self.on_step(len(rows), self.queued)
+        for r, t in zip(rows, tokens, strict=True):
+            if isinstance(t, SamplingError):
+                self._finish(r, Step(None, r.stream.rest(), "error", len(r.prompt), r.produced, f"sampling: {t}"))
+        ids = [t if isinstance(t, int) else self._pad_id for t in tokens]
+        return torch.tensor(ids, dtype=torch.long, device=batch.mask.device)
 
-    def _hold(self, rows: tuple[str | None, ...]) -> None:
-        """Set the rows' adapters and keep them set across steps while the rows stay the same (entering a mixed
-        batch reads every layer's adapters, which costs as much as a decode step of a small model)."""
-        if self._held is not None and self._held[0] == rows:
+    def _decode(self) -> None:
+        """One forward per group for every running row; each samples its next token; finished rows leave."""
+        total = 0
+        for group in list(self._groups):
+            rows = list(group.rows)
+            try:
+                self._hold(group)
+                logits = group.batch.step(self.model)
+            except Exception as e:  # noqa: BLE001 - every row of a failed forward fails (its cache is unknown)
+                self._release()
+                for r in rows:
+                    self._finish(r, Step(None, "", "error", len(r.prompt), r.produced, f"{type(e).__name__}: {e}"))
+                continue
+            group.batch.last = self._sample(rows, logits, group.batch)
+            total += len(rows)
+            self._emit(rows, group.batch.last.tolist())
+        self.steps += 1
+        self.last_batch_size = total
+        self._prune()
+        if self.on_step is not None and total:
+            with contextlib.suppress(Exception):
+                self.on_step(total, self.queued)
+
+    def _hold(self, group: Group) -> None:
+        """Set the group's adapters and keep them set across steps while its rows stay the same and it is the only
+        group (entering a mixed batch reads every layer's adapters, which costs as much as a decode step of a small
+        model); with several groups each forward sets its own."""
+        signature = group.signature()
+        if self._held is not None and self._held[0] == signature:
             return
         self._release()
         stack = contextlib.ExitStack()
-        stack.enter_context(_adapters(self.model, rows))
-        self._held = (rows, stack)
+        stack.enter_context(adapters(self.model, group.key, signature[1]))
+        self._held = (signature, stack)
 
     def _release(self) -> None:
         """Undo `_hold` (before a prefill, a `call`, or leaving): the model is as it was outside."""
@@ -359,20 +387,13 @@ class Engine:
             held, self._held = self._held, None
             held[1].close()
 
-    def _emit(self, tokens: list[int], rows: range) -> None:
-        """Hand each row its new token's step; rows that finished leave the batch."""
-        for t, i in zip(tokens, rows, strict=True):
-            r = self._active[i]
-            r.produced += 1
-            n, p = len(r.prompt), r.params
-            if t in p.stop_token_ids:
-                self._finish(r, Step(t, r.stream.rest(), "stop", n, r.produced))
+    def _emit(self, rows: list[Row], tokens: list[int]) -> None:
+        """Hand each row its new token's step (the caller prunes the rows that finished)."""
+        for r, t in zip(rows, tokens, strict=True):
+            if r.done:  # its sampling failed this step
                 continue
-            text, stopped = r.stream.push(t)
-            if stopped:
-                self._finish(r, Step(t, text, "stop", n, r.produced))
-            elif r.produced >= p.max_tokens:
-                self._finish(r, Step(t, text + r.stream.rest(), "length", n, r.produced))
+            step = r.advance(t)
+            if step.finish_reason is not None:
+                self._finish(r, step)
             else:
-                r.handle._push(Step(t, text, None, n, r.produced))
-        self._keep([i for i, r in enumerate(self._active) if not r.done])
+                r.handle._push(step)

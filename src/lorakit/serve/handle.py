@@ -26,6 +26,8 @@ class Step:
         prompt_tokens: the prompt's length in tokens.
         completion_tokens: tokens produced so far (a stop token counts).
         error: on finish_reason "error", what went wrong.
+        unavailable: on finish_reason "error", True when the server failed the request, not the request itself
+            (the engine stopped or failed): a server answers 503 and the client may retry elsewhere.
     """
 
     token_id: int | None
@@ -34,6 +36,7 @@ class Step:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    unavailable: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    unavailable: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,13 @@ class Handle:
                 ids.append(step.token_id)
         assert step.finish_reason is not None  # the iteration ends on the final step
         self._result = Completion(
-            "".join(text), ids, step.finish_reason, step.prompt_tokens, step.completion_tokens, step.error
+            "".join(text),
+            ids,
+            step.finish_reason,
+            step.prompt_tokens,
+            step.completion_tokens,
+            step.error,
+            step.unavailable,
         )
         return self._result
 

@@ -12,7 +12,10 @@ server stops accepting connections, lets the requests in flight finish for up to
 from __future__ import annotations
 
 import json
+import math
 import signal
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +25,13 @@ from typing import TYPE_CHECKING, Any
 from ..errors import LoraError
 from ..hf import models as hf
 from ..train.progress import Progress, quiet
+from .access_log import FORMATS
 from .app import build_app, resolver
+from .disconnect import CancelOnDisconnect
+from .limits import Limits
 from .metrics import Metrics
 from .registry import Registry
+from .supervise import LINGER, EngineFailedError, FailedGate, Supervisor
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -50,8 +57,15 @@ class ServeOptions:
     dtype: str | None = None
     trust_remote_code: bool = False
     allow_base_mismatch: bool = False  # adapters load even onto a base other than their lorakit.json records
+    limits: Limits = Limits()
+    access_log: bool = True  # one line per request on stdout
+    log_format: str = "text"  # or "json": one JSON object per line
 
     def __post_init__(self) -> None:
+        if self.log_format not in FORMATS:
+            raise ValueError(f"log_format={self.log_format!r} is not one of {', '.join(FORMATS)}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty: give a key, or none to serve without one")
         for key in ("max_batch", "max_loaded"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -98,14 +112,29 @@ def create_app(options: ServeOptions, progress: Progress | None = None) -> FastA
                 service.registry.add(name, Path(path))
             except Exception as e:
                 raise ValueError(f"adapter {name!r} ({path}): {e}") from None
-    return build_app(
+    app = build_app(
         service,
         base_name=base_name,
         model_dir=model_dir,
         metrics=metrics,
         api_key=options.api_key,
         on_shutdown=on_shutdown,
+        limits=options.limits,
+        access_log=_print_line if options.access_log else None,
+        log_format=options.log_format,
     )
+    app.state.supervisor = supervisor = Supervisor()
+    app.state.engine = engine = getattr(service, "engine", None)
+    if engine is not None:
+        engine.on_failure = supervisor.fail
+    app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(FailedGate, supervisor=supervisor)
+    return app
+
+
+def _print_line(line: str) -> None:
+    """An access-log line on stdout, flushed (uvicorn's access log goes to stdout too)."""
+    print(line, file=sys.stdout, flush=True)
 
 
 def _text(
@@ -150,7 +179,10 @@ def _text(
     def unload(name: str) -> None:
         engine.call(counted(lambda: delete_adapter(model, name)))
 
-    registry = Registry(load, unload, root=options.adapter_root, max_loaded=options.max_loaded)
+    registry = Registry(
+        load, unload, root=options.adapter_root, max_loaded=options.max_loaded, max_waiting=options.max_queue
+    )
+    metrics.watch(running=lambda: engine.active, waiting=lambda: engine.queued + registry.waiting)
     context: Any = getattr(model.config, "max_position_embeddings", None) or getattr(tok, "model_max_length", 2048)
     embeddings: Any = model.get_input_embeddings()
     service = TextService(
@@ -161,6 +193,7 @@ def _text(
         resolve=resolver(base_name, registry),
         context=int(context),
         vocab_size=int(embeddings.weight.shape[0]),
+        limits=options.limits,
     )
     engine.start()
     return service, lambda: engine.stop(timeout=min(options.drain_timeout, 5.0))
@@ -186,6 +219,7 @@ def _encoder(
         metrics=metrics,
         resolve=lambda m: None,
         allow_base_mismatch=options.allow_base_mismatch,
+        limits=options.limits,
     )
     service.registry = Registry(service.load, service.unload, root=options.adapter_root, max_loaded=options.max_loaded)
     service.resolve = resolver(base_name, service.registry)
@@ -195,13 +229,20 @@ def _encoder(
 def run(app: FastAPI, options: ServeOptions, on_ready: Callable[[str], None]) -> None:
     """Serve `app` until SIGTERM or Ctrl-C; `on_ready(url)` once it listens (port 0: the port it was given).
 
-    SIGTERM drains: no new connections, in-flight requests finish (up to drain_timeout), then this returns.
-    Ctrl-C drains the same way and then raises KeyboardInterrupt, as Python's own handler would.
+    SIGTERM drains: no new connections, in-flight requests finish (up to drain_timeout; those cut then end with
+    an OpenAI error, or a last error event and [DONE]), then this returns. Ctrl-C drains the same way and then
+    raises KeyboardInterrupt, as Python's own handler would. If the engine fails, the server answers 503 for
+    `supervise.LINGER` seconds, shuts down, and this raises `EngineFailedError`.
     """
+    import asyncio
+
     import uvicorn
 
+    supervisor: Supervisor | None = getattr(app.state, "supervisor", None)
+    engine = getattr(app.state, "engine", None)
+
     class Server(uvicorn.Server):
-        """uvicorn's server, saying when it listens."""
+        """uvicorn's server, saying when it listens, exiting when the engine fails, draining the engine on exit."""
 
         async def startup(self, sockets: Any = None) -> None:
             """Bind, then report the address."""
@@ -209,6 +250,19 @@ def run(app: FastAPI, options: ServeOptions, on_ready: Callable[[str], None]) ->
             if self.started:
                 port = self.servers[0].sockets[0].getsockname()[1]
                 on_ready(f"http://{options.host if ':' not in options.host else f'[{options.host}]'}:{port}")
+            if supervisor is not None:
+                loop = asyncio.get_running_loop()
+
+                def exit_later() -> None:
+                    loop.call_later(LINGER, setattr, self, "should_exit", True)
+
+                supervisor.when_failed(lambda: loop.call_soon_threadsafe(exit_later))
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            """Start the engine's drain (it ends what is left at drain_timeout), then uvicorn's."""
+            if engine is not None:
+                threading.Thread(target=engine.stop, args=(options.drain_timeout,), daemon=True).start()
+            await super().shutdown(sockets=sockets)
 
     config = uvicorn.Config(
         app,
@@ -217,7 +271,8 @@ def run(app: FastAPI, options: ServeOptions, on_ready: Callable[[str], None]) ->
         log_level="warning",
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=max(int(options.drain_timeout), 1),
+        # the engine ends what is left at drain_timeout; the margin lets those answers reach their clients
+        timeout_graceful_shutdown=math.ceil(options.drain_timeout) + 5,
         lifespan="on",
     )
     # uvicorn re-raises the signal it caught once it has shut down, under the handler installed before it:
@@ -227,6 +282,8 @@ def run(app: FastAPI, options: ServeOptions, on_ready: Callable[[str], None]) ->
         Server(config).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if supervisor is not None and supervisor.reason is not None:
+        raise EngineFailedError(f"the engine failed ({supervisor.reason}); restart the server")
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:

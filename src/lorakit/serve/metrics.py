@@ -6,7 +6,8 @@
     lorakit_time_to_first_token_seconds{adapter}                 request received -> first token (histogram)
     lorakit_time_per_output_token_seconds{adapter}               between two tokens of a request (histogram)
     lorakit_batch_size                                           requests in each decode step (histogram)
-    lorakit_running_requests, lorakit_waiting_requests           the engine's batch and queue now (gauges)
+    lorakit_running_requests, lorakit_waiting_requests           requests running and waiting now (gauges, read when
+                                                                 scraped: 0 when idle)
     lorakit_rejected_requests_total{reason}                      requests refused before they ran (queue full)
     lorakit_loaded_adapters                                      adapters loaded now (gauge; see --max-loaded)
 
@@ -16,6 +17,7 @@ The base model is labelled adapter="base". Names follow vLLM's where they mean t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -66,11 +68,14 @@ class Metrics:
         self.running = Gauge("lorakit_running_requests", "Requests in the engine's batch now", registry=r)
         self.waiting = Gauge("lorakit_waiting_requests", "Requests queued for the engine now", registry=r)
 
+    def watch(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
+        """Read the running and waiting gauges from these functions at every scrape, so they are exact, idle too."""
+        self.running.set_function(running)
+        self.waiting.set_function(waiting)
+
     def step(self, batch_size: int, queue_depth: int) -> None:
-        """One decode step of the engine: its batch size, and how many requests wait."""
+        """One decode step of the engine: its batch size (the gauges read the engine itself, see `watch`)."""
         self.batch_size.observe(batch_size)
-        self.running.set(batch_size)
-        self.waiting.set(queue_depth)
 
     def finished(self, adapter: str | None, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         """A request (one choice) has ended: the engine's `on_finish` for causal LMs, the handler for encoders."""
@@ -86,7 +91,7 @@ class Metrics:
         """The Prometheus text exposition of every metric.
 
         Examples:
-            >>> m = Metrics(); m.step(3, 1)
+            >>> m = Metrics(); m.watch(running=lambda: 3, waiting=lambda: 1)
             >>> b"lorakit_waiting_requests 1.0" in m.render()
             True
         """

@@ -1,8 +1,10 @@
 """The wire format: OpenAI-compatible request bodies (pydantic, checked strictly) and OpenAI-style error bodies.
 
-A request field of the wrong type (`"max_tokens": "5"`) is a 400 naming the field, as OpenAI's API answers it;
-fields this server does not know are ignored, so clients that send more (the `openai` client's extras, vLLM's
-sampling extensions) still work. Every error, whatever raised it, reaches the client as
+A request field of the wrong type (`"max_tokens": "5"`) is a 400 naming the field, as OpenAI's API answers it.
+A field that would change what a request means but that this server does not implement (`tools`,
+`response_format`, non-zero penalties, `best_of`, `suffix`, vLLM's `min_p` ...) is a 400 naming it too, unless
+its value asks for nothing (`"tools": []`, `"presence_penalty": 0`); other fields this server does not know (the
+`openai` client's `user`, metadata) are ignored. Every error, whatever raised it, reaches the client as
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 """
@@ -10,12 +12,24 @@ sampling extensions) still work. Every error, whatever raised it, reaches the cl
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 
 ERROR_TYPES = {
     400: "invalid_request_error",
+    413: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
     429: "rate_limit_error",
@@ -65,10 +79,17 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         return f"the request body is not valid JSON ({reason})".replace(" ()", ""), None
     param = ".".join(loc) or None
     got = first.get("input")
-    shown = "" if param is None or isinstance(got, dict) else f" (got {got!r})"[:80]
+    shown = "" if param is None or isinstance(got, (dict, list)) else f" (got {_short(got)})"
     where = f"field {param!r}" if param else "the request body"
     more = f"; and {len(errors) - 1} more problem(s)" if len(errors) > 1 else ""
-    return f"{where}: {first.get('msg', 'invalid')}{shown}{more}", param
+    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{where}: {msg}{shown}{more}", param
+
+
+def _short(value: Any) -> str:
+    """repr of a value, cut to 60 characters without building the whole repr of a huge string."""
+    text = repr(value[:61] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 DONE = "data: [DONE]\n\n"  # the last server-sent event of a stream
@@ -96,6 +117,41 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+INT64 = 2**63  # OpenAI's and vLLM's seeds are 64-bit signed integers (torch's generator takes up to 2**64 - 1)
+
+# Fields that change what a request means, which this server does not implement -> the values that ask for
+# nothing (accepted, and ignored). Any other value is a 400 naming the field: never a silently different answer.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+    "min_p": (None, 0),  # vLLM's sampling extensions
+    "repetition_penalty": (None, 1),
+}
+
+
+def refuse_unless_neutral(value: Any, info: ValidationInfo) -> Any:
+    """A field validator: the value if it asks for nothing (NEUTRAL), else ValueError naming the field."""
+    name = info.field_name or ""
+    if any(value == v and type(value) is not bool for v in NEUTRAL[name]):
+        return value
+    raise ValueError(
+        f"{name} is not supported by lorakit serve (a value other than {NEUTRAL[name][1]!r} would change the answer)"
+    )
+
+
+class TextFormat(_Request):
+    """`response_format` that asks for plain text: the only one served (no JSON mode, no schema)."""
+
+    type: Literal["text"]
+
+
 class _Sampling(_Request):
     """The sampling fields shared by completions and chat completions."""
 
@@ -103,12 +159,47 @@ class _Sampling(_Request):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    top_k: int = Field(default=0, ge=-1)  # vLLM's extension: 0 or -1 samples from every token
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=64)
+    best_of: int | None = Field(default=None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: Any = None
+    logprobs: Annotated[Any, WithJsonSchema({"enum": [False, 0, None]})] = None  # others: 400 (text.py)
+    # the fields below accept only the values that ask for nothing, and the schema says so (NEUTRAL)
+    tools: list[Any] | None = Field(default=None, max_length=0)
+    tool_choice: Literal["none"] | None = None
+    functions: list[Any] | None = Field(default=None, max_length=0)
+    function_call: Literal["none"] | None = None
+    response_format: TextFormat | None = None
+    presence_penalty: float | None = Field(default=None, ge=0, le=0)
+    frequency_penalty: float | None = Field(default=None, ge=0, le=0)
+    logit_bias: dict[str, Any] | None = Field(default=None, max_length=0)
+    min_p: float | None = Field(default=None, ge=0, le=0)
+    repetition_penalty: float | None = Field(default=None, ge=1, le=1)
+
+    _refused = field_validator(
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "response_format",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "min_p",
+        "repetition_penalty",
+        mode="before",
+    )(refuse_unless_neutral)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """best_of = n returns every sample, as n alone does; more would need ranking by log-probability."""
+        if value is None or value == info.data.get("n", 1):
+            return value
+        raise ValueError("best_of other than n is not supported by lorakit serve (it ranks samples by log-probability)")
 
     @field_validator("stop")
     @classmethod
@@ -127,19 +218,58 @@ class _Sampling(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+PromptTypes = str | list[str] | list[int] | list[list[int]]
+_PROMPT_LISTS: dict[type, TypeAdapter[Any]] = {
+    str: TypeAdapter(list[str]),
+    int: TypeAdapter(list[int]),
+    list: TypeAdapter(list[list[int]]),
+}
+
+
+def _prompt(value: Any) -> Any:
+    """A prompt checked by the type of its first item, in one pass: pydantic's union of list types would try each
+    and collect an error per item, seconds for a body of a million token ids."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        adapter = _PROMPT_LISTS.get(type(value[0]) if value else str)
+        if adapter is not None:
+            try:
+                return adapter.validate_python(value, strict=True)
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = "".join(f"[{p}]" for p in first["loc"])
+                raise ValueError(f"prompt{where}: {first['msg']}") from None
+    raise ValueError("expected a string, a list of strings, a list of token ids, or a list of lists of token ids")
+
+
+Prompt = Annotated[Any, PlainValidator(_prompt), WithJsonSchema(TypeAdapter(PromptTypes).json_schema())]
+MAX_MESSAGES = 4096  # counted before each message is validated (a body of tiny messages is otherwise slow to check)
+
+
+def _few_messages(value: Any) -> Any:
+    """messages, if there are at most MAX_MESSAGES (checked before each is validated)."""
+    if isinstance(value, list) and len(value) > MAX_MESSAGES:
+        raise ValueError(f"{len(value)} messages, over this server's limit of {MAX_MESSAGES}")
+    return value
+
+
 class CompletionRequest(_Sampling):
     """`POST /v1/completions`: one prompt or several, as text or token ids."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     echo: bool = False
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    suffix: str | None = Field(default=None, max_length=0)
+
+    _suffix = field_validator("suffix", mode="before")(refuse_unless_neutral)
 
 
 class ChatMessage(_Request):
     """One message; content as a string or as OpenAI's list of text parts."""
 
     model_config = ConfigDict(strict=True, extra="allow")
-    role: str
+    role: Literal["system", "user", "assistant"]  # lorakit.hf.chat.ROLES
     content: str | list[dict[str, Any]]
 
     def text(self, i: int) -> str:
@@ -157,7 +287,7 @@ class ChatMessage(_Request):
 class ChatRequest(_Sampling):
     """`POST /v1/chat/completions`: a conversation, rendered with the tokenizer's chat template."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], BeforeValidator(_few_messages)] = Field(min_length=1)
 
 
 class EmbeddingRequest(_Request):
@@ -166,6 +296,7 @@ class EmbeddingRequest(_Request):
     model: str
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 (the openai client's)
+    dimensions: int | None = Field(default=None, ge=1)  # only the model's own size: no truncation is implied
 
     def texts(self) -> list[str]:
         """`input` as a list."""
@@ -183,14 +314,26 @@ class ClassifyRequest(_Request):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
+MAX_NAME = 255  # an adapter's name: one path component's worth
+MAX_PATH = 4096  # PATH_MAX on Linux
+
+
 class LoadAdapterRequest(_Request):
     """`POST /v1/load_lora_adapter` (vLLM's name and fields)."""
 
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1, max_length=MAX_NAME)
+    lora_path: str = Field(min_length=1, max_length=MAX_PATH)
+
+    @field_validator("lora_path")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        """A NUL cannot be in a file name: refused here rather than by the file system."""
+        if "\x00" in value:
+            raise ValueError("a path cannot contain a NUL character")
+        return value
 
 
 class UnloadAdapterRequest(_Request):
     """`POST /v1/unload_lora_adapter` (vLLM's name and fields)."""
 
-    lora_name: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1, max_length=MAX_NAME)

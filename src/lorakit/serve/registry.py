@@ -6,14 +6,18 @@
     registry.remove("sql")                         # unloaded now, or when its last request finishes
 
 A known adapter stays known after `--max-loaded` evicts it: its next request loads it again (vLLM keeps such
-adapters in a CPU cache; here the directory is the cache). `remove` forgets it; an adapter in use by requests
-is unloaded when the last of them releases it (deferred), so no request ever loses its adapter mid-generation.
+adapters in a CPU cache; here the directory is the cache). When every loaded adapter is in use, `hold` waits (on
+the event loop, holding no thread) until one is released, as vLLM's scheduler keeps a request for an adapter
+beyond --max-loras waiting; at most `max_waiting` requests wait so, more are refused with 429.
+`remove` forgets an adapter; one in use by requests is unloaded when the last of them releases it (deferred),
+so no request ever loses its adapter mid-generation.
 The `load`/`unload` callbacks do the model work (on the engine thread, for a decoder); this class only keeps
 the books, under one lock, and never calls them while holding it for anything but the decision.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,10 +32,30 @@ class RegistryError(Exception):
         self.status = status
 
 
+class AllBusy(RegistryError):
+    """Every loaded adapter is in use and `max_loaded` are loaded: a new one must wait for a release."""
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    """Resolve a waiter's future unless it is done (e.g. cancelled: its client left)."""
+    if not future.done():
+        future.set_result(None)
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    """Tell waiting requests (on their event loops, from any thread) that an adapter slot may have freed."""
+    for future in waiters:
+        loop = future.get_loop()
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_settle, future)
+
+
 def check_path(root: str | Path | None, given: str) -> Path:
     """The adapter directory `given` (absolute, or relative to `root`), refused unless it lies under `root`.
 
-    `..` is refused as written; symlinks are resolved before the check, so a link out of `root` is refused too.
+    `..` is refused as written; symlinks are resolved before the check, so a link out of `root` is refused too,
+    and so is a directory under `root` holding a file (or folder) that is a link leading out of it: a load
+    opens the files of the directory, so each of them must resolve under `root` as well.
 
     Examples:
         >>> check_path("/srv/adapters", "../etc")  # doctest: +ELLIPSIS
@@ -48,11 +72,22 @@ def check_path(root: str | Path | None, given: str) -> Path:
     if ".." in path.parts:
         raise RegistryError(400, f"lora_path {given!r}: '..' is not allowed; give a path under the adapter root")
     base = Path(root).resolve()
-    full = (path if path.is_absolute() else base / path).resolve()
-    if not full.is_relative_to(base):
-        raise RegistryError(400, f"lora_path {given!r} resolves to {full}, outside the adapter root {base}")
-    if not full.is_dir():
-        raise RegistryError(400, f"lora_path {given!r}: no such adapter directory under the adapter root {base}")
+    try:
+        full = (path if path.is_absolute() else base / path).resolve()
+        if not full.is_relative_to(base):
+            raise RegistryError(400, f"lora_path {given!r} resolves to {full}, outside the adapter root {base}")
+        if not full.is_dir():
+            raise RegistryError(400, f"lora_path {given!r}: no such adapter directory under the adapter root {base}")
+        for entry in sorted(full.iterdir()):
+            target = entry.resolve()
+            if not target.is_relative_to(base):
+                raise RegistryError(
+                    400,
+                    f"lora_path {given!r}: {entry.name} is a link to {target}, outside the adapter root {base}; "
+                    "every file an adapter load reads must lie under the root",
+                )
+    except (OSError, ValueError, RuntimeError) as e:  # a name too long, a loop of links
+        raise RegistryError(400, f"lora_path {given!r}: not a usable path ({e})") from None
     return full
 
 
@@ -66,17 +101,60 @@ class Registry:
         *,
         root: str | Path | None = None,
         max_loaded: int | None = None,
+        max_waiting: int = 0,
     ) -> None:
         if max_loaded is not None and max_loaded < 1:
             raise ValueError(f"max_loaded={max_loaded} is invalid: expected >= 1")
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting={max_waiting} is invalid: expected >= 0")
         self._load, self._unload = load, unload
-        self.root, self.max_loaded = root, max_loaded
+        self.root, self.max_loaded, self.max_waiting = root, max_loaded, max_waiting
         self._lock = threading.Lock()
         self._known: dict[str, Path] = {}
         self._loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._users: dict[str, int] = {}
         self._loading: dict[str, threading.Event] = {}
         self._removed: set[str] = set()  # forgotten, unloaded when their last user releases them
+        self._freed = 0  # how many times a slot may have freed (a loaded adapter went idle, a load failed, ...)
+        self._waiters: list[asyncio.Future[None]] = []  # requests waiting in `hold` for a slot
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting in `hold` for an adapter slot."""
+        with self._lock:
+            return len(self._waiters)
+
+    async def hold(self, name: str) -> None:
+        """`acquire`, waiting while every loaded adapter is in use (RegistryError 429 when max_waiting already wait).
+
+        Waits on the running event loop, not in a thread, so waiting requests never starve the worker threads.
+        """
+        while True:
+            with self._lock:
+                seen = self._freed
+            try:
+                await asyncio.to_thread(self.acquire, name)
+                return
+            except AllBusy as e:
+                busy = e
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            with self._lock:
+                if self._freed != seen:
+                    continue  # a slot freed while we tried: try again
+                if len(self._waiters) >= self.max_waiting:
+                    raise RegistryError(429, f"{busy}; {len(self._waiters)} requests already wait for one")
+                self._waiters.append(future)
+            try:
+                await future
+            finally:
+                with self._lock:
+                    if future in self._waiters:
+                        self._waiters.remove(future)
+
+    def _freed_slot(self) -> list[asyncio.Future[None]]:
+        """Under the lock: note that a slot may have freed; the waiters to wake (outside the lock)."""
+        self._freed += 1
+        return list(self._waiters)
 
     def names(self) -> list[str]:
         """The adapters requests can name, in the order they were added."""
@@ -137,8 +215,10 @@ class Registry:
                 del self._loaded[name]
             if last:
                 self._removed.discard(name)
+            waiters = self._freed_slot() if last and name in self._loaded or drop else []
         if drop:
             self._unload(name)
+        _wake(waiters)
 
     def remove(self, name: str) -> bool:
         """Forget `name`; unload it now (True) or, while requests use it, when the last one finishes (False)."""
@@ -151,8 +231,10 @@ class Registry:
                 self._removed.add(name)
                 return False
             was_loaded = self._loaded.pop(name, "absent") is None
+            waiters = self._freed_slot() if was_loaded else []
         if was_loaded:
             self._unload(name)
+        _wake(waiters)
         return True
 
     def _ensure_loaded(self, name: str, path: Path) -> None:
@@ -180,7 +262,9 @@ class Registry:
                 wanted = name in self._known or bool(self._users.get(name))
                 if ok and wanted:
                     self._loaded[name] = None
+                waiters = [] if ok and wanted else self._freed_slot()
             done.set()
+            _wake(waiters)
         if ok and not wanted:  # removed while it loaded
             self._unload(name)
 
@@ -192,7 +276,7 @@ class Registry:
         idle = [n for n in self._loaded if not self._users.get(n)]
         if excess > len(idle):
             busy = len(self._loaded) - len(idle)
-            raise RegistryError(
+            raise AllBusy(
                 429, f"all {busy} loaded adapters are in use (max_loaded={self.max_loaded}); try again shortly"
             )
         victims = idle[: max(excess, 0)]

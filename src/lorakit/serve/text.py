@@ -18,16 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..generation.sampling import SamplingParams
 from ..hf import chat
-from .engine import Engine, EngineClosed, QueueFull
+from . import schemas
+from .access_log import AccessRecord, record_of
+from .engine import Engine, EngineClosed, EngineFailed, QueueFull
 from .handle import Handle, Step
+from .limits import Limits
 from .metrics import Metrics, label
 from .protocol import DONE, APIError, ChatRequest, CompletionRequest, error_body, event
 from .registry import Registry
-from .sampling import SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -45,6 +48,7 @@ class TextService:
     context: int  # the model's context length in tokens: prompt + max_tokens must fit
     vocab_size: int
     end_of_turn: tuple[int, ...] = field(default=())
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         eos = self.tokenizer.eos_token_id
@@ -56,17 +60,22 @@ class TextService:
         """The router with both endpoints."""
         router = APIRouter()
 
-        @router.post("/v1/completions")
-        async def completions(body: CompletionRequest) -> Any:
-            """OpenAI's completions: text in, text out."""
-            return await self.complete(body, self.completion_prompts(body), self.eos, "completions", body.echo)
+        # Prompts are capped before they are tokenized, and tokenized (chats rendered) in a worker thread, so
+        # that no request's size stalls the event loop that answers every other client.
 
-        @router.post("/v1/chat/completions")
-        async def chat_completions(body: ChatRequest) -> Any:
+        @router.post("/v1/completions", responses=schemas.responses(schemas.Completion, stream=True))
+        async def completions(body: CompletionRequest, request: Request) -> Any:
+            """OpenAI's completions: text in, text out."""
+            self.limits.check_completion(body)
+            prompts = await asyncio.to_thread(self.completion_prompts, body)
+            return await self.complete(body, prompts, self.eos, "completions", body.echo, record_of(request))
+
+        @router.post("/v1/chat/completions", responses=schemas.responses(schemas.ChatCompletion, stream=True))
+        async def chat_completions(body: ChatRequest, request: Request) -> Any:
             """OpenAI's chat completions: a conversation in, the assistant's next message out."""
-            template = self.template(self.resolve(body.model))
-            stops = self.eos + tuple(i for i in chat.end_of_turn_ids(self.tokenizer, template) if i not in self.eos)
-            return await self.complete(body, [self.chat_prompt(body, template)], stops, "chat", False)
+            self.limits.check_chat(body)
+            prompt, stops = await asyncio.to_thread(self.chat_prompt_and_stops, body)
+            return await self.complete(body, [prompt], stops, "chat", False, record_of(request))
 
         return router
 
@@ -91,8 +100,15 @@ class TextService:
                 )
             if not ids:
                 raise APIError(400, "prompt is empty: nothing to continue from", param="prompt")
+            self.limits.check_prompt_tokens(len(ids), "prompt")
             out.append(ids)
         return out
+
+    def chat_prompt_and_stops(self, body: ChatRequest) -> tuple[list[int], tuple[int, ...]]:
+        """The rendered conversation's ids, and the token ids that end the reply (EOS, the template's end of turn)."""
+        template = self.template(self.resolve(body.model))
+        stops = self.eos + tuple(i for i in chat.end_of_turn_ids(self.tokenizer, template) if i not in self.eos)
+        return self.chat_prompt(body, template), stops
 
     def template(self, adapter: str | None) -> str | None:
         """The chat template an adapter trained with (`finetune --chat-template`, saved beside it), else None:
@@ -116,6 +132,7 @@ class TextService:
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
+        self.limits.check_prompt_tokens(len(ids), "messages")
         return [int(i) for i in ids]
 
     def params(
@@ -142,6 +159,7 @@ class TextService:
                 max_tokens=max_tokens,
                 temperature=body.temperature,
                 top_p=body.top_p,
+                top_k=body.top_k,
                 seed=None if body.seed is None else body.seed + j,
                 stop=body.stops(),
                 stop_token_ids=stop_ids,
@@ -158,20 +176,23 @@ class TextService:
         stop_ids: tuple[int, ...],
         endpoint: str,
         echo: bool,
+        record: AccessRecord | None = None,
     ) -> Any:
         """Submit every choice, then answer with one JSON response or a stream of server-sent events."""
         if body.logprobs not in (None, False):
             raise APIError(400, "logprobs are not supported by lorakit serve", param="logprobs")
         adapter = self.resolve(body.model)
+        record = record or AccessRecord()
+        record.adapter, record.prompt_tokens = label(adapter), sum(len(p) for p in prompts)
         params = [self.params(body, p, stop_ids) for p in prompts]  # all checked before anything is submitted
         if adapter is not None:
-            await asyncio.to_thread(self.registry.acquire, adapter)
+            await self.registry.hold(adapter)  # waits while --max-loaded adapters are all in use
         try:
             handles = self.submit(prompts, adapter, params)
         except BaseException:
             self.release(adapter)
             raise
-        reply = Reply(self, body, endpoint, prompts, echo, adapter, handles)
+        reply = Reply(self, body, endpoint, prompts, echo, adapter, handles, record)
         if body.stream:
             return StreamingResponse(reply.stream(), media_type="text/event-stream")
         return await reply.whole()
@@ -189,10 +210,11 @@ class TextService:
             raise APIError(
                 429, f"the server is busy ({e}); retry shortly", code="queue_full", headers={"Retry-After": "1"}
             ) from None
-        except EngineClosed:
+        except EngineClosed as e:
             for h in handles:
                 h.cancel()
-            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"}) from None
+            message = str(e) if isinstance(e, EngineFailed) else "the server is shutting down"
+            raise APIError(503, message, headers={"Retry-After": "5"}) from None
         return handles
 
     def release(self, adapter: str | None) -> None:
@@ -212,6 +234,7 @@ class Reply:
     echo: bool
     adapter: str | None
     handles: list[Handle]
+    record: AccessRecord = field(default_factory=AccessRecord)
     started: float = field(default_factory=time.perf_counter)
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -249,11 +272,13 @@ class Reply:
         """Timing and counts of one step, into the metrics."""
         m, now = self.service.metrics, time.perf_counter()
         if step.token_id is not None:
+            self.record.first_token()
             hist = m.ttft if i not in self.last else m.per_token
             hist.labels(label(self.adapter)).observe(now - self.last.get(i, self.started))
             self.last[i] = now
         if step.finish_reason is not None:
             self.finals[i] = step
+            self.record.completion_tokens = sum(s.completion_tokens for s in self.finals.values())
 
     def usage(self) -> dict[str, int]:
         """OpenAI's usage counts: each prompt counted once, every choice's completion tokens."""
@@ -271,13 +296,14 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.body.model, "choices": choices}
 
     async def whole(self) -> JSONResponse:
-        """Wait for every choice; the whole response (500 if the engine failed one)."""
+        """Wait for every choice; the whole response (500 if the engine failed one, 503 if the server did)."""
         texts = [self.head(i) for i in range(len(self.handles))]
         async for i, step in self.steps():
             texts[i] += step.text
         failed = [s for s in self.finals.values() if s.finish_reason == "error"]
         if failed:
-            raise APIError(500, f"generation failed: {failed[0].error or 'engine error'}")
+            status, headers = (503, {"Retry-After": "5"}) if failed[0].unavailable else (500, None)
+            raise APIError(status, f"generation failed: {failed[0].error or 'engine error'}", headers=headers)
         choices = []
         for i, text in enumerate(texts):
             reason = self.finals[i].finish_reason
@@ -300,7 +326,8 @@ class Reply:
                     yield event(self.frame([{"index": i, "text": self.head(i), "finish_reason": None}], chunk=True))
             async for i, step in self.steps():
                 if step.finish_reason == "error":
-                    yield event(error_body(500, f"generation failed: {step.error or 'engine error'}"))
+                    status = 503 if step.unavailable else 500
+                    yield event(error_body(status, f"generation failed: {step.error or 'engine error'}"))
                     continue
                 if not step.text and step.finish_reason is None:
                     continue

@@ -176,7 +176,9 @@ class DoraLinear(LoraLinear):
         return ops.merged_weight(weight, self.weight_delta())  # not low rank: no addmm shortcut
 
     def mixed_forward(self, x: Tensor, *state: Tensor) -> Tensor:
-        raise NotImplementedError("DoRA adapters do not run in mixed batches (the row norm is per adapter)")
+        # mixed_batch refuses a batch that names a DoRA adapter (the row norm is per adapter), and a layer holds one
+        # variant, so no row of a mixed batch uses this layer's adapters: every row runs the bare base here
+        return self.base(x)
 
 
 class DoraConv1D(DoraLinear):

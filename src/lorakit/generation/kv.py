@@ -44,6 +44,13 @@ def _forward(model: nn.Module, cache: object | None, **inputs: Tensor) -> tuple[
     return out.logits[:, -1], new if new is not None else out.past_key_values
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The model's longest sequence (max_position_embeddings), or None when its config does not say."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) else None
+
+
 def _pad_left(t: Tensor, n: int, dim: int) -> Tensor:
     """`t` with n zeros in front along `dim`."""
     if n == 0:
