@@ -49,6 +49,7 @@ def export(args: argparse.Namespace) -> int:
     for a in adapters:
         if not a.is_dir():
             raise BadInput(f"--adapter {a}: no such directory")
+        inputs(prepare.check_adapter_base, args.model, a)  # which base it belongs to, before any format's checks
     if args.format != "onnx":  # before the model is loaded: what llama.cpp's GGUF cannot express
         from ..export.gguf_adapter import check_adapter
         from ..export.gguf_model import check_model
@@ -65,6 +66,8 @@ def export(args: argparse.Namespace) -> int:
             except LoraFileError as e:
                 raise BadInput(_flags(e)) from None
     texts = args.text or prepare.PROOF_TEXTS
+    if any(t == "" for t in texts):  # after the model, task and adapter checks: those say more
+        raise BadInput("--text '': a proof input needs at least one character")
     progress = Progress()
     model, tok, task = inputs(prepare.load_unmerged, args.model, adapters, **base_check(args), progress=progress)
     try:

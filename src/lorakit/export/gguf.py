@@ -29,8 +29,9 @@ from ..files.atomic import replacing_dir
 from ..train.progress import Progress, quiet
 from .gguf_adapter import write_gguf_adapter
 from .gguf_model import write_gguf_model
-from .prepare import PROOF_TEXTS, Exported, ExportInputError, ProofFailed
-from .proof import Proof, compare, write_proofs
+from .gguf_vocab import TOKENIZER_CHECK
+from .prepare import PROOF_TEXTS, Exported, ExportInputError, ProofFailed, proof_texts
+from .proof import Proof, compare, with_adapter_effect, write_proofs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -93,12 +94,14 @@ def export_gguf(
             'adapter files) or merge them into the model (format "gguf")'
         )
     out = Path(out)
+    texts = proof_texts(tok, texts)
     ids = [tok(t)["input_ids"] for t in texts]
-    with progress.task("computing lorakit's logits and greedy tokens (adapter unmerged)"):
+    checks = [(t, tok(t)["input_ids"]) for t in (*texts, *TOKENIZER_CHECK)]
+    with progress.task("computing lorakit's logits and greedy tokens (adapter unmerged, and the base alone)"):
         reference = _reference(model, ids)
-        if adapter_only:
-            with disable_adapters(model):
-                base_reference = _reference(model, ids)
+        with disable_adapters(model):
+            base_reference = _reference(model, ids, greedy=GREEDY_TOKENS if adapter_only else 0)
+    effect = max(float((a - b).abs().max()) for a, b in zip(reference.logits, base_reference.logits, strict=True))
     with replacing_dir(out) as new:
         model_file = new / MODEL_FILE
         if adapter_only:
@@ -121,10 +124,21 @@ def export_gguf(
                     Path(merged) / "model", model_file, dtype=dtype, progress=progress, shown_as=out / MODEL_FILE
                 )
             runs = [("merged", None, reference)]
-        proofs = []
+        proofs, got = [], []
         for what, lora, want in runs:
             with progress.task(f"running {what} in llama.cpp"):
-                proofs.append(_prove(model_file, lora, ids, texts, want, what, dtype, tolerance))
+                proof, logits = _prove(model_file, lora, ids, checks, want, what, dtype, tolerance)
+            proofs.append(proof)
+            got.append(logits)
+        if adapter_only:  # what llama.cpp's adapter adds to its own base, against what lorakit's adds
+            runtime_delta, lorakit_delta = (
+                got[1] - got[0],
+                torch.cat(reference.logits) - torch.cat(base_reference.logits),
+            )
+            error = float((runtime_delta - lorakit_delta).abs().max())
+        else:  # no base artefact to run: the runtime's base is taken as lorakit's, its whole error counts
+            error = proofs[0].max_abs_diff
+        proofs[-1] = with_adapter_effect(proofs[-1], effect, error)
         write_proofs(new / "proof.json", proofs)
         for p in proofs:
             if not p.passed:
@@ -145,47 +159,51 @@ class _Reference:
         self.logits, self.greedy, self.steps = logits, greedy, steps
 
 
-def _reference(model: PreTrainedModel, ids: list[list[int]]) -> _Reference:
-    """Run each input alone (no padding), then GREEDY_TOKENS greedy steps, recomputing the whole sequence each step."""
-    logits, greedy, steps = [], [], []
+def _reference(model: PreTrainedModel, ids: list[list[int]], greedy: int = GREEDY_TOKENS) -> _Reference:
+    """Run each input alone (no padding), then `greedy` greedy steps, recomputing the whole sequence each step."""
+    logits, chosen_all, steps = [], [], []
     with torch.no_grad():
         for row in ids:
             seq = list(row)
             logits.append(model(torch.tensor([seq]), use_cache=False).logits[0].double())
             chosen, at = [], []
-            for step in range(GREEDY_TOKENS):  # the first step's logits are the prompt's last row, computed above
+            for step in range(greedy):  # the first step's logits are the prompt's last row, computed above
                 last = logits[-1][-1] if step == 0 else model(torch.tensor([seq]), use_cache=False).logits[0, -1]
                 last = last.double()
                 at.append(last)
                 chosen.append(int(last.argmax()))
                 seq.append(chosen[-1])
-            greedy.append(chosen)
+            chosen_all.append(chosen)
             steps.append(at)
-    return _Reference(logits, greedy, steps)
+    return _Reference(logits, chosen_all, steps)
 
 
 def _prove(
     model_file: Path,
     lora: Path | None,
     ids: list[list[int]],
-    texts: tuple[str, ...] | list[str],
+    checks: list[tuple[str, list[int]]],
     want: _Reference,
     what: str,
     dtype: str,
     tolerance: float | None,
-) -> Proof:
-    """llama.cpp's logits (every position), tokenizer and greedy tokens for `ids`, against lorakit's `want`."""
+) -> tuple[Proof, torch.Tensor]:
+    """(the Proof, llama.cpp's logits at every position of `ids`): logits, tokenizer on `checks`, greedy tokens."""
     import llama_cpp
 
     longest = max(len(r) for r in ids) + GREEDY_TOKENS
     llm = _load(llama_cpp, model_file, lora, n_ctx=max(64, longest))
     got: list[torch.Tensor] = []
-    agree, tokens_ok, parted = 0, True, False
+    agree, parted = 0, False
     if tolerance is None:
         scale = max(1.0, max(float(t.abs().max()) for t in want.logits)) if dtype in RELATIVE else 1.0
         tolerance = TOLERANCE[dtype] * scale
-    for row, text, ref_greedy, ref_steps in zip(ids, texts, want.greedy, want.steps, strict=True):
-        tokens_ok &= _tokenize(llm, text) == list(row)
+    notes = []
+    for text, row in checks:  # llama.cpp's own tokenizer on the proof texts and the fixed check set
+        theirs = _tokenize(llm, text)
+        if theirs != list(row):
+            notes.append(f"llama.cpp tokenises {text[:60]!r} as {theirs[:16]}..., transformers as {list(row)[:16]}...")
+    for row, ref_greedy, ref_steps in zip(ids, want.greedy, want.steps, strict=True):
         llm.reset()
         llm.eval(row)
         got.append(torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float64)))
@@ -196,8 +214,9 @@ def _prove(
                 break
             agree += 1
             llm.eval([token])
+    logits = torch.cat(got)
     proof = compare(
-        torch.cat(got),
+        logits,
         torch.cat(want.logits),
         None,
         runtime=f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, CPU, f32 KV cache)",
@@ -206,20 +225,28 @@ def _prove(
         dtype=dtype,
         tolerance=tolerance,
     )
-    return replace(
+    proof = replace(
         proof,
         inputs=len(ids),
-        passed=proof.passed and tokens_ok and not parted,
+        passed=proof.passed and not notes and not parted,
         what=what,
-        tokenizer_agrees=tokens_ok,
-        greedy_tokens=GREEDY_TOKENS * len(ids),
+        tokenizer_agrees=not notes,
+        tokenizer_texts=len(checks),
+        greedy_tokens=sum(len(g) for g in want.greedy),
         greedy_agree=agree,
+        notes=tuple(notes[:3])
+        + ((f"... and {len(notes) - 3} more texts tokenised differently",) if len(notes) > 3 else ()),
     )
+    return proof, logits
 
 
 def _tokenize(llm: Any, text: str) -> list[int]:
-    """llama.cpp's token ids for `text`, special tokens added as the GGUF's vocabulary says (as llama-cli does)."""
-    return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+    """llama.cpp's token ids for `text`: BOS/EOS added as the GGUF says, special tokens in the text parsed as such.
+
+    transformers parses every added token written in a text (`<|im_end|>` is one id), as llama.cpp does with
+    `special=True` (llama-cli and llama-server parse a chat template's rendered prompt so).
+    """
+    return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
 
 def _load(llama_cpp: Any, model_file: Path, lora: Path | None, *, n_ctx: int) -> Any:
