@@ -76,7 +76,7 @@ def proof_texts(tok: PreTrainedTokenizerBase, texts: tuple[str, ...] | list[str]
         except Exception as e:  # jinja2's errors: the template is the user's
             raise ExportInputError(f"the tokenizer's chat template cannot render a plain conversation: {e}") from None
     special = {i: t.content for i, t in tok.added_tokens_decoder.items()}
-    special.update({tok.convert_tokens_to_ids(t): t for t in tok.all_special_tokens})
+    special.update({int(tok.convert_tokens_to_ids(t)): t for t in tok.all_special_tokens})  # type: ignore[arg-type]
     contents = [special[i] for i in sorted(special)]
     out += ["".join(contents[i : i + SPECIAL_PER_TEXT]) for i in range(0, len(contents), SPECIAL_PER_TEXT)]
     return tuple(out)

@@ -23,8 +23,8 @@ from ..files.atomic import write_json
 TOLERANCE = {"f32": 1e-4}  # max |Δlogit| allowed, per dtype of the exported weights
 # The adapter's effect must be reproduced to within this fraction of it: max |runtime's Δ − lorakit's Δ| ≤
 # ADAPTER_REL[dtype] × max |lorakit's Δ|, Δ = adapted − base logits. An artefact without the adapter errs by all of
-# it (1.0). Measured (docs/export.md): f32 under 1e-5 of the effect; f16, bf16, q8_0 under a fifth of these bounds.
-ADAPTER_REL = {"f32": 1e-2, "f16": 0.1, "bf16": 0.25, "q8_0": 0.5}
+# it (1.0), so any fraction under 1 catches one; the lossy ones leave room for rounding (docs/export.md, measured).
+ADAPTER_REL = {"f32": 1e-2, "f16": 0.25, "bf16": 0.5, "q8_0": 0.5}
 
 
 @dataclass(frozen=True)
