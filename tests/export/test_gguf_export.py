@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 import lorakit as lk
 from lorakit.cli import main
 from lorakit.export import gguf, prepare
+from lorakit.export.gguf_vocab import TOKENIZER_CHECK
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_gguf_model import save_bpe_llama  # noqa: E402
@@ -70,8 +71,9 @@ def test_gguf_adapter_cli_proves_base_and_base_plus_adapter_in_llama_cpp(llama, 
     assert proofs["passed"] and [p["what"] for p in proofs["proofs"]] == ["base", "model.gguf + adapter.gguf"]
     for p in proofs["proofs"]:
         assert p["max_abs_diff"] < 1e-5 and p["tolerance"] == 1e-4  # measured ~6e-7
-        assert p["argmax_agree"] == p["positions"] and p["greedy_agree"] == p["greedy_tokens"] == 32
-        assert p["tokenizer_agrees"] is True
+        # 8 greedy tokens after each of the 4 proof texts and the special-token text (<pad><s></s>)
+        assert p["argmax_agree"] == p["positions"] and p["greedy_agree"] == p["greedy_tokens"] == 40
+        assert p["tokenizer_agrees"] is True and p["tokenizer_texts"] == 5 + len(TOKENIZER_CHECK)
         assert p["runtime"].startswith("llama.cpp (llama-cpp-python")
     assert r.stdout.strip().splitlines()[-1] == f"exported causal-lm model to {out / 'adapter.gguf'} (f32); proof in {out / 'proof.json'}"
 

@@ -85,7 +85,7 @@ def test_a_zeroed_adapter_fails_the_f16_gguf_adapter_proof(chat, tmp_path, monke
     base, adapter = chat
     done = gguf.export_gguf(model, tok, task, base, [adapter], tmp_path / "ok", dtype="f16", adapter_only=True)
     proof = done.proof
-    assert proof.passed and proof.adapter_error < proof.adapter_tolerance / 10  # control: the real one is proven
+    assert proof.passed and proof.adapter_error < proof.adapter_tolerance / 4  # control: the real one is proven
     _zero_lora_b_in_the_file(monkeypatch)
     with pytest.raises(prepare.ProofFailed, match="does not carry the adapter's effect") as e:
         gguf.export_gguf(model, tok, task, base, [adapter], tmp_path / "zeroed", dtype="f16", adapter_only=True)

@@ -25,6 +25,7 @@ TOLERANCE = {"f32": 1e-4}  # max |Δlogit| allowed, per dtype of the exported we
 # ADAPTER_REL[dtype] × max |lorakit's Δ|, Δ = adapted − base logits. An artefact without the adapter errs by all of
 # it (1.0), so any fraction under 1 catches one; the lossy ones leave room for rounding (docs/export.md, measured).
 ADAPTER_REL = {"f32": 1e-2, "f16": 0.25, "bf16": 0.5, "q8_0": 0.5}
+MISSING = 0.75  # an error past this fraction of the effect is reported as the adapter missing, not as rounding
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,12 @@ def with_adapter_effect(proof: Proof, effect: float, error: float) -> Proof:
             "the adapter does not change lorakit's logits on the proof inputs: there is no effect to prove "
             "(an untrained adapter?); prove on texts where it acts (--text)",
         )
+    elif not passed and error > MISSING * effect:  # as far from lorakit's adapted model as the base is
+        notes += (
+            f"the artefact does not carry the adapter's effect: lorakit's adapter moves the logits by up to "
+            f"{effect:.2g}, the runtime's differs from that by {error:.2g} (tolerance {tolerance:.1e})"
+            + (f", though the logits alone were within {proof.dtype}'s tolerance" if error <= proof.tolerance else ""),
+        )
     elif not passed and error <= proof.tolerance:
         notes += (
             f"the adapter's effect on the proof inputs (max |Δlogit| {effect:.2g}) is too small to prove at "
@@ -108,7 +115,7 @@ def with_adapter_effect(proof: Proof, effect: float, error: float) -> Proof:
         )
     elif not passed:
         notes += (
-            f"the artefact does not carry the adapter's effect: lorakit's adapter moves the logits by up to "
+            f"the runtime does not reproduce the adapter's effect: lorakit's adapter moves the logits by up to "
             f"{effect:.2g}, the runtime's differs from that by {error:.2g} (tolerance {tolerance:.1e})",
         )
     return replace(
