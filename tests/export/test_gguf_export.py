@@ -140,6 +140,7 @@ def test_bad_input_exits_2_before_loading_and_writes_nothing(llama, tmp_path, ca
     import _hf_models
 
     gpt2 = _hf_models.save_tiny("gpt2", tmp_path / "gpt2")
+    gpt2_adapter = _adapter(gpt2, tmp_path / "gpt2-adapter", lk.LoraConfig(rank=2), ["c_attn"])
     tied = save_bpe_llama(tmp_path / "tied", tie=True)
     head = _adapter(tied, tmp_path / "head", lk.LoraConfig(rank=2), ["lm_head"])
     other = copy.deepcopy(json.loads((base_dir / "config.json").read_text()))
@@ -151,7 +152,8 @@ def test_bad_input_exits_2_before_loading_and_writes_nothing(llama, tmp_path, ca
     (bigger / "config.json").write_text(json.dumps(other))
     out = tmp_path / "out"
     cases = [
-        (["--model", gpt2, "--adapter", adapter, "--format", "gguf"], "GGUF export (model and adapter) supports"),
+        (["--model", gpt2, "--adapter", gpt2_adapter, "--format", "gguf"], "GGUF export (model and adapter) supports"),
+        (["--model", gpt2, "--adapter", adapter, "--format", "gguf"], "saved for a LlamaForCausalLM base"),
         (["--model", base_dir, "--adapter", adapter, "--adapter", adapter, "--format", "gguf-adapter"],
          "writes one adapter, got 2"),
         (["--model", tied, "--adapter", head, "--format", "gguf-adapter"], "ties lm_head to the embeddings"),
