@@ -106,6 +106,6 @@ def test_an_adapter_exported_onto_another_architecture_names_the_base_it_belongs
         code, _, err = _export(capsys, "--model", base, "--adapter", tmp_path / "adapter", "--format", fmt, "--out",
                                tmp_path / fmt)
         assert code == 2, err
-        assert "saved for a GPT2LMHeadModel base" in err and str(gpt2) in err and "LlamaForCausalLM" in err, err
+        assert "saved for a GPT2LMHeadModel base" in err and "adapter" in err and str(gpt2) in err and "LlamaForCausalLM" in err, err
         assert "matches no module" not in err
         assert not (tmp_path / fmt).exists()

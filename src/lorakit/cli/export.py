@@ -88,7 +88,7 @@ def export(args: argparse.Namespace) -> int:
             )
     except prepare.ProofFailed as e:
         print(json.dumps(asdict(e.proof), indent=2))
-        print(f"{e}; nothing written at {args.out}")
+        print(f"{_flags(e)}; nothing written at {args.out}")
         return 1
     except (LoraFileError, prepare.ExportInputError) as e:  # what the writers refuse (the reason is in e)
         raise BadInput(_flags(e)) from None
@@ -100,7 +100,16 @@ def export(args: argparse.Namespace) -> int:
 
 def _flags(e: BaseException) -> str:
     """The library's message with the remedy worded in this command's flags."""
-    return str(e).replace('(format "gguf")', "(--format gguf)").replace("(task causal-lm)", "(--task causal-lm)")
+    words = {
+        '(format "gguf")': "(--format gguf)",
+        "(task causal-lm)": "(--task causal-lm)",
+        "export it in f32": "export it with --dtype f32",
+        "texts where the adapter acts more": "texts where the adapter acts more (--text)",
+    }
+    text = str(e)
+    for library, flags in words.items():
+        text = text.replace(library, flags)
+    return text
 
 
 def add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

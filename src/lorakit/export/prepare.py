@@ -113,7 +113,7 @@ def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path) -> None:
     saved_type = (sidecar.base.get("config") or {}).get("model_type")
     if saved_type is not None and config.get("model_type") is not None and saved_type != config["model_type"]:
         raise ExportInputError(  # the class may differ by its head alone (a classifier on a BertModel): not compared
-            f"--adapter {adapter_dir} was saved for a {sidecar.base.get('class')} base (model_type {saved_type!r}, "
+            f"the adapter {adapter_dir} was saved for a {sidecar.base.get('class')} base (model_type {saved_type!r}, "
             f"{sidecar.base.get('path', 'path not recorded')}; {sidecar.path}), but {model_dir} is a {archs[0]} "
             f"(model_type {config['model_type']!r}): export it with the base it was trained on"
         )

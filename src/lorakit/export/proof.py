@@ -99,7 +99,7 @@ def with_adapter_effect(proof: Proof, effect: float, error: float) -> Proof:
     if effect == 0.0:
         notes += (
             "the adapter does not change lorakit's logits on the proof inputs: there is no effect to prove "
-            "(an untrained adapter?); prove on texts where it acts (--text)",
+            "(an untrained adapter?); prove it on texts where it acts",
         )
     elif not passed and error > MISSING * effect:  # as far from lorakit's adapted model as the base is
         notes += (
@@ -111,7 +111,7 @@ def with_adapter_effect(proof: Proof, effect: float, error: float) -> Proof:
         notes += (
             f"the adapter's effect on the proof inputs (max |Δlogit| {effect:.2g}) is too small to prove at "
             f"{proof.dtype}: the runtime reproduces it only to {error:.2g}, within {proof.dtype}'s rounding "
-            f"({proof.tolerance:.1e}); export at --dtype f32, or prove on texts where the adapter acts more (--text)",
+            f"({proof.tolerance:.1e}); export it in f32, or prove it on texts where the adapter acts more",
         )
     elif not passed:
         notes += (
