@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"Model: {model}, byte-level BPE vocabulary; adapter: rsLoRA r8 with rank/alpha patterns on every "
         "projection, the embeddings and the head. `files`: everything the export wrote but the proof (a "
         "gguf-adapter export holds the base GGUF too). The proof's figures are computed over every position of "
-        "4 texts; greedy = tokens a greedy continuation chose as lorakit did.\n\n" + harness.table(header, rows) + "\n"
+        "the proof texts (4 sentences and one of the special tokens); greedy = tokens a greedy continuation chose as "
+        "lorakit did.\n\n" + harness.table(header, rows) + "\n"
     )
     args.out.write_text(text, encoding="utf-8")
     print(f"wrote {args.out}")

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 import lorakit as lk
 from lorakit.cli import main
 from lorakit.export import gguf, prepare
+from lorakit.export.gguf_vocab import TOKENIZER_CHECK
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_gguf_model import save_bpe_llama  # noqa: E402
@@ -70,8 +71,9 @@ def test_gguf_adapter_cli_proves_base_and_base_plus_adapter_in_llama_cpp(llama, 
     assert proofs["passed"] and [p["what"] for p in proofs["proofs"]] == ["base", "model.gguf + adapter.gguf"]
     for p in proofs["proofs"]:
         assert p["max_abs_diff"] < 1e-5 and p["tolerance"] == 1e-4  # measured ~6e-7
-        assert p["argmax_agree"] == p["positions"] and p["greedy_agree"] == p["greedy_tokens"] == 32
-        assert p["tokenizer_agrees"] is True
+        # 8 greedy tokens after each of the 4 proof texts and the special-token text (<pad><s></s>)
+        assert p["argmax_agree"] == p["positions"] and p["greedy_agree"] == p["greedy_tokens"] == 40
+        assert p["tokenizer_agrees"] is True and p["tokenizer_texts"] == 5 + len(TOKENIZER_CHECK)
         assert p["runtime"].startswith("llama.cpp (llama-cpp-python")
     assert r.stdout.strip().splitlines()[-1] == f"exported causal-lm model to {out / 'adapter.gguf'} (f32); proof in {out / 'proof.json'}"
 
@@ -138,6 +140,7 @@ def test_bad_input_exits_2_before_loading_and_writes_nothing(llama, tmp_path, ca
     import _hf_models
 
     gpt2 = _hf_models.save_tiny("gpt2", tmp_path / "gpt2")
+    gpt2_adapter = _adapter(gpt2, tmp_path / "gpt2-adapter", lk.LoraConfig(rank=2), ["c_attn"])
     tied = save_bpe_llama(tmp_path / "tied", tie=True)
     head = _adapter(tied, tmp_path / "head", lk.LoraConfig(rank=2), ["lm_head"])
     other = copy.deepcopy(json.loads((base_dir / "config.json").read_text()))
@@ -149,7 +152,8 @@ def test_bad_input_exits_2_before_loading_and_writes_nothing(llama, tmp_path, ca
     (bigger / "config.json").write_text(json.dumps(other))
     out = tmp_path / "out"
     cases = [
-        (["--model", gpt2, "--adapter", adapter, "--format", "gguf"], "GGUF export (model and adapter) supports"),
+        (["--model", gpt2, "--adapter", gpt2_adapter, "--format", "gguf"], "GGUF export (model and adapter) supports"),
+        (["--model", gpt2, "--adapter", adapter, "--format", "gguf"], "saved for a LlamaForCausalLM base"),
         (["--model", base_dir, "--adapter", adapter, "--adapter", adapter, "--format", "gguf-adapter"],
          "writes one adapter, got 2"),
         (["--model", tied, "--adapter", head, "--format", "gguf-adapter"], "ties lm_head to the embeddings"),

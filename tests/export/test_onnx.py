@@ -136,10 +136,12 @@ def test_minilm_seq_cls_cli(minilm, exported, dtype):
     proofs = json.loads((out / "proof.json").read_text())
     assert proofs["passed"] and len(proofs["proofs"]) == 1
     proof = proofs["proofs"][0]
-    assert proof["passed"] and proof["dtype"] == dtype and proof["positions"] == 4
+    # the four proof texts and one of the tokenizer's special tokens ([PAD][UNK][CLS][SEP][MASK])
+    assert proof["passed"] and proof["dtype"] == dtype and proof["positions"] == 5
     # q8_0 may part from lorakit only at a near-tie (the proof's rule): "ok" (top two 0.08 apart) flipped here, on
     # this AMD CPU; another CPU's int8 kernels may keep it
-    assert proof["argmax_agree"] == 4 or (dtype == "q8_0" and proof["argmax_agree"] == 3)
+    assert proof["argmax_agree"] == 5 or (dtype == "q8_0" and proof["argmax_agree"] >= 4)
+    assert proof["adapter_error"] <= proof["adapter_tolerance"] < proof["adapter_effect"]
     assert proof["max_abs_diff"] <= proof["tolerance"]
     assert json.loads((out / "config.json").read_text())["id2label"] == {str(k): v for k, v in LABELS.items()}
     assert sorted(f.name for f in out.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]  # no f32 left over

@@ -49,6 +49,7 @@ def export(args: argparse.Namespace) -> int:
     for a in adapters:
         if not a.is_dir():
             raise BadInput(f"--adapter {a}: no such directory")
+        inputs(prepare.check_adapter_base, args.model, a)  # which base it belongs to, before any format's checks
     if args.format != "onnx":  # before the model is loaded: what llama.cpp's GGUF cannot express
         from ..export.gguf_adapter import check_adapter
         from ..export.gguf_model import check_model
@@ -65,6 +66,8 @@ def export(args: argparse.Namespace) -> int:
             except LoraFileError as e:
                 raise BadInput(_flags(e)) from None
     texts = args.text or prepare.PROOF_TEXTS
+    if any(t == "" for t in texts):  # after the model, task and adapter checks: those say more
+        raise BadInput("--text '': a proof input needs at least one character")
     progress = Progress()
     model, tok, task = inputs(prepare.load_unmerged, args.model, adapters, **base_check(args), progress=progress)
     try:
@@ -85,7 +88,7 @@ def export(args: argparse.Namespace) -> int:
             )
     except prepare.ProofFailed as e:
         print(json.dumps(asdict(e.proof), indent=2))
-        print(f"{e}; nothing written at {args.out}")
+        print(f"{_flags(e)}; nothing written at {args.out}")
         return 1
     except (LoraFileError, prepare.ExportInputError) as e:  # what the writers refuse (the reason is in e)
         raise BadInput(_flags(e)) from None
@@ -97,7 +100,16 @@ def export(args: argparse.Namespace) -> int:
 
 def _flags(e: BaseException) -> str:
     """The library's message with the remedy worded in this command's flags."""
-    return str(e).replace('(format "gguf")', "(--format gguf)").replace("(task causal-lm)", "(--task causal-lm)")
+    words = {
+        '(format "gguf")': "(--format gguf)",
+        "(task causal-lm)": "(--task causal-lm)",
+        "export it in f32": "export it with --dtype f32",
+        "texts where the adapter acts more": "texts where the adapter acts more (--text)",
+    }
+    text = str(e)
+    for library, flags in words.items():
+        text = text.replace(library, flags)
+    return text
 
 
 def add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ..errors import LoraFileError
@@ -122,6 +123,9 @@ def _convert(
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, t in file.tensors.items():
         parts = split_key(key)
+        if parts is not None and parts[1] == "base_weight":  # PEFT saves the embeddings whole beside their LoRA
+            _check_base_copy(file.where, key, t, base_dir, parts[0] + ".weight")
+            continue  # the base's own weight: llama.cpp reads it from the model file
         if parts is None or parts[1] not in ("lora_A", "lora_B"):
             raise GgufExportError(
                 f"{file.where}: tensor {key!r}: a llama.cpp adapter holds only lora_A/lora_B pairs (no biases, "
@@ -171,6 +175,31 @@ def _convert(
             tensors[name + ".lora_b"] = b.contiguous().numpy()
             task.advance()
     return alpha, tensors, folded
+
+
+def _check_base_copy(where: str, key: str, copy: Tensor, base_dir: Path, name: str) -> None:
+    """GgufExportError unless the adapter file's copy of a base weight (PEFT's default with LoRA on embeddings,
+    `save_embedding_layers="auto"`) equals the base's own `name`: a changed one is a full weight llama.cpp's
+    adapter cannot hold."""
+    from safetensors import safe_open
+
+    for f in sorted(base_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            if name in st.keys():  # noqa: SIM118 (safe_open has keys(), not __contains__)
+                base = st.get_tensor(name)
+                break
+    else:
+        raise GgufExportError(f"{where}: tensor {key!r} copies {name!r}, which {base_dir} does not hold")
+    if base.shape != copy.shape or not torch.equal(base.to(copy.dtype), copy):
+        diff = (
+            "shape differs"
+            if base.shape != copy.shape
+            else f"max |Δ| {float((base.float() - copy.float()).abs().max()):.2g}"
+        )
+        raise GgufExportError(
+            f"{where}: tensor {key!r} is a full copy of {name!r} that differs from {base_dir}'s ({diff}): a "
+            'llama.cpp adapter holds only lora_a/lora_b pairs; merge into the model and export that (format "gguf")'
+        )
 
 
 def rope_permute(rows: Tensor, n_head: int) -> Tensor:

@@ -5,13 +5,12 @@ What llama.cpp's `convert_hf_to_gguf.py` (its `LlamaModel` and `TextModel.set_gg
 `TensorNameMap`, q/k projection rows permuted from HF's rotate-half order to GGML's interleaved RoPE
 (`LlamaModel.permute`), 1-D tensors (norms, biases) always f32, no `output.weight` when lm_head is tied (llama.cpp
 then reads token_embd), and the vocabulary as a "gpt2" (byte-level BPE) tokenizer with the merges and special
-ids gguf's `SpecialVocab` reads from the directory. RoPE scaling (llama3, yarn, ...) and quantised checkpoints
-are refused with the reason.
+ids gguf's `SpecialVocab` reads from the directory, and the pre-tokenizer llama.cpp must run (gguf_vocab.py). RoPE
+scaling (llama3, yarn, ...), sliding-window attention and quantised checkpoints are refused with the reason.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from ..files.atomic import replacing
 from ..train import progress as progress_mod
 from ..train.progress import Progress
 from .gguf_adapter import GgufExportError, llama_hparams, rope_permute
+from .gguf_vocab import pre_tokenizer, write_vocab
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -97,7 +97,7 @@ def write_gguf_model(
     with progress.task(f"writing {shown_as or out}", total=len(tensors), unit="tensors") as task, replacing(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch="llama")
         _write_params(gguf, writer, hparams, model_dir.name, dtype)
-        _write_vocab(gguf, writer, model_dir, int(hparams["vocab_size"]))
+        write_vocab(gguf, writer, model_dir, int(hparams["vocab_size"]))
         types: dict[str, tuple[tuple[int, ...], str]] = {}
         for name, data in tensors.items():
             qtype = _qtype(gguf, data, dtype)
@@ -120,7 +120,7 @@ def check_model(model_dir: str | Path) -> None:
     """Raise GgufExportError unless the model at `model_dir` is one `write_gguf_model` can write (before any work)."""
     model_dir = Path(model_dir)
     _check_supported(model_dir, llama_hparams(model_dir))
-    _check_byte_level_bpe(model_dir / "tokenizer.json")
+    pre_tokenizer(model_dir / "tokenizer.json")
 
 
 def _check_supported(model_dir: Path, hparams: dict[str, Any]) -> None:
@@ -132,22 +132,12 @@ def _check_supported(model_dir: Path, hparams: dict[str, Any]) -> None:
     kind = rope.get("rope_type") or rope.get("type") or "default"
     if kind != "default":
         raise GgufExportError(f"{where}: rope_type {kind!r}: only unscaled RoPE is exported to GGUF by lorakit")
-
-
-def _check_byte_level_bpe(path: Path) -> None:
-    """Refuse a tokenizer that llama.cpp's "gpt2" vocabulary would not reproduce (it needs byte-level BPE merges)."""
-    if not path.is_file():
-        raise GgufExportError(f"{path}: no such file (the GGUF carries the vocabulary; a fast tokenizer is needed)")
-    try:
-        tj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GgufExportError(f"{path}: not valid JSON ({e})") from None
-    kind = (tj.get("model") or {}).get("type")
-    if kind != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
+    window, context = hparams.get("sliding_window"), int(hparams.get("max_position_embeddings") or 0)
+    if window is not None and int(window) < context:  # Mistral v0.1-style: each token sees the last `window` only
         raise GgufExportError(
-            f"{path}: a {kind} tokenizer with pre_tokenizer {json.dumps(tj.get('pre_tokenizer'))[:120]}: lorakit "
-            'writes llama.cpp\'s byte-level BPE ("gpt2") vocabulary only (SentencePiece and word-level '
-            "vocabularies are not exported yet)"
+            f"{where}: sliding_window={window} is smaller than the context ({context} positions): llama.cpp's "
+            "llama graph attends to every earlier position, so past the window it would compute another model; "
+            "lorakit does not export sliding-window attention to GGUF"
         )
 
 
@@ -183,27 +173,3 @@ def _write_params(gguf: Any, writer: Any, hparams: dict[str, Any], name: str, dt
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-
-
-def _write_vocab(gguf: Any, writer: Any, model_dir: Path, vocab_size: int) -> None:
-    """The tokenizer as llama.cpp's "gpt2" vocabulary (convert_hf_to_gguf's get_vocab_base / _set_vocab_gpt2)."""
-    from transformers import AutoTokenizer
-
-    _check_byte_level_bpe(model_dir / "tokenizer.json")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    reverse = {i: t for t, i in tok.get_vocab().items()}
-    added = tok.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        tokens.append(reverse[i])
-        special = i in added and added[i].special
-        types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(writer)

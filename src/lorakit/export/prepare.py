@@ -26,6 +26,14 @@ PROOF_TEXTS = (
     "Edge devices run small models.",
     "ok",
 )
+# A conversation rendered with the model's chat template (when it has one) is proven too: the template's own tokens
+# (`<|im_start|>`, `<|im_end|>`, ...) are what a chat user's every prompt reads.
+CHAT = (
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3 + 3?"},
+)
+SPECIAL_PER_TEXT = 32  # special and added tokens per proof text (a 256-token reserve becomes 8 short texts)
 
 
 class ExportInputError(LoraError, ValueError):
@@ -55,6 +63,25 @@ class Exported:
         return self.proofs[-1]
 
 
+def proof_texts(tok: PreTrainedTokenizerBase, texts: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """What every proof runs: `texts`, the chat template rendered (if any), and every special and added token.
+
+    A proof reads only the embedding rows of the tokens it runs, so a token it never runs (a corrupted
+    `<|im_end|>` row, say) would pass unseen; the special and added tokens go in texts of `SPECIAL_PER_TEXT`.
+    """
+    out = [*texts]
+    if getattr(tok, "chat_template", None):
+        try:
+            out.append(str(tok.apply_chat_template(list(CHAT), tokenize=False, add_generation_prompt=True)))
+        except Exception as e:  # jinja2's errors: the template is the user's
+            raise ExportInputError(f"the tokenizer's chat template cannot render a plain conversation: {e}") from None
+    special = {i: t.content for i, t in tok.added_tokens_decoder.items()}
+    special.update({int(tok.convert_tokens_to_ids(t)): t for t in tok.all_special_tokens})  # type: ignore[arg-type]
+    contents = [special[i] for i in sorted(special)]
+    out += ["".join(contents[i : i + SPECIAL_PER_TEXT]) for i in range(0, len(contents), SPECIAL_PER_TEXT)]
+    return tuple(out)
+
+
 def check_exportable(model_dir: str | Path) -> Path:
     """The model directory, checked for what export cannot take (a quantised base)."""
     path = hf.check_model_dir(model_dir)
@@ -67,6 +94,29 @@ def check_exportable(model_dir: str | Path) -> Path:
             "export from the unquantised base model"
         )
     return path
+
+
+def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path) -> None:
+    """ExportInputError naming the base an adapter was saved for (its lorakit.json), if `model_dir` is another kind.
+
+    Run before loading: an adapter put on another architecture would otherwise fail at its first target ("matches
+    no module") without saying which base it belongs to. Same-kind bases are compared weight by weight at load.
+    """
+    from ..files import provenance
+
+    sidecar = provenance.read(adapter_dir)
+    config_file = Path(model_dir) / "config.json"
+    if sidecar is None or not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    archs = config.get("architectures") or ["(no architectures in config.json)"]
+    saved_type = (sidecar.base.get("config") or {}).get("model_type")
+    if saved_type is not None and config.get("model_type") is not None and saved_type != config["model_type"]:
+        raise ExportInputError(  # the class may differ by its head alone (a classifier on a BertModel): not compared
+            f"the adapter {adapter_dir} was saved for a {sidecar.base.get('class')} base (model_type {saved_type!r}, "
+            f"{sidecar.base.get('path', 'path not recorded')}; {sidecar.path}), but {model_dir} is a {archs[0]} "
+            f"(model_type {config['model_type']!r}): export it with the base it was trained on"
+        )
 
 
 def load_unmerged(
@@ -85,6 +135,8 @@ def load_unmerged(
 
     progress = progress or quiet()
     check_exportable(model_dir)
+    for d in adapter_dirs:
+        check_adapter_base(model_dir, d)
     if len(adapter_dirs) == 1:
         model, tok, task = hf.load_with_adapter(
             model_dir, adapter_dirs[0], allow_base_mismatch=allow_base_mismatch, progress=progress
