@@ -109,3 +109,26 @@ def test_an_adapter_exported_onto_another_architecture_names_the_base_it_belongs
         assert "saved for a GPT2LMHeadModel base" in err and "adapter" in err and str(gpt2) in err and "LlamaForCausalLM" in err, err
         assert "matches no module" not in err
         assert not (tmp_path / fmt).exists()
+
+
+
+def test_an_adapter_config_edited_since_saving_is_refused_by_gguf_adapter(base, tmp_path, capsys):
+    """lorakit.json records the config fields that change the computation; an edited lora_alpha would change what
+    llama.cpp computes, so the adapter GGUF is refused naming the field, by the CLI and by the writer's own check
+    (which a library caller meets without the CLI's load)."""
+    from lorakit.errors import LoraFileChanged
+    from lorakit.export.gguf_adapter import check_adapter
+
+    model = lk.apply_lora(AutoModelForCausalLM.from_pretrained(base), lk.LoraConfig(rank=2, alpha=8.0), ["q_proj"])
+    lk.save_adapters(model, tmp_path / "adapter")
+    check_adapter(tmp_path / "adapter", base)  # as saved: writable
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["lora_alpha"] = 80
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(LoraFileChanged, match="lora_alpha 8.0 saved, 80 now"):
+        check_adapter(tmp_path / "adapter", base)
+    code, _, err = _export(capsys, "--model", base, "--adapter", tmp_path / "adapter", "--format", "gguf-adapter",
+                           "--out", tmp_path / "out")
+    assert code == 2 and "lora_alpha" in err and "80" in err, err
+    assert not (tmp_path / "out").exists()

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LoraFileError
-from ..files import provenance
+from ..files import peft_format, provenance
 from ..files.atomic import replacing
 from ..files.peft_format import read_adapter, split_key
 from ..train import progress as progress_mod
@@ -106,7 +106,8 @@ def _convert(
     """(alpha, {GGUF name: array}, {module: factor folded into B}) for the adapter, or GgufExportError saying why."""
     hparams = llama_hparams(Path(base_dir))
     file = read_adapter(adapter_dir)
-    if file.sidecar is not None:  # lorakit.json: the bytes must be the ones that were saved
+    if file.sidecar is not None:  # lorakit.json: the config and the bytes must be the ones that were saved
+        provenance.check_config(file.sidecar, peft_format.computation_fields(file.spec.raw), file.config_path)
         provenance.check_unchanged(file.sidecar, file.tensors, file.where)
     spec = file.spec
     where = file.config_path
