@@ -312,8 +312,10 @@ def adapter_ops(a, base, lorakit_model, peft_model, tmp: Path) -> dict[str, dict
     from peft.utils.hotswap import hotswap_adapter
 
     import lorakit as lk
+    from lorakit.fingerprint import Fingerprints
 
     lkm, pm = lorakit_model.eval(), peft_model.eval()
+    kept = Fingerprints()  # what a server or a swapping loop keeps beside its base: the base is hashed once
     lk_dirs, pf_dirs = [tmp / "lk_a", tmp / "lk_b"], [tmp / "pf_a", tmp / "pf_b"]
     lk.save_adapters(lkm, lk_dirs[0])
     pm.save_pretrained(pf_dirs[0])
@@ -327,7 +329,7 @@ def adapter_ops(a, base, lorakit_model, peft_model, tmp: Path) -> dict[str, dict
     pm.save_pretrained(pf_dirs[1])
     # A served adapter was saved before it is swapped in. lorakit hashes a file's tensors on every load while the
     # file is under 2 s old (its stamp cannot vouch for it yet: docs/provenance.md), so the swaps start after that;
-    # "load into a fresh base" still hashes everything (a new model has verified nothing).
+    # "load into a fresh base" still hashes everything (a new model has verified nothing, and keeps no Fingerprints).
     time.sleep(max(0.0, 2.1 - (time.time() - (lk_dirs[1] / "adapter_model.safetensors").stat().st_mtime)))
     state = {"i": 0, "fresh": None, "extra": None}
 
@@ -356,7 +358,7 @@ def adapter_ops(a, base, lorakit_model, peft_model, tmp: Path) -> dict[str, dict
         "save: PEFT": lambda: pm.save_pretrained(tmp / "pf_save"),
         "load into a fresh base: lorakit": lambda: lk.load_adapters(state["fresh"], lk_dirs[0]),
         "load into a fresh base: PEFT": lambda: peft.PeftModel.from_pretrained(state["fresh"], str(pf_dirs[0])),
-        "load-and-activate (hot swap): lorakit": lambda: lk.load_adapters(lkm, lk_dirs[nxt()]),
+        "load-and-activate (hot swap): lorakit": lambda: lk.load_adapters(lkm, lk_dirs[nxt()], fingerprints=kept),
         "load-and-activate (hot swap): PEFT": peft_swap,
         "load-and-activate (hot swap): PEFT hotswap_adapter": lambda: hotswap_adapter(pm, str(pf_dirs[nxt()]), "default"),
     }
