@@ -111,11 +111,19 @@ def test_max_loaded_queues_a_request_for_an_unloaded_adapter_until_a_slot_frees(
     loaded = _serving.metric(metrics(server), "lorakit_loaded_adapters")
     assert loaded == 2
     got: list = []
-    waiter = threading.Thread(target=lambda: got.append(client.completions.create(
-        model="a", prompt=PROMPTS[2], max_tokens=8, temperature=0)))
+
+    def wait() -> None:
+        try:
+            got.append(client.completions.create(model="a", prompt=PROMPTS[2], max_tokens=8, temperature=0))
+        except openai.APIStatusError as e:  # a 429 at once was the old answer
+            got.append(e)
+
+    waiter = threading.Thread(target=wait)
     waiter.start()
-    wait_metric(server, "lorakit_waiting_requests", 1)  # waiting for a slot, not refused with 429
-    assert not got
+    for _ in range(3000):  # until it waits for a slot (or is answered, which it must not be yet)
+        if got or _serving.metric(metrics(server), "lorakit_waiting_requests") == 1:
+            break
+    assert not got, got
     busy[0][0].close()  # the client of "d" leaves: its slot frees, "a" is loaded in its place
     waiter.join(120)
     assert got and got[0].choices[0].text == ref.greedy("a", ref.ids(PROMPTS[2]), 8, ref.eos)[0]
@@ -132,11 +140,15 @@ def test_a_client_that_leaves_a_non_streaming_request_frees_its_slot(setup):
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         wait_metric(server, "lorakit_running_requests", 1)
-    wait_metric(server, "lorakit_requests_total", before + 1, adapter="base", finish_reason="cancelled")
-    generated = _serving.metric(metrics(server), "lorakit_requests_total", adapter="base", finish_reason="length")
+    length = _serving.metric(metrics(server), "lorakit_requests_total", adapter="base", finish_reason="length")
+    for _ in range(3000):  # until it is cancelled; running on to max_tokens is the failure this test is about
+        text = metrics(server)
+        assert _serving.metric(text, "lorakit_requests_total", adapter="base", finish_reason="length") == length
+        if _serving.metric(text, "lorakit_requests_total", adapter="base", finish_reason="cancelled") == before + 1:
+            break
+    else:
+        raise AssertionError("the request was never cancelled")
     wait_metric(server, "lorakit_running_requests", 0)
-    assert _serving.metric(metrics(server), "lorakit_requests_total", adapter="base", finish_reason="length") == \
-        generated  # it did not run on to max_tokens
 
 
 def test_gauges_are_zero_when_idle(setup):
