@@ -23,7 +23,7 @@ import _serving  # noqa: E402
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 PROMPTS = ["the cat sat", "hello world", "one two three", "the quick brown fox"]
@@ -185,24 +185,27 @@ def test_a_seeded_request_samples_the_same_tokens_in_generate_predict_and_serve(
 
 
 VOCAB = 40  # a little past the tiny tokenizer's vocabulary: some token-id prompts are out of range (400)
-SAMPLING = {
-    "temperature": st.one_of(st.floats(0, 2), st.sampled_from([0.0, 5e-324, 1e-45, 1e-30, 1e-5, 2.0]),
+EDGE_TEMPERATURES = [0.0, 5e-324, 1e-45, 1e-30, 1e-6, 1e-5, 2.0]  # below the float32 range, around the greedy floor
+EDGE_TOP_P = [5e-324, 1e-300, 1e-30, 1e-8, 1.0]
+EDGE_SEEDS = [-1, -(2**63) - 1, 2**63, 2**64 - 1, 2**64, 2**64 + 7, 2**70]
+ALWAYS = {  # drawn in every example, edge values as often as ordinary ones
+    "model": st.sampled_from(["base", "d"]),
+    "prompt": st.one_of(st.sampled_from(PROMPTS), st.text(max_size=40),
+                        st.lists(st.integers(0, VOCAB), min_size=1, max_size=12)),
+    "temperature": st.one_of(st.sampled_from(EDGE_TEMPERATURES), st.floats(0, 2),
                              st.floats(allow_nan=True, allow_infinity=True)),
-    "top_p": st.one_of(st.floats(0, 1), st.sampled_from([5e-324, 1e-300, 1e-30, 1.0])),
-    "top_k": st.one_of(st.integers(-2, 50), st.integers(2**31, 2**70)),
-    "seed": st.one_of(st.integers(-(2**70), 2**70), st.none()),
+    "top_p": st.one_of(st.sampled_from(EDGE_TOP_P), st.floats(0, 1)),
+    "seed": st.one_of(st.sampled_from(EDGE_SEEDS), st.integers(-(2**70), 2**70), st.none()),
+}
+SOMETIMES = {
+    "top_k": st.one_of(st.sampled_from([-2, -1, 0, 1, 10**9, 2**70]), st.integers(-2, 50)),
     "max_tokens": st.one_of(st.integers(1, 8), st.integers(-2, 0), st.integers(2**20, 2**70)),
     "stop": st.one_of(st.none(), st.text(min_size=0, max_size=20),
                       st.lists(st.text(min_size=1, max_size=60), max_size=6)),
     "n": st.integers(0, 3),
     "stream": st.booleans(),
 }
-BODIES = st.fixed_dictionaries(
-    {"model": st.sampled_from(["base", "d"]),
-     "prompt": st.one_of(st.sampled_from(PROMPTS), st.text(max_size=40),
-                         st.lists(st.integers(0, VOCAB), min_size=1, max_size=12))},
-    optional=SAMPLING,
-)
+BODIES = st.fixed_dictionaries(ALWAYS, optional=SOMETIMES)
 
 
 def test_any_sampling_value_completes_or_is_refused_and_the_server_goes_on(setup):
@@ -210,9 +213,13 @@ def test_any_sampling_value_completes_or_is_refused_and_the_server_goes_on(setup
     tried: list[int] = []
     http = httpx.Client(base_url=server.base_url, timeout=60)
 
-    @settings(max_examples=40, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))  # no shrinking: a hung server would make it endless
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              phases=[Phase.explicit, Phase.generate],  # no shrinking: a hung server would make it endless
+              suppress_health_check=list(HealthCheck))
     @given(BODIES)
+    @example({"model": "base", "prompt": "hello", "temperature": 1e-45, "top_p": 1.0, "seed": 1})  # the issue's
+    @example({"model": "d", "prompt": "hello", "temperature": 1.0, "top_p": 1e-300, "seed": 2})
+    @example({"model": "base", "prompt": "hello", "temperature": 0.5, "top_p": 0.5, "seed": 2**64, "n": 2})
     def one(body: dict) -> None:
         tried.append(1)
         answer = http.post("/completions", content=json.dumps(body, allow_nan=True))
@@ -230,5 +237,5 @@ def test_any_sampling_value_completes_or_is_refused_and_the_server_goes_on(setup
         one()
     finally:
         http.close()
-    print(f"hypothesis: {len(tried)} generated sampling requests, each followed by a normal one")
-    assert len(tried) >= 40
+    print(f"hypothesis: {len(tried)} sampling requests (3 explicit, the rest generated), each followed by a normal one")
+    assert len(tried) >= 43
