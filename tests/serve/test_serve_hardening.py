@@ -107,14 +107,14 @@ def test_dora_rows_and_base_rows_in_the_same_steps_each_equal_the_request_alone(
 
 def test_max_loaded_queues_a_request_for_an_unloaded_adapter_until_a_slot_frees(setup):
     server, client, ref = setup["server"], setup["client"], setup["ref"]
-    busy = [running_stream(client, m, PROMPTS[1]) for m in ("d", "b")]  # both loaded adapters in use
+    busy = [running_stream(client, m, PROMPTS[1]) for m in ("a", "b")]  # both loaded adapters in use (plain LoRA)
     loaded = _serving.metric(metrics(server), "lorakit_loaded_adapters")
     assert loaded == 2
     got: list = []
 
     def wait() -> None:
         try:
-            got.append(client.completions.create(model="a", prompt=PROMPTS[2], max_tokens=8, temperature=0))
+            got.append(client.completions.create(model="d", prompt=PROMPTS[2], max_tokens=8, temperature=0))
         except openai.APIStatusError as e:  # a 429 at once was the old answer
             got.append(e)
 
@@ -124,9 +124,9 @@ def test_max_loaded_queues_a_request_for_an_unloaded_adapter_until_a_slot_frees(
         if got or _serving.metric(metrics(server), "lorakit_waiting_requests") == 1:
             break
     assert not got, got
-    busy[0][0].close()  # the client of "d" leaves: its slot frees, "a" is loaded in its place
+    busy[0][0].close()  # the client of "a" leaves: its slot frees, "d" is loaded in its place
     waiter.join(120)
-    assert got and got[0].choices[0].text == ref.greedy("a", ref.ids(PROMPTS[2]), 8, ref.eos)[0]
+    assert got and got[0].choices[0].text == ref.greedy("d", ref.ids(PROMPTS[2]), 8, ref.eos)[0]
     busy[1][0].close()
     wait_metric(server, "lorakit_running_requests", 0)
 
