@@ -74,3 +74,6 @@ def test_a_dead_engine_answers_503_everywhere_and_the_process_exits_1(server):
     http.close()
     assert server.proc.wait(timeout=60) == 1  # a supervisor restarts it
     assert any("engine failed" in line for line in server.stderr), "".join(server.stderr)
+    # the gate's answers are logged like any route's: the access log wraps the supervision
+    access = list(iter(lambda: server.lines.get(timeout=30), None))  # stdout to its end (the process has exited)
+    assert any('"GET /health" 503' in line for line in access), access

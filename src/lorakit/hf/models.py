@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import LoraError, LoraFileError
 from .generation import generate as generate  # hf.generate, as before
 from .task_fit import TaskMismatchError as TaskMismatchError  # hf.TaskMismatchError beside the other load errors
-from .task_fit import check_config_fit, check_task_fit
+from .task_fit import check_config_fit, check_id2label, check_task_fit
 
 if TYPE_CHECKING:  # transformers is the optional `hf` extra: imported where used, at run time
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -284,7 +284,7 @@ def read_task(adapter_dir: str | Path) -> tuple[str, dict[int, str] | None]:
         task = info.get("task")
         if task not in TASKS:
             raise LoraFileError(f"{adapter_dir / TASK_FILE}: task {task!r} is not one of {', '.join(TASKS)}")
-        return task, _id2label(adapter_dir / TASK_FILE, info.get("id2label"))
+        return task, check_id2label(adapter_dir / TASK_FILE, info.get("id2label"))
     spec = peft_format.read_adapter_config(adapter_dir)
     task_type = spec.raw.get("task_type")
     if task_type != "SEQ_CLS":
@@ -296,23 +296,6 @@ def read_task(adapter_dir: str | Path) -> tuple[str, dict[int, str] | None]:
             if t is not None and t.dim() == 2:
                 return "seq-cls", {i: f"LABEL_{i}" for i in range(t.shape[0])}
     raise LoraFileError(f"{adapter_dir}: a SEQ_CLS adapter without a saved classification head; cannot tell the labels")
-
-
-def _id2label(where: Path, labels: Any) -> dict[int, str] | None:
-    """A task file's id2label: None, or an object mapping "0".."n-1" to label names; LoraFileError otherwise."""
-    if not labels:
-        return None
-    if not isinstance(labels, dict):
-        raise LoraFileError(f'{where}: id2label must be an object {{"0": name, ...}}; got a {type(labels).__name__}')
-    ids = sorted(int(k) for k in labels if isinstance(k, str) and k.strip().lstrip("-").isdigit())
-    if ids != list(range(len(labels))):
-        raise LoraFileError(
-            f"{where}: id2label's keys must be the class ids 0..{len(labels) - 1}; got {sorted(labels)[:10]}"
-        )
-    bad = [k for k, v in labels.items() if not isinstance(v, (str, int))]
-    if bad:
-        raise LoraFileError(f"{where}: id2label[{bad[0]!r}] must be a label name; got {type(labels[bad[0]]).__name__}")
-    return {int(k): str(v) for k, v in labels.items()}
 
 
 # -- merge, generate -------------------------------------------------------------------------------

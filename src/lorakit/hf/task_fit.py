@@ -11,7 +11,7 @@ refused when
   it sees the tokens after the one it predicts, even where its LM head loads.
 
 For seq-cls the classification head is new by design (it trains in full beside LoRA); any other missing
-weight is refused the same way.
+weight is refused the same way. A task file's labels (`check_id2label`) must name the head's classes 0..n-1.
 """
 
 from __future__ import annotations
@@ -100,3 +100,20 @@ def _listed(keys: list[str], k: int = 4) -> str:
     """The first `k` keys, and how many there are in all."""
     shown = ", ".join(keys[:k])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > k else "")
+
+
+def check_id2label(where: Path, labels: Any) -> dict[int, str] | None:
+    """A task file's id2label: None, or an object mapping "0".."n-1" to label names; LoraFileError otherwise."""
+    if not labels:
+        return None
+    if not isinstance(labels, dict):
+        raise LoraFileError(f'{where}: id2label must be an object {{"0": name, ...}}; got a {type(labels).__name__}')
+    ids = sorted(int(k) for k in labels if isinstance(k, str) and k.strip().lstrip("-").isdigit())
+    if ids != list(range(len(labels))):
+        raise LoraFileError(
+            f"{where}: id2label's keys must be the class ids 0..{len(labels) - 1}; got {sorted(labels)[:10]}"
+        )
+    bad = [k for k, v in labels.items() if not isinstance(v, (str, int))]
+    if bad:
+        raise LoraFileError(f"{where}: id2label[{bad[0]!r}] must be a label name; got {type(labels[bad[0]]).__name__}")
+    return {int(k): str(v) for k, v in labels.items()}

@@ -13,7 +13,8 @@
 `"model"` in a request names an adapter, or the base (its directory's name, or "base"). Every error is an
 OpenAI error body (protocol.py), a path this server does not serve included (its 404 says what the server
 is and which routes it has); with an API key, every path but /health needs `Authorization: Bearer KEY`.
-Around the routes, outermost first: the access log (access_log.py), the API key, the body cap (limits.py).
+Around the routes, outermost first: the access log (access_log.py), the API key, the caller's middleware
+(supervision, cancellation: launch.py), the body cap (limits.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import LoraError
@@ -96,10 +98,13 @@ def build_app(
     limits: Limits | None = None,
     access_log: Callable[[str], None] | None = None,
     log_format: str = "text",
+    middleware: Sequence[Middleware] = (),
 ) -> FastAPI:
     """The app serving `service` (a causal LM through its engine, or an encoder); `on_shutdown` runs at exit.
 
     `limits` caps each request (limits.py); `access_log(line)` is called once per request (None: no log).
+    `middleware` (the caller's: supervision, cancellation) wraps the routes inside the API key and the access log,
+    so what it answers is logged and guarded like any route's answer.
     """
 
     @asynccontextmanager
@@ -185,6 +190,8 @@ def build_app(
 
     app.include_router(service.routes())
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)  # each add wraps the ones before it
+    for m in middleware:
+        app.add_middleware(m.cls, *m.args, **m.kwargs)
     if api_key:
         app.add_middleware(BearerAuth, key=api_key)
     if access_log is not None:

@@ -22,6 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from starlette.middleware import Middleware
+
 from ..errors import LoraError
 from ..hf import models as hf
 from ..train.progress import Progress, quiet
@@ -112,6 +114,10 @@ def create_app(options: ServeOptions, progress: Progress | None = None) -> FastA
                 service.registry.add(name, Path(path))
             except Exception as e:
                 raise ValueError(f"adapter {name!r} ({path}): {e}") from None
+    supervisor = Supervisor()
+    engine = getattr(service, "engine", None)
+    if engine is not None:
+        engine.on_failure = supervisor.fail
     app = build_app(
         service,
         base_name=base_name,
@@ -122,13 +128,9 @@ def create_app(options: ServeOptions, progress: Progress | None = None) -> FastA
         limits=options.limits,
         access_log=_print_line if options.access_log else None,
         log_format=options.log_format,
+        middleware=[Middleware(CancelOnDisconnect), Middleware(FailedGate, supervisor=supervisor)],
     )
-    app.state.supervisor = supervisor = Supervisor()
-    app.state.engine = engine = getattr(service, "engine", None)
-    if engine is not None:
-        engine.on_failure = supervisor.fail
-    app.add_middleware(CancelOnDisconnect)
-    app.add_middleware(FailedGate, supervisor=supervisor)
+    app.state.supervisor, app.state.engine = supervisor, engine
     return app
 
 
