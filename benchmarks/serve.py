@@ -205,7 +205,7 @@ def decode_steps(engine: Engine, a: argparse.Namespace, ids: list[list[int]], na
     Medians over interleaved rounds of: the whole step as the engine runs it (the context is entered for every
     step), the forward alone (the context already entered) and entering plus leaving the context.
     """
-    from lorakit.serve.engine import _adapters
+    from lorakit.serve.groups import adapters
     from lorakit.generation.kv import Batch
 
     mixes: dict[str, list[str | None]] = {
@@ -215,7 +215,7 @@ def decode_steps(engine: Engine, a: argparse.Namespace, ids: list[list[int]], na
     batches = {}
     with torch.no_grad():
         for name, rows in mixes.items():
-            with _adapters(engine.model, rows):
+            with adapters(engine.model, None, rows):
                 _, batches[name] = Batch.prefill(engine.model, ids, 0)
             batches[name].last = torch.zeros(len(ids), dtype=torch.long)
     out: dict[str, dict[str, list[float]]] = {n: {"step": [], "forward": [], "context": []} for n in mixes}
@@ -224,7 +224,7 @@ def decode_steps(engine: Engine, a: argparse.Namespace, ids: list[list[int]], na
         for r in range(rounds + 1):  # round 0 warms up
             for name in order[r % len(order):] + order[: r % len(order)]:
                 t0 = time.perf_counter()
-                with _adapters(engine.model, mixes[name]):
+                with adapters(engine.model, None, mixes[name]):
                     t1 = time.perf_counter()
                     batches[name].step(engine.model)
                     t2 = time.perf_counter()
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> Path:
                "entering the adapter context"], step_rows),
         "",
         f"One decode step of {len(ids)} rows after a {a.prompt}-token prefill, the engine's own pieces "
-        "(`serve.engine._adapters` around `generation.kv.Batch.step`), medians over "
+        "(`serve.groups.adapters` around `generation.kv.Batch.step`), medians over "
         f"{step_rounds} interleaved rounds. The first column enters the adapter context (`disable_adapters`, "
         "`use_adapter` or `mixed_batch`) around the step; the engine holds it across decode steps while the "
         "batch's rows stay the same, so its steady decode step is the second column, and the last column (the "
