@@ -186,7 +186,10 @@ class TextService:
         record.adapter, record.prompt_tokens = label(adapter), sum(len(p) for p in prompts)
         params = [self.params(body, p, stop_ids) for p in prompts]  # all checked before anything is submitted
         if adapter is not None:
-            await self.registry.hold(adapter)  # waits while --max-loaded adapters are all in use
+            try:
+                await self.registry.hold(adapter)  # waits while --max-loaded adapters are all in use
+            except EngineClosed as e:  # the engine failed or drains while this request waited for a slot
+                raise unavailable(e) from None
         try:
             handles = self.submit(prompts, adapter, params)
         except BaseException:
@@ -213,8 +216,7 @@ class TextService:
         except EngineClosed as e:
             for h in handles:
                 h.cancel()
-            message = str(e) if isinstance(e, EngineFailed) else "the server is shutting down"
-            raise APIError(503, message, headers={"Retry-After": "5"}) from None
+            raise unavailable(e) from None
         return handles
 
     def release(self, adapter: str | None) -> None:
@@ -343,3 +345,9 @@ class Reply:
         except APIError as e:
             yield event(e.body())
             yield DONE
+
+
+def unavailable(e: EngineClosed) -> APIError:
+    """The 503 of a request the engine can no longer take: it failed (its reason), or the server is shutting down."""
+    message = str(e) if isinstance(e, EngineFailed) else "the server is shutting down"
+    return APIError(503, message, headers={"Retry-After": "5"})
