@@ -1,5 +1,5 @@
 """`lorakit serve` against hostile and careless clients: capped bodies, prompts and stop strings (each refusal
-naming its flag), a server that keeps answering /health while a flood of maximal requests is refused, fields
+naming its limit), a server that keeps answering /health while a flood of maximal requests is refused, fields
 that would change a request's meaning refused by name, bad adapter files refused as 400s, and the access log.
 
 One real server for the module, with small caps so that a cap-sized request is cheap to send.
@@ -55,26 +55,26 @@ def _error(r: httpx.Response, status: int) -> dict:
 # -- caps --------------------------------------------------------------------------------------------------
 
 
-def test_each_cap_is_refused_naming_its_flag(setup):
+def test_each_cap_is_refused_naming_its_limit(setup):
     server = setup["server"]
     e = _error(_post(server, "/v1/completions", {"model": "base", "prompt": "a " * BODY}), 413)
-    assert "--max-body-bytes" in e["message"] and str(BODY) in e["message"]
+    assert "max_body_bytes" in e["message"] and str(BODY) in e["message"]
     e = _error(_post(server, "/v1/completions", {"model": "base", "prompt": "a" * (CHARS + 1)}), 400)
-    assert "--max-prompt-chars" in e["message"] and e["param"] == "prompt"
+    assert "max_prompt_chars" in e["message"] and e["param"] == "prompt"
     chat = [{"role": "user", "content": "a" * CHARS}]
     e = _error(_post(server, "/v1/chat/completions", {"model": "base", "messages": chat}), 400)
-    assert "--max-prompt-chars" in e["message"] and e["param"] == "messages"
+    assert "max_prompt_chars" in e["message"] and e["param"] == "messages"
     many = [{"role": "user", "content": "hi"}] * 5000
     e = _error(_post(server, "/v1/chat/completions", {"model": "base", "messages": many}), 400)
     assert "4096" in e["message"] and e["param"] == "messages"
     e = _error(_post(server, "/v1/completions", {"model": "base", "prompt": [5] * (TOKENS + 1)}), 400)
-    assert "--max-prompt-tokens" in e["message"] and e["param"] == "prompt"
+    assert "max_prompt_tokens" in e["message"] and e["param"] == "prompt"
     e = _error(_post(server, "/v1/completions", {"model": "base", "prompt": "hello " * (TOKENS + 1)}), 400)
-    assert "--max-prompt-tokens" in e["message"]
+    assert "max_prompt_tokens" in e["message"]
     e = _error(_post(server, "/v1/completions", {"model": "base", "prompt": "x", "stop": list("abcde")}), 400)
-    assert "--max-stops" in e["message"] and e["param"] == "stop"
+    assert "max_stops" in e["message"] and e["param"] == "stop"
     e = _error(_post(server, "/v1/completions", {"model": "base", "prompt": "x", "stop": "z" * 65}), 400)
-    assert "--max-stop-chars" in e["message"] and e["param"] == "stop"
+    assert "max_stop_chars" in e["message"] and e["param"] == "stop"
     four = setup["client"].completions.create(model="a", prompt="hello world", max_tokens=4, stop=list("wxyz"))
     assert four.choices[0].finish_reason in ("stop", "length")
 

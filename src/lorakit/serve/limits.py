@@ -1,14 +1,15 @@
-"""Bounded work per request: caps on the body, the prompt and the stop strings, each named with its flag.
+"""Bounded work per request: caps on the body, the prompt and the stop strings, each refusal naming its limit.
 
     limits = Limits(max_body_bytes=8 * 2**20, max_prompt_chars=1_000_000, max_stops=4, max_stop_chars=256)
     app = BodyLimit(app, limits.max_body_bytes)     # 413 before a byte too many is read
-    limits.check_completion(body)                   # 400 naming the cap and its flag, before any tokenizing
+    limits.check_completion(body)                   # 400 naming the cap, before any tokenizing
 
 A body over the cap is refused from its Content-Length header before any of it is read, or, sent in chunks,
 as soon as the bytes read pass the cap: the server never holds more than the cap. Prompt characters and the
 stop strings are counted before the prompt is tokenized (cheap, on the event loop); prompt tokens are counted
-after (in the worker thread that tokenizes). Every refusal names the limit and the `lorakit serve` flag that
-sets it, so an operator who wants bigger requests knows what to change.
+after (in the worker thread that tokenizes). Every refusal names the limit as `ServeOptions` and `Limits` call it
+(`max_body_bytes`; `lorakit serve --max-body-bytes` sets it), so an operator who wants bigger requests knows what
+to change.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Limits:
             raise APIError(
                 400,
                 f"{param} is {chars} characters, over this server's limit of {self.max_prompt_chars} "
-                "(lorakit serve --max-prompt-chars)",
+                "(max_prompt_chars)",
                 param=param,
                 code="prompt_too_long",
             )
@@ -102,8 +103,7 @@ class Limits:
         if self.max_prompt_tokens is not None and tokens > self.max_prompt_tokens:
             raise APIError(
                 400,
-                f"{param} is {tokens} tokens, over this server's limit of {self.max_prompt_tokens} "
-                "(lorakit serve --max-prompt-tokens)",
+                f"{param} is {tokens} tokens, over this server's limit of {self.max_prompt_tokens} (max_prompt_tokens)",
                 param=param,
                 code="prompt_too_long",
             )
@@ -113,8 +113,7 @@ class Limits:
         if len(stops) > self.max_stops:
             raise APIError(
                 400,
-                f"stop has {len(stops)} strings, over this server's limit of {self.max_stops} "
-                "(lorakit serve --max-stops)",
+                f"stop has {len(stops)} strings, over this server's limit of {self.max_stops} (max_stops)",
                 param="stop",
             )
         longest = max((len(s) for s in stops), default=0)
@@ -122,14 +121,14 @@ class Limits:
             raise APIError(
                 400,
                 f"a stop string is {longest} characters, over this server's limit of {self.max_stop_chars} "
-                "(lorakit serve --max-stop-chars)",
+                "(max_stop_chars)",
                 param="stop",
             )
 
 
 def too_large(limit: int) -> str:
     """The message of a 413."""
-    return f"the request body is over this server's limit of {limit} bytes (lorakit serve --max-body-bytes)"
+    return f"the request body is over this server's limit of {limit} bytes (max_body_bytes)"
 
 
 class BodyLimit:

@@ -169,7 +169,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         400: "a bad request: the message names the field",
         401: "no valid API key",
         404: "no such model or adapter",
-        413: "the request body is over --max-body-bytes",
+        413: "the request body is over the server's limit (max_body_bytes)",
         429: "the queue, or every adapter slot, is full: retry after Retry-After",
         500: "an internal error",
         503: "the server is shutting down",
