@@ -235,16 +235,21 @@ def _natural(module: str) -> tuple[Any, ...]:
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:
     """A transformers model directory's config.json as a dict; LoraFileError naming the file when it is not one."""
-    path = model_dir / "config.json"
+    return read_json_object(model_dir / "config.json", "a transformers model directory holds config.json")
+
+
+def read_json_object(path: Path, why: str, error: type[LoraFileError] = LoraFileError) -> dict[str, Any]:
+    """A JSON object from `path`; `error` naming the file when it is missing (saying `why` it is needed), is not
+    JSON, or holds something else."""
     if not path.is_file():
-        raise LoraFileError(f"{path}: no such file (a transformers model directory holds config.json)")
+        raise error(f"{path}: no such file ({why})")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoraFileError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise LoraFileError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def llama_hparams(base_dir: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .gguf_adapter import GgufExportError
+from .gguf_adapter import GgufExportError, read_json_object
 
 # Hugging Face pre-tokenizer regexes (as tokenizer.json writes them) and the llama.cpp pre-tokenizer that runs the
 # same split, with the `ignore_merges` llama.cpp sets for it (llama-vocab.cpp, `llama_vocab::impl::load`).
@@ -122,15 +122,7 @@ def _split_regex(pre: Any) -> str | None:
 
 def _read(path: Path) -> dict[str, Any]:
     """tokenizer.json as a dict, or GgufExportError naming the file."""
-    if not path.is_file():
-        raise GgufExportError(f"{path}: no such file (the GGUF carries the vocabulary; a fast tokenizer is needed)")
-    try:
-        tj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GgufExportError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(tj, dict):
-        raise GgufExportError(f"{path}: expected a JSON object")
-    return tj
+    return read_json_object(path, "the GGUF carries the vocabulary; a fast tokenizer is needed", GgufExportError)
 
 
 def write_vocab(gguf: Any, writer: Any, model_dir: Path, vocab_size: int) -> None:
