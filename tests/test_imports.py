@@ -121,6 +121,16 @@ def test_late_packages_are_imported_only_from_later_ones() -> None:
     assert not wrong, wrong
 
 
+def test_ui_is_a_leaf_and_serving_and_export_do_not_need_training() -> None:
+    graph = import_graph()
+    ui_out = sorted(f"{s} imports {d}" for s, ds in graph.items() if s.startswith("lorakit.ui") for d in ds
+                    if not d.startswith("lorakit.ui"))
+    assert not ui_out, ui_out
+    to_train = sorted(f"{s} imports {d}" for s, ds in graph.items() if s.startswith(("lorakit.serve", "lorakit.export"))
+                      for d in ds if d == "lorakit.train" or d.startswith("lorakit.train."))
+    assert not to_train, to_train
+
+
 @pytest.mark.parametrize("name", sorted(set(MODULES) - {"lorakit.__main__"}))  # __main__ runs the CLI
 def test_every_module_imports(name: str) -> None:
     importlib.import_module(name)

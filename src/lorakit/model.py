@@ -11,8 +11,8 @@ from .bases import own_bias
 from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
 from .errors import LoraStateError
 from .layers import DEFAULT_ADAPTER, LoraLayer, layer_class, supported_types, with_lora, wrapper_for
-from .tables import table, to_text
 from .trained_copy import TrainedCopy, trained_copies
+from .ui.tables import table, to_text
 
 ALL_LINEAR = "all-linear"
 

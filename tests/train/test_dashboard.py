@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lorakit as lk
 from lorakit.train import PlainLog, TrainConfig, Trainer
-from lorakit.train.chart import line_chart
+from lorakit.ui.chart import line_chart
 from lorakit.train.dashboard import Dashboard
 
 ANSI = re.compile(r"\x1b|\r|\x07")

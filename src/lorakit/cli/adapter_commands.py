@@ -16,7 +16,7 @@ from torch import nn
 from ..adapters import COMBINE_METHODS, CombineReport
 from ..files.atomic import replacing_dir
 from ..hf import models as hf
-from ..train.progress import Progress
+from ..ui.progress import Progress
 from .common import (
     BadInput,
     add_base_mismatch_flag,

@@ -29,7 +29,7 @@ from .common import (
 def evaluate(args: argparse.Namespace) -> int:
     """Run `lorakit eval`: one table (or one JSON object) of the base's and each adapter's metrics."""
     from ..hf import evaluate as ev
-    from ..train.progress import Progress
+    from ..ui.progress import Progress
 
     quiet_transformers()
     specs = _adapter_specs(args.adapter or [])
@@ -79,7 +79,7 @@ def _print_tables(report: dict[str, Any]) -> None:
     """The metrics table, and a confusion matrix per seq-cls adapter: rich on a terminal, plain text piped."""
     from rich.console import Console
 
-    from ..tables import table, to_text
+    from ..ui.tables import table, to_text
 
     seq_cls = report["task"] == "seq-cls"
     title = f"{report['data']}: {report['rows']} rows, {report['task']}, max_length {report['max_length']}"
@@ -120,7 +120,7 @@ def predict(args: argparse.Namespace) -> int:
     from ..hf import chat
     from ..hf import predict as pr
     from ..loading import load_adapters
-    from ..train.progress import Progress
+    from ..ui.progress import Progress
 
     quiet_transformers()
     check_sampling(args)

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import LoraFileError
-from ..train.progress import Progress
+from ..ui.progress import Progress
 from .common import BadInput, add_base_mismatch_flag, base_check, inputs, new_or_empty, quiet_transformers
 
 FORMATS = ("onnx", "gguf", "gguf-adapter")

@@ -22,7 +22,7 @@ def finetune(args: argparse.Namespace) -> int:
     from ..config import LoraConfig
     from ..train import TrainConfig
     from ..train.distributed import is_main
-    from ..train.progress import Progress
+    from ..ui.progress import Progress
 
     quiet_transformers()
     # "q_proj,v_proj" or "q_proj v_proj"; a regex ("re:...") is taken whole, commas and all

@@ -66,7 +66,7 @@ def serve(args: argparse.Namespace) -> int:
         raise BadInput(
             f"lorakit serve needs the serve extra ({e.name} is missing): pip install 'lorakit[serve]'"
         ) from None
-    from ..train.progress import Progress
+    from ..ui.progress import Progress
 
     quiet_transformers()
     if args.max_queue < 0 or args.drain_timeout < 0:

@@ -27,13 +27,13 @@ import lorakit as lk
 
 from ..errors import LoraError
 from ..files import safetensors as safetensors_io
-from ..tables import table, to_text
 from ..train import TrainConfig, Trainer
 from ..train.artifacts import CHECKPOINT
 from ..train.dashboard import Dashboard
 from ..train.device import resolve_device
 from ..train.distributed import is_main
 from ..train.reporting import PlainLog
+from ..ui.tables import table, to_text
 from .simple_mlp import SimpleMlp, loaders
 
 BASE_FILE, PROBE_FILE, ADAPTER_DIR, TRAIN_DIR = "base_model.safetensors", "probe.safetensors", "adapter", "train"

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..files.atomic import replacing_dir
-from ..train.progress import Progress, quiet
+from ..ui.progress import Progress, quiet
 from .gguf_adapter import write_gguf_adapter
 from .gguf_model import write_gguf_model
 from .gguf_vocab import TOKENIZER_CHECK

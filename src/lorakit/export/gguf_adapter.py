@@ -34,8 +34,8 @@ from ..errors import LoraFileError
 from ..files import peft_format, provenance
 from ..files.atomic import replacing
 from ..files.peft_format import read_adapter, split_key
-from ..train import progress as progress_mod
-from ..train.progress import Progress
+from ..ui import progress as progress_mod
+from ..ui.progress import Progress
 
 # HF architectures whose tensors convert_hf_to_gguf.py writes as gguf's LLAMA architecture (its LlamaModel)
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from ..files import safetensors
 from ..files.atomic import replacing
-from ..train import progress as progress_mod
-from ..train.progress import Progress
+from ..ui import progress as progress_mod
+from ..ui.progress import Progress
 from .gguf_adapter import GgufExportError, llama_hparams, rope_permute
 from .gguf_vocab import pre_tokenizer, write_vocab
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..files.atomic import replacing_dir
-from ..train.progress import Progress, quiet
+from ..ui.progress import Progress, quiet
 from .prepare import PROOF_TEXTS, Exported, ExportInputError, ProofFailed, load_unmerged, proof_texts
 from .proof import check_onnx, with_adapter_effect
 

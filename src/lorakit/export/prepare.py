@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import LoraError
 from ..hf import models as hf
-from ..train.progress import Progress, quiet
+from ..ui.progress import Progress, quiet
 from .proof import Proof
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import LoraFileError
-from ..tables import key_values, table, to_text
+from ..ui.tables import key_values, table, to_text
 from . import peft_format
 from . import safetensors as safetensors_io
 

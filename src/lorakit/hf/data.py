@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..train.progress import Progress, quiet
+from ..ui.progress import Progress, quiet
 from . import chat, ondisk
 from .examples import Example, check_columns, label_names, label_to_id, validate
 from .prepared import IGNORE_INDEX, BadRowsError, Encoded, Prepared, Rows, encode_one

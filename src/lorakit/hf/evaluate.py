@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraFileError
-from ..train import progress as progress_mod
+from ..ui import progress as progress_mod
 from . import chat, data
 from . import models as hf
 from .rows import MAX_LINE_BYTES, BadRow, DataError, read_records
@@ -37,7 +37,7 @@ from .rows import MAX_LINE_BYTES, BadRow, DataError, read_records
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from ..train.progress import Progress
+    from ..ui.progress import Progress
 
 DEFAULT_MAX_LENGTH = 256  # where neither the caller nor the adapter's task file says
 BASE_SEQ_CLS_NOTE = (

@@ -29,8 +29,8 @@ from ..train import TrainConfig, Trainer, accuracy, perplexity
 from ..train.artifacts import CHECKPOINT
 from ..train.distributed import is_main
 from ..train.forgetting import ReferenceKL, reference_loader
-from ..train.progress import Progress, quiet
 from ..train.trainer import Callback
+from ..ui.progress import Progress, quiet
 from ..variants.quant import FORMATS as QUANT_FORMATS
 from ..variants.quant import quantize_base
 from . import chat, checkpointing, data, packing

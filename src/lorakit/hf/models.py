@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # transformers is the optional `hf` extra: imported where use
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-    from ..train.progress import Progress
+    from ..ui.progress import Progress
 
 TASKS = ("causal-lm", "seq-cls")  # what lorakit fine-tunes: the one list the data, the jobs and the CLI use
 HEAD_NAMES = ("classifier", "score")  # PEFT's SEQ_CLS modules_to_save
@@ -317,7 +317,7 @@ def load_with_adapter(
     unless `allow_base_mismatch`.
     """
     from ..loading import load_adapters
-    from ..train.progress import quiet
+    from ..ui.progress import quiet
 
     progress = progress or quiet()
     adapter_task, id2label = read_task(adapter_dir)
@@ -345,7 +345,7 @@ def save_merged(
     progress (the final one, when `out_dir` is a temporary sibling that replaces it).
     """
     from ..model import lora_layers, merge
-    from ..train.progress import quiet
+    from ..ui.progress import quiet
 
     progress = progress or quiet()
     out_dir = check_output_dir(out_dir)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..files.atomic import write_json
-from ..train.progress import Progress, quiet
+from ..ui.progress import Progress, quiet
 from .examples import Example, check_columns, example, label_names, label_to_id
 from .prepared import BadRowsError, Encoded, Prepared, encode_one
 from .rows import BadRow, DataError

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..train.progress import Progress, quiet
+from ..ui.progress import Progress, quiet
 from .data import IGNORE_INDEX, Encoded, Rows
 
 if TYPE_CHECKING:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..generation.decode import generate_ids
 from ..generation.sampling import SamplingParams
-from ..train import progress as progress_mod
+from ..ui import progress as progress_mod
 from . import chat, generation
 from .models import TASKS
 from .rows import BadRow, DataError, Row, parse_json_line, read_records
@@ -36,7 +36,7 @@ from .rows import BadRow, DataError, Row, parse_json_line, read_records
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from ..train.progress import Progress
+    from ..ui.progress import Progress
 
 STDIN = "-"
 FIELDS = ("text", "prompt", "messages")

@@ -26,7 +26,7 @@ from starlette.middleware import Middleware
 
 from ..errors import LoraError
 from ..hf import models as hf
-from ..train.progress import Progress, quiet
+from ..ui.progress import Progress, quiet
 from .access_log import FORMATS
 from .app import build_app, resolver
 from .disconnect import CancelOnDisconnect

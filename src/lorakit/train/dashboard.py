@@ -17,10 +17,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .chart import line_chart
+from ..ui.chart import line_chart
+from ..ui.fmt import fmt_duration
 from .device import peak_memory_mib
 from .events import CheckpointSaved, EpochEnded, Evaluated, Event, RunEnded, RunStarted, StepLogged
-from .fmt import fmt_duration
 
 MAX_WIDTH = 120
 TRAIN_STYLE, VALID_STYLE = "cyan", "magenta"

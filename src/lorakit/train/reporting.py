@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, TextIO
 
 import torch
 
+from ..ui.fmt import fmt_duration
 from .device import peak_memory_mib
 from .events import CheckpointSaved, EpochEnded, Evaluated, Event, RunEnded, RunStarted, StepLogged
-from .fmt import fmt_duration
 
 if TYPE_CHECKING:
     from .dashboard import Dashboard

@@ -1,10 +1,10 @@
-"""lorakit.train.progress: plain lines when piped, a rich display on a terminal, nested tasks in one display."""
+"""lorakit.ui.progress: plain lines when piped, a rich display on a terminal, nested tasks in one display."""
 
 from __future__ import annotations
 
 import io
 
-from lorakit.train.progress import Progress, quiet
+from lorakit.ui.progress import Progress, quiet
 
 
 def test_piped_progress_is_plain_lines_with_a_done_line():
