@@ -22,11 +22,11 @@ from collections.abc import Callable, Sequence
 from . import runfile
 from .adapter_commands import add_generate, add_inspect, add_merge
 from .common import BadInput, print_notes
-from .eval_predict import add_eval, add_predict  # H4: eval/predict (issue 13)
+from .eval_predict import add_eval, add_predict
 from .example import add_bench, add_example, bench  # noqa: F401  (bench: lorakit.cli.bench, as before)
-from .export import add_export  # E1: lorakit export (issue 15)
+from .export import add_export
 from .finetune import add_finetune
-from .serve import add_serve  # S2: lorakit serve (issue 14)
+from .serve import add_serve
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -37,12 +37,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]]
     add_inspect,
     add_generate,
     add_bench,
-    # H4: eval/predict (issue 13)
     add_eval,
     add_predict,
-    # S2: lorakit serve (issue 14)
     add_serve,
-    # E1: lorakit export (issue 15)
     add_export,
 ]
 
@@ -77,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
     name = f"lorakit {args.command}"
-    print_notes()  # issue 17: the library's provenance notes as `note:` lines
+    print_notes()  # the library's provenance notes as `note:` lines
     try:
         return args.run(args) or EXIT_OK
     except BadInput as e:

@@ -38,12 +38,12 @@ def inspect(args: argparse.Namespace) -> int:
     from ..files import inspect as adapter_info
 
     info = inputs(adapter_info.describe, args.adapter)
-    # -- issue 17 (provenance): the base the adapter was saved for; with --model, whether DIR holds it
+    # -- provenance: the base the adapter was saved for; with --model, whether DIR holds it
     from . import inspect_provenance
 
     if info.get("kind") == "model adapter (PEFT layout)":
         info.update(inspect_provenance.provenance_info(args))
-    # -- portability report (issue 15): --target, and with --model the base's config.json too ----------
+    # -- portability report: --target, and with --model the base's config.json too ----------
     found = None
     if args.target:
         from ..export import portability

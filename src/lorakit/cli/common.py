@@ -27,7 +27,7 @@ def flag_words(e: BaseException) -> str:
         return f"{len(e.bad_rows)} bad row(s); fix them, or pass --skip-bad-rows to train without them:\n{e.listing}"
     if isinstance(e, data.NoValidSplitError):
         return f"{e.detail}; pass --valid FILE"
-    if isinstance(e, chat.NoChatTemplateError):  # H1: chat data
+    if isinstance(e, chat.NoChatTemplateError):
         return f"{e.detail}; pass --chat-template FILE (a Jinja chat template, e.g. ChatML)"
     if isinstance(e, hf.RemoteCodeError):
         return f"{e.detail}; lorakit runs it only with --trust-remote-code, after you have read that code"
@@ -85,7 +85,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-# -- adapter provenance (issue 17): one flag for every command that loads an adapter onto a base ---------------
+# -- adapter provenance: one flag for every command that loads an adapter onto a base ---------------
 
 
 def add_base_mismatch_flag(p: argparse.ArgumentParser) -> None:

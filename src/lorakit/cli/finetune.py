@@ -187,7 +187,7 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     g.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace what is in OUT")
     g.add_argument("--plain", action="store_true", help="plain log lines instead of the dashboard")
-    # -- issue 13: step-based runs, evaluation every N steps, forgetting monitor, TensorBoard
+    # -- step-based runs, evaluation every N steps, forgetting monitor, TensorBoard
     g.add_argument(
         "--max-steps",
         type=positive_int,
@@ -226,7 +226,7 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     g.add_argument("--valid-fraction", type=float, default=0.1, help="held out when there is no --valid (default 0.1)")
     g.add_argument("--skip-bad-rows", action="store_true", help="train without the bad rows instead of refusing")
     g.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES, help="longest accepted line (default 1 MiB)")
-    g.add_argument(  # H1: chat data
+    g.add_argument(
         "--chat-template",
         metavar="FILE",
         help="a Jinja chat template for chat rows (replaces the tokenizer's own; saved beside the adapter)",

@@ -1,4 +1,4 @@
-"""`lorakit inspect`'s provenance block (issue 17): the base an adapter was saved for, and, given
+"""`lorakit inspect`'s provenance block: the base an adapter was saved for, and, given
 `--model DIR`, whether that base is the one in DIR (a separate block from inspect's own description)."""
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ RULES: dict[str, tuple[str, str, str, str, str]] = {
     ),
     "vllm.embeddings": (
         "vllm", "fine", "LoRA on embed_tokens / lm_head is applied for model classes that list them in "
-        "embedding_modules (LlamaForCausalLM does); a class without them refuses the adapter (issue 48934).", "none",
+        "embedding_modules (LlamaForCausalLM does); a class without them refuses the adapter (vllm#48934).", "none",
         f"{VLLM_EMBEDDINGS}, {VLLM_EMBEDDINGS_ISSUE}",
     ),
     "vllm.patterns": (
@@ -249,7 +249,7 @@ RULES: dict[str, tuple[str, str, str, str, str]] = {
     ),
     "llama.cpp.embeddings": (
         "llama.cpp", "fine", "llama.cpp adapts token_embd and output (token_embd's lora_a stored transposed), "
-        "but not an lm_head tied to the embeddings (issue 9065){unchecked}.", "none",
+        "but not an lm_head tied to the embeddings (llama.cpp#9065){unchecked}.", "none",
         f"{LLAMA_CPP_CONVERT}, {LLAMA_CPP_TIED}",
     ),
     "llama.cpp.architecture": (
