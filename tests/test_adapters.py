@@ -86,7 +86,7 @@ def test_training_one_adapter_leaves_the_others_byte_identical(setup):
     lk.set_adapter(model, "code")
     others = {n: {k: v.clone() for k, v in lk.saving.adapter_state_dict(model, n).items()} for n in ("math", "chat")}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable and len(trainable) == 2 * len(lk.saving.adapter_slots(model, "code"))
+    assert trainable and len(trainable) == 2 * len(lk.saving.adapter_factors(model, "code"))
     opt = torch.optim.AdamW(trainable, lr=1e-2)
     model.train()
     for _ in range(3):
@@ -235,8 +235,8 @@ def _two_adapter_mlp():
     lk.combine_adapters(model, {"a": -1.5}, "b")
     with torch.no_grad():
         for layer in lk.lora_layers(model).values():
-            for n in layer.slots.names():
-                layer.slots.tensors(n)["lora_B"].normal_()
+            for n in layer.adapters.names():
+                layer.adapters.tensors(n)["lora_B"].normal_()
     return model
 
 
@@ -319,8 +319,8 @@ def test_unknown_adapter_names_raise_a_lorakit_key_error():
     for call in calls:
         with pytest.raises(lk.LoraAdapterNotFound, match=r"no adapter named 'nope'; the model has \['a', 'b'\]"):
             call()
-    for call in (lambda: model[0].slots.activate("nope"), lambda: model[0].slots.factors("nope"),
-                 lambda: model[0].slots.delete("nope")):
+    for call in (lambda: model[0].adapters.activate("nope"), lambda: model[0].adapters.factors("nope"),
+                 lambda: model[0].adapters.delete("nope")):
         with pytest.raises(KeyError, match=r"adapter 'nope' is not on this layer; it has \['a', 'b'\]") as e:
             call()
         assert isinstance(e.value, lk.LoraError)
@@ -360,7 +360,7 @@ def test_mixed_batch_rows_without_an_adapter_are_the_conv1d_base_bit_for_bit(dty
     lk.combine_adapters(model, {"fresh": 1.0}, "trained")
     with torch.no_grad():
         for layer in lk.lora_layers(model).values():
-            layer.slots.tensors("trained")["lora_B"].normal_()  # "trained" moves its rows; the others must not
+            layer.adapters.tensors("trained")["lora_B"].normal_()  # "trained" moves its rows; the others must not
     rows = [None, "fresh", "trained", None]
     ids = IDS[: len(rows)]
     with torch.no_grad(), lk.mixed_batch(model, rows):

@@ -202,7 +202,7 @@ def test_named_dora_adapters_round_trip(tmp_path):
     y = model(x).detach()
     lk.save_adapters(model, tmp_path)
     layer = model[0]
-    layer.slots.add("other", lk.LoraConfig(rank=2, use_dora=True))
+    layer.adapters.add("other", lk.LoraConfig(rank=2, use_dora=True))
     from lorakit.adapters import set_adapter
 
     set_adapter(model, "other")
@@ -265,5 +265,5 @@ def test_dora_is_its_own_layer_class_built_through_the_registry():
     assert type(lk.with_lora(Conv1D(4, 4), lk.LoraConfig(rank=2, use_dora=True))).__name__ == "DoraConv1D"
     layer = lk.with_lora(nn.Linear(4, 4), lk.LoraConfig(rank=2))
     with pytest.raises(ValueError, match="one layer holds one variant"):
-        layer.slots.add("d", lk.LoraConfig(rank=2, use_dora=True))
-    assert layer.slots.names() == ["default"]
+        layer.adapters.add("d", lk.LoraConfig(rank=2, use_dora=True))
+    assert layer.adapters.names() == ["default"]

@@ -103,10 +103,10 @@ def test_refusals():
         lk.with_lora(nn.Linear(4, 3), lk.LoraConfig(rank=4, init="olora"))
     layer = lk.with_lora(nn.Linear(8, 8), lk.LoraConfig(rank=2, init="pissa"))
     with pytest.raises(ValueError, match="PiSSA/OLoRA"):
-        layer.slots.add("other", lk.LoraConfig(rank=2))
+        layer.adapters.add("other", lk.LoraConfig(rank=2))
     plain = lk.with_lora(nn.Linear(8, 8), lk.LoraConfig(rank=2))
     with pytest.raises(ValueError, match="PiSSA/OLoRA"):
-        plain.slots.add("other", lk.LoraConfig(rank=2, init="olora"))
+        plain.adapters.add("other", lk.LoraConfig(rank=2, init="olora"))
 
 
 def test_quantising_the_residual_keeps_the_error_small():

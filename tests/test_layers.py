@@ -301,7 +301,7 @@ def _imports(module: str) -> set[str]:
     for node in ast.walk(ast.parse(Path(spec.origin).read_text())):
         if isinstance(node, ast.ImportFrom):
             base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
-            for a in node.names:  # `from . import ops` names a module, `from .slots import X` a name in one
+            for a in node.names:  # `from . import ops` names a module, `from .adapter_set import X` a name in one
                 out.add(f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base)
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
@@ -313,7 +313,7 @@ def _is_module(name: str) -> bool:
 
     try:
         return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:  # `from .slots import check_adapter_name`: a name, not a module
+    except ModuleNotFoundError:  # `from .adapter_set import check_adapter_name`: a name, not a module
         return False
 
 
@@ -383,11 +383,11 @@ def test_no_active_adapter_is_a_state_error_not_a_missing_attribute():
     from lorakit.layer_io import layer_tensors
 
     layer = lk.with_lora(nn.Linear(4, 4), lk.LoraConfig(rank=2))
-    layer.slots.activate(None)
+    layer.adapters.activate(None)
     reads = (lambda: layer.rank, lambda: layer.scaling, lambda: layer_tensors(layer), lambda: layer.active_factors())
     for read in reads:
         with pytest.raises(lk.LoraStateError, match="no active adapter"):
             read()
     assert torch.equal(layer(torch.ones(1, 4)), layer.base(torch.ones(1, 4)))  # the base alone, as before
-    layer.slots.activate("default")
+    layer.adapters.activate("default")
     assert (layer.rank, layer.scaling) == (2, 0.5)

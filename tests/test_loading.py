@@ -75,7 +75,7 @@ def test_plan_reads_the_model_and_changes_nothing(tmp_path):
     model = mlp()
     before = state(model)
     plan = plan_load(model, read_adapter(tmp_path))
-    assert plan.how == "apply" and sorted(plan.slots) == ["0", "2"] and plan.adapter == "default"
+    assert plan.how == "apply" and sorted(plan.targets) == ["0", "2"] and plan.adapter == "default"
     assert sorted(plan.tensors) == sorted(f"base_model.model.{m}.lora_{f}.weight" for m in "02" for f in "AB")
     assert_unchanged(model, before)
 

@@ -1,7 +1,7 @@
 """Many named adapters on one frozen base: list, switch, disable, delete, mixed batches, combine.
 
 Each LoRA layer holds its active adapter as `lora_A`/`lora_B` and the others, frozen, in `stash`
-(`lorakit.slots` does every change on one layer; this module does them across the model); switching
+(`lorakit.adapter_set` does every change on one layer; this module does them across the model); switching
 rebinds parameters (no copies, no weight changes). Load a named adapter with
 `lorakit.load_adapters(model, dir, name="math")`; loading again under the same name is a hot swap.
 """
@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .adapter_set import check_adapter_name
 from .cache import TensorCache
 from .config import LoraConfig
 from .errors import LoraAdapterNotFound, LoraStateError
 from .layers import LoraLayer
 from .model import lora_layers, set_module
-from .slots import check_adapter_name
 from .trained_copy import TrainedCopy, trained_copies
 
 _Part = tuple[float, Tensor, Tensor, LoraConfig]  # one adapter in a combination: (weight, A, B, config)
@@ -36,7 +36,7 @@ def list_adapters(model: nn.Module) -> list[str]:
         >>> list_adapters(m)
         ['default']
     """
-    return sorted({n for layer in lora_layers(model).values() for n in layer.slots.names()})
+    return sorted({n for layer in lora_layers(model).values() for n in layer.adapters.names()})
 
 
 def active_adapter(model: nn.Module) -> str | None:
@@ -47,7 +47,7 @@ def active_adapter(model: nn.Module) -> str | None:
 
 def _require(model: nn.Module, name: str) -> dict[str, LoraLayer]:
     layers = lora_layers(model)
-    if name not in {n for layer in layers.values() for n in layer.slots.names()}:
+    if name not in {n for layer in layers.values() for n in layer.adapters.names()}:
         raise LoraAdapterNotFound(f"no adapter named {name!r}; the model has {list_adapters(model)}")
     return layers
 
@@ -68,7 +68,7 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
     if any(layer.merged for layer in layers.values()):
         raise LoraStateError("cannot switch adapters while merged in place; call unmerge_(model) first")
     for layer in layers.values():
-        layer.slots.activate(name if name in layer.slots else None)
+        layer.adapters.activate(name if name in layer.adapters else None)
     return model
 
 
@@ -81,7 +81,7 @@ def use_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
         yield model
     finally:
         for n, layer in lora_layers(model).items():
-            layer.slots.activate(previous.get(n))
+            layer.adapters.activate(previous.get(n))
 
 
 @contextlib.contextmanager
@@ -120,9 +120,9 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     if any(layer.merged and layer.adapter_name == name for layer in layers.values()):
         raise LoraStateError(f"adapter {name!r} is merged in place; call unmerge_(model) first")
     for module, layer in layers.items():
-        if name in layer.slots:
-            layer.slots.delete(name)
-        if not layer.slots.names():
+        if name in layer.adapters:
+            layer.adapters.delete(name)
+        if not layer.adapters.names():
             set_module(model, module, layer.base)
     return model
 
@@ -132,11 +132,13 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 def _stack(layer: LoraLayer, names: Sequence[str]) -> tuple[Tensor, Tensor]:
     """A (1+n, r_max, ...) and B (1+n, d_out, r_max, ...) with scaling folded into B; slot 0 is zeros."""
-    parts = [layer.slots.factors(n) if n in layer.slots else None for n in names]
+    parts = [layer.adapters.factors(n) if n in layer.adapters else None for n in names]
     ranks = [p[2].rank for p in parts if p is not None] or [1]
     r = max(ranks)
     a_shape, b_shape = layer.factor_shapes(layer.base, r)
-    like = layer.slots.tensors(layer.slots.names()[0])["lora_A"]  # the factors' dtype and device (not a packed base's)
+    like = layer.adapters.tensors(layer.adapters.names()[0])[
+        "lora_A"
+    ]  # the factors' dtype and device (not a packed base's)
     A = torch.zeros(1 + len(names), *a_shape, dtype=like.dtype, device=like.device)
     B = torch.zeros(1 + len(names), *b_shape, dtype=like.dtype, device=like.device)
     with torch.no_grad():
@@ -152,10 +154,10 @@ def _stack(layer: LoraLayer, names: Sequence[str]) -> tuple[Tensor, Tensor]:
 
 def _cached_stack(layer: LoraLayer, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
     """The stacks, rebuilt whenever the adapter set, a config, or any factor changed (in place, `.data =`, `.to()`)."""
-    held = [n for n in names if n in layer.slots]
-    factors = [layer.slots.factors(n) for n in held]
+    held = [n for n in names if n in layer.adapters]
+    factors = [layer.adapters.factors(n) for n in held]
     cache = layer.__dict__.setdefault("_lorakit_mixed_stacks", TensorCache())
-    tensors = [t for a, b, _ in factors for t in (a, b)] + [layer.slots.tensors(layer.slots.names()[0])["lora_A"]]
+    tensors = [t for a, b, _ in factors for t in (a, b)] + [layer.adapters.tensors(layer.adapters.names()[0])["lora_A"]]
     return cache.get(tensors, lambda: _stack(layer, names), extra=(names, tuple(cfg for *_, cfg in factors)))
 
 
@@ -178,7 +180,7 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Mod
     layers = lora_layers(model)
     rows = list(rows)
     names = tuple(dict.fromkeys(n for n in rows if n is not None))
-    known = {n for layer in layers.values() for n in layer.slots.names()}  # one walk, however many names
+    known = {n for layer in layers.values() for n in layer.adapters.names()}  # one walk, however many names
     for n in names:
         if n not in known:
             raise LoraAdapterNotFound(f"no adapter named {n!r}; the model has {list_adapters(model)}")
@@ -188,7 +190,7 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Mod
     if any(layer.disabled for layer in layers.values()):
         raise LoraStateError("cannot run a mixed batch inside disable_adapters(); use None rows for the bare base")
     dora = sorted(
-        {n for layer in layers.values() for n in names if n in layer.slots and layer.slots.config(n).use_dora}
+        {n for layer in layers.values() for n in names if n in layer.adapters and layer.adapters.config(n).use_dora}
     )
     if dora:
         raise ValueError(f"mixed batches run plain LoRA adapters only; {dora} use DoRA (use set_adapter instead)")
@@ -260,7 +262,7 @@ def combine_adapters(
     built: dict[str, tuple[LoraLayer, Tensor, Tensor]] = {}
     errors: dict[str, float] = {}
     for module, layer in layers.items():
-        parts: list[_Part] = [(w, *layer.slots.factors(n)) for n, w in weights.items() if n in layer.slots]
+        parts: list[_Part] = [(w, *layer.adapters.factors(n)) for n, w in weights.items() if n in layer.adapters]
         if not parts:
             continue
         if any(cfg.use_dora for *_, cfg in parts):
@@ -274,8 +276,8 @@ def combine_adapters(
         built[module] = (layer, A, B)
     for layer, A, B in built.values():
         r = A.shape[0]
-        layer.slots.add(name, LoraConfig(rank=r, alpha=float(r)))  # scaling 1: the weights live in B
-        a, b, _ = layer.slots.factors(name)
+        layer.adapters.add(name, LoraConfig(rank=r, alpha=float(r)))  # scaling 1: the weights live in B
+        a, b, _ = layer.adapters.factors(name)
         with torch.no_grad():
             a.copy_(A)
             b.copy_(B)

@@ -10,11 +10,11 @@ from typing import Protocol
 from torch import Tensor, nn
 
 from . import bases
+from .adapter_set import AdapterSet
 from .config import LoraBias, LoraConfig
 from .errors import LoraFileError, LoraStateError
 from .files import layer_file
 from .files.checks import check_tensors, copy_into
-from .slots import AdapterSlots
 
 
 class FileLayer(Protocol):
@@ -28,7 +28,7 @@ class FileLayer(Protocol):
     def base(self) -> nn.Module: ...
 
     @property
-    def slots(self) -> AdapterSlots: ...
+    def adapters(self) -> AdapterSet: ...
 
 
 def layer_tensors(layer: FileLayer, *, exported: bool = False) -> dict[str, Tensor]:
@@ -36,8 +36,8 @@ def layer_tensors(layer: FileLayer, *, exported: bool = False) -> dict[str, Tens
     and the bias it trains. `exported`: a PiSSA/OLoRA adapter as a plain LoRA for the original base."""
     if (name := layer.adapter_name) is None:
         raise LoraStateError("the layer has no active adapter to take tensors from; activate one first")
-    A, B, config = layer.slots.exported_factors(name) if exported else layer.slots.factors(name)
-    out = {**layer.slots.tensors(name), "lora_A": A, "lora_B": B}
+    A, B, config = layer.adapters.exported_factors(name) if exported else layer.adapters.factors(name)
+    out = {**layer.adapters.tensors(name), "lora_A": A, "lora_B": B}
     if config.bias is not LoraBias.NONE and (bias := bases.own_bias(layer.base)) is not None:
         out["bias"] = bias
     return out
@@ -47,7 +47,9 @@ def save_layer_adapter(layer: FileLayer, path: str | Path) -> Path:
     """Write `layer`'s active adapter (`layer_tensors`, exported) with its config in the metadata; returns the path."""
     if layer.adapter_name is None:
         raise LoraStateError("the layer has no active adapter to save; activate one first")
-    _, _, config = layer.slots.exported_factors(layer.adapter_name)  # PiSSA/OLoRA: a rank-2r LoRA for the original base
+    _, _, config = layer.adapters.exported_factors(
+        layer.adapter_name
+    )  # PiSSA/OLoRA: a rank-2r LoRA for the original base
     return layer_file.write_layer_file(
         path, layer_tensors(layer, exported=True), config, type(layer).__name__, tuple(bases.weight(layer.base).shape)
     )
@@ -59,7 +61,7 @@ def load_layer_adapter(layer: FileLayer, path: str | Path, *, allow_nonfinite: b
     tensors, config, layer_type = layer_file.read_layer_file(path)  # read
     name = _plan_layer_load(layer, path, tensors, config, layer_type, allow_nonfinite)  # plan (checks only)
     copy_into(tensors, layer_tensors(layer))  # attach
-    layer.slots.set_config(name, config)
+    layer.adapters.set_config(name, config)
 
 
 def _plan_layer_load(
@@ -74,7 +76,7 @@ def _plan_layer_load(
         )
     if (name := layer.adapter_name) is None:
         raise LoraStateError(f"cannot load {path}: the layer has no active adapter; activate one first")
-    active = layer.slots.config(name)
+    active = layer.adapters.config(name)
     if config.use_dora != active.use_dora:
         raise LoraFileError(f"{path}: adapter use_dora={config.use_dora}, layer use_dora={active.use_dora}")
     if layer_type != type(layer).__name__:

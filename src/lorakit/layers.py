@@ -1,7 +1,7 @@
 """LoRA layers: each holds its frozen base plus the trainable factors `lora_A` and `lora_B`.
 
 Dispatch is a registry {(module type, variant): layer class}; adding a layer type or a variant (DoRA, in
-`lorakit.variants.dora`) is one class and one line. Which named adapter is active is `slots.py`'s business;
+`lorakit.variants.dora`) is one class and one line. Which named adapter is active is `adapter_set.py`'s business;
 how the base stores its weight is `bases.py`'s; a layer's own adapter file (`save_adapter`) is `layer_io.py`'s.
 A model's adapter directory is `saving`/`loading`'s, which build on this module.
 """
@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from . import bases, ops
+from .adapter_set import DEFAULT_ADAPTER, AdapterSet, BaseInit, check_adapter_name
 from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
 from .errors import LoraStateError
 from .layer_io import layer_tensors, load_layer_adapter, save_layer_adapter
-from .slots import DEFAULT_ADAPTER, AdapterSlots, BaseInit, check_adapter_name
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -37,14 +37,15 @@ __all__ = [
 
 class LoraLayer(nn.Module):
     """A frozen `base` and its adapters: the active one (`adapter_name`, `config`) as `lora_A` (r, d_in, ...) and
-    `lora_B` (d_out, r, ...), the others frozen in `stash` (see `slots`); with none active, the base alone.
+    `lora_B` (d_out, r, ...), the others frozen in `stash` (see `adapter_set`); with none active, the base alone.
     Subclasses say how the factors are shaped, how forward runs and how the weight delta is laid out.
     """
 
     tensor_names: tuple[str, ...] = ("lora_A", "lora_B")  # an adapter's tensors; a variant may add its own
-    # bound by slots.py, all four together; None while no adapter is active (the layer computes its base)
+    # bound by adapter_set.py, all four together; None while no adapter is active (the layer computes its base)
     adapter_name: str | None
     config: LoraConfig | None
+    adapters: AdapterSet  # the named adapters (built once in __init__; a view over this layer's state)
     lora_A: nn.Parameter | None  # (r, d_in, ...)
     lora_B: nn.Parameter | None  # (d_out, r, ...)
     variant: str = "lora"  # its key in the registry beside the module type (LoraConfig.variant)
@@ -65,17 +66,13 @@ class LoraLayer(nn.Module):
         self.mixed: tuple[int, tuple[Tensor, ...]] | None = None  # set by adapters.mixed_batch: (rows, mixed_state)
         self._unmerged_weight: Tensor | None = None  # the exact base weight while merged in place
         self.base_init: BaseInit | None = None  # PiSSA/OLoRA: the factors at init, whose product left the base
-        self.slots.bind(check_adapter_name(adapter_name), self.new_adapter(config), config)
+        self.adapters = AdapterSet(self)  # built once: every change to the named adapters goes through it
+        self.adapters.bind(check_adapter_name(adapter_name), self.new_adapter(config), config)
         if config.init in BASE_CHANGING_INITS:  # PiSSA/OLoRA: A, B from W, the residual left in the base
             self.base_init = BASE_INITS[config.init](self, config)  # lorakit.variants.base_init
         base.requires_grad_(False)  # last: a refused shape or rank above leaves the user's module as it was
         if config.bias is not LoraBias.NONE and (bias := bases.bias(base)) is not None:
             bias.requires_grad_(True)  # bias "all" and "model" train the wrapped layer's own bias
-
-    @property
-    def slots(self) -> AdapterSlots:
-        """The named adapters: list, look up, add, activate, delete."""
-        return AdapterSlots(self)
 
     def new_adapter(self, config: LoraConfig) -> dict[str, nn.Parameter]:
         """Fresh tensors of an adapter of `config`: A as `config.init` says, B zero, in the base's dtype and device."""

@@ -36,14 +36,14 @@ from .model import (
     set_module,
     trained_biases,
 )
-from .saving import adapter_slots, adapter_state_dict
+from .saving import adapter_factors, adapter_state_dict
 from .trained_copy import TrainedCopy
 
 APPLY, INTO, ADD = "apply", "into", "add"  # wrap a bare model / load into an adapter it has / add a named one
 
 
 @dataclass(frozen=True)
-class Slot:
+class WrapTarget:
     """One module the adapter puts LoRA on: its LoRA class, its plain base layer, its config."""
 
     cls: type[LoraLayer]
@@ -58,7 +58,7 @@ class LoadPlan:
     how: str  # APPLY, INTO or ADD
     adapter: str | None  # None: each layer's active adapter (INTO without a name)
     config: LoraConfig  # the adapter's own config (APPLY wraps with it)
-    slots: dict[str, Slot]  # module name -> what it gets
+    targets: dict[str, WrapTarget]  # module name -> what it gets
     copies: list[str]  # modules_to_save: trained in full, each a TrainedCopy after attach
     tensors: dict[str, Tensor]  # checked; exactly the keys attach fills
 
@@ -118,7 +118,7 @@ def plan_load(
     """Where each tensor of `file` goes in `model`, fully checked; raises before anything could change."""
     _refuse_merged(model, "load adapters into")
     existing = lora_layers(model)
-    known = {n for layer in existing.values() for n in layer.slots.names()}
+    known = {n for layer in existing.values() for n in layer.adapters.names()}
     how = APPLY if not existing else INTO if name is None or name in known else ADD
     copies = _modules_to_save(model, file.spec.modules_to_save)
     if how == ADD and copies:
@@ -126,12 +126,12 @@ def plan_load(
             f"{file.where}: an adapter with modules_to_save cannot sit beside other named adapters "
             "(those modules are shared); load it into a fresh base"
         )
-    slots = _slots_into(model, file, name) if how == INTO else _slots_new(model, file, copies)
+    targets = _targets_into(model, file, name) if how == INTO else _targets_new(model, file, copies)
     if how != APPLY:
-        _check_shared_biases(model, file, name, slots)
-    check_tensors(file.where, file.tensors, _expected_shapes(model, file, slots, copies), allow_nonfinite)
+        _check_shared_biases(model, file, name, targets)
+    check_tensors(file.where, file.tensors, _expected_shapes(model, file, targets, copies), allow_nonfinite)
     adapter = (name or DEFAULT_ADAPTER) if how == APPLY else name
-    return LoadPlan(how, adapter, file.spec.config, slots, copies, file.tensors)
+    return LoadPlan(how, adapter, file.spec.config, targets, copies, file.tensors)
 
 
 def _refuse_merged(model: nn.Module, what: str) -> None:
@@ -143,10 +143,10 @@ def _refuse_merged(model: nn.Module, what: str) -> None:
         )
 
 
-def _slots_into(model: nn.Module, file: AdapterFile, name: str | None) -> dict[str, Slot]:
+def _targets_into(model: nn.Module, file: AdapterFile, name: str | None) -> dict[str, WrapTarget]:
     """Loading into an adapter the model has: every layer holding it, with the file's config for that module."""
-    slots = {}
-    for module, (layer, _, _, config) in adapter_slots(model, name).items():
+    targets = {}
+    for module, (layer, _, _, config) in adapter_factors(model, name).items():
         cfg = file.spec.config.for_module(module)
         if cfg.rank != config.rank and peft_key(module, "lora_A", layer.peft_layout) in file.tensors:
             raise LoraFileError(
@@ -157,18 +157,18 @@ def _slots_into(model: nn.Module, file: AdapterFile, name: str | None) -> dict[s
                 f"{file.where}: module {module!r} has use_dora={cfg.use_dora} in the adapter but "
                 f"{config.use_dora} in the model"
             )
-        slots[module] = Slot(type(layer), layer.base, cfg)
-    return slots
+        targets[module] = WrapTarget(type(layer), layer.base, cfg)
+    return targets
 
 
-def _slots_new(model: nn.Module, file: AdapterFile, copies: list[str]) -> dict[str, Slot]:
+def _targets_new(model: nn.Module, file: AdapterFile, copies: list[str]) -> dict[str, WrapTarget]:
     """A new adapter: the modules its target rules select (modules_to_save and what they hold excluded)."""
     exclude = file.spec.exclude + [f"re:{re.escape(n)}(\\..*)?" for n in copies]
     try:
         modules = find_targets(model, file.spec.targets, exclude=exclude)
     except ValueError as e:
         raise LoraFileError(f"{file.config_path}: {e}") from None
-    slots = {}
+    targets = {}
     for module in modules:
         m = model.get_submodule(module)
         cfg = file.spec.config.for_module(module)
@@ -184,22 +184,22 @@ def _slots_new(model: nn.Module, file: AdapterFile, copies: list[str]) -> dict[s
                 f"{file.where}: module {module!r} holds {cls.variant} adapters; this one is "
                 f"{cfg.variant} (use_dora={cfg.use_dora}), and one layer holds one variant"
             )
-        slots[module] = Slot(cls, base, cfg)
-    return slots
+        targets[module] = WrapTarget(cls, base, cfg)
+    return targets
 
 
-def _check_shared_biases(model: nn.Module, file: AdapterFile, name: str | None, slots: dict[str, Slot]) -> None:
+def _check_shared_biases(model: nn.Module, file: AdapterFile, name: str | None, targets: dict[str, WrapTarget]) -> None:
     """A trained bias belongs to the base, which every named adapter shares: such an adapter must be alone."""
     bias = file.spec.config.bias
     for module, layer in lora_layers(model).items():
-        if module not in slots and bias is not LoraBias.MODEL:  # "model" trains every bias, not only the slots'
+        if module not in targets and bias is not LoraBias.MODEL:  # "model" trains every bias, not only the targets'
             continue
-        held, own = layer.slots.names(), name or layer.adapter_name
+        held, own = layer.adapters.names(), name or layer.adapter_name
         others = len(held) - (own in held)
-        # an adapter that trains biases is always alone on its layer (this check and slots.add keep it so): only a
+        # an adapter that trains biases is always alone on its layer (this check and AdapterSet.add keep it so): only a
         # lone other adapter can be one, and looking no further keeps a load's cost flat in the adapters held
         lone = [n for n in held if n != own] if others == 1 else []
-        biased = [n for n in lone if layer.slots.config(n).bias is not LoraBias.NONE]
+        biased = [n for n in lone if layer.adapters.config(n).bias is not LoraBias.NONE]
         if others and (bias is not LoraBias.NONE or biased):
             raise LoraFileError(
                 f"{file.where}: adapters that train biases (bias='all' or 'model') train the shared "
@@ -209,28 +209,30 @@ def _check_shared_biases(model: nn.Module, file: AdapterFile, name: str | None, 
 
 
 def _expected_shapes(
-    model: nn.Module, file: AdapterFile, slots: dict[str, Slot], copies: list[str]
+    model: nn.Module, file: AdapterFile, targets: dict[str, WrapTarget], copies: list[str]
 ) -> dict[str, tuple[int, ...]]:
     """Every key the file must hold (and the optional ones it does hold), with its shape."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for module, slot in slots.items():
-        layout = slot.cls.peft_layout
+    for module, target in targets.items():
+        layout = target.cls.peft_layout
         try:
-            adapter_shapes = slot.cls.adapter_shapes(slot.base, slot.config)  # lora_A, lora_B (+ DoRA's magnitude)
+            adapter_shapes = target.cls.adapter_shapes(
+                target.base, target.config
+            )  # lora_A, lora_B (+ DoRA's magnitude)
         except TypeError as e:  # a layer type's own limits (e.g. grouped convolutions)
             raise LoraFileError(f"{file.where}: module {module!r}: {e}") from None
         for tensor, shape in adapter_shapes.items():
             shapes[peft_key(module, tensor, layout)] = shape
-        if slot.config.bias is not LoraBias.NONE and (bias := own_bias(slot.base)) is not None:
+        if target.config.bias is not LoraBias.NONE and (bias := own_bias(target.base)) is not None:
             shapes[peft_key(module, "bias", layout)] = tuple(bias.shape)
     if file.spec.config.bias is LoraBias.MODEL:  # PEFT's bias="all": every other bias too
         for module, bias in plain_biases(model).items():
-            if module not in slots:
+            if module not in targets:
                 shapes[plain_key(module, "bias")] = tuple(bias.shape)
     for module in copies:
         saved = _saved(model, module).named_parameters()
         shapes.update({plain_key(module, pname): tuple(p.shape) for pname, p in saved})
-    optional = _whole_embeddings(model, set(slots), copies)
+    optional = _whole_embeddings(model, set(targets), copies)
     shapes.update({k: tuple(t.shape) for k, t in optional.items() if k in file.tensors})
     return shapes
 
@@ -284,7 +286,7 @@ def attach(model: nn.Module, plan: LoadPlan) -> None:
         apply_lora(
             model,
             plan.config,
-            [f"re:{re.escape(n)}" for n in plan.slots],
+            [f"re:{re.escape(n)}" for n in plan.targets],
             modules_to_save=[f"re:{re.escape(n)}" for n in plan.copies],
             adapter_name=plan.adapter or DEFAULT_ADAPTER,  # plan_load names it
         )
@@ -294,16 +296,16 @@ def attach(model: nn.Module, plan: LoadPlan) -> None:
         if not isinstance(model.get_submodule(module), TrainedCopy):
             set_module(model, module, TrainedCopy(model.get_submodule(module)))
     layers = lora_layers(model)
-    for module, slot in plan.slots.items():
+    for module, target in plan.targets.items():
         adapter = plan.adapter or layers[module].adapter_name
         assert adapter is not None, "a plan without a name loads into active adapters only"
-        layers[module].slots.set_config(adapter, slot.config)
+        layers[module].adapters.set_config(adapter, target.config)
     if plan.how == INTO:
         for bias in trained_biases(model, plan.config.bias).values():
             bias.requires_grad_(True)
     destinations = {
         **adapter_state_dict(model, plan.adapter, exported=False),
-        **_whole_embeddings(model, set(plan.slots), plan.copies),
+        **_whole_embeddings(model, set(plan.targets), plan.copies),
     }
     missing = plan.tensors.keys() - destinations.keys()
     assert not missing, f"planned keys without a place in the model: {sorted(missing)[:4]}"
@@ -315,11 +317,11 @@ def _add_named(model: nn.Module, plan: LoadPlan) -> None:
     name = plan.adapter
     assert name is not None, "plan_load names the adapter it adds"
     active = active_adapter(model)
-    for module, slot in plan.slots.items():
+    for module, target in plan.targets.items():
         m = model.get_submodule(module)
         if isinstance(m, LoraLayer):
-            m.slots.add(name, slot.config)
+            m.adapters.add(name, target.config)
         else:
-            layer = with_lora(m, slot.config, adapter_name=name)
+            layer = with_lora(m, target.config, adapter_name=name)
             set_module(model, module, layer)
-            layer.slots.activate(active if active in layer.slots.names() else None)
+            layer.adapters.activate(active if active in layer.adapters.names() else None)

@@ -34,7 +34,7 @@ from .model import lora_layers, own_bias, plain_biases
 from .trained_copy import trained_copies
 
 
-def adapter_slots(
+def adapter_factors(
     model: nn.Module, name: str | None = None, *, exported: bool = False
 ) -> dict[str, tuple[LoraLayer, Tensor, Tensor, LoraConfig]]:
     """Per wrapped module holding adapter `name` (None: each layer's active one): (layer, lora_A, lora_B, config).
@@ -44,8 +44,8 @@ def adapter_slots(
     out: dict[str, tuple[LoraLayer, Tensor, Tensor, LoraConfig]] = {}
     for module, layer in lora_layers(model).items():
         n = layer.adapter_name if name is None else name
-        if n is not None and n in layer.slots.names():
-            out[module] = (layer, *(layer.slots.exported_factors(n) if exported else layer.slots.factors(n)))
+        if n is not None and n in layer.adapters.names():
+            out[module] = (layer, *(layer.adapters.exported_factors(n) if exported else layer.adapters.factors(n)))
     return out
 
 
@@ -53,40 +53,42 @@ def adapter_state_dict(model: nn.Module, name: str | None = None, *, exported: b
     """The adapter's tensors under PEFT's key names (what `save_adapters` writes, where `load_adapters` copies).
 
     Per LoRA layer its factors (and DoRA magnitude); the biases its bias mode trains; every TrainedCopy's
-    trained copy (modules_to_save) under the module's plain key, as PEFT saves it. `exported`: see `adapter_slots`.
+    trained copy (modules_to_save) under the module's plain key, as PEFT saves it. `exported`: see `adapter_factors`.
     """
     out: dict[str, Tensor] = {}
-    slots = adapter_slots(model, name, exported=exported)
-    for module, (layer, A, B, config) in slots.items():
+    factors = adapter_factors(model, name, exported=exported)
+    for module, (layer, A, B, config) in factors.items():
         out[peft_key(module, "lora_A", layer.peft_layout)] = A
         out[peft_key(module, "lora_B", layer.peft_layout)] = B
         if config.use_dora:
             adapter = name or layer.adapter_name
-            assert adapter is not None, "adapter_slots gives the layers that hold the adapter"
-            out[peft_key(module, "lora_magnitude", layer.peft_layout)] = layer.slots.tensors(adapter)["lora_magnitude"]
+            assert adapter is not None, "adapter_factors gives the layers that hold the adapter"
+            out[peft_key(module, "lora_magnitude", layer.peft_layout)] = layer.adapters.tensors(adapter)[
+                "lora_magnitude"
+            ]
         if config.bias is not LoraBias.NONE and (bias := own_bias(layer.base)) is not None:
             out[peft_key(module, "bias", layer.peft_layout)] = bias
-    if _bias_mode(slots) is LoraBias.MODEL:  # every other bias of the model trains too
+    if _bias_mode(factors) is LoraBias.MODEL:  # every other bias of the model trains too
         out.update({plain_key(module, "bias"): bias for module, bias in plain_biases(model).items()})
     for module, saved in trained_copies(model).items():
         out.update({plain_key(module, pname): p for pname, p in saved.trained.named_parameters()})
     return out
 
 
-def _bias_mode(slots: dict[str, tuple[LoraLayer, Tensor, Tensor, LoraConfig]]) -> LoraBias:
+def _bias_mode(factors: dict[str, tuple[LoraLayer, Tensor, Tensor, LoraConfig]]) -> LoraBias:
     """The adapter's bias mode (one per adapter: `LoraConfig.for_module` keeps it)."""
-    return next((LoraBias(config.bias) for *_, config in slots.values()), LoraBias.NONE)
+    return next((LoraBias(config.bias) for *_, config in factors.values()), LoraBias.NONE)
 
 
 def peft_config(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     """adapter_config.json for adapter `name` (None: the active one), in PEFT's vocabulary."""
-    slots = adapter_slots(model, name, exported=True)
-    if not slots:
+    factors = adapter_factors(model, name, exported=True)
+    if not factors:
         what = "no LoRA layers; apply_lora first" if name is None else f"no adapter named {name!r}"
         raise LoraFileError(f"the model has {what}")
-    configs = {module: config for module, (_, _, _, config) in slots.items()}
+    configs = {module: config for module, (_, _, _, config) in factors.items()}
     others = [n for n, _ in model.named_modules() if n and n not in configs]
-    linears = [f for layer, *_ in slots.values() if (f := getattr(type(layer), "fan_in_fan_out", None)) is not None]
+    linears = [f for layer, *_ in factors.values() if (f := getattr(type(layer), "fan_in_fan_out", None)) is not None]
     return to_peft_config(
         configs,
         others,
@@ -113,7 +115,7 @@ def save_adapters(
     directory = Path(directory)
     config, tensors = peft_config(model, name), adapter_state_dict(model, name)
     skip = replaced_base_tensors(tensors)  # what the adapter writes itself (trained biases, heads) is no base
-    base = base_fingerprint(model, adapter_slots(model, name), fingerprints, skip=skip)
+    base = base_fingerprint(model, adapter_factors(model, name), fingerprints, skip=skip)
     with atomic.locked_dir(directory):  # a concurrent save or load of this directory sees one whole adapter
         st.write(directory / WEIGHTS_NAME, tensors, {"format": "pt"})
         atomic.write_json(directory / CONFIG_NAME, config)

@@ -55,7 +55,7 @@ class Row:
 def solo_adapters(model: nn.Module) -> frozenset[str]:
     """The adapters the mixed path cannot run (DoRA ones): each runs in a forward of its own."""
     return frozenset(
-        n for layer in lora_layers(model).values() for n in layer.slots.names() if layer.slots.config(n).use_dora
+        n for layer in lora_layers(model).values() for n in layer.adapters.names() if layer.adapters.config(n).use_dora
     )
 
 

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from .. import bases
+from ..adapter_set import BaseInit
 from ..config import BASE_CHANGING_INITS, LoraConfig
 from ..files import provenance
 from ..layers import BASE_INITS, LoraLayer
-from ..slots import BaseInit
 
 
 def base_init(

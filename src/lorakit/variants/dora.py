@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import bases, ops
+from ..adapter_set import DEFAULT_ADAPTER
 from ..cache import TensorCache
 from ..config import LoraConfig
 from ..layers import LORA_LAYERS, LoraLinear
-from ..slots import DEFAULT_ADAPTER
 
 
 def row_sqnorm(weight: Tensor) -> Tensor:
@@ -130,7 +130,7 @@ class DoraLinear(LoraLinear):
         """(lora_A, lora_B, lora_magnitude, config) of the active adapter; LoraStateError where none is active."""
         A, B, config = self.active_factors()
         magnitude = self.lora_magnitude
-        assert magnitude is not None, "slots.py binds the magnitude with A and B"
+        assert magnitude is not None, "adapter_set.py binds the magnitude with A and B"
         return A, B, magnitude, config
 
     def _initial_magnitude(self, A: Tensor, B: Tensor, config: LoraConfig) -> Tensor:

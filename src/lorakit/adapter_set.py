@@ -30,9 +30,9 @@ class BaseInit(nn.Module, ABC):
         """(A, B, config) trained from the init, as a plain LoRA for the original base weight."""
 
 
-class SlotHolder(Protocol):
-    """What AdapterSlots reads and writes on its layer (a `lorakit.layers.LoraLayer`), named here so that
-    slots.py depends on no layer module: layers import slots, never the reverse."""
+class AdapterHolder(Protocol):
+    """What AdapterSet reads and writes on its layer (a `lorakit.layers.LoraLayer`), named here so that
+    adapter_set.py depends on no layer module: layers import it, never the reverse."""
 
     adapter_name: str | None
     config: LoraConfig | None
@@ -77,19 +77,19 @@ class Adapter(nn.Module):
         return {key: p for key, p in self._parameters.items() if p is not None}
 
 
-class AdapterSlots:
+class AdapterSet:
     """The named adapters of one layer, active first (a view: the state is the layer's, the rules are here).
 
     Examples:
         >>> import torch, lorakit as lk
         >>> layer = lk.with_lora(nn.Linear(4, 4), lk.LoraConfig(rank=2))
-        >>> layer.slots.add("other", lk.LoraConfig(rank=1))
-        >>> layer.slots.activate("other")
-        >>> layer.slots.names(), layer.rank
+        >>> layer.adapters.add("other", lk.LoraConfig(rank=1))
+        >>> layer.adapters.activate("other")
+        >>> layer.adapters.names(), layer.rank
         (['other', 'default'], 1)
     """
 
-    def __init__(self, layer: SlotHolder) -> None:
+    def __init__(self, layer: AdapterHolder) -> None:
         self.layer = layer
 
     @property
