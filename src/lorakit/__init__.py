@@ -1,5 +1,6 @@
 """lorakit: LoRA for PyTorch — wrap, train, save, share, swap and merge low-rank adapters."""
 
+from .adapter_table import AdapterTable
 from .adapters import (
     CombineReport,
     active_adapter,
@@ -43,6 +44,7 @@ __all__ = [
     "disable_adapters",
     "list_adapters",
     "mixed_batch",
+    "AdapterTable",
     "set_adapter",
     "use_adapter",
     "LoraBias",

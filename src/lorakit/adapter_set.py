@@ -38,10 +38,12 @@ class AdapterHolder(Protocol):
     config: LoraConfig | None
     stash: nn.ModuleDict
     merged: bool
-    mixed: Any
     base_init: BaseInit | None
     tensor_names: tuple[str, ...]
     variant: str
+
+    @property
+    def mixed(self) -> Any: ...
 
     @property
     def rank(self) -> int: ...

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .adapter_set import check_adapter_name
-from .cache import TensorCache
+from .adapter_table import AdapterTable, mixable, refuse_in_mixed_batch
 from .config import LoraConfig
 from .errors import LoraAdapterNotFound, LoraStateError
 from .layers import LoraLayer
@@ -52,19 +52,10 @@ def _require(model: nn.Module, name: str) -> dict[str, LoraLayer]:
     return layers
 
 
-def _refuse_in_mixed_batch(layers: Iterable[LoraLayer], what: str) -> None:
-    """A mixed batch fixes each row's adapter when it starts; changing adapters inside it would be ignored."""
-    if any(layer.mixed is not None for layer in layers):
-        raise LoraStateError(
-            f"cannot {what} inside a mixed_batch block: each row's adapter is fixed when the "
-            "block starts; leave it first, or give the rows other adapter names"
-        )
-
-
 def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
     """Make `name` the active adapter on every layer (trainable); the others wait frozen. None: base only."""
     layers = lora_layers(model) if name is None else _require(model, name)
-    _refuse_in_mixed_batch(layers.values(), "switch adapters")
+    refuse_in_mixed_batch(layers.values(), "switch adapters")
     if any(layer.merged for layer in layers.values()):
         raise LoraStateError("cannot switch adapters while merged in place; call unmerge_(model) first")
     for layer in layers.values():
@@ -99,7 +90,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         ('LoraLinear', True)
     """
     layers = lora_layers(model).values()
-    _refuse_in_mixed_batch(layers, "disable adapters")
+    refuse_in_mixed_batch(layers, "disable adapters")
     if any(layer.merged for layer in layers):
         raise LoraStateError("the base cannot run bare while adapters are merged in place; call unmerge_(model) first")
     switches: list[LoraLayer | TrainedCopy] = [*layers, *trained_copies(model).values()]
@@ -116,7 +107,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter `name` everywhere; a layer left with no adapter at all becomes its plain base again."""
     layers = _require(model, name)
-    _refuse_in_mixed_batch(layers.values(), "delete an adapter")
+    refuse_in_mixed_batch(layers.values(), "delete an adapter")
     if any(layer.merged and layer.adapter_name == name for layer in layers.values()):
         raise LoraStateError(f"adapter {name!r} is merged in place; call unmerge_(model) first")
     for module, layer in layers.items():
@@ -130,45 +121,15 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 # -- mixed-adapter batches -------------------------------------------------------------------------
 
 
-def _stack(layer: LoraLayer, names: Sequence[str]) -> tuple[Tensor, Tensor]:
-    """A (1+n, r_max, ...) and B (1+n, d_out, r_max, ...) with scaling folded into B; slot 0 is zeros."""
-    parts = [layer.adapters.factors(n) if n in layer.adapters else None for n in names]
-    ranks = [p[2].rank for p in parts if p is not None] or [1]
-    r = max(ranks)
-    a_shape, b_shape = layer.factor_shapes(layer.base, r)
-    like = layer.adapters.tensors(layer.adapters.names()[0])[
-        "lora_A"
-    ]  # the factors' dtype and device (not a packed base's)
-    A = torch.zeros(1 + len(names), *a_shape, dtype=like.dtype, device=like.device)
-    B = torch.zeros(1 + len(names), *b_shape, dtype=like.dtype, device=like.device)
-    with torch.no_grad():
-        for i, p in enumerate(parts, start=1):
-            if p is not None:
-                a, b, cfg = p
-                A[i, : cfg.rank] = a
-                B[i, :, : cfg.rank] = b * cfg.scaling
-    if len(b_shape) > 2:  # convs: B is (d_out, r, 1, ...) -> (d_out, r)
-        B = B.flatten(2)
-    return A, B
-
-
-def _cached_stack(layer: LoraLayer, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
-    """The stacks, rebuilt whenever the adapter set, a config, or any factor changed (in place, `.data =`, `.to()`)."""
-    held = [n for n in names if n in layer.adapters]
-    factors = [layer.adapters.factors(n) for n in held]
-    cache = layer.__dict__.setdefault("_lorakit_mixed_stacks", TensorCache())
-    tensors = [t for a, b, _ in factors for t in (a, b)] + [layer.adapters.tensors(layer.adapters.names()[0])["lora_A"]]
-    return cache.get(tensors, lambda: _stack(layer, names), extra=(names, tuple(cfg for *_, cfg in factors)))
-
-
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Module]:
     """Inside the block, row i of the batch runs with adapter `rows[i]` (None: the bare base), in one forward.
 
-    Adapters are stacked per layer (zero-padded to the largest rank, scaling folded in) and rows pick
-    theirs with batched gathers and bmm. An inference feature: dropout is not applied. Inside the block
-    the rows' adapters are fixed: switching, disabling or deleting adapters is refused, and every input
-    must have exactly `len(rows)` rows.
+    The rows' adapters are copied into the slots of an `AdapterTable` made for this block (zero-padded to the
+    largest rank, scaling folded in; closed on exit) and rows pick theirs with batched gathers and bmm. To run
+    many mixed batches, keep an `AdapterTable` and use its `batch(rows)`: no copies when a batch starts. An
+    inference feature: dropout is not applied. Inside the block the rows' adapters are fixed: switching,
+    disabling or deleting adapters is refused, and every input must have exactly `len(rows)` rows.
 
     Examples:
         >>> import lorakit as lk
@@ -184,29 +145,17 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Mod
     for n in names:
         if n not in known:
             raise LoraAdapterNotFound(f"no adapter named {n!r}; the model has {list_adapters(model)}")
-    _refuse_in_mixed_batch(layers.values(), "start another mixed batch")
+    refuse_in_mixed_batch(layers.values(), "start another mixed batch")
     if any(layer.merged for layer in layers.values()):
         raise LoraStateError("mixed batches need unmerged adapters; call unmerge_(model) first")
     if any(layer.disabled for layer in layers.values()):
         raise LoraStateError("cannot run a mixed batch inside disable_adapters(); use None rows for the bare base")
-    dora = sorted(
-        {n for layer in layers.values() for n in names if n in layer.adapters and layer.adapters.config(n).use_dora}
-    )
-    if dora:
-        raise ValueError(f"mixed batches run plain LoRA adapters only; {dora} use DoRA (use set_adapter instead)")
-    index = {n: i for i, n in enumerate(names, start=1)}
-    slots_cpu = torch.tensor([index.get(n, 0) if n is not None else 0 for n in rows], dtype=torch.long)
-    states: dict[str, tuple[int, tuple[Tensor, ...]]] = {}
-    for module, layer in layers.items():
-        A, B = _cached_stack(layer, names)
-        states[module] = (len(rows), layer.mixed_state(A, B, slots_cpu.to(A.device)))
-    for module, layer in layers.items():
-        layer.mixed = states[module]
-    try:
-        yield model
-    finally:
-        for layer in layers.values():
-            layer.mixed = None
+    mixable(layers.values(), names)
+    with AdapterTable(model, capacity=max(1, len(names))) as table:  # slots 1..n in the rows' order
+        for n in names:
+            table.load(n)
+        with table.batch(rows):
+            yield model
 
 
 # -- combining adapters ----------------------------------------------------------------------------
@@ -258,7 +207,7 @@ def combine_adapters(
     if name in list_adapters(model):
         raise ValueError(f"adapter {name!r} already exists")
     layers = lora_layers(model)
-    _refuse_in_mixed_batch(layers.values(), "combine adapters")
+    refuse_in_mixed_batch(layers.values(), "combine adapters")
     built: dict[str, tuple[LoraLayer, Tensor, Tensor]] = {}
     errors: dict[str, float] = {}
     for module, layer in layers.items():

@@ -19,6 +19,7 @@ from .adapter_set import DEFAULT_ADAPTER, AdapterSet, BaseInit, check_adapter_na
 from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
 from .errors import LoraStateError
 from .layer_io import layer_tensors, load_layer_adapter, save_layer_adapter
+from .slot_stacks import SlotStacks
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -63,7 +64,7 @@ class LoraLayer(nn.Module):
         self.base = base
         self.stash = nn.ModuleDict()
         self.merged, self.disabled = False, False  # disabled: set by lorakit.adapters.disable_adapters
-        self.mixed: tuple[int, tuple[Tensor, ...]] | None = None  # set by adapters.mixed_batch: (rows, mixed_state)
+        self.slot_stacks: SlotStacks | None = None  # this layer's fixed slots while an AdapterTable serves it
         self._unmerged_weight: Tensor | None = None  # the exact base weight while merged in place
         self.base_init: BaseInit | None = None  # PiSSA/OLoRA: the factors at init, whose product left the base
         self.adapters = AdapterSet(self)  # built once: every change to the named adapters goes through it
@@ -73,6 +74,11 @@ class LoraLayer(nn.Module):
         base.requires_grad_(False)  # last: a refused shape or rank above leaves the user's module as it was
         if config.bias is not LoraBias.NONE and (bias := bases.bias(base)) is not None:
             bias.requires_grad_(True)  # bias "all" and "model" train the wrapped layer's own bias
+
+    @property
+    def mixed(self) -> Tensor | None:
+        """The running mixed batch's row -> slot index (None outside one; see `lorakit.adapter_table`)."""
+        return None if self.slot_stacks is None else self.slot_stacks.index.slots
 
     def new_adapter(self, config: LoraConfig) -> dict[str, nn.Parameter]:
         """Fresh tensors of an adapter of `config`: A as `config.init` says, B zero, in the base's dtype and device."""
@@ -112,7 +118,7 @@ class LoraLayer(nn.Module):
         return ops.delta_weight(A, B, config.scaling)
 
     def mixed_state(self, A: Tensor, B: Tensor, slots: Tensor) -> tuple[Tensor, ...]:
-        """What `mixed_forward` takes after x, prepared once per mixed batch from the stacks and row -> slot."""
+        """What `mixed_forward` takes after x, made once per row -> slot index from the stacks (`SlotStacks.state`)."""
         return A, B, slots
 
     def mixed_forward(self, x: Tensor, *state: Tensor) -> Tensor:
@@ -144,14 +150,14 @@ class LoraLayer(nn.Module):
         return A, B, config
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.mixed is not None:
-            rows, state = self.mixed
-            if x.shape[0] != rows:
+        stacks = self.slot_stacks
+        if stacks is not None and (slots := stacks.index.slots) is not None:
+            if x.shape[0] != slots.shape[0]:
                 raise LoraStateError(
-                    f"mixed_batch was given {rows} rows (one adapter name per row) but the batch "
+                    f"mixed_batch was given {slots.shape[0]} rows (one adapter name per row) but the batch "
                     f"has {x.shape[0]} (the first dimension of a {tuple(x.shape)} input)"
                 )
-            return self.mixed_forward(x, *state)
+            return self.mixed_forward(x, *stacks.state(self, slots))
         if self.merged or self.disabled or self.adapter_name is None:
             return self.base(x)
         return self.lora_forward(x)

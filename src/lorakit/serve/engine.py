@@ -31,7 +31,7 @@ from ..errors import LoraAdapterNotFound
 from ..generation.kv import Batch, context_length
 from ..generation.sampling import SamplingError, SamplingParams, generator, sample_rows
 from .detok import TextStream
-from .groups import Group, Row, adapters, group_key, solo_adapters
+from .groups import EngineAdapters, Group, Row, group_key, solo_adapters
 from .handle import Handle, RequestStats, Step
 
 T = TypeVar("T")
@@ -61,6 +61,8 @@ class Engine:
         on_step: called after each decode step with (batch size, queue depth), on the engine thread.
         on_finish: called with each finished request's `RequestStats`, on the engine thread.
         on_failure: called once with the reason if the loop ever stops on an error, on the engine thread.
+        max_loaded: the adapters the mixed batches' slots are allocated for (`AdapterTable`'s capacity; they grow
+            beyond it if more are loaded); None: as many as the model has when the loop starts.
 
     Start it, `submit` token ids with an adapter name (None: the base) and `SamplingParams`, and read the
     returned `Handle` (`for step in handle`, `async for step in handle`, or `handle.result()`); `stop` at the end.
@@ -76,6 +78,7 @@ class Engine:
         on_step: Callable[[int, int], None] | None = None,
         on_finish: Callable[[RequestStats], None] | None = None,
         on_failure: Callable[[str], None] | None = None,
+        max_loaded: int | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} are invalid: expected >= 1 and >= 0")
@@ -92,7 +95,7 @@ class Engine:
         self._queue: deque[Row] = deque()
         self._groups: list[Group] = []  # the running rows, by forward
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
-        self._held: tuple[object, contextlib.ExitStack] | None = None  # see _hold
+        self._adapters = EngineAdapters(model, max_loaded)  # the adapters set around each forward
         self._accepting = True
         self.closed = threading.Event()  # set once stop() begins (or the loop failed): no new requests from then on
         self.failure: str | None = None  # why the loop stopped on an error; None while it is healthy
@@ -181,6 +184,7 @@ class Engine:
         finally:
             self._names = frozenset(list_adapters(self.model))
             self._solo = solo_adapters(self.model)
+            self._adapters.sync()  # loads and unloads copy into / zero the mixed batches' slots here, not at a step
 
     def in_flight(self, adapter: str | None) -> int:
         """Requests using `adapter` (None: the base) that are running or waiting."""
@@ -234,7 +238,7 @@ class Engine:
                 self._accepting = False
                 self.closed.set()
             with contextlib.suppress(BaseException):  # the model may be mid-context: leave it as it can be left
-                self._release()
+                self._adapters.close()
             self._end_all(f"the engine failed ({reason}); the server must be restarted")
             if self.on_failure is not None:
                 with contextlib.suppress(Exception):
@@ -243,9 +247,10 @@ class Engine:
     def _loop(self) -> None:
         """Until stopped: calls, cancellations, admissions, one decode step; sleep when there is nothing to do."""
         with torch.no_grad():
+            self._adapters.open(len(self._names - self._solo))
             while True:
                 if not self._groups:
-                    self._release()  # idle: the model is as it was outside
+                    self._adapters.release()  # idle: the model is as it was outside
                 with self._cond:
                     while not (self._shutdown or self._calls or self._queue or self._groups):
                         self._cond.wait()
@@ -254,7 +259,7 @@ class Engine:
                     calls = list(self._calls)
                     self._calls.clear()
                 if calls:
-                    self._release()
+                    self._adapters.release()
                 for fn, future in calls:
                     try:
                         future.set_result(self._run(fn))
@@ -264,7 +269,7 @@ class Engine:
                 self._admit()
                 if self._groups:
                     self._decode()
-        self._release()
+        self._adapters.close()
         with self._cond:  # requests left at shutdown: stop() ends them after join
             self._cond.notify_all()
 
@@ -326,9 +331,8 @@ class Engine:
 
     def _prefill(self, key: str | None, rows: list[Row]) -> tuple[Batch, list[Row]] | None:
         """The rows' batch, their first tokens sampled into `last` (None when none is left to run)."""
-        self._release()
         try:
-            with adapters(self.model, key, [r.adapter for r in rows]):
+            with self._adapters.enter(key, [r.adapter for r in rows]):
                 logits, batch = Batch.prefill(self.model, [r.prompt for r in rows], self._pad_id)
         except Exception as e:  # noqa: BLE001 - the requests in this forward fail; the engine goes on
             for r in rows:
@@ -352,10 +356,10 @@ class Engine:
         for group in list(self._groups):
             rows = list(group.rows)
             try:
-                self._hold(group)
+                self._adapters.hold(group)
                 logits = group.batch.step(self.model)
             except Exception as e:  # noqa: BLE001 - every row of a failed forward fails (its cache is unknown)
-                self._release()
+                self._adapters.release()
                 for r in rows:
                     self._finish(r, Step(None, "", "error", len(r.prompt), r.produced, f"{type(e).__name__}: {e}"))
                 continue
@@ -368,24 +372,6 @@ class Engine:
         if self.on_step is not None and total:
             with contextlib.suppress(Exception):
                 self.on_step(total, self.queued)
-
-    def _hold(self, group: Group) -> None:
-        """Set the group's adapters and keep them set across steps while its rows stay the same and it is the only
-        group (entering a mixed batch reads every layer's adapters, which costs as much as a decode step of a small
-        model); with several groups each forward sets its own."""
-        signature = group.signature()
-        if self._held is not None and self._held[0] == signature:
-            return
-        self._release()
-        stack = contextlib.ExitStack()
-        stack.enter_context(adapters(self.model, group.key, signature[1]))
-        self._held = (signature, stack)
-
-    def _release(self) -> None:
-        """Undo `_hold` (before a prefill, a `call`, or leaving): the model is as it was outside."""
-        if self._held is not None:
-            held, self._held = self._held, None
-            held[1].close()
 
     def _emit(self, rows: list[Row], tokens: list[int]) -> None:
         """Hand each row its new token's step (the caller prunes the rows that finished)."""

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapter_table import AdapterTable
 from ..adapters import disable_adapters, mixed_batch, use_adapter
 from ..generation.kv import Batch
 from ..generation.sampling import SamplingParams
@@ -65,9 +66,11 @@ def group_key(adapter: str | None, solo: frozenset[str]) -> str | None:
 
 
 @contextlib.contextmanager
-def adapters(model: nn.Module, key: str | None, rows: Sequence[str | None]) -> Iterator[None]:
+def adapters(
+    model: nn.Module, key: str | None, rows: Sequence[str | None], table: AdapterTable | None = None
+) -> Iterator[None]:
     """Row i runs adapter rows[i]: a solo adapter as itself; else the bare base or one adapter as themselves,
-    several as a mixed batch."""
+    several as a mixed batch (over `table`'s slots where given: nothing is copied as it starts)."""
     distinct = set(rows)
     if key is not None:
         ctx: contextlib.AbstractContextManager[Any] = use_adapter(model, key)
@@ -75,6 +78,8 @@ def adapters(model: nn.Module, key: str | None, rows: Sequence[str | None]) -> I
         ctx = disable_adapters(model)
     elif len(distinct) == 1:
         ctx = use_adapter(model, rows[0])
+    elif table is not None:
+        ctx = table.batch(rows)
     else:
         ctx = mixed_batch(model, rows)
     with ctx:
@@ -106,3 +111,56 @@ class Group:
         """Newly prefilled rows join after the running ones."""
         self.batch = self.batch.merge(batch)
         self.rows.extend(rows)
+
+
+class EngineAdapters:
+    """The engine's adapters around its forwards: the mixed batches' slots (an `AdapterTable`, while the loop runs)
+    and the context kept set across decode steps.
+
+    A group's context stays set while its rows stay the same and it is the only group (a mixed batch only passes
+    its rows' slots, but one adapter or the bare base walks every layer); with several groups each forward sets
+    its own.
+    """
+
+    def __init__(self, model: nn.Module, max_loaded: int | None) -> None:
+        self.model, self.max_loaded = model, max_loaded
+        self.table: AdapterTable | None = None
+        self._held: tuple[object, contextlib.ExitStack] | None = None
+
+    def open(self, plain: int) -> None:
+        """Slots for the model's plain LoRA adapters (`plain` of them; `max_loaded` if given), filled once."""
+        self.table = AdapterTable(self.model, self.max_loaded or max(1, plain))
+        self.table.sync()
+
+    def sync(self) -> None:
+        """After adapters were loaded or unloaded: the slots match the model again."""
+        if self.table is not None:
+            self.table.sync()
+
+    def enter(self, key: str | None, rows: Sequence[str | None]) -> contextlib.AbstractContextManager[None]:
+        """The context of one forward (a prefill), after releasing what was held."""
+        self.release()
+        return adapters(self.model, key, rows, self.table)
+
+    def hold(self, group: Group) -> None:
+        """Set the group's adapters, unless they are set already."""
+        signature = group.signature()
+        if self._held is not None and self._held[0] == signature:
+            return
+        self.release()
+        stack = contextlib.ExitStack()
+        stack.enter_context(adapters(self.model, group.key, signature[1], self.table))
+        self._held = (signature, stack)
+
+    def release(self) -> None:
+        """Undo `hold` (before a prefill, a `call`, or leaving): the model's adapters are as they were outside."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            held[1].close()
+
+    def close(self) -> None:
+        """Release, and the layers drop the slots: the model is as it was before the loop."""
+        self.release()
+        if self.table is not None:
+            table, self.table = self.table, None
+            table.close()

@@ -160,6 +160,7 @@ def _text(
         max_queue=options.max_queue,
         on_step=metrics.step,
         on_finish=metrics.engine_finished,
+        max_loaded=options.max_loaded,
     )
 
     def counted(fn: Callable[[], object]) -> Callable[[], None]:

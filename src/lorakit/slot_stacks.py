@@ -1,0 +1,107 @@
+"""One LoRA layer's fixed adapter slots for mixed batches (vLLM's `lora_a_stacked`, `set_lora`, `reset_lora`).
+
+    A: (1 + capacity, r, d_in, ...)    B: (1 + capacity, d_out, r), each adapter's scaling folded into B
+
+zero-padded to the largest rank copied in, slot 0 always zeros (the rows that use no adapter). An adapter is
+copied into its slot when an `AdapterTable` (`lorakit.adapter_table`) loads it and zeroed when it unloads it,
+never when a batch starts: a batch only sets the row → slot index (`RowIndex`) that every layer of the table
+shares, so starting one costs the same however many adapters the table holds.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class RowIndex:
+    """The running mixed batch's row → slot index (None outside one): one object, shared by a table's layers."""
+
+    def __init__(self) -> None:
+        self.slots: Tensor | None = None  # (rows,) int64 on the CPU; slot 0: the bare base
+
+
+class MixedLayer(Protocol):
+    """What the stacks ask of their layer (a `lorakit.layers.LoraLayer`): how its mixed forward wants them."""
+
+    def mixed_state(self, A: Tensor, B: Tensor, slots: Tensor) -> tuple[Tensor, ...]: ...
+
+
+class SlotStacks:
+    """The stacks of one layer, sized by a capacity and grown (slots or rank) only when an adapter is copied in.
+
+    Examples:
+        >>> stacks = SlotStacks((1, 4), (3, 1), capacity=2, index=RowIndex(), dtype=torch.float32, device="cpu")
+        >>> stacks.set(2, torch.ones(2, 4), torch.ones(3, 2), scaling=0.5)
+        >>> tuple(stacks.A.shape), tuple(stacks.B.shape), stacks.B[2, 0].tolist()
+        ((3, 2, 4), (3, 3, 2), [0.5, 0.5])
+    """
+
+    def __init__(
+        self,
+        a_shape: tuple[int, ...],
+        b_shape: tuple[int, ...],
+        *,
+        capacity: int,
+        index: RowIndex,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.index = index
+        self.A = torch.zeros(1 + capacity, *a_shape, dtype=dtype, device=device)  # (1 + capacity, r, d_in, ...)
+        self.B = torch.zeros(1 + capacity, b_shape[0], b_shape[1], dtype=dtype, device=device)  # (.., d_out, r)
+        self._state: tuple[Tensor, tuple[Tensor, ...]] | None = None  # (the index it was made for, mixed_state)
+
+    @property
+    def capacity(self) -> int:
+        """How many adapters fit (slot 0, the bare base, not counted)."""
+        return self.A.shape[0] - 1
+
+    @property
+    def rank(self) -> int:
+        """The rank every slot is padded to: the largest copied in so far (1 before any)."""
+        return self.A.shape[1]
+
+    def set(self, slot: int, A: Tensor, B: Tensor, scaling: float) -> None:
+        """Copy an adapter's A (r, d_in, ...) and scaling · B (d_out, r, ...) into `slot` (the stacks grow to fit)."""
+        if not slot >= 1:
+            raise ValueError(f"slot={slot} is invalid: slot 0 is the bare base, adapters take slots from 1")
+        rank = A.shape[0]
+        self._grow(max(slot, 2 * self.capacity) if slot > self.capacity else self.capacity, max(rank, self.rank))
+        with torch.no_grad():
+            self.A[slot].zero_()
+            self.B[slot].zero_()
+            self.A[slot, :rank] = A
+            self.B[slot, :, :rank] = (B * scaling).reshape(B.shape[0], rank)  # a conv's B (d_out, r, 1, ..)
+        self._state = None
+
+    def reset(self, slot: int) -> None:
+        """Zero `slot` (the stacks grow to hold it): rows pointing at it compute the bare base."""
+        if slot > self.capacity:  # new slots are zeros
+            self._grow(max(slot, 2 * self.capacity), self.rank)
+        elif slot >= 1:
+            with torch.no_grad():
+                self.A[slot].zero_()
+                self.B[slot].zero_()
+        self._state = None
+
+    def state(self, layer: MixedLayer, slots: Tensor) -> tuple[Tensor, ...]:
+        """What the layer's `mixed_forward` takes after x for this row → slot index, made once per index."""
+        held = self._state
+        if held is not None and held[0] is slots:
+            return held[1]
+        state = layer.mixed_state(self.A, self.B, slots.to(self.A.device))
+        self._state = (slots, state)
+        return state
+
+    def _grow(self, capacity: int, rank: int) -> None:
+        """New zero stacks of this capacity and rank holding the old contents (a load beyond what was allocated)."""
+        if capacity == self.capacity and rank == self.rank:
+            return
+        A = self.A.new_zeros(1 + capacity, rank, *self.A.shape[2:])
+        B = self.B.new_zeros(1 + capacity, self.B.shape[1], rank)
+        A[: self.A.shape[0], : self.rank] = self.A
+        B[: self.B.shape[0], :, : self.rank] = self.B
+        self.A, self.B = A, B
