@@ -391,3 +391,11 @@ def test_no_active_adapter_is_a_state_error_not_a_missing_attribute():
     assert torch.equal(layer(torch.ones(1, 4)), layer.base(torch.ones(1, 4)))  # the base alone, as before
     layer.adapters.activate("default")
     assert (layer.rank, layer.scaling) == (2, 0.5)
+
+
+def test_a_layers_adapter_set_is_one_declared_object():
+    """Regression: the layer's adapter collection was a new view built on every attribute access."""
+    layer = lk.with_lora(nn.Linear(4, 4), lk.LoraConfig(rank=2))
+    assert layer.adapters is layer.adapters and "adapters" in vars(layer)
+    layer.adapters.add("other", lk.LoraConfig(rank=1))
+    assert layer.adapters.names() == ["default", "other"]
