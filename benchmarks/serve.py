@@ -203,8 +203,18 @@ def decode_steps(engine: Engine, a: argparse.Namespace, ids: list[list[int]], na
     """One decode step of a full batch per adapter mix: entering the engine's adapter context, and the forward.
 
     Medians over interleaved rounds of: the whole step as the engine runs it (the context is entered for every
-    step), the forward alone (the context already entered) and entering plus leaving the context.
+    step), the forward alone (the context already entered) and entering plus leaving the context. Mixed batches
+    run over an `AdapterTable` holding every adapter, as the engine's (filled once, before the rounds).
     """
+    from lorakit.adapter_table import AdapterTable
+
+    with AdapterTable(engine.model, len(names)) as table:
+        table.sync()
+        return _decode_steps(engine, a, ids, names, rounds, table)
+
+
+def _decode_steps(engine: Engine, a: argparse.Namespace, ids: list[list[int]], names: list[str], rounds: int,
+                  table) -> dict[str, dict[str, float]]:
     from lorakit.serve.groups import adapters
     from lorakit.generation.kv import Batch
 
@@ -215,7 +225,7 @@ def decode_steps(engine: Engine, a: argparse.Namespace, ids: list[list[int]], na
     batches = {}
     with torch.no_grad():
         for name, rows in mixes.items():
-            with adapters(engine.model, None, rows):
+            with adapters(engine.model, None, rows, table):
                 _, batches[name] = Batch.prefill(engine.model, ids, 0)
             batches[name].last = torch.zeros(len(ids), dtype=torch.long)
     out: dict[str, dict[str, list[float]]] = {n: {"step": [], "forward": [], "context": []} for n in mixes}
@@ -224,7 +234,7 @@ def decode_steps(engine: Engine, a: argparse.Namespace, ids: list[list[int]], na
         for r in range(rounds + 1):  # round 0 warms up
             for name in order[r % len(order):] + order[: r % len(order)]:
                 t0 = time.perf_counter()
-                with adapters(engine.model, None, mixes[name]):
+                with adapters(engine.model, None, mixes[name], table):
                     t1 = time.perf_counter()
                     batches[name].step(engine.model)
                     t2 = time.perf_counter()
@@ -244,11 +254,12 @@ def notes(a: argparse.Namespace, step: dict[str, dict[str, float]], r16: float) 
     return [
         f"**{a.adapters} adapters against one ({r16:.2f}×).** The mixed batch's forward itself is cheap: "
         f"{mixed['forward'] / one['forward']:.2f}× the one-adapter forward (each row's rank-{a.rank} factors "
-        "applied with a batched `bmm`/`baddbmm` over gathered per-row copies). Entering `mixed_batch` is not: "
-        f"{fmt_time(mixed['context'])} with {a.adapters} names ({100 * share:.0f}% of a step that enters it), "
-        f"against {fmt_time(one['context'])} for `use_adapter` (it validates the cached per-layer stacks and "
-        "gathers each row's A and B into (rows, d, r) tensors for every LoRA layer). So the engine holds the "
-        "context across decode steps while the batch's rows do not change, leaving it only for `call`s, "
+        "applied with a batched `bmm`/`baddbmm` over gathered per-row copies). Entering a mixed batch only "
+        "passes the rows' slots (`AdapterTable.batch`: each adapter was copied into every layer's fixed slots "
+        f"when it was loaded): {fmt_time(mixed['context'])} with {a.adapters} adapters ({100 * share:.0f}% of a "
+        f"step that enters it), against {fmt_time(one['context'])} for `use_adapter` (it rebinds the active "
+        "adapter on every LoRA layer). The engine still holds the context across decode steps while the batch's "
+        "rows do not change (that spares `use_adapter`'s walk over the layers), leaving it only for `call`s, "
         "admissions and departures (with completions that arrive together, the rows change a handful of times "
         f"per {a.new} steps): its steady step is the held column, the {a.adapters}-adapter step at {held:.2f}× "
         "the one-adapter step's speed. Prefill, which enters the context once per admission, and the steps "
@@ -371,7 +382,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"One decode step of {len(ids)} rows after a {a.prompt}-token prefill, the engine's own pieces "
         "(`serve.groups.adapters` around `generation.kv.Batch.step`), medians over "
         f"{step_rounds} interleaved rounds. The first column enters the adapter context (`disable_adapters`, "
-        "`use_adapter` or `mixed_batch`) around the step; the engine holds it across decode steps while the "
+        "`use_adapter` or the engine's `AdapterTable.batch`) around the step; the engine holds it across decode steps while the "
         "batch's rows stay the same, so its steady decode step is the second column, and the last column (the "
         "difference) is paid only when rows join or leave.",
         "",
