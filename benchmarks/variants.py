@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import lorakit as lk  # noqa: E402
-from lorakit import nf4 as lk_nf4  # noqa: E402
+from lorakit import bases  # noqa: E402
 from lorakit.variants import dora as dora_math  # noqa: E402
+from lorakit.variants import nf4 as lk_nf4  # noqa: E402
 from lorakit.variants.quant import quantize_base, quantized_layers  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def torchao_dequantise(run):
 
 def profile(run, rows: int, steps: int = 3) -> str:
     """torch.profiler's table of `steps` calls of `run` (after one warm-up), by self CPU time, with the time
-    spent dequantising NF4 weights (ops inside lorakit.nf4.dequantize, or torchao's path) summed per step."""
+    spent dequantising NF4 weights (ops inside lorakit.variants.nf4.dequantize, or torchao's path) summed per step."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # DoRA's per-step row norm: the expansion (one d_out×r product) vs forming W + s·B A (PEFT's way)
     layer = dora[0]
-    W, A, B = layer.dense_weight(), layer.lora_A, layer.lora_B
+    W, A, B = bases.dense_weight(layer.base), layer.lora_A, layer.lora_B
     sq = dora_math.row_sqnorm(W)
     norms = harness.interleaved({"expanded": lambda: dora_math.weight_norm(W, A, B, layer.scaling, sq),
                                  "formed": lambda: dora_math.weight_norm_reference(W, A, B, layer.scaling)},

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
+from lorakit import bases
 from lorakit.variants import dora
 from lorakit.saving import adapter_state_dict
 
@@ -57,7 +58,7 @@ def test_layer_matches_reference_and_merges_exactly(fan_in_fan_out):
     layer = randomise(lk.with_lora(base, lk.LoraConfig(rank=4, alpha=8.0, use_dora=True)))
     assert layer.lora_magnitude.shape == (24,)
     x = torch.randn(3, 5, 16, requires_grad=True)
-    W = layer.dense_weight()
+    W = bases.dense_weight(layer.base, layer.fan_in_fan_out)
     ref = dora.dora_linear_reference(x, W, layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude,
                                     layer.scaling)
     y = layer(x)
@@ -68,11 +69,11 @@ def test_layer_matches_reference_and_merges_exactly(fan_in_fan_out):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(layer.merge()(x), y, rtol=1e-5, atol=1e-5)
-        w0 = layer.base_weight.clone()
+        w0 = layer.base.weight.clone()
         layer.merge_()
         torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
         layer.unmerge_()
-        assert torch.equal(layer.base_weight, w0)
+        assert torch.equal(layer.base.weight, w0)
         torch.testing.assert_close(layer(x), y)  # the cached ‖w_i‖² follows the weight back
 
 
@@ -252,7 +253,8 @@ def test_row_norm_cache_follows_the_base_weight(change):
             layer.base.weight = nn.Parameter(torch.randn(24, 16), requires_grad=False)
         else:
             layer.base.weight.mul_(2)
-    want = dora.dora_linear_reference(x, layer.dense_weight(), layer.base.bias, layer.lora_A, layer.lora_B,
+    W = bases.dense_weight(layer.base, layer.fan_in_fan_out)
+    want = dora.dora_linear_reference(x, W, layer.base.bias, layer.lora_A, layer.lora_B,
                                       layer.lora_magnitude, layer.scaling)
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
 

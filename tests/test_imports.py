@@ -134,3 +134,33 @@ def test_ui_is_a_leaf_and_serving_and_export_do_not_need_training() -> None:
 @pytest.mark.parametrize("name", sorted(set(MODULES) - {"lorakit.__main__"}))  # __main__ runs the CLI
 def test_every_module_imports(name: str) -> None:
     importlib.import_module(name)
+
+
+def _top_level(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements a module runs when imported: its body, into if/for/with/try blocks, not into defs."""
+    out = []
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        out.append(node)
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            out += _top_level(getattr(node, field, []))
+    return out
+
+
+def test_importing_a_module_fills_no_other_modules_table() -> None:
+    """Registration is an explicit call (`lorakit.variants.register`), never a side effect of an import: no module
+    writes into a name it imported (`LORA_LAYERS[...] = ...`) while it is being imported."""
+    wrong = []
+    for name, path in MODULES.items():
+        body = _top_level(ast.parse(path.read_text(encoding="utf-8")).body)
+        imported = {(a.asname or a.name).split(".")[0] for n in body if isinstance(n, (ast.Import, ast.ImportFrom))
+                    for a in n.names}
+        for node in body:
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for t in targets:
+                while isinstance(t, (ast.Subscript, ast.Attribute)):
+                    t = t.value
+                    if isinstance(t, ast.Name) and t.id in imported:
+                        wrong.append(f"{name}:{node.lineno} writes into {t.id}")
+    assert not wrong, wrong

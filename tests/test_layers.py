@@ -399,3 +399,22 @@ def test_a_layers_adapter_set_is_one_declared_object():
     assert layer.adapters is layer.adapters and "adapters" in vars(layer)
     layer.adapters.add("other", lk.LoraConfig(rank=1))
     assert layer.adapters.names() == ["default", "other"]
+
+
+def test_one_name_per_concept_base_of_and_no_plain():
+    """`layers.base_of` is the one way to the frozen base of a maybe-wrapped module, and no two functions share the
+    name `_plain` (each says what it does)."""
+    import ast
+    from pathlib import Path
+
+    from lorakit.layers import base_of
+
+    base = nn.Linear(4, 4)
+    assert base_of(lk.with_lora(base, lk.LoraConfig(rank=2))) is base and base_of(base) is base
+    src = Path(lk.__file__).parent
+    files = {str(p.relative_to(src)): p.read_text() for p in src.rglob("*.py")}
+    plain = [f for f, text in files.items() if any(isinstance(n, ast.FunctionDef) and n.name == "_plain"
+                                                   for n in ast.walk(ast.parse(text)))]
+    assert not plain, plain
+    unwrapping = [f for f, text in files.items() if ".base if isinstance(" in text and f != "layers.py"]
+    assert not unwrapping, unwrapping

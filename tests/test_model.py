@@ -188,3 +188,25 @@ def test_trainable_parameters_counts_shared_once():
     lin = nn.Linear(4, 4)
     model = nn.Sequential(lin, lin)
     assert lk.trainable_parameters(model) == (20, 20)
+
+
+def test_apply_lora_runs_the_layers_own_target_check_on_every_target_first(monkeypatch):
+    """One place checks whether a layer class can wrap a module (`LoraLayer.check_target`): `with_lora` runs it, and
+    `apply_lora` runs the same check on every target before it wraps the first."""
+    from lorakit import layers
+
+    class Narrow(lk.LoraLinear):
+        @classmethod
+        def check_target(cls, base, config):
+            super().check_target(base, config)
+            if base.in_features > 4:
+                raise TypeError(f"{base.in_features} inputs, at most 4")
+
+    monkeypatch.setitem(layers.LORA_LAYERS, (nn.Linear, "lora"), Narrow)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    with pytest.raises(TypeError, match="'1': 8 inputs, at most 4"):
+        lk.apply_lora(model, lk.LoraConfig(rank=2), ["0", "1"])
+    assert type(model[0]) is nn.Linear and all(p.requires_grad for p in model.parameters())  # nothing changed
+    with pytest.raises(TypeError, match="8 inputs"):
+        lk.with_lora(model[1], lk.LoraConfig(rank=2))
+    assert type(lk.with_lora(model[0], lk.LoraConfig(rank=2))) is Narrow

@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
 from lorakit import ops
-from lorakit.variants.quant import QuantLinear, quantize_base, quantize_int8, quantized_layers
+from lorakit.variants.quant import Int8Linear, NF4Linear, QuantLinear, quantize_base, quantize_int8, quantized_layers
 
 pytest.importorskip("torchao")
 
@@ -41,9 +41,9 @@ def test_int8_round_trip_is_per_row_absmax():
     w = torch.randn(16, 40)
     q = quantize_int8(w)
     assert q.dtype == torch.int8 and q.shape == (16, 44)
-    d = ops.dense(q)
+    d = Int8Linear.decode(q)
     assert (d - w).abs().max(dim=1).values.le(w.abs().amax(dim=1) / 254 + 1e-6).all()
-    assert ops.dense(q, torch.bfloat16).dtype == torch.bfloat16
+    assert Int8Linear.decode(q, torch.bfloat16).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -54,7 +54,7 @@ def test_forward_backward_equal_the_dequantised_reference_without_keeping_dense_
     quantize_base(model, fmt)
     assert set(quantized_layers(model)) == {"0", "2"}
     layer = model[0]
-    W = layer.base.dense_weight()
+    W = layer.base.dequantize()
     saved = []
 
     def pack(t):
@@ -159,7 +159,7 @@ def test_small_layers_deepcopy_save_and_load_exactly(fmt, tmp_path):
         twin = copy.deepcopy(model)
         assert torch.equal(twin(x), y)
         w, w2 = model[0].base.weight, twin[0].base.weight
-        assert type(w2) is type(w) and torch.equal(model[0].base.dense_weight(), twin[0].base.dense_weight())
+        assert type(w2) is type(w) and torch.equal(model[0].base.dequantize(), twin[0].base.dequantize())
         w2_inner = getattr(w2, "quantized_data", w2)
         assert w2_inner.data_ptr() != getattr(w, "quantized_data", w).data_ptr()  # a copy, not shared storage
         lk.save_adapters(model, tmp_path)
@@ -180,12 +180,12 @@ def test_dora_row_norm_follows_a_requantised_base():
     layer = model[0]
     from lorakit.variants.dora import dora_linear_reference
 
-    want = dora_linear_reference(x, layer.base.dense_weight(), layer.base.bias, layer.lora_A, layer.lora_B,
+    want = dora_linear_reference(x, layer.base.dequantize(), layer.base.bias, layer.lora_A, layer.lora_B,
                                  layer.lora_magnitude, layer.scaling)
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
 
 
-# --- lorakit's NF4 dequantise (lorakit.nf4): torchao's values exactly, in every mode ---------------------------------
+# --- lorakit's NF4 dequantise (lorakit.variants.nf4): torchao's values exactly, in every mode ---------------------------------
 
 STORED = [torch.float32, torch.bfloat16, torch.float16, torch.float64]  # float64 takes the (256, 2) table path
 
@@ -193,14 +193,14 @@ STORED = [torch.float32, torch.bfloat16, torch.float16, torch.float64]  # float6
 @pytest.mark.parametrize("stored", STORED)
 @pytest.mark.parametrize("shape", [(64, 64), (128, 320), (256, 1024)])  # scaler blocks of 64, 256 and 256
 def test_nf4_dequantise_equals_torchaos_bit_for_bit(stored, shape):
-    from lorakit import nf4
+    from lorakit.variants import nf4
 
     torch.manual_seed(0)
-    q = QuantLinear(nn.Linear(shape[1], shape[0]).to(stored), "nf4", False).weight  # an nn.Parameter, as layers hold it
+    q = NF4Linear(nn.Linear(shape[1], shape[0]).to(stored), False).weight  # an nn.Parameter, as layers hold it
     assert nf4.is_nf4(q) and q.dtype == stored
     for dtype in (None, torch.float32, torch.bfloat16, torch.float16, torch.float64):
         want = q.get_original_weight() if dtype is None else q.get_original_weight().to(dtype)
-        got = ops.dense(q, dtype)
+        got = NF4Linear.decode(q, dtype)
         assert type(got) is torch.Tensor and got.dtype == want.dtype and got.shape == shape
         assert torch.equal(got, want), f"stored {stored}, asked {dtype}: max |diff| {(got - want).abs().max()}"
 

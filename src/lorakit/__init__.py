@@ -29,8 +29,10 @@ from .loading import load_adapters
 from .model import apply_lora, lora_layers, merge, merge_, summary, trainable_parameters, unmerge_
 from .saving import save_adapters
 from .trained_copy import TrainedCopy
-from .variants import base_init as _base_init  # noqa: F401  (registers PiSSA/OLoRA into layers.BASE_INITS)
-from .variants.dora import DoraLinear  # importing DoRA registers it into layers.LORA_LAYERS
+from .variants import register as _register_variants
+from .variants.dora import DoraLinear
+
+_register_variants()  # DoRA's layers and the PiSSA/OLoRA inits into the core's tables
 
 __version__ = "0.1.0"
 

@@ -39,7 +39,7 @@ from .cache import TensorCache
 from .errors import LoraBaseMismatch, ProvenanceNote
 from .files import peft_format, provenance
 from .files.peft_format import AdapterFile
-from .layers import LoraLayer
+from .layers import LoraLayer, base_of
 from .trained_copy import TrainedCopy
 
 # format-1 sidecars recorded these model.config fields only
@@ -95,23 +95,26 @@ def module_fingerprint(module: nn.Module, name: str = "", fingerprints: Fingerpr
     """{"xxh3", "shape", "dtype"[, "quantized", "source"]} of a targeted module's frozen base weight."""
     fp = fingerprints or Fingerprints()
     layer = module if isinstance(module, LoraLayer) else None
-    base = layer.base if layer is not None else module
-    recorded = getattr(layer.base_init, "source_fingerprint", None) if layer is not None else None
+    base = base_of(module)
+    recorded = _init_source(layer)
     if recorded is not None:  # PiSSA/OLoRA left a residual in the base
         return dict(recorded)
-    if bases.is_quantized(base):
-        fmt = str(getattr(base, "format", type(base).__name__))
-        source = getattr(base, "source_fingerprint", None)
-        if source is not None:
-            return {**source, "quantized": fmt}
+    if isinstance(base, bases.QuantizedBase):
+        if base.source_fingerprint is not None:
+            return {**base.source_fingerprint, "quantized": base.format}
         w = bases.dense_weight(base)
-        return {**provenance.weight_record(w), "quantized": fmt, "source": "dequantized"}
+        return {**provenance.weight_record(w), "quantized": base.format, "source": "dequantized"}
     if layer is not None and layer.merged:
         unmerged = layer._unmerged_weight  # the exact base weight merge_ set aside
         assert unmerged is not None, "merge_ sets the base weight aside"
         return fp.record(name, unmerged, lambda: provenance.weight_record(unmerged))
     w = bases.weight(base)
     return fp.record(name, w, lambda: provenance.weight_record(w))
+
+
+def _init_source(layer: LoraLayer | None) -> dict[str, Any] | None:
+    """The record of the weight a PiSSA/OLoRA init replaced by its residual, None where no such init ran."""
+    return layer.base_init.source_fingerprint if layer is not None and layer.base_init is not None else None
 
 
 def remember_before_sharding(model: nn.Module, fingerprints: Fingerprints) -> None:
@@ -171,7 +174,7 @@ def _entries(model: nn.Module, skip: set[str]) -> dict[str, Callable[[Fingerprin
     for prefix, module in _walk(model, "", set()):
         dot = f"{prefix}." if prefix else ""
         if isinstance(module, LoraLayer) or bases.is_quantized(module):  # its weight as before lorakit changed it
-            base = module.base if isinstance(module, LoraLayer) else module
+            base = base_of(module)
             name, w = dot + "weight", getattr(base, "weight", None)
             if name not in skip and not (isinstance(w, Tensor) and id(w) in seen):
                 seen.add(id(w))
@@ -255,8 +258,8 @@ def _legacy_fingerprint(model: nn.Module, modules: Iterable[str]) -> dict[str, A
         if found is None:
             continue
         layer = found if isinstance(found, LoraLayer) else None
-        base = layer.base if layer is not None else found
-        if (layer is not None and getattr(layer.base_init, "source_fingerprint", None)) or bases.is_quantized(base):
+        base = base_of(found)
+        if _init_source(layer) or bases.is_quantized(base):
             records[m] = {k: v for k, v in module_fingerprint(found).items() if k != provenance.HASH}  # shape only
             continue
         w = layer._unmerged_weight if layer is not None and layer.merged else bases.weight(base)
@@ -337,16 +340,10 @@ def _report(model: nn.Module, directory: Path, saved: dict[str, Any], difference
         warnings.warn(f"{message}; loading it anyway (allow_base_mismatch)", ProvenanceNote, stacklevel=4)
         return
     quantized = sorted({m["quantized"] for m in saved["modules"].values() if "quantized" in m})
-    if quantized and not any(bases.is_quantized(_plain(model, n)) for n in saved["modules"]):
+    if quantized and not any(bases.is_quantized(base_of(model.get_submodule(n))) for n in saved["modules"]):
         warnings.warn(
             f"{directory}: trained on a {'/'.join(quantized)}-quantised copy of this base; loading it onto the "
             "full-precision weights that copy was made from",
             ProvenanceNote,
             stacklevel=4,
         )
-
-
-def _plain(model: nn.Module, module: str) -> nn.Module:
-    """The plain base module at `module` (a LoRA layer's base)."""
-    m = model.get_submodule(module)
-    return m.base if isinstance(m, LoraLayer) else m

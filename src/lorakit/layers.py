@@ -28,6 +28,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "base_of",
     "check_adapter_name",
     "layer_tensors",
     "load_layer_adapter",
@@ -52,15 +53,13 @@ class LoraLayer(nn.Module):
     variant: str = "lora"  # its key in the registry beside the module type (LoraConfig.variant)
     peft_layout: str = "linear"  # which PEFT key names its tensors take (files.peft_format.SUFFIXES)
     supports_base_init: bool = False  # layer types that implement init="pissa"/"olora" set this
+    fan_in_fan_out: bool = False  # True where the base stores its weight as (d_in, d_out) (GPT-2's Conv1D)
 
     def __init__(self, base: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
-        if config.variant != self.variant:  # with_lora picks the class from the config
-            raise ValueError(f"{type(self).__name__} holds {self.variant} adapters, not {config.variant}")
-        if config.init in BASE_CHANGING_INITS and not self.supports_base_init:
-            raise TypeError(f"init={config.init!r} is supported on linear layers only, not {type(base).__name__}")
         if config.rank_pattern or config.alpha_pattern:
             config = config.for_module("")
+        self.check_target(base, config)
         self.base = base
         self.stash = nn.ModuleDict()
         self.merged, self.disabled = False, False  # disabled: set by lorakit.adapters.disable_adapters
@@ -70,7 +69,7 @@ class LoraLayer(nn.Module):
         self.adapters = AdapterSet(self)  # built once: every change to the named adapters goes through it
         self.adapters.bind(check_adapter_name(adapter_name), self.new_adapter(config), config)
         if config.init in BASE_CHANGING_INITS:  # PiSSA/OLoRA: A, B from W, the residual left in the base
-            self.base_init = BASE_INITS[config.init](self, config)  # lorakit.variants.base_init
+            self.base_init = BASE_INITS[config.init](self, config)  # variants.base_init.init_from_base
         base.requires_grad_(False)  # last: a refused shape or rank above leaves the user's module as it was
         if config.bias is not LoraBias.NONE and (bias := bases.bias(base)) is not None:
             bias.requires_grad_(True)  # bias "all" and "model" train the wrapped layer's own bias
@@ -80,18 +79,24 @@ class LoraLayer(nn.Module):
         """The running mixed batch's row -> slot index (None outside one; see `lorakit.adapter_table`)."""
         return None if self.slot_stacks is None else self.slot_stacks.index.slots
 
+    @classmethod
+    def check_target(cls, base: nn.Module, config: LoraConfig) -> None:
+        """Raise where this class cannot wrap `base` with `config` (its variant, its init, the factors' shapes):
+        what `__init__` checks before it changes anything, and `apply_lora` for every target before the first."""
+        if config.variant != cls.variant:  # with_lora picks the class from the config
+            raise ValueError(f"{cls.__name__} holds {cls.variant} adapters, not {config.variant}")
+        if config.init in BASE_CHANGING_INITS and not cls.supports_base_init:
+            raise TypeError(f"init={config.init!r} is supported on linear layers only, not {type(base).__name__}")
+        cls.factor_shapes(base, config.rank)
+
     def new_adapter(self, config: LoraConfig) -> dict[str, nn.Parameter]:
         """Fresh tensors of an adapter of `config`: A as `config.init` says, B zero, in the base's dtype and device."""
         a_shape, b_shape = self.factor_shapes(self.base, config.rank)
-        w = self.dense_weight()  # a quantised base gives its compute dtype
+        w = bases.dense_weight(self.base)  # a quantised base gives its compute dtype
         A = nn.Parameter(torch.empty(a_shape, dtype=w.dtype, device=w.device))
         B = nn.Parameter(torch.empty(b_shape, dtype=w.dtype, device=w.device))
         ops.init_factors_(A, B, config.init)
         return {"lora_A": A, "lora_B": B}
-
-    def dense_weight(self) -> Tensor:
-        """The base weight as a plain (d_out, d_in, ...) tensor (dequantised where the base is quantised)."""
-        return bases.dense_weight(self.base)
 
     # -- what subclasses define -------------------------------------------------------------------
     @classmethod
@@ -113,7 +118,7 @@ class LoraLayer(nn.Module):
         """scaling · B @ A in fp32, laid out like the base's weight (zero with no active adapter)."""
         if self.adapter_name is None:
             a_shape, b_shape = self.factor_shapes(self.base, 1)
-            return torch.zeros(b_shape[0], *a_shape[1:], device=self.base_weight.device)
+            return torch.zeros(b_shape[0], *a_shape[1:], device=bases.weight(self.base).device)
         A, B, config = self.active_factors()
         return ops.delta_weight(A, B, config.scaling)
 
@@ -127,11 +132,6 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     # -- shared behaviour -------------------------------------------------------------------------
-    @property
-    def base_weight(self) -> Tensor:
-        """The base's weight as stored."""
-        return bases.weight(self.base)
-
     @property
     def scaling(self) -> float:
         """The active adapter's scaling."""
@@ -183,7 +183,7 @@ class LoraLayer(nn.Module):
             raise LoraStateError("a quantised base cannot be merged in place; merge() exports a dequantised layer")
         if self.mixed is not None:
             raise LoraStateError("cannot merge in place inside a mixed_batch block; leave the block first")
-        w = self.base_weight
+        w = bases.weight(self.base)
         merged = self.merged_weight(w).contiguous()  # a new tensor
         # swap storages rather than clone + copy: the original tensor is kept as is, for an exact unmerge_
         self._unmerged_weight, w.data = w.data, merged
@@ -195,7 +195,7 @@ class LoraLayer(nn.Module):
         if not self.merged:
             raise LoraStateError(f"{type(self).__name__} is not merged; nothing to unmerge")
         assert self._unmerged_weight is not None, "merge_ set the base weight aside"
-        self.base_weight.data = self._unmerged_weight  # the very tensor merge_ set aside: bit for bit
+        bases.weight(self.base).data = self._unmerged_weight  # the very tensor merge_ set aside: bit for bit
         self._unmerged_weight = None
         self.merged = False
         return self
@@ -221,20 +221,12 @@ class LoraLayer(nn.Module):
 class LoraLinear(LoraLayer):
     """LoRA beside an nn.Linear: A (r, d_in), B (d_out, r)."""
 
-    fan_in_fan_out: bool = False  # True where the base stores its weight as (d_in, d_out)
     supports_base_init = True
 
     @classmethod
     def factor_shapes(cls, base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         d_out, d_in = bases.weight_shape(base, cls.fan_in_fan_out)
         return (rank, d_in), (d_out, rank)
-
-    def dense_weight(self) -> Tensor:
-        return bases.dense_weight(self.base, self.fan_in_fan_out)  # (d_out, d_in)
-
-    def _linear_weight(self) -> Tensor:
-        """The base weight as (d_out, d_in) for the ops: a view, or a quantised base's stored tensor (ops.dense)."""
-        return bases.dense_weight(self.base, self.fan_in_fan_out, stored=True)
 
     def _conv1d_gemm(self) -> bool:
         """Whether the base computes Conv1D's addmm on its stored (d_in, d_out) weight (the ops' fan_in_fan_out).
@@ -246,10 +238,9 @@ class LoraLinear(LoraLayer):
 
     def lora_forward(self, x: Tensor) -> Tensor:
         A, B, config = self.active_factors()
-        weight, bias = self._linear_weight(), bases.bias(self.base)
-        return ops.lora_linear(
-            x, weight, bias, A, B, config.scaling, config.dropout, self.training, fan_in_fan_out=self._conv1d_gemm()
-        )
+        weight, decode = bases.linear_operand(self.base, self.fan_in_fan_out)
+        s, p, ffo = config.scaling, config.dropout, self._conv1d_gemm()
+        return ops.lora_linear(x, weight, bases.bias(self.base), A, B, s, p, self.training, ffo, decode)
 
     def weight_delta(self) -> Tensor:
         delta = super().weight_delta()  # (d_out, d_in)
@@ -260,7 +251,8 @@ class LoraLinear(LoraLayer):
 
     def mixed_forward(self, x: Tensor, *state: Tensor) -> Tensor:
         At, Bt = state
-        return ops.lora_linear_mixed(x, self.dense_weight(), bases.bias(self.base), At, Bt, self._conv1d_gemm())
+        weight = bases.dense_weight(self.base, self.fan_in_fan_out)  # (d_out, d_in)
+        return ops.lora_linear_mixed(x, weight, bases.bias(self.base), At, Bt, self._conv1d_gemm())
 
     def merged_weight(self, weight: Tensor) -> Tensor:
         if self.adapter_name is None:
@@ -319,7 +311,7 @@ class LoraConv(LoraLayer):
         return ops.lora_conv_mixed(x, self.base, *state)
 
 
-# -- the registries variants plug into --------------------------------------------------------------
+# -- the registries variants plug into (`lorakit.variants.register`) --------------------------------
 # A module type is a class, or its qualified name for a library's class imported only if the user does
 # (transformers' Conv1D): the key matches any subclass too.
 LORA_LAYERS: dict[tuple[type[nn.Module] | str, str], type[LoraLayer]] = {
@@ -332,8 +324,13 @@ LORA_LAYERS: dict[tuple[type[nn.Module] | str, str], type[LoraLayer]] = {
 }
 
 # init name -> fn(layer, config) that takes A, B from the layer's base weight, leaves the residual in the base
-# and returns the module that remembers the initial factors (registered by lorakit.variants.base_init)
+# and returns the module that remembers the initial factors (`lorakit.variants.register` fills both tables)
 BASE_INITS: dict[str, Callable[[LoraLayer, LoraConfig], BaseInit]] = {}
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    """The frozen base of a LoRA layer; any other module is its own base."""
+    return module.base if isinstance(module, LoraLayer) else module
 
 
 def wrapper_for(module: nn.Module, variant: str = "lora") -> type[LoraLayer] | None:

@@ -23,7 +23,15 @@ from .errors import LoraFileError, LoraStateError
 from .files.checks import check_tensors, copy_into
 from .files.peft_format import AdapterFile, peft_key, plain_key, read_adapter
 from .fingerprint import Fingerprints, check_base
-from .layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, supported_types, with_lora, wrapper_for
+from .layers import (
+    DEFAULT_ADAPTER,
+    LoraLayer,
+    base_of,
+    check_adapter_name,
+    supported_types,
+    with_lora,
+    wrapper_for,
+)
 from .model import (
     apply_lora,
     find_targets,
@@ -246,7 +254,7 @@ def _saved(model: nn.Module, module: str) -> nn.Module:
 def _whole_embeddings(model: nn.Module, wrapped: set[str], copies: list[str]) -> dict[str, Tensor]:
     """Weights PEFT saves in full when it targets embeddings or their vocabulary was resized: optional keys."""
     modules = dict(modules_outside_layers(model))  # one walk, not one per module, and not into the layers
-    out = {peft_key(module, "base_weight"): bases.weight(_plain(modules[module])) for module in wrapped}
+    out = {peft_key(module, "base_weight"): bases.weight(base_of(modules[module])) for module in wrapped}
     names = {id(m): n for n, m in modules.items()}
     for get in ("get_input_embeddings", "get_output_embeddings"):
         emb = getattr(model, get)() if callable(getattr(model, get, None)) else None
@@ -255,14 +263,10 @@ def _whole_embeddings(model: nn.Module, wrapped: set[str], copies: list[str]) ->
         module = names.get(id(emb))
         if module and module not in wrapped and module not in copies:
             if isinstance(emb, LoraLayer):
-                out[peft_key(module, "base_weight")] = emb.base_weight
+                out[peft_key(module, "base_weight")] = bases.weight(emb.base)
             else:
                 out[plain_key(module, "weight")] = bases.weight(emb)
     return out
-
-
-def _plain(module: nn.Module) -> nn.Module:
-    return module.base if isinstance(module, LoraLayer) else module
 
 
 def _modules_to_save(model: nn.Module, rules: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from torch import Tensor, nn
 
 from .bases import own_bias
-from .config import BASE_CHANGING_INITS, LoraBias, LoraConfig
+from .config import LoraBias, LoraConfig
 from .errors import LoraStateError
 from .layers import DEFAULT_ADAPTER, LoraLayer, layer_class, supported_types, with_lora, wrapper_for
 from .trained_copy import TrainedCopy, trained_copies
@@ -200,18 +200,12 @@ def apply_lora(
     if bad:
         listed = ", ".join(f"{n!r} ({t})" for n, t in bad[:8])
         raise TypeError(f"targets match modules LoRA does not support: {listed}; supported types: {supported_types()}")
-    for n in names:  # per-type checks (variant support, grouped convs) before anything changes
+    for n in names:  # each layer's own checks (variant, init, grouped convs) on every target before anything changes
         module = model.get_submodule(n)
         try:
-            wrapper = layer_class(module, config)
+            layer_class(module, config).check_target(module, config.for_module(n))
         except TypeError as e:
             raise TypeError(f"{n!r}: {e}; exclude it or target only those types") from None
-        wrapper.factor_shapes(module, config.for_module(n).rank)
-        if config.init in BASE_CHANGING_INITS and not wrapper.supports_base_init:
-            raise TypeError(
-                f"init={config.init!r} does not support {n!r} ({type(module).__name__}); "
-                "it is for linear layers only; exclude it or target only those types"
-            )
     # all checks passed: now change the model
     for p in model.parameters():
         p.requires_grad_(False)

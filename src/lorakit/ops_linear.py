@@ -9,13 +9,15 @@ against is `ops.lora_linear_reference`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from . import nf4
+# how a quantised base's stored weight becomes a plain tensor (`bases.QuantizedBase.decode`); None: a plain weight
+Decode = Callable[[Tensor, torch.dtype | None], Tensor]
 
 # Costs per layer (N tokens): the base is 2·N·d_in·d_out FLOPs forward and again for the input gradient;
 # LoRA adds rank-r GEMMs that are memory-bound on CPU, so the fast path is about passes over N-sized
@@ -79,22 +81,12 @@ def _fold_pays(lora_elems: int, d_in: int, d_out: int, dtype: torch.dtype) -> bo
     return dtype in (torch.float32, torch.float64) and lora_elems > d_in * d_out
 
 
-def is_quantized(weight: Tensor) -> bool:
-    """Whether `weight` is a quantised base weight that `dense` dequantises (packed int8 or torchao NF4)."""
-    return weight.dtype == torch.int8 or hasattr(weight, "get_original_weight")
-
-
-def dense(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """The weight as a plain tensor in `dtype`: a quantised base (lorakit.quant) is dequantised, others cast.
-
-    Packed int8 is (d_out, d_in + 4) with each row's fp32 absmax scale in its last 4 bytes; an NF4Tensor
-    (torchao) dequantises itself. Called where the LoRA linear uses W, so autograd saves the quantised form.
-    """
-    if weight.dtype == torch.int8:
-        scale = weight[:, -4:].contiguous().view(torch.float32)  # (d_out, 1)
-        return weight[:, :-4] * scale.to(dtype or torch.float32)  # int8 · scale promotes to the scale's dtype
-    if nf4.is_nf4(weight):  # torchao's NF4Tensor, in one table gather (torchao's own path is ~10x slower)
-        return nf4.dequantize(weight, dtype)
+def decode_weight(weight: Tensor, dtype: torch.dtype | None = None, decode: Decode | None = None) -> Tensor:
+    """The weight operand as a plain tensor in `dtype`: a quantised base's stored tensor through its format's
+    `decode` (`bases.linear_operand`), a plain one cast. Called where the LoRA linear uses W, so autograd saves
+    the stored form."""
+    if decode is not None:
+        return decode(weight, dtype)
     return weight if dtype is None else weight.to(dtype)
 
 
@@ -132,13 +124,14 @@ def _forward(
     fan_in_fan_out: bool,
     fold: bool,
     need_h: bool,
+    decode: Decode | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(y (..., d_out), h = drop(x) Aᵀ (N, r) or None): the forward of both the autograd and the no-grad path.
 
     One function for both, so a reentrant checkpoint's no-grad first pass and its recompute agree bit for bit.
     """
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-    weight = dense(weight, x.dtype)
+    weight = decode_weight(weight, x.dtype, decode)
     if fold:  # one GEMM on W + s·B A, as if merged; h only for B's gradient
         y = base_linear(x, _folded(weight, A, B, scaling, fan_in_fan_out), bias, fan_in_fan_out)
         return y, (_rank_r(x2, A) if need_h else None)
@@ -162,26 +155,26 @@ class _LoraLinearFn(torch.autograd.Function):
     """
 
     # forward(ctx, ...) rather than setup_context: the latter binds the signature on every call (~36 µs per
-    # layer here), and torch.func never reaches this Function (lora_linear runs `_plain` under it)
+    # layer here), and torch.func never reaches this Function (lora_linear runs `_composite` under it)
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold):
-        y, h = _forward(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, need_h=True)
+    def forward(ctx, x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, decode):
+        y, h = _forward(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, True, decode)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, A, B, h, keep)
-        ctx.scaling, ctx.drop_scale, ctx.fan_in_fan_out = scaling, drop_scale, fan_in_fan_out
+        ctx.scaling, ctx.drop_scale, ctx.fan_in_fan_out, ctx.decode = scaling, drop_scale, fan_in_fan_out, decode
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, gy):
         if gy is None:
-            return (None,) * 10
+            return (None,) * 11
         x, weight, A, B, h, keep = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the gradients must themselves be differentiable
             grads = _backward_differentiable(ctx, gy, x, weight, A, B, keep)
         else:
             grads = _backward(ctx, gy, x, weight, A, B, h, keep)
-        return (*grads, None, None, None, None, None)  # keep, scaling, drop_scale, fan_in_fan_out, fold
+        return (*grads, None, None, None, None, None, None)  # keep, scaling, drop_scale, fan_in_fan_out, fold, decode
 
 
 def _backward(
@@ -200,7 +193,7 @@ def _backward(
         dh = _rank_r(gy2, B.t())  # (N, r) = gy B
         dh.mul_(s * ctx.drop_scale)  # both scales at rank r
     if need_x:
-        w = dense(weight, x2.dtype)
+        w = decode_weight(weight, x2.dtype, ctx.decode)
         if fold:  # base and LoRA in one GEMM, on the weight laid out as the base's
             dx = gy2 @ _folded(w, A, B, s, ctx.fan_in_fan_out)  # (N, d_in)
         else:
@@ -243,7 +236,7 @@ def _backward_differentiable(
     dx = dw = db = dA = dB = None
     if need_x:
         dx_lora = dh @ A if mask is None else (dh @ A) * mask  # (N, d_in)
-        dx = (gy2 @ dense(weight, x2.dtype) + dx_lora).view(x.shape)
+        dx = (gy2 @ decode_weight(weight, x2.dtype, ctx.decode) + dx_lora).view(x.shape)
     if need_A:
         dA = dh.t() @ dropped  # (r, d_in)
     if need_B:
@@ -258,14 +251,14 @@ def _backward_differentiable(
 def _functional_transform(*tensors: Tensor | None) -> bool:
     """Whether torch.func (grad, vmap, jvp, ...) or forward-mode AD is at work on this call.
 
-    The custom Function has no vmap or jvp rule, so these run `_plain`, the formula in plain autograd ops.
+    The custom Function has no vmap or jvp rule, so these run `_composite`, the formula in plain autograd ops.
     """
     if torch._C._are_functorch_transforms_active():
         return True
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _plain(
+def _composite(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -275,10 +268,12 @@ def _plain(
     scaling: float,
     drop_scale: float,
     fan_in_fan_out: bool,
+    decode: Decode | None,
 ) -> Tensor:
     """The formula in plain differentiable ops, with the mask the fast path would use."""
     dropped = x if keep is None else x * keep.view(x.shape).to(x.dtype) * drop_scale  # (..., d_in)
-    return base_linear(x, dense(weight, x.dtype), bias, fan_in_fan_out) + scaling * ((dropped @ A.t()) @ B.t())
+    w = decode_weight(weight, x.dtype, decode)
+    return base_linear(x, w, bias, fan_in_fan_out) + scaling * ((dropped @ A.t()) @ B.t())
 
 
 def _savable(x: Tensor) -> Tensor:
@@ -299,18 +294,20 @@ def lora_linear(
     dropout: float = 0.0,
     training: bool = False,
     fan_in_fan_out: bool = False,
+    decode: Decode | None = None,
 ) -> Tensor:
     """The LoRA linear forward: base(x) + scaling · (dropout(x) Aᵀ) Bᵀ.
 
     Args:
         x: (..., d_in) input.
-        weight: the base weight as (d_out, d_in), as nn.Linear holds it (maybe quantised, see `dense`).
+        weight: the base weight as (d_out, d_in), as nn.Linear holds it, or a quantised base's stored tensor.
         bias: the base bias (d_out,) or None.
         A, B: the factors, (r, d_in) and (d_out, r).
         scaling: alpha / r (or alpha / sqrt(r)).
         dropout, training: with both, this call draws its own mask from torch's default generator.
         fan_in_fan_out: the base is transformers' Conv1D, `weight` the transposed view of its stored
             (d_in, d_out) tensor; the base term is then computed as Conv1D computes it.
+        decode: for a quantised `weight`, its format's decode (`bases.linear_operand`); None for a plain one.
 
     Examples:
         >>> x, W, A, B = torch.randn(5, 4), torch.randn(3, 4), torch.randn(2, 4), torch.zeros(3, 2)
@@ -322,7 +319,7 @@ def lora_linear(
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(
                 x.to(dt),
-                weight if is_quantized(weight) else weight.to(dt),
+                weight if decode is not None else weight.to(dt),
                 None if bias is None else bias.to(dt),
                 A.to(dt),
                 B.to(dt),
@@ -330,13 +327,15 @@ def lora_linear(
                 dropout,
                 training,
                 fan_in_fan_out,
+                decode,
             )
     n, d_in, d_out = math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0]
     keep, drop_scale = dropout_keep((n, d_in), dropout, x.device) if dropout > 0.0 and training else (None, 1.0)
     if _functional_transform(x, weight, bias, A, B):
-        return _plain(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out)
+        return _composite(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, decode)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, A, B)):
         fold = keep is None and _fold_pays(n * d_out, d_in, d_out, x.dtype)  # h = x Aᵀ is computed either way
-        return _LoraLinearFn.apply(_savable(x), weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold)
+        args = (_savable(x), weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, decode)
+        return _LoraLinearFn.apply(*args)
     fold = keep is None and _fold_pays(n * (d_in + d_out), d_in, d_out, x.dtype)  # inference: no h to keep
-    return _forward(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, need_h=False)[0]
+    return _forward(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, False, decode)[0]

@@ -10,8 +10,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
 from torch import Tensor
 
+from ..config import LoraConfig
 from ..errors import LoraFileError
 from ..ui.tables import key_values, table, to_text
 from . import peft_format
@@ -31,18 +33,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         ([8, 4], 24)
     """
     path = Path(path)
-    directory: Path | None
-    if path.is_dir():
-        directory, weights = path, path / peft_format.WEIGHTS_NAME
-    elif path.is_file():
-        directory, weights = (path.parent if (path.parent / peft_format.CONFIG_NAME).is_file() else None), path
-    else:
-        raise LoraFileError(f"{path}: no such file or directory")
-    if not weights.is_file():
-        raise LoraFileError(
-            f"{weights}: no such file "
-            f"(an adapter directory holds {peft_format.CONFIG_NAME} and {peft_format.WEIGHTS_NAME})"
-        )
+    directory, weights = _locate(path)
     tensors, meta = safetensors_io.read(weights)
     if meta.get("format") == "lorakit-layer":
         return _describe_layer(weights, tensors, meta)
@@ -56,21 +47,63 @@ def describe(path: str | Path) -> dict[str, Any]:
         "loadable": None,
         "problem": None,
     }
-    spec = None
-    if directory is not None:
-        config_path = directory / peft_format.CONFIG_NAME
-        try:
-            info["config"] = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            info["problem"] = f"{config_path}: unreadable ({e})"
-        try:
-            spec = peft_format.read_adapter_config(directory)
-            info["loadable"] = True
-        except LoraFileError as e:
-            info["loadable"], info["problem"] = False, str(e)
-        info["file_bytes"] += config_path.stat().st_size if config_path.is_file() else 0
+    spec = _read_config(directory, info) if directory is not None else None
     fan_in_fan_out = bool(info["config"] and info["config"].get("fan_in_fan_out"))
+    modules, extra = _group_by_module(tensors)
+    rows = []
+    for name, entry in modules.items():
+        a, b = entry.get("A"), entry.get("B")
+        if a is None or b is None:
+            extra.append({"name": name, "problem": "has lora_A without lora_B (or the reverse)"})
+            continue
+        rows.append(_module_row(name, entry, a, b, spec.config.for_module(name) if spec else None, fan_in_fan_out))
+    info["modules"] = rows
+    info["extra_tensors"] = extra  # modules_to_save (e.g. a classification head) and anything unrecognised
+    info["lora_params"] = sum(r["params"] for r in rows)
+    info["trainable_params"] = info["lora_params"] + sum(x.get("params", 0) for x in extra)
+    info["ranks"] = sorted({r["rank"] for r in rows})
+    if spec is not None:
+        info["targets"] = spec.targets
+        info["modules_to_save"] = spec.modules_to_save
+    return info
 
+
+def _locate(path: Path) -> tuple[Path | None, Path]:
+    """(the adapter directory, or None for a bare file; the weights file) of `path`; LoraFileError where none."""
+    directory: Path | None
+    if path.is_dir():
+        directory, weights = path, path / peft_format.WEIGHTS_NAME
+    elif path.is_file():
+        directory, weights = (path.parent if (path.parent / peft_format.CONFIG_NAME).is_file() else None), path
+    else:
+        raise LoraFileError(f"{path}: no such file or directory")
+    if not weights.is_file():
+        raise LoraFileError(
+            f"{weights}: no such file "
+            f"(an adapter directory holds {peft_format.CONFIG_NAME} and {peft_format.WEIGHTS_NAME})"
+        )
+    return directory, weights
+
+
+def _read_config(directory: Path, info: dict[str, Any]) -> peft_format.AdapterSpec | None:
+    """The directory's adapter config into `info` (raw JSON, loadable, problem, bytes); its spec if lorakit loads it."""
+    spec = None
+    config_path = directory / peft_format.CONFIG_NAME
+    try:
+        info["config"] = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        info["problem"] = f"{config_path}: unreadable ({e})"
+    try:
+        spec = peft_format.read_adapter_config(directory)
+        info["loadable"] = True
+    except LoraFileError as e:
+        info["loadable"], info["problem"] = False, str(e)
+    info["file_bytes"] += config_path.stat().st_size if config_path.is_file() else 0
+    return spec
+
+
+def _group_by_module(tensors: dict[str, Tensor]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """({module: its factors' shapes, dtype and layout}, [every other tensor]) of an adapter's weights."""
     modules: dict[str, dict[str, Any]] = {}
     extra: list[dict[str, Any]] = []
     for key, t in tensors.items():
@@ -92,46 +125,35 @@ def describe(path: str | Path) -> dict[str, Any]:
         if tensor in ("lora_A", "lora_B"):  # bias keys are the same in every layout
             entry["dtype"] = str(t.dtype).removeprefix("torch.")
             entry["layout"] = layout
-    rows = []
-    for name, entry in modules.items():
-        a, b = entry.get("A"), entry.get("B")
-        if a is None or b is None:
-            extra.append({"name": name, "problem": "has lora_A without lora_B (or the reverse)"})
-            continue
-        rank, d_out = a[0], b[0]
-        d_in = a[1:]
-        cfg = spec.config.for_module(name) if spec else None
-        if entry.get("layout") == "embedding":  # A (r, num_embeddings), B (dim, r)
-            base_shape, kind = [a[1], d_out], "embedding"
-        elif len(a) > 2:  # conv: A (r, d_in, *k), B (d_out, r, 1...)
-            base_shape, kind = [d_out, *d_in], f"conv{len(a) - 2}d"
-        else:
-            base_shape, kind = ([d_in[0], d_out] if fan_in_fan_out else [d_out, d_in[0]]), "linear"
-        params = math.prod(a) + math.prod(b) + sum(math.prod(entry[k]) for k in ("bias", "magnitude") if k in entry)
-        rows.append(
-            {
-                "module": name,
-                "kind": kind,
-                "lora_A": a,
-                "lora_B": b,
-                "rank": rank,
-                "alpha": cfg.alpha if cfg else None,
-                "scaling": cfg.scaling if cfg else None,
-                "bias": "bias" in entry,
-                "params": params,
-                "dtype": entry.get("dtype"),
-                "base_weight_shape": base_shape,
-            }
-        )
-    info["modules"] = rows
-    info["extra_tensors"] = extra  # modules_to_save (e.g. a classification head) and anything unrecognised
-    info["lora_params"] = sum(r["params"] for r in rows)
-    info["trainable_params"] = info["lora_params"] + sum(x.get("params", 0) for x in extra)
-    info["ranks"] = sorted({r["rank"] for r in rows})
-    if spec is not None:
-        info["targets"] = spec.targets
-        info["modules_to_save"] = spec.modules_to_save
-    return info
+    return modules, extra
+
+
+def _module_row(
+    name: str, entry: dict[str, Any], a: list[int], b: list[int], cfg: LoraConfig | None, fan_in_fan_out: bool
+) -> dict[str, Any]:
+    """One module's row: its kind and base weight shape told from the factors A (`a`) and B (`b`), rank, params."""
+    rank, d_out = a[0], b[0]
+    d_in = a[1:]
+    if entry.get("layout") == "embedding":  # A (r, num_embeddings), B (dim, r)
+        base_shape, kind = [a[1], d_out], "embedding"
+    elif len(a) > 2:  # conv: A (r, d_in, *k), B (d_out, r, 1...)
+        base_shape, kind = [d_out, *d_in], f"conv{len(a) - 2}d"
+    else:
+        base_shape, kind = ([d_in[0], d_out] if fan_in_fan_out else [d_out, d_in[0]]), "linear"
+    params = math.prod(a) + math.prod(b) + sum(math.prod(entry[k]) for k in ("bias", "magnitude") if k in entry)
+    return {
+        "module": name,
+        "kind": kind,
+        "lora_A": a,
+        "lora_B": b,
+        "rank": rank,
+        "alpha": cfg.alpha if cfg else None,
+        "scaling": cfg.scaling if cfg else None,
+        "bias": "bias" in entry,
+        "params": params,
+        "dtype": entry.get("dtype"),
+        "base_weight_shape": base_shape,
+    }
 
 
 def _describe_layer(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> dict[str, Any]:
@@ -172,52 +194,7 @@ def _describe_layer(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]
 def render(info: dict[str, Any]) -> str:
     """The description as readable text: the file and its config, then one table row per LoRA module."""
     head = [("adapter", info["path"]), ("kind", info["kind"]), ("size", _size(info["file_bytes"]))]
-    config = info.get("config") or {}
-    if "peft_type" in config:
-        keys = (
-            "peft_type",
-            "task_type",
-            "r",
-            "lora_alpha",
-            "lora_dropout",
-            "bias",
-            "use_rslora",
-            "target_modules",
-            "modules_to_save",
-            "base_model_name_or_path",
-        )
-        head += [(f"  {k}", json.dumps(config.get(k))) for k in keys if k in config]
-        if config.get("rank_pattern") or config.get("alpha_pattern"):
-            head.append(
-                (
-                    "  rank/alpha_pattern",
-                    f"{json.dumps(config.get('rank_pattern'))} {json.dumps(config.get('alpha_pattern'))}",
-                )
-            )
-    elif config:
-        head.append(("config", json.dumps(config)))
-    modules = table(
-        "module",
-        "kind",
-        "lora_A",
-        "lora_B",
-        "rank",
-        "alpha",
-        "params",
-        "base weight",
-        right=("rank", "alpha", "params"),
-    )
-    for m in info["modules"]:
-        modules.add_row(
-            m["module"],
-            m["kind"],
-            _shape(m["lora_A"]),
-            _shape(m["lora_B"]),
-            str(m["rank"]),
-            "" if m["alpha"] is None else f"{m['alpha']:g}",
-            f"{m['params']:,}",
-            _shape(m["base_weight_shape"]),
-        )
+    head += _config_lines(info.get("config") or {})
     tail = [f"NOT LOADABLE by lorakit: {info['problem']}"] if info.get("loadable") is False else []
     tail += [
         f"saved in full: {x['name']} {_shape(x.get('shape'))} ({x.get('params', 0):,} params)"
@@ -229,7 +206,61 @@ def render(info: dict[str, Any]) -> str:
         f"{len(info['modules'])} LoRA modules, ranks {info['ranks']}, {info['lora_params']:,} LoRA params, "
         f"{info['trainable_params']:,} params in all"
     )
-    return to_text(key_values(head), "", modules, *tail)
+    return to_text(key_values(head), "", _modules_table(info["modules"]), *tail)
+
+
+def _config_lines(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, value) lines of an adapter config: PEFT's main fields one a line, another config as one JSON line."""
+    if "peft_type" not in config:
+        return [("config", json.dumps(config))] if config else []
+    keys = (
+        "peft_type",
+        "task_type",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "bias",
+        "use_rslora",
+        "target_modules",
+        "modules_to_save",
+        "base_model_name_or_path",
+    )
+    lines = [(f"  {k}", json.dumps(config.get(k))) for k in keys if k in config]
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        lines.append(
+            (
+                "  rank/alpha_pattern",
+                f"{json.dumps(config.get('rank_pattern'))} {json.dumps(config.get('alpha_pattern'))}",
+            )
+        )
+    return lines
+
+
+def _modules_table(modules: list[dict[str, Any]]) -> Table:
+    """One row per LoRA module: its kind, factor shapes, rank, alpha, params and base weight shape."""
+    t = table(
+        "module",
+        "kind",
+        "lora_A",
+        "lora_B",
+        "rank",
+        "alpha",
+        "params",
+        "base weight",
+        right=("rank", "alpha", "params"),
+    )
+    for m in modules:
+        t.add_row(
+            m["module"],
+            m["kind"],
+            _shape(m["lora_A"]),
+            _shape(m["lora_B"]),
+            str(m["rank"]),
+            "" if m["alpha"] is None else f"{m['alpha']:g}",
+            f"{m['params']:,}",
+            _shape(m["base_weight_shape"]),
+        )
+    return t
 
 
 def _shape(shape: list[int] | None) -> str:

@@ -228,6 +228,31 @@ class AdapterSpec:
 def read_adapter_config(directory: str | Path) -> AdapterSpec:
     """Read and validate `adapter_config.json`; PEFT features lorakit lacks are refused by name."""
     path = Path(directory) / CONFIG_NAME
+    raw = _read_config_object(path)
+    init = _supported_init(raw, path)
+    bias = _field(raw, path, "bias", str, "none")
+    if bias not in BIAS_FROM_PEFT:
+        raise LoraFileError(f"{path}: key 'bias' is {bias!r}; expected {', '.join(map(repr, BIAS_FROM_PEFT))}")
+    targets = _field(raw, path, "target_modules", (list, str), required=True)
+    if isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
+        raise LoraFileError(f"{path}: key 'target_modules' must be a list of strings or a regex string")
+    exclude = _field(raw, path, "exclude_modules", (list, str), None)
+    modules_to_save = _field(raw, path, "modules_to_save", list, None) or []
+    for key, value in (("exclude_modules", exclude), ("modules_to_save", modules_to_save)):
+        if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
+            raise LoraFileError(f"{path}: key {key!r} must be a list of module names")
+    config = _lora_config(raw, path, bias, init)
+    for key, value in (("target_modules", targets), ("exclude_modules", exclude)):
+        if isinstance(value, str) and value != "all-linear":  # PEFT reads a string as a full-match regex
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise LoraFileError(f"{path}: key {key!r} is {value!r}, not a valid regex: {e}") from None
+    return AdapterSpec(config, _rules(targets), _rules(exclude) if exclude else [], list(modules_to_save), raw)
+
+
+def _read_config_object(path: Path) -> dict[str, Any]:
+    """The JSON object in the config file at `path`; LoraFileError where it is missing, too big or not one."""
     if not path.is_file():
         raise LoraFileError(f"{path}: no such file (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     if path.stat().st_size > MAX_CONFIG_BYTES:
@@ -240,18 +265,26 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
         raise LoraFileError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(raw, dict):
         raise LoraFileError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
-    def field(key: str, kinds: _Kinds, default: Any = None, required: bool = False) -> Any:
-        if raw.get(key) is None:
-            if required:
-                raise LoraFileError(f"{path}: missing key {key!r}")
-            return default
-        v = raw[key]
-        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in _tuple(kinds)):
-            raise LoraFileError(f"{path}: key {key!r} is {v!r}; expected {_kind_names(kinds)}")
-        return v
 
-    if field("peft_type", str, required=True) != "LORA":
+def _field(
+    raw: dict[str, Any], path: Path, key: str, kinds: _Kinds, default: Any = None, required: bool = False
+) -> Any:
+    """The config's value at `key`, checked to be of `kinds` (a bool only where bool is named); `default` if unset."""
+    if raw.get(key) is None:
+        if required:
+            raise LoraFileError(f"{path}: missing key {key!r}")
+        return default
+    v = raw[key]
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in _tuple(kinds)):
+        raise LoraFileError(f"{path}: key {key!r} is {v!r}; expected {_kind_names(kinds)}")
+    return v
+
+
+def _supported_init(raw: dict[str, Any], path: Path) -> Any:
+    """The config's init_lora_weights, after refusing by name a PEFT type or feature lorakit lacks."""
+    if _field(raw, path, "peft_type", str, required=True) != "LORA":
         raise LoraFileError(f"{path}: peft_type {raw['peft_type']!r} is not supported; expected 'LORA'")
     for key, value in raw.items():
         if key not in _UNDERSTOOD and value not in (None, False, {}, [], ""):
@@ -262,38 +295,25 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
             f"{path}: init_lora_weights={init!r} is not supported: that adapter expects a base "
             f"changed at init time; supported: {', '.join(map(repr, _INIT_OK))}"
         )
-    bias = field("bias", str, "none")
-    if bias not in BIAS_FROM_PEFT:
-        raise LoraFileError(f"{path}: key 'bias' is {bias!r}; expected {', '.join(map(repr, BIAS_FROM_PEFT))}")
-    targets = field("target_modules", (list, str), required=True)
-    if isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
-        raise LoraFileError(f"{path}: key 'target_modules' must be a list of strings or a regex string")
-    exclude = field("exclude_modules", (list, str), None)
-    modules_to_save = field("modules_to_save", list, None) or []
-    for key, value in (("exclude_modules", exclude), ("modules_to_save", modules_to_save)):
-        if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
-            raise LoraFileError(f"{path}: key {key!r} must be a list of module names")
+    return init
+
+
+def _lora_config(raw: dict[str, Any], path: Path, bias: str, init: Any) -> LoraConfig:
+    """The LoraConfig the config's fields say (PEFT's bias name `bias`, init `init`); LoraFileError naming the field."""
     try:
-        config = LoraConfig(
-            rank=field("r", int, required=True),
-            alpha=field("lora_alpha", (int, float), 8),
-            dropout=field("lora_dropout", (int, float), 0.0),
+        return LoraConfig(
+            rank=_field(raw, path, "r", int, required=True),
+            alpha=_field(raw, path, "lora_alpha", (int, float), 8),
+            dropout=_field(raw, path, "lora_dropout", (int, float), 0.0),
             bias=BIAS_FROM_PEFT[bias],
-            use_rslora=field("use_rslora", bool, False),
+            use_rslora=_field(raw, path, "use_rslora", bool, False),
             init=init if init in INITS else "kaiming",
-            rank_pattern=field("rank_pattern", dict, None) or {},
-            alpha_pattern=field("alpha_pattern", dict, None) or {},
-            use_dora=field("use_dora", bool, False),
+            rank_pattern=_field(raw, path, "rank_pattern", dict, None) or {},
+            alpha_pattern=_field(raw, path, "alpha_pattern", dict, None) or {},
+            use_dora=_field(raw, path, "use_dora", bool, False),
         )
     except ValueError as e:
         raise LoraFileError(f"{path}: {e}") from None
-    for key, value in (("target_modules", targets), ("exclude_modules", exclude)):
-        if isinstance(value, str) and value != "all-linear":  # PEFT reads a string as a full-match regex
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise LoraFileError(f"{path}: key {key!r} is {value!r}, not a valid regex: {e}") from None
-    return AdapterSpec(config, _rules(targets), _rules(exclude) if exclude else [], list(modules_to_save), raw)
 
 
 def _tuple(kinds: _Kinds) -> tuple[type, ...]:

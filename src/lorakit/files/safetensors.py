@@ -67,10 +67,10 @@ def write(path: str | Path, tensors: Mapping[str, Tensor], metadata: dict[str, s
         [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
     """
     # bytes, not the library's save_file: that writes its own 0600 temporary file and renames it
-    atomic_write(path, save(_plain(tensors), metadata))
+    atomic_write(path, save(_owning_storage(tensors), metadata))
 
 
-def _plain(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _owning_storage(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """CPU, contiguous, each owning its whole storage: the library refuses entries that share storage."""
     out: dict[str, Tensor] = {}
     seen: set[int] = set()

@@ -5,8 +5,9 @@
 
 Either way the base becomes the residual W − s·B₀A₀, so the wrapped layer computes W at init. An
 adapter trained from there is saved for the ORIGINAL W: its update is `s·(B A − B₀A₀) = s·[B, −B₀][A; A₀]`,
-a rank-2r LoRA with the same scaling (PEFT's path_initial_model_for_weight_conversion). Registered in
-`lorakit.layers.BASE_INITS`, which linear LoRA layers call for `LoraConfig(init="pissa" | "olora")`.
+a rank-2r LoRA with the same scaling (PEFT's path_initial_model_for_weight_conversion). `init_from_base` is
+what linear LoRA layers call for `LoraConfig(init="pissa" | "olora")`, through `layers.BASE_INITS`
+(`lorakit.variants.register` puts it there).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .. import bases
 from ..adapter_set import BaseInit
 from ..config import BASE_CHANGING_INITS, LoraConfig
 from ..files import provenance
-from ..layers import BASE_INITS, LoraLayer
+from ..layers import LoraLayer
 
 
 def base_init(
@@ -79,7 +80,7 @@ def init_from_base(layer: LoraLayer, config: LoraConfig) -> InitialFactors:
         raise TypeError(f"init={config.init!r} needs a plain base weight to change; quantise after the init")
     lora_A, lora_B, _ = layer.active_factors()  # just bound by LoraLayer.__init__, as adapter_name
     assert layer.adapter_name is not None, "bound with the factors"
-    weight = layer.dense_weight()  # (d_out, d_in): a view of base.weight ((d_in, d_out) Conv1D included)
+    weight = bases.dense_weight(layer.base, layer.fan_in_fan_out)  # (d_out, d_in): a view of base.weight
     source = provenance.weight_record(bases.weight(layer.base))  # the original W, before the residual replaces it
     A, B, residual = base_init(weight, config.rank, config.scaling, config.init, lora_A.dtype)
     with torch.no_grad():
@@ -89,7 +90,3 @@ def init_from_base(layer: LoraLayer, config: LoraConfig) -> InitialFactors:
     init = InitialFactors(layer.adapter_name, A.clone(), B.clone())
     init.source_fingerprint = source
     return init
-
-
-for _init in BASE_CHANGING_INITS:
-    BASE_INITS[_init] = init_from_base

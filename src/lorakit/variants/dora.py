@@ -9,7 +9,7 @@ with ‖w_i‖² cached until the base weight changes: one (d_out, r) product W 
 PEFT's eye(d_in) pass that builds the d_out×d_in matrix B A (and then W + s·B A) every step.
 
 `with_lora`/`apply_lora` build these layers for `LoraConfig(use_dora=True)` through the layer registry
-(the entries at the bottom); files keep PEFT's `lora_magnitude_vector` key, so PEFT reads them.
+(`lorakit.variants.register` puts them there); files keep PEFT's `lora_magnitude_vector` key, so PEFT reads them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .. import bases, ops
 from ..adapter_set import DEFAULT_ADAPTER
 from ..cache import TensorCache
 from ..config import LoraConfig
-from ..layers import LORA_LAYERS, LoraLinear
+from ..layers import LoraLinear
 
 
 def row_sqnorm(weight: Tensor) -> Tensor:
@@ -64,9 +64,11 @@ def dora_linear(
     training: bool = False,
     w_sqnorm: Tensor | None = None,
     fan_in_fan_out: bool = False,
+    decode: ops.Decode | None = None,
 ) -> Tensor:
-    """The DoRA linear forward. `weight` is (d_out, d_in), maybe quantised; `w_sqnorm` its `row_sqnorm`, if known;
-    `fan_in_fan_out` as in `ops.lora_linear` (the base term is the base's own GEMM, bias included).
+    """The DoRA linear forward. `weight` is (d_out, d_in), or a quantised base's stored tensor with its `decode`;
+    `w_sqnorm` its `row_sqnorm`, if known; `fan_in_fan_out` and `decode` as in `ops.lora_linear` (the base term is
+    the base's own GEMM, bias included).
 
     Without dropout this is g ⊙ (u − b) + b with u = lora_linear(x) (bias included) and g = m/‖W + s·B A‖,
     so the LoRA fast path does the GEMMs and autograd adds only two output-sized passes; written
@@ -74,16 +76,16 @@ def dora_linear(
     With dropout, PEFT's form: the dropped input feeds the direction term,
     base(x) + (g-1)⊙(drop(x) Wᵀ) + g⊙s·(drop(x) Aᵀ) Bᵀ (one more GEMM).
     """
-    norm = weight_norm(ops.dense(weight, x.dtype), A, B, scaling, w_sqnorm)  # (d_out,) fp32/fp64, constant for autograd
+    wd = ops.decode_weight(weight, x.dtype, decode)  # (d_out, d_in)
+    norm = weight_norm(wd, A, B, scaling, w_sqnorm)  # (d_out,) fp32/fp64, constant for autograd
     g = (magnitude.to(norm.dtype) / norm).to(x.dtype)  # (d_out,) exactly 1 where m is this very norm (init)
     if dropout > 0.0 and training:
         xd = F.dropout(x, dropout, True)
-        wd = ops.dense(weight, x.dtype)
         y = ops.base_linear(x, wd, bias, fan_in_fan_out)  # (..., d_out)
-        direction = ops.lora_linear(xd, weight, None, A, B, scaling, fan_in_fan_out=fan_in_fan_out)
+        direction = ops.lora_linear(xd, weight, None, A, B, scaling, fan_in_fan_out=fan_in_fan_out, decode=decode)
         return y + (g * direction - ops.base_linear(xd, wd, None, fan_in_fan_out))
     u = ops.lora_linear(
-        x, weight, bias, A, B, scaling, fan_in_fan_out=fan_in_fan_out
+        x, weight, bias, A, B, scaling, fan_in_fan_out=fan_in_fan_out, decode=decode
     )  # (..., d_out): x Wᵀ + b + s·x Aᵀ Bᵀ
     return u * g if bias is None else torch.addcmul(bias * (1 - g), u, g)  # (1−g)⊙b is (d_out,): one output pass
 
@@ -135,7 +137,7 @@ class DoraLinear(LoraLinear):
 
     def _initial_magnitude(self, A: Tensor, B: Tensor, config: LoraConfig) -> Tensor:
         """m = ‖W + s·B A‖ per row, so a fresh layer computes exactly what its base did."""
-        w = self.dense_weight()
+        w = bases.dense_weight(self.base, self.fan_in_fan_out)
         return weight_norm(w, A, B, config.scaling).to(w.dtype)
 
     def new_adapter(self, config: LoraConfig) -> dict[str, nn.Parameter]:
@@ -150,10 +152,11 @@ class DoraLinear(LoraLinear):
 
     def lora_forward(self, x: Tensor) -> Tensor:
         A, B, magnitude, config = self._active()
-        w_sqnorm = self._w_sqnorm.get([self.base_weight], lambda: row_sqnorm(self.dense_weight()))
+        w_sqnorm = self._w_sqnorm.get([bases.weight(self.base)], self._row_sqnorm)
+        weight, decode = bases.linear_operand(self.base, self.fan_in_fan_out)
         return dora_linear(
             x,
-            self._linear_weight(),
+            weight,
             bases.bias(self.base),
             A,
             B,
@@ -163,13 +166,18 @@ class DoraLinear(LoraLinear):
             self.training,
             w_sqnorm,
             self._conv1d_gemm(),
+            decode,
         )
+
+    def _row_sqnorm(self) -> Tensor:
+        """‖w_i‖² of the base weight as it is now (what `_w_sqnorm` caches)."""
+        return row_sqnorm(bases.dense_weight(self.base, self.fan_in_fan_out))
 
     def weight_delta(self) -> Tensor:
         if self.adapter_name is None:
             return super().weight_delta()
         A, B, magnitude, config = self._active()  # merged W' = g ⊙ (W + s·B A), so the delta is W' − W
-        delta = merged_delta(self.dense_weight(), A, B, magnitude, config.scaling)
+        delta = merged_delta(bases.dense_weight(self.base, self.fan_in_fan_out), A, B, magnitude, config.scaling)
         return delta.t() if self.fan_in_fan_out else delta
 
     def merged_weight(self, weight: Tensor) -> Tensor:
@@ -185,7 +193,3 @@ class DoraConv1D(DoraLinear):
     """DoRA beside transformers' GPT-2 style Conv1D, whose weight is stored (d_in, d_out)."""
 
     fan_in_fan_out = True
-
-
-LORA_LAYERS[nn.Linear, "dora"] = DoraLinear
-LORA_LAYERS["transformers.pytorch_utils.Conv1D", "dora"] = DoraConv1D

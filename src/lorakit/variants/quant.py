@@ -4,9 +4,10 @@
     quantize_base(model, "int8")   # per-row absmax int8, written here (8 bits + one fp32 scale per row)
 
 Only the frozen base weights change; lora_A/lora_B (and DoRA's magnitude) stay in full precision and
-train as before. The quantised weight is what autograd saves: the LoRA linear Function dequantises it
-in forward and again in backward (`ops.dense`; NF4 through `lorakit.nf4`, torchao's values bit for bit at a
-tenth of its own path's time), so no dense copy of W stays alive between the two.
+train as before. Each format is a `QuantLinear` class that writes its stored tensor (`quantize`) and decodes it
+(`decode`, the `bases.QuantizedBase` interface the core calls). The stored weight is what autograd saves: the
+LoRA linear Function decodes it in forward and again in backward (NF4 through `variants.nf4`, torchao's values
+bit for bit at a tenth of its own path's time), so no dense copy of W stays alive between the two.
 `lorakit.merge(model)` returns plain layers of the original type holding the dequantised merged weight.
 NF4 needs torchao (`pip install lorakit[quant]`); int8 needs nothing extra.
 """
@@ -15,19 +16,20 @@ from __future__ import annotations
 
 import copy
 import math
+from abc import abstractmethod
 
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .. import bases, ops
+from .. import bases
 from ..bases import QuantizedBase
 from ..errors import LoraStateError
 from ..files import provenance
 from ..layers import LoraLayer, LoraLinear
 from ..model import lora_layers
+from . import nf4
 
-FORMATS = ("nf4", "int8")
 NF4_BLOCK = 64  # weights per absmax block (QLoRA's choice)
 NF4_SCALER_BLOCK = 256  # blocks per block of double-quantised scales
 
@@ -35,7 +37,7 @@ NF4_SCALER_BLOCK = 256  # blocks per block of double-quantised scales
 def quantize_int8(weight: Tensor) -> Tensor:
     """Per-row absmax int8, packed as one int8 tensor (d_out, d_in + 4): each row's fp32 scale in its last 4 bytes.
 
-    Packing keeps the quantised weight a single tensor, so autograd can save it and `ops.dense` can
+    Packing keeps the quantised weight a single tensor, so autograd can save it and `Int8Linear.decode` can
     dequantise it without side tables.
     """
     w = weight.detach().float()  # (d_out, d_in)
@@ -61,46 +63,46 @@ def quantize_nf4(weight: Tensor) -> Tensor:
 class QuantLinear(QuantizedBase):
     """A frozen linear layer whose weight (d_out, d_in) is stored quantised; the base of a quantised LoraLinear.
 
-    `weight` is the quantised tensor (an NF4Tensor, or packed int8), `dtype` the compute dtype it
-    dequantises to. `dequantized()` rebuilds the original module type (nn.Linear or GPT-2's Conv1D).
-    LoRA layers see it through `lorakit.bases` (`dense_weight()`), never through its storage format.
+    One subclass per storage format (`FORMATS`), each writing its stored tensor (`quantize`) and decoding it
+    (`decode`). `weight` is the stored tensor, `dtype` the dtype it dequantises to. `dequantized()` rebuilds
+    the original module type (nn.Linear or GPT-2's Conv1D). LoRA layers see it through `lorakit.bases`, never
+    through its storage format.
     """
 
     bias: Tensor | None  # the original layer's own bias parameter, kept as is
 
-    def __init__(self, base: nn.Module, fmt: str, fan_in_fan_out: bool) -> None:
+    def __init__(self, base: nn.Module, fan_in_fan_out: bool) -> None:
         super().__init__()
-        if fmt not in FORMATS:
-            raise ValueError(f"quantisation format {fmt!r} is invalid: expected one of {', '.join(map(repr, FORMATS))}")
         w = bases.weight(base).detach()
         self.source_fingerprint = provenance.weight_record(w)  # before quantising: what a QLoRA adapter's base is
         w = w.t() if fan_in_fan_out else w  # (d_out, d_in) whatever the original layout
-        self.format, self.dtype, self.fan_in_fan_out, self.orig_type = fmt, w.dtype, fan_in_fan_out, type(base)
+        self.dtype, self.fan_in_fan_out, self.orig_type = w.dtype, fan_in_fan_out, type(base)
         self.out_features, self.in_features = w.shape
-        q = quantize_nf4(w) if fmt == "nf4" else quantize_int8(w)
-        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight = nn.Parameter(self.quantize(w), requires_grad=False)
         self.bias = bases.bias(base)  # kept as is: it may train under bias="all"
 
-    def dense_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The dense weight (d_out, d_in) in `dtype` (default: the original dtype)."""
-        return ops.dense(self.weight, dtype or self.dtype)
+    @staticmethod
+    @abstractmethod
+    def quantize(weight: Tensor) -> Tensor:
+        """The stored tensor of a plain (d_out, d_in) weight in this format."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.linear(x, self.dense_weight(x.dtype), self.bias)
+        return torch.nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
 
     def __deepcopy__(self, memo: dict[int, object]) -> QuantLinear:
         # torchao's NF4Tensor copies by re-quantising with default block sizes, which fails for small layers
-        # (and may not reproduce the stored values): copy the stored tensor exactly, the rest as usual
+        # (and may not reproduce the stored values): copy the stored tensor exactly, the rest as usual (the copy
+        # protocol's own steps: a new instance, then its state deep-copied through __setstate__)
         weight = self.weight
         memo[id(weight)] = nn.Parameter(exact_clone(weight.detach()), requires_grad=False)
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        new.__setstate__(copy.deepcopy(vars(self), memo))
         return new
 
     def dequantized(self) -> nn.Module:
         """A plain module of the original type with the dequantised weight (and a copy of the bias)."""
-        w = self.dense_weight().detach()
+        w = self.dequantize().detach()
         has_bias = self.bias is not None
         if self.fan_in_fan_out:  # transformers' Conv1D(nf=d_out, nx=d_in), weight (d_in, d_out)
             plain = self.orig_type(self.out_features, self.in_features)
@@ -124,6 +126,41 @@ class QuantLinear(QuantizedBase):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+class Int8Linear(QuantLinear):
+    """Per-row absmax int8 (`quantize_int8`): (d_out, d_in + 4) int8, each row's fp32 scale in its last 4 bytes."""
+
+    format = "int8"
+    quantize = staticmethod(quantize_int8)
+
+    @staticmethod
+    def decode(stored: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """The packed rows times their scales, in `dtype` (default fp32, the scales' dtype)."""
+        scale = stored[:, -4:].contiguous().view(torch.float32)  # (d_out, 1)
+        return stored[:, :-4] * scale.to(dtype or torch.float32)  # int8 · scale promotes to the scale's dtype
+
+
+class NF4Linear(QuantLinear):
+    """4-bit NormalFloat as torchao's NF4Tensor (`quantize_nf4`), decoded by `variants.nf4` in one table gather."""
+
+    format = "nf4"
+    quantize = staticmethod(quantize_nf4)
+
+    @staticmethod
+    def decode(stored: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """torchao's `get_original_weight().to(dtype)` bit for bit, about ten times faster on CPU."""
+        return nf4.dequantize(stored, dtype)
+
+
+FORMATS: dict[str, type[QuantLinear]] = {"nf4": NF4Linear, "int8": Int8Linear}
+
+
+def format_class(fmt: str) -> type[QuantLinear]:
+    """The QuantLinear class that stores weights in format `fmt`; ValueError listing the formats."""
+    if fmt not in FORMATS:
+        raise ValueError(f"quantisation format {fmt!r} is invalid: expected one of {', '.join(map(repr, FORMATS))}")
+    return FORMATS[fmt]
 
 
 def exact_clone(t: Tensor) -> Tensor:
@@ -150,17 +187,16 @@ def quantize_base(model: nn.Module, fmt: str = "nf4") -> nn.Module:
         >>> import lorakit as lk
         >>> m = lk.apply_lora(nn.Sequential(nn.Linear(64, 64)), lk.LoraConfig(rank=2), ["0"])
         >>> type(quantize_base(m, "int8")[0].base).__name__
-        'QuantLinear'
+        'Int8Linear'
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"quantisation format {fmt!r} is invalid: expected one of {', '.join(map(repr, FORMATS))}")
+    quantized = format_class(fmt)
     layers = {n: layer for n, layer in lora_layers(model).items() if isinstance(layer, LoraLinear)}
     if not layers:
         raise ValueError("the model has no LoRA linear layers to quantise; apply_lora first")
     for name, layer in layers.items():
         if layer.merged:
             raise LoraStateError(f"{name!r} is merged in place; call unmerge_(model) before quantising")
-        if isinstance(layer.base, QuantLinear):
+        if isinstance(layer.base, QuantizedBase):
             raise LoraStateError(f"{name!r} is already quantised ({layer.base.format})")
         if fmt == "nf4" and (n := bases.weight(layer.base).numel()) % NF4_BLOCK:
             raise ValueError(
@@ -168,10 +204,10 @@ def quantize_base(model: nn.Module, fmt: str = "nf4") -> nn.Module:
                 f"{n} elements (use 'int8' or exclude it)"
             )
     for layer in layers.values():
-        layer.base = QuantLinear(layer.base, fmt, type(layer).fan_in_fan_out)  # stored (d_out, d_in) either way
+        layer.base = quantized(layer.base, type(layer).fan_in_fan_out)  # stored (d_out, d_in) either way
     return model
 
 
 def quantized_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """The LoRA layers whose base is quantised, by module name."""
-    return {n: layer for n, layer in lora_layers(model).items() if isinstance(layer.base, QuantLinear)}
+    return {n: layer for n, layer in lora_layers(model).items() if bases.is_quantized(layer.base)}
