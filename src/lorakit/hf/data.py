@@ -19,11 +19,11 @@ task's columns, int labels with gaps, chat rows without a template) are errors a
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..ui.progress import Progress
+from ..ui.progress import Progress, quiet
 from . import ondisk, templates
 from .batches import batches, collate
 from .encoding import encode, encode_one, encode_splits
@@ -40,6 +40,8 @@ __all__ = [  # re-exported: callers read rows, examples, encoded rows and batche
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+ENCODE_CHUNK = 256  # rows per tokenizer call in `encode_file`, so the progress moves on a long file
 
 
 class NoValidSplitError(DataError):
@@ -118,3 +120,53 @@ def holdout(examples: Sequence[Example], fraction: float, seed: int) -> tuple[li
     k = min(max(1, round(len(examples) * fraction)), len(examples) - 1)
     held = set(order[:k])
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def encode_file(
+    path: str | Path,
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    id2label: Mapping[int, str] | None = None,
+    max_length: int = 256,
+    skip_bad_rows: bool = False,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    progress: Progress | None = None,
+) -> tuple[list[Encoded], list[BadRow]]:
+    """The pipeline for scoring (`evaluate`): read, validate and tokenize a data file as fine-tuning does, the
+    stages called in order; seq-cls labels must be `id2label`'s.
+
+        Raises BadRowsError listing every bad row unless `skip_bad_rows`, DataError when no row is usable.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} is invalid: expected at least 2 tokens")
+    progress = progress or quiet()
+    records, bad = read_records(path, max_line_bytes=max_line_bytes)
+    examples, more = validate(path, records, task)
+    bad += more
+    label2id = None
+    if task == "seq-cls":
+        if not id2label:
+            raise ValueError("seq-cls needs id2label (the adapter's label names) to score the rows")
+        label2id = label_to_id(id2label, examples)
+        known = ", ".join(map(repr, list(label2id)[:10]))
+        bad += [
+            BadRow(e.path, e.line, f"unknown label {e.label!r}; the adapter's labels are {known}")
+            for e in examples
+            if e.label not in label2id
+        ]
+        examples = [e for e in examples if e.label in label2id]
+    encoded: list[Encoded] = []
+    with progress.task("tokenizing", total=len(examples), unit="rows") as t:
+        for i in range(0, len(examples), ENCODE_CHUNK):
+            chunk = examples[i : i + ENCODE_CHUNK]
+            enc, more = encode(chunk, tokenizer, task, max_length, label2id)
+            encoded += enc
+            bad += more
+            t.advance(len(chunk))
+    bad.sort(key=lambda b: b.line)
+    if bad and not skip_bad_rows:
+        raise BadRowsError(bad)
+    if not encoded:
+        raise DataError(f"{path}: no usable rows", bad)
+    return encoded, bad
