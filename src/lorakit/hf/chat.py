@@ -1,4 +1,4 @@
-"""Chat and instruction rows: validate them, render them with the tokenizer's chat template, mask the loss.
+"""Chat rows rendered with the tokenizer's chat template and their loss masked: the template half of encoding.
 
     chat row:    {"messages": [{"role": "system" | "user" | "assistant", "content": "...", "train": false?}, ...]}
     alpaca row:  {"instruction": "...", "input": "..." (optional), "output": "..."}
@@ -14,38 +14,31 @@ the turn's when its characters (the fast tokenizer's offsets) overlap them, as t
 A template that renders earlier turns differently once later ones follow, or does not render an assistant
 turn's content as given, makes that row a bad row, never a wrong mask.
 
-Alpaca rows become prompt/completion rows with the standard Alpaca prompt (Taori et al., 2023), whatever the
-tokenizer: `alpaca_prompt` is that prompt, so that prediction can render the same one.
-
-The template a run trained with is saved beside the adapter (`save_template`, as `chat_template.jinja`) and read
-back by `load_template`, so that a prediction renders conversations as training did.
+The rows are parsed into turns earlier (`examples.parse_messages`; Alpaca rows become prompt/completion rows
+there, `examples.alpaca_prompt`), and the template file is read, saved and loaded by `templates`: both are
+re-exported here (`chat.parse_messages`, `chat.read_template`, ...), where callers have always found them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from .examples import ROLES as ROLES  # chat.ROLES, chat.Turn, ...: the parsing of chat rows is the examples stage's
+from .examples import Turn as Turn
+from .examples import alpaca_prompt as alpaca_prompt
+from .examples import parse_messages as parse_messages
 from .rows import DataError
+from .templates import TEMPLATE_FILE as TEMPLATE_FILE  # chat.read_template, ...: the template file's own stage
+from .templates import adapters_template as adapters_template
+from .templates import load_template as load_template
+from .templates import read_template as read_template
+from .templates import save_template as save_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-ROLES = ("system", "user", "assistant")
-TEMPLATE_FILE = "chat_template.jinja"  # beside the adapter; the name transformers itself saves templates under
 IGNORE_INDEX = -100
-
-ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
 
 
 class NoChatTemplateError(DataError):
@@ -62,74 +55,6 @@ class NoChatTemplateError(DataError):
         else:
             self.detail = f"{where}: chat rows ('messages') need a chat template, and the model's tokenizer has none"
         super().__init__(f"{self.detail}; pass chat_template= with a Jinja template file (e.g. ChatML)")
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One message of a conversation; `train` is False for an assistant turn kept out of the loss."""
-
-    role: str
-    content: str
-    train: bool = True
-
-
-# -- rows -> turns ------------------------------------------------------------------------------------
-
-
-def parse_messages(value: Any, *, training: bool = True) -> tuple[Turn, ...]:
-    """The turns of a row's `messages` field; ValueError naming the message and what is wrong with it.
-
-    A training row needs an assistant turn to learn from; a prompt (`training=False`) does not.
-
-    Examples:
-        >>> parse_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])[1]
-        Turn(role='assistant', content='hello', train=True)
-    """
-    if not isinstance(value, list):
-        raise ValueError(f"field 'messages' is a {type(value).__name__}; expected a list of {{role, content}} objects")
-    if not value:
-        raise ValueError("field 'messages' is empty; expected a list of {role, content} objects")
-    turns = tuple(_turn(i, m) for i, m in enumerate(value))
-    if not training:
-        return turns
-    if not any(t.role == "assistant" for t in turns):
-        raise ValueError("no assistant message; the loss falls on assistant turns only, so there is nothing to learn")
-    if not any(t.role == "assistant" and t.train for t in turns):
-        raise ValueError("every assistant message has train: false; nothing to learn from this row")
-    return turns
-
-
-def _turn(i: int, message: Any) -> Turn:
-    """messages[i] as a Turn; ValueError saying what is wrong with it."""
-    if not isinstance(message, dict):
-        raise ValueError(f"messages[{i}] is a {type(message).__name__}; expected an object with role and content")
-    for key in ("role", "content"):
-        if key not in message:
-            raise ValueError(f"messages[{i}] has no {key!r}; it has {', '.join(map(repr, message)) or 'no fields'}")
-    role, content, train = message["role"], message["content"], message.get("train")
-    if role not in ROLES:
-        raise ValueError(f"messages[{i}] has role {role!r}; expected one of {', '.join(ROLES)}")
-    if not isinstance(content, str):
-        raise ValueError(f"messages[{i}] content is a {type(content).__name__}; expected a string")
-    if train is not None and not isinstance(train, bool):  # None: the key absent (Parquet fills missing keys so)
-        raise ValueError(f"messages[{i}] has train {train!r}; expected true or false")
-    if train is not None and role != "assistant":
-        raise ValueError(f"messages[{i}] is a {role} message with 'train'; only assistant turns carry the loss")
-    if role == "assistant" and train is not False and not content.strip():
-        raise ValueError(f"messages[{i}] is an empty assistant message; nothing to learn from it")
-    return Turn(role, content, train is not False)
-
-
-def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 (the Alpaca field's name)
-    """The standard Alpaca prompt for an instruction (and its optional input); the completion follows it.
-
-    Examples:
-        >>> alpaca_prompt("Name a colour.").splitlines()[-4:]
-        ['### Instruction:', 'Name a colour.', '', '### Response:']
-    """
-    if input.strip():
-        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
-    return ALPACA_NO_INPUT.format(instruction=instruction)
 
 
 # -- turns -> text -> tokens --------------------------------------------------------------------------
@@ -223,75 +148,3 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, template: str | None = N
     after = tokenizer(full[end + 2 :].lstrip(" "), add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
     return [int(after[0])] if after and int(after[0]) in special else []
-
-
-# -- the template file --------------------------------------------------------------------------------
-
-
-def read_template(path: str | Path) -> str:
-    """A Jinja chat template from a file, its syntax checked; DataError naming the file (and line) if unusable."""
-    import jinja2
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such chat template file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: the chat template is not UTF-8 text") from None
-    if not text.strip():
-        raise DataError(f"{path}: the chat template file is empty")
-    try:
-        _compile(text)
-    except jinja2.TemplateSyntaxError as e:
-        raise DataError(f"{path}:{e.lineno}: not a valid Jinja template ({e.message})") from None
-    return text
-
-
-def _compile(template: str) -> None:
-    """Compile a template in transformers' own Jinja environment (its {% generation %} tag included)."""
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-    except ImportError:  # a private helper: without it, a syntax error shows when the first row is rendered
-        return
-    _compile_jinja_template(template)
-
-
-def save_template(adapter_dir: str | Path, template: str) -> Path:
-    """Write the chat template a run trained with beside its adapter; returns the file."""
-    from ..files.atomic import atomic_write
-
-    path = Path(adapter_dir) / TEMPLATE_FILE
-    atomic_write(path, template.encode("utf-8"))
-    return path
-
-
-def load_template(adapter_dir: str | Path) -> str | None:
-    """The chat template saved beside an adapter by `save_template`, or None if it trained without one.
-
-    Examples:
-        >>> load_template("no/such/adapter") is None
-        True
-    """
-    path = Path(adapter_dir) / TEMPLATE_FILE
-    return path.read_text(encoding="utf-8") if path.is_file() else None
-
-
-def adapters_template(adapter_dirs: Mapping[str, str | Path], given: str | Path | None = None) -> str | None:
-    """The chat template to score or run `adapter_dirs` with: the file `given`, else the one they trained with
-    (`load_template`), else None (the tokenizer's own). DataError where the adapters trained with different ones:
-    one rendering of the data cannot be each one's.
-
-    Examples:
-        >>> adapters_template({"a": "no/such/adapter"}) is None
-        True
-    """
-    if given is not None:
-        return read_template(given)
-    saved = {name: t for name, d in adapter_dirs.items() if (t := load_template(d)) is not None}
-    if len(set(saved.values())) > 1:
-        raise DataError(
-            f"the adapters trained with different chat templates ({', '.join(saved)}: each its own "
-            f"{TEMPLATE_FILE}); evaluate them one at a time, or give one template for all"
-        )
-    return next(iter(saved.values()), None)

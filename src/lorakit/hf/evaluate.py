@@ -9,7 +9,8 @@ perplexity. seq-cls: accuracy, macro-F1 (the mean per-label F1 over the labels t
 predictions, as scikit-learn's `f1_score(average="macro")`) and the confusion matrix (rows: true label,
 columns: predicted), labelled with the adapter's own label names.
 
-Data rows are read and checked as for fine-tuning (`data.validate`), so a bad row is `file:line: reason`.
+Data rows go through fine-tuning's pipeline (`data.encode_file`: `rows`, `examples`, `encoding`), so a bad
+row is `file:line: reason`.
 Causal-lm adapters share one base (loaded by name, switched with `use_adapter`; the base runs with
 `disable_adapters`). A seq-cls adapter brings its own classification head (modules_to_save), which cannot
 share a base with another's, so each gets a base of its own; the base itself is not scored for seq-cls, since
@@ -30,9 +31,11 @@ from torch import nn
 
 from ..errors import LoraFileError
 from ..ui import progress as progress_mod
-from . import chat, data
+from . import data, templates
 from . import models as hf
-from .rows import MAX_LINE_BYTES, BadRow, DataError, read_records
+from .batches import batches
+from .prepared import IGNORE_INDEX, Encoded
+from .rows import MAX_LINE_BYTES, BadRow
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -43,7 +46,6 @@ DEFAULT_MAX_LENGTH = 256  # where neither the caller nor the adapter's task file
 BASE_SEQ_CLS_NOTE = (
     "seq-cls: the base model has no trained classification head (it would be random), so it is not scored"
 )
-_ENCODE_CHUNK = 256  # rows per tokenizer call, so the progress moves on a long file
 
 
 class TaskMismatchError(LoraFileError):
@@ -84,64 +86,15 @@ def trained_max_length(adapter_dir: str | Path) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 2 else None
 
 
-def encode_file(
-    path: str | Path,
-    task: str,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    id2label: Mapping[int, str] | None = None,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    skip_bad_rows: bool = False,
-    max_line_bytes: int = MAX_LINE_BYTES,
-    progress: Progress | None = None,
-) -> tuple[list[data.Encoded], list[BadRow]]:
-    """Read, validate and tokenize a data file as fine-tuning does; seq-cls labels must be `id2label`'s.
-
-    Raises data.BadRowsError listing every bad row unless `skip_bad_rows`, DataError when no row is usable.
-    """
-    if max_length < 2:
-        raise ValueError(f"max_length={max_length} is invalid: expected at least 2 tokens")
-    progress = progress or progress_mod.quiet()
-    records, bad = read_records(path, max_line_bytes=max_line_bytes)
-    examples, more = data.validate(path, records, task)
-    bad += more
-    label2id = None
-    if task == "seq-cls":
-        if not id2label:
-            raise ValueError("seq-cls needs id2label (the adapter's label names) to score the rows")
-        label2id = data.label_to_id(id2label, examples)
-        known = ", ".join(map(repr, list(label2id)[:10]))
-        bad += [
-            BadRow(e.path, e.line, f"unknown label {e.label!r}; the adapter's labels are {known}")
-            for e in examples
-            if e.label not in label2id
-        ]
-        examples = [e for e in examples if e.label in label2id]
-    encoded: list[data.Encoded] = []
-    with progress.task("tokenizing", total=len(examples), unit="rows") as t:
-        for i in range(0, len(examples), _ENCODE_CHUNK):
-            chunk = examples[i : i + _ENCODE_CHUNK]
-            enc, more = data.encode(chunk, tokenizer, task, max_length, label2id)
-            encoded += enc
-            bad += more
-            t.advance(len(chunk))
-    bad.sort(key=lambda b: b.line)
-    if bad and not skip_bad_rows:
-        raise data.BadRowsError(bad)
-    if not encoded:
-        raise DataError(f"{path}: no usable rows", bad)
-    return encoded, bad
-
-
 def _outputs(
-    model: nn.Module, rows: Sequence[data.Encoded], pad_id: int, batch_size: int, progress: Progress | None, what: str
+    model: nn.Module, rows: Sequence[Encoded], pad_id: int, batch_size: int, progress: Progress | None, what: str
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(fp32 logits, labels) of each padded batch of `rows`, in eval mode, without gradients, on the model's device."""
     progress = progress or progress_mod.quiet()
     model.eval()
     device = next(model.parameters()).device
     with torch.no_grad(), progress.task(what, total=math.ceil(len(rows) / batch_size), unit="batches") as t:
-        for batch in data.batches(rows, batch_size, pad_id):
+        for batch in batches(rows, batch_size, pad_id):
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             yield model(input_ids=ids, attention_mask=mask).logits.float(), batch["labels"].to(device)
             t.advance()
@@ -149,7 +102,7 @@ def _outputs(
 
 def causal_lm_metrics(
     model: nn.Module,
-    rows: Sequence[data.Encoded],
+    rows: Sequence[Encoded],
     pad_id: int,
     *,
     batch_size: int = 8,
@@ -161,17 +114,17 @@ def causal_lm_metrics(
     for logits, labels in _outputs(model, rows, pad_id, batch_size, progress, description):  # (B, T, V), (B, T)
         target = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
         loss = nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=data.IGNORE_INDEX, reduction="sum"
+            logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         total += float(loss)
-        tokens += int((target != data.IGNORE_INDEX).sum())
+        tokens += int((target != IGNORE_INDEX).sum())
     mean = total / tokens
     return {"rows": len(rows), "tokens": tokens, "loss": mean, "perplexity": math.exp(min(mean, 700.0))}
 
 
 def seq_cls_metrics(
     model: nn.Module,
-    rows: Sequence[data.Encoded],
+    rows: Sequence[Encoded],
     pad_id: int,
     id2label: Mapping[int, str],
     *,
@@ -239,7 +192,7 @@ class EvalSetup:
     id2label: dict[int, str] | None
     adapters: dict[str, Path]
     tokenizer: PreTrainedTokenizerBase
-    rows: list[data.Encoded]
+    rows: list[Encoded]
     bad_rows: list[BadRow]
     model: PreTrainedModel  # causal-lm: every adapter loaded by name; seq-cls: the bare base (adapters planned)
     data_path: str
@@ -273,23 +226,15 @@ def prepare(
     them), else the tokenizer's own: so an adapter is scored on the format it learned. seq-cls adapters are
     checked against the base here (keys, shapes) and attached one at a time by `run`.
     """
-    from ..fingerprint import Fingerprints, check_base
-    from ..loading import load_adapters, plan_load, read_adapter
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: expected an int >= 1")
     progress = progress or progress_mod.quiet()
     task, id2label = adapter_tasks(adapters, task)
     hf.check_task(model_dir, task, trust_remote_code=trust_remote_code)  # the model and task before the data
-    template = chat.adapters_template(adapters, chat_template)
-    if max_length is None:
-        trained = {m for d in adapters.values() if (m := trained_max_length(d)) is not None}
-        max_length = max(trained) if trained else DEFAULT_MAX_LENGTH
-    with progress.task("loading tokenizer"):
-        tok = hf.load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    if template is not None:
-        tok.chat_template = template
-    rows, bad = encode_file(
+    template = templates.adapters_template(adapters, chat_template)
+    max_length = _adapters_max_length(adapters) if max_length is None else max_length
+    tok = _tokenizer(model_dir, template, trust_remote_code, progress)
+    rows, bad = data.encode_file(
         data_path,
         task,
         tok,
@@ -299,17 +244,7 @@ def prepare(
         max_line_bytes=max_line_bytes,
         progress=progress,
     )
-    with progress.task("loading model", total=len(adapters) + 1, unit="parts") as t:
-        model = _load_base(model_dir, task, id2label, tok.pad_token_id, trust_remote_code)
-        t.advance()
-        fp = Fingerprints()  # one base: hashed once for all the adapters
-        for name, d in adapters.items():
-            if task == "seq-cls":  # each brings its own head: checked against the bare base, attached in run
-                plan_load(model, file := read_adapter(d))
-                check_base(model, file, allow_mismatch=allow_base_mismatch, fingerprints=fp)
-            else:
-                load_adapters(model, d, name=name, allow_base_mismatch=allow_base_mismatch, fingerprints=fp)
-            t.advance()
+    model = _load_models(model_dir, adapters, task, id2label, tok, trust_remote_code, allow_base_mismatch, progress)
     return EvalSetup(
         Path(model_dir),
         task,
@@ -326,6 +261,51 @@ def prepare(
         trust_remote_code,
         allow_base_mismatch,
     )
+
+
+def _tokenizer(
+    model_dir: str | Path, template: str | None, trust_remote_code: bool, progress: Progress
+) -> PreTrainedTokenizerBase:
+    """The base's tokenizer, rendering chat rows with `template` where there is one (else its own)."""
+    with progress.task("loading tokenizer"):
+        tok = hf.load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    if template is not None:
+        tok.chat_template = template
+    return tok
+
+
+def _adapters_max_length(adapters: Mapping[str, str | Path]) -> int:
+    """The longest max_length the adapters were fine-tuned with, else DEFAULT_MAX_LENGTH."""
+    trained = {m for d in adapters.values() if (m := trained_max_length(d)) is not None}
+    return max(trained) if trained else DEFAULT_MAX_LENGTH
+
+
+def _load_models(
+    model_dir: str | Path,
+    adapters: Mapping[str, str | Path],
+    task: str,
+    id2label: dict[int, str] | None,
+    tok: PreTrainedTokenizerBase,
+    trust_remote_code: bool,
+    allow_base_mismatch: bool,
+    progress: Progress,
+) -> PreTrainedModel:
+    """The base with the causal-lm adapters loaded, or (seq-cls) with each adapter checked against it for `run`."""
+    from ..fingerprint import Fingerprints, check_base
+    from ..loading import load_adapters, plan_load, read_adapter
+
+    with progress.task("loading model", total=len(adapters) + 1, unit="parts") as t:
+        model = _load_base(model_dir, task, id2label, tok.pad_token_id, trust_remote_code)
+        t.advance()
+        fp = Fingerprints()  # one base: hashed once for all the adapters
+        for name, d in adapters.items():
+            if task == "seq-cls":  # each brings its own head: checked against the bare base, attached in run
+                plan_load(model, file := read_adapter(d))
+                check_base(model, file, allow_mismatch=allow_base_mismatch, fingerprints=fp)
+            else:
+                load_adapters(model, d, name=name, allow_base_mismatch=allow_base_mismatch, fingerprints=fp)
+            t.advance()
+    return model
 
 
 def run(setup: EvalSetup, progress: Progress | None = None) -> dict[str, Any]:

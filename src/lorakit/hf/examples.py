@@ -1,4 +1,5 @@
-"""Rows -> examples: which form a row has, whether it is valid for the task, and the label names.
+"""Rows -> examples: which form a row has (chat turns and Alpaca prompts included), whether it is valid for the
+task, and the label names: the parse-and-validate stage of `data.prepare`.
 
     causal-lm rows:  {"text"} | {"prompt", "completion"} | {"messages": [...]} (chat) | {"instruction", "output"}
     seq-cls rows:    {"text", "label"}
@@ -10,18 +11,103 @@ Parquet schema without the task's columns is refused once for the file (`check_c
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from . import chat
+from ..ui.progress import Progress, quiet
 from .models import TASKS
-from .rows import BadRow, DataError, Row, where
+from .rows import AT_LINE, AT_UNIT, BadRow, DataError, Row
+from .sources import Source
 
 # the columns each form of row needs, in the order errors list them
 FORMS: dict[str, tuple[tuple[str, ...], ...]] = {
     "causal-lm": (("text",), ("prompt", "completion"), ("messages",), ("instruction", "output")),
     "seq-cls": (("text", "label"),),
 }
+
+
+ROLES = ("system", "user", "assistant")
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation; `train` is False for an assistant turn kept out of the loss."""
+
+    role: str
+    content: str
+    train: bool = True
+
+
+# -- rows -> turns ------------------------------------------------------------------------------------
+
+
+def parse_messages(value: Any, *, training: bool = True) -> tuple[Turn, ...]:
+    """The turns of a row's `messages` field; ValueError naming the message and what is wrong with it.
+
+    A training row needs an assistant turn to learn from; a prompt (`training=False`) does not.
+
+    Examples:
+        >>> parse_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])[1]
+        Turn(role='assistant', content='hello', train=True)
+    """
+    if not isinstance(value, list):
+        raise ValueError(f"field 'messages' is a {type(value).__name__}; expected a list of {{role, content}} objects")
+    if not value:
+        raise ValueError("field 'messages' is empty; expected a list of {role, content} objects")
+    turns = tuple(_turn(i, m) for i, m in enumerate(value))
+    if not training:
+        return turns
+    if not any(t.role == "assistant" for t in turns):
+        raise ValueError("no assistant message; the loss falls on assistant turns only, so there is nothing to learn")
+    if not any(t.role == "assistant" and t.train for t in turns):
+        raise ValueError("every assistant message has train: false; nothing to learn from this row")
+    return turns
+
+
+def _turn(i: int, message: Any) -> Turn:
+    """messages[i] as a Turn; ValueError saying what is wrong with it."""
+    if not isinstance(message, dict):
+        raise ValueError(f"messages[{i}] is a {type(message).__name__}; expected an object with role and content")
+    for key in ("role", "content"):
+        if key not in message:
+            raise ValueError(f"messages[{i}] has no {key!r}; it has {', '.join(map(repr, message)) or 'no fields'}")
+    role, content, train = message["role"], message["content"], message.get("train")
+    if role not in ROLES:
+        raise ValueError(f"messages[{i}] has role {role!r}; expected one of {', '.join(ROLES)}")
+    if not isinstance(content, str):
+        raise ValueError(f"messages[{i}] content is a {type(content).__name__}; expected a string")
+    if train is not None and not isinstance(train, bool):  # None: the key absent (Parquet fills missing keys so)
+        raise ValueError(f"messages[{i}] has train {train!r}; expected true or false")
+    if train is not None and role != "assistant":
+        raise ValueError(f"messages[{i}] is a {role} message with 'train'; only assistant turns carry the loss")
+    if role == "assistant" and train is not False and not content.strip():
+        raise ValueError(f"messages[{i}] is an empty assistant message; nothing to learn from it")
+    return Turn(role, content, train is not False)
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 (the Alpaca field's name)
+    """The standard Alpaca prompt for an instruction (and its optional input); the completion follows it.
+
+    Examples:
+        >>> alpaca_prompt("Name a colour.").splitlines()[-4:]
+        ['### Instruction:', 'Name a colour.', '', '### Response:']
+    """
+    if input.strip():
+        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+# -- rows -> examples ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -36,13 +122,14 @@ class Example:
     text: str
     completion: str | None = None
     label: str | int | None = None
-    messages: tuple[chat.Turn, ...] | None = None
+    messages: tuple[Turn, ...] | None = None
     unit: str = "line"
+    where: str = field(init=False, repr=False, compare=False)  # `file:line` (or `file:row N`), for messages
 
-    @property
-    def where(self) -> str:
-        """`file:line` (or `file:row N`) of the row, for messages."""
-        return where(self.path, self.line, self.unit)
+    def __post_init__(self) -> None:
+        # as rows.where writes it, worked out once here: later stages name the row without calling back a stage
+        at = AT_LINE if self.unit == "line" else AT_UNIT
+        object.__setattr__(self, "where", at.format(path=self.path, line=self.line, unit=self.unit))
 
 
 def validate(
@@ -64,6 +151,62 @@ def validate(
             examples.append(example(name, line, row, task, label2id, unit))
         except ValueError as e:
             bad.append(BadRow(name, line, str(e), unit))
+    return examples, bad
+
+
+@dataclass
+class Parsed:
+    """The examples of the training and validation sources (`valid` None: none given), their bad rows, the files
+    in order (bad rows sort by it) and, for seq-cls, the label names and ids from the training examples."""
+
+    train: list[Example]
+    valid: list[Example] | None
+    bad: list[BadRow]
+    files: list[str]
+    id2label: dict[int, str] | None = None
+    label2id: dict[str | int, int] | None = None
+
+
+def from_sources(
+    train: Sequence[Source],
+    valid: Sequence[Source] | None,
+    task: str,
+    paths: tuple[str | Path, str | Path | None],
+    progress: Progress | None = None,
+) -> Parsed:
+    """Every source's rows validated for `task`; seq-cls labels named from the training rows, and validation
+    labels checked against them. DataError for seq-cls training data with no usable row."""
+    train_examples, bad = _from_files(train, task, None, paths[0], progress)
+    out = Parsed(train_examples, None, bad, [src.path for src in (*train, *(valid or ()))])
+    if task == "seq-cls":
+        if not train_examples:
+            raise DataError(f"{paths[0]}: no usable rows", bad)
+        out.id2label = label_names(train_examples)
+        out.label2id = label_to_id(out.id2label, train_examples)
+    if valid is not None:
+        out.valid, more = _from_files(valid, task, out.label2id, paths[1], progress)
+        out.bad = bad + more
+    return out
+
+
+def _from_files(
+    found: Sequence[Source],
+    task: str,
+    label2id: Mapping[str | int, int] | None,
+    path: str | Path | None,
+    progress: Progress | None,
+) -> tuple[list[Example], list[BadRow]]:
+    """Examples and bad rows from the sources of one path (`path` names it on `progress`)."""
+    examples: list[Example] = []
+    bad: list[BadRow] = []
+    with (progress or quiet()).task(f"reading {path}", total=len(found), unit="files") as step:
+        for src in found:
+            if src.columns is not None:
+                check_columns(src.path, src.columns, task, header=src.unit == "line")
+            more_examples, more_bad = validate(src.path, src.records, task, label2id, unit=src.unit)
+            examples += more_examples
+            bad += src.bad + more_bad
+            step.advance()
     return examples, bad
 
 
@@ -119,10 +262,10 @@ def _causal(path: str, line: int, row: Row, unit: str) -> Example:
         prompt = _string(row, "prompt", allow_empty=True)
         return Example(path, line, prompt, completion=_string(row, "completion", allow_empty=False), unit=unit)
     if form == ("messages",):
-        return Example(path, line, "", messages=chat.parse_messages(row["messages"]), unit=unit)
+        return Example(path, line, "", messages=parse_messages(row["messages"]), unit=unit)
     instruction = _string(row, "instruction", allow_empty=False)
     extra = _string(row, "input", allow_empty=True) if row.get("input") is not None else ""  # Parquet: null
-    prompt = chat.alpaca_prompt(instruction, extra)
+    prompt = alpaca_prompt(instruction, extra)
     return Example(path, line, prompt, completion=_string(row, "output", allow_empty=False), unit=unit)
 
 

@@ -33,7 +33,7 @@ from ..train.trainer import Callback
 from ..ui.progress import Progress, quiet
 from ..variants.quant import FORMATS as QUANT_FORMATS
 from ..variants.quant import quantize_base
-from . import chat, checkpointing, data, packing
+from . import batches, chat, checkpointing, data, packing
 from . import models as hf
 from .data import MAX_LINE_BYTES
 
@@ -116,11 +116,7 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     progress = progress or quiet()
     out = Path(job.out)
     run_dir = out / RUN_DIR
-    if job.resume:
-        if not (run_dir / CHECKPOINT).is_file():
-            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (run once without resume first)")
-    elif not job.overwrite:
-        hf.check_output_dir(out)  # resume=True continues the run there, overwrite=True replaces it
+    _check_out(job, out, run_dir)
     hf.check_task(job.model, job.task, trust_remote_code=job.trust_remote_code)  # the model/task first, then data
     with progress.task(f"loading the tokenizer of {job.model}"):
         tok = hf.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
@@ -131,6 +127,27 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     except BaseException:
         _remove_new(made)  # a refused run leaves OUT as it found it, so that the fixed run may start there
         raise
+    model = _load_model(job, tok, prepared, progress)
+    train_loader, valid_loader, packed = _loaders(job, model, tok, prepared, progress)
+    setup = Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed)
+    if job.reference is not None:  # the forgetting monitor's text
+        setup.reference_loader = _reference_loader(Path(job.reference), tok, job.max_length, job.batch_size)
+    return setup
+
+
+def _check_out(job: FinetuneJob, out: Path, run_dir: Path) -> None:
+    """`out` must be new or empty, unless the job resumes (then its checkpoint must be there) or overwrites."""
+    if job.resume:
+        if not (run_dir / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (run once without resume first)")
+    elif not job.overwrite:
+        hf.check_output_dir(out)  # resume=True continues the run there, overwrite=True replaces it
+
+
+def _load_model(
+    job: FinetuneJob, tok: PreTrainedTokenizerBase, prepared: data.Prepared, progress: Progress
+) -> PreTrainedModel:
+    """The job's model with the data's label names, LoRA added (and the base quantised where the job asks)."""
     torch.manual_seed(job.train.seed)  # a new classification head starts the same way in every run
     with progress.task(f"loading the model {job.model}"):
         model = hf.load_model(job.model, job.task, id2label=prepared.id2label, trust_remote_code=job.trust_remote_code)
@@ -141,7 +158,14 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
         apply_lora(model, job.lora, list(job.targets), modules_to_save=save)
         if job.quantize:
             quantize_base(model, job.quantize)
-    collate = functools.partial(data.collate, pad_id=tok.pad_token_id)
+    return model
+
+
+def _loaders(
+    job: FinetuneJob, model: PreTrainedModel, tok: PreTrainedTokenizerBase, prepared: data.Prepared, progress: Progress
+) -> tuple[DataLoader[data.Encoded], DataLoader[data.Encoded], dict[str, Any] | None]:
+    """The training loader (packed rows where the job packs), the validation loader, and what packing saved."""
+    collate = functools.partial(batches.collate, pad_id=tok.pad_token_id)
     train_rows, train_collate, packed = prepared.train, collate, None
     if job.pack:  # training rows only: validation stays unpacked, so its loss is an unpacked run's
         train_rows, packed = packing.pack_for_training(
@@ -164,10 +188,7 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
         batch_size=job.batch_size,
         collate_fn=collate,
     )
-    setup = Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed)
-    if job.reference is not None:  # the forgetting monitor's text
-        setup.reference_loader = _reference_loader(Path(job.reference), tok, job.max_length, job.batch_size)
-    return setup
+    return train_loader, valid_loader, packed
 
 
 def _prepare_data(job: FinetuneJob, tok: PreTrainedTokenizerBase, cache: Path, progress: Progress) -> data.Prepared:

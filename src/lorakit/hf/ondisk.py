@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..files.atomic import write_json
 from ..ui.progress import Progress, quiet
+from .encoding import encode_one
 from .examples import Example, check_columns, example, label_names, label_to_id
-from .prepared import BadRowsError, Encoded, Prepared, encode_one
+from .prepared import BadRowsError, Encoded, Prepared
 from .rows import BadRow, DataError
 from .sources import data_files, datasets_lib, sources
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..ui.progress import Progress, quiet
-from .data import IGNORE_INDEX, Encoded, Rows
+from .prepared import IGNORE_INDEX, Encoded, Rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -19,6 +19,7 @@ from ..errors import LoraError
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: far past any sensible training row, short of a runaway file
 Row = dict[str, Any]  # one parsed JSONL object or CSV row
+AT_LINE, AT_UNIT = "{path}:{line}", "{path}:{unit} {line}"  # where a row is (`where`): in a text file, in Parquet
 
 
 class DataError(LoraError, ValueError):
@@ -44,7 +45,7 @@ class BadRow:
 
 def where(path: str, line: int, unit: str = "line") -> str:
     """`file:12` for a line of a text file, `file:row 12` for a row of a Parquet file."""
-    return f"{path}:{line}" if unit == "line" else f"{path}:{unit} {line}"
+    return (AT_LINE if unit == "line" else AT_UNIT).format(path=path, line=line, unit=unit)
 
 
 def read_records(

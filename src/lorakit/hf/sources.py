@@ -1,4 +1,5 @@
-"""Where training rows come from: one JSONL/CSV file, or a directory of Parquet, JSONL and CSV files.
+"""Where training rows come from: one JSONL/CSV file, or a directory of Parquet, JSONL and CSV files; the
+reading stage of `data.prepare` (`read_sources`: the training data, then the validation data).
 
     sources("train.jsonl")      # one Source: rows by line number (rows.read_records)
     sources("data/")            # every .parquet/.jsonl/.ndjson/.csv/.tsv file under data/, in sorted order
@@ -51,6 +52,14 @@ def sources(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> list[S
     if not path.is_dir():
         return [_text_source(path, max_line_bytes)]
     return [_dir_source(p, max_line_bytes) for p in data_files(path)]
+
+
+def read_sources(
+    train_path: str | Path, valid_path: str | Path | None, *, max_line_bytes: int = MAX_LINE_BYTES
+) -> tuple[list[Source], list[Source] | None]:
+    """The training data's sources and the validation data's (None without `valid_path`), read in that order."""
+    train = sources(train_path, max_line_bytes=max_line_bytes)
+    return train, (sources(valid_path, max_line_bytes=max_line_bytes) if valid_path is not None else None)
 
 
 def data_files(path: str | Path) -> list[Path]:
