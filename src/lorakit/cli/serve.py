@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .adapter_commands import _adapter_specs
+from .adapter_specs import adapter_specs
 from .common import BadInput, add_base_mismatch_flag, inputs, positive_int, quiet_transformers
 
 KEY_VARIABLE = "LORAKIT_API_KEY"
@@ -83,7 +83,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     options = launch.ServeOptions(
         model=Path(args.model),
-        adapters=tuple(_adapter_specs(args.adapter or [])),
+        adapters=tuple(adapter_specs(args.adapter or [])),
         host=args.host,
         port=args.port,
         api_key=key,
