@@ -4,11 +4,16 @@ weighted combination (`--adapter NAME=DIR` repeatable, `--weight NAME=W`)."""
 from __future__ import annotations
 
 import argparse
+from functools import partial
+from typing import TYPE_CHECKING
 
 from ..hf import models as hf
 from ..ui.progress import Progress
 from .adapter_specs import adapter_specs, add_combine_flags, combine, parse_weights
 from .common import BadInput, add_base_mismatch_flag, base_check, check_sampling, inputs, quiet_transformers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -30,19 +35,7 @@ def generate(args: argparse.Namespace) -> int:
         model, tok = inputs(hf.load, args.model, "causal-lm", trust_remote_code=args.trust_remote_code)
     if args.device:
         model.to(args.device)
-    options = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
-
-    def complete(title: str | None) -> None:
-        if title:
-            print(f"--- {title} ---")
-        print(args.prompt + hf.generate(model, tok, args.prompt, **options))
-
+    complete = partial(_complete, model, tok, args)
     if args.compare:
         complete("base")
     if len(specs) == 1 and not weights:
@@ -64,6 +57,22 @@ def generate(args: argparse.Namespace) -> int:
     else:
         complete(None)
     return 0
+
+
+def _complete(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, args: argparse.Namespace, title: str | None
+) -> None:
+    """Print the prompt and its completion (under `title`, where several are shown)."""
+    if title:
+        print(f"--- {title} ---")
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    print(args.prompt + hf.generate(model, tok, args.prompt, **options))
 
 
 def add_generate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
