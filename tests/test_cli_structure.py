@@ -42,8 +42,11 @@ def _library_params() -> set[str]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             values: list[ast.expr] = []
             if isinstance(node, ast.ClassDef):
-                values = [a.value for a in node.body if isinstance(a, ast.Assign)
-                          and [getattr(t, "id", None) for t in a.targets] == ["param"]]
+                values = [
+                    a.value
+                    for a in node.body
+                    if isinstance(a, ast.Assign) and [getattr(t, "id", None) for t in a.targets] == ["param"]
+                ]
             elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "__init__":
                 values = [k.value for k in node.keywords if k.arg == "param"]
             found |= {c.value for v in values for c in ast.walk(v) if isinstance(c, ast.Constant) and c.value}
