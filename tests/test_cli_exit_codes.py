@@ -49,9 +49,9 @@ def test_ctrl_c_mid_training_exits_130(tmp_path: Path) -> None:
 
 
 # command: (module of its handler, its arguments)
-COMMANDS = {"example": ("example", []), "bench": ("example", []), "inspect": ("adapter_commands", ["x"]),
-            "merge": ("adapter_commands", ["--model", "m", "--adapter", "a", "--out", "o"]),
-            "generate": ("adapter_commands", ["--model", "m", "--prompt", "p"]),
+COMMANDS = {"example": ("example", []), "bench": ("bench", []), "inspect": ("inspect", ["x"]),
+            "merge": ("merge", ["--model", "m", "--adapter", "a", "--out", "o"]),
+            "generate": ("generate", ["--model", "m", "--prompt", "p"]),
             "finetune": ("finetune", ["--model", "m", "--data", "d", "--task", "causal-lm", "--out", "o"]),
             "export": ("export", ["--model", "m", "--adapter", "a", "--out", "o"])}  # E1: lorakit export (issue 15)
 
@@ -107,7 +107,7 @@ def test_library_messages_name_no_cli_flags() -> None:
 
 
 def test_bench_finds_the_benchmarks_of_this_checkout() -> None:
-    from lorakit.cli.example import BENCH_SCRIPT
+    from lorakit.cli.bench import BENCH_SCRIPT
 
     assert BENCH_SCRIPT == Path(__file__).resolve().parents[1] / "benchmarks" / "run.py" and BENCH_SCRIPT.is_file()
 

@@ -2,7 +2,19 @@
 
 
 class LoraError(Exception):
-    """Base of lorakit's own errors."""
+    """Base of lorakit's own errors.
+
+    `param` names the parameter whose value is the remedy (`err.param == "allow_base_mismatch"`), or is None
+    where no parameter is; a front end (the CLI) words that remedy in its own terms (its flags) from it. An
+    error class whose remedy is always the same parameter sets it as a class attribute; `param=` sets it on one.
+    """
+
+    param: str | None = None
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        super().__init__(*args)
+        if param is not None:
+            self.param = param
 
 
 class LoraFileError(LoraError, ValueError):
@@ -32,11 +44,16 @@ class LoraFileChanged(LoraFileError):
 
 
 class LoraBaseMismatch(LoraFileError):
-    """An adapter was saved for another base: `differences` says which modules or config fields differ, and how."""
+    """An adapter was saved for another base: `differences` says which modules or config fields differ, and how;
+    `detail` is the message without its remedy (the `allow_base_mismatch` parameter)."""
 
-    def __init__(self, message: str, differences: list[str]) -> None:
-        super().__init__(message)
-        self.differences = differences
+    param = "allow_base_mismatch"
+
+    def __init__(self, detail: str, differences: list[str]) -> None:
+        super().__init__(
+            f"{detail}; load it onto the base it was trained on, or pass allow_base_mismatch=True to load it anyway"
+        )
+        self.detail, self.differences = detail, differences
 
 
 class ProvenanceNote(UserWarning):

@@ -332,11 +332,7 @@ def _report(model: nn.Module, directory: Path, saved: dict[str, Any], difference
         where = f" ({saved['path']})" if saved.get("path") else ""
         message = f"{directory}: this adapter was saved for a different base{where}: {shown}"
         if not allow:
-            raise LoraBaseMismatch(
-                f"{message}; load it onto the base it was trained on, or pass allow_base_mismatch=True "
-                "to load it anyway",
-                differences,
-            )
+            raise LoraBaseMismatch(message, differences)
         warnings.warn(f"{message}; loading it anyway (allow_base_mismatch)", ProvenanceNote, stacklevel=4)
         return
     quantized = sorted({m["quantized"] for m in saved["modules"].values() if "quantized" in m})

@@ -14,7 +14,7 @@ import pytest
 from torch import nn
 
 import lorakit as lk
-from lorakit.cli import adapter_commands
+from lorakit.cli import inspect as inspect_command
 from lorakit.export import portability as port
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
@@ -155,7 +155,7 @@ def test_every_rule_cites_a_source_and_names_a_fix_and_the_cli_offers_every_targ
         assert behaviour.endswith(".") and fix and re.search(r"https://|lorakit ", source), rule
     assert set(port.ALL_FINE) == set(port.TARGETS)
     parser = argparse.ArgumentParser()
-    adapter_commands.add_inspect(parser.add_subparsers())
+    inspect_command.add_inspect(parser.add_subparsers())
     for target in port.TARGETS:  # the CLI's --target choices are the report's targets
         assert parser.parse_args(["inspect", "a", "--target", target]).target == [target]
 

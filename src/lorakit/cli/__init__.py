@@ -5,7 +5,7 @@
     2    bad input: flags, paths, files or data the user passed (argparse's own usage errors too)
     130  interrupted (Ctrl-C)
 
-A subcommand is two functions in one of this package's modules: `add_<name>(subparsers)` declaring its flags
+A subcommand is two functions in a module of its own name (merge.py, ...): `add_<name>(subparsers)` declaring its flags
 with `set_defaults(run=<name>)`, and `<name>(args) -> int` building a config and calling the library. It
 returns its status or raises: `common.BadInput` for bad input (the library's input errors become BadInput
 through `common.inputs`, worded in flags), anything else for a runtime failure. Only `main` maps them.
@@ -20,12 +20,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import runfile
-from .adapter_commands import add_generate, add_inspect, add_merge
+from .bench import add_bench, bench  # noqa: F401  (bench: lorakit.cli.bench, as before)
 from .common import BadInput, print_notes
-from .eval_predict import add_eval, add_predict
-from .example import add_bench, add_example, bench  # noqa: F401  (bench: lorakit.cli.bench, as before)
+from .eval import add_eval
+from .example import add_example
 from .export import add_export
 from .finetune import add_finetune
+from .generate import add_generate
+from .inspect import add_inspect
+from .merge import add_merge
+from .predict import add_predict
 from .serve import add_serve
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -10,8 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import LoraBaseMismatch, LoraError, ProvenanceNote
-from ..hf import chat, data
+from ..errors import LoraError, ProvenanceNote
 from ..hf import models as hf
 
 T = TypeVar("T")
@@ -21,21 +20,37 @@ class BadInput(Exception):
     """A problem with what the user passed (paths, files, flags): exit code 2."""
 
 
+# The library's parameters that remedy an error (LoraError.param), and the CLI flag that sets each
+PARAM_FLAGS = {
+    "skip_bad_rows": "--skip-bad-rows",
+    "valid_path": "--valid",
+    "chat_template": "--chat-template",
+    "trust_remote_code": "--trust-remote-code",
+    "allow_base_mismatch": "--allow-base-mismatch",
+    "task": "--task",
+}
+
+# How the CLI words each remedy: f(error, flag) -> message
+REMEDIES: dict[str, Callable[[Any, str], str]] = {
+    "skip_bad_rows": lambda e, flag: (
+        f"{len(e.bad_rows)} bad row(s); fix them, or pass {flag} to train without them:\n{e.listing}"
+    ),
+    "valid_path": lambda e, flag: f"{e.detail}; pass {flag} FILE",
+    "chat_template": lambda e, flag: f"{e.detail}; pass {flag} FILE (a Jinja chat template, e.g. ChatML)",
+    "trust_remote_code": lambda e, flag: f"{e.detail}; lorakit runs it only with {flag}, after you have read that code",
+    "allow_base_mismatch": lambda e, flag: (
+        f"{e.detail}; load it onto the base it was trained on, or pass {flag} to load it anyway"
+    ),
+    "task": lambda e, flag: f"{e.detail}; use {flag} {e.can}",
+}
+
+
 def flag_words(e: BaseException) -> str:
-    """The message of a library error, its remedy worded in the CLI's flags where the library names a parameter."""
-    if isinstance(e, data.BadRowsError):
-        return f"{len(e.bad_rows)} bad row(s); fix them, or pass --skip-bad-rows to train without them:\n{e.listing}"
-    if isinstance(e, data.NoValidSplitError):
-        return f"{e.detail}; pass --valid FILE"
-    if isinstance(e, chat.NoChatTemplateError):
-        return f"{e.detail}; pass --chat-template FILE (a Jinja chat template, e.g. ChatML)"
-    if isinstance(e, hf.RemoteCodeError):
-        return f"{e.detail}; lorakit runs it only with --trust-remote-code, after you have read that code"
-    if isinstance(e, LoraBaseMismatch):
-        return str(e).replace("pass allow_base_mismatch=True", "pass --allow-base-mismatch")
-    if isinstance(e, hf.TaskMismatchError):
-        return e.detail + (f"; use --task {e.can}" if e.can else "")
-    return str(e)
+    """The message of a library error, its remedy worded in the CLI's flags where the error names a parameter."""
+    param = getattr(e, "param", None) if isinstance(e, LoraError) else None
+    if param is None:
+        return str(e)
+    return REMEDIES[param](e, PARAM_FLAGS[param])
 
 
 def inputs(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

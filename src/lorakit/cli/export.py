@@ -23,12 +23,10 @@ FORMATS = ("onnx", "gguf", "gguf-adapter")
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
-def export(args: argparse.Namespace) -> int:
-    """Run `lorakit export`."""
-    from ..export import gguf, onnx, prepare
+def _dtype(args: argparse.Namespace) -> str:
+    """The export's dtype (--dtype, or the format's default); BadInput for a format or dtype it cannot write."""
+    from ..export import onnx
 
-    quiet_transformers()
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     if args.format not in FORMATS:
         raise BadInput(f"--format {args.format!r} is not supported; expected one of {', '.join(FORMATS)}")
     dtype = args.dtype or ("f32" if args.format == "onnx" else "f16")
@@ -37,6 +35,34 @@ def export(args: argparse.Namespace) -> int:
     allowed = onnx.DTYPES if args.format == "onnx" else DTYPES
     if dtype not in allowed:
         raise BadInput(f"--dtype {dtype} is not supported for --format {args.format}; expected one of {allowed}")
+    return dtype
+
+
+def _check_gguf(args: argparse.Namespace, adapters: list[Path]) -> None:
+    """BadInput for what llama.cpp's GGUF cannot express in the model or (gguf-adapter) the one adapter."""
+    from ..export.gguf_adapter import check_adapter
+    from ..export.gguf_model import check_model
+
+    inputs(check_model, args.model)
+    if args.format == "gguf-adapter":
+        if len(adapters) != 1:
+            raise BadInput(
+                f"--format gguf-adapter writes one adapter, got {len(adapters)}: export each (llama.cpp takes "
+                "several --lora files) or merge them into the model with --format gguf"
+            )
+        try:
+            check_adapter(adapters[0], args.model)
+        except LoraFileError as e:
+            raise BadInput(_flags(e)) from None
+
+
+def export(args: argparse.Namespace) -> int:
+    """Run `lorakit export`."""
+    from ..export import gguf, onnx, prepare
+
+    quiet_transformers()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    dtype = _dtype(args)
     if not args.adapter:
         raise BadInput("--adapter DIR is required (repeat it to merge several)")
     try:
@@ -51,20 +77,7 @@ def export(args: argparse.Namespace) -> int:
             raise BadInput(f"--adapter {a}: no such directory")
         inputs(prepare.check_adapter_base, args.model, a)  # which base it belongs to, before any format's checks
     if args.format != "onnx":  # before the model is loaded: what llama.cpp's GGUF cannot express
-        from ..export.gguf_adapter import check_adapter
-        from ..export.gguf_model import check_model
-
-        inputs(check_model, args.model)
-        if args.format == "gguf-adapter":
-            if len(adapters) != 1:
-                raise BadInput(
-                    f"--format gguf-adapter writes one adapter, got {len(adapters)}: export each (llama.cpp takes "
-                    "several --lora files) or merge them into the model with --format gguf"
-                )
-            try:
-                check_adapter(adapters[0], args.model)
-            except LoraFileError as e:
-                raise BadInput(_flags(e)) from None
+        _check_gguf(args, adapters)
     texts = args.text or prepare.PROOF_TEXTS
     if any(t == "" for t in texts):  # after the model, task and adapter checks: those say more
         raise BadInput("--text '': a proof input needs at least one character")

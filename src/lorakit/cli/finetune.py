@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..config import INITS
 from ..hf import finetune as job_module
@@ -19,62 +20,11 @@ from .common import inputs, positive_int, quiet_transformers
 
 def finetune(args: argparse.Namespace) -> int:
     """Run `lorakit finetune`: build the job from the flags, prepare it (input errors exit 2), train, report."""
-    from ..config import LoraConfig
-    from ..train import TrainConfig
     from ..train.distributed import is_main
     from ..ui.progress import Progress
 
     quiet_transformers()
-    # "q_proj,v_proj" or "q_proj v_proj"; a regex ("re:...") is taken whole, commas and all
-    targets = [t for chunk in args.targets for t in ([chunk] if chunk.startswith("re:") else chunk.split(",")) if t]
-    job = inputs(
-        lambda: job_module.FinetuneJob(
-            model=args.model,
-            data=args.data,
-            task=args.task,
-            out=args.out,
-            valid=args.valid,
-            targets=targets,
-            lora=LoraConfig(
-                rank=args.rank,
-                alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
-                dropout=args.dropout,
-                use_rslora=args.rslora,
-                use_dora=args.use_dora,
-                init=args.init,
-            ),
-            train=TrainConfig(
-                loraplus_ratio=args.loraplus_ratio,
-                epochs=args.epochs,
-                lr=args.lr,
-                weight_decay=args.weight_decay,
-                schedule=args.schedule,
-                warmup_steps=args.warmup_steps,
-                grad_accum=args.grad_accum,
-                precision=args.precision,
-                device=args.device,
-                seed=args.seed,
-                log_every=args.log_every,
-                checkpoint_every=args.checkpoint_every,
-                fsdp=args.fsdp,
-                max_steps=args.max_steps,
-                eval_every=args.eval_every,
-            ),
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            valid_fraction=args.valid_fraction,
-            skip_bad_rows=args.skip_bad_rows,
-            max_line_bytes=args.max_line_bytes,
-            trust_remote_code=args.trust_remote_code,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            quantize=args.quantize,
-            chat_template=args.chat_template,
-            pack=args.pack,
-            gradient_checkpointing=args.gradient_checkpointing,
-            reference=args.reference,
-        )
-    )
+    job = inputs(_job, args)
     out = Path(job.out)
     out_dir.check_start(out, job.resume, job.overwrite)  # advice that fits what OUT holds
     if job.resume:  # the same run, or exit 2 naming what changed, before anything loads
@@ -90,7 +40,69 @@ def finetune(args: argparse.Namespace) -> int:
     report = job_module.run(setup, callbacks=callbacks)
     if not is_main():  # under torchrun, rank 0 reports
         return 0
-    metric = "accuracy" if job.task == "seq-cls" else "perplexity"
+    _print_report(report, job.task)
+    print(f"adapter: {report['adapter']}  (run artifacts: {report['artifacts']})")
+    return 0
+
+
+def _job(args: argparse.Namespace) -> job_module.FinetuneJob:
+    """The finetune job the flags describe."""
+    from ..config import LoraConfig
+    from ..train import TrainConfig
+
+    # "q_proj,v_proj" or "q_proj v_proj"; a regex ("re:...") is taken whole, commas and all
+    targets = [t for chunk in args.targets for t in ([chunk] if chunk.startswith("re:") else chunk.split(",")) if t]
+    return job_module.FinetuneJob(
+        model=args.model,
+        data=args.data,
+        task=args.task,
+        out=args.out,
+        valid=args.valid,
+        targets=targets,
+        lora=LoraConfig(
+            rank=args.rank,
+            alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+            dropout=args.dropout,
+            use_rslora=args.rslora,
+            use_dora=args.use_dora,
+            init=args.init,
+        ),
+        train=TrainConfig(
+            loraplus_ratio=args.loraplus_ratio,
+            epochs=args.epochs,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            schedule=args.schedule,
+            warmup_steps=args.warmup_steps,
+            grad_accum=args.grad_accum,
+            precision=args.precision,
+            device=args.device,
+            seed=args.seed,
+            log_every=args.log_every,
+            checkpoint_every=args.checkpoint_every,
+            fsdp=args.fsdp,
+            max_steps=args.max_steps,
+            eval_every=args.eval_every,
+        ),
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        valid_fraction=args.valid_fraction,
+        skip_bad_rows=args.skip_bad_rows,
+        max_line_bytes=args.max_line_bytes,
+        trust_remote_code=args.trust_remote_code,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        quantize=args.quantize,
+        chat_template=args.chat_template,
+        pack=args.pack,
+        gradient_checkpointing=args.gradient_checkpointing,
+        reference=args.reference,
+    )
+
+
+def _print_report(report: dict[str, Any], task: str) -> None:
+    """The valid metrics before and after training, and what --pack saved."""
+    metric = "accuracy" if task == "seq-cls" else "perplexity"
     for when in ("before", "after"):
         values = report[when]
         print(f"{when:<6} valid_loss={values['loss']:.4f} valid_{metric}={values[metric]:.4f}")
@@ -101,8 +113,6 @@ def finetune(args: argparse.Namespace) -> int:
             f"{100 * packed['padding_fraction_unpacked']:.1f}% -> {100 * packed['padding_fraction_packed']:.1f}% "
             "of the tokens"
         )
-    print(f"adapter: {report['adapter']}  (run artifacts: {report['artifacts']})")
-    return 0
 
 
 def _callbacks(args: argparse.Namespace) -> list[Callback] | None:
@@ -140,6 +150,24 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--task", required=True, choices=hf.TASKS)
     p.add_argument("--out", required=True, metavar="DIR", help="the adapter directory to write")
     g = p.add_argument_group("LoRA")
+    _add_lora_args(g)
+    g = p.add_argument_group("training")
+    _add_training_args(g)
+    _add_steps_args(g)
+    g = p.add_argument_group("data")
+    _add_data_args(g)
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML run file of these flags (keys: rank, max_length, ...; paths relative to it); flags given "
+        "here override it; every run records its own in OUT/run/run.toml",
+    )
+    p.set_defaults(run=finetune, parser=p)
+
+
+def _add_lora_args(g: argparse._ArgumentGroup) -> None:
+    """finetune's LoRA flags: targets, rank, alpha, dropout, variants, quantisation, LoRA+."""
     g.add_argument(
         "--targets",
         nargs="+",
@@ -170,7 +198,10 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         metavar="R",
         help="LoRA+: lora_B learns at R x the learning rate (the paper suggests 16)",
     )
-    g = p.add_argument_group("training")
+
+
+def _add_training_args(g: argparse._ArgumentGroup) -> None:
+    """finetune's training flags: epochs, learning rate and schedule, batches, precision, logs."""
     g.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
     g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
     g.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
@@ -187,7 +218,11 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     g.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace what is in OUT")
     g.add_argument("--plain", action="store_true", help="plain log lines instead of the dashboard")
-    # -- step-based runs, evaluation every N steps, forgetting monitor, TensorBoard
+
+
+def _add_steps_args(g: argparse._ArgumentGroup) -> None:
+    """finetune's flags for step-based runs, evaluation every N steps, the forgetting monitor, TensorBoard,
+    FSDP and gradient checkpointing."""
     g.add_argument(
         "--max-steps",
         type=positive_int,
@@ -222,7 +257,10 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         action="store_true",
         help="recompute each layer's activations in the backward: less memory, about one more forward per step",
     )
-    g = p.add_argument_group("data")
+
+
+def _add_data_args(g: argparse._ArgumentGroup) -> None:
+    """finetune's data flags: the validation split, bad rows, line size, chat template, packing."""
     g.add_argument("--valid-fraction", type=float, default=0.1, help="held out when there is no --valid (default 0.1)")
     g.add_argument("--skip-bad-rows", action="store_true", help="train without the bad rows instead of refusing")
     g.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES, help="longest accepted line (default 1 MiB)")
@@ -237,12 +275,3 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="causal-lm: pack several training rows into each --max-length row (attention stays within a row's "
         "own text); less padding, fewer steps per epoch; validation stays unpacked",
     )
-    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
-    # -- run files (H5) --
-    p.add_argument(
-        "--config",
-        metavar="FILE",
-        help="a TOML run file of these flags (keys: rank, max_length, ...; paths relative to it); flags given "
-        "here override it; every run records its own in OUT/run/run.toml",
-    )
-    p.set_defaults(run=finetune, parser=p)

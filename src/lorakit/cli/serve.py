@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .adapter_commands import _adapter_specs
+from .adapter_specs import adapter_specs
 from .common import BadInput, add_base_mismatch_flag, inputs, positive_int, quiet_transformers
 
 KEY_VARIABLE = "LORAKIT_API_KEY"
@@ -83,7 +83,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     options = launch.ServeOptions(
         model=Path(args.model),
-        adapters=tuple(_adapter_specs(args.adapter or [])),
+        adapters=tuple(adapter_specs(args.adapter or [])),
         host=args.host,
         port=args.port,
         api_key=key,
@@ -158,7 +158,22 @@ def add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=30.0,
         help="on SIGTERM, seconds to let requests in flight finish (default 30)",
     )
-    limits = p.add_argument_group("limits per request (over one: 413 or 400 naming the flag)")
+    _add_limit_args(p.add_argument_group("limits per request (over one: 413 or 400 naming the flag)"))
+    p.add_argument(
+        "--no-access-log", action="store_true", help="no access-log line per request (default: one on stdout)"
+    )
+    p.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="access-log lines as text or JSON objects"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--dtype", choices=list(hf.DTYPES), help="load the model's weights in this dtype")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
+    add_base_mismatch_flag(p)
+    p.set_defaults(run=serve)
+
+
+def _add_limit_args(limits: argparse._ArgumentGroup) -> None:
+    """serve's limits per request: body size, prompt characters and tokens, stop strings."""
     limits.add_argument(
         "--max-body-bytes", type=positive_int, default=8 * 2**20, help="request body size (default 8 MiB)"
     )
@@ -175,14 +190,3 @@ def add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     limits.add_argument(
         "--max-stop-chars", type=positive_int, default=256, help="characters of one stop string (default 256)"
     )
-    p.add_argument(
-        "--no-access-log", action="store_true", help="no access-log line per request (default: one on stdout)"
-    )
-    p.add_argument(
-        "--log-format", choices=["text", "json"], default="text", help="access-log lines as text or JSON objects"
-    )
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--dtype", choices=list(hf.DTYPES), help="load the model's weights in this dtype")
-    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
-    add_base_mismatch_flag(p)
-    p.set_defaults(run=serve)

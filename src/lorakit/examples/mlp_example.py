@@ -18,10 +18,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import lorakit as lk
 
@@ -91,6 +92,31 @@ def run(opts: ExampleOptions) -> int:
     if opts.resume and not resume:
         say("      resume: no checkpoint in this artifact directory yet; starting from the beginning")
     model = SimpleMlp()
+    _base(model, opts, out, train_a, valid_a, resume)
+    before = _mse(model, xb, yb)
+    _fine_tune(model, opts, out, train_b, valid_b, resume)
+    if not is_main():  # under torchrun the other ranks only train; rank 0 saves and checks
+        return 0
+    model.cpu().eval()
+    after = _mse(model, xb, yb)
+    improved = after < before
+    say(
+        f"      task B loss: base {before:.4f} → LoRA {after:.4f} ({before / max(after, 1e-12):.1f}× lower)"
+        + ("" if improved else "  FAILED: not lower")
+    )
+    _save(model, out, xb)
+    ok = check_artifacts(out) and improved
+    say(
+        f"{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - t_start:.1f}s; "
+        f"artifacts: {out}"
+    )
+    return 0 if ok else 1
+
+
+def _base(
+    model: SimpleMlp, opts: ExampleOptions, out: Path, train: DataLoader[Any], valid: DataLoader[Any], resume: bool
+) -> None:
+    """Step 1: pre-train `model` on task A and save it as the base (a resumed run reads the saved base)."""
     if resume:  # pre-training finished before the run was killed: its saved weights are the base
         model.load_state_dict(safetensors_io.read(out / BASE_FILE)[0])
         say(f"[1/6] resume: base weights from {out / BASE_FILE}, fine-tune from its last checkpoint")
@@ -109,15 +135,19 @@ def run(opts: ExampleOptions) -> int:
         live = (
             [Dashboard(title="lorakit example · pre-training on task A", transient=True)] if sys.stdout.isatty() else []
         )
-        result = Trainer(model, pre_cfg, loss_fn=nn.functional.mse_loss, callbacks=live).fit(train_a, valid_a)
+        result = Trainer(model, pre_cfg, loss_fn=nn.functional.mse_loss, callbacks=live).fit(train, valid)
         model.cpu().eval()
         if is_main():  # under torchrun: rank 0 writes, every rank trains
             safetensors_io.write(out / BASE_FILE, model.state_dict(), {"format": "pt"})
         say(f"      task A valid loss {result.valid_loss:.4f} (the mean scores 1.0), {time.perf_counter() - t:.1f}s")
     if is_main():
         say(f"      base weights: {out / BASE_FILE} ({_size(out / BASE_FILE)})")
-    before = _mse(model, xb, yb)
 
+
+def _fine_tune(
+    model: SimpleMlp, opts: ExampleOptions, out: Path, train: DataLoader[Any], valid: DataLoader[Any], resume: bool
+) -> None:
+    """Steps 2 and 3: LoRA on fc1 and fc2, fine-tuned on task B (from its checkpoint, resumed)."""
     cfg = lk.LoraConfig(rank=opts.rank, alpha=opts.alpha, dropout=0.0, bias="none")
     lk.apply_lora(model, cfg, targets=["fc1", "fc2"])
     trainable, total = lk.trainable_parameters(model)
@@ -137,18 +167,12 @@ def run(opts: ExampleOptions) -> int:
     )
     reporter = Dashboard(title="lorakit example · LoRA fine-tune on task B") if sys.stdout.isatty() else PlainLog()
     Trainer(model, ft_cfg, loss_fn=nn.functional.mse_loss, callbacks=[reporter], artifact_dir=out / TRAIN_DIR).fit(
-        train_b, valid_b, resume=resume
-    )
-    if not is_main():  # under torchrun the other ranks only train; rank 0 saves and checks
-        return 0
-    model.cpu().eval()
-    after = _mse(model, xb, yb)
-    improved = after < before
-    say(
-        f"      task B loss: base {before:.4f} → LoRA {after:.4f} ({before / max(after, 1e-12):.1f}× lower)"
-        + ("" if improved else "  FAILED: not lower")
+        train, valid, resume=resume
     )
 
+
+def _save(model: nn.Module, out: Path, xb: Tensor) -> None:
+    """Step 4: save the adapter and list its files' sizes; save a probe of the adapted model's outputs on `xb`."""
     lk.save_adapters(model, out / ADAPTER_DIR)
     files = sorted((out / ADAPTER_DIR).iterdir())
     adapter_bytes, full_bytes = sum(f.stat().st_size for f in files), (out / BASE_FILE).stat().st_size
@@ -163,13 +187,6 @@ def run(opts: ExampleOptions) -> int:
     with torch.no_grad():
         reference = model(xb)
     safetensors_io.write(out / PROBE_FILE, {"x": xb, "y": reference}, {"format": "lorakit-example-probe"})
-
-    ok = check_artifacts(out) and improved
-    say(
-        f"{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - t_start:.1f}s; "
-        f"artifacts: {out}"
-    )
-    return 0 if ok else 1
 
 
 def check_artifacts(out: str | Path) -> bool:

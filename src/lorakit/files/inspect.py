@@ -19,6 +19,7 @@ from ..ui.tables import key_values, table, to_text
 from . import peft_format
 from . import safetensors as safetensors_io
 
+MODEL_ADAPTER_KIND = "model adapter (PEFT layout)"  # describe()["kind"] of a directory or adapter_model file
 _FACTORS = {"lora_A": "A", "lora_B": "B", "bias": "bias", "lora_magnitude": "magnitude"}  # per-module tensors
 
 
@@ -40,7 +41,7 @@ def describe(path: str | Path) -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "path": str(path),
-        "kind": "model adapter (PEFT layout)",
+        "kind": MODEL_ADAPTER_KIND,
         "weights_file": str(weights),
         "file_bytes": weights.stat().st_size,
         "config": None,

@@ -45,6 +45,8 @@ class NoChatTemplateError(DataError):
     """Chat rows for a tokenizer without a chat template; `detail` says where (`lines`: which rows of a file),
     the message the remedy."""
 
+    param = "chat_template"
+
     def __init__(self, where: str, lines: Sequence[int] = ()) -> None:
         self.lines = list(lines)
         if self.lines:

@@ -47,6 +47,8 @@ ENCODE_CHUNK = 256  # rows per tokenizer call in `encode_file`, so the progress 
 class NoValidSplitError(DataError):
     """Too few rows to hold out a validation split from; `detail` says how many."""
 
+    param = "valid_path"
+
     def __init__(self, count: int) -> None:
         self.detail = f"cannot hold out a validation split from {count} row(s)"
         super().__init__(f"{self.detail}; give validation rows of their own (valid_path)")

@@ -49,6 +49,8 @@ class ModelDirError(LoraFileError):
 class RemoteCodeError(ModelDirError):
     """A model that needs its own Python code, loaded without trust_remote_code; `detail` says which."""
 
+    param = "trust_remote_code"
+
     def __init__(self, path: Path) -> None:
         self.detail = f"{path}: this model needs its own Python code (config.json has auto_map)"
         super().__init__(

@@ -23,6 +23,8 @@ Encoded = dict[str, Any]  # {"input_ids": [int], "labels": [int] (causal-lm, -10
 class BadRowsError(DataError):
     """Bad rows, refused because `skip_bad_rows` is off; `bad_rows` lists them all, `listing` the first few."""
 
+    param = "skip_bad_rows"
+
     def __init__(self, bad_rows: Sequence[BadRow]) -> None:
         shown = "\n".join(f"  {b}" for b in bad_rows[:SHOWN_BAD_ROWS])
         more = f"\n  ... and {len(bad_rows) - SHOWN_BAD_ROWS} more" if len(bad_rows) > SHOWN_BAD_ROWS else ""

@@ -31,7 +31,9 @@ class TaskMismatchError(LoraFileError):
     def __init__(self, path: Path, model_type: str, task: str, can: str | None, detail: str) -> None:
         self.model_type, self.task, self.can = model_type, task, can
         self.detail = f"{path}: {detail}"
-        super().__init__(self.detail + (f"; fine-tune it as task={can!r}" if can else ""))
+        super().__init__(
+            self.detail + (f"; fine-tune it as task={can!r}" if can else ""), param="task" if can else None
+        )
 
 
 def check_task_fit(path: Path, model: Any, task: str, missing_keys: Iterable[str]) -> None:

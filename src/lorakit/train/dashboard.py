@@ -114,8 +114,33 @@ class Dashboard:
             return Text("waiting for the run to start…")
         width = min(self.console.size.width, MAX_WIDTH)
         inner = width - 4  # panel borders and padding
-        epoch, efrac, step, frac = self._progress(s)
+        bars = self._bars(s)
+        stats, extra = self._stats(s)
+        legend = Text.assemble(("── train", TRAIN_STYLE), "  ", ("── valid", VALID_STYLE), style="")
+        if self.evaluated:
+            legend.append(f"   eval @ step {self.evaluated.step}", style="dim")
+        if self.checkpoint:
+            legend.append(f"   checkpoint @ step {self.checkpoint.step}", style="dim")
+        used = 2 + 2 + 4 + (1 if extra else 0) + 1 + 1  # borders, bars, stats, legend, spacer
+        chart_h = max(4, min(16, self.console.size.height - used - 3))
+        chart = line_chart(
+            [("train", self.train_pts, TRAIN_STYLE), ("valid", self.valid_pts, VALID_STYLE)],
+            width=inner,
+            height=chart_h,
+        )
+        status = "done" if self.done else "training"
+        return Panel(
+            Group(bars, stats, legend, chart),
+            title=f"{self.title} · {status}",
+            title_align="left",
+            width=width,
+            border_style="green" if self.done else "blue",
+            padding=(0, 1),
+        )
 
+    def _bars(self, s: RunStarted) -> Table:
+        """The epoch and step progress bars, with the share of the epoch done and the ETA."""
+        epoch, efrac, step, frac = self._progress(s)
         bars = Table.grid(padding=(0, 1), expand=True)
         bars.add_column(width=len(f"step {s.total_steps}/{s.total_steps}"), no_wrap=True)
         bars.add_column(ratio=1)
@@ -128,7 +153,10 @@ class Dashboard:
             ProgressBar(total=1.0, completed=frac, complete_style="green"),
             f"ETA {self._eta(s, step)}",
         )
+        return bars
 
+    def _stats(self, s: RunStarted) -> tuple[Table, bool]:
+        """The numbers in two columns of pairs, and whether they have a fifth row (metrics, kl_ref)."""
         stats = Table.grid(padding=(0, 2), expand=True)
         for _ in range(2):
             stats.add_column(style="dim", no_wrap=True)
@@ -163,28 +191,7 @@ class Dashboard:
         if extra:
             shown = "  ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:4]) or "—"
             stats.add_row("metrics", shown, "kl_ref" if kl is not None else "", f"{kl:.4g}" if kl is not None else "")
-
-        legend = Text.assemble(("── train", TRAIN_STYLE), "  ", ("── valid", VALID_STYLE), style="")
-        if ev:
-            legend.append(f"   eval @ step {ev.step}", style="dim")
-        if self.checkpoint:
-            legend.append(f"   checkpoint @ step {self.checkpoint.step}", style="dim")
-        used = 2 + 2 + 4 + (1 if extra else 0) + 1 + 1  # borders, bars, stats, legend, spacer
-        chart_h = max(4, min(16, self.console.size.height - used - 3))
-        chart = line_chart(
-            [("train", self.train_pts, TRAIN_STYLE), ("valid", self.valid_pts, VALID_STYLE)],
-            width=inner,
-            height=chart_h,
-        )
-        status = "done" if self.done else "training"
-        return Panel(
-            Group(bars, stats, legend, chart),
-            title=f"{self.title} · {status}",
-            title_align="left",
-            width=width,
-            border_style="green" if self.done else "blue",
-            padding=(0, 1),
-        )
+        return stats, extra
 
 
 def _size(mib: float) -> str:

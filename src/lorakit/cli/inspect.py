@@ -1,15 +1,39 @@
-"""`lorakit inspect`'s provenance block: the base an adapter was saved for, and, given
-`--model DIR`, whether that base is the one in DIR (a separate block from inspect's own description)."""
+"""`lorakit inspect`: what an adapter holds (files.inspect), the base it was saved for (its lorakit.json and,
+with `--model DIR`, whether DIR holds that base), and with `--target` what each runtime refuses (portability)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
 from ..files import provenance
 from ..hf import models as hf
 from .common import inputs
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """Run `lorakit inspect`."""
+    from ..files import inspect as adapter_info
+
+    info = inputs(adapter_info.describe, args.adapter)
+    if info["kind"] == adapter_info.MODEL_ADAPTER_KIND:  # the base it was saved for; with --model, whether DIR holds it
+        info.update(provenance_info(args))
+    # -- portability report: --target, and with --model the base's config.json too ----------
+    found = None
+    if args.target:
+        from ..export import portability
+
+        model = inputs(portability.read_model_config, Path(args.model)) if args.model else None
+        found = portability.check(info, list(dict.fromkeys(args.target)), model)
+        info["portability"] = {t: [f.to_json() for f in fs] for t, fs in found.items()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        text = adapter_info.render(info) + (render_provenance(info) if "provenance" in info else "")
+        print(text + ("\n\n" + portability.render(found) if found else ""))
+    return 0
 
 
 def provenance_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,7 +66,7 @@ def provenance_info(args: argparse.Namespace) -> dict[str, Any]:
     return {"provenance": info}
 
 
-def render(info: dict[str, Any]) -> str:
+def render_provenance(info: dict[str, Any]) -> str:
     """The provenance block as text lines (empty where there is none to show)."""
     p = info.get("provenance")
     if p is None:
@@ -61,3 +85,29 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"  --model       {p['model']}: {verdict}")
         lines += [f"    {d}" for d in p["differences"][:8]]
     return "\n".join(lines)
+
+
+def add_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Flags of `lorakit inspect`."""
+    p = subparsers.add_parser(
+        "inspect",
+        help="show what an adapter holds (lorakit- or PEFT-made)",
+        description="Show an adapter's config, targets, per-module shapes and ranks, parameter count, file size "
+        "and the base weight shapes it expects. Reads only JSON and safetensors.",
+    )
+    p.add_argument("adapter", help="adapter directory, its adapter_model.safetensors, or a lorakit layer .safetensors")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.add_argument(
+        "--target",
+        action="append",
+        choices=("vllm", "llama.cpp", "onnx", "peft"),
+        help="report what this runtime refuses or computes differently for the adapter, and what fixes it "
+        "(repeatable); docs/export.md lists the rules and their sources",
+    )
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="a base model directory: say whether the adapter was saved for it (and with --target, check its "
+        "config.json for the runtime too)",
+    )
+    p.set_defaults(run=inspect)
