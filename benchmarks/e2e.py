@@ -298,7 +298,8 @@ def report(a, results: dict[str, list[dict]], floors: dict[str, int], load_start
         "",
         "tokens/s = real (attention-mask) tokens of the counted steps / loop time of those steps. Peak RSS = the "
         "side's whole process (imports, model load, data, training, saving): ru_maxrss from wait4. Wall = the "
-        "whole command, start to exit. Import floor = peak RSS of a process that only imports what the side imports "
+        "whole command, start to exit. Import floor = peak RSS of a process that "
+        "only imports what the side imports "
         "before it loads a model (lorakit: its CLI, hf and train packages; Trainer: torch, transformers, peft, "
         "datasets), measured once.",
         "",
@@ -339,7 +340,8 @@ def report(a, results: dict[str, list[dict]], floors: dict[str, int], load_start
         "How each side's commands look:",
         "",
         "```",
-        "lorakit:  python -m lorakit finetune --model MODEL --data train.jsonl --valid valid.jsonl --task causal-lm \\",
+        "lorakit:  python -m lorakit finetune --model MODEL --data train.jsonl "
+        "--valid valid.jsonl --task causal-lm \\",
         f"            --out OUT --targets {' '.join(TARGETS)} --rank {a.rank} --alpha {2 * a.rank} --dropout 0 \\",
         f"            --lr {a.lr} --batch-size {a.batch} --max-length {a.max_length} --schedule linear "
         "--weight-decay 0 \\",

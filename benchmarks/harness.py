@@ -42,7 +42,7 @@ class Samples:
 
     def ratio(self, name: str, ref: str) -> float:
         """The median over rounds of time(name) / time(ref) measured in the same round."""
-        return statistics.median(a / b for a, b in zip(self.times[name], self.times[ref]))
+        return statistics.median(a / b for a, b in zip(self.times[name], self.times[ref], strict=False))
 
     def spread(self, name: str) -> float:
         """Half the inter-quartile range relative to the median: how noisy this case was."""

@@ -360,7 +360,9 @@ def adapter_ops(a, base, lorakit_model, peft_model, tmp: Path) -> dict[str, dict
         "load into a fresh base: PEFT": lambda: peft.PeftModel.from_pretrained(state["fresh"], str(pf_dirs[0])),
         "load-and-activate (hot swap): lorakit": lambda: lk.load_adapters(lkm, lk_dirs[nxt()], fingerprints=kept),
         "load-and-activate (hot swap): PEFT": peft_swap,
-        "load-and-activate (hot swap): PEFT hotswap_adapter": lambda: hotswap_adapter(pm, str(pf_dirs[nxt()]), "default"),
+        "load-and-activate (hot swap): PEFT hotswap_adapter": lambda: hotswap_adapter(
+            pm, str(pf_dirs[nxt()]), "default"
+        ),
     }
     setup = {"load into a fresh base: lorakit": fresh, "load into a fresh base: PEFT": fresh,
              "load-and-activate (hot swap): PEFT": peft_swap_cleanup}
@@ -397,6 +399,11 @@ def profile_delta(cases: dict, name: str, ref: str, top: int = 8) -> list[tuple[
 
 # -- the run ------------------------------------------------------------------------------------------
 
+def log(*m: object) -> None:
+    """Progress on stderr (stdout carries --rss-case's JSON)."""
+    print(*m, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> Path | None:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -405,7 +412,6 @@ def main(argv: list[str] | None = None) -> Path | None:
         return None
     t0 = time.perf_counter()
     a.load_start = os.getloadavg()[0]
-    log = (lambda *m: print(*m, file=sys.stderr, flush=True))
     base = build_base(a)
     cases = train_cases(a, base)
     p = f"{a.dropout:g}"
@@ -460,7 +466,7 @@ def report(a, train, saved, rss, inf, ops, diffs, prof, seconds) -> str:
     op_rows = [[o, fmt_time(ops[f"{o}: lorakit"]), fmt_time(ops[f"{o}: PEFT"]),
                 f"{ops[f'{o}: PEFT'] / ops[f'{o}: lorakit']:.1f}×"] for o in op_names]
     hs = "load-and-activate (hot swap): PEFT hotswap_adapter"
-    op_rows.append([f"hot swap vs PEFT's `hotswap_adapter`", fmt_time(ops["load-and-activate (hot swap): lorakit"]),
+    op_rows.append(["hot swap vs PEFT's `hotswap_adapter`", fmt_time(ops["load-and-activate (hot swap): lorakit"]),
                     fmt_time(ops[hs]), f"{ops[hs] / ops['load-and-activate (hot swap): lorakit']:.1f}×"])
 
     lk_lora, pf_lora = lora_bytes[f"lorakit p={p}"], lora_bytes[f"PEFT p={p}"]
@@ -538,9 +544,11 @@ def report(a, train, saved, rss, inf, ops, diffs, prof, seconds) -> str:
         table(["operation", "lorakit", "PEFT", "PEFT / lorakit"], op_rows),
         "",
         "Save: `lk.save_adapters` vs `save_pretrained`. Load into a fresh base: `lk.load_adapters` on a model "
-        "without LoRA vs `PeftModel.from_pretrained`. Load-and-activate: read another adapter from disk and make it "
+        "without LoRA vs `PeftModel.from_pretrained`. Load-and-activate: read "
+        "another adapter from disk and make it "
         "the one the model runs: `lk.load_adapters` into the LoRA model vs `load_adapter` + `set_adapter` (and, "
-        "separately, PEFT's in-place `hotswap_adapter`). Merge/unmerge: reversible in place, `lk.merge_`/`lk.unmerge_` "
+        "separately, PEFT's in-place `hotswap_adapter`). Merge/unmerge: reversible "
+        "in place, `lk.merge_`/`lk.unmerge_` "
         "vs `merge_adapter`/`unmerge_adapter`.",
         "",
         NOTES,

@@ -310,7 +310,8 @@ def report(a, seq_rows, hid_rows, loads, load_start: str, load_end: str, seconds
         "",
         curve_table(seq_rows, "sequence"),
         "",
-        f"lorakit step time grows {growth(seq_rows, 'step_s')} in length, its peak rise {growth(seq_rows, 'peak')}.",
+        f"lorakit step time grows {growth(seq_rows, 'step_s')} in length, its peak "
+        f"rise {growth(seq_rows, 'peak')}.",
         "",
         f"## Hidden size (sequence {a.hidden_seq}, batch 1, intermediate 2.6875× hidden, head dim 64)",
         "",
@@ -328,7 +329,8 @@ def report(a, seq_rows, hid_rows, loads, load_start: str, load_end: str, seconds
         "Load i reads its own saved copy of one adapter, under a new name (`lorakit.load_adapters(model, dir_i, "
         "name=f'a{i}')`, which checks the file's tensors against its lorakit.json; PEFT `model.load_adapter(dir_i, "
         "adapter_name=f'a{i}')`); the model starts with one adapter. Single loads "
-        "are noisy on a shared machine, so each row also gives the median of the 5 loads ending there (of the first "
+        "are noisy on a shared machine, so each row also gives the median of the 5 "
+        "loads ending there (of the first "
         "5, for the first rows). Memory: the rise of VmRSS across each load, summed per library (freed heap pages "
         "handed back first, by malloc_trim, so pages freed by the training steps above cannot hide it).",
         "",

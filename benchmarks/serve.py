@@ -205,8 +205,8 @@ def decode_steps(engine: Engine, a: argparse.Namespace, ids: list[list[int]], na
     Medians over interleaved rounds of: the whole step as the engine runs it (the context is entered for every
     step), the forward alone (the context already entered) and entering plus leaving the context.
     """
-    from lorakit.serve.groups import adapters
     from lorakit.generation.kv import Batch
+    from lorakit.serve.groups import adapters
 
     mixes: dict[str, list[str | None]] = {
         "base": [None] * len(ids), "1 adapter": [names[0]] * len(ids),
@@ -337,9 +337,11 @@ def main(argv: list[str] | None = None) -> Path:
         "",
         f"Machine: {harness.machine('cpu', a.threads)}.",
         "",
-        f"Model: Llama-style, hidden {a.hidden}, intermediate {a.intermediate}, {a.layers} layers, vocab {a.vocab}, "
+        f"Model: Llama-style, hidden {a.hidden}, intermediate {a.intermediate}, "
+        f"{a.layers} layers, vocab {a.vocab}, "
         f"random weights, fp32; {a.adapters} LoRA adapters r={a.rank} on {', '.join(TARGETS)} (random non-zero A "
-        f"and B), saved and loaded by name. Load: {a.clients} concurrent requests, {a.prompt}-token prompts (random "
+        f"and B), saved and loaded by name. Load: {a.clients} concurrent requests, "
+        f"{a.prompt}-token prompts (random "
         f"ids), {a.new} new tokens each (greedy, no stop tokens: every request generates exactly {a.new}), served "
         f"by `lorakit.serve.Engine` in this process (max_batch {a.clients}).",
         "",

@@ -26,6 +26,8 @@ from lorakit.hf import evaluate as ev  # noqa: E402
 from lorakit.hf import models as hf  # noqa: E402
 from lorakit.hf import predict as pr  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 transformers.utils.logging.set_verbosity_error()
 DATA = Path(__file__).parent / "data"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
