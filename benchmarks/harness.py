@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# the benchmark model's LoRA targets: all seven projections of a Llama-style block (every suite)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
