@@ -20,7 +20,7 @@ from lorakit.cli.common import BadInput
 
 pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
@@ -136,7 +136,7 @@ def test_library_messages_name_no_cli_flags() -> None:
 def test_bench_finds_the_benchmarks_of_this_checkout() -> None:
     from lorakit.cli.example import BENCH_SCRIPT
 
-    assert Path(__file__).resolve().parents[1] / "benchmarks" / "run.py" == BENCH_SCRIPT and BENCH_SCRIPT.is_file()
+    assert Path(__file__).resolve().parents[2] / "benchmarks" / "run.py" == BENCH_SCRIPT and BENCH_SCRIPT.is_file()
 
 
 def test_finetune_input_problems_exit_2(tmp_path: Path, capsys) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]
 LORAKIT = [sys.executable, "-m", "lorakit"]
 HOLD = [sys.executable, str(TESTS / "_cli_hold.py")]  # the CLI, blocked for good after a chosen line
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
 pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAIRS = [
     ("what is two plus two ?", "four"),
     ("what colour is the sky ?", "blue"),

@@ -14,7 +14,7 @@ import lorakit as lk
 from lorakit.saving import adapter_state_dict
 from lorakit.variants import dora
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 from _tiny_models import gpt2, llama  # noqa: E402
 
 IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(5))

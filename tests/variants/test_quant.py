@@ -254,7 +254,7 @@ def test_variants_benchmark_profiles_the_nf4_dequantisation():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "variants.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "variants.py"
     for case in ("nf4", "nf4-torchao"):
         r = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--profile", case],
                            capture_output=True, text=True, timeout=300)
