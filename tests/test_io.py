@@ -157,7 +157,7 @@ def test_missing_and_unexpected_reported_separately(tmp_path):
 def test_nonfinite_loads_when_asked(tmp_path):
     lk.save_adapters(trained(), tmp_path)
     _rewrite(tmp_path / "adapter_model.safetensors", BAD_FILES["nan"][0])
-    (tmp_path / "lorakit.json").unlink()  # a hand-edited file fails its recorded hashes (tests/files/test_provenance.py)
+    (tmp_path / "lorakit.json").unlink()  # a hand-edited file fails its hashes (tests/files/test_provenance.py)
     model = lk.load_adapters(Net(), tmp_path, allow_nonfinite=True)
     assert torch.isnan(lk.lora_layers(model)["fc2"].lora_B).all()
 
