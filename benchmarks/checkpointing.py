@@ -198,19 +198,23 @@ def main(argv: list[str] | None = None) -> Path | None:
     text = "\n".join([
         "# Gradient checkpointing and sequence packing",
         "",
-        f"Command: `{' '.join(['python benchmarks/checkpointing.py', *a.argv])}` ({time.perf_counter() - t0:.0f} s)",
+        f"Command: `{' '.join(['python benchmarks/checkpointing.py', *a.argv])}` "
+        f"({time.perf_counter() - t0:.0f} s)",
         "",
         f"Machine: {harness.machine('cpu', a.threads)}.",
         "",
-        f"Model: Llama-style, hidden {a.hidden}, intermediate {a.intermediate}, {a.layers} layers, vocab {a.vocab}; "
-        f"LoRA r={a.rank} on {', '.join(TARGETS)}, dropout {a.dropout:g}; batch {a.batch} × {a.seq} token ids, AdamW.",
+        f"Model: Llama-style, hidden {a.hidden}, intermediate {a.intermediate}, "
+        f"{a.layers} layers, vocab {a.vocab}; "
+        f"LoRA r={a.rank} on {', '.join(TARGETS)}, dropout {a.dropout:g}; batch "
+        f"{a.batch} × {a.seq} token ids, AdamW.",
         "",
         "## Training step: `--gradient-checkpointing`",
         "",
         table(["case", "step (median)", "× plain", "noise", "saved for backward", "peak RSS (ru_maxrss)",
                "peak − before steps"], step_rows),
         "",
-        f"Medians over {a.rounds} interleaved rounds (after one warm-up round); × plain is the median of same-round "
+        f"Medians over {a.rounds} interleaved rounds (after one warm-up round); × "
+        "plain is the median of same-round "
         "ratios. Saved for backward: distinct storages kept by one forward (saved-tensor hooks, parameters "
         "excluded). Peak RSS: a fresh process per case (started before the parent builds anything, since a "
         "child's ru_maxrss starts from its parent's RSS), two steps; ru_maxrss counts the whole process (imports "

@@ -53,7 +53,7 @@ def worker(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(epochs=1, lr=1e-3, device="cpu", log_every=1, fsdp=args.fsdp)
     Trainer(model, cfg, loss_fn=nn.functional.mse_loss, callbacks=[clock]).fit(data)
-    steps = [b - a for a, b in zip(stamps, stamps[1:])][WARMUP:args.steps]
+    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][WARMUP:args.steps]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.out, f"rank{rank()}.json").write_text(json.dumps({"step_s": steps, "rss_mib": rss}))
 

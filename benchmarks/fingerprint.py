@@ -70,50 +70,8 @@ def main(argv: list[str] | None = None) -> Path:
     torch.set_num_threads(1)
     rows, figures = [], {}
     for dtype in (torch.float32, torch.bfloat16):
-        base = build(shape, dtype)
-        unique = {id(t): t for t in base.state_dict(keep_vars=True).values()}.values()  # a tied tensor once
-        params = sum(t.numel() for t in unique)
-        nbytes = sum(t.numel() * t.element_size() for t in unique)
-        targeted = [n for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
-        tmp = Path(tempfile.mkdtemp())
-        lk.save_adapters(lk.apply_lora(base, lk.LoraConfig(rank=8, alpha=16.0), TARGETS), tmp / "checked")
-        shutil.copytree(tmp / "checked", tmp / "unchecked")
-        (tmp / "unchecked" / "lorakit.json").unlink()
-        names, kept = itertools.count(), Fingerprints()
-        lk.load_adapters(base, tmp / "checked", name="kept", fingerprints=kept)
-
-        def load(directory: Path, fp: Fingerprints) -> None:
-            lk.load_adapters(base, directory, name=f"a{next(names)}", fingerprints=fp)  # a new slot each call
-
-        cases = {
-            "fingerprint": lambda: base_fingerprint(base, targeted, Fingerprints()),
-            "checked": lambda: load(tmp / "checked", Fingerprints()),
-            "unchecked": lambda: load(tmp / "unchecked", Fingerprints()),
-            "hot": lambda: load(tmp / "checked", kept),
-        }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", lk.ProvenanceNote)
-            # CPU time of this one thread (what the work costs; other load on a shared machine barely moves it),
-            # then wall time (what it took here, with that load)
-            s = interleaved(cases, rounds, warmup=0, device="cpu", clock=time.process_time)
-            w = interleaved(cases, rounds, warmup=0, device="cpu")
-        shutil.rmtree(tmp)
-        kind = str(dtype).removeprefix("torch.")
-        first, first_wall = (x.median("checked") - x.median("unchecked") for x in (s, w))
-        figures[kind] = (first, first_wall)
-
-        def row(what: str, case: str) -> list[str]:
-            return [f"{kind}: {what}", fmt_time(s.median(case)), fmt_time(w.median(case))]
-
-        rows += [
-            [*row(f"`base_fingerprint`, every tensor ({nbytes / 1e9:.2f} GB)", "fingerprint"),
-             f"{nbytes / 1e9 / s.median('fingerprint'):.1f} GB/s"],
-            [*row("first `load_adapters`, checked (hashes the base)", "checked"), ""],
-            [*row("the same without lorakit.json (nothing checked)", "unchecked"), ""],
-            [f"{kind}: **what a first load adds**", f"**{fmt_time(first)}**", fmt_time(first_wall), ""],
-            [*row("hot swap, `Fingerprints` kept (nothing re-hashed)", "hot"), ""],
-        ]
-        del base
+        params, dtype_rows, figures[str(dtype).removeprefix("torch.")] = measure(shape, dtype, rounds)
+        rows += dtype_rows
     lines = [
         "# Adapter provenance: cost of the whole-base fingerprint (benchmarks/fingerprint.py)",
         "",
@@ -133,6 +91,53 @@ def main(argv: list[str] | None = None) -> Path:
     a.out.write_text("\n".join(lines))
     print("\n".join(lines))
     return a.out
+
+
+def measure(shape: dict, dtype: torch.dtype, rounds: int) -> tuple[int, list[list[str]], tuple[float, float]]:
+    """(parameters, table rows, (CPU, wall) seconds a first checked load adds) for one dtype of the base."""
+    base = build(shape, dtype)
+    unique = {id(t): t for t in base.state_dict(keep_vars=True).values()}.values()  # a tied tensor once
+    params = sum(t.numel() for t in unique)
+    nbytes = sum(t.numel() * t.element_size() for t in unique)
+    targeted = [n for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
+    tmp = Path(tempfile.mkdtemp())
+    lk.save_adapters(lk.apply_lora(base, lk.LoraConfig(rank=8, alpha=16.0), TARGETS), tmp / "checked")
+    shutil.copytree(tmp / "checked", tmp / "unchecked")
+    (tmp / "unchecked" / "lorakit.json").unlink()
+    names, kept = itertools.count(), Fingerprints()
+    lk.load_adapters(base, tmp / "checked", name="kept", fingerprints=kept)
+
+    def load(directory: Path, fp: Fingerprints) -> None:
+        lk.load_adapters(base, directory, name=f"a{next(names)}", fingerprints=fp)  # a new slot each call
+
+    cases = {
+        "fingerprint": lambda: base_fingerprint(base, targeted, Fingerprints()),
+        "checked": lambda: load(tmp / "checked", Fingerprints()),
+        "unchecked": lambda: load(tmp / "unchecked", Fingerprints()),
+        "hot": lambda: load(tmp / "checked", kept),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lk.ProvenanceNote)
+        # CPU time of this one thread (what the work costs; other load on a shared machine barely moves it),
+        # then wall time (what it took here, with that load)
+        s = interleaved(cases, rounds, warmup=0, device="cpu", clock=time.process_time)
+        w = interleaved(cases, rounds, warmup=0, device="cpu")
+    shutil.rmtree(tmp)
+    kind = str(dtype).removeprefix("torch.")
+    first, first_wall = (x.median("checked") - x.median("unchecked") for x in (s, w))
+
+    def row(what: str, case: str) -> list[str]:
+        return [f"{kind}: {what}", fmt_time(s.median(case)), fmt_time(w.median(case))]
+
+    rows = [
+        [*row(f"`base_fingerprint`, every tensor ({nbytes / 1e9:.2f} GB)", "fingerprint"),
+         f"{nbytes / 1e9 / s.median('fingerprint'):.1f} GB/s"],
+        [*row("first `load_adapters`, checked (hashes the base)", "checked"), ""],
+        [*row("the same without lorakit.json (nothing checked)", "unchecked"), ""],
+        [f"{kind}: **what a first load adds**", f"**{fmt_time(first)}**", fmt_time(first_wall), ""],
+        [*row("hot swap, `Fingerprints` kept (nothing re-hashed)", "hot"), ""],
+    ]
+    return params, rows, (first, first_wall)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# the benchmark model's LoRA targets: all seven projections of a Llama-style block (every suite)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -42,7 +45,7 @@ class Samples:
 
     def ratio(self, name: str, ref: str) -> float:
         """The median over rounds of time(name) / time(ref) measured in the same round."""
-        return statistics.median(a / b for a, b in zip(self.times[name], self.times[ref]))
+        return statistics.median(a / b for a, b in zip(self.times[name], self.times[ref], strict=False))
 
     def spread(self, name: str) -> float:
         """Half the inter-quartile range relative to the median: how noisy this case was."""

@@ -121,7 +121,7 @@ def peft_model(base: nn.Module, rank: int, dora: bool) -> nn.Module:
     return randomise(m)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d", type=int, default=1024)
     p.add_argument("--layers", type=int, default=4)
@@ -136,6 +136,24 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.d, a.layers, a.tokens, a.rounds = 128, 2, 64, 3
+    return a
+
+
+def dora_norm_timing(layer: nn.Module, rounds: int):
+    """DoRA's per-step row norm of one layer: the expansion (one d_out×r product) vs forming W + s·B A (PEFT's
+    way); (the timings, the largest difference between the two)."""
+    W, A, B = bases.dense_weight(layer.base), layer.lora_A, layer.lora_B
+    sq = dora_math.row_sqnorm(W)
+    norms = harness.interleaved({"expanded": lambda: dora_math.weight_norm(W, A, B, layer.scaling, sq),
+                                 "formed": lambda: dora_math.weight_norm_reference(W, A, B, layer.scaling)},
+                                rounds=max(rounds, 9), warmup=2, device="cpu")
+    norm_err = (dora_math.weight_norm(W, A, B, layer.scaling, sq)
+                - dora_math.weight_norm_reference(W, A, B, layer.scaling)).abs().max().item()
+    return norms, norm_err
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     torch.set_num_threads(a.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     base = stack(a.d, a.layers).to(dtype)
@@ -158,15 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     s = harness.interleaved(cases, rounds=a.rounds, warmup=1, device="cpu")
 
-    # DoRA's per-step row norm: the expansion (one d_out×r product) vs forming W + s·B A (PEFT's way)
-    layer = dora[0]
-    W, A, B = bases.dense_weight(layer.base), layer.lora_A, layer.lora_B
-    sq = dora_math.row_sqnorm(W)
-    norms = harness.interleaved({"expanded": lambda: dora_math.weight_norm(W, A, B, layer.scaling, sq),
-                                 "formed": lambda: dora_math.weight_norm_reference(W, A, B, layer.scaling)},
-                                rounds=max(a.rounds, 9), warmup=2, device="cpu")
-    norm_err = (dora_math.weight_norm(W, A, B, layer.scaling, sq)
-                - dora_math.weight_norm_reference(W, A, B, layer.scaling)).abs().max().item()
+    norms, norm_err = dora_norm_timing(dora[0], a.rounds)
 
     # QLoRA: bytes of the wrapped layers' frozen weights vs bf16, output error vs the unquantised model
     n_weights = sum(layer.base.in_features * layer.base.out_features for layer in quantized_layers(nf4).values())

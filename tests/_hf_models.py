@@ -40,7 +40,9 @@ def tokenizer(bos: bool, chat: bool = False):
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     specials = ["<pad>", "<unk>", "<s>", "</s>"] + (CHAT_SPECIALS if chat else [])
-    tok.train_from_iterator(SENTENCES + (CHAT_WORDS if chat else []), trainers.WordLevelTrainer(special_tokens=specials))
+    tok.train_from_iterator(
+        SENTENCES + (CHAT_WORDS if chat else []), trainers.WordLevelTrainer(special_tokens=specials)
+    )
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
     from tokenizers import decoders
@@ -67,10 +69,19 @@ def save_tiny(kind: str, directory: str | Path, chat_template: str | None = None
         tok.chat_template = chat_template or None
     torch.manual_seed(0)
     if kind == "llama":
-        config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                          eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+        config = transformers.LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=False,
+        )
         model = transformers.LlamaForCausalLM(config)
     elif kind == "gpt2":
         config = transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
@@ -38,7 +40,9 @@ def test_quick_run_writes_a_report(tmp_path):
         assert f"| {case} |" in text
     for op in ("save", "load-and-activate (hot swap)", "merge", "unmerge"):
         assert f"| {op} |" in text
-    targets = [line for line in text.splitlines() if line.startswith("| ") and line.endswith(("| met |", "| **missed** |"))]
+    targets = [
+        line for line in text.splitlines() if line.startswith("| ") and line.endswith(("| met |", "| **missed** |"))
+    ]
     assert len(targets) == 7  # every target is judged, met or missed
     assert "nan" not in text.lower().replace("nanogpt", "")
 

@@ -23,6 +23,35 @@ def test_line_budget_allows_400_lines_and_names_a_401_line_file(tmp_path: Path, 
     assert f"{tmp_path / 'pkg' / 'big.py'}: 401 lines, over the budget of 400" in err and "ok.py" not in err
 
 
+def _function(name: str, lines: int, indent: str = "") -> str:
+    """A function of exactly `lines` lines (def line to last line)."""
+    body = "".join(f"{indent}    x{i} = {i}\n" for i in range(lines - 2))
+    return f"{indent}def {name}():\n{body}{indent}    return 0\n"
+
+
+def test_function_budget_allows_60_lines_and_names_a_61_line_function_or_method(tmp_path: Path, capsys) -> None:
+    (tmp_path / "pkg").mkdir()
+    module = tmp_path / "pkg" / "mod.py"
+    head = _function("short", 60) + "\n\nclass Thing:\n"  # the method's def is line 64
+    module.write_text(head + _function("fine", 3, "    "))
+    args = [str(tmp_path), "--functions", str(tmp_path), "--max-function-lines", "60"]
+    assert line_budget.main(args) == 0
+    module.write_text(head + _function("long", 61, "    "))
+    assert line_budget.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{module}:64: Thing.long is 61 lines, over the limit of 60" in err
+    assert "short" not in err
+
+
+def test_function_budget_is_read_from_pyproject_and_src_is_checked(tmp_path: Path) -> None:
+    assert line_budget.max_function_lines() == 60  # pyproject.toml [tool.lorakit]: the rule, stated once
+    (tmp_path / "m.py").write_text(_function("f", 61))
+    assert line_budget.main([str(tmp_path), "--functions", str(tmp_path)]) == 1
+    assert line_budget.main([str(tmp_path)]) == 0  # the file budget alone: a long function is not checked
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "line_budget.py src tests benchmarks --budget 400 --functions src" in ci
+
+
 MODULE = '''"""A module."""
 
 __all__ = ["documented", "Thing"]

@@ -52,7 +52,9 @@ def test_for_module_uses_peft_pattern_rules():
 
 
 def test_to_dict_round_trip():
-    cfg = lk.LoraConfig(rank=4, alpha=8, dropout=0.1, bias="all", use_rslora=True, init="gaussian", rank_pattern={"a": 2})
+    cfg = lk.LoraConfig(
+        rank=4, alpha=8, dropout=0.1, bias="all", use_rslora=True, init="gaussian", rank_pattern={"a": 2}
+    )
     assert lk.LoraConfig(**cfg.to_dict()) == cfg
 
 

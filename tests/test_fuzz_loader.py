@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorakit as lk
-from lorakit.saving import layer_tensors
 from lorakit.files import peft_format
 from lorakit.files import safetensors as safetensors_io
+from lorakit.saving import layer_tensors
+
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -75,8 +77,11 @@ def test_layer_load_only_raises_lorakit_errors_and_changes_nothing(tmp_path, dat
     assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    max_leaves=8,
+)
 KEYS = ["r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "rank_pattern", "alpha_pattern",
         "modules_to_save", "exclude_modules", "init_lora_weights", "peft_type", "fan_in_fan_out"]
 
@@ -121,6 +126,11 @@ def test_atheris_coverage_guided_fuzz(tmp_path):
     """libFuzzer via atheris for a few seconds over read + layer load; any non-lorakit exception fails."""
     script = Path(__file__).resolve().parents[1] / "fuzz" / "fuzz_loader.py"
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    run = subprocess.run([sys.executable, str(script), "-max_total_time=15", "-seed=1", f"-artifact_prefix={tmp_path}/"],
-                         capture_output=True, text=True, timeout=120, env=env)
+    run = subprocess.run(
+        [sys.executable, str(script), "-max_total_time=15", "-seed=1", f"-artifact_prefix={tmp_path}/"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-3000:]

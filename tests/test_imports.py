@@ -115,9 +115,15 @@ def test_files_never_reaches_model_code() -> None:
 
 def test_late_packages_are_imported_only_from_later_ones() -> None:
     graph = import_graph()
-    wrong = sorted(f"{src} imports {dst}" for src, dsts in graph.items() for dst in dsts for pkg, allowed in LATE.items()
-                   if (dst == pkg or dst.startswith(pkg + ".")) and src != "lorakit.__main__"
-                   and not any(src == a or src.startswith(a + ".") for a in allowed))
+    wrong = sorted(
+        f"{src} imports {dst}"
+        for src, dsts in graph.items()
+        for dst in dsts
+        for pkg, allowed in LATE.items()
+        if (dst == pkg or dst.startswith(pkg + "."))
+        and src != "lorakit.__main__"
+        and not any(src == a or src.startswith(a + ".") for a in allowed)
+    )
     assert not wrong, wrong
 
 

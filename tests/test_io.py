@@ -28,7 +28,10 @@ class Net(nn.Module):
 IDS = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(1))
 
 
-def trained(cfg=lk.LoraConfig(rank=2, alpha=4), targets=("embed", "fc1", "fc2"), **kw):
+CFG = lk.LoraConfig(rank=2, alpha=4)
+
+
+def trained(cfg=CFG, targets=("embed", "fc1", "fc2"), **kw):
     model = lk.apply_lora(Net(), cfg, targets=list(targets), **kw)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -58,7 +61,11 @@ def assert_unchanged(model, snap):
 def test_round_trip_into_bare_and_wrapped_models(bias, tmp_path):
     model = trained(lk.LoraConfig(rank=2, alpha=4, bias=bias), modules_to_save=["head"])
     lk.save_adapters(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "lorakit.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lorakit.json",
+    ]
     bare = lk.load_adapters(Net(), tmp_path)
     assert torch.equal(out(bare), out(model))
     assert sorted(lk.lora_layers(bare)) == ["embed", "fc1", "fc2"]
@@ -74,11 +81,20 @@ def test_saved_files_use_peft_names(tmp_path):
     lk.save_adapters(trained(lk.LoraConfig(rank=2, bias="all"), modules_to_save=["head"]), tmp_path)
     tensors, meta = safetensors_io.read(tmp_path / "adapter_model.safetensors")
     assert meta == {"format": "pt"}
-    assert sorted(tensors) == sorted([
-        "base_model.model.embed.lora_embedding_A", "base_model.model.embed.lora_embedding_B",
-        "base_model.model.fc1.lora_A.weight", "base_model.model.fc1.lora_B.weight", "base_model.model.fc1.base_layer.bias",
-        "base_model.model.fc2.lora_A.weight", "base_model.model.fc2.lora_B.weight", "base_model.model.fc2.base_layer.bias",
-        "base_model.model.head.weight", "base_model.model.head.bias"])
+    assert sorted(tensors) == sorted(
+        [
+            "base_model.model.embed.lora_embedding_A",
+            "base_model.model.embed.lora_embedding_B",
+            "base_model.model.fc1.lora_A.weight",
+            "base_model.model.fc1.lora_B.weight",
+            "base_model.model.fc1.base_layer.bias",
+            "base_model.model.fc2.lora_A.weight",
+            "base_model.model.fc2.lora_B.weight",
+            "base_model.model.fc2.base_layer.bias",
+            "base_model.model.head.weight",
+            "base_model.model.head.bias",
+        ]
+    )
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 1.0
     assert cfg["target_modules"] == ["embed", "fc1", "fc2"] and cfg["modules_to_save"] == ["head"]
@@ -92,13 +108,22 @@ def _rewrite(path, edit):
 
 
 BAD_FILES = {
-    "missing key": (lambda t: t.pop("base_model.model.fc1.lora_B.weight"), "missing keys \\(1\\): base_model.model.fc1.lora_B"),
-    "unexpected key": (lambda t: t.update({"base_model.model.fc9.lora_A.weight": torch.zeros(2, 8)}),
-                       "unexpected keys \\(1\\): base_model.model.fc9"),
-    "wrong shape": (lambda t: t.update({"base_model.model.fc1.lora_A.weight": torch.zeros(2, 9)}),
-                    "shape \\(2, 9\\); the model expects \\(2, 8\\)"),
-    "wrong dtype": (lambda t: t.update({"base_model.model.fc1.lora_A.weight": torch.zeros(2, 8, dtype=torch.int32)}),
-                    "dtype torch.int32"),
+    "missing key": (
+        lambda t: t.pop("base_model.model.fc1.lora_B.weight"),
+        "missing keys \\(1\\): base_model.model.fc1.lora_B",
+    ),
+    "unexpected key": (
+        lambda t: t.update({"base_model.model.fc9.lora_A.weight": torch.zeros(2, 8)}),
+        "unexpected keys \\(1\\): base_model.model.fc9",
+    ),
+    "wrong shape": (
+        lambda t: t.update({"base_model.model.fc1.lora_A.weight": torch.zeros(2, 9)}),
+        "shape \\(2, 9\\); the model expects \\(2, 8\\)",
+    ),
+    "wrong dtype": (
+        lambda t: t.update({"base_model.model.fc1.lora_A.weight": torch.zeros(2, 8, dtype=torch.int32)}),
+        "dtype torch.int32",
+    ),
     "nan": (lambda t: t["base_model.model.fc2.lora_B.weight"].fill_(float("nan")), "NaN or Inf"),
     "inf": (lambda t: t["base_model.model.fc2.lora_A.weight"].fill_(float("inf")), "NaN or Inf"),
 }
@@ -119,8 +144,10 @@ def test_bad_tensors_refused_and_model_unchanged(case, into, tmp_path):
 
 def test_missing_and_unexpected_reported_separately(tmp_path):
     lk.save_adapters(trained(), tmp_path)
-    _rewrite(tmp_path / "adapter_model.safetensors",
-             lambda t: (t.pop("base_model.model.fc1.lora_A.weight"), t.update({"base_model.model.zz.w": torch.zeros(1)})))
+    _rewrite(
+        tmp_path / "adapter_model.safetensors",
+        lambda t: (t.pop("base_model.model.fc1.lora_A.weight"), t.update({"base_model.model.zz.w": torch.zeros(1)})),
+    )
     with pytest.raises(lk.LoraFileError) as e:
         lk.load_adapters(Net(), tmp_path)
     assert "missing keys (1): base_model.model.fc1.lora_A.weight" in str(e.value)
@@ -130,7 +157,7 @@ def test_missing_and_unexpected_reported_separately(tmp_path):
 def test_nonfinite_loads_when_asked(tmp_path):
     lk.save_adapters(trained(), tmp_path)
     _rewrite(tmp_path / "adapter_model.safetensors", BAD_FILES["nan"][0])
-    (tmp_path / "lorakit.json").unlink()  # a hand-edited file fails its recorded hashes (tests/test_provenance.py)
+    (tmp_path / "lorakit.json").unlink()  # a hand-edited file fails its hashes (tests/files/test_provenance.py)
     model = lk.load_adapters(Net(), tmp_path, allow_nonfinite=True)
     assert torch.isnan(lk.lora_layers(model)["fc2"].lora_B).all()
 
@@ -229,7 +256,11 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
         lk.save_adapters(model, tmp_path)
     monkeypatch.undo()
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "lorakit.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lorakit.json",
+    ]
 
 
 def test_save_without_lora_is_an_error(tmp_path):

@@ -4,6 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 RUN = r"""
 import json, sys, torch
 from torch import nn
@@ -13,7 +17,9 @@ from lorakit.train import StepLogged, TrainConfig, Trainer
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
-model = lk.apply_lora(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)), lk.LoraConfig(rank=4, dropout=0.1), ["0", "2"])
+model = lk.apply_lora(
+    nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)), lk.LoraConfig(rank=4, dropout=0.1), ["0", "2"]
+)
 x = torch.randn(512, 16)
 data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, shuffle=True)
 samples = []

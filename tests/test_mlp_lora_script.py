@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "mlp_lora.py"
 
 

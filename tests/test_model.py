@@ -148,7 +148,9 @@ def test_merge_replaces_layers_with_equal_outputs():
         want = model(ids)
         merged = lk.merge(model)
         assert not lk.lora_layers(merged)
-        assert all(type(m) in (nn.Linear, nn.Embedding, nn.LayerNorm, nn.ModuleList, Block, Net) for m in merged.modules())
+        assert all(
+            type(m) in (nn.Linear, nn.Embedding, nn.LayerNorm, nn.ModuleList, Block, Net) for m in merged.modules()
+        )
         torch.testing.assert_close(merged(ids), want, rtol=1e-5, atol=1e-6)
 
 

@@ -191,7 +191,11 @@ def test_threads_training_their_own_models_see_only_their_own_draws():
                     g = torch.randn_like(y)
                     y.backward(g)
                     ref.backward(g)
-                    for name, got, want in [("y", y, ref), ("dA", layer.lora_A.grad, A.grad), ("dB", layer.lora_B.grad, B.grad)]:
+                    for name, got, want in [
+                        ("y", y, ref),
+                        ("dA", layer.lora_A.grad, A.grad),
+                        ("dB", layer.lora_B.grad, B.grad),
+                    ]:
                         assert rel(got, want) <= 1e-5, f"step {step}, {name}: relative error {rel(got, want):.2e}"
                     with torch.no_grad():
                         for p in (layer.lora_A, layer.lora_B):
@@ -245,7 +249,10 @@ SHAPES = [(3, 16, 24), (200, 16, 16)]  # few tokens: the unmerged path; many (fp
 
 def factors(n, d_in, d_out, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    t = lambda *s: torch.randn(*s, generator=g).to(dtype)
+
+    def t(*s):
+        return torch.randn(*s, generator=g).to(dtype)
+
     return t(n, d_in), t(d_out, d_in) * d_in ** -0.5, t(d_out), t(4, d_in) * d_in ** -0.5, t(d_out, 4)
 
 
@@ -286,7 +293,7 @@ def test_bf16_autocast_matches_the_formula_under_autocast(shape, p):
     assert rel(y, ref) <= 1e-2
     g = torch.randn_like(y)
     got, want = torch.autograd.grad(y, (x, A, B), g), torch.autograd.grad(ref, (x, A, B), g)
-    for name, a, w in zip("xAB", got, want):
+    for name, a, w in zip("xAB", got, want, strict=False):
         assert a.dtype == w.dtype, name
         assert rel(a, w) <= 2e-2, name
 
@@ -310,7 +317,7 @@ def test_torch_func_grad_matches_the_formula(shape):
     args = f64(*shape)
     got = torch.func.grad(loss_fast, argnums=(0, 3, 4))(*args)
     want = torch.func.grad(loss_naive, argnums=(0, 3, 4))(*args)
-    for a, w in zip(got, want):
+    for a, w in zip(got, want, strict=False):
         torch.testing.assert_close(a, w)
 
 
@@ -348,8 +355,13 @@ def test_per_sample_gradients_with_vmap_of_grad():
 def test_jvp_and_forward_mode_ad_match_the_formula(shape):
     x, W, b, A, B = f64(*shape)
     tx, tA, tB = (torch.randn_like(t) for t in (x, A, B))
-    fast = lambda x, A, B: ops.lora_linear(x, W, b, A, B, 1.5)
-    slow = lambda x, A, B: ops.lora_linear_reference(x, W, b, A, B, 1.5)
+
+    def fast(x, A, B):
+        return ops.lora_linear(x, W, b, A, B, 1.5)
+
+    def slow(x, A, B):
+        return ops.lora_linear_reference(x, W, b, A, B, 1.5)
+
     y, t = torch.func.jvp(fast, (x, A, B), (tx, tA, tB))
     y_ref, t_ref = torch.func.jvp(slow, (x, A, B), (tx, tA, tB))
     torch.testing.assert_close(y, y_ref)
@@ -375,11 +387,14 @@ def test_second_derivatives_match_the_formula(shape, p):
     torch.manual_seed(8)
     keep, scale = ops.dropout_keep(x.shape, p) if p else (None, 1.0)
     want = penalty(ops.lora_linear_reference(x, W, b, A, B, 1.5, keep, scale))
-    for name, a, w in zip("xAB", got, want):
+    for name, a, w in zip("xAB", got, want, strict=False):
         torch.testing.assert_close(a, w, msg=name)
 
 
 def test_gradgradcheck():
     x, W, b, A, B = (t.requires_grad_(i in (0, 3, 4)) for i, t in enumerate(f64(4, 5, 3)))
-    fn = lambda x, A, B: ops.lora_linear(x, W, b, A, B, 1.5)
+
+    def fn(x, A, B):
+        return ops.lora_linear(x, W, b, A, B, 1.5)
+
     assert torch.autograd.gradgradcheck(fn, (x, A, B))

@@ -77,7 +77,9 @@ def test_train_matches_reference_outputs_and_grads(shape, r, dtype, p, bias):
         y_n = ops.lora_linear_reference(*n, 1.5, keep, scale)
         naive = [y_n, *grads(y_n, [n[0], n[3], n[4], n[2]], gy)]
     assert y.dtype == dtype and y.shape == y_ref.shape
-    for name, g_got, g_want, g_naive in zip(["y", "x", "A", "B", "bias"], [y, *got], [y_ref, *want], naive):
+    for name, g_got, g_want, g_naive in zip(
+        ["y", "x", "A", "B", "bias"], [y, *got], [y_ref, *want], naive, strict=False
+    ):
         assert g_got.shape == g_want.shape, name
         bound = TOL[dtype] if g_naive is None else max(TOL[dtype], 1.5 * rel(g_naive, g_want))
         assert rel(g_got, g_want) <= bound, name
@@ -114,7 +116,7 @@ def test_weight_gradient_when_the_weight_asks_for_one(n):
     y = ops.lora_linear(x, W, b, A, B, 2.0)
     y_ref = ops.lora_linear_reference(x, W, b, A, B, 2.0)
     gy = torch.randn_like(y)
-    for g, g_ref in zip(grads(y, [x, W, b, A, B], gy), grads(y_ref, [x, W, b, A, B], gy)):
+    for g, g_ref in zip(grads(y, [x, W, b, A, B], gy), grads(y_ref, [x, W, b, A, B], gy), strict=False):
         assert rel(g, g_ref) <= 1e-5
 
 
@@ -127,7 +129,7 @@ def test_frozen_input_and_transposed_weight():
     y_ref = ops.lora_linear_reference(x, W.detach(), None, A, B, 1.0)
     gy = torch.randn_like(y)
     assert rel(y, y_ref) <= 1e-5
-    for g, g_ref in zip(grads(y, [A, B], gy), grads(y_ref, [A, B], gy)):
+    for g, g_ref in zip(grads(y, [A, B], gy), grads(y_ref, [A, B], gy), strict=False):
         assert rel(g, g_ref) <= 1e-5
 
 
@@ -197,7 +199,9 @@ def test_lora_linear_compiles_fullgraph(training, dropout):
         y_c = compiled(x)
         assert rel(y_c, y) <= 1e-5
         gy = torch.randn_like(y)
-        for g, g_c in zip(grads(y, [x, layer.lora_A, layer.lora_B], gy), grads(y_c, [x, layer.lora_A, layer.lora_B], gy)):
+        for g, g_c in zip(
+            grads(y, [x, layer.lora_A, layer.lora_B], gy), grads(y_c, [x, layer.lora_A, layer.lora_B], gy), strict=False
+        ):
             assert rel(g_c, g) <= 1e-5
 
 
@@ -245,7 +249,7 @@ def test_conv1d_layout_matches_the_formula(lead, p):
     y_ref = ops.lora_linear_reference(x, W.detach(), b, A, B, 1.5, keep, scale)
     assert rel(y, y_ref) <= 1e-5
     gy = torch.randn_like(y)
-    for g, g_ref in zip(grads(y, [x, A, B, b], gy), grads(y_ref, [x, A, B, b], gy)):
+    for g, g_ref in zip(grads(y, [x, A, B, b], gy), grads(y_ref, [x, A, B, b], gy), strict=False):
         assert rel(g, g_ref) <= 1e-5
 
 
@@ -261,5 +265,5 @@ def test_input_gradient_whichever_way_the_backward_folds(shape, train_A):
     got = grads(ops.lora_linear(x, W, b, A, B, 1.5), [x, A, B], gy)
     want = grads(ops.lora_linear_reference(x, W, b, A, B, 1.5), [x, A, B], gy)
     assert len(got) == len(want) == (3 if train_A else 2)
-    for g_got, g_want in zip(got, want):
+    for g_got, g_want in zip(got, want, strict=False):
         assert rel(g_got, g_want) <= 1e-5

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import check_wheel  # noqa: E402  (scripts/ is not a package)
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 
 def test_lorakit_version_is_the_package_metadata_version() -> None:
     script = Path(sys.executable).with_name("lorakit")

@@ -15,7 +15,6 @@ import lorakit as lk
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_models import gpt2, llama  # noqa: E402
 
-
 IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(5))
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

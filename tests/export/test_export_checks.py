@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 from test_gguf_model import save_bpe_llama  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
@@ -106,7 +108,12 @@ def test_an_adapter_exported_onto_another_architecture_names_the_base_it_belongs
         code, _, err = _export(capsys, "--model", base, "--adapter", tmp_path / "adapter", "--format", fmt, "--out",
                                tmp_path / fmt)
         assert code == 2, err
-        assert "saved for a GPT2LMHeadModel base" in err and "adapter" in err and str(gpt2) in err and "LlamaForCausalLM" in err, err
+        assert (
+            "saved for a GPT2LMHeadModel base" in err
+            and "adapter" in err
+            and str(gpt2) in err
+            and "LlamaForCausalLM" in err
+        ), err
         assert "matches no module" not in err
         assert not (tmp_path / fmt).exists()
 

@@ -16,6 +16,8 @@ from lorakit.files import safetensors
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from _tiny_models import llama  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}

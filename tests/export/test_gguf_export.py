@@ -25,6 +25,8 @@ from lorakit.export.gguf_vocab import TOKENIZER_CHECK
 sys.path.insert(0, str(Path(__file__).parent))
 from test_gguf_model import save_bpe_llama  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 ENV_PY = [sys.executable, "-m", "lorakit", "export"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "embed_tokens", "lm_head"]
 
@@ -75,7 +77,10 @@ def test_gguf_adapter_cli_proves_base_and_base_plus_adapter_in_llama_cpp(llama, 
         assert p["argmax_agree"] == p["positions"] and p["greedy_agree"] == p["greedy_tokens"] == 40
         assert p["tokenizer_agrees"] is True and p["tokenizer_texts"] == 5 + len(TOKENIZER_CHECK)
         assert p["runtime"].startswith("llama.cpp (llama-cpp-python")
-    assert r.stdout.strip().splitlines()[-1] == f"exported causal-lm model to {out / 'adapter.gguf'} (f32); proof in {out / 'proof.json'}"
+    assert (
+        r.stdout.strip().splitlines()[-1]
+        == f"exported causal-lm model to {out / 'adapter.gguf'} (f32); proof in {out / 'proof.json'}"
+    )
 
 
 def test_the_adapter_changes_the_logits_far_beyond_the_tolerance(llama):

@@ -26,6 +26,8 @@ from lorakit.export.gguf_vocab import TOKENIZER_CHECK
 sys.path.insert(0, str(Path(__file__).parent))
 from _bpe_styles import save_styled_llama  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 STYLES = {"gpt2": "gpt-2", "llama3": "llama-bpe", "qwen2": "qwen2"}  # style -> llama.cpp's name for it
 OWN_CHECKS = ["I don't know, it's fine.", "12345", "x = [1, 2, 3]\n\tprint(x)  # done", "Ünïcödé, ДА, 中文。"]
 

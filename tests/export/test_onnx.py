@@ -15,7 +15,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
-
 import onnxruntime  # noqa: E402  (the export extra; CI installs it: a missing runtime fails, never skips)
 
 import lorakit as lk  # noqa: E402
@@ -23,6 +22,8 @@ from lorakit.cli import main  # noqa: E402
 from lorakit.export import onnx  # noqa: E402
 from lorakit.export.prepare import ProofFailed  # noqa: E402
 from lorakit.hf import models as hf  # noqa: E402
+
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}

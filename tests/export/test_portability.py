@@ -1,4 +1,5 @@
-"""`lorakit inspect --target`: the portability report on real adapters saved by lorakit from tiny transformers models."""
+"""`lorakit inspect --target`: the portability report on real adapters saved by lorakit from tiny transformers
+models."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from lorakit.export import portability as port
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from _tiny_models import gpt2, llama  # noqa: E402
+
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
 QV = ["q_proj", "v_proj"]
 

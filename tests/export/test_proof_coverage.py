@@ -24,6 +24,8 @@ from lorakit.export import gguf, onnx, prepare
 sys.path.insert(0, str(Path(__file__).parent))
 from _bpe_styles import save_styled_llama  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 SCALE = 0.011  # the adapter's A and B ~ N(0, SCALE²): its effect on the logits is under f16's logits tolerance
 
 

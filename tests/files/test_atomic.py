@@ -53,7 +53,8 @@ def _base() -> nn.Module:
 
 
 def _marked(alpha: float) -> nn.Module:
-    """A LoRA model whose every adapter weight equals its alpha: a load pairs config and weights right iff they agree."""
+    """A LoRA model whose every adapter weight equals its alpha: a load pairs config and weights right iff they
+    agree."""
     model = lk.apply_lora(_base(), lk.LoraConfig(rank=2, alpha=alpha), ["0"])
     with torch.no_grad():
         for p in model.parameters():
@@ -91,6 +92,7 @@ for _ in range(rounds):
 ROUNDS = 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["threads", "processes"])
 def test_concurrent_saves_never_pair_one_adapters_weights_with_anothers_config(how, tmp_path):
     """Two savers write different adapters into one directory while a reader loads it, over and over."""
@@ -178,6 +180,7 @@ print("finished without stopping", flush=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point,version", [("first-save-before-rename", None), ("before-rename", 1.0),
                                            ("after-rename", "torn")])
 def test_writer_killed_mid_save_leaves_the_old_adapter_or_the_new_one(point, version, tmp_path):

@@ -110,6 +110,7 @@ print((kib("VmHWM") - before) * 1024)
 """
 
 
+@pytest.mark.slow
 def test_reading_needs_one_copy_of_the_file_not_two(tmp_path):
     """The peak memory of reading a 64 MiB file, in a fresh process, is about the file's size."""
     path = tmp_path / "big.safetensors"

@@ -172,10 +172,30 @@ def fuzz(server: Server, max_examples: int, models: list[str], timeout: float = 
     name one of `models` (tests/serve/_fuzz_hooks.py), so that their other fields reach the model."""
     import re
 
-    cmd = [str(Path(sys.executable).parent / "schemathesis"), "run", server.url + "/openapi.json",
-           "--checks", "not_a_server_error,response_schema_conformance", "--max-examples", str(max_examples),
-           "--phases", "examples,coverage,fuzzing", "--workers", "1", "--request-timeout", "120", "--max-failures", "3", "--seed", "1",
-           "--generation-database", "none", "--no-color", "--suppress-health-check", "all"]
+    cmd = [
+        str(Path(sys.executable).parent / "schemathesis"),
+        "run",
+        server.url + "/openapi.json",
+        "--checks",
+        "not_a_server_error,response_schema_conformance",
+        "--max-examples",
+        str(max_examples),
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "120",
+        "--max-failures",
+        "3",
+        "--seed",
+        "1",
+        "--generation-database",
+        "none",
+        "--no-color",
+        "--suppress-health-check",
+        "all",
+    ]
     env = {**ENV, "SCHEMATHESIS_HOOKS": str(Path(__file__).parent / "_fuzz_hooks.py"),
            "LORAKIT_FUZZ_MODELS": ",".join(models)}
     try:

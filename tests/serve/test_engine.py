@@ -434,7 +434,9 @@ def test_no_sampling_value_the_params_accept_stops_the_engine(llama):
     extreme = [
         SamplingParams(max_tokens=6, temperature=1e-45, seed=1),  # logits / 1e-45 overflowed float32: now greedy
         SamplingParams(max_tokens=6, temperature=1e-5, top_p=1e-300, seed=2),  # 1e-300 is 0 in float32
-        SamplingParams(max_tokens=6, temperature=2.0, top_k=10**9, seed=2**64 + 5),  # k past the vocabulary, seed past 2**64
+        SamplingParams(
+            max_tokens=6, temperature=2.0, top_k=10**9, seed=2**64 + 5
+        ),  # k past the vocabulary, seed past 2**64
         SamplingParams(max_tokens=6, temperature=1e300, top_k=1, seed=-(2**70)),  # top-1 is greedy whatever the rest
         SamplingParams(max_tokens=6, temperature=5e-324, top_p=5e-324, top_k=-1, seed=0),
     ]

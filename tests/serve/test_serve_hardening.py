@@ -26,6 +26,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 PROMPTS = ["the cat sat", "hello world", "one two three", "the quick brown fox"]
 LONG = 600  # tokens: a request that is still running while the test does what it needs
 
@@ -88,7 +90,9 @@ def test_dora_rows_and_base_rows_in_the_same_steps_each_equal_the_request_alone(
     results: dict[int, str] = {}
 
     def dora(i: int) -> None:
-        results[i] = client.completions.create(model="d", prompt=PROMPTS[i], max_tokens=12, temperature=0).choices[0].text
+        results[i] = (
+            client.completions.create(model="d", prompt=PROMPTS[i], max_tokens=12, temperature=0).choices[0].text
+        )
 
     threads = [threading.Thread(target=dora, args=(i,)) for i in range(3)]
     for t in threads:

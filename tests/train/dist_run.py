@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import signal
+import sys
 
 import torch
 from torch import nn

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lorakit as lk
 from lorakit.train import PlainLog, TrainConfig, Trainer
-from lorakit.ui.chart import line_chart
 from lorakit.train.dashboard import Dashboard
+from lorakit.ui.chart import line_chart
 
 ANSI = re.compile(r"\x1b|\r|\x07")
 

@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from lorakit.files import safetensors as safetensors_io
 from lorakit.train.distributed import Group, Launch
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 SCRIPT = Path(__file__).with_name("dist_run.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ADAPTER = "adapter/adapter_model.safetensors"
@@ -75,7 +77,7 @@ def test_two_ranks_of_batch_b_match_one_process_of_batch_2b(one_process: Path, t
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0), "the ranks' adapters differ"
     ours, theirs = _rows(out), _rows(one_process)  # metrics are summed over ranks: the same run's numbers
     assert [r["step"] for r in ours] == [r["step"] for r in theirs]
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=False):
         for key in ("loss", "train_loss", "valid_loss", "mae"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["step"])

@@ -61,7 +61,7 @@ def test_kl_equals_kl_div_against_an_untouched_base_copy_over_unpadded_tokens() 
     model, original = _adapted()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # move the adapter and the saved head away from the base
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     loader = _reference()

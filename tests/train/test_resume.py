@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 SCRIPT = Path(__file__).with_name("tiny_run.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 VOLATILE = {"elapsed_s", "throughput"}  # wall-clock figures differ between any two runs
@@ -107,8 +109,14 @@ def test_resume_from_an_epoch_end_checkpoint_matches_uninterrupted(uninterrupted
         Trainer(model, tiny.CONFIG, loss_fn=nn.functional.mse_loss, callbacks=[crash_after_epoch_2],
                 metrics={"mae": lambda out, y: (out - y).abs().mean()}, artifact_dir=tmp_path).fit(train, valid)
     model, train, valid = tiny.build()
-    Trainer(model, tiny.CONFIG, loss_fn=nn.functional.mse_loss, callbacks=[],
-            metrics={"mae": lambda out, y: (out - y).abs().mean()}, artifact_dir=tmp_path).fit(train, valid, resume=True)
+    Trainer(
+        model,
+        tiny.CONFIG,
+        loss_fn=nn.functional.mse_loss,
+        callbacks=[],
+        metrics={"mae": lambda out, y: (out - y).abs().mean()},
+        artifact_dir=tmp_path,
+    ).fit(train, valid, resume=True)
     assert ((tmp_path / "adapter/adapter_model.safetensors").read_bytes()
             == (uninterrupted / "adapter/adapter_model.safetensors").read_bytes())
     assert _rows(tmp_path) == _rows(uninterrupted)

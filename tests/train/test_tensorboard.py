@@ -64,6 +64,7 @@ def test_without_an_artifact_dir_or_log_dir_it_says_what_it_needs(tmp_path: Path
     assert [s for s, _ in _scalars(tmp_path / "tb")["train/loss"]] == list(range(1, 37))
 
 
+@pytest.mark.slow
 def test_a_missing_tensorboard_package_names_the_extra() -> None:
     # a real interpreter in which `tensorboard` cannot be imported (a None entry in sys.modules blocks it)
     code = ("import sys; sys.modules['tensorboard'] = None\n"

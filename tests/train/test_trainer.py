@@ -11,8 +11,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lorakit as lk
-from lorakit.train import (EpochEnded, Metric, RunEnded, RunStarted, StepLogged, TrainConfig, Trainer, accuracy,
-                           perplexity)
+from lorakit.train import (
+    EpochEnded,
+    Metric,
+    RunEnded,
+    RunStarted,
+    StepLogged,
+    TrainConfig,
+    Trainer,
+    accuracy,
+    perplexity,
+)
 
 
 def _regression(n: int = 256, seed: int = 0) -> tuple[DataLoader, DataLoader]:

@@ -83,48 +83,22 @@ def export_gguf(
     logits differ from lorakit's by more than the tolerance (`TOLERANCE`), a greedy token differs other than at
     a tie, or llama.cpp's tokenizer gives other ids. The model is merged in place unless `adapter_only`.
     """
-    from ..adapters import disable_adapters
-    from ..hf.models import save_merged
-
     progress = progress or quiet()
     require_runtime()
-    if task != "causal-lm":
-        raise ExportInputError(f"task {task!r}: GGUF is for llama.cpp's causal language models (task causal-lm)")
-    if adapter_only and len(adapter_dirs) != 1:
-        raise ExportInputError(
-            f"an adapter GGUF holds one adapter, got {len(adapter_dirs)}: export each (llama.cpp applies several "
-            'adapter files) or merge them into the model (format "gguf")'
-        )
+    _check_request(task, adapter_dirs, adapter_only)
     out = Path(out)
     texts = proof_texts(tok, texts)
     ids = [tok(t)["input_ids"] for t in texts]
     checks = [(t, tok(t)["input_ids"]) for t in (*texts, *TOKENIZER_CHECK)]
-    with progress.task("computing lorakit's logits and greedy tokens (adapter unmerged, and the base alone)"):
-        reference = _reference(model, ids)
-        with disable_adapters(model):
-            base_reference = _reference(model, ids, greedy=GREEDY_TOKENS if adapter_only else 0)
+    reference, base_reference = _references(model, ids, adapter_only, progress)
     effect = max(float((a - b).abs().max()) for a, b in zip(reference.logits, base_reference.logits, strict=True))
     with replacing_dir(out) as new:
         model_file = new / MODEL_FILE
         if adapter_only:
-            write_gguf_model(model_dir, model_file, dtype=dtype, progress=progress, shown_as=out / MODEL_FILE)
-            adapter_file = new / ADAPTER_FILE
-            write_gguf_adapter(
-                adapter_dirs[0],
-                model_dir,
-                adapter_file,
-                dtype=_adapter_dtype(dtype),
-                progress=progress,
-                shown_as=out / ADAPTER_FILE,
-            )
+            adapter_file = _write_base_and_adapter(model_dir, adapter_dirs[0], new, out, dtype, progress)
             runs = [("base", None, base_reference), (f"{MODEL_FILE} + {ADAPTER_FILE}", adapter_file, reference)]
         else:
-            with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merged-") as merged:
-                shown = "the merged model (temporary)"
-                save_merged(model, tok, Path(merged) / "model", progress=progress, shown_as=shown)
-                write_gguf_model(
-                    Path(merged) / "model", model_file, dtype=dtype, progress=progress, shown_as=out / MODEL_FILE
-                )
+            _write_merged(model, tok, model_file, out, dtype, progress)
             runs = [("merged", None, reference)]
         proofs, got = [], []
         for what, lora, want in runs:
@@ -132,14 +106,9 @@ def export_gguf(
                 proof, logits = _prove(model_file, lora, ids, checks, want, what, dtype, tolerance)
             proofs.append(proof)
             got.append(logits)
-        if adapter_only:  # what llama.cpp's adapter adds to its own base, against what lorakit's adds
-            runtime_delta, lorakit_delta = (
-                got[1] - got[0],
-                torch.cat(reference.logits) - torch.cat(base_reference.logits),
-            )
-            error = float((runtime_delta - lorakit_delta).abs().max())
-        else:  # no base artefact to run: the runtime's base is taken as lorakit's, its whole error counts
-            error = proofs[0].max_abs_diff
+        # adapter-only: what llama.cpp's adapter adds to its own base, against what lorakit's adds; merged: no base
+        # artefact to run, so the runtime's base is taken as lorakit's and its whole error counts
+        error = _adapter_error(got, reference, base_reference) if adapter_only else proofs[0].max_abs_diff
         proofs[-1] = with_adapter_effect(proofs[-1], effect, error)
         write_proofs(new / "proof.json", proofs)
         for p in proofs:
@@ -147,6 +116,66 @@ def export_gguf(
                 raise ProofFailed(p)
     artefact = out / (ADAPTER_FILE if adapter_only else MODEL_FILE)
     return Exported(out, artefact, task, tuple(proofs))
+
+
+def _check_request(task: str, adapter_dirs: list[Path], adapter_only: bool) -> None:
+    """ExportInputError unless the task is causal-lm and an adapter-only export has exactly one adapter."""
+    if task != "causal-lm":
+        raise ExportInputError(f"task {task!r}: GGUF is for llama.cpp's causal language models (task causal-lm)")
+    if adapter_only and len(adapter_dirs) != 1:
+        raise ExportInputError(
+            f"an adapter GGUF holds one adapter, got {len(adapter_dirs)}: export each (llama.cpp applies several "
+            'adapter files) or merge them into the model (format "gguf")'
+        )
+
+
+def _references(
+    model: PreTrainedModel, ids: list[list[int]], adapter_only: bool, progress: Progress
+) -> tuple[_Reference, _Reference]:
+    """lorakit's reference with the adapters (unmerged) and with them disabled (greedy tokens: adapter-only)."""
+    from ..adapters import disable_adapters
+
+    with progress.task("computing lorakit's logits and greedy tokens (adapter unmerged, and the base alone)"):
+        reference = _reference(model, ids)
+        with disable_adapters(model):
+            base_reference = _reference(model, ids, greedy=GREEDY_TOKENS if adapter_only else 0)
+    return reference, base_reference
+
+
+def _write_base_and_adapter(
+    model_dir: str | Path, adapter_dir: Path, new: Path, out: Path, dtype: str, progress: Progress
+) -> Path:
+    """Write the base as `new/MODEL_FILE` and the adapter as `new/ADAPTER_FILE` (returned); shown under `out`."""
+    write_gguf_model(model_dir, new / MODEL_FILE, dtype=dtype, progress=progress, shown_as=out / MODEL_FILE)
+    adapter_file = new / ADAPTER_FILE
+    write_gguf_adapter(
+        adapter_dir,
+        model_dir,
+        adapter_file,
+        dtype=_adapter_dtype(dtype),
+        progress=progress,
+        shown_as=out / ADAPTER_FILE,
+    )
+    return adapter_file
+
+
+def _write_merged(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, model_file: Path, out: Path, dtype: str, progress: Progress
+) -> None:
+    """Merge `model` into a temporary directory beside `out`, then write it as GGUF at `model_file`."""
+    from ..hf.models import save_merged
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merged-") as merged:
+        shown = "the merged model (temporary)"
+        save_merged(model, tok, Path(merged) / "model", progress=progress, shown_as=shown)
+        write_gguf_model(Path(merged) / "model", model_file, dtype=dtype, progress=progress, shown_as=out / MODEL_FILE)
+
+
+def _adapter_error(got: list[torch.Tensor], reference: _Reference, base_reference: _Reference) -> float:
+    """Max |Δ| between what llama.cpp's adapter adds to its own base and what lorakit's adds to lorakit's."""
+    runtime_delta = got[1] - got[0]
+    lorakit_delta = torch.cat(reference.logits) - torch.cat(base_reference.logits)
+    return float((runtime_delta - lorakit_delta).abs().max())
 
 
 def _adapter_dtype(dtype: str) -> str:

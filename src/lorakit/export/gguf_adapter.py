@@ -33,7 +33,7 @@ from torch import Tensor
 from ..errors import LoraFileError
 from ..files import peft_format, provenance
 from ..files.atomic import replacing
-from ..files.peft_format import read_adapter, split_key
+from ..files.peft_format import AdapterFile, read_adapter, split_key
 from ..ui import progress as progress_mod
 from ..ui.progress import Progress
 
@@ -105,6 +105,33 @@ def _convert(
 ) -> tuple[float, dict[str, np.ndarray], dict[str, float]]:
     """(alpha, {GGUF name: array}, {module: factor folded into B}) for the adapter, or GgufExportError saying why."""
     hparams = llama_hparams(Path(base_dir))
+    file = _read_exportable(adapter_dir)
+    pairs = _lora_pairs(file, base_dir)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(hparams["num_hidden_layers"]))
+    alpha = float(file.spec.config.alpha)
+    tensors: dict[str, np.ndarray] = {}
+    folded: dict[str, float] = {}
+    with progress.task(f"converting {len(pairs)} LoRA modules to GGUF", total=len(pairs), unit="modules") as task:
+        for module in sorted(pairs, key=_natural):
+            A, B = _checked_pair(file, module, pairs[module], hparams, base_dir)
+            name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+            if name is None:
+                raise GgufExportError(f"{file.where}: module {module!r} has no tensor in llama.cpp's llama layout")
+            _check_shape(file, module, A, B, hparams, base_dir)
+            rank = A.shape[0]
+            # what llama.cpp's alpha / r misses of lorakit's scaling
+            factor = file.spec.config.for_module(module).scaling / (alpha / rank)
+            if factor != 1.0:
+                folded[module] = factor
+            a, b = _gguf_pair(module, A, B, factor, hparams)
+            tensors[name + ".lora_a"] = a
+            tensors[name + ".lora_b"] = b
+            task.advance()
+    return alpha, tensors, folded
+
+
+def _read_exportable(adapter_dir: Path) -> AdapterFile:
+    """The adapter, its provenance checked; GgufExportError for DoRA or modules_to_save (llama.cpp has neither)."""
     file = read_adapter(adapter_dir)
     if file.sidecar is not None:  # lorakit.json: the config and the bytes must be the ones that were saved
         provenance.check_config(file.sidecar, peft_format.computation_fields(file.spec.raw), file.config_path)
@@ -121,6 +148,12 @@ def _convert(
             f"{where}: modules_to_save={spec.modules_to_save}: a llama.cpp adapter holds only lora_a/lora_b pairs "
             '(convert_lora_to_gguf.py refuses full weights); merge into the model and export that (format "gguf")'
         )
+    return file
+
+
+def _lora_pairs(file: AdapterFile, base_dir: Path) -> dict[str, dict[str, Tensor]]:
+    """{module: {"lora_A": A, "lora_B": B}} of the file; GgufExportError for any other tensor but an unchanged
+    copy of a base weight."""
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, t in file.tensors.items():
         parts = split_key(key)
@@ -134,48 +167,48 @@ def _convert(
             )
         module, tensor, _ = parts
         pairs.setdefault(module, {})[tensor] = t
-    n_layers = int(hparams["num_hidden_layers"])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    alpha = float(spec.config.alpha)
-    tensors: dict[str, np.ndarray] = {}
-    folded: dict[str, float] = {}
-    with progress.task(f"converting {len(pairs)} LoRA modules to GGUF", total=len(pairs), unit="modules") as task:
-        for module in sorted(pairs, key=_natural):
-            A, B = pairs[module].get("lora_A"), pairs[module].get("lora_B")
-            if A is None or B is None or A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-                raise GgufExportError(f"{file.where}: {module!r}: expected lora_A (r, d_in) and lora_B (d_out, r)")
-            if module == "lm_head" and hparams.get("tie_word_embeddings", False):
-                raise GgufExportError(
-                    f"{where}: LoRA on lm_head, but {base_dir}/config.json ties lm_head to the embeddings: llama.cpp "
-                    "has no separate output tensor to adapt (llama.cpp issue #9065)"
-                )
-            name = names.get_name(module + ".weight", try_suffixes=(".weight",))
-            if name is None:
-                raise GgufExportError(f"{file.where}: module {module!r} has no tensor in llama.cpp's llama layout")
-            want = _weight_shape(module, hparams)
-            if module.endswith("embed_tokens"):  # PEFT's A (r, vocab), B (dim, r): delta W is (B A)^T
-                want = None if want is None else (want[1], want[0])
-            if want is not None and (B.shape[0], A.shape[1]) != want:
-                raise GgufExportError(
-                    f"{file.where}: {module!r} adapts a ({B.shape[0]}, {A.shape[1]}) weight, but {base_dir}/config.json"
-                    f" gives that module a {want} weight: the adapter is for another model"
-                )
-            cfg = spec.config.for_module(module)
-            rank = A.shape[0]
-            factor = cfg.scaling / (alpha / rank)  # what llama.cpp's alpha / r misses of lorakit's scaling
-            b = B.float() * factor if factor != 1.0 else B.float()
-            if module.endswith("self_attn.q_proj"):
-                b = rope_permute(b, int(hparams["num_attention_heads"]))
-            elif module.endswith("self_attn.k_proj"):
-                b = rope_permute(b, int(hparams.get("num_key_value_heads") or hparams["num_attention_heads"]))
-            if factor != 1.0:
-                folded[module] = factor
-            # llama.cpp gathers token rows of lora_a, so token_embd's A is stored transposed (llm_build_inp_embd)
-            a = A.float().T if module.endswith("embed_tokens") else A.float()
-            tensors[name + ".lora_a"] = a.contiguous().numpy()
-            tensors[name + ".lora_b"] = b.contiguous().numpy()
-            task.advance()
-    return alpha, tensors, folded
+    return pairs
+
+
+def _checked_pair(
+    file: AdapterFile, module: str, pair: dict[str, Tensor], hparams: dict[str, Any], base_dir: Path
+) -> tuple[Tensor, Tensor]:
+    """(A, B) of one module; GgufExportError unless both are there, matrices of one rank, and not on a tied lm_head."""
+    A, B = pair.get("lora_A"), pair.get("lora_B")
+    if A is None or B is None or A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise GgufExportError(f"{file.where}: {module!r}: expected lora_A (r, d_in) and lora_B (d_out, r)")
+    if module == "lm_head" and hparams.get("tie_word_embeddings", False):
+        raise GgufExportError(
+            f"{file.config_path}: LoRA on lm_head, but {base_dir}/config.json ties lm_head to the embeddings: "
+            "llama.cpp has no separate output tensor to adapt (llama.cpp issue #9065)"
+        )
+    return A, B
+
+
+def _check_shape(file: AdapterFile, module: str, A: Tensor, B: Tensor, hparams: dict[str, Any], base_dir: Path) -> None:
+    """GgufExportError when the module's delta W is not the shape config.json gives its weight (another model's)."""
+    want = _weight_shape(module, hparams)
+    if module.endswith("embed_tokens"):  # PEFT's A (r, vocab), B (dim, r): delta W is (B A)^T
+        want = None if want is None else (want[1], want[0])
+    if want is not None and (B.shape[0], A.shape[1]) != want:
+        raise GgufExportError(
+            f"{file.where}: {module!r} adapts a ({B.shape[0]}, {A.shape[1]}) weight, but {base_dir}/config.json"
+            f" gives that module a {want} weight: the adapter is for another model"
+        )
+
+
+def _gguf_pair(
+    module: str, A: Tensor, B: Tensor, factor: float, hparams: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lora_a, lora_b) as llama.cpp reads them: B scaled by `factor`, q/k rows permuted, token_embd's A transposed."""
+    b = B.float() * factor if factor != 1.0 else B.float()
+    if module.endswith("self_attn.q_proj"):
+        b = rope_permute(b, int(hparams["num_attention_heads"]))
+    elif module.endswith("self_attn.k_proj"):
+        b = rope_permute(b, int(hparams.get("num_key_value_heads") or hparams["num_attention_heads"]))
+    # llama.cpp gathers token rows of lora_a, so token_embd's A is stored transposed (llm_build_inp_embd)
+    a = A.float().T if module.endswith("embed_tokens") else A.float()
+    return a.contiguous().numpy(), b.contiguous().numpy()
 
 
 def _check_base_copy(where: str, key: str, copy: Tensor, base_dir: Path, name: str) -> None:

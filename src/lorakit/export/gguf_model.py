@@ -69,17 +69,43 @@ def write_gguf_model(
     n_head = int(hparams["num_attention_heads"])
     n_kv = int(hparams.get("num_key_value_heads") or n_head)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    state = _read_state(model_dir, progress, "reading the merged model" if shown_as else f"reading {model_dir}")
+    if hparams.get("tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    tensors = _gguf_tensors(state, names, n_head, n_kv, model_dir)
+    out = Path(out)
+    with progress.task(f"writing {shown_as or out}", total=len(tensors), unit="tensors") as task, replacing(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch="llama")
+        _write_params(gguf, writer, hparams, model_dir.name, dtype)
+        write_vocab(gguf, writer, model_dir, int(hparams["vocab_size"]))
+        types: dict[str, tuple[tuple[int, ...], str]] = {}
+        for name, data in tensors.items():
+            types[name] = _add_tensor(gguf, writer, name, data, dtype)
+            task.advance()
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return GgufModelReport(out, types)
+
+
+def _read_state(model_dir: Path, progress: Progress, reading: str) -> dict[str, Tensor]:
+    """Every tensor of the directory's *.safetensors files (GgufExportError when it has none)."""
     state: dict[str, Tensor] = {}
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise GgufExportError(f"{model_dir}: no *.safetensors weights (lorakit never loads pickled weights)")
-    reading = "reading the merged model" if shown_as else f"reading {model_dir}"
     with progress.task(reading, total=len(files), unit="files") as task:
         for f in files:
             state.update(safetensors.read(f)[0])
             task.advance()
-    if hparams.get("tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
+    return state
+
+
+def _gguf_tensors(
+    state: dict[str, Tensor], names: Any, n_head: int, n_kv: int, model_dir: Path
+) -> dict[str, np.ndarray]:
+    """{GGUF name: float32 array} in key order, q/k rows in GGML's RoPE order (rotary_emb.inv_freq left out)."""
     tensors: dict[str, np.ndarray] = {}
     for key in sorted(state):
         if key.endswith("rotary_emb.inv_freq"):
@@ -93,27 +119,19 @@ def write_gguf_model(
         elif ".self_attn.k_proj." in key:
             t = rope_permute(t, n_kv)
         tensors[name] = t.contiguous().numpy()
-    out = Path(out)
-    with progress.task(f"writing {shown_as or out}", total=len(tensors), unit="tensors") as task, replacing(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch="llama")
-        _write_params(gguf, writer, hparams, model_dir.name, dtype)
-        write_vocab(gguf, writer, model_dir, int(hparams["vocab_size"]))
-        types: dict[str, tuple[tuple[int, ...], str]] = {}
-        for name, data in tensors.items():
-            qtype = _qtype(gguf, data, dtype)
-            if qtype == gguf.GGMLQuantizationType.F32:
-                writer.add_tensor(name, data.astype(np.float32))
-            elif qtype == gguf.GGMLQuantizationType.F16:
-                writer.add_tensor(name, data.astype(np.float16))
-            else:
-                writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-            types[name] = (tuple(data.shape), qtype.name)
-            task.advance()
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    return GgufModelReport(out, types)
+    return tensors
+
+
+def _add_tensor(gguf: Any, writer: Any, name: str, data: np.ndarray, dtype: str) -> tuple[tuple[int, ...], str]:
+    """Add one tensor in its GGML type (`_qtype`); return its numpy shape and the type's name."""
+    qtype = _qtype(gguf, data, dtype)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(name, data.astype(np.float32))
+    elif qtype == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    return tuple(data.shape), qtype.name
 
 
 def check_model(model_dir: str | Path) -> None:

@@ -6,7 +6,7 @@ torch's non-reentrant checkpoint: it needs no input that requires grad, so the f
 the graph. (The reentrant variant would need `model.enable_input_require_grads()`, since nothing before the
 first layer trains.) LoRA dropout stays exact: each layer draws its mask inside its forward and the recompute
 replays the same RNG state, so loss and gradients are those of a run without checkpointing
-(tests/test_modes.py, tests/test_packing.py).
+(tests/test_modes.py, tests/hf/test_packing.py).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import hmac
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -106,19 +107,28 @@ def build_app(
     `middleware` (the caller's: supervision, cancellation) wraps the routes inside the API key and the access log,
     so what it answers is logged and guarded like any route's answer.
     """
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        if on_shutdown is not None:
-            await asyncio.to_thread(on_shutdown)
-
+    lifespan = partial(_run_until_shutdown, on_shutdown=on_shutdown)
     app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None)
-    registry = service.registry
-    created = int(time.time())
-    limits = limits or Limits()
     kind = "an encoder model (embeddings, classification)" if isinstance(service, EncoderService) else "a causal LM"
     _errors(app, f"this server serves {base_name!r}, {kind}")
+    _add_info_routes(app, base_name, model_dir, service.registry, metrics)
+    _add_adapter_routes(app, base_name, service.registry)
+    app.include_router(service.routes())
+    _add_middleware(app, limits or Limits(), middleware, api_key, access_log, log_format)
+    return app
+
+
+@asynccontextmanager
+async def _run_until_shutdown(app: FastAPI, *, on_shutdown: Callable[[], None] | None) -> AsyncIterator[None]:
+    """The app's lifespan: serve, then run `on_shutdown` (off the event loop) at exit."""
+    yield
+    if on_shutdown is not None:
+        await asyncio.to_thread(on_shutdown)
+
+
+def _add_info_routes(app: FastAPI, base_name: str, model_dir: Path, registry: Registry, metrics: Metrics) -> None:
+    """GET /health, /v1/models and /metrics."""
+    created = int(time.time())
 
     @app.get("/health", responses={200: {"model": schemas.Health, "description": "ready"}, 503: schemas.ERRORS[503]})
     async def health() -> dict[str, str]:
@@ -128,67 +138,95 @@ def build_app(
     @app.get("/v1/models", responses=schemas.responses(schemas.ModelList))
     async def models() -> dict[str, Any]:
         """The base model and every adapter, as OpenAI lists models (with vLLM's root and parent)."""
-        base = {
-            "id": base_name,
-            "object": "model",
-            "created": created,
-            "owned_by": "lorakit",
-            "root": str(model_dir),
-            "parent": None,
-        }
-        adapters = [
-            {
-                "id": n,
-                "object": "model",
-                "created": created,
-                "owned_by": "lorakit",
-                "root": str(registry.path(n)),
-                "parent": base_name,
-            }
-            for n in registry.names()
-        ]
-        return {"object": "list", "data": [base, *adapters]}
+        return _model_list(base_name, model_dir, registry, created)
 
     @app.get("/metrics", responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
     async def prometheus() -> Response:
         """The Prometheus text exposition."""
         return Response(metrics.render(), media_type=metrics.content_type)
 
+
+def _model_list(base_name: str, model_dir: Path, registry: Registry, created: int) -> dict[str, Any]:
+    """GET /v1/models' body: the base (root: its directory) and each adapter (parent: the base)."""
+    base = {
+        "id": base_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "lorakit",
+        "root": str(model_dir),
+        "parent": None,
+    }
+    adapters = [
+        {
+            "id": n,
+            "object": "model",
+            "created": created,
+            "owned_by": "lorakit",
+            "root": str(registry.path(n)),
+            "parent": base_name,
+        }
+        for n in registry.names()
+    ]
+    return {"object": "list", "data": [base, *adapters]}
+
+
+def _add_adapter_routes(app: FastAPI, base_name: str, registry: Registry) -> None:
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's run-time adapter routes)."""
+
     @app.post("/v1/load_lora_adapter", responses=schemas.responses(schemas.AdapterLoaded))
     async def load_adapter(body: LoadAdapterRequest) -> dict[str, Any]:
         """Load an adapter directory under --adapter-root, strictly; a bad one is refused with the reason."""
-        name = body.lora_name
-        try:
-            check_adapter_name(name)
-        except ValueError as e:
-            raise APIError(400, f"lora_name {name!r}: {e}", param="lora_name") from None
-        if name in (base_name, BASE_ALIAS):
-            raise APIError(400, f"lora_name {name!r} is the base model's name; pick another", param="lora_name")
-        path = await asyncio.to_thread(check_path, registry.root, body.lora_path)
-        try:
-            await asyncio.to_thread(registry.add, name, path)
-        except RegistryError:
-            raise
-        except (LoraError, ValueError, OSError, KeyError, TypeError, AttributeError, RecursionError) as e:
-            raise APIError(400, f"the adapter {name!r} at {path} was not loaded: {e}", param="lora_path") from None
-        return {"status": "loaded", "lora_name": name, "lora_path": str(path)}
+        return await _load_adapter(registry, base_name, body)
 
     @app.post("/v1/unload_lora_adapter", responses=schemas.responses(schemas.AdapterUnloaded))
     async def unload_adapter(body: UnloadAdapterRequest) -> dict[str, Any]:
         """Unload an adapter now, or once the requests using it have finished (as load: with --adapter-root)."""
-        if registry.root is None:
-            raise RegistryError(
-                400, "unloading adapters at run time needs the server started with an adapter root (adapter_root)"
-            )
-        users = registry.users(body.lora_name)
-        now = await asyncio.to_thread(registry.remove, body.lora_name)
-        return {
-            "status": "unloaded" if now else "unloading",
-            "lora_name": body.lora_name,
-            "in_flight": 0 if now else users,
-        }
+        return await _unload_adapter(registry, body)
 
-    app.include_router(service.routes())
+
+async def _load_adapter(registry: Registry, base_name: str, body: LoadAdapterRequest) -> dict[str, Any]:
+    """Check the name and the path, then load; APIError 400 with the reason for a bad name or adapter."""
+    name = body.lora_name
+    try:
+        check_adapter_name(name)
+    except ValueError as e:
+        raise APIError(400, f"lora_name {name!r}: {e}", param="lora_name") from None
+    if name in (base_name, BASE_ALIAS):
+        raise APIError(400, f"lora_name {name!r} is the base model's name; pick another", param="lora_name")
+    path = await asyncio.to_thread(check_path, registry.root, body.lora_path)
+    try:
+        await asyncio.to_thread(registry.add, name, path)
+    except RegistryError:
+        raise
+    except (LoraError, ValueError, OSError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise APIError(400, f"the adapter {name!r} at {path} was not loaded: {e}", param="lora_path") from None
+    return {"status": "loaded", "lora_name": name, "lora_path": str(path)}
+
+
+async def _unload_adapter(registry: Registry, body: UnloadAdapterRequest) -> dict[str, Any]:
+    """Unload now, or mark for unloading once its in-flight requests end (RegistryError 400 without a root)."""
+    if registry.root is None:
+        raise RegistryError(
+            400, "unloading adapters at run time needs the server started with an adapter root (adapter_root)"
+        )
+    users = registry.users(body.lora_name)
+    now = await asyncio.to_thread(registry.remove, body.lora_name)
+    return {
+        "status": "unloaded" if now else "unloading",
+        "lora_name": body.lora_name,
+        "in_flight": 0 if now else users,
+    }
+
+
+def _add_middleware(
+    app: FastAPI,
+    limits: Limits,
+    middleware: Sequence[Middleware],
+    api_key: str | None,
+    access_log: Callable[[str], None] | None,
+    log_format: str,
+) -> None:
+    """Around the routes, innermost first: the body cap, the caller's middleware, the API key, the access log."""
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)  # each add wraps the ones before it
     for m in middleware:
         app.add_middleware(m.cls, *m.args, **m.kwargs)
@@ -196,7 +234,6 @@ def build_app(
         app.add_middleware(BearerAuth, key=api_key)
     if access_log is not None:
         app.add_middleware(AccessLog, write=access_log, fmt=log_format)
-    return app
 
 
 def routes_of(app: FastAPI) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402  (sets HF_HUB_OFFLINE before transformers loads)
 
 transformers = pytest.importorskip("transformers")
@@ -112,7 +112,9 @@ def test_generate_refuses_a_model_that_cannot_generate():
 
 def test_apply_lora_on_bert_minilm():
     model, _ = hf.load(_hf_models.minilm_dir(), "seq-cls", id2label={0: "a", 1: "b"})
-    lk.apply_lora(model, lk.LoraConfig(rank=2), ["query", "key", "value", "dense"], modules_to_save=hf.head_names(model))
+    lk.apply_lora(
+        model, lk.LoraConfig(rank=2), ["query", "key", "value", "dense"], modules_to_save=hf.head_names(model)
+    )
     layers = lk.lora_layers(model)
     # per layer: query, key, value, attention.output.dense, intermediate.dense, output.dense; plus pooler.dense
     assert len(layers) == 6 * 6 + 1 and "classifier" not in layers
@@ -168,7 +170,10 @@ def test_peft_made_adapter_loads_merges_and_inspects(tmp_path, tiny):
     assert hf.save_merged(model, tok, tmp_path / "merged") == 6
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(_logits(merged), want, rtol=1e-4, atol=1e-5)
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")("the cat")["input_ids"] == tok("the cat")["input_ids"]
+    assert (
+        transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")("the cat")["input_ids"]
+        == tok("the cat")["input_ids"]
+    )
 
 
 def test_peft_seq_cls_adapter_without_lorakit_task_file(tmp_path, tiny):
@@ -229,7 +234,7 @@ def test_lorakit_model_trains_inside_transformers_trainer(tmp_path, tiny):
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n  # the base never moves
-    assert any(l.lora_B.abs().sum() > 0 for l in lk.lora_layers(model).values())
+    assert any(layer.lora_B.abs().sum() > 0 for layer in lk.lora_layers(model).values())
 
 
 @pytest.mark.parametrize("targets,saved", [(["q_proj", "v_proj"], ["lm_head"]), (["q_proj", "embed_tokens"], [])])

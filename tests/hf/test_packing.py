@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 transformers = pytest.importorskip("transformers")
 
 import _hf_models  # noqa: E402
@@ -182,6 +182,7 @@ def test_finetune_pack_packs_training_rows_and_reports_what_it_saved(tmp_path, t
     assert "attention_mask" in next(iter(setup.valid_loader))  # validation stays unpacked
 
 
+@pytest.mark.slow
 def test_cli_finetune_pack_prints_the_padding_saved(tmp_path, tiny_llama):
     rows = write_rows(tmp_path / "train.jsonl")
     r = subprocess.run(

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).parent
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
+TESTS = Path(__file__).parents[1]
 LORAKIT = [sys.executable, "-m", "lorakit"]
 HOLD = [sys.executable, str(TESTS / "_cli_hold.py")]  # the CLI, blocked for good after a chosen line
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -78,7 +82,9 @@ def test_finetune_killed_mid_run_resumes_to_the_same_adapter(tmp_path):
     printed = killed_at("checkpoint step=6 ", args + ["--out", str(killed)])
     assert not any(line.startswith("done ") for line in printed)
     assert checkpoint_step(killed / "run") == 6 and not (killed / "adapter_model.safetensors").exists()
-    resumed = subprocess.run(LORAKIT + args + ["--out", str(killed), "--resume"], capture_output=True, text=True, env=ENV)
+    resumed = subprocess.run(
+        LORAKIT + args + ["--out", str(killed), "--resume"], capture_output=True, text=True, env=ENV
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed_at_step=6 " in resumed.stdout
     assert adapter_bytes(killed) == adapter_bytes(whole)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # _hf_models
+sys.path.insert(0, str(Path(__file__).parent))  # test_cli
 import _hf_models  # noqa: E402
 from test_cli import _causal_rows, _logits, _write_jsonl, lorakit  # noqa: E402
 

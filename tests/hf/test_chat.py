@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
 pytest.importorskip("transformers")
@@ -164,7 +164,10 @@ def test_byte_level_mask_matches_transformers_generation_mask(template, trim_off
         ours, labels = chat.encode_chat(tok, chat.parse_messages(messages), 512, "f:1")
         theirs = tok.apply_chat_template(messages, return_assistant_tokens_mask=True, return_dict=True)
         assert ours == theirs["input_ids"]
-        assert [int(y != IGNORE) for y in labels] == theirs["assistant_masks"], (answer, tok.convert_ids_to_tokens(ours))
+        assert [int(y != IGNORE) for y in labels] == theirs["assistant_masks"], (
+            answer,
+            tok.convert_ids_to_tokens(ours),
+        )
 
 
 def test_template_without_generation_prompt_or_special_end_token(tok):
@@ -245,7 +248,9 @@ def test_bad_chat_rows_are_named_by_file_and_line(tmp_path):
         (13, "has both 'text' and 'messages'; use one form per row"),
     ]]
     _, bad = data.validate(p, records[:1], "seq-cls")
-    assert [b.reason for b in bad] == ["chat rows ('messages') are for task 'causal-lm'; seq-cls rows are {text, label}"]
+    assert [b.reason for b in bad] == [
+        "chat rows ('messages') are for task 'causal-lm'; seq-cls rows are {text, label}"
+    ]
 
 
 def test_templates_that_refuse_or_rewrite_a_conversation_make_bad_rows(tmp_path, tok):
@@ -349,6 +354,7 @@ def _lorakit(*args) -> subprocess.CompletedProcess:
                           env=env, timeout=180)
 
 
+@pytest.mark.slow
 def test_cli_finetunes_on_chat_rows_and_saves_the_template(tmp_path):
     model = _hf_models.save_tiny("llama", tmp_path / "llama", chat_template=_hf_models.CHATML)
     rows = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}] * 3)
@@ -372,6 +378,7 @@ def test_cli_encoder_as_causal_lm_is_a_model_task_mismatch_before_the_chat_rows(
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_cli_without_a_template_names_the_flag(tmp_path, capsys):
     """In-process (the entry point the subprocess runs): a chat row and no template exit 2 naming --chat-template."""
     from lorakit.cli import main

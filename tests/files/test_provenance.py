@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -80,9 +80,14 @@ def test_sidecar_records_the_base_and_the_right_base_loads_silently(bases, adapt
     assert saved["format"] == 2 and saved["base"]["path"] == str(bases["base"].resolve())
     assert saved["base"]["config"]["model_type"] == "llama" and saved["base"]["config"]["hidden_size"] == 32
     assert saved["base"]["config_sha256"] == provenance.file_digest(bases["base"] / "config.json")
-    assert sorted(saved["base"]["modules"]) == sorted(f"model.layers.{i}.self_attn.{t}" for i in (0, 1) for t in TARGETS)
+    assert sorted(saved["base"]["modules"]) == sorted(
+        f"model.layers.{i}.self_attn.{t}" for i in (0, 1) for t in TARGETS
+    )
     assert sorted(saved["tensors"]) == sorted(provenance.read(adapter).tensors)
-    assert saved["base"]["config"]["rope_parameters"]["rope_theta"] == 10000.0 and "rms_norm_eps" in saved["base"]["config"]
+    assert (
+        saved["base"]["config"]["rope_parameters"]["rope_theta"] == 10000.0
+        and "rms_norm_eps" in saved["base"]["config"]
+    )
     others = set(saved["base"]["tensors"])  # every other tensor of the forward: norms, embeddings, projections
     assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers.0.mlp.down_proj.weight",
             "model.layers.1.input_layernorm.weight", "model.layers.0.self_attn.k_proj.weight"} <= others
@@ -194,8 +199,14 @@ def _format_1_sidecar(adapter: Path, model: torch.nn.Module) -> dict:
     side = json.loads((adapter / "lorakit.json").read_text())
     fields = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim")
-    modules = {n: {"sha256": provenance.weight_digest(model.get_submodule(n).weight),
-                   "shape": list(model.get_submodule(n).weight.shape), "dtype": "float32"} for n in side["base"]["modules"]}
+    modules = {
+        n: {
+            "sha256": provenance.weight_digest(model.get_submodule(n).weight),
+            "shape": list(model.get_submodule(n).weight.shape),
+            "dtype": "float32",
+        }
+        for n in side["base"]["modules"]
+    }
     base = {"modules": modules, "config": {f: getattr(model.config, f) for f in fields}, "class": side["base"]["class"],
             "path": side["base"]["path"], "config_sha256": side["base"]["config_sha256"]}
     return {"format": 1, "base": base, "tensors": side["tensors"]}
@@ -279,7 +290,9 @@ def test_peft_made_adapter_loads_with_one_note(bases, tmp_path):
     pm.save_pretrained(tmp_path / "peft")
     assert not (tmp_path / "peft" / "lorakit.json").exists()
     _, notes = _load(bases["base"], tmp_path / "peft")
-    assert notes == [f"{tmp_path / 'peft'}: no lorakit.json (a PEFT-made or older adapter): its base could not be checked"]
+    assert notes == [
+        f"{tmp_path / 'peft'}: no lorakit.json (a PEFT-made or older adapter): its base could not be checked"
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
@@ -314,6 +327,7 @@ def lorakit(*args) -> subprocess.CompletedProcess:
                           env=ENV, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_refuses_another_base_with_exit_2_and_loads_it_when_allowed(bases, adapter, tmp_path):
     args = ["generate", "--model", bases["other"], "--adapter", adapter, "--prompt", "hello", "--max-new-tokens", 2]
     refused = lorakit(*args)
@@ -327,6 +341,7 @@ def test_cli_refuses_another_base_with_exit_2_and_loads_it_when_allowed(bases, a
     assert allowed.stderr.count("loading it anyway") == 1
 
 
+@pytest.mark.slow
 def test_cli_inspect_shows_the_fingerprint_and_whether_a_model_matches(bases, adapter):
     shown = lorakit("inspect", adapter, "--json", "--model", bases["other"])
     assert shown.returncode == 0, shown.stderr
@@ -337,6 +352,7 @@ def test_cli_inspect_shows_the_fingerprint_and_whether_a_model_matches(bases, ad
     assert text.returncode == 0 and f"--model       {bases['base']}: matches" in text.stdout
 
 
+@pytest.mark.slow
 def test_cli_prints_the_peft_note_once(bases, tmp_path):
     pm = peft.get_peft_model(hf.load_model(bases["base"], "causal-lm"), peft.LoraConfig(r=2, target_modules=TARGETS))
     pm.save_pretrained(tmp_path / "peft")

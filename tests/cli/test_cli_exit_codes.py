@@ -18,7 +18,9 @@ import lorakit
 from lorakit import cli
 from lorakit.cli.common import BadInput
 
-TESTS = Path(__file__).parent
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
+TESTS = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
@@ -31,10 +33,35 @@ def test_ctrl_c_mid_training_exits_130(tmp_path: Path) -> None:
     rows = tmp_path / "train.jsonl"
     rows.write_text("".join(json.dumps({"text": s}) + "\n" for s in _hf_models.SENTENCES * 2))
     marker = "step epoch=1/"
-    proc = subprocess.Popen([sys.executable, str(TESTS / "_cli_hold.py"), marker, "finetune", "--model", str(model_dir),
-                             "--data", str(rows), "--task", "causal-lm", "--out", str(tmp_path / "out"), "--epochs", "2",
-                             "--batch-size", "2", "--log-every", "1", "--device", "cpu", "--plain"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(TESTS / "_cli_hold.py"),
+            marker,
+            "finetune",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(rows),
+            "--task",
+            "causal-lm",
+            "--out",
+            str(tmp_path / "out"),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "2",
+            "--log-every",
+            "1",
+            "--device",
+            "cpu",
+            "--plain",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -109,7 +136,7 @@ def test_library_messages_name_no_cli_flags() -> None:
 def test_bench_finds_the_benchmarks_of_this_checkout() -> None:
     from lorakit.cli.bench import BENCH_SCRIPT
 
-    assert BENCH_SCRIPT == Path(__file__).resolve().parents[1] / "benchmarks" / "run.py" and BENCH_SCRIPT.is_file()
+    assert Path(__file__).resolve().parents[2] / "benchmarks" / "run.py" == BENCH_SCRIPT and BENCH_SCRIPT.is_file()
 
 
 def test_finetune_input_problems_exit_2(tmp_path: Path, capsys) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
 pytest.importorskip("transformers")
@@ -236,7 +236,9 @@ def test_loss_only_on_completion_tokens(tok):
     ex = data.Example("f", 1, "question : what is two plus two ? answer :", completion="four")
     [enc], bad = data.encode([ex], tok, "causal-lm", max_length=64)
     prompt = tok(ex.text)["input_ids"]
-    assert not bad and enc["input_ids"] == prompt + tok("four", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert not bad and enc["input_ids"] == prompt + tok("four", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]
     assert enc["labels"] == [-100] * len(prompt) + enc["input_ids"][len(prompt):]
     [plain], _ = data.encode([data.Example("f", 2, "the cat sat")], tok, "causal-lm", max_length=64)
     assert plain["labels"] == plain["input_ids"]
@@ -245,7 +247,9 @@ def test_loss_only_on_completion_tokens(tok):
 def test_prompt_filling_max_length_is_a_bad_row(tok):
     ex = data.Example("f.jsonl", 7, "one two three four five", completion="four")
     out, bad = data.encode([ex], tok, "causal-lm", max_length=4)
-    assert out == [] and [str(b) for b in bad] == ["f.jsonl:7: the prompt fills max_length; nothing to learn from this row"]
+    assert out == [] and [str(b) for b in bad] == [
+        "f.jsonl:7: the prompt fills max_length; nothing to learn from this row"
+    ]
 
 
 def test_seq_cls_encoding_needs_label2id_and_a_label(tok):
@@ -259,7 +263,9 @@ def test_seq_cls_encoding_needs_label2id_and_a_label(tok):
 
 
 def test_collate_pads_and_masks():
-    batch = data.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    batch = data.collate(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]

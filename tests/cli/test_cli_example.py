@@ -14,6 +14,8 @@ import torch
 
 from lorakit.files import safetensors as safetensors_io
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n: colours, cursor moves, \r
 ENV = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "80"}  # a colour terminal, but stdout is a pipe
 

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
+
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAIRS = [
     ("what is two plus two ?", "four"),
     ("what colour is the sky ?", "blue"),
@@ -63,10 +65,39 @@ def lorakit(cwd: Path, *args: str, stdin: str | None = None) -> subprocess.Compl
 def test_chat_finetune_eval_predict_merge(tmp_path):
     write_workspace(tmp_path)
     model = "models/tiny-chat"
-    lorakit(tmp_path, "finetune", "--model", model, "--data", "chat.jsonl", "--valid", "chat-valid.jsonl",
-            "--task", "causal-lm", "--out", "adapters/chat", "--pack", "--epochs", "8", "--lr", "2e-2", "--targets", "all-linear", "lm_head",
-            "--batch-size", "2", "--max-length", "64", "--eval-every", "3", "--reference", "reference.txt",
-            "--log", "tensorboard", "--plain")
+    lorakit(
+        tmp_path,
+        "finetune",
+        "--model",
+        model,
+        "--data",
+        "chat.jsonl",
+        "--valid",
+        "chat-valid.jsonl",
+        "--task",
+        "causal-lm",
+        "--out",
+        "adapters/chat",
+        "--pack",
+        "--epochs",
+        "8",
+        "--lr",
+        "2e-2",
+        "--targets",
+        "all-linear",
+        "lm_head",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "64",
+        "--eval-every",
+        "3",
+        "--reference",
+        "reference.txt",
+        "--log",
+        "tensorboard",
+        "--plain",
+    )
     report = json.loads((tmp_path / "adapters/chat/run/finetune_report.json").read_text())
     assert report["packing"]["rows_after"] < report["packing"]["rows_before"]
     rows = [json.loads(line) for line in (tmp_path / "adapters/chat/run/metrics.jsonl").read_text().splitlines()]

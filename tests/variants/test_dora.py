@@ -12,12 +12,11 @@ from torch import nn
 
 import lorakit as lk
 from lorakit import bases
-from lorakit.variants import dora
 from lorakit.saving import adapter_state_dict
+from lorakit.variants import dora
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 from _tiny_models import gpt2, llama  # noqa: E402
-
 
 IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(5))
 TARGETS = {llama: ["q_proj", "v_proj", "down_proj"], gpt2: ["c_attn", "c_fc", "c_proj"]}
@@ -65,7 +64,7 @@ def test_layer_matches_reference_and_merges_exactly(fan_in_fan_out):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(y.square().sum(), [x, layer.lora_A, layer.lora_B, layer.lora_magnitude])
     want = torch.autograd.grad(ref.square().sum(), [x, layer.lora_A, layer.lora_B, layer.lora_magnitude])
-    for got, exp in zip(grads, want):
+    for got, exp in zip(grads, want, strict=False):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(layer.merge()(x), y, rtol=1e-5, atol=1e-5)
@@ -129,7 +128,7 @@ def test_dora_trains_on_an_inference_tensor(kind, dropout, bias):
         results.append((y, grads))
     assert not results[1][0].is_inference()
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
-    for got, want in zip(results[0][1], results[1][1]):
+    for got, want in zip(results[0][1], results[1][1], strict=False):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
 pytest.importorskip("datasets")
@@ -201,7 +201,9 @@ def test_finetune_on_a_parquet_directory_gives_the_adapter_of_the_same_rows_in_o
         job = FinetuneJob(model=tiny_llama, data=source, valid=valid, task="causal-lm", out=tmp_path / name,
                           batch_size=4, max_length=64, train=train, pack=pack)
         reports[name] = run(prepare(job))
-    assert (tmp_path / "dir" / "run" / "data-cache").is_dir() and not (tmp_path / "file" / "run" / "data-cache").exists()
+    assert (tmp_path / "dir" / "run" / "data-cache").is_dir() and not (
+        tmp_path / "file" / "run" / "data-cache"
+    ).exists()
     a, b = _adapter(tmp_path / "dir"), _adapter(tmp_path / "file")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert reports["dir"]["after"] == reports["file"]["after"] and reports["dir"]["train_rows"] == 24

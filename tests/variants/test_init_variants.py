@@ -11,7 +11,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import lorakit as lk
 from lorakit.variants.base_init import base_init
-from lorakit.saving import adapter_state_dict
 
 INITS = ["pissa", "olora"]
 
@@ -25,7 +24,7 @@ def train_a_little(model):
     """Move A and B off their init, as training would."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return model

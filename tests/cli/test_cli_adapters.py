@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
 import lorakit as lk  # noqa: E402
 from lorakit.hf import models as hf  # noqa: E402
+
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 IDS = torch.tensor([[2, 4, 5, 6, 7, 8], [2, 9, 10, 11, 12, 3]])
@@ -34,7 +36,9 @@ def setup(tmp_path_factory):
     model_dir = _hf_models.save_tiny("llama", root / "llama")
     base, _ = hf.load(model_dir, "causal-lm")
     dirs = {}
-    for seed, (name, rank, targets) in enumerate([("math", 4, ["q_proj", "v_proj"]), ("code", 2, ["v_proj", "down_proj"])]):
+    for seed, (name, rank, targets) in enumerate(
+        [("math", 4, ["q_proj", "v_proj"]), ("code", 2, ["v_proj", "down_proj"])]
+    ):
         model = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=rank, alpha=2 * rank), targets)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -80,13 +84,42 @@ def test_merge_refuses_unknown_weight_names(setup, tmp_path):
 
 def test_generate_one_completion_per_adapter(setup):
     model_dir, _, dirs = setup
-    r = lorakit("generate", "--model", model_dir, "--adapter", f"math={dirs['math']}", "--adapter", f"code={dirs['code']}",
-                "--prompt", "the cat", "--max-new-tokens", "4")
+    r = lorakit(
+        "generate",
+        "--model",
+        model_dir,
+        "--adapter",
+        f"math={dirs['math']}",
+        "--adapter",
+        f"code={dirs['code']}",
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "4",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("--- adapter math ---") == 1 and r.stdout.count("--- adapter code ---") == 1
-    r = lorakit("generate", "--model", model_dir, "--adapter", f"math={dirs['math']}", "--adapter", f"code={dirs['code']}",
-                "--weight", "math=1", "--weight", "code=1", "--combine", "svd", "--combine-rank", "2",
-                "--prompt", "the cat", "--max-new-tokens", "4")
+    r = lorakit(
+        "generate",
+        "--model",
+        model_dir,
+        "--adapter",
+        f"math={dirs['math']}",
+        "--adapter",
+        f"code={dirs['code']}",
+        "--weight",
+        "math=1",
+        "--weight",
+        "code=1",
+        "--combine",
+        "svd",
+        "--combine-rank",
+        "2",
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "4",
+    )
     assert r.returncode == 0, r.stderr
     assert "--- combined (svd, max relative error of ΔW" in r.stdout
 

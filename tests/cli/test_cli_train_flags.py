@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
+
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -28,7 +30,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps({"text": s}) + "\n" for s in _hf_models.SENTENCES * 2), encoding="utf-8")
     reference = root / "reference.txt"
-    reference.write_text("the quick brown fox jumps over the lazy dog\nhello world\ngood morning\n" * 3, encoding="utf-8")
+    reference.write_text(
+        "the quick brown fox jumps over the lazy dog\nhello world\ngood morning\n" * 3, encoding="utf-8"
+    )
     return {"model": _hf_models.save_tiny("gpt2", root / "gpt2"), "data": data, "reference": reference}
 
 

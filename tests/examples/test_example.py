@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakit.files import safetensors as safetensors_io
 from lorakit.examples.mlp_example import ExampleOptions, check_artifacts, run
+from lorakit.files import safetensors as safetensors_io
 
 SMALL = dict(epochs=3, pretrain_epochs=4, device="cpu", seed=3)
 

@@ -9,19 +9,21 @@ import shutil
 import signal
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from hypothesis import given
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
 from lorakit.cli import build_parser, main, runfile  # noqa: E402
 
-TESTS = Path(__file__).parent
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
+TESTS = Path(__file__).parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 LORAKIT = [sys.executable, "-m", "lorakit"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -26,8 +26,10 @@ from lorakit.hf import evaluate as ev  # noqa: E402
 from lorakit.hf import models as hf  # noqa: E402
 from lorakit.hf import predict as pr  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 transformers.utils.logging.set_verbosity_error()
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 QUESTION = "question : what is two plus two ? answer :"
 

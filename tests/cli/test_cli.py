@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -24,8 +24,10 @@ peft = pytest.importorskip("peft")
 from lorakit.hf import data  # noqa: E402
 from lorakit.hf import models as hf  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
+
 transformers.utils.logging.set_verbosity_error()
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -46,7 +48,10 @@ def _write_jsonl(path: Path, rows: list) -> Path:
 
 
 def _causal_rows(n: int = 24) -> list[dict]:
-    qa = [("question : what is two plus two ? answer :", "four"), ("question : what colour is the sky ? answer :", "blue")]
+    qa = [
+        ("question : what is two plus two ? answer :", "four"),
+        ("question : what colour is the sky ? answer :", "blue"),
+    ]
     rows = [{"prompt": q, "completion": a} for q, a in qa] * 4
     return rows + [{"text": s} for s in _hf_models.SENTENCES] * 2
 
@@ -65,7 +70,9 @@ def _logits(model) -> torch.Tensor:
 
 def test_help_and_usage_errors_exit_2(tmp_path, tiny):
     r = lorakit("finetune", "--help")
-    assert r.returncode == 0 and "usage: lorakit finetune" in r.stdout and '{"prompt": ..., "completion": ...}' in r.stdout
+    assert (
+        r.returncode == 0 and "usage: lorakit finetune" in r.stdout and '{"prompt": ..., "completion": ...}' in r.stdout
+    )
     r = lorakit("merge", "--model", tiny["gpt2"])
     assert r.returncode == 2 and "required: --adapter, --out" in r.stderr
     r = lorakit("finetune", "--model", tmp_path, "--data", "x.jsonl", "--task", "causal-lm", "--out", tmp_path / "o")
@@ -108,7 +115,12 @@ def test_finetune_causal_lm_then_peft_merge_generate_inspect(tmp_path, tiny, cap
                 "--epochs", "4", "--lr", "1e-2", "--batch-size", "8", "--device", "cpu", "--plain")
     assert r.returncode == 0, r.stderr
     assert "before valid_loss=" in r.stdout and "after  valid_loss=" in r.stdout and "valid_perplexity=" in r.stdout
-    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "lorakit_task.json", "run"}
+    assert {p.name for p in out.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lorakit_task.json",
+        "run",
+    }
     assert {p.name for p in (out / "run").iterdir()} >= {"metrics.jsonl", "loss.png", "checkpoint.safetensors"}
     report = json.loads((out / "run" / "finetune_report.json").read_text())
     assert report["after"]["loss"] < report["before"]["loss"]
@@ -286,19 +298,67 @@ def test_more_exit_codes_in_process(tmp_path, tiny, capsys):
     config = json.loads((remote / "config.json").read_text())
     (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "evil.Model"}}))
     cases = [
-        (["finetune", "--model", remote, "--data", rows, "--task", "causal-lm", "--out", tmp_path / "r"],
-         "needs its own Python code (config.json has auto_map); lorakit runs it only with --trust-remote-code"),
+        (
+            ["finetune", "--model", remote, "--data", rows, "--task", "causal-lm", "--out", tmp_path / "r"],
+            "needs its own Python code (config.json has auto_map); lorakit runs it only with --trust-remote-code",
+        ),
         (["generate", "--model", tiny["gpt2"], "--adapter", adapter, "--prompt", "hi"], "is a seq-cls adapter"),
-        (["merge", "--model", tiny["gpt2"], "--adapter", adapter, "--out", tmp_path / "full"],
-         "exists and is not an empty directory; pass --overwrite to replace it, or choose a new --out"),
-        (["merge", "--model", tiny["gpt2"], "--adapter", tmp_path, "--out", tmp_path / "m"], "adapter_config.json: no such file"),
+        (
+            ["merge", "--model", tiny["gpt2"], "--adapter", adapter, "--out", tmp_path / "full"],
+            "exists and is not an empty directory; pass --overwrite to replace it, or choose a new --out",
+        ),
+        (
+            ["merge", "--model", tiny["gpt2"], "--adapter", tmp_path, "--out", tmp_path / "m"],
+            "adapter_config.json: no such file",
+        ),
         (["inspect", tmp_path / "nothing"], "no such file or directory"),
-        (["finetune", "--model", tiny["gpt2"], "--data", rows, "--task", "causal-lm", "--out", tmp_path / "r", "--resume"],
-         "no run to resume there"),
-        (["finetune", "--model", tiny["gpt2"], "--data", rows, "--task", "causal-lm", "--out", tmp_path / "r",
-          "--targets", "nope"], "target 'nope' matches no module"),
-        (["finetune", "--model", tiny["gpt2"], "--data", rows, "--task", "causal-lm", "--out", tmp_path / "r",
-          "--rank", "0"], "rank=0 is invalid"),
+        (
+            [
+                "finetune",
+                "--model",
+                tiny["gpt2"],
+                "--data",
+                rows,
+                "--task",
+                "causal-lm",
+                "--out",
+                tmp_path / "r",
+                "--resume",
+            ],
+            "no run to resume there",
+        ),
+        (
+            [
+                "finetune",
+                "--model",
+                tiny["gpt2"],
+                "--data",
+                rows,
+                "--task",
+                "causal-lm",
+                "--out",
+                tmp_path / "r",
+                "--targets",
+                "nope",
+            ],
+            "target 'nope' matches no module",
+        ),
+        (
+            [
+                "finetune",
+                "--model",
+                tiny["gpt2"],
+                "--data",
+                rows,
+                "--task",
+                "causal-lm",
+                "--out",
+                tmp_path / "r",
+                "--rank",
+                "0",
+            ],
+            "rank=0 is invalid",
+        ),
     ]
     for argv, message in cases:
         assert main([str(a) for a in argv]) == 2, argv
