@@ -72,14 +72,18 @@ def test_a_new_storage_format_is_one_class(layer):
         torch.testing.assert_close(layer.merge()(x), ref)
 
 
-def _defined(name):
-    """Files of src/ that define a function called `name` (at any depth)."""
-    return sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
-                  if any(isinstance(n, ast.FunctionDef) and n.name == name for n in ast.walk(ast.parse(p.read_text()))))
+def _defined(*names):
+    """{name: files of src/ that define a function called `name` (at any depth)}, parsing each file once."""
+    found = {name: [] for name in names}
+    for p in sorted(SRC.rglob("*.py")):
+        defs = {n.name for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.FunctionDef)}
+        for name in set(names) & defs:
+            found[name].append(str(p.relative_to(SRC)))
+    return found
 
 
 def test_one_dense_weight_and_one_is_quantized():
     """A layer's dense weight has one spelling (`bases.dense_weight`), whether a base is quantised one answer."""
-    assert _defined("dense_weight") == ["bases.py"]
-    assert _defined("is_quantized") == ["bases.py"]
-    assert not _defined("_linear_weight") and not hasattr(lk.LoraLayer, "base_weight")
+    found = _defined("dense_weight", "is_quantized", "_linear_weight")
+    assert found == {"dense_weight": ["bases.py"], "is_quantized": ["bases.py"], "_linear_weight": []}, found
+    assert not hasattr(lk.LoraLayer, "base_weight")
