@@ -48,9 +48,8 @@ class _Ops(TorchFunctionMode):
 
 def _entering(model, table, rows) -> list[str]:
     """The torch calls that entering and leaving a batch of `rows` makes."""
-    with _Ops() as seen:
-        with table.batch(rows):
-            pass
+    with _Ops() as seen, table.batch(rows):
+        pass
     return seen.ops
 
 
