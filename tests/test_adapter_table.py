@@ -11,8 +11,12 @@ import lorakit as lk
 def _mlp(adapters: int, rank: int = 2) -> nn.Module:
     """Two LoRA linears, adapters a0..a{n-1} of one rank, each with its own non-zero B."""
     torch.manual_seed(0)
-    model = lk.apply_lora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
-                          lk.LoraConfig(rank=rank, alpha=2), ["0", "2"], adapter_name="a0")
+    model = lk.apply_lora(
+        nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
+        lk.LoraConfig(rank=rank, alpha=2),
+        ["0", "2"],
+        adapter_name="a0",
+    )
     for i in range(1, adapters):
         lk.combine_adapters(model, {"a0": 1.0}, f"a{i}")
     with torch.no_grad():
@@ -27,10 +31,10 @@ def _rows_alone(model, x, rows):
     for i, n in enumerate(rows):
         if n is None:
             with lk.disable_adapters(model):
-                out.append(model(x[i:i + 1]))
+                out.append(model(x[i : i + 1]))
         else:
             with lk.use_adapter(model, n):
-                out.append(model(x[i:i + 1]))
+                out.append(model(x[i : i + 1]))
     return torch.cat(out)
 
 
@@ -48,9 +52,8 @@ class _Ops(TorchFunctionMode):
 
 def _entering(model, table, rows) -> list[str]:
     """The torch calls that entering and leaving a batch of `rows` makes."""
-    with _Ops() as seen:
-        with table.batch(rows):
-            pass
+    with _Ops() as seen, table.batch(rows):
+        pass
     return seen.ops
 
 
