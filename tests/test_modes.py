@@ -52,6 +52,7 @@ def lora_llama():
     return randomise_B(model).train()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_hf_gradient_checkpointing_gives_the_plain_loss_and_gradients(use_reentrant):
     """Issue 12 defect 1: the reentrant mode gave loss 4.6124 vs 4.6155 and gradients off by 0.26."""
@@ -115,6 +116,7 @@ def lora_mlp(p=0.1):
     return randomise_B(lk.apply_lora(model, lk.LoraConfig(rank=4, alpha=8.0, dropout=p), ["0", "2"])).train()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backward_in_graph", [True, False])
 def test_compiled_training_step_with_dropout_matches_eager(backward_in_graph):
     """fullgraph=True over forward, loss and backward; aot_eager runs the captured graph with eager's RNG."""
@@ -144,6 +146,7 @@ def test_compiled_training_step_with_dropout_matches_eager(backward_in_graph):
     assert_same_grads(got, want)
 
 
+@pytest.mark.slow
 def test_inductor_compiles_a_training_step_with_dropout():
     """The real compiler draws with its own RNG (masks differ from eager's), so: one graph, seeded, and live."""
     torch._dynamo.reset()

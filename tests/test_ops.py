@@ -181,6 +181,7 @@ def test_merged_weight_refuses_non_finite(bad):
         ops.merged_weight(big.to(torch.bfloat16), big.clone())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 @pytest.mark.parametrize("training", [True, False])
 def test_lora_linear_compiles_fullgraph(training, dropout):

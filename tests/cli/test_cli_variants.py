@@ -19,6 +19,8 @@ pytest.importorskip("torchao")
 
 from lorakit.hf import models as hf  # noqa: E402
 
+pytestmark = pytest.mark.slow  # whole finetune runs in process (tens of seconds each): not in the fast set
+
 
 def test_finetune_dora_pissa_nf4_loraplus_loads_in_peft_on_the_original_base(tmp_path):
     model_dir = _hf_models.save_tiny("gpt2", tmp_path / "gpt2")

@@ -126,6 +126,7 @@ def test_apply_lora_on_bert_minilm():
 
 # -- PEFT interop -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "minilm"])
 def test_seq_cls_head_saved_with_adapter_and_peft_loads_it(tmp_path, tiny, kind):
     path = _hf_models.minilm_dir() if kind == "minilm" else tiny[kind]
@@ -215,6 +216,7 @@ def test_gpt2_conv1d_adapter_round_trips_through_peft(tmp_path, tiny):
 
 # -- transformers.Trainer ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_lorakit_model_trains_inside_transformers_trainer(tmp_path, tiny):
     model, tok = hf.load(tiny["gpt2"], "causal-lm")
     lk.apply_lora(model, lk.LoraConfig(rank=4, alpha=8.0), "all-linear")

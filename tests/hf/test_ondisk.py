@@ -80,6 +80,7 @@ def _peak(fn):
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_a_directory_is_tokenized_into_arrow_with_bounded_memory(tmp_path, tok, monkeypatch):
     monkeypatch.setattr(ondisk, "BATCH_ROWS", 100)  # what the directory path holds at once: 100 rows, not 3000
     rows = _rows(3000)
@@ -189,6 +190,7 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pack", [False, True])
 def test_finetune_on_a_parquet_directory_gives_the_adapter_of_the_same_rows_in_one_file(tmp_path, tiny_llama, pack):
     rows = _rows(24)

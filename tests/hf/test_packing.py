@@ -128,6 +128,7 @@ def test_padding_fraction_counts_pad_over_all_tokens():
 
 # -- the model sees the same thing ----------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [llama, gpt2], ids=["llama", "gpt2"])
 def test_packed_batch_gives_the_unpacked_loss_and_lora_gradients(build):
     exs = examples(n=9)

@@ -147,6 +147,7 @@ def run_waves(model, tok, requests, waves: list[list[list[int]]], max_batch: int
     return results, seen
 
 
+@pytest.mark.slow
 def test_48_concurrent_requests_over_8_adapters_and_the_base_equal_each_run_alone(llama):
     model, tok = llama
     names = [None, *LLAMA_ADAPTERS]

@@ -77,6 +77,7 @@ def test_forward_backward_equal_the_dequantised_reference_without_keeping_dense_
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_training_on_cpu_and_dense_merge(fmt):
     model = quantize_base(wrapped(), fmt)
