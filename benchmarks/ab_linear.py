@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def old_ops_linear(rev: str):
     """lorakit/ops_linear.py as it was at `rev`, imported as a stand-alone module (it imports torch only)."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/lorakit/ops_linear.py"],
-                         capture_output=True, text=True, check=True).stdout
+    src = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:src/lorakit/ops_linear.py"], capture_output=True, text=True, check=True
+    ).stdout
     path = Path(tempfile.mkdtemp()) / "old_ops_linear.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("old_ops_linear", path)
@@ -49,9 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
-                   help="cpu: this process's CPU time (one torch thread), which other load on a shared machine "
-                        "perturbs far less than wall time")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="cpu",
+        help="cpu: this process's CPU time (one torch thread), which other load on a shared machine "
+        "perturbs far less than wall time",
+    )
     a = p.parse_args(argv)
     a.device = "cpu"
     torch.set_num_threads(1)
@@ -73,14 +78,26 @@ def main(argv: list[str] | None = None) -> None:
                 c()
             finally:
                 ops.lora_linear = after_fn
+
         return step
 
-    cases = {"frozen bound": run.TrainCase(run.frozen(copy.deepcopy(base)), embed, ids, labels),
-             "before": case(before_fn, True), "after": case(after_fn, False)}
+    cases = {
+        "frozen bound": run.TrainCase(run.frozen(copy.deepcopy(base)), embed, ids, labels),
+        "before": case(before_fn, True),
+        "after": case(after_fn, False),
+    }
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
     s = harness.interleaved(cases, rounds=a.rounds, warmup=1, device="cpu", clock=clock)
-    rows = [[n, harness.fmt_time(s.median(n)), f"{s.ratio(n, 'frozen bound'):.3f}×", f"{s.ratio(n, 'before'):.3f}×",
-             f"±{s.spread(n) * 100:.0f}%"] for n in cases]
+    rows = [
+        [
+            n,
+            harness.fmt_time(s.median(n)),
+            f"{s.ratio(n, 'frozen bound'):.3f}×",
+            f"{s.ratio(n, 'before'):.3f}×",
+            f"±{s.spread(n) * 100:.0f}%",
+        ]
+        for n in cases
+    ]
     print(f"dropout {a.dropout:g}, before = {a.before}, {a.rounds} rounds, {a.clock} time")
     print(harness.table(["case", "median", "× frozen bound", "× before", "noise"], rows))
 

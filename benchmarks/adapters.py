@@ -112,12 +112,21 @@ def main(argv: list[str] | None = None) -> Path:
         with lk.mixed_batch(lkm, names):
             decode(lkm)
 
-    gen_cases = {"lorakit single adapter": lambda: decode(lkm), "lorakit mixed batch": lk_decode_mixed,
-                 "PEFT single adapter": lambda: decode(pm), "PEFT mixed batch": lambda: decode(pm, adapter_names=names)}
+    gen_cases = {
+        "lorakit single adapter": lambda: decode(lkm),
+        "lorakit mixed batch": lk_decode_mixed,
+        "PEFT single adapter": lambda: decode(pm),
+        "PEFT mixed batch": lambda: decode(pm, adapter_names=names),
+    }
     g = harness.interleaved(gen_cases, max(3, a.rounds // 2), warmup=1, device=a.device)
 
-    cases = {"base (adapters disabled)": base_only, "lorakit single adapter": lk_single,
-             "lorakit mixed batch": lk_mixed, "PEFT single adapter": pf_single, "PEFT mixed batch": pf_mixed}
+    cases = {
+        "base (adapters disabled)": base_only,
+        "lorakit single adapter": lk_single,
+        "lorakit mixed batch": lk_mixed,
+        "PEFT single adapter": pf_single,
+        "PEFT mixed batch": pf_mixed,
+    }
     s = harness.interleaved(cases, a.rounds, warmup=2, device=a.device)
     base_bytes = sum(t.numel() * t.element_size() for t in base.parameters())
     total = sum(t.numel() * t.element_size() for t in lkm.parameters())

@@ -62,8 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def lora_model(a: argparse.Namespace, base: torch.nn.Module, checkpointed: bool) -> torch.nn.Module:
     """The base with LoRA on every projection (B randomised so gradients flow through it), optionally checkpointed."""
-    model = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, dropout=a.dropout),
-                          TARGETS)
+    model = lk.apply_lora(
+        copy.deepcopy(base), lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, dropout=a.dropout), TARGETS
+    )
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in lk.lora_layers(model).values():
@@ -129,9 +130,18 @@ def _status(key: str) -> int:
 
 def peak_rss(a: argparse.Namespace) -> dict[str, dict]:
     """Each case's rss_case, each in a fresh interpreter."""
-    flags = [f"--hidden={a.hidden}", f"--intermediate={a.intermediate}", f"--layers={a.layers}", f"--heads={a.heads}",
-             f"--vocab={a.vocab}", f"--rank={a.rank}", f"--batch={a.batch}", f"--seq={a.seq}",
-             f"--dropout={a.dropout}", f"--threads={a.threads}"]
+    flags = [
+        f"--hidden={a.hidden}",
+        f"--intermediate={a.intermediate}",
+        f"--layers={a.layers}",
+        f"--heads={a.heads}",
+        f"--vocab={a.vocab}",
+        f"--rank={a.rank}",
+        f"--batch={a.batch}",
+        f"--seq={a.seq}",
+        f"--dropout={a.dropout}",
+        f"--threads={a.threads}",
+    ]
     out = {}
     for name in CASES:
         r = subprocess.run([sys.executable, __file__, *flags, "--rss-case", name], capture_output=True, text=True)
@@ -168,8 +178,17 @@ def packing_epochs(a: argparse.Namespace, model: torch.nn.Module) -> tuple[list[
     for name, batches, count in (("unpacked", unpacked, len(examples)), ("packed", packed, len(rows))):
         padded = sum(b["input_ids"].numel() for b in batches)
         rate = tokens / s.median(name)
-        out.append([name, str(count), str(len(batches)), f"{100 * (padded - tokens) / padded:.1f}%",
-                    fmt_time(s.median(name)), f"{rate:,.0f}", f"{s.ratio('unpacked', name):.2f}×"])
+        out.append(
+            [
+                name,
+                str(count),
+                str(len(batches)),
+                f"{100 * (padded - tokens) / padded:.1f}%",
+                fmt_time(s.median(name)),
+                f"{rate:,.0f}",
+                f"{s.ratio('unpacked', name):.2f}×",
+            ]
+        )
     return out, stats
 
 
@@ -191,48 +210,69 @@ def main(argv: list[str] | None = None) -> Path | None:
     step_rows = []
     for name in CASES:
         r = rss[name]
-        step_rows.append([name, fmt_time(s.median(name)), f"{s.ratio(name, 'plain'):.2f}×",
-                          f"±{100 * s.spread(name):.0f}%", fmt_bytes(saved[name]), fmt_bytes(r["maxrss"]),
-                          fmt_bytes(r["peak"] - r["before"])])
+        step_rows.append(
+            [
+                name,
+                fmt_time(s.median(name)),
+                f"{s.ratio(name, 'plain'):.2f}×",
+                f"±{100 * s.spread(name):.0f}%",
+                fmt_bytes(saved[name]),
+                fmt_bytes(r["maxrss"]),
+                fmt_bytes(r["peak"] - r["before"]),
+            ]
+        )
     pack_rows, stats = packing_epochs(a, models["plain"])
-    text = "\n".join([
-        "# Gradient checkpointing and sequence packing",
-        "",
-        f"Command: `{' '.join(['python benchmarks/checkpointing.py', *a.argv])}` "
-        f"({time.perf_counter() - t0:.0f} s)",
-        "",
-        f"Machine: {harness.machine('cpu', a.threads)}.",
-        "",
-        f"Model: Llama-style, hidden {a.hidden}, intermediate {a.intermediate}, "
-        f"{a.layers} layers, vocab {a.vocab}; "
-        f"LoRA r={a.rank} on {', '.join(TARGETS)}, dropout {a.dropout:g}; batch "
-        f"{a.batch} × {a.seq} token ids, AdamW.",
-        "",
-        "## Training step: `--gradient-checkpointing`",
-        "",
-        table(["case", "step (median)", "× plain", "noise", "saved for backward", "peak RSS (ru_maxrss)",
-               "peak − before steps"], step_rows),
-        "",
-        f"Medians over {a.rounds} interleaved rounds (after one warm-up round); × "
-        "plain is the median of same-round "
-        "ratios. Saved for backward: distinct storages kept by one forward (saved-tensor hooks, parameters "
-        "excluded). Peak RSS: a fresh process per case (started before the parent builds anything, since a "
-        "child's ru_maxrss starts from its parent's RSS), two steps; ru_maxrss counts the whole process (imports "
-        "and model build included), the last column the steps alone (VmHWM reset after the build).",
-        "",
-        "## Packing: `--pack`",
-        "",
-        table(["case", "rows", "batches", "padding", "epoch (median)", "real tokens/s", "× unpacked speed"],
-              pack_rows),
-        "",
-        f"One epoch over the same {stats['rows_before']} examples ({stats['tokens']} real tokens; lengths drawn "
-        f"from an exponential of mean {a.seq // 4}, 2 to {a.seq} tokens), batch {a.batch} rows, no checkpointing; "
-        f"medians over {a.epoch_rounds} interleaved rounds, × unpacked speed the median of same-round ratios. "
-        "The packed epoch also takes fewer optimizer steps (one per batch). Padding here is the epoch's actual "
-        "batches; the finetune report gives the same fraction for a seeded order "
-        f"({100 * stats['padding_fraction_unpacked']:.1f}% → {100 * stats['padding_fraction_packed']:.1f}%).",
-        "",
-    ])
+    text = "\n".join(
+        [
+            "# Gradient checkpointing and sequence packing",
+            "",
+            f"Command: `{' '.join(['python benchmarks/checkpointing.py', *a.argv])}` "
+            f"({time.perf_counter() - t0:.0f} s)",
+            "",
+            f"Machine: {harness.machine('cpu', a.threads)}.",
+            "",
+            f"Model: Llama-style, hidden {a.hidden}, intermediate {a.intermediate}, "
+            f"{a.layers} layers, vocab {a.vocab}; "
+            f"LoRA r={a.rank} on {', '.join(TARGETS)}, dropout {a.dropout:g}; batch "
+            f"{a.batch} × {a.seq} token ids, AdamW.",
+            "",
+            "## Training step: `--gradient-checkpointing`",
+            "",
+            table(
+                [
+                    "case",
+                    "step (median)",
+                    "× plain",
+                    "noise",
+                    "saved for backward",
+                    "peak RSS (ru_maxrss)",
+                    "peak − before steps",
+                ],
+                step_rows,
+            ),
+            "",
+            f"Medians over {a.rounds} interleaved rounds (after one warm-up round); × "
+            "plain is the median of same-round "
+            "ratios. Saved for backward: distinct storages kept by one forward (saved-tensor hooks, parameters "
+            "excluded). Peak RSS: a fresh process per case (started before the parent builds anything, since a "
+            "child's ru_maxrss starts from its parent's RSS), two steps; ru_maxrss counts the whole process (imports "
+            "and model build included), the last column the steps alone (VmHWM reset after the build).",
+            "",
+            "## Packing: `--pack`",
+            "",
+            table(
+                ["case", "rows", "batches", "padding", "epoch (median)", "real tokens/s", "× unpacked speed"], pack_rows
+            ),
+            "",
+            f"One epoch over the same {stats['rows_before']} examples ({stats['tokens']} real tokens; lengths drawn "
+            f"from an exponential of mean {a.seq // 4}, 2 to {a.seq} tokens), batch {a.batch} rows, no checkpointing; "
+            f"medians over {a.epoch_rounds} interleaved rounds, × unpacked speed the median of same-round ratios. "
+            "The packed epoch also takes fewer optimizer steps (one per batch). Padding here is the epoch's actual "
+            "batches; the finetune report gives the same fraction for a seeded order "
+            f"({100 * stats['padding_fraction_unpacked']:.1f}% → {100 * stats['padding_fraction_packed']:.1f}%).",
+            "",
+        ]
+    )
     a.out.write_text(text)
     return a.out
 

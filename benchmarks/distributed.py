@@ -53,7 +53,7 @@ def worker(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(epochs=1, lr=1e-3, device="cpu", log_every=1, fsdp=args.fsdp)
     Trainer(model, cfg, loss_fn=nn.functional.mse_loss, callbacks=[clock]).fit(data)
-    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][WARMUP:args.steps]
+    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][WARMUP : args.steps]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.out, f"rank{rank()}.json").write_text(json.dumps({"step_s": steps, "rss_mib": rss}))
 
@@ -61,13 +61,29 @@ def worker(args: argparse.Namespace) -> None:
 def launch(name: str, world: int, fsdp: bool, args: argparse.Namespace) -> dict:
     """One fresh run of a configuration: the median step time and the largest peak RSS over its ranks."""
     with tempfile.TemporaryDirectory() as out:
-        flags = ["--worker", "--out", out, "--steps", str(args.steps), "--dim", str(args.dim),
-                 "--layers", str(args.layers), "--batch", str(args.batch), *(["--fsdp"] if fsdp else [])]
-        prefix = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
-                  if world > 1 else [sys.executable])
+        flags = [
+            "--worker",
+            "--out",
+            out,
+            "--steps",
+            str(args.steps),
+            "--dim",
+            str(args.dim),
+            "--layers",
+            str(args.layers),
+            "--batch",
+            str(args.batch),
+            *(["--fsdp"] if fsdp else []),
+        ]
+        prefix = (
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+            if world > 1
+            else [sys.executable]
+        )
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run([*prefix, __file__, *flags], check=True, env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [*prefix, __file__, *flags], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
     assert len(ranks) == world, f"{name}: {len(ranks)} rank reports"
     return {"step_ms": 1000 * statistics.median(ranks[0]["step_s"]), "rss_mib": max(r["rss_mib"] for r in ranks)}
@@ -92,9 +108,11 @@ def main() -> None:
         for name, world, fsdp in CONFIGS:
             runs[name].append(launch(name, world, fsdp, args))
     base = statistics.median(r["step_ms"] for r in runs[CONFIGS[0][0]])
-    print(f"LoRA r=8 on a {args.layers}×Linear({args.dim}, {args.dim}) MLP, fp32, CPU, 1 thread per process, "
-          f"{args.batch} rows per rank per step; medians of {args.repeats} interleaved launches "
-          f"(each the median of {args.steps - WARMUP - 1} steps)\n")
+    print(
+        f"LoRA r=8 on a {args.layers}×Linear({args.dim}, {args.dim}) MLP, fp32, CPU, 1 thread per process, "
+        f"{args.batch} rows per rank per step; medians of {args.repeats} interleaved launches "
+        f"(each the median of {args.steps - WARMUP - 1} steps)\n"
+    )
     print("| configuration | rows/step | step time (ms) | rows/s | vs 1 process | peak RSS per rank (MiB) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, world, _ in CONFIGS:

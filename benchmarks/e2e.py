@@ -81,12 +81,22 @@ def prepare(a: argparse.Namespace, root: Path) -> tuple[Path, Path, Path]:
     vocab = {t: i for i, t in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
-    cfg = LlamaConfig(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.heads, vocab_size=a.vocab,
-                      max_position_embeddings=max(2048, a.max_length), tie_word_embeddings=False,
-                      pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    cfg = LlamaConfig(
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.heads,
+        vocab_size=a.vocab,
+        max_position_embeddings=max(2048, a.max_length),
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     torch.manual_seed(0)
     model_dir = root / "model"
     LlamaForCausalLM(cfg).save_pretrained(model_dir)
@@ -140,12 +150,49 @@ def run_process(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, 
 def run_lorakit(a: argparse.Namespace, root: Path, rep: int) -> dict:
     model_dir, train, valid = root / "model", root / "train.jsonl", root / "valid.jsonl"
     out = root / f"lk-{rep}"
-    cmd = [sys.executable, "-m", "lorakit", "finetune", "--model", str(model_dir), "--data", str(train),
-           "--valid", str(valid), "--task", "causal-lm", "--out", str(out), "--targets", *TARGETS,
-           "--rank", str(a.rank), "--alpha", str(2 * a.rank), "--dropout", "0", "--lr", str(a.lr),
-           "--batch-size", str(a.batch), "--max-length", str(a.max_length), "--schedule", "linear",
-           "--weight-decay", "0", "--device", a.device, "--seed", "0", "--log-every", str(a.log_every),
-           "--plain", "--max-steps", str(a.steps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorakit",
+        "finetune",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(train),
+        "--valid",
+        str(valid),
+        "--task",
+        "causal-lm",
+        "--out",
+        str(out),
+        "--targets",
+        *TARGETS,
+        "--rank",
+        str(a.rank),
+        "--alpha",
+        str(2 * a.rank),
+        "--dropout",
+        "0",
+        "--lr",
+        str(a.lr),
+        "--batch-size",
+        str(a.batch),
+        "--max-length",
+        str(a.max_length),
+        "--schedule",
+        "linear",
+        "--weight-decay",
+        "0",
+        "--device",
+        a.device,
+        "--seed",
+        "0",
+        "--log-every",
+        str(a.log_every),
+        "--plain",
+        "--max-steps",
+        str(a.steps),
+    ]
     wall, rss = run_process(cmd, side_env(a), root / f"lk-{rep}.log")
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if r["kind"] == "step"]
@@ -176,12 +223,16 @@ def hf_side(a: argparse.Namespace, root: Path) -> None:
     torch.set_num_threads(a.threads)
     tok = AutoTokenizer.from_pretrained(root / "model")
     model = AutoModelForCausalLM.from_pretrained(root / "model")
-    model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
-                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"),
+    )
     ds = load_dataset("json", data_files=str(root / "train.jsonl"), split="train")
     # lorakit's encoding of a text row: the tokenizer's ids + EOS, truncated to max_length (same tokens per row)
-    ds = ds.map(lambda ex: {"input_ids": (tok(ex["text"])["input_ids"] + [tok.eos_token_id])[: a.max_length]},
-                remove_columns=["text"])
+    ds = ds.map(
+        lambda ex: {"input_ids": (tok(ex["text"])["input_ids"] + [tok.eos_token_id])[: a.max_length]},
+        remove_columns=["text"],
+    )
     mlm = DataCollatorForLanguageModeling(tok, mlm=False)  # pads to the batch's longest; labels -100 on padding
     tokens: list[int] = []
 
@@ -198,11 +249,23 @@ def hf_side(a: argparse.Namespace, root: Path) -> None:
                 torch.cuda.synchronize()
             ends.append(time.perf_counter())
 
-    args = TrainingArguments(output_dir=str(root / "hf-out"), per_device_train_batch_size=a.batch,
-                             max_steps=a.steps, logging_steps=a.log_every, save_strategy="no", report_to=[],
-                             learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-                             optim="adamw_torch", max_grad_norm=1.0, seed=0, dataloader_num_workers=0,
-                             use_cpu=not a.device.startswith("cuda"))
+    args = TrainingArguments(
+        output_dir=str(root / "hf-out"),
+        per_device_train_batch_size=a.batch,
+        max_steps=a.steps,
+        logging_steps=a.log_every,
+        save_strategy="no",
+        report_to=[],
+        learning_rate=a.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        seed=0,
+        dataloader_num_workers=0,
+        use_cpu=not a.device.startswith("cuda"),
+    )
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[StepTimes()])
     trainer.train()
     w = a.log_every  # steps 1..w are warm-up; steps w+1..N are counted
@@ -226,8 +289,22 @@ def main(argv: list[str] | None = None) -> Path:
     if a.hf_side:
         hf_side(a, a.hf_side)
         return a.hf_side
-    keys = ("hidden", "intermediate", "layers", "heads", "vocab", "rank", "batch", "max_length", "rows", "steps",
-            "log_every", "lr", "threads", "device")
+    keys = (
+        "hidden",
+        "intermediate",
+        "layers",
+        "heads",
+        "vocab",
+        "rank",
+        "batch",
+        "max_length",
+        "rows",
+        "steps",
+        "log_every",
+        "lr",
+        "threads",
+        "device",
+    )
     side_argv = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in keys]  # the settings after --quick's
     load_start, t0 = harness.loadavg(), time.perf_counter()
     results: dict[str, list[dict]] = {"lorakit finetune": [], "Trainer + PEFT": []}
@@ -240,8 +317,10 @@ def main(argv: list[str] | None = None) -> Path:
                 r = run_lorakit(a, root, rep) if side == "lorakit finetune" else run_hf(a, root, rep, side_argv)
                 results[side].append(r)
                 print(f"rep {rep} {side}: {r}", file=sys.stderr)
-        floors = {k: run_process([sys.executable, "-c", code], side_env(a), root / f"floor-{i}.log")[1]
-                  for i, (k, code) in enumerate(FLOORS.items())}
+        floors = {
+            k: run_process([sys.executable, "-c", code], side_env(a), root / f"floor-{i}.log")[1]
+            for i, (k, code) in enumerate(FLOORS.items())
+        }
     text = report(a, results, floors, load_start, harness.loadavg(), time.perf_counter() - t0)
     a.out.write_text(text)
     print(text)

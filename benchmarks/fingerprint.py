@@ -37,10 +37,24 @@ import lorakit as lk  # noqa: E402
 from lorakit.fingerprint import Fingerprints, base_fingerprint  # noqa: E402
 
 HERE = Path(__file__).parent
-ONE_B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-             num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)  # Llama-3.2-1B
-QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
+ONE_B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+)  # Llama-3.2-1B
+QUICK = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    tie_word_embeddings=True,
+)
 TARGETS = ["q_proj", "v_proj"]
 
 
@@ -130,8 +144,10 @@ def measure(shape: dict, dtype: torch.dtype, rounds: int) -> tuple[int, list[lis
         return [f"{kind}: {what}", fmt_time(s.median(case)), fmt_time(w.median(case))]
 
     rows = [
-        [*row(f"`base_fingerprint`, every tensor ({nbytes / 1e9:.2f} GB)", "fingerprint"),
-         f"{nbytes / 1e9 / s.median('fingerprint'):.1f} GB/s"],
+        [
+            *row(f"`base_fingerprint`, every tensor ({nbytes / 1e9:.2f} GB)", "fingerprint"),
+            f"{nbytes / 1e9 / s.median('fingerprint'):.1f} GB/s",
+        ],
         [*row("first `load_adapters`, checked (hashes the base)", "checked"), ""],
         [*row("the same without lorakit.json (nothing checked)", "unchecked"), ""],
         [f"{kind}: **what a first load adds**", f"**{fmt_time(first)}**", fmt_time(first_wall), ""],

@@ -56,9 +56,14 @@ class Samples:
         return (q[2] - q[0]) / 2 / statistics.median(xs)
 
 
-def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int, device: str,
-                setup: dict[str, Callable[[], object]] | None = None,
-                clock: Callable[[], float] = time.perf_counter) -> Samples:
+def interleaved(
+    cases: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int,
+    device: str,
+    setup: dict[str, Callable[[], object]] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Samples:
     """Run every case once per round, rotating the order each round; `setup[name]` runs untimed before a case."""
     setup = setup or {}
     names = list(cases)
@@ -98,8 +103,10 @@ def machine(device: str, threads: int) -> str:
     import transformers
 
     dev = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {threads} torch thread(s)"
-    return (f"{cpu} ({os.cpu_count()} logical cores); {dev}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
+    return (
+        f"{cpu} ({os.cpu_count()} logical cores); {dev}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+    )
 
 
 def fmt_time(s: float) -> str:

@@ -73,9 +73,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_base(a: argparse.Namespace) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.heads, vocab_size=a.vocab,
-                      max_position_embeddings=max(2048, a.seq), tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.heads,
+        vocab_size=a.vocab,
+        max_position_embeddings=max(2048, a.seq),
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to(a.device)
 
@@ -83,8 +90,7 @@ def build_base(a: argparse.Namespace) -> torch.nn.Module:
 def build_lorakit(a, base, dropout: float):
     import lorakit as lk
 
-    model = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, dropout=dropout),
-                          TARGETS)
+    model = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, dropout=dropout), TARGETS)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # B = 0 at init; give it values so outputs and gradients really flow through it
         for layer in lk.lora_layers(model).values():
@@ -160,6 +166,7 @@ def train_cases(a, base):
 
 # -- measurements -------------------------------------------------------------------------------------
 
+
 def saved_bytes(case: TrainCase) -> int:
     """Bytes of distinct storages saved for backward by one forward (parameters excluded)."""
     skip = {p.untyped_storage().data_ptr() for p in case.model.parameters()}
@@ -205,9 +212,19 @@ def _rss(key: str) -> int:
 
 
 def peak_rss(a, names: list[str]) -> dict[str, dict]:
-    flags = [f"--hidden={a.hidden}", f"--intermediate={a.intermediate}", f"--layers={a.layers}",
-             f"--heads={a.heads}", f"--vocab={a.vocab}", f"--rank={a.rank}", f"--batch={a.batch}",
-             f"--seq={a.seq}", f"--dropout={a.dropout}", f"--threads={a.threads}", f"--device={a.device}"]
+    flags = [
+        f"--hidden={a.hidden}",
+        f"--intermediate={a.intermediate}",
+        f"--layers={a.layers}",
+        f"--heads={a.heads}",
+        f"--vocab={a.vocab}",
+        f"--rank={a.rank}",
+        f"--batch={a.batch}",
+        f"--seq={a.seq}",
+        f"--dropout={a.dropout}",
+        f"--threads={a.threads}",
+        f"--device={a.device}",
+    ]
     out = {}
     for n in names:
         r = subprocess.run([sys.executable, __file__, *flags, "--rss-case", n], capture_output=True, text=True)

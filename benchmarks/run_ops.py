@@ -28,11 +28,16 @@ def inference_cases(a, base, lorakit_model, peft_model):
             m.eval()
             with torch.no_grad():
                 m(input_ids=ids)
+
         return f
 
     with torch.no_grad():  # sanity: the same numbers from every path
-        diffs = {"lorakit unmerged vs merged":
-                 (lorakit_model.eval()(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item()}
+        diffs = {
+            "lorakit unmerged vs merged": (lorakit_model.eval()(input_ids=ids).logits - merged(input_ids=ids).logits)
+            .abs()
+            .max()
+            .item()
+        }
     return {n: run(m) for n, m in models.items()}, diffs
 
 
@@ -94,16 +99,21 @@ def adapter_ops(a, base, lorakit_model, peft_model, tmp: Path) -> dict[str, dict
             pm, str(pf_dirs[nxt()]), "default"
         ),
     }
-    setup = {"load into a fresh base: lorakit": fresh, "load into a fresh base: PEFT": fresh,
-             "load-and-activate (hot swap): PEFT": peft_swap_cleanup}
+    setup = {
+        "load into a fresh base: lorakit": fresh,
+        "load into a fresh base: PEFT": fresh,
+        "load-and-activate (hot swap): PEFT": peft_swap_cleanup,
+    }
     s = harness.interleaved(cases, a.fast_rounds, 1, a.device, setup)
     peft_swap_cleanup()
     out = {n: s.median(n) for n in cases}
     # merge/unmerge in place (reversible) must alternate, so pair them by hand
     times = {k: [] for k in ("merge: lorakit", "unmerge: lorakit", "merge: PEFT", "unmerge: PEFT")}
     for r in range(a.fast_rounds + 1):
-        order = [("lorakit", lambda: lk.merge_(lkm), lambda: lk.unmerge_(lkm)),
-                 ("PEFT", pm.merge_adapter, pm.unmerge_adapter)]
+        order = [
+            ("lorakit", lambda: lk.merge_(lkm), lambda: lk.unmerge_(lkm)),
+            ("PEFT", pm.merge_adapter, pm.unmerge_adapter),
+        ]
         for lib, merge, unmerge in order if r % 2 else order[::-1]:
             tm, tu = harness.timed(merge, a.device), harness.timed(unmerge, a.device)
             if r:  # round 0 is warm-up

@@ -75,8 +75,10 @@ weight-sized buffer per layer between merges, which costs the memory LoRA is mea
 def report(a, train, saved, rss, inf, ops, diffs, prof, seconds) -> str:
     p = f"{a.dropout:g}"
     fb = "frozen bound"
-    rows = [[n, fmt_time(train.median(n)), f"{train.ratio(n, fb):.3f}×", f"±{100 * train.spread(n):.0f}%"]
-            for n in train.times]
+    rows = [
+        [n, fmt_time(train.median(n)), f"{train.ratio(n, fb):.3f}×", f"±{100 * train.spread(n):.0f}%"]
+        for n in train.times
+    ]
     lora_bytes = {n: saved[n] - saved[fb] for n in saved if n not in (fb, "full fine-tuning")}
     mem_rows = []
     for n in saved:
@@ -84,16 +86,38 @@ def report(a, train, saved, rss, inf, ops, diffs, prof, seconds) -> str:
         peft_name = n.replace("lorakit", "PEFT")
         vs = f"{lb / lora_bytes[peft_name]:.2f}×" if n.startswith("lorakit") and lora_bytes.get(peft_name) else ""
         r = rss[n] if rss else None
-        mem_rows.append([n, fmt_bytes(saved[n]), fmt_bytes(lb) if lb is not None else "", vs,
-                         fmt_bytes(r["peak"]) if r else "—", fmt_bytes(r["peak"] - r["before"]) if r else "—"])
-    inf_rows = [[n, fmt_time(inf.median(n)), f"{inf.ratio(n, 'base'):.3f}×", f"±{100 * inf.spread(n):.0f}%"]
-                for n in inf.times]
+        mem_rows.append(
+            [
+                n,
+                fmt_bytes(saved[n]),
+                fmt_bytes(lb) if lb is not None else "",
+                vs,
+                fmt_bytes(r["peak"]) if r else "—",
+                fmt_bytes(r["peak"] - r["before"]) if r else "—",
+            ]
+        )
+    inf_rows = [
+        [n, fmt_time(inf.median(n)), f"{inf.ratio(n, 'base'):.3f}×", f"±{100 * inf.spread(n):.0f}%"] for n in inf.times
+    ]
     op_names = ["save", "load into a fresh base", "load-and-activate (hot swap)", "merge", "unmerge"]
-    op_rows = [[o, fmt_time(ops[f"{o}: lorakit"]), fmt_time(ops[f"{o}: PEFT"]),
-                f"{ops[f'{o}: PEFT'] / ops[f'{o}: lorakit']:.1f}×"] for o in op_names]
+    op_rows = [
+        [
+            o,
+            fmt_time(ops[f"{o}: lorakit"]),
+            fmt_time(ops[f"{o}: PEFT"]),
+            f"{ops[f'{o}: PEFT'] / ops[f'{o}: lorakit']:.1f}×",
+        ]
+        for o in op_names
+    ]
     hs = "load-and-activate (hot swap): PEFT hotswap_adapter"
-    op_rows.append(["hot swap vs PEFT's `hotswap_adapter`", fmt_time(ops["load-and-activate (hot swap): lorakit"]),
-                    fmt_time(ops[hs]), f"{ops[hs] / ops['load-and-activate (hot swap): lorakit']:.1f}×"])
+    op_rows.append(
+        [
+            "hot swap vs PEFT's `hotswap_adapter`",
+            fmt_time(ops["load-and-activate (hot swap): lorakit"]),
+            fmt_time(ops[hs]),
+            f"{ops[hs] / ops['load-and-activate (hot swap): lorakit']:.1f}×",
+        ]
+    )
 
     lk_lora, pf_lora = lora_bytes[f"lorakit p={p}"], lora_bytes[f"PEFT p={p}"]
     swap = ops["load-and-activate (hot swap): PEFT"] / ops["load-and-activate (hot swap): lorakit"]
@@ -106,84 +130,96 @@ def report(a, train, saved, rss, inf, ops, diffs, prof, seconds) -> str:
         ("merge no slower than PEFT (PEFT / lorakit ≥ 1)", ops["merge: PEFT"] / ops["merge: lorakit"], 1.0, "ge"),
         ("unmerge no slower than PEFT (PEFT / lorakit ≥ 1)", ops["unmerge: PEFT"] / ops["unmerge: lorakit"], 1.0, "ge"),
     ]
-    t_rows = [[t, f"{v:.3f}", "met" if (v <= lim if how == "le" else v >= lim) else "**missed**"]
-              for t, v, lim, how in targets]
+    t_rows = [
+        [t, f"{v:.3f}", "met" if (v <= lim if how == "le" else v >= lim) else "**missed**"]
+        for t, v, lim, how in targets
+    ]
     n_tok = a.batch * a.seq
     prof_text = []
     for name, rows_ in prof.items():
         extra = sum(r[1] - r[2] for r in rows_)
-        prof_text += [f"One step of {name} against one of the frozen bound (self CPU ms per op, largest "
-                      f"differences; these {len(rows_)} ops account for {extra:+.0f} ms):", "",
-                      table(["op", name, "frozen bound", "difference"],
-                            [[f"`{k}`", f"{x:.1f}", f"{y:.1f}", f"{x - y:+.1f}"] for k, x, y in rows_]), ""]
-    return "\n".join([
-        "# Benchmark results: lorakit vs PEFT vs the cost floor",
-        "",
-        "Command: `" + " ".join(["python benchmarks/run.py", *a.argv]) + "`",
-        f"({'quick mode, a tiny model: not meaningful numbers' if a.quick else 'full run'}; {seconds:.0f} s)",
-        "",
-        f"Machine: {harness.machine(a.device, a.threads)}. Load average (1 min) at the start and end: "
-        f"{a.load_start:.2f} and {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (a shared machine: other "
-        "load widens the noise column).",
-        "",
-        f"Model: Llama-style (transformers `LlamaForCausalLM` from a config, fp32), hidden {a.hidden}, "
-        f"intermediate {a.intermediate}, {a.layers} layers, {a.heads} heads, vocab {a.vocab}; LoRA r={a.rank}, "
-        f"alpha={2 * a.rank} on {', '.join(TARGETS)}; batch {a.batch} × {a.seq} = {n_tok} tokens. "
-        f"Training rounds: {a.rounds}; inference/adapter rounds: {a.fast_rounds}. Times are medians; ratios are "
-        "medians of same-round ratios; ± is half the inter-quartile range.",
-        "",
-        "## Targets",
-        "",
-        table(["target", "measured", ""], t_rows),
-        "",
-        "## Training step (forward + backward + AdamW)",
-        "",
-        table(["case", "median", "× frozen bound", "noise"], rows),
-        "",
-        "The frozen bound is the same model with every weight frozen, back-propagating through activations only. "
-        "lorakit, PEFT and the frozen bound all take the token embeddings as an input that requires grad, so "
-        "their backward passes cover the same activations and differ only by the LoRA branches. Full "
-        "fine-tuning takes token ids and trains every weight (embeddings included).",
-        "",
-        "### Where LoRA's extra time goes (torch.profiler)",
-        "",
-        *prof_text,
-        "## Memory",
-        "",
-        table(["case", "saved for backward", "LoRA branch (over frozen)", "× PEFT", "peak RSS", "peak − before step"],
-              mem_rows),
-        "",
-        "Saved-for-backward bytes count distinct storages seen by `torch.autograd.graph.saved_tensors_hooks` in "
-        "one forward, parameters excluded. The LoRA branch's share is the case's total minus the frozen bound's "
-        "(the frozen model saves nothing for its linear layers' inputs, so everything over it is LoRA's). Peak RSS "
-        "comes from a fresh process per case (two steps; VmHWM reset after the model is built)"
-        + (" — skipped in this run." if rss is None else "."),
-        "",
-        "## Inference forward (no_grad, eval)",
-        "",
-        table(["case", "median", "× base", "noise"], inf_rows),
-        "",
-        "Sanity (max |Δ logits|): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + ".",
-        "",
-        "## Adapter operations (28 LoRA modules at the default size)",
-        "",
-        table(["operation", "lorakit", "PEFT", "PEFT / lorakit"], op_rows),
-        "",
-        "Save: `lk.save_adapters` vs `save_pretrained`. Load into a fresh base: `lk.load_adapters` on a model "
-        "without LoRA vs `PeftModel.from_pretrained`. Load-and-activate: read "
-        "another adapter from disk and make it "
-        "the one the model runs: `lk.load_adapters` into the LoRA model vs `load_adapter` + `set_adapter` (and, "
-        "separately, PEFT's in-place `hotswap_adapter`). Merge/unmerge: reversible "
-        "in place, `lk.merge_`/`lk.unmerge_` "
-        "vs `merge_adapter`/`unmerge_adapter`.",
-        "",
-        NOTES,
-        "",
-        "## The other suites",
-        "",
-        "`bash benchmarks/all.sh` runs this file's suite and three more, each writing its own page: "
-        "[mixed-adapter batches](RESULTS-adapters.md) (`benchmarks/adapters.py`), "
-        "[DoRA and QLoRA](RESULTS-variants.md) (`benchmarks/variants.py`) and "
-        "[1 → 2 processes](RESULTS-distributed.md) (`benchmarks/distributed.py`).",
-        "",
-    ])
+        prof_text += [
+            f"One step of {name} against one of the frozen bound (self CPU ms per op, largest "
+            f"differences; these {len(rows_)} ops account for {extra:+.0f} ms):",
+            "",
+            table(
+                ["op", name, "frozen bound", "difference"],
+                [[f"`{k}`", f"{x:.1f}", f"{y:.1f}", f"{x - y:+.1f}"] for k, x, y in rows_],
+            ),
+            "",
+        ]
+    return "\n".join(
+        [
+            "# Benchmark results: lorakit vs PEFT vs the cost floor",
+            "",
+            "Command: `" + " ".join(["python benchmarks/run.py", *a.argv]) + "`",
+            f"({'quick mode, a tiny model: not meaningful numbers' if a.quick else 'full run'}; {seconds:.0f} s)",
+            "",
+            f"Machine: {harness.machine(a.device, a.threads)}. Load average (1 min) at the start and end: "
+            f"{a.load_start:.2f} and {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (a shared machine: other "
+            "load widens the noise column).",
+            "",
+            f"Model: Llama-style (transformers `LlamaForCausalLM` from a config, fp32), hidden {a.hidden}, "
+            f"intermediate {a.intermediate}, {a.layers} layers, {a.heads} heads, vocab {a.vocab}; LoRA r={a.rank}, "
+            f"alpha={2 * a.rank} on {', '.join(TARGETS)}; batch {a.batch} × {a.seq} = {n_tok} tokens. "
+            f"Training rounds: {a.rounds}; inference/adapter rounds: {a.fast_rounds}. Times are medians; ratios are "
+            "medians of same-round ratios; ± is half the inter-quartile range.",
+            "",
+            "## Targets",
+            "",
+            table(["target", "measured", ""], t_rows),
+            "",
+            "## Training step (forward + backward + AdamW)",
+            "",
+            table(["case", "median", "× frozen bound", "noise"], rows),
+            "",
+            "The frozen bound is the same model with every weight frozen, back-propagating through activations only. "
+            "lorakit, PEFT and the frozen bound all take the token embeddings as an input that requires grad, so "
+            "their backward passes cover the same activations and differ only by the LoRA branches. Full "
+            "fine-tuning takes token ids and trains every weight (embeddings included).",
+            "",
+            "### Where LoRA's extra time goes (torch.profiler)",
+            "",
+            *prof_text,
+            "## Memory",
+            "",
+            table(
+                ["case", "saved for backward", "LoRA branch (over frozen)", "× PEFT", "peak RSS", "peak − before step"],
+                mem_rows,
+            ),
+            "",
+            "Saved-for-backward bytes count distinct storages seen by `torch.autograd.graph.saved_tensors_hooks` in "
+            "one forward, parameters excluded. The LoRA branch's share is the case's total minus the frozen bound's "
+            "(the frozen model saves nothing for its linear layers' inputs, so everything over it is LoRA's). Peak RSS "
+            "comes from a fresh process per case (two steps; VmHWM reset after the model is built)"
+            + (" — skipped in this run." if rss is None else "."),
+            "",
+            "## Inference forward (no_grad, eval)",
+            "",
+            table(["case", "median", "× base", "noise"], inf_rows),
+            "",
+            "Sanity (max |Δ logits|): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + ".",
+            "",
+            "## Adapter operations (28 LoRA modules at the default size)",
+            "",
+            table(["operation", "lorakit", "PEFT", "PEFT / lorakit"], op_rows),
+            "",
+            "Save: `lk.save_adapters` vs `save_pretrained`. Load into a fresh base: `lk.load_adapters` on a model "
+            "without LoRA vs `PeftModel.from_pretrained`. Load-and-activate: read "
+            "another adapter from disk and make it "
+            "the one the model runs: `lk.load_adapters` into the LoRA model vs `load_adapter` + `set_adapter` (and, "
+            "separately, PEFT's in-place `hotswap_adapter`). Merge/unmerge: reversible "
+            "in place, `lk.merge_`/`lk.unmerge_` "
+            "vs `merge_adapter`/`unmerge_adapter`.",
+            "",
+            NOTES,
+            "",
+            "## The other suites",
+            "",
+            "`bash benchmarks/all.sh` runs this file's suite and three more, each writing its own page: "
+            "[mixed-adapter batches](RESULTS-adapters.md) (`benchmarks/adapters.py`), "
+            "[DoRA and QLoRA](RESULTS-variants.md) (`benchmarks/variants.py`) and "
+            "[1 → 2 processes](RESULTS-distributed.md) (`benchmarks/distributed.py`).",
+            "",
+        ]
+    )

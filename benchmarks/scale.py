@@ -67,9 +67,16 @@ def build_base(a, hidden: int, seq: int) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads = max(1, hidden // 64)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 43 // 16, num_hidden_layers=a.layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=a.vocab,
-                      max_position_embeddings=max(2048, seq), tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 43 // 16,
+        num_hidden_layers=a.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=a.vocab,
+        max_position_embeddings=max(2048, seq),
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to(a.device)
 
@@ -80,8 +87,9 @@ def lora_pair(a, base):
 
     import lorakit as lk
 
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank,
-                                                                  target_modules=TARGETS))
+    pm = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=TARGETS)
+    )
     return lk.apply_lora(base, lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank), TARGETS), pm
 
 
@@ -180,15 +188,21 @@ def load_curve(a, tmp: Path) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {n: {"s": [], "bytes": [0.0]} for n in ("lorakit", "PEFT")}
     loads = {"lorakit": (lk_load, a.adapters), "PEFT": (pf_load, a.peft_adapters)}
     for i in range(1, max(a.adapters, a.peft_adapters) + 1):
-        for n in (["lorakit", "PEFT"] if i % 2 else ["PEFT", "lorakit"]):
+        for n in ["lorakit", "PEFT"] if i % 2 else ["PEFT", "lorakit"]:
             fn, limit = loads[n]
             if i <= limit:  # memory: this load's own rise (the two libraries share the process)
                 before = resident(a.device)
                 out[n]["s"].append(harness.timed(lambda fn=fn, i=i: fn(i), a.device))
                 out[n]["bytes"].append(out[n]["bytes"][-1] + resident(a.device) - before)
     assert len(lk.list_adapters(lkm)) == a.adapters + 1, lk.list_adapters(lkm)
-    out["adapter_bytes"] = {"s": [], "bytes": [float(sum(p.numel() * p.element_size() for n, p in
-                                                         lkm.named_parameters() if "lora_" in n) / (a.adapters + 1))]}
+    out["adapter_bytes"] = {
+        "s": [],
+        "bytes": [
+            float(
+                sum(p.numel() * p.element_size() for n, p in lkm.named_parameters() if "lora_" in n) / (a.adapters + 1)
+            )
+        ],
+    }
     return out
 
 

@@ -49,8 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--no-http", dest="http", action="store_false",
-                   help="skip serving the 16-adapter load over HTTP (a lorakit serve subprocess)")
+    p.add_argument(
+        "--no-http",
+        dest="http",
+        action="store_false",
+        help="skip serving the 16-adapter load over HTTP (a lorakit serve subprocess)",
+    )
     p.add_argument("--quick", action="store_true", help="a tiny model and few requests (for tests)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS-serve.md")
     a = p.parse_args(argv)
@@ -65,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # -- the served model -------------------------------------------------------------------------------------
 
+
 def tokenizer(vocab: int):
     """A word-level tokenizer whose ids are the model's whole vocabulary (4 specials, then words w4, w5, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -74,8 +79,9 @@ def tokenizer(vocab: int):
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def served_model(a: argparse.Namespace, base: torch.nn.Module, root: Path) -> tuple[torch.nn.Module, list[str]]:
@@ -101,6 +107,7 @@ def prompts(a: argparse.Namespace, n: int, seed: int) -> list[list[int]]:
 
 # -- the configurations ----------------------------------------------------------------------------------
 
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
@@ -110,8 +117,9 @@ def judged(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def decode_steps(engine: Engine, a: argparse.Namespace, ids: list[list[int]], names: list[str],
-                 rounds: int) -> dict[str, dict[str, float]]:
+def decode_steps(
+    engine: Engine, a: argparse.Namespace, ids: list[list[int]], names: list[str], rounds: int
+) -> dict[str, dict[str, float]]:
     """One decode step of a full batch per adapter mix: entering the engine's adapter context, and the forward.
 
     Medians over interleaved rounds of: the whole step as the engine runs it (the context is entered for every
@@ -125,13 +133,15 @@ def decode_steps(engine: Engine, a: argparse.Namespace, ids: list[list[int]], na
         return _decode_steps(engine, a, ids, names, rounds, table)
 
 
-def _decode_steps(engine: Engine, a: argparse.Namespace, ids: list[list[int]], names: list[str], rounds: int,
-                  table) -> dict[str, dict[str, float]]:
+def _decode_steps(
+    engine: Engine, a: argparse.Namespace, ids: list[list[int]], names: list[str], rounds: int, table
+) -> dict[str, dict[str, float]]:
     from lorakit.generation.kv import Batch
     from lorakit.serve.groups import adapters
 
     mixes: dict[str, list[str | None]] = {
-        "base": [None] * len(ids), "1 adapter": [names[0]] * len(ids),
+        "base": [None] * len(ids),
+        "1 adapter": [names[0]] * len(ids),
         f"{a.adapters} adapters": [names[i % len(names)] for i in range(len(ids))],
     }
     batches = {}
@@ -144,7 +154,7 @@ def _decode_steps(engine: Engine, a: argparse.Namespace, ids: list[list[int]], n
     order = list(mixes)
     with torch.no_grad():
         for r in range(rounds + 1):  # round 0 warms up
-            for name in order[r % len(order):] + order[: r % len(order)]:
+            for name in order[r % len(order) :] + order[: r % len(order)]:
                 t0 = time.perf_counter()
                 with adapters(engine.model, None, mixes[name], table):
                     t1 = time.perf_counter()
@@ -217,7 +227,7 @@ def main(argv: list[str] | None = None) -> Path:
         if http is not None:
             http.close()
     for load in loads.values():
-        load.rounds = load.rounds[a.warmup:]  # the warm-up rounds' stats are not reported
+        load.rounds = load.rounds[a.warmup :]  # the warm-up rounds' stats are not reported
     step_rounds = max(5, 3 * a.rounds)
     engine.stop(timeout=10)  # its thread may still hold the last rows' adapters until it idles: join it first
     step = decode_steps(engine, a, ids, names, step_rounds)
@@ -234,9 +244,19 @@ def main(argv: list[str] | None = None) -> Path:
         stats = [x for rnd in load.rounds for x in rnd]
         ttft = [x.ttft for x in stats if x.ttft is not None]
         per = [x.per_token for x in stats if x.per_token is not None]
-        rows.append([name, str(len(load.ids)), f"{rate(name):,.1f}", f"{same_round(name, 'base'):.2f}×",
-                     f"±{100 * s.spread(name):.0f}%", fmt_time(pct(ttft, 0.5)), fmt_time(pct(ttft, 0.95)),
-                     fmt_time(pct(per, 0.5)), fmt_time(pct(per, 0.95))])
+        rows.append(
+            [
+                name,
+                str(len(load.ids)),
+                f"{rate(name):,.1f}",
+                f"{same_round(name, 'base'):.2f}×",
+                f"±{100 * s.spread(name):.0f}%",
+                fmt_time(pct(ttft, 0.5)),
+                fmt_time(pct(ttft, 0.95)),
+                fmt_time(pct(per, 0.5)),
+                fmt_time(pct(per, 0.95)),
+            ]
+        )
     r16, r1 = same_round(spread_name, "1 adapter"), same_round("1 adapter", "base")
     rb = same_round(spread_name, "one at a time")
     targets = [
@@ -244,74 +264,108 @@ def main(argv: list[str] | None = None) -> Path:
         ["one-adapter throughput ≥ 0.85× the base", f"{r1:.2f}×", judged(r1 >= 0.85)],
         [f"continuous batching ({a.adapters} adapters) ≥ 4× one at a time", f"{rb:.2f}×", judged(rb >= 4)],
     ]
-    step_rows = [[name, fmt_time(t["step"]), f"{t['step'] / step['base']['step']:.2f}×", fmt_time(t["forward"]),
-                  f"{t['forward'] / step['base']['forward']:.2f}×", fmt_time(t["context"])] for name, t in step.items()]
+    step_rows = [
+        [
+            name,
+            fmt_time(t["step"]),
+            f"{t['step'] / step['base']['step']:.2f}×",
+            fmt_time(t["forward"]),
+            f"{t['forward'] / step['base']['forward']:.2f}×",
+            fmt_time(t["context"]),
+        ]
+        for name, t in step.items()
+    ]
     http_note = ""
     if http is not None:
         h = same_round(f"{spread_name}, HTTP", spread_name)
-        http_note = (f" The HTTP row is the same {a.adapters}-adapter load sent by {a.clients} threads of the openai "
-                     f"client (streaming, token-id prompts) to a `lorakit serve` subprocess on 127.0.0.1 with "
-                     f"{a.threads} torch thread(s) (OMP_NUM_THREADS): {h:.2f}× the in-process throughput in the "
-                     "same round; its latencies are measured by the client.")
-    text = "\n".join([
-        "# Serving many adapters: `lorakit serve`'s continuous-batching engine",
-        "",
-        f"Command: `{' '.join(['python benchmarks/serve.py', *a.argv])}` ({time.perf_counter() - t0:.0f} s)",
-        "",
-        f"Machine: {harness.machine('cpu', a.threads)}.",
-        "",
-        f"Model: Llama-style, hidden {a.hidden}, intermediate {a.intermediate}, "
-        f"{a.layers} layers, vocab {a.vocab}, "
-        f"random weights, fp32; {a.adapters} LoRA adapters r={a.rank} on {', '.join(TARGETS)} (random non-zero A "
-        f"and B), saved and loaded by name. Load: {a.clients} concurrent requests, "
-        f"{a.prompt}-token prompts (random "
-        f"ids), {a.new} new tokens each (greedy, no stop tokens: every request generates exactly {a.new}), served "
-        f"by `lorakit.serve.Engine` in this process (max_batch {a.clients}).",
-        "",
-        "## Targets",
-        "",
-        table(["target", "measured (median same-round ratio)", "verdict"], targets),
-        "",
-        "## Throughput and latency",
-        "",
-        table(["configuration", "requests", "tokens/s (median)", "× base", "noise", "TTFT p50", "TTFT p95",
-               "per-token p50", "per-token p95"], rows),
-        "",
-        f"Tokens/s: generated tokens of one round / its wall time (first submit to last token), median over "
-        f"{a.rounds} interleaved rounds (after {a.warmup} warm-up round(s)); × base is the median of same-round "
-        "ratios, noise half the inter-quartile range of the round times (0 with fewer than 4 rounds). TTFT: submit "
-        "to first token, so in the batched loads it includes waiting for the prefill of every request that "
-        "arrived together; per-token: the mean gap between a request's later tokens (the engine's RequestStats); "
-        f"p50/p95 over every request of every round. The {a.adapters}-adapter load sends request i to adapter "
-        f"i mod {a.adapters} (mixed batches of all of them). One at a time: {a.sequential} of the same requests "
-        f"(adapters a0..a{a.sequential - 1}), each sent when the previous finished (the one-at-a-time load is "
-        "slow, so it runs fewer requests; tokens/s stays comparable since every request has the same shape)."
-        + http_note,
-        "",
-        "## One decode step of a full batch",
-        "",
-        table(["adapters in the batch", "step, entering the context", "× base", "step, context held", "× base",
-               "entering the adapter context"], step_rows),
-        "",
-        f"One decode step of {len(ids)} rows after a {a.prompt}-token prefill, the engine's own pieces "
-        "(`serve.groups.adapters` around `generation.kv.Batch.step`), medians over "
-        f"{step_rounds} interleaved rounds. The first column enters the adapter context (`disable_adapters`, "
-        "`use_adapter` or the engine's `AdapterTable.batch`) around the step; the engine holds it across decode steps while the "
-        "batch's rows stay the same, so its steady decode step is the second column, and the last column (the "
-        "difference) is paid only when rows join or leave.",
-        "",
-        "## Reading the results",
-        "",
-        *notes(a, step, r16),
-        "",
-        "## The llama.cpp server reference: not run",
-        "",
-        "The issue asks for the same model served by llama.cpp's server (llama-cpp-python) on the GGUF written by "
-        "the export issue, with the same prompts. That export has not landed, so there is no GGUF of this model "
-        "to serve and the reference was not run. llama.cpp's server also cannot batch requests with different "
-        "adapters together, so its 16-adapter row would be per-adapter batches.",
-        "",
-    ])
+        http_note = (
+            f" The HTTP row is the same {a.adapters}-adapter load sent by {a.clients} threads of the openai "
+            f"client (streaming, token-id prompts) to a `lorakit serve` subprocess on 127.0.0.1 with "
+            f"{a.threads} torch thread(s) (OMP_NUM_THREADS): {h:.2f}× the in-process throughput in the "
+            "same round; its latencies are measured by the client."
+        )
+    text = "\n".join(
+        [
+            "# Serving many adapters: `lorakit serve`'s continuous-batching engine",
+            "",
+            f"Command: `{' '.join(['python benchmarks/serve.py', *a.argv])}` ({time.perf_counter() - t0:.0f} s)",
+            "",
+            f"Machine: {harness.machine('cpu', a.threads)}.",
+            "",
+            f"Model: Llama-style, hidden {a.hidden}, intermediate {a.intermediate}, "
+            f"{a.layers} layers, vocab {a.vocab}, "
+            f"random weights, fp32; {a.adapters} LoRA adapters r={a.rank} on {', '.join(TARGETS)} (random non-zero A "
+            f"and B), saved and loaded by name. Load: {a.clients} concurrent requests, "
+            f"{a.prompt}-token prompts (random "
+            f"ids), {a.new} new tokens each (greedy, no stop tokens: every request generates exactly {a.new}), served "
+            f"by `lorakit.serve.Engine` in this process (max_batch {a.clients}).",
+            "",
+            "## Targets",
+            "",
+            table(["target", "measured (median same-round ratio)", "verdict"], targets),
+            "",
+            "## Throughput and latency",
+            "",
+            table(
+                [
+                    "configuration",
+                    "requests",
+                    "tokens/s (median)",
+                    "× base",
+                    "noise",
+                    "TTFT p50",
+                    "TTFT p95",
+                    "per-token p50",
+                    "per-token p95",
+                ],
+                rows,
+            ),
+            "",
+            f"Tokens/s: generated tokens of one round / its wall time (first submit to last token), median over "
+            f"{a.rounds} interleaved rounds (after {a.warmup} warm-up round(s)); × base is the median of same-round "
+            "ratios, noise half the inter-quartile range of the round times (0 with fewer than 4 rounds). TTFT: submit "
+            "to first token, so in the batched loads it includes waiting for the prefill of every request that "
+            "arrived together; per-token: the mean gap between a request's later tokens (the engine's RequestStats); "
+            f"p50/p95 over every request of every round. The {a.adapters}-adapter load sends request i to adapter "
+            f"i mod {a.adapters} (mixed batches of all of them). One at a time: {a.sequential} of the same requests "
+            f"(adapters a0..a{a.sequential - 1}), each sent when the previous finished (the one-at-a-time load is "
+            "slow, so it runs fewer requests; tokens/s stays comparable since every request has the same shape)."
+            + http_note,
+            "",
+            "## One decode step of a full batch",
+            "",
+            table(
+                [
+                    "adapters in the batch",
+                    "step, entering the context",
+                    "× base",
+                    "step, context held",
+                    "× base",
+                    "entering the adapter context",
+                ],
+                step_rows,
+            ),
+            "",
+            f"One decode step of {len(ids)} rows after a {a.prompt}-token prefill, the engine's own pieces "
+            "(`serve.groups.adapters` around `generation.kv.Batch.step`), medians over "
+            f"{step_rounds} interleaved rounds. The first column enters the adapter context (`disable_adapters`, "
+            "`use_adapter` or the engine's `AdapterTable.batch`) around the step; the engine holds it across "
+            "decode steps while the batch's rows stay the same, so its steady decode step is the second column, and the last column (the "
+            "difference) is paid only when rows join or leave.",
+            "",
+            "## Reading the results",
+            "",
+            *notes(a, step, r16),
+            "",
+            "## The llama.cpp server reference: not run",
+            "",
+            "The issue asks for the same model served by llama.cpp's server (llama-cpp-python) on the GGUF written by "
+            "the export issue, with the same prompts. That export has not landed, so there is no GGUF of this model "
+            "to serve and the reference was not run. llama.cpp's server also cannot batch requests with different "
+            "adapters together, so its 16-adapter row would be per-adapter batches.",
+            "",
+        ]
+    )
     a.out.write_text(text)
     return a.out
 

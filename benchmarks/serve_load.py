@@ -18,8 +18,14 @@ from lorakit.serve import Engine, RequestStats, SamplingParams
 class Load:
     """One configuration: its requests' adapters; each call serves them all and keeps every request's stats."""
 
-    def __init__(self, engine: Engine, params: SamplingParams, ids: list[list[int]], adapters: list[str | None],
-                 sequential: bool = False) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        params: SamplingParams,
+        ids: list[list[int]],
+        adapters: list[str | None],
+        sequential: bool = False,
+    ) -> None:
         self.engine, self.params, self.ids, self.adapters, self.sequential = engine, params, ids, adapters, sequential
         self.rounds: list[list[RequestStats]] = []
         self.tokens = len(ids) * params.max_tokens
@@ -43,8 +49,16 @@ class Load:
 class HttpLoad:
     """The 16-adapter load through a `lorakit serve` subprocess: one streaming openai client thread per request."""
 
-    def __init__(self, a: argparse.Namespace, model: torch.nn.Module, tok, names: list[str], root: Path,
-                 ids: list[list[int]], adapters: list[str]) -> None:
+    def __init__(
+        self,
+        a: argparse.Namespace,
+        model: torch.nn.Module,
+        tok,
+        names: list[str],
+        root: Path,
+        ids: list[list[int]],
+        adapters: list[str],
+    ) -> None:
         import openai
 
         model_dir = root / "model"
@@ -52,9 +66,24 @@ class HttpLoad:
         tok.save_pretrained(model_dir)
         flags = [f"--adapter={n}={root / n}" for n in names]
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", str(model_dir), *flags,
-                                      "--port", "0", f"--max-batch={a.clients}"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lorakit",
+                "serve",
+                "--model",
+                str(model_dir),
+                *flags,
+                "--port",
+                "0",
+                f"--max-batch={a.clients}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if "ready on " in line:
@@ -69,8 +98,14 @@ class HttpLoad:
 
     def one(self, prompt: list[int], adapter: str, out: list, i: int) -> None:
         t0 = time.perf_counter()
-        stream = self.client.completions.create(model=adapter, prompt=prompt, max_tokens=self.new, temperature=0,
-                                                stream=True, stream_options={"include_usage": True})
+        stream = self.client.completions.create(
+            model=adapter,
+            prompt=prompt,
+            max_tokens=self.new,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         first = last = None
         n = 0
         for chunk in stream:
@@ -85,8 +120,10 @@ class HttpLoad:
 
     def __call__(self) -> None:
         out: list = [None] * len(self.ids)
-        threads = [threading.Thread(target=self.one, args=(p, ad, out, i))
-                   for i, (p, ad) in enumerate(zip(self.ids, self.adapters, strict=True))]
+        threads = [
+            threading.Thread(target=self.one, args=(p, ad, out, i))
+            for i, (p, ad) in enumerate(zip(self.ids, self.adapters, strict=True))
+        ]
         for t in threads:
             t.start()
         for t in threads:

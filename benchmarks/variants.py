@@ -58,6 +58,7 @@ def step(model: nn.Module, x: torch.Tensor):
         model(x).square().mean().backward()
         for p in model.parameters():
             p.grad = None
+
     return run
 
 
@@ -66,14 +67,17 @@ DEQUANTISE = "dequantise NF4"  # the profiler's label for every NF4 dequantisati
 
 def labelled(fn):
     """`fn` inside a profiler range named DEQUANTISE."""
+
     def wrapped(*args, **kwargs):
         with torch.profiler.record_function(DEQUANTISE):
             return fn(*args, **kwargs)
+
     return wrapped
 
 
 def torchao_dequantise(run):
     """`run` with NF4 weights dequantised by torchao's own `get_original_weight` (lorakit's path before issue #16)."""
+
     def patched():
         fast = lk_nf4.dequantize
         torchao = lambda w, dtype=None: w.get_original_weight().to(dtype or w.dtype)  # noqa: E731
@@ -82,6 +86,7 @@ def torchao_dequantise(run):
             run()
         finally:
             lk_nf4.dequantize = fast
+
     return patched
 
 
@@ -106,9 +111,11 @@ def profile(run, rows: int, steps: int = 3) -> str:
     deq = [e for e in events if e.key == DEQUANTISE]
     deq_ms = deq[0].cpu_time_total / steps / 1e3 if deq else 0.0
     calls = deq[0].count // steps if deq else 0
-    return (events.table(sort_by="self_cpu_time_total", row_limit=rows) +
-            f"\nper step: {total:.1f} ms CPU, of which {deq_ms:.1f} ms ({deq_ms / total:.0%}) dequantising NF4 "
-            f"in {calls} calls ({deq_ms / max(calls, 1):.2f} ms each)")
+    return (
+        events.table(sort_by="self_cpu_time_total", row_limit=rows)
+        + f"\nper step: {total:.1f} ms CPU, of which {deq_ms:.1f} ms ({deq_ms / total:.0%}) dequantising NF4 "
+        f"in {calls} calls ({deq_ms / max(calls, 1):.2f} ms each)"
+    )
 
 
 def peft_model(base: nn.Module, rank: int, dora: bool) -> nn.Module:
@@ -116,8 +123,10 @@ def peft_model(base: nn.Module, rank: int, dora: bool) -> nn.Module:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                                    target_modules=targets(base), use_dora=dora))
+        m = peft.get_peft_model(
+            copy.deepcopy(base),
+            peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets(base), use_dora=dora),
+        )
     return randomise(m)
 
 
@@ -131,8 +140,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's and the input's dtype")
     p.add_argument("--quick", action="store_true", help="d=128, 2 layers, 64 tokens, 3 rounds")
-    p.add_argument("--profile", metavar="CASE", help="print torch.profiler's table of CASE's step (e.g. nf4, "
-                   "nf4-torchao, lora) instead of the comparison")
+    p.add_argument(
+        "--profile",
+        metavar="CASE",
+        help="print torch.profiler's table of CASE's step (e.g. nf4, nf4-torchao, lora) instead of the comparison",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.d, a.layers, a.tokens, a.rounds = 128, 2, 64, 3
@@ -144,11 +156,21 @@ def dora_norm_timing(layer: nn.Module, rounds: int):
     way); (the timings, the largest difference between the two)."""
     W, A, B = bases.dense_weight(layer.base), layer.lora_A, layer.lora_B
     sq = dora_math.row_sqnorm(W)
-    norms = harness.interleaved({"expanded": lambda: dora_math.weight_norm(W, A, B, layer.scaling, sq),
-                                 "formed": lambda: dora_math.weight_norm_reference(W, A, B, layer.scaling)},
-                                rounds=max(rounds, 9), warmup=2, device="cpu")
-    norm_err = (dora_math.weight_norm(W, A, B, layer.scaling, sq)
-                - dora_math.weight_norm_reference(W, A, B, layer.scaling)).abs().max().item()
+    norms = harness.interleaved(
+        {
+            "expanded": lambda: dora_math.weight_norm(W, A, B, layer.scaling, sq),
+            "formed": lambda: dora_math.weight_norm_reference(W, A, B, layer.scaling),
+        },
+        rounds=max(rounds, 9),
+        warmup=2,
+        device="cpu",
+    )
+    norm_err = (
+        (dora_math.weight_norm(W, A, B, layer.scaling, sq) - dora_math.weight_norm_reference(W, A, B, layer.scaling))
+        .abs()
+        .max()
+        .item()
+    )
     return norms, norm_err
 
 
@@ -160,12 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(a.tokens, a.d, generator=torch.Generator().manual_seed(2)).to(dtype)
     cfg = lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank)
     lora = randomise(lk.apply_lora(copy.deepcopy(base), cfg, targets(base)))
-    dora = randomise(lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, use_dora=True),
-                                   targets(base)))
+    dora = randomise(
+        lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=a.rank, alpha=2.0 * a.rank, use_dora=True), targets(base))
+    )
     nf4 = quantize_base(copy.deepcopy(lora), "nf4")
     int8 = quantize_base(copy.deepcopy(lora), "int8")
-    cases = {"lora": step(lora, x), "dora": step(dora, x), "nf4": step(nf4, x),
-             "nf4-torchao": torchao_dequantise(step(nf4, x)), "int8": step(int8, x)}
+    cases = {
+        "lora": step(lora, x),
+        "dora": step(dora, x),
+        "nf4": step(nf4, x),
+        "nf4-torchao": torchao_dequantise(step(nf4, x)),
+        "int8": step(int8, x),
+    }
     if a.profile:
         print(profile(cases[a.profile], rows=20))
         return 0
@@ -183,32 +211,45 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         y = lora(x)
         err = {fmt: ((m(x) - y).float().norm() / y.float().norm()).item() for fmt, m in (("nf4", nf4), ("int8", int8))}
-    mem = {fmt: sum(layer.base.weight_bytes() for layer in quantized_layers(m).values()) / (2 * n_weights)
-           for fmt, m in (("nf4", nf4), ("int8", int8))}
+    mem = {
+        fmt: sum(layer.base.weight_bytes() for layer in quantized_layers(m).values()) / (2 * n_weights)
+        for fmt, m in (("nf4", nf4), ("int8", int8))
+    }
 
     def row(name, what, extra_mem="—", extra_err="—"):
         ratio = s.ratio(name, "lora")
         return [name, what, harness.fmt_time(s.median(name)), f"{ratio:.2f}×", extra_mem, extra_err]
 
-    rows = [row("lora", "plain LoRA (reference)", "1.00× fp32 = 2.00× bf16" if a.dtype == "fp32" else "1.00× bf16"),
-            row("dora", "lorakit DoRA")]
+    rows = [
+        row("lora", "plain LoRA (reference)", "1.00× fp32 = 2.00× bf16" if a.dtype == "fp32" else "1.00× bf16"),
+        row("dora", "lorakit DoRA"),
+    ]
     if "peft-dora" in cases:
         rows += [row("peft-lora", "PEFT LoRA"), row("peft-dora", "PEFT DoRA")]
-    rows += [row("nf4", "QLoRA, NF4 base (torchao), lorakit's dequantise", f"{mem['nf4']:.3f}× bf16",
-                 f"{err['nf4']:.4f}"),
-             row("nf4-torchao", "the same, torchao's dequantise (before)", f"{mem['nf4']:.3f}× bf16",
-                 f"{err['nf4']:.4f}"),
-             row("int8", "QLoRA, int8 base (per-row absmax)", f"{mem['int8']:.3f}× bf16", f"{err['int8']:.4f}")]
-    print(f"{a.layers} × Linear({a.d}, {a.d}), rank {a.rank}, {a.tokens} tokens, {a.dtype} forward+backward; "
-          f"{a.rounds} interleaved rounds\n{harness.machine('cpu', a.threads)}\n")
-    print(harness.table(["case", "what", "step (median)", "vs lorakit LoRA", "frozen weight memory",
-                         "output rel. error"], rows))
+    rows += [
+        row("nf4", "QLoRA, NF4 base (torchao), lorakit's dequantise", f"{mem['nf4']:.3f}× bf16", f"{err['nf4']:.4f}"),
+        row("nf4-torchao", "the same, torchao's dequantise (before)", f"{mem['nf4']:.3f}× bf16", f"{err['nf4']:.4f}"),
+        row("int8", "QLoRA, int8 base (per-row absmax)", f"{mem['int8']:.3f}× bf16", f"{err['int8']:.4f}"),
+    ]
+    print(
+        f"{a.layers} × Linear({a.d}, {a.d}), rank {a.rank}, {a.tokens} tokens, {a.dtype} forward+backward; "
+        f"{a.rounds} interleaved rounds\n{harness.machine('cpu', a.threads)}\n"
+    )
+    print(
+        harness.table(
+            ["case", "what", "step (median)", "vs lorakit LoRA", "frozen weight memory", "output rel. error"], rows
+        )
+    )
     if "peft-dora" in cases:
-        print(f"\nDoRA overhead: lorakit {s.ratio('dora', 'lora'):.2f}× its LoRA; "
-              f"PEFT {s.ratio('peft-dora', 'peft-lora'):.2f}× its LoRA")
-    print(f"\nDoRA row norm per layer and step: expanded {harness.fmt_time(norms.median('expanded'))} vs formed "
-          f"{harness.fmt_time(norms.median('formed'))} ({norms.ratio('formed', 'expanded'):.1f}× slower); "
-          f"max |difference| {norm_err:.2e}")
+        print(
+            f"\nDoRA overhead: lorakit {s.ratio('dora', 'lora'):.2f}× its LoRA; "
+            f"PEFT {s.ratio('peft-dora', 'peft-lora'):.2f}× its LoRA"
+        )
+    print(
+        f"\nDoRA row norm per layer and step: expanded {harness.fmt_time(norms.median('expanded'))} vs formed "
+        f"{harness.fmt_time(norms.median('formed'))} ({norms.ratio('formed', 'expanded'):.1f}× slower); "
+        f"max |difference| {norm_err:.2e}"
+    )
     return 0
 
 

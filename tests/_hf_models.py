@@ -14,9 +14,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 SENTENCES = [
-    "the cat sat on the mat", "the dog ran in the park", "a bird sang a song", "we like green tea",
-    "question : what is two plus two ? answer : four", "question : what colour is the sky ? answer : blue",
-    "hello world", "good morning", "the quick brown fox jumps over the lazy dog", "one two three four five",
+    "the cat sat on the mat",
+    "the dog ran in the park",
+    "a bird sang a song",
+    "we like green tea",
+    "question : what is two plus two ? answer : four",
+    "question : what colour is the sky ? answer : blue",
+    "hello world",
+    "good morning",
+    "the quick brown fox jumps over the lazy dog",
+    "one two three four five",
 ]
 
 # A ChatML template (Qwen's, without its default system prompt): no {% generation %} markers, as most are.
@@ -48,8 +55,13 @@ def tokenizer(bos: bool, chat: bool = False):
     from tokenizers import decoders
 
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="<|im_end|>" if chat else "</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>" if chat else "</s>",
+    )
     if chat:
         fast.chat_template = CHATML
     return fast
@@ -84,9 +96,16 @@ def save_tiny(kind: str, directory: str | Path, chat_template: str | None = None
         )
         model = transformers.LlamaForCausalLM(config)
     elif kind == "gpt2":
-        config = transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                         eos_token_id=tok.eos_token_id)
+        config = transformers.GPT2Config(
+            vocab_size=len(tok),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         model = transformers.GPT2LMHeadModel(config)
     else:
         raise ValueError(kind)

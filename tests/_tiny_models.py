@@ -10,9 +10,16 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 def llama(tie_word_embeddings: bool = False) -> LlamaForCausalLM:
     """A 2-layer Llama (hidden 32, GQA 4/2 heads, vocab 100) in eval mode; lm_head tied to embed_tokens if asked."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
-                      tie_word_embeddings=tie_word_embeddings)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 

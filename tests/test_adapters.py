@@ -143,8 +143,8 @@ def test_mixed_batch_equals_each_row_alone(setup, rows):
         got = logits(model)
     assert all(layer.mixed is None for layer in lk.lora_layers(model).values())
     for i, n in enumerate(rows):
-        want = logits(singles[n] if n else base, IDS[i:i + 1])
-        torch.testing.assert_close(got[i:i + 1], want, rtol=1e-4, atol=1e-5)
+        want = logits(singles[n] if n else base, IDS[i : i + 1])
+        torch.testing.assert_close(got[i : i + 1], want, rtol=1e-4, atol=1e-5)
 
 
 def test_mixed_batch_with_conv_layers():
@@ -216,8 +216,9 @@ def test_bias_all_adapter_cannot_sit_beside_others(setup, tmp_path):
 def test_save_a_named_adapter(setup, tmp_path):
     base, singles, model, _ = setup
     lk.save_adapters(model, tmp_path, name="code")  # not the active one
-    torch.testing.assert_close(logits(lk.load_adapters(copy.deepcopy(base), tmp_path)), logits(singles["code"]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits(lk.load_adapters(copy.deepcopy(base), tmp_path)), logits(singles["code"]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_reserved_and_bad_names(setup, tmp_path):
@@ -229,8 +230,12 @@ def test_reserved_and_bad_names(setup, tmp_path):
 
 def _two_adapter_mlp():
     torch.manual_seed(0)
-    model = lk.apply_lora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), lk.LoraConfig(rank=2, alpha=2),
-                          ["0", "2"], adapter_name="a")
+    model = lk.apply_lora(
+        nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
+        lk.LoraConfig(rank=2, alpha=2),
+        ["0", "2"],
+        adapter_name="a",
+    )
     lk.combine_adapters(model, {"a": -1.5}, "b")
     with torch.no_grad():
         for layer in lk.lora_layers(model).values():
@@ -245,10 +250,10 @@ def _rows_alone(model, x, rows):
     for i, n in enumerate(rows):
         if n is None:
             with lk.disable_adapters(model):
-                out.append(model(x[i:i + 1]))
+                out.append(model(x[i : i + 1]))
         else:
             with lk.use_adapter(model, n):
-                out.append(model(x[i:i + 1]))
+                out.append(model(x[i : i + 1]))
     return torch.cat(out)
 
 
@@ -284,12 +289,19 @@ def test_adapter_changes_inside_a_mixed_batch_are_refused():
     with torch.no_grad():
         want = _rows_alone(model, x, rows)
         with lk.mixed_batch(model, rows):
-            for enter in (lambda: lk.use_adapter(model, "b"), lambda: lk.disable_adapters(model),
-                          lambda: lk.mixed_batch(model, ["b", "a"])):
+            for enter in (
+                lambda: lk.use_adapter(model, "b"),
+                lambda: lk.disable_adapters(model),
+                lambda: lk.mixed_batch(model, ["b", "a"]),
+            ):
                 with pytest.raises(lk.LoraStateError, match="inside a mixed_batch"), enter():
                     pass
-            for call in (lambda: lk.set_adapter(model, "b"), lambda: lk.delete_adapter(model, "b"),
-                         lambda: lk.combine_adapters(model, {"a": 1.0}, "c"), lambda: model[0].merge_()):
+            for call in (
+                lambda: lk.set_adapter(model, "b"),
+                lambda: lk.delete_adapter(model, "b"),
+                lambda: lk.combine_adapters(model, {"a": 1.0}, "c"),
+                lambda: model[0].merge_(),
+            ):
                 with pytest.raises(lk.LoraStateError, match="inside a mixed_batch"):
                     call()
             torch.testing.assert_close(model(x), want)  # nothing changed
@@ -317,14 +329,21 @@ def test_mixed_batch_with_the_wrong_number_of_rows_names_both_counts(batch):
 def test_unknown_adapter_names_raise_a_lorakit_key_error():
     """Regression: unknown names raised a bare KeyError; now LoraAdapterNotFound (a KeyError) naming what there is."""
     model = _two_adapter_mlp()
-    calls = [lambda: lk.set_adapter(model, "nope"), lambda: lk.delete_adapter(model, "nope"),
-             lambda: lk.mixed_batch(model, ["nope"]).__enter__(), lambda: lk.use_adapter(model, "nope").__enter__(),
-             lambda: lk.combine_adapters(model, {"nope": 1.0}, "c")]
+    calls = [
+        lambda: lk.set_adapter(model, "nope"),
+        lambda: lk.delete_adapter(model, "nope"),
+        lambda: lk.mixed_batch(model, ["nope"]).__enter__(),
+        lambda: lk.use_adapter(model, "nope").__enter__(),
+        lambda: lk.combine_adapters(model, {"nope": 1.0}, "c"),
+    ]
     for call in calls:
         with pytest.raises(lk.LoraAdapterNotFound, match=r"no adapter named 'nope'; the model has \['a', 'b'\]"):
             call()
-    for call in (lambda: model[0].adapters.activate("nope"), lambda: model[0].adapters.factors("nope"),
-                 lambda: model[0].adapters.delete("nope")):
+    for call in (
+        lambda: model[0].adapters.activate("nope"),
+        lambda: model[0].adapters.factors("nope"),
+        lambda: model[0].adapters.delete("nope"),
+    ):
         with pytest.raises(KeyError, match=r"adapter 'nope' is not on this layer; it has \['a', 'b'\]") as e:
             call()
         assert isinstance(e.value, lk.LoraError)
@@ -359,8 +378,9 @@ def test_mixed_batch_rows_without_an_adapter_are_the_conv1d_base_bit_for_bit(dty
     import _tiny_models
 
     base = _tiny_models.gpt2().to(dtype)
-    model = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=2, alpha=4), ["c_attn", "c_proj", "c_fc"],
-                          adapter_name="fresh")
+    model = lk.apply_lora(
+        copy.deepcopy(base), lk.LoraConfig(rank=2, alpha=4), ["c_attn", "c_proj", "c_fc"], adapter_name="fresh"
+    )
     lk.combine_adapters(model, {"fresh": 1.0}, "trained")
     with torch.no_grad():
         for layer in lk.lora_layers(model).values():

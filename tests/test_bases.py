@@ -64,7 +64,7 @@ def test_a_new_storage_format_is_one_class(layer):
     ref = ops.lora_linear_reference(x, W, layer.base.bias, layer.lora_A, layer.lora_B, layer.scaling)
     torch.testing.assert_close(y, ref)
     params = [x, layer.lora_A, layer.lora_B]
-    for got, want in zip(torch.autograd.grad(y.sum(), params), torch.autograd.grad(ref.sum(), params)):
+    for got, want in zip(torch.autograd.grad(y.sum(), params), torch.autograd.grad(ref.sum(), params), strict=True):
         torch.testing.assert_close(got, want)
     with pytest.raises(lk.LoraStateError, match="quantised"):
         layer.merge_()

@@ -59,21 +59,27 @@ def test_variants_suite_runs_quick():
     import subprocess
 
     script = RUN.parent / "variants.py"
-    r = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(script), "--quick", "--threads", "1"], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| dora | lorakit DoRA |" in r.stdout and "DoRA row norm" in r.stdout
 
 
 # -- benchmarks/checkpointing.py (gradient checkpointing and packing) ---------------------------------
 
+
 def test_checkpointing_suite_runs_quick(tmp_path):
     """The suite end to end on a tiny model: both tables, every case, checkpointing keeping less for backward."""
     import subprocess
 
     out = tmp_path / "RESULTS-checkpointing.md"
-    r = subprocess.run([sys.executable, str(RUN.parent / "checkpointing.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(RUN.parent / "checkpointing.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
     assert "Machine: " in text and "torch " in text and "nan" not in text.lower()
@@ -87,13 +93,18 @@ def test_checkpointing_suite_runs_quick(tmp_path):
 
 # -- benchmarks/serve.py (the serving engine under load) ----------------------------------------------
 
+
 def test_serve_suite_runs_quick(tmp_path):
     """The suite end to end on a tiny model: every configuration and target judged, the llama.cpp note."""
     import subprocess
 
     out = tmp_path / "RESULTS-serve.md"
-    r = subprocess.run([sys.executable, str(RUN.parent / "serve.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(RUN.parent / "serve.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
     assert "Machine: " in text and "torch " in text and "nan" not in text.lower()
@@ -108,6 +119,7 @@ def test_serve_suite_runs_quick(tmp_path):
 
 # -- benchmarks/e2e.py, scale.py, gpu.sh (issue #16: end to end, scale curves, GPU readiness) -----------------
 
+
 def _table_rows(text: str, section: str) -> dict[str, list[str]]:
     part = text.split(section, 1)[1].split("\n## ", 1)[0]
     return {line.split(" | ")[0][2:]: line.split(" | ") for line in part.splitlines() if line.startswith("| ")}
@@ -118,8 +130,12 @@ def test_e2e_suite_runs_quick(tmp_path):
     import subprocess
 
     out = tmp_path / "RESULTS-e2e.md"
-    r = subprocess.run([sys.executable, str(RUN.parent / "e2e.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(RUN.parent / "e2e.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert "Machine: " in text and "Load average" in text and "nan" not in text.lower()
@@ -137,8 +153,12 @@ def test_scale_suite_runs_quick(tmp_path):
     import subprocess
 
     out = tmp_path / "RESULTS-scale.md"
-    r = subprocess.run([sys.executable, str(RUN.parent / "scale.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(RUN.parent / "scale.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert "Machine: " in text and "Load average" in text and "nan" not in text.lower()
@@ -169,22 +189,30 @@ def test_gpu_script_parses_and_every_flag_it_passes_is_accepted():
     assert {Path(c[0]).name for c in commands} == {"run.py", "adapters.py", "e2e.py", "scale.py"}
     # each script's own parser, stopped right after parsing (one process for all: the imports are shared);
     # unknown flags or bad values exit 2
-    check = ("import argparse, json, runpy, sys\n"
-             "def parse(self, args=None, namespace=None):\n"
-             "    ns, extra = self.parse_known_args(args, namespace)\n"
-             "    if extra: self.error('unrecognized arguments: ' + ' '.join(extra))\n"
-             "    print('parsed', sys.argv[0], ns.device); raise SystemExit(0)\n"
-             "argparse.ArgumentParser.parse_args = parse\n"
-             "for c in json.loads(sys.argv[1]):\n"
-             "    sys.argv = c\n"
-             "    try: runpy.run_path(c[0], run_name='__main__')\n"
-             "    except SystemExit as e:\n"
-             "        if e.code: raise\n")
-    p = subprocess.run([sys.executable, "-c", check, __import__("json").dumps(commands)], capture_output=True,
-                       text=True, cwd=RUN.parents[1], timeout=120)
+    check = (
+        "import argparse, json, runpy, sys\n"
+        "def parse(self, args=None, namespace=None):\n"
+        "    ns, extra = self.parse_known_args(args, namespace)\n"
+        "    if extra: self.error('unrecognized arguments: ' + ' '.join(extra))\n"
+        "    print('parsed', sys.argv[0], ns.device); raise SystemExit(0)\n"
+        "argparse.ArgumentParser.parse_args = parse\n"
+        "for c in json.loads(sys.argv[1]):\n"
+        "    sys.argv = c\n"
+        "    try: runpy.run_path(c[0], run_name='__main__')\n"
+        "    except SystemExit as e:\n"
+        "        if e.code: raise\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", check, __import__("json").dumps(commands)],
+        capture_output=True,
+        text=True,
+        cwd=RUN.parents[1],
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert [line for line in p.stdout.splitlines() if line.startswith("parsed ")] == [
-        f"parsed {c[0]} cuda" for c in commands]
+        f"parsed {c[0]} cuda" for c in commands
+    ]
 
 
 def test_export_suite_runs_quick(tmp_path):
@@ -192,8 +220,12 @@ def test_export_suite_runs_quick(tmp_path):
     import subprocess
 
     out = tmp_path / "RESULTS-export.md"
-    r = subprocess.run([sys.executable, str(RUN.parent / "export.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(RUN.parent / "export.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith(("| onnx", "| gguf"))]
     assert len(rows) == 3 + 4 + 2 * 4  # onnx f32/f16/q8_0; gguf 4 dtypes; gguf-adapter 4 dtypes x (base, adapter)
@@ -205,8 +237,12 @@ def test_fingerprint_suite_runs_quick(tmp_path):
     import subprocess
 
     out = tmp_path / "RESULTS-fingerprint.md"
-    r = subprocess.run([sys.executable, str(RUN.parent / "fingerprint.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(RUN.parent / "fingerprint.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert text.count("**what a first load adds**") == 2 and "every byte of every tensor is hashed" in text.lower()

@@ -24,14 +24,29 @@ def test_frozen():
         cfg.rank = 3
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("rank", 0, "int >= 1"), ("rank", 2.0, "int >= 1"), ("rank", True, "int >= 1"), ("rank", -1, "int >= 1"),
-    ("alpha", 0, "> 0"), ("alpha", -1.0, "> 0"), ("alpha", math.inf, "finite"), ("alpha", math.nan, "finite"),
-    ("alpha", "8", "finite"), ("dropout", 1.0, "[0, 1)"), ("dropout", -0.1, "[0, 1)"), ("dropout", "0.1", "[0, 1)"),
-    ("bias", "lora_only", "'none', 'all'"), ("init", "loftq", "'kaiming', 'gaussian'"),
-    ("use_rslora", 1, "True or False"),
-    ("rank_pattern", {"q": 0}, "int >= 1"), ("alpha_pattern", {"q": -2}, "> 0"), ("rank_pattern", [1], "dict"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("rank", 0, "int >= 1"),
+        ("rank", 2.0, "int >= 1"),
+        ("rank", True, "int >= 1"),
+        ("rank", -1, "int >= 1"),
+        ("alpha", 0, "> 0"),
+        ("alpha", -1.0, "> 0"),
+        ("alpha", math.inf, "finite"),
+        ("alpha", math.nan, "finite"),
+        ("alpha", "8", "finite"),
+        ("dropout", 1.0, "[0, 1)"),
+        ("dropout", -0.1, "[0, 1)"),
+        ("dropout", "0.1", "[0, 1)"),
+        ("bias", "lora_only", "'none', 'all'"),
+        ("init", "loftq", "'kaiming', 'gaussian'"),
+        ("use_rslora", 1, "True or False"),
+        ("rank_pattern", {"q": 0}, "int >= 1"),
+        ("alpha_pattern", {"q": -2}, "> 0"),
+        ("rank_pattern", [1], "dict"),
+    ],
+)
 def test_invalid_values_name_field_value_and_allowed(field, value, needle):
     kwargs = {"rank": 4, field: value}
     with pytest.raises(ValueError) as e:

@@ -54,8 +54,13 @@ def test_siblings_reading_one_input_draw_independent_masks_and_match_the_formula
     torch.testing.assert_close(yq, rq)
     torch.testing.assert_close(yk, rk)  # before the fix k reused q's mask: off by ~1
     ((rq * g_q).sum() + (rk * g_k).sum()).backward()
-    for got, want in [(x.grad, x_ref.grad), (q.lora_A.grad, Aq.grad), (q.lora_B.grad, Bq.grad),
-                      (k.lora_A.grad, Ak.grad), (k.lora_B.grad, Bk.grad)]:
+    for got, want in [
+        (x.grad, x_ref.grad),
+        (q.lora_A.grad, Aq.grad),
+        (q.lora_B.grad, Bq.grad),
+        (k.lora_A.grad, Ak.grad),
+        (k.lora_B.grad, Bk.grad),
+    ]:
         torch.testing.assert_close(got, want)
 
 

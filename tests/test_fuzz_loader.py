@@ -25,8 +25,10 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 def valid_file() -> bytes:
     layer = lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=2, alpha=3))
-    return safetensors.torch.save(layer_tensors(layer), {"format": "lorakit-layer", "layer": "LoraLinear",
-                                                            "config": json.dumps(layer.config.to_dict())})
+    return safetensors.torch.save(
+        layer_tensors(layer),
+        {"format": "lorakit-layer", "layer": "LoraLinear", "config": json.dumps(layer.config.to_dict())},
+    )
 
 
 VALID = valid_file()
@@ -45,7 +47,7 @@ def mutated(draw):
         elif op == "insert":
             data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
         elif op == "delete":
-            del data[pos:pos + draw(st.integers(1, 16))]
+            del data[pos : pos + draw(st.integers(1, 16))]
         elif op == "length" and len(data) >= 8:
             data[:8] = draw(st.integers(0, 2**64 - 1)).to_bytes(8, "little")
     return bytes(data)
@@ -82,8 +84,21 @@ JSON = st.recursive(
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
     max_leaves=8,
 )
-KEYS = ["r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "rank_pattern", "alpha_pattern",
-        "modules_to_save", "exclude_modules", "init_lora_weights", "peft_type", "fan_in_fan_out"]
+KEYS = [
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "bias",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "exclude_modules",
+    "init_lora_weights",
+    "peft_type",
+    "fan_in_fan_out",
+]
 
 
 @FUZZ

@@ -13,15 +13,28 @@ import lorakit
 
 ROOT = Path(lorakit.__file__).parent
 # what files/ must never import, directly or through another lorakit module
-MODEL_CODE = ("lorakit.layers", "lorakit.model", "lorakit.adapters", "lorakit.loading", "lorakit.saving",
-              "lorakit.variants", "lorakit.train", "lorakit.hf", "lorakit.serve", "lorakit.export", "lorakit.cli",
-              "lorakit.examples")
+MODEL_CODE = (
+    "lorakit.layers",
+    "lorakit.model",
+    "lorakit.adapters",
+    "lorakit.loading",
+    "lorakit.saving",
+    "lorakit.variants",
+    "lorakit.train",
+    "lorakit.hf",
+    "lorakit.serve",
+    "lorakit.export",
+    "lorakit.cli",
+    "lorakit.examples",
+)
 # the packages late in the data flow (core -> files -> variants -> train -> hf -> serve, export -> cli), each with the
 # packages allowed to import it
-LATE = {"lorakit.hf": ("lorakit.hf", "lorakit.serve", "lorakit.export", "lorakit.cli"),
-        "lorakit.serve": ("lorakit.serve", "lorakit.cli"),
-        "lorakit.export": ("lorakit.export", "lorakit.cli"),
-        "lorakit.cli": ("lorakit.cli",)}
+LATE = {
+    "lorakit.hf": ("lorakit.hf", "lorakit.serve", "lorakit.export", "lorakit.cli"),
+    "lorakit.serve": ("lorakit.serve", "lorakit.cli"),
+    "lorakit.export": ("lorakit.export", "lorakit.cli"),
+    "lorakit.cli": ("lorakit.cli",),
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -68,7 +81,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -129,11 +142,21 @@ def test_late_packages_are_imported_only_from_later_ones() -> None:
 
 def test_ui_is_a_leaf_and_serving_and_export_do_not_need_training() -> None:
     graph = import_graph()
-    ui_out = sorted(f"{s} imports {d}" for s, ds in graph.items() if s.startswith("lorakit.ui") for d in ds
-                    if not d.startswith("lorakit.ui"))
+    ui_out = sorted(
+        f"{s} imports {d}"
+        for s, ds in graph.items()
+        if s.startswith("lorakit.ui")
+        for d in ds
+        if not d.startswith("lorakit.ui")
+    )
     assert not ui_out, ui_out
-    to_train = sorted(f"{s} imports {d}" for s, ds in graph.items() if s.startswith(("lorakit.serve", "lorakit.export"))
-                      for d in ds if d == "lorakit.train" or d.startswith("lorakit.train."))
+    to_train = sorted(
+        f"{s} imports {d}"
+        for s, ds in graph.items()
+        if s.startswith(("lorakit.serve", "lorakit.export"))
+        for d in ds
+        if d == "lorakit.train" or d.startswith("lorakit.train.")
+    )
     assert not to_train, to_train
 
 
@@ -160,8 +183,12 @@ def test_importing_a_module_fills_no_other_modules_table() -> None:
     wrong = []
     for name, path in MODULES.items():
         body = _top_level(ast.parse(path.read_text(encoding="utf-8")).body)
-        imported = {(a.asname or a.name).split(".")[0] for n in body if isinstance(n, (ast.Import, ast.ImportFrom))
-                    for a in n.names}
+        imported = {
+            (a.asname or a.name).split(".")[0]
+            for n in body
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+            for a in n.names
+        }
         for node in body:
             targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
             for t in targets:

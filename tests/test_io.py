@@ -70,8 +70,9 @@ def test_round_trip_into_bare_and_wrapped_models(bias, tmp_path):
     assert torch.equal(out(bare), out(model))
     assert sorted(lk.lora_layers(bare)) == ["embed", "fc1", "fc2"]
     assert bare.head.trained.weight.requires_grad  # modules_to_save train again after loading
-    wrapped = lk.apply_lora(Net(), lk.LoraConfig(rank=2, alpha=1, bias=bias), ["embed", "fc1", "fc2"],
-                            modules_to_save=["head"])
+    wrapped = lk.apply_lora(
+        Net(), lk.LoraConfig(rank=2, alpha=1, bias=bias), ["embed", "fc1", "fc2"], modules_to_save=["head"]
+    )
     lk.load_adapters(wrapped, tmp_path)
     assert torch.equal(out(wrapped), out(model))
     assert lk.lora_layers(wrapped)["fc1"].config.alpha == 4.0
@@ -188,16 +189,19 @@ def _edit_config(tmp_path, edit):
     path.write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("edit,needle", [
-    (lambda c: c.update(r="4"), "'r' is '4'; expected an int"),
-    (lambda c: c.update(r=0), "rank=0"),
-    (lambda c: c.update(lora_alpha=True), "'lora_alpha' is True"),
-    (lambda c: c.update(target_modules=5), "'target_modules' is 5"),
-    (lambda c: c.update(target_modules=["nothing_here"]), "'nothing_here' matches no module"),
-    (lambda c: c.update(peft_type="IA3"), "peft_type 'IA3'"),
-    (lambda c: c.pop("r"), "missing key 'r'"),
-    (lambda c: c.update(bias="sometimes"), "'bias' is 'sometimes'"),
-])
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda c: c.update(r="4"), "'r' is '4'; expected an int"),
+        (lambda c: c.update(r=0), "rank=0"),
+        (lambda c: c.update(lora_alpha=True), "'lora_alpha' is True"),
+        (lambda c: c.update(target_modules=5), "'target_modules' is 5"),
+        (lambda c: c.update(target_modules=["nothing_here"]), "'nothing_here' matches no module"),
+        (lambda c: c.update(peft_type="IA3"), "peft_type 'IA3'"),
+        (lambda c: c.pop("r"), "missing key 'r'"),
+        (lambda c: c.update(bias="sometimes"), "'bias' is 'sometimes'"),
+    ],
+)
 def test_bad_config_refused(edit, needle, tmp_path):
     lk.save_adapters(trained(), tmp_path)
     _edit_config(tmp_path, edit)
@@ -208,8 +212,9 @@ def test_bad_config_refused(edit, needle, tmp_path):
     assert_unchanged(model, snap)
 
 
-@pytest.mark.parametrize("content,needle", [(b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"),
-                                            (b"\xff\xfe", "not valid JSON")])
+@pytest.mark.parametrize(
+    "content,needle", [(b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"), (b"\xff\xfe", "not valid JSON")]
+)
 def test_config_not_json(content, needle, tmp_path):
     lk.save_adapters(trained(), tmp_path)
     (tmp_path / "adapter_config.json").write_bytes(content)

@@ -187,7 +187,7 @@ def test_gaussian_and_kaiming_init():
     g = lk.with_lora(nn.Linear(2048, 8), lk.LoraConfig(rank=4, init="gaussian"))
     assert abs(g.lora_A.std().item() - 0.25) < 0.01  # std 1/r, as PEFT
     k = lk.with_lora(nn.Linear(300, 8), lk.LoraConfig(rank=4))
-    bound = 1 / 300 ** 0.5  # torch's Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1 / 300**0.5  # torch's Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert k.lora_A.abs().max() <= bound and k.lora_A.abs().max() > 0.9 * bound
 
 
@@ -247,11 +247,14 @@ def _assert_unchanged(layer, state):
     assert all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())
 
 
-@pytest.mark.parametrize("make_target,needle", [
-    (lambda: lk.with_lora(nn.Linear(6, 7), lk.LoraConfig(rank=2)), "shape"),
-    (lambda: lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=3)), "rank"),
-    (lambda: lk.with_lora(nn.Embedding(6, 5), lk.LoraConfig(rank=2)), "LoraEmbedding"),
-])
+@pytest.mark.parametrize(
+    "make_target,needle",
+    [
+        (lambda: lk.with_lora(nn.Linear(6, 7), lk.LoraConfig(rank=2)), "shape"),
+        (lambda: lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=3)), "rank"),
+        (lambda: lk.with_lora(nn.Embedding(6, 5), lk.LoraConfig(rank=2)), "LoraEmbedding"),
+    ],
+)
 def test_layer_load_refuses_mismatch_and_changes_nothing(make_target, needle, tmp_path):
     lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=2)).save_adapter(tmp_path / "a")
     target = make_target()
@@ -261,13 +264,16 @@ def test_layer_load_refuses_mismatch_and_changes_nothing(make_target, needle, tm
     _assert_unchanged(target, state)
 
 
-@pytest.mark.parametrize("damage,needle", [
-    (lambda b: b[: len(b) - 7], "truncated"),
-    (lambda b: b[:5], "not a valid safetensors file: .*header too small"),
-    (lambda b: b"", "not a valid safetensors file: .*header too small"),
-    (lambda b: (10 ** 12).to_bytes(8, "little") + b[8:], "header too large"),
-    (lambda b: b[:8] + b"}" + b[9:], "invalid JSON in header"),
-])
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (lambda b: b[: len(b) - 7], "truncated"),
+        (lambda b: b[:5], "not a valid safetensors file: .*header too small"),
+        (lambda b: b"", "not a valid safetensors file: .*header too small"),
+        (lambda b: (10**12).to_bytes(8, "little") + b[8:], "header too large"),
+        (lambda b: b[:8] + b"}" + b[9:], "invalid JSON in header"),
+    ],
+)
 def test_layer_load_refuses_damaged_file(damage, needle, tmp_path):
     path = lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=2)).save_adapter(tmp_path / "a")
     path.write_bytes(damage(path.read_bytes()))
@@ -334,8 +340,9 @@ def test_layer_file_round_trip_keeps_every_tensor_and_the_config(tmp_path):
     for config in (lk.LoraConfig(rank=2, alpha=3, bias="all"), lk.LoraConfig(rank=2, use_dora=True)):
         src = randomise(lk.with_lora(nn.Linear(6, 5), config))
         path = src.save_adapter(tmp_path / "a")
-        target = lk.with_lora(nn.Linear(6, 5), lk.LoraConfig(rank=2, alpha=1, bias=config.bias.value,
-                                                            use_dora=config.use_dora))
+        target = lk.with_lora(
+            nn.Linear(6, 5), lk.LoraConfig(rank=2, alpha=1, bias=config.bias.value, use_dora=config.use_dora)
+        )
         assert target.load_adapter(path) is target
         assert target.config == src.config
         skip = {"base.weight"} | ({"base.bias"} if config.bias is lk.LoraBias.NONE else set())  # the base's own
@@ -361,12 +368,15 @@ def test_reference_formula_function():
     torch.testing.assert_close(ops.lora_linear(x, w, b, A, B, 1.5), want)
 
 
-@pytest.mark.parametrize("module,config,needle", [
-    (lambda: nn.Conv2d(4, 4, 3, groups=2), lk.LoraConfig(rank=2), "groups=2"),
-    (lambda: nn.Linear(4, 3), lk.LoraConfig(rank=4, init="pissa"), "rank <= min"),
-    (lambda: nn.Embedding(6, 4), lk.LoraConfig(rank=2, init="olora"), "linear layers only"),
-    (lambda: nn.Embedding(6, 4), lk.LoraConfig(rank=2, use_dora=True), "DoRA"),
-])
+@pytest.mark.parametrize(
+    "module,config,needle",
+    [
+        (lambda: nn.Conv2d(4, 4, 3, groups=2), lk.LoraConfig(rank=2), "groups=2"),
+        (lambda: nn.Linear(4, 3), lk.LoraConfig(rank=4, init="pissa"), "rank <= min"),
+        (lambda: nn.Embedding(6, 4), lk.LoraConfig(rank=2, init="olora"), "linear layers only"),
+        (lambda: nn.Embedding(6, 4), lk.LoraConfig(rank=2, use_dora=True), "DoRA"),
+    ],
+)
 def test_refused_wrap_leaves_the_module_trainable_and_unchanged(module, config, needle):
     m = module()
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -413,8 +423,11 @@ def test_one_name_per_concept_base_of_and_no_plain():
     assert base_of(lk.with_lora(base, lk.LoraConfig(rank=2))) is base and base_of(base) is base
     src = Path(lk.__file__).parent
     files = {str(p.relative_to(src)): p.read_text() for p in src.rglob("*.py")}
-    plain = [f for f, text in files.items() if any(isinstance(n, ast.FunctionDef) and n.name == "_plain"
-                                                   for n in ast.walk(ast.parse(text)))]
+    plain = [
+        f
+        for f, text in files.items()
+        if any(isinstance(n, ast.FunctionDef) and n.name == "_plain" for n in ast.walk(ast.parse(text)))
+    ]
     assert not plain, plain
     unwrapping = [f for f, text in files.items() if ".base if isinstance(" in text and f != "layers.py"]
     assert not unwrapping, unwrapping

@@ -116,8 +116,10 @@ def test_modules_to_save_loaded_into_a_lora_model_leave_a_tied_original_alone(tm
     torch.testing.assert_close(model(ids), source(ids))
 
 
-@pytest.mark.parametrize("key, value", [("exclude_modules", "["), ("target_modules", "(fc"),
-                                        ("rank_pattern", {"[": 2}), ("alpha_pattern", {"fc(": 2.0})])
+@pytest.mark.parametrize(
+    "key, value",
+    [("exclude_modules", "["), ("target_modules", "(fc"), ("rank_pattern", {"[": 2}), ("alpha_pattern", {"fc(": 2.0})],
+)
 def test_a_bad_regex_in_the_config_is_a_file_error(tmp_path, key, value):
     """Found by tests/test_fuzz_loader.py: an invalid regex raised re.error from deep inside the loader."""
     model = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])

@@ -50,14 +50,17 @@ def randomise(model):
 CFG = lk.LoraConfig(rank=2, alpha=4)
 
 
-@pytest.mark.parametrize("targets,expected", [
-    (["q_proj"], ["layers.0.q_proj", "layers.1.q_proj"]),  # suffix at a dot boundary, never "xq_proj"
-    (["layers.0.q_proj"], ["layers.0.q_proj"]),  # exact
-    ("re:layers\\.1\\..*proj", ["layers.1.q_proj", "layers.1.xq_proj"]),  # full-match regex
-    (["re:.*q_proj"], ["layers.0.q_proj", "layers.0.xq_proj", "layers.1.q_proj", "layers.1.xq_proj"]),
-    ("all-linear", ["layers.0.q_proj", "layers.0.xq_proj", "layers.1.q_proj", "layers.1.xq_proj"]),  # head excluded
-    (["embed", "head"], ["embed", "head"]),
-])
+@pytest.mark.parametrize(
+    "targets,expected",
+    [
+        (["q_proj"], ["layers.0.q_proj", "layers.1.q_proj"]),  # suffix at a dot boundary, never "xq_proj"
+        (["layers.0.q_proj"], ["layers.0.q_proj"]),  # exact
+        ("re:layers\\.1\\..*proj", ["layers.1.q_proj", "layers.1.xq_proj"]),  # full-match regex
+        (["re:.*q_proj"], ["layers.0.q_proj", "layers.0.xq_proj", "layers.1.q_proj", "layers.1.xq_proj"]),
+        ("all-linear", ["layers.0.q_proj", "layers.0.xq_proj", "layers.1.q_proj", "layers.1.xq_proj"]),  # head excluded
+        (["embed", "head"], ["embed", "head"]),
+    ],
+)
 def test_target_rules(targets, expected):
     model = lk.apply_lora(Net(), CFG, targets=targets)
     assert wrapped_names(model) == expected
@@ -108,18 +111,28 @@ def test_modules_to_save_on_a_tied_head_leaves_the_embeddings_alone():
 
 
 def _snapshot(model):
-    return copy.deepcopy(model.state_dict()), [type(m) for m in model.modules()], \
-        [p.requires_grad for p in model.parameters()]
+    return (
+        copy.deepcopy(model.state_dict()),
+        [type(m) for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+    )
 
 
-@pytest.mark.parametrize("targets,error,needle", [
-    (["nope"], ValueError, "'nope' matches no module"),
-    (["q_proj", "missing"], ValueError, "'missing' matches no module"),  # first rule fine, second bad: nothing changes
-    (["norm"], TypeError, "LayerNorm"),
-    (["layers.0"], TypeError, "Block"),
-    (["re:(unclosed"], ValueError, "not a valid regex"),
-    ([], ValueError, "targets"),
-])
+@pytest.mark.parametrize(
+    "targets,error,needle",
+    [
+        (["nope"], ValueError, "'nope' matches no module"),
+        (
+            ["q_proj", "missing"],
+            ValueError,
+            "'missing' matches no module",
+        ),  # first rule fine, second bad: nothing changes
+        (["norm"], TypeError, "LayerNorm"),
+        (["layers.0"], TypeError, "Block"),
+        (["re:(unclosed"], ValueError, "not a valid regex"),
+        ([], ValueError, "targets"),
+    ],
+)
 def test_bad_targets_leave_model_untouched(targets, error, needle):
     model = Net()
     state, types, grads = _snapshot(model)

@@ -43,6 +43,7 @@ def assert_same_grads(got, want):
 
 # -- gradient checkpointing ---------------------------------------------------------------------------
 
+
 def lora_llama():
     pytest.importorskip("transformers")
     sys.path.insert(0, str(Path(__file__).parent))
@@ -99,8 +100,11 @@ def test_checkpoint_around_one_sibling_gives_the_plain_loss_and_gradients(kind, 
         yk = checkpoint(k, x, use_reentrant=use_reentrant) if checkpointed else k(x)
         loss = yq.square().mean() + yk.square().mean()
         loss.backward()
-        return loss.detach(), {"x": x.grad.clone(), **{f"q.{n}": g for n, g in lora_grads(q).items()},
-                               **{f"k.{n}": g for n, g in lora_grads(k).items()}}
+        return loss.detach(), {
+            "x": x.grad.clone(),
+            **{f"q.{n}": g for n, g in lora_grads(q).items()},
+            **{f"k.{n}": g for n, g in lora_grads(k).items()},
+        }
 
     want_loss, want = step(False)
     got_loss, got = step(True)
@@ -109,6 +113,7 @@ def test_checkpoint_around_one_sibling_gives_the_plain_loss_and_gradients(kind, 
 
 
 # -- torch.compile ------------------------------------------------------------------------------------
+
 
 def lora_mlp(p=0.1):
     torch.manual_seed(0)
@@ -171,6 +176,7 @@ def test_inductor_compiles_a_training_step_with_dropout():
 
 # -- threads ------------------------------------------------------------------------------------------
 
+
 def test_threads_training_their_own_models_see_only_their_own_draws():
     """Four threads, each training its own sibling pair on one shared batch (issue 12 defect 2: a process-wide
     cache handed one thread's mask and dropped input to another). Every forward draws a mask no other layer
@@ -230,6 +236,7 @@ def naive(layer, x, keep, scale):
 
 # -- inference-mode tensors, no_grad, inference_mode, autocast -------------------------------------------
 
+
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_inference_mode_tensor_feeds_a_training_forward(kind, p):
@@ -256,7 +263,7 @@ def factors(n, d_in, d_out, dtype=torch.float32, seed=0):
     def t(*s):
         return torch.randn(*s, generator=g).to(dtype)
 
-    return t(n, d_in), t(d_out, d_in) * d_in ** -0.5, t(d_out), t(4, d_in) * d_in ** -0.5, t(d_out, 4)
+    return t(n, d_in), t(d_out, d_in) * d_in**-0.5, t(d_out), t(4, d_in) * d_in**-0.5, t(d_out, 4)
 
 
 def rel(a, b):
@@ -302,6 +309,7 @@ def test_bf16_autocast_matches_the_formula_under_autocast(shape, p):
 
 
 # -- torch.func, forward-mode AD, double backward ------------------------------------------------------
+
 
 def f64(*shape_args, seed=0):
     return [t.double() for t in factors(*shape_args, seed=seed)]

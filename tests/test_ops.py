@@ -24,8 +24,15 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 # (leading dims, d_in, d_out): few tokens take the unmerged path, many tokens (fp32) the folded-weight path;
 # 30 tokens at 16 -> 40 fold the forward only (N > d_in, N < d_out), at 40 -> 16 the input gradient only
-SHAPES = [((3,), 16, 24), ((2, 5), 7, 3), ((64,), 16, 16), ((4, 40), 24, 40), ((1,), 1, 1), ((30,), 16, 40),
-          ((30,), 40, 16)]
+SHAPES = [
+    ((3,), 16, 24),
+    ((2, 5), 7, 3),
+    ((64,), 16, 16),
+    ((4, 40), 24, 40),
+    ((1,), 1, 1),
+    ((30,), 16, 40),
+    ((30,), 40, 16),
+]
 RANKS = [1, 4, 8]
 
 
@@ -38,9 +45,9 @@ def make(lead, d_in, d_out, r, dtype, bias, weight_grad=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype)  # noqa: E731
     x = t(*lead, d_in).requires_grad_()
-    W = t(d_out, d_in, scale=d_in ** -0.5).requires_grad_(weight_grad)
+    W = t(d_out, d_in, scale=d_in**-0.5).requires_grad_(weight_grad)
     b = t(d_out).requires_grad_() if bias else None
-    A = t(r, d_in, scale=d_in ** -0.5).requires_grad_()
+    A = t(r, d_in, scale=d_in**-0.5).requires_grad_()
     B = t(d_out, r, scale=0.5).requires_grad_()
     return x, W, b, A, B
 
@@ -51,8 +58,11 @@ def grads(y, inputs, gy):
 
 
 # (the 1×1 layer is fp32 only: one bf16 element with cancelling terms has no meaningful relative error)
-CASES = [c for c in itertools.product(SHAPES, RANKS, [torch.float32, torch.bfloat16], [0.0, 0.25], [True, False])
-         if not (c[0][1] == 1 and c[2] == torch.bfloat16)]
+CASES = [
+    c
+    for c in itertools.product(SHAPES, RANKS, [torch.float32, torch.bfloat16], [0.0, 0.25], [True, False])
+    if not (c[0][1] == 1 and c[2] == torch.bfloat16)
+]
 
 
 @pytest.mark.parametrize("shape,r,dtype,p,bias", CASES)
@@ -207,6 +217,7 @@ def test_lora_linear_compiles_fullgraph(training, dropout):
 
 
 # -- the base's own arithmetic (transformers' Conv1D computes addmm(b, x, W) on W stored (d_in, d_out)) --
+
 
 def conv1d_base(x, W_stored, b):
     """What transformers.pytorch_utils.Conv1D.forward computes, written out (no transformers import)."""

@@ -41,17 +41,21 @@ def peft_load(base, directory):
         return peft.PeftModel.from_pretrained(base, str(directory)).eval()
 
 
-@pytest.mark.parametrize("make,targets", [
-    (llama, "all-linear"),
-    (llama, ["q_proj", "v_proj", "embed_tokens"]),
-    (gpt2, ["c_attn", "c_proj", "c_fc"]),
-    (gpt2, ["c_attn", "wte"]),
-])
+@pytest.mark.parametrize(
+    "make,targets",
+    [
+        (llama, "all-linear"),
+        (llama, ["q_proj", "v_proj", "embed_tokens"]),
+        (gpt2, ["c_attn", "c_proj", "c_fc"]),
+        (gpt2, ["c_attn", "wte"]),
+    ],
+)
 @pytest.mark.parametrize("rslora", [False, True])
 def test_lorakit_adapter_loads_in_peft(make, targets, rslora, tmp_path):
     base = make()
-    model = randomise_lora(lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=4, alpha=8, use_rslora=rslora),
-                                         targets=targets))
+    model = randomise_lora(
+        lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=4, alpha=8, use_rslora=rslora), targets=targets)
+    )
     want = logits(model)
     assert not torch.allclose(want, logits(base))
     lk.save_adapters(model, tmp_path)
@@ -63,8 +67,9 @@ def test_lorakit_adapter_loads_in_peft(make, targets, rslora, tmp_path):
 
 def test_lorakit_per_module_ranks_and_bias_load_in_peft(tmp_path):
     base = llama()
-    cfg = lk.LoraConfig(rank=2, alpha=4, bias="all", rank_pattern={"layers.1.self_attn.q_proj": 6},
-                        alpha_pattern={"v_proj": 3})
+    cfg = lk.LoraConfig(
+        rank=2, alpha=4, bias="all", rank_pattern={"layers.1.self_attn.q_proj": 6}, alpha_pattern={"v_proj": 3}
+    )
     model = randomise_lora(lk.apply_lora(copy.deepcopy(base), cfg, targets=["q_proj", "v_proj"]))
     want = logits(model)
     lk.save_adapters(model, tmp_path)
@@ -89,15 +94,24 @@ def test_gpt2_trained_bias_round_trips_through_peft(tmp_path):
 PEFT_CASES = {
     "llama-attn": (llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
     "llama-all-rslora": (llama, dict(r=4, lora_alpha=16, target_modules=LLAMA_ALL, use_rslora=True)),
-    "llama-patterns": (llama, dict(r=4, lora_alpha=8, target_modules=LLAMA_ALL,
-                                   rank_pattern={"q_proj": 8, "layers.1.mlp.down_proj": 2},
-                                   alpha_pattern={"v_proj": 32})),
+    "llama-patterns": (
+        llama,
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=LLAMA_ALL,
+            rank_pattern={"q_proj": 8, "layers.1.mlp.down_proj": 2},
+            alpha_pattern={"v_proj": 32},
+        ),
+    ),
     "llama-embed": (llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"])),
     "llama-regex": (llama, dict(r=2, lora_alpha=4, target_modules=r".*layers\.0\.self_attn\.(q|k)_proj")),
     "gpt2-conv1d": (gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
     "gpt2-embed": (gpt2, dict(r=4, lora_alpha=8, target_modules=["wte", "c_attn"], fan_in_fan_out=True)),
-    "gpt2-bias-lora-only": (gpt2, dict(r=2, lora_alpha=4, target_modules=["c_attn"], bias="lora_only",
-                                       fan_in_fan_out=True)),
+    "gpt2-bias-lora-only": (
+        gpt2,
+        dict(r=2, lora_alpha=4, target_modules=["c_attn"], bias="lora_only", fan_in_fan_out=True),
+    ),
     "gpt2-bias-all": (gpt2, dict(r=2, lora_alpha=4, target_modules=["c_attn"], bias="all", fan_in_fan_out=True)),
 }
 
@@ -125,10 +139,17 @@ def test_peft_adapter_loads_in_lorakit(case, tmp_path):
     torch.testing.assert_close(logits(lk.merge(model)), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("use_qalora", True), ("layers_to_transform", [0]), ("init_lora_weights", "pissa"),
-    ("lora_bias", True), ("layer_replication", [[0, 1]]), ("some_future_feature", {"x": 1}),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("use_qalora", True),
+        ("layers_to_transform", [0]),
+        ("init_lora_weights", "pissa"),
+        ("lora_bias", True),
+        ("layer_replication", [[0, 1]]),
+        ("some_future_feature", {"x": 1}),
+    ],
+)
 def test_unsupported_peft_features_refused_by_name(field, value, tmp_path):
     base = llama()
     model = randomise_lora(lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=2), ["q_proj"]))
@@ -144,13 +165,22 @@ def test_unsupported_peft_features_refused_by_name(field, value, tmp_path):
 
 # -- modules_to_save on a tied head, PEFT's bias="all": both ways, PEFT as the oracle ---------------
 
+
 def tied_llama():
     """The tiny Llama with lm_head tied to embed_tokens (tie_word_embeddings, as in many small Llamas)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     return model
@@ -171,8 +201,10 @@ def test_peft_modules_to_save_on_a_tied_head_trains_a_copy_both_ways(tmp_path):
     embeddings = base.model.embed_tokens.weight.clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                                      modules_to_save=["lm_head"]))
+        pm = peft.get_peft_model(
+            copy.deepcopy(base),
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        )
     pm = perturb_trainable(randomise_lora(pm)).eval()
     pm.save_pretrained(str(tmp_path / "peft"))
     want = logits(pm)
@@ -203,8 +235,10 @@ def test_peft_bias_all_is_saved_back_whole(tmp_path):
     base = gpt2()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
-                                                                      bias="all", fan_in_fan_out=True))
+        pm = peft.get_peft_model(
+            copy.deepcopy(base),
+            peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], bias="all", fan_in_fan_out=True),
+        )
         pm = perturb_trainable(randomise_lora(pm)).eval()  # every bias of the model trains under PEFT's "all"
         pm.save_pretrained(str(tmp_path / "peft"))
     want = logits(pm)

@@ -25,8 +25,11 @@ def test_summary_with_no_active_adapter() -> None:
 def test_summary_rows_line_up_and_name_the_active_adapter() -> None:
     model = _model()
     rows = lk.summary(model).splitlines()
-    assert [r.split()[:3] for r in rows[2:5]] == [["0", "Linear", "default"], ["2.0", "Linear", "default"],
-                                                   ["2.1", "Linear", "default"]]
+    assert [r.split()[:3] for r in rows[2:5]] == [
+        ["0", "Linear", "default"],
+        ["2.0", "Linear", "default"],
+        ["2.1", "Linear", "default"],
+    ]
     assert len({r.index("Linear") for r in rows[2:5]}) == 1  # one column, whatever the name's length
     assert set(rows[1]) == {"─"}
     assert "2×4" in rows[2] and "8×2" in rows[2]

@@ -32,8 +32,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHON
 
 
 def lorakit(*args, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,7 @@ def _logits(model) -> torch.Tensor:
 
 # -- help and usage errors -------------------------------------------------------------------------
 
+
 def test_help_and_usage_errors_exit_2(tmp_path, tiny):
     r = lorakit("finetune", "--help")
     assert (
@@ -99,20 +101,63 @@ def test_bad_data_refuses_to_start_with_file_and_line(tmp_path, tiny):
 
 def test_runtime_failure_exits_1(tmp_path, tiny):
     rows = _write_jsonl(tmp_path / "t.jsonl", _causal_rows())
-    r = lorakit("finetune", "--model", tiny["gpt2"], "--data", rows, "--task", "causal-lm", "--out", tmp_path / "o",
-                "--lr", "1e30", "--epochs", "3", "--batch-size", "4", "--device", "cpu", "--plain")
+    r = lorakit(
+        "finetune",
+        "--model",
+        tiny["gpt2"],
+        "--data",
+        rows,
+        "--task",
+        "causal-lm",
+        "--out",
+        tmp_path / "o",
+        "--lr",
+        "1e30",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--plain",
+    )
     assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
     assert "lorakit finetune: failed: FloatingPointError" in r.stderr and "Traceback" not in r.stderr
 
 
 # -- finetune -> PEFT, merge -> transformers, generate ---------------------------------------------------
 
+
 def test_finetune_causal_lm_then_peft_merge_generate_inspect(tmp_path, tiny, capsys):
     rows = _write_jsonl(tmp_path / "train.jsonl", _causal_rows())
     out = tmp_path / "adapter"
-    r = lorakit("finetune", "--model", tiny["llama"], "--data", rows, "--task", "causal-lm", "--out", out,
-                "--targets", "q_proj,k_proj,v_proj,o_proj", "gate_proj", "up_proj", "down_proj", "--rank", "4",
-                "--epochs", "4", "--lr", "1e-2", "--batch-size", "8", "--device", "cpu", "--plain")
+    r = lorakit(
+        "finetune",
+        "--model",
+        tiny["llama"],
+        "--data",
+        rows,
+        "--task",
+        "causal-lm",
+        "--out",
+        out,
+        "--targets",
+        "q_proj,k_proj,v_proj,o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "--rank",
+        "4",
+        "--epochs",
+        "4",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--plain",
+    )
     assert r.returncode == 0, r.stderr
     assert "before valid_loss=" in r.stdout and "after  valid_loss=" in r.stdout and "valid_perplexity=" in r.stdout
     assert {p.name for p in out.iterdir()} >= {
@@ -141,8 +186,18 @@ def test_finetune_causal_lm_then_peft_merge_generate_inspect(tmp_path, tiny, cap
     print(f"merged vs base+adapter (causal-lm): max |Δlogits| = {diff:.3g}")
     assert diff < 1e-4
 
-    r = lorakit("generate", "--model", tiny["llama"], "--adapter", out, "--prompt",
-                "question : what is two plus two ? answer :", "--max-new-tokens", "3", "--compare")
+    r = lorakit(
+        "generate",
+        "--model",
+        tiny["llama"],
+        "--adapter",
+        out,
+        "--prompt",
+        "question : what is two plus two ? answer :",
+        "--max-new-tokens",
+        "3",
+        "--compare",
+    )
     assert r.returncode == 0, r.stderr
     assert "--- base ---" in r.stdout and "--- base + adapter ---" in r.stdout
     assert r.stdout.strip().splitlines()[-1].split(":")[-1].split()[0] == "four"  # what the adapter learned
@@ -157,12 +212,32 @@ def test_finetune_causal_lm_then_peft_merge_generate_inspect(tmp_path, tiny, cap
 
 def test_finetune_seq_cls_csv_string_labels_head_saved_and_merged(tmp_path, tiny):
     csv_path = tmp_path / "train.csv"
-    lines = ["text,label"] + [f"{s},{'animal' if any(w in s for w in ('cat', 'dog', 'bird', 'fox')) else 'other'}"
-                              for s in _hf_models.SENTENCES] * 2
+    lines = ["text,label"] + [
+        f"{s},{'animal' if any(w in s for w in ('cat', 'dog', 'bird', 'fox')) else 'other'}"
+        for s in _hf_models.SENTENCES
+    ] * 2
     csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "cls"
-    r = lorakit("finetune", "--model", tiny["gpt2"], "--data", csv_path, "--task", "seq-cls", "--out", out,
-                "--epochs", "2", "--batch-size", "4", "--valid-fraction", "0.25", "--device", "cpu", "--plain")
+    r = lorakit(
+        "finetune",
+        "--model",
+        tiny["gpt2"],
+        "--data",
+        csv_path,
+        "--task",
+        "seq-cls",
+        "--out",
+        out,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--valid-fraction",
+        "0.25",
+        "--device",
+        "cpu",
+        "--plain",
+    )
     assert r.returncode == 0, r.stderr
     assert "valid_accuracy=" in r.stdout
     task = json.loads((out / "lorakit_task.json").read_text())
@@ -187,8 +262,24 @@ def test_finetune_seq_cls_csv_string_labels_head_saved_and_merged(tmp_path, tiny
 
 def test_resume_and_existing_out(tmp_path, tiny, capsys):
     rows = _write_jsonl(tmp_path / "t.jsonl", _causal_rows())
-    args = ["finetune", "--model", tiny["gpt2"], "--data", rows, "--task", "causal-lm", "--out", tmp_path / "o",
-            "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--plain"]
+    args = [
+        "finetune",
+        "--model",
+        tiny["gpt2"],
+        "--data",
+        rows,
+        "--task",
+        "causal-lm",
+        "--out",
+        tmp_path / "o",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--plain",
+    ]
     assert lorakit(*args).returncode == 0
     first = (tmp_path / "o" / "adapter_model.safetensors").read_bytes()
     from lorakit.cli import main
@@ -203,12 +294,19 @@ def test_resume_and_existing_out(tmp_path, tiny, capsys):
 
 # -- a PEFT-made adapter through lorakit's commands ---------------------------------------------------------
 
+
 def test_peft_trained_adapter_through_merge_inspect_generate(tmp_path, tiny):
     base, tok = hf.load(tiny["gpt2"], "causal-lm")
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
-                                                      fan_in_fan_out=True, task_type="CAUSAL_LM"))
-    batch = data.collate([{"input_ids": tok(s)["input_ids"], "labels": tok(s)["input_ids"]}
-                          for s in _hf_models.SENTENCES], tok.pad_token_id)
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, task_type="CAUSAL_LM"
+        ),
+    )
+    batch = data.collate(
+        [{"input_ids": tok(s)["input_ids"], "labels": tok(s)["input_ids"]} for s in _hf_models.SENTENCES],
+        tok.pad_token_id,
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(5):  # PEFT trains it
         model(**batch).loss.backward()
@@ -229,22 +327,65 @@ def test_peft_trained_adapter_through_merge_inspect_generate(tmp_path, tiny):
     print(f"\nPEFT-trained adapter, lorakit merge vs PEFT: max |Δlogits| = {diff:.3g}")
     assert diff < 1e-4
 
-    r = lorakit("generate", "--model", tiny["gpt2"], "--adapter", tmp_path / "peft", "--prompt", "the cat",
-                "--max-new-tokens", "4", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
+    r = lorakit(
+        "generate",
+        "--model",
+        tiny["gpt2"],
+        "--adapter",
+        tmp_path / "peft",
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("the cat")
 
 
 # -- the real model: MiniLM, where LoRA beats a frozen encoder -------------------------------------------
 
+
 def test_minilm_lora_beats_frozen_encoder_with_trained_head(tmp_path):
     """Who won: 'the red team lost to the blue team'. Both teams are in every sentence, so a frozen
     sentence encoder (order-blind features) plus the best linear head does badly; LoRA learns it."""
     train, valid = DATA / "winners_train.jsonl", DATA / "winners_valid.jsonl"
     out = tmp_path / "minilm"
-    r = lorakit("finetune", "--model", _hf_models.minilm_dir(), "--data", train, "--valid", valid, "--task", "seq-cls",
-                "--out", out, "--targets", "query", "value", "--rank", "8", "--epochs", "2", "--lr", "3e-3",
-                "--batch-size", "16", "--max-length", "32", "--device", "cpu", "--plain", timeout=300)
+    r = lorakit(
+        "finetune",
+        "--model",
+        _hf_models.minilm_dir(),
+        "--data",
+        train,
+        "--valid",
+        valid,
+        "--task",
+        "seq-cls",
+        "--out",
+        out,
+        "--targets",
+        "query",
+        "value",
+        "--rank",
+        "8",
+        "--epochs",
+        "2",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "32",
+        "--device",
+        "cpu",
+        "--plain",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "run" / "finetune_report.json").read_text())
     lora_acc = report["after"]["accuracy"]
@@ -272,9 +413,11 @@ def test_minilm_lora_beats_frozen_encoder_with_trained_head(tmp_path):
     with torch.no_grad():
         frozen_acc = (head(xv).argmax(-1) == yv).float().mean().item()
         frozen_train_acc = (head(xt).argmax(-1) == yt).float().mean().item()
-    print(f"\nMiniLM winners task, held-out accuracy: lorakit LoRA {lora_acc:.3f} (before training "
-          f"{report['before']['accuracy']:.3f}); frozen encoder + trained head {frozen_acc:.3f} "
-          f"(train {frozen_train_acc:.3f})")
+    print(
+        f"\nMiniLM winners task, held-out accuracy: lorakit LoRA {lora_acc:.3f} (before training "
+        f"{report['before']['accuracy']:.3f}); frozen encoder + trained head {frozen_acc:.3f} "
+        f"(train {frozen_train_acc:.3f})"
+    )
     assert lora_acc >= 0.9
     assert lora_acc >= frozen_acc + 0.15
 

@@ -26,8 +26,9 @@ IDS = torch.tensor([[2, 4, 5, 6, 7, 8], [2, 9, 10, 11, 12, 3]])
 
 
 def lorakit(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=180
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,21 @@ def _logits(model):
 def test_merge_a_weighted_combination(setup, tmp_path):
     model_dir, base, dirs = setup
     out = tmp_path / "merged"
-    r = lorakit("merge", "--model", model_dir, "--adapter", f"math={dirs['math']}", "--adapter", f"code={dirs['code']}",
-                "--weight", "math=0.5", "--weight", "code=-1", "--out", out)
+    r = lorakit(
+        "merge",
+        "--model",
+        model_dir,
+        "--adapter",
+        f"math={dirs['math']}",
+        "--adapter",
+        f"code={dirs['code']}",
+        "--weight",
+        "math=0.5",
+        "--weight",
+        "code=-1",
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     assert "combined (cat): max relative error of ΔW" in r.stdout
     merged = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -74,8 +88,17 @@ def test_merge_a_weighted_combination(setup, tmp_path):
 
 def test_merge_refuses_unknown_weight_names(setup, tmp_path):
     model_dir, _, dirs = setup
-    r = lorakit("merge", "--model", model_dir, "--adapter", f"math={dirs['math']}", "--weight", "nope=1",
-                "--out", tmp_path / "o")
+    r = lorakit(
+        "merge",
+        "--model",
+        model_dir,
+        "--adapter",
+        f"math={dirs['math']}",
+        "--weight",
+        "nope=1",
+        "--out",
+        tmp_path / "o",
+    )
     assert r.returncode == 2 and "--weight names ['nope'] match no --adapter" in r.stderr
     r = lorakit("merge", "--model", model_dir, "--adapter", f"half={dirs['math']}", "--out", tmp_path / "o")
     assert r.returncode == 2 and "reserved" in r.stderr
@@ -146,8 +169,12 @@ def test_merge_shows_progress_piped_and_overwrite_swaps_in_only_a_whole_model(se
     r = lorakit("merge", "--model", model_dir, "--adapter", dirs["math"], "--out", out, "--overwrite")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith("merged 4 LoRA modules of") and str(out) in r.stdout
-    for step in (f"loading the model {model_dir}", f"loading the adapter {dirs['math']}",
-                 "merging 4 LoRA modules into the base", "writing "):
+    for step in (
+        f"loading the model {model_dir}",
+        f"loading the adapter {dirs['math']}",
+        "merging 4 LoRA modules into the base",
+        "writing ",
+    ):
         assert step in r.stderr, (step, r.stderr)
     lines = [line for line in r.stderr.splitlines() if " in " in line and line.endswith(" s")]
     assert len(lines) == 4, r.stderr  # each step says when it is done, and how long it took

@@ -35,8 +35,14 @@ QUESTION = "question : what is two plus two ? answer :"
 
 
 def lorakit(*args, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=timeout, input=stdin)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+        input=stdin,
+    )
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:
@@ -61,8 +67,28 @@ def causal(tiny, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("causal")
     rows = _write_jsonl(root / "train.jsonl", _causal_rows())
     out = root / "adapter"
-    r = lorakit("finetune", "--model", tiny["llama"], "--data", rows, "--task", "causal-lm", "--out", out,
-                "--rank", "4", "--epochs", "4", "--lr", "1e-2", "--batch-size", "8", "--device", "cpu", "--plain")
+    r = lorakit(
+        "finetune",
+        "--model",
+        tiny["llama"],
+        "--data",
+        rows,
+        "--task",
+        "causal-lm",
+        "--out",
+        out,
+        "--rank",
+        "4",
+        "--epochs",
+        "4",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--plain",
+    )
     assert r.returncode == 0, r.stderr
     return {"model": tiny["llama"], "adapter": out, "rows": rows}
 
@@ -74,9 +100,35 @@ def minilm(tmp_path_factory) -> dict:
     train = _write_jsonl(root / "train.jsonl", (DATA / "winners_train.jsonl").read_text().splitlines()[:96])
     valid = _write_jsonl(root / "valid.jsonl", (DATA / "winners_valid.jsonl").read_text().splitlines()[:40])
     out = root / "adapter"
-    r = lorakit("finetune", "--model", _hf_models.minilm_dir(), "--data", train, "--valid", valid, "--task", "seq-cls",
-                "--out", out, "--targets", "query", "value", "--rank", "4", "--epochs", "1", "--lr", "3e-3",
-                "--batch-size", "16", "--max-length", "32", "--device", "cpu", "--plain")
+    r = lorakit(
+        "finetune",
+        "--model",
+        _hf_models.minilm_dir(),
+        "--data",
+        train,
+        "--valid",
+        valid,
+        "--task",
+        "seq-cls",
+        "--out",
+        out,
+        "--targets",
+        "query",
+        "value",
+        "--rank",
+        "4",
+        "--epochs",
+        "1",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "32",
+        "--device",
+        "cpu",
+        "--plain",
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "run" / "finetune_report.json").read_text())
     return {"model": _hf_models.minilm_dir(), "adapter": out, "valid": valid, "report": report, "stdout": r.stdout}
@@ -84,18 +136,31 @@ def minilm(tmp_path_factory) -> dict:
 
 # -- seq-cls: eval reproduces finetune's validation; predict agrees with eval ---------------------------
 
+
 def test_eval_reproduces_finetune_validation_accuracy(minilm, capsys):
     after = minilm["report"]["after"]
     assert f"valid_accuracy={after['accuracy']:.4f}" in minilm["stdout"]
     # another batch size than training's 16: padding must not change what is scored
-    r = lorakit("eval", "--model", minilm["model"], "--adapter", minilm["adapter"], "--data", minilm["valid"],
-                "--json", "--batch-size", "7")
+    r = lorakit(
+        "eval",
+        "--model",
+        minilm["model"],
+        "--adapter",
+        minilm["adapter"],
+        "--data",
+        minilm["valid"],
+        "--json",
+        "--batch-size",
+        "7",
+    )
     assert r.returncode == 0, r.stderr
     assert "evaluating adapter" in r.stderr and "tokenizing: 40/40 rows" in r.stderr  # progress on stderr
     report = json.loads(r.stdout)  # exactly one JSON object on stdout
     got = report["adapters"]["adapter"]
-    print(f"\nfinetune valid accuracy {after['accuracy']:.4f} loss {after['loss']:.6f}; "
-          f"eval accuracy {got['accuracy']:.4f} loss {got['loss']:.6f}")
+    print(
+        f"\nfinetune valid accuracy {after['accuracy']:.4f} loss {after['loss']:.6f}; "
+        f"eval accuracy {got['accuracy']:.4f} loss {got['loss']:.6f}"
+    )
     assert got["accuracy"] == pytest.approx(after["accuracy"], abs=1e-12)
     assert got["loss"] == pytest.approx(after["loss"], abs=1e-5)  # the trained head, not a random one
     assert report["base"] is None and "not scored" in report["note"]
@@ -105,16 +170,37 @@ def test_eval_reproduces_finetune_validation_accuracy(minilm, capsys):
     truth = [json.loads(line)["label"] for line in minilm["valid"].read_text().splitlines()]
     assert confusion.sum(dim=1).tolist() == [truth.count("blue"), truth.count("red")]  # rows are the true labels
 
-    assert main(["eval", "--model", str(minilm["model"]), "--adapter", f"mine={minilm['adapter']}",
-                 "--data", str(minilm["valid"])]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(minilm["model"]),
+                "--adapter",
+                f"mine={minilm['adapter']}",
+                "--data",
+                str(minilm["valid"]),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out  # piped: plain text
     assert "confusion matrix of mine (rows: true label, columns: predicted)" in table and "not scored" in table
     assert f"{got['accuracy']:.4f}" in table and "\x1b[" not in table
 
 
 def test_predict_seq_cls_probabilities_and_argmax_match_eval(minilm):
-    r = lorakit("predict", "--model", minilm["model"], "--adapter", minilm["adapter"], "--input", minilm["valid"],
-                "--batch-size", "16")
+    r = lorakit(
+        "predict",
+        "--model",
+        minilm["model"],
+        "--adapter",
+        minilm["adapter"],
+        "--input",
+        minilm["valid"],
+        "--batch-size",
+        "16",
+    )
     assert r.returncode == 0, r.stderr
     out = [json.loads(line) for line in r.stdout.splitlines()]
     truth = [json.loads(line)["label"] for line in minilm["valid"].read_text().splitlines()]
@@ -133,6 +219,7 @@ def test_predict_seq_cls_probabilities_and_argmax_match_eval(minilm):
 
 # -- causal-lm: token-weighted loss, the adapter beats the base; batched generation = one at a time -------
 
+
 def _naive_loss(model, rows) -> float:
     """Token-weighted mean loss, one row at a time with transformers' own loss: sum(loss_i * n_i) / sum(n_i)."""
     total, tokens = 0.0, 0
@@ -147,8 +234,20 @@ def _naive_loss(model, rows) -> float:
 
 
 def test_eval_causal_lm_adapter_beats_base_token_weighted(causal):
-    r = lorakit("eval", "--model", causal["model"], "--adapter", f"a={causal['adapter']}",
-                "--adapter", f"b={causal['adapter']}", "--data", causal["rows"], "--json", "--batch-size", "3")
+    r = lorakit(
+        "eval",
+        "--model",
+        causal["model"],
+        "--adapter",
+        f"a={causal['adapter']}",
+        "--adapter",
+        f"b={causal['adapter']}",
+        "--data",
+        causal["rows"],
+        "--json",
+        "--batch-size",
+        "3",
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     base, a, b = report["base"], report["adapters"]["a"], report["adapters"]["b"]
@@ -167,14 +266,30 @@ def test_eval_causal_lm_adapter_beats_base_token_weighted(causal):
 
 def test_predict_causal_lm_batched_equals_one_by_one_and_generate(causal, tmp_path):
     template = tmp_path / "chat.jinja"
-    template.write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                        "{% if add_generation_prompt %}answer :{% endif %}")
-    rows = [{"prompt": QUESTION, "id": "q1"}, {"text": "the cat"}, {"text": "the quick brown fox jumps over"},
-            {"messages": [{"role": "user", "content": "question : what is two plus two ?"}]},
-            {"prompt": "question : what colour is the sky ? answer :", "id": 7}]
+    template.write_text(
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}answer :{% endif %}"
+    )
+    rows = [
+        {"prompt": QUESTION, "id": "q1"},
+        {"text": "the cat"},
+        {"text": "the quick brown fox jumps over"},
+        {"messages": [{"role": "user", "content": "question : what is two plus two ?"}]},
+        {"prompt": "question : what colour is the sky ? answer :", "id": 7},
+    ]
     inp = _write_jsonl(tmp_path / "in.jsonl", rows)
-    common = ["predict", "--model", causal["model"], "--adapter", causal["adapter"], "--input", inp,
-              "--chat-template", template, "--max-new-tokens", "6"]
+    common = [
+        "predict",
+        "--model",
+        causal["model"],
+        "--adapter",
+        causal["adapter"],
+        "--input",
+        inp,
+        "--chat-template",
+        template,
+        "--max-new-tokens",
+        "6",
+    ]
     batched, single = lorakit(*common, "--batch-size", "4"), lorakit(*common, "--batch-size", "1")
     assert batched.returncode == 0 and single.returncode == 0, batched.stderr + single.stderr
     assert batched.stdout == single.stdout
@@ -183,8 +298,17 @@ def test_predict_causal_lm_batched_equals_one_by_one_and_generate(causal, tmp_pa
     assert all(isinstance(o["completion"], str) and o["completion"].strip() for o in out)
     assert out[0]["completion"].split()[0] == "four" and out[3]["completion"].split()[0] == "four"  # chat rendered
 
-    r = lorakit("generate", "--model", causal["model"], "--adapter", causal["adapter"], "--prompt", QUESTION,
-                "--max-new-tokens", "6")
+    r = lorakit(
+        "generate",
+        "--model",
+        causal["model"],
+        "--adapter",
+        causal["adapter"],
+        "--prompt",
+        QUESTION,
+        "--max-new-tokens",
+        "6",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == QUESTION + out[0]["completion"] + "\n"
 
@@ -219,15 +343,52 @@ def test_eval_uses_the_adapters_chat_template_and_reproduces_finetune_valid_loss
     chats = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in qa]
     train, valid = _write_jsonl(tmp_path / "train.jsonl", chats * 4), _write_jsonl(tmp_path / "valid.jsonl", chats * 2)
     out = tmp_path / "adapter"
-    r = lorakit("finetune", "--model", model, "--data", train, "--valid", valid, "--task", "causal-lm", "--out", out,
-                "--chat-template", template, "--rank", "4", "--epochs", "2", "--lr", "1e-2", "--batch-size", "8",
-                "--device", "cpu", "--plain")
+    r = lorakit(
+        "finetune",
+        "--model",
+        model,
+        "--data",
+        train,
+        "--valid",
+        valid,
+        "--task",
+        "causal-lm",
+        "--out",
+        out,
+        "--chat-template",
+        template,
+        "--rank",
+        "4",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--plain",
+    )
     assert r.returncode == 0, r.stderr
     after = json.loads((out / "run" / "finetune_report.json").read_text())["after"]
 
     def scored(*extra) -> dict:
-        assert main(["eval", "--model", str(model), "--adapter", f"a={out}", "--data", str(valid), "--json",
-                     *map(str, extra)]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model",
+                    str(model),
+                    "--adapter",
+                    f"a={out}",
+                    "--data",
+                    str(valid),
+                    "--json",
+                    *map(str, extra),
+                ]
+            )
+            == 0
+        )
         return json.loads(capsys.readouterr().out)
 
     report = scored()
@@ -237,14 +398,18 @@ def test_eval_uses_the_adapters_chat_template_and_reproduces_finetune_valid_loss
     other = scored("--chat-template", chatml)  # the flag overrides the saved template: another format, scored
     assert abs(other["adapters"]["a"]["loss"] - report["adapters"]["a"]["loss"]) > 1e-3
     assert scored("--chat-template", template) == report
-    print(f"\nfinetune valid loss {after['loss']:.6f}; eval {report['adapters']['a']['loss']:.6f}, "
-          f"with ChatML {other['adapters']['a']['loss']:.6f}")
+    print(
+        f"\nfinetune valid loss {after['loss']:.6f}; eval {report['adapters']['a']['loss']:.6f}, "
+        f"with ChatML {other['adapters']['a']['loss']:.6f}"
+    )
 
 
 def test_eval_without_a_template_names_its_own_flag(tmp_path, capsys):
     bare = _hf_models.save_tiny("llama", tmp_path / "bare", chat_template="")
-    rows = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "good morning"},
-                                                               {"role": "assistant", "content": "hello world"}]}])
+    rows = _write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "good morning"}, {"role": "assistant", "content": "hello world"}]}],
+    )
     assert main(["eval", "--model", str(bare), "--data", str(rows)]) == 2
     assert "pass --chat-template FILE" in capsys.readouterr().err
     template = tmp_path / "t.jinja"
@@ -254,6 +419,7 @@ def test_eval_without_a_template_names_its_own_flag(tmp_path, capsys):
 
 
 # -- bad inputs: exit 2 with reasons, nothing printed on stdout --------------------------------------------
+
 
 def test_bad_inputs_exit_2_with_reasons(causal, minilm, tmp_path, capsys):
     def run(*args) -> tuple[int, str, str]:
@@ -275,8 +441,17 @@ def test_bad_inputs_exit_2_with_reasons(causal, minilm, tmp_path, capsys):
 
     code, out, err = run("eval", "--model", model, "--adapter", tmp_path / "no-adapter", "--data", causal["rows"])
     assert code == 2 and "no-adapter" in err and not out
-    code, out, err = run("eval", "--model", model, "--adapter", f"lm={adapter}", "--adapter",
-                         f"cls={minilm['adapter']}", "--data", causal["rows"])
+    code, out, err = run(
+        "eval",
+        "--model",
+        model,
+        "--adapter",
+        f"lm={adapter}",
+        "--adapter",
+        f"cls={minilm['adapter']}",
+        "--data",
+        causal["rows"],
+    )
     assert code == 2 and "different tasks" in err and "lm=" in err and "cls=" in err and "seq-cls" in err
     unknown = _write_jsonl(tmp_path / "labels.jsonl", [{"text": "the red team won", "label": "green"}])
     code, out, err = run("eval", "--model", minilm["model"], "--adapter", minilm["adapter"], "--data", unknown)

@@ -21,8 +21,9 @@ ENV = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "80"}  # a colour term
 
 
 def lorakit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, env=ENV,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,13 @@ def test_piped_run_passes_and_logs_plain_lines(piped) -> None:
     assert re.search(r"task B loss: base \d+\.\d+ → LoRA \d+\.\d+", proc.stdout)
     assert "rank 4, alpha 8, scaling 2" in proc.stdout
     assert "(identical) ok" in proc.stdout and lines[-1].startswith("all checks passed")
-    for name in ("base_model.safetensors", "adapter/adapter_model.safetensors", "train/metrics.jsonl",
-                 "train/loss.png", "train/config.json"):
+    for name in (
+        "base_model.safetensors",
+        "adapter/adapter_model.safetensors",
+        "train/metrics.jsonl",
+        "train/loss.png",
+        "train/config.json",
+    ):
         assert (out / name).is_file(), name
 
 

@@ -76,18 +76,26 @@ def test_ctrl_c_mid_training_exits_130(tmp_path: Path) -> None:
 
 
 # command: (module of its handler, its arguments)
-COMMANDS = {"example": ("example", []), "bench": ("bench", []), "inspect": ("inspect", ["x"]),
-            "merge": ("merge", ["--model", "m", "--adapter", "a", "--out", "o"]),
-            "generate": ("generate", ["--model", "m", "--prompt", "p"]),
-            "finetune": ("finetune", ["--model", "m", "--data", "d", "--task", "causal-lm", "--out", "o"]),
-            "export": ("export", ["--model", "m", "--adapter", "a", "--out", "o"])}  # E1: lorakit export (issue 15)
+COMMANDS = {
+    "example": ("example", []),
+    "bench": ("bench", []),
+    "inspect": ("inspect", ["x"]),
+    "merge": ("merge", ["--model", "m", "--adapter", "a", "--out", "o"]),
+    "generate": ("generate", ["--model", "m", "--prompt", "p"]),
+    "finetune": ("finetune", ["--model", "m", "--data", "d", "--task", "causal-lm", "--out", "o"]),
+    "export": ("export", ["--model", "m", "--adapter", "a", "--out", "o"]),
+}  # E1: lorakit export (issue 15)
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_subcommand_goes_through_the_one_map(command: str, monkeypatch, capsys) -> None:
     module, args = COMMANDS[command]
-    for error, status, says in ((KeyboardInterrupt(), 130, "interrupted"), (BadInput("no"), 2, "error: no"),
-                                (FloatingPointError("nan"), 1, "failed: FloatingPointError: nan")):
+    for error, status, says in (
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (BadInput("no"), 2, "error: no"),
+        (FloatingPointError("nan"), 1, "failed: FloatingPointError: nan"),
+    ):
+
         def handler(_args, error=error) -> int:
             raise error
 
@@ -107,9 +115,14 @@ def test_the_exit_codes_are_one_map() -> None:
 def _flags_in_strings(path: Path) -> list[tuple[int, str]]:
     """(line, text) of every string literal but docstrings that names a `--flag`."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
@@ -126,9 +139,12 @@ ADVICE = {Path("export/portability.py")}
 
 def test_library_messages_name_no_cli_flags() -> None:
     root = Path(lorakit.__file__).parent
-    found = {f"{p.relative_to(root)}:{line}": text for p in sorted(root.rglob("*.py"))
-             if "cli" not in p.relative_to(root).parts and p.relative_to(root) not in ADVICE
-             for line, text in _flags_in_strings(p)}
+    found = {
+        f"{p.relative_to(root)}:{line}": text
+        for p in sorted(root.rglob("*.py"))
+        if "cli" not in p.relative_to(root).parts and p.relative_to(root) not in ADVICE
+        for line, text in _flags_in_strings(p)
+    }
     assert not found, found
     assert _flags_in_strings(root / "cli" / "finetune.py")  # the scan does see flags where they belong
 

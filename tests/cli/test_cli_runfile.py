@@ -30,8 +30,15 @@ LORAKIT = [sys.executable, "-m", "lorakit"]
 
 def lorakit(*args, merged: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """A real `lorakit` process; `merged`: stderr into stdout, so the order of the two shows."""
-    return subprocess.run([*LORAKIT, *map(str, args)], stdout=subprocess.PIPE, text=True, env=ENV, timeout=300,
-                          stderr=subprocess.STDOUT if merged else subprocess.PIPE, cwd=cwd)
+    return subprocess.run(
+        [*LORAKIT, *map(str, args)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        timeout=300,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+        cwd=cwd,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +50,30 @@ def run(tmp_path_factory) -> dict[str, Path]:
     rows.write_text("".join(json.dumps({"text": s}) + "\n" for s in _hf_models.SENTENCES * 3))
     out = root / "first"
     # relative paths on the command line (cwd=root): the run file records them absolute
-    r = lorakit("finetune", "--model", "gpt2", "--data", "train.jsonl", "--task", "causal-lm", "--out", "first",
-                "--epochs", "2", "--batch-size", "8", "--rank", "4", "--dropout", "0.1", "--device", "cpu",
-                "--plain", merged=True, cwd=root)
+    r = lorakit(
+        "finetune",
+        "--model",
+        "gpt2",
+        "--data",
+        "train.jsonl",
+        "--task",
+        "causal-lm",
+        "--out",
+        "first",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--rank",
+        "4",
+        "--dropout",
+        "0.1",
+        "--device",
+        "cpu",
+        "--plain",
+        merged=True,
+        cwd=root,
+    )
     assert r.returncode == 0, r.stdout[-3000:]
     return {"root": root, "model": model, "rows": rows, "out": out, "log": r.stdout}
 
@@ -58,6 +86,7 @@ def _main(capsys, *argv) -> tuple[int, str]:
 
 # -- the run file ---------------------------------------------------------------------------------------
 
+
 def test_the_recorded_run_file_repeats_the_run_exactly(run, tmp_path):
     recorded = run["out"] / "run" / "run.toml"
     values = tomllib.loads(recorded.read_text())
@@ -69,8 +98,7 @@ def test_the_recorded_run_file_repeats_the_run_exactly(run, tmp_path):
     again = tmp_path / "again"
     r = lorakit("finetune", "--config", recorded, "--out", again)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (again / "adapter_model.safetensors").read_bytes() == \
-        (run["out"] / "adapter_model.safetensors").read_bytes()
+    assert (again / "adapter_model.safetensors").read_bytes() == (run["out"] / "adapter_model.safetensors").read_bytes()
     assert tomllib.loads((again / "run" / "run.toml").read_text()) == {**values, "out": str(again)}
 
 
@@ -78,8 +106,13 @@ def test_finetune_shows_loading_and_tokenizing_before_training(run):
     lines = run["log"].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("start "))
     before = "\n".join(lines[:start])
-    for step in ("loading the tokenizer of gpt2", "reading train.jsonl", "tokenizing", "loading the model gpt2",
-                 "adding LoRA"):
+    for step in (
+        "loading the tokenizer of gpt2",
+        "reading train.jsonl",
+        "tokenizing",
+        "loading the model gpt2",
+        "adding LoRA",
+    ):
         shown = [line for line in lines[:start] if line.startswith(step)]
         assert any(line.endswith(" ...") for line in shown) and any(" in " in line for line in shown), (step, before)
 
@@ -87,9 +120,11 @@ def test_finetune_shows_loading_and_tokenizing_before_training(run):
 def test_run_file_keys_tables_spellings_paths_and_command_line_override(tmp_path):
     conf = tmp_path / "conf" / "run.toml"
     conf.parent.mkdir()
-    conf.write_text('model = "../models/tiny"\ndata = "rows.jsonl"\ntask = "seq-cls"\nout = "/abs/out"\n'
-                    'max-length = 64\nplain = true\n[lora]\nrank = 16\ntargets = ["q_proj", "v_proj"]\n'
-                    '[training]\nlr = 1\n')
+    conf.write_text(
+        'model = "../models/tiny"\ndata = "rows.jsonl"\ntask = "seq-cls"\nout = "/abs/out"\n'
+        'max-length = 64\nplain = true\n[lora]\nrank = 16\ntargets = ["q_proj", "v_proj"]\n'
+        "[training]\nlr = 1\n"
+    )
     argv = ["finetune", "--config", str(conf), "--rank", "2"]
     parser = build_parser()
     runfile.pre_parse(parser, argv)
@@ -110,23 +145,38 @@ def test_a_flag_added_to_the_parser_is_a_key_at_once(tmp_path):
     assert runfile.read(conf, sub) == {"warmup_ratio": 0.5}
 
 
-@pytest.mark.parametrize("text,says", [
-    ("rank = 8\nnope = 1\n", "unknown key 'nope'; the keys are the flags of this command: model, data"),
-    ('rank = "8"\n', "rank = \"8\" is invalid: expected an integer"),
-    ("rank = 8.5\n", "rank = 8.5 is invalid: expected an integer"),
-    ("lr = true\n", "lr = true is invalid: expected a number"),
-    ('task = "regression"\n', 'task = "regression" is invalid: expected one of causal-lm, seq-cls'),
-    ('plain = "yes"\n', 'plain = "yes" is invalid: expected true or false'),
-    ('targets = "q_proj"\n', 'targets = "q_proj" is invalid: expected a list'),
-    ("model = 3\n", "model = 3 is invalid: expected a string"),
-    ("rank = 8\n[lora]\nrank = 4\n", "key 'rank' is given twice"),
-    ("rank = \n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,says",
+    [
+        ("rank = 8\nnope = 1\n", "unknown key 'nope'; the keys are the flags of this command: model, data"),
+        ('rank = "8"\n', 'rank = "8" is invalid: expected an integer'),
+        ("rank = 8.5\n", "rank = 8.5 is invalid: expected an integer"),
+        ("lr = true\n", "lr = true is invalid: expected a number"),
+        ('task = "regression"\n', 'task = "regression" is invalid: expected one of causal-lm, seq-cls'),
+        ('plain = "yes"\n', 'plain = "yes" is invalid: expected true or false'),
+        ('targets = "q_proj"\n', 'targets = "q_proj" is invalid: expected a list'),
+        ("model = 3\n", "model = 3 is invalid: expected a string"),
+        ("rank = 8\n[lora]\nrank = 4\n", "key 'rank' is given twice"),
+        ("rank = \n", "not valid TOML"),
+    ],
+)
 def test_a_bad_run_file_exits_2_naming_file_key_and_expectation(tmp_path, capsys, text, says):
     conf = tmp_path / "run.toml"
     conf.write_text(text)
-    status, err = _main(capsys, "finetune", "--config", conf, "--model", "m", "--data", "d", "--task", "causal-lm",
-                        "--out", tmp_path / "o")
+    status, err = _main(
+        capsys,
+        "finetune",
+        "--config",
+        conf,
+        "--model",
+        "m",
+        "--data",
+        "d",
+        "--task",
+        "causal-lm",
+        "--out",
+        tmp_path / "o",
+    )
     assert status == 2 and err.startswith(f"lorakit finetune: error: {conf}") and says in err, err
     assert not (tmp_path / "o").exists()
 
@@ -136,13 +186,21 @@ def test_a_missing_run_file_exits_2(tmp_path, capsys):
     assert status == 2 and f"--config {tmp_path / 'none.toml'}: no such file" in err
 
 
-@given(st.one_of(st.text(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False), st.booleans(),
-                 st.lists(st.text(max_size=5), max_size=3)))
+@given(
+    st.one_of(
+        st.text(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.floats(allow_nan=False),
+        st.booleans(),
+        st.lists(st.text(max_size=5), max_size=3),
+    )
+)
 def test_the_toml_writer_round_trips_what_a_flag_holds(value):
     assert tomllib.loads(f"key = {runfile._toml(value)}")["key"] == value
 
 
 # -- OUT's state: the advice fits it ---------------------------------------------------------------------
+
 
 def test_advice_for_each_state_of_out(run, tmp_path, capsys):
     flags = ["--model", run["model"], "--data", run["rows"], "--task", "causal-lm", "--device", "cpu"]
@@ -171,8 +229,9 @@ def test_advice_for_each_state_of_out(run, tmp_path, capsys):
 
 def test_resume_with_changed_flags_exits_2_naming_them(run, tmp_path, capsys):
     recorded = run["out"] / "run" / "run.toml"
-    status, err = _main(capsys, "finetune", "--config", recorded, "--resume", "--lr", "1e-3", "--rank", "8",
-                        "--plain")  # --plain may change: it is how the run is shown
+    status, err = _main(
+        capsys, "finetune", "--config", recorded, "--resume", "--lr", "1e-3", "--rank", "8", "--plain"
+    )  # --plain may change: it is how the run is shown
     assert status == 2, err
     assert "rank: 4 -> 8; lr: 0.0005 -> 0.001" in err and str(recorded) in err and "plain" not in err
 
@@ -185,10 +244,35 @@ def test_resume_with_changed_flags_exits_2_naming_them(run, tmp_path, capsys):
 
 def test_ctrl_c_after_a_checkpoint_exits_130_with_a_resume_hint(run, tmp_path):
     marker = "checkpoint step=1 "
-    proc = subprocess.Popen([sys.executable, str(TESTS / "_cli_hold.py"), marker, "finetune", "--model", run["model"],
-                             "--data", run["rows"], "--task", "causal-lm", "--out", tmp_path / "out", "--epochs", "3",
-                             "--batch-size", "8", "--checkpoint-every", "1", "--device", "cpu", "--plain"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(TESTS / "_cli_hold.py"),
+            marker,
+            "finetune",
+            "--model",
+            run["model"],
+            "--data",
+            run["rows"],
+            "--task",
+            "causal-lm",
+            "--out",
+            tmp_path / "out",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "8",
+            "--checkpoint-every",
+            "1",
+            "--device",
+            "cpu",
+            "--plain",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -205,11 +289,24 @@ def test_ctrl_c_after_a_checkpoint_exits_130_with_a_resume_hint(run, tmp_path):
 
 # -- the model must fit the task -------------------------------------------------------------------------
 
+
 def test_an_encoder_as_causal_lm_exits_2_saying_what_it_can_do(tmp_path, capsys):
     rows = tmp_path / "t.jsonl"
     rows.write_text("".join(json.dumps({"text": s}) + "\n" for s in _hf_models.SENTENCES))
-    status, err = _main(capsys, "finetune", "--model", _hf_models.minilm_dir(), "--data", rows, "--task",
-                        "causal-lm", "--out", tmp_path / "o", "--device", "cpu")
+    status, err = _main(
+        capsys,
+        "finetune",
+        "--model",
+        _hf_models.minilm_dir(),
+        "--data",
+        rows,
+        "--task",
+        "causal-lm",
+        "--out",
+        tmp_path / "o",
+        "--device",
+        "cpu",
+    )
     assert status == 2, err
     assert "bert is an encoder (bidirectional attention); it cannot be fine-tuned as a causal-lm" in err
     assert err.rstrip().endswith("use --task seq-cls")  # told from config.json, before the data is read

@@ -20,8 +20,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHON
 
 
 def lorakit(*args, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +38,43 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def _base(files: dict[str, Path], out: Path) -> list:
-    return ["finetune", "--model", files["model"], "--data", files["data"], "--task", "causal-lm", "--out", out,
-            "--plain", "--batch-size", "4", "--max-length", "16", "--lr", "1e-2", "--log-every", "1"]
+    return [
+        "finetune",
+        "--model",
+        files["model"],
+        "--data",
+        files["data"],
+        "--task",
+        "causal-lm",
+        "--out",
+        out,
+        "--plain",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "16",
+        "--lr",
+        "1e-2",
+        "--log-every",
+        "1",
+    ]
 
 
 def test_max_steps_eval_every_reference_and_tensorboard(tmp_path: Path, files: dict[str, Path]) -> None:
     out = tmp_path / "a1"
-    r = lorakit(*_base(files, out), "--max-steps", "7", "--eval-every", "2", "--reference", files["reference"],
-                "--log", "tensorboard", "--warmup-steps", "3")
+    r = lorakit(
+        *_base(files, out),
+        "--max-steps",
+        "7",
+        "--eval-every",
+        "2",
+        "--reference",
+        files["reference"],
+        "--log",
+        "tensorboard",
+        "--warmup-steps",
+        "3",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert lines[0].startswith("start ") and " steps=7 " in lines[0]  # 18 rows, batch 4: 5 steps an epoch
@@ -54,7 +84,12 @@ def test_max_steps_eval_every_reference_and_tensorboard(tmp_path: Path, files: d
     assert any(line.startswith("done steps=7 ") for line in lines)
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in rows if r["kind"] != "step"] == [
-        ("eval", 2), ("eval", 4), ("epoch", 5), ("eval", 6), ("epoch", 7)]
+        ("eval", 2),
+        ("eval", 4),
+        ("epoch", 5),
+        ("eval", 6),
+        ("epoch", 7),
+    ]
     assert all(r["kl_ref"] >= 0 for r in rows if r["kind"] != "step") and rows[-1]["kl_ref"] > 0
     assert list((out / "run" / "tensorboard").glob("events.out.tfevents.*"))
     report = json.loads((out / "run" / "finetune_report.json").read_text())

@@ -26,9 +26,35 @@ def test_finetune_dora_pissa_nf4_loraplus_loads_in_peft_on_the_original_base(tmp
     model_dir = _hf_models.save_tiny("gpt2", tmp_path / "gpt2")
     rows = _write_jsonl(tmp_path / "train.jsonl", _causal_rows())
     out = tmp_path / "adapter"
-    r = lorakit("finetune", "--model", model_dir, "--data", rows, "--task", "causal-lm", "--out", out, "--rank", "4",
-                "--epochs", "2", "--lr", "1e-2", "--batch-size", "8", "--device", "cpu", "--plain",
-                "--use-dora", "--init", "pissa", "--quantize", "nf4", "--loraplus-ratio", "16")
+    r = lorakit(
+        "finetune",
+        "--model",
+        model_dir,
+        "--data",
+        rows,
+        "--task",
+        "causal-lm",
+        "--out",
+        out,
+        "--rank",
+        "4",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--plain",
+        "--use-dora",
+        "--init",
+        "pissa",
+        "--quantize",
+        "nf4",
+        "--loraplus-ratio",
+        "16",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "run" / "finetune_report.json").read_text())
     assert report["quantize"] == "nf4" and report["train"]["loraplus_ratio"] == 16
@@ -41,6 +67,17 @@ def test_finetune_dora_pissa_nf4_loraplus_loads_in_peft_on_the_original_base(tmp
 
 
 def test_bad_variant_flags_exit_2(tmp_path):
-    r = lorakit("finetune", "--model", tmp_path, "--data", "x.jsonl", "--task", "causal-lm", "--out", tmp_path / "o",
-                "--quantize", "fp4")
+    r = lorakit(
+        "finetune",
+        "--model",
+        tmp_path,
+        "--data",
+        "x.jsonl",
+        "--task",
+        "causal-lm",
+        "--out",
+        tmp_path / "o",
+        "--quantize",
+        "fp4",
+    )
     assert r.returncode == 2 and "--quantize" in r.stderr

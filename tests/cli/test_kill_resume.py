@@ -26,8 +26,7 @@ def killed_at(marker: str, args: list[str]) -> list[str]:
 
     Returns every line it printed, read to the end of its output after the kill.
     """
-    proc = subprocess.Popen(HOLD + [marker] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
+    proc = subprocess.Popen(HOLD + [marker] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -58,8 +57,9 @@ def test_example_killed_mid_finetune_resumes_to_the_same_adapter(tmp_path):
     printed = killed_at("checkpoint step=160 ", args + ["--artifact-dir", str(killed)])
     assert not any(line.startswith("done ") for line in printed)  # killed part-way through the fine-tune
     assert checkpoint_step(killed / "train") == 160 and not (killed / "adapter").exists()
-    resumed = subprocess.run(LORAKIT + args + ["--artifact-dir", str(killed), "--resume"],
-                             capture_output=True, text=True, env=ENV)
+    resumed = subprocess.run(
+        LORAKIT + args + ["--artifact-dir", str(killed), "--resume"], capture_output=True, text=True, env=ENV
+    )
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "resumed_at_step=160 " in resumed.stdout and "all checks passed" in resumed.stdout
     assert adapter_bytes(killed / "adapter") == adapter_bytes(whole / "adapter")
@@ -72,8 +72,26 @@ def test_finetune_killed_mid_run_resumes_to_the_same_adapter(tmp_path):
     model_dir = _hf_models.save_tiny("gpt2", tmp_path / "gpt2")
     rows = tmp_path / "train.jsonl"
     rows.write_text("".join(json.dumps({"text": s}) + "\n" for s in _hf_models.SENTENCES * 6))
-    args = ["finetune", "--model", str(model_dir), "--data", str(rows), "--task", "causal-lm", "--epochs", "4",
-            "--batch-size", "4", "--device", "cpu", "--plain", "--checkpoint-every", "2", "--dropout", "0.1"]
+    args = [
+        "finetune",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(rows),
+        "--task",
+        "causal-lm",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--plain",
+        "--checkpoint-every",
+        "2",
+        "--dropout",
+        "0.1",
+    ]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     ok = subprocess.run(LORAKIT + args + ["--out", str(whole)], capture_output=True, text=True, env=ENV)
     assert ok.returncode == 0, ok.stderr[-2000:]

@@ -56,8 +56,15 @@ def write_workspace(root: Path) -> None:
 
 
 def lorakit(cwd: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "lorakit", *args], cwd=cwd, input=stdin, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorakit", *args],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert proc.returncode == 0, f"lorakit {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return proc
 
@@ -107,18 +114,26 @@ def test_chat_finetune_eval_predict_merge(tmp_path):
     assert epochs[-1]["kl_ref"] > epochs[0]["kl_ref"] > 0  # the adapter moves away from the base as it trains
     assert any((tmp_path / "adapters/chat/run/tensorboard").iterdir())
 
-    out = lorakit(tmp_path, "eval", "--model", model, "--adapter", "chat=adapters/chat", "--data", "chat-valid.jsonl",
-                  "--json").stdout
+    out = lorakit(
+        tmp_path, "eval", "--model", model, "--adapter", "chat=adapters/chat", "--data", "chat-valid.jsonl", "--json"
+    ).stdout
     scores = json.loads(out)
     assert scores["adapters"]["chat"]["loss"] < scores["base"]["loss"] - 0.5, scores
     # eval scores what finetune validated: the same rows, the same per-token mean
     assert scores["adapters"]["chat"]["loss"] == pytest.approx(report["after"]["loss"], abs=1e-4)
 
-    prompts = "".join(json.dumps({"messages": [{"role": "user", "content": q}], "id": i}) + "\n"
-                      for i, (q, _) in enumerate(PAIRS))
-    tuned, base = ([json.loads(line) for line in lorakit(tmp_path, "predict", "--model", model, *adapter,
-                                                          "--max-new-tokens", "6", stdin=prompts).stdout.splitlines()]
-                   for adapter in (["--adapter", "adapters/chat"], []))
+    prompts = "".join(
+        json.dumps({"messages": [{"role": "user", "content": q}], "id": i}) + "\n" for i, (q, _) in enumerate(PAIRS)
+    )
+    tuned, base = (
+        [
+            json.loads(line)
+            for line in lorakit(
+                tmp_path, "predict", "--model", model, *adapter, "--max-new-tokens", "6", stdin=prompts
+            ).stdout.splitlines()
+        ]
+        for adapter in (["--adapter", "adapters/chat"], [])
+    )
     assert [r["id"] for r in tuned] == list(range(len(PAIRS))), tuned  # one line per row, in order
     assert all(isinstance(r["completion"], str) for r in tuned + base)
     assert [r["completion"] for r in tuned] != [r["completion"] for r in base], (tuned, base)
@@ -145,8 +160,9 @@ def test_readme_chat_workflow_runs_as_written(tmp_path):
     assert lorakit_bin, "the lorakit console script is not installed beside this python"
     (bin_dir / "lorakit").symlink_to(lorakit_bin)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, f"the README block failed:\n{block}\n{proc.stderr[-3000:]}"
     assert '"completion"' in proc.stdout
     assert (tmp_path / "models/tiny-chat-merged/config.json").is_file()

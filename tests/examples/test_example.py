@@ -26,16 +26,25 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_artifacts_are_all_there(finished: Path) -> None:
-    for name in ("base_model.safetensors", "probe.safetensors", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "train/config.json", "train/metrics.jsonl", "train/loss.png",
-                 "train/checkpoint.safetensors", "train/adapter/adapter_model.safetensors",
-                 "train/best_adapter/adapter_model.safetensors"):
+    for name in (
+        "base_model.safetensors",
+        "probe.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "train/config.json",
+        "train/metrics.jsonl",
+        "train/loss.png",
+        "train/checkpoint.safetensors",
+        "train/adapter/adapter_model.safetensors",
+        "train/best_adapter/adapter_model.safetensors",
+    ):
         assert (finished / name).is_file(), name
     config = json.loads((finished / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (4, 8.0, ["fc1", "fc2"])
     # the final trained adapter, the trainer's copy and the example's own save are the same bytes
-    assert ((finished / "adapter/adapter_model.safetensors").read_bytes()
-            == (finished / "train/adapter/adapter_model.safetensors").read_bytes())
+    assert (finished / "adapter/adapter_model.safetensors").read_bytes() == (
+        finished / "train/adapter/adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_report_figures(finished: Path, capsys: pytest.CaptureFixture) -> None:
@@ -63,14 +72,17 @@ def _tamper(path: Path, key: str, change) -> None:
     safetensors_io.write(path, tensors, meta)
 
 
-@pytest.mark.parametrize("what, change, message", [
-    # lorakit.json holds the saved tensors' hashes: the reload itself refuses a changed file
-    ("changed weights", lambda t: t + 1e-3, "reload FAILED: " + "%s: the adapter file changed since it was saved"),
-    # without lorakit.json (a PEFT-made adapter) the file loads, and the outputs check catches it
-    ("changed weights, lorakit.json removed", lambda t: t + 1e-3, "FAILED: outputs differ"),
-    ("a NaN", lambda t: t.index_fill_(0, torch.tensor([1]), float("nan")), "reload FAILED"),
-    ("another shape", lambda t: t[:, :2], "reload FAILED"),
-])
+@pytest.mark.parametrize(
+    "what, change, message",
+    [
+        # lorakit.json holds the saved tensors' hashes: the reload itself refuses a changed file
+        ("changed weights", lambda t: t + 1e-3, "reload FAILED: " + "%s: the adapter file changed since it was saved"),
+        # without lorakit.json (a PEFT-made adapter) the file loads, and the outputs check catches it
+        ("changed weights, lorakit.json removed", lambda t: t + 1e-3, "FAILED: outputs differ"),
+        ("a NaN", lambda t: t.index_fill_(0, torch.tensor([1]), float("nan")), "reload FAILED"),
+        ("another shape", lambda t: t[:, :2], "reload FAILED"),
+    ],
+)
 def test_tampered_adapter_fails_the_checks(finished: Path, tmp_path: Path, capsys, what, change, message) -> None:
     out = _copy(finished, tmp_path)
     _tamper(out / "adapter/adapter_model.safetensors", "base_model.model.fc2.lora_B.weight", change)

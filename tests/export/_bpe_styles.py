@@ -11,19 +11,30 @@ from pathlib import Path
 
 import torch
 
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-               r"\s*[\r\n]+|\s+(?!\S)|\s+")
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SPECIAL = ["<|endoftext|>", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>"]
 ADDED = ["<tool_call>"]  # an added token that is not special
 CORPUS = [
-    "the cat sat on the mat", "a dog ran in the park", "I don't know, it's fine. I'm sure they'll say we've done it.",
-    "12345 67890 2026 3.14159 1,000,000 555-0100", "Wait... what?! --- === ((x)) [y] {z} ''' ``` \"\"\"",
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "I don't know, it's fine. I'm sure they'll say we've done it.",
+    "12345 67890 2026 3.14159 1,000,000 555-0100",
+    "Wait... what?! --- === ((x)) [y] {z} ''' ``` \"\"\"",
     'def f(x):\n\treturn x ** 2  # square\n\nif __name__ == "__main__":\n    print(f(3))\n',
-    "Grüße café naïve 日本語 中文 한국어 Привет мир مرحبا", "emoji 🚀🦙 ✅ 👍🏽", "We'Ve a'lL 'RE 'M 'D",
+    "Grüße café naïve 日本語 中文 한국어 Привет мир مرحبا",
+    "emoji 🚀🦙 ✅ 👍🏽",
+    "We'Ve a'lL 'RE 'M 'D",
     "\n \n\n \t \t\t  \n   \n    spaces   and\r\nlines",
 ]
 
@@ -43,17 +54,24 @@ def build(style: str):
     if style == "qwen2":
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=700, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS * 3, trainer)
     if style == "llama3":
         bos = tok.token_to_id("<|begin_of_text|>")
         tok.post_processor = processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
-            special_tokens=[("<|begin_of_text|>", bos)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   bos_token="<|begin_of_text|>" if style == "llama3" else None,
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+            single="<|begin_of_text|> $A",
+            pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+            special_tokens=[("<|begin_of_text|>", bos)],
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|begin_of_text|>" if style == "llama3" else None,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     fast.add_tokens(ADDED)
     if style == "qwen2":
         fast.chat_template = CHATML
@@ -66,9 +84,18 @@ def save_styled_llama(directory, style: str) -> Path:
 
     fast = build(style)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=fast.bos_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(directory)
     fast.save_pretrained(directory)
     return Path(directory)

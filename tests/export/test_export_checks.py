@@ -47,17 +47,29 @@ def test_a_sliding_window_shorter_than_the_context_is_refused_naming_it(base, tm
     config = json.loads((base / "config.json").read_text())
     mistral = tmp_path / "mistral"
     torch.manual_seed(0)
-    MistralForCausalLM(MistralConfig(
-        vocab_size=config["vocab_size"], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=16,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(mistral)
+    MistralForCausalLM(
+        MistralConfig(
+            vocab_size=config["vocab_size"],
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            sliding_window=16,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    ).save_pretrained(mistral)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (mistral / f).write_bytes((base / f).read_bytes())
     model = lk.apply_lora(AutoModelForCausalLM.from_pretrained(mistral), lk.LoraConfig(rank=2), ["q_proj"])
     lk.save_adapters(model, tmp_path / "adapter")
     for fmt in ("gguf", "gguf-adapter"):
-        code, _, err = _export(capsys, "--model", mistral, "--adapter", tmp_path / "adapter", "--format", fmt,
-                               "--out", tmp_path / fmt)
+        code, _, err = _export(
+            capsys, "--model", mistral, "--adapter", tmp_path / "adapter", "--format", fmt, "--out", tmp_path / fmt
+        )
         assert code == 2 and "sliding_window=16" in err and "128" in err, err
         assert not (tmp_path / fmt).exists()
 
@@ -67,9 +79,10 @@ def _peft_embedding_adapter(base, out):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],
-                                      init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Setting save_embedding_layers to True": the default under test
         model.save_pretrained(out)
@@ -79,8 +92,19 @@ def _peft_embedding_adapter(base, out):
 
 def test_a_peft_embedding_adapter_with_an_unchanged_base_copy_is_exported_and_proven(base, tmp_path, capsys):
     adapter = _peft_embedding_adapter(base, tmp_path / "peft")
-    code, out, err = _export(capsys, "--model", base, "--adapter", adapter, "--format", "gguf-adapter", "--dtype",
-                             "f32", "--out", tmp_path / "out")
+    code, out, err = _export(
+        capsys,
+        "--model",
+        base,
+        "--adapter",
+        adapter,
+        "--format",
+        "gguf-adapter",
+        "--dtype",
+        "f32",
+        "--out",
+        tmp_path / "out",
+    )
     assert code == 0, out + err
     proofs = json.loads((tmp_path / "out" / "proof.json").read_text())["proofs"]
     assert [p["passed"] for p in proofs] == [True, True] and proofs[1]["adapter_effect"] > 1e-2
@@ -94,8 +118,9 @@ def test_a_peft_embedding_adapter_whose_base_copy_differs_is_refused(base, tmp_p
     tensors[key] = tensors[key].clone()
     tensors[key][5, 0] += 0.5  # one trained row: a full weight now
     save_file(tensors, weights)
-    code, _, err = _export(capsys, "--model", base, "--adapter", adapter, "--format", "gguf-adapter", "--out",
-                           tmp_path / "out")
+    code, _, err = _export(
+        capsys, "--model", base, "--adapter", adapter, "--format", "gguf-adapter", "--out", tmp_path / "out"
+    )
     assert code == 2 and key in err and "differs" in err and "--format gguf" in err, err
     assert not (tmp_path / "out").exists()
 
@@ -105,8 +130,9 @@ def test_an_adapter_exported_onto_another_architecture_names_the_base_it_belongs
     model = lk.apply_lora(AutoModelForCausalLM.from_pretrained(gpt2), lk.LoraConfig(rank=2), ["c_attn"])
     lk.save_adapters(model, tmp_path / "adapter")
     for fmt in ("onnx", "gguf", "gguf-adapter"):
-        code, _, err = _export(capsys, "--model", base, "--adapter", tmp_path / "adapter", "--format", fmt, "--out",
-                               tmp_path / fmt)
+        code, _, err = _export(
+            capsys, "--model", base, "--adapter", tmp_path / "adapter", "--format", fmt, "--out", tmp_path / fmt
+        )
         assert code == 2, err
         assert (
             "saved for a GPT2LMHeadModel base" in err
@@ -116,7 +142,6 @@ def test_an_adapter_exported_onto_another_architecture_names_the_base_it_belongs
         ), err
         assert "matches no module" not in err
         assert not (tmp_path / fmt).exists()
-
 
 
 def test_an_adapter_config_edited_since_saving_is_refused_by_gguf_adapter(base, tmp_path, capsys):
@@ -135,7 +160,16 @@ def test_an_adapter_config_edited_since_saving_is_refused_by_gguf_adapter(base, 
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(LoraFileChanged, match="lora_alpha 8.0 saved, 80 now"):
         check_adapter(tmp_path / "adapter", base)
-    code, _, err = _export(capsys, "--model", base, "--adapter", tmp_path / "adapter", "--format", "gguf-adapter",
-                           "--out", tmp_path / "out")
+    code, _, err = _export(
+        capsys,
+        "--model",
+        base,
+        "--adapter",
+        tmp_path / "adapter",
+        "--format",
+        "gguf-adapter",
+        "--out",
+        tmp_path / "out",
+    )
     assert code == 2 and "lora_alpha" in err and "80" in err, err
     assert not (tmp_path / "out").exists()

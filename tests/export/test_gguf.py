@@ -19,8 +19,15 @@ from _tiny_models import llama  # noqa: E402
 pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+GGUF_NAMES = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
 N_HEAD, N_KV_HEAD = 4, 2  # _tiny_models.llama
 
 
@@ -45,8 +52,11 @@ def saved(tmp_path, config, targets=LLAMA_ALL, tie=False, **kw):
     model = randomise_lora(lk.apply_lora(copy.deepcopy(base), config, targets, **kw))
     lk.save_adapters(model, tmp_path / "adapter")
     merged = dict(lk.merge(model).named_parameters())
-    deltas = {n.removesuffix(".weight"): (merged[n] - p).detach().double()
-              for n, p in base.named_parameters() if not torch.equal(merged[n], p)}
+    deltas = {
+        n.removesuffix(".weight"): (merged[n] - p).detach().double()
+        for n, p in base.named_parameters()
+        if not torch.equal(merged[n], p)
+    }
     return tmp_path / "base", tmp_path / "adapter", deltas
 
 
@@ -93,10 +103,15 @@ def gguf_name(module):
 CASES = {
     "plain": lk.LoraConfig(rank=4, alpha=8),
     "rslora": lk.LoraConfig(rank=4, alpha=8, use_rslora=True),
-    "patterns": lk.LoraConfig(rank=2, alpha=4, rank_pattern={"layers.1.self_attn.q_proj": 6, "down_proj": 3},
-                              alpha_pattern={"v_proj": 3, "layers.0.mlp.up_proj": 16}),
-    "rslora+patterns": lk.LoraConfig(rank=4, alpha=2, use_rslora=True, rank_pattern={"k_proj": 8},
-                                     alpha_pattern={"o_proj": 5}),
+    "patterns": lk.LoraConfig(
+        rank=2,
+        alpha=4,
+        rank_pattern={"layers.1.self_attn.q_proj": 6, "down_proj": 3},
+        alpha_pattern={"v_proj": 3, "layers.0.mlp.up_proj": 16},
+    ),
+    "rslora+patterns": lk.LoraConfig(
+        rank=4, alpha=2, use_rslora=True, rank_pattern={"k_proj": 8}, alpha_pattern={"o_proj": 5}
+    ),
 }
 
 
@@ -117,8 +132,9 @@ def test_adapter_gguf_layout_and_delta_w(case, tmp_path):
         rank = config.for_module(module).rank
         a, b = tensors[f"{name}.weight.lora_a"], tensors[f"{name}.weight.lora_b"]
         assert a.shape == (rank, delta.shape[1]) and b.shape == (delta.shape[0], rank), module
-        np.testing.assert_allclose(gguf_delta(meta, tensors, name), expected(deltas, module), atol=1e-6, rtol=0,
-                                   err_msg=module)
+        np.testing.assert_allclose(
+            gguf_delta(meta, tensors, name), expected(deltas, module), atol=1e-6, rtol=0, err_msg=module
+        )
     assert bool(report.folded) == (case != "plain")  # only what needed it was rescaled
 
 
@@ -167,11 +183,14 @@ def test_half_dtypes(dtype, tol, tmp_path):
         assert np.abs(got - want).max() <= tol * np.abs(want).max(), module
 
 
-@pytest.mark.parametrize("what,kw,tie,message", [
-    ("dora", dict(config=lk.LoraConfig(rank=2, use_dora=True)), False, "no DoRA"),
-    ("modules_to_save", dict(modules_to_save=["lm_head"]), False, "modules_to_save"),
-    ("tied lm_head", dict(targets=["lm_head"]), True, "ties lm_head"),
-])
+@pytest.mark.parametrize(
+    "what,kw,tie,message",
+    [
+        ("dora", dict(config=lk.LoraConfig(rank=2, use_dora=True)), False, "no DoRA"),
+        ("modules_to_save", dict(modules_to_save=["lm_head"]), False, "modules_to_save"),
+        ("tied lm_head", dict(targets=["lm_head"]), True, "ties lm_head"),
+    ],
+)
 def test_refused_with_reason_and_nothing_written(what, kw, tie, message, tmp_path):
     kw = dict(kw)
     config, targets = kw.pop("config", lk.LoraConfig(rank=2)), kw.pop("targets", ["q_proj"])

@@ -65,8 +65,24 @@ def _proofs(out):
 def test_gguf_adapter_cli_proves_base_and_base_plus_adapter_in_llama_cpp(llama, tmp_path):
     base_dir, adapter = llama
     out = tmp_path / "out"
-    r = subprocess.run([*ENV_PY, "--model", base_dir, "--adapter", adapter, "--format", "gguf-adapter",
-                        "--dtype", "f32", "--out", out], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            *ENV_PY,
+            "--model",
+            base_dir,
+            "--adapter",
+            adapter,
+            "--format",
+            "gguf-adapter",
+            "--dtype",
+            "f32",
+            "--out",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["adapter.gguf", "model.gguf", "proof.json"]
     proofs = _proofs(out)
@@ -118,8 +134,12 @@ def test_dora_is_merged_into_a_gguf_model_but_refused_as_a_gguf_adapter(tmp_path
     model, tok, task = prepare.load_unmerged(base_dir, [adapter])
     done = gguf.export_gguf(model, tok, task, base_dir, [adapter], tmp_path / "merged", dtype="f32")
     assert done.proof.passed and done.proof.max_abs_diff < 1e-5
-    r = subprocess.run([*ENV_PY, "--model", base_dir, "--adapter", adapter, "--format", "gguf-adapter", "--out",
-                        tmp_path / "out"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*ENV_PY, "--model", base_dir, "--adapter", adapter, "--format", "gguf-adapter", "--out", tmp_path / "out"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert "use_dora=true" in r.stderr and "--format gguf" in r.stderr
     assert not (tmp_path / "out").exists()
@@ -129,8 +149,14 @@ def test_a_file_that_computes_something_else_fails_the_proof_and_leaves_nothing(
     """The reference is the adapter loaded in the model; the GGUF is written from another adapter's directory:
     llama.cpp then computes something else, the proof says so, and nothing is left at out or beside it."""
     base_dir, adapter = llama
-    other = _adapter(base_dir, tmp_path / "other", lk.LoraConfig(rank=4, alpha=8, use_rslora=True,
-                     rank_pattern={"layers.1.self_attn.q_proj": 6}, alpha_pattern={"v_proj": 3}), seed=8)
+    other = _adapter(
+        base_dir,
+        tmp_path / "other",
+        lk.LoraConfig(
+            rank=4, alpha=8, use_rslora=True, rank_pattern={"layers.1.self_attn.q_proj": 6}, alpha_pattern={"v_proj": 3}
+        ),
+        seed=8,
+    )
     model, tok, task = prepare.load_unmerged(base_dir, [adapter])
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(prepare.ProofFailed, match="FAILED") as e:
@@ -159,8 +185,10 @@ def test_bad_input_exits_2_before_loading_and_writes_nothing(llama, tmp_path, ca
     cases = [
         (["--model", gpt2, "--adapter", gpt2_adapter, "--format", "gguf"], "GGUF export (model and adapter) supports"),
         (["--model", gpt2, "--adapter", adapter, "--format", "gguf"], "saved for a LlamaForCausalLM base"),
-        (["--model", base_dir, "--adapter", adapter, "--adapter", adapter, "--format", "gguf-adapter"],
-         "writes one adapter, got 2"),
+        (
+            ["--model", base_dir, "--adapter", adapter, "--adapter", adapter, "--format", "gguf-adapter"],
+            "writes one adapter, got 2",
+        ),
         (["--model", tied, "--adapter", head, "--format", "gguf-adapter"], "ties lm_head to the embeddings"),
         (["--model", bigger, "--adapter", adapter, "--format", "gguf-adapter"], "the adapter is for another model"),
         (["--model", base_dir, "--adapter", adapter, "--format", "gguf", "--dtype", "q4_k"], "invalid choice"),
@@ -195,8 +223,9 @@ def test_an_adapter_saved_for_another_base_is_refused_unless_allowed(llama, tmp_
     r = subprocess.run([*args, tmp_path / "refused"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "q_proj" in r.stderr and "--allow-base-mismatch" in r.stderr, r.stderr
     assert not (tmp_path / "refused").exists()
-    r = subprocess.run([*args, tmp_path / "allowed", "--allow-base-mismatch"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [*args, tmp_path / "allowed", "--allow-base-mismatch"], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert _proofs(tmp_path / "allowed")["passed"]
 
@@ -211,7 +240,11 @@ def test_a_gguf_adapter_export_refuses_an_adapter_file_changed_since_it_was_save
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x01  # one bit of the last tensor's data: still a well-formed file
     weights.write_bytes(bytes(data))
-    r = subprocess.run([*ENV_PY, "--model", base_dir, "--adapter", changed, "--format", "gguf-adapter", "--out",
-                        tmp_path / "out"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*ENV_PY, "--model", base_dir, "--adapter", changed, "--format", "gguf-adapter", "--out", tmp_path / "out"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "changed since it was saved" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()

@@ -18,13 +18,26 @@ from _hf_models import save_tiny  # noqa: E402
 
 pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
-PER_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+PER_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
-SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "lorakit exports models to llama.cpp",
-             "small models run on small devices", "héllo wörld ✓"]
+SENTENCES = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "lorakit exports models to llama.cpp",
+    "small models run on small devices",
+    "héllo wörld ✓",
+]
 
 
 def save_bpe_llama(directory, tie=False):
@@ -35,13 +48,29 @@ def save_bpe_llama(directory, tie=False):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        SENTENCES,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=tie,
+    )
     LlamaForCausalLM(cfg).save_pretrained(directory)
     fast.save_pretrained(directory)
     return Path(directory)
@@ -55,8 +84,11 @@ def permute(w, n_head):
 def expected_tensors(model):
     """{GGUF name: numpy array} that llama.cpp's converter would write for the tiny Llama (4 heads, 2 kv heads)."""
     sd = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
-    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
-           "output.weight": sd["lm_head.weight"]}
+    out = {
+        "token_embd.weight": sd["model.embed_tokens.weight"],
+        "output_norm.weight": sd["model.norm.weight"],
+        "output.weight": sd["lm_head.weight"],
+    }
     for i in range(2):
         for hf, gg in PER_LAYER.items():
             w = sd[f"model.layers.{i}.{hf}.weight"]
@@ -68,8 +100,10 @@ def expected_tensors(model):
 def read(path):
     reader = gguf.GGUFReader(path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    tensors = {t.name: (np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64), t.tensor_type.name)
-               for t in reader.tensors}
+    tensors = {
+        t.name: (np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64), t.tensor_type.name)
+        for t in reader.tensors
+    }
     return meta, tensors
 
 

@@ -51,8 +51,9 @@ def test_llama_cpp_tokenises_the_check_set_as_transformers_does(styled, style, t
     texts = [*OWN_CHECKS, *TOKENIZER_CHECK, *prepare.proof_texts(tok, prepare.PROOF_TEXTS)]
     assert any("<|im_end|>" in t for t in texts) and any("<tool_call>" in t for t in texts)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
-    differ = [t for t in texts if list(llm.tokenize(t.encode("utf-8"), add_bos=True, special=True))
-              != tok(t)["input_ids"]]
+    differ = [
+        t for t in texts if list(llm.tokenize(t.encode("utf-8"), add_bos=True, special=True)) != tok(t)["input_ids"]
+    ]
     assert differ == []
     assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.ggml.pre"].contents() == STYLES[style]
     # the check set is not trivially tokenised: digits and contractions are split by the style's own rule
@@ -69,8 +70,23 @@ def test_a_gpt2_style_export_is_proven_on_a_sentence_with_contractions(styled, t
                 p.normal_(0, 0.2)
     lk.save_adapters(model, tmp_path / "adapter")
     out = tmp_path / "out"
-    code = main(["export", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--format", "gguf",
-                 "--dtype", "f32", "--text", "I don't know, it's fine.", "--out", str(out)])
+    code = main(
+        [
+            "export",
+            "--model",
+            str(base),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--format",
+            "gguf",
+            "--dtype",
+            "f32",
+            "--text",
+            "I don't know, it's fine.",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.out + printed.err
     (proof,) = json.loads((out / "proof.json").read_text())["proofs"]
@@ -90,12 +106,22 @@ def _retokenised(base, tmp_path, pre_tokenizer):
     return other
 
 
-@pytest.mark.parametrize("pre,named", [
-    ({"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": r"\w+|[^\w\s]+"}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}, r"\\w+"),
-    ({"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}, "add_prefix_space"),
-])
+@pytest.mark.parametrize(
+    "pre,named",
+    [
+        (
+            {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": r"\w+|[^\w\s]+"}, "behavior": "Isolated", "invert": False},
+                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+                ],
+            },
+            r"\\w+",
+        ),
+        ({"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}, "add_prefix_space"),
+    ],
+)
 def test_a_pre_tokenizer_llama_cpp_cannot_run_is_refused_naming_it(styled, tmp_path, capsys, pre, named):
     other = _retokenised(styled["gpt2"], tmp_path, pre)
     with pytest.raises(GgufExportError, match="pre_tokenizer"):
@@ -103,8 +129,19 @@ def test_a_pre_tokenizer_llama_cpp_cannot_run_is_refused_naming_it(styled, tmp_p
     assert not (tmp_path / "m.gguf").exists()
     model = lk.apply_lora(AutoModelForCausalLM.from_pretrained(other), lk.LoraConfig(rank=2), ["q_proj"])
     lk.save_adapters(model, tmp_path / "adapter")
-    code = main(["export", "--model", str(other), "--adapter", str(tmp_path / "adapter"), "--format", "gguf",
-                 "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "export",
+            "--model",
+            str(other),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--format",
+            "gguf",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "pre_tokenizer" in err and named in err and "llama.cpp" in err
     assert not (tmp_path / "out").exists()

@@ -105,8 +105,13 @@ def exported(minilm, llama, tmp_path_factory):
             out = tmp_path_factory.mktemp(f"{kind}-{dtype}") / "onnx"
             if kind == "minilm":
                 args = ["--model", minilm[0], "--adapter", minilm[1], "--out", out, "--dtype", dtype]
-                r = subprocess.run([sys.executable, "-m", "lorakit", "export", *map(str, args)], capture_output=True,
-                                   text=True, env=ENV, timeout=300)
+                r = subprocess.run(
+                    [sys.executable, "-m", "lorakit", "export", *map(str, args)],
+                    capture_output=True,
+                    text=True,
+                    env=ENV,
+                    timeout=300,
+                )
                 done[kind, dtype] = out, r
             else:
                 done[kind, dtype] = out, onnx.export_onnx(llama[0], [llama[1]], out, dtype=dtype)
@@ -198,8 +203,12 @@ def test_bf16_refused_as_onnxruntime_cannot_run_it(llama, tmp_path, capsys):
     assert "--dtype bf16 is refused for --format onnx" in capsys.readouterr().err
     assert not out.exists()
     x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])
-    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "g", [x],
-                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        "g",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
     with pytest.raises(Exception, match=r"Could not find an implementation for Add\(14\)"):
         onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

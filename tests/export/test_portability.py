@@ -66,8 +66,16 @@ def test_modules_to_save_lm_head_is_refused_by_vllm_and_llama_cpp(tmp_path):
 def test_a_classification_head_in_modules_to_save_is_fine_for_vllm_releases_that_load_it(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    base = LlamaForSequenceClassification(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                                      num_hidden_layers=1, num_attention_heads=4, num_labels=3))
+    base = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_labels=3,
+        )
+    )
     found = port.report(saved(tmp_path, "cls", base, lk.LoraConfig(rank=4), QV, modules_to_save=["score"]))
     assert verdicts(found)["vllm"] == "fine" and "53555" in found["vllm"][0].source
     assert verdicts(found)["llama.cpp"] == "refused"
@@ -172,8 +180,9 @@ def test_unknown_target_and_missing_model_config_are_errors(tmp_path):
 
 
 def lorakit(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_inspect_target_text_and_json(tmp_path):
@@ -196,11 +205,14 @@ def test_cli_inspect_target_text_and_json(tmp_path):
     assert "portability" not in json.loads(plain.stdout)
 
 
-@pytest.mark.parametrize("args,says", [
-    (["--model", "nowhere"], "nowhere: no such directory"),  # --model alone: the provenance check (issue 17)
-    (["--target", "tensorrt"], "invalid choice"),
-    (["--target", "vllm", "--model", "nowhere"], "nowhere: no such directory"),
-])
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        (["--model", "nowhere"], "nowhere: no such directory"),  # --model alone: the provenance check (issue 17)
+        (["--target", "tensorrt"], "invalid choice"),
+        (["--target", "vllm", "--model", "nowhere"], "nowhere: no such directory"),
+    ],
+)
 def test_cli_bad_target_flags_exit_2(tmp_path, args, says):
     adapter = saved(tmp_path, "a", llama(), lk.LoraConfig(rank=4), QV)
     r = lorakit("inspect", adapter, *args)

@@ -35,8 +35,11 @@ def chat(tmp_path_factory):
     adapter on attention and MLP."""
     root = tmp_path_factory.mktemp("coverage")
     base = save_styled_llama(root / "base", "qwen2")
-    model = lk.apply_lora(AutoModelForCausalLM.from_pretrained(base), lk.LoraConfig(rank=4, alpha=4),
-                          ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+    model = lk.apply_lora(
+        AutoModelForCausalLM.from_pretrained(base),
+        lk.LoraConfig(rank=4, alpha=4),
+        ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+    )
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -126,10 +129,20 @@ def test_a_corrupted_im_end_row_fails_the_proof(chat, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gguf_py.GGUFWriter, "add_tensor", corrupted)
     with pytest.raises(prepare.ProofFailed) as e:
-        gguf.export_gguf(model, tok, task, chat[0], [chat[1]], tmp_path / "bad", dtype="f32", adapter_only=True,
-                         texts=["Hello there."])
+        gguf.export_gguf(
+            model,
+            tok,
+            task,
+            chat[0],
+            [chat[1]],
+            tmp_path / "bad",
+            dtype="f32",
+            adapter_only=True,
+            texts=["Hello there."],
+        )
     assert e.value.proof.what == "base" and e.value.proof.tokenizer_agrees and e.value.proof.max_abs_diff > 1e-2
     monkeypatch.undo()
-    done = gguf.export_gguf(model, tok, task, chat[0], [chat[1]], tmp_path / "good", dtype="f32", adapter_only=True,
-                            texts=["Hello there."])
+    done = gguf.export_gguf(
+        model, tok, task, chat[0], [chat[1]], tmp_path / "good", dtype="f32", adapter_only=True, texts=["Hello there."]
+    )
     assert all(p.passed for p in done.proofs)  # control

@@ -32,14 +32,24 @@ def test_written_files_get_the_permissions_open_gives(umask, tmp_path):
     lk.lora_layers(model)["0"].save_adapter(tmp_path / "layer")
     mlp = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
     data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 4)), batch_size=4)
-    Trainer(mlp, TrainConfig(epochs=1, device="cpu"), loss_fn=nn.functional.mse_loss,
-            artifact_dir=tmp_path / "run").fit(data, data)
-    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777)
-             for p in tmp_path.rglob("*") if p.is_file()}
-    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/lorakit_task.json",
-            "layer.safetensors", "run/checkpoint.safetensors", "run/config.json", "run/metrics.jsonl",
-            "run/loss.png", "run/adapter/adapter_model.safetensors",
-            "run/best_adapter/adapter_config.json"} <= modes.keys()
+    Trainer(
+        mlp, TrainConfig(epochs=1, device="cpu"), loss_fn=nn.functional.mse_loss, artifact_dir=tmp_path / "run"
+    ).fit(data, data)
+    modes = {
+        p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*") if p.is_file()
+    }
+    assert {
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/lorakit_task.json",
+        "layer.safetensors",
+        "run/checkpoint.safetensors",
+        "run/config.json",
+        "run/metrics.jsonl",
+        "run/loss.png",
+        "run/adapter/adapter_model.safetensors",
+        "run/best_adapter/adapter_config.json",
+    } <= modes.keys()
     assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
 
 
@@ -120,8 +130,15 @@ def test_concurrent_saves_never_pair_one_adapters_weights_with_anothers_config(h
             t.join()
         assert not errors, errors
     else:
-        savers = [subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), str(a), str(ROUNDS)],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for a in (2.0, 3.0)]
+        savers = [
+            subprocess.Popen(
+                [sys.executable, "-c", SAVER, str(tmp_path), str(a), str(ROUNDS)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for a in (2.0, 3.0)
+        ]
         try:
             assert [p.stdout.readline() for p in savers] == ["ready\n"] * 2
             for p in savers:
@@ -181,8 +198,9 @@ print("finished without stopping", flush=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point,version", [("first-save-before-rename", None), ("before-rename", 1.0),
-                                           ("after-rename", "torn")])
+@pytest.mark.parametrize(
+    "point,version", [("first-save-before-rename", None), ("before-rename", 1.0), ("after-rename", "torn")]
+)
 def test_writer_killed_mid_save_leaves_the_old_adapter_or_the_new_one(point, version, tmp_path):
     """SIGKILL a saving process at a known point of its save: on disk is the old adapter or the new one, whole.
 
@@ -191,8 +209,13 @@ def test_writer_killed_mid_save_leaves_the_old_adapter_or_the_new_one(point, ver
     Killed between the renames, the directory holds the new weights beside the old lorakit.json (written
     last): a load refuses that torn adapter by its recorded hashes rather than pairing them.
     """
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path), point], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED, str(tmp_path), point],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line == "stopped\n", (line, proc.stderr.read()[-3000:] if proc.poll() is not None else "")

@@ -35,7 +35,7 @@ CHANGED = "model.layers.1.self_attn.v_proj"  # the one weight the other base cha
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
-    """"base": a tiny Llama; "other": the same shapes and weights but for one targeted module (another fine-tune)."""
+    """ "base": a tiny Llama; "other": the same shapes and weights but for one targeted module (another fine-tune)."""
     root = tmp_path_factory.mktemp("bases")
     base = _hf_models.save_tiny("llama", root / "base")
     model = hf.load_model(base, "causal-lm")
@@ -89,8 +89,14 @@ def test_sidecar_records_the_base_and_the_right_base_loads_silently(bases, adapt
         and "rms_norm_eps" in saved["base"]["config"]
     )
     others = set(saved["base"]["tensors"])  # every other tensor of the forward: norms, embeddings, projections
-    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers.0.mlp.down_proj.weight",
-            "model.layers.1.input_layernorm.weight", "model.layers.0.self_attn.k_proj.weight"} <= others
+    assert {
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.input_layernorm.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+    } <= others
     assert len(others) + len(saved["base"]["modules"]) == len(hf.load_model(bases["base"], "causal-lm").state_dict())
     assert saved["adapter_config"]["lora_alpha"] == 8 and saved["adapter_config"]["r"] == 2
     model, notes = _load(bases["base"], adapter)
@@ -144,12 +150,18 @@ def _variant(bases, tmp_path, change) -> torch.nn.Module:
 
 
 VARIANTS = {  # a base that differs from the adapter's only in something its old fingerprint did not cover
-    "a norm weight": ("tensor 'model.layers.0.input_layernorm.weight'",
-                      lambda m, c: m and m.get_submodule("model.layers.0.input_layernorm").weight.mul_(1.5)),
-    "an embedding row": ("tensor 'model.embed_tokens.weight'",
-                         lambda m, c: m and m.get_submodule("model.embed_tokens").weight[5].add_(0.5)),
-    "a non-targeted projection": ("tensor 'model.layers.1.mlp.down_proj.weight'",
-                                  lambda m, c: m and m.get_submodule("model.layers.1.mlp.down_proj").weight.add_(1e-2)),
+    "a norm weight": (
+        "tensor 'model.layers.0.input_layernorm.weight'",
+        lambda m, c: m and m.get_submodule("model.layers.0.input_layernorm").weight.mul_(1.5),
+    ),
+    "an embedding row": (
+        "tensor 'model.embed_tokens.weight'",
+        lambda m, c: m and m.get_submodule("model.embed_tokens").weight[5].add_(0.5),
+    ),
+    "a non-targeted projection": (
+        "tensor 'model.layers.1.mlp.down_proj.weight'",
+        lambda m, c: m and m.get_submodule("model.layers.1.mlp.down_proj").weight.add_(1e-2),
+    ),
     "rope_theta": ("config rope_parameters", lambda m, c: c and c["rope_parameters"].update(rope_theta=500000.0)),
 }
 
@@ -197,8 +209,15 @@ def _format_1_sidecar(adapter: Path, model: torch.nn.Module) -> dict:
     """lorakit.json as the previous lorakit wrote it (format 1): sha256 of the targeted weights as bf16 bytes, seven
     config fields, the adapter's tensor hashes; no other base tensor, no adapter config."""
     side = json.loads((adapter / "lorakit.json").read_text())
-    fields = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim")
+    fields = (
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+    )
     modules = {
         n: {
             "sha256": provenance.weight_digest(model.get_submodule(n).weight),
@@ -207,8 +226,13 @@ def _format_1_sidecar(adapter: Path, model: torch.nn.Module) -> dict:
         }
         for n in side["base"]["modules"]
     }
-    base = {"modules": modules, "config": {f: getattr(model.config, f) for f in fields}, "class": side["base"]["class"],
-            "path": side["base"]["path"], "config_sha256": side["base"]["config_sha256"]}
+    base = {
+        "modules": modules,
+        "config": {f: getattr(model.config, f) for f in fields},
+        "class": side["base"]["class"],
+        "path": side["base"]["path"],
+        "config_sha256": side["base"]["config_sha256"],
+    }
     return {"format": 1, "base": base, "tensors": side["tensors"]}
 
 
@@ -306,8 +330,9 @@ def test_qlora_adapter_loads_onto_the_full_precision_base_and_says_so(fmt, bases
     assert len(notes) == 1 and f"trained on a {fmt}-quantised copy of this base" in notes[0]
     with pytest.raises(lk.LoraBaseMismatch, match=CHANGED):  # the source is checked, not waved through
         lk.load_adapters(hf.load_model(bases["other"], "causal-lm"), tmp_path / "q")
-    requantized = quantize_base(lk.apply_lora(hf.load_model(bases["base"], "causal-lm"), lk.LoraConfig(rank=2),
-                                              TARGETS), fmt)
+    requantized = quantize_base(
+        lk.apply_lora(hf.load_model(bases["base"], "causal-lm"), lk.LoraConfig(rank=2), TARGETS), fmt
+    )
     lk.load_adapters(requantized, tmp_path / "q", name="q")  # onto another quantised copy of the same base
 
 
@@ -323,8 +348,9 @@ def test_merged_and_pissa_models_record_the_original_weight(bases, adapter, tmp_
 
 
 def lorakit(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=120
+    )
 
 
 @pytest.mark.slow
@@ -337,7 +363,8 @@ def test_cli_refuses_another_base_with_exit_2_and_loads_it_when_allowed(bases, a
     allowed = lorakit(*args, "--allow-base-mismatch")
     assert allowed.returncode == 0, allowed.stderr
     assert [line for line in allowed.stderr.splitlines() if line.startswith("note:")] == [
-        line for line in allowed.stderr.splitlines() if "loading it anyway" in line]
+        line for line in allowed.stderr.splitlines() if "loading it anyway" in line
+    ]
     assert allowed.stderr.count("loading it anyway") == 1
 
 
@@ -356,9 +383,11 @@ def test_cli_inspect_shows_the_fingerprint_and_whether_a_model_matches(bases, ad
 def test_cli_prints_the_peft_note_once(bases, tmp_path):
     pm = peft.get_peft_model(hf.load_model(bases["base"], "causal-lm"), peft.LoraConfig(r=2, target_modules=TARGETS))
     pm.save_pretrained(tmp_path / "peft")
-    done = lorakit("generate", "--model", bases["base"], "--adapter", tmp_path / "peft", "--prompt", "hi",
-                   "--max-new-tokens", 1)
+    done = lorakit(
+        "generate", "--model", bases["base"], "--adapter", tmp_path / "peft", "--prompt", "hi", "--max-new-tokens", 1
+    )
     assert done.returncode == 0, done.stderr
     notes = [line for line in done.stderr.splitlines() if line.startswith("note:")]
-    assert notes == [f"note: {tmp_path / 'peft'}: no lorakit.json (a PEFT-made or older adapter): its base could not "
-                     "be checked"]
+    assert notes == [
+        f"note: {tmp_path / 'peft'}: no lorakit.json (a PEFT-made or older adapter): its base could not be checked"
+    ]

@@ -27,7 +27,6 @@ def test_safetensors_matches_the_reference_library(tmp_path):
     assert all(torch.equal(ours[k], v) for k, v in t.items())
 
 
-
 def _header_file(path, header, data=b""):
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
@@ -49,12 +48,18 @@ CORRUPT = {
     "deeply nested JSON": (({"raw": DEEP}), "invalid JSON in header"),
     "data truncated": (({"header": {"a": F32x2}, "data": b"\0" * 4}), "truncated, or extra bytes"),
     "extra bytes after the data": (({"header": {"a": F32x2}, "data": b"\0" * 12}), "truncated, or extra bytes"),
-    "wrong byte count for the shape": (({"header": {"a": {**F32x2, "data_offsets": [0, 4]}}, "data": b"\0" * 8}),
-                                       "invalid shape, data type, or offset"),
-    "overlapping offsets": (({"header": {"a": F32x2, "b": {**F32x2, "data_offsets": [4, 12]}}, "data": b"\0" * 12}),
-                            "invalid offset for tensor `b`"),
-    "gap before the data": (({"header": {"a": {**F32x2, "data_offsets": [4, 12]}}, "data": b"\0" * 12}),
-                            "invalid offset for tensor `a`"),
+    "wrong byte count for the shape": (
+        ({"header": {"a": {**F32x2, "data_offsets": [0, 4]}}, "data": b"\0" * 8}),
+        "invalid shape, data type, or offset",
+    ),
+    "overlapping offsets": (
+        ({"header": {"a": F32x2, "b": {**F32x2, "data_offsets": [4, 12]}}, "data": b"\0" * 12}),
+        "invalid offset for tensor `b`",
+    ),
+    "gap before the data": (
+        ({"header": {"a": {**F32x2, "data_offsets": [4, 12]}}, "data": b"\0" * 12}),
+        "invalid offset for tensor `a`",
+    ),
     "unknown dtype": (({"header": {"a": {**F32x2, "dtype": "Q4"}}, "data": b"\0" * 8}), "unknown variant `Q4`"),
     "negative shape": (({"header": {"a": {**F32x2, "shape": [-2]}}, "data": b"\0" * 8}), "integer `-2`"),
     "bad data_offsets": (({"header": {"a": {**F32x2, "data_offsets": [8]}}, "data": b"\0" * 8}), "invalid length 1"),
@@ -86,9 +91,18 @@ def test_corrupt_safetensors_refused_naming_the_file(case, tmp_path):
 
 def test_write_stores_views_shared_and_odd_tensors(tmp_path):
     base = torch.arange(12.0).reshape(3, 4)
-    t = {"w": base, "tied": base, "t": base.t(), "row": base[1], "bf16": base.to(torch.bfloat16),
-         "ints": torch.arange(3), "flags": torch.tensor([True, False]), "empty": torch.zeros(0, 4),
-         "scalar": torch.tensor(2.5), "param": nn.Parameter(torch.ones(2))}
+    t = {
+        "w": base,
+        "tied": base,
+        "t": base.t(),
+        "row": base[1],
+        "bf16": base.to(torch.bfloat16),
+        "ints": torch.arange(3),
+        "flags": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5),
+        "param": nn.Parameter(torch.ones(2)),
+    }
     safetensors_io.write(tmp_path / "x.safetensors", t, {"k": "v"})
     back, meta = safetensors_io.read(tmp_path / "x.safetensors")
     assert meta == {"k": "v"} and back.keys() == t.keys()

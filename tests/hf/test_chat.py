@@ -81,6 +81,7 @@ def _labelled_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
 
 # -- the assistant mask, token by token ----------------------------------------------------------------
 
+
 def test_chatml_mask_is_the_trained_assistant_contents_and_their_end_token(tok):
     turns = chat.parse_messages(CONVERSATION)
     ids, labels = chat.encode_chat(tok, turns, 512, "f:1")
@@ -127,8 +128,16 @@ VICUNA_NO_SPACE_GEN = (  # the generation prompt ends at the colon: the space is
     "{% else %}{{ 'ASSISTANT:' }}{% generation %}{{ ' ' + m['content'] + eos_token }}{% endgeneration %}"
     "{{ ' ' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-BPE_SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
-                "<|end_header_id|>", "<|eot_id|>"]
+BPE_SPECIALS = [
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 ANSWERS = ["four", "Zebra", "blue", "hello world", "Xylophones hum", "the dog ran", "Quokka", "good morning"]
 
 
@@ -143,15 +152,24 @@ def _byte_level_bpe(trim_offsets: bool):
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
     corpus = _hf_models.SENTENCES + _hf_models.CHAT_WORDS + ["USER: hello ASSISTANT: four"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=BPE_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=BPE_SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="</s>")
 
 
 @pytest.mark.parametrize("trim_offsets", [False, True])
-@pytest.mark.parametrize("template", [CHATML_GEN, LLAMA3_GEN, VICUNA_GEN, VICUNA_NO_SPACE_GEN],
-                         ids=["chatml", "llama3", "vicuna", "vicuna-no-space"])
+@pytest.mark.parametrize(
+    "template",
+    [CHATML_GEN, LLAMA3_GEN, VICUNA_GEN, VICUNA_NO_SPACE_GEN],
+    ids=["chatml", "llama3", "vicuna", "vicuna-no-space"],
+)
 def test_byte_level_mask_matches_transformers_generation_mask(template, trim_offsets):
     """transformers' `return_assistant_tokens_mask` is the oracle: a token is the assistant's when its characters
     overlap the {% generation %} span. So with a prompt ending in 'ASSISTANT: ' the answer's first token 'Ġfour'
@@ -159,8 +177,12 @@ def test_byte_level_mask_matches_transformers_generation_mask(template, trim_off
     tok = _byte_level_bpe(trim_offsets)
     tok.chat_template = template
     for answer in ANSWERS:
-        messages = [{"role": "user", "content": "what is two plus two ?"}, {"role": "assistant", "content": answer},
-                    {"role": "user", "content": "good morning"}, {"role": "assistant", "content": "hello"}]
+        messages = [
+            {"role": "user", "content": "what is two plus two ?"},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "good morning"},
+            {"role": "assistant", "content": "hello"},
+        ]
         ours, labels = chat.encode_chat(tok, chat.parse_messages(messages), 512, "f:1")
         theirs = tok.apply_chat_template(messages, return_assistant_tokens_mask=True, return_dict=True)
         assert ours == theirs["input_ids"]
@@ -192,7 +214,8 @@ def test_truncation_keeps_the_mask_aligned(tok):
     rows = data.encode([data.Example("c.jsonl", 4, "", messages=turns)], tok, "causal-lm", max_length=first)
     assert rows[0] == [] and [str(b) for b in rows[1]] == [
         "c.jsonl:4: the conversation before the first trained assistant turn fills max_length; "
-        "nothing to learn from this row"]
+        "nothing to learn from this row"
+    ]
     ex = data.Example("c.jsonl", 4, "", messages=turns)
     [row], _ = data.encode([ex], tok, "causal-lm", max_length=first + 2)
     assert row["labels"][first:] == ids[first : first + 2] and set(row["labels"][:first]) == {IGNORE}
@@ -206,47 +229,55 @@ def test_a_row_with_nothing_after_its_first_token_labelled_is_not_said_to_fill_m
     rows, bad = data.encode([data.Example("c.jsonl", 3, "", messages=turns)], tok, "causal-lm", max_length=256)
     assert rows == [] and [str(b) for b in bad] == [
         "c.jsonl:3: no token after the row's first is labelled (the first token is never predicted); "
-        "nothing to learn from this row"]
+        "nothing to learn from this row"
+    ]
 
 
 # -- bad rows ------------------------------------------------------------------------------------------
 
+
 def test_bad_chat_rows_are_named_by_file_and_line(tmp_path):
     u = {"role": "user", "content": "hi"}
     a = {"role": "assistant", "content": "hello"}
-    p = _jsonl(tmp_path / "c.jsonl", [
-        {"messages": [u, a]},                                            # 1 ok
-        {"messages": []},                                                # 2
-        {"messages": "hi"},                                              # 3
-        {"messages": [u, "hello"]},                                      # 4
-        {"messages": [u, {"role": "bot", "content": "x"}]},              # 5
-        {"messages": [u, {"role": "assistant", "content": 3}]},          # 6
-        {"messages": [u, {"role": "assistant"}]},                        # 7
-        {"messages": [u]},                                               # 8
-        {"messages": [u, {**a, "train": False}]},                        # 9
-        {"messages": [u, {**a, "train": "no"}]},                         # 10
-        {"messages": [{**u, "train": True}, a]},                         # 11
-        {"messages": [u, {"role": "assistant", "content": " "}]},        # 12
-        {"messages": [u, a], "text": "x"},                               # 13
-        {"messages": [u, {**a, "train": False}, {**a, "train": True}]},  # 14 ok
-    ])
+    p = _jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"messages": [u, a]},  # 1 ok
+            {"messages": []},  # 2
+            {"messages": "hi"},  # 3
+            {"messages": [u, "hello"]},  # 4
+            {"messages": [u, {"role": "bot", "content": "x"}]},  # 5
+            {"messages": [u, {"role": "assistant", "content": 3}]},  # 6
+            {"messages": [u, {"role": "assistant"}]},  # 7
+            {"messages": [u]},  # 8
+            {"messages": [u, {**a, "train": False}]},  # 9
+            {"messages": [u, {**a, "train": "no"}]},  # 10
+            {"messages": [{**u, "train": True}, a]},  # 11
+            {"messages": [u, {"role": "assistant", "content": " "}]},  # 12
+            {"messages": [u, a], "text": "x"},  # 13
+            {"messages": [u, {**a, "train": False}, {**a, "train": True}]},  # 14 ok
+        ],
+    )
     records, _ = data.read_records(p)
     examples, bad = data.validate(p, records, "causal-lm")
     assert [e.line for e in examples] == [1, 14]
-    assert [str(b) for b in bad] == [f"{p}:{n}: {why}" for n, why in [
-        (2, "field 'messages' is empty; expected a list of {role, content} objects"),
-        (3, "field 'messages' is a str; expected a list of {role, content} objects"),
-        (4, "messages[1] is a str; expected an object with role and content"),
-        (5, "messages[1] has role 'bot'; expected one of system, user, assistant"),
-        (6, "messages[1] content is a int; expected a string"),
-        (7, "messages[1] has no 'content'; it has 'role'"),
-        (8, "no assistant message; the loss falls on assistant turns only, so there is nothing to learn"),
-        (9, "every assistant message has train: false; nothing to learn from this row"),
-        (10, "messages[1] has train 'no'; expected true or false"),
-        (11, "messages[0] is a user message with 'train'; only assistant turns carry the loss"),
-        (12, "messages[1] is an empty assistant message; nothing to learn from it"),
-        (13, "has both 'text' and 'messages'; use one form per row"),
-    ]]
+    assert [str(b) for b in bad] == [
+        f"{p}:{n}: {why}"
+        for n, why in [
+            (2, "field 'messages' is empty; expected a list of {role, content} objects"),
+            (3, "field 'messages' is a str; expected a list of {role, content} objects"),
+            (4, "messages[1] is a str; expected an object with role and content"),
+            (5, "messages[1] has role 'bot'; expected one of system, user, assistant"),
+            (6, "messages[1] content is a int; expected a string"),
+            (7, "messages[1] has no 'content'; it has 'role'"),
+            (8, "no assistant message; the loss falls on assistant turns only, so there is nothing to learn"),
+            (9, "every assistant message has train: false; nothing to learn from this row"),
+            (10, "messages[1] has train 'no'; expected true or false"),
+            (11, "messages[0] is a user message with 'train'; only assistant turns carry the loss"),
+            (12, "messages[1] is an empty assistant message; nothing to learn from it"),
+            (13, "has both 'text' and 'messages'; use one form per row"),
+        ]
+    ]
     _, bad = data.validate(p, records[:1], "seq-cls")
     assert [b.reason for b in bad] == [
         "chat rows ('messages') are for task 'causal-lm'; seq-cls rows are {text, label}"
@@ -262,12 +293,15 @@ def test_templates_that_refuse_or_rewrite_a_conversation_make_bad_rows(tmp_path,
     tok.chat_template = LAST_ONLY
     with pytest.raises(DataError) as e:
         data.prepare(p, "causal-lm", tok, valid_path=p)
-    assert (f"{p}:1: the chat template writes messages[2] differently once later messages follow; lorakit cannot "
-            "tell which tokens are the assistant's") in str(e.value)
+    assert (
+        f"{p}:1: the chat template writes messages[2] differently once later messages follow; lorakit cannot "
+        "tell which tokens are the assistant's"
+    ) in str(e.value)
     assert f"{p}:2:" not in str(e.value)  # one assistant turn: the last, written as given
 
 
 # -- templates: missing, from a file, saved beside the adapter -----------------------------------------
+
 
 def test_no_template_is_an_error_naming_chat_template(tmp_path):
     plain = _hf_models.tokenizer(bos=True, chat=True)
@@ -282,7 +316,9 @@ def test_no_template_is_an_error_naming_chat_template(tmp_path):
     prepared = data.prepare(p, "causal-lm", plain, valid_path=p, chat_template=template)
     assert plain.chat_template == _hf_models.CHATML and prepared.chat_template == _hf_models.CHATML
     assert [plain.decode(r) for r in _labelled_runs(prepared.train[1]["input_ids"], prepared.train[1]["labels"])] == [
-        "four <|im_end|>", "hello world <|im_end|>"]
+        "four <|im_end|>",
+        "hello world <|im_end|>",
+    ]
     assert data.prepare(tmp_path / "c.jsonl", "causal-lm", plain, valid_path=p).chat_template == _hf_models.CHATML
     no_chat = _jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}])
     assert data.prepare(no_chat, "causal-lm", plain, valid_path=no_chat).chat_template is None
@@ -310,21 +346,26 @@ def test_template_saved_beside_the_adapter_and_loaded_back(tmp_path):
 def test_render_gives_the_prompt_to_generate_from(tok):
     turns = chat.parse_messages(CONVERSATION[:2] + [{"role": "assistant", "content": "x"}])[:2]
     assert chat.render(tok, turns, add_generation_prompt=True).endswith(
-        "<|im_start|>user\nwhat is two plus two ?<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nwhat is two plus two ?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 # -- Alpaca rows -----------------------------------------------------------------------------------------
 
+
 def test_alpaca_rows_become_prompt_and_completion(tmp_path, tok):
-    p = _jsonl(tmp_path / "a.jsonl", [
-        {"instruction": "add two and two", "input": "", "output": "four"},
-        {"instruction": "name the colour", "input": "the sky", "output": "blue"},
-        {"instruction": "greet", "output": "hello"},
-        {"instruction": "greet"},
-        {"instruction": "", "output": "x"},
-        {"instruction": "greet", "input": 3, "output": "x"},
-        {"instruction": "greet", "output": "x", "prompt": "p", "completion": "c"},
-    ])
+    p = _jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"instruction": "add two and two", "input": "", "output": "four"},
+            {"instruction": "name the colour", "input": "the sky", "output": "blue"},
+            {"instruction": "greet", "output": "hello"},
+            {"instruction": "greet"},
+            {"instruction": "", "output": "x"},
+            {"instruction": "greet", "input": 3, "output": "x"},
+            {"instruction": "greet", "output": "x", "prompt": "p", "completion": "c"},
+        ],
+    )
     records, _ = data.read_records(p)
     examples, bad = data.validate(p, records, "causal-lm")
     assert [(e.text, e.completion) for e in examples] == [
@@ -335,12 +376,15 @@ def test_alpaca_rows_become_prompt_and_completion(tmp_path, tok):
     assert examples[1].text == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nname the colour\n\n### Input:\nthe sky\n\n### Response:\n")
+        "### Instruction:\nname the colour\n\n### Input:\nthe sky\n\n### Response:\n"
+    )
     assert "### Input" not in examples[0].text
     assert [str(b) for b in bad] == [
-        f"{p}:4: missing field 'output'; the row has 'instruction'", f"{p}:5: field 'instruction' is empty",
+        f"{p}:4: missing field 'output'; the row has 'instruction'",
+        f"{p}:5: field 'instruction' is empty",
         f"{p}:6: field 'input' is a int ('3'); expected a string",
-        f"{p}:7: has both 'prompt'/'completion' and 'instruction'/'output'; use one form per row"]
+        f"{p}:7: has both 'prompt'/'completion' and 'instruction'/'output'; use one form per row",
+    ]
     [enc], _ = data.encode(examples[2:], tok, "causal-lm", max_length=256)
     prompt = tok(examples[2].text)["input_ids"]
     assert enc["labels"] == [IGNORE] * len(prompt) + _ids(tok, "hello") + [tok.eos_token_id]
@@ -348,18 +392,36 @@ def test_alpaca_rows_become_prompt_and_completion(tmp_path, tok):
 
 # -- the command line --------------------------------------------------------------------------------------
 
+
 def _lorakit(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, env=env, timeout=180
+    )
 
 
 @pytest.mark.slow
 def test_cli_finetunes_on_chat_rows_and_saves_the_template(tmp_path):
     model = _hf_models.save_tiny("llama", tmp_path / "llama", chat_template=_hf_models.CHATML)
     rows = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": CONVERSATION[1:3]}] * 3)
-    r = _lorakit("finetune", "--model", model, "--data", rows, "--task", "causal-lm", "--out", tmp_path / "a",
-                 "--epochs", "1", "--batch-size", "4", "--plain", "--device", "cpu")
+    r = _lorakit(
+        "finetune",
+        "--model",
+        model,
+        "--data",
+        rows,
+        "--task",
+        "causal-lm",
+        "--out",
+        tmp_path / "a",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--plain",
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
     assert chat.load_template(tmp_path / "a") == _hf_models.CHATML
@@ -370,8 +432,22 @@ def test_cli_encoder_as_causal_lm_is_a_model_task_mismatch_before_the_chat_rows(
     from lorakit.cli import main
 
     rows = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 4)
-    assert main(["finetune", "--model", str(_hf_models.minilm_dir()), "--data", str(rows), "--task", "causal-lm",
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(_hf_models.minilm_dir()),
+                "--data",
+                str(rows),
+                "--task",
+                "causal-lm",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "bert is an encoder (bidirectional attention); it cannot be fine-tuned as a causal-lm" in err
     assert err.rstrip().endswith("use --task seq-cls") and "--chat-template" not in err
@@ -385,12 +461,34 @@ def test_cli_without_a_template_names_the_flag(tmp_path, capsys):
 
     bare = _hf_models.save_tiny("llama", tmp_path / "bare", chat_template="")
     rows = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 4)
-    assert main(["finetune", "--model", str(bare), "--data", str(rows), "--task", "causal-lm",
-                 "--out", str(tmp_path / "b")]) == 2
+    assert (
+        main(
+            ["finetune", "--model", str(bare), "--data", str(rows), "--task", "causal-lm", "--out", str(tmp_path / "b")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert f"{rows}:1: chat rows ('messages') need a chat template, and the model's tokenizer has none; " \
-           "pass --chat-template FILE" in err
+    assert (
+        f"{rows}:1: chat rows ('messages') need a chat template, and the model's tokenizer has none; "
+        "pass --chat-template FILE" in err
+    )
     assert "Traceback" not in err and not (tmp_path / "b").exists()
-    assert main(["finetune", "--model", str(bare), "--data", str(rows), "--task", "causal-lm",
-                 "--out", str(tmp_path / "b"), "--chat-template", str(tmp_path / "nope.jinja")]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(bare),
+                "--data",
+                str(rows),
+                "--task",
+                "causal-lm",
+                "--out",
+                str(tmp_path / "b"),
+                "--chat-template",
+                str(tmp_path / "nope.jinja"),
+            ]
+        )
+        == 2
+    )
     assert f"{tmp_path / 'nope.jinja'}: no such chat template file" in capsys.readouterr().err

@@ -37,9 +37,15 @@ def job_files(tmp_path_factory) -> tuple[Path, Path]:
 
 def setup_for(job_files, tmp_path, checkpointed: bool):
     model_dir, rows = job_files
-    job = FinetuneJob(model=model_dir, data=rows, task="causal-lm", out=tmp_path / f"out{checkpointed}",
-                      lora=lk.LoraConfig(rank=4, alpha=8.0, dropout=0.1), batch_size=4,
-                      gradient_checkpointing=checkpointed)
+    job = FinetuneJob(
+        model=model_dir,
+        data=rows,
+        task="causal-lm",
+        out=tmp_path / f"out{checkpointed}",
+        lora=lk.LoraConfig(rank=4, alpha=8.0, dropout=0.1),
+        batch_size=4,
+        gradient_checkpointing=checkpointed,
+    )
     setup = prepare(job)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # B = 0 at init would leave every lora_A gradient zero

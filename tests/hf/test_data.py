@@ -36,44 +36,62 @@ def _bad(path, task, **kw) -> list[str]:
 
 # -- rows and their line numbers ------------------------------------------------------------------
 
+
 def test_causal_rows_bad_ones_named_by_file_and_line(tmp_path):
-    p = _jsonl(tmp_path / "t.jsonl", [
-        {"text": "the cat"},                        # 1 ok
-        {"prompt": "q", "completion": "a"},         # 2 ok
-        "",                                         # 3 blank: skipped
-        "{not json",                                # 4
-        {"text": ""},                               # 5 empty
-        {"text": 3},                                # 6 wrong type
-        {"prompt": "q"},                            # 7 no completion
-        {"body": "x"},                              # 8 missing field
-        [1, 2],                                     # 9 not an object
-        {"text": "a", "prompt": "b", "completion": "c"},  # 10 both forms
-    ])
+    p = _jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"text": "the cat"},  # 1 ok
+            {"prompt": "q", "completion": "a"},  # 2 ok
+            "",  # 3 blank: skipped
+            "{not json",  # 4
+            {"text": ""},  # 5 empty
+            {"text": 3},  # 6 wrong type
+            {"prompt": "q"},  # 7 no completion
+            {"body": "x"},  # 8 missing field
+            [1, 2],  # 9 not an object
+            {"text": "a", "prompt": "b", "completion": "c"},  # 10 both forms
+        ],
+    )
     bad = _bad(p, "causal-lm")
     assert [b.split(":")[1] for b in bad] == ["4", "5", "6", "7", "8", "9", "10"]
     assert f"{p}:4: not valid JSON" in bad[0]
     assert "field 'text' is empty" in bad[1] and "is a int" in bad[2] and "missing field 'completion'" in bad[3]
-    assert ("missing field 'text' (or 'prompt' and 'completion', or 'messages', or 'instruction' and 'output'); "
-            "the row has 'body'") in bad[4]
+    assert (
+        "missing field 'text' (or 'prompt' and 'completion', or 'messages', or 'instruction' and 'output'); "
+        "the row has 'body'"
+    ) in bad[4]
     assert "expected a JSON object, got list" in bad[5] and "both" in bad[6]
 
 
 def test_seq_cls_labels_str_or_int_and_unknown_labels(tmp_path):
-    p = _jsonl(tmp_path / "t.jsonl", [
-        {"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}, {"text": "c", "label": True},
-        {"text": "d", "label": 1.5}, {"text": "e"}, {"text": "f", "label": ""}, {"text": "g", "label": -1},
-    ])
+    p = _jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"text": "a", "label": "pos"},
+            {"text": "b", "label": "neg"},
+            {"text": "c", "label": True},
+            {"text": "d", "label": 1.5},
+            {"text": "e"},
+            {"text": "f", "label": ""},
+            {"text": "g", "label": -1},
+        ],
+    )
     bad = _bad(p, "seq-cls")
     assert [b.split(": ", 1)[1] for b in bad] == [
-        "label True is a bool; expected a string or an int", "label 1.5 is a float; expected a string or an int",
-        "missing field 'label'; the row has 'text'", "label is empty",
-        "label -1 is negative; int labels are class ids 0, 1, 2, ..."]
+        "label True is a bool; expected a string or an int",
+        "label 1.5 is a float; expected a string or an int",
+        "missing field 'label'; the row has 'text'",
+        "label is empty",
+        "label -1 is negative; int labels are class ids 0, 1, 2, ...",
+    ]
     examples, _ = data.validate(p, data.read_records(p)[0], "seq-cls")
     id2label = data.label_names(examples)
     assert id2label == {0: "neg", 1: "pos"}
     v = _jsonl(tmp_path / "v.jsonl", [{"text": "x", "label": "pos"}, {"text": "y", "label": "meh"}])
     assert _bad(v, "seq-cls", label2id=data.label_to_id(id2label, examples)) == [
-        f"{v}:2: unknown label 'meh'; the training labels are 'neg', 'pos'"]
+        f"{v}:2: unknown label 'meh'; the training labels are 'neg', 'pos'"
+    ]
 
 
 def test_int_labels_with_gaps_are_refused_not_made_into_phantom_classes(tmp_path, tok):
@@ -82,7 +100,8 @@ def test_int_labels_with_gaps_are_refused_not_made_into_phantom_classes(tmp_path
         data.prepare(p, "seq-cls", tok)
     assert str(e.value) == (
         f"int labels are class ids: 0, 1, 2, 7 would make 8 classes, and 3, 4, 5, 6 never occur in the training "
-        f'data ({p}:4 has 7); renumber the labels 0..3, or write them as strings ("7") to use them as class names')
+        f'data ({p}:4 has 7); renumber the labels 0..3, or write them as strings ("7") to use them as class names'
+    )
     strings = _jsonl(tmp_path / "s.jsonl", [{"text": "a", "label": str(x)} for x in (0, 1, 2, 7, 1, 0)])
     assert data.prepare(strings, "seq-cls", tok, valid_path=strings).id2label == {0: "0", 1: "1", 2: "2", 3: "7"}
 
@@ -97,18 +116,23 @@ def test_csv_header_without_the_task_columns_is_refused_once(tmp_path, tok):
     q.write_text("question\tanswer\nq\ta\n", encoding="utf-8")
     with pytest.raises(DataError) as e:
         data.prepare(q, "causal-lm", tok)
-    assert str(e.value) == (f"{q}: expected columns text, or prompt,completion, or messages, or instruction,output; "
-                            "the header has question,answer")
+    assert str(e.value) == (
+        f"{q}: expected columns text, or prompt,completion, or messages, or instruction,output; "
+        "the header has question,answer"
+    )
     ok = tmp_path / "ok.csv"
     ok.write_text("id,instruction,output\n1,greet,hello world\n2,count,one two three\n", encoding="utf-8")
     assert len(data.prepare(ok, "causal-lm", tok, valid_path=ok).train) == 2  # extra columns are fine
 
 
-@pytest.mark.parametrize("labels, want", [
-    ([1, 0, 2], {0: "0", 1: "1", 2: "2"}),
-    (["10", "9", "2"], {0: "2", 1: "9", 2: "10"}),  # numeric strings (CSV) sort as numbers
-    (["b", "a"], {0: "a", 1: "b"}),
-])
+@pytest.mark.parametrize(
+    "labels, want",
+    [
+        ([1, 0, 2], {0: "0", 1: "1", 2: "2"}),
+        (["10", "9", "2"], {0: "2", 1: "9", 2: "10"}),  # numeric strings (CSV) sort as numbers
+        (["b", "a"], {0: "a", 1: "b"}),
+    ],
+)
 def test_label_names(labels, want):
     assert data.label_names([data.Example("f", i, "t", label=x) for i, x in enumerate(labels)]) == want
 
@@ -124,8 +148,11 @@ def test_csv_with_quoted_multiline_field_keeps_physical_line_numbers(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text('text,label\n"hello, world",pos\n"two\nlines",neg\nonly-one-field\n,neg\n', encoding="utf-8")
     records, bad = data.read_records(p)
-    assert records == [(2, {"text": "hello, world", "label": "pos"}), (3, {"text": "two\nlines", "label": "neg"}),
-                       (6, {"text": "", "label": "neg"})]
+    assert records == [
+        (2, {"text": "hello, world", "label": "pos"}),
+        (3, {"text": "two\nlines", "label": "neg"}),
+        (6, {"text": "", "label": "neg"}),
+    ]
     assert [str(b) for b in bad] == [f"{p}:5: has 1 fields; the header has 2 (text, label)"]
     assert [str(b) for b in data.validate(p, records, "seq-cls")[1]] == [f"{p}:6: field 'text' is empty"]
     tsv = tmp_path / "t.tsv"
@@ -134,6 +161,7 @@ def test_csv_with_quoted_multiline_field_keeps_physical_line_numbers(tmp_path):
 
 
 # -- a directory of Parquet and JSONL files, through datasets ------------------------------------------------
+
 
 def _parquet(path: Path, rows: list[dict]) -> Path:
     import pyarrow as pa
@@ -153,8 +181,14 @@ def test_directory_of_parquet_and_jsonl_files(tmp_path, tok):
     cached = _cached()
     d = tmp_path / "data"
     (d / "more").mkdir(parents=True)
-    _parquet(d / "a.parquet", [{"text": "the cat sat", "label": "pos"}, {"text": "", "label": "neg"},
-                               {"text": "the dog ran", "label": "neg"}])
+    _parquet(
+        d / "a.parquet",
+        [
+            {"text": "the cat sat", "label": "pos"},
+            {"text": "", "label": "neg"},
+            {"text": "the dog ran", "label": "neg"},
+        ],
+    )
     _jsonl(d / "more" / "b.jsonl", [{"text": "hello world", "label": "pos"}, "{bad", {"text": "good", "label": "neg"}])
     (d / "README.md").write_text("# not data\n")
     (d / "dataset_info.json").write_text('{\n  "not": "rows"\n}\n')
@@ -162,9 +196,14 @@ def test_directory_of_parquet_and_jsonl_files(tmp_path, tok):
     _jsonl(d / ".cache" / "x.jsonl", ["{junk"])
     with pytest.raises(DataError) as e:
         data.prepare(d, "seq-cls", tok)
-    assert e.value.bad_rows == [data.BadRow(str(d / "a.parquet"), 1, "field 'text' is empty", "row"),
-                                data.BadRow(str(d / "more" / "b.jsonl"), 2, "not valid JSON (Expecting property name "
-                                            "enclosed in double quotes at column 2)")]
+    assert e.value.bad_rows == [
+        data.BadRow(str(d / "a.parquet"), 1, "field 'text' is empty", "row"),
+        data.BadRow(
+            str(d / "more" / "b.jsonl"),
+            2,
+            "not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        ),
+    ]
     assert f"{d / 'a.parquet'}:row 1: field 'text' is empty" in str(e.value)
     assert f"{d / 'more' / 'b.jsonl'}:2: not valid JSON" in str(e.value)
     prepared = data.prepare(d, "seq-cls", tok, valid_path=d, skip_bad_rows=True)
@@ -182,14 +221,18 @@ def test_parquet_chat_rows_and_file_level_problems(tmp_path, tok):
         data.prepare(d, "causal-lm", chat_tok, valid_path=d)
     assert [str(b) for b in e.value.bad_rows] == [
         f"{d / 'c.parquet'}:row 2: no assistant message; the loss falls on assistant turns only, so there is "
-        "nothing to learn"] * 2  # train and valid: the same directory
+        "nothing to learn"
+    ] * 2  # train and valid: the same directory
     prepared = data.prepare(d, "causal-lm", chat_tok, valid_path=d, skip_bad_rows=True)
     assert [sum(y != -100 for y in r["labels"]) for r in prepared.train] == [3, 3]  # good morning <|im_end|>
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     _parquet(wrong / "w.parquet", [{"body": "x"}])
-    with pytest.raises(DataError, match=r"w.parquet: expected columns text, or prompt,completion, or messages, or "
-                                        r"instruction,output; the file has body"):
+    with pytest.raises(
+        DataError,
+        match=r"w.parquet: expected columns text, or prompt,completion, or messages, or "
+        r"instruction,output; the file has body",
+    ):
         data.prepare(wrong, "causal-lm", tok)
     (wrong / "w.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"w.parquet: not a readable Parquet file"):
@@ -202,6 +245,7 @@ def test_parquet_chat_rows_and_file_level_problems(tmp_path, tok):
 
 
 # -- file-level problems --------------------------------------------------------------------------
+
 
 def test_file_level_errors_are_clear(tmp_path):
     with pytest.raises(DataError, match="no such file"):
@@ -232,6 +276,7 @@ def test_bom_is_accepted_and_huge_lines_become_bad_rows(tmp_path):
 
 # -- tokenization ------------------------------------------------------------------------------------
 
+
 def test_loss_only_on_completion_tokens(tok):
     ex = data.Example("f", 1, "question : what is two plus two ? answer :", completion="four")
     [enc], bad = data.encode([ex], tok, "causal-lm", max_length=64)
@@ -239,7 +284,7 @@ def test_loss_only_on_completion_tokens(tok):
     assert not bad and enc["input_ids"] == prompt + tok("four", add_special_tokens=False)["input_ids"] + [
         tok.eos_token_id
     ]
-    assert enc["labels"] == [-100] * len(prompt) + enc["input_ids"][len(prompt):]
+    assert enc["labels"] == [-100] * len(prompt) + enc["input_ids"][len(prompt) :]
     [plain], _ = data.encode([data.Example("f", 2, "the cat sat")], tok, "causal-lm", max_length=64)
     assert plain["labels"] == plain["input_ids"]
 
@@ -275,9 +320,13 @@ def test_collate_pads_and_masks():
 
 # -- the whole pipeline ----------------------------------------------------------------------------
 
+
 def test_prepare_refuses_bad_rows_unless_skipped(tmp_path, tok):
-    p = _jsonl(tmp_path / "t.jsonl", [{"text": f"the cat sat {i}", "label": "a" if i % 2 else "b"} for i in range(20)]
-               + [{"text": "", "label": "a"}, {"txt": "x", "label": "b"}])
+    p = _jsonl(
+        tmp_path / "t.jsonl",
+        [{"text": f"the cat sat {i}", "label": "a" if i % 2 else "b"} for i in range(20)]
+        + [{"text": "", "label": "a"}, {"txt": "x", "label": "b"}],
+    )
     with pytest.raises(DataError) as e:
         data.prepare(p, "seq-cls", tok)
     assert "2 bad row(s)" in str(e.value) and f"{p}:21:" in str(e.value) and f"{p}:22:" in str(e.value)
@@ -297,5 +346,6 @@ def test_prepare_with_a_valid_file_checks_its_labels(tmp_path, tok):
     prepared = data.prepare(t, "seq-cls", tok, valid_path=v, skip_bad_rows=True)
     assert prepared.id2label == {0: "0", 1: "1"} and [r["labels"] for r in prepared.valid] == [1]
     with pytest.raises(DataError, match="no usable validation rows"):
-        data.prepare(t, "seq-cls", tok, valid_path=_jsonl(tmp_path / "w.jsonl", [{"text": "e", "label": 5}]),
-                     skip_bad_rows=True)
+        data.prepare(
+            t, "seq-cls", tok, valid_path=_jsonl(tmp_path / "w.jsonl", [{"text": "e", "label": 5}]), skip_bad_rows=True
+        )

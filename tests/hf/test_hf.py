@@ -50,6 +50,7 @@ def _logits(model, ids=IDS, mask=MASK) -> torch.Tensor:
 
 # -- loading ----------------------------------------------------------------------------------------
 
+
 def test_not_a_model_directory_is_a_clear_error(tmp_path, tiny):
     with pytest.raises(hf.ModelDirError, match="no such directory"):
         hf.load(tmp_path / "missing", "causal-lm")
@@ -126,6 +127,7 @@ def test_apply_lora_on_bert_minilm():
 
 # -- PEFT interop -----------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "minilm"])
 def test_seq_cls_head_saved_with_adapter_and_peft_loads_it(tmp_path, tiny, kind):
@@ -153,8 +155,13 @@ def test_seq_cls_head_saved_with_adapter_and_peft_loads_it(tmp_path, tiny, kind)
 
 def test_peft_made_adapter_loads_merges_and_inspects(tmp_path, tiny):
     base, tok = hf.load(tiny["llama"], "causal-lm")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
-                          task_type="CAUSAL_LM")
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     theirs = peft.get_peft_model(base, cfg)
     want = _logits(theirs)
     theirs.save_pretrained(tmp_path / "peft")
@@ -179,8 +186,12 @@ def test_peft_made_adapter_loads_merges_and_inspects(tmp_path, tiny):
 
 def test_peft_seq_cls_adapter_without_lorakit_task_file(tmp_path, tiny):
     base = hf.load_model(tiny["gpt2"], "seq-cls", id2label={0: "x", 1: "y", 2: "z"})
-    theirs = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
-                                                       init_lora_weights=False, task_type="SEQ_CLS"))
+    theirs = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False, task_type="SEQ_CLS"
+        ),
+    )
     with torch.no_grad():
         for name, p in theirs.named_parameters():
             if "modules_to_save" in name:
@@ -216,6 +227,7 @@ def test_gpt2_conv1d_adapter_round_trips_through_peft(tmp_path, tiny):
 
 # -- transformers.Trainer ----------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_lorakit_model_trains_inside_transformers_trainer(tmp_path, tiny):
     model, tok = hf.load(tiny["gpt2"], "causal-lm")
@@ -224,11 +236,20 @@ def test_lorakit_model_trains_inside_transformers_trainer(tmp_path, tiny):
     rows = [{"input_ids": tok(s)["input_ids"], "labels": tok(s)["input_ids"]} for s in _hf_models.SENTENCES]
     from lorakit.hf import data
 
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=len(rows),
-                                          max_steps=15, learning_rate=3e-2, logging_steps=1, save_strategy="no",
-                                          report_to=[], use_cpu=True, disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
-                                   data_collator=lambda b: data.collate(b, tok.pad_token_id))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=len(rows),
+        max_steps=15,
+        learning_rate=3e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=rows, data_collator=lambda b: data.collate(b, tok.pad_token_id)
+    )
     before = trainer.evaluate(rows)["eval_loss"]
     trainer.train()
     after = trainer.evaluate(rows)["eval_loss"]

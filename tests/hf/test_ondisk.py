@@ -54,8 +54,10 @@ def _parquet_dir(d: Path, rows: list[dict], shards: int) -> Path:
     size = -(-len(rows) // shards)
     for k in range(shards):
         part = rows[k * size : (k + 1) * size]
-        cols = {key: [r.get(key) for r in part] for key in ("text", "prompt", "completion", "instruction", "input",
-                                                             "output")}
+        cols = {
+            key: [r.get(key) for r in part]
+            for key in ("text", "prompt", "completion", "instruction", "input", "output")
+        }
         pq.write_table(pa.table(cols, schema=pa.schema([(c, pa.string()) for c in cols])), d / f"part-{k:03d}.parquet")
     return d
 
@@ -89,13 +91,15 @@ def test_a_directory_is_tokenized_into_arrow_with_bounded_memory(tmp_path, tok, 
     one_file = _jsonl(tmp_path / "all.jsonl", rows)
     warm = _parquet_dir(tmp_path / "warm", rows[:6], shards=6)  # the first use imports datasets' builders (~7 MB)
     data.prepare(warm, "causal-lm", tok, valid_path=valid, max_length=64)
-    (on_disk, disk_peak) = _peak(lambda: data.prepare(shards, "causal-lm", tok, valid_path=valid, max_length=64,
-                                                      cache_dir=tmp_path / "cache"))
+    (on_disk, disk_peak) = _peak(
+        lambda: data.prepare(shards, "causal-lm", tok, valid_path=valid, max_length=64, cache_dir=tmp_path / "cache")
+    )
     (in_memory, memory_peak) = _peak(lambda: data.prepare(one_file, "causal-lm", tok, valid_path=valid, max_length=64))
     assert isinstance(in_memory.train, list)
     assert not isinstance(on_disk.train, list) and type(on_disk.train).__name__ == "Dataset"
-    assert on_disk.train.cache_files and all(f["filename"].startswith(str(tmp_path / "cache"))
-                                             for f in on_disk.train.cache_files)  # memory-mapped files, ours
+    assert on_disk.train.cache_files and all(
+        f["filename"].startswith(str(tmp_path / "cache")) for f in on_disk.train.cache_files
+    )  # memory-mapped files, ours
     assert disk_peak < memory_peak / 8, (disk_peak, memory_peak)
     assert len(on_disk.train) == len(in_memory.train) == 3000
     assert _all(on_disk.train) == in_memory.train and _all(on_disk.valid) == in_memory.valid  # ints, same order
@@ -109,8 +113,9 @@ def test_holdout_by_seeded_hash_and_small_directories_get_a_row_each_side(tmp_pa
     c = data.prepare(d, "causal-lm", tok, valid_fraction=0.2, seed=4)
     assert len(a.train) + len(a.valid) == 400 and 40 <= len(a.valid) <= 120
     key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
-    everything = sorted(map(key, data.encode(data.validate("x", enumerate(rows), "causal-lm")[0], tok,
-                                              "causal-lm", 256)[0]))
+    everything = sorted(
+        map(key, data.encode(data.validate("x", enumerate(rows), "causal-lm")[0], tok, "causal-lm", 256)[0])
+    )
     assert sorted(map(key, _all(a.train) + _all(a.valid))) == everything  # every row once, on one side
     assert _all(a.valid) == _all(b.valid) and _all(a.valid) != _all(c.valid)
     small = _parquet_dir(tmp_path / "small", rows[:3], shards=1)
@@ -126,14 +131,18 @@ def test_holdout_by_seeded_hash_and_small_directories_get_a_row_each_side(tmp_pa
 def test_seq_cls_labels_from_a_directory_and_bad_rows_named(tmp_path, tok):
     d = tmp_path / "cls"
     d.mkdir()
-    _jsonl(d / "a.jsonl", [{"text": "the cat sat", "label": "pos"}, {"text": "the dog ran", "label": "neg"}] * 20
-           + [{"text": "", "label": "weird"}])
+    _jsonl(
+        d / "a.jsonl",
+        [{"text": "the cat sat", "label": "pos"}, {"text": "the dog ran", "label": "neg"}] * 20
+        + [{"text": "", "label": "weird"}],
+    )
     (d / "b.jsonl").write_text('{"text": "hello world", "label": "neg"}\n{oops\n', encoding="utf-8")
     with pytest.raises(data.BadRowsError) as e:
         data.prepare(d, "seq-cls", tok)
-    assert [str(b) for b in e.value.bad_rows] == [f"{d / 'a.jsonl'}:41: field 'text' is empty",
-                                                  f"{d / 'b.jsonl'}:2: not valid JSON (Expecting property name "
-                                                  "enclosed in double quotes at column 2)"]
+    assert [str(b) for b in e.value.bad_rows] == [
+        f"{d / 'a.jsonl'}:41: field 'text' is empty",
+        f"{d / 'b.jsonl'}:2: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+    ]
     p = data.prepare(d, "seq-cls", tok, skip_bad_rows=True)
     assert p.id2label == {0: "neg", 1: "pos"}  # 'weird' was only on a bad row, as for a file
     assert len(p.train) + len(p.valid) == 41 and {r["labels"] for r in _all(p.train)} == {0, 1}
@@ -200,8 +209,17 @@ def test_finetune_on_a_parquet_directory_gives_the_adapter_of_the_same_rows_in_o
     train = TrainConfig(epochs=1, lr=1e-2, seed=5)
     reports = {}
     for name, source in (("dir", shards), ("file", one_file)):
-        job = FinetuneJob(model=tiny_llama, data=source, valid=valid, task="causal-lm", out=tmp_path / name,
-                          batch_size=4, max_length=64, train=train, pack=pack)
+        job = FinetuneJob(
+            model=tiny_llama,
+            data=source,
+            valid=valid,
+            task="causal-lm",
+            out=tmp_path / name,
+            batch_size=4,
+            max_length=64,
+            train=train,
+            pack=pack,
+        )
         reports[name] = run(prepare(job))
     assert (tmp_path / "dir" / "run" / "data-cache").is_dir() and not (
         tmp_path / "file" / "run" / "data-cache"

@@ -66,6 +66,7 @@ def loss_and_grads(model, batch):
 
 # -- the packer ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("max_length", [11, 16, 40])
 def test_rows_fit_and_hold_every_example_once(max_length):
     exs = examples(n=60, seed=max_length)
@@ -128,6 +129,7 @@ def test_padding_fraction_counts_pad_over_all_tokens():
 
 # -- the model sees the same thing ----------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("build", [llama, gpt2], ids=["llama", "gpt2"])
 def test_packed_batch_gives_the_unpacked_loss_and_lora_gradients(build):
@@ -149,8 +151,15 @@ def test_packed_batch_gives_the_unpacked_loss_and_lora_gradients(build):
 
 def test_a_model_that_ignores_position_ids_is_refused_by_name():
     torch.manual_seed(0)
-    cfg = transformers.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                 num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64)
+    cfg = transformers.OPTConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    )
     opt = lora(transformers.OPTForCausalLM(cfg))
     with pytest.raises(ValueError, match=r"pack=True: the 'opt' model \(OPTForCausalLM\) does not keep"):
         packing.check_model(opt)
@@ -158,6 +167,7 @@ def test_a_model_that_ignores_position_ids_is_refused_by_name():
 
 
 # -- the job and the CLI --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
@@ -173,8 +183,9 @@ def write_rows(path: Path) -> Path:
 
 def test_finetune_pack_packs_training_rows_and_reports_what_it_saved(tmp_path, tiny_llama):
     rows = write_rows(tmp_path / "train.jsonl")
-    job = FinetuneJob(model=tiny_llama, data=rows, task="causal-lm", out=tmp_path / "a", batch_size=4, max_length=32,
-                      pack=True)
+    job = FinetuneJob(
+        model=tiny_llama, data=rows, task="causal-lm", out=tmp_path / "a", batch_size=4, max_length=32, pack=True
+    )
     setup = prepare(job)
     assert setup.packing is not None and setup.packing["rows_before"] == len(setup.prepared.train)
     assert setup.packing["rows_after"] == len(setup.train_loader.dataset) < len(setup.prepared.train)
@@ -187,10 +198,34 @@ def test_finetune_pack_packs_training_rows_and_reports_what_it_saved(tmp_path, t
 def test_cli_finetune_pack_prints_the_padding_saved(tmp_path, tiny_llama):
     rows = write_rows(tmp_path / "train.jsonl")
     r = subprocess.run(
-        [sys.executable, "-m", "lorakit", "finetune", "--model", str(tiny_llama), "--data", str(rows), "--task",
-         "causal-lm", "--out", str(tmp_path / "a"), "--epochs", "1", "--batch-size", "4", "--max-length", "32",
-         "--plain", "--pack", "--gradient-checkpointing"],
-        capture_output=True, text=True, env=ENV, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "finetune",
+            "--model",
+            str(tiny_llama),
+            "--data",
+            str(rows),
+            "--task",
+            "causal-lm",
+            "--out",
+            str(tmp_path / "a"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "32",
+            "--plain",
+            "--pack",
+            "--gradient-checkpointing",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("packing: "))
     report = json.loads((tmp_path / "a" / "run" / "finetune_report.json").read_text())

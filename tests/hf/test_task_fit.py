@@ -26,8 +26,11 @@ def _without(model_dir: Path, *keys: str) -> Path:
 
 
 def test_an_encoder_is_no_causal_lm_but_classifies():
-    with pytest.raises(hf.TaskMismatchError, match=r"bert is an encoder \(bidirectional attention\); it cannot be "
-                       r"fine-tuned as a causal-lm \(its causal-LM head would start from random weights: cls\.") as e:
+    with pytest.raises(
+        hf.TaskMismatchError,
+        match=r"bert is an encoder \(bidirectional attention\); it cannot be "
+        r"fine-tuned as a causal-lm \(its causal-LM head would start from random weights: cls\.",
+    ) as e:
         hf.load_model(_hf_models.minilm_dir(), "causal-lm")
     assert e.value.can == "seq-cls" and str(e.value).endswith("fine-tune it as task='seq-cls'")
     model = hf.load_model(_hf_models.minilm_dir(), "seq-cls", id2label={0: "a", 1: "b"})  # the head is new by design
@@ -36,8 +39,10 @@ def test_an_encoder_is_no_causal_lm_but_classifies():
 
 def test_a_missing_weight_is_refused_by_name(tmp_path):
     llama = _without(_hf_models.save_tiny("llama", tmp_path / "llama"), "lm_head.weight")
-    with pytest.raises(hf.TaskMismatchError, match="lacks weights the causal-lm model needs, so they would start "
-                       "from random values: lm_head.weight"):
+    with pytest.raises(
+        hf.TaskMismatchError,
+        match="lacks weights the causal-lm model needs, so they would start from random values: lm_head.weight",
+    ):
         hf.load_model(llama, "causal-lm")
     hf.load_model(llama, "seq-cls", id2label={0: "a", 1: "b"})  # a classifier does not use lm_head
     _without(llama, "model.norm.weight")

@@ -155,14 +155,20 @@ class Reference:
 
         with torch.no_grad(), lk.use_adapter(self.model, adapter):
             out = self.model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=max_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                eos_token_id=stops, pad_token_id=self.tok.pad_token_id,
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=stops,
+                pad_token_id=self.tok.pad_token_id,
             )
-        new = out[0, len(ids):].tolist()
+        new = out[0, len(ids) :].tolist()
         stopped = bool(new) and new[-1] in stops
         full = self.tok.decode(ids + new, skip_special_tokens=True)
-        text = full[len(self.tok.decode(ids, skip_special_tokens=True)):]
+        text = full[len(self.tok.decode(ids, skip_special_tokens=True)) :]
         return text, len(new), "stop" if stopped else "length"
 
 
@@ -196,8 +202,11 @@ def fuzz(server: Server, max_examples: int, models: list[str], timeout: float = 
         "--suppress-health-check",
         "all",
     ]
-    env = {**ENV, "SCHEMATHESIS_HOOKS": str(Path(__file__).parent / "_fuzz_hooks.py"),
-           "LORAKIT_FUZZ_MODELS": ",".join(models)}
+    env = {
+        **ENV,
+        "SCHEMATHESIS_HOOKS": str(Path(__file__).parent / "_fuzz_hooks.py"),
+        "LORAKIT_FUZZ_MODELS": ",".join(models),
+    }
     try:
         with tempfile.TemporaryDirectory() as scratch:  # schemathesis keeps a cache in its working directory
             run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=scratch)

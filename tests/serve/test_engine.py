@@ -79,9 +79,14 @@ def alone(model, tok, prompt: list[int], adapter: str | None, max_tokens: int) -
     """The greedy completion of `prompt` run by itself through generate (stopping at EOS, as the engine is told to)."""
     ctx = lk.disable_adapters(model) if adapter is None else lk.use_adapter(model, adapter)
     with torch.no_grad(), ctx:
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_tokens,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def prompts(tok, n: int) -> list[list[int]]:
@@ -103,7 +108,7 @@ def check(tok, prompt, ref, steps):
     assert [s.finish_reason for s in steps[:-1]] == [None] * (len(steps) - 1)
     assert last.finish_reason == ("stop" if ref and ref[-1] == tok.eos_token_id else "length")
     assert (last.prompt_tokens, last.completion_tokens) == (len(prompt), len(ref))
-    text = tok.decode(prompt + ref, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
+    text = tok.decode(prompt + ref, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)) :]
     assert "".join(s.text for s in steps) == text
 
 
@@ -136,8 +141,9 @@ def run_waves(model, tok, requests, waves: list[list[list[int]]], max_batch: int
                 results[i].append(step)
                 first[w].set()
 
-    threads = [threading.Thread(target=client, args=(w, t, idx)) for w, wave in enumerate(waves)
-               for t, idx in enumerate(wave)]
+    threads = [
+        threading.Thread(target=client, args=(w, t, idx)) for w, wave in enumerate(waves) for t, idx in enumerate(wave)
+    ]
     for th in threads:
         th.start()
     for th in threads:
@@ -198,8 +204,10 @@ def test_seeded_sampling_does_not_depend_on_the_batch_company(llama):
     top = alone(model, tok, ps[3], "a4", 12)  # references first: once started, the engine owns the model
     engine = started(model, tok)
     solo = engine.submit(ps[3], "a4", params).result().token_ids
-    company = [engine.submit(ps[i], [None, "a1", "a5"][i % 3], SamplingParams(max_tokens=4 + i, temperature=1.2,
-                                                                           seed=i)) for i in range(6)]
+    company = [
+        engine.submit(ps[i], [None, "a1", "a5"][i % 3], SamplingParams(max_tokens=4 + i, temperature=1.2, seed=i))
+        for i in range(6)
+    ]
     together = engine.submit(ps[3], "a4", params)
     more = [engine.submit(ps[i], "a2", greedy(tok, 9)) for i in range(3)]
     assert together.result().token_ids == solo
@@ -218,7 +226,7 @@ def test_stop_strings_cut_the_text_before_them(llama):
     words = tok.decode(ref, skip_special_tokens=True).split()
     assert len(words) >= 6
     stop = f"{words[3]} {words[4]}"  # two tokens: the first is held back until the second decides
-    full = tok.decode(prompt + ref, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
+    full = tok.decode(prompt + ref, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)) :]
     engine = started(model, tok)
     steps = list(engine.submit(prompt, "a3", SamplingParams(max_tokens=20, stop=("never there", stop))))
     assert steps[-1].finish_reason == "stop"
@@ -403,8 +411,9 @@ def test_async_readers_and_timing_hooks(llama):
             return h
 
     async def main():
-        return await asyncio.gather(*(client(p, a) for p, a in zip(ps, ["a8", None, "a1"], strict=True)),
-                                    leaves_early())
+        return await asyncio.gather(
+            *(client(p, a) for p, a in zip(ps, ["a8", None, "a1"], strict=True)), leaves_early()
+        )
 
     *results, gone = asyncio.run(main())
     assert [[s.token_id for s in r if s.token_id is not None] for r in results] == refs

@@ -29,14 +29,21 @@ def made(tmp_path_factory):
     served = root / "adapters"
     adapters = {n: _serving.make_adapter(model, served / n, seed) for seed, n in enumerate("cde", start=3)}
     outside = _serving.make_adapter(model, root / "outside", 9)
-    return {"root": root, "model": model, "served": served, "adapters": adapters, "outside": outside,
-            "ref": _serving.Reference(model, {**adapters, "outside": outside})}
+    return {
+        "root": root,
+        "model": model,
+        "served": served,
+        "adapters": adapters,
+        "outside": outside,
+        "ref": _serving.Reference(model, {**adapters, "outside": outside}),
+    }
 
 
 @pytest.fixture(scope="module")
 def admin(made):
-    server = _serving.Server("--model", made["model"], "--adapter-root", made["served"], "--max-loaded", "2",
-                             "--api-key", KEY)
+    server = _serving.Server(
+        "--model", made["model"], "--adapter-root", made["served"], "--max-loaded", "2", "--api-key", KEY
+    )
     yield server
     assert server.stop() == 0, "".join(server.stderr)
 
@@ -95,8 +102,12 @@ def test_load_serve_unload(admin, made):
 def test_paths_outside_the_root_are_refused(admin, made):
     link = made["served"] / "sneaky"
     link.symlink_to(made["outside"], target_is_directory=True)
-    cases = {"../outside": "'..' is not allowed", str(made["outside"]): "outside the adapter root",
-             "sneaky": "outside the adapter root", "missing": "no such adapter directory"}
+    cases = {
+        "../outside": "'..' is not allowed",
+        str(made["outside"]): "outside the adapter root",
+        "sneaky": "outside the adapter root",
+        "missing": "no such adapter directory",
+    }
     for path, reason in cases.items():
         r = _call(admin, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})
         assert r.status_code == 400 and reason in r.json()["error"]["message"], (path, r.text)
@@ -172,16 +183,26 @@ def _wait_metric(server, name: str, value: float, **labels: str) -> None:
 
 def test_a_full_queue_is_a_429_and_a_client_that_leaves_frees_its_slot(made):
     ref = made["ref"]
-    server = _serving.Server("--model", made["model"], "--adapter", f"c={made['adapters']['c']}", "--max-batch", "1",
-                             "--max-queue", "1")
+    server = _serving.Server(
+        "--model", made["model"], "--adapter", f"c={made['adapters']['c']}", "--max-batch", "1", "--max-queue", "1"
+    )
     try:
         client = server.client()
         prompt, _ = _long_prompt(ref, None)
         running = client.completions.create(model="base", prompt=prompt, max_tokens=LONG, temperature=0, stream=True)
         next(running)  # in the batch (its only slot)
         waiting: list = []
-        reader = threading.Thread(target=lambda: waiting.append(next(iter(client.completions.create(
-            model="c", prompt="hello world", max_tokens=4, temperature=0, stream=True)))))
+        reader = threading.Thread(
+            target=lambda: waiting.append(
+                next(
+                    iter(
+                        client.completions.create(
+                            model="c", prompt="hello world", max_tokens=4, temperature=0, stream=True
+                        )
+                    )
+                )
+            )
+        )
         reader.start()
         _wait_metric(server, "lorakit_waiting_requests", 1)
         with pytest.raises(openai.RateLimitError) as e:
@@ -191,8 +212,9 @@ def test_a_full_queue_is_a_429_and_a_client_that_leaves_frees_its_slot(made):
         _wait_metric(server, "lorakit_requests_total", 1, adapter="base", finish_reason="cancelled")
         reader.join(timeout=60)
         assert waiting, "the waiting request never got the freed slot"
-        generated = _serving.metric(httpx.get(server.url + "/metrics").text, "lorakit_generation_tokens_total",
-                                    adapter="base")
+        generated = _serving.metric(
+            httpx.get(server.url + "/metrics").text, "lorakit_generation_tokens_total", adapter="base"
+        )
         assert generated < LONG  # the engine stopped generating for the client that left
     finally:
         assert server.stop() == 0, "".join(server.stderr)
@@ -202,8 +224,9 @@ def test_sigterm_finishes_the_streams_in_flight_then_exits_0(made):
     ref = made["ref"]
     server = _serving.Server("--model", made["model"], "--drain-timeout", "60")
     prompt, want = _long_prompt(ref, None)
-    stream = server.client().completions.create(model="base", prompt=prompt, max_tokens=LONG, temperature=0,
-                                                stream=True)
+    stream = server.client().completions.create(
+        model="base", prompt=prompt, max_tokens=LONG, temperature=0, stream=True
+    )
     chunks = [next(stream)]
     server.terminate()
     chunks += list(stream)

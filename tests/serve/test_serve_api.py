@@ -37,8 +37,16 @@ def setup(tmp_path_factory):
     adapters = {"a": _serving.make_adapter(model, root / "a", 1), "b": _serving.make_adapter(model, root / "b", 2)}
     shutil.copytree(adapters["a"], root / "t")  # adapter a, trained (say) with its own chat template
     (root / "t" / "chat_template.jinja").write_text(SYSTEM_FIRST, encoding="utf-8")
-    server = _serving.Server("--model", model, "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
-                             "--adapter", f"t={root / 't'}")
+    server = _serving.Server(
+        "--model",
+        model,
+        "--adapter",
+        f"a={adapters['a']}",
+        "--adapter",
+        f"b={adapters['b']}",
+        "--adapter",
+        f"t={root / 't'}",
+    )
     yield {"server": server, "client": server.client(), "ref": _serving.Reference(model, adapters)}
     assert server.stop() == 0, "".join(server.stderr)
 
@@ -64,16 +72,26 @@ def test_greedy_completions_equal_generate_alone(setup, model):
 
 def test_adapters_change_the_output(setup):
     client = setup["client"]
-    texts = {m: client.completions.create(model=m, prompt=PROMPTS[0], max_tokens=12, temperature=0).choices[0].text
-             for m in ("base", "a", "b")}
+    texts = {
+        m: client.completions.create(model=m, prompt=PROMPTS[0], max_tokens=12, temperature=0).choices[0].text
+        for m in ("base", "a", "b")
+    }
     assert len(set(texts.values())) == 3, texts
 
 
 def test_streaming_gives_what_the_whole_response_gives(setup):
     client = setup["client"]
     whole = client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=10, temperature=0)
-    chunks = list(client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=10, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="a",
+            prompt=PROMPTS[1],
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
@@ -142,18 +160,20 @@ def test_malformed_json_is_a_400_error_body(setup):
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-@pytest.mark.parametrize(("field", "value"), [("max_tokens", "5"), ("temperature", "hot"), ("n", 0), ("stop", [1]),
-                                              ("prompt", {"x": 1}), ("top_p", 0)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", "5"), ("temperature", "hot"), ("n", 0), ("stop", [1]), ("prompt", {"x": 1}), ("top_p", 0)],
+)
 def test_wrong_field_types_name_the_field(setup, field, value):
     with pytest.raises(openai.BadRequestError) as e:
-        setup["client"].completions.create(model="a", prompt="the cat", max_tokens=4,
-                                           extra_body={field: value})
+        setup["client"].completions.create(model="a", prompt="the cat", max_tokens=4, extra_body={field: value})
     assert e.value.status_code == 400 and e.value.body["param"].split(".")[0] == field
 
 
 def test_unknown_fields_are_ignored(setup):
-    got = setup["client"].completions.create(model="a", prompt="the cat", max_tokens=2, extra_body={"best_of": 1,
-                                                                                                     "foo": "x"})
+    got = setup["client"].completions.create(
+        model="a", prompt="the cat", max_tokens=2, extra_body={"best_of": 1, "foo": "x"}
+    )
     assert got.usage.completion_tokens >= 1
 
 
@@ -193,10 +213,15 @@ def test_metrics_count_requests_tokens_and_latency_per_adapter(setup):
     client.completions.create(model="b", prompt="hello world", max_tokens=5, temperature=0)
     after = httpx.get(setup["server"].url + "/metrics").text
     m = _serving.metric
-    assert m(after, "lorakit_generation_tokens_total", adapter="b") - m(before, "lorakit_generation_tokens_total",
-                                                                         adapter="b") >= 1
-    assert m(after, "lorakit_time_to_first_token_seconds_count", adapter="b") == m(
-        before, "lorakit_time_to_first_token_seconds_count", adapter="b") + 1
+    assert (
+        m(after, "lorakit_generation_tokens_total", adapter="b")
+        - m(before, "lorakit_generation_tokens_total", adapter="b")
+        >= 1
+    )
+    assert (
+        m(after, "lorakit_time_to_first_token_seconds_count", adapter="b")
+        == m(before, "lorakit_time_to_first_token_seconds_count", adapter="b") + 1
+    )
     assert m(after, "lorakit_time_per_output_token_seconds_count", adapter="b") > 0
     assert m(after, "lorakit_batch_size_count") > 0 and m(after, "lorakit_loaded_adapters") == 3
     assert sum(m(after, "lorakit_requests_total", adapter="b", finish_reason=r) for r in ("stop", "length")) >= 1

@@ -15,8 +15,13 @@ pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not i
 
 
 def _serve(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorakit", "serve", "--port", "0", *map(str, args)],
-                          capture_output=True, text=True, env={**_serving.ENV, **(env or {})}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", "serve", "--port", "0", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**_serving.ENV, **(env or {})},
+        timeout=120,
+    )
 
 
 def test_bad_flags_exit_2_naming_them(tmp_path):

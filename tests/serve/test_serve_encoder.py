@@ -30,20 +30,60 @@ def encoder(tmp_path_factory):
     train.write_text("\n".join((DATA / "winners_train.jsonl").read_text().splitlines()[:64]) + "\n")
     valid.write_text("\n".join((DATA / "winners_valid.jsonl").read_text().splitlines()[:16]) + "\n")
     adapters = root / "adapters"
-    r = subprocess.run([sys.executable, "-m", "lorakit", "finetune", "--model", _serving._hf_models.minilm_dir(),
-                        "--data", train, "--valid", valid, "--task", "seq-cls", "--out", adapters / "winners",
-                        "--targets", "query", "value", "--rank", "4", "--epochs", "1", "--lr", "3e-3",
-                        "--batch-size", "16", "--max-length", "32", "--device", "cpu", "--plain"],
-                       capture_output=True, text=True, env=_serving.ENV, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "finetune",
+            "--model",
+            _serving._hf_models.minilm_dir(),
+            "--data",
+            train,
+            "--valid",
+            valid,
+            "--task",
+            "seq-cls",
+            "--out",
+            adapters / "winners",
+            "--targets",
+            "query",
+            "value",
+            "--rank",
+            "4",
+            "--epochs",
+            "1",
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "16",
+            "--max-length",
+            "32",
+            "--device",
+            "cpu",
+            "--plain",
+        ],
+        capture_output=True,
+        text=True,
+        env=_serving.ENV,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
-    server = _serving.Server("--model", _serving._hf_models.minilm_dir(), "--adapter", f"cls={adapters / 'winners'}",
-                             "--adapter-root", adapters)
+    server = _serving.Server(
+        "--model",
+        _serving._hf_models.minilm_dir(),
+        "--adapter",
+        f"cls={adapters / 'winners'}",
+        "--adapter-root",
+        adapters,
+    )
     yield {"server": server, "client": server.client(), "adapter": adapters / "winners"}
     assert server.stop() == 0, "".join(server.stderr)
 
 
 def test_base_embeddings_equal_sentence_transformers(encoder):
     import sentence_transformers  # a dev dependency: the reference for MiniLM's sentence embeddings
+
     got = encoder["client"].embeddings.create(model="base", input=TEXTS)
     want = sentence_transformers.SentenceTransformer(str(_serving._hf_models.minilm_dir()), device="cpu").encode(TEXTS)
     assert [d.index for d in got.data] == [0, 1, 2] and got.usage.prompt_tokens > len(TEXTS)
@@ -95,8 +135,10 @@ def test_seq_cls_adapters_load_and_unload_at_run_time(encoder):
     assert one == two
     assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "again"}).json()["status"] == "unloaded"
     assert httpx.post(url + "/classify", json={"model": "again", "input": "x"}).status_code == 404
-    assert _serving.metric(httpx.get(url + "/metrics").text, "lorakit_requests_total", adapter="cls",
-                           finish_reason="stop") >= 1
+    assert (
+        _serving.metric(httpx.get(url + "/metrics").text, "lorakit_requests_total", adapter="cls", finish_reason="stop")
+        >= 1
+    )
 
 
 def test_labels_that_are_not_0_to_n_are_refused_at_load(encoder):
@@ -107,8 +149,9 @@ def test_labels_that_are_not_0_to_n_are_refused_at_load(encoder):
     task = json.loads((bad / "lorakit_task.json").read_text())
     task["id2label"] = {"0": "red", "5": "blue"}
     (bad / "lorakit_task.json").write_text(json.dumps(task))
-    r = httpx.post(encoder["server"].url + "/v1/load_lora_adapter", json={"lora_name": "gaps", "lora_path": "gaps"},
-                   timeout=60)
+    r = httpx.post(
+        encoder["server"].url + "/v1/load_lora_adapter", json={"lora_name": "gaps", "lora_path": "gaps"}, timeout=60
+    )
     assert r.status_code == 400 and "id2label" in r.json()["error"]["message"], r.text
     assert httpx.post(encoder["server"].url + "/classify", json={"model": "gaps", "input": "x"}).status_code == 404
 

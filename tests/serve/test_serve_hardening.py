@@ -54,10 +54,20 @@ def make_dora_adapter(model_dir: Path, out: Path, seed: int) -> Path:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("hardening")
     model = _serving.tiny_chat_llama(root / "llama")
-    adapters = {"a": _serving.make_adapter(model, root / "a", 1), "d": make_dora_adapter(model, root / "d", 2),
-                "b": _serving.make_adapter(model, root / "b", 3)}
-    server = _serving.Server("--model", model, *(x for n, p in adapters.items() for x in ("--adapter", f"{n}={p}")),
-                             "--max-loaded", "2", "--max-batch", "8")
+    adapters = {
+        "a": _serving.make_adapter(model, root / "a", 1),
+        "d": make_dora_adapter(model, root / "d", 2),
+        "b": _serving.make_adapter(model, root / "b", 3),
+    }
+    server = _serving.Server(
+        "--model",
+        model,
+        *(x for n, p in adapters.items() for x in ("--adapter", f"{n}={p}")),
+        "--max-loaded",
+        "2",
+        "--max-batch",
+        "8",
+    )
     yield {"server": server, "client": server.client(), "ref": _serving.Reference(model, adapters), "model": model}
     assert server.stop() == 0, "".join(server.stderr)
 
@@ -104,8 +114,10 @@ def test_dora_rows_and_base_rows_in_the_same_steps_each_equal_the_request_alone(
     for stream, first in streams:
         assert first.choices[0].text + "".join(c.choices[0].text for c in stream) == want_base
     stream, first = with_plain
-    assert first.choices[0].text + "".join(c.choices[0].text for c in stream) == \
-        ref.greedy("b", ref.ids(PROMPTS[3]), n, ref.eos)[0]
+    assert (
+        first.choices[0].text + "".join(c.choices[0].text for c in stream)
+        == ref.greedy("b", ref.ids(PROMPTS[3]), n, ref.eos)[0]
+    )
     assert results[0] != ref.greedy(None, ref.ids(PROMPTS[0]), 12, ref.eos)[0]  # the DoRA adapter changes the text
 
 
@@ -141,8 +153,10 @@ def test_a_client_that_leaves_a_non_streaming_request_frees_its_slot(setup):
     host, port = server.url.removeprefix("http://").split(":")
     body = json.dumps({"model": "base", "prompt": PROMPTS[0], "max_tokens": 900, "temperature": 0}).encode()
     with socket.create_connection((host, int(port))) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         wait_metric(server, "lorakit_running_requests", 1)
     length = _serving.metric(metrics(server), "lorakit_requests_total", adapter="base", finish_reason="length")
     for _ in range(3000):  # until it is cancelled; running on to max_tokens is the failure this test is about
@@ -164,8 +178,14 @@ def test_gauges_are_zero_when_idle(setup):
 
 
 def _cli(*args: str, stdin: str | None = None) -> str:
-    done = subprocess.run([sys.executable, "-m", "lorakit", *args], input=stdin, capture_output=True, text=True,
-                          env=_serving.ENV, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "lorakit", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=_serving.ENV,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -173,18 +193,46 @@ def _cli(*args: str, stdin: str | None = None) -> str:
 def test_a_seeded_request_samples_the_same_tokens_in_generate_predict_and_serve(setup):
     client, ref, model = setup["client"], setup["ref"], setup["model"]
     prompt, seed, sampling = PROMPTS[0], 7, ("--temperature", "0.8", "--top-p", "0.95", "--top-k", "20")
-    served = client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0.8, top_p=0.95,
-                                       seed=seed, extra_body={"top_k": 20}).choices[0].text
-    generated = _cli("generate", "--model", str(model), "--prompt", prompt, "--max-new-tokens", "12",
-                     "--seed", str(seed), *sampling).rstrip("\n")
+    served = (
+        client.completions.create(
+            model="base", prompt=prompt, max_tokens=12, temperature=0.8, top_p=0.95, seed=seed, extra_body={"top_k": 20}
+        )
+        .choices[0]
+        .text
+    )
+    generated = _cli(
+        "generate", "--model", str(model), "--prompt", prompt, "--max-new-tokens", "12", "--seed", str(seed), *sampling
+    ).rstrip("\n")
     assert generated.startswith(prompt)
-    predicted = json.loads(_cli("predict", "--model", str(model), "--max-new-tokens", "12", "--seed", str(seed),
-                                *sampling, stdin=json.dumps({"prompt": prompt}) + "\n"))["completion"]
-    tokens = [ref.tok(t, add_special_tokens=False)["input_ids"] for t in (served, generated[len(prompt):], predicted)]
+    predicted = json.loads(
+        _cli(
+            "predict",
+            "--model",
+            str(model),
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            str(seed),
+            *sampling,
+            stdin=json.dumps({"prompt": prompt}) + "\n",
+        )
+    )["completion"]
+    tokens = [ref.tok(t, add_special_tokens=False)["input_ids"] for t in (served, generated[len(prompt) :], predicted)]
     assert tokens[0] == tokens[1] == tokens[2] and len(tokens[0]) == 12, tokens
     assert served != ref.greedy(None, ref.ids(prompt), 12, ref.eos)[0]  # it sampled
-    other = client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0.8, top_p=0.95,
-                                      seed=seed + 1, extra_body={"top_k": 20}).choices[0].text
+    other = (
+        client.completions.create(
+            model="base",
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0.8,
+            top_p=0.95,
+            seed=seed + 1,
+            extra_body={"top_k": 20},
+        )
+        .choices[0]
+        .text
+    )
     assert other != served
 
 
@@ -194,18 +242,21 @@ EDGE_TOP_P = [5e-324, 1e-300, 1e-30, 1e-8, 1.0]
 EDGE_SEEDS = [-1, -(2**63) - 1, 2**63, 2**64 - 1, 2**64, 2**64 + 7, 2**70]
 ALWAYS = {  # drawn in every example, edge values as often as ordinary ones
     "model": st.sampled_from(["base", "d"]),
-    "prompt": st.one_of(st.sampled_from(PROMPTS), st.text(max_size=40),
-                        st.lists(st.integers(0, VOCAB), min_size=1, max_size=12)),
-    "temperature": st.one_of(st.sampled_from(EDGE_TEMPERATURES), st.floats(0, 2),
-                             st.floats(allow_nan=True, allow_infinity=True)),
+    "prompt": st.one_of(
+        st.sampled_from(PROMPTS), st.text(max_size=40), st.lists(st.integers(0, VOCAB), min_size=1, max_size=12)
+    ),
+    "temperature": st.one_of(
+        st.sampled_from(EDGE_TEMPERATURES), st.floats(0, 2), st.floats(allow_nan=True, allow_infinity=True)
+    ),
     "top_p": st.one_of(st.sampled_from(EDGE_TOP_P), st.floats(0, 1)),
     "seed": st.one_of(st.sampled_from(EDGE_SEEDS), st.integers(-(2**70), 2**70), st.none()),
 }
 SOMETIMES = {
     "top_k": st.one_of(st.sampled_from([-2, -1, 0, 1, 10**9, 2**70]), st.integers(-2, 50)),
     "max_tokens": st.one_of(st.integers(1, 8), st.integers(-2, 0), st.integers(2**20, 2**70)),
-    "stop": st.one_of(st.none(), st.text(min_size=0, max_size=20),
-                      st.lists(st.text(min_size=1, max_size=60), max_size=6)),
+    "stop": st.one_of(
+        st.none(), st.text(min_size=0, max_size=20), st.lists(st.text(min_size=1, max_size=60), max_size=6)
+    ),
     "n": st.integers(0, 3),
     "stream": st.booleans(),
 }
@@ -218,17 +269,23 @@ def test_any_sampling_value_completes_or_is_refused_and_the_server_goes_on(setup
     statuses: list[int] = []
     http = httpx.Client(base_url=server.base_url, timeout=60)
 
-    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
-              phases=[Phase.explicit, Phase.generate],  # no shrinking: a hung server would make it endless
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=40,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],  # no shrinking: a hung server would make it endless
+        suppress_health_check=list(HealthCheck),
+    )
     @given(BODIES)
     @example({"model": "base", "prompt": "hello", "temperature": 1e-45, "top_p": 1.0, "seed": 1})  # the issue's
     @example({"model": "d", "prompt": "hello", "temperature": 1.0, "top_p": 1e-300, "seed": 2})
     @example({"model": "base", "prompt": "hello", "temperature": 0.5, "top_p": 0.5, "seed": 2**64, "n": 2})
     def one(body: dict) -> None:
         tried.append(1)
-        answer = http.post("/completions", content=json.dumps(body, allow_nan=True),
-                           headers={"Content-Type": "application/json"})
+        answer = http.post(
+            "/completions", content=json.dumps(body, allow_nan=True), headers={"Content-Type": "application/json"}
+        )
         statuses.append(answer.status_code)
         assert answer.status_code < 500, (body, answer.text)
         if answer.status_code == 200 and body.get("stream"):
@@ -245,6 +302,8 @@ def test_any_sampling_value_completes_or_is_refused_and_the_server_goes_on(setup
     finally:
         http.close()
     served = statuses.count(200)
-    print(f"hypothesis: {len(tried)} sampling requests (3 explicit, the rest generated), {served} served, "
-          f"{len(statuses) - served} refused with a 4xx, each followed by a normal one")
+    print(
+        f"hypothesis: {len(tried)} sampling requests (3 explicit, the rest generated), {served} served, "
+        f"{len(statuses) - served} refused with a 4xx, each followed by a normal one"
+    )
     assert len(tried) >= 43 and served >= 10  # most draws are valid: the engine, not only the schema, is tried

@@ -38,9 +38,26 @@ def setup(tmp_path_factory):
     model = _serving.tiny_chat_llama(root / "llama")
     served = root / "adapters"
     adapter = _serving.make_adapter(model, served / "a", 1)
-    server = _serving.Server("--model", model, "--adapter", f"a={adapter}", "--adapter-root", served,
-                             "--max-body-bytes", BODY, "--max-prompt-chars", CHARS, "--max-prompt-tokens", TOKENS,
-                             "--max-stops", 4, "--max-stop-chars", 64, "--log-format", "json")
+    server = _serving.Server(
+        "--model",
+        model,
+        "--adapter",
+        f"a={adapter}",
+        "--adapter-root",
+        served,
+        "--max-body-bytes",
+        BODY,
+        "--max-prompt-chars",
+        CHARS,
+        "--max-prompt-tokens",
+        TOKENS,
+        "--max-stops",
+        4,
+        "--max-stop-chars",
+        64,
+        "--log-format",
+        "json",
+    )
     yield {"server": server, "client": server.client(), "served": served, "adapter": adapter}
     assert server.stop() == 0, "".join(server.stderr)
 
@@ -98,8 +115,9 @@ def test_a_300_mb_body_is_refused_before_it_is_read(setup, chunked):
     total, piece = 300 * 2**20, b"x" * 2**20
     framing = b"Transfer-Encoding: chunked" if chunked else f"Content-Length: {total}".encode()
     with socket.create_connection((host, int(port)), timeout=60) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + framing + b"\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing + b"\r\n\r\n"
+        )
         sent = 0
         while sent < total and not select.select([sock], [], [], 0)[0]:
             try:
@@ -145,8 +163,10 @@ def test_health_stays_fast_while_a_flood_of_maximal_requests_is_refused(setup):
         poller.join(60)
     latencies.sort()
     p99 = latencies[int(0.99 * (len(latencies) - 1))]
-    print(f"/health during the flood: {len(latencies)} calls, p50 {latencies[len(latencies) // 2]:.3f}s, "
-          f"p99 {p99:.3f}s, max {latencies[-1]:.3f}s")
+    print(
+        f"/health during the flood: {len(latencies)} calls, p50 {latencies[len(latencies) // 2]:.3f}s, "
+        f"p99 {p99:.3f}s, max {latencies[-1]:.3f}s"
+    )
     assert len(latencies) >= 20, latencies
     assert p99 < 0.5, f"/health p99 {p99:.3f}s over {len(latencies)} calls (max {latencies[-1]:.3f}s)"
     assert statuses == [s for _ in range(12) for _, s in floods]
@@ -163,16 +183,19 @@ def test_seed_out_of_range_is_a_400_naming_it(setup):
     assert len(got.choices) == 2
 
 
-@pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "required"),
-    ("response_format", {"type": "json_object"}),
-    ("presence_penalty", 0.5),
-    ("frequency_penalty", -1.0),
-    ("best_of", 3),
-    ("logit_bias", {"5": 100}),
-    ("min_p", 0.1),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("tool_choice", "required"),
+        ("response_format", {"type": "json_object"}),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1.0),
+        ("best_of", 3),
+        ("logit_bias", {"5": 100}),
+        ("min_p", 0.1),
+    ],
+)
 def test_fields_that_change_the_answer_are_refused_by_name(setup, field, value):
     body = {"model": "base", "messages": [{"role": "user", "content": "hi"}], field: value}
     e = _error(_post(setup["server"], "/v1/chat/completions", body), 400)
@@ -184,9 +207,16 @@ def test_completion_suffix_is_refused_and_neutral_values_are_served(setup):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="base", prompt="x", suffix="the end", max_tokens=2)
     assert e.value.body["param"] == "suffix"
-    got = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                                         presence_penalty=0, frequency_penalty=0, tools=[], tool_choice="none",
-                                         response_format={"type": "text"})
+    got = client.chat.completions.create(
+        model="base",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        presence_penalty=0,
+        frequency_penalty=0,
+        tools=[],
+        tool_choice="none",
+        response_format={"type": "text"},
+    )
     assert got.choices[0].finish_reason in ("stop", "length")
 
 

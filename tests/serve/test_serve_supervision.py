@@ -53,12 +53,21 @@ def server(tmp_path_factory):
         (d / "lorakit.json").unlink()
     (model / "trigger.py").write_text(TRIGGER_CODE)
     config = json.loads((model / "config.json").read_text())
-    config.update(model_type="trigger-llama", architectures=["TriggerLlamaForCausalLM"], trigger_id=1,  # <unk>
-                  auto_map={"AutoConfig": "trigger.TriggerConfig",
-                            "AutoModelForCausalLM": "trigger.TriggerLlamaForCausalLM"})
+    config.update(
+        model_type="trigger-llama",
+        architectures=["TriggerLlamaForCausalLM"],
+        trigger_id=1,  # <unk>
+        auto_map={"AutoConfig": "trigger.TriggerConfig", "AutoModelForCausalLM": "trigger.TriggerLlamaForCausalLM"},
+    )
     (model / "config.json").write_text(json.dumps(config))
-    server = _serving.Server("--model", model, "--trust-remote-code", "--max-loaded", "1",
-                             *(f"--adapter={n}={d}" for n, d in adapters.items()))
+    server = _serving.Server(
+        "--model",
+        model,
+        "--trust-remote-code",
+        "--max-loaded",
+        "1",
+        *(f"--adapter={n}={d}" for n, d in adapters.items()),
+    )
     yield server
     server.stop()
 
@@ -71,8 +80,13 @@ def test_a_dead_engine_answers_503_everywhere_and_the_process_exits_1(server):
         lines = stream.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))  # in flight: it has its first token
         waiting: dict = {}  # a request for b waits for the one adapter slot, which a holds
-        other = threading.Thread(target=lambda: waiting.update(r=httpx.post(
-            server.url + "/v1/completions", json={"model": "b", "prompt": "hi", "max_tokens": 2}, timeout=60)))
+        other = threading.Thread(
+            target=lambda: waiting.update(
+                r=httpx.post(
+                    server.url + "/v1/completions", json={"model": "b", "prompt": "hi", "max_tokens": 2}, timeout=60
+                )
+            )
+        )
         other.start()
         while _serving.metric(http.get("/metrics").text, "lorakit_waiting_requests") < 1:
             assert other.is_alive(), waiting  # it must wait, not be answered

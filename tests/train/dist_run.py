@@ -30,8 +30,19 @@ SEED = 5
 
 def config(fsdp: bool) -> TrainConfig:
     """2 epochs of 12 steps (384 rows, 16 per step, 2 micro-batches per step), checkpoints every 5 steps."""
-    return TrainConfig(epochs=2, lr=3e-3, schedule="cosine", warmup_steps=3, grad_accum=2, max_grad_norm=1.0,
-                       device="cpu", seed=SEED, log_every=1, checkpoint_every=5, fsdp=fsdp)
+    return TrainConfig(
+        epochs=2,
+        lr=3e-3,
+        schedule="cosine",
+        warmup_steps=3,
+        grad_accum=2,
+        max_grad_norm=1.0,
+        device="cpu",
+        seed=SEED,
+        log_every=1,
+        checkpoint_every=5,
+        fsdp=fsdp,
+    )
 
 
 def build(batch_size: int, dropout: float, one_process: bool) -> tuple[nn.Module, DataLoader, DataLoader]:
@@ -74,8 +85,14 @@ def main(argv: list[str] | None = None) -> None:
             while True:
                 signal.pause()
 
-    trainer = Trainer(model, config(args.fsdp), loss_fn=nn.functional.mse_loss, callbacks=[PlainLog(), hold],
-                      metrics={"mae": lambda out, y: (out - y).abs().mean()}, artifact_dir=args.out)
+    trainer = Trainer(
+        model,
+        config(args.fsdp),
+        loss_fn=nn.functional.mse_loss,
+        callbacks=[PlainLog(), hold],
+        metrics={"mae": lambda out, y: (out - y).abs().mean()},
+        artifact_dir=args.out,
+    )
     trainer.fit(train, valid, resume=args.resume)
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     safetensors_io.write(f"{args.out}/rank{rank()}.safetensors", trainable, {"format": "lorakit-test"})

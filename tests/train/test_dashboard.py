@@ -25,8 +25,13 @@ def _run(callbacks: list) -> None:
     data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
     torch.manual_seed(0)
     model = lk.apply_lora(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), lk.LoraConfig(rank=2), ["0"])
-    Trainer(model, TrainConfig(epochs=3, lr=1e-2, device="cpu", log_every=2), loss_fn=nn.functional.mse_loss,
-            callbacks=callbacks, metrics={"mae": lambda o, y: (o - y).abs().mean()}).fit(data, data)
+    Trainer(
+        model,
+        TrainConfig(epochs=3, lr=1e-2, device="cpu", log_every=2),
+        loss_fn=nn.functional.mse_loss,
+        callbacks=callbacks,
+        metrics={"mae": lambda o, y: (o - y).abs().mean()},
+    ).fit(data, data)
 
 
 @pytest.mark.parametrize("width, height, rss", [(80, 24, None), (200, 50, None), (60, 20, None), (60, 20, 12345.0)])
@@ -45,9 +50,22 @@ def test_dashboard_fits_the_terminal(width: int, height: int, rss, monkeypatch) 
     assert len(lines) <= height - 2, "\n".join(lines)
     assert all(len(line) == min(width, 120) for line in lines), "\n".join(lines)
     text = "\n".join(lines)
-    for needle in ("test run · done", "epoch 3/3", "step 48/48", "ETA done", "train loss", "valid loss", "lr",
-                   "samples/s", "params", "(", "peak RSS", "elapsed", "── train",
-                   "── valid"):
+    for needle in (
+        "test run · done",
+        "epoch 3/3",
+        "step 48/48",
+        "ETA done",
+        "train loss",
+        "valid loss",
+        "lr",
+        "samples/s",
+        "params",
+        "(",
+        "peak RSS",
+        "elapsed",
+        "── train",
+        "── valid",
+    ):
         assert needle in text, needle
     # MiB below 1,000 MiB, GiB from there (a long test run's own process gets there)
     assert re.search(r"peak RSS +(12\.1 GiB)" if rss else r"peak RSS +\d[\d.]* [MG]iB", text), text
@@ -93,8 +111,9 @@ def _llm_run(callbacks: list) -> None:
 
     model, _ = _adapted()
     cfg = TrainConfig(epochs=2, lr=1e-2, device="cpu", eval_every=4, log_every=2)
-    Trainer(model, cfg, callbacks=callbacks, reference=ReferenceKL(_reference())).fit(_train_batches(),
-                                                                                     _train_batches(2))
+    Trainer(model, cfg, callbacks=callbacks, reference=ReferenceKL(_reference())).fit(
+        _train_batches(), _train_batches(2)
+    )
 
 
 def test_dashboard_shows_the_latest_evaluation_with_its_kl_and_step() -> None:

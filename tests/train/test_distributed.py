@@ -28,8 +28,17 @@ VOLATILE = {"elapsed_s", "throughput"}
 
 
 def _torchrun(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            str(SCRIPT), str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(SCRIPT),
+        str(out),
+        *extra,
+    ]
 
 
 def _run2(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -90,8 +99,14 @@ def test_a_killed_two_rank_run_resumes_to_the_same_bytes(tmp_path: Path) -> None
     killed = tmp_path / "killed"
     # both ranks hold still after step 7, two steps past the checkpoint at 5, mid-epoch, and say so; then
     # torchrun and each rank (in a session of its own) are killed there
-    proc = subprocess.Popen(_torchrun(killed, "--dropout", "0.1", "--hold-at-step", "7"), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=ENV, start_new_session=True)
+    proc = subprocess.Popen(
+        _torchrun(killed, "--dropout", "0.1", "--hold-at-step", "7"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
     seen, held = [], {}
     for line in proc.stdout:
         seen.append(line)
@@ -129,11 +144,14 @@ def test_a_killed_two_rank_run_resumes_to_the_same_bytes(tmp_path: Path) -> None
         trainer.fit(train, valid, resume=True)
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"WORLD_SIZE": "2", "RANK": "0"}, "only WORLD_SIZE, RANK is set"),
-    ({"WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE='two' is invalid"),
-    ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"}, "WORLD_SIZE=2, RANK=2, LOCAL_RANK=0 are inconsistent"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "only WORLD_SIZE, RANK is set"),
+        ({"WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE='two' is invalid"),
+        ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"}, "WORLD_SIZE=2, RANK=2, LOCAL_RANK=0 are inconsistent"),
+    ],
+)
 def test_a_bad_launch_environment_is_named(env: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Launch.from_env(env)

@@ -21,9 +21,17 @@ VOCAB = 40
 
 def _llama() -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      pad_token_id=0, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -94,8 +102,14 @@ def test_the_trainer_reports_kl_ref_growing_with_training(tmp_path) -> None:
     trainer.fit(_train_batches())
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["kind"] in ("eval", "epoch")]
-    assert [(r["kind"], r["step"]) for r in evals] == [("eval", 2), ("eval", 4), ("epoch", 6), ("eval", 8),
-                                                       ("eval", 10), ("epoch", 12)]
+    assert [(r["kind"], r["step"]) for r in evals] == [
+        ("eval", 2),
+        ("eval", 4),
+        ("epoch", 6),
+        ("eval", 8),
+        ("eval", 10),
+        ("epoch", 12),
+    ]
     assert all(r["valid_loss"] is None for r in evals)  # no valid loader: the KL alone
     kls = [r["kl_ref"] for r in evals]
     assert kls[0] > 0 and kls[-1] > kls[0], kls

@@ -1,6 +1,5 @@
 """LoRA+: lora_B trains with ratio × the learning rate of everything else."""
 
-
 import pytest
 import torch
 from torch import nn
@@ -26,8 +25,12 @@ def one_step(ratio):
     before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
     data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
-    Trainer(m, TrainConfig(epochs=1, lr=1e-3, device="cpu", max_grad_norm=None, loraplus_ratio=ratio),
-            loss_fn=nn.functional.mse_loss, callbacks=[]).fit(data)
+    Trainer(
+        m,
+        TrainConfig(epochs=1, lr=1e-3, device="cpu", max_grad_norm=None, loraplus_ratio=ratio),
+        loss_fn=nn.functional.mse_loss,
+        callbacks=[],
+    ).fit(data)
     return {n: (p.detach() - before[n]).abs().max().item() for n, p in m.named_parameters() if p.requires_grad}
 
 

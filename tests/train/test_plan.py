@@ -34,8 +34,9 @@ def _config(**changes) -> TrainConfig:
 def _fit(out: Path | None, cfg: TrainConfig, events: list | None = None, resume: bool = False, callbacks=()):
     model, train, valid = _tiny_run().build()  # 24 batches, grad_accum 2: 12 steps per epoch; LoRA dropout 0.1
     cbs = [events.append] if events is not None else []
-    Trainer(model, cfg, loss_fn=nn.functional.mse_loss, callbacks=[*cbs, *callbacks], metrics=MAE,
-            artifact_dir=out).fit(train, valid, resume=resume)
+    Trainer(
+        model, cfg, loss_fn=nn.functional.mse_loss, callbacks=[*cbs, *callbacks], metrics=MAE, artifact_dir=out
+    ).fit(train, valid, resume=resume)
     return model
 
 

@@ -19,8 +19,14 @@ VOLATILE = {"elapsed_s", "throughput"}  # wall-clock figures differ between any 
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), str(out), *extra], capture_output=True, text=True,
-                          env=ENV, timeout=120, check=True)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), *extra],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        check=True,
+    )
 
 
 def _rows(out: Path) -> list[dict]:
@@ -47,8 +53,9 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_resume_after_sigkill_mid_epoch_matches_uninterrupted(uninterrupted: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
     # the child holds still after logging step 17, two steps past the checkpoint at 15: epoch 2 of 3, mid-epoch
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--hold-at-step", "17"], stdout=subprocess.PIPE,
-                            text=True, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(out), "--hold-at-step", "17"], stdout=subprocess.PIPE, text=True, env=ENV
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -67,8 +74,11 @@ def test_resume_after_sigkill_mid_epoch_matches_uninterrupted(uninterrupted: Pat
     resumed = _run(out, "--resume")
     first = resumed.stdout.splitlines()[0]
     assert first.startswith("start ") and "resumed_at_step=15" in first, first
-    for name in ("adapter/adapter_model.safetensors", "best_adapter/adapter_model.safetensors",
-                 "adapter/adapter_config.json"):
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "best_adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+    ):
         assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name
     assert _rows(out) == _rows(uninterrupted)
 
@@ -86,7 +96,8 @@ def test_resume_refuses_a_different_config(uninterrupted: Path, tmp_path: Path) 
         trainer.fit(train, valid, resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer(model, tiny.CONFIG, loss_fn=nn.functional.mse_loss, callbacks=[], artifact_dir=tmp_path).fit(
-            train, resume=True)
+            train, resume=True
+        )
 
 
 class _Crash(Exception):
@@ -106,8 +117,14 @@ def test_resume_from_an_epoch_end_checkpoint_matches_uninterrupted(uninterrupted
 
     model, train, valid = tiny.build()
     with pytest.raises(_Crash):
-        Trainer(model, tiny.CONFIG, loss_fn=nn.functional.mse_loss, callbacks=[crash_after_epoch_2],
-                metrics={"mae": lambda out, y: (out - y).abs().mean()}, artifact_dir=tmp_path).fit(train, valid)
+        Trainer(
+            model,
+            tiny.CONFIG,
+            loss_fn=nn.functional.mse_loss,
+            callbacks=[crash_after_epoch_2],
+            metrics={"mae": lambda out, y: (out - y).abs().mean()},
+            artifact_dir=tmp_path,
+        ).fit(train, valid)
     model, train, valid = tiny.build()
     Trainer(
         model,
@@ -117,8 +134,9 @@ def test_resume_from_an_epoch_end_checkpoint_matches_uninterrupted(uninterrupted
         metrics={"mae": lambda out, y: (out - y).abs().mean()},
         artifact_dir=tmp_path,
     ).fit(train, valid, resume=True)
-    assert ((tmp_path / "adapter/adapter_model.safetensors").read_bytes()
-            == (uninterrupted / "adapter/adapter_model.safetensors").read_bytes())
+    assert (tmp_path / "adapter/adapter_model.safetensors").read_bytes() == (
+        uninterrupted / "adapter/adapter_model.safetensors"
+    ).read_bytes()
     assert _rows(tmp_path) == _rows(uninterrupted)
 
 

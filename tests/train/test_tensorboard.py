@@ -27,13 +27,20 @@ def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def _fit(out: Path, cfg, *callbacks, **kwargs) -> None:
     model, train, valid = tiny_run.build()
-    Trainer(model, cfg, loss_fn=nn.functional.mse_loss, callbacks=[TensorBoard(), *callbacks], artifact_dir=out,
-            metrics={"mae": lambda o, y: (o - y).abs().mean()}).fit(train, valid, **kwargs)
+    Trainer(
+        model,
+        cfg,
+        loss_fn=nn.functional.mse_loss,
+        callbacks=[TensorBoard(), *callbacks],
+        artifact_dir=out,
+        metrics={"mae": lambda o, y: (o - y).abs().mean()},
+    ).fit(train, valid, **kwargs)
 
 
 def test_scalars_match_metrics_jsonl(tmp_path: Path) -> None:
-    cfg = tiny_run.CONFIG.__class__(**{**tiny_run.CONFIG.to_dict(), "betas": (0.9, 0.999), "max_steps": 16,
-                                       "eval_every": 5, "log_every": 2})
+    cfg = tiny_run.CONFIG.__class__(
+        **{**tiny_run.CONFIG.to_dict(), "betas": (0.9, 0.999), "max_steps": 16, "eval_every": 5, "log_every": 2}
+    )
     _fit(tmp_path, cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     got = _scalars(tmp_path / "tensorboard")
@@ -67,9 +74,11 @@ def test_without_an_artifact_dir_or_log_dir_it_says_what_it_needs(tmp_path: Path
 @pytest.mark.slow
 def test_a_missing_tensorboard_package_names_the_extra() -> None:
     # a real interpreter in which `tensorboard` cannot be imported (a None entry in sys.modules blocks it)
-    code = ("import sys; sys.modules['tensorboard'] = None\n"
-            "from lorakit.train import TensorBoard\n"
-            "try:\n    TensorBoard()\nexcept ImportError as e:\n    print(e)\n")
+    code = (
+        "import sys; sys.modules['tensorboard'] = None\n"
+        "from lorakit.train import TensorBoard\n"
+        "try:\n    TensorBoard()\nexcept ImportError as e:\n    print(e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     assert "pip install 'lorakit[tensorboard]'" in out
 

@@ -29,9 +29,15 @@ def _regression(n: int = 256, seed: int = 0) -> tuple[DataLoader, DataLoader]:
     x = torch.randn(n, 6, generator=g)
     y = x @ torch.randn(6, 1, generator=g) + 0.5
     split = n * 3 // 4
-    return (DataLoader(TensorDataset(x[:split], y[:split]), batch_size=16, shuffle=True,
-                       generator=torch.Generator().manual_seed(seed)),
-            DataLoader(TensorDataset(x[split:], y[split:]), batch_size=64))
+    return (
+        DataLoader(
+            TensorDataset(x[:split], y[:split]),
+            batch_size=16,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+        ),
+        DataLoader(TensorDataset(x[split:], y[split:]), batch_size=64),
+    )
 
 
 def _lora_mlp() -> nn.Module:
@@ -45,8 +51,13 @@ def test_converges_and_trains_only_the_adapter(tmp_path) -> None:
     train, valid = _regression()
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     events = []
-    trainer = Trainer(model, TrainConfig(epochs=15, lr=2e-2, schedule="cosine", warmup_steps=5, device="cpu"),
-                      loss_fn=nn.functional.mse_loss, callbacks=[events.append], artifact_dir=tmp_path)
+    trainer = Trainer(
+        model,
+        TrainConfig(epochs=15, lr=2e-2, schedule="cosine", warmup_steps=5, device="cpu"),
+        loss_fn=nn.functional.mse_loss,
+        callbacks=[events.append],
+        artifact_dir=tmp_path,
+    )
     start = trainer.evaluate(valid)["loss"]
     result = trainer.fit(train, valid)
     assert result.valid_loss < start / 20, (start, result.valid_loss)
@@ -67,17 +78,45 @@ def test_metrics_jsonl_schema(tmp_path) -> None:
     model = _lora_mlp()
     train, valid = _regression()
     cfg = TrainConfig(epochs=2, lr=1e-2, device="cpu", log_every=4)
-    Trainer(model, cfg, loss_fn=nn.functional.mse_loss, callbacks=[], artifact_dir=tmp_path,
-            metrics={"mae": lambda out, y: (out - y).abs().mean()}).fit(train, valid)
+    Trainer(
+        model,
+        cfg,
+        loss_fn=nn.functional.mse_loss,
+        callbacks=[],
+        artifact_dir=tmp_path,
+        metrics={"mae": lambda out, y: (out - y).abs().mean()},
+    ).fit(train, valid)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "step"]
     epochs = [r for r in rows if r["kind"] == "epoch"]
     assert [r["step"] for r in steps] == [4, 8, 12, 16, 20, 24]
     assert [(r["epoch"], r["step"]) for r in epochs] == [(1, 12), (2, 24)]
-    step_keys = {"kind", "epoch", "step", "batch", "loss", "lr", "grad_norm", "throughput", "throughput_unit",
-                 "elapsed_s", "mae"}
-    epoch_keys = {"kind", "epoch", "step", "train_loss", "valid_loss", "best_valid_loss", "is_best", "lr",
-                  "elapsed_s", "train_mae", "valid_mae"}
+    step_keys = {
+        "kind",
+        "epoch",
+        "step",
+        "batch",
+        "loss",
+        "lr",
+        "grad_norm",
+        "throughput",
+        "throughput_unit",
+        "elapsed_s",
+        "mae",
+    }
+    epoch_keys = {
+        "kind",
+        "epoch",
+        "step",
+        "train_loss",
+        "valid_loss",
+        "best_valid_loss",
+        "is_best",
+        "lr",
+        "elapsed_s",
+        "train_mae",
+        "valid_mae",
+    }
     assert all(set(r) == step_keys for r in steps)
     assert all(set(r) == epoch_keys for r in epochs)
     for r in rows:
@@ -98,9 +137,13 @@ def test_classification_metrics_accuracy_and_perplexity() -> None:
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
     lk.apply_lora(model, lk.LoraConfig(rank=8, alpha=16), modules_to_save=["2"], targets=["0"])
     steps: list[StepLogged] = []
-    trainer = Trainer(model, TrainConfig(epochs=8, lr=2e-2, device="cpu", log_every=6),
-                      loss_fn=nn.functional.cross_entropy, metrics=[accuracy(), perplexity()],
-                      callbacks=[lambda e: steps.append(e) if isinstance(e, StepLogged) else None])
+    trainer = Trainer(
+        model,
+        TrainConfig(epochs=8, lr=2e-2, device="cpu", log_every=6),
+        loss_fn=nn.functional.cross_entropy,
+        metrics=[accuracy(), perplexity()],
+        callbacks=[lambda e: steps.append(e) if isinstance(e, StepLogged) else None],
+    )
     trainer.fit(data)
     final = trainer.evaluate(data)
     assert final["accuracy"] > 0.9
@@ -114,8 +157,12 @@ def test_grad_accumulation_matches_a_larger_batch() -> None:
         x = torch.randn(64, 6, generator=g)
         data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=batch_size)
         model = _lora_mlp()
-        Trainer(model, TrainConfig(epochs=2, lr=1e-2, grad_accum=accum, device="cpu", max_grad_norm=None),
-                loss_fn=nn.functional.mse_loss, callbacks=[]).fit(data)
+        Trainer(
+            model,
+            TrainConfig(epochs=2, lr=1e-2, grad_accum=accum, device="cpu", max_grad_norm=None),
+            loss_fn=nn.functional.mse_loss,
+            callbacks=[],
+        ).fit(data)
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     big, small = run(32, 1), run(8, 4)
@@ -130,8 +177,12 @@ def test_a_short_last_accumulation_group_is_the_mean_of_its_batches() -> None:
     x = torch.randn(40, 6, generator=g)
     data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)  # 5 batches, in order
     model = _lora_mlp()
-    Trainer(model, TrainConfig(epochs=2, lr=1e-2, grad_accum=4, device="cpu", max_grad_norm=None),
-            loss_fn=nn.functional.mse_loss, callbacks=[]).fit(data)
+    Trainer(
+        model,
+        TrainConfig(epochs=2, lr=1e-2, grad_accum=4, device="cpu", max_grad_norm=None),
+        loss_fn=nn.functional.mse_loss,
+        callbacks=[],
+    ).fit(data)
 
     naive = _lora_mlp()
     params = {n: p for n, p in naive.named_parameters() if p.requires_grad}
@@ -151,21 +202,28 @@ def test_a_short_last_accumulation_group_is_the_mean_of_its_batches() -> None:
 def test_bf16_autocast_on_cpu_trains() -> None:
     model = _lora_mlp()
     train, valid = _regression()
-    trainer = Trainer(model, TrainConfig(epochs=3, lr=2e-2, precision="bf16", device="cpu"),
-                      loss_fn=nn.functional.mse_loss, callbacks=[])
+    trainer = Trainer(
+        model,
+        TrainConfig(epochs=3, lr=2e-2, precision="bf16", device="cpu"),
+        loss_fn=nn.functional.mse_loss,
+        callbacks=[],
+    )
     start = trainer.evaluate(valid)["loss"]
     assert trainer.fit(train, valid).valid_loss < start
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"epochs": 0}, "TrainConfig.epochs=0"),
-    ({"lr": -1.0}, "TrainConfig.lr=-1.0"),
-    ({"schedule": "step"}, "TrainConfig.schedule='step'"),
-    ({"precision": "fp16"}, "TrainConfig.precision='fp16'"),
-    ({"device": "tpu"}, "TrainConfig.device='tpu'"),
-    ({"betas": (0.9, 1.5)}, "TrainConfig.betas=(0.9, 1.5)"),
-    ({"grad_accum": 1.5}, "TrainConfig.grad_accum=1.5"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"epochs": 0}, "TrainConfig.epochs=0"),
+        ({"lr": -1.0}, "TrainConfig.lr=-1.0"),
+        ({"schedule": "step"}, "TrainConfig.schedule='step'"),
+        ({"precision": "fp16"}, "TrainConfig.precision='fp16'"),
+        ({"device": "tpu"}, "TrainConfig.device='tpu'"),
+        ({"betas": (0.9, 1.5)}, "TrainConfig.betas=(0.9, 1.5)"),
+        ({"grad_accum": 1.5}, "TrainConfig.grad_accum=1.5"),
+    ],
+)
 def test_config_errors_name_the_value(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TrainConfig(**kwargs)
@@ -208,7 +266,6 @@ def test_loss_fn_on_a_mapping_batch_names_what_it_lacks() -> None:
     unlabelled = Trainer(nn.Linear(3, 1), cfg, loss_fn=nn.functional.mse_loss, callbacks=[])
     with pytest.raises(ValueError, match="got labels=NoneType, output=Tensor"):
         unlabelled.evaluate([{"input": torch.randn(4, 3)}])
-
 
 
 def test_the_trainers_adamw_is_the_fused_kernel_and_steps_as_the_loop_does() -> None:

@@ -18,8 +18,18 @@ from torch.utils.data import DataLoader, TensorDataset
 import lorakit as lk
 from lorakit.train import PlainLog, StepLogged, TrainConfig, Trainer
 
-CONFIG = TrainConfig(epochs=3, lr=3e-3, schedule="cosine", warmup_steps=4, grad_accum=2, max_grad_norm=1.0,
-                     device="cpu", seed=7, log_every=1, checkpoint_every=3)
+CONFIG = TrainConfig(
+    epochs=3,
+    lr=3e-3,
+    schedule="cosine",
+    warmup_steps=4,
+    grad_accum=2,
+    max_grad_norm=1.0,
+    device="cpu",
+    seed=7,
+    log_every=1,
+    checkpoint_every=3,
+)
 
 
 def build() -> tuple[nn.Module, DataLoader, DataLoader]:
@@ -49,8 +59,14 @@ def main(argv: list[str] | None = None) -> None:
             while True:
                 signal.pause()
 
-    trainer = Trainer(model, CONFIG, loss_fn=nn.functional.mse_loss, callbacks=[PlainLog(), hold],
-                      metrics={"mae": lambda out, y: (out - y).abs().mean()}, artifact_dir=args.artifact_dir)
+    trainer = Trainer(
+        model,
+        CONFIG,
+        loss_fn=nn.functional.mse_loss,
+        callbacks=[PlainLog(), hold],
+        metrics={"mae": lambda out, y: (out - y).abs().mean()},
+        artifact_dir=args.artifact_dir,
+    )
     trainer.fit(train, valid, resume=args.resume)
 
 

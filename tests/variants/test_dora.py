@@ -58,8 +58,9 @@ def test_layer_matches_reference_and_merges_exactly(fan_in_fan_out):
     assert layer.lora_magnitude.shape == (24,)
     x = torch.randn(3, 5, 16, requires_grad=True)
     W = bases.dense_weight(layer.base, layer.fan_in_fan_out)
-    ref = dora.dora_linear_reference(x, W, layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude,
-                                    layer.scaling)
+    ref = dora.dora_linear_reference(
+        x, W, layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling
+    )
     y = layer(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(y.square().sum(), [x, layer.lora_A, layer.lora_B, layer.lora_magnitude])
@@ -116,8 +117,9 @@ def test_fresh_dora_layer_is_the_base(kind, dtype, rows):
 def test_dora_trains_on_an_inference_tensor(kind, dropout, bias):
     """A tensor made under torch.inference_mode() fed to a training forward (as LoraLinear takes it, see
     ops._savable): the same output and gradients as its normal copy, with and without dropout."""
-    layer = randomise(lk.with_lora(_dora_base(kind), lk.LoraConfig(rank=2, alpha=4, dropout=dropout, use_dora=True,
-                                                                    bias=bias))).train()
+    layer = randomise(
+        lk.with_lora(_dora_base(kind), lk.LoraConfig(rank=2, alpha=4, dropout=dropout, use_dora=True, bias=bias))
+    ).train()
     with torch.inference_mode():
         x = torch.randn(3, 4, 16)
     results = []
@@ -151,8 +153,11 @@ def test_outputs_and_gradients_equal_peft(make, tmp_path):
     torch.testing.assert_close(y_ours, y_theirs, rtol=1e-4, atol=1e-5)
     y_ours.square().mean().backward()
     y_theirs.square().mean().backward()
-    g_theirs = {n.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p.grad
-                for n, p in theirs.named_parameters() if p.requires_grad}
+    g_theirs = {
+        n.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p.grad
+        for n, p in theirs.named_parameters()
+        if p.requires_grad
+    }
     state = adapter_state_dict(ours)
     assert state.keys() == {k for k in g_theirs}
     for key, p in state.items():
@@ -161,8 +166,7 @@ def test_outputs_and_gradients_equal_peft(make, tmp_path):
 
 @pytest.mark.parametrize("make", [llama, gpt2])
 def test_peft_dora_adapter_loads_in_lorakit(make, tmp_path):
-    cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=TARGETS[make], use_dora=True,
-                          fan_in_fan_out=make is gpt2)
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=TARGETS[make], use_dora=True, fan_in_fan_out=make is gpt2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = randomise(peft.get_peft_model(make(), cfg)).eval()
@@ -179,12 +183,17 @@ def test_dropout_matches_peft_form():
     """With dropout PEFT feeds the dropped input to the (g-1)·x Wᵀ term too; same seed, same mask, same output."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 12))
-    ours = randomise(lk.apply_lora(copy.deepcopy(model), lk.LoraConfig(rank=4, alpha=8, dropout=0.3, use_dora=True),
-                                   ["0"])).train()
+    ours = randomise(
+        lk.apply_lora(copy.deepcopy(model), lk.LoraConfig(rank=4, alpha=8, dropout=0.3, use_dora=True), ["0"])
+    ).train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = randomise(peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
-            r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["0"], use_dora=True))).train()
+        theirs = randomise(
+            peft.get_peft_model(
+                copy.deepcopy(model),
+                peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["0"], use_dora=True),
+            )
+        ).train()
     x = torch.randn(6, 16)
     torch.manual_seed(3)
     a = ours(x)
@@ -195,8 +204,9 @@ def test_dropout_matches_peft_form():
 
 def test_named_dora_adapters_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = lk.apply_lora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
-                          lk.LoraConfig(rank=2, use_dora=True), ["0", "2"])
+    model = lk.apply_lora(
+        nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), lk.LoraConfig(rank=2, use_dora=True), ["0", "2"]
+    )
     randomise(model)
     x = torch.randn(5, 8)
     y = model(x).detach()
@@ -211,8 +221,9 @@ def test_named_dora_adapters_round_trip(tmp_path):
     torch.testing.assert_close(model(x), y)
     torch.manual_seed(0)  # the base it was saved for (lorakit.json checks it)
     fresh = lk.load_adapters(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), tmp_path)
-    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora" not in k and "stash" not in k},
-                          strict=False)
+    fresh.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if "lora" not in k and "stash" not in k}, strict=False
+    )
     torch.testing.assert_close(fresh(x), y)
     layer.save_adapter(tmp_path / "one")
     other = lk.with_lora(copy.deepcopy(layer.base), lk.LoraConfig(rank=2, use_dora=True)).load_adapter(tmp_path / "one")
@@ -253,8 +264,9 @@ def test_row_norm_cache_follows_the_base_weight(change):
         else:
             layer.base.weight.mul_(2)
     W = bases.dense_weight(layer.base, layer.fan_in_fan_out)
-    want = dora.dora_linear_reference(x, W, layer.base.bias, layer.lora_A, layer.lora_B,
-                                      layer.lora_magnitude, layer.scaling)
+    want = dora.dora_linear_reference(
+        x, W, layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling
+    )
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
 
 

@@ -33,8 +33,10 @@ def train_a_little(model):
 def peft_model(base, init, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"],
-                                                                       init_lora_weights=init, **kw))
+        return peft.get_peft_model(
+            copy.deepcopy(base),
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=init, **kw),
+        )
 
 
 @pytest.mark.parametrize("init", INITS)
@@ -45,8 +47,11 @@ def test_factors_and_residual_equal_peft_and_the_layer_is_exact_at_start(init, r
     theirs = dict(peft_model(base, init, use_rslora=rslora).named_parameters())
     for m in ("0", "2"):
         layer = ours.get_submodule(m)
-        for ours_t, key in ((layer.lora_A, "lora_A.default.weight"), (layer.lora_B, "lora_B.default.weight"),
-                            (layer.base.weight, "base_layer.weight")):
+        for ours_t, key in (
+            (layer.lora_A, "lora_A.default.weight"),
+            (layer.lora_B, "lora_B.default.weight"),
+            (layer.base.weight, "base_layer.weight"),
+        ):
             torch.testing.assert_close(ours_t, theirs[f"base_model.model.{m}.{key}"], rtol=1e-5, atol=1e-6)
     x = torch.randn(5, 16)
     torch.testing.assert_close(ours(x), base(x), rtol=1e-5, atol=1e-6)
@@ -56,8 +61,9 @@ def test_factors_and_residual_equal_peft_and_the_layer_is_exact_at_start(init, r
 @pytest.mark.parametrize("dora", [False, True])
 def test_saved_adapter_is_a_rank_2r_lora_for_the_original_base(init, dora, tmp_path):
     base = mlp()
-    model = train_a_little(lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=4, alpha=8, init=init,
-                                                                            use_dora=dora), ["0", "2"]))
+    model = train_a_little(
+        lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=4, alpha=8, init=init, use_dora=dora), ["0", "2"])
+    )
     x = torch.randn(5, 16)
     with torch.no_grad():
         y = model(x)
@@ -84,8 +90,9 @@ def test_gpt2_conv1d_and_layer_files(tmp_path):
         train_a_little(model)
         y = model(ids).logits
         lk.save_adapters(model, tmp_path / "dir")
-        torch.testing.assert_close(lk.load_adapters(copy.deepcopy(base), tmp_path / "dir")(ids).logits, y,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            lk.load_adapters(copy.deepcopy(base), tmp_path / "dir")(ids).logits, y, rtol=1e-4, atol=1e-5
+        )
     layer = model.transformer.h[0].attn.c_attn
     layer.save_adapter(tmp_path / "one")
     orig = copy.deepcopy(base.transformer.h[0].attn.c_attn)

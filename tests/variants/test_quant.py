@@ -119,8 +119,9 @@ def test_gpt2_conv1d_bf16_and_dora(fmt):
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=50, n_positions=32)).eval()
     ids = torch.randint(0, 50, (2, 8))
-    model = lk.apply_lora(copy.deepcopy(base).to(torch.bfloat16), lk.LoraConfig(rank=4, use_dora=True),
-                          ["c_attn", "c_fc"])
+    model = lk.apply_lora(
+        copy.deepcopy(base).to(torch.bfloat16), lk.LoraConfig(rank=4, use_dora=True), ["c_attn", "c_fc"]
+    )
     quantize_base(model, fmt)
     assert isinstance(model.transformer.h[0].attn.c_attn.base, QuantLinear)
     out = model(ids).logits
@@ -182,12 +183,13 @@ def test_dora_row_norm_follows_a_requantised_base():
     layer = model[0]
     from lorakit.variants.dora import dora_linear_reference
 
-    want = dora_linear_reference(x, layer.base.dequantize(), layer.base.bias, layer.lora_A, layer.lora_B,
-                                 layer.lora_magnitude, layer.scaling)
+    want = dora_linear_reference(
+        x, layer.base.dequantize(), layer.base.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling
+    )
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
 
 
-# --- lorakit's NF4 dequantise (lorakit.variants.nf4): torchao's values exactly, in every mode ---------------------------------
+# --- lorakit's NF4 dequantise (lorakit.variants.nf4): torchao's values exactly, in every mode ------------------
 
 STORED = [torch.float32, torch.bfloat16, torch.float16, torch.float64]  # float64 takes the (256, 2) table path
 
@@ -226,10 +228,12 @@ def test_nf4_layer_matches_torchaos_dequantisation_in_every_mode():
         y.square().sum().backward()
         return [t.grad for t in params]
 
-    for name, run in {"grad": lambda: layer(x),
-                      "checkpoint": lambda: checkpoint(layer, x, use_reentrant=False),
-                      "checkpoint-reentrant": lambda: checkpoint(layer, x, use_reentrant=True),
-                      "deepcopy": lambda: copy.deepcopy(layer)(x)}.items():
+    for name, run in {
+        "grad": lambda: layer(x),
+        "checkpoint": lambda: checkpoint(layer, x, use_reentrant=False),
+        "checkpoint-reentrant": lambda: checkpoint(layer, x, use_reentrant=True),
+        "deepcopy": lambda: copy.deepcopy(layer)(x),
+    }.items():
         y = run()
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5, msg=name)
         if name != "deepcopy":  # a copy's factors are other tensors
@@ -242,8 +246,14 @@ def test_nf4_layer_matches_torchaos_dequantisation_in_every_mode():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
-    ref_bf16 = ops.lora_linear_reference(x.bfloat16(), W.bfloat16(), layer.base.bias.bfloat16(),
-                                         layer.lora_A.bfloat16(), layer.lora_B.bfloat16(), layer.scaling)
+    ref_bf16 = ops.lora_linear_reference(
+        x.bfloat16(),
+        W.bfloat16(),
+        layer.base.bias.bfloat16(),
+        layer.lora_A.bfloat16(),
+        layer.lora_B.bfloat16(),
+        layer.scaling,
+    )
     torch.testing.assert_close(y, ref_bf16, rtol=2e-2, atol=2e-2)
 
 
@@ -257,7 +267,11 @@ def test_variants_benchmark_profiles_the_nf4_dequantisation():
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "variants.py"
     for case in ("nf4", "nf4-torchao"):
-        r = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--profile", case],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, str(script), "--quick", "--threads", "1", "--profile", case],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         assert "dequantising NF4 in 3 calls" in r.stdout, r.stdout[-1500:]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
 pytest.importorskip("transformers")
@@ -21,8 +21,19 @@ from lorakit.train import TrainConfig  # noqa: E402
 
 HF = Path(lorakit.__file__).parent / "hf"
 # the data stages in the order data.prepare runs them; data.py is the pipeline that calls them
-STAGES = ("rows", "prepared", "templates", "sources", "examples", "chat", "encoding", "ondisk", "batches", "packing",
-          "data")
+STAGES = (
+    "rows",
+    "prepared",
+    "templates",
+    "sources",
+    "examples",
+    "chat",
+    "encoding",
+    "ondisk",
+    "batches",
+    "packing",
+    "data",
+)
 LEAVES = ("models",)  # shared names a stage may read (models.TASKS), not a stage of the data
 # what data.prepare calls in turn (each may call the stages it imports), then packing at the first batch
 PIPELINE = ("data", "templates", "sources", "examples", "encoding", "packing")
@@ -72,13 +83,26 @@ def test_a_finetune_job_enters_each_data_file_once(tmp_path):
     template = tmp_path / "chatml.jinja"
     template.write_text(_hf_models.CHATML, encoding="utf-8")
     chat = {"messages": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "good morning"}]}
-    rows = [{"text": "the cat sat on the mat"}, {"prompt": "question : what colour is the sky ?", "completion": "blue"},
-            chat, {"instruction": "we like green tea", "output": "one two three"}] * 3
+    rows = [
+        {"text": "the cat sat on the mat"},
+        {"prompt": "question : what colour is the sky ?", "completion": "blue"},
+        chat,
+        {"instruction": "we like green tea", "output": "one two three"},
+    ] * 3
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (tmp_path / "valid.jsonl").write_text(json.dumps(chat) + "\n", encoding="utf-8")
-    job = finetune.FinetuneJob(model=model, data=tmp_path / "train.jsonl", valid=tmp_path / "valid.jsonl",
-                               task="causal-lm", out=tmp_path / "out", chat_template=template, pack=True,
-                               batch_size=2, max_length=32, train=TrainConfig(epochs=1))
+    job = finetune.FinetuneJob(
+        model=model,
+        data=tmp_path / "train.jsonl",
+        valid=tmp_path / "valid.jsonl",
+        task="causal-lm",
+        out=tmp_path / "out",
+        chat_template=template,
+        pack=True,
+        batch_size=2,
+        max_length=32,
+        train=TrainConfig(epochs=1),
+    )
 
     def first_batch():
         setup = finetune.prepare(job)
