@@ -350,8 +350,8 @@ def main(argv: list[str] | None = None) -> Path:
             "(`serve.groups.adapters` around `generation.kv.Batch.step`), medians over "
             f"{step_rounds} interleaved rounds. The first column enters the adapter context (`disable_adapters`, "
             "`use_adapter` or the engine's `AdapterTable.batch`) around the step; the engine holds it across "
-            "decode steps while the batch's rows stay the same, so its steady decode step is the second column, and the last column (the "
-            "difference) is paid only when rows join or leave.",
+            "decode steps while the batch's rows stay the same, so its steady decode step is the second column, and "
+            "the last column (the difference) is paid only when rows join or leave.",
             "",
             "## Reading the results",
             "",
