@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from .ops_linear import Decode
+
 # how a stored weight becomes a plain tensor: decode(stored, dtype) (dtype None: the format's own)
-Decode = Callable[[Tensor, torch.dtype | None], Tensor]
 
 
 class QuantizedBase(nn.Module, ABC):

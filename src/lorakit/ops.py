@@ -18,10 +18,9 @@ from torch import Tensor
 
 from .config import BASE_CHANGING_INITS, INITS
 from .errors import LoraMergeError
-from .ops_linear import Decode, _savable, base_linear, decode_weight, dropout_keep, lora_linear
+from .ops_linear import _savable, base_linear, decode_weight, dropout_keep, lora_linear
 
 __all__ = [
-    "Decode",
     "base_linear",
     "decode_weight",
     "delta_weight",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,8 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 # how a quantised base's stored weight becomes a plain tensor (`bases.QuantizedBase.decode`); None: a plain weight
-Decode = Callable[[Tensor, torch.dtype | None], Tensor]
+if TYPE_CHECKING:  # a type only: the module holds functions and constants, no other module-level objects
+    Decode = Callable[[Tensor, torch.dtype | None], Tensor]
 
 # Costs per layer (N tokens): the base is 2·N·d_in·d_out FLOPs forward and again for the input gradient;
 # LoRA adds rank-r GEMMs that are memory-bound on CPU, so the fast path is about passes over N-sized

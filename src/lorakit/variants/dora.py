@@ -14,6 +14,8 @@ PEFT's eye(d_in) pass that builds the d_out×d_in matrix B A (and then W + s·B 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,6 +25,9 @@ from ..adapter_set import DEFAULT_ADAPTER
 from ..cache import TensorCache
 from ..config import LoraConfig
 from ..layers import LoraLinear
+
+if TYPE_CHECKING:
+    from ..ops_linear import Decode
 
 
 def row_sqnorm(weight: Tensor) -> Tensor:
@@ -64,7 +69,7 @@ def dora_linear(
     training: bool = False,
     w_sqnorm: Tensor | None = None,
     fan_in_fan_out: bool = False,
-    decode: ops.Decode | None = None,
+    decode: Decode | None = None,
 ) -> Tensor:
     """The DoRA linear forward. `weight` is (d_out, d_in), or a quantised base's stored tensor with its `decode`;
     `w_sqnorm` its `row_sqnorm`, if known; `fan_in_fan_out` and `decode` as in `ops.lora_linear` (the base term is
