@@ -53,9 +53,10 @@ class AdapterTable:
         >>> import lorakit as lk
         >>> m = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
         >>> with AdapterTable(m, capacity=4) as table:
-        ...     table.load("default")
+        ...     table.load("default")  # its slot: slot 0 is the zeros of rows without an adapter
         ...     with table.batch(["default", None]):
         ...         m(torch.zeros(2, 4)).shape
+        1
         torch.Size([2, 4])
     """
 
