@@ -236,7 +236,7 @@ def naive(layer, x, keep, scale):
     return ops.lora_linear_reference(x, layer.base.weight, layer.base.bias, A, B, layer.scaling, keep, scale), A, B
 
 
-# -- inference-mode tensors, no_grad, inference_mode, autocast -------------------------------------------
+# -- inference-mode tensors ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
