@@ -3,7 +3,7 @@
 Outputs and the gradients of x, A, B, bias (and a weight that asks for one) across shapes, ranks, dtypes,
 dropout on/off, train/eval and grad/no-grad, nn.Linear's and Conv1D's weight layout; dropout is compared
 with the same mask by re-seeding. Other ways of running (checkpointing, compile, threads, autocast,
-torch.func) are in test_modes.py; dropout's semantics in test_dropout.py.
+torch.func) are in test_modes.py and test_modes_formula.py; dropout's semantics in test_dropout.py.
 Tolerances: relative (norm) error ≤ 1e-5 in fp32, ≤ 1e-2 in bf16.
 """
 

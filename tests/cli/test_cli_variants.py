@@ -10,9 +10,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # _hf_models
-sys.path.insert(0, str(Path(__file__).parent))  # test_cli
+sys.path.insert(0, str(Path(__file__).parent))  # _cli
 import _hf_models  # noqa: E402
-from test_cli import _causal_rows, _logits, _write_jsonl, lorakit  # noqa: E402
+from _cli import _causal_rows, _logits, _write_jsonl, lorakit  # noqa: E402
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("torchao")

@@ -38,6 +38,8 @@ from .supervise import LINGER, EngineFailedError, FailedGate, Supervisor
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from .engine import Engine
+
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -143,11 +145,32 @@ def _text(
     options: ServeOptions, model_dir: Path, base_name: str, metrics: Metrics, progress: Progress
 ) -> tuple[Any, Callable[[], None]]:
     """A causal LM, its engine (started) and registry."""
-    from ..adapters import delete_adapter, list_adapters
-    from ..fingerprint import Fingerprints
-    from ..loading import load_adapters
-    from .engine import Engine
     from .text import TextService
+
+    model, tok, engine = _text_engine(options, model_dir, metrics, progress)
+    registry = _text_registry(options, model, engine, base_name, metrics)
+    metrics.watch(running=lambda: engine.active, waiting=lambda: engine.queued + registry.waiting)
+    context: Any = getattr(model.config, "max_position_embeddings", None) or getattr(tok, "model_max_length", 2048)
+    embeddings: Any = model.get_input_embeddings()
+    service = TextService(
+        tokenizer=tok,
+        engine=engine,
+        registry=registry,
+        metrics=metrics,
+        resolve=resolver(base_name, registry),
+        context=int(context),
+        vocab_size=int(embeddings.weight.shape[0]),
+        limits=options.limits,
+    )
+    engine.start()
+    return service, lambda: engine.stop(timeout=min(options.drain_timeout, 5.0))
+
+
+def _text_engine(
+    options: ServeOptions, model_dir: Path, metrics: Metrics, progress: Progress
+) -> tuple[Any, Any, Engine]:
+    """The causal LM and its tokenizer, loaded (and moved to the device), and their engine (not started)."""
+    from .engine import Engine
 
     with progress.task(f"loading the model {model_dir}"):
         model, tok = hf.load(model_dir, "causal-lm", dtype=options.dtype, trust_remote_code=options.trust_remote_code)
@@ -162,6 +185,14 @@ def _text(
         on_finish=metrics.engine_finished,
         max_loaded=options.max_loaded,
     )
+    return model, tok, engine
+
+
+def _text_registry(options: ServeOptions, model: Any, engine: Engine, base_name: str, metrics: Metrics) -> Registry:
+    """The adapter registry of a causal LM: loads and unloads run on the engine thread, between steps."""
+    from ..adapters import delete_adapter, list_adapters
+    from ..fingerprint import Fingerprints
+    from ..loading import load_adapters
 
     def counted(fn: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
@@ -182,24 +213,9 @@ def _text(
     def unload(name: str) -> None:
         engine.call(counted(lambda: delete_adapter(model, name)))
 
-    registry = Registry(
+    return Registry(
         load, unload, root=options.adapter_root, max_loaded=options.max_loaded, max_waiting=options.max_queue
     )
-    metrics.watch(running=lambda: engine.active, waiting=lambda: engine.queued + registry.waiting)
-    context: Any = getattr(model.config, "max_position_embeddings", None) or getattr(tok, "model_max_length", 2048)
-    embeddings: Any = model.get_input_embeddings()
-    service = TextService(
-        tokenizer=tok,
-        engine=engine,
-        registry=registry,
-        metrics=metrics,
-        resolve=resolver(base_name, registry),
-        context=int(context),
-        vocab_size=int(embeddings.weight.shape[0]),
-        limits=options.limits,
-    )
-    engine.start()
-    return service, lambda: engine.stop(timeout=min(options.drain_timeout, 5.0))
 
 
 def _encoder(

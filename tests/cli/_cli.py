@@ -1,0 +1,52 @@
+"""Helpers of the `lorakit` command tests: the command in a subprocess, training rows, logits on fixed ids.
+
+Import after `sys.path.insert(0, <this directory>)` (and of tests/, for `_hf_models`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import _hf_models  # noqa: E402
+
+DATA = Path(__file__).parents[1] / "data"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def lorakit(*args, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
+
+
+def _write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _causal_rows(n: int = 24) -> list[dict]:
+    qa = [
+        ("question : what is two plus two ? answer :", "four"),
+        ("question : what colour is the sky ? answer :", "blue"),
+    ]
+    rows = [{"prompt": q, "completion": a} for q, a in qa] * 4
+    return rows + [{"text": s} for s in _hf_models.SENTENCES] * 2
+
+
+IDS = torch.tensor([[2, 4, 5, 6, 7, 8], [2, 9, 10, 11, 0, 0]])
+
+
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+
+
+def _logits(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=IDS, attention_mask=MASK).logits
