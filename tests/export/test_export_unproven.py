@@ -51,8 +51,20 @@ def llama(tmp_path_factory):
 
 def _export_args(llama, fmt, out, *extra):
     base, adapter = llama
-    return ["export", "--model", str(base), "--adapter", str(adapter), "--format", fmt, "--dtype", "f32",
-            "--out", str(out), *extra]  # fmt: skip
+    return [
+        "export",
+        "--model",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--format",
+        fmt,
+        "--dtype",
+        "f32",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
 import _hf_models  # noqa: E402
-from _proof_fields import assert_proof_fields  # noqa: E402
 import onnxruntime  # noqa: E402  (the export extra; CI installs it: a missing runtime fails, never skips)
+from _proof_fields import assert_proof_fields  # noqa: E402
 
 import lorakit as lk  # noqa: E402
 from lorakit.cli import main  # noqa: E402

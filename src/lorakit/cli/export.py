@@ -140,13 +140,29 @@ def _write(
     only = args.format == "gguf-adapter"
     if unproven:
         return gguf.export_gguf_unproven(
-            model, tok, task, args.model, adapters, args.out, reason=unproven, dtype=dtype, adapter_only=only,
+            model,
+            tok,
+            task,
+            args.model,
+            adapters,
+            args.out,
+            reason=unproven,
+            dtype=dtype,
+            adapter_only=only,
             progress=progress,
-        )  # fmt: skip
+        )
     return gguf.export_gguf(
-        model, tok, task, args.model, adapters, args.out, dtype=dtype, adapter_only=only, texts=texts,
+        model,
+        tok,
+        task,
+        args.model,
+        adapters,
+        args.out,
+        dtype=dtype,
+        adapter_only=only,
+        texts=texts,
         progress=progress,
-    )  # fmt: skip
+    )
 
 
 def _print_done(done: Any, dtype: str) -> None:
