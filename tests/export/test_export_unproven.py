@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import lorakit as lk
+from lorakit.cli import main
 from lorakit.export.gguf_adapter import write_gguf_adapter
 from lorakit.export.gguf_model import write_gguf_model
 from lorakit.hf import models as hf
@@ -128,3 +129,16 @@ def test_no_proof_writes_the_gguf_files_a_proven_export_writes(without_runtimes,
     write_gguf_adapter(adapter_dir, base, tmp_path / "adapter.gguf", dtype="f32")
     for name in ("model.gguf", "adapter.gguf"):
         assert (written / name).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+def test_no_proof_with_the_runtime_installed_says_it_was_asked_for(llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_export_args(llama, "gguf", out, "--no-proof")) == 0
+    printed = capsys.readouterr()
+    assert "NOT PROVEN" in printed.err and printed.out.strip().splitlines()[-1].endswith(
+        f"NOT PROVEN (why: {out / 'proof.json'})"
+    )
+    proof = assert_proof_fields(out)
+    assert proof["passed"] is None and proof["reason"] == "--no-proof: the file was not run in llama.cpp"
+    assert sorted(p.name for p in out.iterdir()) == ["model.gguf", "proof.json"]
+    assert gguf.GGUFReader(out / "model.gguf").fields["general.architecture"].contents() == "llama"
