@@ -15,11 +15,14 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LoraFileError
 from ..ui.progress import Progress
 from .common import BadInput, add_base_mismatch_flag, base_check, inputs, new_or_empty, quiet_transformers
+
+if TYPE_CHECKING:
+    from ..export.prepare import Exported
 
 FORMATS = ("onnx", "gguf", "gguf-adapter")
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -128,7 +131,7 @@ def _write(
     dtype: str,
     unproven: str | None,
     progress: Progress,
-) -> Any:
+) -> Exported:
     """The export asked for: proven (texts) in its runtime, or written unproven when `unproven` says why."""
     from ..export import gguf, onnx
 
@@ -165,7 +168,7 @@ def _write(
     )
 
 
-def _print_done(done: Any, dtype: str) -> None:
+def _print_done(done: Exported, dtype: str) -> None:
     """The proofs' summaries and the artefact; for an unproven export, a loud NOT PROVEN line on stderr too."""
     for p in done.proofs:
         print(f"proof: {p.summary()}")
