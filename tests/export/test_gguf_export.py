@@ -23,6 +23,7 @@ from lorakit.export import gguf, prepare
 from lorakit.export.gguf_vocab import TOKENIZER_CHECK
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _proof_fields import assert_proof_fields  # noqa: E402
 from test_gguf_model import save_bpe_llama  # noqa: E402
 
 pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
@@ -87,6 +88,7 @@ def test_gguf_adapter_cli_proves_base_and_base_plus_adapter_in_llama_cpp(llama, 
     assert sorted(p.name for p in out.iterdir()) == ["adapter.gguf", "model.gguf", "proof.json"]
     proofs = _proofs(out)
     assert proofs["passed"] and [p["what"] for p in proofs["proofs"]] == ["base", "model.gguf + adapter.gguf"]
+    assert_proof_fields(out)  # every field says something (the base's adapter checks, not made, are left out)
     for p in proofs["proofs"]:
         assert p["max_abs_diff"] < 1e-5 and p["tolerance"] == 1e-4  # measured ~6e-7
         # 8 greedy tokens after each of the 4 proof texts and the special-token text (<pad><s></s>)

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
 import _hf_models  # noqa: E402
 import onnxruntime  # noqa: E402  (the export extra; CI installs it: a missing runtime fails, never skips)
+from _proof_fields import assert_proof_fields  # noqa: E402
 
 import lorakit as lk  # noqa: E402
 from lorakit.cli import main  # noqa: E402
@@ -141,7 +143,9 @@ def test_minilm_seq_cls_cli(minilm, exported, dtype):
     assert "proof: onnxruntime" in r.stdout
     proofs = json.loads((out / "proof.json").read_text())
     assert proofs["passed"] and len(proofs["proofs"]) == 1
+    assert_proof_fields(out)  # every field says something: "what" names the merged graph
     proof = proofs["proofs"][0]
+    assert proof["what"] == "merged"
     # the four proof texts and one of the tokenizer's special tokens ([PAD][UNK][CLS][SEP][MASK])
     assert proof["passed"] and proof["dtype"] == dtype and proof["positions"] == 5
     # q8_0 may part from lorakit only at a near-tie (the proof's rule): "ok" (top two 0.08 apart) flipped here, on

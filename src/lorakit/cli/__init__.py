@@ -30,6 +30,7 @@ from .generate import add_generate
 from .inspect import add_inspect
 from .merge import add_merge
 from .predict import add_predict
+from .quiet import quiet_third_party
 from .serve import add_serve
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lorakit` console script and `python -m lorakit`; returns the exit status."""
+    quiet_third_party()  # for every command: no third-party chatter (torchao's, transformers') on the way
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

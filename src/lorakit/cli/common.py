@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import warnings
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from typing import Any, TypeVar
 
 from ..errors import LoraError, ProvenanceNote
 from ..hf import models as hf
+from .quiet import quiet_third_party
 
 T = TypeVar("T")
 
@@ -70,16 +70,9 @@ def new_or_empty(path: str | Path, remedy: str) -> None:
 
 
 def quiet_transformers() -> None:
-    """Offline, and no progress bars or load reports: lorakit says what matters itself."""
+    """Offline, and no progress bars or load reports (quiet.py, which `main` applies to every command too)."""
     hf.offline()
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    # transformers imports torchao (when installed) while loading a model; its optional CUDA kernels and torch's
-    # pytree deprecations then log warnings that say nothing about the user's run
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_third_party()
 
 
 def check_sampling(args: argparse.Namespace) -> None:

@@ -4,7 +4,8 @@
 
 prints the proof (max |Δlogit|, argmax and greedy-token agreement against lorakit's unmerged model, the
 tolerance, the verdict), writes it as OUT/proof.json beside the artefact, and ends with one line naming the
-artefact. Exit 1 when a proof fails (nothing is written at --out), 2 for bad input.
+artefact. Exit 1 when a proof fails (nothing is written at --out), 2 for bad input. With --no-proof the
+file is written unproven (no runtime needed to prove it): proof.json says why, and a NOT PROVEN line is printed.
 """
 
 from __future__ import annotations
@@ -12,15 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import asdict
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LoraFileError
 from ..ui.progress import Progress
 from .common import BadInput, add_base_mismatch_flag, base_check, inputs, new_or_empty, quiet_transformers
 
+if TYPE_CHECKING:
+    from ..export.prepare import Exported
+
 FORMATS = ("onnx", "gguf", "gguf-adapter")
 DTYPES = ("f32", "f16", "bf16", "q8_0")
+RUNTIME = {"onnx": "onnxruntime", "gguf": "llama.cpp", "gguf-adapter": "llama.cpp"}  # where each format's proof runs
 
 
 def _dtype(args: argparse.Namespace) -> str:
@@ -58,17 +64,14 @@ def _check_gguf(args: argparse.Namespace, adapters: list[Path]) -> None:
 
 def export(args: argparse.Namespace) -> int:
     """Run `lorakit export`."""
-    from ..export import gguf, onnx, prepare
+    from ..export import prepare
 
     quiet_transformers()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     dtype = _dtype(args)
     if not args.adapter:
         raise BadInput("--adapter DIR is required (repeat it to merge several)")
-    try:
-        (onnx.require_runtime if args.format == "onnx" else gguf.require_runtime)()
-    except ImportError as e:
-        raise BadInput(str(e)) from None
+    unproven = _unproven(args, dtype)  # before anything is written or loaded: what is missing, and the remedies
     new_or_empty(args.out, "choose a new --out")
     inputs(prepare.check_exportable, args.model)
     adapters = [Path(a) for a in args.adapter]
@@ -84,31 +87,101 @@ def export(args: argparse.Namespace) -> int:
     progress = Progress()
     model, tok, task = inputs(prepare.load_unmerged, args.model, adapters, **base_check(args), progress=progress)
     try:
-        if args.format == "onnx":
-            done = onnx.export_loaded(model, tok, task, args.out, texts=texts, dtype=dtype, progress=progress)
-        else:
-            done = gguf.export_gguf(
-                model,
-                tok,
-                task,
-                args.model,
-                adapters,
-                args.out,
-                dtype=dtype,
-                adapter_only=args.format == "gguf-adapter",
-                texts=texts,
-                progress=progress,
-            )
+        done = _write(args, (model, tok, task), adapters, texts, dtype, unproven, progress)
     except prepare.ProofFailed as e:
-        print(json.dumps(asdict(e.proof), indent=2))
+        print(json.dumps(e.proof.to_json(), indent=2))
         print(f"{_flags(e)}; nothing written at {args.out}")
         return 1
     except (LoraFileError, prepare.ExportInputError) as e:  # what the writers refuse (the reason is in e)
         raise BadInput(_flags(e)) from None
+    _print_done(done, dtype)
+    return 0
+
+
+def _unproven(args: argparse.Namespace, dtype: str) -> str | None:
+    """Why the export will not be proven (--no-proof), or None; BadInput naming what is missing and the remedies."""
+    try:
+        _require(args.format, dtype, prove=False)  # what writes the file: --no-proof cannot do without it
+    except ImportError as e:
+        raise BadInput(str(e)) from None
+    try:
+        _require(args.format, dtype, prove=True)
+    except ImportError as e:
+        if not args.no_proof:
+            raise BadInput(f"{e}; or pass --no-proof to write the file without a proof (proof.json says so)") from None
+        return f"no runtime ran the file: {e}"
+    return f"--no-proof: the file was not run in {RUNTIME[args.format]}" if args.no_proof else None
+
+
+def _require(fmt: str, dtype: str, *, prove: bool) -> None:
+    """ImportError naming what to install unless the format's writer (and, to `prove`, its runtime) import."""
+    from ..export import gguf, onnx
+
+    if fmt == "onnx":
+        onnx.require_runtime(prove=prove, dtype=dtype)
+    else:
+        gguf.require_runtime(prove=prove)
+
+
+def _write(
+    args: argparse.Namespace,
+    loaded: tuple[Any, Any, str],
+    adapters: list[Path],
+    texts: tuple[str, ...] | list[str],
+    dtype: str,
+    unproven: str | None,
+    progress: Progress,
+) -> Exported:
+    """The export asked for: proven (texts) in its runtime, or written unproven when `unproven` says why."""
+    from ..export import gguf, onnx
+
+    model, tok, task = loaded
+    if args.format == "onnx" and unproven:
+        return onnx.export_unproven(model, tok, task, args.out, reason=unproven, dtype=dtype, progress=progress)
+    if args.format == "onnx":
+        return onnx.export_loaded(model, tok, task, args.out, texts=texts, dtype=dtype, progress=progress)
+    only = args.format == "gguf-adapter"
+    if unproven:
+        return gguf.export_gguf_unproven(
+            model,
+            tok,
+            task,
+            args.model,
+            adapters,
+            args.out,
+            reason=unproven,
+            dtype=dtype,
+            adapter_only=only,
+            progress=progress,
+        )
+    return gguf.export_gguf(
+        model,
+        tok,
+        task,
+        args.model,
+        adapters,
+        args.out,
+        dtype=dtype,
+        adapter_only=only,
+        texts=texts,
+        progress=progress,
+    )
+
+
+def _print_done(done: Exported, dtype: str) -> None:
+    """The proofs' summaries and the artefact; for an unproven export, a loud NOT PROVEN line on stderr too."""
     for p in done.proofs:
         print(f"proof: {p.summary()}")
-    print(f"exported {done.task} model to {done.artefact} ({dtype}); proof in {done.out / 'proof.json'}")
-    return 0
+    proof_file = done.out / "proof.json"
+    if done.unproven:
+        print(
+            f"lorakit export: warning: NOT PROVEN: {done.artefact} was written but never run, so nothing shows it "
+            f"computes what lorakit does ({done.unproven})",
+            file=sys.stderr,
+        )
+        print(f"exported {done.task} model to {done.artefact} ({dtype}); NOT PROVEN (why: {proof_file})")
+        return
+    print(f"exported {done.task} model to {done.artefact} ({dtype}); proof in {proof_file}")
 
 
 def _flags(e: BaseException) -> str:
@@ -154,6 +227,12 @@ def add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument(
         "--text", action="append", metavar="TEXT", help="a proof input (repeatable; default: a few fixed sentences)"
+    )
+    p.add_argument(
+        "--no-proof",
+        action="store_true",
+        help="write the file without running it in its runtime (when llama-cpp-python or onnxruntime is not "
+        'installed): proof.json says {"passed": null, "reason": ...} and the command prints NOT PROVEN',
     )
     add_base_mismatch_flag(p)
     p.set_defaults(run=export)

@@ -116,12 +116,22 @@ def _print_report(report: dict[str, Any], task: str) -> None:
 
 
 def _callbacks(args: argparse.Namespace) -> list[Callback] | None:
-    """The reporter (--plain or the automatic choice) and, with --log tensorboard, the TensorBoard writer."""
-    from ..train import PlainLog, TensorBoard, auto_reporter
+    """The reporter (--plain or the automatic choice) and, with --log, the tracker (TensorBoard, MLflow, W&B)."""
+    from ..train import PlainLog, auto_reporter
 
     if args.log == "none":
         return [PlainLog()] if args.plain else None  # None: the trainer picks the reporter on rank 0
-    return [PlainLog() if args.plain else auto_reporter(), TensorBoard()]  # both report on rank 0 only
+    return [PlainLog() if args.plain else auto_reporter(), _tracker(args)]  # both report on rank 0 only
+
+
+def _tracker(args: argparse.Namespace) -> Callback:
+    """The --log tracker, made now: a missing library fails here, naming the pip command, before anything loads."""
+    from ..train import MLflow, TensorBoard, WandB
+
+    if args.log == "tensorboard":
+        return TensorBoard()
+    params = {k: v for k, v in runfile.resolved(args, args.parser).items() if k not in out_dir.NOT_RECORDED}
+    return MLflow(params) if args.log == "mlflow" else WandB(params)
 
 
 def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -243,9 +253,11 @@ def _add_steps_args(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument(
         "--log",
-        choices=("none", "tensorboard"),
+        choices=("none", "tensorboard", "mlflow", "wandb"),
         default="none",
-        help="also log scalars to OUT/run/tensorboard/ (needs pip install 'lorakit[tensorboard]')",
+        help="also log the metrics to a tracker: tensorboard (OUT/run/tensorboard/; pip install "
+        "'lorakit[tensorboard]'), mlflow (MLFLOW_TRACKING_URI, else a file store in OUT/run/mlruns/) or wandb "
+        "(offline in OUT/run/wandb/ unless WANDB_MODE says otherwise); pip install 'lorakit[track]' for both",
     )
     g.add_argument(
         "--fsdp",

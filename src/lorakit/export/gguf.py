@@ -33,7 +33,7 @@ from .gguf_adapter import write_gguf_adapter
 from .gguf_model import write_gguf_model
 from .gguf_vocab import TOKENIZER_CHECK
 from .prepare import PROOF_TEXTS, Exported, ExportInputError, ProofFailed, proof_texts
-from .proof import Proof, compare, with_adapter_effect, write_proofs
+from .proof import Proof, compare, with_adapter_effect, write_proofs, write_unproven
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -49,16 +49,18 @@ TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 1e-1}
 RELATIVE = frozenset({"f16", "bf16", "q8_0"})
 
 
-def require_runtime() -> None:
-    """ImportError naming the extra to install, unless gguf (the writer) and llama_cpp (the proof) import."""
+def require_runtime(prove: bool = True) -> None:
+    """ImportError naming what to install, unless gguf (the writer) and, to `prove`, llama_cpp (the proof) import."""
     import importlib.util
 
-    missing = [m for m in ("gguf", "llama_cpp") if importlib.util.find_spec(m) is None]
+    needed = ("gguf", "llama_cpp") if prove else ("gguf",)
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
-        names = {"gguf": "gguf", "llama_cpp": "llama-cpp-python"}
+        names = {"gguf": "gguf (the writer)", "llama_cpp": "llama-cpp-python (the proof runs the file in llama.cpp)"}
         raise ImportError(
-            f"GGUF export needs {', '.join(names[m] for m in missing)}: pip install 'lorakit[export]' "
-            "(llama-cpp-python builds llama.cpp from source, a few minutes; the proof runs the file in it)"
+            f"GGUF export needs {' and '.join(names[m] for m in missing)}: pip install 'lorakit[export]', or "
+            "bash scripts/setup.sh dev in a lorakit checkout (llama-cpp-python builds llama.cpp from source, "
+            "a few minutes)"
         )
 
 
@@ -116,6 +118,38 @@ def export_gguf(
                 raise ProofFailed(p)
     artefact = out / (ADAPTER_FILE if adapter_only else MODEL_FILE)
     return Exported(out, artefact, task, tuple(proofs))
+
+
+def export_gguf_unproven(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    task: str,
+    model_dir: str | Path,
+    adapter_dirs: list[Path],
+    out: str | Path,
+    *,
+    reason: str,
+    dtype: str = "f16",
+    adapter_only: bool = False,
+    progress: Progress | None = None,
+) -> Exported:
+    """Write the same files as export_gguf without running them (no llama.cpp needed); proof.json says `reason`.
+
+    proof.json is `{"passed": null, "reason": reason, ...}` (proof.write_unproven): nothing shows the file
+    computes what lorakit does. The model is merged in place unless `adapter_only`.
+    """
+    progress = progress or quiet()
+    require_runtime(prove=False)
+    _check_request(task, adapter_dirs, adapter_only)
+    out = Path(out)
+    files = [MODEL_FILE, ADAPTER_FILE] if adapter_only else [MODEL_FILE]
+    with replacing_dir(out) as new:
+        if adapter_only:
+            _write_base_and_adapter(model_dir, adapter_dirs[0], new, out, dtype, progress)
+        else:
+            _write_merged(model, tok, new / MODEL_FILE, out, dtype, progress)
+        write_unproven(new / "proof.json", reason, artefacts=files, task=task, dtype=dtype)
+    return Exported(out, out / files[-1], task, (), unproven=reason)
 
 
 def _check_request(task: str, adapter_dirs: list[Path], adapter_only: bool) -> None:
@@ -253,6 +287,7 @@ def _prove(
         runtime=f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, CPU, f32 KV cache)",
         artefact=f"{model_file.name}" + (f" + {lora.name}" if lora else ""),
         task="causal-lm",
+        what=what,
         dtype=dtype,
         tolerance=tolerance,
     )
@@ -260,7 +295,6 @@ def _prove(
         proof,
         inputs=len(ids),
         passed=proof.passed and not notes and not parted,
-        what=what,
         tokenizer_agrees=not notes,
         tokenizer_texts=len(checks),
         greedy_tokens=sum(len(g) for g in want.greedy),

@@ -30,7 +30,7 @@ from torch import nn
 from ..files.atomic import replacing_dir
 from ..ui.progress import Progress, quiet
 from .prepare import PROOF_TEXTS, Exported, ExportInputError, ProofFailed, load_unmerged, proof_texts
-from .proof import check_onnx, with_adapter_effect
+from .proof import check_onnx, with_adapter_effect, write_unproven
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -137,15 +137,7 @@ def export_loaded(
     with progress.task("merging the adapters into the base"):
         merge(model)
     with replacing_dir(out) as new:
-        onnx_file = new / ONNX_FILE
-        f32_file = new / ".f32" / ONNX_FILE if dtype != "f32" else onnx_file
-        with progress.task(f"exporting {out / ONNX_FILE} with torch.onnx"):
-            f32_file.parent.mkdir(exist_ok=True)
-            _export(_Logits(model, tuple(inputs), task).eval(), inputs, f32_file)
-        if dtype != "f32":
-            with progress.task(f"converting the graph's weights to {dtype} with onnxruntime's tools"):
-                _lower(f32_file, onnx_file, dtype)
-                shutil.rmtree(f32_file.parent)
+        onnx_file = _write_graph(model, inputs, task, new, out, dtype, progress)
         with progress.task("checking the ONNX model in onnxruntime (CPU)"):
             proof = check_onnx(onnx_file, inputs, reference, task=task, dtype=dtype, tolerance=tolerance)
         # no base graph to run: onnxruntime's base is taken as lorakit's, so its whole error counts against the effect
@@ -158,13 +150,71 @@ def export_loaded(
     return Exported(out, out / ONNX_FILE, task, (proof,))
 
 
-def require_runtime() -> None:
-    """ImportError naming the extra to install, unless onnx, onnxscript (torch's exporter) and onnxruntime import."""
+def export_unproven(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    task: str,
+    out: str | Path,
+    *,
+    reason: str,
+    dtype: str = "f32",
+    progress: Progress | None = None,
+) -> Exported:
+    """Write the same files as export_loaded without running them; proof.json says `reason` (`"passed": null`).
+
+    f32 needs no onnxruntime (f16 and q8_0 are lowered with its tools). The model is merged in place.
+    """
+    from ..model import merge
+
+    progress = progress or quiet()
+    require_runtime(prove=False, dtype=dtype)
+    check_dtype(dtype)
+    out = Path(out)
+    inputs = proof_inputs(tok, proof_texts(tok, PROOF_TEXTS))  # example inputs to trace the graph with
+    with progress.task("merging the adapters into the base"):
+        merge(model)
+    with replacing_dir(out) as new:
+        _write_graph(model, inputs, task, new, out, dtype, progress)
+        write_unproven(new / "proof.json", reason, artefacts=[ONNX_FILE], task=task, dtype=dtype)
+        tok.save_pretrained(new)
+        model.config.save_pretrained(new)
+    return Exported(out, out / ONNX_FILE, task, (), unproven=reason)
+
+
+def require_runtime(prove: bool = True, dtype: str = "f32") -> None:
+    """ImportError naming what to install, unless onnx and onnxscript (torch's exporter) import, and onnxruntime
+    too to `prove` or to lower the weights to a `dtype` other than f32."""
     import importlib.util
 
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    needed = ("onnx", "onnxscript") + (("onnxruntime",) if prove or dtype != "f32" else ())
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
-        raise ImportError(f"ONNX export needs {', '.join(missing)}: pip install 'lorakit[export]'")
+        raise ImportError(
+            f"ONNX export needs {', '.join(missing)}: pip install 'lorakit[export]', or bash scripts/setup.sh dev in "
+            "a lorakit checkout"
+        )
+
+
+def _write_graph(
+    model: PreTrainedModel,
+    inputs: dict[str, torch.Tensor],
+    task: str,
+    new: Path,
+    out: Path,
+    dtype: str,
+    progress: Progress,
+) -> Path:
+    """Export the merged `model` to `new/ONNX_FILE` in `dtype` (shown as under `out`); returns the file."""
+    onnx_file = new / ONNX_FILE
+    f32_file = new / ".f32" / ONNX_FILE if dtype != "f32" else onnx_file
+    with progress.task(f"exporting {out / ONNX_FILE} with torch.onnx"):
+        f32_file.parent.mkdir(exist_ok=True)
+        _export(_Logits(model, tuple(inputs), task).eval(), inputs, f32_file)
+    if dtype != "f32":
+        with progress.task(f"converting the graph's weights to {dtype} with onnxruntime's tools"):
+            _lower(f32_file, onnx_file, dtype)
+            shutil.rmtree(f32_file.parent)
+    return onnx_file
 
 
 def _export(module: nn.Module, inputs: dict[str, torch.Tensor], onnx_file: Path) -> None:

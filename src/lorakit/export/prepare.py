@@ -50,12 +50,16 @@ class ProofFailed(LoraError, RuntimeError):
 
 @dataclass(frozen=True)
 class Exported:
-    """What an export wrote: the output directory, the artefact in it, the task and the proof(s)."""
+    """What an export wrote: the output directory, the artefact in it, the task and the proof(s).
+
+    An export written without a proof (`--no-proof`) has no proofs and says why in `unproven`.
+    """
 
     out: Path
     artefact: Path
     task: str
     proofs: tuple[Proof, ...]
+    unproven: str | None = None
 
     @property
     def proof(self) -> Proof:

@@ -42,7 +42,7 @@ class Proof:
     argmax_agree: int
     tolerance: float
     passed: bool
-    what: str = ""  # which artefact or combination was run ("base", "base + adapter.gguf", "merged")
+    what: str  # what the runtime ran: "merged" (base + adapters merged), "base", "model.gguf + adapter.gguf"
     tokenizer_agrees: bool | None = None  # the runtime's own tokenizer gave lorakit's token ids (None: not checked)
     greedy_tokens: int | None = None  # greedy continuation: tokens generated per side (None: not checked)
     greedy_agree: int | None = None  # of those, how many the runtime chose as lorakit did (ties within 2·tolerance too)
@@ -65,7 +65,7 @@ class Proof:
                 f", adapter effect {self.adapter_effect:.2g} reproduced to {self.adapter_error:.2g} "
                 f"(tolerance {self.adapter_tolerance:.1e})"
             )
-        what = f" [{self.what}]" if self.what else ""
+        what = f" [{self.what}]"
         notes = "".join(f"\n  {n}" for n in self.notes)
         return (
             f"{self.runtime}{what}: max |Δlogit| {self.max_abs_diff:.2g} (tolerance {self.tolerance:.1e}), "
@@ -76,10 +76,35 @@ class Proof:
         """Write the proof as JSON (atomically)."""
         write_proofs(path, [self])
 
+    def to_json(self) -> dict[str, object]:
+        """The proof as a JSON object of the checks it made: a check not made (None) and no notes are left out.
+
+        Examples:
+            >>> p = compare(torch.zeros(1, 2), torch.zeros(1, 2), None, runtime="rt", artefact="a", task="seq-cls",
+            ...             what="merged")
+            >>> "greedy_tokens" in p.to_json(), p.to_json()["what"]
+            (False, 'merged')
+        """
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if v not in (None, ())}
+
 
 def write_proofs(path: str | Path, proofs: list[Proof]) -> None:
-    """Write proofs as JSON (atomically): `{"passed": all of them passed, "proofs": [each Proof as a dict]}`."""
-    write_json(path, {"passed": all(p.passed for p in proofs), "proofs": [asdict(p) for p in proofs]})
+    """Write proofs as JSON (atomically): `{"passed": all of them passed, "proofs": [each Proof.to_json()]}`."""
+    write_json(path, {"passed": all(p.passed for p in proofs), "proofs": [p.to_json() for p in proofs]})
+
+
+def write_unproven(path: str | Path, reason: str, *, artefacts: list[str], task: str, dtype: str) -> None:
+    """Write the proof.json of an export nothing ran: `{"passed": null, "reason": why, ...what was written}`.
+
+    Examples:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     write_unproven(f"{d}/proof.json", "llama-cpp-python is missing", artefacts=["model.gguf"],
+        ...                    task="causal-lm", dtype="f16")
+        ...     load(f"{d}/proof.json")["passed"] is None
+        True
+    """
+    write_json(path, {"passed": None, "reason": reason, "artefacts": artefacts, "task": task, "dtype": dtype})
 
 
 def with_adapter_effect(proof: Proof, effect: float, error: float) -> Proof:
@@ -89,7 +114,8 @@ def with_adapter_effect(proof: Proof, effect: float, error: float) -> Proof:
     effect) fails too, saying so: the artefact may hold the adapter, but the proof cannot show it.
 
     Examples:
-        >>> p = compare(torch.zeros(1, 2), torch.zeros(1, 2), None, runtime="rt", artefact="a", task="seq-cls")
+        >>> p = compare(torch.zeros(1, 2), torch.zeros(1, 2), None, runtime="rt", artefact="a", task="seq-cls",
+        ...             what="merged")
         >>> with_adapter_effect(p, effect=0.5, error=1e-6).passed, with_adapter_effect(p, effect=0.5, error=0.5).passed
         (True, False)
     """
@@ -136,6 +162,7 @@ def compare(
     runtime: str,
     artefact: str,
     task: str,
+    what: str,
     dtype: str = "f32",
     tolerance: float | None = None,
 ) -> Proof:
@@ -143,7 +170,7 @@ def compare(
 
     Examples:
         >>> ref = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
-        >>> compare(ref + 1e-6, ref, None, runtime="rt", artefact="a", task="seq-cls").passed
+        >>> compare(ref + 1e-6, ref, None, runtime="rt", artefact="a", task="seq-cls", what="merged").passed
         True
     """
     tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
@@ -175,6 +202,7 @@ def compare(
         argmax_agree=agree,
         tolerance=tolerance,
         passed=passed,
+        what=what,
     )
 
 
@@ -203,11 +231,13 @@ def check_onnx(
         runtime=f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)",
         artefact=str(onnx_file.name),
         task=task,
+        what="merged",  # one graph: the base with the adapters merged into it
         dtype=dtype,
         tolerance=TOLERANCE["f32"] if tolerance is None else tolerance,
     )
 
 
 def load(path: str | Path) -> dict[str, object]:
-    """Proofs written by `write_proofs` (or Proof.write), as a dict: `{"passed": bool, "proofs": [dict, ...]}`."""
+    """proof.json as a dict: `{"passed": bool, "proofs": [dict, ...]}` (write_proofs), or an unproven export's
+    `{"passed": None, "reason": str, ...}` (write_unproven)."""
     return dict(json.loads(Path(path).read_text(encoding="utf-8")))

@@ -1,5 +1,6 @@
-"""Training: a Trainer emitting typed events, metrics, checkpoints, artifacts, dashboard, plain logs, TensorBoard,
-and a forgetting monitor (the KL of the adapted model from its base on reference text).
+"""Training: a Trainer emitting typed events, metrics, checkpoints, artifacts, dashboard, plain logs, trackers
+(TensorBoard, MLflow, Weights & Biases: each imports its library only when made), and a forgetting monitor (the
+KL of the adapted model from its base on reference text).
 
 Examples:
     >>> from lorakit.train import Trainer, TrainConfig, accuracy
@@ -12,15 +13,18 @@ from .config import TrainConfig
 from .events import CheckpointSaved, EpochEnded, Evaluated, Event, RunEnded, RunStarted, StepLogged
 from .forgetting import ReferenceKL, reference_loader
 from .metrics import Metric, accuracy, perplexity
+from .mlflow_log import MLflow
 from .reporting import PlainLog, auto_reporter
 from .tensorboard import TensorBoard
 from .trainer import Trainer, TrainResult
+from .wandb_log import WandB
 
 __all__ = [
     "CheckpointSaved",
     "EpochEnded",
     "Evaluated",
     "Event",
+    "MLflow",
     "Metric",
     "PlainLog",
     "ReferenceKL",
@@ -31,6 +35,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "WandB",
     "accuracy",
     "auto_reporter",
     "export_adapter",

@@ -1,11 +1,8 @@
 """A trainer callback writing TensorBoard scalars with torch's SummaryWriter (`pip install lorakit[tensorboard]`).
 
-    train/loss, train/lr, train/grad_norm, train/<metric>     every logged step
-    valid/loss, valid/<metric>, valid/kl_ref                   every evaluation (eval_every and epoch ends)
-    epoch/train_loss                                           every epoch end
-
-The x axis is the optimizer step. Event files go to `<artifact_dir>/tensorboard/` unless a log_dir is given;
-a resumed run purges the steps after its checkpoint, so the curves show one run, not two overlapping.
+The scalars are scalars.py's (train/loss, train/lr, train/grad_norm, valid/..., epoch/train_loss); the x axis is
+the optimizer step. Event files go to `<artifact_dir>/tensorboard/` unless a log_dir is given; a resumed run
+purges the steps after its checkpoint, so the curves show one run, not two overlapping.
 """
 
 from __future__ import annotations
@@ -13,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .events import EpochEnded, Evaluated, Event, RunEnded, RunStarted, StepLogged
+from .events import Event, RunEnded, RunStarted
+from .scalars import event_scalars
 
 SUBDIR = "tensorboard"
 
@@ -54,14 +52,10 @@ class TensorBoard:
             self._open(e)
         elif self.writer is None:
             return
-        elif isinstance(e, StepLogged):
-            scalars = {"train/loss": e.loss, "train/lr": e.lr, "train/grad_norm": e.grad_norm}
-            self._write(e.step, scalars | {f"train/{k}": v for k, v in e.metrics.items()})
-        elif isinstance(e, Evaluated):
-            self._valid(e.step, e.valid_loss, e.metrics, e.kl_ref)
-        elif isinstance(e, EpochEnded):
-            self._write(e.step, {"epoch/train_loss": e.train_loss})
-            self._valid(e.step, e.valid_loss, e.valid_metrics, e.kl_ref)
+        elif (scalars := event_scalars(e)) is not None:
+            step, values = scalars
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, global_step=step)
         elif isinstance(e, RunEnded):
             self.close()
 
@@ -75,16 +69,6 @@ class TensorBoard:
             log_dir = Path(e.artifact_dir) / SUBDIR
         purge = e.start_step + 1 if e.start_step else None  # events at steps >= purge_step are dropped
         self.writer = self.writer_class(log_dir=str(log_dir), purge_step=purge)
-
-    def _valid(self, step: int, loss: float | None, metrics: dict[str, float], kl_ref: float | None) -> None:
-        """One evaluation's scalars."""
-        self._write(step, {"valid/loss": loss, "valid/kl_ref": kl_ref} | {f"valid/{k}": v for k, v in metrics.items()})
-
-    def _write(self, step: int, scalars: dict[str, float | None]) -> None:
-        """add_scalar for every value that is not None."""
-        for tag, value in scalars.items():
-            if value is not None:
-                self.writer.add_scalar(tag, value, global_step=step)
 
     def close(self) -> None:
         """Flush and close the event file (idempotent)."""
