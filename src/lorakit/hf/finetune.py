@@ -132,10 +132,10 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     made = [p for p in (out, run_dir, cache) if not p.exists()]
     try:
         prepared = _prepare_data(job, tok, cache, progress)
+        probe = _answer_probe(job, tok, prepared) if job.eval_metrics else None  # rows checked before the model loads
     except BaseException:
         _remove_new(made)  # a refused run leaves OUT as it found it, so that the fixed run may start there
         raise
-    probe = _answer_probe(job, tok, prepared) if job.eval_metrics else None  # its rows checked before the model loads
     model = _load_model(job, tok, prepared, progress)
     train_loader, valid_loader, packed = _loaders(job, model, tok, prepared, progress)
     setup = Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed, answer_probe=probe)
