@@ -42,7 +42,8 @@ def test_eval_metric_in_the_table_and_in_json(tmp_path, model_dir, capsys):
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     chat = [{"role": "user", "content": "the dog ran in the park"}]
     prompt_answer = greedy(model, tok, "the cat sat on the mat")
-    chat_answer = greedy(model, tok, tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), chat=True)
+    chat_prompt = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    chat_answer = greedy(model, tok, chat_prompt, chat=True)
     rows = [
         {"prompt": "the cat sat on the mat", "completion": prompt_answer},  # right
         {"messages": [*chat, {"role": "assistant", "content": chat_answer}]},  # right

@@ -46,6 +46,19 @@ SAMPLES = 3  # rows shown with their generations at each evaluation of a run
 SHOWN_ROWS = 5  # rows named in an error
 
 
+class UnlistedValidationError(MetricError):
+    """Answer metrics on a data directory without validation rows of its own; `detail` says why."""
+
+    param = "valid_path"
+
+    def __init__(self, data: str | Path) -> None:
+        self.detail = (
+            f"{data}: the validation rows of a data directory are held out as it is read, so they cannot be "
+            "listed for answer metrics"
+        )
+        super().__init__(f"{self.detail}; give the validation rows a file or directory of their own (valid_path)")
+
+
 @dataclass(frozen=True)
 class AnswerRow:
     """One row to answer: where it is (`file:line`), the prompt to generate from, and its reference answer."""
@@ -163,13 +176,7 @@ def validation_answer_rows(
     if valid is not None:
         examples: Iterable[Example] = _examples(sources(valid, max_line_bytes=max_line_bytes), "causal-lm")
     elif Path(data).is_dir():
-        detail = (
-            f"{data}: the validation rows of a data directory are held out as it is read, so they cannot be "
-            "listed for answer metrics"
-        )
-        e = MetricError(f"{detail}; give the validation rows a file or directory of their own (valid_path)")
-        e.param, e.detail = "valid_path", detail  # the CLI words the remedy as its flag
-        raise e
+        raise UnlistedValidationError(data)
     else:
         every = list(_examples(sources(data, max_line_bytes=max_line_bytes), "causal-lm"))
         examples = holdout(every, valid_fraction, seed)[1] if len(every) >= 2 else []
