@@ -9,6 +9,9 @@ from typing import Any
 
 from ..hf import data
 from ..hf import models as hf
+from ..hf.answer_metrics import VALID as VALID_METRICS
+from ..hf.answer_metrics import parse_metrics
+from ..hf.answers import MAX_NEW_TOKENS
 from ..hf.rows import MAX_LINE_BYTES
 from .adapter_specs import adapter_specs
 from .common import PARAM_FLAGS, BadInput, add_base_mismatch_flag, base_check, inputs, positive_int, quiet_transformers
@@ -20,6 +23,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from ..ui.progress import Progress
 
     quiet_transformers()
+    inputs(parse_metrics, args.metric or [])  # a bad metric before anything loads
     specs = adapter_specs(args.adapter or [])
     inputs(hf.check_model_dir, args.model)
     progress = Progress()
@@ -36,6 +40,8 @@ def evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         chat_template=args.chat_template,
+        metrics=args.metric or [],
+        max_new_tokens=args.max_new_tokens,
         **base_check(args),
         progress=progress,
     )
@@ -72,18 +78,20 @@ def _print_tables(report: dict[str, Any]) -> None:
 
     seq_cls = report["task"] == "seq-cls"
     title = f"{report['data']}: {report['rows']} rows, {report['task']}, max_length {report['max_length']}"
+    answer = report.get("metrics", [])  # answer metrics: a column each
     columns = ("model", "accuracy", "macro-F1", "loss") if seq_cls else ("model", "loss", "perplexity", "tokens")
-    t = table(*columns, right=columns[1:])
+    t = table(*columns, *answer, right=(*columns[1:], *answer))
     if report["base"] is None:
         t.add_row("base", "-", "-", "-")
     else:
         b = report["base"]
-        t.add_row("base", f"{b['loss']:.4f}", f"{b['perplexity']:.3f}", str(b["tokens"]))
+        t.add_row("base", f"{b['loss']:.4f}", f"{b['perplexity']:.3f}", str(b["tokens"]), *_answer_cells(b, answer))
     for name, m in report["adapters"].items():
         if seq_cls:
             t.add_row(name, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{m['loss']:.4f}")
         else:
-            t.add_row(name, f"{m['loss']:.4f}", f"{m['perplexity']:.3f}", str(m["tokens"]))
+            cells = (f"{m['loss']:.4f}", f"{m['perplexity']:.3f}", str(m["tokens"]), *_answer_cells(m, answer))
+            t.add_row(name, *cells)
     parts: list[Any] = [title, t]
     if report.get("note"):
         parts.append(f"base: {report['note'].removeprefix('seq-cls: ')}")
@@ -101,6 +109,11 @@ def _print_tables(report: dict[str, Any]) -> None:
         print(to_text(*parts))
 
 
+def _answer_cells(scored: dict[str, Any], metrics: list[str]) -> list[str]:
+    """The answer metrics' means of one model, as table cells."""
+    return [f"{scored[m]:.4f}" for m in metrics]
+
+
 def add_eval(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Flags of `lorakit eval`."""
     p = subparsers.add_parser(
@@ -110,14 +123,23 @@ def add_eval(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Score the base model and each adapter on one data file, read and checked as finetune reads it.\n\n"
         "  causal-lm  mean loss per labelled token (completions only for prompt/completion rows) and perplexity\n"
         "  seq-cls    accuracy, macro-F1 and a confusion matrix (rows: true label, columns: predicted), with the\n"
-        "             adapter's label names; the base is not scored (its classification head is untrained)\n\n"
+        "             adapter's label names; the base is not scored (its classification head is untrained)\n"
+        "  --metric   causal-lm: each row's answer, generated greedily from its prompt (prompt/completion,\n"
+        "             instruction/output, or a chat's turns before its last assistant message, through the chat\n"
+        "             template), scored against its reference answer; the mean over the rows, a column each:\n"
+        "               exact_match    the generation equals the reference (both stripped of whitespace)\n"
+        "               contains       the reference occurs in the generation\n"
+        "               regex:PATTERN  re.search(PATTERN) matches the stripped generation (anchor: ^...$)\n"
+        "               json_valid     the stripped generation parses as JSON (no reference needed)\n\n"
         "Causal-lm adapters share one base (loaded by name, switched in turn). The task comes from the\n"
         "adapters' lorakit_task.json (all must agree). A table on stdout, or one JSON object with --json:\n"
         '  {"task": ..., "base": {...} | null, "adapters": {"NAME": {...}}, ...}\n'
         "Progress goes to stderr.",
         epilog="examples:\n"
         "  lorakit eval --model models/tiny-llama --adapter math=adapters/math --data valid.jsonl\n"
-        "  lorakit eval --model models/minilm --adapter adapters/sentiment --data valid.csv --json",
+        "  lorakit eval --model models/minilm --adapter adapters/sentiment --data valid.csv --json\n"
+        "  lorakit eval --model models/tiny-chat --adapter adapters/math --data valid.jsonl --metric exact_match "
+        "--metric 'regex:^[0-9]+$'",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
     p.add_argument(
@@ -142,8 +164,26 @@ def add_eval(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "them, else the tokenizer's)",
     )
     p.add_argument("--max-line-bytes", type=positive_int, default=MAX_LINE_BYTES, help=argparse.SUPPRESS)
+    _add_metric_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
     add_base_mismatch_flag(p)
     p.set_defaults(run=evaluate)
+
+
+def _add_metric_args(p: argparse.ArgumentParser) -> None:
+    """eval's answer-metric flags: --metric and --max-new-tokens."""
+    p.add_argument(
+        "--metric",
+        action="append",
+        metavar="NAME",
+        help=f"causal-lm: score greedy answers against the rows' references: {VALID_METRICS}; repeatable or "
+        "comma-separated (regex:PATTERN takes the rest of its value, commas included)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=MAX_NEW_TOKENS,
+        help=f"with --metric: the longest answer generated, in tokens (default {MAX_NEW_TOKENS})",
+    )

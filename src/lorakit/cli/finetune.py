@@ -10,6 +10,8 @@ from typing import Any
 from ..config import INITS
 from ..hf import finetune as job_module
 from ..hf import models as hf
+from ..hf.answer_metrics import VALID as VALID_METRICS
+from ..hf.answers import MAX_NEW_TOKENS
 from ..hf.data import MAX_LINE_BYTES
 from ..train.config import PRECISIONS, SCHEDULES
 from ..train.trainer import Callback
@@ -97,6 +99,9 @@ def _job(args: argparse.Namespace) -> job_module.FinetuneJob:
         pack=args.pack,
         gradient_checkpointing=args.gradient_checkpointing,
         reference=args.reference,
+        eval_metrics=args.eval_metric or (),
+        eval_metric_rows=args.eval_metric_rows,
+        eval_max_new_tokens=args.eval_max_new_tokens,
     )
 
 
@@ -105,7 +110,8 @@ def _print_report(report: dict[str, Any], task: str) -> None:
     metric = "accuracy" if task == "seq-cls" else "perplexity"
     for when in ("before", "after"):
         values = report[when]
-        print(f"{when:<6} valid_loss={values['loss']:.4f} valid_{metric}={values[metric]:.4f}")
+        answers = "".join(f" valid_{k}={v:.4f}" for k, v in values.items() if k not in ("loss", metric))
+        print(f"{when:<6} valid_loss={values['loss']:.4f} valid_{metric}={values[metric]:.4f}{answers}")
     packed = report.get("packing")
     if packed:  # --pack: what it saved
         print(
@@ -245,6 +251,7 @@ def _add_steps_args(g: argparse._ArgumentGroup) -> None:
         metavar="N",
         help="evaluate every N optimizer steps (default: at epoch ends only; epoch ends always evaluate)",
     )
+    _add_eval_metric_args(g)
     g.add_argument(
         "--reference",
         metavar="FILE",
@@ -268,6 +275,32 @@ def _add_steps_args(g: argparse._ArgumentGroup) -> None:
         "--gradient-checkpointing",
         action="store_true",
         help="recompute each layer's activations in the backward: less memory, about one more forward per step",
+    )
+
+
+def _add_eval_metric_args(g: argparse._ArgumentGroup) -> None:
+    """finetune's answer metrics at each evaluation (hf/answers.py)."""
+    g.add_argument(
+        "--eval-metric",
+        action="append",
+        metavar="NAME",
+        help=f"causal-lm: at every evaluation, generate the answers of the first --eval-metric-rows validation rows "
+        f"(greedy) and score them: {VALID_METRICS}; repeatable or comma-separated (as eval --metric); logged as "
+        "valid_NAME, with the first 3 rows' prompt, reference, generation and scores in metrics.jsonl",
+    )
+    g.add_argument(
+        "--eval-metric-rows",
+        type=positive_int,
+        default=16,
+        metavar="N",
+        help="with --eval-metric: validation rows answered per evaluation (default 16: generation is slow)",
+    )
+    g.add_argument(
+        "--eval-max-new-tokens",
+        type=positive_int,
+        default=MAX_NEW_TOKENS,
+        metavar="N",
+        help=f"with --eval-metric: the longest answer generated, in tokens (default {MAX_NEW_TOKENS})",
     )
 
 

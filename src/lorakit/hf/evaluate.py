@@ -5,9 +5,10 @@
 
 causal-lm: the mean cross-entropy over every labelled token of the file (token-weighted: a long row counts
 for its tokens, not as one sample; prompt tokens of prompt/completion rows carry no label) and its exp, the
-perplexity. seq-cls: accuracy, macro-F1 (the mean per-label F1 over the labels that occur in the data or the
-predictions, as scikit-learn's `f1_score(average="macro")`) and the confusion matrix (rows: true label,
-columns: predicted), labelled with the adapter's own label names.
+perplexity, and with `metrics` each answer metric's mean over the rows' greedy answers (answers.py).
+seq-cls: accuracy, macro-F1 (the mean per-label F1 over the labels that occur in the data or the predictions,
+as scikit-learn's `f1_score(average="macro")`) and the confusion matrix (rows: true label, columns: predicted),
+labelled with the adapter's own label names.
 
 Data rows go through fine-tuning's pipeline (`data.encode_file`: `rows`, `examples`, `encoding`), so a bad
 row is `file:line: reason`.
@@ -31,8 +32,9 @@ from torch import nn
 
 from ..errors import LoraFileError
 from ..ui import progress as progress_mod
-from . import data, templates
+from . import answers, data, templates
 from . import models as hf
+from .answer_metrics import AnswerMetric, parse_metrics
 from .batches import batches
 from .prepared import IGNORE_INDEX, Encoded
 from .rows import MAX_LINE_BYTES, BadRow
@@ -201,6 +203,9 @@ class EvalSetup:
     device: str
     trust_remote_code: bool
     allow_base_mismatch: bool = False  # adapters load even onto a base other than their lorakit.json records
+    metrics: Sequence[AnswerMetric] = ()  # causal-lm: answer metrics, scored on `answer_rows` (answers.py)
+    answer_rows: Sequence[answers.AnswerRow] = ()
+    max_new_tokens: int = answers.MAX_NEW_TOKENS
 
 
 def prepare(
@@ -217,6 +222,8 @@ def prepare(
     trust_remote_code: bool = False,
     allow_base_mismatch: bool = False,
     chat_template: str | Path | None = None,
+    metrics: Sequence[str] = (),
+    max_new_tokens: int = answers.MAX_NEW_TOKENS,
     progress: Progress | None = None,
 ) -> EvalSetup:
     """Resolve the task, read and tokenize the data, load the base and the adapters: every input error is here.
@@ -224,26 +231,23 @@ def prepare(
     `max_length` defaults to the one the adapters were trained with (their task files), else 256. Chat rows are
     rendered with `chat_template` (a Jinja file), else the template the adapters trained with (saved beside
     them), else the tokenizer's own: so an adapter is scored on the format it learned. seq-cls adapters are
-    checked against the base here (keys, shapes) and attached one at a time by `run`.
+    checked against the base here (keys, shapes) and attached one at a time by `run`. `metrics` (answer_metrics
+    specs, causal-lm) score each row's greedy answer of at most `max_new_tokens` tokens against its reference.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: expected an int >= 1")
     progress = progress or progress_mod.quiet()
     task, id2label = adapter_tasks(adapters, task)
+    answers.check_task(answer_metrics := parse_metrics(metrics), task)
     hf.check_task(model_dir, task, trust_remote_code=trust_remote_code)  # the model and task before the data
     template = templates.adapters_template(adapters, chat_template)
     max_length = _adapters_max_length(adapters) if max_length is None else max_length
     tok = _tokenizer(model_dir, template, trust_remote_code, progress)
-    rows, bad = data.encode_file(
-        data_path,
-        task,
-        tok,
-        id2label=id2label,
-        max_length=max_length,
-        skip_bad_rows=skip_bad_rows,
-        max_line_bytes=max_line_bytes,
-        progress=progress,
-    )
+    options: dict[str, Any] = {"max_length": max_length, "skip_bad_rows": skip_bad_rows, "progress": progress}
+    rows, bad = data.encode_file(data_path, task, tok, id2label=id2label, max_line_bytes=max_line_bytes, **options)
+    rows_to_answer = answers.file_answer_rows(
+        data_path, task, tok, answer_metrics, bad_rows=bad, max_line_bytes=max_line_bytes
+    ) if answer_metrics else []  # fmt: skip
     model = _load_models(model_dir, adapters, task, id2label, tok, trust_remote_code, allow_base_mismatch, progress)
     return EvalSetup(
         Path(model_dir),
@@ -260,6 +264,9 @@ def prepare(
         device or "cpu",
         trust_remote_code,
         allow_base_mismatch,
+        answer_metrics,
+        rows_to_answer,
+        max_new_tokens,
     )
 
 
@@ -348,11 +355,23 @@ def run(setup: EvalSetup, progress: Progress | None = None) -> dict[str, Any]:
     s.model.to(s.device)  # type: ignore[arg-type]
     with named.disable_adapters(s.model):
         report["base"] = causal_lm_metrics(s.model, s.rows, pad_id, **common, description="evaluating base")
+        report["base"].update(_answer_means(s, progress))
     for name in s.adapters:
         with named.use_adapter(s.model, name):
             scored[name] = causal_lm_metrics(s.model, s.rows, pad_id, **common, description=f"evaluating {name}")
+            scored[name].update(_answer_means(s, progress))
     report["adapters"] = scored
+    if s.metrics:
+        report.update(metrics=[m.name for m in s.metrics], max_new_tokens=s.max_new_tokens)
     return report
+
+
+def _answer_means(s: EvalSetup, progress: Progress) -> dict[str, float]:
+    """Each answer metric's mean over the setup's rows, for the model as it is (no metrics: nothing)."""
+    if not s.metrics:
+        return {}
+    options: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size, "progress": progress}
+    return answers.generate_and_score(s.model, s.tokenizer, s.answer_rows, s.metrics, **options).means
 
 
 def evaluate(
@@ -366,6 +385,6 @@ def evaluate(
     """`run(prepare(...))`: metrics of the base and of each named adapter on one data file.
 
     `options` are `prepare`'s (task, batch_size, max_length, skip_bad_rows, max_line_bytes, device,
-    trust_remote_code, allow_base_mismatch, chat_template).
+    trust_remote_code, allow_base_mismatch, chat_template, metrics, max_new_tokens).
     """
     return run(prepare(model_dir, adapters, data_path, progress=progress, **options), progress)

@@ -33,8 +33,9 @@ from ..train.trainer import Callback
 from ..ui.progress import Progress, quiet
 from ..variants.quant import FORMATS as QUANT_FORMATS
 from ..variants.quant import quantize_base
-from . import batches, chat, checkpointing, data, packing
+from . import answers, batches, chat, checkpointing, data, packing
 from . import models as hf
+from .answer_metrics import parse_metrics
 from .data import MAX_LINE_BYTES
 
 if TYPE_CHECKING:
@@ -73,11 +74,16 @@ class FinetuneJob:
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward instead of keeping them
     # forgetting monitor (train/forgetting.py): a plain text file whose KL(adapted || base) every evaluation reports
     reference: str | Path | None = None
+    # answer metrics (answer_metrics.py specs): every evaluation generates the first eval_metric_rows validation
+    # rows' answers and scores them (answers.AnswerProbe)
+    eval_metrics: Sequence[str] = ()
+    eval_metric_rows: int = 16
+    eval_max_new_tokens: int = answers.MAX_NEW_TOKENS
 
     def __post_init__(self) -> None:
         if self.task not in hf.TASKS:
             raise ValueError(f"task={self.task!r} is invalid: expected one of {', '.join(hf.TASKS)}")
-        for name in ("batch_size", "max_length"):
+        for name in ("batch_size", "max_length", "eval_metric_rows", "eval_max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1")
@@ -89,6 +95,7 @@ class FinetuneJob:
             )
         if self.pack and self.task != "causal-lm":
             raise ValueError(f"pack=True is for task 'causal-lm' (several texts per row); got {self.task!r}")
+        answers.check_task(parse_metrics(self.eval_metrics), self.task)
 
 
 @dataclass
@@ -103,6 +110,7 @@ class Setup:
     valid_loader: DataLoader[data.Encoded]
     packing: dict[str, Any] | None = None  # what packing saved (packing.summary), when the job packs
     reference_loader: DataLoader[Any] | None = None  # job.reference in chunks of max_length tokens
+    answer_probe: answers.AnswerProbe | None = None  # job.eval_metrics on the first validation rows
 
 
 def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
@@ -124,12 +132,13 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     made = [p for p in (out, run_dir, cache) if not p.exists()]
     try:
         prepared = _prepare_data(job, tok, cache, progress)
+        probe = _answer_probe(job, tok, prepared) if job.eval_metrics else None  # rows checked before the model loads
     except BaseException:
         _remove_new(made)  # a refused run leaves OUT as it found it, so that the fixed run may start there
         raise
     model = _load_model(job, tok, prepared, progress)
     train_loader, valid_loader, packed = _loaders(job, model, tok, prepared, progress)
-    setup = Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed)
+    setup = Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed, answer_probe=probe)
     if job.reference is not None:  # the forgetting monitor's text
         setup.reference_loader = _reference_loader(Path(job.reference), tok, job.max_length, job.batch_size)
     return setup
@@ -209,6 +218,23 @@ def _prepare_data(job: FinetuneJob, tok: PreTrainedTokenizerBase, cache: Path, p
     )
 
 
+def _answer_probe(job: FinetuneJob, tok: PreTrainedTokenizerBase, prepared: data.Prepared) -> answers.AnswerProbe:
+    """The job's answer metrics on its first `eval_metric_rows` validation rows (those training validates on)."""
+    metrics = parse_metrics(job.eval_metrics)
+    rows = answers.validation_answer_rows(
+        job.data,
+        job.valid,
+        tok,
+        metrics,
+        valid_fraction=job.valid_fraction,
+        seed=job.train.seed,
+        limit=job.eval_metric_rows,
+        bad_rows=prepared.bad_rows,
+        max_line_bytes=job.max_line_bytes,
+    )
+    return answers.AnswerProbe(tok, rows, metrics, job.eval_max_new_tokens, job.batch_size)
+
+
 def _remove_new(made: list[Path]) -> None:
     """Remove the directories in `made` (outermost first) that preparing created: the cache, then empty parents."""
     for path in reversed(made):
@@ -232,15 +258,24 @@ def _reference_loader(path: Path, tok: PreTrainedTokenizerBase, chunk: int, batc
     return reference_loader(ids, chunk, batch_size, tok.pad_token_id or 0)
 
 
+def _trainer(setup: Setup, callbacks: list[Callback] | None) -> Trainer:
+    """The job's trainer: its metric, the forgetting monitor and the answer metrics where the job asks."""
+    job = setup.job
+    metric = accuracy() if job.task == "seq-cls" else perplexity()
+    reference = ReferenceKL(setup.reference_loader) if setup.reference_loader is not None else None
+    probes = [setup.answer_probe] if setup.answer_probe is not None else []
+    artifacts = Path(job.out) / RUN_DIR
+    return Trainer(
+        setup.model, job.train, metrics=[metric], callbacks=callbacks, artifact_dir=artifacts, reference=reference,
+        probes=probes,
+    )  # fmt: skip
+
+
 def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Evaluate, train, evaluate again; write the adapter to `job.out` and return the report."""
     job, model = setup.job, setup.model
     out = Path(job.out)
-    metric = accuracy() if job.task == "seq-cls" else perplexity()
-    reference = ReferenceKL(setup.reference_loader) if setup.reference_loader is not None else None
-    trainer = Trainer(
-        model, job.train, metrics=[metric], callbacks=callbacks, artifact_dir=out / RUN_DIR, reference=reference
-    )
+    trainer = _trainer(setup, callbacks)
     before = trainer.evaluate(setup.valid_loader)
     result = trainer.fit(setup.train_loader, setup.valid_loader, resume=job.resume)
     after = trainer.evaluate(setup.valid_loader)

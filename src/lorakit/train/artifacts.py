@@ -15,7 +15,9 @@ metrics.jsonl rows:
      "kl_ref"}                                                 (every eval_every steps, inside an epoch)
     {"kind": "epoch", "epoch", "step", "train_loss", "valid_loss", "best_valid_loss", "is_best", "lr",
      "elapsed_s", "train_<metric>"..., "valid_<metric>"..., "kl_ref"}
-"kl_ref" is there when the Trainer has a reference monitor (forgetting.py).
+"kl_ref" is there when the Trainer has a reference monitor (forgetting.py). Probes (evaluation.Probe) add their
+metrics as "valid_<name>" and their samples as "samples": [{...}, ...] to "eval" and "epoch" rows (finetune's
+eval metrics: {"row", "prompt", "reference", "generation", "scores": {metric: 0 or 1}}).
 """
 
 from __future__ import annotations
@@ -154,6 +156,11 @@ def _kl(kl_ref: float | None) -> dict[str, float]:
     return {} if kl_ref is None else {"kl_ref": kl_ref}
 
 
+def _samples(samples: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """The row's "samples" entry, when a probe gave some."""
+    return {"samples": list(samples)} if samples else {}
+
+
 def eval_row(e: Evaluated) -> dict[str, Any]:
     """The metrics.jsonl row of an `eval_every` evaluation."""
     return {
@@ -166,6 +173,7 @@ def eval_row(e: Evaluated) -> dict[str, Any]:
         "elapsed_s": e.elapsed_s,
         **{f"valid_{k}": v for k, v in e.metrics.items()},
         **_kl(e.kl_ref),
+        **_samples(e.samples),
     }
 
 
@@ -184,6 +192,7 @@ def epoch_row(e: EpochEnded) -> dict[str, Any]:
         **{f"train_{k}": v for k, v in e.train_metrics.items()},
         **{f"valid_{k}": v for k, v in e.valid_metrics.items()},
         **_kl(e.kl_ref),
+        **_samples(e.samples),
     }
 
 

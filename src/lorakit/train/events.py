@@ -6,6 +6,7 @@ A callback is any `Callable[[Event], None]`. The trainer never prints: whatever 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Evaluated:
     elapsed_s: float
     metrics: dict[str, float] = field(default_factory=dict)  # the valid metrics
     kl_ref: float | None = None  # mean per-token KL(adapted ‖ base) on the reference text (forgetting.py)
+    samples: tuple[dict[str, Any], ...] = ()  # the probes' samples (e.g. generated answers with their scores)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class EpochEnded:
     train_metrics: dict[str, float] = field(default_factory=dict)
     valid_metrics: dict[str, float] = field(default_factory=dict)
     kl_ref: float | None = None  # as in Evaluated, measured at this epoch's end
+    samples: tuple[dict[str, Any], ...] = ()  # as in Evaluated
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,15 @@ class Run:
             ev = self.evaluator.during_run(self.valid, s.best_valid_loss)
             s.best_valid_loss = ev.best_valid_loss
             evaluated = Evaluated(
-                epoch, s.step, ev.valid_loss, s.best_valid_loss, ev.is_best, self.elapsed(), ev.metrics, ev.kl_ref
+                epoch,
+                s.step,
+                ev.valid_loss,
+                s.best_valid_loss,
+                ev.is_best,
+                self.elapsed(),
+                ev.metrics,
+                ev.kl_ref,
+                ev.samples,
             )
             self.row(art.eval_row(evaluated))
             self.emit(evaluated)
@@ -210,6 +218,7 @@ class Run:
             train_means,
             ev.metrics,
             ev.kl_ref,
+            ev.samples,
         )
         self.row(art.epoch_row(ended))
         self.emit(ended)

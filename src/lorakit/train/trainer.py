@@ -28,7 +28,7 @@ from .checkpoint import Checkpoint, RunState, resume_from
 from .config import TrainConfig
 from .device import bf16_supported, resolve_device
 from .distributed import Group
-from .evaluation import Evaluator
+from .evaluation import Evaluator, Probe
 from .events import Event, RunEnded, RunStarted
 from .forgetting import ReferenceKL
 from .metrics import BatchFn, Meter, Metric, as_metrics
@@ -64,6 +64,8 @@ class Trainer:
             Under torchrun only rank 0 writes there; for `resume` every rank reads its checkpoint.
         reference: a forgetting monitor (`ReferenceKL(loader)`, forgetting.py), measured at every evaluation
             and reported as `kl_ref`.
+        probes: measured at every evaluation (`evaluation.Probe`, e.g. hf/answers.py's scores of generated
+            answers); their metrics join the valid metrics, their samples go into metrics.jsonl rows.
 
     Evaluations (epoch ends, and every `config.eval_every` steps) leave the random streams as they found
     them, so validating or monitoring more often never changes what the run trains.
@@ -91,9 +93,11 @@ class Trainer:
         callbacks: Sequence[Callback] | None = None,
         artifact_dir: str | Path | None = None,
         reference: ReferenceKL | None = None,
+        probes: Sequence[Probe] = (),
     ) -> None:
         self.model = model
         self.reference = reference
+        self.probes = list(probes)
         self.config = config or TrainConfig()
         if not isinstance(self.config, TrainConfig):
             raise TypeError(f"config must be a lorakit.train.TrainConfig, got {type(self.config).__name__}")
@@ -133,14 +137,18 @@ class Trainer:
             reference=self.reference,
             best_adapter=best,
             fingerprints=self.fingerprints,
+            probes=self.probes,
         )
 
     def evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
         """Mean loss and metrics over `loader`, in eval mode, without gradients: {"loss": ..., name: ...}.
 
-        Under torchrun every rank evaluates all of `loader` (so every rank gets the same exact numbers).
+        Under torchrun every rank evaluates all of `loader` (so every rank gets the same exact numbers). The
+        probes' metrics join the means.
         """
-        return self._evaluator().means(loader)
+        evaluator = self._evaluator()
+        means = evaluator.means(loader)
+        return {**means, **evaluator.probe().metrics} if self.probes else means
 
     # -- the run ------------------------------------------------------------------------------------
 
