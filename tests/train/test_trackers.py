@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from lorakit.train import MLflow, Trainer, WandB
+from lorakit.train.evaluation import ProbeResult
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_run  # noqa: E402
@@ -22,15 +23,21 @@ sys.path.pop(0)
 PARAMS = {"rank": 8, "targets": "fc1", "unset": None}
 
 
-def _fit(out: Path, max_steps: int, *callbacks) -> list[dict]:
-    """A tiny run with `callbacks`; its metrics.jsonl rows."""
+def _fit(out: Path, max_steps: int, *callbacks, probes=()) -> list[dict]:
+    """A tiny run with `callbacks` (and `probes`); its metrics.jsonl rows."""
     cfg = tiny_run.CONFIG.__class__(
         **{**tiny_run.CONFIG.to_dict(), "max_steps": max_steps, "eval_every": 5, "log_every": 2, "warmup_steps": 1}
     )
     model, train, valid = tiny_run.build()
     metrics = {"mae": lambda o, y: (o - y).abs().mean()}
     trainer = Trainer(
-        model, cfg, loss_fn=nn.functional.mse_loss, callbacks=list(callbacks), artifact_dir=out, metrics=metrics
+        model,
+        cfg,
+        loss_fn=nn.functional.mse_loss,
+        callbacks=list(callbacks),
+        artifact_dir=out,
+        metrics=metrics,
+        probes=list(probes),
     )
     trainer.fit(train, valid)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -103,9 +110,27 @@ def test_wandb_logs_the_runs_metrics_and_config_offline_under_the_artifact_dir(t
 def test_mlflow_tracking_uri_and_wandb_mode_are_honoured(tmp_path, monkeypatch):
     elsewhere = (tmp_path / "elsewhere").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a user's own file store: theirs to allow
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = tmp_path / "run"
     rows = _fit(out, 2, MLflow(), WandB())
     assert not (out / "mlruns").exists() and not list(out.glob("wandb/offline-run-*"))
     _, history = _mlflow_run(elsewhere)
     assert history["train/loss"] == [(2, pytest.approx(_expected(rows)["train/loss"][0][1]))]
+
+
+def test_mlflow_takes_a_metric_whose_name_it_would_refuse(tmp_path, monkeypatch):
+    # an answer metric is named as typed (`regex:^[0-9]+$`); MLflow refuses `:^[]+$` in a metric's name
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "store").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    rows = _fit(tmp_path / "run", 2, MLflow(), probes=[_Answers()])
+    _, history = _mlflow_run((tmp_path / "store").as_uri())
+    assert [r["valid_regex:^[0-9]+$"] for r in rows if r["kind"] == "epoch"] == [0.25]
+    assert history["valid/regex___0-9___"] == [(2, 0.25)]
+
+
+class _Answers:
+    """A probe measuring a metric named as an answer metric is."""
+
+    def measure(self, model, device):
+        return ProbeResult({"regex:^[0-9]+$": 0.25})

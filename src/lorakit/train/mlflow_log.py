@@ -11,6 +11,7 @@ resume too, is a new MLflow run tagged with the step it starts at.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from .scalars import event_scalars, run_params
 SUBDIR = "mlruns"
 EXPERIMENT = "lorakit"
 MAX_PARAM = 6000  # MLflow's longest parameter value
+NOT_IN_KEY = re.compile(r"[^\w\-. /]")  # what MLflow refuses in a metric's name (a regex metric has `:^$`...)
 
 
 def _client_class() -> Any:
@@ -71,7 +73,7 @@ class MLflow:
         elif (scalars := event_scalars(e)) is not None:
             step, values = scalars
             for tag, value in values.items():
-                self.client.log_metric(self.run_id, tag, value, step=step)
+                self.client.log_metric(self.run_id, metric_key(tag), value, step=step)
         elif isinstance(e, RunEnded):
             self.close()
 
@@ -104,3 +106,13 @@ class MLflow:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id)
             self.run_id = None
+
+
+def metric_key(tag: str) -> str:
+    """`tag` as MLflow accepts a metric's name: characters it refuses become `_`.
+
+    Examples:
+        >>> metric_key("valid/regex:^[0-9]+$")
+        'valid/regex___0-9___'
+    """
+    return NOT_IN_KEY.sub("_", tag)
