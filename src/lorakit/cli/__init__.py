@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from . import paths, runfile
 from .bench import add_bench, bench  # noqa: F401  (bench: lorakit.cli.bench, as before)
@@ -58,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="LoRA for PyTorch: train, save, load and merge low-rank adapters. Start with `lorakit example`.",
     )
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    # each subcommand's parser is a CommandParser (its own usage and "did you mean" on an unknown flag)
     sub = parser.add_subparsers(metavar="COMMAND", title="commands", dest="command", parser_class=CommandParser)
     for add in SUBCOMMANDS:
-        add(sub)
+        add(cast("argparse._SubParsersAction[argparse.ArgumentParser]", sub))
     return parser
 
 
