@@ -20,13 +20,14 @@ OUT_DIR_METAVAR = "DIR"  # an --out that names a directory (bench's --out names 
 
 def check_paths(args: argparse.Namespace, command: argparse.ArgumentParser | None) -> None:
     """BadInput naming the first --adapter that is no directory, or an --out that cannot be written."""
-    for value in _adapter_values(args):
+    if command is None:
+        return
+    flags = {o: a for a in command._actions for o in a.option_strings}
+    for value in _adapter_values(args) if "--adapter" in flags else []:  # (inspect's ADAPTER may be a file)
         if not Path(value).is_dir():
             raise BadInput(f"--adapter {value}: no such directory")
-    out = getattr(args, "out", None)
-    if out is not None and command is not None:
-        metavar = next((a.metavar for a in command._actions if a.dest == "out"), None)
-        check_out(Path(out), directory=metavar == OUT_DIR_METAVAR)
+    if "--out" in flags and getattr(args, "out", None) is not None:
+        check_out(Path(args.out), directory=flags["--out"].metavar == OUT_DIR_METAVAR)
 
 
 def _adapter_values(args: argparse.Namespace) -> list[str]:
