@@ -112,3 +112,19 @@ def test_a_missing_adapter_is_reported_before_the_model_loads(tiny, tmp_path, ca
     missing = tmp_path / "adapters" / "typo"
     err = _refused(capsys, command, "--model", tiny["model"], "--adapter", f"a={missing}", *more[command])
     assert f"--adapter {missing}: no such directory" in err, err
+
+
+def test_an_overwrite_refused_before_training_puts_the_previous_run_back(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "run").mkdir(parents=True)
+    (out / "adapter_model.safetensors").write_bytes(b"old adapter")
+    (out / "run" / "checkpoint.safetensors").write_bytes(b"old checkpoint")
+    flags = ["finetune", "--model", tiny["model"], "--task", "causal-lm", "--device", "cpu", "--overwrite"]
+    err = _refused(capsys, *flags, "--data", tmp_path / "nope.jsonl", "--out", out)
+    assert "no such data file or directory" in err and f"{out} holds its previous files again" in err, err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "adapter_model.safetensors",
+        "run",
+        "run/checkpoint.safetensors",
+    ]
+    assert (out / "adapter_model.safetensors").read_bytes() == b"old adapter"
