@@ -80,10 +80,10 @@ COMMANDS = {
     "example": ("example", []),
     "bench": ("bench", []),
     "inspect": ("inspect", ["x"]),
-    "merge": ("merge", ["--model", "m", "--adapter", "a", "--out", "o"]),
+    "merge": ("merge", ["--model", "m", "--adapter", ".", "--out", "o"]),  # paths the dispatcher's check passes
     "generate": ("generate", ["--model", "m", "--prompt", "p"]),
     "finetune": ("finetune", ["--model", "m", "--data", "d", "--task", "causal-lm", "--out", "o"]),
-    "export": ("export", ["--model", "m", "--adapter", "a", "--out", "o"]),
+    "export": ("export", ["--model", "m", "--adapter", ".", "--out", "o"]),
 }  # E1: lorakit export (issue 15)
 
 

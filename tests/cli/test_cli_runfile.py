@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -235,6 +236,9 @@ def test_resume_with_changed_flags_exits_2_naming_them(run, tmp_path, capsys):
     assert status == 2, err
     assert "rank: 4 -> 8; lr: 0.0005 -> 0.001" in err and str(recorded) in err and "plain" not in err
 
+    status, err = _main(capsys, "finetune", "--out", run["out"], "--resume", "--rank", "8", "--lr", "5e-4")
+    assert status == 2 and "rank: 4 -> 8" in err and "lr:" not in err, err  # --out alone: the recorded flags
+
     older = tmp_path / "older"  # a run from before run files: the checkpoint's settings are compared
     shutil.copytree(run["out"], older)
     (older / "run" / "run.toml").unlink()
@@ -284,7 +288,77 @@ def test_ctrl_c_after_a_checkpoint_exits_130_with_a_resume_hint(run, tmp_path):
     assert proc.returncode == 130, (proc.returncode, err)
     last = err.strip().splitlines()[-1]
     assert last.startswith("lorakit finetune: interrupted; the last checkpoint is in ") and "--resume" in last
+    assert last.endswith(f"; resume with: lorakit finetune --out {tmp_path / 'out'} --resume"), last  # the command
     assert "Traceback" not in err
+
+
+def test_the_setup_line_echoes_packing_and_checkpointing(run):
+    lines = run["log"].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("start "))
+    setup = lines[start - 1]  # said before the first step
+    assert re.fullmatch(
+        r"setup pack=off padding=\d+\.\d% padding_if_packed=\d+\.\d% gradient_checkpointing=off "
+        r"checkpoint_every=epoch checkpoint=first/run/checkpoint\.safetensors",
+        setup,
+    ), setup
+
+
+OLD_RUN = ("adapter_model.safetensors", "adapter_config.json", "lorakit.json", "run/finetune_report.json")
+
+
+def _killed_at(marker: str, argv: list) -> tuple[list[str], str]:
+    """`lorakit ARGV`, held still after its stdout line starting with `marker` and SIGKILLed there: (lines, stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(TESTS / "_cli_hold.py"), marker, *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(marker):
+            proc.send_signal(signal.SIGKILL)
+            break
+    err = proc.stderr.read()
+    proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL and seen[-1].startswith(marker), "".join(seen) + err
+    return seen, err
+
+
+def test_overwrite_then_kill_leaves_no_old_run_in_out_and_out_alone_resumes(run, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(run["out"], out)  # a finished run
+    old = {name: (out / name).read_bytes() for name in OLD_RUN}
+    rows, valid = tmp_path / "same.jsonl", tmp_path / "valid.jsonl"
+    rows.write_text((json.dumps({"text": "the cat sat on the mat"}) + "\n") * 9)  # one length: 2 per packed row
+    valid.write_text("".join(json.dumps({"text": s}) + "\n" for s in _hf_models.SENTENCES[:2]))
+    flags = ["--model", run["model"], "--data", rows, "--valid", valid, "--task", "causal-lm", "--rank", "4"]
+    flags += ["--max-length", "16", "--batch-size", "8", "--epochs", "3", "--device", "cpu", "--plain", "--pack"]
+    marker = "checkpoint step=1 "  # the new run's first checkpoint is written
+    seen, err = _killed_at(marker, ["finetune", *flags, "--out", out, "--overwrite", "--checkpoint-every", "1"])
+
+    setup = next(x for x in seen if x.startswith("setup "))  # 9 rows of one length: 4 rows of 2 and 1 of 1
+    assert "pack=on padding=10.0% padding_if_unpacked=0.0%" in setup and "checkpoint_every=1 " in setup, setup
+    assert "warning: --pack makes the padding worse here (0.0% -> 10.0% of the tokens)" in err, err
+    said = re.search(r"--overwrite: what \S+ held is now in (\S+); it is deleted when this run finishes", err)
+    assert said, err
+    previous = Path(said.group(1))
+    assert previous.parent == out and previous.name.startswith(".previous-")
+    for name in OLD_RUN:  # nothing of the old run where a loader looks; all of it where the message said
+        assert not (out / name).exists(), name
+        assert (previous / name).read_bytes() == old[name], name
+    assert (out / "run" / "checkpoint.safetensors").is_file()
+
+    status = main(["finetune", "--out", str(out), "--resume", "--rank", "4"])  # --rank agrees with the run: taken
+    printed = capsys.readouterr()
+    assert status == 0, printed.err[-3000:]
+    assert "resumed_at_step=1 " in printed.out and "done steps=3 " in printed.out, printed.out
+    assert (out / "adapter_model.safetensors").is_file() and (out / "run" / "finetune_report.json").is_file()
+    assert f"note: {previous} holds a run replaced by --overwrite" in printed.err  # kept, and said so
 
 
 # -- the model must fit the task -------------------------------------------------------------------------

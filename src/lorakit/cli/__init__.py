@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import cast
 
-from . import runfile
+from . import paths, runfile
 from .bench import add_bench, bench  # noqa: F401  (bench: lorakit.cli.bench, as before)
 from .common import BadInput, print_notes
 from .eval import add_eval
@@ -29,6 +30,7 @@ from .finetune import add_finetune
 from .generate import add_generate
 from .inspect import add_inspect
 from .merge import add_merge
+from .parser import CommandParser, Parser
 from .predict import add_predict
 from .quiet import quiet_third_party
 from .serve import add_serve
@@ -53,14 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The `lorakit` argument parser with every subcommand in SUBCOMMANDS."""
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lorakit",
         description="LoRA for PyTorch: train, save, load and merge low-rank adapters. Start with `lorakit example`.",
     )
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
-    sub = parser.add_subparsers(metavar="COMMAND", title="commands", dest="command")
+    # each subcommand's parser is a CommandParser (its own usage and "did you mean" on an unknown flag)
+    sub = parser.add_subparsers(metavar="COMMAND", title="commands", dest="command", parser_class=CommandParser)
     for add in SUBCOMMANDS:
-        add(sub)
+        add(cast("argparse._SubParsersAction[argparse.ArgumentParser]", sub))
     return parser
 
 
@@ -82,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"lorakit {args.command}"
     print_notes()  # the library's provenance notes as `note:` lines
     try:
+        paths.check_paths(args, paths.subcommand(parser, args.command))  # before any command loads a model
         return args.run(args) or EXIT_OK
     except BadInput as e:
         print(f"{name}: error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from ..hf.data import MAX_LINE_BYTES
 from ..train.config import PRECISIONS, SCHEDULES
 from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
+from . import finetune_start as start
 from . import out_dir, runfile
 from .common import inputs, positive_int, quiet_transformers
 
@@ -31,17 +33,21 @@ def finetune(args: argparse.Namespace) -> int:
     out_dir.check_start(out, job.resume, job.overwrite)  # advice that fits what OUT holds
     if job.resume:  # the same run, or exit 2 naming what changed, before anything loads
         inputs(out_dir.check_same_run, out, args, args.parser, job.train.to_dict())
-    args.interrupt_hint = lambda: out_dir.interrupt_hint(out)  # after Ctrl-C: how to resume, once there is a checkpoint
     callbacks = _callbacks(args)  # before the slow part: a missing tensorboard fails here
-    setup = inputs(job_module.prepare, job, progress=Progress())
+    previous = start.make_room(job) if is_main() else None  # --overwrite: the previous run set aside
+    # after Ctrl-C: the command that resumes (once there is a checkpoint), and where the previous run went
+    args.interrupt_hint = functools.partial(start.interrupt_hint, out, previous)
+    setup = start.prepare(job, previous, Progress())
     if is_main():  # every flag's resolved value: `--config OUT/run/run.toml --out NEW` repeats this run
         runfile.write(out / job_module.RUN_DIR / out_dir.RUN_FILE, args, args.parser, skip=out_dir.NOT_RECORDED)
+        start.say_setup(setup)  # packing and checkpointing, before the first step
     bad = setup.prepared.bad_rows
     if bad:
         print(f"skipping {len(bad)} bad row(s) (--skip-bad-rows); first: {bad[0]}", file=sys.stderr)
     report = job_module.run(setup, callbacks=callbacks)
     if not is_main():  # under torchrun, rank 0 reports
         return 0
+    start.finish(job, previous)
     _print_report(report, job.task)
     print(f"adapter: {report['adapter']}  (run artifacts: {report['artifacts']})")
     return 0
@@ -147,9 +153,7 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="fine-tune a local Hugging Face model with LoRA on a JSONL/CSV file",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a LoRA adapter for a local causal LM or sequence classifier.\n\n"
-        "data rows (JSONL, or CSV with a header):\n"
-        '  causal-lm  {"text": ...}  or  {"prompt": ..., "completion": ...}  (loss on the completion only)\n'
-        '  seq-cls    {"text": ..., "label": "positive" | 3}\n\n'
+        f"{_row_forms()}\n\n"
         "Bad rows are listed as file:line and the run does not start unless --skip-bad-rows.\n"
         "OUT becomes a PEFT-format adapter directory; metrics, plot, checkpoint go to OUT/run/.",
         epilog="example: lorakit finetune --model models/tiny-llama --data train.jsonl --task causal-lm "
@@ -179,7 +183,17 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="a TOML run file of these flags (keys: rank, max_length, ...; paths relative to it); flags given "
         "here override it; every run records its own in OUT/run/run.toml",
     )
-    p.set_defaults(run=finetune, parser=p)
+    p.set_defaults(run=finetune, parser=p, recorded_run=out_dir.recorded_run)
+
+
+def _row_forms() -> str:
+    """The help text's list of data rows, one line per form each task takes (examples.FORMS)."""
+    from ..hf.examples import form_lines
+
+    lines = ["data rows (JSONL, CSV/TSV with a header, or a directory of Parquet/JSONL/CSV files), one form per row:"]
+    for task in hf.TASKS:
+        lines += [f"  {task if i == 0 else '':<10} {line}" for i, line in enumerate(form_lines(task))]
+    return "\n".join(lines)
 
 
 def _add_lora_args(g: argparse._ArgumentGroup) -> None:
@@ -219,7 +233,7 @@ def _add_lora_args(g: argparse._ArgumentGroup) -> None:
 def _add_training_args(g: argparse._ArgumentGroup) -> None:
     """finetune's training flags: epochs, learning rate and schedule, batches, precision, logs."""
     g.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
-    g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
+    g.add_argument("--lr", "--learning-rate", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
     g.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
     g.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default 1)")
     g.add_argument("--max-length", type=int, default=256, help="truncate rows to this many tokens (default 256)")
@@ -231,8 +245,18 @@ def _add_training_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--seed", type=int, default=0, help="seeds the split, shuffling, head init and dropout")
     g.add_argument("--log-every", type=int, default=10, help="optimizer steps between log lines (default 10)")
     g.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
-    g.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace what is in OUT")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT from its last checkpoint, with the settings it recorded "
+        "(OUT/run/run.toml): `--out OUT --resume` is enough",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what is in OUT: it is moved to OUT/.previous-<time>/ as the run starts and deleted when "
+        "the run finishes (kept if the run is interrupted)",
+    )
     g.add_argument("--plain", action="store_true", help="plain log lines instead of the dashboard")
 
 

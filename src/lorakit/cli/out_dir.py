@@ -5,6 +5,8 @@
     a run dir, no ckpt  a run that stopped before its first checkpoint: nothing to resume; --overwrite
     anything else       someone else's files: --overwrite or a new --out
 
+`--out OUT --resume` alone resumes: the flags OUT/run/run.toml records become the defaults (`recorded_run`,
+read by runfile.pre_parse), so only what the command line gives is compared.
 A resumed run must be the same run: its flags are compared with the run file the first run recorded
 (OUT/run/run.toml), or, for a run without one, its training settings with the checkpoint's, before any
 training starts.
@@ -13,6 +15,7 @@ training starts.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +84,13 @@ def check_same_run(out: Path, args: argparse.Namespace, parser: argparse.Argumen
         )
 
 
-def interrupt_hint(out: Path) -> str | None:
-    """What to say after Ctrl-C: how to resume, if there is a checkpoint to resume from."""
-    if checkpoint(out).is_file():
-        return f"the last checkpoint is in {checkpoint(out)}; add --resume to the same command to continue"
-    return None
+def recorded_run(argv: Sequence[str]) -> Path | None:
+    """The run file of `--out OUT --resume` in `argv` (OUT/run/run.toml), whose flags are then the defaults."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--out")
+    pre.add_argument("--resume", action="store_true")
+    known, _ = pre.parse_known_args(list(argv))
+    if not known.resume or known.out is None:
+        return None
+    path = Path(known.out) / RUN_DIR / RUN_FILE
+    return path if path.is_file() else None

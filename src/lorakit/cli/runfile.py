@@ -125,7 +125,8 @@ def use_as_defaults(parser: argparse.ArgumentParser, values: Mapping[str, Any]) 
 
 
 def pre_parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    """If argv's subcommand takes --config and names a file, load it as that subcommand's defaults."""
+    """If argv's subcommand takes --config and names a file (or implies one, its `recorded_run` default), load
+    it as that subcommand's defaults."""
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     if sub is None:
         return
@@ -136,8 +137,12 @@ def pre_parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(list(argv))
-    if known.config:
-        use_as_defaults(subparser, read(known.config, subparser))
+    path = known.config
+    if path is None:  # a subcommand may name a run file the command line implies (finetune --out OUT --resume)
+        implied = subparser.get_default("recorded_run")
+        path = implied(argv) if callable(implied) else None
+    if path:
+        use_as_defaults(subparser, read(path, subparser))
 
 
 # -- writing: tomllib only reads, and a run file is flat scalars and lists --------------------------------

@@ -25,6 +25,13 @@ FORMS: dict[str, tuple[tuple[str, ...], ...]] = {
     "causal-lm": (("text",), ("prompt", "completion"), ("messages",), ("instruction", "output")),
     "seq-cls": (("text", "label"),),
 }
+# what each form means, for help texts (`form_lines`)
+FORM_NOTES: dict[tuple[str, ...], str] = {
+    ("prompt", "completion"): "loss on the completion only",
+    ("messages",): "chat: turns of role and content; loss on the assistant's turns",
+    ("instruction", "output"): 'Alpaca, with an optional "input"; loss on the output only',
+    ("text", "label"): 'label: a name ("positive") or a class id (3)',
+}
 
 
 ROLES = ("system", "user", "assistant")
@@ -208,6 +215,21 @@ def _from_files(
             bad += src.bad + more_bad
             step.advance()
     return examples, bad
+
+
+def form_lines(task: str) -> list[str]:
+    """One line per row form of `task` (FORMS), with what it means: the data part of a help text.
+
+    Examples:
+        >>> form_lines("seq-cls")
+        ['{"text": ..., "label": ...}  (label: a name ("positive") or a class id (3))']
+    """
+    lines = []
+    for form in FORMS[task]:
+        sample = "{" + ", ".join(f'"{k}": {"[...]" if k == "messages" else "..."}' for k in form) + "}"
+        note = FORM_NOTES.get(form)
+        lines.append(f"{sample}  ({note})" if note else sample)
+    return lines
 
 
 def check_columns(path: str, columns: Sequence[str], task: str, *, header: bool = True) -> None:

@@ -126,6 +126,7 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     run_dir = out / RUN_DIR
     _check_out(job, out, run_dir)
     hf.check_task(job.model, job.task, trust_remote_code=job.trust_remote_code)  # the model/task first, then data
+    _check_input_paths(job)  # before the tokenizer and the weights load: a typo in a path costs no wait
     with progress.task(f"loading the tokenizer of {job.model}"):
         tok = hf.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
     cache = run_dir / DATA_CACHE  # a data directory's tokenized rows (ondisk.py); a data file needs none
@@ -151,6 +152,23 @@ def _check_out(job: FinetuneJob, out: Path, run_dir: Path) -> None:
             raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (run once without resume first)")
     elif not job.overwrite:
         hf.check_output_dir(out)  # resume=True continues the run there, overwrite=True replaces it
+
+
+# the job's input files, and what each is called in an error
+INPUT_PATHS = (("data", "data file or directory"), ("valid", "validation file or directory"))
+INPUT_FILES = (("reference", "the reference text file does not exist"), ("chat_template", "no such chat template file"))
+
+
+def _check_input_paths(job: FinetuneJob) -> None:
+    """FileNotFoundError naming the first of the job's input paths that is not there."""
+    for name, what in INPUT_PATHS:
+        path = getattr(job, name)
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such {what}")
+    for name, said in INPUT_FILES:
+        path = getattr(job, name)
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: {said}")
 
 
 def _load_model(

@@ -195,6 +195,23 @@ def summary(examples: Rows, rows: Rows, batch_size: int, seed: int) -> dict[str,
     }
 
 
+def padding_effect(examples: Rows, max_length: int, batch_size: int, seed: int = 0) -> tuple[float, float] | None:
+    """(unpacked, packed) padding fractions of `examples`, from their token counts alone (no row is built):
+    what packing does to the padding, known before training. None if the examples cannot be packed.
+
+    Examples:
+        >>> padding_effect([{"input_ids": [1] * 4}] * 3, max_length=8, batch_size=2)  # two rows of 8 and 4 tokens
+        (0.0, 0.25)
+    """
+    before = lengths(examples)
+    try:
+        groups = plan(before, max_length)
+    except ValueError:  # an empty or over-long example: `pack` refuses these with its own message
+        return None
+    after = [sum(before[i] for i in group) for group in groups]
+    return padding_fraction(before, batch_size, seed), padding_fraction(after, batch_size, seed)
+
+
 def check_model(model: PreTrainedModel) -> None:
     """Refuse (ValueError naming the model type) a model whose attention crosses packed examples' boundaries.
 
