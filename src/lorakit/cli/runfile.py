@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files.atomic import atomic_write
-from .common import BadInput
+from .common import MODEL_METAVAR, BadInput
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -108,6 +108,8 @@ def _one(path: Path, key: str, value: Any, action: argparse.Action) -> Any:
         raise BadInput(f"{path}: {key} = {_toml(value)} is invalid: expected one of {listed}")
     if action.metavar in PATH_METAVARS and isinstance(out, str):
         out = str(path.parent / out) if not Path(out).is_absolute() else out
+    elif action.metavar == MODEL_METAVAR and isinstance(out, str) and (path.parent / out).exists():
+        out = str(path.parent / out)  # a local model relative to the file; anything else is a hub id, kept
     return out
 
 
@@ -148,7 +150,8 @@ def resolved(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[
     values: dict[str, Any] = {}
     for dest, action in flag_actions(parser).items():
         value = getattr(args, dest, None)
-        if action.metavar in PATH_METAVARS and isinstance(value, str):
+        local_model = action.metavar == MODEL_METAVAR and isinstance(value, str) and Path(value).exists()
+        if (action.metavar in PATH_METAVARS or local_model) and isinstance(value, str):
             value = str(Path(value).resolve())
         values[dest] = value
     return values
