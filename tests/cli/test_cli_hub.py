@@ -1,9 +1,9 @@
 """Every command that takes --model takes a hub id too (ORG/NAME, --revision), through an on-disk hub cache offline.
 
-In-process (`lorakit.cli.main`): finetune, eval and generate on a cached hub id; the adapter records the id and
-commit as PEFT does (and PEFT loads it onto the base those name); --revision picks the second snapshot; a model that
-is not cached is exit 2 naming the id, the revision and the cache, for every command; every --model flag is the
-shared one (cli.common.add_model_flags).
+In process (`lorakit.cli.main`): an adapter of a hub base records the id and commit as PEFT does (and PEFT loads it
+onto the base those name); the run file keeps a hub id; --revision picks the second snapshot; a model that is not
+cached is exit 2 naming the id, the revision and the cache, for every command; every --model flag is the shared one
+(cli.common.add_model_flags). Slow: `finetune`, `eval` and `generate` on a hub id, equal to the same on its directory.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from _hub_cache import ABSENT, BRANCH, MAIN, REPO, V2  # noqa: E402
 
 from lorakit.cli import build_parser, main, runfile  # noqa: E402
 from lorakit.cli.common import MODEL_METAVAR  # noqa: E402
+from lorakit.hf import hub  # noqa: E402
 from lorakit.hf import models as hf  # noqa: E402
 
 PROMPT = "question : what is two plus two ? answer :"
@@ -34,8 +35,29 @@ def rows(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def adapter(hub_cache, rows, tmp_path_factory) -> Path:
-    """An adapter fine-tuned on the hub id (offline, from the cache), in process."""
+def adapter(hub_cache, tmp_path_factory) -> Path:
+    """A LoRA adapter saved from the base the hub id names (library calls, as finetune makes one), untrained."""
+    import lorakit as lk
+
+    out = tmp_path_factory.mktemp("adapters") / "a0"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in hub_cache.env().items():
+            mp.setenv(key, value)
+        base = hub.resolve_model(REPO)
+    model, _ = hf.load(base, "causal-lm")
+    lk.apply_lora(model, lk.LoraConfig(rank=2, alpha=4.0), targets=["q_proj", "v_proj"])
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero, so the adapter changes the logits
+            torch.nn.init.normal_(p, std=0.5)
+    lk.save_adapters(model, out)
+    hf.write_task_file(out, "causal-lm", base_model=base)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(hub_cache, rows, tmp_path_factory) -> Path:
+    """An adapter fine-tuned by `lorakit finetune --model ORG/NAME` (offline, from the cache), in process."""
     out = tmp_path_factory.mktemp("runs") / "a1"
     with pytest.MonkeyPatch.context() as mp:
         for key, value in hub_cache.env().items():
@@ -45,13 +67,11 @@ def adapter(hub_cache, rows, tmp_path_factory) -> Path:
     return out
 
 
-def test_finetune_on_a_hub_id_records_the_id_and_commit_as_peft_does(adapter, hub_env):
+def test_an_adapter_of_a_hub_base_records_the_id_and_commit_as_peft_does(adapter, hub_env):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == REPO and config["revision"] == MAIN  # not the cache path
     task = json.loads((adapter / hf.TASK_FILE).read_text())
     assert task["base_model"] == REPO and task["base_revision"] == MAIN
-    recorded = runfile.read(adapter / "run" / "run.toml", _subparser("finetune"))
-    assert recorded["model"] == REPO  # a hub id stays one in the run file (a local path is made absolute)
     # PEFT, the oracle: the base named by the recorded id and revision, from the same cache, plus the adapter
     import transformers
     from peft import PeftModel
@@ -59,34 +79,40 @@ def test_finetune_on_a_hub_id_records_the_id_and_commit_as_peft_does(adapter, hu
     base = transformers.AutoModelForCausalLM.from_pretrained(
         config["base_model_name_or_path"], revision=config["revision"], cache_dir=hub_env.cache, local_files_only=True
     )
+    with torch.no_grad():
+        plain = base.eval()(input_ids=IDS, attention_mask=MASK).logits
     theirs = PeftModel.from_pretrained(base, adapter).eval()
-    ours, _, _ = hf.load_with_adapter(hub_env.snapshot(MAIN), adapter)
+    ours, _, _ = hf.load_with_adapter(hub.resolve_model(REPO), adapter)
     with torch.no_grad():
         want = theirs(input_ids=IDS, attention_mask=MASK).logits
         got = ours.eval()(input_ids=IDS, attention_mask=MASK).logits
-    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
 
 
-def test_eval_and_generate_by_hub_id_equal_the_snapshot_directory(adapter, hub_env, rows, capsys):
-    outputs = {}
-    for model in (REPO, hub_env.snapshot(MAIN)):
-        assert main(["eval", "--model", str(model), "--adapter", str(adapter), "--data", str(rows), "--json"]) == 0
+def test_the_run_file_keeps_a_hub_id_and_makes_a_local_model_absolute(hub_env, tmp_path, monkeypatch):
+    parser = _subparser("finetune")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local").mkdir()
+    for model, recorded in ((REPO, REPO), ("local", str(tmp_path / "local"))):
+        args = parser.parse_args(["--model", model, "--data", "d.jsonl", "--task", "causal-lm", "--out", "o"])
+        assert runfile.resolved(args, parser)["model"] == recorded
+
+
+@pytest.mark.slow  # a whole finetune in process
+def test_finetune_eval_generate_on_a_hub_id(trained, hub_env, rows, capsys):
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == REPO and config["revision"] == MAIN
+    recorded = runfile.read(trained / "run" / "run.toml", _subparser("finetune"))
+    assert recorded["model"] == REPO  # `--config OUT/run/run.toml` repeats the run on the hub id
+    outputs = []
+    for model in (REPO, hub_env.snapshot(MAIN)):  # by id, and by the directory it names: the same answers
+        assert main(["eval", "--model", str(model), "--adapter", str(trained), "--data", str(rows), "--json"]) == 0
         scored = json.loads(capsys.readouterr().out)
-        argv = [
-            "generate",
-            "--model",
-            str(model),
-            "--adapter",
-            str(adapter),
-            "--prompt",
-            PROMPT,
-            "--max-new-tokens",
-            "4",
-        ]
-        assert main(argv) == 0
-        outputs[str(model)] = (scored, capsys.readouterr().out)
-    (by_id, text), (by_dir, text_dir) = outputs.values()
-    assert by_id["base"] == by_dir["base"] and text == text_dir and PROMPT in text
+        argv = ["generate", "--model", str(model), "--adapter", str(trained), "--prompt", PROMPT]
+        assert main([*argv, "--max-new-tokens", "4"]) == 0
+        outputs.append((scored, capsys.readouterr().out))
+    (by_id, text), (by_dir, text_dir) = outputs
+    assert by_id == by_dir and text == text_dir and PROMPT in text
 
 
 def test_revision_picks_the_second_snapshot(hub_env, rows, capsys):
