@@ -161,7 +161,7 @@ def load_model(
         >>> load_model("/nonexistent", "causal-lm")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        lorakit.hf.models.ModelDirError: /nonexistent: no such directory ...
+        lorakit.hf.models.ModelDirError: /nonexistent: no such directory
     """
     path = check_model_dir(path)
     auto = _auto_class(task)
