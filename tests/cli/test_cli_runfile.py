@@ -149,7 +149,7 @@ def test_a_flag_added_to_the_parser_is_a_key_at_once(tmp_path):
 @pytest.mark.parametrize(
     "text,says",
     [
-        ("rank = 8\nnope = 1\n", "unknown key 'nope'; the keys are the flags of this command: model, data"),
+        ("rank = 8\nnope = 1\n", "unknown key 'nope'; the keys are the flags of this command: model, revision, data"),
         ('rank = "8"\n', 'rank = "8" is invalid: expected an integer'),
         ("rank = 8.5\n", "rank = 8.5 is invalid: expected an integer"),
         ("lr = true\n", "lr = true is invalid: expected a number"),

@@ -29,9 +29,10 @@ CONTEXT = 1024  # the tiny llama's context, widened so that long streams outlast
 class Server:
     """A `lorakit serve` subprocess on a free port of 127.0.0.1."""
 
-    def __init__(self, *args: object, timeout: float = 120) -> None:
+    def __init__(self, *args: object, timeout: float = 120, env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "lorakit", "serve", "--port", "0", *map(str, args)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        env = {**ENV, **(env or {})}  # `env`: variables added to the offline environment (HF_HOME, ...)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.stderr: list[str] = []
         threading.Thread(target=self._read, args=(self.proc.stdout, self.lines), daemon=True).start()

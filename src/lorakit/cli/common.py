@@ -70,8 +70,8 @@ def new_or_empty(path: str | Path, remedy: str) -> None:
 
 
 def quiet_transformers() -> None:
-    """Offline, and no progress bars or load reports (quiet.py, which `main` applies to every command too)."""
-    hf.offline()
+    """No progress bars or load reports (quiet.py, which `main` applies to every command too): lorakit says what
+    matters itself."""
     quiet_third_party()
 
 
@@ -124,3 +124,40 @@ def print_notes() -> None:
 
     warnings.showwarning = show
     warnings.filterwarnings("always", category=ProvenanceNote)
+
+
+# -- the model: one pair of flags and one resolution for every command that loads a model ----------
+
+MODEL_METAVAR = "DIR|ORG/NAME"  # runfile.py records it absolute when it is a local path, as given when a hub id
+
+
+def add_model_flags(p: argparse.ArgumentParser, *, required: bool = True, help: str = "the base model") -> None:
+    """--model (a local directory or a Hugging Face hub id) and --revision; `model_dir(args)` resolves them."""
+    p.add_argument(
+        "--model",
+        required=required,
+        metavar=MODEL_METAVAR,
+        help=f"{help}: a local Hugging Face model directory, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct "
+        "(resolved through the Hugging Face cache, HF_HOME; HF_HUB_OFFLINE=1 reads only the cache)",
+    )
+    p.add_argument(
+        "--revision",
+        metavar="REV",
+        help="with a hub id --model: the branch, tag or commit hash to use (default: main)",
+    )
+
+
+def model_dir(args: argparse.Namespace) -> Path:
+    """The model directory --model names (a hub id resolved with --revision, hf.hub.resolve_model); BadInput if none.
+
+    Online, a hub model not yet in the cache is downloaded here, after a line naming it and the cache.
+    """
+    from ..hf import hub
+
+    revision = getattr(args, "revision", None)
+    if hub.is_hub_id(str(args.model)) and not Path(args.model).exists() and not hub.offline():
+        rev = revision or hub.DEFAULT_REVISION
+        print(
+            f"lorakit: {args.model} (revision {rev}) from the Hugging Face hub into {hub.cache_dir()}", file=sys.stderr
+        )
+    return inputs(hub.resolve_model, args.model, revision)

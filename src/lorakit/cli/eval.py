@@ -14,7 +14,17 @@ from ..hf.answer_metrics import parse_metrics
 from ..hf.answers import MAX_NEW_TOKENS
 from ..hf.rows import MAX_LINE_BYTES
 from .adapter_specs import adapter_specs
-from .common import PARAM_FLAGS, BadInput, add_base_mismatch_flag, base_check, inputs, positive_int, quiet_transformers
+from .common import (
+    PARAM_FLAGS,
+    BadInput,
+    add_base_mismatch_flag,
+    add_model_flags,
+    base_check,
+    inputs,
+    model_dir,
+    positive_int,
+    quiet_transformers,
+)
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -25,11 +35,11 @@ def evaluate(args: argparse.Namespace) -> int:
     quiet_transformers()
     inputs(parse_metrics, args.metric or [])  # a bad metric before anything loads
     specs = adapter_specs(args.adapter or [])
-    inputs(hf.check_model_dir, args.model)
+    model = model_dir(args)
     progress = Progress()
     setup = inputs(
         _prepare_eval,
-        args.model,
+        model,
         dict(specs),
         args.data,
         task=args.task,
@@ -141,7 +151,7 @@ def add_eval(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "  lorakit eval --model models/tiny-chat --adapter adapters/math --data valid.jsonl --metric exact_match "
         "--metric 'regex:^[0-9]+$'",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
+    add_model_flags(p)
     p.add_argument(
         "--adapter",
         action="append",

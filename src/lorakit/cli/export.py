@@ -19,7 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import LoraFileError
 from ..ui.progress import Progress
-from .common import BadInput, add_base_mismatch_flag, base_check, inputs, new_or_empty, quiet_transformers
+from .common import (
+    BadInput,
+    add_base_mismatch_flag,
+    add_model_flags,
+    base_check,
+    inputs,
+    model_dir,
+    new_or_empty,
+    quiet_transformers,
+)
 
 if TYPE_CHECKING:
     from ..export.prepare import Exported
@@ -44,12 +53,12 @@ def _dtype(args: argparse.Namespace) -> str:
     return dtype
 
 
-def _check_gguf(args: argparse.Namespace, adapters: list[Path]) -> None:
+def _check_gguf(args: argparse.Namespace, model: Path, adapters: list[Path]) -> None:
     """BadInput for what llama.cpp's GGUF cannot express in the model or (gguf-adapter) the one adapter."""
     from ..export.gguf_adapter import check_adapter
     from ..export.gguf_model import check_model
 
-    inputs(check_model, args.model)
+    inputs(check_model, model)
     if args.format == "gguf-adapter":
         if len(adapters) != 1:
             raise BadInput(
@@ -57,7 +66,7 @@ def _check_gguf(args: argparse.Namespace, adapters: list[Path]) -> None:
                 "several --lora files) or merge them into the model with --format gguf"
             )
         try:
-            check_adapter(adapters[0], args.model)
+            check_adapter(adapters[0], model)
         except LoraFileError as e:
             raise BadInput(_flags(e)) from None
 
@@ -73,21 +82,21 @@ def export(args: argparse.Namespace) -> int:
         raise BadInput("--adapter DIR is required (repeat it to merge several)")
     unproven = _unproven(args, dtype)  # before anything is written or loaded: what is missing, and the remedies
     new_or_empty(args.out, "choose a new --out")
-    inputs(prepare.check_exportable, args.model)
+    model_path = inputs(prepare.check_exportable, model_dir(args))
     adapters = [Path(a) for a in args.adapter]
     for a in adapters:
         if not a.is_dir():
             raise BadInput(f"--adapter {a}: no such directory")
-        inputs(prepare.check_adapter_base, args.model, a)  # which base it belongs to, before any format's checks
+        inputs(prepare.check_adapter_base, model_path, a)  # which base it belongs to, before any format's checks
     if args.format != "onnx":  # before the model is loaded: what llama.cpp's GGUF cannot express
-        _check_gguf(args, adapters)
+        _check_gguf(args, model_path, adapters)
     texts = args.text or prepare.PROOF_TEXTS
     if any(t == "" for t in texts):  # after the model, task and adapter checks: those say more
         raise BadInput("--text '': a proof input needs at least one character")
     progress = Progress()
-    model, tok, task = inputs(prepare.load_unmerged, args.model, adapters, **base_check(args), progress=progress)
+    model, tok, task = inputs(prepare.load_unmerged, model_path, adapters, **base_check(args), progress=progress)
     try:
-        done = _write(args, (model, tok, task), adapters, texts, dtype, unproven, progress)
+        done = _write(args, (model, tok, task), model_path, adapters, texts, dtype, unproven, progress)
     except prepare.ProofFailed as e:
         print(json.dumps(e.proof.to_json(), indent=2))
         print(f"{_flags(e)}; nothing written at {args.out}")
@@ -126,6 +135,7 @@ def _require(fmt: str, dtype: str, *, prove: bool) -> None:
 def _write(
     args: argparse.Namespace,
     loaded: tuple[Any, Any, str],
+    model_path: Path,
     adapters: list[Path],
     texts: tuple[str, ...] | list[str],
     dtype: str,
@@ -146,7 +156,7 @@ def _write(
             model,
             tok,
             task,
-            args.model,
+            model_path,
             adapters,
             args.out,
             reason=unproven,
@@ -158,7 +168,7 @@ def _write(
         model,
         tok,
         task,
-        args.model,
+        model_path,
         adapters,
         args.out,
         dtype=dtype,
@@ -209,7 +219,7 @@ def add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "GGUF beside it). Each proof runs the same inputs through the runtime and through lorakit's unmerged model "
         "and compares every logit; it fails (exit 1, nothing written) past the tolerance it states.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (transformers)")
+    add_model_flags(p)
     p.add_argument(
         "--adapter",
         action="append",

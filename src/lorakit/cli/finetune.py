@@ -19,7 +19,7 @@ from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
 from . import finetune_start as start
 from . import out_dir, runfile
-from .common import inputs, positive_int, quiet_transformers
+from .common import add_model_flags, inputs, model_dir, positive_int, quiet_transformers
 
 
 def finetune(args: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ def _job(args: argparse.Namespace) -> job_module.FinetuneJob:
     # "q_proj,v_proj" or "q_proj v_proj"; a regex ("re:...") is taken whole, commas and all
     targets = [t for chunk in args.targets for t in ([chunk] if chunk.startswith("re:") else chunk.split(",")) if t]
     return job_module.FinetuneJob(
-        model=args.model,
+        model=model_dir(args),
         data=args.data,
         task=args.task,
         out=args.out,
@@ -159,7 +159,7 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         epilog="example: lorakit finetune --model models/tiny-llama --data train.jsonl --task causal-lm "
         "--out adapters/a1",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
+    add_model_flags(p)
     p.add_argument(
         "--data",
         required=True,

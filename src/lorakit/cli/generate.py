@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING
 from ..hf import models as hf
 from ..ui.progress import Progress
 from .adapter_specs import adapter_specs, add_combine_flags, combine, parse_weights
-from .common import BadInput, add_base_mismatch_flag, base_check, check_sampling, inputs, quiet_transformers
+from .common import (
+    BadInput,
+    add_base_mismatch_flag,
+    add_model_flags,
+    base_check,
+    check_sampling,
+    inputs,
+    model_dir,
+    quiet_transformers,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -32,7 +41,7 @@ def generate(args: argparse.Namespace) -> int:
             raise BadInput(f"{d} is a {task} adapter; generate needs a causal-lm adapter")
     progress = Progress()
     with progress.task(f"loading the model {args.model}"):
-        model, tok = inputs(hf.load, args.model, "causal-lm", trust_remote_code=args.trust_remote_code)
+        model, tok = inputs(hf.load, model_dir(args), "causal-lm", trust_remote_code=args.trust_remote_code)
     if args.device:
         model.to(args.device)
     complete = partial(_complete, model, tok, args)
@@ -83,7 +92,7 @@ def add_generate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         description="Complete a prompt with a local causal LM; greedy by default, sampling with --temperature > 0. "
         "With --compare, print the base model's completion and then the adapter's.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="the base model directory")
+    add_model_flags(p)
     p.add_argument(
         "--adapter",
         action="append",

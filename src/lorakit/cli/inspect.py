@@ -10,7 +10,7 @@ from typing import Any
 
 from ..files import provenance
 from ..hf import models as hf
-from .common import inputs
+from .common import add_model_flags, inputs, model_dir
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -18,14 +18,15 @@ def inspect(args: argparse.Namespace) -> int:
     from ..files import inspect as adapter_info
 
     info = inputs(adapter_info.describe, args.adapter)
+    base = model_dir(args) if args.model else None  # a hub id resolved to its directory
     if info["kind"] == adapter_info.MODEL_ADAPTER_KIND:  # the base it was saved for; with --model, whether DIR holds it
-        info.update(provenance_info(args))
+        info.update(provenance_info(args, base))
     # -- portability report: --target, and with --model the base's config.json too ----------
     found = None
     if args.target:
         from ..export import portability
 
-        model = inputs(portability.read_model_config, Path(args.model)) if args.model else None
+        model = inputs(portability.read_model_config, base) if base else None
         found = portability.check(info, list(dict.fromkeys(args.target)), model)
         info["portability"] = {t: [f.to_json() for f in fs] for t, fs in found.items()}
     if args.json:
@@ -36,8 +37,9 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def provenance_info(args: argparse.Namespace) -> dict[str, Any]:
-    """{"provenance": ...} for `inspect --json`: None for an adapter without lorakit.json."""
+def provenance_info(args: argparse.Namespace, base_dir: Path | None = None) -> dict[str, Any]:
+    """{"provenance": ...} for `inspect --json`: None for an adapter without lorakit.json; with `base_dir` (--model
+    resolved), whether that model is the base."""
     path = Path(args.adapter)
     directory = path if path.is_dir() else path.parent
     sidecar = inputs(provenance.read, directory)
@@ -55,14 +57,13 @@ def provenance_info(args: argparse.Namespace) -> dict[str, Any]:
         "tensors": len(base.get("tensors", {})),  # the rest of the base (none in a format-1 sidecar)
         "quantized": sorted({m["quantized"] for m in base["modules"].values() if "quantized" in m}),
     }
-    model_dir = getattr(args, "model", None)
-    if model_dir:
+    if base_dir is not None:
         from ..fingerprint import fingerprint_like
 
         task, id2label = inputs(hf.read_task, directory)
-        model = inputs(hf.load_model, model_dir, task, id2label=id2label if task == "seq-cls" else None)
+        model = inputs(hf.load_model, base_dir, task, id2label=id2label if task == "seq-cls" else None)
         differences = provenance.compare(base, fingerprint_like(model, sidecar))
-        info.update(model=str(model_dir), matches=not differences, differences=differences)
+        info.update(model=str(args.model), matches=not differences, differences=differences)
     return {"provenance": info}
 
 
@@ -104,10 +105,10 @@ def add_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         help="report what this runtime refuses or computes differently for the adapter, and what fixes it "
         "(repeatable); docs/export.md lists the rules and their sources",
     )
-    p.add_argument(
-        "--model",
-        metavar="DIR",
-        help="a base model directory: say whether the adapter was saved for it (and with --target, check its "
-        "config.json for the runtime too)",
+    add_model_flags(
+        p,
+        required=False,
+        help="a base model: say whether the adapter was saved for it (and with --target, check its config.json "
+        "for the runtime too)",
     )
     p.set_defaults(run=inspect)

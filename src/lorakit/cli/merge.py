@@ -14,7 +14,16 @@ from ..files.atomic import replacing_dir
 from ..hf import models as hf
 from ..ui.progress import Progress
 from .adapter_specs import adapter_specs, add_combine_flags, combine, parse_weights, weights_for
-from .common import BadInput, add_base_mismatch_flag, base_check, inputs, new_or_empty, quiet_transformers
+from .common import (
+    BadInput,
+    add_base_mismatch_flag,
+    add_model_flags,
+    base_check,
+    inputs,
+    model_dir,
+    new_or_empty,
+    quiet_transformers,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -28,13 +37,13 @@ def merge(args: argparse.Namespace) -> int:
         new_or_empty(out, "pass --overwrite to replace it, or choose a new --out")
     elif out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: is a file; --overwrite replaces a directory, not a file")
-    inputs(hf.check_model_dir, args.model)
+    base = model_dir(args)
     specs, weights = adapter_specs(args.adapter), parse_weights(args.weight)
     progress = Progress()
     if len(specs) == 1 and not weights:
         model, tok, task = inputs(
             hf.load_with_adapter,
-            args.model,
+            base,
             specs[0][1],
             task=args.task,
             trust_remote_code=args.trust_remote_code,
@@ -43,7 +52,7 @@ def merge(args: argparse.Namespace) -> int:
         )
         what = str(specs[0][1])
     else:
-        model, tok, task = _load_named(args.model, specs, args.task, args.trust_remote_code, progress, args)
+        model, tok, task = _load_named(base, specs, args.task, args.trust_remote_code, progress, args)
         report = combine(model, specs, weights, args.combine, args.combine_rank)
         what = f"{report.method} of " + ", ".join(f"{w:g}×{n}" for n, w in weights_for(specs, weights).items())
         print(f"combined ({report.method}): max relative error of ΔW {report.max_relative_error:.3g}")
@@ -54,7 +63,7 @@ def merge(args: argparse.Namespace) -> int:
 
 
 def _load_named(
-    model_dir: str,
+    model_dir: Path,
     specs: list[tuple[str, Path]],
     task: str | None,
     trust_remote_code: bool,
@@ -87,7 +96,7 @@ def add_merge(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description="Load the base model and adapter, fold the adapter into the weights (in fp32), and write a "
         "directory that transformers' AutoModel*.from_pretrained(OUT) loads: weights, config, tokenizer.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
+    add_model_flags(p)
     p.add_argument(
         "--adapter",
         required=True,

@@ -13,9 +13,11 @@ from ..hf import models as hf
 from .common import (
     BadInput,
     add_base_mismatch_flag,
+    add_model_flags,
     base_check,
     check_sampling,
     inputs,
+    model_dir,
     positive_int,
     quiet_transformers,
 )
@@ -30,11 +32,11 @@ def predict(args: argparse.Namespace) -> int:
 
     quiet_transformers()
     check_sampling(args)
-    inputs(hf.check_model_dir, args.model)
+    model_path = model_dir(args)
     task, id2label = inputs(hf.read_task, args.adapter) if args.adapter else ("causal-lm", None)
     progress = Progress()
     with progress.task("loading tokenizer"):
-        tok = inputs(hf.load_tokenizer, args.model, trust_remote_code=args.trust_remote_code)
+        tok = inputs(hf.load_tokenizer, model_path, trust_remote_code=args.trust_remote_code)
     if args.chat_template:
         tok.chat_template = inputs(chat.read_template, args.chat_template)
     elif args.adapter and (trained := chat.load_template(args.adapter)) is not None:
@@ -49,7 +51,7 @@ def predict(args: argparse.Namespace) -> int:
         listing = data.BadRowsError(bad).listing  # the first rows, as finetune lists them
         raise BadInput(f"{len(bad)} bad input row(s); fix them, or pass --skip-bad-rows:\n{listing}")
     with progress.task("loading model"):
-        model = inputs(hf.load_model, args.model, task, id2label=id2label, trust_remote_code=args.trust_remote_code)
+        model = inputs(hf.load_model, model_path, task, id2label=id2label, trust_remote_code=args.trust_remote_code)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tok.pad_token_id
         if args.adapter:
@@ -110,7 +112,7 @@ def add_predict(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         "lorakit predict --model models/tiny-llama --adapter adapters/math\n"
         "  lorakit predict --model models/minilm --adapter adapters/sentiment --input reviews.jsonl > labels.jsonl",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
+    add_model_flags(p)
     p.add_argument("--adapter", metavar="DIR", help="an adapter directory (lorakit or PEFT); default: the base alone")
     p.add_argument("--input", default="-", metavar="FILE", help="JSONL (or CSV) rows; - for stdin (default)")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template for 'messages' rows")

@@ -5,8 +5,8 @@
 Every flag of a subcommand that has `--config` is a key, named by its argparse dest (`max_length`, or
 `max-length` as on the command line); tables only group keys (`[lora] rank = 8` is `rank = 8`). The
 order is argparse default < file < command line. A value is checked as the flag's own type would check
-it, and a path (a flag whose metavar is DIR or FILE) is taken relative to the file's directory. Nothing
-here knows finetune's flags: a flag added to the parser is a key at once.
+it, and a path (a flag whose metavar is DIR or FILE, or a --model that is not a hub id) is taken relative to the
+file's directory. Nothing here knows finetune's flags: a flag added to the parser is a key at once.
 
 `write` records every flag's resolved value (paths absolute) so `--config OUT/run/run.toml --out NEW`
 repeats a run exactly. tomllib only reads TOML; the file holds flat scalars and lists, so a few lines
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files.atomic import atomic_write
-from .common import BadInput
+from .common import MODEL_METAVAR, BadInput
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -106,9 +106,18 @@ def _one(path: Path, key: str, value: Any, action: argparse.Action) -> Any:
     if action.choices is not None and out not in action.choices:
         listed = ", ".join(map(str, action.choices))
         raise BadInput(f"{path}: {key} = {_toml(value)} is invalid: expected one of {listed}")
-    if action.metavar in PATH_METAVARS and isinstance(out, str):
+    local_model = action.metavar == MODEL_METAVAR and isinstance(out, str) and _is_local_model(out, path.parent)
+    if (action.metavar in PATH_METAVARS or local_model) and isinstance(out, str):
         out = str(path.parent / out) if not Path(out).is_absolute() else out
     return out
+
+
+def _is_local_model(value: str, base: Path) -> bool:
+    """Whether a --model value is a path (relative to `base`), not a hub id: an existing path wins, as in
+    hf.hub.resolve_model, and ORG/NAME that is not one is a hub id, kept as given."""
+    from ..hf.hub import is_hub_id
+
+    return (base / value).exists() or not is_hub_id(value)
 
 
 def _example(action: argparse.Action) -> str:
@@ -153,7 +162,8 @@ def resolved(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[
     values: dict[str, Any] = {}
     for dest, action in flag_actions(parser).items():
         value = getattr(args, dest, None)
-        if action.metavar in PATH_METAVARS and isinstance(value, str):
+        local_model = action.metavar == MODEL_METAVAR and isinstance(value, str) and _is_local_model(value, Path())
+        if (action.metavar in PATH_METAVARS or local_model) and isinstance(value, str):
             value = str(Path(value).resolve())
         values[dest] = value
     return values

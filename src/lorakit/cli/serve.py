@@ -17,7 +17,15 @@ import sys
 from pathlib import Path
 
 from .adapter_specs import adapter_specs
-from .common import BadInput, add_base_mismatch_flag, inputs, positive_int, quiet_transformers
+from .common import (
+    BadInput,
+    add_base_mismatch_flag,
+    add_model_flags,
+    inputs,
+    model_dir,
+    positive_int,
+    quiet_transformers,
+)
 
 KEY_VARIABLE = "LORAKIT_API_KEY"
 
@@ -82,7 +90,7 @@ def serve(args: argparse.Namespace) -> int:
         max_stop_chars=args.max_stop_chars,
     )
     options = launch.ServeOptions(
-        model=Path(args.model),
+        model=model_dir(args),
         adapters=tuple(adapter_specs(args.adapter or [])),
         host=args.host,
         port=args.port,
@@ -122,7 +130,7 @@ def add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "(encoders), vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, /metrics and /health. "
         'A request\'s "model" names an adapter, or the base (its directory\'s name, or "base").',
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="the base model directory (local Hugging Face format)")
+    add_model_flags(p)
     p.add_argument(
         "--adapter",
         action="append",

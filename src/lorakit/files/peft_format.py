@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..config import INITS, LoraBias, LoraConfig
 from ..errors import LoraFileError
-from . import provenance, safetensors
+from . import hub_cache, provenance, safetensors
 from .atomic import locked_dir
 
 CONFIG_NAME = "adapter_config.json"
@@ -171,7 +171,8 @@ def to_peft_config(
     """adapter_config.json for LoRA on `configs` (module name -> its config), in PEFT's vocabulary.
 
     Targets are written as the exact module names (a regex of them where a name is also the suffix of
-    one of `other_modules`); ranks and alphas that differ from the most common go to rank/alpha_pattern.
+    one of `other_modules`); ranks and alphas that differ from the most common go to rank/alpha_pattern. A
+    `name_or_path` in the hub cache (a snapshot directory) is written as its hub id, its commit as `revision`.
     """
     base = (
         Counter(c.rank for c in configs.values()).most_common(1)[0][0],
@@ -183,12 +184,14 @@ def to_peft_config(
         target_modules: list[str] | str = "|".join(re.escape(n) for n in names)  # a regex string: exact names
     else:
         target_modules = names
+    hub_base = hub_cache.snapshot_of(name_or_path)  # a base from the hub cache: its id and commit, as PEFT records
     rank_pattern = {_exact_key(n, names): c.rank for n, c in configs.items() if c.rank != base[0]}
     alpha_pattern = {_exact_key(n, names): c.alpha for n, c in configs.items() if c.alpha != base[1]}
     return {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": name_or_path,
+        "base_model_name_or_path": hub_base.repo_id if hub_base else name_or_path,
+        "revision": hub_base.commit if hub_base else None,
         "r": base[0],
         "lora_alpha": base[1],
         "lora_dropout": one.dropout,

@@ -1,1 +1,1 @@
-"""Hugging Face transformers: models and tokenizers from local directories, data files, fine-tune jobs."""
+"""Hugging Face transformers: models and tokenizers (a directory or a hub id), data files, fine-tune jobs."""

@@ -1,4 +1,5 @@
-"""Hugging Face transformers models and tokenizers, from local directories only (never a hub at run time).
+"""Hugging Face transformers models and tokenizers, from a model directory (a hub id is resolved to one first:
+hub.resolve_model).
 
     model, tokenizer = load("models/tiny-llama", "causal-lm")
     model, tokenizer = load("models/minilm", "seq-cls", id2label={0: "neg", 1: "pos"})
@@ -10,7 +11,6 @@ PEFT's `modules_to_save` convention (`classifier` for BERT-style encoders, `scor
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraError, LoraFileError
+from ..files.hub_cache import snapshot_of
 from .generation import generate as generate  # hf.generate, as before
 from .task_fit import TaskMismatchError as TaskMismatchError  # hf.TaskMismatchError beside the other load errors
 from .task_fit import check_config_fit, check_id2label, check_task_fit
@@ -34,7 +35,7 @@ HEAD_NAMES = ("classifier", "score")  # PEFT's SEQ_CLS modules_to_save
 TASK_FILE = "lorakit_task.json"  # written beside an adapter: task, labels, base model
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_WEIGHT_FILES = (
+WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
     "pytorch_model.bin",
@@ -85,9 +86,9 @@ def check_model_dir(path: str | Path) -> Path:
     """The path as a model directory (config.json + weights), or a ModelDirError saying what is missing."""
     path = Path(path)
     if not path.exists():
-        raise ModelDirError(
-            f"{path}: no such directory (lorakit loads models from local directories only, never a hub)"
-        )
+        shaped = not path.is_absolute() and len(path.parts) == 2  # ORG/NAME: perhaps a hub id, given unresolved
+        hint = " (a hub id ORG/NAME is resolved to its directory by lorakit.hf.hub.resolve_model)" if shaped else ""
+        raise ModelDirError(f"{path}: no such directory{hint}")
     if not path.is_dir():
         raise ModelDirError(f"{path}: not a directory; expected a Hugging Face model directory with config.json")
     if not (path / "config.json").is_file():
@@ -95,8 +96,8 @@ def check_model_dir(path: str | Path) -> Path:
             f"{path}: not a Hugging Face model directory (no config.json); "
             "save one with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR)"
         )
-    if not any((path / f).is_file() for f in _WEIGHT_FILES):
-        raise ModelDirError(f"{path}: has config.json but no weights (expected one of {', '.join(_WEIGHT_FILES)})")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise ModelDirError(f"{path}: has config.json but no weights (expected one of {', '.join(WEIGHT_FILES)})")
     return path
 
 
@@ -160,7 +161,7 @@ def load_model(
         >>> load_model("/nonexistent", "causal-lm")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        lorakit.hf.models.ModelDirError: /nonexistent: no such directory ...
+        lorakit.hf.models.ModelDirError: /nonexistent: no such directory
     """
     path = check_model_dir(path)
     auto = _auto_class(task)
@@ -254,16 +255,23 @@ def write_task_file(
     id2label: Mapping[int, str] | None = None,
     max_length: int | None = None,
 ) -> Path:
-    """Record the task (and label names) beside an adapter; also set PEFT's task_type in its config."""
+    """Record the task (and label names) beside an adapter; also set PEFT's task_type in its config.
+
+    A `base_model` in the hub cache (a snapshot directory) is recorded as its hub id, with its commit as
+    `base_revision`.
+    """
     from ..files import peft_format
     from ..files.atomic import locked_dir, write_json
 
     adapter_dir = Path(adapter_dir)
+    hub_base = snapshot_of(base_model)  # a base from the hub cache is named by its id and commit, not the cache path
     info: dict[str, Any] = {
         "task": task,
-        "base_model": str(base_model) if base_model else None,
+        "base_model": hub_base.repo_id if hub_base else str(base_model) if base_model else None,
         "max_length": max_length,
     }
+    if hub_base:
+        info["base_revision"] = hub_base.commit
     if id2label is not None:
         info["id2label"] = {str(i): str(v) for i, v in sorted(id2label.items())}
     with locked_dir(adapter_dir):  # the config is read, changed and rewritten: no save in between
@@ -385,9 +393,3 @@ def _untie_if_apart(model: PreTrainedModel) -> None:
     for c in (config, get_text(decoder=True) if callable(get_text) else config):
         if getattr(c, "tie_word_embeddings", False):
             c.tie_word_embeddings = False
-
-
-def offline() -> None:
-    """Make transformers and huggingface_hub refuse network access for this process."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.middleware import Middleware
 
 from ..errors import LoraError
+from ..files.hub_cache import snapshot_of
 from ..hf import models as hf
 from ..ui.progress import Progress, quiet
 from .access_log import FORMATS
@@ -106,7 +107,8 @@ def create_app(options: ServeOptions, progress: Progress | None = None) -> FastA
     progress = progress or quiet()
     model_dir = hf.check_model_dir(options.model)
     kind = model_kind(model_dir, options.adapters)
-    base_name = model_dir.resolve().name
+    hub = snapshot_of(model_dir)  # a hub model is served under its id (ORG/NAME), as vLLM does, not its commit hash
+    base_name = hub.repo_id if hub else model_dir.resolve().name
     metrics = Metrics()
     build = _text if kind == "causal-lm" else _encoder
     service, on_shutdown = build(options, model_dir, base_name, metrics, progress)
