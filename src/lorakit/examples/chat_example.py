@@ -129,12 +129,19 @@ def _base(opts: ChatExampleOptions, out: Path, split: chat_tasks.Split) -> Path:
     """Step 1: the base chat model, built and pre-trained on its skill, saved to out/base."""
     base = out / "base"
     say(f"[1/6] build a tiny Llama chat model (hidden {chat_model.HIDDEN}, {chat_model.LAYERS} layers) and its")
-    say(f"      tokenizer; pre-train all its weights on its skill, '{chat_tasks.prompt(BASE_TASK, '381')}' → "
-        f"'{chat_tasks.answer(BASE_TASK, '381')}', {opts.pretrain_steps} steps")
+    say(
+        f"      tokenizer; pre-train all its weights on its skill, '{chat_tasks.prompt(BASE_TASK, '381')}' → "
+        f"'{chat_tasks.answer(BASE_TASK, '381')}', {opts.pretrain_steps} steps"
+    )
     chat_model.build_chat_model(base, chat_tasks.corpus(), seed=opts.seed)
     rows = chat_tasks.write_rows(out / "data" / f"{BASE_TASK}.jsonl", BASE_TASK, split.train)
     config = TrainConfig(
-        max_steps=opts.pretrain_steps, lr=3e-3, schedule="cosine", warmup_steps=10, device="cpu", seed=opts.seed,
+        max_steps=opts.pretrain_steps,
+        lr=3e-3,
+        schedule="cosine",
+        warmup_steps=10,
+        device="cpu",
+        seed=opts.seed,
         log_every=50,
     )
     t = time.perf_counter()
@@ -158,16 +165,25 @@ def _finetune(task: str, opts: ChatExampleOptions, out: Path, base: Path, split:
         batch_size=32,
         max_length=32,
         train=TrainConfig(
-            max_steps=opts.finetune_steps, lr=1e-2, schedule="cosine", warmup_steps=20, device="cpu",
-            seed=opts.seed, log_every=50,
+            max_steps=opts.finetune_steps,
+            lr=1e-2,
+            schedule="cosine",
+            warmup_steps=20,
+            device="cpu",
+            seed=opts.seed,
+            log_every=50,
         ),
     )
-    say(f"[{step}/6] LoRA fine-tune '{task}' ('{chat_tasks.prompt(task, '381')}' → '{chat_tasks.answer(task, '381')}'):"
-        f" rank {job.lora.rank}, alpha {job.lora.alpha:g}, all linear layers, {opts.finetune_steps} steps")
+    say(
+        f"[{step}/6] LoRA fine-tune '{task}' ('{chat_tasks.prompt(task, '381')}' → '{chat_tasks.answer(task, '381')}'):"
+        f" rank {job.lora.rank}, alpha {job.lora.alpha:g}, all linear layers, {opts.finetune_steps} steps"
+    )
     setup = finetune.prepare(job, progress=Progress())
     report = finetune.run(setup, callbacks=[_reporter(f"lorakit example chat · adapter '{task}'")])
-    say(f"      adapter: {job.out} (valid loss {report['before']['loss']:.3f} → {report['after']['loss']:.3f}, "
-        f"{report['trainable_params']:,} of {report['total_params']:,} parameters trained, {report['elapsed_s']:.1f}s)")
+    say(
+        f"      adapter: {job.out} (valid loss {report['before']['loss']:.3f} → {report['after']['loss']:.3f}, "
+        f"{report['trainable_params']:,} of {report['total_params']:,} parameters trained, {report['elapsed_s']:.1f}s)"
+    )
     return Path(job.out)
 
 
@@ -213,6 +229,8 @@ def _report(scores: Scores) -> bool:
         got, base = scores.accuracy[task][task], scores.accuracy["base"][task]
         good = got >= MIN_ACCURACY and got > base
         ok = ok and good
-        say(f"      '{task}': base {100 * base:.0f}% → adapter {100 * got:.0f}% "
-            + ("ok" if good else f"FAILED: expected at least {100 * MIN_ACCURACY:.0f}% and above the base"))
+        say(
+            f"      '{task}': base {100 * base:.0f}% → adapter {100 * got:.0f}% "
+            + ("ok" if good else f"FAILED: expected at least {100 * MIN_ACCURACY:.0f}% and above the base")
+        )
     return ok

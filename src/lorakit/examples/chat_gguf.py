@@ -22,12 +22,20 @@ ASKED = 8  # held-out prompts asked through llama.cpp
 EXPORT_TIMEOUT_S = 300
 
 
-def gguf_step(base: Path, task: str, adapter: Path, held_out: Sequence[str], expected: Sequence[str], out: Path) -> bool:
+def gguf_step(
+    base: Path, task: str, adapter: Path, held_out: Sequence[str], expected: Sequence[str], out: Path
+) -> bool:
     """Step 6; True when it was skipped (no llama.cpp), or the export is proven and llama.cpp answers as expected."""
-    missing = [pip for module, pip in (("gguf", "gguf"), ("llama_cpp", "llama-cpp-python")) if importlib.util.find_spec(module) is None]
+    missing = [
+        pip
+        for module, pip in (("gguf", "gguf"), ("llama_cpp", "llama-cpp-python"))
+        if importlib.util.find_spec(module) is None
+    ]
     if missing:
-        say(f"[6/6] GGUF export and llama.cpp: skipped, {' and '.join(missing)} not installed "
-            f"({sys.executable} -m pip install {' '.join(missing)}, or `bash scripts/setup.sh dev`)")
+        say(
+            f"[6/6] GGUF export and llama.cpp: skipped, {' and '.join(missing)} not installed "
+            f"({sys.executable} -m pip install {' '.join(missing)}, or `bash scripts/setup.sh dev`)"
+        )
         return True
     target = out / "gguf"
     say(f"[6/6] export '{task}' merged into the base as GGUF (`lorakit export`, proven in llama.cpp); ask llama.cpp")
@@ -37,8 +45,10 @@ def gguf_step(base: Path, task: str, adapter: Path, held_out: Sequence[str], exp
     got = _llama_answers(gguf_file, base, task, held_out[:ASKED])
     same = [g.strip() == w.strip() for g, w in zip(got, expected[:ASKED], strict=True)]
     right = chat_tasks.exact_match(got, task, held_out[:ASKED])
-    say(f"      llama.cpp ({gguf_file.name}): e.g. {chat_tasks.prompt(task, held_out[0])!r} → {got[0]!r}; "
-        f"{sum(same)}/{len(same)} answers as in process, {100 * right:.0f}% right " + ("ok" if all(same) else "FAILED"))
+    say(
+        f"      llama.cpp ({gguf_file.name}): e.g. {chat_tasks.prompt(task, held_out[0])!r} → {got[0]!r}; "
+        f"{sum(same)}/{len(same)} answers as in process, {100 * right:.0f}% right " + ("ok" if all(same) else "FAILED")
+    )
     return all(same)
 
 

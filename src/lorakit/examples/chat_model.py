@@ -104,7 +104,9 @@ def pretrain(
     follows the chat template and has one skill, which the adapters then change.
     """
     tok = hf.load_tokenizer(model_dir)
-    prepared = data.prepare(rows, "causal-lm", tok, valid_fraction=0.1, seed=config.seed, max_length=32, progress=progress)
+    prepared = data.prepare(
+        rows, "causal-lm", tok, valid_fraction=0.1, seed=config.seed, max_length=32, progress=progress
+    )
     collate = functools.partial(batches.collate, pad_id=tok.pad_token_id)
     shuffle = torch.Generator().manual_seed(config.seed)
     # a list is a map-style dataset to DataLoader; torch's stubs ask for a Dataset subclass
@@ -119,4 +121,5 @@ def pretrain(
     model = hf.load_model(model_dir, "causal-lm")
     result = Trainer(model, config, callbacks=list(callbacks)).fit(train, valid)
     model.save_pretrained(model_dir)
+    assert result.valid_loss is not None  # fit() evaluated the valid loader
     return result.valid_loss

@@ -8,6 +8,7 @@ must be the one the adapter generated in process (greedy: the same sampler, the 
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import signal
@@ -18,9 +19,13 @@ import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import chat_tasks
 from .chat_tasks import MAX_NEW_TOKENS, say
+
+if TYPE_CHECKING:
+    import openai
 
 ASKED = 8  # held-out prompts asked of each adapter through the server
 READY_TIMEOUT_S = 180.0
@@ -74,22 +79,26 @@ class ServeProcess:
             return self.proc.wait()
 
 
+def _ask(client: openai.OpenAI, start: threading.Barrier, job: tuple[str, str]) -> str:
+    """Adapter `job[0]`'s greedy answer to its task on the digits `job[1]`, sent once every request is ready."""
+    name, x = job
+    start.wait()  # every request leaves together: the engine batches them
+    reply = client.chat.completions.create(
+        model=name,
+        messages=[{"role": "user", "content": chat_tasks.prompt(name, x)}],
+        temperature=0.0,
+        max_tokens=MAX_NEW_TOKENS,
+    )
+    return reply.choices[0].message.content or ""
+
+
 def _ask_all(url: str, adapters: Sequence[str], held_out: Sequence[str]) -> dict[str, list[str]]:
     """Every adapter's first ASKED held-out prompts of its task, sent at once through the openai client."""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120.0)
     jobs = [(name, x) for name in adapters for x in held_out[:ASKED]]
-    start = threading.Barrier(len(jobs))
-
-    def ask(job: tuple[str, str]) -> str:
-        name, x = job
-        start.wait()  # every request leaves together: the engine batches them
-        reply = client.chat.completions.create(
-            model=name, messages=chat_tasks.messages(name, x), temperature=0.0, max_tokens=MAX_NEW_TOKENS  # type: ignore[arg-type]
-        )
-        return reply.choices[0].message.content or ""
-
+    ask = functools.partial(_ask, client, threading.Barrier(len(jobs)))
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         answers = list(pool.map(ask, jobs))
     return {name: answers[i * ASKED : (i + 1) * ASKED] for i, name in enumerate(adapters)}
@@ -124,15 +133,19 @@ def serve_step(
         server.stop()
         return False
     code = server.stop()
-    say(f"      {url}: {sum(map(len, answers.values()))} requests sent together; {shared} of {steps} decode steps "
-        "ran several requests (both adapters in one batch)")
+    say(
+        f"      {url}: {sum(map(len, answers.values()))} requests sent together; {shared} of {steps} decode steps "
+        "ran several requests (both adapters in one batch)"
+    )
     ok = code == 0 and shared > 0
     for name, got in answers.items():
         want = completions[name][name][:ASKED]
         same = [g.strip() == w.strip() for g, w in zip(got, want, strict=True)]
         right = chat_tasks.exact_match(got, name, held_out[:ASKED])
-        say(f"      '{name}': e.g. {chat_tasks.prompt(name, held_out[0])!r} → {got[0]!r}; {sum(same)}/{len(same)} "
-            f"answers as in process, {100 * right:.0f}% right " + ("ok" if all(same) else "FAILED"))
+        say(
+            f"      '{name}': e.g. {chat_tasks.prompt(name, held_out[0])!r} → {got[0]!r}; {sum(same)}/{len(same)} "
+            f"answers as in process, {100 * right:.0f}% right " + ("ok" if all(same) else "FAILED")
+        )
         ok = ok and all(same)
     if code != 0 or shared == 0:
         say(f"      FAILED: server exit code {code}, {shared} shared decode steps")
