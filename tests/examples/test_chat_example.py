@@ -6,7 +6,6 @@ The whole run is tests/examples/test_first_hour.py (slow).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
