@@ -30,9 +30,11 @@ MODEL_CODE = (
 # the packages late in the data flow (core -> files -> variants -> train -> hf -> serve, export -> cli), each with the
 # packages allowed to import it
 LATE = {
-    "lorakit.hf": ("lorakit.hf", "lorakit.serve", "lorakit.export", "lorakit.cli"),
+    # examples/ sits beside cli/ at the top (docs/architecture.md): the LLM example runs hf's jobs and the
+    # export's vocabulary; it reaches the server only as a `lorakit serve` subprocess
+    "lorakit.hf": ("lorakit.hf", "lorakit.serve", "lorakit.export", "lorakit.cli", "lorakit.examples"),
     "lorakit.serve": ("lorakit.serve", "lorakit.cli"),
-    "lorakit.export": ("lorakit.export", "lorakit.cli"),
+    "lorakit.export": ("lorakit.export", "lorakit.cli", "lorakit.examples"),
     "lorakit.cli": ("lorakit.cli",),
 }
 

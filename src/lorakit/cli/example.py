@@ -1,11 +1,12 @@
-"""`lorakit example`: the end-to-end MLP example (examples/mlp_example.py)."""
+"""`lorakit example`: the end-to-end MLP example (examples/mlp_example.py); `lorakit example chat`: the LLM one
+(examples/chat_example.py)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .common import positive_int
+from .common import positive_int, quiet_transformers
 
 
 def example(args: argparse.Namespace) -> int:
@@ -24,6 +25,37 @@ def example(args: argparse.Namespace) -> int:
             resume=args.resume,
         )
     )
+
+
+def example_chat(args: argparse.Namespace) -> int:
+    """Run `lorakit example chat`; its exit status is 1 when any of its checks fails, 2 when it cannot start."""
+    from ..examples.chat_example import ChatExampleOptions, missing_packages, run
+
+    if not missing_packages():  # (run() names what is missing and how to install it)
+        quiet_transformers()
+    return run(ChatExampleOptions(out=args.out, seed=args.seed))
+
+
+def _add_chat(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Flags of `lorakit example chat`."""
+    p = sub.add_parser(
+        "chat",
+        help="the LLM example: fine-tune two chat adapters, score them, serve both, export one to GGUF",
+        description="The end-to-end LLM example, on a tiny chat model built on the spot (nothing downloaded): "
+        "pre-train its base skill, LoRA fine-tune two adapters on two checkable tasks with the live dashboard, "
+        "show exact-match accuracy of the base and each adapter on held-out prompts, serve both adapters from "
+        "one `lorakit serve` and ask them through the openai client, export one to GGUF and ask llama.cpp "
+        "(skipped when llama-cpp-python is not installed); exits non-zero if any check fails.",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("artifacts/example-chat"),
+        help="where the model, data, adapters and GGUF go: new, empty, or an earlier run's (default: "
+        "artifacts/example-chat)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and shuffling (default: 0)")
+    p.set_defaults(run=example_chat)
 
 
 def add_example(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,3 +89,4 @@ def add_example(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="continue a killed run in --artifact-dir from its last checkpoint (same flags)",
     )
     p.set_defaults(run=example)
+    _add_chat(p.add_subparsers(title="other examples", metavar="chat", required=False))

@@ -9,7 +9,7 @@
 
 Every check that fails makes the run exit non-zero. `check_only` reruns 5 and 6 on a finished run's
 artifact directory (so a tampered adapter is caught there too). `resume` continues a killed run from its
-last checkpoint (the fine-tune checkpoints every 16 steps) and ends with the same adapter bytes.
+last checkpoint (the fine-tune checkpoints at the end of each epoch) and ends with the same adapter bytes.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def _fine_tune(
         device=opts.device,
         seed=opts.seed,
         log_every=16,
-        checkpoint_every=16,
+        checkpoint_every=0,  # at each epoch's end: a line per epoch, not one every few steps burying the result
     )
     reporter = Dashboard(title="lorakit example · LoRA fine-tune on task B") if sys.stdout.isatty() else PlainLog()
     Trainer(model, ft_cfg, loss_fn=nn.functional.mse_loss, callbacks=[reporter], artifact_dir=out / TRAIN_DIR).fit(
