@@ -18,7 +18,7 @@ def test_api_tour_runs(tmp_path, monkeypatch):
 
 def test_the_two_commands_come_first_and_ci_runs_the_test_command():
     commands = re.findall(r"```bash\n(.*?)```", README, re.S)[0].strip().splitlines()
-    assert len(commands) == 3  # the third, `lorakit example chat`, runs in tests/examples/test_first_hour.py
+    assert len(commands) == 2  # exactly two; the next block (`lorakit example chat`) runs in test_first_hour.py
     run, test = (c.split("#")[0].strip() for c in commands[:2])
     assert run.endswith("lorakit example") and "pytest" in test
     ci = (ROOT / ".ci" / "run").read_text()

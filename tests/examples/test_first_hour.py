@@ -26,9 +26,9 @@ VENV = Path(sys.executable).parent.parent  # the venv running the tests (not res
 
 
 def first_hour() -> list[str]:
-    """The README's first bash block, its comments dropped: the first hour's commands."""
-    block = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)[0]
-    return [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    """The README's first two bash blocks, comments dropped: the two set-up-and-run commands, then the chat example."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)[:2]
+    return [line.split("#")[0].strip() for block in blocks for line in block.strip().splitlines()]
 
 
 def run_as_written(command: str, cwd: Path) -> subprocess.CompletedProcess:

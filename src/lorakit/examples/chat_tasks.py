@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..hf.answer_metrics import score
+
 DIGITS = 3
 MAX_NEW_TOKENS = 6  # an answer (three digits) and the end of the turn, with room to spare
 
@@ -80,8 +82,9 @@ def write_rows(path: Path, task: str, strings: Sequence[str]) -> Path:
 
 
 def exact_match(completions: Sequence[str], task: str, strings: Sequence[str]) -> float:
-    """The fraction of completions equal to the right answer (surrounding whitespace aside)."""
-    right = sum(c.strip() == answer(task, x) for c, x in zip(completions, strings, strict=True))
+    """The fraction of completions equal to the right answer (surrounding whitespace aside): `lorakit eval
+    --metric exact_match`'s scoring."""
+    right = sum(score("exact_match", c, answer(task, x)) for c, x in zip(completions, strings, strict=True))
     return right / len(strings)
 
 
