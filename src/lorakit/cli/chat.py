@@ -4,7 +4,7 @@ Each turn the whole conversation is rendered again with the chat template (the a
 tokenizer's, or `--chat-template FILE`) and the reply is streamed as its tokens are drawn, by transformers'
 `TextStreamer` over lorakit's own generation loop, so a seeded turn gives the tokens `generate --chat` gives.
 When the conversation outgrows the model's context its oldest messages are dropped, with a note. `/reset`
-clears it; `/exit` or end of input (Ctrl-D) leaves with status 0, Ctrl-C as every command does (130).
+clears it; `/exit` or end of input (Ctrl-D) leaves with status 0, Ctrl-C as from every command (interrupted).
 The sampling and chat-template flags are generate's own (`generate.add_sampling_flags`, `add_template_flags`).
 """
 
@@ -147,15 +147,21 @@ def _reply(session: _Session, message: str) -> None:
         print(prompt.text, end="", flush=True)
     options = {**sampling(args), "seed": args.seed + session.replies}
     streamer = TextStreamer(session.tok, skip_special_tokens=True)  # prints each piece of text as it is drawn
-    reply = hf.generate(
-        session.model,
-        session.tok,
-        prompt.text,
-        templated=True,
-        stop_token_ids=session.stop_token_ids,
-        streamer=streamer,
-        **options,
-    )
+    ended = False
+    try:
+        reply = hf.generate(
+            session.model,
+            session.tok,
+            prompt.text,
+            templated=True,
+            stop_token_ids=session.stop_token_ids,
+            streamer=streamer,
+            **options,
+        )
+        ended = True
+    finally:
+        if not ended:  # stopped mid-reply (Ctrl-C): end its line, so the message below it starts a line of its own
+            print(flush=True)
     talk.add("assistant", reply)
     session.replies += 1
 
