@@ -150,14 +150,18 @@ def test_chat_streams_the_reply_while_it_is_generated(bot, monkeypatch, capsys):
 
 
 def test_chat_drops_the_oldest_turns_past_the_context_and_refuses_a_message_too_long(bot, monkeypatch, capsys):
-    too_long = " ".join(["the quick brown fox jumps over the lazy dog"] * 4)
-    typed = f"the cat sat\nhello world\n{too_long}\ngood morning\n"  # then end of input
-    # the tiny model reads 128 tokens: 100 kept for each reply leave 28 for the conversation
-    status, out, err = chat(capsys, monkeypatch, typed, "--model", bot["model"], "--max-new-tokens", 100, "--echo")
+    system = "one two three four five " * 19  # 95 words: 98 tokens as a system message
+    too_long = " ".join(["the quick brown fox jumps over the lazy dog"] * 3)
+    typed = f"the cat sat\nhello world\n{too_long}\n"  # then end of input
+    # the tiny model reads 128 tokens; 16 kept for the reply leave 112: the system message and one short message
+    # (105 tokens) fit, with the first exchange too (113 tokens and the reply) they do not
+    args = ["--model", bot["model"], "--max-new-tokens", 16, "--system", system, "--echo"]
+    status, out, err = chat(capsys, monkeypatch, typed, *args)
     assert status == 0, err
-    assert "note: the conversation outgrew the model's context of 128 tokens (100 kept for the reply)" in err
+    assert err.count("note: the conversation outgrew the model's context of 128 tokens (16 kept for the reply)") == 1
     assert "dropped its oldest 2 message(s)" in err
-    assert "lorakit chat: not sent: the last message makes a prompt of" in err
-    # the second turn's prompt holds the second message alone: the first exchange was dropped
-    assert f"you> {chatml(('user', 'hello world'))}" in out
+    assert "lorakit chat: not sent: the last message makes a prompt of 130 tokens" in err
+    # the second turn's prompt holds the system message and the second message: the first exchange was dropped
+    assert f"you> {chatml(('system', system), ('user', 'the cat sat'))}" in out
+    assert f"you> {chatml(('system', system), ('user', 'hello world'))}" in out
     assert out.endswith("you> \n")  # end of input: a clean line, status 0
