@@ -82,6 +82,7 @@ COMMANDS = {
     "inspect": ("inspect", ["x"]),
     "merge": ("merge", ["--model", "m", "--adapter", ".", "--out", "o"]),  # paths the dispatcher's check passes
     "generate": ("generate", ["--model", "m", "--prompt", "p"]),
+    "chat": ("chat", ["--model", "m"]),
     "finetune": ("finetune", ["--model", "m", "--data", "d", "--task", "causal-lm", "--out", "o"]),
     "export": ("export", ["--model", "m", "--adapter", ".", "--out", "o"]),
 }  # E1: lorakit export (issue 15)

@@ -131,6 +131,7 @@ def _commands(adapter: Path, rows: Path, tmp: Path) -> dict[str, list[str]]:
         "eval": ["--data", str(rows)],
         "predict": ["--input", str(rows)],
         "generate": ["--prompt", PROMPT],
+        "chat": [],
         "merge": ["--adapter", str(adapter), "--out", str(tmp / "merged")],
         "serve": [],
         "export": ["--adapter", str(adapter), "--format", "onnx", "--out", str(tmp / "onnx")],
@@ -138,7 +139,9 @@ def _commands(adapter: Path, rows: Path, tmp: Path) -> dict[str, list[str]]:
     }
 
 
-@pytest.mark.parametrize("command", ["finetune", "eval", "predict", "generate", "merge", "serve", "export", "inspect"])
+@pytest.mark.parametrize(
+    "command", ["finetune", "eval", "predict", "generate", "chat", "merge", "serve", "export", "inspect"]
+)
 def test_a_model_not_in_the_cache_is_exit_2_naming_id_revision_and_cache(
     command, adapter, rows, hub_env, tmp_path, capsys
 ):

@@ -22,6 +22,7 @@ from typing import cast
 
 from . import paths, runfile
 from .bench import add_bench, bench  # noqa: F401  (bench: lorakit.cli.bench, as before)
+from .chat import add_chat
 from .common import BadInput, print_notes
 from .eval import add_eval
 from .example import add_example
@@ -43,6 +44,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]]
     add_merge,
     add_inspect,
     add_generate,
+    add_chat,
     add_bench,
     add_eval,
     add_predict,

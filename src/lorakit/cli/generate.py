@@ -1,11 +1,15 @@
-"""`lorakit generate`: complete a prompt with the base, an adapter, one completion per adapter, or their
-weighted combination (`--adapter NAME=DIR` repeatable, `--weight NAME=W`)."""
+"""`lorakit generate`: complete a prompt (`--prompt TEXT`), or answer one chat message through the chat template
+(`--chat TEXT`), with the base, an adapter, one completion per adapter, or their weighted combination
+(`--adapter NAME=DIR` repeatable, `--weight NAME=W`). Only the generated text is printed (`--echo`: the prompt
+too). The sampling and chat-template flags are declared here once, and `lorakit chat` takes them from here."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..hf import models as hf
 from ..ui.progress import Progress
@@ -35,6 +39,8 @@ def generate(args: argparse.Namespace) -> int:
     specs, weights = adapter_specs(args.adapter or []), parse_weights(args.weight)
     if args.compare and not specs:
         raise BadInput("--compare needs --adapter")
+    if args.chat is None and (args.system is not None or args.chat_template):
+        raise BadInput("--system and --chat-template go with --chat (a chat message), not with --prompt")
     for _, d in specs:
         task, _ = inputs(hf.read_task, d)
         if task != "causal-lm":
@@ -44,7 +50,7 @@ def generate(args: argparse.Namespace) -> int:
         model, tok = inputs(hf.load, model_dir(args), "causal-lm", trust_remote_code=args.trust_remote_code)
     if args.device:
         model.to(args.device)
-    complete = partial(_complete, model, tok, args)
+    complete = partial(_complete, model, tok, args, _prompt(args, tok, specs))
     if args.compare:
         complete("base")
     if len(specs) == 1 and not weights:
@@ -68,20 +74,70 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class _Prompt:
+    """What the model continues: the text, whether it is a rendered chat template, and the template's end of turn."""
+
+    text: str
+    templated: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+
+def _prompt(args: argparse.Namespace, tok: PreTrainedTokenizerBase, specs: list[tuple[str, Path]]) -> _Prompt:
+    """--prompt as given, or --chat rendered with the chat template (given, the adapters', else the tokenizer's)."""
+    from ..hf import chat, conversation
+
+    if args.chat is None:
+        return _Prompt(args.prompt)
+    template = inputs(conversation.choose_template, tok, args.model, dict(specs), args.chat_template)
+    talk = conversation.Conversation(template, system=args.system)
+    talk.add("user", args.chat)
+    text = inputs(talk.render, tok).text
+    return _Prompt(text, templated=True, stop_token_ids=tuple(chat.end_of_turn_ids(tok, template)))
+
+
 def _complete(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, args: argparse.Namespace, title: str | None
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, args: argparse.Namespace, prompt: _Prompt, title: str | None
 ) -> None:
-    """Print the prompt and its completion (under `title`, where several are shown)."""
+    """Print the completion (after the prompt with --echo; under `title`, where several are shown)."""
     if title:
         print(f"--- {title} ---")
-    options = dict(
+    text = hf.generate(
+        model, tok, prompt.text, templated=prompt.templated, stop_token_ids=prompt.stop_token_ids, **sampling(args)
+    )
+    print((prompt.text if args.echo else "") + text)
+
+
+def sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords of `hf.generate` that the sampling flags (`add_sampling_flags`) set."""
+    return dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
     )
-    print(args.prompt + hf.generate(model, tok, args.prompt, **options))
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, *, max_new_tokens: int = 40) -> None:
+    """--max-new-tokens, --temperature, --top-p, --top-k, --seed: how a completion is drawn (generate, chat)."""
+    p.add_argument(
+        "--max-new-tokens", type=int, default=max_new_tokens, help=f"tokens to generate (default {max_new_tokens})"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+
+
+def add_template_flags(p: argparse.ArgumentParser) -> None:
+    """--system, --chat-template: how a chat message is rendered (generate --chat, chat)."""
+    p.add_argument("--system", metavar="TEXT", help="a system message before the conversation")
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="a Jinja chat template (default: the one the adapter trained with, else the tokenizer's)",
+    )
 
 
 def add_generate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -89,8 +145,10 @@ def add_generate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p = subparsers.add_parser(
         "generate",
         help="generate text from a causal LM, with or without an adapter",
-        description="Complete a prompt with a local causal LM; greedy by default, sampling with --temperature > 0. "
-        "With --compare, print the base model's completion and then the adapter's.",
+        description="Complete a prompt (--prompt), or answer one chat message through the chat template (--chat), "
+        "with a local causal LM; greedy by default, sampling with --temperature > 0. Prints only the generated text "
+        "(--echo: the prompt before it). With --compare, print the base model's completion and then the adapter's. "
+        "For a conversation, see `lorakit chat`.",
     )
     add_model_flags(p)
     p.add_argument(
@@ -101,12 +159,14 @@ def add_generate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "or with --weight for one completion of their weighted combination",
     )
     add_combine_flags(p)
-    p.add_argument("--prompt", required=True, help="the text to complete")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="the text to complete, as it is")
+    given.add_argument("--chat", metavar="TEXT", help="a user message, answered through the chat template")
+    add_template_flags(p)
+    p.add_argument(
+        "--echo", action="store_true", help="print the prompt before the completion (with --chat: as templated)"
+    )
+    add_sampling_flags(p)
     p.add_argument("--compare", action="store_true", help="also show the base model's completion")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")

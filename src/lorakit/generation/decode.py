@@ -7,7 +7,7 @@ or its max_tokens. Each row gives what it would alone, and what the server's eng
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -17,11 +17,17 @@ from .sampling import SamplingError, SamplingParams, generator, sample_rows
 
 
 def generate_ids(
-    model: nn.Module, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], *, pad_id: int
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    params: Sequence[SamplingParams],
+    *,
+    pad_id: int,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """Each prompt's new token ids (a stop token included, as the last one), row i sampled with `params[i]`.
 
-    Raises `SamplingError` if a row's logits cannot be sampled.
+    `on_token(i, token)` is called as each token of row i is drawn, before the next step runs: what streams a
+    completion while it is generated. Raises `SamplingError` if a row's logits cannot be sampled.
 
     Examples:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -43,6 +49,8 @@ def generate_ids(
                 if isinstance(t, SamplingError):
                     raise t
                 out[i].append(t)
+                if on_token is not None:
+                    on_token(i, t)
                 if t not in params[i].stop_token_ids and len(out[i]) < params[i].max_tokens:
                     keep.append(j)
             if not keep:
