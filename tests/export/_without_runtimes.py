@@ -10,13 +10,20 @@ Before each command a `=== N` line goes to stdout and stderr, after it `=== exit
 import json
 import sys
 
-for name in ("llama_cpp", "onnxruntime"):
-    sys.modules[name] = None  # type: ignore[assignment]
 
-from lorakit.cli import main  # noqa: E402
+def run(commands: list[str]) -> None:
+    """Each command (a JSON argv) through lorakit's CLI, framed by `=== N` / `=== exit CODE` lines."""
+    for name in ("llama_cpp", "onnxruntime"):
+        sys.modules[name] = None  # type: ignore[assignment]
 
-for n, argv in enumerate(sys.argv[1:]):
-    print(f"=== {n}", flush=True)
-    print(f"=== {n}", file=sys.stderr, flush=True)
-    code = main(json.loads(argv))
-    print(f"=== exit {code}", flush=True)
+    from lorakit.cli import main
+
+    for n, argv in enumerate(commands):
+        print(f"=== {n}", flush=True)
+        print(f"=== {n}", file=sys.stderr, flush=True)
+        code = main(json.loads(argv))
+        print(f"=== exit {code}", flush=True)
+
+
+if __name__ == "__main__":  # pytest's doctest collection imports this file: only a child Python runs it
+    run(sys.argv[1:])
