@@ -109,7 +109,7 @@ def test_finetune_eval_generate_on_a_hub_id(trained, hub_env, rows, capsys):
         assert main(["eval", "--model", str(model), "--adapter", str(trained), "--data", str(rows), "--json"]) == 0
         scored = json.loads(capsys.readouterr().out)
         argv = ["generate", "--model", str(model), "--adapter", str(trained), "--prompt", PROMPT]
-        assert main([*argv, "--max-new-tokens", "4"]) == 0
+        assert main([*argv, "--max-new-tokens", "4", "--echo"]) == 0
         outputs.append((scored, capsys.readouterr().out))
     (by_id, text), (by_dir, text_dir) = outputs
     assert by_id == by_dir and text == text_dir and PROMPT in text

@@ -77,7 +77,8 @@ def test_max_steps_eval_every_reference_and_tensorboard(tmp_path: Path, files: d
     )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("start ") and " steps=7 " in lines[0]  # 18 rows, batch 4: 5 steps an epoch
+    assert lines[0].startswith("setup ") and lines[1].startswith("start ")  # the setup line, then the trainer's
+    assert " steps=7 " in lines[1]  # 18 rows, batch 4
     evals = [line for line in lines if line.startswith("eval ")]
     assert [line.split()[2] for line in evals] == ["step=2/7", "step=4/7", "step=6/7"]
     assert all(" kl_ref=" in line and " valid_loss=" in line for line in evals)

@@ -28,12 +28,13 @@ def finetune(args: argparse.Namespace) -> int:
     from ..ui.progress import Progress
 
     quiet_transformers()
+    # before the job resolves --model (a hub id may download) and the slow part: a missing tracker fails here
+    callbacks = _callbacks(args)
     job = inputs(_job, args)
     out = Path(job.out)
     out_dir.check_start(out, job.resume, job.overwrite)  # advice that fits what OUT holds
     if job.resume:  # the same run, or exit 2 naming what changed, before anything loads
         inputs(out_dir.check_same_run, out, args, args.parser, job.train.to_dict())
-    callbacks = _callbacks(args)  # before the slow part: a missing tensorboard fails here
     previous = start.make_room(job) if is_main() else None  # --overwrite: the previous run set aside
     # after Ctrl-C: the command that resumes (once there is a checkpoint), and where the previous run went
     args.interrupt_hint = functools.partial(start.interrupt_hint, out, previous)
