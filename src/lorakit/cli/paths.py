@@ -23,22 +23,27 @@ def check_paths(args: argparse.Namespace, command: argparse.ArgumentParser | Non
     if command is None:
         return
     flags = {o: a for a in command._actions for o in a.option_strings}
-    for value in _adapter_values(args) if "--adapter" in flags else []:  # (inspect's ADAPTER may be a file)
+    for name, value in _adapter_values(args) if "--adapter" in flags else []:  # (inspect's ADAPTER may be a file)
         if not Path(value).is_dir():
-            raise BadInput(f"--adapter {value}: no such directory")
+            raise BadInput(f"--adapter {value}: no such directory{_named(name)}")
     if "--out" in flags and getattr(args, "out", None) is not None:
         check_out(Path(args.out), directory=flags["--out"].metavar == OUT_DIR_METAVAR)
 
 
-def _adapter_values(args: argparse.Namespace) -> list[str]:
-    """The directories of --adapter (one, or repeated as [NAME=]DIR)."""
+def _adapter_values(args: argparse.Namespace) -> list[tuple[str | None, str]]:
+    """(name or None, directory) of each --adapter (one, or repeated as [NAME=]DIR)."""
     given = getattr(args, "adapter", None)
     values = [given] if isinstance(given, str) else list(given or [])
-    dirs = []
+    dirs: list[tuple[str | None, str]] = []
     for value in map(str, values):
-        _, sep, d = value.partition("=")
-        dirs.append(d if sep and not Path(value).exists() else value)  # NAME=DIR, unless the whole is a path
+        name, sep, d = value.partition("=")
+        dirs.append((name, d) if sep and not Path(value).exists() else (None, value))  # NAME=DIR, unless a path
     return dirs
+
+
+def _named(name: str | None) -> str:
+    """Which adapter a message is about, when the command line named it."""
+    return f" (adapter {name!r})" if name else ""
 
 
 def check_out(out: Path, directory: bool = True) -> None:
