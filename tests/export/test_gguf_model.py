@@ -40,10 +40,10 @@ SENTENCES = [
 ]
 
 
-def save_bpe_llama(directory, tie=False):
-    """A tiny random Llama (hidden 32, 4/2 heads, 2 layers) with a byte-level BPE tokenizer, saved to `directory`."""
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained on SENTENCES (<pad>, <s>, </s> = 0, 1, 2)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -56,7 +56,14 @@ def save_bpe_llama(directory, tie=False):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
     )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def save_bpe_llama(directory, tie=False):
+    """A tiny random Llama (hidden 32, 4/2 heads, 2 layers) with a byte-level BPE tokenizer, saved to `directory`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast = bpe_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(fast),

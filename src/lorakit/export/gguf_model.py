@@ -1,4 +1,4 @@
-"""A Llama-family transformers model directory (a merged one) as a llama.cpp GGUF model file.
+"""A Llama-family or mixture-of-experts transformers model directory (a merged one) as a llama.cpp GGUF model file.
 
 What llama.cpp's `convert_hf_to_gguf.py` (its `LlamaModel` and `TextModel.set_gguf_parameters`) writes for
 `LlamaForCausalLM`, narrowed to what lorakit proves: gguf's LLAMA architecture, tensor names from gguf's
@@ -7,6 +7,8 @@ What llama.cpp's `convert_hf_to_gguf.py` (its `LlamaModel` and `TextModel.set_gg
 then reads token_embd), and the vocabulary as a "gpt2" (byte-level BPE) tokenizer with the merges and special
 ids gguf's `SpecialVocab` reads from the directory, and the pre-tokenizer llama.cpp must run (gguf_vocab.py). RoPE
 scaling (llama3, yarn, ...), sliding-window attention and quantised checkpoints are refused with the reason.
+Mixtral and Qwen3-MoE go through the same path (gguf_arch.py: which llama.cpp architecture; gguf_moe.py: the
+experts stacked as llama.cpp's `ffn_*_exps` tensors and the expert keys).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from ..files import safetensors
 from ..files.atomic import replacing
 from ..ui import progress as progress_mod
 from ..ui.progress import Progress
-from .gguf_adapter import GgufExportError, llama_hparams, rope_permute
+from .gguf_adapter import GgufExportError, rope_permute
+from .gguf_arch import GgufArch, model_hparams
+from .gguf_moe import check_moe, expert_counts, pop_expert_tensors, write_moe_params
 from .gguf_vocab import pre_tokenizer, write_vocab
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -44,7 +48,7 @@ def write_gguf_model(
     progress: Progress | None = None,
     shown_as: str | Path | None = None,
 ) -> GgufModelReport:
-    """Write the Llama-family model saved at `model_dir` (config.json, *.safetensors, tokenizer) as GGUF at `out`.
+    """Write the Llama-family or MoE model at `model_dir` (config.json, *.safetensors, tokenizer) as GGUF at `out`.
 
     Args:
         model_dir: a transformers model directory (for a fine-tuned model: the merged one).
@@ -63,20 +67,18 @@ def write_gguf_model(
     model_dir = Path(model_dir)
     if dtype not in DTYPES:
         raise GgufExportError(f"dtype {dtype!r} is not supported for a GGUF model: expected one of {DTYPES}")
-    hparams = llama_hparams(model_dir)
-    _check_supported(model_dir, hparams)
-    n_layers = int(hparams["num_hidden_layers"])
-    n_head = int(hparams["num_attention_heads"])
-    n_kv = int(hparams.get("num_key_value_heads") or n_head)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    hparams, arch = model_hparams(model_dir)
+    _check_supported(model_dir, hparams, arch)
     state = _read_state(model_dir, progress, "reading the merged model" if shown_as else f"reading {model_dir}")
     if hparams.get("tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    tensors = _gguf_tensors(state, names, n_head, n_kv, model_dir)
+    tensors = _gguf_tensors(gguf, state, hparams, arch, model_dir)
     out = Path(out)
     with progress.task(f"writing {shown_as or out}", total=len(tensors), unit="tensors") as task, replacing(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch="llama")
+        writer = gguf.GGUFWriter(str(tmp), arch=arch.name)
         _write_params(gguf, writer, hparams, model_dir.name, dtype)
+        if arch.moe:
+            write_moe_params(writer, hparams)
         write_vocab(gguf, writer, model_dir, int(hparams["vocab_size"]))
         types: dict[str, tuple[tuple[int, ...], str]] = {}
         for name, data in tensors.items():
@@ -103,20 +105,26 @@ def _read_state(model_dir: Path, progress: Progress, reading: str) -> dict[str, 
 
 
 def _gguf_tensors(
-    state: dict[str, Tensor], names: Any, n_head: int, n_kv: int, model_dir: Path
+    gguf: Any, state: dict[str, Tensor], hparams: dict[str, Any], arch: GgufArch, model_dir: Path
 ) -> dict[str, np.ndarray]:
-    """{GGUF name: float32 array} in key order, q/k rows in GGML's RoPE order (rotary_emb.inv_freq left out)."""
+    """{GGUF name: float32 array} in key order, q/k rows in GGML's RoPE order where the architecture needs it,
+    experts stacked (rotary_emb.inv_freq left out)."""
+    n_head = int(hparams["num_attention_heads"])
+    n_kv = int(hparams.get("num_key_value_heads") or n_head)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.model_arch), int(hparams["num_hidden_layers"]))
     tensors: dict[str, np.ndarray] = {}
+    if arch.moe:
+        tensors.update(pop_expert_tensors(state, expert_counts(hparams)[0], model_dir))
     for key in sorted(state):
         if key.endswith("rotary_emb.inv_freq"):
             continue  # recomputed by llama.cpp from rope.freq_base
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise GgufExportError(f"{model_dir}: tensor {key!r} has no place in llama.cpp's llama layout")
+            raise GgufExportError(f"{model_dir}: tensor {key!r} has no place in llama.cpp's {arch.name} layout")
         t = state[key].float()
-        if ".self_attn.q_proj." in key:
+        if arch.permute_qk and ".self_attn.q_proj." in key:
             t = rope_permute(t, n_head)
-        elif ".self_attn.k_proj." in key:
+        elif arch.permute_qk and ".self_attn.k_proj." in key:
             t = rope_permute(t, n_kv)
         tensors[name] = t.contiguous().numpy()
     return tensors
@@ -137,12 +145,13 @@ def _add_tensor(gguf: Any, writer: Any, name: str, data: np.ndarray, dtype: str)
 def check_model(model_dir: str | Path) -> None:
     """Raise GgufExportError unless the model at `model_dir` is one `write_gguf_model` can write (before any work)."""
     model_dir = Path(model_dir)
-    _check_supported(model_dir, llama_hparams(model_dir))
+    hparams, arch = model_hparams(model_dir)
+    _check_supported(model_dir, hparams, arch)
     pre_tokenizer(model_dir / "tokenizer.json")
 
 
-def _check_supported(model_dir: Path, hparams: dict[str, Any]) -> None:
-    """Refuse what this writer does not reproduce: quantised weights, RoPE scaling."""
+def _check_supported(model_dir: Path, hparams: dict[str, Any], arch: GgufArch) -> None:
+    """Refuse what this writer does not reproduce: quantised weights, RoPE scaling, sliding windows, MoE variants."""
     where = model_dir / "config.json"
     if hparams.get("quantization_config"):
         raise GgufExportError(f"{where}: a quantised checkpoint: export the full-precision model (merge first)")
@@ -150,7 +159,11 @@ def _check_supported(model_dir: Path, hparams: dict[str, Any]) -> None:
     kind = rope.get("rope_type") or rope.get("type") or "default"
     if kind != "default":
         raise GgufExportError(f"{where}: rope_type {kind!r}: only unscaled RoPE is exported to GGUF by lorakit")
+    if arch.moe:
+        check_moe(hparams, where)
     window, context = hparams.get("sliding_window"), int(hparams.get("max_position_embeddings") or 0)
+    if hparams.get("use_sliding_window") is False:  # Qwen configs carry a window they do not use
+        window = None
     if window is not None and int(window) < context:  # Mistral v0.1-style: each token sees the last `window` only
         raise GgufExportError(
             f"{where}: sliding_window={window} is smaller than the context ({context} positions): llama.cpp's "
