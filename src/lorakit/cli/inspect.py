@@ -101,7 +101,7 @@ def add_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument(
         "--target",
         action="append",
-        choices=("vllm", "llama.cpp", "onnx", "peft"),
+        choices=("vllm", "llama.cpp", "onnx", "peft", "sglang"),
         help="report what this runtime refuses or computes differently for the adapter, and what fixes it "
         "(repeatable); docs/export.md lists the rules and their sources",
     )

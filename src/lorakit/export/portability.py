@@ -17,8 +17,13 @@ from typing import Any
 
 from ..files.inspect import describe
 from .gguf_adapter import LLAMA_ARCHITECTURES, read_model_config
+from .gguf_arch import MOE
+from .portability_experts import RULES as EXPERT_RULES
+from .portability_experts import SGLANG_FIX, Experts, expert_rank, experts_of
+from .portability_experts import hits as expert_hits
 
-TARGETS = ("vllm", "llama.cpp", "onnx", "peft")
+TARGETS = ("vllm", "llama.cpp", "onnx", "peft")  # the default report
+ALL_TARGETS = (*TARGETS, "sglang")  # sglang: asked for by name; lorakit knows its expert-adapter rule only
 SEVERITIES = ("fine", "differs", "refused")  # rising order; a target's verdict is its worst finding
 
 # Where each rule comes from (the runtime's code, docs or tracker).
@@ -84,9 +89,9 @@ def report(
         >>> {target: verdict(f) for target, f in found.items()}
         {'vllm': 'fine', 'llama.cpp': 'fine', 'onnx': 'fine', 'peft': 'fine'}
     """
-    unknown = [t for t in targets if t not in TARGETS]
+    unknown = [t for t in targets if t not in ALL_TARGETS]
     if unknown:
-        raise ValueError(f"unknown target(s) {unknown}: expected some of {', '.join(TARGETS)}")
+        raise ValueError(f"unknown target(s) {unknown}: expected some of {', '.join(ALL_TARGETS)}")
     model = read_model_config(Path(model_dir)) if model_dir is not None else None
     return check(describe(adapter), targets, model)
 
@@ -124,18 +129,24 @@ class _Adapter:
     scaling: dict[str, float]  # module -> lorakit's scaling (where the config was readable)
     bias_tensors: tuple[str, ...]  # modules whose bias is saved with the adapter
     model: dict[str, Any] | None
+    experts: Experts | None  # LoRA on fused expert weights (target_parameters)
 
     @classmethod
     def of(cls, info: dict[str, Any], model: dict[str, Any] | None) -> _Adapter:
         """Build from `describe`'s dict."""
         config = info.get("config") or {}
         rows = info["modules"]
+        experts = experts_of(config, [m["module"] for m in rows])
+        n_experts = (model or {}).get("num_experts") or (model or {}).get("num_local_experts")
+        rank = {m["module"]: int(m["rank"]) for m in rows}
+        for module in experts.modules if experts else ():  # lora_A holds E·r rows
+            rank[module] = expert_rank(rank[module], config, n_experts)
         return cls(
             layer_file=info["kind"].startswith("lorakit layer"),
             config=config,
             dora=bool(config.get("use_dora")),
             modules_to_save=tuple(info.get("modules_to_save") or config.get("modules_to_save") or ()),
-            rank={m["module"]: int(m["rank"]) for m in rows},
+            rank=rank,
             kind={m["module"]: str(m["kind"]) for m in rows},
             scaling={m["module"]: float(m["scaling"]) for m in rows if m.get("scaling") is not None},
             bias_tensors=tuple(
@@ -143,6 +154,7 @@ class _Adapter:
                 + [x["name"] for x in info["extra_tensors"] if x["name"].endswith(".bias")]
             ),
             model=model,
+            experts=experts,
         )
 
     def of_kind(self, *prefixes: str) -> tuple[str, ...]:
@@ -253,8 +265,9 @@ RULES: dict[str, tuple[str, str, str, str, str]] = {
         f"{LLAMA_CPP_CONVERT}, {LLAMA_CPP_TIED}",
     ),
     "llama.cpp.architecture": (
-        "llama.cpp", "refused", "lorakit's GGUF writers cover " + ", ".join(LLAMA_ARCHITECTURES) + " only; "
-        "llama.cpp's own convert_lora_to_gguf.py converts what convert_hf_to_gguf.py knows.", "none", LORAKIT_GGUF,
+        "llama.cpp", "refused", "lorakit's gguf-adapter writer covers " + ", ".join(LLAMA_ARCHITECTURES) + " only "
+        "(its merged-model writer also " + ", ".join(MOE) + "); llama.cpp's own convert_lora_to_gguf.py converts "
+        "what convert_hf_to_gguf.py knows.", f"{_GGUF_MERGED} for " + ", ".join(MOE), LORAKIT_GGUF,
     ),
     "onnx.dora": (
         "onnx", "fine", "the merged weights carry DoRA exactly (W' = m (W + s B A) / ||W + s B A||, computed once).",
@@ -275,6 +288,7 @@ RULES: dict[str, tuple[str, str, str, str, str]] = {
         "*", "refused", "a lorakit layer file holds one layer's LoRA, not a model adapter: no runtime loads it.",
         "none", "lorakit src/lorakit/files/layer_file.py",
     ),
+    **EXPERT_RULES,
 }  # fmt: skip
 # what a target's report says when no rule found anything
 ALL_FINE: dict[str, tuple[str, str, str]] = {
@@ -286,6 +300,8 @@ ALL_FINE: dict[str, tuple[str, str, str]] = {
              LORAKIT_ONNX),
     "peft": ("plain PEFT format: PeftModel.from_pretrained loads it and computes what lorakit computes.", "none",
              LORAKIT_PEFT),
+    "sglang": ("no LoRA on fused expert weights; lorakit checks SGLang for expert adapters only (its other limits "
+               "are not checked here).", "none", SGLANG_FIX),
 }  # fmt: skip
 
 
@@ -341,6 +357,8 @@ def _hits(a: _Adapter) -> list[tuple[str, tuple[str, ...], dict[str, Any]]]:
     arch = ((a.model or {}).get("architectures") or [None])[0]
     if a.model is not None and arch not in LLAMA_ARCHITECTURES:
         hit("llama.cpp.architecture", (f"architectures={arch}",))
+    if a.experts is not None:
+        out += expert_hits(a.experts)
     keys = tuple(k for k in _LORAKIT_KEYS if k in a.config)
     if keys:
         hit("peft.lorakit_keys", keys, keys=", ".join(keys))
