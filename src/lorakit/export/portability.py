@@ -139,8 +139,10 @@ class _Adapter:
         experts = experts_of(config, [m["module"] for m in rows])
         n_experts = (model or {}).get("num_experts") or (model or {}).get("num_local_experts")
         rank = {m["module"]: int(m["rank"]) for m in rows}
-        for module in experts.modules if experts else ():  # lora_A holds E·r rows
-            rank[module] = expert_rank(rank[module], config, n_experts)
+        kinds = {m["module"]: str(m["kind"]) for m in rows}
+        for module in experts.modules if experts else ():  # a PEFT-key row's rank is lora_A's E·r rows
+            if not kinds[module].startswith("parameter"):  # files.inspect's parameter rows give r itself
+                rank[module] = expert_rank(rank[module], config, n_experts)
         return cls(
             layer_file=info["kind"].startswith("lorakit layer"),
             config=config,

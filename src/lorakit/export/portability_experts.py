@@ -3,8 +3,8 @@ layout.
 
 PEFT saves a LoRA on a 3-D parameter P (E, d1, d2) flat, under its ParamWrapper's nested module names
 (`...mlp.experts.base_layer.lora_A`, `...mlp.experts.lora_A`): lora_A (E·r, in), lora_B (out, r·E). Which of d1, d2
-is "in" changed in PEFT 0.19 (peft#3165; NVIDIA-NeMo/Automodel#3626 keys its converter on 0.19.1): before, in = d1
-always; since, in = d2 unless the experts are stored transposed (gpt-oss). The file says which through
+is "in" changed in PEFT 0.19 (peft#3165; NVIDIA-NeMo/Automodel#3626 converts both): before, in = d1 always; since,
+in = d2 unless the experts are stored transposed (gpt-oss). The file says which through
 adapter_config.json's `peft_version` (lorakit writes the current layout and reads both). Runtimes, as their trackers
 say (December 2026):
 - vLLM: stock releases drop these adapters and run the base experts without an error (vllm#41384: capbench 0.018
@@ -28,7 +28,6 @@ VLLM_FIX = "https://github.com/vllm-project/vllm/pull/52198"
 SGLANG_FIX = "https://github.com/sgl-project/sglang/pull/25528"
 LLAMA_CPP_MM_ID = "https://github.com/ggml-org/llama.cpp/blob/master/src/llama-graph.cpp"  # build_lora_mm_id
 PEFT_LAYOUT = "https://github.com/huggingface/peft/pull/3165"
-NEW_LAYOUT = (0, 19, 1)  # the first release writing (out, in) factors for non-transposed experts (Automodel#3626)
 _MERGE = "lorakit merge --model BASE --adapter ADAPTER --out DIR (the experts merged exactly), then serve DIR"
 _GGUF_MERGED = "lorakit export --format gguf (merged; Qwen3-MoE and Mixtral, proven in llama.cpp)"
 _CONVERT = "lorakit load_adapters reads the pre-0.19 layout (converting it, with a note); save_adapters writes 0.19's"
@@ -60,7 +59,9 @@ def experts_of(config: dict[str, Any], modules: Iterable[str]) -> Experts | None
 
 
 def _owner(module: str) -> str:
-    """The module a (possibly nested) ParamWrapper key adapts: `...experts.base_layer` -> `...experts`."""
+    """The module a (possibly nested) ParamWrapper adapts: `...experts.base_layer` (a PEFT key) or
+    `...experts (nested 1)` (files.inspect's row) -> `...experts`."""
+    module = re.sub(r" \(nested \d+\)$", "", module)
     while module.endswith(".base_layer"):
         module = module[: -len(".base_layer")]
     return module
@@ -82,16 +83,20 @@ def _targeted(owner: str, rules: tuple[str, ...]) -> bool:
 
 
 def _layout(config: dict[str, Any]) -> str:
-    """Which factor layout the file holds, from `peft_version` (lorakit writes PEFT's current one)."""
+    """Which factor layout the file holds, from `peft_version` as files.expert_layout reads it (lorakit writes
+    PEFT's current layout, with the first version that writes it)."""
     version = config.get("peft_version")
     if not isinstance(version, str):
         return "PEFT >= 0.19" if "lorakit" in config else "unknown (no peft_version in adapter_config.json)"
-    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:3])
-    if parts >= NEW_LAYOUT:
-        return "PEFT >= 0.19"
-    if parts < (0, 19):
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?(.*)", version.partition("@")[0].strip())
+    if m is None:
+        return f"unknown (peft_version {version!r})"
+    release = (int(m[1]), int(m[2]), int(m[3] or 0))
+    if release < (0, 19):
         return "PEFT <= 0.18"
-    return f"unknown (peft_version {version}: the layout changed around 0.19.1)"
+    if release == (0, 19, 0) and m[4]:  # a 0.19.0 pre-release: the change landed during them
+        return f"unknown (peft_version {version}, a pre-release of the change)"
+    return "PEFT >= 0.19"
 
 
 def expert_rank(rows: int, config: dict[str, Any], n_experts: int | None) -> int:
