@@ -104,9 +104,13 @@ def test_merged_expert_lora_gguf_is_proven_in_llama_cpp(moe, family, tmp_path):
     assert proof.adapter_effect > 0.1
 
 
-def test_cli_refuses_gpt_oss_before_loading_naming_what_is_supported(moe, tmp_path, capsys):
+def test_cli_refuses_gpt_oss_and_an_moe_adapter_gguf_before_loading_naming_what_is_supported(moe, tmp_path, capsys):
     base_dir, adapter = moe["qwen3_moe"]
     out = tmp_path / "out"
+    args = ["export", "--model", str(base_dir), "--adapter", str(adapter), "--format", "gguf-adapter"]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a mixture-of-experts base" in err and "build_lora_mm_id" in err and "--format gguf" in err
     oss = tmp_path / "gpt-oss"
     oss.mkdir()
     for f in base_dir.iterdir():

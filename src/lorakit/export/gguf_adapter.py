@@ -21,7 +21,6 @@ modules_to_save (full weights): those adapters are refused with the reason.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,16 +33,15 @@ from ..errors import LoraFileError
 from ..files import peft_format, provenance
 from ..files.atomic import replacing
 from ..files.peft_format import AdapterFile, read_adapter, split_key
+from .gguf_arch import MOE, GgufExportError, read_json_object, read_model_config
+
+__all__ = ["GgufExportError", "read_json_object", "read_model_config"]  # re-exported: their callers import them here
 from ..ui import progress as progress_mod
 from ..ui.progress import Progress
 
 # HF architectures whose tensors convert_hf_to_gguf.py writes as gguf's LLAMA architecture (its LlamaModel)
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 DTYPES = ("f32", "f16", "bf16")
-
-
-class GgufExportError(LoraFileError):
-    """An adapter or base model that llama.cpp's adapter GGUF cannot express (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -266,25 +264,6 @@ def _natural(module: str) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in module.split("."))
 
 
-def read_model_config(model_dir: Path) -> dict[str, Any]:
-    """A transformers model directory's config.json as a dict; LoraFileError naming the file when it is not one."""
-    return read_json_object(model_dir / "config.json", "a transformers model directory holds config.json")
-
-
-def read_json_object(path: Path, why: str, error: type[LoraFileError] = LoraFileError) -> dict[str, Any]:
-    """A JSON object from `path`; `error` naming the file when it is missing (saying `why` it is needed), is not
-    JSON, or holds something else."""
-    if not path.is_file():
-        raise error(f"{path}: no such file ({why})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def llama_hparams(base_dir: Path) -> dict[str, Any]:
     """The base model's config.json, checked to be an architecture llama.cpp reads as "llama"."""
     path = base_dir / "config.json"
@@ -293,6 +272,12 @@ def llama_hparams(base_dir: Path) -> dict[str, Any]:
     except LoraFileError as e:
         raise GgufExportError(str(e)) from None
     archs = hparams.get("architectures")
+    if isinstance(archs, list) and archs and archs[0] in MOE:
+        raise GgufExportError(
+            f"{path}: architectures={archs!r}: a mixture-of-experts base; llama.cpp applies LoRA to expert tensors "
+            "(build_lora_mm_id), but lorakit writes no adapter GGUF for " + ", ".join(MOE) + ": export the merged "
+            'model instead (format "gguf")'
+        )
     if not isinstance(archs, list) or not archs or archs[0] not in LLAMA_ARCHITECTURES:
         raise GgufExportError(
             f"{path}: architectures={archs!r}: lorakit's GGUF export (model and adapter) supports "

@@ -1,4 +1,5 @@
-"""Which transformers architectures lorakit writes as GGUF, and as which llama.cpp architecture.
+"""Which transformers architectures lorakit writes as GGUF, and as which llama.cpp architecture (and the GGUF
+writers' error and config.json reader, which every GGUF module shares).
 
 llama.cpp reads a model by its `general.architecture` and builds a graph per architecture (`src/models/*.cpp`);
 lorakit writes the tensors and hyper-parameters of the ones it proves in llama.cpp:
@@ -14,12 +15,35 @@ routing) are refused saying so.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import LoraFileError
-from .gguf_adapter import GgufExportError, read_model_config
+
+
+class GgufExportError(LoraFileError):
+    """An adapter or base model that llama.cpp's adapter GGUF cannot express (the message says why)."""
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """A transformers model directory's config.json as a dict; LoraFileError naming the file when it is not one."""
+    return read_json_object(model_dir / "config.json", "a transformers model directory holds config.json")
+
+
+def read_json_object(path: Path, why: str, error: type[LoraFileError] = LoraFileError) -> dict[str, Any]:
+    """A JSON object from `path`; `error` naming the file when it is missing (saying `why` it is needed), is not
+    JSON, or holds something else."""
+    if not path.is_file():
+        raise error(f"{path}: no such file ({why})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -72,7 +96,7 @@ def gguf_arch(hparams: dict[str, Any], where: Path) -> GgufArch:
     arch = archs[0] if isinstance(archs, list) and archs else None
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch]
-    supported = f"{', '.join(DENSE)} and the mixture-of-experts {', '.join(MOE)}"
+    supported = f"{', '.join(DENSE)}; the merged model (format gguf) also the mixture-of-experts {', '.join(MOE)}"
     if arch in UNWRITTEN_MOE:
         raise GgufExportError(
             f"{where}: architectures={archs!r}: a mixture-of-experts family lorakit does not write as GGUF "
