@@ -42,13 +42,6 @@ def mixable(layers: Iterable[LoraLayer], names: Iterable[str]) -> None:
         raise ValueError(f"mixed batches run plain LoRA adapters only; {dora} use DoRA (use set_adapter instead)")
 
 
-def _lead(layer: LoraLayer) -> int:
-    """How many dimensions come before the rank in the layer's A (1 for per-expert factors (E, r, d_in)): where its
-    shapes at rank 1 and rank 2 first differ."""
-    one, two = layer.factor_shapes(layer.base, 1)[0], layer.factor_shapes(layer.base, 2)[0]
-    return next(i for i, (a, b) in enumerate(zip(one, two, strict=True)) if a != b)
-
-
 class AdapterTable:
     """Adapter slots on every LoRA layer of `model` for mixed batches; close it (or use it as a context) when done.
 
@@ -183,16 +176,12 @@ class AdapterTable:
             raise LoraStateError(f"{taken[0]!r} is already served by another AdapterTable; close that one first")
         for layer in layers.values():
             if layer.slot_stacks is None:
-                like = layer.adapters.tensors(layer.adapters.names()[0])["lora_A"]  # the factors' dtype, not the base's
-                a_shape, b_shape = layer.factor_shapes(layer.base, 1)
+                like = layer.adapters.tensors(layer.adapters.names()[0])[
+                    "lora_A"
+                ]  # the factors' dtype (not a packed base's)
+                a_shape, b_shape = layer.stack_shapes()
                 layer.slot_stacks = SlotStacks(
-                    a_shape,
-                    b_shape,
-                    capacity=self.capacity,
-                    index=self.index,
-                    dtype=like.dtype,
-                    device=like.device,
-                    lead=_lead(layer),
+                    a_shape, b_shape, capacity=self.capacity, index=self.index, dtype=like.dtype, device=like.device
                 )
         self._layers = layers
 
