@@ -2,6 +2,7 @@
 layout is told by peft_version and converted to the same delta PEFT 0.18 computes."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -60,3 +61,29 @@ def test_peft_018_file_converts_to_peft_018_delta(written, family):
         delta = ALPHA / RANK * torch.bmm(B_e, A_e)  # (E, out, in)
         delta = delta.transpose(1, 2) if transposed else delta
         torch.testing.assert_close(delta, outputs[f"delta.{path}"], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_lorakit_loads_peft_018_adapter_with_a_note(written, family):
+    from _peft_writer import IDS
+
+    import lorakit as lk
+    from lorakit.errors import LayoutNote
+
+    outputs = load_file(written / f"{family}.outputs.safetensors")
+    base = BUILDERS[family]()
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).logits, outputs["base"], atol=1e-6, rtol=1e-6)  # the same base
+    converts = family != "gpt_oss"  # gpt-oss's experts are transposed: both layouts are one there
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = lk.load_adapters(base, written / family)
+    notes = [str(w.message) for w in seen if issubclass(w.category, LayoutNote)]
+    if converts:
+        assert len(notes) == 1 and "PEFT <= 0.18 layout (peft_version '0.18.1'" in notes[0], notes
+    else:
+        assert not notes
+    assert (outputs["adapted"] - outputs["base"]).abs().max() > 1e-2  # PEFT 0.18's adapter moves the logits
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, outputs["adapted"], atol=1e-5, rtol=1e-5)

@@ -30,6 +30,9 @@ from ..errors import LoraFileError
 
 CURRENT = "PEFT >= 0.19"
 LEGACY = "PEFT <= 0.18"
+# the peft_version lorakit writes beside target_parameters: the first PEFT whose layout its files are in, so that a
+# reader telling the layouts apart by version (lorakit, any other) reads them right, a square expert weight included
+WRITTEN_AS = "0.19.0"
 
 
 @dataclass(frozen=True)

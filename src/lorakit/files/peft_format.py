@@ -21,6 +21,7 @@ from ..config import INITS, LoraBias, LoraConfig
 from ..errors import LoraFileError
 from . import hub_cache, provenance, safetensors
 from .atomic import locked_dir
+from .expert_layout import WRITTEN_AS
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -170,7 +171,7 @@ def to_peft_config(
     hub_base = hub_cache.snapshot_of(name_or_path)  # a base from the hub cache: its id and commit, as PEFT records
     rank_pattern = {_exact_key(n, list(configs)): c.rank for n, c in configs.items() if c.rank != base[0]}
     alpha_pattern = {_exact_key(n, list(configs)): c.alpha for n, c in configs.items() if c.alpha != base[1]}
-    params = {"target_parameters": sorted(parameters)} if parameters else {}
+    params = {"target_parameters": sorted(parameters), "peft_version": WRITTEN_AS} if parameters else {}
     return {
         "peft_type": "LORA",
         "task_type": None,
