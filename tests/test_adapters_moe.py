@@ -107,3 +107,42 @@ def test_a_decode_step_of_one_token_per_row_mixes_adapters():
     with torch.no_grad(), lk.mixed_batch(model, ["b", "a", None, "b"]):
         got = model(ids).logits
     torch.testing.assert_close(got, _rows_alone(model, ["b", "a", None, "b"], ids), rtol=1e-4, atol=1e-5)
+
+
+def test_set_adapter_hot_swap_and_delete_on_experts(tmp_path):
+    base, model = _two_adapters("qwen3_moe")
+    single = {}
+    for name in ("a", "b"):
+        lk.set_adapter(model, name)
+        with torch.no_grad():
+            single[name] = model(IDS).logits
+        lk.save_adapters(model, tmp_path / name, name=name)
+    _randomise(model, seed=2)  # new weights for "a": what a hot swap brings in
+    lk.set_adapter(model, "a")
+    with torch.no_grad():
+        single["a2"] = model(IDS).logits
+    lk.save_adapters(model, tmp_path / "a2", name="a")
+    assert not torch.allclose(single["a"], single["b"]) and not torch.allclose(single["a"], single["a2"])
+
+    fresh = copy.deepcopy(base)  # each saved adapter alone on the base gives what set_adapter gave
+    lk.load_adapters(fresh, tmp_path / "b", name="b")
+    lk.load_adapters(fresh, tmp_path / "a", name="a")  # a second adapter beside it, waiting
+    assert lk.list_adapters(fresh) == ["a", "b"]
+    for name in ("b", "a"):
+        lk.set_adapter(fresh, name)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(IDS).logits, single[name], rtol=1e-5, atol=1e-5)
+    params = {id(p) for p in fresh.parameters()}
+    lk.load_adapters(fresh, tmp_path / "a2", name="a")  # hot swap: new weights under the same name, in place
+    assert {id(p) for p in fresh.parameters()} == params
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(IDS).logits, single["a2"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(lk.LoraFileError):  # b's rank-2 factors under a's rank-4 name: refused, nothing changed
+        lk.load_adapters(fresh, tmp_path / "b", name="a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(IDS).logits, single["a2"], rtol=0, atol=0)
+    lk.delete_adapter(fresh, "a")
+    lk.delete_adapter(fresh, "b")
+    assert not lk.lora_layers(fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS).logits, base(IDS).logits)
