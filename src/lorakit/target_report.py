@@ -85,7 +85,7 @@ def shorten(names: Sequence[str]) -> str:
     groups: dict[str, set[str]] = {}  # the name after its last numeric part -> the prefixes it was found under
     for name in names:
         parts = name.split(".")
-        last = max((i for i, part in enumerate(parts) if part.isdigit()), default=-1)
+        last = max((i for i, part in enumerate(parts[:-1]) if part.isdigit()), default=-1)  # a name stays
         groups.setdefault(".".join(parts[last + 1 :]), set()).add(".".join(parts[: last + 1]))
     layered = [k for k, where in groups.items() if "" not in where]
     flat = [k for k in groups if k not in layered]
