@@ -49,6 +49,11 @@ def moe(request):
     return _two_adapters(request.param)
 
 
+@pytest.fixture(scope="module")
+def qwen():
+    return _two_adapters("qwen3_moe")
+
+
 def _rows_alone(model, rows, ids=IDS):
     out = []
     with torch.no_grad():
@@ -81,8 +86,8 @@ def test_mixed_batch_of_expert_adapters_equals_each_row_alone(moe):
     assert (got[0] - got[1]).abs().max() > 1e-2  # the adapters do differ, so a wrong slot would show
 
 
-def test_adapter_table_grows_per_expert_stacks_and_reuses_slots(moe):
-    _, model = moe
+def test_adapter_table_grows_per_expert_stacks_and_reuses_slots(qwen):
+    _, model = qwen
     with lk.AdapterTable(model, capacity=1) as table:
         table.load("b")  # rank 2 first: loading "a" (rank 4) grows the rank and the slots
         table.load("a")
@@ -100,9 +105,9 @@ def test_adapter_table_grows_per_expert_stacks_and_reuses_slots(moe):
         torch.testing.assert_close(again, _rows_alone(model, ["a", "b", "b", "a"]), rtol=1e-4, atol=1e-5)
 
 
-def test_a_decode_step_of_one_token_per_row_mixes_adapters():
+def test_a_decode_step_of_one_token_per_row_mixes_adapters(qwen):
     """The server's decode step: one new token per row, each with its own adapter (T tokens = rows)."""
-    _, model = _two_adapters("qwen3_moe")
+    _, model = qwen
     ids = IDS[:, :1]
     with torch.no_grad(), lk.mixed_batch(model, ["b", "a", None, "b"]):
         got = model(ids).logits
