@@ -152,9 +152,12 @@ def test_swapped_layout_is_refused_or_converted(family, tmp_path):
     torch.testing.assert_close(_logits(model), family["peft_logits"], atol=1e-5, rtol=1e-5)
 
 
-def test_sidecar_fingerprints_the_adapted_parameters(family):
+def test_sidecar_fingerprints_the_adapted_parameters(family, tmp_path):
     sidecar = json.loads((family["lorakit"] / "lorakit.json").read_text())
     assert "model.layers.1.mlp.experts.gate_up_proj" in sidecar["base"]["modules"]
+    merged = lk.merge_(lk.load_adapters(copy.deepcopy(family["base"]), family["lorakit"]))
+    again = json.loads((lk.save_adapters(merged, tmp_path / "again") / "lorakit.json").read_text())
+    assert again["base"] == sidecar["base"]  # merged in place, the base is still the one before the merge
     other = copy.deepcopy(family["base"])
     with torch.no_grad():
         other.model.layers[1].mlp.experts.gate_up_proj[3, 0, 0] += 1.0
