@@ -152,9 +152,12 @@ def test_swapped_layout_is_refused_or_converted(family, tmp_path):
     torch.testing.assert_close(_logits(model), family["peft_logits"], atol=1e-5, rtol=1e-5)
 
 
-def test_sidecar_fingerprints_the_adapted_parameters(family):
+def test_sidecar_fingerprints_the_adapted_parameters(family, tmp_path):
     sidecar = json.loads((family["lorakit"] / "lorakit.json").read_text())
     assert "model.layers.1.mlp.experts.gate_up_proj" in sidecar["base"]["modules"]
+    merged = lk.merge_(lk.load_adapters(copy.deepcopy(family["base"]), family["lorakit"]))
+    again = json.loads((lk.save_adapters(merged, tmp_path / "again") / "lorakit.json").read_text())
+    assert again["base"] == sidecar["base"]  # merged in place, the base is still the one before the merge
     other = copy.deepcopy(family["base"])
     with torch.no_grad():
         other.model.layers[1].mlp.experts.gate_up_proj[3, 0, 0] += 1.0
@@ -168,3 +171,24 @@ def test_inspect_shows_expert_parameters(family):
     assert info["target_parameters"] and len(info["modules"]) == 4
     assert {m["kind"] for m in info["modules"]} == {"parameter, 4 experts"} and info["ranks"] == [RANK]
     assert "expert layout" in render(info) and "PEFT >= 0.19" in info["expert_layout"]
+
+
+def test_four_nested_parameters_with_biases_both_ways(tmp_path):
+    """gpt-oss with LoRA on its expert weights and biases: four ParamWrappers nested on one module, keyed by depth."""
+    import peft
+
+    rules = [*PARAMS, "experts.gate_up_proj_bias", "experts.down_proj_bias"]
+    base = BUILDERS["gpt_oss"]()
+    ours = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=RANK, alpha=ALPHA), target_parameters=rules)
+    _randomize(ours, 3)
+    saved = load_file(lk.save_adapters(ours, tmp_path / "four") / "adapter_model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=[], target_parameters=rules)
+        theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "four")
+    peft_keys = {k.replace(".default", ""): tuple(v.shape) for k, v in theirs.state_dict().items() if "lora_" in k}
+    assert {k: tuple(v.shape) for k, v in saved.items()} == peft_keys
+    assert any(".base_layer.base_layer.base_layer.lora_A" in k for k in saved)
+    torch.testing.assert_close(_logits(loaded), _logits(ours), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(lk.load_adapters(copy.deepcopy(base), tmp_path / "four")), _logits(ours))

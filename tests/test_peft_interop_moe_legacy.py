@@ -87,3 +87,12 @@ def test_lorakit_loads_peft_018_adapter_with_a_note(written, family):
     assert (outputs["adapted"] - outputs["base"]).abs().max() > 1e-2  # PEFT 0.18's adapter moves the logits
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, outputs["adapted"], atol=1e-5, rtol=1e-5)
+
+
+def test_inspect_names_the_pre_019_layout(written, capsys):
+    from lorakit.cli import main
+
+    assert main(["inspect", str(written / "qwen3_moe")]) == 0
+    out = capsys.readouterr().out
+    assert "expert layout" in out and "PEFT <= 0.18 (peft_version 0.18.1)" in out
+    assert "parameter, 4 experts" in out and '"0.18.1"' in out
