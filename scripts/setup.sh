@@ -23,8 +23,15 @@ llama_cpp() {
 }
 LLAMA_CACHE="${LORAKIT_LLAMA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorakit/llama-cpp-portable}"
 
+# PEFT 0.18.1, the last PEFT writing the pre-0.19 layout of expert (target_parameters) adapters, for the tests that
+# load one (tests/_peft018.py): beside site-packages, never on the venv's import path; a test's child Python puts it
+# first on its PYTHONPATH. --no-deps: it runs on the venv's own torch and transformers.
+peft018() {
+  [ -f "$venv/peft018/peft/__init__.py" ] || "${pip[@]}" --no-deps --target "$venv/peft018" "peft==0.18.1"
+}
+
 case "$extras" in
-  dev) "${pip[@]}" -e ".[dev]" && llama_cpp ;;
+  dev) "${pip[@]}" -e ".[dev]" && llama_cpp && peft018 ;;
   *.whl) "${pip[@]}" "$extras" ;;
   *) "${pip[@]}" -e . ;;
 esac

@@ -68,7 +68,7 @@ def tokenizer(bos: bool, chat: bool = False):
 
 
 def save_tiny(kind: str, directory: str | Path, chat_template: str | None = None) -> Path:
-    """A tiny random `kind` ("llama" or "gpt2") causal LM plus tokenizer, saved to `directory`.
+    """A tiny random `kind` ("llama", "gpt2" or "qwen3_moe") causal LM plus tokenizer, saved to `directory`.
 
     With `chat_template` the tokenizer has the chat vocabulary (`tokenizer(chat=True)`) and that template;
     pass "" for the chat vocabulary without a template.
@@ -107,11 +107,43 @@ def save_tiny(kind: str, directory: str | Path, chat_template: str | None = None
             eos_token_id=tok.eos_token_id,
         )
         model = transformers.GPT2LMHeadModel(config)
+    elif kind == "qwen3_moe":  # experts as fused 3-D parameters; sizes multiples of 4 (transformers' grouped_mm)
+        config = transformers.Qwen3MoeConfig(
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=12,
+            moe_intermediate_size=12,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=False,
+        )
+        model = transformers.Qwen3MoeForCausalLM(config)
+        _spread_experts(model)
     else:
         raise ValueError(kind)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+def _spread_experts(model) -> None:
+    """Expert weights drawn N(0, 0.2), seeded: the model's own std (0.02) on a hidden size of 16 leaves experts so
+    alike that LoRA on them hardly moves the logits."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "num_experts") and hasattr(module, "down_proj"):
+                for p in module.parameters(recurse=False):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def minilm_dir() -> Path:

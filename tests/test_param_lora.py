@@ -183,8 +183,29 @@ def test_summary_names_each_parameter_and_counts_its_own_factors():
     assert trainable == 2 * (4 * 2 * 16 + 4 * 24 * 2 + 4 * 2 * 12 + 4 * 16 * 2)
 
 
-def test_a_mixed_batch_over_parameter_lora_is_refused_clearly():
-    model = lk.apply_lora(BUILDERS["qwen3_moe"](), lk.LoraConfig(rank=2), target_parameters=EXPERTS)
-    refused = pytest.raises(lk.LoraStateError, match=r"mixed-adapter batches are not supported on parameter LoRA")
+def test_a_mixed_batch_over_parameter_lora_outside_experts_is_refused_clearly():
+    # expert weights mix (tests/test_adapters_moe.py); a parameter computed through functional_call does not
+    model = lk.apply_lora(BUILDERS["qwen3_moe"](), lk.LoraConfig(rank=2), target_parameters=["mlp.gate.weight"])
+    refused = pytest.raises(
+        lk.LoraStateError, match=r"mixed-adapter batches run LoRA on the 3-D weights of transformers experts modules"
+    )
     with refused, lk.mixed_batch(model, ["default", None]):
         model(IDS[:2])
+
+
+@pytest.mark.parametrize("method", ["cat", "svd"])
+def test_combining_expert_adapters_combines_each_experts_delta(method):
+    model = lk.apply_lora(BUILDERS["mixtral"](), lk.LoraConfig(rank=2, alpha=4), target_parameters=EXPERTS)
+    for layer in lk.lora_layers(model).values():
+        layer.adapters.add("other", lk.LoraConfig(rank=2, alpha=2))
+    randomise(model)
+    with lk.use_adapter(model, "other"):
+        randomise(model, seed=8)
+        other = {n: layer.weight_delta() for n, layer in lk.lora_layers(model).items()}
+    first = {n: layer.weight_delta() for n, layer in lk.lora_layers(model).items()}
+    report = lk.combine_adapters(model, {"default": 0.5, "other": -1.0}, "mix", method=method, rank=4)
+    assert report.max_relative_error < 1e-5 and set(report.ranks.values()) == {4}
+    lk.set_adapter(model, "mix")
+    for n, layer in lk.lora_layers(model).items():
+        assert layer.lora_A.shape == (4, 4, layer.lora_A.shape[-1])
+        torch.testing.assert_close(layer.weight_delta(), 0.5 * first[n] - other[n], rtol=1e-4, atol=1e-5)

@@ -14,6 +14,7 @@ from .adapters import (
 )
 from .config import LoraBias, LoraConfig
 from .errors import (
+    LayoutNote,
     LoraAdapterNotFound,
     LoraBaseMismatch,
     LoraError,
@@ -61,6 +62,7 @@ __all__ = [
     "LoraFileChanged",
     "LoraBaseMismatch",
     "ProvenanceNote",
+    "LayoutNote",
     "LoraLayer",
     "LoraLinear",
     "LoraParam",

@@ -176,12 +176,16 @@ class AdapterTable:
             raise LoraStateError(f"{taken[0]!r} is already served by another AdapterTable; close that one first")
         for layer in layers.values():
             if layer.slot_stacks is None:
-                like = layer.adapters.tensors(layer.adapters.names()[0])[
-                    "lora_A"
-                ]  # the factors' dtype (not a packed base's)
+                like = layer.adapters.tensors(layer.adapters.names()[0])["lora_A"]  # the factors' dtype, not the base's
                 a_shape, b_shape = layer.stack_shapes()
                 layer.slot_stacks = SlotStacks(
-                    a_shape, b_shape, capacity=self.capacity, index=self.index, dtype=like.dtype, device=like.device
+                    a_shape,
+                    b_shape,
+                    capacity=self.capacity,
+                    index=self.index,
+                    dtype=like.dtype,
+                    device=like.device,
+                    lead=layer.stack_lead(),
                 )
         self._layers = layers
 

@@ -58,3 +58,8 @@ class LoraBaseMismatch(LoraFileError):
 
 class ProvenanceNote(UserWarning):
     """What a load could not check, or checked another way: no lorakit.json, a QLoRA adapter on its source base."""
+
+
+class LayoutNote(ProvenanceNote):
+    """An adapter file in an older layout, converted on load: which layout, which PEFT version wrote it (a
+    ProvenanceNote, so the CLI prints it as a `note:` line as it prints the others)."""

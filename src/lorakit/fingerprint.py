@@ -40,6 +40,7 @@ from .errors import LoraBaseMismatch, ProvenanceNote
 from .files import peft_format, provenance
 from .files.peft_format import AdapterFile
 from .layers import LoraLayer, base_of
+from .param_layers import LoraParam
 from .trained_copy import TrainedCopy
 
 # format-1 sidecars recorded these model.config fields only
@@ -128,7 +129,8 @@ def remember_before_sharding(model: nn.Module, fingerprints: Fingerprints) -> No
     for name, get in _entries(model, set()).items():
         fingerprints.before_sharding[name] = get(fingerprints)
     for name, layer in lora_layers(model).items():  # a targeted module's weight: under the module's name too
-        fingerprints.before_sharding[name] = module_fingerprint(layer, name, fingerprints)
+        if not isinstance(layer, LoraParam):  # a LoraParam's parameter is among the entries, by its path
+            fingerprints.before_sharding[name] = module_fingerprint(layer, name, fingerprints)
 
 
 def _is_sharded(w: Tensor) -> bool:
@@ -159,7 +161,9 @@ def _walk(module: nn.Module, prefix: str, seen: set[int]) -> Iterator[tuple[str,
         yield from _walk(module.original, prefix, seen)
         return
     yield prefix, module
-    if isinstance(module, LoraLayer):
+    if isinstance(module, LoraParam):  # its owner's submodules hold base tensors too
+        module = module.owner
+    elif isinstance(module, LoraLayer):
         return
     for child_name, child in module._modules.items():
         if child is not None:
@@ -173,6 +177,9 @@ def _entries(model: nn.Module, skip: set[str]) -> dict[str, Callable[[Fingerprin
     seen: set[int] = set()
     for prefix, module in _walk(model, "", set()):
         dot = f"{prefix}." if prefix else ""
+        if isinstance(module, LoraParam):  # every tensor of its owner by its own path, an adapted one as before
+            out.update(_param_entries(module, dot, skip, seen))
+            continue
         if isinstance(module, LoraLayer) or bases.is_quantized(module):  # its weight as before lorakit changed it
             base = base_of(module)
             name, w = dot + "weight", getattr(base, "weight", None)
@@ -189,6 +196,27 @@ def _entries(model: nn.Module, skip: set[str]) -> dict[str, Callable[[Fingerprin
                 continue
             seen.add(id(t))
             out[name] = functools.partial(_tensor_record, t, name)
+    return out
+
+
+def _param_entries(
+    layer: LoraParam, dot: str, skip: set[str], seen: set[int]
+) -> dict[str, Callable[[Fingerprints], dict[str, Any]]]:
+    """`_entries` of a LoraParam's owner: each parameter and persistent buffer under `dot` + its name, an adapted
+    parameter merged in place by the weight `merge_` set aside (as it was before lorakit changed it)."""
+    owner = layer.owner
+    out: dict[str, Callable[[Fingerprints], dict[str, Any]]] = {}
+    adapted = {x.param_name: x for x in layer.chain()}
+    persistent = {k: b for k, b in owner._buffers.items() if k not in owner._non_persistent_buffers_set}
+    for key, t in {**owner._parameters, **persistent}.items():
+        name = dot + key
+        if t is None or id(t) in seen or name in skip or t.device.type == "meta":
+            continue
+        seen.add(id(t))
+        held = adapted.get(key)
+        if held is not None and held.merged and held._unmerged_weight is not None:
+            t = held._unmerged_weight
+        out[name] = functools.partial(_tensor_record, t, name)
     return out
 
 

@@ -92,6 +92,10 @@ class LoraLayer(nn.Module):
         """Shapes of one slot's (A, B) at rank 1 in an AdapterTable's stacks (`lorakit.slot_stacks`)."""
         return self.factor_shapes(self.base, 1)
 
+    def stack_lead(self) -> int:
+        """How many dimensions come before the rank in a slot's factors (`SlotStacks`' lead): none here."""
+        return 0
+
     @property
     def mixed(self) -> Tensor | None:
         """The running mixed batch's row -> slot index (None outside one; see `lorakit.adapter_table`)."""

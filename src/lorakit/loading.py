@@ -11,12 +11,12 @@ So a bad file, or a model in the wrong state, leaves the model exactly as it was
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor, nn
 
-from . import bases
+from . import bases, param_files
 from .adapters import active_adapter
 from .config import LoraBias, LoraConfig
 from .errors import LoraFileError, LoraStateError
@@ -44,6 +44,8 @@ from .model import (
     set_module,
     trained_biases,
 )
+from .param_files import ParamTarget
+from .param_layers import LoraParam
 from .saving import adapter_factors, adapter_state_dict
 from .trained_copy import TrainedCopy
 
@@ -68,7 +70,9 @@ class LoadPlan:
     config: LoraConfig  # the adapter's own config (APPLY wraps with it)
     targets: dict[str, WrapTarget]  # module name -> what it gets
     copies: list[str]  # modules_to_save: trained in full, each a TrainedCopy after attach
-    tensors: dict[str, Tensor]  # checked; exactly the keys attach fills
+    tensors: dict[str, Tensor]  # checked; exactly the keys attach fills (a LoraParam's as its layer holds them)
+    params: dict[str, ParamTarget] = field(default_factory=dict)  # module name -> its adapted parameters
+    notes: tuple[str, ...] = ()  # shown when the adapter is attached (a pre-0.19 expert layout converted)
 
 
 def load_adapters(
@@ -135,11 +139,23 @@ def plan_load(
             "(those modules are shared); load it into a fresh base"
         )
     targets = _targets_into(model, file, name) if how == INTO else _targets_new(model, file, copies)
+    if how == INTO:
+        params = param_files.targets_into(model, file, name)
+    else:
+        params = param_files.targets_new(model, file, _excluded(file, copies))
     if how != APPLY:
         _check_shared_biases(model, file, name, targets)
-    check_tensors(file.where, file.tensors, _expected_shapes(model, file, targets, copies), allow_nonfinite)
+    on_params = param_files.plan(model, file, params)  # refuses expert tensors that fit no layout, naming both
+    shapes = {**_expected_shapes(model, file, targets, copies), **on_params.shapes}
+    check_tensors(file.where, file.tensors, shapes, allow_nonfinite)
     adapter = (name or DEFAULT_ADAPTER) if how == APPLY else name
-    return LoadPlan(how, adapter, file.spec.config, targets, copies, file.tensors)
+    tensors = {**file.tensors, **on_params.converted}
+    return LoadPlan(how, adapter, file.spec.config, targets, copies, tensors, params, on_params.notes)
+
+
+def _excluded(file: AdapterFile, copies: list[str]) -> list[str]:
+    """The adapter's exclude rules, and modules_to_save with everything they hold."""
+    return file.spec.exclude + [f"re:{re.escape(n)}(\\..*)?" for n in copies]
 
 
 def _refuse_merged(model: nn.Module, what: str) -> None:
@@ -155,6 +171,8 @@ def _targets_into(model: nn.Module, file: AdapterFile, name: str | None) -> dict
     """Loading into an adapter the model has: every layer holding it, with the file's config for that module."""
     targets = {}
     for module, (layer, _, _, config) in adapter_factors(model, name).items():
+        if isinstance(layer, LoraParam):  # param_files.targets_into
+            continue
         cfg = file.spec.config.for_module(module)
         if cfg.rank != config.rank and peft_key(module, "lora_A", layer.peft_layout) in file.tensors:
             raise LoraFileError(
@@ -171,9 +189,10 @@ def _targets_into(model: nn.Module, file: AdapterFile, name: str | None) -> dict
 
 def _targets_new(model: nn.Module, file: AdapterFile, copies: list[str]) -> dict[str, WrapTarget]:
     """A new adapter: the modules its target rules select (modules_to_save and what they hold excluded)."""
-    exclude = file.spec.exclude + [f"re:{re.escape(n)}(\\..*)?" for n in copies]
+    if not file.spec.targets and file.spec.target_parameters:  # PEFT's target_modules [] beside parameters
+        return {}
     try:
-        modules = find_targets(model, file.spec.targets, exclude=exclude)
+        modules = find_targets(model, file.spec.targets, exclude=_excluded(file, copies))
     except ValueError as e:
         raise LoraFileError(f"{file.config_path}: {e}") from None
     targets = {}
@@ -290,12 +309,14 @@ def attach(model: nn.Module, plan: LoadPlan) -> None:
         apply_lora(
             model,
             plan.config,
-            [f"re:{re.escape(n)}" for n in plan.targets],
+            [f"re:{re.escape(n)}" for n in plan.targets] if plan.targets or not plan.params else None,
+            target_parameters=[f"re:{re.escape(f'{t.owner}.{p}')}" for t in plan.params.values() for p in t.params],
             modules_to_save=[f"re:{re.escape(n)}" for n in plan.copies],
             adapter_name=plan.adapter or DEFAULT_ADAPTER,  # plan_load names it
         )
     elif plan.how == ADD:
         _add_named(model, plan)
+        param_files.attach_new(model, plan.params, plan.adapter or DEFAULT_ADAPTER, active_adapter(model))
     for module in plan.copies:
         if not isinstance(model.get_submodule(module), TrainedCopy):
             set_module(model, module, TrainedCopy(model.get_submodule(module)))
@@ -304,16 +325,18 @@ def attach(model: nn.Module, plan: LoadPlan) -> None:
         adapter = plan.adapter or layers[module].adapter_name
         assert adapter is not None, "a plan without a name loads into active adapters only"
         layers[module].adapters.set_config(adapter, target.config)
+    param_files.set_configs(model, plan.params, plan.adapter)
     if plan.how == INTO:
         for bias in trained_biases(model, plan.config.bias).values():
             bias.requires_grad_(True)
     destinations = {
-        **adapter_state_dict(model, plan.adapter, exported=False),
+        **adapter_state_dict(model, plan.adapter, exported=False, flat=False),
         **_whole_embeddings(model, set(plan.targets), plan.copies),
     }
     missing = plan.tensors.keys() - destinations.keys()
     assert not missing, f"planned keys without a place in the model: {sorted(missing)[:4]}"
     copy_into(plan.tensors, {k: destinations[k] for k in plan.tensors})
+    param_files.show(plan.notes)
 
 
 def _add_named(model: nn.Module, plan: LoadPlan) -> None:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoraStateError
+from .ops_experts_mixed import MixedExpertFactors, mixed_expert_delta
 from .ops_linear import dropout_keep
 
 __all__ = ["ExpertFactors", "experts_forward", "routing_args"]
@@ -56,7 +57,7 @@ def experts_forward(
     hidden: Tensor,
     top_k_index: Tensor,
     top_k_weights: Tensor,
-    factors: Mapping[str, ExpertFactors],
+    factors: Mapping[str, ExpertFactors | MixedExpertFactors],
     weights: Mapping[str, Tensor] | None = None,
     training: bool = False,
 ) -> Tensor:
@@ -75,7 +76,7 @@ def experts_forward(
     if torch.is_autocast_enabled(hidden.device.type):  # run in the autocast dtype, once, as F.linear would
         dt = torch.get_autocast_dtype(hidden.device.type)
         with torch.autocast(hidden.device.type, enabled=False):
-            cast = {n: ExpertFactors(f.A.to(dt), f.B.to(dt), f.scaling, f.dropout) for n, f in factors.items()}
+            cast = {n: replace(f, A=f.A.to(dt), B=f.B.to(dt)) for n, f in factors.items()}
             params = {n: p.to(dt) for n, p in _params(owner, weights).items()}
             out = experts_forward(owner, hidden.to(dt), top_k_index, top_k_weights, cast, params, training)
         return out.to(hidden.dtype)
@@ -85,10 +86,11 @@ def experts_forward(
     sorted_ids, perm = torch.sort(ids, stable=True)
     up = "gate_up_proj" if owner.has_gate else "up_proj"
     counts = torch.bincount(sorted_ids, minlength=params[up].shape[0]).tolist()  # one sync, as transformers' offsets
-    x = hidden[perm // k]  # (S, H): each token once per expert it is routed to, grouped by expert
-    h = _project(owner, params, up, x, sorted_ids, counts, factors.get(up), training)
+    tokens = perm // k  # (S,): the token of each sorted row
+    x = hidden[tokens]  # (S, H): each token once per expert it is routed to, grouped by expert
+    h = _project(owner, params, up, x, sorted_ids, counts, tokens, factors.get(up), training)
     h = _activation(owner)(h)
-    y = _project(owner, params, "down_proj", h, sorted_ids, counts, factors.get("down_proj"), training)
+    y = _project(owner, params, "down_proj", h, sorted_ids, counts, tokens, factors.get("down_proj"), training)
     if owner.has_post_expert_norm:
         norm = owner.post_expert_norm
         assert isinstance(norm, nn.Module), "has_post_expert_norm: the module has its norm"
@@ -122,10 +124,13 @@ def _project(
     x: Tensor,
     ids: Tensor,
     counts: list[int],
-    f: ExpertFactors | None,
+    tokens: Tensor,
+    factors: ExpertFactors | MixedExpertFactors | None,
     training: bool,
 ) -> Tensor:
-    """x (S, d_in) sorted by expert -> (S, d_out): each expert's rows through its weight, plus its LoRA term."""
+    """x (S, d_in) sorted by expert -> (S, d_out): each expert's rows through its weight, plus its LoRA term (in a
+    mixed batch, each row's own: `ops_experts_mixed`)."""
+    f = factors if isinstance(factors, ExpertFactors) else None
     W = params[name]
     transposed = bool(owner.is_transposed)
     xd = x
@@ -146,6 +151,8 @@ def _project(
         outs.append(ye)
         start += n
     y = torch.cat(outs) if outs else x.new_zeros(0, _d_out(W, transposed))
+    if isinstance(factors, MixedExpertFactors):
+        y = y + mixed_expert_delta(x, ids, factors.slots[tokens], factors)
     if f"{name}_bias" in params:
         y = y + params[f"{name}_bias"][ids]
     return y

@@ -26,6 +26,7 @@ from .config import BASE_CHANGING_INITS, LoraConfig
 from .errors import LoraStateError
 from .layers import LoraLayer
 from .ops_experts import ExpertFactors, experts_forward, routing_args
+from .ops_experts_mixed import MixedExpertFactors, token_slots
 from .param_targets import ParamTargets, find_parameters, is_experts_module
 
 __all__ = ["LoraParam", "nested_key", "param_factor_shapes", "param_paths", "select_params", "with_param_lora"]
@@ -141,10 +142,10 @@ class LoraParam(LoraLayer):
         return param_factor_shapes(self.owner, self.param_name, rank)
 
     def stack_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        raise LoraStateError(
-            f"mixed-adapter batches are not supported on parameter LoRA ({type(self.owner).__name__}."
-            f"{self.param_name}); use set_adapter"
-        )
+        return self.shapes(1)
+
+    def stack_lead(self) -> int:
+        return 1 if self.param.dim() == 3 else 0  # per-expert pairs (E, r, d_in), (E, d_out, r)
 
     def base_weight(self) -> Tensor:
         return self.param
@@ -195,7 +196,7 @@ class LoraParam(LoraLayer):
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.mixed is not None:
-            raise self._mixed_error()
+            return self._mixed(args, kwargs)
         owner = self.owner
         active = [layer for layer in self.chain() if layer.computes_lora()]
         if not active:
@@ -236,16 +237,31 @@ class LoraParam(LoraLayer):
         hidden, index, routing = routing_args(owner, args, kwargs)
         return experts_forward(owner, hidden, index, routing, factors, weights, self.training)
 
-    def mixed_state(self, A: Tensor, B: Tensor, slots: Tensor) -> tuple[Tensor, ...]:
-        raise self._mixed_error()
-
-    def mixed_forward(self, x: Tensor, *state: Tensor) -> Tensor:
-        raise self._mixed_error()
+    def _mixed(self, args: tuple, kwargs: dict) -> Tensor:
+        """A mixed batch through an experts owner: every routed token with its row's slot's factors
+        (`ops_experts_mixed`); slots come from each LoraParam's stacks (an AdapterTable's)."""
+        owner, slots = self.owner, self.mixed
+        assert slots is not None, "called inside a mixed batch"
+        chain = self.chain()
+        if not is_experts_module(owner) or any(layer.param.dim() != 3 for layer in chain):
+            raise self._mixed_error()
+        hidden, index, routing = routing_args(owner, args, kwargs)
+        try:
+            tokens = token_slots(slots.to(hidden.device), hidden.shape[0])
+        except ValueError as e:
+            raise LoraStateError(f"mixed_batch: {e}") from None
+        factors: dict[str, ExpertFactors | MixedExpertFactors] = {}
+        for layer in chain:
+            stacks = layer.slot_stacks
+            assert stacks is not None, "an AdapterTable gives every LoRA layer of the model its stacks"
+            A, B, _ = stacks.state(layer, slots)
+            factors[layer.param_name] = MixedExpertFactors(A, B, tokens)
+        return experts_forward(owner, hidden, index, routing, factors)
 
     def _mixed_error(self) -> LoraStateError:
         return LoraStateError(
-            f"mixed-adapter batches are not supported on parameter LoRA ({type(self.owner).__name__}."
-            f"{self.param_name}) yet; use set_adapter"
+            f"mixed-adapter batches run LoRA on the 3-D weights of transformers experts modules, not on "
+            f"{type(self.owner).__name__}.{self.param_name}; use set_adapter"
         )
 
     def extra_repr(self) -> str:

@@ -14,14 +14,16 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from . import param_files
 from .config import LoraBias, LoraConfig
 from .errors import LoraFileError
-from .files import atomic, provenance
+from .files import atomic, expert_layout, provenance
 from .files import safetensors as st
 from .files.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     computation_fields,
+    param_key,
     peft_key,
     plain_key,
     replaced_base_tensors,
@@ -49,15 +51,25 @@ def adapter_factors(
     return out
 
 
-def adapter_state_dict(model: nn.Module, name: str | None = None, *, exported: bool = True) -> dict[str, Tensor]:
+def adapter_state_dict(
+    model: nn.Module, name: str | None = None, *, exported: bool = True, flat: bool = True
+) -> dict[str, Tensor]:
     """The adapter's tensors under PEFT's key names (what `save_adapters` writes, where `load_adapters` copies).
 
     Per LoRA layer its factors (and DoRA magnitude); the biases its bias mode trains; every TrainedCopy's
     trained copy (modules_to_save) under the module's plain key, as PEFT saves it. `exported`: see `adapter_factors`.
+    A LoraParam's factors sit under PEFT's nested keys (`param_files.holding`), in PEFT's current flat layout
+    (`files.expert_layout`); with `flat=False` as the layer holds them (per expert: where a load copies).
     """
     out: dict[str, Tensor] = {}
     factors = adapter_factors(model, name, exported=exported)
+    params = param_files.holding(lora_layers(model), name)
     for module, (layer, A, B, config) in factors.items():
+        if module in params:
+            owner, depth, _ = params[module]
+            a, b = expert_layout.from_experts(A, B) if flat else (A, B)
+            out[param_key(owner, depth, "lora_A")], out[param_key(owner, depth, "lora_B")] = a, b
+            continue
         out[peft_key(module, "lora_A", layer.peft_layout)] = A
         out[peft_key(module, "lora_B", layer.peft_layout)] = B
         if config.use_dora:
@@ -86,15 +98,25 @@ def peft_config(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     if not factors:
         what = "no LoRA layers; apply_lora first" if name is None else f"no adapter named {name!r}"
         raise LoraFileError(f"the model has {what}")
-    configs = {module: config for module, (_, _, _, config) in factors.items()}
+    params = param_files.holding(lora_layers(model), name)
+    configs = {
+        param_files.param_path(*params[module][::2]) if module in params else module: config
+        for module, (_, _, _, config) in factors.items()
+    }
+    paths = {param_files.param_path(owner, layer) for owner, _, layer in params.values()}
     others = [n for n, _ in model.named_modules() if n and n not in configs]
-    linears = [f for layer, *_ in factors.values() if (f := getattr(type(layer), "fan_in_fan_out", None)) is not None]
+    linears = [
+        f
+        for module, (layer, *_) in factors.items()
+        if module not in params and (f := getattr(type(layer), "fan_in_fan_out", None)) is not None
+    ]
     return to_peft_config(
         configs,
         others,
         fan_in_fan_out=bool(linears) and all(linears),
         modules_to_save=list(trained_copies(model)),
         name_or_path=getattr(getattr(model, "config", None), "name_or_path", None) or None,
+        parameters=paths,
     )
 
 
@@ -115,7 +137,11 @@ def save_adapters(
     directory = Path(directory)
     config, tensors = peft_config(model, name), adapter_state_dict(model, name)
     skip = replaced_base_tensors(tensors)  # what the adapter writes itself (trained biases, heads) is no base
-    base = base_fingerprint(model, adapter_factors(model, name), fingerprints, skip=skip)
+    params = param_files.holding(lora_layers(model), name)  # a LoraParam's record is its parameter's
+    targeted = [
+        param_files.param_path(params[m][0], params[m][2]) if m in params else m for m in adapter_factors(model, name)
+    ]
+    base = base_fingerprint(model, targeted, fingerprints, skip=skip)
     with atomic.locked_dir(directory):  # a concurrent save or load of this directory sees one whole adapter
         st.write(directory / WEIGHTS_NAME, tensors, {"format": "pt"})
         atomic.write_json(directory / CONFIG_NAME, config)

@@ -107,13 +107,25 @@ def tiny_chat_llama(directory: Path, context: int = CONTEXT) -> Path:
     return directory
 
 
-def make_adapter(model_dir: Path, out: Path, seed: int, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
-    """A causal-lm LoRA adapter of `model_dir` with random (non-zero) A and B, saved as lorakit saves one."""
+def make_adapter(
+    model_dir: Path,
+    out: Path,
+    seed: int,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    target_parameters: tuple[str, ...] = (),
+) -> Path:
+    """A causal-lm LoRA adapter of `model_dir` with random (non-zero) A and B, saved as lorakit saves one
+    (`target_parameters`: LoRA on those parameters too, e.g. "all-experts")."""
     import lorakit as lk
     from lorakit.hf import models as hf
 
     model, _ = hf.load(model_dir, "causal-lm")
-    lk.apply_lora(model, lk.LoraConfig(rank=4, alpha=8), list(targets))
+    if target_parameters:
+        lk.apply_lora(
+            model, lk.LoraConfig(rank=4, alpha=8), list(targets) or None, target_parameters=list(target_parameters)
+        )
+    else:
+        lk.apply_lora(model, lk.LoraConfig(rank=4, alpha=8), list(targets))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

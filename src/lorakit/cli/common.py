@@ -28,6 +28,8 @@ PARAM_FLAGS = {
     "trust_remote_code": "--trust-remote-code",
     "allow_base_mismatch": "--allow-base-mismatch",
     "task": "--task",
+    "targets": "--targets",
+    "target_parameters": "--target-parameters",
 }
 
 # How the CLI words each remedy: f(error, flag) -> message
@@ -42,6 +44,8 @@ REMEDIES: dict[str, Callable[[Any, str], str]] = {
         f"{e.detail}; load it onto the base it was trained on, or pass {flag} to load it anyway"
     ),
     "task": lambda e, flag: f"{e.detail}; use {flag} {e.can}",
+    "targets": lambda e, flag: f"{flag}: {e}",
+    "target_parameters": lambda e, flag: f"{flag}: {e}",
 }
 
 

@@ -30,6 +30,8 @@ def finetune(args: argparse.Namespace) -> int:
     quiet_transformers()
     # before the job resolves --model (a hub id may download) and the slow part: a missing tracker fails here
     callbacks = _callbacks(args)
+    if args.targets is None:  # resolved as apply_lora reads it, so that the run file records it: all-linear, or no
+        args.targets = [] if args.target_parameters else ["all-linear"]  # modules beside parameters (PEFT's rule)
     job = inputs(_job, args)
     out = Path(job.out)
     out_dir.check_start(out, job.resume, job.overwrite)  # advice that fits what OUT holds
@@ -59,15 +61,14 @@ def _job(args: argparse.Namespace) -> job_module.FinetuneJob:
     from ..config import LoraConfig
     from ..train import TrainConfig
 
-    # "q_proj,v_proj" or "q_proj v_proj"; a regex ("re:...") is taken whole, commas and all
-    targets = [t for chunk in args.targets for t in ([chunk] if chunk.startswith("re:") else chunk.split(",")) if t]
     return job_module.FinetuneJob(
         model=model_dir(args),
         data=args.data,
         task=args.task,
         out=args.out,
         valid=args.valid,
-        targets=targets,
+        targets=_rules(args.targets),
+        target_parameters=_rules(args.target_parameters or []),
         lora=LoraConfig(
             rank=args.rank,
             alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
@@ -110,6 +111,12 @@ def _job(args: argparse.Namespace) -> job_module.FinetuneJob:
         eval_metric_rows=args.eval_metric_rows,
         eval_max_new_tokens=args.eval_max_new_tokens,
     )
+
+
+def _rules(chunks: list[str]) -> list[str]:
+    """Target rules from the command line: "q_proj,v_proj" or "q_proj v_proj"; a regex ("re:...") is taken whole,
+    commas and all."""
+    return [t for chunk in chunks for t in ([chunk] if chunk.startswith("re:") else chunk.split(",")) if t]
 
 
 def _print_report(report: dict[str, Any], task: str) -> None:
@@ -202,9 +209,17 @@ def _add_lora_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--targets",
         nargs="+",
-        default=["all-linear"],
         metavar="T",
-        help="modules to adapt: names, suffixes (q_proj), 're:<regex>' or all-linear (default)",
+        help="modules to adapt: names, suffixes (q_proj), 're:<regex>' or all-linear (the default, unless "
+        "--target-parameters is given: then no modules unless named here)",
+    )
+    g.add_argument(
+        "--target-parameters",
+        nargs="+",
+        metavar="P",
+        help="parameters to adapt, as PEFT's target_parameters: MODULE.PARAM names or suffixes "
+        "(mlp.experts.gate_up_proj), 're:<regex>', or all-experts (every 3-D expert weight of a mixture-of-experts "
+        "model; routers only when named); what each rule matched is printed before training",
     )
     g.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     g.add_argument("--alpha", type=float, help="LoRA alpha (default 2 * rank)")

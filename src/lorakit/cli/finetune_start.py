@@ -94,7 +94,9 @@ def _padding(setup: job_module.Setup) -> tuple[float, float] | None:
 
 
 def say_setup(setup: job_module.Setup) -> None:
-    """Print the setup line; warn on stderr when packing makes the padding worse."""
+    """Print what the target rules selected and the setup line; warn on stderr when packing makes the padding worse."""
+    for line in setup.matched:
+        print(f"targets {line}", flush=True)
     print(setup_line(setup), flush=True)
     effect = _padding(setup)
     if setup.job.pack and effect is not None and effect[1] > effect[0]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import Tensor
 from ..config import LoraConfig
 from ..errors import LoraFileError
 from ..ui.tables import key_values, table, to_text
-from . import peft_format
+from . import expert_layout, peft_format
 from . import safetensors as safetensors_io
 
 MODEL_ADAPTER_KIND = "model adapter (PEFT layout)"  # describe()["kind"] of a directory or adapter_model file
@@ -57,6 +58,9 @@ def describe(path: str | Path) -> dict[str, Any]:
         if a is None or b is None:
             extra.append({"name": name, "problem": "has lora_A without lora_B (or the reverse)"})
             continue
+        if spec is not None and _is_param_site(name, spec):
+            rows.append(_param_row(name, entry, a, b, spec))
+            continue
         rows.append(_module_row(name, entry, a, b, spec.config.for_module(name) if spec else None, fan_in_fan_out))
     info["modules"] = rows
     info["extra_tensors"] = extra  # modules_to_save (e.g. a classification head) and anything unrecognised
@@ -66,7 +70,49 @@ def describe(path: str | Path) -> dict[str, Any]:
     if spec is not None:
         info["targets"] = spec.targets
         info["modules_to_save"] = spec.modules_to_save
+        info["target_parameters"] = spec.target_parameters
+    if spec is not None and spec.target_parameters:
+        version = spec.raw.get("peft_version")
+        said = expert_layout.layout_of_version(version)
+        info["expert_layout"] = (
+            f"{said} (peft_version {version})" if said else f"told by the shapes on load (peft_version {version!r})"
+        )
     return info
+
+
+def _is_param_site(name: str, spec: peft_format.AdapterSpec) -> bool:
+    """Whether the factors under PEFT module path `name` adapt a parameter (target_parameters), not a module."""
+    if not spec.target_parameters:
+        return False
+    owner = name.replace(".base_layer", "")
+    return not any(
+        (re.fullmatch(t[3:], owner) is not None) if t.startswith("re:") else (owner == t or owner.endswith("." + t))
+        for t in spec.targets
+    )
+
+
+def _param_row(name: str, entry: dict[str, Any], a: list[int], b: list[int], spec: peft_format.AdapterSpec) -> dict:
+    """One adapted parameter's row: PEFT's flat factors (lora_A (E·r, in), lora_B (out, r·E)), E from the rank.
+
+    Which parameter of the module it is depends on the model's registration order (PEFT nests them), so the row
+    names the module and its nesting depth; the config's target_parameters list the parameters.
+    """
+    owner, depth = name.replace(".base_layer", ""), name.count(".base_layer")
+    cfg = spec.config.for_module(owner)
+    experts = a[0] // cfg.rank if cfg.rank and a[0] % cfg.rank == 0 else None
+    return {
+        "module": owner + (f" (nested {depth})" if depth else ""),
+        "kind": "parameter" if experts in (None, 1) else f"parameter, {experts} experts",
+        "lora_A": a,
+        "lora_B": b,
+        "rank": cfg.rank,
+        "alpha": cfg.alpha,
+        "scaling": cfg.scaling,
+        "bias": False,
+        "params": math.prod(a) + math.prod(b),
+        "dtype": entry.get("dtype"),
+        "base_weight_shape": None,  # (E, out, in) or (E, in, out): the owner's layout, unknown without the model
+    }
 
 
 def _locate(path: Path) -> tuple[Path | None, Path]:
@@ -196,6 +242,8 @@ def render(info: dict[str, Any]) -> str:
     """The description as readable text: the file and its config, then one table row per LoRA module."""
     head = [("adapter", info["path"]), ("kind", info["kind"]), ("size", _size(info["file_bytes"]))]
     head += _config_lines(info.get("config") or {})
+    if info.get("expert_layout"):
+        head.append(("  expert layout", info["expert_layout"]))
     tail = [f"NOT LOADABLE by lorakit: {info['problem']}"] if info.get("loadable") is False else []
     tail += [
         f"saved in full: {x['name']} {_shape(x.get('shape'))} ({x.get('params', 0):,} params)"
@@ -223,6 +271,8 @@ def _config_lines(config: dict[str, Any]) -> list[tuple[str, str]]:
         "bias",
         "use_rslora",
         "target_modules",
+        "target_parameters",
+        "peft_version",
         "modules_to_save",
         "base_model_name_or_path",
     )

@@ -10,8 +10,8 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from ..config import INITS, LoraBias, LoraConfig
 from ..errors import LoraFileError
 from . import hub_cache, provenance, safetensors
 from .atomic import locked_dir
+from .expert_layout import WRITTEN_AS
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,6 +43,7 @@ SUFFIXES: dict[str, dict[str, str]] = {
         "bias": "base_layer.bias",
         "base_weight": "base_layer.weight",
     },
+    "param": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},  # target_parameters: files.peft_params
 }
 
 # lorakit's bias modes <-> PEFT's `bias` field. lorakit's "all" (burn's name) is the wrapped layers' biases,
@@ -53,6 +55,16 @@ BIAS_FROM_PEFT = {peft: ours for ours, peft in BIAS_TO_PEFT.items()}
 def peft_key(module: str, tensor: str, layout: str = "linear") -> str:
     """The PEFT state-dict key of `tensor` ("lora_A", "lora_B", "bias", "lora_magnitude") of a LoRA `module`."""
     return f"{PREFIX}{module}.{SUFFIXES[layout][tensor]}"
+
+
+def param_key(owner: str, depth: int, tensor: str) -> str:
+    """The PEFT key of `tensor` ("lora_A", "lora_B") of LoRA on a parameter of module `owner` (target_parameters).
+
+    PEFT nests the wrappers of one module's adapted parameters, the first registered innermost: a parameter with
+    `depth` adapted ones registered after it sits under that many `base_layer`s (Qwen3-MoE's gate_up_proj beside an
+    adapted down_proj: `experts.base_layer.lora_A.weight`; down_proj: `experts.lora_A.weight`).
+    """
+    return f"{PREFIX}{owner}{'.base_layer' * depth}.{SUFFIXES['param'][tensor]}"
 
 
 def plain_key(module: str, param: str) -> str:
@@ -77,51 +89,19 @@ def is_peft_copy(key: str) -> bool:
 
 # PEFT config keys we read, or that carry no behaviour for a saved adapter
 _UNDERSTOOD = {
-    "peft_type",
-    "task_type",
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "bias",
-    "use_rslora",
-    "fan_in_fan_out",
-    "init_lora_weights",
-    "rank_pattern",
-    "alpha_pattern",
-    "modules_to_save",
-    "exclude_modules",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "auto_mapping",
-    "peft_version",
-    "megatron_core",
-    "qalora_group_size",
-    "ensure_weight_tying",
-    "eva_config",
-    "lorakit",
-    "use_dora",
-}
+    "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters", "bias",
+    "use_rslora", "fan_in_fan_out", "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save",
+    "exclude_modules", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "megatron_core", "qalora_group_size", "ensure_weight_tying", "eva_config", "lorakit", "use_dora",
+}  # fmt: skip
 # adapter_config.json fields that change what a loaded adapter computes (lorakit.json records them at save time):
 # not the dropout or the init (training only), the base's path or the bookkeeping fields, nor task_type (which
 # `lorakit finetune` sets after the save; the task head is modules_to_save, its weights among the tensors)
 COMPUTATION_FIELDS = (
-    "peft_type",
-    "r",
-    "lora_alpha",
-    "use_rslora",
-    "rank_pattern",
-    "alpha_pattern",
-    "use_dora",
-    "target_modules",
-    "exclude_modules",
-    "layers_to_transform",
-    "layers_pattern",
-    "bias",
-    "modules_to_save",
+    "peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora", "target_modules",
+    "target_parameters", "exclude_modules", "layers_to_transform", "layers_pattern", "bias", "modules_to_save",
     "fan_in_fan_out",
-)
+)  # fmt: skip
 
 
 def computation_fields(raw: dict[str, Any]) -> dict[str, Any]:
@@ -167,26 +147,31 @@ def to_peft_config(
     fan_in_fan_out: bool = False,
     modules_to_save: list[str] | None = None,
     name_or_path: str | None = None,
+    parameters: Collection[str] = (),
 ) -> dict[str, Any]:
-    """adapter_config.json for LoRA on `configs` (module name -> its config), in PEFT's vocabulary.
+    """adapter_config.json for LoRA on `configs` (module name, or a `parameters` path -> its config), in PEFT's
+    vocabulary.
 
     Targets are written as the exact module names (a regex of them where a name is also the suffix of
-    one of `other_modules`); ranks and alphas that differ from the most common go to rank/alpha_pattern. A
-    `name_or_path` in the hub cache (a snapshot directory) is written as its hub id, its commit as `revision`.
+    one of `other_modules`), adapted parameters as their exact paths (`target_parameters`, with `target_modules`
+    empty where no module is adapted, as PEFT writes it); ranks and alphas that differ from the most common go to
+    rank/alpha_pattern. A `name_or_path` in the hub cache (a snapshot directory) is written as its hub id, its
+    commit as `revision`.
     """
     base = (
         Counter(c.rank for c in configs.values()).most_common(1)[0][0],
         Counter(c.alpha for c in configs.values()).most_common(1)[0][0],
     )
     one = next(iter(configs.values()))
-    names = list(configs)
+    names = [n for n in configs if n not in parameters]
     if any(n.endswith("." + t) for n in other_modules for t in names):
         target_modules: list[str] | str = "|".join(re.escape(n) for n in names)  # a regex string: exact names
     else:
         target_modules = names
     hub_base = hub_cache.snapshot_of(name_or_path)  # a base from the hub cache: its id and commit, as PEFT records
-    rank_pattern = {_exact_key(n, names): c.rank for n, c in configs.items() if c.rank != base[0]}
-    alpha_pattern = {_exact_key(n, names): c.alpha for n, c in configs.items() if c.alpha != base[1]}
+    rank_pattern = {_exact_key(n, list(configs)): c.rank for n, c in configs.items() if c.rank != base[0]}
+    alpha_pattern = {_exact_key(n, list(configs)): c.alpha for n, c in configs.items() if c.alpha != base[1]}
+    params = {"target_parameters": sorted(parameters), "peft_version": WRITTEN_AS} if parameters else {}
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -196,6 +181,7 @@ def to_peft_config(
         "lora_alpha": base[1],
         "lora_dropout": one.dropout,
         "target_modules": target_modules,
+        **params,
         "bias": BIAS_TO_PEFT[LoraBias(one.bias)],
         "use_rslora": one.use_rslora,
         "fan_in_fan_out": fan_in_fan_out,
@@ -226,6 +212,7 @@ class AdapterSpec:
     exclude: list[str]
     modules_to_save: list[str]
     raw: dict[str, Any]
+    target_parameters: list[str] = field(default_factory=list)  # PEFT's rules on `module.param` paths
 
 
 def read_adapter_config(directory: str | Path) -> AdapterSpec:
@@ -236,7 +223,10 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
     bias = _field(raw, path, "bias", str, "none")
     if bias not in BIAS_FROM_PEFT:
         raise LoraFileError(f"{path}: key 'bias' is {bias!r}; expected {', '.join(map(repr, BIAS_FROM_PEFT))}")
-    targets = _field(raw, path, "target_modules", (list, str), required=True)
+    params = _field(raw, path, "target_parameters", list, None) or []
+    if not all(isinstance(t, str) and t for t in params):
+        raise LoraFileError(f"{path}: key 'target_parameters' must be a list of parameter names")
+    targets = _field(raw, path, "target_modules", (list, str), [], required=not params)
     if isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
         raise LoraFileError(f"{path}: key 'target_modules' must be a list of strings or a regex string")
     exclude = _field(raw, path, "exclude_modules", (list, str), None)
@@ -251,7 +241,8 @@ def read_adapter_config(directory: str | Path) -> AdapterSpec:
                 re.compile(value)
             except re.error as e:
                 raise LoraFileError(f"{path}: key {key!r} is {value!r}, not a valid regex: {e}") from None
-    return AdapterSpec(config, _rules(targets), _rules(exclude) if exclude else [], list(modules_to_save), raw)
+    rules = _rules(exclude) if exclude else []
+    return AdapterSpec(config, _rules(targets), rules, list(modules_to_save), raw, list(params))
 
 
 def _read_config_object(path: Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from ..config import LoraConfig
 from ..files.atomic import write_json
 from ..model import apply_lora, trainable_parameters
 from ..saving import save_adapters
+from ..target_report import describe_targets
 from ..train import TrainConfig, Trainer, accuracy, perplexity
 from ..train.artifacts import CHECKPOINT
 from ..train.distributed import is_main
@@ -55,7 +56,11 @@ class FinetuneJob:
     task: str
     out: str | Path
     valid: str | Path | None = None
-    targets: Sequence[str] = ("all-linear",)
+    # modules and parameters to adapt, as apply_lora reads them: targets None (or empty) is all-linear unless
+    # parameters are targeted (PEFT's target_modules=None with target_parameters); target_parameters: rules, re:,
+    # "all-experts"
+    targets: Sequence[str] | None = None
+    target_parameters: Sequence[str] = ()
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=8, alpha=16.0))
     train: TrainConfig = field(default_factory=TrainConfig)
     batch_size: int = 8
@@ -111,6 +116,7 @@ class Setup:
     packing: dict[str, Any] | None = None  # what packing saved (packing.summary), when the job packs
     reference_loader: DataLoader[Any] | None = None  # job.reference in chunks of max_length tokens
     answer_probe: answers.AnswerProbe | None = None  # job.eval_metrics on the first validation rows
+    matched: list[str] = field(default_factory=list)  # what each target rule selected (target_report), one line each
 
 
 def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
@@ -137,9 +143,10 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     except BaseException:
         _remove_new(made)  # a refused run leaves OUT as it found it, so that the fixed run may start there
         raise
-    model = _load_model(job, tok, prepared, progress)
+    model, matched = _load_model(job, tok, prepared, progress)
     train_loader, valid_loader, packed = _loaders(job, model, tok, prepared, progress)
     setup = Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed, answer_probe=probe)
+    setup.matched = matched
     if job.reference is not None:  # the forgetting monitor's text
         setup.reference_loader = _reference_loader(Path(job.reference), tok, job.max_length, job.batch_size)
     return setup
@@ -173,8 +180,9 @@ def _check_input_paths(job: FinetuneJob) -> None:
 
 def _load_model(
     job: FinetuneJob, tok: PreTrainedTokenizerBase, prepared: data.Prepared, progress: Progress
-) -> PreTrainedModel:
-    """The job's model with the data's label names, LoRA added (and the base quantised where the job asks)."""
+) -> tuple[PreTrainedModel, list[str]]:
+    """The job's model with the data's label names, LoRA added (and the base quantised where the job asks), and
+    what each target rule selected (a rule that selects nothing: target_report.LoraTargetError)."""
     torch.manual_seed(job.train.seed)  # a new classification head starts the same way in every run
     with progress.task(f"loading the model {job.model}"):
         model = hf.load_model(job.model, job.task, id2label=prepared.id2label, trust_remote_code=job.trust_remote_code)
@@ -182,10 +190,12 @@ def _load_model(
         model.config.pad_token_id = tok.pad_token_id
     save = hf.head_names(model) if job.task == "seq-cls" else []
     with progress.task("adding LoRA" + (f" and quantizing the base ({job.quantize})" if job.quantize else "")):
-        apply_lora(model, job.lora, list(job.targets), modules_to_save=save)
+        targets = list(job.targets) if job.targets else None  # () as None: no module rules
+        matched = describe_targets(model, targets, list(job.target_parameters))
+        apply_lora(model, job.lora, targets, target_parameters=list(job.target_parameters), modules_to_save=save)
         if job.quantize:
             quantize_base(model, job.quantize)
-    return model
+    return model, matched
 
 
 def _loaders(
@@ -321,7 +331,9 @@ def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]
         "skipped_bad_rows": [str(b) for b in setup.prepared.bad_rows],
         "id2label": setup.prepared.id2label,
         "lora": job.lora.to_dict(),
-        "targets": list(job.targets),
+        "targets": list(job.targets) if job.targets is not None else None,
+        "target_parameters": list(job.target_parameters),
+        "matched": setup.matched,
         "train": job.train.to_dict(),
         "quantize": job.quantize,
         "reference": str(job.reference) if job.reference is not None else None,

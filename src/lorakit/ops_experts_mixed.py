@@ -1,0 +1,63 @@
+"""Mixed-adapter batches over expert LoRA: each routed (token, expert) pair with its row's adapter's factors.
+
+    y_i += B[s, e] (A[s, e] x_i)      A: (n, E, r, d_in)   B: (n, E, d_out, r)   s: row i's slot, e: its expert
+
+The stacks are an `AdapterTable`'s (`lorakit.slot_stacks`): every loaded adapter's per-expert factors in a slot,
+scaling folded into B, zero-padded to the largest rank, slot 0 all zeros (rows on the bare base). A batch only
+says which slot each token's row uses; `ops_experts.experts_forward` sorts the tokens by expert as for one adapter
+and adds this term on the routed rows: per row one gathered rank-r pair, never an (E, d_in, d_out) delta. An
+inference feature, as mixed batches are: no dropout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["MixedExpertFactors", "mixed_expert_delta", "token_slots"]
+
+
+@dataclass(frozen=True)
+class MixedExpertFactors:
+    """One expert weight's slots for a mixed batch: A (n, E, r, d_in), B (n, E, d_out, r) pre-scaled, and the
+    slot of every token (T,) of the experts module's input."""
+
+    A: Tensor
+    B: Tensor
+    slots: Tensor
+
+
+def token_slots(slots: Tensor, tokens: int) -> Tensor:
+    """Each token's slot (tokens,) from each batch row's (rows,): the experts see the rows' tokens flattened, row
+    after row (a MoE block reshapes (rows, T, H) to (rows·T, H)).
+
+    Examples:
+        >>> token_slots(torch.tensor([2, 0]), 6).tolist()
+        [2, 2, 2, 0, 0, 0]
+    """
+    rows = slots.shape[0]
+    if tokens % rows:
+        raise ValueError(
+            f"the experts got {tokens} tokens for a mixed batch of {rows} rows: not the same number per row"
+        )
+    return slots.repeat_interleave(tokens // rows)
+
+
+def mixed_expert_delta(x: Tensor, experts: Tensor, slots: Tensor, f: MixedExpertFactors) -> Tensor:
+    """(S, d_out): row i of x (S, d_in) through its slot's factors for its expert, B[s, e] (A[s, e] x_i).
+
+    Examples:
+        >>> A, B = torch.ones(2, 3, 1, 4), torch.ones(2, 3, 5, 1)
+        >>> A[0], B[0] = 0, 0  # slot 0: the bare base
+        >>> f = MixedExpertFactors(A, B, torch.tensor([0, 1]))
+        >>> mixed_expert_delta(torch.ones(2, 4), torch.tensor([2, 0]), f.slots, f)[:, 0].tolist()
+        [0.0, 4.0]
+    """
+    n, E = f.A.shape[:2]
+    pair = slots * E + experts  # (S,): the (slot, expert) pair of each row
+    A = f.A.reshape(n * E, *f.A.shape[2:])[pair]  # (S, r, d_in)
+    B = f.B.reshape(n * E, *f.B.shape[2:])[pair]  # (S, d_out, r)
+    h = torch.bmm(A, x.unsqueeze(-1).to(A.dtype))  # (S, r, 1)
+    return torch.bmm(B, h).squeeze(-1).to(x.dtype)  # (S, d_out)
