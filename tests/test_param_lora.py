@@ -188,3 +188,21 @@ def test_a_mixed_batch_over_parameter_lora_is_refused_clearly():
     refused = pytest.raises(lk.LoraStateError, match=r"mixed-adapter batches are not supported on parameter LoRA")
     with refused, lk.mixed_batch(model, ["default", None]):
         model(IDS[:2])
+
+
+@pytest.mark.parametrize("method", ["cat", "svd"])
+def test_combining_expert_adapters_combines_each_experts_delta(method):
+    model = lk.apply_lora(BUILDERS["mixtral"](), lk.LoraConfig(rank=2, alpha=4), target_parameters=EXPERTS)
+    for layer in lk.lora_layers(model).values():
+        layer.adapters.add("other", lk.LoraConfig(rank=2, alpha=2))
+    randomise(model)
+    with lk.use_adapter(model, "other"):
+        randomise(model, seed=8)
+        other = {n: layer.weight_delta() for n, layer in lk.lora_layers(model).items()}
+    first = {n: layer.weight_delta() for n, layer in lk.lora_layers(model).items()}
+    report = lk.combine_adapters(model, {"default": 0.5, "other": -1.0}, "mix", method=method, rank=4)
+    assert report.max_relative_error < 1e-5 and set(report.ranks.values()) == {4}
+    lk.set_adapter(model, "mix")
+    for n, layer in lk.lora_layers(model).items():
+        assert layer.lora_A.shape == (4, 4, layer.lora_A.shape[-1])
+        torch.testing.assert_close(layer.weight_delta(), 0.5 * first[n] - other[n], rtol=1e-4, atol=1e-5)

@@ -22,6 +22,7 @@ from .config import LoraConfig
 from .errors import LoraAdapterNotFound, LoraStateError
 from .layers import LoraLayer
 from .model import lora_layers, set_module
+from .param_layers import LoraParam
 from .trained_copy import TrainedCopy, trained_copies
 
 _Part = tuple[float, Tensor, Tensor, LoraConfig]  # one adapter in a combination: (weight, A, B, config)
@@ -218,22 +219,41 @@ def combine_adapters(
             raise ValueError(f"{module!r}: DoRA adapters are not linear in B·A, so they cannot be combined")
         if layer.merged:
             raise LoraStateError(f"{module!r} is merged in place; call unmerge_(model) first")
-        A, B = _combine(module, parts, method, rank)
+        A, B = (
+            _combine_experts(module, parts, method, rank)
+            if _per_expert(layer)
+            else _combine(module, parts, method, rank)
+        )
         want = _sum([w * cfg.scaling * _delta(b, a) for w, a, b, cfg in parts])
         got = _delta(B, A)
         errors[module] = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
         built[module] = (layer, A, B)
-    for layer, A, B in built.values():
-        r = A.shape[0]
+    ranks = {m: A.shape[1] if _per_expert(layer) else A.shape[0] for m, (layer, A, _) in built.items()}
+    for module, (layer, A, B) in built.items():
+        r = ranks[module]
         layer.adapters.add(name, LoraConfig(rank=r, alpha=float(r)))  # scaling 1: the weights live in B
         a, b, _ = layer.adapters.factors(name)
         with torch.no_grad():
             a.copy_(A)
             b.copy_(B)
-    return CombineReport(name, method, {m: built[m][1].shape[0] for m in built}, errors)
+    return CombineReport(name, method, ranks, errors)
+
+
+def _per_expert(layer: LoraLayer) -> bool:
+    """Whether the layer holds a rank-r pair per expert (A (E, r, d_in), B (E, d_out, r)): LoRA on a 3-D parameter."""
+    return isinstance(layer, LoraParam) and layer.num_experts is not None
+
+
+def _combine_experts(module: str, parts: list[_Part], method: str, rank: int | None) -> tuple[Tensor, Tensor]:
+    """`_combine` expert by expert, stacked: (A (E, r', d_in), B (E, d_out, r'))."""
+    experts = parts[0][1].shape[0]
+    each = [_combine(module, [(w, a[e], b[e], cfg) for w, a, b, cfg in parts], method, rank) for e in range(experts)]
+    return torch.stack([A for A, _ in each]), torch.stack([B for _, B in each])
 
 
 def _delta(B: Tensor, A: Tensor) -> Tensor:
+    if A.dim() == 3 and B.dim() == 3:  # per expert: (E, d_out, d_in)
+        return B.float() @ A.float()
     return B.reshape(B.shape[0], -1).float() @ A.reshape(A.shape[0], -1).float()
 
 
