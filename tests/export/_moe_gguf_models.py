@@ -5,10 +5,13 @@ Routers get a larger init than transformers' (std 0.02) so each token's top-k ex
 what they add moves the logits far beyond the proof's tolerance (a swapped gate and up would fail the proof).
 """
 
+import sys
 from pathlib import Path
 
 import torch
-from test_gguf_model import bpe_tokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))  # pytest imports this file for its doctests before any test here
+from test_gguf_model import bpe_tokenizer  # noqa: E402
 
 EXPERTS, TOP_K = 4, 2
 
