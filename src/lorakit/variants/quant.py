@@ -20,7 +20,6 @@ from abc import abstractmethod
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .. import bases
 from ..bases import QuantizedBase
@@ -29,6 +28,7 @@ from ..files import provenance
 from ..layers import LoraLayer, LoraLinear
 from ..model import lora_layers
 from . import nf4
+from .stored import exact_clone, tensor_bytes
 
 NF4_BLOCK = 64  # weights per absmax block (QLoRA's choice)
 NF4_SCALER_BLOCK = 256  # blocks per block of double-quantised scales
@@ -161,23 +161,6 @@ def format_class(fmt: str) -> type[QuantLinear]:
     if fmt not in FORMATS:
         raise ValueError(f"quantisation format {fmt!r} is invalid: expected one of {', '.join(map(repr, FORMATS))}")
     return FORMATS[fmt]
-
-
-def exact_clone(t: Tensor) -> Tensor:
-    """A copy of a (maybe quantised) tensor with the very same stored values: a wrapper subclass such as
-    NF4Tensor is rebuilt from copies of its inner tensors, with its own block sizes."""
-    if not is_traceable_wrapper_subclass(t):
-        return t.clone()
-    names, ctx = t.__tensor_flatten__()
-    return type(t).__tensor_unflatten__({n: exact_clone(getattr(t, n)) for n in names}, ctx, t.size(), t.stride())
-
-
-def tensor_bytes(t: Tensor) -> int:
-    """Storage bytes of a tensor, adding up the inner tensors of a subclass such as NF4Tensor."""
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is not None and type(t) is not torch.Tensor and type(t) is not nn.Parameter:
-        return sum(tensor_bytes(getattr(t, name)) for name in flatten()[0])
-    return t.numel() * t.element_size()
 
 
 def quantize_base(model: nn.Module, fmt: str = "nf4") -> nn.Module:
