@@ -27,6 +27,8 @@ from .files.peft_format import read_adapter_config
 from .layers import LoraConv, LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear, with_lora
 from .loading import load_adapters
 from .model import apply_lora, lora_layers, merge, merge_, summary, trainable_parameters, unmerge_
+from .param_layers import LoraParam
+from .param_targets import ParamTargets, params
 from .saving import save_adapters
 from .trained_copy import TrainedCopy
 from .variants import register as _register_variants
@@ -61,6 +63,9 @@ __all__ = [
     "ProvenanceNote",
     "LoraLayer",
     "LoraLinear",
+    "LoraParam",
+    "ParamTargets",
+    "params",
     "LoraMergeError",
     "LoraStateError",
     "apply_lora",

@@ -179,7 +179,7 @@ class AdapterTable:
                 like = layer.adapters.tensors(layer.adapters.names()[0])[
                     "lora_A"
                 ]  # the factors' dtype (not a packed base's)
-                a_shape, b_shape = layer.factor_shapes(layer.base, 1)
+                a_shape, b_shape = layer.stack_shapes()
                 layer.slot_stacks = SlotStacks(
                     a_shape, b_shape, capacity=self.capacity, index=self.index, dtype=like.dtype, device=like.device
                 )

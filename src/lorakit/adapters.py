@@ -110,7 +110,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     refuse_in_mixed_batch(layers.values(), "delete an adapter")
     if any(layer.merged and layer.adapter_name == name for layer in layers.values()):
         raise LoraStateError(f"adapter {name!r} is merged in place; call unmerge_(model) first")
-    for module, layer in layers.items():
+    for module, layer in reversed(layers.items()):  # a nested LoraParam (`<name>.base`) before the one around it
         if name in layer.adapters:
             layer.adapters.delete(name)
         if not layer.adapters.names():

@@ -50,6 +50,12 @@ class LoraLayer(nn.Module):
     adapters: AdapterSet  # the named adapters (built once in __init__; a view over this layer's state)
     lora_A: nn.Parameter | None  # (r, d_in, ...)
     lora_B: nn.Parameter | None  # (d_out, r, ...)
+    stash: nn.ModuleDict
+    merged: bool
+    disabled: bool
+    slot_stacks: SlotStacks | None
+    _unmerged_weight: Tensor | None
+    base_init: BaseInit | None
     variant: str = "lora"  # its key in the registry beside the module type (LoraConfig.variant)
     peft_layout: str = "linear"  # which PEFT key names its tensors take (files.peft_format.SUFFIXES)
     supports_base_init: bool = False  # layer types that implement init="pissa"/"olora" set this
@@ -61,18 +67,30 @@ class LoraLayer(nn.Module):
             config = config.for_module("")
         self.check_target(base, config)
         self.base = base
-        self.stash = nn.ModuleDict()
-        self.merged, self.disabled = False, False  # disabled: set by lorakit.adapters.disable_adapters
-        self.slot_stacks: SlotStacks | None = None  # this layer's fixed slots while an AdapterTable serves it
-        self._unmerged_weight: Tensor | None = None  # the exact base weight while merged in place
-        self.base_init: BaseInit | None = None  # PiSSA/OLoRA: the factors at init, whose product left the base
-        self.adapters = AdapterSet(self)  # built once: every change to the named adapters goes through it
-        self.adapters.bind(check_adapter_name(adapter_name), self.new_adapter(config), config)
+        self.init_state(check_adapter_name(adapter_name), config)
         if config.init in BASE_CHANGING_INITS:  # PiSSA/OLoRA: A, B from W, the residual left in the base
             self.base_init = BASE_INITS[config.init](self, config)  # variants.base_init.init_from_base
         base.requires_grad_(False)  # last: a refused shape or rank above leaves the user's module as it was
         if config.bias is not LoraBias.NONE and (bias := bases.bias(base)) is not None:
             bias.requires_grad_(True)  # bias "all" and "model" train the wrapped layer's own bias
+
+    def init_state(self, adapter_name: str, config: LoraConfig) -> None:
+        """The state every layer starts with, `adapter_name` bound to a fresh adapter of `config` (`base` set)."""
+        self.stash = nn.ModuleDict()
+        self.merged, self.disabled = False, False  # disabled: set by lorakit.adapters.disable_adapters
+        self.slot_stacks = None  # this layer's fixed slots while an AdapterTable serves it
+        self._unmerged_weight = None  # the exact base weight while merged in place
+        self.base_init = None  # PiSSA/OLoRA: the factors at init, whose product left the base
+        self.adapters = AdapterSet(self)  # built once: every change to the named adapters goes through it
+        self.adapters.bind(adapter_name, self.new_adapter(config), config)
+
+    def base_weight(self) -> Tensor:
+        """The tensor the adapter's delta applies to, as stored (what merge_ swaps and unmerge_ restores)."""
+        return bases.weight(self.base)
+
+    def stack_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of one slot's (A, B) at rank 1 in an AdapterTable's stacks (`lorakit.slot_stacks`)."""
+        return self.factor_shapes(self.base, 1)
 
     @property
     def mixed(self) -> Tensor | None:
@@ -183,7 +201,7 @@ class LoraLayer(nn.Module):
             raise LoraStateError("a quantised base cannot be merged in place; merge() exports a dequantised layer")
         if self.mixed is not None:
             raise LoraStateError("cannot merge in place inside a mixed_batch block; leave the block first")
-        w = bases.weight(self.base)
+        w = self.base_weight()
         merged = self.merged_weight(w).contiguous()  # a new tensor
         # swap storages rather than clone + copy: the original tensor is kept as is, for an exact unmerge_
         self._unmerged_weight, w.data = w.data, merged
@@ -195,7 +213,7 @@ class LoraLayer(nn.Module):
         if not self.merged:
             raise LoraStateError(f"{type(self).__name__} is not merged; nothing to unmerge")
         assert self._unmerged_weight is not None, "merge_ set the base weight aside"
-        bases.weight(self.base).data = self._unmerged_weight  # the very tensor merge_ set aside: bit for bit
+        self.base_weight().data = self._unmerged_weight  # the very tensor merge_ set aside: bit for bit
         self._unmerged_weight = None
         self.merged = False
         return self

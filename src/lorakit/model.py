@@ -11,6 +11,8 @@ from .bases import own_bias
 from .config import LoraBias, LoraConfig
 from .errors import LoraStateError
 from .layers import DEFAULT_ADAPTER, LoraLayer, layer_class, supported_types, with_lora, wrapper_for
+from .param_layers import LoraParam, nested_key, param_paths, select_params, with_param_lora
+from .param_targets import ParamTargets
 from .trained_copy import TrainedCopy, trained_copies
 from .ui.tables import table, to_text
 
@@ -18,8 +20,16 @@ ALL_LINEAR = "all-linear"
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
-    """Every LoRA layer in the model, by dotted module name."""
-    return {name: m for name, m in modules_outside_layers(model) if isinstance(m, LoraLayer)}
+    """Every LoRA layer in the model, by dotted module name; a LoraParam nested in another (a second parameter
+    of one module) follows it as `<name>.base`."""
+    out: dict[str, LoraLayer] = {}
+    for name, m in modules_outside_layers(model):
+        if isinstance(m, LoraLayer):
+            out[name] = m
+            while isinstance(m.base, LoraParam):
+                m, name = m.base, f"{name}.base"
+                out[name] = m
+    return out
 
 
 def modules_outside_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -167,14 +177,21 @@ def targetable_names(model: nn.Module) -> str:
 def apply_lora(
     model: nn.Module,
     config: LoraConfig,
-    targets: str | Sequence[str] = ALL_LINEAR,
+    targets: str | Sequence[str] | ParamTargets | None = None,
     *,
+    target_parameters: Sequence[str] = (),
     modules_to_save: Sequence[str] = (),
     exclude: Sequence[str] = (),
     adapter_name: str = DEFAULT_ADAPTER,
 ) -> nn.Module:
-    """Wrap every module `targets` selects with LoRA, in place; freeze every other parameter.
+    """Wrap every module `targets` selects, and every parameter `target_parameters` selects, with LoRA, in
+    place; freeze every other parameter.
 
+    `targets`: module rules (a name, a dot-suffix, `re:<regex>`, "all-linear"), or a parameter group
+    (`lk.params(...)`, Burn-style). None means "all-linear" when no parameter is targeted, else no module
+    (PEFT's target_modules=None with target_parameters). `target_parameters`: PEFT's rules on
+    `module.param` paths, plus `re:<regex>` and "all-experts" (`lorakit.param_targets`); each parameter gets a
+    `LoraParam`, several of one module nested as PEFT nests them.
     `modules_to_save` names modules (same rules) that train in full and are saved with the adapter
     (PEFT's convention, e.g. a new classification head): each is replaced by a `TrainedCopy`, whose copy
     trains while the original stays as it was (a head tied to the embeddings leaves them alone).
@@ -195,28 +212,44 @@ def apply_lora(
             "apply_lora twice is not allowed: merge it, or load adapters into the existing layers"
         )
     save_names = _outermost(find_targets(model, list(modules_to_save))) if modules_to_save else []
-    names = find_targets(model, targets, exclude=[*exclude, *(f"re:{re.escape(n)}(\\..*)?" for n in save_names)])
-    bad = [(n, type(model.get_submodule(n)).__name__) for n in names if wrapper_for(model.get_submodule(n)) is None]
-    if bad:
-        listed = ", ".join(f"{n!r} ({t})" for n, t in bad[:8])
-        raise TypeError(f"targets match modules LoRA does not support: {listed}; supported types: {supported_types()}")
-    for n in names:  # each layer's own checks (variant, init, grouped convs) on every target before anything changes
-        module = model.get_submodule(n)
-        try:
-            layer_class(module, config).check_target(module, config.for_module(n))
-        except TypeError as e:
-            raise TypeError(f"{n!r}: {e}; exclude it or target only those types") from None
+    skip = [*exclude, *(f"re:{re.escape(n)}(\\..*)?" for n in save_names)]
+    owners = select_params(model, config, targets, target_parameters, skip, modules_outside_layers(model))
+    if isinstance(targets, ParamTargets) or (targets is None and owners):
+        names: list[str] = []
+    else:
+        names = find_targets(model, ALL_LINEAR if targets is None else targets, exclude=skip)
+    _check_modules(model, config, names, owners)
     # all checks passed: now change the model
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         set_module(model, name, with_lora(model.get_submodule(name), config.for_module(name), adapter_name))
+    for name, pnames in owners.items():
+        set_module(model, name, with_param_lora(model.get_submodule(name), pnames, config, adapter_name, name))
     for name in save_names:
         if not isinstance(model.get_submodule(name), TrainedCopy):  # one kept from an earlier apply_lora stays
             set_module(model, name, TrainedCopy(model.get_submodule(name)))
     for p in trained_biases(model, config.bias).values():
         p.requires_grad_(True)
     return model
+
+
+def _check_modules(model: nn.Module, config: LoraConfig, names: list[str], owners: dict[str, list[str]]) -> None:
+    """Raise where a targeted module cannot be wrapped (its type, variant, init, shape), or is also the owner of
+    targeted parameters: every target checked before anything changes."""
+    both = [n for n in names if n in owners]
+    if both:
+        raise ValueError(f"{both[0]!r} is targeted as a module and by its parameters; target it one way")
+    bad = [(n, type(model.get_submodule(n)).__name__) for n in names if wrapper_for(model.get_submodule(n)) is None]
+    if bad:
+        listed = ", ".join(f"{n!r} ({t})" for n, t in bad[:8])
+        raise TypeError(f"targets match modules LoRA does not support: {listed}; supported types: {supported_types()}")
+    for n in names:  # each layer's own checks (variant, init, grouped convs)
+        module = model.get_submodule(n)
+        try:
+            layer_class(module, config).check_target(module, config.for_module(n))
+        except TypeError as e:
+            raise TypeError(f"{n!r}: {e}; exclude it or target only those types") from None
 
 
 def _outermost(names: list[str]) -> list[str]:
@@ -239,7 +272,8 @@ def merge(model: nn.Module) -> nn.Module:
         'Linear'
     """
     layers = lora_layers(model)
-    merged = {name: layer.merge() for name, layer in layers.items()}  # all computed (and checked) first
+    outer = _outermost(list(layers))  # a nested LoraParam's merge is its outer one's
+    merged = {name: layers[name].merge() for name in outer}  # all computed (and checked) first
     for name, plain in merged.items():
         set_module(model, name, plain)
     for name, saved in trained_copies(model).items():
@@ -310,15 +344,15 @@ def summary(model: nn.Module) -> str:
         "trainable",
         right=("rank", "alpha", "trainable"),
     )
-    for name, layer in lora_layers(model).items():
-        n = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    for name, layer in param_paths(lora_layers(model)).items():
+        n = sum(p.numel() for k, p in layer.named_parameters() if p.requires_grad and not nested_key(layer, k))
         A, B, config = layer.lora_A, layer.lora_B, layer.config
         if A is None or B is None or config is None:  # no active adapter: the layer computes its base
-            t.add_row(name, type(layer.base).__name__, "-", "-", "-", "-", "-", f"{n:,}")
+            t.add_row(name, _type(layer), "-", "-", "-", "-", "-", f"{n:,}")
             continue
         t.add_row(
             name,
-            type(layer.base).__name__,
+            _type(layer),
             layer.adapter_name,
             _shape(A),
             _shape(B),
@@ -328,6 +362,10 @@ def summary(model: nn.Module) -> str:
         )
     trainable, total = trainable_parameters(model)
     return to_text(t, f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
+
+
+def _type(layer: LoraLayer) -> str:
+    return type(layer.owner if isinstance(layer, LoraParam) else layer.base).__name__
 
 
 def _shape(t: Tensor) -> str:

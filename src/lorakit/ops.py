@@ -71,9 +71,11 @@ def merged_weight(weight: Tensor, delta: Tensor, name: str = "weight") -> Tensor
 def merged_low_rank(weight: Tensor, m1: Tensor, m2: Tensor, scaling: float, name: str = "weight") -> Tensor:
     """weight + scaling · m1 @ m2 as one fp32 addmm (no separate delta, scale or add passes), checked finite.
 
-    For a linear weight (d_out, d_in) pass (B, A); for one stored (d_in, d_out) pass (Aᵀ, Bᵀ).
+    For a linear weight (d_out, d_in) pass (B, A); for one stored (d_in, d_out) pass (Aᵀ, Bᵀ). A 3-D weight
+    (experts, ., .) with 3-D factors takes one batched addmm (baddbmm), expert by expert.
     """
-    return _finite(torch.addmm(weight.float(), m1.float(), m2.float(), alpha=scaling), weight.dtype, name)
+    mm = torch.baddbmm if weight.dim() == 3 else torch.addmm
+    return _finite(mm(weight.float(), m1.float(), m2.float(), alpha=scaling), weight.dtype, name)
 
 
 def _finite(merged: Tensor, dtype: torch.dtype, name: str) -> Tensor:
