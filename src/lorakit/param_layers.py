@@ -25,7 +25,7 @@ from .adapter_set import DEFAULT_ADAPTER, check_adapter_name
 from .config import BASE_CHANGING_INITS, LoraConfig
 from .errors import LoraStateError
 from .layers import LoraLayer
-from .ops_experts import ExpertFactors, experts_forward, routing_args
+from .ops_experts import ExpertFactors, ExpertStore, experts_forward, routing_args
 from .param_targets import ParamTargets, find_parameters, is_experts_module
 
 __all__ = ["LoraParam", "nested_key", "param_factor_shapes", "param_paths", "select_params", "with_param_lora"]
@@ -80,6 +80,8 @@ class LoraParam(LoraLayer):
             raise LoraStateError(f"{type(owner).__name__}.{param_name} already has LoRA")
         self.param_name = param_name
         self.base = base
+        # the parameter stored quantised (QLoRA: lorakit.variants.quant_experts), the owner's then a meta tensor
+        self.quantized: nn.Module | None = None
         self.init_state(check_adapter_name(adapter_name), config)
         _param(owner, param_name).requires_grad_(False)
 
@@ -187,10 +189,21 @@ class LoraParam(LoraLayer):
         plain = copy.deepcopy(self.owner)
         with torch.no_grad():
             for layer in self.chain():
+                if layer.quantized is not None:  # the owner holds a meta tensor: the dequantised weight instead
+                    dense = layer.quantized.dequantize()  # type: ignore[operator]
+                    plain._parameters[layer.param_name] = nn.Parameter(dense, requires_grad=False)
+            for layer in self.chain():
                 if layer.adapter_name is not None and not layer.merged:
                     p = _param(plain, layer.param_name)
                     p.copy_(layer.merged_weight(p))
         return plain.requires_grad_(False)
+
+    def merge_(self) -> LoraParam:
+        """Merge in place (`LoraLayer.merge_`); refused for a quantised parameter, as for a quantised linear base."""
+        if self.quantized is not None:
+            raise LoraStateError("a quantised expert weight cannot be merged in place; merge() exports it dequantised")
+        super().merge_()
+        return self
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -198,7 +211,7 @@ class LoraParam(LoraLayer):
             raise self._mixed_error()
         owner = self.owner
         active = [layer for layer in self.chain() if layer.computes_lora()]
-        if not active:
+        if not active and not any(layer.quantized is not None for layer in self.chain()):
             return owner(*args, **kwargs)
         if is_experts_module(owner):
             return self._experts(owner, active, args, kwargs)
@@ -226,7 +239,10 @@ class LoraParam(LoraLayer):
 
     def _experts(self, owner: nn.Module, active: list[LoraParam], args: tuple, kwargs: dict) -> Tensor:
         factors: dict[str, ExpertFactors] = {}
-        weights: dict[str, Tensor] = {}
+        weights: dict[str, Tensor | ExpertStore] = {}
+        for layer in self.chain():
+            if isinstance(layer.quantized, ExpertStore):  # decoded per used expert by the routed forward
+                weights[layer.param_name] = layer.quantized
         for layer in active:
             A, B, config = layer.active_factors()
             if A.dim() == 3 and layer.param_name in ("gate_up_proj", "up_proj", "down_proj"):
