@@ -148,20 +148,22 @@ def _project(
     store = None if isinstance(W, Tensor) else W  # a quantised weight: each used expert decoded at use
     Ws = W.unbind(0) if isinstance(W, Tensor) else ()  # views; unbind's backward stacks per-expert grads once
     As, Bs = (f.A.unbind(0), f.B.unbind(0)) if f is not None else ((), ())
-    outs, start = [], 0
+    # split, not x[start:end] per expert: a slice's backward writes into a zero-filled (S, d_in) gradient for
+    # every expert, while split's backward concatenates the pieces once
+    xs = x.split(counts)
+    xds = xs if xd is x else xd.split(counts)
+    outs = []
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        rows = slice(start, start + n)
         if store is not None:
-            ye = store.expert_linear(e, x[rows])  # (n, d_out)
+            ye = store.expert_linear(e, xs[e])  # (n, d_out)
         else:
-            ye = x[rows] @ Ws[e] if transposed else F.linear(x[rows], Ws[e])  # (n, d_out)
+            ye = xs[e] @ Ws[e] if transposed else F.linear(xs[e], Ws[e])  # (n, d_out)
         if f is not None:
-            h = xd[rows] @ As[e].t()  # (n, r)
+            h = xds[e] @ As[e].t()  # (n, r)
             ye = torch.addmm(ye, h, Bs[e].t(), alpha=f.scaling)
         outs.append(ye)
-        start += n
     y = torch.cat(outs) if outs else x.new_zeros(0, _d_out(W, transposed))
     bias = params.get(f"{name}_bias")
     if isinstance(bias, Tensor):
