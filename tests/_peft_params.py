@@ -65,9 +65,11 @@ def copy_into_peft(model: nn.Module, peft_model: nn.Module) -> None:
 
 
 def peft_grads(model: nn.Module, peft_model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """PEFT's factor gradients mapped to lorakit's layout, by parameter path."""
+    """PEFT's factor gradients mapped to lorakit's layout, by parameter path (those that have gradients)."""
     out = {}
     for path, w in peft_wrappers(peft_model).items():
+        if w.lora_A["default"].weight.grad is None:
+            continue
         experts = w.num_experts if w.get_param().dim() == 3 else None
         out[path] = to_lorakit(w.lora_A["default"].weight.grad, w.lora_B["default"].weight.grad, experts)
     return out

@@ -186,8 +186,6 @@ def _check_hits(rule: str, hits: list[tuple[str, Tensor]], candidates: list[tupl
             "(a rule matches a 'module.param' path or any path ending in '.' + rule; 're:<regex>' matches whole "
             f"paths; {ALL_EXPERTS!r} every transformers experts module's 3-D weights)"
         )
-    for path, p in hits:
-        _check_eligible(path, p)
 
 
 def _check_eligible(path: str, p: Tensor) -> None:
