@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,10 +37,13 @@ from moe_report import report  # noqa: E402
 from run import TrainCase, frozen, rss_step  # noqa: E402
 from run_ops import profile_delta  # noqa: E402
 
+from lorakit.variants.quant import quantize_base  # noqa: E402
+from lorakit.variants.quant_experts import expert_layers  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-TRAIN = ("frozen bound", "PEFT", "lorakit")
+TRAIN = ("frozen bound", "PEFT", "lorakit", "lorakit NF4")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -179,7 +183,19 @@ def train_cases(a: argparse.Namespace, base: torch.nn.Module, names: list[str]) 
         cases["PEFT"] = TrainCase(build_peft(a, base, lkm), embed, ids, labels)
     if lkm is not None:
         cases["lorakit"] = TrainCase(lkm, embed, ids, labels)
+    if "lorakit NF4" in names:  # QLoRA: the same LoRA over NF4 expert and attention weights
+        qlora = quantize_base(copy.deepcopy(lkm) if lkm is not None else build_lorakit(a, base), "nf4")
+        cases["lorakit NF4"] = TrainCase(qlora, embed, ids, labels)
     return cases
+
+
+def expert_bytes(cases: dict[str, TrainCase]) -> tuple[int, int] | None:
+    """Bytes of the adapted expert weights in fp32 and as NF4 (None without the NF4 case)."""
+    if "lorakit NF4" not in cases:
+        return None
+    layers = expert_layers(cases["lorakit NF4"].model).values()
+    fp32 = sum(math.prod(layer.param.shape) * 4 for layer in layers)
+    return fp32, sum(layer.quantized.weight_bytes() for layer in layers if layer.quantized is not None)
 
 
 def agreement(cases: dict[str, TrainCase], a: argparse.Namespace) -> float | None:
@@ -245,7 +261,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     counts = parameter_counts(cases)
     rss = None if a.no_rss else peak_rss(a, list(cases))
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(report(a, base, train, rss, counts, diff, prof, time.perf_counter() - t0))
+    sizes = expert_bytes(cases)
+    a.out.write_text(report(a, base, train, rss, counts, diff, prof, sizes, time.perf_counter() - t0))
     log(f"wrote {a.out} in {time.perf_counter() - t0:.0f} s")
     return a.out
 

@@ -112,7 +112,27 @@ def profile(prof) -> list[str]:
     ]
 
 
-def report(a, base, train, rss, counts, diff, prof, seconds: float) -> str:
+def qlora(train, rss, sizes) -> list[str]:
+    if sizes is None:
+        return []
+    fp32, nf4 = sizes
+    lines = [
+        "## QLoRA: NF4 expert weights",
+        "",
+        f'`quantize_base(model, "nf4")` after `apply_lora` (the `lorakit NF4` row above): the adapted expert '
+        f"weights take {fmt_bytes(nf4)} as NF4 against {fmt_bytes(fp32)} in fp32 ({nf4 / fp32:.3f}×; 4-bit codes, "
+        "one scale per 64 weights, double-quantised), each expert stored apart and decoded only when tokens are "
+        "routed to it. The attention projections are NF4 too.",
+    ]
+    if "lorakit" in train.times:
+        lines.append(f"Step time: {train.ratio('lorakit NF4', 'lorakit'):.3f}× lorakit's in fp32.")
+    if rss is not None and "lorakit" in rss:
+        n, f = rss["lorakit NF4"]["peak"], rss["lorakit"]["peak"]
+        lines.append(f"Peak RSS: {fmt_bytes(n)} against {fmt_bytes(f)} ({n / f:.3f}×).")
+    return [*lines, ""]
+
+
+def report(a, base, train, rss, counts, diff, prof, sizes, seconds: float) -> str:
     """RESULTS-moe.md: targets, the training table, the profile and the sanity figures."""
     lines = header(a, base, seconds)
     judged = targets(train, rss)
@@ -120,6 +140,7 @@ def report(a, base, train, rss, counts, diff, prof, seconds: float) -> str:
         lines += ["## Targets", "", table(["target", "measured", ""], judged), ""]
     lines += training(train, rss, counts)
     lines += profile(prof)
+    lines += qlora(train, rss, sizes)
     if diff is not None:
         lines += [
             "## Agreement",
