@@ -188,8 +188,12 @@ def rss_case(a, name: str) -> dict:
     """In a fresh process: RSS before a training step and the peak over two steps (bytes)."""
     base = build_base(a)
     cases = {k: v for k, v in train_cases(a, base).items() if k == name}
-    case = cases[name]
-    if a.device.startswith("cuda"):
+    return rss_step(cases[name], a.device)
+
+
+def rss_step(case, device: str) -> dict:
+    """Resident memory before `case` and its peak over two calls (bytes; on CUDA, allocated memory instead)."""
+    if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         case(), case()

@@ -246,3 +246,34 @@ def test_fingerprint_suite_runs_quick(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert text.count("**what a first load adds**") == 2 and "every byte of every tensor is hashed" in text.lower()
+
+
+# -- benchmarks/moe.py (LoRA on mixture-of-experts weights) ---------------------------------------------
+
+
+def test_moe_suite_runs_quick(tmp_path):
+    """The MoE suite end to end on a tiny Qwen3-MoE, in this process: every case timed, every target judged,
+    lorakit and PEFT agreeing on the same factors."""
+    spec = importlib.util.spec_from_file_location("lorakit_benchmarks_moe", RUN.parent / "moe.py")
+    moe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = moe
+    spec.loader.exec_module(moe)
+    out = tmp_path / "RESULTS-moe.md"
+    threads = torch.get_num_threads()
+    try:
+        assert moe.main(["--quick", "--no-rss", "--out", str(out)]) == out
+    finally:
+        torch.set_num_threads(threads)  # the run pins threads; leave the session as it was
+    text = out.read_text()
+    assert "Machine: " in text and "Qwen3-MoE" in text and "nan" not in text.lower()
+    rows = _table_rows(text, "## Training step")
+    assert {"frozen bound", "PEFT", "lorakit", "lorakit NF4"} <= rows.keys()
+    assert all(float(rows[c][1].split()[0].replace(",", "")) > 0 for c in ("frozen bound", "PEFT", "lorakit"))
+    params = {c: int(rows[c][5].rstrip(" |").replace(",", "")) for c in ("frozen bound", "PEFT", "lorakit")}
+    assert params["frozen bound"] == 0 and params["lorakit"] == params["PEFT"] > 0
+    targets = [line for line in text.splitlines() if line.endswith(("| met |", "| **missed** |"))]
+    assert len(targets) == 2  # step vs frozen bound, step vs PEFT (peak memory needs the RSS processes)
+    agreement = float(text.split("max |logit difference| ")[1].split(".\n")[0])
+    assert agreement < 1e-4
+    ratio = float(text.split("## QLoRA: NF4 expert weights")[1].split(" fp32 (")[1].split("×")[0])
+    assert 0.1 < ratio < 0.2  # NF4 expert bytes against fp32

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,19 @@ from .errors import LoraStateError
 from .ops_experts_mixed import MixedExpertFactors, mixed_expert_delta
 from .ops_linear import dropout_keep
 
-__all__ = ["ExpertFactors", "experts_forward", "routing_args"]
+__all__ = ["ExpertFactors", "ExpertStore", "experts_forward", "routing_args"]
+
+
+@runtime_checkable
+class ExpertStore(Protocol):
+    """An expert weight stored in another form (QLoRA: `lorakit.variants.quant_experts.QuantExperts`), passed in
+    `weights` in place of the parameter: the routed forward asks it for each used expert's product."""
+
+    shape: tuple[int, ...]  # the parameter's (E, d1, d2)
+
+    def expert_linear(self, e: int, x: Tensor) -> Tensor:
+        """x (n, d_in) through expert e's frozen weight: (n, d_out)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,7 @@ def experts_forward(
     top_k_index: Tensor,
     top_k_weights: Tensor,
     factors: Mapping[str, ExpertFactors | MixedExpertFactors],
-    weights: Mapping[str, Tensor] | None = None,
+    weights: Mapping[str, Tensor | ExpertStore] | None = None,
     training: bool = False,
 ) -> Tensor:
     """The experts module's forward with LoRA on the weights named in `factors` (on the rows routed to each expert).
@@ -77,7 +90,7 @@ def experts_forward(
         dt = torch.get_autocast_dtype(hidden.device.type)
         with torch.autocast(hidden.device.type, enabled=False):
             cast = {n: replace(f, A=f.A.to(dt), B=f.B.to(dt)) for n, f in factors.items()}
-            params = {n: p.to(dt) for n, p in _params(owner, weights).items()}
+            params = {n: p.to(dt) if isinstance(p, Tensor) else p for n, p in _params(owner, weights).items()}
             out = experts_forward(owner, hidden.to(dt), top_k_index, top_k_weights, cast, params, training)
         return out.to(hidden.dtype)
     params = _params(owner, weights)
@@ -108,18 +121,18 @@ def _activation(owner: nn.Module) -> Callable[[Tensor], Tensor]:
     return fn
 
 
-def _params(owner: nn.Module, weights: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+def _params(owner: nn.Module, weights: Mapping[str, Tensor | ExpertStore] | None) -> dict[str, Tensor | ExpertStore]:
     names = ["gate_up_proj" if owner.has_gate else "up_proj", "down_proj"]
     if owner.has_bias:
         names += [f"{n}_bias" for n in names]
-    out = {n: getattr(owner, n) for n in names}
+    out: dict[str, Tensor | ExpertStore] = {n: getattr(owner, n) for n in names}
     out.update(weights or {})
     return out
 
 
 def _project(
     owner: nn.Module,
-    params: Mapping[str, Tensor],
+    params: Mapping[str, Tensor | ExpertStore],
     name: str,
     x: Tensor,
     ids: Tensor,
@@ -137,26 +150,33 @@ def _project(
     if f is not None and f.dropout > 0.0 and training:
         keep, drop_scale = dropout_keep(tuple(x.shape), f.dropout, x.device)
         xd = x * keep.to(x.dtype) * drop_scale
-    Ws = W.unbind(0)  # views; the backward of unbind stacks per-expert gradients once, not E full-size zeros
+    store = None if isinstance(W, Tensor) else W  # a quantised weight: each used expert decoded at use
+    Ws = W.unbind(0) if isinstance(W, Tensor) else ()  # views; unbind's backward stacks per-expert grads once
     As, Bs = (f.A.unbind(0), f.B.unbind(0)) if f is not None else ((), ())
-    outs, start = [], 0
+    # split, not x[start:end] per expert: a slice's backward writes into a zero-filled (S, d_in) gradient for
+    # every expert, while split's backward concatenates the pieces once
+    xs = x.split(counts)
+    xds = xs if xd is x else xd.split(counts)
+    outs = []
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        rows = slice(start, start + n)
-        ye = x[rows] @ Ws[e] if transposed else F.linear(x[rows], Ws[e])  # (n, d_out)
+        if store is not None:
+            ye = store.expert_linear(e, xs[e])  # (n, d_out)
+        else:
+            ye = xs[e] @ Ws[e] if transposed else F.linear(xs[e], Ws[e])  # (n, d_out)
         if f is not None:
-            h = xd[rows] @ As[e].t()  # (n, r)
+            h = xds[e] @ As[e].t()  # (n, r)
             ye = torch.addmm(ye, h, Bs[e].t(), alpha=f.scaling)
         outs.append(ye)
-        start += n
     y = torch.cat(outs) if outs else x.new_zeros(0, _d_out(W, transposed))
     if isinstance(factors, MixedExpertFactors):
         y = y + mixed_expert_delta(x, ids, factors.slots[tokens], factors)
-    if f"{name}_bias" in params:
-        y = y + params[f"{name}_bias"][ids]
+    bias = params.get(f"{name}_bias")
+    if isinstance(bias, Tensor):
+        y = y + bias[ids]
     return y
 
 
-def _d_out(W: Tensor, transposed: bool) -> int:
+def _d_out(W: Tensor | ExpertStore, transposed: bool) -> int:
     return W.shape[2] if transposed else W.shape[1]

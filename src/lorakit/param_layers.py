@@ -25,7 +25,7 @@ from .adapter_set import DEFAULT_ADAPTER, check_adapter_name
 from .config import BASE_CHANGING_INITS, LoraConfig
 from .errors import LoraStateError
 from .layers import LoraLayer
-from .ops_experts import ExpertFactors, experts_forward, routing_args
+from .ops_experts import ExpertFactors, ExpertStore, experts_forward, routing_args
 from .ops_experts_mixed import MixedExpertFactors, token_slots
 from .param_targets import ParamTargets, find_parameters, is_experts_module
 
@@ -81,6 +81,8 @@ class LoraParam(LoraLayer):
             raise LoraStateError(f"{type(owner).__name__}.{param_name} already has LoRA")
         self.param_name = param_name
         self.base = base
+        # the parameter stored quantised (QLoRA: lorakit.variants.quant_experts), the owner's then a meta tensor
+        self.quantized: nn.Module | None = None
         self.init_state(check_adapter_name(adapter_name), config)
         _param(owner, param_name).requires_grad_(False)
 
@@ -188,10 +190,21 @@ class LoraParam(LoraLayer):
         plain = copy.deepcopy(self.owner)
         with torch.no_grad():
             for layer in self.chain():
+                if layer.quantized is not None:  # the owner holds a meta tensor: the dequantised weight instead
+                    dense = layer.quantized.dequantize()  # type: ignore[operator]
+                    plain._parameters[layer.param_name] = nn.Parameter(dense, requires_grad=False)
+            for layer in self.chain():
                 if layer.adapter_name is not None and not layer.merged:
                     p = _param(plain, layer.param_name)
                     p.copy_(layer.merged_weight(p))
         return plain.requires_grad_(False)
+
+    def merge_(self) -> LoraParam:
+        """Merge in place (`LoraLayer.merge_`); refused for a quantised parameter, as for a quantised linear base."""
+        if self.quantized is not None:
+            raise LoraStateError("a quantised expert weight cannot be merged in place; merge() exports it dequantised")
+        super().merge_()
+        return self
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -199,7 +212,7 @@ class LoraParam(LoraLayer):
             return self._mixed(args, kwargs)
         owner = self.owner
         active = [layer for layer in self.chain() if layer.computes_lora()]
-        if not active:
+        if not active and not any(layer.quantized is not None for layer in self.chain()):
             return owner(*args, **kwargs)
         if is_experts_module(owner):
             return self._experts(owner, active, args, kwargs)
@@ -227,7 +240,7 @@ class LoraParam(LoraLayer):
 
     def _experts(self, owner: nn.Module, active: list[LoraParam], args: tuple, kwargs: dict) -> Tensor:
         factors: dict[str, ExpertFactors] = {}
-        weights: dict[str, Tensor] = {}
+        weights = self._stored_weights()
         for layer in active:
             A, B, config = layer.active_factors()
             if A.dim() == 3 and layer.param_name in ("gate_up_proj", "up_proj", "down_proj"):
@@ -256,7 +269,11 @@ class LoraParam(LoraLayer):
             assert stacks is not None, "an AdapterTable gives every LoRA layer of the model its stacks"
             A, B, _ = stacks.state(layer, slots)
             factors[layer.param_name] = MixedExpertFactors(A, B, tokens)
-        return experts_forward(owner, hidden, index, routing, factors)
+        return experts_forward(owner, hidden, index, routing, factors, self._stored_weights())
+
+    def _stored_weights(self) -> dict[str, Tensor | ExpertStore]:
+        """The chain's quantised expert weights (QLoRA), which the routed forward decodes per used expert."""
+        return {layer.param_name: layer.quantized for layer in self.chain() if isinstance(layer.quantized, ExpertStore)}
 
     def _mixed_error(self) -> LoraStateError:
         return LoraStateError(

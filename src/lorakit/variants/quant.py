@@ -20,7 +20,6 @@ from abc import abstractmethod
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .. import bases
 from ..bases import QuantizedBase
@@ -28,7 +27,10 @@ from ..errors import LoraStateError
 from ..files import provenance
 from ..layers import LoraLayer, LoraLinear
 from ..model import lora_layers
+from ..param_layers import LoraParam
 from . import nf4
+from .quant_experts import expert_layers, quantize_experts_
+from .stored import exact_clone, tensor_bytes
 
 NF4_BLOCK = 64  # weights per absmax block (QLoRA's choice)
 NF4_SCALER_BLOCK = 256  # blocks per block of double-quantised scales
@@ -163,25 +165,11 @@ def format_class(fmt: str) -> type[QuantLinear]:
     return FORMATS[fmt]
 
 
-def exact_clone(t: Tensor) -> Tensor:
-    """A copy of a (maybe quantised) tensor with the very same stored values: a wrapper subclass such as
-    NF4Tensor is rebuilt from copies of its inner tensors, with its own block sizes."""
-    if not is_traceable_wrapper_subclass(t):
-        return t.clone()
-    names, ctx = t.__tensor_flatten__()
-    return type(t).__tensor_unflatten__({n: exact_clone(getattr(t, n)) for n in names}, ctx, t.size(), t.stride())
-
-
-def tensor_bytes(t: Tensor) -> int:
-    """Storage bytes of a tensor, adding up the inner tensors of a subclass such as NF4Tensor."""
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is not None and type(t) is not torch.Tensor and type(t) is not nn.Parameter:
-        return sum(tensor_bytes(getattr(t, name)) for name in flatten()[0])
-    return t.numel() * t.element_size()
-
-
 def quantize_base(model: nn.Module, fmt: str = "nf4") -> nn.Module:
     """Quantise the frozen base weight of every LoRA linear layer in `model` (in place); returns the model.
+
+    The 3-D expert weights LoRA adapts (`target_parameters` on transformers experts modules) are quantised too,
+    each expert apart (`lorakit.variants.quant_experts`): the routed forward decodes only the experts it uses.
 
     Examples:
         >>> import lorakit as lk
@@ -191,21 +179,44 @@ def quantize_base(model: nn.Module, fmt: str = "nf4") -> nn.Module:
     """
     quantized = format_class(fmt)
     layers = {n: layer for n, layer in lora_layers(model).items() if isinstance(layer, LoraLinear)}
-    if not layers:
-        raise ValueError("the model has no LoRA linear layers to quantise; apply_lora first")
+    experts = expert_layers(model)
+    if not layers and not experts:
+        raise ValueError("the model has no LoRA linear layers or expert weights to quantise; apply_lora first")
     for name, layer in layers.items():
-        if layer.merged:
-            raise LoraStateError(f"{name!r} is merged in place; call unmerge_(model) before quantising")
-        if isinstance(layer.base, QuantizedBase):
-            raise LoraStateError(f"{name!r} is already quantised ({layer.base.format})")
-        if fmt == "nf4" and (n := bases.weight(layer.base).numel()) % NF4_BLOCK:
-            raise ValueError(
-                f"{name!r}: NF4 needs a weight size divisible by {NF4_BLOCK}, it has "
-                f"{n} elements (use 'int8' or exclude it)"
-            )
+        _check_linear(name, layer, fmt)
+    for name, expert in experts.items():
+        _check_experts(name, expert, fmt)
     for layer in layers.values():
         layer.base = quantized(layer.base, type(layer).fan_in_fan_out)  # stored (d_out, d_in) either way
+    for expert in experts.values():
+        quantize_experts_(expert, quantized)
     return model
+
+
+def _check_linear(name: str, layer: LoraLinear, fmt: str) -> None:
+    if layer.merged:
+        raise LoraStateError(f"{name!r} is merged in place; call unmerge_(model) before quantising")
+    if isinstance(layer.base, QuantizedBase):
+        raise LoraStateError(f"{name!r} is already quantised ({layer.base.format})")
+    if fmt == "nf4" and (n := bases.weight(layer.base).numel()) % NF4_BLOCK:
+        raise ValueError(
+            f"{name!r}: NF4 needs a weight size divisible by {NF4_BLOCK}, it has {n} elements "
+            "(use 'int8' or exclude it)"
+        )
+
+
+def _check_experts(name: str, layer: LoraParam, fmt: str) -> None:
+    where = f"{name!r} ({layer.param_name})"
+    if layer.merged:
+        raise LoraStateError(f"{where} is merged in place; call unmerge_(model) before quantising")
+    if layer.quantized is not None:
+        raise LoraStateError(f"{where} is already quantised ({layer.quantized.format})")
+    per_expert = layer.param[0].numel()
+    if fmt == "nf4" and per_expert % NF4_BLOCK:
+        raise ValueError(
+            f"{where}: NF4 stores each expert in blocks of {NF4_BLOCK} weights; one expert of shape "
+            f"{tuple(layer.param.shape[1:])} has {per_expert} (use 'int8' or leave it unquantised)"
+        )
 
 
 def quantized_layers(model: nn.Module) -> dict[str, LoraLayer]:
