@@ -65,7 +65,7 @@ def minilm_winners(tmp_path_factory) -> dict:
     train, valid = root / "train.jsonl", root / "valid.jsonl"
     train.write_text("\n".join((data / "winners_train.jsonl").read_text().splitlines()[:96]) + "\n")
     valid.write_text("\n".join((data / "winners_valid.jsonl").read_text().splitlines()[:40]) + "\n")
-    out = root / "adapters" / "winners"
+    out = root / "adapters" / "adapter"  # eval and predict name an adapter given as a bare DIR by its directory
     flags = ["--targets", "query", "value", "--rank", "4", "--epochs", "1", "--lr", "3e-3", "--batch-size", "16"]
     r = subprocess.run(
         [sys.executable, "-m", "lorakit", "finetune", "--model", str(_hf_models.minilm_dir()), "--data", str(train)]

@@ -96,7 +96,7 @@ def test_eval_reproduces_finetune_validation_accuracy(minilm, capsys):
     assert r.returncode == 0, r.stderr
     assert "evaluating adapter" in r.stderr and "tokenizing: 40/40 rows" in r.stderr  # progress on stderr
     report = json.loads(r.stdout)  # exactly one JSON object on stdout
-    got = report["adapters"][minilm["adapter"].name]  # an adapter given as a bare DIR is named by its directory
+    got = report["adapters"]["adapter"]
     print(
         f"\nfinetune valid accuracy {after['accuracy']:.4f} loss {after['loss']:.6f}; "
         f"eval accuracy {got['accuracy']:.4f} loss {got['loss']:.6f}"

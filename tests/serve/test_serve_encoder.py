@@ -30,11 +30,11 @@ def encoder(minilm_winners):
         "--model",
         _serving._hf_models.minilm_dir(),
         "--adapter",
-        f"cls={adapters / 'winners'}",
+        f"cls={minilm_winners['adapter']}",
         "--adapter-root",
         adapters,
     )
-    yield {"server": server, "client": server.client(), "adapter": adapters / "winners"}
+    yield {"server": server, "client": server.client(), "adapter": minilm_winners["adapter"]}
     assert server.stop() == 0, "".join(server.stderr)
 
 
@@ -85,7 +85,9 @@ def test_classify_needs_a_seq_cls_adapter(encoder):
 
 def test_seq_cls_adapters_load_and_unload_at_run_time(encoder):
     url = encoder["server"].url
-    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": "winners"}, timeout=60)
+    r = httpx.post(
+        url + "/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": encoder["adapter"].name}, timeout=60
+    )
     assert r.status_code == 200, r.text
     one = httpx.post(url + "/classify", json={"model": "cls", "input": TEXTS}).json()["data"]
     two = httpx.post(url + "/classify", json={"model": "again", "input": TEXTS}).json()["data"]
