@@ -4,13 +4,17 @@ Usage: python _cli_hold.py PREFIX LORAKIT_ARGS...
 
 A test reads the child's stdout until PREFIX's line, then signals it (SIGINT, SIGKILL): the child is then
 known to be blocked right after that line, so the signal always lands mid-run, never after a fast child
-has already finished. Everything else is the real `lorakit` entry point (`lorakit.cli.main`).
+has already finished. Everything else is the real `lorakit` entry point (`lorakit.cli.main`). `signal_at` is
+that test's side, one helper for every test that signals a run.
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 from lorakit.cli import main
@@ -33,6 +37,39 @@ class HoldingStdout:
 
     def __getattr__(self, name: str):
         return getattr(self.stream, name)
+
+
+@dataclass
+class Signalled:
+    """What a child signalled by `signal_at` printed, and how it ended."""
+
+    seen: list[str]  # its stdout lines up to the marker's, which is the last
+    rest: str  # its stdout after the marker's line (nothing, when it held where it should)
+    err: str
+    returncode: int
+
+
+def signal_at(marker: str, argv: list, sig: int, env: dict[str, str]) -> Signalled:
+    """`lorakit ARGV` in a child held still after its stdout line starting with `marker`, sent `sig` there.
+
+    Fails (AssertionError) if the child's stdout ends without that line.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__)), marker, *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(marker):
+            proc.send_signal(sig)
+            break
+    rest, err = proc.communicate(timeout=60)
+    assert seen and seen[-1].startswith(marker), "".join(seen) + rest + err  # it got as far as the marker
+    return Signalled(seen, rest, err, proc.returncode)
 
 
 if __name__ == "__main__":

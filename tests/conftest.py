@@ -45,3 +45,37 @@ def hub_env(hub_cache, monkeypatch):
     for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(key, raising=False)
     return hub_cache
+
+
+# -- a MiniLM seq-cls adapter from a real `lorakit finetune`, checked by tests/cli and tests/serve --------------
+
+
+@pytest.fixture(scope="session")
+def minilm_winners(tmp_path_factory) -> dict:
+    """MiniLM with a seq-cls LoRA adapter of the winners task from `lorakit finetune` (a small, quick run), made
+    once per session: the model, the adapter (alone in its directory `adapters/`), the valid rows, the run's
+    report and stdout."""
+    import json
+    import subprocess
+
+    import _hf_models
+
+    root = tmp_path_factory.mktemp("minilm")
+    data = Path(TESTS) / "data"
+    train, valid = root / "train.jsonl", root / "valid.jsonl"
+    train.write_text("\n".join((data / "winners_train.jsonl").read_text().splitlines()[:96]) + "\n")
+    valid.write_text("\n".join((data / "winners_valid.jsonl").read_text().splitlines()[:40]) + "\n")
+    out = root / "adapters" / "adapter"  # eval and predict name an adapter given as a bare DIR by its directory
+    flags = ["--targets", "query", "value", "--rank", "4", "--epochs", "1", "--lr", "3e-3", "--batch-size", "16"]
+    r = subprocess.run(
+        [sys.executable, "-m", "lorakit", "finetune", "--model", str(_hf_models.minilm_dir()), "--data", str(train)]
+        + ["--valid", str(valid), "--task", "seq-cls", "--out", str(out), *flags]
+        + ["--max-length", "32", "--device", "cpu", "--plain"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "run" / "finetune_report.json").read_text())
+    return {"model": _hf_models.minilm_dir(), "adapter": out, "valid": valid, "report": report, "stdout": r.stdout}

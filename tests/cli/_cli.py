@@ -50,3 +50,18 @@ def _logits(model) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(input_ids=IDS, attention_mask=MASK).logits
+
+
+def in_process(capsys, *args) -> tuple[int, str, str]:
+    """`lorakit ARGS` called in this process through `main`, the function `python -m lorakit` exits with:
+    (status, stdout, stderr). For checks that end before a model loads, where a process start is most of the cost;
+    an argparse exit (a usage error, --help) gives its code as the status."""
+    from lorakit.cli import main
+
+    capsys.readouterr()  # what the test printed before is not this command's
+    try:
+        status = main([str(a) for a in args])
+    except SystemExit as e:
+        status = e.code
+    got = capsys.readouterr()
+    return status, got.out, got.err

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _cli import _causal_rows, _logits, _write_jsonl, lorakit  # noqa: E402
+from _cli import _causal_rows, _logits, _write_jsonl, in_process, lorakit  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -33,22 +33,24 @@ transformers.utils.logging.set_verbosity_error()
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {kind: _hf_models.save_tiny(kind, root / kind) for kind in ("llama", "gpt2")}
+    return {"gpt2": _hf_models.save_tiny("gpt2", root / "gpt2")}  # the llama's run is `causal_run` (conftest.py)
 
 
 # -- help and usage errors -------------------------------------------------------------------------
 
 
-def test_help_and_usage_errors_exit_2(tmp_path, tiny):
-    r = lorakit("finetune", "--help")
-    assert (
-        r.returncode == 0 and "usage: lorakit finetune" in r.stdout and '{"prompt": ..., "completion": ...}' in r.stdout
+def test_help_and_usage_errors_exit_2(tmp_path, tiny, capsys):
+    """In process (`in_process`): each ends before a model loads; the real process's exit codes 0/1/2 are the
+    subprocess runs below (`--skip-bad-rows`, `--lr 1e30`, the bad rows)."""
+    status, out, _ = in_process(capsys, "finetune", "--help")
+    assert status == 0 and "usage: lorakit finetune" in out and '{"prompt": ..., "completion": ...}' in out
+    status, _, err = in_process(capsys, "merge", "--model", tiny["gpt2"])
+    assert status == 2 and "required: --adapter, --out" in err
+    status, _, err = in_process(
+        capsys, "finetune", "--model", tmp_path, "--data", "x.jsonl", "--task", "causal-lm", "--out", tmp_path / "o"
     )
-    r = lorakit("merge", "--model", tiny["gpt2"])
-    assert r.returncode == 2 and "required: --adapter, --out" in r.stderr
-    r = lorakit("finetune", "--model", tmp_path, "--data", "x.jsonl", "--task", "causal-lm", "--out", tmp_path / "o")
-    assert r.returncode == 2 and "not a Hugging Face model directory (no config.json)" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert status == 2 and "not a Hugging Face model directory (no config.json)" in err
+    assert "Traceback" not in err
 
 
 def test_bad_data_refuses_to_start_with_file_and_line(tmp_path, tiny):
@@ -97,38 +99,10 @@ def test_runtime_failure_exits_1(tmp_path, tiny):
 # -- finetune -> PEFT, merge -> transformers, generate ---------------------------------------------------
 
 
-def test_finetune_causal_lm_then_peft_merge_generate_inspect(tmp_path, tiny, capsys):
-    rows = _write_jsonl(tmp_path / "train.jsonl", _causal_rows())
-    out = tmp_path / "adapter"
-    r = lorakit(
-        "finetune",
-        "--model",
-        tiny["llama"],
-        "--data",
-        rows,
-        "--task",
-        "causal-lm",
-        "--out",
-        out,
-        "--targets",
-        "q_proj,k_proj,v_proj,o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        "--rank",
-        "4",
-        "--epochs",
-        "4",
-        "--lr",
-        "1e-2",
-        "--batch-size",
-        "8",
-        "--device",
-        "cpu",
-        "--plain",
-    )
-    assert r.returncode == 0, r.stderr
-    assert "before valid_loss=" in r.stdout and "after  valid_loss=" in r.stdout and "valid_perplexity=" in r.stdout
+def test_finetune_causal_lm_then_peft_merge_generate_inspect(tmp_path, causal_run, capsys):
+    """`causal_run` (tests/cli/conftest.py) is the real `lorakit finetune`, shared with test_cli_eval.py."""
+    out, model, stdout = causal_run["adapter"], causal_run["model"], causal_run["stdout"]
+    assert "before valid_loss=" in stdout and "after  valid_loss=" in stdout and "valid_perplexity=" in stdout
     assert {p.name for p in out.iterdir()} >= {
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -140,15 +114,15 @@ def test_finetune_causal_lm_then_peft_merge_generate_inspect(tmp_path, tiny, cap
     assert report["after"]["loss"] < report["before"]["loss"]
 
     # PEFT loads the adapter and computes the same logits as lorakit
-    ours, _, _ = hf.load_with_adapter(tiny["llama"], out)
+    ours, _, _ = hf.load_with_adapter(model, out)
     want = _logits(ours)
-    theirs = peft.PeftModel.from_pretrained(hf.load_model(tiny["llama"], "causal-lm"), out)
+    theirs = peft.PeftModel.from_pretrained(hf.load_model(model, "causal-lm"), out)
     diff = (_logits(theirs) - want).abs().max().item()
     print(f"\nPEFT parity (causal-lm, finetune adapter): max |Δlogits| = {diff:.3g}")
     assert diff < 1e-5
 
     # merge writes a directory transformers loads, equal to base + adapter
-    r = lorakit("merge", "--model", tiny["llama"], "--adapter", out, "--out", tmp_path / "merged")
+    r = lorakit("merge", "--model", model, "--adapter", out, "--out", tmp_path / "merged")
     assert r.returncode == 0, r.stderr
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     diff = (_logits(merged) - want).abs().max().item()
@@ -158,7 +132,7 @@ def test_finetune_causal_lm_then_peft_merge_generate_inspect(tmp_path, tiny, cap
     r = lorakit(
         "generate",
         "--model",
-        tiny["llama"],
+        model,
         "--adapter",
         out,
         "--prompt",
@@ -206,8 +180,8 @@ def test_resume_and_existing_out(tmp_path, tiny, capsys):
     assert main([str(a) for a in args]) == 2  # in-process: refused before any model is loaded
     err = capsys.readouterr().err
     assert "--resume" in err and "--overwrite" in err
-    r = lorakit(*args, "--resume")
-    assert r.returncode == 0, r.stderr
+    status, _, err = in_process(capsys, *args, "--resume")  # the real process's exit 0 is the first run's
+    assert status == 0, err
     assert (tmp_path / "o" / "adapter_model.safetensors").read_bytes() == first  # a finished run stays as it was
 
 

@@ -14,6 +14,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _cli import in_process  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
 
 import lorakit as lk  # noqa: E402
@@ -86,9 +89,11 @@ def test_merge_a_weighted_combination(setup, tmp_path):
     torch.testing.assert_close(_logits(merged), _logits(want), rtol=1e-4, atol=1e-5)
 
 
-def test_merge_refuses_unknown_weight_names(setup, tmp_path):
+def test_merge_refuses_unknown_weight_names(setup, tmp_path, capsys):
+    """In process (`in_process`): refused before a model loads; merge's real process is in the tests around."""
     model_dir, _, dirs = setup
-    r = lorakit(
+    status, _, err = in_process(
+        capsys,
         "merge",
         "--model",
         model_dir,
@@ -99,9 +104,11 @@ def test_merge_refuses_unknown_weight_names(setup, tmp_path):
         "--out",
         tmp_path / "o",
     )
-    assert r.returncode == 2 and "--weight names ['nope'] match no --adapter" in r.stderr
-    r = lorakit("merge", "--model", model_dir, "--adapter", f"half={dirs['math']}", "--out", tmp_path / "o")
-    assert r.returncode == 2 and "reserved" in r.stderr
+    assert status == 2 and "--weight names ['nope'] match no --adapter" in err
+    status, _, err = in_process(
+        capsys, "merge", "--model", model_dir, "--adapter", f"half={dirs['math']}", "--out", tmp_path / "o"
+    )
+    assert status == 2 and "reserved" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -147,13 +154,13 @@ def test_generate_one_completion_per_adapter(setup):
     assert "--- combined (svd, max relative error of ΔW" in r.stdout
 
 
-def test_merge_shows_progress_piped_and_overwrite_swaps_in_only_a_whole_model(setup, tmp_path):
+def test_merge_shows_progress_piped_and_overwrite_swaps_in_only_a_whole_model(setup, tmp_path, capsys):
     model_dir, base, dirs = setup
     out = tmp_path / "merged"
     out.mkdir()
     (out / "old.txt").write_text("the model merged last week")
-    r = lorakit("merge", "--model", model_dir, "--adapter", dirs["math"], "--out", out)
-    assert r.returncode == 2 and "pass --overwrite to replace it, or choose a new --out" in r.stderr
+    status, _, err = in_process(capsys, "merge", "--model", model_dir, "--adapter", dirs["math"], "--out", out)
+    assert status == 2 and "pass --overwrite to replace it, or choose a new --out" in err  # refused before loading
 
     blowup = lk.apply_lora(copy.deepcopy(base), lk.LoraConfig(rank=2), ["q_proj"])  # its ΔW overflows fp32
     with torch.no_grad():

@@ -29,7 +29,6 @@ from lorakit.hf import predict as pr  # noqa: E402
 pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
 transformers.utils.logging.set_verbosity_error()
-DATA = Path(__file__).parents[1] / "data"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 QUESTION = "question : what is two plus two ? answer :"
 
@@ -62,76 +61,17 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def causal(tiny, tmp_path_factory) -> dict[str, Path]:
-    """A tiny llama fine-tuned briefly on prompt/completion and text rows."""
-    root = tmp_path_factory.mktemp("causal")
-    rows = _write_jsonl(root / "train.jsonl", _causal_rows())
-    out = root / "adapter"
-    r = lorakit(
-        "finetune",
-        "--model",
-        tiny["llama"],
-        "--data",
-        rows,
-        "--task",
-        "causal-lm",
-        "--out",
-        out,
-        "--rank",
-        "4",
-        "--epochs",
-        "4",
-        "--lr",
-        "1e-2",
-        "--batch-size",
-        "8",
-        "--device",
-        "cpu",
-        "--plain",
-    )
-    assert r.returncode == 0, r.stderr
-    return {"model": tiny["llama"], "adapter": out, "rows": rows}
+def causal(causal_run) -> dict[str, Path]:
+    """A tiny llama fine-tuned briefly on prompt/completion and text rows: the real `lorakit finetune` of
+    tests/cli/conftest.py, run once for this module and test_cli.py."""
+    return {"model": causal_run["model"], "adapter": causal_run["adapter"], "rows": causal_run["rows"]}
 
 
 @pytest.fixture(scope="module")
-def minilm(tmp_path_factory) -> dict:
-    """MiniLM with a seq-cls LoRA adapter from `lorakit finetune` (a small, quick run), and its report."""
-    root = tmp_path_factory.mktemp("minilm")
-    train = _write_jsonl(root / "train.jsonl", (DATA / "winners_train.jsonl").read_text().splitlines()[:96])
-    valid = _write_jsonl(root / "valid.jsonl", (DATA / "winners_valid.jsonl").read_text().splitlines()[:40])
-    out = root / "adapter"
-    r = lorakit(
-        "finetune",
-        "--model",
-        _hf_models.minilm_dir(),
-        "--data",
-        train,
-        "--valid",
-        valid,
-        "--task",
-        "seq-cls",
-        "--out",
-        out,
-        "--targets",
-        "query",
-        "value",
-        "--rank",
-        "4",
-        "--epochs",
-        "1",
-        "--lr",
-        "3e-3",
-        "--batch-size",
-        "16",
-        "--max-length",
-        "32",
-        "--device",
-        "cpu",
-        "--plain",
-    )
-    assert r.returncode == 0, r.stderr
-    report = json.loads((out / "run" / "finetune_report.json").read_text())
-    return {"model": _hf_models.minilm_dir(), "adapter": out, "valid": valid, "report": report, "stdout": r.stdout}
+def minilm(minilm_winners) -> dict:
+    """MiniLM with a seq-cls LoRA adapter from `lorakit finetune` (a small, quick run), and its report: the run of
+    tests/conftest.py, shared with tests/serve/test_serve_encoder.py."""
+    return minilm_winners
 
 
 # -- seq-cls: eval reproduces finetune's validation; predict agrees with eval ---------------------------

@@ -8,7 +8,6 @@ import importlib
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,51 +26,18 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 def test_ctrl_c_mid_training_exits_130(tmp_path: Path) -> None:
     """SIGINT (what Ctrl-C sends) to a real `lorakit finetune`, held still right after its first logged step."""
     sys.path.insert(0, str(TESTS))
+    import _cli_hold
     import _hf_models
 
     model_dir = _hf_models.save_tiny("gpt2", tmp_path / "gpt2")
     rows = tmp_path / "train.jsonl"
     rows.write_text("".join(json.dumps({"text": s}) + "\n" for s in _hf_models.SENTENCES * 2))
     marker = "step epoch=1/"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(TESTS / "_cli_hold.py"),
-            marker,
-            "finetune",
-            "--model",
-            str(model_dir),
-            "--data",
-            str(rows),
-            "--task",
-            "causal-lm",
-            "--out",
-            str(tmp_path / "out"),
-            "--epochs",
-            "2",
-            "--batch-size",
-            "2",
-            "--log-every",
-            "1",
-            "--device",
-            "cpu",
-            "--plain",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(marker):
-            proc.send_signal(signal.SIGINT)
-            break
-    out, err = proc.communicate(timeout=60)
-    assert seen and seen[-1].startswith(marker), "".join(seen) + out + err  # it got as far as training
-    assert proc.returncode == 130, (proc.returncode, err)
-    assert err.strip().splitlines()[-1] == "lorakit finetune: interrupted" and "Traceback" not in err
+    flags = ["--model", model_dir, "--data", rows, "--task", "causal-lm", "--out", tmp_path / "out", "--epochs", "2"]
+    flags += ["--batch-size", "2", "--log-every", "1", "--device", "cpu", "--plain"]
+    held = _cli_hold.signal_at(marker, ["finetune", *flags], signal.SIGINT, ENV)  # it got as far as training
+    assert held.returncode == 130, (held.returncode, held.err)
+    assert held.err.strip().splitlines()[-1] == "lorakit finetune: interrupted" and "Traceback" not in held.err
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 

@@ -18,13 +18,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+import _cli_hold  # noqa: E402
 import _hf_models  # noqa: E402
 
 from lorakit.cli import build_parser, main, runfile  # noqa: E402
 
 pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
-TESTS = Path(__file__).parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 LORAKIT = [sys.executable, "-m", "lorakit"]
 
@@ -248,44 +248,11 @@ def test_resume_with_changed_flags_exits_2_naming_them(run, tmp_path, capsys):
 
 def test_ctrl_c_after_a_checkpoint_exits_130_with_a_resume_hint(run, tmp_path):
     marker = "checkpoint step=1 "
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(TESTS / "_cli_hold.py"),
-            marker,
-            "finetune",
-            "--model",
-            run["model"],
-            "--data",
-            run["rows"],
-            "--task",
-            "causal-lm",
-            "--out",
-            tmp_path / "out",
-            "--epochs",
-            "3",
-            "--batch-size",
-            "8",
-            "--checkpoint-every",
-            "1",
-            "--device",
-            "cpu",
-            "--plain",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(marker):
-            proc.send_signal(signal.SIGINT)
-            break
-    out, err = proc.communicate(timeout=60)
-    assert seen and seen[-1].startswith(marker), "".join(seen) + out + err
-    assert proc.returncode == 130, (proc.returncode, err)
+    flags = ["--model", run["model"], "--data", run["rows"], "--task", "causal-lm", "--out", tmp_path / "out"]
+    flags += ["--epochs", "3", "--batch-size", "8", "--checkpoint-every", "1", "--device", "cpu", "--plain"]
+    held = _cli_hold.signal_at(marker, ["finetune", *flags], signal.SIGINT, ENV)
+    err = held.err
+    assert held.returncode == 130, (held.returncode, err)
     last = err.strip().splitlines()[-1]
     assert last.startswith("lorakit finetune: interrupted; the last checkpoint is in ") and "--resume" in last
     assert last.endswith(f"; resume with: lorakit finetune --out {tmp_path / 'out'} --resume"), last  # the command
@@ -308,25 +275,9 @@ OLD_RUN = ("adapter_model.safetensors", "adapter_config.json", "lorakit.json", "
 
 def _killed_at(marker: str, argv: list) -> tuple[list[str], str]:
     """`lorakit ARGV`, held still after its stdout line starting with `marker` and SIGKILLed there: (lines, stderr)."""
-    proc = subprocess.Popen(
-        [sys.executable, str(TESTS / "_cli_hold.py"), marker, *map(str, argv)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(marker):
-            proc.send_signal(signal.SIGKILL)
-            break
-    err = proc.stderr.read()
-    proc.wait()
-    proc.stdout.close()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL and seen[-1].startswith(marker), "".join(seen) + err
-    return seen, err
+    held = _cli_hold.signal_at(marker, argv, signal.SIGKILL, ENV)
+    assert held.returncode == -signal.SIGKILL, "".join(held.seen) + held.err
+    return held.seen, held.err
 
 
 def test_overwrite_then_kill_leaves_no_old_run_in_out_and_out_alone_resumes(run, tmp_path, capsys):

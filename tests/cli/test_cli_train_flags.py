@@ -14,6 +14,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _cli import in_process  # noqa: E402
+
 pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -105,12 +108,13 @@ def test_warmup_longer_than_the_run_is_a_warning_on_stderr(tmp_path: Path, files
     assert "UserWarning: warmup_steps=5 is not shorter than the run's 2 optimizer steps" in r.stderr
 
 
-def test_bad_trainer_flags_exit_2_naming_them(tmp_path: Path, files: dict[str, Path]) -> None:
-    r = lorakit(*_base(files, tmp_path / "a3"), "--max-steps", "0")
-    assert r.returncode == 2 and "argument --max-steps: 0 is not a positive integer" in r.stderr, r.stderr
-    r = lorakit(*_base(files, tmp_path / "a4"), "--reference", tmp_path / "nope.txt")
-    assert r.returncode == 2 and "nope.txt: the reference text file does not exist" in r.stderr, r.stderr
+def test_bad_trainer_flags_exit_2_naming_them(tmp_path: Path, files: dict[str, Path], capsys) -> None:
+    """In process (`in_process`): each is refused before a model loads; the real process is in the tests above."""
+    status, _, err = in_process(capsys, *_base(files, tmp_path / "a3"), "--max-steps", "0")
+    assert status == 2 and "argument --max-steps: 0 is not a positive integer" in err, err
+    status, _, err = in_process(capsys, *_base(files, tmp_path / "a4"), "--reference", tmp_path / "nope.txt")
+    assert status == 2 and "nope.txt: the reference text file does not exist" in err, err
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    r = lorakit(*_base(files, tmp_path / "a5"), "--reference", tmp_path / "latin1.txt")
-    assert r.returncode == 2 and "latin1.txt: the reference text is not UTF-8" in r.stderr, r.stderr
+    status, _, err = in_process(capsys, *_base(files, tmp_path / "a5"), "--reference", tmp_path / "latin1.txt")
+    assert status == 2 and "latin1.txt: the reference text is not UTF-8" in err, err
     assert not (tmp_path / "a4").exists() and not (tmp_path / "a5").exists()

@@ -12,8 +12,10 @@ import pytest
 pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
 TESTS = Path(__file__).parents[1]
+sys.path.insert(0, str(TESTS))
+import _cli_hold  # noqa: E402  (the CLI, blocked for good after a chosen line)
+
 LORAKIT = [sys.executable, "-m", "lorakit"]
-HOLD = [sys.executable, str(TESTS / "_cli_hold.py")]  # the CLI, blocked for good after a chosen line
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -26,21 +28,10 @@ def killed_at(marker: str, args: list[str]) -> list[str]:
 
     Returns every line it printed, read to the end of its output after the kill.
     """
-    proc = subprocess.Popen(HOLD + [marker] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(marker):
-            proc.send_signal(signal.SIGKILL)
-            break
-    seen += proc.stdout.readlines()  # whatever else it wrote: nothing, if it held where it should
-    err = proc.stderr.read()
-    proc.wait()
-    proc.stdout.close()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:]) + err
-    assert seen[-1].startswith(marker), seen[-3:]  # killed at the marker, not after it
-    return seen
+    held = _cli_hold.signal_at(marker, args, signal.SIGKILL, ENV)
+    assert held.returncode == -signal.SIGKILL, "".join(held.seen[-20:]) + held.err
+    assert held.rest == "", held.rest[-2000:]  # killed at the marker, not after it
+    return held.seen
 
 
 def checkpoint_step(run_dir: Path) -> int:

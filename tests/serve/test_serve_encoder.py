@@ -4,7 +4,6 @@ sentence-transformers computes them, classification as `lorakit predict` does, a
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,65 +18,23 @@ pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not i
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-DATA = _serving.TESTS / "data"
 TEXTS = ["the red team beat the blue team", "the blue team won the cup", "a quiet evening at home"]
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoder")
-    train, valid = root / "train.jsonl", root / "valid.jsonl"
-    train.write_text("\n".join((DATA / "winners_train.jsonl").read_text().splitlines()[:64]) + "\n")
-    valid.write_text("\n".join((DATA / "winners_valid.jsonl").read_text().splitlines()[:16]) + "\n")
-    adapters = root / "adapters"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorakit",
-            "finetune",
-            "--model",
-            _serving._hf_models.minilm_dir(),
-            "--data",
-            train,
-            "--valid",
-            valid,
-            "--task",
-            "seq-cls",
-            "--out",
-            adapters / "winners",
-            "--targets",
-            "query",
-            "value",
-            "--rank",
-            "4",
-            "--epochs",
-            "1",
-            "--lr",
-            "3e-3",
-            "--batch-size",
-            "16",
-            "--max-length",
-            "32",
-            "--device",
-            "cpu",
-            "--plain",
-        ],
-        capture_output=True,
-        text=True,
-        env=_serving.ENV,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
+def encoder(minilm_winners):
+    """A server of MiniLM with the seq-cls adapter of a real `lorakit finetune` (tests/conftest.py's, shared with
+    tests/cli/test_cli_eval.py), served as `cls`, its directory the adapter root."""
+    adapters = minilm_winners["adapter"].parent
     server = _serving.Server(
         "--model",
         _serving._hf_models.minilm_dir(),
         "--adapter",
-        f"cls={adapters / 'winners'}",
+        f"cls={minilm_winners['adapter']}",
         "--adapter-root",
         adapters,
     )
-    yield {"server": server, "client": server.client(), "adapter": adapters / "winners"}
+    yield {"server": server, "client": server.client(), "adapter": minilm_winners["adapter"]}
     assert server.stop() == 0, "".join(server.stderr)
 
 
@@ -128,7 +85,9 @@ def test_classify_needs_a_seq_cls_adapter(encoder):
 
 def test_seq_cls_adapters_load_and_unload_at_run_time(encoder):
     url = encoder["server"].url
-    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": "winners"}, timeout=60)
+    r = httpx.post(
+        url + "/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": encoder["adapter"].name}, timeout=60
+    )
     assert r.status_code == 200, r.text
     one = httpx.post(url + "/classify", json={"model": "cls", "input": TEXTS}).json()["data"]
     two = httpx.post(url + "/classify", json={"model": "again", "input": TEXTS}).json()["data"]
