@@ -84,7 +84,7 @@ class LoraLayer(nn.Module):
         self.adapters = AdapterSet(self)  # built once: every change to the named adapters goes through it
         self.adapters.bind(adapter_name, self.new_adapter(config), config)
 
-    def base_weight(self) -> Tensor:
+    def merge_target(self) -> Tensor:
         """The tensor the adapter's delta applies to, as stored (what merge_ swaps and unmerge_ restores)."""
         return bases.weight(self.base)
 
@@ -205,7 +205,7 @@ class LoraLayer(nn.Module):
             raise LoraStateError("a quantised base cannot be merged in place; merge() exports a dequantised layer")
         if self.mixed is not None:
             raise LoraStateError("cannot merge in place inside a mixed_batch block; leave the block first")
-        w = self.base_weight()
+        w = self.merge_target()
         merged = self.merged_weight(w).contiguous()  # a new tensor
         # swap storages rather than clone + copy: the original tensor is kept as is, for an exact unmerge_
         self._unmerged_weight, w.data = w.data, merged
@@ -217,7 +217,7 @@ class LoraLayer(nn.Module):
         if not self.merged:
             raise LoraStateError(f"{type(self).__name__} is not merged; nothing to unmerge")
         assert self._unmerged_weight is not None, "merge_ set the base weight aside"
-        self.base_weight().data = self._unmerged_weight  # the very tensor merge_ set aside: bit for bit
+        self.merge_target().data = self._unmerged_weight  # the very tensor merge_ set aside: bit for bit
         self._unmerged_weight = None
         self.merged = False
         return self

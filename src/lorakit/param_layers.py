@@ -149,7 +149,7 @@ class LoraParam(LoraLayer):
     def stack_lead(self) -> int:
         return 1 if self.param.dim() == 3 else 0  # per-expert pairs (E, r, d_in), (E, d_out, r)
 
-    def base_weight(self) -> Tensor:
+    def merge_target(self) -> Tensor:
         return self.param
 
     def new_adapter(self, config: LoraConfig) -> dict[str, nn.Parameter]:

@@ -32,8 +32,15 @@ def test_cli_modules_import_no_private_names_from_each_other() -> None:
                 assert not [a.name for a in node.names if a.name.startswith("_")], (path.name, node.module)
 
 
+def _sets_param(func: ast.expr) -> bool:
+    """A call that can set an error's `param`: `super().__init__(...)` or an error class called by name."""
+    name = getattr(func, "attr", None) or getattr(func, "id", None) or ""
+    return name == "__init__" or name.endswith("Error")
+
+
 def _library_params() -> set[str]:
-    """Every `param` the library's errors set: `param = "..."` in a class body, `param=` in `super().__init__`."""
+    """Every `param` the library's errors set: `param = "..."` in a class body, `param=` in `super().__init__` or in
+    a call of an error class (`LoraTargetError(..., param="targets")`)."""
     found: set[str] = set()
     root = Path(lorakit.__file__).parent
     for path in root.rglob("*.py"):
@@ -47,7 +54,7 @@ def _library_params() -> set[str]:
                     for a in node.body
                     if isinstance(a, ast.Assign) and [getattr(t, "id", None) for t in a.targets] == ["param"]
                 ]
-            elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "__init__":
+            elif isinstance(node, ast.Call) and _sets_param(node.func):
                 values = [k.value for k in node.keywords if k.arg == "param"]
             found |= {c.value for v in values for c in ast.walk(v) if isinstance(c, ast.Constant) and c.value}
     return found
