@@ -33,9 +33,10 @@ def test_cli_modules_import_no_private_names_from_each_other() -> None:
 
 
 def _sets_param(func: ast.expr) -> bool:
-    """A call that can set an error's `param`: `super().__init__(...)` or an error class called by name."""
+    """A call that sets a library error's `param`: `super().__init__(...)`, or a LoraError class called by name
+    (not serve's request errors, whose `param` names a field of the HTTP request)."""
     name = getattr(func, "attr", None) or getattr(func, "id", None) or ""
-    return name == "__init__" or name.endswith("Error")
+    return name == "__init__" or (name.startswith("Lora") and name.endswith("Error"))
 
 
 def _library_params() -> set[str]:
