@@ -108,6 +108,10 @@ def test_what_peft_refuses_on_parameters_is_refused():
     with pytest.raises(ValueError, match="targeted as a module and by its parameters"):
         lk.apply_lora(model, lk.LoraConfig(rank=2), ["q_proj"], target_parameters=["q_proj.weight"])
     assert not lk.lora_layers(model)
+    oss = tiny_gpt_oss()  # an expert bias (E, d_out) has no input to drop: refused, not silently run without dropout
+    with pytest.raises(ValueError, match=r"dropout on GptOssExperts\.gate_up_proj_bias"):
+        lk.apply_lora(oss, lk.LoraConfig(rank=2, dropout=0.1), target_parameters=["experts.gate_up_proj_bias"])
+    assert not lk.lora_layers(oss)
 
 
 def test_rank_pattern_applies_per_parameter_path(gpt_oss):

@@ -93,9 +93,10 @@ class LoraParam(LoraLayer):
             raise ValueError("DoRA (use_dora=True) is not supported on target_parameters (PEFT refuses it too)")
         if config.init in BASE_CHANGING_INITS:
             raise TypeError(f"init={config.init!r} is supported on linear layers only, not on target_parameters")
-        _param(owner, param_name)
+        p = _param(owner, param_name)
         linear = isinstance(owner, nn.Linear) and param_name == "weight"
-        if config.dropout > 0.0 and not (linear or is_experts_module(owner)):
+        expert_weight = is_experts_module(owner) and p.dim() == 3  # an expert bias (E, d_out) has no input
+        if config.dropout > 0.0 and not (linear or expert_weight):
             raise ValueError(
                 f"lora dropout on {type(owner).__name__}.{param_name}: dropout needs the parameter's input, which "
                 "only nn.Linear weights and transformers experts weights expose; use dropout=0"
