@@ -48,6 +48,11 @@ def token_slots(slots: Tensor, tokens: int) -> Tensor:
 def mixed_expert_delta(x: Tensor, experts: Tensor, slots: Tensor, f: MixedExpertFactors) -> Tensor:
     """(S, d_out): row i of x (S, d_in) through its slot's factors for its expert, B[s, e] (A[s, e] x_i).
 
+    Rows are grouped by their (slot, expert) pair: each pair's rows go through its rank-r pair as two GEMMs, and rows
+    on slot 0 (the bare base) are skipped. Where the groups are small (a decode step: about one row each) gathering
+    every row's pair and one batched product costs less than a GEMM per group, so those batches take that form; both
+    compute the same products, row by row.
+
     Examples:
         >>> A, B = torch.ones(2, 3, 1, 4), torch.ones(2, 3, 5, 1)
         >>> A[0], B[0] = 0, 0  # slot 0: the bare base
@@ -56,8 +61,25 @@ def mixed_expert_delta(x: Tensor, experts: Tensor, slots: Tensor, f: MixedExpert
         [0.0, 4.0]
     """
     n, E = f.A.shape[:2]
-    pair = slots * E + experts  # (S,): the (slot, expert) pair of each row
-    A = f.A.reshape(n * E, *f.A.shape[2:])[pair]  # (S, r, d_in)
-    B = f.B.reshape(n * E, *f.B.shape[2:])[pair]  # (S, d_out, r)
-    h = torch.bmm(A, x.unsqueeze(-1).to(A.dtype))  # (S, r, 1)
-    return torch.bmm(B, h).squeeze(-1).to(x.dtype)  # (S, d_out)
+    A = f.A.reshape(n * E, *f.A.shape[2:])  # (n·E, r, d_in): pair p = slot·E + expert
+    B = f.B.reshape(n * E, *f.B.shape[2:])  # (n·E, d_out, r)
+    pair = slots * E + experts  # (S,)
+    order = torch.argsort(pair, stable=True)
+    keys, counts = torch.unique_consecutive(pair[order], return_counts=True)
+    if keys.numel() * _ROWS_PER_GEMM > pair.numel():  # small groups: one gathered, batched product
+        h = torch.bmm(A[pair], x.unsqueeze(-1).to(A.dtype))  # (S, r, 1)
+        return torch.bmm(B[pair], h).squeeze(-1).to(x.dtype)  # (S, d_out)
+    y = x.new_zeros(x.shape[0], B.shape[1])
+    start = 0
+    for key, count in zip(keys.tolist(), counts.tolist(), strict=True):
+        rows = order[start : start + count]
+        start += count
+        if key < E:  # slot 0: the bare base adds nothing
+            continue
+        xs = x[rows].to(A.dtype)
+        y[rows] = ((xs @ A[key].t()) @ B[key].t()).to(x.dtype)
+    return y
+
+
+# below this many rows per (slot, expert) group on average, a GEMM per group costs more than gathering per row
+_ROWS_PER_GEMM = 4
