@@ -274,7 +274,11 @@ class LoraParam(LoraLayer):
 
     def _stored_weights(self) -> dict[str, Tensor | ExpertStore]:
         """The chain's quantised expert weights (QLoRA), which the routed forward decodes per used expert."""
-        return {layer.param_name: layer.quantized for layer in self.chain() if isinstance(layer.quantized, ExpertStore)}
+        stored: dict[str, Tensor | ExpertStore] = {}
+        for layer in self.chain():
+            if isinstance(store := layer.quantized, ExpertStore):
+                stored[layer.param_name] = store
+        return stored
 
     def _mixed_error(self) -> LoraStateError:
         return LoraStateError(
