@@ -101,7 +101,7 @@ def _flags_in_strings(path: Path) -> list[tuple[int, str]]:
 
 # Not messages but advice whose content is commands to type (lorakit's own and other runtimes', e.g. vLLM's
 # --max-lora-rank): the portability report's findings
-ADVICE = {Path("export/portability.py")}
+ADVICE = {Path("export/portability.py"), Path("export/portability_experts.py")}  # inspect --target's advice
 # Packages at the CLI's level: cli/ words messages in flags, and examples/ drives the CLI as a user does (the chat
 # example runs `lorakit serve` and `lorakit export`), so flags are their content
 CLI_LEVEL = {"cli", "examples"}
