@@ -22,6 +22,7 @@ from lorakit.train import (
     accuracy,
     perplexity,
 )
+from lorakit.train.batch import BatchOut
 
 
 def _regression(n: int = 256, seed: int = 0) -> tuple[DataLoader, DataLoader]:
@@ -289,3 +290,33 @@ def test_the_trainers_adamw_is_the_fused_kernel_and_steps_as_the_loop_does() -> 
     for p, q, t in zip(fused_p, loop_p, start, strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
         assert not torch.equal(p.detach(), t)  # it moved
+
+
+class _MSEObjective:
+    """An objective that scores (x, y) mapping batches as mse_loss would, with a (batch, 2) table of statistics."""
+
+    def __call__(self, net: nn.Module, batch: dict) -> BatchOut:
+        err = net(batch["x"]) - batch["y"]
+        stats = torch.stack([err.detach().abs().squeeze(1), err.detach().squeeze(1)], dim=1)
+        return BatchOut((err**2).mean(), stats, stats, len(err), len(err), "samples")
+
+
+def test_an_objective_trains_as_the_loss_it_computes_and_its_statistics_are_metrics(tmp_path) -> None:
+    """Trainer(objective=...) steps exactly as loss_fn does for the same loss; metrics named with '/' (TRL's
+    rewards/chosen style) read the objective's statistics, in training logs and evaluations alike."""
+    x, y = torch.randn(32, 3, generator=torch.Generator().manual_seed(0)), torch.randn(32, 1)
+    pairs = DataLoader(TensorDataset(x, y), batch_size=8)
+    maps = DataLoader([{"x": a, "y": b} for a, b in zip(x, y, strict=True)], batch_size=8)
+    nets = []
+    for kw, data in (({"loss_fn": nn.functional.mse_loss}, pairs), ({"objective": _MSEObjective()}, maps)):
+        torch.manual_seed(1)
+        net = lk.apply_lora(nn.Sequential(nn.Linear(3, 1)), lk.LoraConfig(rank=2), ["0"])
+        Trainer(net, TrainConfig(epochs=2, device="cpu", lr=0.05), callbacks=[], **kw).fit(data)
+        nets.append(net)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    mae = Metric("errors/abs", fn=lambda out, _: out[:, 0].mean())
+    trainer = Trainer(nets[1], TrainConfig(device="cpu"), objective=_MSEObjective(), metrics=[mae], callbacks=[])
+    means = trainer.evaluate(maps)
+    expected = (nets[1](x) - y).abs().mean().item()
+    assert means["errors/abs"] == pytest.approx(expected, rel=1e-5)

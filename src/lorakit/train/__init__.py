@@ -9,6 +9,7 @@ Examples:
 """
 
 from .artifacts import export_adapter
+from .batch import BatchOut, Objective
 from .config import TrainConfig
 from .events import CheckpointSaved, EpochEnded, Evaluated, Event, RunEnded, RunStarted, StepLogged
 from .forgetting import ReferenceKL, reference_loader
@@ -20,11 +21,13 @@ from .trainer import Trainer, TrainResult
 from .wandb_log import WandB
 
 __all__ = [
+    "BatchOut",
     "CheckpointSaved",
     "EpochEnded",
     "Evaluated",
     "Event",
     "MLflow",
+    "Objective",
     "Metric",
     "PlainLog",
     "ReferenceKL",

@@ -7,7 +7,7 @@ Batches are `(inputs, targets)` pairs, scored by `loss_fn(outputs, targets)`, or
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +29,32 @@ class BatchOut(NamedTuple):
     unit: str  # "tokens" or "samples"
 
 
-def forward(net: nn.Module, batch: object, device: torch.device, loss_fn: LossFn | None, *, bf16: bool) -> BatchOut:
-    """Move `batch` to `device`, run it through `net` (under bf16 autocast if `bf16`) and score it.
+class Objective(Protocol):
+    """What a training task computes from a batch when it is more than `loss_fn(net(x), y)` or `net(**batch).loss`
+    (preference and RL objectives: several passes, a reference, sampled completions).
+
+    `net` is what runs the batch (the model, or its DDP/FSDP wrapper: call it once per step for the gradient
+    pass so that ranks synchronise); `batch` is already on the device and inside the run's autocast. The
+    returned `BatchOut.outputs`/`targets` are what the trainer's metrics score (a (batch, k) table of per-row
+    statistics, for instance).
+    """
+
+    def __call__(self, net: nn.Module, batch: Any) -> BatchOut:
+        """Score `batch` on `net`."""
+        ...
+
+
+def forward(
+    net: nn.Module,
+    batch: object,
+    device: torch.device,
+    loss_fn: LossFn | None,
+    *,
+    bf16: bool,
+    objective: Objective | None = None,
+) -> BatchOut:
+    """Move `batch` to `device`, run it through `net` (under bf16 autocast if `bf16`) and score it: with
+    `objective(net, batch)` when there is one, else as `loss_fn` or the model's own loss say.
 
     Examples:
         >>> net, batch = nn.Linear(3, 1), (torch.ones(4, 3), torch.zeros(4, 1))
@@ -40,6 +64,9 @@ def forward(net: nn.Module, batch: object, device: torch.device, loss_fn: LossFn
     """
     batch = to_device(batch, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        if objective is not None:
+            out = objective(net, batch)
+            return out._replace(loss=out.loss.float())
         if isinstance(batch, Mapping):
             return _mapping(net, batch, loss_fn)
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:

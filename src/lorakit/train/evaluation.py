@@ -16,7 +16,7 @@ from torch import nn
 from ..fingerprint import Fingerprints
 from . import artifacts as art
 from . import rng
-from .batch import LossFn, forward
+from .batch import LossFn, Objective, forward
 from .forgetting import ReferenceKL
 from .metrics import Meter, Metric
 
@@ -56,6 +56,7 @@ class Evaluator:
         reference: the forgetting monitor measured at each in-run evaluation (None: none).
         best_adapter: where an in-run evaluation with the lowest valid loss yet saves the adapter (None: nowhere).
         probes: measured at every evaluation (`Probe`); their metrics join the valid metrics.
+        objective: scores each batch instead of `loss_fn` (batch.Objective: preference and RL tasks).
 
     Examples:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -77,8 +78,10 @@ class Evaluator:
         best_adapter: Path | None = None,
         fingerprints: Fingerprints | None = None,
         probes: Sequence[Probe] = (),
+        objective: Objective | None = None,
     ) -> None:
         self.model, self.device, self.loss_fn, self.metrics = model, device, loss_fn, metrics
+        self.objective = objective
         self.probes = list(probes)
         self.bf16, self.reference, self.best_adapter = bf16, reference, best_adapter
         self.fingerprints = fingerprints or Fingerprints()  # the base hashed once for every best-adapter save
@@ -91,7 +94,9 @@ class Evaluator:
         try:
             with torch.no_grad():
                 for batch in loader:
-                    out = forward(self.model, batch, self.device, self.loss_fn, bf16=self.bf16)
+                    out = forward(
+                        self.model, batch, self.device, self.loss_fn, bf16=self.bf16, objective=self.objective
+                    )
                     meter.update(float(out.loss), out.samples, out.outputs, out.targets)
         finally:
             self.model.train(was_training)

@@ -32,8 +32,12 @@ class Metric:
     from_loss: Callable[[float], float] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.isidentifier():
-            raise ValueError(f"metric name {self.name!r} is invalid: expected an identifier such as 'accuracy'")
+        # "rewards/chosen": TRL's names for preference and RL metrics are identifiers joined by "/"
+        if not isinstance(self.name, str) or not all(part.isidentifier() for part in self.name.split("/")):
+            raise ValueError(
+                f"metric name {self.name!r} is invalid: expected an identifier such as 'accuracy' "
+                "(or identifiers joined by '/', such as 'rewards/chosen')"
+            )
         if (self.fn is None) == (self.from_loss is None):
             raise ValueError(f"metric {self.name!r}: give exactly one of fn= or from_loss=")
 

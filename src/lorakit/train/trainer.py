@@ -23,7 +23,7 @@ from ..fingerprint import Fingerprints
 from ..model import trainable_parameters
 from . import artifacts as art
 from . import rng
-from .batch import BatchOut, LossFn, forward
+from .batch import BatchOut, LossFn, Objective, forward
 from .checkpoint import Checkpoint, RunState, resume_from
 from .config import TrainConfig
 from .device import bf16_supported, resolve_device
@@ -64,6 +64,7 @@ class Trainer:
             Under torchrun only rank 0 writes there; for `resume` every rank reads its checkpoint.
         reference: a forgetting monitor (`ReferenceKL(loader)`, forgetting.py), measured at every evaluation
             and reported as `kl_ref`.
+        objective: scores each batch instead of `loss_fn` (batch.Objective): what DPO and GRPO train with.
         probes: measured at every evaluation (`evaluation.Probe`, e.g. hf/answers.py's scores of generated
             answers); their metrics join the valid metrics, their samples go into metrics.jsonl rows.
 
@@ -94,8 +95,10 @@ class Trainer:
         artifact_dir: str | Path | None = None,
         reference: ReferenceKL | None = None,
         probes: Sequence[Probe] = (),
+        objective: Objective | None = None,
     ) -> None:
         self.model = model
+        self.objective = objective
         self.reference = reference
         self.probes = list(probes)
         self.config = config or TrainConfig()
@@ -122,7 +125,7 @@ class Trainer:
     def _forward(self, batch: object, net: nn.Module | None = None) -> BatchOut:
         """One batch through `net` (default: the model); see batch.forward."""
         bf16 = self.config.precision == "bf16"
-        return forward(net or self.model, batch, self.device, self.loss_fn, bf16=bf16)
+        return forward(net or self.model, batch, self.device, self.loss_fn, bf16=bf16, objective=self.objective)
 
     def _evaluator(self) -> Evaluator:
         """Evaluations as this trainer runs them (its model, device, loss, metrics, precision, monitor)."""
@@ -138,6 +141,7 @@ class Trainer:
             best_adapter=best,
             fingerprints=self.fingerprints,
             probes=self.probes,
+            objective=self.objective,
         )
 
     def evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
