@@ -24,16 +24,19 @@ MODEL_CODE = (
     "lorakit.hf",
     "lorakit.serve",
     "lorakit.export",
+    "lorakit.align",
     "lorakit.cli",
     "lorakit.examples",
 )
-# the packages late in the data flow (core -> files -> variants -> train -> hf -> serve, export -> cli), each with the
-# packages allowed to import it
+# the packages late in the data flow (core -> files -> variants -> train -> hf -> serve, export -> align -> cli), each
+# with the packages allowed to import it
 LATE = {
     # examples/ sits beside cli/ at the top (docs/architecture.md): the LLM example runs hf's jobs and the
     # export's vocabulary; it reaches the server only as a `lorakit serve` subprocess
-    "lorakit.hf": ("lorakit.hf", "lorakit.serve", "lorakit.export", "lorakit.cli", "lorakit.examples"),
-    "lorakit.serve": ("lorakit.serve", "lorakit.cli"),
+    "lorakit.hf": ("lorakit.hf", "lorakit.serve", "lorakit.export", "lorakit.align", "lorakit.cli", "lorakit.examples"),
+    # align/ runs the serving engine for rollouts, in process
+    "lorakit.serve": ("lorakit.serve", "lorakit.align", "lorakit.cli"),
+    "lorakit.align": ("lorakit.align", "lorakit.cli", "lorakit.examples"),
     "lorakit.export": ("lorakit.export", "lorakit.cli", "lorakit.examples"),
     "lorakit.cli": ("lorakit.cli",),
 }

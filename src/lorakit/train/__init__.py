@@ -8,6 +8,7 @@ Examples:
     1
 """
 
+from .align_config import DPOConfig, GRPOConfig
 from .artifacts import export_adapter
 from .batch import BatchOut, Objective
 from .config import TrainConfig
@@ -23,8 +24,10 @@ from .wandb_log import WandB
 __all__ = [
     "BatchOut",
     "CheckpointSaved",
+    "DPOConfig",
     "EpochEnded",
     "Evaluated",
+    "GRPOConfig",
     "Event",
     "MLflow",
     "Objective",
