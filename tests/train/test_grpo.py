@@ -25,7 +25,17 @@ from _hf_models import tokenizer  # noqa: E402
 from _tiny_models import llama  # noqa: E402
 
 import lorakit as lk  # noqa: E402
-from lorakit.train import group_advantages  # noqa: E402
+from lorakit.train import (  # noqa: E402
+    GRPOConfig,
+    GRPOObjective,
+    TrainConfig,
+    Trainer,
+    group_advantages,
+    grpo_loss,
+    grpo_metrics,
+)
+from lorakit.train.grpo import grpo_stats  # noqa: E402
+from lorakit.train.rollout_batch import rollout_batch  # noqa: E402
 
 G = 4
 PROMPTS = ["the cat sat on the", "question : what is two plus two ? answer :"]
@@ -147,6 +157,7 @@ def trl_trainer(base, policy, tok, tmp, **overrides):
         report_to=[],
         use_cpu=True,
         save_strategy="no",
+        bf16=False,  # TRL's default is bf16 autocast; lorakit's is fp32
         **{**settings, **overrides},
     )
     with warnings.catch_warnings():
@@ -212,7 +223,7 @@ def last(trainer, name: str) -> float:
 
 
 @pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
-def test_advantages_and_reward_metrics_equal_trl(base, policy, tok, tmp_path, scale_rewards):
+def test_advantages_equal_trl(base, policy, tok, tmp_path, scale_rewards):
     trainer = trl_trainer(base, policy, tok, tmp_path, scale_rewards=scale_rewards)
     inputs = trl_inputs(trainer)
     scorer = FnScorer(tok)
@@ -222,3 +233,131 @@ def test_advantages_and_reward_metrics_equal_trl(base, policy, tok, tmp_path, sc
     ours = group_advantages(rewards, G, scale_rewards)
     assert torch.allclose(ours, inputs["advantages"], atol=1e-6), (ours, inputs["advantages"])
     assert (ours[[1, 4]] == 0).all()  # the unscorable completions move nothing
+
+
+def objective(model, tok, **overrides) -> GRPOObjective:
+    """lorakit's GRPO objective with the TRL trainer's settings, the fixed completions and the test's scorer."""
+    settings = dict(beta=0.0, loss_type="dapo", scale_rewards="group", epsilon=0.2, epsilon_high=0.28)
+    cfg = GRPOConfig(
+        num_generations=G, max_completion_length=MAX_LEN, temperature=TEMPERATURE, **{**settings, **overrides}
+    )
+    sampler = FixedSampler(model, completions(tok))
+    return GRPOObjective(model, cfg, sampler, FnScorer(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_loss_per_token_loss_kl_clip_fractions_and_grads_equal_trl(base, policy, tok, tmp_path, loss_type, beta):
+    """Old log-probs unlike the current ones (as after an earlier optimizer step) exercise the clipping."""
+    trainer = trl_trainer(base, policy, tok, tmp_path, loss_type=loss_type, beta=beta)
+    inputs = trl_inputs(trainer)
+    obj = objective(policy, tok, loss_type=loss_type, beta=beta)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    rb = rollout_batch(prompts, completions(tok), G, pad_id=tok.pad_token_id)
+    mask = rb.completion_mask.bool()
+    assert torch.equal(rb.completion_mask, inputs["completion_mask"])
+    policy.zero_grad()
+    logps = obj.logps(policy, rb)
+    old = (logps.detach() + 0.3 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(2))) * mask
+    ref = obj.reference_logps(rb) if beta else None
+    if beta:
+        assert torch.allclose(ref[mask], inputs["ref_per_token_logps"][mask], atol=1e-5)
+    advantages = group_advantages(per_row_rewards(tok), G, "group")
+    ours = grpo_loss(
+        logps,
+        old,
+        ref,
+        advantages,
+        rb.completion_mask,
+        beta=beta,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        loss_type=loss_type,
+        max_completion_length=MAX_LEN,
+    )
+    ours.loss.backward()
+    theirs, frame, grads = run_trl_loss(trainer, {**inputs, "old_per_token_logps": old})
+    assert torch.allclose(ours.loss, theirs, atol=1e-6), (ours.loss, theirs)
+    assert torch.allclose(ours.per_token_loss[mask], frame["per_token_loss"][mask], atol=1e-6)
+    for ours_clip, name in ((ours.clip_low, "low"), (ours.clip_high, "high"), (ours.clip_region, "region")):
+        assert float(ours_clip) == pytest.approx(last(trainer, f"clip_ratio/{name}_mean"), abs=1e-6)
+    assert float(ours.clip_low) > 0 and float(ours.clip_high) > 0 and float(ours.clip_region) < 1
+    if beta:
+        assert torch.allclose(ours.per_token_kl[mask], frame["per_token_kl"][mask], atol=1e-6)
+        assert float(ours.kl_mean) == pytest.approx(last(trainer, "kl"), abs=1e-6)
+        assert float(ours.kl_mean) > 1e-3  # the policy is away from the reference
+    else:
+        assert ours.kl_mean is None and ours.per_token_kl is None
+    assert_grads_equal(our_grads(policy), grads)
+
+
+def per_row_rewards(tok) -> torch.Tensor:
+    """The weighted reward of each fixed completion, nan where no function scored it."""
+    per_func = FnScorer(tok)({"prompt": PROMPTS}, completions(tok), G)
+    rewards = (per_func * torch.tensor(WEIGHTS)).nansum(1)
+    rewards[per_func.isnan().all(1)] = math.nan
+    return rewards
+
+
+def assert_grads_equal(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """Every LoRA factor's gradient equal to 1e-5, the same factors on both sides, none all zero."""
+    assert sorted(ours) == sorted(theirs) and len(ours) == 2 * 2 * len(TARGETS)
+    for name, g in ours.items():
+        assert torch.allclose(g, theirs[name], atol=1e-5, rtol=0), (name, (g - theirs[name]).abs().max())
+    assert any(g.abs().max() > 1e-4 for g in ours.values())
+
+
+@pytest.mark.parametrize(("loss_type", "scale_rewards", "beta"), [("dapo", "group", 0.04), ("grpo", "batch", 0.0)])
+def test_objective_equals_trl_step(base, policy, tok, tmp_path, loss_type, scale_rewards, beta):
+    """One GRPOObjective call = TRL's generate-score-loss step for the same completions: loss, LoRA gradients and
+    every statistic (TRL's metric names and values); the model's modes are as found though the sampler switched
+    to eval."""
+    trainer = trl_trainer(base, policy, tok, tmp_path, loss_type=loss_type, scale_rewards=scale_rewards, beta=beta)
+    theirs, _, grads = run_trl_loss(trainer, trl_inputs(trainer))
+    obj = objective(policy, tok, loss_type=loss_type, scale_rewards=scale_rewards, beta=beta)
+    modes = [m.training for m in policy.modules()]
+    policy.zero_grad()
+    out = obj(policy, prompt_batch(tok))
+    out.loss.backward()
+    assert [m.training for m in policy.modules()] == modes and policy.training
+    assert torch.allclose(out.loss, theirs, atol=1e-6), (out.loss, theirs)
+    assert_grads_equal(our_grads(policy), grads)
+    names = grpo_stats(FnScorer(tok).names)
+    assert out.outputs.shape == (len(PROMPTS) * G, len(names)) and out.samples == len(PROMPTS) * G
+    assert out.units == int(sum(len(c) for c in completions(tok))) and out.unit == "tokens"
+    logged = trainer._metrics["train"]
+    for k, name in enumerate(names):
+        if name == "kl" and not beta:
+            assert name not in logged and float(out.outputs[0, k]) == 0.0  # no reference pass, as in TRL
+            continue
+        assert float(out.outputs[0, k]) == pytest.approx(logged[name][-1], abs=1e-5), name
+    assert (out.outputs == out.outputs[0]).all()  # batch statistics, on every row
+
+
+def fit_grpo(policy, tok, seed: int, tmp_path):
+    """A 2-step lorakit Trainer run of GRPO (beta > 0) on a copy of `policy`, with a validation pass."""
+    model = copy.deepcopy(policy)
+    modes = []
+    model.register_forward_pre_hook(lambda m, args: modes.append((torch.is_grad_enabled(), m.training)))
+    obj = objective(model, tok, beta=0.04)
+    cfg = TrainConfig(epochs=1, device="cpu", seed=seed, log_every=1, lr=0.01)
+    trainer = Trainer(
+        model, cfg, objective=obj, metrics=grpo_metrics(obj.scorer.names), callbacks=[], artifact_dir=tmp_path
+    )
+    trainer.fit([prompt_batch(tok)] * 2, [prompt_batch(tok)])
+    rows = trainer.artifacts.rows()
+    return obj.sampler.seeds, modes, rows
+
+
+def test_objective_trains_under_the_trainer_with_trls_metric_names_and_seeds_from_the_global_rng(policy, tok, tmp_path):
+    seeds, modes, rows = fit_grpo(policy, tok, 7, tmp_path / "a")
+    again, _, _ = fit_grpo(policy, tok, 7, tmp_path / "b")
+    other, _, _ = fit_grpo(policy, tok, 8, tmp_path / "c")
+    assert len(seeds) == 3 and seeds == again and seeds != other  # 2 training batches, 1 validation batch
+    grad_modes = {training for grad, training in modes if grad}
+    assert grad_modes == {True}  # every gradient pass ran in train mode, after the sampler switched to eval
+    names = grpo_stats(FnScorer(tok).names)
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert len(steps) == 2 and all(set(names) <= set(r) for r in steps)
+    epoch = next(r for r in rows if r["kind"] == "epoch")
+    assert all(f"valid_{n}" in epoch for n in names) and epoch["valid_kl"] > 0

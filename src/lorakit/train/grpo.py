@@ -6,7 +6,7 @@ TRL user's numbers and metric names mean the same here.
     A_i      = (r_i - mean(r_group)) / (std(r_group) + 1e-4)                      (scale_rewards="group")
     ratio_it = exp(logp_it - logp_old_it)
     l_it     = -min(ratio_it * A_i, clip(ratio_it, 1 - eps, 1 + eps_high) * A_i) + beta * KL_it
-    KL_it    = exp(ref_it - logp_it) - (ref_it - logp_it) - 1                     (Schulman's k3 estimator)
+    KL_it    = ratio_it * (exp(ref_it - logp_it) - (ref_it - logp_it) - 1)        (k3, bias-corrected as TRL's)
     loss     = l aggregated over the completion tokens as `loss_type` says
 """
 
@@ -65,6 +65,7 @@ class GRPOLoss(NamedTuple):
     clip_low: () the share of completion tokens whose ratio is clipped below (A < 0), TRL's clip_ratio/low_mean.
     clip_high: () the share clipped above (A > 0), TRL's clip_ratio/high_mean.
     clip_region: () the share clipped on either side, TRL's clip_ratio/region_mean.
+    per_token_kl: (N, C) the KL term of each token before beta (detached), or None when beta is 0.
     """
 
     loss: Tensor
@@ -73,6 +74,7 @@ class GRPOLoss(NamedTuple):
     clip_low: Tensor
     clip_high: Tensor
     clip_region: Tensor
+    per_token_kl: Tensor | None = None
 
 
 def _nanstd(x: Tensor, dim: int | None = None) -> Tensor:
@@ -136,6 +138,23 @@ def _aggregate(per_token_loss: Tensor, mask: Tensor, loss_type: str, max_complet
     return _masked_mean(per_token_loss, mask)
 
 
+def _check_inputs(
+    logps: Tensor, old: Tensor, ref: Tensor | None, advantages: Tensor, mask: Tensor, beta: float
+) -> None:
+    """ValueError naming the tensor whose shape does not fit `grpo_loss`'s (N, C) / (N,) layout."""
+    shape = tuple(logps.shape)
+    if logps.dim() != 2 or tuple(old.shape) != shape or tuple(mask.shape) != shape:
+        raise ValueError(
+            f"per_token_logps {shape}, old_per_token_logps {tuple(old.shape)} and completion_mask "
+            f"{tuple(mask.shape)} must all be (N, C)"
+        )
+    if tuple(advantages.shape) != shape[:1]:
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be (N,) = ({shape[0]},)")
+    if beta != 0.0 and (ref is None or tuple(ref.shape) != shape):
+        got = None if ref is None else tuple(ref.shape)
+        raise ValueError(f"beta={beta} needs ref_per_token_logps of shape {shape}; got {got}")
+
+
 def grpo_loss(
     per_token_logps: Tensor,
     old_per_token_logps: Tensor,
@@ -148,13 +167,14 @@ def grpo_loss(
     epsilon_high: float | None = None,
     loss_type: str = "dapo",
     max_completion_length: int | None = None,
+    use_bias_correction_kl: bool = True,
 ) -> GRPOLoss:
     """The clipped-ratio GRPO loss of TRL 1.16's `GRPOTrainer._compute_loss` (one process, no accumulation).
 
     Args:
         per_token_logps: (N, C) fp32 log-probs of the completion tokens under the policy (with gradient).
         old_per_token_logps: (N, C) the log-probs of the policy that sampled them (its detached self when each
-            generation is trained on once: the ratio is then 1 and only its gradient matters).
+            generation is trained on once: the ratio is 1, only its gradient matters).
         ref_per_token_logps: (N, C) the reference's log-probs, or None (required when beta > 0).
         advantages: (N,) one advantage per completion (`group_advantages`).
         completion_mask: (N, C) 1 on the scored completion tokens.
@@ -163,9 +183,11 @@ def grpo_loss(
         epsilon_high: the upper clip, 1 + epsilon_high (None: epsilon).
         loss_type: "grpo", "bnpo", "dr_grpo" or "dapo" (how per-token losses aggregate, as TRL names them).
         max_completion_length: dr_grpo's normaliser (N * max_completion_length).
+        use_bias_correction_kl: multiply the KL by the (differentiable) ratio, so that its gradient is the unbiased
+            reverse-KL gradient (DeepSeek-V3.2); TRL 1.16's default, which changes the gradient even on-policy.
 
     Returns:
-        GRPOLoss(loss (), per_token_loss (N, C), kl_mean () | None, clip_low, clip_high, clip_region).
+        GRPOLoss: loss (), per_token_loss (N, C), kl_mean, the clip fractions, per_token_kl (N, C) | None.
 
     Examples:
         >>> logps = torch.zeros(2, 3, requires_grad=True)
@@ -173,39 +195,37 @@ def grpo_loss(
         >>> out.loss.item(), out.clip_region.item()
         (0.0, 0.0)
     """
+    _check_inputs(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask, beta)
     if loss_type not in GRPO_LOSSES:
         raise ValueError(f"loss_type={loss_type!r} is invalid: expected one of {', '.join(GRPO_LOSSES)}")
-    shape = per_token_logps.shape
-    if per_token_logps.dim() != 2 or old_per_token_logps.shape != shape or completion_mask.shape != shape:
-        raise ValueError(
-            f"per_token_logps {tuple(shape)}, old_per_token_logps {tuple(old_per_token_logps.shape)} and "
-            f"completion_mask {tuple(completion_mask.shape)} must all be (N, C)"
-        )
-    if advantages.shape != shape[:1]:
-        raise ValueError(f"advantages {tuple(advantages.shape)} must be (N,) = ({shape[0]},)")
     high = epsilon if epsilon_high is None else epsilon_high
     mask = completion_mask.to(per_token_logps.dtype)
     adv = advantages.to(per_token_logps.dtype).unsqueeze(1)  # (N, 1)
     ratio = torch.exp(per_token_logps - old_per_token_logps)  # (N, C)
     per_token_loss = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + high) * adv)
-    kl_mean = None
+    kl = kl_mean = None
     if beta != 0.0:
-        if ref_per_token_logps is None or ref_per_token_logps.shape != shape:
-            got = None if ref_per_token_logps is None else tuple(ref_per_token_logps.shape)
-            raise ValueError(f"beta={beta} needs ref_per_token_logps of shape {tuple(shape)}; got {got}")
+        assert ref_per_token_logps is not None  # _check_inputs
         delta = ref_per_token_logps - per_token_logps
-        kl = torch.exp(delta) - delta - 1  # (N, C), >= 0
+        kl = torch.exp(delta) - delta - 1  # (N, C), >= 0: Schulman's k3 estimator of KL(policy || reference)
+        if use_bias_correction_kl:
+            kl = kl * ratio
         per_token_loss = per_token_loss + beta * kl
         kl_mean = _masked_mean(kl.detach(), mask)
-    low_clipped = ((ratio < 1 - epsilon) & (adv < 0)).detach()
-    high_clipped = ((ratio > 1 + high) & (adv > 0)).detach()
-    return GRPOLoss(
-        _aggregate(per_token_loss, mask, loss_type, max_completion_length),
-        per_token_loss,
-        kl_mean,
+    loss = _aggregate(per_token_loss, mask, loss_type, max_completion_length)
+    clips = _clip_fractions(ratio.detach(), adv, mask, 1 - epsilon, 1 + high)
+    return GRPOLoss(loss, per_token_loss, kl_mean, *clips, None if kl is None else kl.detach())
+
+
+def _clip_fractions(ratio: Tensor, adv: Tensor, mask: Tensor, low: float, high: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The shares of completion tokens whose ratio the clip cuts off: below (A < 0), above (A > 0), either."""
+    low_clipped = (ratio < low) & (adv < 0)
+    high_clipped = (ratio > high) & (adv > 0)
+    both = low_clipped | high_clipped
+    return (
         _masked_mean(low_clipped.float(), mask),
         _masked_mean(high_clipped.float(), mask),
-        _masked_mean((low_clipped | high_clipped).float(), mask),
+        _masked_mean(both.float(), mask),
     )
 
 
