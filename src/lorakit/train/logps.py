@@ -20,7 +20,8 @@ def token_logps(logits: Tensor, input_ids: Tensor, *, temperature: float = 1.0) 
         temperature: the logits are divided by it first (sampling's temperature, as TRL's GRPO does).
 
     Returns:
-        (N, T-1) float32 (float64 for float64 logits): column t is the log-probability of token t+1. Mask it with `completion_mask[:, 1:]`.
+        (N, T-1) float32 (float64 for float64 logits): column t is the log-probability of token t+1. Mask it
+        with `completion_mask[:, 1:]`.
 
     Examples:
         >>> logits = torch.zeros(1, 3, 4)  # uniform over 4 tokens
