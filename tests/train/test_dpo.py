@@ -184,3 +184,79 @@ def test_step_zero_sigmoid_loss_is_exactly_log_2(base, batch):
     assert out.loss.dtype == torch.float32
     assert out.loss.item() == torch.tensor(math.log(2), dtype=torch.float32).item()
     assert out.outputs[:, DPO_STATS.index("rewards/margins")].eq(0).all()
+
+
+def with_reference(base: torch.nn.Module, directory: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(lorakit model whose "default" adapter is the policy and frozen "ref" another adapter, the ref's own model)."""
+    ref = policy_model(base, seed=2)
+    lk.save_adapters(ref, directory)
+    model = lk.load_adapters(policy_model(base, seed=1), directory, name="ref")
+    assert lk.active_adapter(model) == "default"
+    return model, ref
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_loss_rewards_and_grads_equal_trl_with_a_frozen_adapter_as_reference(
+    base64, batch, trl_dir, tmp_path, loss_type
+):
+    model, ref = with_reference(base64, tmp_path)
+    trainer = trl_dpo(base64, model, loss_type, 0.1, ref, trl_dir)
+    assert "ref" in trainer.model.peft_config  # TRL's reference is then that adapter
+    want_loss, want_stats, want_grads = trl_step(trainer, batch)
+    loss, stats, grads = lorakit_step(model, DPOConfig(loss_type=loss_type, beta=0.1, reference="ref"), batch)
+    torch.testing.assert_close(loss, want_loss.to(loss.dtype), **TOL)
+    assert stats == pytest.approx(want_stats, rel=1e-5, abs=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[peft_name(name)].to(grad.dtype), **TOL)
+    # the adapter reference is not the base: against the base the rewards differ
+    _, base_stats, _ = lorakit_step(model, DPOConfig(loss_type=loss_type, beta=0.1), batch)
+    assert base_stats["rewards/chosen"] != pytest.approx(stats["rewards/chosen"], rel=1e-3)
+
+
+def cpo_batch(rows: list[dict], pad_id: int = PAD) -> dict[str, torch.Tensor]:
+    """The same pairs in CPOTrainer's layout: chosen_*/rejected_* (input_ids, attention_mask, labels -100 on the
+    prompt and padding)."""
+    out = {}
+    for key in ("chosen", "rejected"):
+        seqs = [r["prompt_ids"] + r[f"{key}_ids"] for r in rows]
+        width = max(map(len, seqs))
+        ids, labels = torch.full((len(rows), width), pad_id), torch.full((len(rows), width), -100)
+        attention = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, (r, seq) in enumerate(zip(rows, seqs, strict=True)):
+            ids[i, : len(seq)], attention[i, : len(seq)] = torch.tensor(seq), 1
+            labels[i, len(r["prompt_ids"]) : len(seq)] = torch.tensor(r[f"{key}_ids"])
+        out |= {f"{key}_input_ids": ids, f"{key}_attention_mask": attention, f"{key}_labels": labels}
+    return out
+
+
+def test_simpo_equals_trl_cpo_simpo(base64, batch, trl_dir):
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    model = policy_model(base64)
+    args = CPOConfig(
+        output_dir=str(trl_dir), report_to=[], use_cpu=True, loss_type="simpo", cpo_alpha=0.0, beta=2.0,
+        simpo_gamma=0.5, gradient_checkpointing=False,
+    )  # fmt: skip
+    data = Dataset.from_dict({"prompt": ["the cat"], "chosen": [" sat"], "rejected": [" ran"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = CPOTrainer(
+            model=copy.deepcopy(base64),
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer(bos=True),
+            peft_config=peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, target_modules=TARGETS),
+        )
+    params = dict(trainer.model.named_parameters())
+    with torch.no_grad():
+        for name, p in lora_factors(model).items():
+            params[peft_name(name)].copy_(p)
+    trainer.model.train()
+    want_loss, want_metrics = trainer.get_batch_loss_metrics(trainer.model, cpo_batch(ROWS))
+    want_loss.backward()
+    loss, stats, grads = lorakit_step(model, DPOConfig(loss_type="simpo", beta=2.0, simpo_gamma=0.5), batch)
+    torch.testing.assert_close(loss, want_loss.to(loss.dtype), **TOL)
+    assert stats == pytest.approx({k: want_metrics[k] for k in DPO_STATS}, rel=1e-5, abs=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, params[peft_name(name)].grad.to(grad.dtype), **TOL)
