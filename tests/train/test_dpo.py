@@ -4,6 +4,7 @@ the same LoRA factors (lorakit's copied into TRL's PEFT model) and the same conc
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import warnings
@@ -12,10 +13,11 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import lorakit as lk
-from lorakit.train import DPOConfig, DPOObjective
-from lorakit.train.dpo import DPO_STATS
+from lorakit.train import DPOConfig, DPOObjective, TrainConfig, Trainer, dpo_loss, dpo_metrics, token_logps
+from lorakit.train.dpo import DPO_STATS, reference_logps
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from _hf_models import tokenizer  # noqa: E402
@@ -260,3 +262,131 @@ def test_simpo_equals_trl_cpo_simpo(base64, batch, trl_dir):
     assert stats == pytest.approx({k: want_metrics[k] for k in DPO_STATS}, rel=1e-5, abs=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, params[peft_name(name)].grad.to(grad.dtype), **TOL)
+
+
+@pytest.mark.parametrize("reference", [None, "ref"])
+def test_precomputed_reference_gives_the_loss_of_the_in_step_reference(base, batch, tmp_path, reference):
+    model = with_reference(base, tmp_path)[0] if reference else policy_model(base)
+    config = DPOConfig(beta=0.1, reference=reference)
+    model.train()
+    logps = reference_logps(model, ROWS, collate, config=config, batch_size=2, device=torch.device("cpu"))
+    assert model.training and lk.active_adapter(model) == "default"  # mode and adapter restored
+    assert all(p.grad is None for p in model.parameters())
+    rows = [{**r, "ref_chosen_logps": c, "ref_rejected_logps": j} for r, (c, j) in zip(ROWS, logps, strict=True)]
+    loss, stats, grads = lorakit_step(model, config, collate(rows))
+    want_loss, want_stats, want_grads = lorakit_step(model, config, batch)
+    # other batches (2 pairs, then 1) pad to other widths: equal up to float32 rounding
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
+    assert stats == pytest.approx(want_stats, rel=1e-5, abs=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-5, atol=1e-7)
+
+
+def pairs(n: int, seed: int) -> list[dict]:
+    """`n` random pairs: a prompt, then a chosen completion of even tokens and a rejected one of odd tokens."""
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(k: int, parity: int) -> list[int]:
+        return (torch.randint(2, 50, (k,), generator=g) * 2 + parity).tolist()
+
+    return [{"prompt_ids": tokens(3, 0), "chosen_ids": tokens(4, 0), "rejected_ids": tokens(4, 1)} for _ in range(n)]
+
+
+def test_trainer_runs_the_objective_raises_the_rewards_and_logs_trl_names(base, tmp_path):
+    model = lk.apply_lora(copy.deepcopy(base), LORA, targets=TARGETS)
+    loader = DataLoader(pairs(6, seed=3), batch_size=2, collate_fn=collate)
+    trainer = Trainer(
+        model,
+        TrainConfig(epochs=3, lr=1e-2, log_every=1, device="cpu"),
+        objective=DPOObjective(model, DPOConfig(beta=0.1)),
+        metrics=dpo_metrics(),
+        artifact_dir=tmp_path,
+        callbacks=[],
+    )
+    trainer.fit(loader, loader)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "step"]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert len(steps) == 9 and all(name in steps[0] for name in DPO_STATS)
+    # step 1 scores the fresh adapter (policy = reference): no reward, no accuracy, loss log 2
+    assert steps[0]["rewards/margins"] == 0 and steps[0]["rewards/accuracies"] == 0
+    assert steps[0]["loss"] == pytest.approx(math.log(2))
+    assert steps[-1]["rewards/margins"] > 0 and steps[-1]["rewards/accuracies"] == 1
+    assert epochs[-1]["valid_rewards/accuracies"] == 1 and epochs[-1]["valid_rewards/margins"] > 0
+    assert epochs[-1]["valid_rewards/chosen"] > epochs[-1]["valid_rewards/rejected"]
+    assert epochs[-1]["valid_loss"] < math.log(2)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(base, batch):
+    model = policy_model(base)
+    calls = []
+    hook = model.model.layers[0].mlp.act_fn.register_forward_hook(lambda *_: calls.append(1))
+    config = DPOConfig(beta=0.1)
+    want_loss, _, want = lorakit_step(model, config, batch)
+    plain_calls = len(calls)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        loss, _, grads = lorakit_step(model, config, batch)
+    finally:
+        model.gradient_checkpointing_disable()
+        hook.remove()
+    assert len(calls) - plain_calls == plain_calls + 1  # the backward pass ran the layer again
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want[name], rtol=1e-6, atol=1e-8)
+
+
+def test_bf16_autocast_runs_and_stays_near_float32(base, batch):
+    model = policy_model(base)
+    config = DPOConfig(beta=0.1)
+    want_loss, _, _ = lorakit_step(model, config, batch)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = DPOObjective(model, config)(model, batch)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and out.outputs.dtype == torch.float32
+    assert abs(out.loss.item() - want_loss.item()) < 0.02
+    assert all(torch.isfinite(p.grad).all() for p in lora_factors(model).values())
+    # the cached reference under bf16 is what a bf16 step computes in it
+    cpu = torch.device("cpu")
+    logps = reference_logps(model, ROWS, collate, config=config, batch_size=3, device=cpu, bf16=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chosen, rejected = DPOObjective(model, config)._reference(batch)
+    assert logps == list(zip(chosen.tolist(), rejected.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logps_equal_log_softmax(dtype, temperature):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 11, generator=g) * 4).to(dtype).requires_grad_()
+    ids = torch.randint(0, 11, (3, 5), generator=g)
+    got = token_logps(logits, ids, temperature=temperature)
+    want = torch.log_softmax(logits.float()[:, :-1] / temperature, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert got.dtype == torch.float32 and got.shape == (3, 4)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    (g1,) = torch.autograd.grad(got.sum(), logits)
+    (g2,) = torch.autograd.grad(want.sum(), logits)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_bad_inputs_name_what_was_expected():
+    b = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"shapes \[\(2,\), \(3,\)"):
+        dpo_loss(b, torch.zeros(3), b, b, beta=0.1)
+    with pytest.raises(ValueError, match="needs ref_chosen_logps"):
+        dpo_loss(b, b, None, None, beta=0.1)
+    with pytest.raises(ValueError, match="needs chosen_lengths"):
+        dpo_loss(b, b, b, b, beta=0.1, loss_type="ipo")
+    with pytest.raises(ValueError, match="loss_type='kto'"):
+        dpo_loss(b, b, b, b, beta=0.1, loss_type="kto")
+    objective = DPOObjective(torch.nn.Identity(), DPOConfig())
+    with pytest.raises(ValueError, match=r"missing \['completion_mask'\]"):
+        objective(torch.nn.Identity(), {"input_ids": torch.zeros(2, 3), "attention_mask": torch.ones(2, 3)})
+    odd = {k: torch.zeros(3, 4, dtype=torch.long) for k in ("input_ids", "attention_mask", "completion_mask")}
+    with pytest.raises(ValueError, match=r"input_ids \(3, 4\): expected \(2B, T\)"):
+        objective(torch.nn.Identity(), odd)
+    with pytest.raises(TypeError, match="DPOConfig"):
+        DPOObjective(torch.nn.Identity(), {"beta": 0.1})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"logits \(2, 3\) and input_ids \(2, 3\)"):
+        token_logps(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
