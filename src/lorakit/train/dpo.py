@@ -102,14 +102,26 @@ def dpo_loss(
         raise ValueError(f"loss_type={loss_type!r} is invalid: expected one of sigmoid, ipo, simpo")
     if ref_chosen_logps is None or ref_rejected_logps is None:
         raise ValueError(f"loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps (got None)")
-    chosen_logratios = chosen_logps - ref_chosen_logps  # (B,)
-    rejected_logratios = rejected_logps - ref_rejected_logps  # (B,)
+    lengths = (chosen_lengths, rejected_lengths)
+    return _with_reference(
+        chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps, beta, loss_type, lengths
+    )
+
+
+def _with_reference(
+    chosen_logratios: Tensor,
+    rejected_logratios: Tensor,
+    beta: float,
+    loss_type: str,
+    lengths: tuple[Tensor | None, Tensor | None],
+) -> DPOLoss:
+    """Sigmoid DPO or IPO from the (B,) log-ratios of the policy to the reference."""
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
     else:
         # TRL normalises by the completion lengths so that beta means the same whatever their lengths (a choice
         # its authors confirmed with IPO's: the paper's results use this form)
-        chosen_n, rejected_n = _lengths(chosen_lengths, rejected_lengths, loss_type)
+        chosen_n, rejected_n = _lengths(*lengths, loss_type)
         delta = chosen_logratios / chosen_n - rejected_logratios / rejected_n
         losses = (delta - 1 / (2 * beta)) ** 2
     return DPOLoss(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
