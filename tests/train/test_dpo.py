@@ -273,7 +273,11 @@ def test_precomputed_reference_gives_the_loss_of_the_in_step_reference(base, bat
     assert model.training and lk.active_adapter(model) == "default"  # mode and adapter restored
     assert all(p.grad is None for p in model.parameters())
     rows = [{**r, "ref_chosen_logps": c, "ref_rejected_logps": j} for r, (c, j) in zip(ROWS, logps, strict=True)]
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
     loss, stats, grads = lorakit_step(model, config, collate(rows))
+    hook.remove()
+    assert len(forwards) == 1  # the policy's pass only: the reference's came with the batch
     want_loss, want_stats, want_grads = lorakit_step(model, config, batch)
     # other batches (2 pairs, then 1) pad to other widths: equal up to float32 rounding
     torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
