@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from ..files.atomic import write_json
 from ..model import apply_lora, trainable_parameters
 from ..saving import save_adapters
 from ..target_report import describe_targets
-from ..train import TrainConfig, Trainer, accuracy, perplexity
+from ..train import TrainConfig, Trainer, TrainResult, accuracy, perplexity
 from ..train.artifacts import CHECKPOINT
 from ..train.distributed import is_main
 from ..train.forgetting import ReferenceKL, reference_loader
@@ -301,25 +301,55 @@ def _trainer(setup: Setup, callbacks: list[Callback] | None) -> Trainer:
 
 def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Evaluate, train, evaluate again; write the adapter to `job.out` and return the report."""
-    job, model = setup.job, setup.model
-    out = Path(job.out)
     trainer = _trainer(setup, callbacks)
-    before = trainer.evaluate(setup.valid_loader)
-    result = trainer.fit(setup.train_loader, setup.valid_loader, resume=job.resume)
-    after = trainer.evaluate(setup.valid_loader)
+    return fit_and_save(setup, trainer, setup.train_loader, setup.valid_loader)
+
+
+def fit_and_save(
+    setup: Setup,
+    trainer: Trainer,
+    train: Iterable[Any],
+    valid: Iterable[Any],
+    *,
+    adapter: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate `valid`, fit `trainer` on `train` (resuming where the job says), evaluate again; on rank 0 write
+    the adapter (`adapter`: its name, None the active one) to `job.out` with its task file and chat template,
+    and the report (`extra` joins it) to `job.out/run/`. Returns the report. The job behind every finetune task.
+    """
+    job = setup.job
+    before = trainer.evaluate(valid)
+    result = trainer.fit(train, valid, resume=job.resume)
+    after = trainer.evaluate(valid)
     if is_main():  # under torchrun every rank holds the same adapter; rank 0 writes it
-        save_adapters(model, out, fingerprints=trainer.fingerprints)
-        hf.write_task_file(
-            out,
-            job.task,
-            base_model=Path(job.model).resolve(),
-            id2label=setup.prepared.id2label,
-            max_length=job.max_length,
-        )
-        if setup.prepared.chat_template is not None:  # so that prediction renders prompts as training did
-            chat.save_template(out, setup.prepared.chat_template)
-    trainable, total = trainable_parameters(model)
-    report = {
+        _save(setup, trainer, adapter)
+    report = {**_report(setup, result, before, after), **(extra or {})}
+    if is_main():
+        write_json(Path(job.out) / RUN_DIR / REPORT, report)
+    return report
+
+
+def _save(setup: Setup, trainer: Trainer, adapter: str | None) -> None:
+    """The adapter in PEFT format, the task file (the model task the adapter serves) and the chat template."""
+    job, out = setup.job, Path(setup.job.out)
+    save_adapters(setup.model, out, name=adapter, fingerprints=trainer.fingerprints)
+    hf.write_task_file(
+        out,
+        hf.model_task(job.task),
+        base_model=Path(job.model).resolve(),
+        id2label=setup.prepared.id2label,
+        max_length=job.max_length,
+    )
+    if setup.prepared.chat_template is not None:  # so that prediction renders prompts as training did
+        chat.save_template(out, setup.prepared.chat_template)
+
+
+def _report(setup: Setup, result: TrainResult, before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the run was and did, as finetune_report.json records it."""
+    job, out = setup.job, Path(setup.job.out)
+    trainable, total = trainable_parameters(setup.model)
+    return {
         "task": job.task,
         "model": str(job.model),
         "data": str(job.data),
@@ -348,6 +378,3 @@ def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]
         "gradient_checkpointing": job.gradient_checkpointing,
         "packing": setup.packing,  # None unless job.pack: rows and padding fractions before and after
     }
-    if is_main():
-        write_json(out / RUN_DIR / REPORT, report)
-    return report
