@@ -25,7 +25,6 @@ from .common import add_model_flags, inputs, model_dir, positive_int, quiet_tran
 
 def finetune(args: argparse.Namespace) -> int:
     """Run `lorakit finetune`: build the job from the flags, prepare it (input errors exit 2), train, report."""
-    from ..align import job as align_job  # the serving engine and the losses: only for a run
     from ..train.distributed import is_main
     from ..ui.progress import Progress
 
@@ -44,6 +43,7 @@ def finetune(args: argparse.Namespace) -> int:
     # after Ctrl-C: the command that resumes (once there is a checkpoint), and where the previous run went
     args.interrupt_hint = functools.partial(start.interrupt_hint, out, previous)
     setup = start.prepare(job, previous, Progress())
+    from ..align import job as align_job  # the losses and the serving engine, once the inputs are known good
     if is_main():  # every flag's resolved value: `--config OUT/run/run.toml --out NEW` repeats this run
         runfile.write(out / job_module.RUN_DIR / out_dir.RUN_FILE, args, args.parser, skip=out_dir.NOT_RECORDED)
         start.say_setup(setup)  # packing and checkpointing, before the first step
