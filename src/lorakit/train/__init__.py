@@ -12,8 +12,10 @@ from .align_config import DPOConfig, GRPOConfig
 from .artifacts import export_adapter
 from .batch import BatchOut, Objective
 from .config import TrainConfig
+from .dpo import DPO_STATS, DPOLoss, DPOObjective, dpo_loss, dpo_metrics, reference_logps
 from .events import CheckpointSaved, EpochEnded, Evaluated, Event, RunEnded, RunStarted, StepLogged
 from .forgetting import ReferenceKL, reference_loader
+from .logps import token_logps
 from .metrics import Metric, accuracy, perplexity
 from .mlflow_log import MLflow
 from .reporting import PlainLog, auto_reporter
@@ -25,6 +27,9 @@ __all__ = [
     "BatchOut",
     "CheckpointSaved",
     "DPOConfig",
+    "DPOLoss",
+    "DPOObjective",
+    "DPO_STATS",
     "EpochEnded",
     "Evaluated",
     "GRPOConfig",
@@ -44,7 +49,11 @@ __all__ = [
     "WandB",
     "accuracy",
     "auto_reporter",
+    "dpo_loss",
+    "dpo_metrics",
     "export_adapter",
     "perplexity",
+    "reference_logps",
     "reference_loader",
+    "token_logps",
 ]
