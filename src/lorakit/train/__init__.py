@@ -15,6 +15,7 @@ from .config import TrainConfig
 from .dpo import DPO_STATS, DPOLoss, DPOObjective, dpo_loss, dpo_metrics, reference_logps
 from .events import CheckpointSaved, EpochEnded, Evaluated, Event, RunEnded, RunStarted, StepLogged
 from .forgetting import ReferenceKL, reference_loader
+from .grpo import GRPOObjective, group_advantages, grpo_loss, grpo_metrics
 from .logps import token_logps
 from .metrics import Metric, accuracy, perplexity
 from .mlflow_log import MLflow
@@ -33,6 +34,7 @@ __all__ = [
     "EpochEnded",
     "Evaluated",
     "GRPOConfig",
+    "GRPOObjective",
     "Event",
     "MLflow",
     "Objective",
@@ -52,6 +54,9 @@ __all__ = [
     "dpo_loss",
     "dpo_metrics",
     "export_adapter",
+    "group_advantages",
+    "grpo_loss",
+    "grpo_metrics",
     "perplexity",
     "reference_logps",
     "reference_loader",
