@@ -131,8 +131,9 @@ def _with_reference(setup: finetune.Setup, config: DPOConfig, loader: DataLoader
     same order, batch size, collate function and shuffle generator (so a resumed run reads the same batches)."""
     rows = list(loader.dataset)  # type: ignore[arg-type]  # a list of rows or an Arrow dataset: both iterate rows
     batch_size = loader.batch_size or setup.job.batch_size
+    bf16 = setup.job.train.precision == "bf16"  # as the training steps run, so the cached values are a step's
     logps = reference_logps(
-        setup.model, rows, loader.collate_fn, config=config, batch_size=batch_size, device=trainer.device
+        setup.model, rows, loader.collate_fn, config=config, batch_size=batch_size, device=trainer.device, bf16=bf16
     )
     scored = [{**row, **dict(zip(REFERENCE_KEYS, pair, strict=True))} for row, pair in zip(rows, logps, strict=True)]
     return DataLoader(
