@@ -129,7 +129,7 @@ def _precomputes(config: DPOConfig) -> bool:
 def _with_reference(setup: finetune.Setup, config: DPOConfig, loader: DataLoader[Any], trainer: Trainer) -> Any:
     """`loader` over the same rows with the frozen reference's (chosen, rejected) log-prob sums in each row, in the
     same order, batch size, collate function and shuffle generator (so a resumed run reads the same batches)."""
-    rows = list(loader.dataset)  # type: ignore[arg-type]  # a list of rows or an Arrow dataset: both iterate rows
+    rows = list(loader.dataset)  # type: ignore[call-overload]  # a list of rows or an Arrow dataset: both iterate
     batch_size = loader.batch_size or setup.job.batch_size
     bf16 = setup.job.train.precision == "bf16"  # as the training steps run, so the cached values are a step's
     logps = reference_logps(

@@ -41,6 +41,7 @@ PARAM_FLAGS = {
     "rewards": "--reward",
 }
 
+
 def as_flag(e: BaseException, flag: str) -> str:
     """An error that opens with `param=value` (a config's check) worded as the flag: `--beta -1.0 is invalid ...`."""
     param = getattr(e, "param", None)

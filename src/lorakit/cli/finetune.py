@@ -17,8 +17,8 @@ from ..hf.data import MAX_LINE_BYTES
 from ..train.config import PRECISIONS, SCHEDULES
 from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
-from . import finetune_start as start
 from . import finetune_align as align
+from . import finetune_start as start
 from . import out_dir, runfile
 from .common import add_model_flags, inputs, model_dir, positive_int, quiet_transformers
 
@@ -44,6 +44,7 @@ def finetune(args: argparse.Namespace) -> int:
     args.interrupt_hint = functools.partial(start.interrupt_hint, out, previous)
     setup = start.prepare(job, previous, Progress())
     from ..align import job as align_job  # the losses and the serving engine, once the inputs are known good
+
     if is_main():  # every flag's resolved value: `--config OUT/run/run.toml --out NEW` repeats this run
         runfile.write(out / job_module.RUN_DIR / out_dir.RUN_FILE, args, args.parser, skip=out_dir.NOT_RECORDED)
         start.say_setup(setup)  # packing and checkpointing, before the first step

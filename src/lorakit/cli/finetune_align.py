@@ -53,7 +53,8 @@ def check(args: argparse.Namespace) -> None:
             raise BadInput(f"{flag(dest)} is for --task {' or '.join(tasks)}, not --task {args.task}")
     losses = DPO_LOSSES if args.task == "dpo" else GRPO_LOSSES
     if args.loss_type is not None and args.loss_type not in losses:
-        raise BadInput(f"--loss-type {args.loss_type} is not a --task {args.task} loss: expected one of {', '.join(losses)}")
+        listed = ", ".join(losses)
+        raise BadInput(f"--loss-type {args.loss_type} is not a --task {args.task} loss: expected one of {listed}")
     if args.loss_type == "simpo" and args.ref_adapter is not None:
         raise BadInput("--ref-adapter: --loss-type simpo is reference-free; drop one of them")
     if args.init_adapter is not None:
@@ -77,8 +78,6 @@ def config(args: argparse.Namespace) -> Any:
     for many in ("rewards", "reward_weights"):  # repeated or comma-separated
         if many in values:
             values[many] = tuple(values[many])
-    if args.ref_adapter is not None:
-        values["reference"] = "reference"  # the name the job loads the frozen adapter under
     return align_job.config_of(args.task, values)
 
 
