@@ -93,3 +93,10 @@ def test_config_of_keeps_trls_defaults_for_what_is_not_given() -> None:
     assert e.value.param == "epsilon_high"
     with pytest.raises(ValueError, match="task='causal-lm' has no preference or RL config"):
         align_job.config_of("causal-lm", {})
+
+
+def test_a_bad_reward_spec_exits_2_naming_it_before_the_model_loads(base, capsys) -> None:
+    status, _, err = in_process(capsys, *base, "--task", "grpo", "--reward", "regex:[0-9")
+    assert status == 2 and "--reward: reward 'regex:[0-9': the pattern '[0-9' is not a valid regex" in err, err
+    status, _, err = in_process(capsys, *base, "--task", "grpo", "--reward", "no_such_module_here:fn")
+    assert status == 2 and "--reward: " in err and "no_such_module_here" in err, err

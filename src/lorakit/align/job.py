@@ -25,7 +25,7 @@ from ..train.dpo import DPOObjective, dpo_metrics, reference_logps
 from ..train.grpo import GRPOObjective, grpo_metrics
 from ..train.metrics import Metric
 from ..train.trainer import Callback
-from .rewards import RewardScorer
+from .rewards import RewardError, RewardScorer, parse_reward
 from .rollouts import EngineSampler
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")  # what precomputing
 def config_of(task: str, values: dict[str, Any]) -> DPOConfig | GRPOConfig:
     """The task's config from `values` (the fields given; the rest keep TRL's defaults).
 
-    A bad value raises LoraError naming the field as its `param` (a front end words it as its own flag).
+    A bad value raises LoraError naming the field as its `param` (a front end words it as its own flag); GRPO's
+    reward specs are resolved here (rewards.parse_reward), so a typo fails before any model loads.
 
     Examples:
         >>> config_of("dpo", {"beta": 0.2}).beta
@@ -52,12 +53,19 @@ def config_of(task: str, values: dict[str, Any]) -> DPOConfig | GRPOConfig:
     if task not in TASKS:
         raise ValueError(f"task={task!r} has no preference or RL config: expected one of {', '.join(TASKS)}")
     try:
-        return DPOConfig(**values) if task == "dpo" else GRPOConfig(**values)
+        config = DPOConfig(**values) if task == "dpo" else GRPOConfig(**values)
     except ValueError as e:
         field = str(e).split("=", 1)[0]
         fields = ("beta", "loss_type", "simpo_gamma", "num_generations", "max_completion_length", "temperature")
         fields += ("top_p", "top_k", "epsilon", "epsilon_high", "scale_rewards", "rewards", "reward_weights")
         raise LoraError(str(e), param=field if field in fields else None) from None
+    if isinstance(config, GRPOConfig):  # each spec resolved now (a user's module imported), before any model loads
+        for spec in config.rewards:
+            try:
+                parse_reward(spec)
+            except RewardError as e:
+                raise LoraError(str(e), param="rewards") from None
+    return config
 
 
 def reference_line(setup: finetune.Setup) -> str:
