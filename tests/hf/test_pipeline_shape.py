@@ -26,18 +26,24 @@ STAGES = (
     "prepared",
     "templates",
     "sources",
+    "preference_rows",
     "examples",
     "chat",
+    "preference_encoding",
     "encoding",
     "ondisk",
     "batches",
+    "preference_batches",
     "packing",
     "data",
 )
-LEAVES = ("models",)  # shared names a stage may read (models.TASKS), not a stage of the data
+# shared names a stage may read (models.TASKS), not a stage of the data; messages.py checks the message lists of
+# chat rows and of preference rows, a helper that both parse stages call for each such row
+LEAVES = ("models", "messages")
 # what data.prepare calls in turn (each may call the stages it imports), then packing at the first batch
 PIPELINE = ("data", "templates", "sources", "examples", "encoding", "packing")
 MODEL_FILES = ("models.py", "task_fit.py")  # the job loads the tokenizer before its data and the model after it
+LEAF_FILES = ("messages.py",)  # called by a stage row by row (LEAVES)
 
 
 def _hf_imports(path: Path) -> set[str]:
@@ -58,7 +64,7 @@ def test_a_stage_imports_only_the_stages_before_it(stage):
 
 def _entries(run) -> list[str]:
     """The hf/ files entered while `run()` runs, in order: a Python call (or a generator resumed) in an hf/ file
-    from code in another file; consecutive entries of one file collapse into one."""
+    from code in another file; consecutive entries of one file collapse into one; leaf helpers are not counted."""
     seen: list[str] = []
     root = str(HF)
 
@@ -66,6 +72,8 @@ def _entries(run) -> list[str]:
         if event != "call" or not frame.f_code.co_filename.startswith(root):
             return
         name = Path(frame.f_code.co_filename).name
+        if name in LEAF_FILES:
+            return
         caller = frame.f_back.f_code.co_filename if frame.f_back is not None else ""
         if caller != frame.f_code.co_filename and (not seen or seen[-1] != name):
             seen.append(name)

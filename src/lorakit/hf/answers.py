@@ -146,7 +146,7 @@ def file_answer_rows(
     """The answer rows of every usable row of a data file (`lorakit eval`): the rows `data.encode_file` scores."""
     records, _ = read_records(path, max_line_bytes=max_line_bytes)
     examples, _ = validate(path, records, task)
-    return answer_rows(examples, tokenizer, metrics, bad_rows=bad_rows)
+    return answer_rows([e for e in examples if isinstance(e, Example)], tokenizer, metrics, bad_rows=bad_rows)
 
 
 def _examples(found: Sequence[Source], task: str) -> Iterator[Example]:
@@ -154,9 +154,11 @@ def _examples(found: Sequence[Source], task: str) -> Iterator[Example]:
     for src in found:
         for line, row in src.records:
             try:
-                yield example(src.path, line, row, task, None, src.unit)
+                ex = example(src.path, line, row, task, None, src.unit)
             except ValueError:
                 continue  # a bad row: data.prepare reported (or refused) it already
+            if isinstance(ex, Example):  # answer metrics score the model tasks' rows
+                yield ex
 
 
 def validation_answer_rows(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ..ui.progress import Progress, quiet
 from . import ondisk, templates
@@ -41,6 +41,7 @@ __all__ = [  # re-exported: callers read rows, examples, encoded rows and batche
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+E = TypeVar("E")  # an example of any task (examples.AnyExample)
 ENCODE_CHUNK = 256  # rows per tokenizer call in `encode_file`, so the progress moves on a long file
 
 
@@ -111,7 +112,7 @@ def prepare(
     return Prepared(train_enc, valid_enc, parsed.id2label, bad, tokenizer.chat_template if used_chat else None)
 
 
-def holdout(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def holdout(examples: Sequence[E], fraction: float, seed: int) -> tuple[list[E], list[E]]:
     """(train, valid): a seeded random `fraction` held out (at least one row each side)."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"valid fraction {fraction!r} is invalid: expected a number in (0, 1)")
@@ -150,14 +151,15 @@ def encode_file(
     if task == "seq-cls":
         if not id2label:
             raise ValueError("seq-cls needs id2label (the adapter's label names) to score the rows")
-        label2id = label_to_id(id2label, examples)
+        labelled = [e for e in examples if isinstance(e, Example)]  # all of them: seq-cls rows
+        label2id = label_to_id(id2label, labelled)
         known = ", ".join(map(repr, list(label2id)[:10]))
         bad += [
             BadRow(e.path, e.line, f"unknown label {e.label!r}; the adapter's labels are {known}")
-            for e in examples
+            for e in labelled
             if e.label not in label2id
         ]
-        examples = [e for e in examples if e.label in label2id]
+        examples = [e for e in labelled if e.label in label2id]
     encoded: list[Encoded] = []
     with progress.task("tokenizing", total=len(examples), unit="rows") as t:
         for i in range(0, len(examples), ENCODE_CHUNK):

@@ -3,6 +3,7 @@ the encode stage of `data.prepare` (and of `ondisk`, row by row).
 
     causal-lm: labels are the ids, -100 on prompt tokens (and all but trainable assistant turns in chat rows)
     seq-cls:   labels are the label's id (`examples.label_to_id`)
+    dpo, grpo: prompt and completion ids as TRL tokenises them (`preference_encoding`)
 
 A row that keeps nothing to learn from (too short, its prompt filling max_length) is a BadRow saying why.
 """
@@ -15,7 +16,9 @@ from typing import TYPE_CHECKING
 
 from ..ui.progress import Progress, quiet
 from . import chat
-from .examples import Example
+from .examples import AnyExample, Example
+from .preference_encoding import encode_pair, encode_prompt
+from .preference_rows import PairExample, PromptExample
 from .prepared import IGNORE_INDEX, Encoded
 from .rows import BadRow, DataError
 
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
 
 
 def encode(
-    examples: Sequence[Example],
+    examples: Sequence[AnyExample],
     tokenizer: PreTrainedTokenizerBase,
     task: str,
     max_length: int,
@@ -48,8 +51,8 @@ def encode(
 
 
 def encode_splits(
-    train: Sequence[Example],
-    valid: Sequence[Example],
+    train: Sequence[AnyExample],
+    valid: Sequence[AnyExample],
     tokenizer: PreTrainedTokenizerBase,
     task: str,
     max_length: int,
@@ -63,13 +66,17 @@ def encode_splits(
 
 
 def encode_one(
-    ex: Example,
+    ex: AnyExample,
     tokenizer: PreTrainedTokenizerBase,
     task: str,
     max_length: int,
     label2id: Mapping[str | int, int] | None = None,
 ) -> Encoded | BadRow:
     """One example's token ids and labels (see `encode`), or the BadRow saying why it has nothing to learn."""
+    if isinstance(ex, PairExample):
+        return encode_pair(ex, tokenizer, max_length)
+    if isinstance(ex, PromptExample):
+        return encode_prompt(ex, tokenizer, max_length)
     if task == "seq-cls":
         if label2id is None or ex.label is None:
             raise ValueError(f"{ex.where}: seq-cls needs the example's label and label2id (label_to_id)")

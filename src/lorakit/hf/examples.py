@@ -3,6 +3,7 @@ task, and the label names: the parse-and-validate stage of `data.prepare`.
 
     causal-lm rows:  {"text"} | {"prompt", "completion"} | {"messages": [...]} (chat) | {"instruction", "output"}
     seq-cls rows:    {"text", "label"}
+    dpo, grpo rows:  {"prompt", "chosen", "rejected"} | {"prompt" or "messages", "answer"?} (`preference_rows`)
 
 Every problem with a row is a ValueError whose message becomes the row's `BadRow` reason; a CSV header or
 Parquet schema without the task's columns is refused once for the file (`check_columns`).
@@ -13,10 +14,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..ui.progress import Progress, quiet
-from .models import TASKS
+from . import preference_rows
+from .messages import ROLES as ROLES  # examples.Turn, ...: where callers have always found them
+from .messages import Turn as Turn
+from .messages import parse_messages as parse_messages
+from .models import TRAIN_TASKS
+from .preference_rows import PairExample, PromptExample
 from .rows import AT_LINE, AT_UNIT, BadRow, DataError, Row
 from .sources import Source
 
@@ -24,6 +29,7 @@ from .sources import Source
 FORMS: dict[str, tuple[tuple[str, ...], ...]] = {
     "causal-lm": (("text",), ("prompt", "completion"), ("messages",), ("instruction", "output")),
     "seq-cls": (("text", "label"),),
+    **preference_rows.FORMS,
 }
 # what each form means, for help texts (`form_lines`)
 FORM_NOTES: dict[tuple[str, ...], str] = {
@@ -34,7 +40,6 @@ FORM_NOTES: dict[tuple[str, ...], str] = {
 }
 
 
-ROLES = ("system", "user", "assistant")
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -44,62 +49,6 @@ ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One message of a conversation; `train` is False for an assistant turn kept out of the loss."""
-
-    role: str
-    content: str
-    train: bool = True
-
-
-# -- rows -> turns ------------------------------------------------------------------------------------
-
-
-def parse_messages(value: Any, *, training: bool = True) -> tuple[Turn, ...]:
-    """The turns of a row's `messages` field; ValueError naming the message and what is wrong with it.
-
-    A training row needs an assistant turn to learn from; a prompt (`training=False`) does not.
-
-    Examples:
-        >>> parse_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])[1]
-        Turn(role='assistant', content='hello', train=True)
-    """
-    if not isinstance(value, list):
-        raise ValueError(f"field 'messages' is a {type(value).__name__}; expected a list of {{role, content}} objects")
-    if not value:
-        raise ValueError("field 'messages' is empty; expected a list of {role, content} objects")
-    turns = tuple(_turn(i, m) for i, m in enumerate(value))
-    if not training:
-        return turns
-    if not any(t.role == "assistant" for t in turns):
-        raise ValueError("no assistant message; the loss falls on assistant turns only, so there is nothing to learn")
-    if not any(t.role == "assistant" and t.train for t in turns):
-        raise ValueError("every assistant message has train: false; nothing to learn from this row")
-    return turns
-
-
-def _turn(i: int, message: Any) -> Turn:
-    """messages[i] as a Turn; ValueError saying what is wrong with it."""
-    if not isinstance(message, dict):
-        raise ValueError(f"messages[{i}] is a {type(message).__name__}; expected an object with role and content")
-    for key in ("role", "content"):
-        if key not in message:
-            raise ValueError(f"messages[{i}] has no {key!r}; it has {', '.join(map(repr, message)) or 'no fields'}")
-    role, content, train = message["role"], message["content"], message.get("train")
-    if role not in ROLES:
-        raise ValueError(f"messages[{i}] has role {role!r}; expected one of {', '.join(ROLES)}")
-    if not isinstance(content, str):
-        raise ValueError(f"messages[{i}] content is a {type(content).__name__}; expected a string")
-    if train is not None and not isinstance(train, bool):  # None: the key absent (Parquet fills missing keys so)
-        raise ValueError(f"messages[{i}] has train {train!r}; expected true or false")
-    if train is not None and role != "assistant":
-        raise ValueError(f"messages[{i}] is a {role} message with 'train'; only assistant turns carry the loss")
-    if role == "assistant" and train is not False and not content.strip():
-        raise ValueError(f"messages[{i}] is an empty assistant message; nothing to learn from it")
-    return Turn(role, content, train is not False)
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 (the Alpaca field's name)
@@ -139,6 +88,9 @@ class Example:
         object.__setattr__(self, "where", at.format(path=self.path, line=self.line, unit=self.unit))
 
 
+AnyExample = Example | PairExample | PromptExample  # what a row of each task parses into
+
+
 def validate(
     path: str | Path,
     records: Iterable[tuple[int, Row]],
@@ -146,12 +98,12 @@ def validate(
     label2id: Mapping[str | int, int] | None = None,
     *,
     unit: str = "line",
-) -> tuple[list[Example], list[BadRow]]:
+) -> tuple[list[AnyExample], list[BadRow]]:
     """Examples for `task` from raw rows; `label2id` (seq-cls) flags labels not seen in training."""
-    if task not in TASKS:
-        raise ValueError(f"task={task!r} is invalid: expected one of {', '.join(TASKS)}")
+    if task not in TRAIN_TASKS:
+        raise ValueError(f"task={task!r} is invalid: expected one of {', '.join(TRAIN_TASKS)}")
     name = str(path)
-    examples: list[Example] = []
+    examples: list[AnyExample] = []
     bad: list[BadRow] = []
     for line, row in records:
         try:
@@ -166,8 +118,8 @@ class Parsed:
     """The examples of the training and validation sources (`valid` None: none given), their bad rows, the files
     in order (bad rows sort by it) and, for seq-cls, the label names and ids from the training examples."""
 
-    train: list[Example]
-    valid: list[Example] | None
+    train: list[AnyExample]
+    valid: list[AnyExample] | None
     bad: list[BadRow]
     files: list[str]
     id2label: dict[int, str] | None = None
@@ -188,8 +140,9 @@ def from_sources(
     if task == "seq-cls":
         if not train_examples:
             raise DataError(f"{paths[0]}: no usable rows", bad)
-        out.id2label = label_names(train_examples)
-        out.label2id = label_to_id(out.id2label, train_examples)
+        labelled = [e for e in train_examples if isinstance(e, Example)]  # all of them: seq-cls rows
+        out.id2label = label_names(labelled)
+        out.label2id = label_to_id(out.id2label, labelled)
     if valid is not None:
         out.valid, more = _from_files(valid, task, out.label2id, paths[1], progress)
         out.bad = bad + more
@@ -202,9 +155,9 @@ def _from_files(
     label2id: Mapping[str | int, int] | None,
     path: str | Path | None,
     progress: Progress | None,
-) -> tuple[list[Example], list[BadRow]]:
+) -> tuple[list[AnyExample], list[BadRow]]:
     """Examples and bad rows from the sources of one path (`path` names it on `progress`)."""
-    examples: list[Example] = []
+    examples: list[AnyExample] = []
     bad: list[BadRow] = []
     with (progress or quiet()).task(f"reading {path}", total=len(found), unit="files") as step:
         for src in found:
@@ -227,7 +180,7 @@ def form_lines(task: str) -> list[str]:
     lines = []
     for form in FORMS[task]:
         sample = "{" + ", ".join(f'"{k}": {"[...]" if k == "messages" else "..."}' for k in form) + "}"
-        note = FORM_NOTES.get(form)
+        note = preference_rows.NOTES.get((task, form), FORM_NOTES.get(form))
         lines.append(f"{sample}  ({note})" if note else sample)
     return lines
 
@@ -243,10 +196,15 @@ def check_columns(path: str, columns: Sequence[str], task: str, *, header: bool 
 
 def example(
     path: str, line: int, row: Row, task: str, label2id: Mapping[str | int, int] | None = None, unit: str = "line"
-) -> Example:
-    """One row as an Example for `task` (`validate` does every row of a file); ValueError saying what is wrong."""
+) -> AnyExample:
+    """One row as an Example for `task` (a PairExample for dpo, a PromptExample for grpo: `preference_rows`);
+    `validate` does every row of a file. ValueError saying what is wrong."""
     if task == "causal-lm":
         return _causal(path, line, row, unit)
+    if task == "dpo":
+        return preference_rows.pair_example(path, line, row, unit)
+    if task == "grpo":
+        return preference_rows.prompt_example(path, line, row, unit)
     if "text" not in row and "messages" in row:
         raise ValueError("chat rows ('messages') are for task 'causal-lm'; seq-cls rows are {text, label}")
     text = _string(row, "text", allow_empty=False)

@@ -11,6 +11,7 @@ artifacts (metrics, plot, checkpoint, best adapter, report) go to `job.out/run/`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
 from collections.abc import Iterable, Sequence
@@ -23,21 +24,24 @@ from torch.utils.data import DataLoader
 
 from ..config import LoraConfig
 from ..files.atomic import write_json
-from ..model import apply_lora, trainable_parameters
+from ..files.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from ..model import apply_lora, lora_layers, trainable_parameters
 from ..saving import save_adapters
 from ..target_report import describe_targets
 from ..train import TrainConfig, Trainer, TrainResult, accuracy, perplexity
 from ..train.artifacts import CHECKPOINT
 from ..train.distributed import is_main
-from ..train.forgetting import ReferenceKL, reference_loader
+from ..train.forgetting import ReferenceKL
 from ..train.trainer import Callback
 from ..ui.progress import Progress, quiet
 from ..variants.quant import FORMATS as QUANT_FORMATS
 from ..variants.quant import quantize_base
-from . import answers, batches, chat, checkpointing, data, packing
+from . import answers, chat, checkpointing, data, finetune_align, packing
 from . import models as hf
 from .answer_metrics import parse_metrics
 from .data import MAX_LINE_BYTES
+from .finetune_align import AlignConfig
+from .reference_text import reference_text_loader
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -84,10 +88,16 @@ class FinetuneJob:
     eval_metrics: Sequence[str] = ()
     eval_metric_rows: int = 16
     eval_max_new_tokens: int = answers.MAX_NEW_TOKENS
+    # -- after SFT: tasks "dpo" and "grpo" (finetune_align.py; lorakit.align.job trains them) --
+    align: AlignConfig | None = None  # a DPOConfig (dpo) or GRPOConfig (grpo); None: the task's defaults
+    init_adapter: str | Path | None = None  # the trained adapter starts as this one (its LoRA settings, not lora=)
+    ref_adapter: str | Path | None = None  # the frozen reference, loaded as adapter "reference"
 
     def __post_init__(self) -> None:
-        if self.task not in hf.TASKS:
-            raise ValueError(f"task={self.task!r} is invalid: expected one of {', '.join(hf.TASKS)}")
+        if self.task not in hf.TRAIN_TASKS:
+            raise ValueError(f"task={self.task!r} is invalid: expected one of {', '.join(hf.TRAIN_TASKS)}")
+        object.__setattr__(self, "align", finetune_align.check_align(self.task, self.align, self.ref_adapter))
+        finetune_align.check_adapter_options(self)
         for name in ("batch_size", "max_length", "eval_metric_rows", "eval_max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -131,7 +141,7 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     out = Path(job.out)
     run_dir = out / RUN_DIR
     _check_out(job, out, run_dir)
-    hf.check_task(job.model, job.task, trust_remote_code=job.trust_remote_code)  # the model/task first, then data
+    hf.check_task(job.model, hf.model_task(job.task), trust_remote_code=job.trust_remote_code)  # model, then data
     _check_input_paths(job)  # before the tokenizer and the weights load: a typo in a path costs no wait
     with progress.task(f"loading the tokenizer of {job.model}"):
         tok = hf.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
@@ -143,12 +153,12 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     except BaseException:
         _remove_new(made)  # a refused run leaves OUT as it found it, so that the fixed run may start there
         raise
-    model, matched = _load_model(job, tok, prepared, progress)
+    model, matched, job = _load_model(job, tok, prepared, progress)
     train_loader, valid_loader, packed = _loaders(job, model, tok, prepared, progress)
     setup = Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed, answer_probe=probe)
     setup.matched = matched
     if job.reference is not None:  # the forgetting monitor's text
-        setup.reference_loader = _reference_loader(Path(job.reference), tok, job.max_length, job.batch_size)
+        setup.reference_loader = reference_text_loader(Path(job.reference), tok, job.max_length, job.batch_size)
     return setup
 
 
@@ -176,33 +186,49 @@ def _check_input_paths(job: FinetuneJob) -> None:
         path = getattr(job, name)
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{path}: {said}")
+    for name in ("init_adapter", "ref_adapter"):  # adapter directories: a PEFT config and weights
+        path = getattr(job, name)
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"{path}: no such adapter directory ({name})")
+        missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if path is not None and not (Path(path) / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path}: not an adapter directory ({name}): no {' or '.join(missing)}")
 
 
 def _load_model(
     job: FinetuneJob, tok: PreTrainedTokenizerBase, prepared: data.Prepared, progress: Progress
-) -> tuple[PreTrainedModel, list[str]]:
-    """The job's model with the data's label names, LoRA added (and the base quantised where the job asks), and
-    what each target rule selected (a rule that selects nothing: target_report.LoraTargetError)."""
+) -> tuple[PreTrainedModel, list[str], FinetuneJob]:
+    """The job's model with the data's label names, LoRA added or the job's init_adapter loaded (and the base
+    quantised where the job asks), what each target rule selected (a rule that selects nothing:
+    target_report.LoraTargetError), and the job, its align config naming the reference adapter it loaded."""
     torch.manual_seed(job.train.seed)  # a new classification head starts the same way in every run
     with progress.task(f"loading the model {job.model}"):
-        model = hf.load_model(job.model, job.task, id2label=prepared.id2label, trust_remote_code=job.trust_remote_code)
+        task = hf.model_task(job.task)
+        model = hf.load_model(job.model, task, id2label=prepared.id2label, trust_remote_code=job.trust_remote_code)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     save = hf.head_names(model) if job.task == "seq-cls" else []
     with progress.task("adding LoRA" + (f" and quantizing the base ({job.quantize})" if job.quantize else "")):
         targets = list(job.targets) if job.targets else None  # () as None: no module rules
-        matched = describe_targets(model, targets, list(job.target_parameters))
-        apply_lora(model, job.lora, targets, target_parameters=list(job.target_parameters), modules_to_save=save)
+        if job.init_adapter is not None:  # the adapter's own targets, from its file
+            finetune_align.load_start(model, job.init_adapter)
+            matched = [f"{job.init_adapter}: {len(lora_layers(model))} module(s), as saved"]
+        else:
+            matched = describe_targets(model, targets, list(job.target_parameters))
+            apply_lora(model, job.lora, targets, target_parameters=list(job.target_parameters), modules_to_save=save)
+        if job.ref_adapter is not None:  # frozen beside the trained adapter; the align config names it
+            assert job.align is not None  # check_align made it
+            job = dataclasses.replace(job, align=finetune_align.load_reference(model, job.ref_adapter, job.align))
         if job.quantize:
             quantize_base(model, job.quantize)
-    return model, matched
+    return model, matched, job
 
 
 def _loaders(
     job: FinetuneJob, model: PreTrainedModel, tok: PreTrainedTokenizerBase, prepared: data.Prepared, progress: Progress
 ) -> tuple[DataLoader[data.Encoded], DataLoader[data.Encoded], dict[str, Any] | None]:
     """The training loader (packed rows where the job packs), the validation loader, and what packing saved."""
-    collate = functools.partial(batches.collate, pad_id=tok.pad_token_id)
+    collate = finetune_align.collate_for(job.task, tok.pad_token_id)  # pairs and prompts batch their own way
     train_rows, train_collate, packed = prepared.train, collate, None
     if job.pack:  # training rows only: validation stays unpacked, so its loss is an unpacked run's
         train_rows, packed = packing.pack_for_training(
@@ -272,20 +298,6 @@ def _remove_new(made: list[Path]) -> None:
             path.rmdir()
 
 
-def _reference_loader(path: Path, tok: PreTrainedTokenizerBase, chunk: int, batch_size: int) -> DataLoader[Any]:
-    """The reference text file's tokens in chunks of `chunk`, for ReferenceKL; errors name the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the reference text file does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: the reference text is not UTF-8 ({e.reason} at byte {e.start})") from None
-    ids = tok(text, add_special_tokens=False)["input_ids"] if text.strip() else []
-    if not ids:
-        raise ValueError(f"{path}: the reference text is empty")
-    return reference_loader(ids, chunk, batch_size, tok.pad_token_id or 0)
-
-
 def _trainer(setup: Setup, callbacks: list[Callback] | None) -> Trainer:
     """The job's trainer: its metric, the forgetting monitor and the answer metrics where the job asks."""
     job = setup.job
@@ -300,7 +312,14 @@ def _trainer(setup: Setup, callbacks: list[Callback] | None) -> Trainer:
 
 
 def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]:
-    """Evaluate, train, evaluate again; write the adapter to `job.out` and return the report."""
+    """Evaluate, train, evaluate again; write the adapter to `job.out` and return the report.
+
+    Tasks "dpo" and "grpo" train in `lorakit.align.job.run(setup)`, which scores batches with their objectives.
+    """
+    if setup.job.task in hf.ALIGN_TASKS:
+        raise ValueError(
+            f"task {setup.job.task!r} trains with lorakit.align.job.run(setup), not lorakit.hf.finetune.run"
+        )
     trainer = _trainer(setup, callbacks)
     return fit_and_save(setup, trainer, setup.train_loader, setup.valid_loader)
 

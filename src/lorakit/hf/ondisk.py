@@ -1,7 +1,7 @@
 """A data directory tokenized into memory-mapped Arrow files, so that it may be bigger than memory.
 
     prepared = data.prepare("shards/", "causal-lm", tok, cache_dir="out/run/data-cache")  # comes here
-    prepared.train[0]   # {"input_ids": [...], "labels": [...]}, read from disk when asked for
+    prepared.train[0]   # {"input_ids": [...], "labels": [...]} (each task's Encoded), read from disk when asked for
 
 Rows are read one at a time (`sources`: Parquet streamed through `datasets`, JSONL line by line; a CSV file
 whole), validated and tokenized as `data` does a file (`examples.example`, `encode_one`), and written
@@ -158,8 +158,13 @@ class _Writer:
     def __init__(self, path: Path, task: str) -> None:
         import pyarrow as pa
 
-        labels = pa.int64() if task == "seq-cls" else pa.list_(pa.int32())
-        self.schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", labels)])
+        ids = pa.list_(pa.int32())
+        columns = {  # the Encoded rows of each task (prepared.py)
+            "dpo": [("prompt_ids", ids), ("chosen_ids", ids), ("rejected_ids", ids)],
+            "grpo": [("prompt_ids", ids), ("prompt", pa.string()), ("answer", pa.string())],
+            "seq-cls": [("input_ids", ids), ("labels", pa.int64())],
+        }
+        self.schema = pa.schema(columns.get(task, [("input_ids", ids), ("labels", ids)]))
         self.writer = pa.ipc.new_stream(str(path), self.schema)
         self.pending: list[Encoded] = []
         self.count = 0
@@ -274,7 +279,7 @@ class _Build:
                     except ValueError as e:
                         bad.append(BadRow(src.path, line, str(e), src.unit))
                         continue
-                    assert ex.label is not None  # seq-cls examples have one
+                    assert isinstance(ex, Example) and ex.label is not None  # seq-cls examples have one
                     first.setdefault(ex.label, ex)
                 bad += src.bad
         if not first:
