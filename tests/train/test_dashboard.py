@@ -153,3 +153,30 @@ def test_plain_log_writes_eval_lines_with_kl_ref() -> None:
         assert " valid_loss=" in line and " kl_ref=" in line and " best_valid_loss=" in line
     epochs = [line for line in lines if line.startswith("epoch ")]
     assert len(epochs) == 2 and all(" kl_ref=" in line for line in epochs)
+
+
+DPO_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen")
+
+
+@pytest.mark.parametrize("width, height", [(80, 24), (120, 40), (60, 20)])
+def test_dashboard_shows_every_metric_named_as_trl_names_them(width: int, height: int) -> None:
+    """DPO's six statistics (names with '/') and their validation values, packed under the numbers, on as many lines
+    as the terminal has beyond a 4-row chart: all of them at 80×24, none cut mid-name."""
+    from lorakit.train import Evaluated, RunStarted, StepLogged
+
+    names = (*DPO_NAMES, "logps/rejected")
+    values = {n: -0.125 * (i + 1) for i, n in enumerate(names)}
+    dash = Dashboard(console=Console(file=io.StringIO(), width=width, height=height), title="dpo")
+    dash.start = RunStarted(2, 6, 12, 1, 0, 1000, 100000, "cpu", "fp32", None)
+    dash(StepLogged(1, 4, 4, 6, 0.69, 1e-3, None, 100.0, 1.0, metrics=values, unit="tokens"))
+    dash(Evaluated(1, 4, 0.6, 0.6, True, 1.0, metrics={n: v / 2 for n, v in values.items()}))
+    frame = Console(file=io.StringIO(), width=width, height=height, record=True)
+    frame.print(dash.render())
+    lines = frame.export_text().rstrip("\n").splitlines()
+    assert len(lines) <= height - 2 and all(len(line) == min(width, 120) for line in lines), "\n".join(lines)
+    text = "\n".join(lines)
+    shown = re.findall(r"(valid_)?([a-z_]+/[a-z_]+) (-?[0-9.]+)", text)
+    assert all(float(v) == (values[n] / 2 if valid else values[n]) for valid, n, v in shown), shown
+    if width >= 80:
+        assert {n for valid, n, _ in shown if not valid} == set(names), text
+    assert re.search(r"[\u2801-\u28ff]", text), "no chart dots"

@@ -20,6 +20,13 @@ class BadInput(Exception):
     """A problem with what the user passed (paths, files, flags): exit code 2."""
 
 
+# The preference and RL configs' fields (align.job.config_of names them in its errors), each set by the flag of
+# TRL's name (--beta, --loss-type, ...; the reward specs by --reward)
+ALIGN_FIELDS = (
+    "beta", "loss_type", "simpo_gamma", "num_generations", "max_completion_length", "temperature", "top_p", "top_k",
+    "epsilon", "epsilon_high", "scale_rewards", "reward_weights",
+)  # fmt: skip
+
 # The library's parameters that remedy an error (LoraError.param), and the CLI flag that sets each
 PARAM_FLAGS = {
     "skip_bad_rows": "--skip-bad-rows",
@@ -30,7 +37,17 @@ PARAM_FLAGS = {
     "task": "--task",
     "targets": "--targets",
     "target_parameters": "--target-parameters",
+    **{field: "--" + field.replace("_", "-") for field in ALIGN_FIELDS},
+    "rewards": "--reward",
 }
+
+
+def as_flag(e: BaseException, flag: str) -> str:
+    """An error that opens with `param=value` (a config's check) worded as the flag: `--beta -1.0 is invalid ...`."""
+    param = getattr(e, "param", None)
+    text = str(e)
+    return f"{flag} {text.removeprefix(f'{param}=')}" if param and text.startswith(f"{param}=") else f"{flag}: {text}"
+
 
 # How the CLI words each remedy: f(error, flag) -> message
 REMEDIES: dict[str, Callable[[Any, str], str]] = {
@@ -46,6 +63,7 @@ REMEDIES: dict[str, Callable[[Any, str], str]] = {
     "task": lambda e, flag: f"{e.detail}; use {flag} {e.can}",
     "targets": lambda e, flag: f"{flag}: {e}",
     "target_parameters": lambda e, flag: f"{flag}: {e}",
+    **dict.fromkeys((*ALIGN_FIELDS, "rewards"), as_flag),
 }
 
 

@@ -17,6 +17,7 @@ from ..hf.data import MAX_LINE_BYTES
 from ..train.config import PRECISIONS, SCHEDULES
 from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
+from . import finetune_align as align
 from . import finetune_start as start
 from . import out_dir, runfile
 from .common import add_model_flags, inputs, model_dir, positive_int, quiet_transformers
@@ -30,6 +31,7 @@ def finetune(args: argparse.Namespace) -> int:
     quiet_transformers()
     # before the job resolves --model (a hub id may download) and the slow part: a missing tracker fails here
     callbacks = _callbacks(args)
+    align.check(args)  # a flag of another task, or LoRA flags beside --init-adapter: before anything is resolved
     if args.targets is None:  # resolved as apply_lora reads it, so that the run file records it: all-linear, or no
         args.targets = [] if args.target_parameters else ["all-linear"]  # modules beside parameters (PEFT's rule)
     job = inputs(_job, args)
@@ -41,17 +43,25 @@ def finetune(args: argparse.Namespace) -> int:
     # after Ctrl-C: the command that resumes (once there is a checkpoint), and where the previous run went
     args.interrupt_hint = functools.partial(start.interrupt_hint, out, previous)
     setup = start.prepare(job, previous, Progress())
+    from ..align import job as align_job  # the losses and the serving engine, once the inputs are known good
+
     if is_main():  # every flag's resolved value: `--config OUT/run/run.toml --out NEW` repeats this run
         runfile.write(out / job_module.RUN_DIR / out_dir.RUN_FILE, args, args.parser, skip=out_dir.NOT_RECORDED)
         start.say_setup(setup)  # packing and checkpointing, before the first step
+        if job.task in hf.ALIGN_TASKS:
+            print(align_job.reference_line(setup), flush=True)
     bad = setup.prepared.bad_rows
     if bad:
         print(f"skipping {len(bad)} bad row(s) (--skip-bad-rows); first: {bad[0]}", file=sys.stderr)
-    report = job_module.run(setup, callbacks=callbacks)
+    run = align_job.run if job.task in hf.ALIGN_TASKS else job_module.run
+    report = run(setup, callbacks=callbacks)
     if not is_main():  # under torchrun, rank 0 reports
         return 0
     start.finish(job, previous)
-    _print_report(report, job.task)
+    if job.task in hf.ALIGN_TASKS:
+        align.print_report(report)
+    else:
+        _print_report(report, job.task)
     print(f"adapter: {report['adapter']}  (run artifacts: {report['artifacts']})")
     return 0
 
@@ -110,6 +120,9 @@ def _job(args: argparse.Namespace) -> job_module.FinetuneJob:
         eval_metrics=args.eval_metric or (),
         eval_metric_rows=args.eval_metric_rows,
         eval_max_new_tokens=args.eval_max_new_tokens,
+        align=align.config(args),
+        init_adapter=args.init_adapter,
+        ref_adapter=args.ref_adapter,
     )
 
 
@@ -175,7 +188,13 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="training rows: .jsonl or .csv/.tsv, or a directory of .parquet/.jsonl/.csv files",
     )
     p.add_argument("--valid", metavar="FILE|DIR", help="validation rows (default: hold out --valid-fraction of --data)")
-    p.add_argument("--task", required=True, choices=hf.TASKS)
+    p.add_argument(
+        "--task",
+        required=True,
+        choices=hf.TRAIN_TASKS,
+        help="causal-lm, seq-cls (supervised), dpo (preference pairs) or grpo (prompts, sampled completions, "
+        "rewards); docs/preference.md",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="the adapter directory to write")
     g = p.add_argument_group("LoRA")
     _add_lora_args(g)
@@ -184,6 +203,7 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     _add_steps_args(g)
     g = p.add_argument_group("data")
     _add_data_args(g)
+    align.add_args(p)
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
     p.add_argument(
         "--config",

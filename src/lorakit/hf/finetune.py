@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,10 +28,10 @@ from ..files.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from ..model import apply_lora, lora_layers, trainable_parameters
 from ..saving import save_adapters
 from ..target_report import describe_targets
-from ..train import TrainConfig, Trainer, accuracy, perplexity
+from ..train import TrainConfig, Trainer, TrainResult, accuracy, perplexity
 from ..train.artifacts import CHECKPOINT
 from ..train.distributed import is_main
-from ..train.forgetting import ReferenceKL, reference_loader
+from ..train.forgetting import ReferenceKL
 from ..train.trainer import Callback
 from ..ui.progress import Progress, quiet
 from ..variants.quant import FORMATS as QUANT_FORMATS
@@ -41,6 +41,7 @@ from . import models as hf
 from .answer_metrics import parse_metrics
 from .data import MAX_LINE_BYTES
 from .finetune_align import AlignConfig
+from .reference_text import reference_text_loader
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -157,7 +158,7 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     setup = Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed, answer_probe=probe)
     setup.matched = matched
     if job.reference is not None:  # the forgetting monitor's text
-        setup.reference_loader = _reference_loader(Path(job.reference), tok, job.max_length, job.batch_size)
+        setup.reference_loader = reference_text_loader(Path(job.reference), tok, job.max_length, job.batch_size)
     return setup
 
 
@@ -297,20 +298,6 @@ def _remove_new(made: list[Path]) -> None:
             path.rmdir()
 
 
-def _reference_loader(path: Path, tok: PreTrainedTokenizerBase, chunk: int, batch_size: int) -> DataLoader[Any]:
-    """The reference text file's tokens in chunks of `chunk`, for ReferenceKL; errors name the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the reference text file does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: the reference text is not UTF-8 ({e.reason} at byte {e.start})") from None
-    ids = tok(text, add_special_tokens=False)["input_ids"] if text.strip() else []
-    if not ids:
-        raise ValueError(f"{path}: the reference text is empty")
-    return reference_loader(ids, chunk, batch_size, tok.pad_token_id or 0)
-
-
 def _trainer(setup: Setup, callbacks: list[Callback] | None) -> Trainer:
     """The job's trainer: its metric, the forgetting monitor and the answer metrics where the job asks."""
     job = setup.job
@@ -329,27 +316,59 @@ def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]
 
     Tasks "dpo" and "grpo" train in `lorakit.align.job.run(setup)`, which scores batches with their objectives.
     """
-    job, model = setup.job, setup.model
-    if job.task in hf.ALIGN_TASKS:
-        raise ValueError(f"task {job.task!r} trains with lorakit.align.job.run(setup), not lorakit.hf.finetune.run")
-    out = Path(job.out)
-    trainer = _trainer(setup, callbacks)
-    before = trainer.evaluate(setup.valid_loader)
-    result = trainer.fit(setup.train_loader, setup.valid_loader, resume=job.resume)
-    after = trainer.evaluate(setup.valid_loader)
-    if is_main():  # under torchrun every rank holds the same adapter; rank 0 writes it
-        save_adapters(model, out, fingerprints=trainer.fingerprints)
-        hf.write_task_file(
-            out,
-            job.task,
-            base_model=Path(job.model).resolve(),
-            id2label=setup.prepared.id2label,
-            max_length=job.max_length,
+    if setup.job.task in hf.ALIGN_TASKS:
+        raise ValueError(
+            f"task {setup.job.task!r} trains with lorakit.align.job.run(setup), not lorakit.hf.finetune.run"
         )
-        if setup.prepared.chat_template is not None:  # so that prediction renders prompts as training did
-            chat.save_template(out, setup.prepared.chat_template)
-    trainable, total = trainable_parameters(model)
-    report = {
+    trainer = _trainer(setup, callbacks)
+    return fit_and_save(setup, trainer, setup.train_loader, setup.valid_loader)
+
+
+def fit_and_save(
+    setup: Setup,
+    trainer: Trainer,
+    train: Iterable[Any],
+    valid: Iterable[Any],
+    *,
+    adapter: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate `valid`, fit `trainer` on `train` (resuming where the job says), evaluate again; on rank 0 write
+    the adapter (`adapter`: its name, None the active one) to `job.out` with its task file and chat template,
+    and the report (`extra` joins it) to `job.out/run/`. Returns the report. The job behind every finetune task.
+    """
+    job = setup.job
+    before = trainer.evaluate(valid)
+    result = trainer.fit(train, valid, resume=job.resume)
+    after = trainer.evaluate(valid)
+    if is_main():  # under torchrun every rank holds the same adapter; rank 0 writes it
+        _save(setup, trainer, adapter)
+    report = {**_report(setup, result, before, after), **(extra or {})}
+    if is_main():
+        write_json(Path(job.out) / RUN_DIR / REPORT, report)
+    return report
+
+
+def _save(setup: Setup, trainer: Trainer, adapter: str | None) -> None:
+    """The adapter in PEFT format, the task file (the model task the adapter serves) and the chat template."""
+    job, out = setup.job, Path(setup.job.out)
+    save_adapters(setup.model, out, name=adapter, fingerprints=trainer.fingerprints)
+    hf.write_task_file(
+        out,
+        hf.model_task(job.task),
+        base_model=Path(job.model).resolve(),
+        id2label=setup.prepared.id2label,
+        max_length=job.max_length,
+    )
+    if setup.prepared.chat_template is not None:  # so that prediction renders prompts as training did
+        chat.save_template(out, setup.prepared.chat_template)
+
+
+def _report(setup: Setup, result: TrainResult, before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the run was and did, as finetune_report.json records it."""
+    job, out = setup.job, Path(setup.job.out)
+    trainable, total = trainable_parameters(setup.model)
+    return {
         "task": job.task,
         "model": str(job.model),
         "data": str(job.data),
@@ -378,6 +397,3 @@ def run(setup: Setup, callbacks: list[Callback] | None = None) -> dict[str, Any]
         "gradient_checkpointing": job.gradient_checkpointing,
         "packing": setup.packing,  # None unless job.pack: rows and padding fractions before and after
     }
-    if is_main():
-        write_json(out / RUN_DIR / REPORT, report)
-    return report

@@ -122,6 +122,9 @@ class Dashboard:
         if self.checkpoint:
             legend.append(f"   checkpoint @ step {self.checkpoint.step}", style="dim")
         used = 2 + 2 + 4 + (1 if extra else 0) + 1 + 1  # borders, bars, stats, legend, spacer
+        # the metrics take what the terminal has beyond a 4-row chart (at least one line), the chart the rest
+        metrics = self._metrics(inner, max(1, self.console.size.height - used - 3 - 4))
+        used += len(metrics.plain.splitlines()) if metrics is not None else 0
         chart_h = max(4, min(16, self.console.size.height - used - 3))
         chart = line_chart(
             [("train", self.train_pts, TRAIN_STYLE), ("valid", self.valid_pts, VALID_STYLE)],
@@ -130,7 +133,7 @@ class Dashboard:
         )
         status = "done" if self.done else "training"
         return Panel(
-            Group(bars, stats, legend, chart),
+            Group(bars, stats, *([metrics] if metrics is not None else []), legend, chart),
             title=f"{self.title} · {status}",
             title_align="left",
             width=width,
@@ -156,7 +159,7 @@ class Dashboard:
         return bars
 
     def _stats(self, s: RunStarted) -> tuple[Table, bool]:
-        """The numbers in two columns of pairs, and whether they have a fifth row (metrics, kl_ref)."""
+        """The numbers in two columns of pairs, and whether they have a fifth row (kl_ref)."""
         stats = Table.grid(padding=(0, 2), expand=True)
         for _ in range(2):
             stats.add_column(style="dim", no_wrap=True)
@@ -183,15 +186,33 @@ class Dashboard:
             "device",
             f"{s.device} · {s.precision}",
         )
-        metrics = dict(last.metrics) if last else {}
-        if ev:
-            metrics.update({f"valid {k}": v for k, v in ev.metrics.items()})
         kl = ev.kl_ref if ev else None
-        extra = bool(metrics) or kl is not None  # a fifth row
-        if extra:
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:4]) or "—"
-            stats.add_row("metrics", shown, "kl_ref" if kl is not None else "", f"{kl:.4g}" if kl is not None else "")
-        return stats, extra
+        if kl is not None:  # a fifth row
+            stats.add_row("", "", "kl_ref", f"{kl:.4g}")
+        return stats, kl is not None
+
+    def _metrics(self, width: int, rows: int) -> Text | None:
+        """The latest step's metrics, then the latest evaluation's (`valid_` names), `name value` packed into at
+        most `rows` lines of `width` (TRL's names such as rewards/chosen included); None when there are none."""
+        items = [(k, v, "") for k, v in (self.last.metrics if self.last else {}).items()]
+        items += [(f"valid_{k}", v, VALID_STYLE) for k, v in (self.evaluated.metrics if self.evaluated else {}).items()]
+        if not items:
+            return None
+        text, used, lines = Text(no_wrap=True, overflow="crop"), 0, 1
+        for name, value, style in items:
+            shown = f"{name} {value:.4g}"
+            if used and used + 2 + len(shown) > width:
+                if lines == rows:
+                    break
+                text.append("\n")
+                used, lines = 0, lines + 1
+            elif used:
+                text.append("  ")
+                used += 2
+            text.append(name + " ", style="dim")
+            text.append(f"{value:.4g}", style=style)
+            used += len(shown)
+        return text
 
 
 def _size(mib: float) -> str:
