@@ -30,17 +30,20 @@ if TYPE_CHECKING:  # transformers is the optional `hf` extra: imported where use
 
     from ..ui.progress import Progress
 
-TASKS = ("causal-lm", "seq-cls")  # what lorakit fine-tunes: the one list the data, the jobs and the CLI use
+TASKS = ("causal-lm", "seq-cls")  # the model tasks: the one list the data, the jobs and the CLI use
+ALIGN_TASKS = ("dpo", "grpo")  # stages after SFT: preference pairs, sampled completions; a causal LM either way
+TRAIN_TASKS = (*TASKS, *ALIGN_TASKS)  # what `finetune` trains
 HEAD_NAMES = ("classifier", "score")  # PEFT's SEQ_CLS modules_to_save
 TASK_FILE = "lorakit_task.json"  # written beside an adapter: task, labels, base model
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a single file, or shards listed in its .index.json
+WEIGHT_FILES = tuple(f for w in WEIGHTS for f in (w, f"{w}.index.json"))
+
+
+def model_task(task: str) -> str:
+    """The model task that training `task` loads and saves: "causal-lm" for dpo and grpo, else `task` itself."""
+    return "causal-lm" if task in ALIGN_TASKS else task
 
 
 class ModelDirError(LoraFileError):

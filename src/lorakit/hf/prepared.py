@@ -1,6 +1,8 @@
 """What preparing data makes, shared by both ways of preparing it (`data` for a file, `ondisk` for a directory).
 
 Encoded      {"input_ids": [int], "labels": [int] (causal-lm, -100 where no loss) or int (seq-cls)}
+             dpo:  {"prompt_ids": [int], "chosen_ids": [int], "rejected_ids": [int]}  (TRL's tokenisation)
+             grpo: {"prompt_ids": [int], "prompt": str (the rendered prompt), "answer": str | None}
 Prepared     the train/valid rows (lists, or Arrow datasets read on access), label names, bad rows
 BadRowsError the bad rows, refused
 
@@ -17,7 +19,7 @@ from .rows import BadRow, DataError
 
 IGNORE_INDEX = -100  # the label that PyTorch's cross-entropy (and transformers) skip
 SHOWN_BAD_ROWS = 20
-Encoded = dict[str, Any]  # {"input_ids": [int], "labels": [int] (causal-lm, -100 on the prompt) or int (seq-cls)}
+Encoded = dict[str, Any]  # one encoded row, by task (module docstring)
 
 
 class BadRowsError(DataError):

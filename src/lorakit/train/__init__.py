@@ -14,6 +14,8 @@ from .batch import BatchOut, Objective
 from .config import TrainConfig
 from .events import CheckpointSaved, EpochEnded, Evaluated, Event, RunEnded, RunStarted, StepLogged
 from .forgetting import ReferenceKL, reference_loader
+from .grpo import GRPOObjective, group_advantages, grpo_loss, grpo_metrics
+from .logps import token_logps
 from .metrics import Metric, accuracy, perplexity
 from .mlflow_log import MLflow
 from .reporting import PlainLog, auto_reporter
@@ -28,6 +30,7 @@ __all__ = [
     "EpochEnded",
     "Evaluated",
     "GRPOConfig",
+    "GRPOObjective",
     "Event",
     "MLflow",
     "Objective",
@@ -45,6 +48,10 @@ __all__ = [
     "accuracy",
     "auto_reporter",
     "export_adapter",
+    "group_advantages",
+    "grpo_loss",
+    "grpo_metrics",
     "perplexity",
     "reference_loader",
+    "token_logps",
 ]
