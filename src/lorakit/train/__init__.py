@@ -12,6 +12,7 @@ from .align_config import DPOConfig, GRPOConfig
 from .artifacts import export_adapter
 from .batch import BatchOut, Objective
 from .config import TrainConfig
+from .dpo import DPO_STATS, DPOLoss, DPOObjective, dpo_loss, dpo_metrics, reference_logps
 from .events import CheckpointSaved, EpochEnded, Evaluated, Event, RunEnded, RunStarted, StepLogged
 from .forgetting import ReferenceKL, reference_loader
 from .grpo import GRPOObjective, group_advantages, grpo_loss, grpo_metrics
@@ -27,6 +28,9 @@ __all__ = [
     "BatchOut",
     "CheckpointSaved",
     "DPOConfig",
+    "DPOLoss",
+    "DPOObjective",
+    "DPO_STATS",
     "EpochEnded",
     "Evaluated",
     "GRPOConfig",
@@ -47,11 +51,14 @@ __all__ = [
     "WandB",
     "accuracy",
     "auto_reporter",
+    "dpo_loss",
+    "dpo_metrics",
     "export_adapter",
     "group_advantages",
     "grpo_loss",
     "grpo_metrics",
     "perplexity",
+    "reference_logps",
     "reference_loader",
     "token_logps",
 ]
