@@ -80,13 +80,20 @@ def sft_model(tok: Any, train: list[tuple[str, str]], steps: int) -> Any:
     )
     model = LlamaForCausalLM(cfg)
     rows = []
-    for prompt, answer in train:
-        p, a = tok(prompt)["input_ids"], tok(answer)["input_ids"] + [tok.eos_token_id]
-        ids = torch.tensor(p + a)
-        rows.append({"input_ids": ids, "labels": torch.tensor([-100] * len(p) + a), "attention_mask": torch.ones_like(ids)})
+    for prompt, answer in train:  # each prompt twice: reversed (right) and copied (the confusable wrong answer)
+        for text in (answer, copied(prompt)):
+            p, a = tok(prompt)["input_ids"], tok(text)["input_ids"] + [tok.eos_token_id]
+            ids = torch.tensor(p + a)
+            labels = torch.tensor([-100] * len(p) + a)
+            rows.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
     loader = DataLoader(rows, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0), collate_fn=_stack)
     Trainer(model, TrainConfig(max_steps=steps, lr=3e-3, device="cpu", seed=0), callbacks=[]).fit(loader)
     return model.eval()
+
+
+def copied(prompt: str) -> str:
+    """The prompt's letters in their own order: the wrong answer the SFT data teaches beside the right one."""
+    return prompt.removesuffix(" =")
 
 
 def _stack(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -106,11 +113,16 @@ def exact_match(model: Any, tok: Any, rows: list[tuple[str, str]], n: int, seed:
     return float(scorer(batch, completions, n).nanmean())
 
 
+SFT_STEPS = 100
+DPO_STEPS = 30
+
+
 @pytest.fixture(scope="module")
 def task() -> dict[str, Any]:
+    """The tokenizer, the train and held-out problems, and the SFT model both preference stages start from."""
     tok = make_tokenizer()
     train, held_out = problems()
-    return {"tok": tok, "train": train, "held_out": held_out}
+    return {"tok": tok, "train": train, "held_out": held_out, "sft": sft_model(tok, train, SFT_STEPS)}
 
 
 def with_adapter(model: Any) -> Any:
@@ -122,8 +134,7 @@ def with_adapter(model: Any) -> Any:
 
 
 def test_grpo_raises_held_out_exact_match_over_sft(task):
-    tok, train, held_out = task["tok"], task["train"], task["held_out"]
-    sft = sft_model(tok, train, steps=60)
+    tok, train, held_out, sft = task["tok"], task["train"], task["held_out"], task["sft"]
     before = exact_match(sft, tok, held_out, n=8)
     model = with_adapter(sft)
     cfg = GRPOConfig(num_generations=8, max_completion_length=4, rewards=("exact_match",))
@@ -171,3 +182,22 @@ def pairs(tok: Any, rows: list[tuple[str, str]], seed: int) -> list[dict[str, An
         enc = lambda s: tok(s)["input_ids"] + [tok.eos_token_id]  # noqa: E731
         out.append({"prompt_ids": tok(prompt)["input_ids"], "chosen_ids": enc(answer), "rejected_ids": enc(" ".join(bad))})
     return out
+
+
+def test_dpo_raises_held_out_preference_accuracy(task):
+    tok, train, held_out, sft = task["tok"], task["train"], task["held_out"], task["sft"]
+    valid = pairs(tok, held_out, seed=1)
+    before = preference_accuracy(sft, valid, tok.pad_token_id)
+    model = with_adapter(sft)
+    cfg = DPOConfig(beta=0.1)
+    collate = functools.partial(collate_pairs, pad_id=tok.pad_token_id)
+    rows = pairs(tok, train, seed=0)
+    refs = reference_logps(model, rows, collate, config=cfg, batch_size=64, device=torch.device("cpu"))
+    rows = [{**r, "ref_chosen_logps": c, "ref_rejected_logps": j} for r, (c, j) in zip(rows, refs, strict=True)]
+    loader = DataLoader(rows, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0), collate_fn=collate)
+    config = TrainConfig(max_steps=DPO_STEPS, lr=5e-3, device="cpu", seed=0)
+    Trainer(model, config, objective=DPOObjective(model, cfg), callbacks=[]).fit(loader)
+    after = preference_accuracy(model.eval(), valid, tok.pad_token_id)
+    print(f"held-out preference accuracy: SFT {before:.3f} -> SFT + DPO {after:.3f}")
+    assert before < 0.8  # the SFT model often prefers the corrupted answer
+    assert after >= 0.9
