@@ -116,11 +116,15 @@ def write_rows(a: argparse.Namespace, root: Path, tok: Any) -> None:
     def text(lo: int, hi: int) -> str:
         return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
 
-    pairs = [{"prompt": text(16, 32), "chosen": " " + text(16, 48), "rejected": " " + text(16, 48)} for _ in range(a.pairs)]
+    pairs = [
+        {"prompt": text(16, 32), "chosen": " " + text(16, 48), "rejected": " " + text(16, 48)} for _ in range(a.pairs)
+    ]
     encoded = []
     for r in pairs:  # TRL's non-conversational encoding: EOS appended to each completion, split after the prompt
         prompt = tok(r["prompt"])["input_ids"]
-        chosen, rejected = (tok(r["prompt"] + r[k] + tok.eos_token)["input_ids"][len(prompt) :] for k in ("chosen", "rejected"))
+        chosen, rejected = (
+            tok(r["prompt"] + r[k] + tok.eos_token)["input_ids"][len(prompt) :] for k in ("chosen", "rejected")
+        )
         encoded.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
     prompts = [{"prompt": text(16, 32), "answer": text(2, 4)} for _ in range(8 * a.prompts)]
     grpo = [{**r, "prompt_ids": tok(r["prompt"])["input_ids"]} for r in prompts]

@@ -121,7 +121,9 @@ def lorakit_dpo(root: Path, s: dict[str, Any]) -> dict[str, Any]:
     precompute_s = time.perf_counter() - t
     rows = [{**r, "ref_chosen_logps": c, "ref_rejected_logps": j} for r, (c, j) in zip(rows, refs, strict=True)]
     tokens: list[int] = []
-    loader = DataLoader(rows, batch_size=s["batch"], shuffle=True, collate_fn=_counting(collate, tokens, "attention_mask"))
+    loader = DataLoader(
+        rows, batch_size=s["batch"], shuffle=True, collate_fn=_counting(collate, tokens, "attention_mask")
+    )
     ends: list[float] = []
     trainer = Trainer(
         model,
@@ -175,17 +177,26 @@ def lorakit_grpo(root: Path, s: dict[str, Any]) -> dict[str, Any]:
     model = _lorakit_model(model, s)
     cfg = GRPOConfig(num_generations=s["generations"], max_completion_length=s["new_tokens"])
     sampler = EngineSampler(
-        model, tok, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+        model,
+        tok,
+        max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
         top_k=cfg.top_k,
     )
     scorer = RewardScorer(tok, cfg.rewards, cfg.weights)
     objective = GRPOObjective(model, cfg, sampler, scorer, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
-    rows = [{"prompt_ids": r["prompt_ids"], "prompt": r["prompt"], "answer": r["answer"]} for r in _rows(root, "grpo.jsonl")]
+    rows = [
+        {"prompt_ids": r["prompt_ids"], "prompt": r["prompt"], "answer": r["answer"]} for r in _rows(root, "grpo.jsonl")
+    ]
     collate = functools.partial(collate_prompts, pad_id=tok.pad_token_id)
     loader = DataLoader(rows, batch_size=s["prompts"], shuffle=True, collate_fn=collate)
     ends: list[float] = []
     trainer = Trainer(
-        model, _train_config(s, s["grpo_steps"]), objective=objective, metrics=grpo_metrics(scorer.names),
+        model,
+        _train_config(s, s["grpo_steps"]),
+        objective=objective,
+        metrics=grpo_metrics(scorer.names),
         callbacks=[_step_ends(ends)],
     )
     lengths: list[float] = []

@@ -86,7 +86,9 @@ def sft_model(tok: Any, train: list[tuple[str, str]], steps: int) -> Any:
             ids = torch.tensor(p + a)
             labels = torch.tensor([-100] * len(p) + a)
             rows.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
-    loader = DataLoader(rows, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0), collate_fn=_stack)
+    loader = DataLoader(
+        rows, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0), collate_fn=_stack
+    )
     Trainer(model, TrainConfig(max_steps=steps, lr=3e-3, device="cpu", seed=0), callbacks=[]).fit(loader)
     return model.eval()
 
@@ -180,7 +182,9 @@ def pairs(tok: Any, rows: list[tuple[str, str]], seed: int) -> list[dict[str, An
             bad = list(letters)
             bad[rng.randrange(3)] = rng.choice([c for c in LETTERS if c not in letters])
         enc = lambda s: tok(s)["input_ids"] + [tok.eos_token_id]  # noqa: E731
-        out.append({"prompt_ids": tok(prompt)["input_ids"], "chosen_ids": enc(answer), "rejected_ids": enc(" ".join(bad))})
+        out.append(
+            {"prompt_ids": tok(prompt)["input_ids"], "chosen_ids": enc(answer), "rejected_ids": enc(" ".join(bad))}
+        )
     return out
 
 
@@ -194,7 +198,9 @@ def test_dpo_raises_held_out_preference_accuracy(task):
     rows = pairs(tok, train, seed=0)
     refs = reference_logps(model, rows, collate, config=cfg, batch_size=64, device=torch.device("cpu"))
     rows = [{**r, "ref_chosen_logps": c, "ref_rejected_logps": j} for r, (c, j) in zip(rows, refs, strict=True)]
-    loader = DataLoader(rows, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0), collate_fn=collate)
+    loader = DataLoader(
+        rows, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0), collate_fn=collate
+    )
     config = TrainConfig(max_steps=DPO_STEPS, lr=5e-3, device="cpu", seed=0)
     Trainer(model, config, objective=DPOObjective(model, cfg), callbacks=[]).fit(loader)
     after = preference_accuracy(model.eval(), valid, tok.pad_token_id)
