@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -120,11 +121,17 @@ DPO_STEPS = 30
 
 
 @pytest.fixture(scope="module")
-def task() -> dict[str, Any]:
-    """The tokenizer, the train and held-out problems, and the SFT model both preference stages start from."""
-    tok = make_tokenizer()
-    train, held_out = problems()
-    return {"tok": tok, "train": train, "held_out": held_out, "sft": sft_model(tok, train, SFT_STEPS)}
+def task() -> Iterator[dict[str, Any]]:
+    """The tokenizer, the train and held-out problems, and the SFT model both preference stages start from; one
+    torch thread while they run (the numbers then match on every machine, and a shared CPU is not oversubscribed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tok = make_tokenizer()
+        train, held_out = problems()
+        yield {"tok": tok, "train": train, "held_out": held_out, "sft": sft_model(tok, train, SFT_STEPS)}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def with_adapter(model: Any) -> Any:
@@ -137,8 +144,8 @@ def with_adapter(model: Any) -> Any:
 
 def test_grpo_raises_held_out_exact_match_over_sft(task):
     tok, train, held_out, sft = task["tok"], task["train"], task["held_out"], task["sft"]
-    before = exact_match(sft, tok, held_out, n=8)
     model = with_adapter(sft)
+    before = exact_match(model, tok, held_out, n=8)  # the fresh adapter (B = 0) computes exactly what SFT does
     cfg = GRPOConfig(num_generations=8, max_completion_length=4, rewards=("exact_match",))
     sampler = EngineSampler(model, tok, max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=0)
     scorer = RewardScorer(tok, cfg.rewards, cfg.weights)
