@@ -4,7 +4,8 @@
 #   RESULTS-checkpointing.md (gradient checkpointing and packing, about 2 minutes),
 #   RESULTS-serve.md (lorakit serve's engine: continuous batching across adapters, about 3 minutes),
 #   RESULTS-e2e.md (lorakit finetune vs Trainer + PEFT), RESULTS-scale.md (+ scale-*.png), RESULTS-export.md,
-#   RESULTS-moe.md (LoRA on MoE experts vs PEFT target_parameters, about 8 minutes), RESULTS-moe-mixed.md
+#   RESULTS-moe.md (LoRA on MoE experts vs PEFT target_parameters, about 8 minutes), RESULTS-moe-mixed.md,
+#   RESULTS-preference.md (DPO and GRPO against TRL + PEFT, about 5 minutes)
 # (RESULTS-qlora.md and RESULTS-fingerprint.md are written by hand from variants.py --profile and fingerprint.py.)
 # Extra arguments go to run.py (e.g. --device cuda).
 set -euo pipefail
@@ -42,4 +43,5 @@ mv benchmarks/RESULTS-distributed.md.tmp benchmarks/RESULTS-distributed.md
 "$PY" benchmarks/export.py 2>benchmarks/export.log
 "$PY" benchmarks/moe.py 2>benchmarks/moe.log
 "$PY" benchmarks/moe_mixed.py 2>benchmarks/moe_mixed.log
+"$PY" benchmarks/preference.py 2>benchmarks/preference.log
 echo "wrote benchmarks/RESULTS*.md"

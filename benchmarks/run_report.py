@@ -216,10 +216,17 @@ def report(a, train, saved, rss, inf, ops, diffs, prof, seconds) -> str:
             "",
             "## The other suites",
             "",
-            "`bash benchmarks/all.sh` runs this file's suite and three more, each writing its own page: "
+            "`bash benchmarks/all.sh` runs this file's suite and the others, each writing its own page: "
             "[mixed-adapter batches](RESULTS-adapters.md) (`benchmarks/adapters.py`), "
-            "[DoRA and QLoRA](RESULTS-variants.md) (`benchmarks/variants.py`) and "
-            "[1 → 2 processes](RESULTS-distributed.md) (`benchmarks/distributed.py`).",
+            "[DoRA and QLoRA](RESULTS-variants.md) (`benchmarks/variants.py`), "
+            "[1 → 2 processes](RESULTS-distributed.md) (`benchmarks/distributed.py`), "
+            "[gradient checkpointing and packing](RESULTS-checkpointing.md) (`benchmarks/checkpointing.py`), "
+            "[the serving engine](RESULTS-serve.md) (`benchmarks/serve.py`), "
+            "[end to end against Trainer + PEFT](RESULTS-e2e.md) (`benchmarks/e2e.py`), "
+            "[scale curves](RESULTS-scale.md) (`benchmarks/scale.py`), [export](RESULTS-export.md) "
+            "(`benchmarks/export.py`), [LoRA on MoE experts](RESULTS-moe.md) (`benchmarks/moe.py`), "
+            "[mixed MoE adapter batches](RESULTS-moe-mixed.md) (`benchmarks/moe_mixed.py`) and "
+            "[DPO and GRPO against TRL + PEFT](RESULTS-preference.md) (`benchmarks/preference.py`).",
             "",
         ]
     )

@@ -298,3 +298,34 @@ def test_moe_mixed_suite_runs_quick(tmp_path):
     assert [t.split(" | ")[0] for t in times] == ["| base (adapters disabled)", "| one adapter", "| mixed"]
     assert "met." in text or "**missed**." in text
     assert float(text.split("adapter to ")[1].split(" ")[0]) < 1e-4
+
+
+# -- benchmarks/preference.py (DPO and GRPO against TRL + PEFT) ---------------------------------------
+
+
+def test_preference_suite_runs_quick(tmp_path):
+    """DPO and GRPO against TRL + PEFT on a tiny Llama, the training sides in this process: every side measured,
+    every target without peak RSS judged."""
+    spec = importlib.util.spec_from_file_location("lorakit_benchmarks_preference", RUN.parent / "preference.py")
+    preference = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = preference
+    spec.loader.exec_module(preference)
+    out = tmp_path / "RESULTS-preference.md"
+    threads = torch.get_num_threads()
+    try:
+        assert preference.main(["--quick", "--no-rss", "--out", str(out)]) == out
+    finally:
+        torch.set_num_threads(threads)  # the run pins threads; leave the session as it was
+    text = out.read_text()
+    assert "Machine: " in text and "trl " in text and "nan" not in text.lower()
+    dpo = _table_rows(text, "## DPO")
+    assert all(
+        float(dpo[s][1].replace(",", "")) > 0
+        for s in ("lorakit DPOObjective (reference cached)", "TRL DPOTrainer + PEFT")
+    )
+    rollouts = _table_rows(text, "### Rollouts")
+    assert all(float(rollouts[s][1].replace(",", "")) > 0 for s in ("lorakit EngineSampler", "TRL generate"))
+    steps = _table_rows(text, "### Whole step")
+    assert {"lorakit GRPOObjective (EngineSampler)", "TRL GRPOTrainer + PEFT (generate)"} <= steps.keys()
+    targets = [line for line in text.splitlines() if line.endswith(("| met |", "| **missed** |"))]
+    assert len(targets) == 3  # DPO tokens/s, rollout tokens/s, GRPO step (peak RSS needs the processes)
