@@ -361,3 +361,43 @@ def test_objective_trains_under_the_trainer_with_trls_metric_names_and_seeds_fro
     assert len(steps) == 2 and all(set(names) <= set(r) for r in steps)
     epoch = next(r for r in rows if r["kind"] == "epoch")
     assert all(f"valid_{n}" in epoch for n in names) and epoch["valid_kl"] > 0
+
+
+class _Rows:
+    """A sampler returning whatever rows it is given (for the bad-input checks)."""
+
+    def __init__(self, rows: list[list[int]]) -> None:
+        self.rows = rows
+
+    def __call__(self, prompts: list[list[int]], n: int, seed: int) -> list[list[int]]:
+        return self.rows
+
+
+class _Shape:
+    """A scorer returning a tensor of the wrong shape."""
+
+    names, weights = ("a",), (1.0,)
+
+    def __call__(self, batch, rows: list[list[int]], n: int) -> torch.Tensor:
+        return torch.zeros(len(rows), 2)
+
+
+def test_bad_sampler_scorer_and_loss_inputs_are_refused_by_name(policy, tok):
+    obj = objective(policy, tok)
+    batch, eos = prompt_batch(tok), tok.eos_token_id
+    cases = [
+        (_Rows([[eos]] * 3), FnScorer(tok), "the sampler returned 3 completions for 2 prompts × 4"),
+        (_Rows([[5] * (MAX_LEN + 1)] * 8), FnScorer(tok), "completions of 7 tokens: max_completion_length=6"),
+        (_Rows([[eos]] * 8), _Shape(), r"the scorer returned \(8, 2\): expected a Tensor of shape \(8, 1\)"),
+    ]
+    for sampler, scorer, message in cases:
+        bad = GRPOObjective(policy, obj.config, sampler, scorer, pad_id=tok.pad_token_id, eos_id=eos)
+        with pytest.raises(ValueError, match=message):
+            bad(policy, batch)
+    logps, adv = torch.zeros(2, 3), torch.zeros(2)
+    with pytest.raises(ValueError, match=r"beta=0.1 needs ref_per_token_logps of shape \(2, 3\); got None"):
+        grpo_loss(logps, logps, None, adv, torch.ones(2, 3), beta=0.1)
+    with pytest.raises(ValueError, match=r"advantages \(3,\) must be \(N,\) = \(2,\)"):
+        grpo_loss(logps, logps, None, torch.zeros(3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="scale_rewards='mean' is invalid"):
+        group_advantages(adv, 2, "mean")
