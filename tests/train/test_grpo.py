@@ -226,11 +226,7 @@ def last(trainer, name: str) -> float:
 def test_advantages_equal_trl(base, policy, tok, tmp_path, scale_rewards):
     trainer = trl_trainer(base, policy, tok, tmp_path, scale_rewards=scale_rewards)
     inputs = trl_inputs(trainer)
-    scorer = FnScorer(tok)
-    per_func = scorer({"prompt": PROMPTS}, completions(tok), G)
-    rewards = (per_func * torch.tensor(WEIGHTS)).nansum(1)
-    rewards[per_func.isnan().all(1)] = math.nan
-    ours = group_advantages(rewards, G, scale_rewards)
+    ours = group_advantages(per_row_rewards(tok), G, scale_rewards)
     assert torch.allclose(ours, inputs["advantages"], atol=1e-6), (ours, inputs["advantages"])
     assert (ours[[1, 4]] == 0).all()  # the unscorable completions move nothing
 
@@ -263,18 +259,8 @@ def test_loss_per_token_loss_kl_clip_fractions_and_grads_equal_trl(base, policy,
     if beta:
         assert torch.allclose(ref[mask], inputs["ref_per_token_logps"][mask], atol=1e-5)
     advantages = group_advantages(per_row_rewards(tok), G, "group")
-    ours = grpo_loss(
-        logps,
-        old,
-        ref,
-        advantages,
-        rb.completion_mask,
-        beta=beta,
-        epsilon=0.2,
-        epsilon_high=0.28,
-        loss_type=loss_type,
-        max_completion_length=MAX_LEN,
-    )
+    settings = {"epsilon": 0.2, "epsilon_high": 0.28, "loss_type": loss_type, "max_completion_length": MAX_LEN}
+    ours = grpo_loss(logps, old, ref, advantages, rb.completion_mask, beta=beta, **settings)
     ours.loss.backward()
     theirs, frame, grads = run_trl_loss(trainer, {**inputs, "old_per_token_logps": old})
     assert torch.allclose(ours.loss, theirs, atol=1e-6), (ours.loss, theirs)
@@ -334,8 +320,9 @@ def test_objective_equals_trl_step(base, policy, tok, tmp_path, loss_type, scale
     assert (out.outputs == out.outputs[0]).all()  # batch statistics, on every row
 
 
-def fit_grpo(policy, tok, seed: int, tmp_path):
-    """A 2-step lorakit Trainer run of GRPO (beta > 0) on a copy of `policy`, with a validation pass."""
+def fit_grpo(policy, tok, seed: int, tmp_path=None):
+    """A 2-step lorakit Trainer run of GRPO (beta > 0) on a copy of `policy`, with a validation pass; its
+    metrics.jsonl rows when given a directory."""
     model = copy.deepcopy(policy)
     modes = []
     model.register_forward_pre_hook(lambda m, args: modes.append((torch.is_grad_enabled(), m.training)))
@@ -345,14 +332,14 @@ def fit_grpo(policy, tok, seed: int, tmp_path):
         model, cfg, objective=obj, metrics=grpo_metrics(obj.scorer.names), callbacks=[], artifact_dir=tmp_path
     )
     trainer.fit([prompt_batch(tok)] * 2, [prompt_batch(tok)])
-    rows = trainer.artifacts.rows()
+    rows = trainer.artifacts.rows() if trainer.artifacts else []
     return obj.sampler.seeds, modes, rows
 
 
 def test_objective_trains_under_the_trainer_with_trls_metric_names_and_seeds_from_the_global_rng(policy, tok, tmp_path):
     seeds, modes, rows = fit_grpo(policy, tok, 7, tmp_path / "a")
-    again, _, _ = fit_grpo(policy, tok, 7, tmp_path / "b")
-    other, _, _ = fit_grpo(policy, tok, 8, tmp_path / "c")
+    again, _, _ = fit_grpo(policy, tok, 7)
+    other, _, _ = fit_grpo(policy, tok, 8)
     assert len(seeds) == 3 and seeds == again and seeds != other  # 2 training batches, 1 validation batch
     grad_modes = {training for grad, training in modes if grad}
     assert grad_modes == {True}  # every gradient pass ran in train mode, after the sampler switched to eval
@@ -361,3 +348,43 @@ def test_objective_trains_under_the_trainer_with_trls_metric_names_and_seeds_fro
     assert len(steps) == 2 and all(set(names) <= set(r) for r in steps)
     epoch = next(r for r in rows if r["kind"] == "epoch")
     assert all(f"valid_{n}" in epoch for n in names) and epoch["valid_kl"] > 0
+
+
+class _Rows:
+    """A sampler returning whatever rows it is given (for the bad-input checks)."""
+
+    def __init__(self, rows: list[list[int]]) -> None:
+        self.rows = rows
+
+    def __call__(self, prompts: list[list[int]], n: int, seed: int) -> list[list[int]]:
+        return self.rows
+
+
+class _Shape:
+    """A scorer returning a tensor of the wrong shape."""
+
+    names, weights = ("a",), (1.0,)
+
+    def __call__(self, batch, rows: list[list[int]], n: int) -> torch.Tensor:
+        return torch.zeros(len(rows), 2)
+
+
+def test_bad_sampler_scorer_and_loss_inputs_are_refused_by_name(policy, tok):
+    obj = objective(policy, tok)
+    batch, eos = prompt_batch(tok), tok.eos_token_id
+    cases = [
+        (_Rows([[eos]] * 3), FnScorer(tok), "the sampler returned 3 completions for 2 prompts × 4"),
+        (_Rows([[5] * (MAX_LEN + 1)] * 8), FnScorer(tok), "completions of 7 tokens: max_completion_length=6"),
+        (_Rows([[eos]] * 8), _Shape(), r"the scorer returned \(8, 2\): expected a Tensor of shape \(8, 1\)"),
+    ]
+    for sampler, scorer, message in cases:
+        bad = GRPOObjective(policy, obj.config, sampler, scorer, pad_id=tok.pad_token_id, eos_id=eos)
+        with pytest.raises(ValueError, match=message):
+            bad(policy, batch)
+    logps, adv = torch.zeros(2, 3), torch.zeros(2)
+    with pytest.raises(ValueError, match=r"beta=0.1 needs ref_per_token_logps of shape \(2, 3\); got None"):
+        grpo_loss(logps, logps, None, adv, torch.ones(2, 3), beta=0.1)
+    with pytest.raises(ValueError, match=r"advantages \(3,\) must be \(N,\) = \(2,\)"):
+        grpo_loss(logps, logps, None, torch.zeros(3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="scale_rewards='mean' is invalid"):
+        group_advantages(adv, 2, "mean")

@@ -230,7 +230,8 @@ def _clip_fractions(ratio: Tensor, adv: Tensor, mask: Tensor, low: float, high: 
 
 
 def grpo_stats(names: Sequence[str]) -> tuple[str, ...]:
-    """The columns of `GRPOObjective`'s per-row statistics, TRL's metric names, for reward functions `names`.
+    """The columns of `GRPOObjective`'s per-row statistics, TRL's metric names, for reward functions `names`
+    ("kl" is 0 when beta is 0: there is no reference pass, and TRL logs none).
 
     Examples:
         >>> grpo_stats(["exact_match"])[:4]
@@ -285,6 +286,9 @@ class GRPOObjective:
 
     The sampler's seed is drawn from torch's global generator, which the trainer checkpoints: a resumed run
     samples what the uninterrupted run sampled. The model's train/eval modes are as found after each call.
+    Each batch is sampled for itself: under gradient accumulation (or DDP), "bnpo"/"dapo" average each batch's
+    token mean where TRL divides by the tokens of the whole accumulation window, and scale_rewards="batch" is
+    the std of one batch.
     """
 
     def __init__(
