@@ -59,9 +59,9 @@ def test_the_learning_rate_has_its_usual_long_name_too():
 def test_finetune_help_lists_every_row_form_of_every_task():
     sub = build_parser()._subparsers._group_actions[0].choices["finetune"]
     text = sub.format_help()
-    samples = re.findall(r"^  (?:causal-lm|seq-cls)? +(\{.*?\})(?:  |$)", text, flags=re.M)
+    samples = re.findall(r"^  (?:causal-lm|seq-cls|dpo|grpo)? +(\{.*?\})(?:  |$)", text, flags=re.M)
     forms = [form for task in FORMS.values() for form in task]
-    assert len(samples) == len(forms) == 5, text  # causal-lm's 4 forms and seq-cls's 1, one line each
+    assert len(samples) == len(forms) == 8, text  # causal-lm's 4 forms, seq-cls's 1, dpo's 1, grpo's 2
     for sample, form in zip(samples, forms, strict=True):
         assert re.findall(r'"(\w+)":', sample) == list(form), (sample, form)
 

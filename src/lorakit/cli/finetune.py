@@ -219,7 +219,7 @@ def _row_forms() -> str:
     from ..hf.examples import form_lines
 
     lines = ["data rows (JSONL, CSV/TSV with a header, or a directory of Parquet/JSONL/CSV files), one form per row:"]
-    for task in hf.TASKS:
+    for task in hf.TRAIN_TASKS:
         lines += [f"  {task if i == 0 else '':<10} {line}" for i, line in enumerate(form_lines(task))]
     return "\n".join(lines)
 
