@@ -20,6 +20,15 @@ SAMPLING = {"temperature": 0.9, "top_p": 0.95, "top_k": 20}
 NEW = 8
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Ops this small only pay for thread hand-offs (many times slower on a busy machine); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     import _hf_models
