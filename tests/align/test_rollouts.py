@@ -186,3 +186,16 @@ def _saved(model, directory):
     """The model's 'default' adapter saved to `directory`."""
     lk.save_adapters(model, directory)
     return directory
+
+
+def test_each_prompt_is_prefilled_once(model, tok):
+    widths = []  # the rows of every forward that runs more than one position (a prefill)
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(len(kwargs["input_ids"])) if kwargs["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
+    try:
+        EngineSampler(model, tok, max_new_tokens=2, **SAMPLING)(PROMPTS, n=4, seed=0)
+    finally:
+        hook.remove()
+    assert widths == [len(PROMPTS)]  # not 12: the n samples of a prompt share its prefill

@@ -338,9 +338,15 @@ class Engine:
 
     def _prefill(self, key: str | None, rows: list[Row]) -> tuple[Batch, list[Row]] | None:
         """The rows' batch, their first tokens sampled into `last` (None when none is left to run)."""
+        # a prompt asked for several times with one adapter (GRPO's n samples of each) is run once, its cache copied
+        unique = {(r.adapter, tuple(r.prompt)): r for r in rows}
         try:
-            with self._adapters.enter(key, [r.adapter for r in rows]):
-                logits, batch = Batch.prefill(self.model, [r.prompt for r in rows], self._pad_id)
+            with self._adapters.enter(key, [a for a, _ in unique]):
+                logits, batch = Batch.prefill(self.model, [list(p) for _, p in unique], self._pad_id)
+            if len(unique) < len(rows):
+                where = {k: i for i, k in enumerate(unique)}
+                index = [where[(r.adapter, tuple(r.prompt))] for r in rows]
+                logits, batch = logits[index], batch.select(index)
         except Exception as e:  # noqa: BLE001 - the requests in this forward fail; the engine goes on
             for r in rows:
                 self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"{type(e).__name__}: {e}"))
