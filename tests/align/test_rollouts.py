@@ -20,6 +20,15 @@ SAMPLING = {"temperature": 0.9, "top_p": 0.95, "top_k": 20}
 NEW = 8
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Ops this small only pay for thread hand-offs (many times slower on a busy machine); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     import _hf_models
@@ -177,3 +186,16 @@ def _saved(model, directory):
     """The model's 'default' adapter saved to `directory`."""
     lk.save_adapters(model, directory)
     return directory
+
+
+def test_each_prompt_is_prefilled_once(model, tok):
+    widths = []  # the rows of every forward that runs more than one position (a prefill)
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(len(kwargs["input_ids"])) if kwargs["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
+    try:
+        EngineSampler(model, tok, max_new_tokens=2, **SAMPLING)(PROMPTS, n=4, seed=0)
+    finally:
+        hook.remove()
+    assert widths == [len(PROMPTS)]  # not 12: the n samples of a prompt share its prefill

@@ -126,7 +126,12 @@ class Engine:
         """Start the loop in a daemon thread (once)."""
         if self._thread is not None:
             raise RuntimeError("the engine is already started")
-        self._thread = threading.Thread(target=self._supervised, name="lorakit-serve-engine", daemon=True)
+        # the caller's torch thread count: GEMMs on a new thread would otherwise run an OpenMP team of the machine's
+        # default size (torch.set_num_threads sets it for the calling thread only), ~10x slower on a busy machine
+        threads = torch.get_num_threads()
+        self._thread = threading.Thread(
+            target=self._supervised, args=(threads,), name="lorakit-serve-engine", daemon=True
+        )
         self._thread.start()
 
     def submit(self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams) -> Handle:
@@ -227,9 +232,11 @@ class Engine:
 
     # -- the engine thread ------------------------------------------------------------------------
 
-    def _supervised(self) -> None:
-        """The loop, watched: an exception nothing else caught ends every request and marks the engine failed."""
+    def _supervised(self, threads: int) -> None:
+        """The loop on `threads` torch threads, watched: an exception nothing else caught ends every request and
+        marks the engine failed."""
         try:
+            torch.set_num_threads(threads)
             self._loop()
         except BaseException as e:  # noqa: BLE001 - the engine must never die silently: say why, end what waits
             reason = f"{type(e).__name__}: {e}"
@@ -331,9 +338,15 @@ class Engine:
 
     def _prefill(self, key: str | None, rows: list[Row]) -> tuple[Batch, list[Row]] | None:
         """The rows' batch, their first tokens sampled into `last` (None when none is left to run)."""
+        # a prompt asked for several times with one adapter (GRPO's n samples of each) is run once, its cache copied
+        unique = {(r.adapter, tuple(r.prompt)): r for r in rows}
         try:
-            with self._adapters.enter(key, [r.adapter for r in rows]):
-                logits, batch = Batch.prefill(self.model, [r.prompt for r in rows], self._pad_id)
+            with self._adapters.enter(key, [a for a, _ in unique]):
+                logits, batch = Batch.prefill(self.model, [list(p) for _, p in unique], self._pad_id)
+            if len(unique) < len(rows):
+                where = {k: i for i, k in enumerate(unique)}
+                index = [where[(r.adapter, tuple(r.prompt))] for r in rows]
+                logits, batch = logits[index], batch.select(index)
         except Exception as e:  # noqa: BLE001 - the requests in this forward fail; the engine goes on
             for r in rows:
                 self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"{type(e).__name__}: {e}"))
