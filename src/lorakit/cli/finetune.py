@@ -79,7 +79,7 @@ def _job(args: argparse.Namespace) -> job_module.FinetuneJob:
         task=args.task,
         out=args.out,
         valid=args.valid,
-        targets=_rules(args.targets),
+        targets=_rules(args.targets) if args.targets is not None else None,  # None: --init-adapter's own
         target_parameters=_rules(args.target_parameters or []),
         lora=LoraConfig(
             rank=args.rank,
