@@ -17,13 +17,21 @@ from lorakit.errors import LoraError  # noqa: E402
 from lorakit.train import DPOConfig, GRPOConfig  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny saved llama: the path checks pass, and every check here comes before it loads."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import _hf_models
+
+    return _hf_models.save_tiny("llama", tmp_path_factory.mktemp("align-job") / "llama")
+
+
 @pytest.fixture
-def base(tmp_path: Path) -> list:
-    """A finetune command line whose model and data paths exist (nothing loads: every check here is earlier)."""
-    (tmp_path / "model").mkdir()
+def base(tmp_path: Path, tiny: Path) -> list:
+    """A finetune command line whose model and data paths exist."""
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
-    return ["finetune", "--model", tmp_path / "model", "--data", rows, "--out", tmp_path / "out", "--device", "cpu"]
+    return ["finetune", "--model", tiny, "--data", rows, "--out", tmp_path / "out", "--device", "cpu"]
 
 
 @pytest.mark.parametrize(

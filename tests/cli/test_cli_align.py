@@ -131,8 +131,8 @@ def test_a_run_from_the_sft_adapter_resumes_after_sigkill_to_the_same_bytes(file
         if task == "dpo"
         else ["reward", "reward_std", "rewards/contains/mean", "rewards/length/std", "kl", "completions/mean_length"]
     )
-    logged = [line for line in stdout.splitlines() if line.startswith("step ")]
-    assert logged and all(f" {n}=" in logged[-1] for n in names), logged[-1:]
+    epoch = [line for line in stdout.splitlines() if line.startswith("epoch ")][-1]  # the plain log's epoch line
+    assert all(f" train_{n}=" in epoch and f" valid_{n}=" in epoch for n in names), epoch
     after = next(line for line in stdout.splitlines() if line.startswith("after "))
     assert all(f" valid_{n}=" in after for n in names), after
     report = json.loads((whole / "run" / "finetune_report.json").read_text())
@@ -140,7 +140,7 @@ def test_a_run_from_the_sft_adapter_resumes_after_sigkill_to_the_same_bytes(file
     assert report["align"]["beta"] == (0.5 if task == "dpo" else 0.04)
     assert report["init_adapter"] == str(files["sft"])
     rows = [json.loads(line) for line in (whole / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any(names[0] in row for row in rows)
+    assert all(f"valid_{n}" in rows[-1] for n in names), rows[-1]  # the last epoch's row, TRL's names
     sft = (files["sft"] / "adapter_model.safetensors").read_bytes()
     assert (whole / "adapter_model.safetensors").read_bytes() != sft  # it trained from the SFT adapter
     check_peft_loads(files["model"], whole)

@@ -54,11 +54,29 @@ def config_of(task: str, values: dict[str, Any]) -> DPOConfig | GRPOConfig:
         raise ValueError(f"task={task!r} has no preference or RL config: expected one of {', '.join(TASKS)}")
     try:
         config = DPOConfig(**values) if task == "dpo" else GRPOConfig(**values)
-    except ValueError as e:
-        field = str(e).split("=", 1)[0]
-        fields = ("beta", "loss_type", "simpo_gamma", "num_generations", "max_completion_length", "temperature")
-        fields += ("top_p", "top_k", "epsilon", "epsilon_high", "scale_rewards", "rewards", "reward_weights")
-        raise LoraError(str(e), param=field if field in fields else None) from None
+    except ValueError as e:  # the config names the field first ("beta=-1.0 is invalid ..."): that is the param
+        named = str(e).split("=", 1)[0]
+        raise LoraError(  # param: the library's names, each a flag of the CLI (cli.common.PARAM_FLAGS)
+            str(e),
+            param=named
+            if named
+            in (
+                "beta",
+                "loss_type",
+                "simpo_gamma",
+                "num_generations",
+                "max_completion_length",
+                "temperature",
+                "top_p",
+                "top_k",
+                "epsilon",
+                "epsilon_high",
+                "scale_rewards",
+                "rewards",
+                "reward_weights",
+            )  # fmt: skip
+            else None,
+        ) from None
     if isinstance(config, GRPOConfig):  # each spec resolved now (a user's module imported), before any model loads
         for spec in config.rewards:
             try:

@@ -32,8 +32,10 @@ def finetune(args: argparse.Namespace) -> int:
     # before the job resolves --model (a hub id may download) and the slow part: a missing tracker fails here
     callbacks = _callbacks(args)
     align.check(args)  # a flag of another task, or LoRA flags beside --init-adapter: before anything is resolved
-    if args.targets is None:  # resolved as apply_lora reads it, so that the run file records it: all-linear, or no
-        args.targets = [] if args.target_parameters else ["all-linear"]  # modules beside parameters (PEFT's rule)
+    # resolved as apply_lora reads it, so that the run file records it: all-linear, or no modules beside parameters
+    # (PEFT's rule); an --init-adapter brings its own targets
+    if args.targets is None and args.init_adapter is None:
+        args.targets = [] if args.target_parameters else ["all-linear"]
     job = inputs(_job, args)
     out = Path(job.out)
     out_dir.check_start(out, job.resume, job.overwrite)  # advice that fits what OUT holds
@@ -77,7 +79,7 @@ def _job(args: argparse.Namespace) -> job_module.FinetuneJob:
         task=args.task,
         out=args.out,
         valid=args.valid,
-        targets=_rules(args.targets),
+        targets=_rules(args.targets) if args.targets is not None else None,  # None: --init-adapter's own
         target_parameters=_rules(args.target_parameters or []),
         lora=LoraConfig(
             rank=args.rank,
