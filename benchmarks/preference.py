@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a tiny model, few steps, one repetition (for tests)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS-preference.md")
     a = p.parse_args(argv)
-    a.command = " ".join(sys.argv[1:] if argv is None else argv)
+    a.command = "".join(f" {x}" for x in (sys.argv[1:] if argv is None else argv))
     if a.quick:
         a.hidden, a.intermediate, a.layers, a.heads, a.vocab = 32, 64, 2, 2, 128
         a.pairs, a.dpo_steps, a.grpo_steps, a.warmup, a.new_tokens, a.reps, a.rounds = 8, 3, 2, 1, 8, 1, 2

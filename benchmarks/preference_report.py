@@ -129,7 +129,7 @@ def report(
     grpo, grpo_targets = grpo_section(a, rates, runs)
     return f"""# Preference and RL fine-tuning with LoRA: lorakit against TRL + PEFT (CPU)
 
-Command: `python benchmarks/preference.py {a.command}`
+Command: `python benchmarks/preference.py{a.command}`
 ({elapsed:.0f} s)
 
 Machine: {harness.machine("cpu", a.threads)}, trl {trl.__version__}. Load average at the start and end: \

@@ -117,7 +117,7 @@ def exact_match(model: Any, tok: Any, rows: list[tuple[str, str]], n: int, seed:
 
 
 SFT_STEPS = 100
-DPO_STEPS = 30
+DPO_STEPS = 20
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_grpo_raises_held_out_exact_match_over_sft(task):
         generator=torch.Generator().manual_seed(0),
         collate_fn=functools.partial(collate_prompts, pad_id=tok.pad_token_id),
     )
-    Trainer(model, TrainConfig(max_steps=30, lr=5e-3, device="cpu", seed=0), objective=objective, callbacks=[]).fit(
+    Trainer(model, TrainConfig(max_steps=20, lr=5e-3, device="cpu", seed=0), objective=objective, callbacks=[]).fit(
         loader
     )
     after = exact_match(model.eval(), tok, held_out, n=8)
