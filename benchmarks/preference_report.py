@@ -163,4 +163,13 @@ TRL's rollouts are its `GRPOTrainer._generate_single_turn` on CPU: `generate` on
 repeated G times, every row computed until the longest is done. lorakit's are the serving engine's continuous
 batching (`EngineSampler`), KV cache, finished sequences leaving the batch. Tokens count each completion up to
 and including its first EOS. A step is rollouts, rewards, the policy's log-probs, backward and AdamW.
+
+Why the GRPO targets are missed: TRL's `generate` on CPU already decodes all B·G rows together with a KV cache (the
+issue's "generate per batch" is batched), so the engine can only win on what is left. Profiled with py-spy on both
+sides (`benchmarks/rollouts.py`, hidden 512): ~84% of each side's time is the model forward, with the same base-GEMM
+sample counts; the engine spends ~9% more on its per-row float64 sampling and ~4% on the per-token text stream that
+rollouts do not need. Continuous batching gains where completions end at different lengths; this random-weights
+model runs almost every row to the 64-token limit (mean 63.5), and the step follows its rollouts. What would move
+it: rollouts with the adapter merged into the weights for their duration (the way TRL + vLLM sample; the engine
+refuses to run merged today), vectorised sampling, no text stream for rollouts.
 """
