@@ -164,8 +164,8 @@ repeated G times, every row computed until the longest is done. lorakit's are th
 batching (`EngineSampler`), KV cache, finished sequences leaving the batch. Tokens count each completion up to
 and including its first EOS. A step is rollouts, rewards, the policy's log-probs, backward and AdamW.
 
-Why the GRPO targets are missed: TRL's `generate` on CPU already decodes all B·G rows together with a KV cache (the
-issue's "generate per batch" is batched), so the engine can only win on what is left. Profiled with py-spy on both
+Why the GRPO targets are missed: TRL's `generate` on CPU already decodes all B·G rows together with a KV cache (a
+batch per step, not a call per completion), so the engine can only win on what is left. Profiled with py-spy on both
 sides (`benchmarks/rollouts.py`, hidden 512): ~84% of each side's time is the model forward, with the same base-GEMM
 sample counts; the engine spends ~9% more on its per-row float64 sampling and ~4% on the per-token text stream that
 rollouts do not need. Continuous batching gains where completions end at different lengths; this random-weights
