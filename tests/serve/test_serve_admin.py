@@ -29,6 +29,8 @@ def made(tmp_path_factory):
     served = root / "adapters"
     adapters = {n: _serving.make_adapter(model, served / n, seed) for seed, n in enumerate("cde", start=3)}
     outside = _serving.make_adapter(model, root / "outside", 9)
+    _serving.make_adapter(_other_base(model, root / "other-llama"), served / "x", 10)  # saved on another base
+    _peft_adapter(model, served / "p")  # no lorakit.json
     return {
         "root": root,
         "model": model,
@@ -39,10 +41,49 @@ def made(tmp_path_factory):
     }
 
 
+def _other_base(model_dir: Path, out: Path) -> Path:
+    """A copy of the tiny llama with one weight the adapters do not target changed: another base, same shapes."""
+    import torch
+
+    from lorakit.hf import models as hf
+
+    model, tok = hf.load(model_dir, "causal-lm")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.add_(0.25)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _peft_adapter(model_dir: Path, out: Path) -> Path:
+    """A LoRA adapter saved by PEFT itself: its two files, no lorakit.json."""
+    import peft
+    import torch
+
+    from lorakit.hf import models as hf
+
+    model, _ = hf.load(model_dir, "causal-lm")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(12))
+    wrapped.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def admin(made):
     server = _serving.Server(
-        "--model", made["model"], "--adapter-root", made["served"], "--max-loaded", "2", "--api-key", KEY
+        "--model",
+        made["model"],
+        "--adapter-root",
+        made["served"],
+        "--max-loaded",
+        "2",
+        "--api-key",
+        KEY,
+        "--allow-base-mismatch",  # so that an adapter saved on another base loads, and /v1/models says so
     )
     yield server
     assert server.stop() == 0, "".join(server.stderr)
@@ -168,6 +209,29 @@ def test_an_adapter_in_use_is_unloaded_after_its_requests_finish(admin, made):
         if _serving.metric(_call(admin, "/metrics").text, "lorakit_loaded_adapters") == 0:
             break
     assert _serving.metric(_call(admin, "/metrics").text, "lorakit_loaded_adapters") == 0
+
+
+def test_adapters_loaded_at_run_time_say_whether_their_base_is_the_served_one(admin, made):
+    ref, client = made["ref"], admin.client(api_key=KEY)
+    for n in "cxp":  # with --max-loaded 2, p evicts c: c stays known, and so does its lineage
+        r = _call(admin, "/v1/load_lora_adapter", {"lora_name": n, "lora_path": n})
+        assert r.status_code == 200, r.text
+    cards = {m.id: m.model_extra for m in client.models.list().data}
+    assert {n: (cards[n]["parent"], cards[n]["root"]) for n in "cxp"} == {
+        n: ("llama", str((made["served"] / n).resolve())) for n in "cxp"
+    }
+    same, other, unknown = (cards[n]["lineage"] for n in "cxp")
+    assert same["base_match"] is True and same["differences"] == []
+    assert same["base_path"] == str(made["model"].resolve())
+    assert other["base_match"] is False and other["base_fingerprint"] != same["base_fingerprint"]
+    assert other["base_path"] == str((made["root"] / "other-llama").resolve())
+    assert other["differences"] == ["tensor 'model.layers.0.mlp.down_proj.weight': weight values differ"]
+    assert unknown == dict.fromkeys(same, None) | {"differences": []}  # PEFT-made: nothing says which base
+    got = client.completions.create(model="llama", prompt="good morning", max_tokens=6, temperature=0)
+    assert got.choices[0].text == ref.greedy(None, ref.ids("good morning"), 6, ref.eos)[0]  # the base still serves
+    assert client.completions.create(model="x", prompt="good morning", max_tokens=2).usage.completion_tokens > 0
+    for n in "cxp":
+        assert _call(admin, "/v1/unload_lora_adapter", {"lora_name": n}).status_code == 200
 
 
 # -- a full queue, a client that goes away, SIGTERM ----------------------------------------------------

@@ -47,7 +47,13 @@ def setup(tmp_path_factory):
         "--adapter",
         f"t={root / 't'}",
     )
-    yield {"server": server, "client": server.client(), "ref": _serving.Reference(model, adapters)}
+    yield {
+        "server": server,
+        "client": server.client(),
+        "ref": _serving.Reference(model, adapters),
+        "model": model,
+        "paths": adapters,
+    }
     assert server.stop() == 0, "".join(server.stderr)
 
 
@@ -55,6 +61,27 @@ def test_models_lists_the_base_and_every_adapter(setup):
     models = setup["client"].models.list()
     assert [m.id for m in models.data] == ["llama", "a", "b", "t"]
     assert models.data[1].model_extra["parent"] == "llama"
+
+
+def test_models_says_each_adapters_lineage_from_its_sidecar(setup):
+    from lorakit.files import provenance
+    from lorakit.serve.lineage import adapter_hash
+
+    cards = {m.id: m.model_extra for m in setup["client"].models.list().data}
+    assert cards["llama"].get("lineage") is None  # the base has none: it is the served one
+    saved = provenance.read(setup["paths"]["a"])
+    assert cards["a"]["lineage"] == {
+        "base_fingerprint": provenance.fingerprint_id(saved.base),
+        "base_class": "LlamaForCausalLM",
+        "base_path": str(setup["model"].resolve()),
+        "adapter_hash": adapter_hash(saved.tensors),
+        "base_match": True,
+        "differences": [],
+    }
+    lineages = {n: cards[n]["lineage"] for n in "abt"}
+    assert all(x["base_match"] is True for x in lineages.values())
+    assert lineages["t"] == lineages["a"] != lineages["b"]  # t holds a's tensors; b its own, on the same base
+    assert lineages["b"]["base_fingerprint"] == lineages["a"]["base_fingerprint"]
 
 
 @pytest.mark.parametrize("model", ["llama", "base", "a", "b"])

@@ -38,6 +38,16 @@ def encoder(minilm_winners):
     assert server.stop() == 0, "".join(server.stderr)
 
 
+def test_a_seq_cls_adapter_lists_its_lineage(encoder):
+    from lorakit.files import provenance
+
+    base, *adapters = encoder["client"].models.list().data
+    card = {m.id: m.model_extra for m in adapters}["cls"]
+    saved = provenance.read(encoder["adapter"])
+    assert card["parent"] == base.id and card["lineage"]["base_match"] is True
+    assert card["lineage"]["base_fingerprint"] == provenance.fingerprint_id(saved.base)
+
+
 def test_base_embeddings_equal_sentence_transformers(encoder):
     import sentence_transformers  # a dev dependency: the reference for MiniLM's sentence embeddings
 

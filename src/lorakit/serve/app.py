@@ -1,7 +1,7 @@
 """The FastAPI app of `lorakit serve`: one local model and its adapters behind OpenAI's API (and vLLM's extras).
 
     GET  /health                    {"status": "ready"} (never needs the API key)
-    GET  /v1/models                 the base model and every adapter
+    GET  /v1/models                 the base model and every adapter (its parent, root and lineage)
     POST /v1/completions            causal LMs (text.py)
     POST /v1/chat/completions       causal LMs, through the tokenizer's chat template (text.py)
     POST /v1/embeddings             encoders (encoder.py)
@@ -137,7 +137,8 @@ def _add_info_routes(app: FastAPI, base_name: str, model_dir: Path, registry: Re
 
     @app.get("/v1/models", responses=schemas.responses(schemas.ModelList))
     async def models() -> dict[str, Any]:
-        """The base model and every adapter, as OpenAI lists models (with vLLM's root and parent)."""
+        """The base model and every adapter, as OpenAI lists models (with vLLM's root and parent, and each adapter's
+        lineage: the base its lorakit.json records and whether it is the one served)."""
         return _model_list(base_name, model_dir, registry, created)
 
     @app.get("/metrics", responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
@@ -147,7 +148,8 @@ def _add_info_routes(app: FastAPI, base_name: str, model_dir: Path, registry: Re
 
 
 def _model_list(base_name: str, model_dir: Path, registry: Registry, created: int) -> dict[str, Any]:
-    """GET /v1/models' body: the base (root: its directory) and each adapter (parent: the base)."""
+    """GET /v1/models' body: the base (root: its directory) and each adapter (parent: the base; its lineage, from
+    its lorakit.json: lineage.py)."""
     base = {
         "id": base_name,
         "object": "model",
@@ -164,6 +166,7 @@ def _model_list(base_name: str, model_dir: Path, registry: Registry, created: in
             "owned_by": "lorakit",
             "root": str(registry.path(n)),
             "parent": base_name,
+            "lineage": registry.lineage(n),  # None only while its first load runs
         }
         for n in registry.names()
     ]

@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request
 
 from ..errors import LoraFileError
 from ..hf import models as hf
-from . import schemas
+from . import lineage, schemas
 from .access_log import record_of
 from .limits import Limits
 from .metrics import Metrics, label
@@ -81,8 +81,8 @@ class EncoderService:
         self.max_length = max_seq_length(self.model_dir, limit)
         self._lock = threading.Lock()
 
-    def load(self, name: str, path: Path) -> None:
-        """Load a seq-cls adapter (strictly, with its head) into its own copy of the base."""
+    def load(self, name: str, path: Path) -> dict[str, Any]:
+        """Load a seq-cls adapter (strictly, with its head) into its own copy of the base; its lineage."""
         task, labels = hf.read_task(path)
         if task != "seq-cls":
             raise ValueError(f"{path} is a {task} adapter; an encoder model serves seq-cls adapters")
@@ -101,6 +101,7 @@ class EncoderService:
         with self._lock:
             self.adapters[name] = (model, id2label)
             self.metrics.loaded.set(len(self.adapters))
+        return lineage.describe(model, path)  # its copy is the served base it runs on
 
     def unload(self, name: str) -> None:
         """Drop an adapter's model."""

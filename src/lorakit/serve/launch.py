@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.middleware import Middleware
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -195,22 +196,29 @@ def _text_registry(options: ServeOptions, model: Any, engine: Engine, base_name:
     from ..adapters import delete_adapter, list_adapters
     from ..fingerprint import Fingerprints
     from ..loading import load_adapters
+    from . import lineage
 
-    def counted(fn: Callable[[], object]) -> Callable[[], None]:
-        def run() -> None:
-            fn()
+    def counted(fn: Callable[[], T]) -> Callable[[], T]:
+        def run() -> T:
+            out = fn()
             metrics.loaded.set(len(list_adapters(model)))
+            return out
 
         return run
 
-    fp = Fingerprints()  # the served base, hashed once for every adapter loaded onto it
+    fp = Fingerprints()  # the served base, hashed once for every adapter loaded onto it and for its lineage
 
-    def load(name: str, path: Path) -> None:
+    def load(name: str, path: Path) -> dict[str, Any]:
         task, _ = hf.read_task(path)
         if task != "causal-lm":
             raise ValueError(f"{path} is a {task} adapter; this server serves the causal LM {base_name}")
         allow = options.allow_base_mismatch
-        engine.call(counted(lambda: load_adapters(model, path, name=name, allow_base_mismatch=allow, fingerprints=fp)))
+
+        def attach() -> dict[str, Any]:  # on the engine thread, between steps: no step reads the model meanwhile
+            load_adapters(model, path, name=name, allow_base_mismatch=allow, fingerprints=fp)
+            return lineage.describe(model, path, fp)  # the hashes the load's check took, kept in fp
+
+        return engine.call(counted(attach))
 
     def unload(name: str) -> None:
         engine.call(counted(lambda: delete_adapter(model, name)))

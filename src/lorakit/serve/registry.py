@@ -12,7 +12,8 @@ beyond --max-loras waiting; at most `max_waiting` requests wait so, more are ref
 `remove` forgets an adapter; one in use by requests is unloaded when the last of them releases it (deferred),
 so no request ever loses its adapter mid-generation.
 The `load`/`unload` callbacks do the model work (on the engine thread, for a decoder); this class only keeps
-the books, under one lock, and never calls them while holding it for anything but the decision.
+the books, under one lock, and never calls them while holding it for anything but the decision. What `load`
+returns is the adapter's lineage (serve/lineage.py), kept while the adapter is known (`lineage`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 
 class RegistryError(Exception):
@@ -96,7 +98,7 @@ class Registry:
 
     def __init__(
         self,
-        load: Callable[[str, Path], None],
+        load: Callable[[str, Path], Mapping[str, Any] | None],
         unload: Callable[[str], None],
         *,
         root: str | Path | None = None,
@@ -111,6 +113,7 @@ class Registry:
         self.root, self.max_loaded, self.max_waiting = root, max_loaded, max_waiting
         self._lock = threading.Lock()
         self._known: dict[str, Path] = {}
+        self._lineage: dict[str, Mapping[str, Any]] = {}  # what the last load of a known adapter said of it
         self._loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._users: dict[str, int] = {}
         self._loading: dict[str, threading.Event] = {}
@@ -166,6 +169,11 @@ class Registry:
         with self._lock:
             return self._known[name]
 
+    def lineage(self, name: str) -> Mapping[str, Any] | None:
+        """What the load of a known adapter said of its lineage (None: the load said nothing)."""
+        with self._lock:
+            return self._lineage.get(name)
+
     def loaded(self) -> list[str]:
         """The loaded adapters, least recently used first."""
         with self._lock:
@@ -188,6 +196,7 @@ class Registry:
         except BaseException:
             with self._lock:
                 self._known.pop(name, None)
+                self._lineage.pop(name, None)
             raise
 
     def acquire(self, name: str) -> None:
@@ -226,6 +235,7 @@ class Registry:
             if name not in self._known:
                 raise RegistryError(404, f"no adapter named {name!r} is loaded")
             del self._known[name]
+            self._lineage.pop(name, None)
             busy = self._users.get(name, 0) > 0
             if busy:
                 self._removed.add(name)
@@ -250,11 +260,11 @@ class Registry:
                     self._loading[name] = threading.Event()
                     break
             pending.wait()  # another request is loading it; then look again
-        ok = False
+        ok, lineage = False, None
         try:
             for victim in victims:
                 self._unload(victim)
-            self._load(name, path)
+            lineage = self._load(name, path)
             ok = True
         finally:
             with self._lock:
@@ -262,6 +272,8 @@ class Registry:
                 wanted = name in self._known or bool(self._users.get(name))
                 if ok and wanted:
                     self._loaded[name] = None
+                    if lineage is not None and name in self._known:
+                        self._lineage[name] = lineage
                 waiters = [] if ok and wanted else self._freed_slot()
             done.set()
             _wake(waiters)

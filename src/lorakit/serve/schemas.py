@@ -33,8 +33,23 @@ class Health(BaseModel):
     status: str
 
 
+class Lineage(BaseModel):
+    """An adapter's lineage (serve/lineage.py): the base its lorakit.json records, and whether it is the served one.
+
+    `base_match` is null for an adapter without lorakit.json (PEFT-made): nothing says which base it is for; its
+    other recorded fields are null then too.
+    """
+
+    base_fingerprint: str | None  # a short id of the recorded base fingerprint (provenance.fingerprint_id)
+    base_class: str | None  # the base's class as recorded at save time
+    base_path: str | None  # the base's directory as recorded at save time
+    adapter_hash: str | None  # a short digest of the adapter's tensor hashes as saved
+    base_match: bool | None
+    differences: list[str]  # with base_match false: how the served base differs (the first few)
+
+
 class ModelCard(BaseModel):
-    """One model of GET /v1/models (with vLLM's root and parent)."""
+    """One model of GET /v1/models (with vLLM's root and parent; an adapter's lineage, the base has none)."""
 
     id: str
     object: str
@@ -42,6 +57,7 @@ class ModelCard(BaseModel):
     owned_by: str
     root: str
     parent: str | None
+    lineage: Lineage | None = None
 
 
 class ModelList(BaseModel):
