@@ -135,7 +135,7 @@ def create_app(options: ServeOptions, progress: Progress | None = None) -> FastA
         log_format=options.log_format,
         middleware=[Middleware(CancelOnDisconnect), Middleware(FailedGate, supervisor=supervisor)],
     )
-    app.state.supervisor, app.state.engine = supervisor, engine
+    app.state.supervisor, app.state.engine, app.state.registry = supervisor, engine, service.registry
     return app
 
 
