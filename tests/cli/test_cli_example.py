@@ -67,8 +67,8 @@ def test_check_only_exits_non_zero_on_a_tampered_adapter(piped, tmp_path: Path) 
     safetensors_io.write(path, tensors, meta)
     # the check of the untouched run beside the check of the tampered copy: two processes, one core each
     with Beside(["example", "--check-only", "--artifact-dir", out], ENV, tmp_path / "good-log") as checking:
-        tampered = lorakit("example", "--check-only", "--artifact-dir", str(bad), timeout=60)
-        good = checking.result(timeout=60)
+        tampered = lorakit("example", "--check-only", "--artifact-dir", str(bad))  # two at once: the default 120 s
+        good = checking.result(timeout=120)
     assert good.returncode == 0, good.stdout + good.stderr
     assert tampered.returncode == 1
     assert "reload FAILED" in tampered.stdout and "the adapter file changed since it was saved" in tampered.stdout
