@@ -26,6 +26,33 @@ def lorakit(*args, timeout: int = 120) -> subprocess.CompletedProcess:
     )
 
 
+class Beside:
+    """`lorakit ARGS` started in the background, so that a test does its other runs meanwhile, on the machine's other
+    core (an uninterrupted run beside the killed and resumed one it is compared with). Its stdout and stderr go to
+    files under `logs`, so a full pipe never holds it up. A context manager: leaving it early kills the process."""
+
+    def __init__(self, args: list, env: dict[str, str], logs: Path) -> None:
+        logs.mkdir(parents=True)
+        self.stdout, self.stderr = logs / "stdout.txt", logs / "stderr.txt"
+        with self.stdout.open("w") as out, self.stderr.open("w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lorakit", *map(str, args)], stdout=out, stderr=err, text=True, env=env
+            )
+
+    def result(self, timeout: int = 300) -> subprocess.CompletedProcess:
+        """Wait for the process to end: its exit status and output, as `subprocess.run` gives them."""
+        code = self.proc.wait(timeout=timeout)
+        return subprocess.CompletedProcess(self.proc.args, code, self.stdout.read_text(), self.stderr.read_text())
+
+    def __enter__(self) -> Beside:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:  # the test failed before waiting for it: no process outlives the test
+            self.proc.kill()
+            self.proc.wait()
+
+
 def _write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path

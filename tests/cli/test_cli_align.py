@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _cli import ENV, IDS, MASK, _write_jsonl  # noqa: E402
+from _cli import ENV, IDS, MASK, Beside, _write_jsonl  # noqa: E402
 
 TESTS = Path(__file__).parents[1]
 sys.path.insert(0, str(TESTS))
@@ -120,8 +120,12 @@ def killed_then_resumed(files: dict, args: list, out: Path) -> subprocess.Comple
 @pytest.mark.parametrize("task", ["dpo", "grpo"])
 def test_a_run_from_the_sft_adapter_resumes_after_sigkill_to_the_same_bytes(files, tmp_path, task) -> None:
     args = dpo_args(files) if task == "dpo" else grpo_args(files)
-    whole = tmp_path / "whole"
-    r = lorakit(files, *args, "--out", whole)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    # the uninterrupted run beside the killed one and its resumption (one thread a process: OMP_NUM_THREADS=1)
+    with Beside([*args, "--out", whole], files["env"], tmp_path / "whole-log") as running:
+        killed_then_resumed(files, args, killed)
+        r = running.result()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     stdout = r.stdout
     assert "gradient_checkpointing=on" in stdout
     ref = f"reference: adapter {files['sft']}, frozen" if task == "dpo" else "reference: base with the adapter disabled"
@@ -144,9 +148,6 @@ def test_a_run_from_the_sft_adapter_resumes_after_sigkill_to_the_same_bytes(file
     sft = (files["sft"] / "adapter_model.safetensors").read_bytes()
     assert (whole / "adapter_model.safetensors").read_bytes() != sft  # it trained from the SFT adapter
     check_peft_loads(files["model"], whole)
-
-    killed = tmp_path / "killed"
-    killed_then_resumed(files, args, killed)
     assert (killed / "adapter_model.safetensors").read_bytes() == (whole / "adapter_model.safetensors").read_bytes()
 
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _cli import DATA, _logits, lorakit  # noqa: E402
+from _cli import DATA, _logits, in_process, lorakit  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -31,10 +31,12 @@ transformers.utils.logging.set_verbosity_error()
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {kind: _hf_models.save_tiny(kind, root / kind) for kind in ("llama", "gpt2")}
+    return {"gpt2": _hf_models.save_tiny("gpt2", root / "gpt2")}  # the one model this module classifies with
 
 
-def test_finetune_seq_cls_csv_string_labels_head_saved_and_merged(tmp_path, tiny):
+def test_finetune_seq_cls_csv_string_labels_head_saved_and_merged(tmp_path, tiny, capsys):
+    """The finetune is the real process; merge is called in process (`in_process`): its real process's exit
+    codes are test_cli.py's and test_cli_adapters.py's, here what matters is the directory it writes."""
     csv_path = tmp_path / "train.csv"
     lines = ["text,label"] + [
         f"{s},{'animal' if any(w in s for w in ('cat', 'dog', 'bird', 'fox')) else 'other'}"
@@ -77,8 +79,10 @@ def test_finetune_seq_cls_csv_string_labels_head_saved_and_merged(tmp_path, tiny
     print(f"\nPEFT parity (seq-cls with modules_to_save head): max |Δlogits| = {diff:.3g}")
     assert diff < 1e-5
 
-    r = lorakit("merge", "--model", tiny["gpt2"], "--adapter", out, "--out", tmp_path / "merged", "--dtype", "float32")
-    assert r.returncode == 0, r.stderr
+    status, _, err = in_process(
+        capsys, "merge", "--model", tiny["gpt2"], "--adapter", out, "--out", tmp_path / "merged", "--dtype", "float32"
+    )
+    assert status == 0, err
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert merged.config.id2label == {0: "animal", 1: "other"}
     assert (_logits(merged) - want).abs().max().item() < 1e-4

@@ -18,6 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import _hf_models  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _cli import in_process  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
 
 from lorakit.cli import main  # noqa: E402
@@ -204,7 +207,10 @@ def test_eval_causal_lm_adapter_beats_base_token_weighted(causal):
     assert a["loss"] == pytest.approx(_naive_loss(tuned, rows), abs=1e-5)
 
 
-def test_predict_causal_lm_batched_equals_one_by_one_and_generate(causal, tmp_path):
+def test_predict_causal_lm_batched_equals_one_by_one_and_generate(causal, tmp_path, capsys):
+    """The batched run is the real process (its exit 0 and stdout); batch size 1 and `generate` are the same entry
+    point called in process (`in_process`), each compared with its stdout: what they prove is the output, and two
+    more process starts would only load the same model again."""
     template = tmp_path / "chat.jinja"
     template.write_text(
         "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}answer :{% endif %}"
@@ -230,15 +236,17 @@ def test_predict_causal_lm_batched_equals_one_by_one_and_generate(causal, tmp_pa
         "--max-new-tokens",
         "6",
     ]
-    batched, single = lorakit(*common, "--batch-size", "4"), lorakit(*common, "--batch-size", "1")
-    assert batched.returncode == 0 and single.returncode == 0, batched.stderr + single.stderr
-    assert batched.stdout == single.stdout
+    batched = lorakit(*common, "--batch-size", "4")
+    status, single, err = in_process(capsys, *common, "--batch-size", "1")
+    assert batched.returncode == 0 and status == 0, batched.stderr + err
+    assert batched.stdout == single
     out = [json.loads(line) for line in batched.stdout.splitlines()]
     assert [o["line"] for o in out] == [1, 2, 3, 4, 5] and out[0]["id"] == "q1" and out[4]["id"] == 7
     assert all(isinstance(o["completion"], str) and o["completion"].strip() for o in out)
     assert out[0]["completion"].split()[0] == "four" and out[3]["completion"].split()[0] == "four"  # chat rendered
 
-    r = lorakit(
+    status, generated, err = in_process(
+        capsys,
         "generate",
         "--model",
         causal["model"],
@@ -249,8 +257,8 @@ def test_predict_causal_lm_batched_equals_one_by_one_and_generate(causal, tmp_pa
         "--max-new-tokens",
         "6",
     )
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == out[0]["completion"] + "\n"  # the completion alone: no prompt echo
+    assert status == 0, err
+    assert generated == out[0]["completion"] + "\n"  # the completion alone: no prompt echo
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

@@ -14,6 +14,9 @@ import torch
 
 from lorakit.files import safetensors as safetensors_io
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _cli import Beside  # noqa: E402  (a check beside another)
+
 pytestmark = pytest.mark.slow  # subprocesses, servers or export runtimes: not in the fast set
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n: colours, cursor moves, \r
@@ -56,15 +59,17 @@ def test_piped_run_passes_and_logs_plain_lines(piped) -> None:
 def test_check_only_exits_non_zero_on_a_tampered_adapter(piped, tmp_path: Path) -> None:
     proc, out = piped
     assert proc.returncode == 0
-    good = lorakit("example", "--check-only", "--artifact-dir", str(out), timeout=60)
-    assert good.returncode == 0, good.stdout + good.stderr
     bad = Path(shutil.copytree(out, tmp_path / "bad"))
     path = bad / "adapter/adapter_model.safetensors"
     tensors, meta = safetensors_io.read(path)
     key = "base_model.model.fc1.lora_A.weight"
     tensors[key] = tensors[key] * torch.tensor(1.01)
     safetensors_io.write(path, tensors, meta)
-    tampered = lorakit("example", "--check-only", "--artifact-dir", str(bad), timeout=60)
+    # the check of the untouched run beside the check of the tampered copy: two processes, one core each
+    with Beside(["example", "--check-only", "--artifact-dir", out], ENV, tmp_path / "good-log") as checking:
+        tampered = lorakit("example", "--check-only", "--artifact-dir", str(bad))  # two at once: the default 120 s
+        good = checking.result(timeout=120)
+    assert good.returncode == 0, good.stdout + good.stderr
     assert tampered.returncode == 1
     assert "reload FAILED" in tampered.stdout and "the adapter file changed since it was saved" in tampered.stdout
 
