@@ -98,6 +98,7 @@ def serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_loaded=args.max_loaded,
+        prefill_chunk=args.prefill_chunk,
         adapter_root=Path(args.adapter_root) if args.adapter_root else None,
         drain_timeout=args.drain_timeout,
         device=args.device,
@@ -154,6 +155,14 @@ def add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--max-loaded",
         type=positive_int,
         help="adapters loaded at once; the least recently used idle one is unloaded (and reloaded when asked for)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        default=512,
+        metavar="N",
+        help="prompt tokens prefilled per engine turn (default 512): a long prompt is prefilled in chunks between "
+        "the running requests' decode steps instead of stalling them",
     )
     p.add_argument(
         "--adapter-root",
