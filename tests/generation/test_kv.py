@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lorakit.generation.kv import Batch, Prefill
+from lorakit.generation.kv import Batch
 
 VOCAB = 50
 
@@ -156,6 +156,8 @@ def test_select_copies_rows_with_repeats(model):
 
 
 def test_chunked_prefill_equals_one_forward(model):
+    from lorakit.generation.kv import Prefill
+
     p = [prompt(8, 17), prompt(9, 4), prompt(10, 11)]
     with torch.no_grad():
         whole, _ = Batch.prefill(model, p, 0)
