@@ -162,7 +162,9 @@ class Batch:
 
         w = self.window
         index = torch.tensor(list(rows), dtype=torch.long, device=self._mask.device)
-        cache = SlabCache(Window(len(rows), 0, w.width, max(1, len(rows)), max(1, w.width)), len(self.cache.layers))
+        cache = SlabCache(
+            Window(len(rows), 0, w.width, max(1, len(rows)), max(1, w.width)), len(self.cache.slab_layers)
+        )
         cache.replace(
             [
                 (k[index, :, w.start : w.end].clone(), v[index, :, w.start : w.end].clone())

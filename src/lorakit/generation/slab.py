@@ -86,16 +86,17 @@ class SlabCache(Cache):
     """The transformers `Cache` over one slab per layer, all sharing one `Window`."""
 
     def __init__(self, window: Window, layers: int) -> None:
-        super().__init__(layers=[SlabLayer(window) for _ in range(layers)])
+        self.slab_layers = [SlabLayer(window) for _ in range(layers)]
+        super().__init__(layers=list(self.slab_layers))
         self.window = window
 
     def slabs(self) -> list[tuple[Tensor, Tensor]]:
         """Per layer, the keys and values slabs."""
-        return [layer.tensors() for layer in self.layers]  # type: ignore[attr-defined]
+        return [layer.tensors() for layer in self.slab_layers]
 
     def replace(self, slabs: list[tuple[Tensor, Tensor]]) -> None:
         """Hold these slabs instead (a grown or re-laid copy)."""
-        for layer, (k, v) in zip(self.layers, slabs, strict=True):
+        for layer, (k, v) in zip(self.slab_layers, slabs, strict=True):
             layer.keys, layer.values, layer.device, layer.is_initialized = k, v, k.device, True
 
 
@@ -109,7 +110,7 @@ def relaid(slab: Tensor, window: Window, rows: int, columns: int, start: int) ->
 def model_layers(model: torch.nn.Module) -> int:
     """How many attention layers write the cache (the config's num_hidden_layers, or n_layer for GPT-2)."""
     config = getattr(model, "config", None)
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = config.get_text_config(decoder=True) if config is not None and hasattr(config, "get_text_config") else config
     n = getattr(text, "num_hidden_layers", None)
     if not isinstance(n, int):
         raise ValueError(f"{type(model).__name__}'s config has no num_hidden_layers: expected a transformers causal LM")

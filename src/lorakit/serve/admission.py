@@ -11,25 +11,21 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ..generation.kv import Batch, Prefill
 from .groups import Group, Row, group_key
 from .handle import Step
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 
 @dataclass(eq=False)
 class Job:
     """Rows prefilled together (one forward per chunk), over their unique prompts."""
 
-    key: Hashable  # the group they join
+    key: str | None  # the group they join (groups.group_key of the rows' adapter)
     rows: list[Row]
-    unique: list[tuple[Hashable, tuple[int, ...]]]  # (adapter, prompt): a prompt asked for n times is run once
+    unique: list[tuple[str | None, tuple[int, ...]]]  # (adapter, prompt): a prompt asked for n times is run once
     prefill: Prefill
 
     @property
@@ -41,7 +37,7 @@ class Job:
 class Admission:
     """The engine's prefill jobs, in arrival order (only the engine thread touches them)."""
 
-    def __init__(self, engine: Engine, chunk: int) -> None:
+    def __init__(self, engine: Any, chunk: int) -> None:  # the Engine that owns it (engine.py imports this file)
         if chunk < 1:
             raise ValueError(f"prefill_chunk={chunk} is invalid: expected >= 1 tokens")
         self.engine, self.chunk = engine, chunk
@@ -57,7 +53,7 @@ class Admission:
         with e._cond:
             n = max(0, e.max_batch - len(e._running()))
             new = [e._queue.popleft() for _ in range(min(n, len(e._queue)))]
-            by_key: dict[Hashable, list[Row]] = {}
+            by_key: dict[str | None, list[Row]] = {}
             for r in new:
                 r.handle.started_at = time.perf_counter()
                 if e._unloaded(r.adapter):  # unloaded while the request waited
