@@ -98,6 +98,7 @@ def serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_loaded=args.max_loaded,
+        prefill_chunk=args.prefill_chunk,
         adapter_root=Path(args.adapter_root) if args.adapter_root else None,
         drain_timeout=args.drain_timeout,
         device=args.device,
@@ -146,15 +147,7 @@ def add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         f"--api-key-file or {KEY_VARIABLE})",
     )
     p.add_argument("--api-key-file", metavar="FILE", help="as --api-key, with the key read from FILE's first line")
-    p.add_argument("--max-batch", type=positive_int, default=16, help="requests decoded together (default 16)")
-    p.add_argument(
-        "--max-queue", type=int, default=256, help="requests waiting beyond the batch before 429 (default 256)"
-    )
-    p.add_argument(
-        "--max-loaded",
-        type=positive_int,
-        help="adapters loaded at once; the least recently used idle one is unloaded (and reloaded when asked for)",
-    )
+    _add_engine_args(p)
     p.add_argument(
         "--adapter-root",
         metavar="DIR",
@@ -178,6 +171,27 @@ def add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
     add_base_mismatch_flag(p)
     p.set_defaults(run=serve)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's flags: how many requests decode together, wait, are loaded, and the prefill's chunk."""
+    p.add_argument("--max-batch", type=positive_int, default=16, help="requests decoded together (default 16)")
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="requests waiting beyond the batch before 429 (default 256)"
+    )
+    p.add_argument(
+        "--max-loaded",
+        type=positive_int,
+        help="adapters loaded at once; the least recently used idle one is unloaded (and reloaded when asked for)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        default=512,
+        metavar="N",
+        help="prompt tokens prefilled per engine turn (default 512): a long prompt is prefilled in chunks between "
+        "the running requests' decode steps instead of stalling them",
+    )
 
 
 def _add_limit_args(limits: argparse._ArgumentGroup) -> None:

@@ -56,7 +56,6 @@ def generate_ids(
             if not keep:
                 return out
             if len(keep) < len(live):
-                batch = batch.select(keep)
-                live = [live[j] for j in keep]
+                live = [live[j] for j in batch.keep(keep)]  # rows that leave are filled by the last ones
             batch.last = torch.tensor([out[i][-1] for i in live], dtype=torch.long, device=batch.mask.device)
             logits = batch.step(model)

@@ -15,11 +15,10 @@ tells the server (which answers 503 and exits non-zero, so that a supervisor res
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -30,8 +29,9 @@ from ..adapters import list_adapters
 from ..errors import LoraAdapterNotFound
 from ..generation.kv import Batch, context_length
 from ..generation.sampling import SamplingError, SamplingParams, generator, sample_rows
+from .admission import Admission
 from .detok import TextStream
-from .groups import EngineAdapters, Group, Row, group_key, solo_adapters
+from .groups import EngineAdapters, Group, Row, solo_adapters
 from .handle import Handle, RequestStats, Step
 
 T = TypeVar("T")
@@ -63,6 +63,8 @@ class Engine:
         on_failure: called once with the reason if the loop ever stops on an error, on the engine thread.
         max_loaded: the adapters the mixed batches' slots are allocated for (`AdapterTable`'s capacity; they grow
             beyond it if more are loaded); None: as many as the model has when the loop starts.
+        prefill_chunk: the most prompt tokens prefilled per loop turn (rows x columns, at least one column), between
+            the running rows' decode steps: a long prompt is prefilled over several turns instead of stalling them.
 
     Start it, `submit` token ids with an adapter name (None: the base) and `SamplingParams`, and read the
     returned `Handle` (`for step in handle`, `async for step in handle`, or `handle.result()`); `stop` at the end.
@@ -79,6 +81,7 @@ class Engine:
         on_finish: Callable[[RequestStats], None] | None = None,
         on_failure: Callable[[str], None] | None = None,
         max_loaded: int | None = None,
+        prefill_chunk: int = 512,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} are invalid: expected >= 1 and >= 0")
@@ -96,6 +99,7 @@ class Engine:
         self._groups: list[Group] = []  # the running rows, by forward
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._adapters = EngineAdapters(model, max_loaded)  # the adapters set around each forward
+        self._admission = Admission(self, prefill_chunk)  # the requests being prefilled
         self._accepting = True
         self.closed = threading.Event()  # set once stop() begins (or the loop failed): no new requests from then on
         self.failure: str | None = None  # why the loop stopped on an error; None while it is healthy
@@ -119,8 +123,8 @@ class Engine:
             return sum(not r.done for r in self._queue)
 
     def _running(self) -> list[Row]:
-        """Every running row, group after group (under the lock, or on the engine thread)."""
-        return [r for g in self._groups for r in g.rows]
+        """Every running or prefilling row, group after group (under the lock, or on the engine thread)."""
+        return [*(r for g in self._groups for r in g.rows), *self._admission.rows()]
 
     def start(self) -> None:
         """Start the loop in a daemon thread (once)."""
@@ -203,7 +207,7 @@ class Engine:
         with self._cond:
             self._accepting = False
             self.closed.set()
-            while (self._groups or self._queue) and self._thread is not None and self._thread.is_alive():
+            while self._busy() and self._thread is not None and self._thread.is_alive():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -215,12 +219,17 @@ class Engine:
         reason = f"the server stopped before this request finished (drain timeout of {timeout:g}s)"
         self._end_all(reason)
 
+    def _busy(self) -> bool:
+        """Requests wait, prefill or run (under the lock)."""
+        return bool(self._queue or self._groups or self._admission.jobs)
+
     def _end_all(self, reason: str) -> None:
         """End every request still waiting or running with an `unavailable` error (the loop is not running)."""
         with self._cond:
             rows = [*self._queue, *self._running()]
             self._queue.clear()
             self._groups = []
+            self._admission.jobs.clear()
             calls = list(self._calls)
             self._calls.clear()
             self._cond.notify_all()
@@ -259,7 +268,7 @@ class Engine:
                 if not self._groups:
                     self._adapters.release()  # idle: the model is as it was outside
                 with self._cond:
-                    while not (self._shutdown or self._calls or self._queue or self._groups):
+                    while not (self._shutdown or self._calls or self._busy()):
                         self._cond.wait()
                     if self._shutdown:
                         break
@@ -273,7 +282,8 @@ class Engine:
                     except BaseException as e:  # noqa: BLE001 - handed to the caller, who re-raises it
                         future.set_exception(e)
                 self._drop_cancelled()
-                self._admit()
+                self._admission.admit()
+                self._admission.advance()
                 if self._groups:
                     self._decode()
         self._adapters.close()
@@ -306,53 +316,9 @@ class Engine:
             self._finish(r, Step(None, "", "cancelled", len(r.prompt), r.produced))
         self._prune()
 
-    def _admit(self) -> None:
-        """Prefill waiting requests (up to max_batch rows in all), one forward per group; they join the running rows."""
-        with self._cond:
-            new = list(itertools.islice(self._queue, max(0, self.max_batch - len(self._running()))))
-        if not new:
-            return
-        now = time.perf_counter()
-        for r in new:
-            r.handle.started_at = now
-            if r.adapter is not None and r.adapter not in self._names:  # unloaded while the request waited
-                self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"adapter {r.adapter!r} is no longer loaded"))
-        by_key: dict[str | None, list[Row]] = {}
-        for r in new:
-            if not r.done:
-                by_key.setdefault(group_key(r.adapter, self._solo), []).append(r)
-        joined = [(key, *prefilled) for key, rows in by_key.items() if (prefilled := self._prefill(key, rows))]
-        with self._cond:  # they leave the queue only now, so stop() never finds them neither waiting nor running
-            for _ in new:
-                self._queue.popleft()  # only this thread removes, from the front; submit appends at the back
-            for key, batch, rows in joined:
-                group = next((g for g in self._groups if g.key == key), None)
-                if group is None:
-                    self._groups.append(Group(key, batch, rows))
-                else:
-                    group.join(batch, rows)
-            self._cond.notify_all()
-        for _, batch, rows in joined:
-            self._emit(rows, batch.last.tolist())
-        self._prune()
-
-    def _prefill(self, key: str | None, rows: list[Row]) -> tuple[Batch, list[Row]] | None:
-        """The rows' batch, their first tokens sampled into `last` (None when none is left to run)."""
-        # a prompt asked for several times with one adapter (GRPO's n samples of each) is run once, its cache copied
-        unique = {(r.adapter, tuple(r.prompt)): r for r in rows}
-        try:
-            with self._adapters.enter(key, [a for a, _ in unique]):
-                logits, batch = Batch.prefill(self.model, [list(p) for _, p in unique], self._pad_id)
-            if len(unique) < len(rows):
-                where = {k: i for i, k in enumerate(unique)}
-                index = [where[(r.adapter, tuple(r.prompt))] for r in rows]
-                logits, batch = logits[index], batch.select(index)
-        except Exception as e:  # noqa: BLE001 - the requests in this forward fail; the engine goes on
-            for r in rows:
-                self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"{type(e).__name__}: {e}"))
-            return None
-        batch.last = self._sample(rows, logits, batch)
-        return batch, rows
+    def _unloaded(self, adapter: Hashable) -> bool:
+        """Whether a row's adapter is no longer loaded (it was unloaded while the request waited)."""
+        return adapter is not None and adapter not in self._names
 
     def _sample(self, rows: list[Row], logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Each row's next token (B,); a row whose sampling fails ends alone (its slot holds a dummy token)."""

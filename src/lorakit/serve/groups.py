@@ -4,7 +4,7 @@ Rows over the bare base and plain LoRA adapters run together in one forward (a m
 An adapter that the mixed path cannot run (DoRA: its output is renormalised per column of the merged weight,
 which the batched gathers do not compute) gets a forward of its own for its rows, in the same step, under
 `use_adapter`. So a DoRA request never fails its neighbours, and each group keeps its own KV cache (`Batch`),
-which rows join (`merge`) and leave (`select`) as before.
+which rows join (`merge`) and leave (`keep`) in place.
 """
 
 from __future__ import annotations
@@ -102,13 +102,14 @@ class Group:
         """Only these rows go on; False when none is left (the group is gone)."""
         if len(indices) == len(self.rows):
             return True
-        self.rows = [self.rows[i] for i in indices]
-        if indices:
-            self.batch = self.batch.select(indices)
+        if indices:  # the batch moves its last rows into the holes: the rows follow its order
+            self.rows = [self.rows[i] for i in self.batch.keep(indices)]
+        else:
+            self.rows = []
         return bool(indices)
 
     def join(self, batch: Batch, rows: list[Row]) -> None:
-        """Newly prefilled rows join after the running ones."""
+        """Newly prefilled rows join after the running ones (copied into the batch's free rows)."""
         self.batch = self.batch.merge(batch)
         self.rows.extend(rows)
 

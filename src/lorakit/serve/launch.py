@@ -57,6 +57,7 @@ class ServeOptions:
     max_batch: int = 16
     max_queue: int = 256
     max_loaded: int | None = None
+    prefill_chunk: int = 512  # prompt tokens prefilled per engine turn, between the running rows' decode steps
     adapter_root: Path | None = None
     drain_timeout: float = 30.0
     device: str | None = None
@@ -72,7 +73,7 @@ class ServeOptions:
             raise ValueError(f"log_format={self.log_format!r} is not one of {', '.join(FORMATS)}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty: give a key, or none to serve without one")
-        for key in ("max_batch", "max_loaded"):
+        for key in ("max_batch", "max_loaded", "prefill_chunk"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key}={value} is invalid: expected >= 1")
@@ -187,6 +188,7 @@ def _text_engine(
         on_step=metrics.step,
         on_finish=metrics.engine_finished,
         max_loaded=options.max_loaded,
+        prefill_chunk=options.prefill_chunk,
     )
     return model, tok, engine
 
