@@ -89,7 +89,6 @@ def test_rows_of_different_compositions_share_each_forward_and_equal_the_composi
         assert got == composed_alone(model, tok, prompt, row, 10), row
     if kind == "llama":  # waiting rows counted by every adapter they compose; a weight-0 row is the base's
         assert in_flight == {None: 2, "a1": 2, "a2": 1, "g1": 0}
-        assert results[0] == results[5] and results[0] != results[3]
 
 
 def test_submit_checks_every_adapter_of_a_composition(llama):
