@@ -34,6 +34,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(server):
     operations = sorted(f"{m.upper()} {p}" for p, ops in schema["paths"].items() for m in ops)
     assert operations == [
         "GET /health",
+        "GET /lora-adapters",
         "GET /metrics",
         "GET /v1/models",
         "POST /v1/chat/completions",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..generation.kv import Batch, Prefill
+from .compose import RowKey
 from .groups import Group, Row, group_key
 from .handle import Step
 
@@ -25,7 +26,7 @@ class Job:
 
     key: str | None  # the group they join (groups.group_key of the rows' adapter)
     rows: list[Row]
-    unique: list[tuple[str | None, tuple[int, ...]]]  # (adapter, prompt): a prompt asked for n times is run once
+    unique: list[tuple[RowKey, tuple[int, ...]]]  # (adapter, prompt): a prompt asked for n times is run once
     prefill: Prefill
 
     @property
@@ -56,9 +57,9 @@ class Admission:
             by_key: dict[str | None, list[Row]] = {}
             for r in new:
                 r.handle.started_at = time.perf_counter()
-                if e._unloaded(r.adapter):  # unloaded while the request waited
+                if gone := e._unloaded(r.adapter):  # unloaded while the request waited
                     e._finish(
-                        r, Step(None, "", "error", len(r.prompt), 0, f"adapter {r.adapter!r} is no longer loaded")
+                        r, Step(None, "", "error", len(r.prompt), 0, f"adapter {gone[0]!r} is no longer loaded")
                     )
                 else:
                     by_key.setdefault(group_key(r.adapter, e._solo), []).append(r)
