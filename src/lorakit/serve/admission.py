@@ -58,9 +58,7 @@ class Admission:
             for r in new:
                 r.handle.started_at = time.perf_counter()
                 if gone := e._unloaded(r.adapter):  # unloaded while the request waited
-                    e._finish(
-                        r, Step(None, "", "error", len(r.prompt), 0, f"adapter {gone[0]!r} is no longer loaded")
-                    )
+                    e._finish(r, Step(None, "", "error", len(r.prompt), 0, f"adapter {gone[0]!r} is no longer loaded"))
                 else:
                     by_key.setdefault(group_key(r.adapter, e._solo), []).append(r)
             for key, rows in by_key.items():  # rows leave the queue and become prefilling under one lock
