@@ -12,6 +12,7 @@ from .adapters import (
     set_adapter,
     use_adapter,
 )
+from .composition import Composition, RowSpec, composition, row_key
 from .config import LoraBias, LoraConfig
 from .errors import (
     LayoutNote,
@@ -50,6 +51,10 @@ __all__ = [
     "list_adapters",
     "mixed_batch",
     "AdapterTable",
+    "Composition",
+    "RowSpec",
+    "composition",
+    "row_key",
     "set_adapter",
     "use_adapter",
     "LoraBias",

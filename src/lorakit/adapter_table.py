@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .composition import Composition, RowSpec, row_key
 from .errors import LoraAdapterNotFound, LoraStateError
 from .layers import LoraLayer
 from .model import lora_layers
@@ -40,6 +41,16 @@ def mixable(layers: Iterable[LoraLayer], names: Iterable[str]) -> None:
     dora = sorted({n for n in names for layer in layers if n in layer.adapters and layer.adapters.config(n).use_dora})
     if dora:
         raise ValueError(f"mixed batches run plain LoRA adapters only; {dora} use DoRA (use set_adapter instead)")
+
+
+RowKey = str | None | Composition  # a row as `lorakit.composition.row_key` normalises it
+
+
+def _parts(key: RowKey) -> Composition:
+    """The (name, weight) pairs of a row key: () for the base, one pair at weight 1 for a name."""
+    if key is None:
+        return ()
+    return ((key, 1.0),) if isinstance(key, str) else key
 
 
 class AdapterTable:
@@ -67,7 +78,7 @@ class AdapterTable:
         self.index = RowIndex()  # shared by every layer's stacks: a batch sets it once
         self.slots: dict[str, int] = {}  # adapter name -> its slot (1..capacity); 0 is the bare base
         self._layers: dict[str, LoraLayer] = {}
-        self._rows: tuple[tuple[str | None, ...], Tensor] | None = None  # the last batch's rows and index
+        self._rows: tuple[tuple[RowKey, ...], Tensor, Tensor | None] | None = None  # the last batch's keys, index
         self._attach()
 
     def __enter__(self) -> AdapterTable:
@@ -119,26 +130,40 @@ class AdapterTable:
         for name in names:
             self.load(name)
 
-    def index_of(self, rows: Sequence[str | None]) -> Tensor:
-        """The row → slot index of `rows` (None: slot 0, the bare base); the same tensor for the same rows."""
-        key = tuple(rows)
+    def index_of(self, rows: Sequence[RowSpec]) -> tuple[Tensor, Tensor | None]:
+        """The row → slot index of `rows` and the rows' weights; the same tensors for the same rows.
+
+        Where every row is None (slot 0, the bare base) or one adapter at weight 1: slots (rows,) and no weights.
+        Where a row is a weighted composition (`lorakit.composition`): slots (rows, K) and weights (rows, K) float64,
+        K the largest composition, shorter rows padded with slot 0 at weight 0.
+        """
+        key = tuple(row_key(row) for row in rows)
         if self._rows is not None and self._rows[0] == key:
-            return self._rows[1]
-        missing = sorted({n for n in key if n is not None and n not in self.slots})
+            return self._rows[1], self._rows[2]
+        named = {n for k in key for n, _ in _parts(k)}
+        missing = sorted(n for n in named if n not in self.slots)
         if missing:
             raise LoraAdapterNotFound(f"adapters {missing} are not in the table; it holds {sorted(self.slots)}")
-        index = torch.tensor([0 if n is None else self.slots[n] for n in key], dtype=torch.long)
-        self._rows = (key, index)
-        return index
+        index: Tensor
+        weights: Tensor | None = None
+        if all(not isinstance(k, tuple) for k in key):  # today's rows: one slot each, no weights
+            index = torch.tensor(
+                [0 if k is None else self.slots[k] for k in key if isinstance(k, str | None)], dtype=torch.long
+            )
+        else:
+            index, weights = self._composed(key)
+        self._rows = (key, index, weights)
+        return index, weights
 
     @contextlib.contextmanager
-    def batch(self, rows: Sequence[str | None]) -> Iterator[nn.Module]:
-        """Inside the block, row i of the model's input runs adapter `rows[i]` (None: the bare base), in one forward.
+    def batch(self, rows: Sequence[RowSpec]) -> Iterator[nn.Module]:
+        """Inside the block, row i of the model's input runs `rows[i]`: None (the bare base), an adapter name, or a
+        weighted composition of adapters ({name: weight}, see `lorakit.composition`), all in one forward.
 
         Sets the row → slot index every layer of the table reads: no per-adapter work. Refused inside another
         mixed batch, while merged in place, inside `disable_adapters`, and after a LoRA layer was added (`sync`).
         """
-        index = self.index_of(rows)
+        index, weights = self.index_of(rows)
         layers = lora_layers(self.model).values()
         refuse_in_mixed_batch(layers, "start another mixed batch")
         for layer in layers:
@@ -150,11 +175,11 @@ class AdapterTable:
                 )
             if not self._owns(layer):
                 raise LoraStateError("a LoRA layer was added after the table was made; call sync() first")
-        self.index.slots = index
+        self.index.slots, self.index.weights = index, weights
         try:
             yield self.model
         finally:
-            self.index.slots = None
+            self.index.slots, self.index.weights = None, None
 
     def close(self) -> None:
         """Take the stacks off the layers (the model is as it was before the table); safe to call again."""
@@ -188,6 +213,18 @@ class AdapterTable:
                     lead=layer.stack_lead(),
                 )
         self._layers = layers
+
+    def _composed(self, key: tuple[RowKey, ...]) -> tuple[Tensor, Tensor]:
+        """slots (rows, K) int64 and weights (rows, K) float64 of `key`, padded with slot 0 at weight 0."""
+        parts = [_parts(k) for k in key]
+        K = max(1, max(len(p) for p in parts))
+        slots = torch.zeros(len(key), K, dtype=torch.long)
+        weights = torch.zeros(len(key), K, dtype=torch.float64)
+        for i, p in enumerate(parts):  # building the index once per distinct batch, not in the forward
+            if p:
+                slots[i, : len(p)] = torch.tensor([self.slots[n] for n, _ in p], dtype=torch.long)
+                weights[i, : len(p)] = torch.tensor([w for _, w in p], dtype=torch.float64)
+        return slots, weights
 
     def _owns(self, layer: LoraLayer) -> bool:
         return layer.slot_stacks is not None and layer.slot_stacks.index is self.index

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .adapter_set import check_adapter_name
 from .adapter_table import AdapterTable, mixable, refuse_in_mixed_batch
+from .composition import RowSpec, composition
 from .config import LoraConfig
 from .errors import LoraAdapterNotFound, LoraStateError
 from .layers import LoraLayer
@@ -123,8 +124,12 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Module]:
+def mixed_batch(model: nn.Module, rows: Sequence[RowSpec]) -> Iterator[nn.Module]:
     """Inside the block, row i of the batch runs with adapter `rows[i]` (None: the bare base), in one forward.
+
+    A row may also be a weighted composition of adapters ({name: weight} or (name, weight) pairs, weights finite,
+    negative allowed, 0 dropping the adapter; see `lorakit.composition`): the row then computes
+    base(x) + Σ w_k s_k B_k A_k x, what `combine_adapters(weights, method="cat")` would give it, without building it.
 
     The rows' adapters are copied into the slots of an `AdapterTable` made for this block (zero-padded to the
     largest rank, scaling folded in; closed on exit) and rows pick theirs with batched gathers and bmm. To run
@@ -135,13 +140,13 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Mod
     Examples:
         >>> import lorakit as lk
         >>> m = lk.apply_lora(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(rank=2), ["0"])
-        >>> with mixed_batch(m, ["default", None]):
-        ...     m(torch.zeros(2, 4)).shape
-        torch.Size([2, 4])
+        >>> with mixed_batch(m, ["default", None, {"default": -0.5}]):
+        ...     m(torch.zeros(3, 4)).shape
+        torch.Size([3, 4])
     """
     layers = lora_layers(model)
     rows = list(rows)
-    names = tuple(dict.fromkeys(n for n in rows if n is not None))
+    names = tuple(dict.fromkeys(n for row in rows for n, _ in composition(row)))
     known = {n for layer in layers.values() for n in layer.adapters.names()}  # one walk, however many names
     for n in names:
         if n not in known:
@@ -224,8 +229,9 @@ def combine_adapters(
             if _per_expert(layer)
             else _combine(module, parts, method, rank)
         )
-        want = _sum([w * cfg.scaling * _delta(b, a) for w, a, b, cfg in parts])
-        got = _delta(B, A)
+        experts = _per_expert(layer)
+        want = _sum([w * cfg.scaling * _delta(b, a, experts) for w, a, b, cfg in parts])
+        got = _delta(B, A, experts)
         errors[module] = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
         built[module] = (layer, A, B)
     ranks = {m: A.shape[1] if _per_expert(layer) else A.shape[0] for m, (layer, A, _) in built.items()}
@@ -251,8 +257,9 @@ def _combine_experts(module: str, parts: list[_Part], method: str, rank: int | N
     return torch.stack([A for A, _ in each]), torch.stack([B for _, B in each])
 
 
-def _delta(B: Tensor, A: Tensor) -> Tensor:
-    if A.dim() == 3 and B.dim() == 3:  # per expert: (E, d_out, d_in)
+def _delta(B: Tensor, A: Tensor, per_expert: bool = False) -> Tensor:
+    """B @ A in fp32: (E, d_out, d_in) per expert, else (d_out, d_in·k) (a conv's kernel flattened)."""
+    if per_expert:  # not by the number of dimensions: a Conv1d's A (r, d_in, k) and B (d_out, r, 1) are 3-D too
         return B.float() @ A.float()
     return B.reshape(B.shape[0], -1).float() @ A.reshape(A.shape[0], -1).float()
 
@@ -266,7 +273,7 @@ def _combine(module: str, parts: list[_Part], method: str, rank: int | None) -> 
     """(A, B) of the combined adapter for one module; B carries the weights and scalings."""
     if method == "cat":
         A = torch.cat([a.detach() for _, a, _, _ in parts])
-        B = torch.cat([(b.detach().float() * (w * cfg.scaling)).to(b.dtype) for w, _, b, cfg in parts], dim=1)
+        B = torch.cat([(_upcast(b.detach()) * (w * cfg.scaling)).to(b.dtype) for w, _, b, cfg in parts], dim=1)
         return A, B
     if method == "linear":
         ranks = {cfg.rank for _, _, _, cfg in parts}
@@ -287,3 +294,8 @@ def _combine(module: str, parts: list[_Part], method: str, rank: int | None) -> 
     B = (U[:, :k] * S[:k]).to(b0.dtype).reshape(b0.shape[0], k, *b0.shape[2:])
     A = Vh[:k].to(a0.dtype).reshape(k, *a0.shape[1:])
     return A, B
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """`t` in at least float32 (half precision scaled in fp32; a float64 adapter keeps its precision)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))

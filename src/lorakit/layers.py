@@ -144,13 +144,17 @@ class LoraLayer(nn.Module):
         A, B, config = self.active_factors()
         return ops.delta_weight(A, B, config.scaling)
 
-    def mixed_state(self, A: Tensor, B: Tensor, slots: Tensor) -> tuple[Tensor, ...]:
-        """What `mixed_forward` takes after x, made once per row -> slot index from the stacks (`SlotStacks.state`)."""
-        return A, B, slots
+    def mixed_state(self, A: Tensor, B: Tensor, slots: Tensor, weights: Tensor | None = None) -> tuple[Tensor, ...]:
+        """What `mixed_forward` takes after x, made once per row -> slot index from the stacks (`SlotStacks.state`):
+        by default A (n, r, ...), B (n, d_out, r) pre-scaled and slots (batch,); with per-row compositions (slots
+        and weights (batch, K)) B is each row's weighted and concatenated (batch, d_out, K·r) (`ops.weighted_rows`).
+        """
+        if weights is None:
+            return A, B, slots
+        return A, ops.weighted_rows(B, slots, weights), slots
 
     def mixed_forward(self, x: Tensor, *state: Tensor) -> Tensor:
-        """base(x) + each batch row's own adapter, `state` from `mixed_state` (by default A (n, r, ...),
-        B (n, d_out, r, ...) pre-scaled, slots (batch,))."""
+        """base(x) + each batch row's own adapter (or weighted adapters), `state` from `mixed_state`."""
         raise NotImplementedError
 
     # -- shared behaviour -------------------------------------------------------------------------
@@ -179,7 +183,7 @@ class LoraLayer(nn.Module):
                     f"mixed_batch was given {slots.shape[0]} rows (one adapter name per row) but the batch "
                     f"has {x.shape[0]} (the first dimension of a {tuple(x.shape)} input)"
                 )
-            return self.mixed_forward(x, *stacks.state(self, slots))
+            return self.mixed_forward(x, *stacks.state(self, slots, stacks.index.weights))
         if self.merged or self.disabled or self.adapter_name is None:
             return self.base(x)
         return self.lora_forward(x)
@@ -268,8 +272,8 @@ class LoraLinear(LoraLayer):
         delta = super().weight_delta()  # (d_out, d_in)
         return delta.t() if self.fan_in_fan_out else delta
 
-    def mixed_state(self, A: Tensor, B: Tensor, slots: Tensor) -> tuple[Tensor, ...]:
-        return ops.mixed_rows(A, B, slots)  # gathered once, not at every forward (a decode step is one token)
+    def mixed_state(self, A: Tensor, B: Tensor, slots: Tensor, weights: Tensor | None = None) -> tuple[Tensor, ...]:
+        return ops.mixed_rows(A, B, slots, weights)  # gathered once, not at every forward (a decode step is one token)
 
     def mixed_forward(self, x: Tensor, *state: Tensor) -> Tensor:
         At, Bt = state

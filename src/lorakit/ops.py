@@ -27,8 +27,10 @@ __all__ = [
     "dropout_keep",
     "init_factors_",
     "lora_conv",
+    "lora_conv_composed",
     "lora_conv_mixed",
     "lora_embedding",
+    "lora_embedding_composed",
     "lora_embedding_mixed",
     "lora_linear",
     "lora_linear_mixed",
@@ -36,6 +38,7 @@ __all__ = [
     "merged_low_rank",
     "merged_weight",
     "mixed_rows",
+    "weighted_rows",
 ]
 
 
@@ -134,12 +137,28 @@ def lora_conv(
 # -- mixed-adapter batches: row b of the batch uses adapter slots[b] -----------------------------------
 # A: (n, r, d_in, ...) and B: (n, d_out, r) stacked over adapters, zero-padded to the largest rank, with each
 # adapter's scaling folded into B; slot 0 is all zeros (rows that use no adapter). Batched gathers and bmm:
-# no Python loop over adapters.
+# no Python loop over adapters or rows.
+# A row may also run a weighted composition Σ_k w_k s_k B_k A_k (`lorakit.composition`): then slots and weights
+# are (batch, K) and a row's K gathered pairs are concatenated along the rank, w_k folded into B_k, exactly what
+# combine_adapters(method="cat") builds for that row (padding: slot 0 at weight 0, zeros).
 
 
-def mixed_rows(A: Tensor, B: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-    """Each row's own factors, gathered once per mixed batch: Aᵀ (batch, d_in, r) and Bᵀ (batch, r, d_out)."""
-    return A[slots].transpose(1, 2), B[slots].transpose(1, 2)
+def mixed_rows(A: Tensor, B: Tensor, slots: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Each row's own factors, gathered once per mixed batch: Aᵀ (batch, d_in, r) and Bᵀ (batch, r, d_out); with
+    (batch, K) slots and weights, each row's K pairs concatenated: Aᵀ (batch, d_in, K·r), Bᵀ (batch, K·r, d_out)."""
+    if weights is None:
+        return A[slots].transpose(1, 2), B[slots].transpose(1, 2)
+    rows, K = slots.shape
+    At = A[slots].reshape(rows, K * A.shape[1], A.shape[2]).transpose(1, 2)  # (batch, d_in, K·r)
+    return At, weighted_rows(B, slots, weights).transpose(1, 2)
+
+
+def weighted_rows(B: Tensor, slots: Tensor, weights: Tensor) -> Tensor:
+    """Each row's K B factors weighted and concatenated along the rank: (batch, d_out, K·r) from B (n, d_out, r)
+    and (batch, K) slots and weights (in B's dtype), in the order `slots[b]` lists them (combine's "cat")."""
+    rows, K = slots.shape
+    Bw = B[slots] * weights[:, :, None, None]  # (batch, K, d_out, r)
+    return Bw.permute(0, 2, 1, 3).reshape(rows, B.shape[1], K * B.shape[2])
 
 
 def lora_linear_mixed(
@@ -158,17 +177,45 @@ def lora_linear_mixed(
 
 
 def lora_embedding_mixed(ids: Tensor, emb: torch.nn.Embedding, A: Tensor, B: Tensor, slots: Tensor) -> Tensor:
-    """Embedding + per-row looked-up A columns times Bᵀ.  A: (n, r, num_embeddings), B: (n, dim, r)."""
+    """Embedding + per-row looked-up A columns times Bᵀ.  A: (n, r, num_embeddings), B: (n, dim, r); with (batch, K)
+    slots (compositions) B is `weighted_rows`' (batch, dim, K·r) and `lora_embedding_composed` runs."""
+    if slots.dim() == 2:
+        return lora_embedding_composed(ids, emb, A, B, slots)
     y = emb(ids)  # (batch, T, dim)
     idb = ids.reshape(ids.shape[0], -1)  # (batch, T)
     h = A.transpose(1, 2)[slots[:, None], idb]  # (batch, T, r)
     return y + torch.bmm(h, B[slots].transpose(1, 2)).view(y.shape)
 
 
+def lora_embedding_composed(ids: Tensor, emb: torch.nn.Embedding, A: Tensor, Bw: Tensor, slots: Tensor) -> Tensor:
+    """Embedding + per-row weighted sum of adapters.  A: (n, r, num_embeddings), Bw (batch, dim, K·r) from
+    `weighted_rows`, slots (batch, K)."""
+    y = emb(ids)  # (batch, T, dim)
+    rows, K = slots.shape
+    idb = ids.reshape(rows, -1)  # (batch, T)
+    h = A.transpose(1, 2)[slots[:, :, None], idb[:, None, :]]  # (batch, K, T, r)
+    h = h.permute(0, 2, 1, 3).reshape(rows, idb.shape[1], -1)  # (batch, T, K·r)
+    return y + torch.bmm(h, Bw.transpose(1, 2)).view(y.shape)
+
+
 def lora_conv_mixed(x: Tensor, conv: torch.nn.modules.conv._ConvNd, A: Tensor, B: Tensor, slots: Tensor) -> Tensor:
-    """Conv + per-row 1×1_B(conv_A(x)): every adapter's A runs as one conv with n·r channels, rows pick theirs."""
+    """Conv + per-row 1×1_B(conv_A(x)): every adapter's A runs as one conv with n·r channels, rows pick theirs.
+    With (batch, K) slots (compositions) B is `weighted_rows`' (batch, d_out, K·r) and `lora_conv_composed` runs."""
+    if slots.dim() == 2:
+        return lora_conv_composed(x, conv, A, B, slots)
     n, r = A.shape[:2]
     y = conv(x)  # (batch, d_out, *spatial)
     h = conv._conv_forward(x, A.reshape(n * r, *A.shape[2:]), None)  # (batch, n·r, *spatial)
     h = h.view(x.shape[0], n, r, *h.shape[2:])[torch.arange(x.shape[0], device=x.device), slots]  # (batch, r, ...)
     return y + torch.einsum("bor,br...->bo...", B[slots], h)
+
+
+def lora_conv_composed(x: Tensor, conv: torch.nn.modules.conv._ConvNd, A: Tensor, Bw: Tensor, slots: Tensor) -> Tensor:
+    """Conv + per-row weighted sum of adapters: every adapter's A as one conv, each row's K picked and concatenated.
+    A: (n, r, d_in, *k), Bw (batch, d_out, K·r) from `weighted_rows`, slots (batch, K)."""
+    n, r = A.shape[:2]
+    rows, K = slots.shape
+    y = conv(x)  # (batch, d_out, *spatial)
+    h = conv._conv_forward(x, A.reshape(n * r, *A.shape[2:]), None)  # (batch, n·r, *spatial)
+    h = h.view(rows, n, r, *h.shape[2:])[torch.arange(rows, device=x.device)[:, None], slots]  # (batch, K, r, ...)
+    return y + torch.einsum("bor,br...->bo...", Bw, h.reshape(rows, K * r, *h.shape[3:]))

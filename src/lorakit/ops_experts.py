@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoraStateError
-from .ops_experts_mixed import MixedExpertFactors, mixed_expert_delta
+from .ops_experts_mixed import MixedExpertFactors, mixed_expert_term
 from .ops_linear import dropout_keep
 
 __all__ = ["ExpertFactors", "ExpertStore", "experts_forward", "routing_args"]
@@ -171,7 +171,7 @@ def _project(
         outs.append(ye)
     y = torch.cat(outs) if outs else x.new_zeros(0, _d_out(W, transposed))
     if isinstance(factors, MixedExpertFactors):
-        y = y + mixed_expert_delta(x, ids, factors.slots[tokens], factors)
+        y = y + mixed_expert_term(x, ids, tokens, factors)
     bias = params.get(f"{name}_bias")
     if isinstance(bias, Tensor):
         y = y + bias[ids]

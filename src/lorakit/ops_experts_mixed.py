@@ -16,17 +16,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["MixedExpertFactors", "mixed_expert_delta", "token_slots"]
+__all__ = ["MixedExpertFactors", "mixed_expert_delta", "mixed_expert_term", "token_slots"]
 
 
 @dataclass(frozen=True)
 class MixedExpertFactors:
     """One expert weight's slots for a mixed batch: A (n, E, r, d_in), B (n, E, d_out, r) pre-scaled, and the
-    slot of every token (T,) of the experts module's input."""
+    slot of every token (T,) of the experts module's input; with per-row compositions (`lorakit.composition`)
+    the slots (T, K) and weights (T, K) of every token's K adapters (padding: slot 0 at weight 0)."""
 
     A: Tensor
     B: Tensor
     slots: Tensor
+    weights: Tensor | None = None
 
 
 def token_slots(slots: Tensor, tokens: int) -> Tensor:
@@ -42,7 +44,20 @@ def token_slots(slots: Tensor, tokens: int) -> Tensor:
         raise ValueError(
             f"the experts got {tokens} tokens for a mixed batch of {rows} rows: not the same number per row"
         )
-    return slots.repeat_interleave(tokens // rows)
+    return slots.repeat_interleave(tokens // rows, dim=0)  # (rows, K) compositions' slots and weights too
+
+
+def mixed_expert_term(x: Tensor, experts: Tensor, order: Tensor, f: MixedExpertFactors) -> Tensor:
+    """(S, d_out): every routed row's LoRA term in a mixed batch. x (S, d_in) and experts (S,) are the routed rows,
+    `order` (S,) the token each came from. A row of a composition sums its K adapters' terms, each weighted: the
+    same products as `combine_adapters(method="cat")`'s concatenated pair, one gathered pass per k (K is small)."""
+    if f.weights is None:
+        return mixed_expert_delta(x, experts, f.slots[order], f)
+    slots, weights = f.slots[order], f.weights[order].to(x.dtype)  # (S, K)
+    y = weights[:, :1] * mixed_expert_delta(x, experts, slots[:, 0], f)
+    for k in range(1, slots.shape[1]):
+        y = y + weights[:, k : k + 1] * mixed_expert_delta(x, experts, slots[:, k], f)
+    return y
 
 
 def mixed_expert_delta(x: Tensor, experts: Tensor, slots: Tensor, f: MixedExpertFactors) -> Tensor:

@@ -260,16 +260,18 @@ class LoraParam(LoraLayer):
         if not is_experts_module(owner) or any(layer.param.dim() != 3 for layer in chain):
             raise self._mixed_error()
         hidden, index, routing = routing_args(owner, args, kwargs)
+        weights = self.slot_stacks.index.weights if self.slot_stacks is not None else None  # (rows, K) or None
         try:
             tokens = token_slots(slots.to(hidden.device), hidden.shape[0])
+            token_weights = None if weights is None else token_slots(weights.to(hidden.device), hidden.shape[0])
         except ValueError as e:
             raise LoraStateError(f"mixed_batch: {e}") from None
         factors: dict[str, ExpertFactors | MixedExpertFactors] = {}
         for layer in chain:
             stacks = layer.slot_stacks
             assert stacks is not None, "an AdapterTable gives every LoRA layer of the model its stacks"
-            A, B, _ = stacks.state(layer, slots)
-            factors[layer.param_name] = MixedExpertFactors(A, B, tokens)
+            A, B, _ = stacks.state(layer, slots)  # the stacks as they are: each term weighted at use
+            factors[layer.param_name] = MixedExpertFactors(A, B, tokens, token_weights)
         return experts_forward(owner, hidden, index, routing, factors, self._stored_weights())
 
     def _stored_weights(self) -> dict[str, Tensor | ExpertStore]:

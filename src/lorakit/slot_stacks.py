@@ -19,16 +19,22 @@ from torch import Tensor
 
 
 class RowIndex:
-    """The running mixed batch's row → slot index (None outside one): one object, shared by a table's layers."""
+    """The running mixed batch's row → slot index (None outside one): one object, shared by a table's layers.
+
+    Rows that each run the base or one adapter (`lorakit.composition.row_key` a name or None) give `slots` (rows,)
+    and no `weights`; a batch with a weighted composition in some row gives `slots` (rows, K) and `weights`
+    (rows, K) float64, K the largest composition, shorter rows padded with slot 0 at weight 0.
+    """
 
     def __init__(self) -> None:
-        self.slots: Tensor | None = None  # (rows,) int64 on the CPU; slot 0: the bare base
+        self.slots: Tensor | None = None  # (rows,) or (rows, K) int64 on the CPU; slot 0: the bare base
+        self.weights: Tensor | None = None  # (rows, K) float64 on the CPU with (rows, K) slots, else None
 
 
 class MixedLayer(Protocol):
     """What the stacks ask of their layer (a `lorakit.layers.LoraLayer`): how its mixed forward wants them."""
 
-    def mixed_state(self, A: Tensor, B: Tensor, slots: Tensor) -> tuple[Tensor, ...]: ...
+    def mixed_state(self, A: Tensor, B: Tensor, slots: Tensor, weights: Tensor | None = None) -> tuple[Tensor, ...]: ...
 
 
 class SlotStacks:
@@ -64,7 +70,8 @@ class SlotStacks:
         self.A = torch.zeros(1 + capacity, *a_shape, dtype=dtype, device=device)  # (1 + capacity, *lead, r, d_in, ..)
         b = (*b_shape[: lead + 1], b_shape[lead + 1])  # (*lead, d_out, r): a conv's trailing 1s dropped
         self.B = torch.zeros(1 + capacity, *b, dtype=dtype, device=device)  # (1 + capacity, *lead, d_out, r)
-        self._state: tuple[Tensor, tuple[Tensor, ...]] | None = None  # (the index it was made for, mixed_state)
+        # (the slots and weights it was made for, mixed_state)
+        self._state: tuple[Tensor, Tensor | None, tuple[Tensor, ...]] | None = None
 
     @property
     def capacity(self) -> int:
@@ -101,13 +108,18 @@ class SlotStacks:
                 self.B[slot].zero_()
         self._state = None
 
-    def state(self, layer: MixedLayer, slots: Tensor) -> tuple[Tensor, ...]:
-        """What the layer's `mixed_forward` takes after x for this row → slot index, made once per index."""
+    def state(self, layer: MixedLayer, slots: Tensor, weights: Tensor | None = None) -> tuple[Tensor, ...]:
+        """What the layer's `mixed_forward` takes after x for this row → slot index (and per-row weights, cast
+        to the stacks' dtype), made once per (slots, weights) pair of tensors."""
         held = self._state
-        if held is not None and held[0] is slots:
-            return held[1]
-        state = layer.mixed_state(self.A, self.B, slots.to(self.A.device))
-        self._state = (slots, state)
+        if held is not None and held[0] is slots and held[1] is weights:
+            return held[2]
+        if weights is None:
+            state = layer.mixed_state(self.A, self.B, slots.to(self.A.device))
+        else:
+            w = weights.to(self.B.device, self.B.dtype)
+            state = layer.mixed_state(self.A, self.B, slots.to(self.A.device), w)
+        self._state = (slots, weights, state)
         return state
 
     def _grow(self, capacity: int, rank: int) -> None:
