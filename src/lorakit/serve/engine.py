@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from ..adapters import list_adapters
-from ..errors import LoraAdapterNotFound
+from ..composition import RowSpec, row_key
 from ..generation.kv import Batch, context_length
 from ..generation.sampling import SamplingError, SamplingParams, generator, sample_rows
+from .compose import check, missing, uses
 from .detok import TextStream
 from .groups import EngineAdapters, Group, Row, group_key, solo_adapters
 from .handle import Handle, RequestStats, Step
@@ -134,12 +135,14 @@ class Engine:
         )
         self._thread.start()
 
-    def submit(self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams) -> Handle:
-        """Queue one request: its `Handle` streams its steps. `adapter` is a loaded adapter's name or None (the base).
+    def submit(self, prompt_ids: Sequence[int], adapter: RowSpec, params: SamplingParams) -> Handle:
+        """Queue one request: its `Handle` streams its steps. `adapter`: a loaded adapter's name, None (the base), or
+        a weighted composition of loaded adapters (`lorakit.composition`), batched with every other row.
 
         Raises:
-            LoraAdapterNotFound: (a KeyError) no adapter of that name is loaded.
-            ValueError: an empty prompt, or prompt + max_tokens longer than the model's context.
+            LoraAdapterNotFound: (a KeyError) an adapter it names is not loaded.
+            ValueError: an empty prompt, prompt + max_tokens over the model's context, a malformed composition, or
+                a DoRA adapter in one (`compose.NotComposable`).
             QueueFull: `max_queue` requests already wait.
             EngineClosed: after `stop()`; `EngineFailed` (one of them) after the loop failed.
         """
@@ -151,11 +154,10 @@ class Engine:
                 f"the prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
                 f"{len(prompt) + params.max_tokens} is over the model's context of {self._context} tokens"
             )
-        if adapter is not None and adapter not in self._names:
-            raise LoraAdapterNotFound(f"no adapter named {adapter!r}; the model has {sorted(self._names)}")
-        handle = Handle(adapter, len(prompt))
+        check(key := row_key(adapter), self._names, self._solo)
+        handle = Handle(key, len(prompt))
         stream = TextStream(self.tokenizer, prompt, params.stop)
-        request = Row(prompt, adapter, params, handle, stream, generator(params.seed))
+        request = Row(prompt, key, params, handle, stream, generator(params.seed))
         with self._cond:
             if self.failure is not None:
                 raise EngineFailed(f"the engine has failed ({self.failure}); the server must be restarted")
@@ -192,9 +194,9 @@ class Engine:
             self._adapters.sync()  # loads and unloads copy into / zero the mixed batches' slots here, not at a step
 
     def in_flight(self, adapter: str | None) -> int:
-        """Requests using `adapter` (None: the base) that are running or waiting."""
+        """Requests using `adapter` (alone or in a composition; None: the bare base) that are running or waiting."""
         with self._cond:
-            return sum(r.adapter == adapter for r in (*self._running(), *self._queue))
+            return sum(uses(r.adapter, adapter) for r in (*self._running(), *self._queue))
 
     def stop(self, timeout: float) -> None:
         """Stop accepting requests; let those in flight finish for up to `timeout` seconds, then end the rest with an
@@ -315,8 +317,8 @@ class Engine:
         now = time.perf_counter()
         for r in new:
             r.handle.started_at = now
-            if r.adapter is not None and r.adapter not in self._names:  # unloaded while the request waited
-                self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"adapter {r.adapter!r} is no longer loaded"))
+            if gone := missing(r.adapter, self._names):  # unloaded while the request waited
+                self._finish(r, Step(None, "", "error", len(r.prompt), 0, f"adapter {gone[0]!r} is no longer loaded"))
         by_key: dict[str | None, list[Row]] = {}
         for r in new:
             if not r.done:

@@ -22,6 +22,7 @@ from ..adapters import disable_adapters, mixed_batch, use_adapter
 from ..generation.kv import Batch
 from ..generation.sampling import SamplingParams
 from ..model import lora_layers
+from .compose import RowKey
 from .detok import TextStream
 from .handle import Handle, Step
 
@@ -31,7 +32,7 @@ class Row:
     """A request inside the engine: what it asked for and how far it got."""
 
     prompt: list[int]
-    adapter: str | None
+    adapter: RowKey  # the request's `row_key`: None, one adapter's name, or a Composition (opaque to the engine)
     params: SamplingParams
     handle: Handle
     stream: TextStream
@@ -60,24 +61,25 @@ def solo_adapters(model: nn.Module) -> frozenset[str]:
     )
 
 
-def group_key(adapter: str | None, solo: frozenset[str]) -> str | None:
-    """The group a row runs in: None (the mixed forward) or the name of its solo adapter."""
-    return adapter if adapter is not None and adapter in solo else None
+def group_key(adapter: RowKey, solo: frozenset[str]) -> str | None:
+    """The group a row runs in: None (the mixed forward) or the name of its solo adapter (never composed)."""
+    return adapter if isinstance(adapter, str) and adapter in solo else None
 
 
 @contextlib.contextmanager
 def adapters(
-    model: nn.Module, key: str | None, rows: Sequence[str | None], table: AdapterTable | None = None
+    model: nn.Module, key: str | None, rows: Sequence[RowKey], table: AdapterTable | None = None
 ) -> Iterator[None]:
-    """Row i runs adapter rows[i]: a solo adapter as itself; else the bare base or one adapter as themselves,
-    several as a mixed batch (over `table`'s slots where given: nothing is copied as it starts)."""
+    """Row i runs rows[i]: a solo adapter as itself; else the bare base or one adapter as themselves, anything else
+    (several adapters, compositions) as a mixed batch (over `table`'s slots where given: nothing copied at start)."""
     distinct = set(rows)
+    only = rows[0] if len(distinct) == 1 else None
     if key is not None:
         ctx: contextlib.AbstractContextManager[Any] = use_adapter(model, key)
     elif distinct == {None}:
         ctx = disable_adapters(model)
-    elif len(distinct) == 1:
-        ctx = use_adapter(model, rows[0])
+    elif isinstance(only, str):
+        ctx = use_adapter(model, only)
     elif table is not None:
         ctx = table.batch(rows)
     else:
@@ -94,7 +96,7 @@ class Group:
     batch: Batch
     rows: list[Row]
 
-    def signature(self) -> tuple[str | None, tuple[str | None, ...]]:
+    def signature(self) -> tuple[str | None, tuple[RowKey, ...]]:
         """What the adapters of this group's forward depend on (the engine keeps them set while it stays the same)."""
         return self.key, tuple(r.adapter for r in self.rows)
 
@@ -137,7 +139,7 @@ class EngineAdapters:
         if self.table is not None:
             self.table.sync()
 
-    def enter(self, key: str | None, rows: Sequence[str | None]) -> contextlib.AbstractContextManager[None]:
+    def enter(self, key: str | None, rows: Sequence[RowKey]) -> contextlib.AbstractContextManager[None]:
         """The context of one forward (a prefill), after releasing what was held."""
         self.release()
         return adapters(self.model, key, rows, self.table)

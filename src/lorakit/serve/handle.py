@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
+from .compose import RowKey
+
 
 @dataclass(frozen=True)
 class Step:
@@ -57,13 +59,13 @@ class RequestStats:
     """Timing of one finished request, for metrics (`Engine(on_finish=...)`).
 
     Attributes:
-        adapter: the adapter's name (None: the base).
+        adapter: the request's adapter key: a name, None (the base), or a composition (`compose.RowKey`).
         ttft: seconds from submit to the first token (None when none came).
         per_token: mean seconds between later tokens (None with fewer than two tokens).
         queued: seconds the request waited before its prefill began.
     """
 
-    adapter: str | None
+    adapter: RowKey
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
@@ -75,7 +77,7 @@ class RequestStats:
 class Handle:
     """A submitted request: iterate it (or `async for`) for its `Step`s; `cancel()` to give up its slot."""
 
-    def __init__(self, adapter: str | None, prompt_tokens: int) -> None:
+    def __init__(self, adapter: RowKey, prompt_tokens: int) -> None:
         self.adapter = adapter
         self.prompt_tokens = prompt_tokens
         self.submitted_at = time.perf_counter()

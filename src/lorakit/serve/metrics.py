@@ -11,8 +11,8 @@
     lorakit_rejected_requests_total{reason}                      requests refused before they ran (queue full)
     lorakit_loaded_adapters                                      adapters loaded now (gauge; see --max-loaded)
 
-The base model is labelled adapter="base". Names follow vLLM's where they mean the same
-(`vllm:time_to_first_token_seconds` ...), with lorakit's prefix.
+The base model is labelled adapter="base", a composition by its adapters' names joined by "+" (`compose.label`).
+Names follow vLLM's where they mean the same (`vllm:time_to_first_token_seconds` ...), with lorakit's prefix.
 """
 
 from __future__ import annotations
@@ -22,17 +22,14 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .compose import RowKey, label  # a request's adapter label (also imported from here by text.py, encoder.py)
+
 if TYPE_CHECKING:
     from .handle import RequestStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def label(adapter: str | None) -> str:
-    """The `adapter` label of a request: its adapter's name, or "base"."""
-    return adapter or "base"
 
 
 class Metrics:
@@ -77,7 +74,7 @@ class Metrics:
         """One decode step of the engine: its batch size (the gauges read the engine itself, see `watch`)."""
         self.batch_size.observe(batch_size)
 
-    def finished(self, adapter: str | None, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def finished(self, adapter: RowKey, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         """A request (one choice) has ended: the engine's `on_finish` for causal LMs, the handler for encoders."""
         self.requests.labels(label(adapter), finish_reason).inc()
         self.prompt_tokens.labels(label(adapter)).inc(prompt_tokens)

@@ -152,10 +152,31 @@ class TextFormat(_Request):
     type: Literal["text"]
 
 
+MAX_COMPOSED = 64  # adapters in one request's composition (each must be loaded while it runs: --max-loaded)
+
+
+class AdapterWeight(_Request):
+    """One item of lorakit's `adapters` extension field: an adapter and its weight in the request's composition."""
+
+    name: str
+    weight: float = 1.0
+
+
+class LoraScale(_Request):
+    """One item of llama.cpp server's per-request `lora` field: an adapter by `id` (its index in GET
+    /lora-adapters) or by `name`, and its scale."""
+
+    id: int | None = None
+    name: str | None = None
+    scale: float
+
+
 class _Sampling(_Request):
-    """The sampling fields shared by completions and chat completions."""
+    """The sampling fields shared by completions and chat completions (`adapters`/`lora`: a composition, compose.py)."""
 
     model: str
+    adapters: list[AdapterWeight] | None = Field(default=None, max_length=MAX_COMPOSED)
+    lora: list[LoraScale] | None = Field(default=None, max_length=MAX_COMPOSED)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)

@@ -3,6 +3,7 @@
     registry = Registry(load=..., unload=..., root="/srv/adapters", max_loaded=8)
     registry.add("sql", "/srv/adapters/sql")       # known and loaded (evicting the least recently used idle one)
     registry.acquire("sql"); ...; registry.release("sql")   # around every request that uses it
+    await registry.hold("sql", "chat")             # a composition's adapters: all loaded at once, or wait
     registry.remove("sql")                         # unloaded now, or when its last request finishes
 
 A known adapter stays known after `--max-loaded` evicts it: its next request loads it again (vLLM keeps such
@@ -20,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -124,8 +125,9 @@ class Registry:
         with self._lock:
             return len(self._waiters)
 
-    async def hold(self, name: str) -> None:
-        """`acquire`, waiting while every loaded adapter is in use (RegistryError 429 when max_waiting already wait).
+    async def hold(self, *names: str) -> None:
+        """`acquire_all`, waiting while every loaded adapter is in use (RegistryError 429 when max_waiting already
+        wait). Holds nothing while it waits, so requests for overlapping sets of adapters never deadlock.
 
         Waits on the running event loop, not in a thread, so waiting requests never starve the worker threads.
         """
@@ -133,7 +135,7 @@ class Registry:
             with self._lock:
                 seen = self._freed
             try:
-                await asyncio.to_thread(self.acquire, name)
+                await asyncio.to_thread(self.acquire_all, names)
                 return
             except AllBusy as e:
                 busy = e
@@ -160,6 +162,11 @@ class Registry:
         """The adapters requests can name, in the order they were added."""
         with self._lock:
             return list(self._known)
+
+    def known(self) -> list[tuple[str, Path]]:
+        """(name, directory) of every adapter requests can name, in the order they were added."""
+        with self._lock:
+            return list(self._known.items())
 
     def path(self, name: str) -> Path:
         """The directory of a known adapter."""
@@ -201,6 +208,25 @@ class Registry:
             self._ensure_loaded(name, path)
         except BaseException:
             self.release(name)
+            raise
+
+    def acquire_all(self, names: Sequence[str]) -> None:
+        """`acquire` every one of `names` (one request's composition), or none of them: all loaded together.
+
+        RegistryError 400 if they are more than `max_loaded`: they could never be loaded at once.
+        """
+        if self.max_loaded is not None and len(names) > self.max_loaded:
+            raise RegistryError(
+                400, f"{len(names)} adapters cannot be loaded at once: this server loads at most {self.max_loaded}"
+            )
+        held: list[str] = []
+        try:
+            for name in names:
+                self.acquire(name)
+                held.append(name)
+        except BaseException:
+            for name in held:
+                self.release(name)
             raise
 
     def release(self, name: str) -> None:

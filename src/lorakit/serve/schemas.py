@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, RootModel
 
 
 class ErrorDetail(BaseModel):
@@ -161,6 +161,20 @@ class AdapterUnloaded(BaseModel):
     status: str
     lora_name: str
     in_flight: int
+
+
+class LoraAdapterCard(BaseModel):
+    """One adapter of GET /lora-adapters (llama.cpp server's route): `id` is what a request's `lora` field names;
+    `scale` is 0: no adapter applies unless a request asks for it."""
+
+    id: int
+    path: str
+    name: str
+    scale: float
+
+
+class LoraAdapters(RootModel[list[LoraAdapterCard]]):
+    """GET /lora-adapters: every adapter a request can name, in a stable order (the order they were added)."""
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -4,8 +4,9 @@ A request with several prompts, or `n` > 1, is several engine requests (choice `
 as OpenAI numbers them), each its own row in the engine's batch; sample j of a seeded request uses seed + j.
 Chats are rendered with the tokenizer's chat template (`lorakit.hf.chat.render`, as `lorakit finetune` and
 `lorakit predict` render them) and stop at the template's end-of-turn token as well as at EOS.
-The adapter a request names is held in the registry from before its first engine request until its last one
-ends, so that an unload waits for it (`registry.Registry`).
+A request runs the adapter its `"model"` names, or a weighted composition of adapters (`adapters` or `lora`,
+compose_http.py), batched with every other request. Its adapters are held in the registry from before its first
+engine request until its last one ends, so that an unload or an eviction waits for them (`registry.Registry`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..generation.sampling import SamplingParams
 from ..hf import chat
-from . import schemas
+from . import compose_http, schemas
 from .access_log import AccessRecord, record_of
+from .compose import NotComposable, RowKey, names_of
 from .engine import Engine, EngineClosed, EngineFailed, QueueFull
 from .handle import Handle, Step
 from .limits import Limits
@@ -59,6 +61,7 @@ class TextService:
     def routes(self) -> APIRouter:
         """The router with both endpoints."""
         router = APIRouter()
+        router.include_router(compose_http.router(self.registry))
 
         # Prompts are capped before they are tokenized, and tokenized (chats rendered) in a worker thread, so
         # that no request's size stalls the event loop that answers every other client.
@@ -68,14 +71,16 @@ class TextService:
             """OpenAI's completions: text in, text out."""
             self.limits.check_completion(body)
             prompts = await asyncio.to_thread(self.completion_prompts, body)
-            return await self.complete(body, prompts, self.eos, "completions", body.echo, record_of(request))
+            key = compose_http.requested(body, self.resolve, self.registry)
+            return await self.complete(body, key, prompts, self.eos, "completions", body.echo, record_of(request))
 
         @router.post("/v1/chat/completions", responses=schemas.responses(schemas.ChatCompletion, stream=True))
         async def chat_completions(body: ChatRequest, request: Request) -> Any:
             """OpenAI's chat completions: a conversation in, the assistant's next message out."""
             self.limits.check_chat(body)
-            prompt, stops = await asyncio.to_thread(self.chat_prompt_and_stops, body)
-            return await self.complete(body, [prompt], stops, "chat", False, record_of(request))
+            key = compose_http.requested(body, self.resolve, self.registry)
+            prompt, stops = await asyncio.to_thread(self.chat_prompt_and_stops, body, key)
+            return await self.complete(body, key, [prompt], stops, "chat", False, record_of(request))
 
         return router
 
@@ -104,9 +109,10 @@ class TextService:
             out.append(ids)
         return out
 
-    def chat_prompt_and_stops(self, body: ChatRequest) -> tuple[list[int], tuple[int, ...]]:
-        """The rendered conversation's ids, and the token ids that end the reply (EOS, the template's end of turn)."""
-        template = self.template(self.resolve(body.model))
+    def chat_prompt_and_stops(self, body: ChatRequest, key: RowKey) -> tuple[list[int], tuple[int, ...]]:
+        """The rendered conversation's ids, and the token ids that end the reply (EOS, the template's end of turn):
+        with the chat template of the request's one adapter, if it runs one and it has its own."""
+        template = self.template(key if isinstance(key, str) else None)
         stops = self.eos + tuple(i for i in chat.end_of_turn_ids(self.tokenizer, template) if i not in self.eos)
         return self.chat_prompt(body, template), stops
 
@@ -172,26 +178,30 @@ class TextService:
     async def complete(
         self,
         body: CompletionRequest | ChatRequest,
+        adapter: RowKey,
         prompts: list[list[int]],
         stop_ids: tuple[int, ...],
         endpoint: str,
         echo: bool,
         record: AccessRecord | None = None,
     ) -> Any:
-        """Submit every choice, then answer with one JSON response or a stream of server-sent events."""
+        """Submit every choice of `adapter` (a `compose.RowKey`: None, a name, a composition), then answer with one
+        JSON response or a stream of server-sent events."""
         if body.logprobs not in (None, False):
             raise APIError(400, "logprobs are not supported by lorakit serve", param="logprobs")
-        adapter = self.resolve(body.model)
         record = record or AccessRecord()
         record.adapter, record.prompt_tokens = label(adapter), sum(len(p) for p in prompts)
         params = [self.params(body, p, stop_ids) for p in prompts]  # all checked before anything is submitted
         if adapter is not None:
             try:
-                await self.registry.hold(adapter)  # waits while --max-loaded adapters are all in use
+                await self.registry.hold(*names_of(adapter))  # waits while --max-loaded adapters are all in use
             except EngineClosed as e:  # the engine failed or drains while this request waited for a slot
                 raise unavailable(e) from None
         try:
             handles = self.submit(prompts, adapter, params)
+        except NotComposable as e:
+            self.release(adapter)
+            raise APIError(400, str(e), param=compose_http.where_is(body, e.name, self.registry.names())) from None
         except BaseException:
             self.release(adapter)
             raise
@@ -200,8 +210,9 @@ class TextService:
             return StreamingResponse(reply.stream(), media_type="text/event-stream")
         return await reply.whole()
 
-    def submit(self, prompts: list[list[int]], adapter: str | None, params: list[list[SamplingParams]]) -> list[Handle]:
-        """Every choice's engine request, or none: a full queue cancels those already in and answers 429."""
+    def submit(self, prompts: list[list[int]], adapter: RowKey, params: list[list[SamplingParams]]) -> list[Handle]:
+        """Every choice's engine request, or none: a full queue cancels those already in and answers 429 (a DoRA
+        adapter composed: `NotComposable`, raised before any is in)."""
         handles: list[Handle] = []
         try:
             for prompt, ps in zip(prompts, params, strict=True):
@@ -219,10 +230,10 @@ class TextService:
             raise unavailable(e) from None
         return handles
 
-    def release(self, adapter: str | None) -> None:
-        """Let go of the adapter, in a worker thread: a deferred unload runs on the engine thread meanwhile."""
-        if adapter is not None:
-            asyncio.get_running_loop().run_in_executor(None, self.registry.release, adapter)
+    def release(self, adapter: RowKey) -> None:
+        """Let go of the request's adapters, in a worker thread (a deferred unload runs on the engine thread)."""
+        for name in names_of(adapter):
+            asyncio.get_running_loop().run_in_executor(None, self.registry.release, name)
 
 
 @dataclass
@@ -234,7 +245,7 @@ class Reply:
     endpoint: str
     prompts: list[list[int]]
     echo: bool
-    adapter: str | None
+    adapter: RowKey
     handles: list[Handle]
     record: AccessRecord = field(default_factory=AccessRecord)
     started: float = field(default_factory=time.perf_counter)
