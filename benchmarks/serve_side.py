@@ -51,7 +51,9 @@ class ClientLoad:
         for chunk in stream:
             if chunk.usage is not None:
                 used = chunk.usage.completion_tokens
-            if chunk.choices:  # a token whose text is held back (part of a character) still streams a chunk
+            if chunk.choices and (chunk.choices[0].text or chunk.choices[0].finish_reason is None):
+                # a token whose text is held back (part of a character) still streams a chunk; a bare closing
+                # chunk (only the finish reason) is no token
                 last = time.perf_counter()
                 first = first or last
                 chunks += 1

@@ -175,4 +175,27 @@ def reading(a: argparse.Namespace, side: Side) -> list[str]:
         "decoded in separate batches, one pass over the weights each (llama.cpp#10994), where lorakit decodes "
         "every row in one forward with per-row adapter factors.",
     ]
-    return out
+    return out + gap(a, r)
+
+
+def gap(a: argparse.Namespace, r: dict[str, float]) -> list[str]:
+    """Where llama-server is faster: by how much, and what closing it would take."""
+    slower = [
+        w for w in ("base", "1 adapter", f"{a.adapters} adapters", f"{a.adapters} compositions") if r.get(w, 1) < 1
+    ]
+    if not slower:
+        return []
+    ratios = ", ".join(f"{w} {1 / r[w]:.2f}×" for w in slower)
+    return [
+        "",
+        f"**Where llama-server is faster** ({ratios} lorakit serve's throughput): llama.cpp runs a decode step as "
+        "one C++ graph over its own kernels (matrix products, fused attention over a preallocated KV cache, no "
+        "interpreter between operators), with sampling and detokenising in the same process. lorakit serve runs "
+        "transformers' eager Llama forward in PyTorch, a few hundred operator dispatches through Python per step "
+        f"at {a.clients} rows × hidden {a.hidden} (small kernels, where dispatch and the KV cache's growth cost a "
+        "large share), then the HTTP layer in Python. Closing the gap on one adapter or the base would take the "
+        "decode step out of eager Python: a static KV cache (this round's static-kv work) so the step's shapes "
+        "are fixed, then the whole step compiled (torch.compile) or replayed as one graph; the LoRA branch "
+        f"itself is a small part of it (one adapter keeps {r['one/base']:.2f}× of lorakit's base throughput and "
+        f"{r['llama one/base']:.2f}× of llama-server's).",
+    ]

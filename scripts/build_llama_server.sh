@@ -8,6 +8,7 @@
 # ~8+ minutes on 2 cores the first time. It is built for THIS machine's CPU (GGML_NATIVE=ON, as a user running
 # llama.cpp locally would), so the cache key includes a hash of the CPU's flags: a cache shared with another
 # kind of CPU builds its own copy rather than dying with SIGILL.
+# A build resumed from $work is reported with only its resumed part's time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-}"
@@ -22,13 +23,17 @@ if [ -x "$dest/llama-server" ]; then
   echo "$dest/llama-server"
   exit 0
 fi
-work="$(mktemp -d "${TMPDIR:-/tmp}/llama-server-build.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
+# The sources and objects stay in $work until the binary is in place: an interrupted build (Ctrl-C, a timeout)
+# resumes where it stopped on the next run; a finished one removes them.
+work="$dest.build"
+mkdir -p "$work"
 echo "build_llama_server: llama-cpp-python $version sdist -> $dest (~8+ minutes on 2 cores)" >&2
-# --no-binary for llama-cpp-python only: pip prepares the sdist's metadata, and its build tools come as wheels
-"$py" -m pip download -q --disable-pip-version-check --no-binary llama-cpp-python --no-deps -d "$work" \
-  "llama-cpp-python==$version" >&2
-tar -xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work"
+if [ ! -d "$work/llama_cpp_python-$version" ]; then
+  # --no-binary for llama-cpp-python only: pip prepares the sdist's metadata, its build tools come as wheels
+  "$py" -m pip download -q --disable-pip-version-check --no-binary llama-cpp-python --no-deps -d "$work" \
+    "llama-cpp-python==$version" >&2
+  tar -xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work"
+fi
 src="$work/llama_cpp_python-$version/vendor/llama.cpp"
 start=$(date +%s)
 generator=()
@@ -40,5 +45,6 @@ cmake --build "$work/build" --target llama-server -j"${JOBS:-2}" >&2
 mkdir -p "$dest"
 cp "$work/build/bin/llama-server" "$dest/llama-server.tmp"
 mv "$dest/llama-server.tmp" "$dest/llama-server"
+rm -rf "$work"
 echo "build_llama_server: built in $(($(date +%s) - start)) s" >&2
 echo "$dest/llama-server"
