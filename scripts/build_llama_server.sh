@@ -8,7 +8,6 @@
 # ~8+ minutes on 2 cores the first time. It is built for THIS machine's CPU (GGML_NATIVE=ON, as a user running
 # llama.cpp locally would), so the cache key includes a hash of the CPU's flags: a cache shared with another
 # kind of CPU builds its own copy rather than dying with SIGILL.
-# A build resumed from $work is reported with only its resumed part's time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-}"
@@ -24,8 +23,9 @@ if [ -x "$dest/llama-server" ]; then
   exit 0
 fi
 # The sources and objects stay in $work until the binary is in place: an interrupted build (Ctrl-C, a timeout)
-# resumes where it stopped on the next run; a finished one removes them.
-work="$dest.build"
+# resumes where it stopped on the next run; a finished one removes them. LORAKIT_LLAMA_SERVER_WORK names another
+# work dir (one holding llama_cpp_python-<version>/ and build/ from an earlier, interrupted run).
+work="${LORAKIT_LLAMA_SERVER_WORK:-$dest.build}"
 mkdir -p "$work"
 echo "build_llama_server: llama-cpp-python $version sdist -> $dest (~8+ minutes on 2 cores)" >&2
 if [ ! -d "$work/llama_cpp_python-$version" ]; then
@@ -46,5 +46,5 @@ mkdir -p "$dest"
 cp "$work/build/bin/llama-server" "$dest/llama-server.tmp"
 mv "$dest/llama-server.tmp" "$dest/llama-server"
 rm -rf "$work"
-echo "build_llama_server: built in $(($(date +%s) - start)) s" >&2
+echo "build_llama_server: built in $(($(date +%s) - start)) s (a resumed build: its resumed part)" >&2
 echo "$dest/llama-server"
