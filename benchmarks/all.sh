@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every benchmark suite, one after the other (about 25 minutes on 2 CPU cores); each writes its own page:
+# Every benchmark suite, one after the other (about 35 minutes on 2 CPU cores); each writes its own page:
 #   RESULTS.md (lorakit vs PEFT vs the cost floor), RESULTS-adapters.md, RESULTS-variants.md, RESULTS-distributed.md,
 #   RESULTS-checkpointing.md (gradient checkpointing and packing, about 2 minutes),
-#   RESULTS-serve.md (lorakit serve's engine: continuous batching across adapters, about 3 minutes),
+#   RESULTS-serve.md (lorakit serve against llama.cpp's llama-server, about 13 minutes; llama-server is built once,
+#   8+ minutes, by scripts/build_llama_server.sh),
 #   RESULTS-e2e.md (lorakit finetune vs Trainer + PEFT), RESULTS-scale.md (+ scale-*.png), RESULTS-export.md,
 #   RESULTS-moe.md (LoRA on MoE experts vs PEFT target_parameters, about 8 minutes), RESULTS-moe-mixed.md,
 #   RESULTS-preference.md (DPO and GRPO against TRL + PEFT, about 5 minutes)
