@@ -122,8 +122,12 @@ def llama_loads(url: str, names: list[str], ids: list[list[int]], new: int) -> d
     """The workloads on llama-server: every adapter loaded at scale 0, a request's `lora` list sets its scales."""
     loads = {}
     for name, reqs in workloads(names, len(ids)).items():
+        # the base as adapter 0 at scale 0, not an empty list: with `lora: []` this llama-server's slots answered
+        # with neither the base's text nor its speed (a slot kept adapters of its previous request), and scale 0 on
+        # every adapter is the base by definition, under the same graph as the other workloads
         extras = [
-            {"ignore_eos": True, "cache_prompt": False, "lora": [{"id": k, "scale": w} for k, w in req]} for req in reqs
+            {"ignore_eos": True, "cache_prompt": False, "lora": [{"id": k, "scale": w} for k, w in req or [(0, 0.0)]]}
+            for req in reqs
         ]
         loads[name] = ClientLoad(url, ["model"] * len(ids), extras, ids, new)
     return loads
