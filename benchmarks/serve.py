@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adapters", type=int, default=16)
     p.add_argument("--sequential", type=int, default=8, help="requests of the one-at-a-time configuration")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="the engine's and lorakit serve's device (gpu.sh: cuda)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=0, help="whole warm-up rounds (every server takes a request first)")
     p.add_argument(
@@ -76,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.hidden, a.intermediate, a.layers, a.heads, a.vocab = 32, 64, 2, 2, 128
         a.clients, a.prompt, a.new, a.adapters, a.sequential, a.rounds, a.warmup = 8, 8, 8, 4, 2, 2, 0
         a.http, a.llama_server = False, "off"
-    a.seq, a.device = a.prompt + a.new, "cpu"  # build_base sizes the context from a.seq
+    a.seq = a.prompt + a.new  # build_base sizes the context from a.seq
     return a
 
 
@@ -143,7 +144,7 @@ def measure(a: argparse.Namespace, engine: Engine, inproc: dict[str, Load], serv
             loads |= side.loads
         for ad in (None, names[0]):  # the engine's first calls
             engine.submit(ids[0][:4], ad, SamplingParams(max_tokens=2, temperature=0.0)).result()
-        s = harness.interleaved(loads, a.rounds, warmup=a.warmup, device="cpu")  # type: ignore[arg-type]
+        s = harness.interleaved(loads, a.rounds, warmup=a.warmup, device=a.device)  # type: ignore[arg-type]
     finally:
         if side is not None:
             side.close()
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> Path:
             "",
             f"Command: `{' '.join(['python benchmarks/serve.py', *a.argv])}` ({time.perf_counter() - t0:.0f} s)",
             "",
-            f"Machine: {harness.machine('cpu', a.threads)}.",
+            f"Machine: {harness.machine(a.device, a.threads)}.",
             "",
             f"Model: Llama-style, hidden {a.hidden}, intermediate {a.intermediate}, "
             f"{a.layers} layers, vocab {a.vocab}, "

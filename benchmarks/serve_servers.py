@@ -127,6 +127,7 @@ def lorakit_server(a: argparse.Namespace, model_dir: Path, names: list[str], roo
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     flags = [f"--adapter={n}={root / n}" for n in names]
     cmd = [sys.executable, "-m", "lorakit", "serve", "--model", str(model_dir), *flags, "--port", "0"]
+    cmd += ["--device", a.device]  # gpu.sh: the --device cuda path of the real server
     server = Server([*cmd, f"--max-batch={a.clients}"], "ready on ", env)
     return server, server.line.split("ready on ", 1)[1].strip()
 

@@ -150,9 +150,11 @@ def section(a: argparse.Namespace, side: Side, rounds: int) -> list[str]:
         table(["workload", "lorakit serve", "llama-server", "same leading characters"], greedy_rows(side)),
         "",
         "Not required to be equal: llama.cpp's f32 kernels sum in another order than torch's, and on a random-weight "
-        "model the top two logits are often within that rounding, so greedy paths part after a few tokens. Both "
-        "produce text of the served vocabulary, and the export's proof (the base with adapter 0) compared every "
-        "logit of llama.cpp against lorakit's within its tolerance.",
+        "model the top two logits can fall within that rounding, so greedy paths may part after a few tokens. Both "
+        "serve the same model and adapters (the export's proof, the base with adapter 0, compared every logit of "
+        "llama.cpp against lorakit's within its tolerance); a row that parts at its first characters would mean a "
+        "request ran other weights (as llama-server's base did when asked with `lora: []`: its slots kept the "
+        "previous request's adapters, so the base load sends adapter 0 at scale 0).",
         "",
     ]
 
@@ -192,10 +194,11 @@ def gap(a: argparse.Namespace, r: dict[str, float]) -> list[str]:
         "one C++ graph over its own kernels (matrix products, fused attention over a preallocated KV cache, no "
         "interpreter between operators), with sampling and detokenising in the same process. lorakit serve runs "
         "transformers' eager Llama forward in PyTorch, a few hundred operator dispatches through Python per step "
-        f"at {a.clients} rows × hidden {a.hidden} (small kernels, where dispatch and the KV cache's growth cost a "
-        "large share), then the HTTP layer in Python. Closing the gap on one adapter or the base would take the "
-        "decode step out of eager Python: a static KV cache (this round's static-kv work) so the step's shapes "
-        "are fixed, then the whole step compiled (torch.compile) or replayed as one graph; the LoRA branch "
+        f"at {a.clients} rows × hidden {a.hidden} (small kernels, where dispatch costs a large share), then the "
+        "HTTP layer in Python. Closing the gap on one adapter or the base would take the decode step out of eager "
+        "Python: the KV cache is now preallocated (its columns grow by doubling, rarely), so the next step is "
+        "fixed shapes per bucket of columns, then the whole step compiled (torch.compile) or replayed as one "
+        "graph (a CUDA graph on a GPU); the LoRA branch "
         f"itself is a small part of it (one adapter keeps {r['one/base']:.2f}× of lorakit's base throughput and "
         f"{r['llama one/base']:.2f}× of llama-server's).",
     ]

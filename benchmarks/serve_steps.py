@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import fmt_time  # noqa: E402
+from harness import fmt_time, sync  # noqa: E402
 
 from lorakit.serve import Engine  # noqa: E402
 
@@ -54,7 +54,7 @@ def _decode_steps(
             with adapters(engine.model, None, rows, table):
                 for kind, cls in (("forward", Batch), ("previous", kv_previous.Batch)):
                     _, batches[kind][name] = cls.prefill(engine.model, ids, 0)
-                    batches[kind][name].last = torch.zeros(len(ids), dtype=torch.long)
+                    batches[kind][name].last = torch.zeros(len(ids), dtype=torch.long, device=a.device)
     out: dict[str, dict[str, list[float]]] = {n: {"step": [], "forward": [], "previous": []} for n in mixes}
     order = list(mixes)
     with torch.no_grad():
@@ -65,6 +65,7 @@ def _decode_steps(
                     for kind in ("forward", "previous")[:: 1 if r % 2 else -1]:  # the two caches take turns first
                         t = time.perf_counter()
                         batches[kind][name].step(engine.model)
+                        sync(a.device)  # a GPU's step has ended only when its kernels have
                         if r:
                             out[name][kind].append(time.perf_counter() - t)
                 t3 = time.perf_counter()

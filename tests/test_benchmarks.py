@@ -186,7 +186,7 @@ def test_gpu_script_parses_and_every_flag_it_passes_is_accepted():
     r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     commands = [shlex.split(line)[1:] for line in r.stdout.splitlines()]
-    assert {Path(c[0]).name for c in commands} == {"run.py", "adapters.py", "e2e.py", "scale.py"}
+    assert {Path(c[0]).name for c in commands} == {"run.py", "adapters.py", "e2e.py", "scale.py", "serve.py"}
     # each script's own parser, stopped right after parsing (one process for all: the imports are shared);
     # unknown flags or bad values exit 2
     check = (
