@@ -57,7 +57,7 @@ def requested(body: Body, resolve: Callable[[str], str | None], registry: Regist
         raise APIError(
             400,
             f"{field!r} composes {len(names_of(key))} adapters; this server loads at most {limit} at once "
-            "(--max-loaded), and a composition's adapters must all be loaded while it runs",
+            "(max_loaded), and a composition's adapters must all be loaded while it runs",
             param=field,
         )
     return key
