@@ -113,9 +113,11 @@ def make_adapter(
     seed: int,
     targets: tuple[str, ...] = ("q_proj", "v_proj"),
     target_parameters: tuple[str, ...] = (),
+    use_dora: bool = False,
 ) -> Path:
     """A causal-lm LoRA adapter of `model_dir` with random (non-zero) A and B, saved as lorakit saves one
-    (`target_parameters`: LoRA on those parameters too, e.g. "all-experts")."""
+    (`target_parameters`: LoRA on those parameters too, e.g. "all-experts"; `use_dora`: a DoRA adapter, its
+    magnitudes left as initialised)."""
     import lorakit as lk
     from lorakit.hf import models as hf
 
@@ -125,11 +127,12 @@ def make_adapter(
             model, lk.LoraConfig(rank=4, alpha=8), list(targets) or None, target_parameters=list(target_parameters)
         )
     else:
-        lk.apply_lora(model, lk.LoraConfig(rank=4, alpha=8), list(targets))
+        lk.apply_lora(model, lk.LoraConfig(rank=4, alpha=8, use_dora=use_dora), list(targets))
+    randomised = ("lora_A", "lora_B") if use_dora else ("lora_",)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if any(k in name for k in randomised):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     lk.save_adapters(model, out)
     hf.write_task_file(out, "causal-lm", base_model=model_dir)

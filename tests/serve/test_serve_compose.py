@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 import lorakit as lk
 
@@ -31,28 +30,12 @@ ANCHOR = 200  # tokens of a base stream that runs through every concurrent reque
 LONG = 600  # tokens: a composition still running while the test does what it needs
 
 
-def make_dora_adapter(model_dir: Path, out: Path, seed: int) -> Path:
-    """A causal-lm DoRA adapter with random (non-zero) A and B."""
-    from lorakit.hf import models as hf
-
-    model, _ = hf.load(model_dir, "causal-lm")
-    lk.apply_lora(model, lk.LoraConfig(rank=4, alpha=8, use_dora=True), ["k_proj", "down_proj"])
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    lk.save_adapters(model, out)
-    hf.write_task_file(out, "causal-lm", base_model=model_dir)
-    return out
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("compose")
     model = _serving.tiny_chat_llama(root / "llama")
     adapters = {n: _serving.make_adapter(model, root / n, seed) for seed, n in enumerate("abc", start=1)}
-    adapters["d"] = make_dora_adapter(model, root / "d", 4)
+    adapters["d"] = _serving.make_adapter(model, root / "d", 4, targets=("k_proj", "down_proj"), use_dora=True)
     server = _serving.Server(
         "--model",
         model,

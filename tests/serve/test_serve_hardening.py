@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _serving  # noqa: E402
@@ -32,31 +31,13 @@ PROMPTS = ["the cat sat", "hello world", "one two three", "the quick brown fox"]
 LONG = 600  # tokens: a request that is still running while the test does what it needs
 
 
-def make_dora_adapter(model_dir: Path, out: Path, seed: int) -> Path:
-    """A causal-lm DoRA adapter of `model_dir` with random (non-zero) A and B (on modules the plain adapters leave:
-    one layer holds one variant)."""
-    import lorakit as lk
-    from lorakit.hf import models as hf
-
-    model, _ = hf.load(model_dir, "causal-lm")
-    lk.apply_lora(model, lk.LoraConfig(rank=4, alpha=8, use_dora=True), ["k_proj", "o_proj", "down_proj"])
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    lk.save_adapters(model, out)
-    hf.write_task_file(out, "causal-lm", base_model=model_dir)
-    return out
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("hardening")
     model = _serving.tiny_chat_llama(root / "llama")
     adapters = {
         "a": _serving.make_adapter(model, root / "a", 1),
-        "d": make_dora_adapter(model, root / "d", 2),
+        "d": _serving.make_adapter(model, root / "d", 2, targets=("k_proj", "o_proj", "down_proj"), use_dora=True),
         "b": _serving.make_adapter(model, root / "b", 3),
     }
     server = _serving.Server(
