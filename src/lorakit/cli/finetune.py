@@ -18,8 +18,8 @@ from ..train.config import PRECISIONS, SCHEDULES
 from ..train.trainer import Callback
 from ..variants.quant import FORMATS as QUANT_FORMATS
 from . import finetune_align as align
+from . import finetune_speed, out_dir, runfile
 from . import finetune_start as start
-from . import out_dir, runfile
 from .common import add_model_flags, inputs, model_dir, positive_int, quiet_transformers
 
 
@@ -125,6 +125,7 @@ def _job(args: argparse.Namespace) -> job_module.FinetuneJob:
         align=align.config(args),
         init_adapter=args.init_adapter,
         ref_adapter=args.ref_adapter,
+        speed=finetune_speed.config(args),
     )
 
 
@@ -206,6 +207,7 @@ def add_finetune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     g = p.add_argument_group("data")
     _add_data_args(g)
     align.add_args(p)
+    finetune_speed.add_args(p)
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped in the model directory")
     p.add_argument(
         "--config",

