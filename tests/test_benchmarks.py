@@ -329,3 +329,19 @@ def test_preference_suite_runs_quick(tmp_path):
     assert {"lorakit GRPOObjective (EngineSampler)", "TRL GRPOTrainer + PEFT (generate)"} <= steps.keys()
     targets = [line for line in text.splitlines() if line.endswith(("| met |", "| **missed** |"))]
     assert len(targets) == 3  # DPO tokens/s, rollout tokens/s, GRPO step (peak RSS needs the processes)
+
+
+def test_cpu_choices_suite_runs_quick(tmp_path):
+    """Each CPU choice of the LoRA linear timed both ways; the page names the CPU, its ISA and the code's plan."""
+    spec = importlib.util.spec_from_file_location("lorakit_benchmarks_cpu_choices", RUN.parent / "cpu_choices.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        out = mod.main(["--quick", "--out", str(tmp_path / "RESULTS-cpu-choices.md")])
+    finally:
+        torch.set_num_threads(threads)
+    text = out.read_text()
+    assert "Machine: " in text and "get_cpu_capability() = " in text and "GemmPlan(rank_r='wide'" in text
+    for heading in ("## Rank-r GEMM orientation", "## Rank-r orientation in the whole layer", "## Folding"):
+        assert heading in text

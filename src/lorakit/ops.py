@@ -18,13 +18,15 @@ from torch import Tensor
 
 from .config import BASE_CHANGING_INITS, INITS
 from .errors import LoraMergeError
-from .ops_linear import _savable, base_linear, decode_weight, dropout_keep, lora_linear
+from .ops_linear import GemmPlan, _savable, base_linear, decode_weight, dropout_keep, gemm_plan, lora_linear
 
 __all__ = [
+    "GemmPlan",
     "base_linear",
     "decode_weight",
     "delta_weight",
     "dropout_keep",
+    "gemm_plan",
     "init_factors_",
     "lora_conv",
     "lora_conv_composed",

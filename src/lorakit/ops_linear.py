@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,15 +60,56 @@ def dropout_keep(shape: tuple[int, ...], p: float, device: torch.device | str | 
     return lanes >= cut - 2**15, 2**_DROP_BITS / (2**_DROP_BITS - cut)
 
 
-def _rank_r(a: Tensor, m: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class GemmPlan:
+    """How the LoRA linear lays out its rank-r GEMMs and when it folds the branch into the weight: speed and the
+    last bits of rounding, never the math. `lora_linear` uses `gemm_plan()` unless a call passes its own.
+
+    Attributes:
+        rank_r: "wide" gives each rank-r product an output whose contiguous (vectorised) dimension is the long one,
+            tokens or d: h = (A xᵀ)ᵀ, dh = (Bᵀ gyᵀ)ᵀ, dB = (hᵀ gy)ᵀ; "narrow" the direct x Aᵀ, gy B, gyᵀ h (r there).
+        fold: "auto" folds s·B A into the weight where that weight-sized pass is smaller than the N-sized pass it
+            replaces; "never"; "always" wherever folding is exact enough (fp32/fp64, no dropout).
+
+    Examples:
+        >>> GemmPlan(rank_r="narrow", fold="never")
+        GemmPlan(rank_r='narrow', fold='never')
+    """
+
+    rank_r: str = "wide"
+    fold: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.rank_r not in ("wide", "narrow"):
+            raise ValueError(f"GemmPlan.rank_r must be 'wide' or 'narrow', got {self.rank_r!r}")
+        if self.fold not in ("auto", "never", "always"):
+            raise ValueError(f"GemmPlan.fold must be 'auto', 'never' or 'always', got {self.fold!r}")
+
+
+def gemm_plan() -> GemmPlan:
+    """The `GemmPlan` `lora_linear` uses when a call passes none: one rule for every CPU, never a timing, so a run
+    and its resumption compute the same bits. Why it holds on AVX2 and AVX-512: benchmarks/RESULTS-cpu-choices.md.
+
+    Examples:
+        >>> gemm_plan()
+        GemmPlan(rank_r='wide', fold='auto')
+    """
+    return GemmPlan()  # made per call: the module holds no objects (tests/test_dropout.py)
+
+
+def _rank_r(a: Tensor, m: Tensor, wide: bool) -> Tensor:
     """a mᵀ (N, r) for a (N, k) and a rank-r factor m (r, k): h = x Aᵀ, dh = gy B (m = Bᵀ).
 
-    In fp32 it is computed as (m aᵀ)ᵀ, a transposed view: the same sums, and on CPU (MKL, one thread, N = 1024)
-    1.5× faster for x Aᵀ and 4× for gy B than the (N, k) @ (k, r) call, whose narrow output takes a slow
-    kernel; in bf16 the direct call is as fast or faster. Every consumer takes the view as is (BLAS transposes
-    by flag); dA = dhᵀ x and dB = (hᵀ gy)ᵀ then read the contiguous side.
+    wide (`GemmPlan.rank_r`): computed as (m aᵀ)ᵀ, a transposed view of an (r, N) result, so the GEMM vectorises
+    over the N tokens. The same products (another kernel may sum them in another order); every consumer takes
+    the view as is (BLAS transposes by flag).
     """
-    return (m @ a.t()).t() if a.dtype == torch.float32 else a @ m.t()
+    return (m @ a.t()).t() if wide else a @ m.t()
+
+
+def _grad_B(h: Tensor, gy: Tensor, wide: bool) -> Tensor:
+    """dB = gyᵀ h (d_out, r), unscaled: wide as (hᵀ gy)ᵀ, vectorised over d_out (`GemmPlan.rank_r`)."""
+    return (h.t() @ gy).t() if wide else gy.t() @ h
 
 
 def _as_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
@@ -75,12 +117,16 @@ def _as_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
     return keep.view(torch.uint8).to(dtype)
 
 
-def _fold_pays(lora_elems: int, d_in: int, d_out: int, dtype: torch.dtype) -> bool:
-    """Whether forming W + s·B A (a weight-sized pass) beats the N-sized LoRA passes (`lora_elems`) it replaces.
+def _fold_pays(lora_elems: int, d_in: int, d_out: int, dtype: torch.dtype, mode: str = "auto") -> bool:
+    """Whether to form W + s·B A (a weight-sized pass) instead of the N-sized LoRA passes (`lora_elems`).
 
-    Only in fp32/fp64: in bf16/fp16 the sum would round the update onto the weight's coarse grid.
+    Only in fp32/fp64: in bf16/fp16 the sum would round the update onto the weight's coarse grid. "auto"
+    (`GemmPlan.fold`) compares element counts: both sides are rank-r GEMMs (inner dimension r) writing a long
+    contiguous output, memory-bound alike on any ISA, so the counts rank their costs on AVX2 and AVX-512 alike.
     """
-    return dtype in (torch.float32, torch.float64) and lora_elems > d_in * d_out
+    if mode == "never" or dtype not in (torch.float32, torch.float64):
+        return False
+    return mode == "always" or lora_elems > d_in * d_out
 
 
 def decode_weight(weight: Tensor, dtype: torch.dtype | None = None, decode: Decode | None = None) -> Tensor:
@@ -127,6 +173,7 @@ def _forward(
     fold: bool,
     need_h: bool,
     decode: Decode | None = None,
+    wide: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """(y (..., d_out), h = drop(x) Aᵀ (N, r) or None): the forward of both the autograd and the no-grad path.
 
@@ -136,9 +183,9 @@ def _forward(
     weight = decode_weight(weight, x.dtype, decode)
     if fold:  # one GEMM on W + s·B A, as if merged; h only for B's gradient
         y = base_linear(x, _folded(weight, A, B, scaling, fan_in_fan_out), bias, fan_in_fan_out)
-        return y, (_rank_r(x2, A) if need_h else None)
+        return y, (_rank_r(x2, A, wide) if need_h else None)
     dropped = x2 if keep is None else x2 * _as_mask(keep, x2.dtype)  # (N, d_in), unscaled: scaled at rank r
-    h = _rank_r(dropped, A)  # (N, r)
+    h = _rank_r(dropped, A, wide)  # (N, r)
     if keep is not None:
         h.mul_(drop_scale)
     y = base_linear(x, weight, bias, fan_in_fan_out)  # (..., d_out)
@@ -159,24 +206,24 @@ class _LoraLinearFn(torch.autograd.Function):
     # forward(ctx, ...) rather than setup_context: the latter binds the signature on every call (~36 µs per
     # layer here), and torch.func never reaches this Function (lora_linear runs `_composite` under it)
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, decode):
-        y, h = _forward(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, True, decode)
+    def forward(ctx, x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, decode, wide, fold_mode):
+        y, h = _forward(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, True, decode, wide)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, A, B, h, keep)
         ctx.scaling, ctx.drop_scale, ctx.fan_in_fan_out, ctx.decode = scaling, drop_scale, fan_in_fan_out, decode
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.wide, ctx.fold_mode = bias is not None, wide, fold_mode
         return y
 
     @staticmethod
     def backward(ctx, gy):
         if gy is None:
-            return (None,) * 11
+            return (None,) * 13
         x, weight, A, B, h, keep = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the gradients must themselves be differentiable
             grads = _backward_differentiable(ctx, gy, x, weight, A, B, keep)
         else:
             grads = _backward(ctx, gy, x, weight, A, B, h, keep)
-        return (*grads, None, None, None, None, None, None)  # keep, scaling, drop_scale, fan_in_fan_out, fold, decode
+        return (*grads, *(None,) * 8)  # keep, scaling, drop_scale, fan_in_fan_out, fold, decode, wide, fold_mode
 
 
 def _backward(
@@ -189,10 +236,11 @@ def _backward(
     need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
     dx = dw = db = dA = dB = None
     mask = _as_mask(keep, x2.dtype) if keep is not None and (need_x or need_A) else None
-    fold = need_x and keep is None and _fold_backward(x2.shape[0], x2.shape[1], gy2.shape[1], x2.dtype, need_A)
+    n, d_in, d_out = x2.shape[0], x2.shape[1], gy2.shape[1]
+    fold = need_x and keep is None and _fold_backward(n, d_in, d_out, x2.dtype, need_A, ctx.fold_mode)
     dh = None
     if need_A or (need_x and not fold):
-        dh = _rank_r(gy2, B.t())  # (N, r) = gy B
+        dh = _rank_r(gy2, B.t(), ctx.wide)  # (N, r) = gy B
         dh.mul_(s * ctx.drop_scale)  # both scales at rank r
     if need_x:
         w = decode_weight(weight, x2.dtype, ctx.decode)
@@ -210,7 +258,7 @@ def _backward(
         assert dh is not None  # computed above for need_A
         dA = dh.t() @ (x2 if mask is None else x2 * mask)  # (r, d_in)
     if need_B:
-        dB = (h.t() @ gy2).t().mul_(s)  # (d_out, r); hᵀ·gy is ~2× faster than gyᵀ·h here
+        dB = _grad_B(h, gy2, ctx.wide).mul_(s)  # (d_out, r)
     if need_w:
         dw = gy2.t() @ x2  # (d_out, d_in)
     if need_b and ctx.has_bias:
@@ -218,10 +266,10 @@ def _backward(
     return dx, dw, db, dA, dB
 
 
-def _fold_backward(n: int, d_in: int, d_out: int, dtype: torch.dtype, need_A: bool) -> bool:
+def _fold_backward(n: int, d_in: int, d_out: int, dtype: torch.dtype, need_A: bool, mode: str = "auto") -> bool:
     """Whether the input gradient folds: it saves dh A (N×d_in), plus dh = gy B (N×d_out) where A's gradient
     does not need dh anyway."""
-    return _fold_pays(n * d_in if need_A else n * (d_in + d_out), d_in, d_out, dtype)
+    return _fold_pays(n * d_in if need_A else n * (d_in + d_out), d_in, d_out, dtype, mode)
 
 
 def _backward_differentiable(
@@ -297,6 +345,7 @@ def lora_linear(
     training: bool = False,
     fan_in_fan_out: bool = False,
     decode: Decode | None = None,
+    plan: GemmPlan | None = None,
 ) -> Tensor:
     """The LoRA linear forward: base(x) + scaling · (dropout(x) Aᵀ) Bᵀ.
 
@@ -310,6 +359,7 @@ def lora_linear(
         fan_in_fan_out: the base is transformers' Conv1D, `weight` the transposed view of its stored
             (d_in, d_out) tensor; the base term is then computed as Conv1D computes it.
         decode: for a quantised `weight`, its format's decode (`bases.linear_operand`); None for a plain one.
+        plan: the GEMM layout and fold policy; None: `gemm_plan()`. Changes speed and rounding, not the math.
 
     Examples:
         >>> x, W, A, B = torch.randn(5, 4), torch.randn(3, 4), torch.randn(2, 4), torch.zeros(3, 2)
@@ -330,14 +380,17 @@ def lora_linear(
                 training,
                 fan_in_fan_out,
                 decode,
+                plan,
             )
     n, d_in, d_out = math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0]
     keep, drop_scale = dropout_keep((n, d_in), dropout, x.device) if dropout > 0.0 and training else (None, 1.0)
     if _functional_transform(x, weight, bias, A, B):
         return _composite(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, decode)
+    plan = gemm_plan() if plan is None else plan
+    wide, mode = plan.rank_r == "wide", plan.fold
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, A, B)):
-        fold = keep is None and _fold_pays(n * d_out, d_in, d_out, x.dtype)  # h = x Aᵀ is computed either way
-        args = (_savable(x), weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, decode)
+        fold = keep is None and _fold_pays(n * d_out, d_in, d_out, x.dtype, mode)  # h = x Aᵀ is computed either way
+        args = (_savable(x), weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, decode, wide, mode)
         return _LoraLinearFn.apply(*args)
-    fold = keep is None and _fold_pays(n * (d_in + d_out), d_in, d_out, x.dtype)  # inference: no h to keep
-    return _forward(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, False, decode)[0]
+    fold = keep is None and _fold_pays(n * (d_in + d_out), d_in, d_out, x.dtype, mode)  # inference: no h to keep
+    return _forward(x, weight, bias, A, B, keep, scaling, drop_scale, fan_in_fan_out, fold, False, decode, wide)[0]
