@@ -90,6 +90,7 @@ def hf_side(a: argparse.Namespace, root: Path, compiled: bool) -> None:
         "tokens": sum(tokens[w : len(ends) - 1]),
         "steps": len(ends) - 1,
         "lengths": len(set(lengths[: len(ends) - 1])),
+        "step_s": [b - a for a, b in zip(ends, ends[1:], strict=False)],  # each step's time, compiles included
     }
     if compiled:
         from torch._dynamo.utils import compilation_time_metrics, counters

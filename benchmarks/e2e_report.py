@@ -29,7 +29,11 @@ def paired(run: dict, side: str, ref: str, what: str) -> list[float]:
 
 
 def warmup_excess(a, r: dict) -> float:
-    """The warm-up steps' time minus as many steady-state steps: what compiling (and first-call setup) cost."""
+    """What compiling (and first-call setup) cost, estimated: the Trainer's steps' times minus as many median
+    steps (a recompile inside the counted steps included); lorakit's (logged every --log-every steps): the
+    warm-up steps' time minus as many steady-state steps."""
+    if "step_s" in r:
+        return sum(r["step_s"]) - len(r["step_s"]) * statistics.median(r["step_s"])
     return r["warmup_s"] - a.log_every * r["loop_s"] / max(1, r["steps"] - a.log_every)
 
 
@@ -158,8 +162,10 @@ def report(a, runs: list[dict], load_start: str, load_end: str, seconds: float) 
         "",
         "Columns: tokens/s = real (attention-mask) tokens of the counted steps / their loop time. Peak RSS = the "
         "side's whole process (ru_maxrss from wait4). Import floor = peak RSS of a process that only imports what "
-        "the side imports before it loads a model. Warm-up excess = the first counted-out steps' time minus as many "
-        "steady-state steps (an estimate of compile time on a compiled side; the first-call setup on an eager one). "
+        "the side imports before it loads a model. Warm-up excess = an estimate of compile time on a compiled side "
+        "(the first-call setup on an eager one): Trainer, every step's time minus as many median steps (a recompile "
+        "for a new batch length inside the counted steps included: it also slows that side's tokens/s, as it would a "
+        "user's run); lorakit, the first counted-out steps' time minus as many steady-state steps. "
         "Compile = what the side records: lorakit's `compile_s`/`recompiles` in metrics.jsonl, the Trainer's "
         "torch._dynamo records (forward compile time; the backward compiles lazily inside the first step, so the "
         "estimate is the fuller figure); transformers compiles the whole PeftModel (accelerate's "

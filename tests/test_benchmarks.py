@@ -161,8 +161,10 @@ def test_e2e_suite_runs_quick(tmp_path):
     for side in ("lorakit finetune", "Trainer + PEFT"):
         tokens_per_s, tokens, rss = (float(rows[side][i].split()[0].replace(",", "")) for i in (1, 4, 5))
         assert tokens_per_s > 0 and rss > 100  # MiB: a process that imported torch
-        assert 0 < tokens <= 4 * 2 * 32  # the 4 counted steps of batch 2, at most max-length 32 real tokens a row
-    assert rows["lorakit finetune / Trainer + PEFT"][1].endswith("×")  # the same-repetition ratio
+        # the 4 counted steps of batch 2, at most max-length 32 real tokens a row (+1 a logged interval: lorakit's
+        # tokens are its rows' throughput x interval, rounded)
+        assert 0 < tokens <= 4 * 2 * 32 + 2
+    assert rows["lorakit finetune / Trainer + PEFT"][1].split("×")[0].replace(".", "").isdigit()  # paired ratio
     targets = [line for line in text.splitlines() if line.endswith(("| met |", "| **missed** |"))]
     assert len(targets) == 1  # --quick runs the eager sides on base: the compiled and vocab32k targets say so
     assert text.count("| not run (") == 2
