@@ -1,22 +1,29 @@
 """End to end against what users run: `lorakit finetune` vs transformers `Trainer` + PEFT; writes RESULTS-e2e.md.
 
-    .venv/bin/python benchmarks/e2e.py                  # the benchmark model, 3 repetitions a side (about 4 min)
-    .venv/bin/python benchmarks/e2e.py --quick --out /tmp/e2e.md   # a tiny model, seconds (the test uses this)
-    .venv/bin/python benchmarks/e2e.py --device cuda --threads 8
+    .venv/bin/python benchmarks/e2e.py                         # the base variant, 4 sides, 3 repetitions each
+    .venv/bin/python benchmarks/e2e.py --variants all          # base, vocab32k and long into one page
+    .venv/bin/python benchmarks/e2e.py --quick --out /tmp/e2e.md   # a tiny model, the eager sides (the test)
+    .venv/bin/python benchmarks/e2e.py --device cuda --threads 8 --precision bf16
 
-Both sides get the same saved model directory (a Llama-style model from a transformers config, random seeded
+Sides (--sides picks; each in its own fresh subprocess, repetitions interleave in a rotating order):
+lk = `lorakit finetune` with its defaults (--loss/--fuse/--compile auto: whatever they resolve to), lk-compile =
+the same with --compile on, lk-offload = the same with --offload-activations (CUDA only), hf = Trainer + PEFT
+(the usual recipe), hf-compile = the same with TrainingArguments(torch_compile=True).
+Variants: base (vocab 4096, max length 256, batch 4), vocab32k (vocab 32000), long (max length 1024, batch 1,
+rows of ~1024 tokens, fewer steps) — e2e_variants.py.
+
+Every side gets the same saved model directory (a Llama-style model from a transformers config, random seeded
 weights, and a WordLevel tokenizer saved with it), the same JSONL rows (lengths from 3/4 to 5/4 of max length:
 about half are truncated and the rest padded to their batch's longest, on both sides), the same LoRA config
 (r8, alpha16, dropout 0, q/k/v/o/gate/up/down), batch size, max length, steps, lr (linear schedule, no warmup),
 AdamW (weight decay 0), gradient clipping at 1.0, logging every --log-every steps, no evaluation while training,
-no checkpoint while training. Each side runs in its own fresh subprocess (its peak RSS is that process's
-ru_maxrss from wait4), and repetitions interleave: lorakit, Trainer, lorakit, Trainer...
+no checkpoint while training. Peak RSS is each side's process's ru_maxrss from wait4.
 
 Loop time: the wall time from the end of optimizer step --log-every to the end of step --steps (the first
---log-every steps are warm-up and not counted). lorakit: the `elapsed_s` of the step rows in OUT/run/metrics.jsonl
-(written with --log-every, taken right after the optimizer step). Trainer: a TrainerCallback's `on_step_end`
-perf_counter. Tokens: the real (attention-mask) tokens of the counted steps; lorakit's rows carry them as
-throughput x interval, the Trainer side counts them in its collator (num_workers 0, one collate per step).
+--log-every steps are warm-up and not counted: they hold the compiles). lorakit: the `elapsed_s` of the step rows
+in OUT/run/metrics.jsonl. Trainer: a TrainerCallback's `on_step_end` perf_counter. Tokens: the real
+(attention-mask) tokens of the counted steps; lorakit's rows carry them as throughput x interval, the Trainer
+side counts them in its collator (num_workers 0, one collate per step).
 """
 
 from __future__ import annotations
@@ -34,14 +41,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 from e2e_report import report  # noqa: E402
+from e2e_variants import SIDES, VARIANTS, variant  # noqa: E402
 from harness import TARGETS  # noqa: E402
 from run import add_model_args  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-FLOORS = {  # what each side imports before it has a model: the resident floor under its peak
-    "lorakit finetune": "import lorakit.cli, lorakit.cli.finetune, lorakit.hf.finetune, lorakit.train",
-    "Trainer + PEFT": "import datasets, peft, transformers; from transformers import Trainer, AutoModelForCausalLM",
+FLOORS = {  # what each kind of side imports before it has a model: the resident floor under its peak
+    "lk": "import lorakit.cli, lorakit.cli.finetune, lorakit.hf.finetune, lorakit.train",
+    "hf": "import datasets, peft, transformers; from transformers import Trainer, AutoModelForCausalLM",
 }
+SIZE_KEYS = ("hidden", "intermediate", "layers", "heads", "vocab", "rank", "batch", "max_length", "rows", "steps")
+SIDE_KEYS = (*SIZE_KEYS, "log_every", "lr", "threads", "device", "precision")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,14 +66,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per side")
     p.add_argument("--threads", type=int, default=1, help="OMP/torch threads of each side's process")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on both sides")
+    p.add_argument("--variant", choices=tuple(VARIANTS), default="base", help="one variant (e2e_variants.py)")
+    p.add_argument("--variants", help="'all', or a comma list of variants, run one after another into one page")
+    p.add_argument(
+        "--sides", help=f"comma list of sides out of {','.join(SIDES)} (default: lk,lk-compile,hf,hf-compile)"
+    )
     p.add_argument("--quick", action="store_true", help="a tiny model, few steps, one repetition (for tests)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS-e2e.md")
     p.add_argument("--hf-side", type=Path, help=argparse.SUPPRESS)  # internal: run the Trainer side on this dir
+    p.add_argument("--hf-compile", action="store_true", help=argparse.SUPPRESS)  # internal: ... with torch_compile
     a = p.parse_args(argv)
-    a.command = "".join(f" {x}" for x in (sys.argv[1:] if argv is None else argv) if not x.startswith("--hf-side"))
-    if a.quick:
-        a.hidden, a.intermediate, a.layers, a.heads, a.vocab = 32, 64, 2, 2, 128
-        a.batch, a.max_length, a.rows, a.steps, a.log_every, a.reps = 2, 32, 40, 6, 2, 1
+    a.given = {k for k in SIDE_KEYS if getattr(a, k) != p.get_default(k)}  # what a variant must not override
+    a.command = "".join(f" {x}" for x in (sys.argv[1:] if argv is None else argv) if not x.startswith("--hf-"))
+    names = a.variants.split(",") if a.variants and a.variants != "all" else None
+    a.variant_names = list(VARIANTS) if a.variants == "all" else names or [a.variant]
+    unknown = [v for v in a.variant_names if v not in VARIANTS]
+    sides = a.sides.split(",") if a.sides else ["lk", "hf"] if a.quick else ["lk", "lk-compile", "hf", "hf-compile"]
+    unknown += [s for s in sides if s not in SIDES]
+    if unknown:
+        p.error(f"unknown variant(s)/side(s) {unknown}: variants {list(VARIANTS)}, sides {list(SIDES)}")
+    a.side_keys = sides
     return a
 
 
@@ -147,181 +170,99 @@ def run_process(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, 
 # -- lorakit: the real CLI ----------------------------------------------------------------------------------
 
 
-def run_lorakit(a: argparse.Namespace, root: Path, rep: int) -> dict:
-    model_dir, train, valid = root / "model", root / "train.jsonl", root / "valid.jsonl"
-    out = root / f"lk-{rep}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lorakit",
-        "finetune",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(train),
-        "--valid",
-        str(valid),
-        "--task",
-        "causal-lm",
-        "--out",
-        str(out),
-        "--targets",
-        *TARGETS,
-        "--rank",
-        str(a.rank),
-        "--alpha",
-        str(2 * a.rank),
-        "--dropout",
-        "0",
-        "--lr",
-        str(a.lr),
-        "--batch-size",
-        str(a.batch),
-        "--max-length",
-        str(a.max_length),
-        "--schedule",
-        "linear",
-        "--weight-decay",
-        "0",
-        "--device",
-        a.device,
-        "--seed",
-        "0",
-        "--log-every",
-        str(a.log_every),
-        "--plain",
-        "--max-steps",
-        str(a.steps),
+def lorakit_cmd(a: argparse.Namespace, root: Path, out: Path, extra: list[str]) -> list[str]:
+    """`python -m lorakit finetune ...` as a user types it, with the side's extra flags."""
+    lora = ["--targets", *TARGETS, "--rank", str(a.rank), "--alpha", str(2 * a.rank), "--dropout", "0"]
+    train = ["--lr", str(a.lr), "--batch-size", str(a.batch), "--max-length", str(a.max_length)]
+    train += ["--schedule", "linear", "--weight-decay", "0", "--device", a.device, "--precision", a.precision]
+    data = ["--data", str(root / "train.jsonl"), "--valid", str(root / "valid.jsonl"), "--task", "causal-lm"]
+    run = ["--seed", "0", "--log-every", str(a.log_every), "--plain", "--max-steps", str(a.steps)]
+    return [sys.executable, "-m", "lorakit", "finetune", "--model", str(root / "model"), *data, "--out", str(out)] + [
+        *lora,
+        *train,
+        *run,
+        *extra,
     ]
-    wall, rss = run_process(cmd, side_env(a), root / f"lk-{rep}.log")
+
+
+def run_lorakit(a: argparse.Namespace, root: Path, tag: str, extra: list[str]) -> dict:
+    out = root / tag
+    wall, rss = run_process(lorakit_cmd(a, root, out, extra), side_env(a), root / f"{tag}.log")
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if r["kind"] == "step"]
     assert steps[0]["throughput_unit"] == "tokens", steps[0]
     counted = [(prev, r) for prev, r in zip(steps, steps[1:], strict=False) if r["step"] > a.log_every]
-    loop = steps[-1]["elapsed_s"] - next(r for r in steps if r["step"] == a.log_every)["elapsed_s"]
+    warm = next(r for r in steps if r["step"] == a.log_every)["elapsed_s"]
     tokens = sum(round(r["throughput"] * (r["elapsed_s"] - prev["elapsed_s"])) for prev, r in counted)
-    return {"loop_s": loop, "tokens": tokens, "rss": rss, "wall_s": wall, "steps": steps[-1]["step"]}
+    r = {"loop_s": steps[-1]["elapsed_s"] - warm, "warmup_s": warm, "tokens": tokens, "rss": rss, "wall_s": wall}
+    # compiled runs report their compile time and recompiles in metrics.jsonl (a field of the step rows or a
+    # "compile" row: lorakit.train.compile); the last value seen is the run's total
+    for key in ("compile_s", "recompiles"):
+        seen = [row[key] for row in rows if row.get(key) is not None]
+        if seen:
+            r[key] = seen[-1]
+    config = json.loads((out / "run" / "config.json").read_text()) if (out / "run" / "config.json").is_file() else {}
+    r["compiled"] = bool(config.get("train", {}).get("compile"))
+    return {**r, "steps": steps[-1]["step"]}
 
 
-# -- transformers Trainer + PEFT: the usual recipe -------------------------------------------------------------
-
-
-def hf_side(a: argparse.Namespace, root: Path) -> None:
-    """In this (fresh) process: Trainer + PEFT on root's model and rows; prints one JSON line of timings."""
-    import torch
-    from datasets import load_dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
-
-    torch.set_num_threads(a.threads)
-    tok = AutoTokenizer.from_pretrained(root / "model")
-    model = AutoModelForCausalLM.from_pretrained(root / "model")
-    model = get_peft_model(
-        model,
-        LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"),
-    )
-    ds = load_dataset("json", data_files=str(root / "train.jsonl"), split="train")
-    # lorakit's encoding of a text row: the tokenizer's ids + EOS, truncated to max_length (same tokens per row)
-    ds = ds.map(
-        lambda ex: {"input_ids": (tok(ex["text"])["input_ids"] + [tok.eos_token_id])[: a.max_length]},
-        remove_columns=["text"],
-    )
-    mlm = DataCollatorForLanguageModeling(tok, mlm=False)  # pads to the batch's longest; labels -100 on padding
-    tokens: list[int] = []
-
-    def collate(features):
-        batch = mlm(features)
-        tokens.append(int(batch["attention_mask"].sum()))
-        return batch
-
-    ends: list[float] = []
-
-    class StepTimes(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if a.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            ends.append(time.perf_counter())
-
-    args = TrainingArguments(
-        output_dir=str(root / "hf-out"),
-        per_device_train_batch_size=a.batch,
-        max_steps=a.steps,
-        logging_steps=a.log_every,
-        save_strategy="no",
-        report_to=[],
-        learning_rate=a.lr,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        optim="adamw_torch",
-        max_grad_norm=1.0,
-        seed=0,
-        dataloader_num_workers=0,
-        use_cpu=not a.device.startswith("cuda"),
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[StepTimes()])
-    trainer.train()
-    w = a.log_every  # steps 1..w are warm-up; steps w+1..N are counted
-    print(json.dumps({"loop_s": ends[-1] - ends[w - 1], "tokens": sum(tokens[w : len(ends)]), "steps": len(ends)}))
-
-
-def run_hf(a: argparse.Namespace, root: Path, rep: int, argv: list[str]) -> dict:
+def run_hf(a: argparse.Namespace, root: Path, tag: str, compiled: bool, argv: list[str]) -> dict:
     """The Trainer side in a fresh process (this file with --hf-side): its timings, peak RSS and wall time."""
-    log = root / f"hf-{rep}.log"
-    wall, rss = run_process([sys.executable, __file__, *argv, "--hf-side", str(root)], side_env(a), log)
+    log = root / f"{tag}.log"
+    cmd = [sys.executable, __file__, *argv, "--hf-side", str(root), *(["--hf-compile"] if compiled else [])]
+    wall, rss = run_process(cmd, side_env(a), log)
     line = next(x for x in reversed(log.read_text().splitlines()) if x.startswith('{"loop_s"'))
     return {**json.loads(line), "rss": rss, "wall_s": wall}
 
 
-# -- the report ------------------------------------------------------------------------------------------------
+def run_side(a: argparse.Namespace, root: Path, key: str, rep: int) -> dict:
+    kind, extra = SIDES[key]
+    side_argv = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in SIDE_KEYS]  # this variant's settings
+    if kind == "hf":
+        return run_hf(a, root, f"{key}-{rep}", extra == ["compile"], side_argv)
+    return run_lorakit(a, root, f"{key}-{rep}", extra)
+
+
+# -- one variant, then the page --------------------------------------------------------------------------------
+
+
+def run_variant(a: argparse.Namespace) -> dict:
+    """Every side of variant `a` (its settings resolved), `a.reps` interleaved repetitions; their results."""
+    t0 = time.perf_counter()
+    results: dict[str, list[dict]] = {k: [] for k in a.side_keys}
+    side_s = dict.fromkeys(a.side_keys, 0.0)
+    with tempfile.TemporaryDirectory(prefix="lorakit-e2e-") as tmp:
+        root = Path(tmp)
+        prepare(a, root)
+        for rep in range(a.reps):
+            k = rep % len(a.side_keys)
+            for key in a.side_keys[k:] + a.side_keys[:k]:  # a rotating order: no side always first
+                t = time.perf_counter()
+                r = run_side(a, root, key, rep)
+                side_s[key] += time.perf_counter() - t
+                results[key].append(r)
+                print(f"{a.name} rep {rep} {key}: {r}", file=sys.stderr)
+        floors = {
+            k: run_process([sys.executable, "-c", code], side_env(a), root / f"floor-{k}.log")[1]
+            for k, code in FLOORS.items()
+        }
+    return {"a": a, "results": results, "floors": floors, "seconds": time.perf_counter() - t0, "side_s": side_s}
 
 
 def main(argv: list[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
     if a.hf_side:
-        hf_side(a, a.hf_side)
+        from e2e_hf import hf_side
+
+        hf_side(a, a.hf_side, a.hf_compile)
         return a.hf_side
-    keys = (
-        "hidden",
-        "intermediate",
-        "layers",
-        "heads",
-        "vocab",
-        "rank",
-        "batch",
-        "max_length",
-        "rows",
-        "steps",
-        "log_every",
-        "lr",
-        "threads",
-        "device",
-    )
-    side_argv = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in keys]  # the settings after --quick's
     load_start, t0 = harness.loadavg(), time.perf_counter()
-    results: dict[str, list[dict]] = {"lorakit finetune": [], "Trainer + PEFT": []}
-    with tempfile.TemporaryDirectory(prefix="lorakit-e2e-") as tmp:
-        root = Path(tmp)
-        prepare(a, root)
-        for rep in range(a.reps):
-            order = ["lorakit finetune", "Trainer + PEFT"] if rep % 2 == 0 else ["Trainer + PEFT", "lorakit finetune"]
-            for side in order:
-                r = run_lorakit(a, root, rep) if side == "lorakit finetune" else run_hf(a, root, rep, side_argv)
-                results[side].append(r)
-                print(f"rep {rep} {side}: {r}", file=sys.stderr)
-        floors = {
-            k: run_process([sys.executable, "-c", code], side_env(a), root / f"floor-{i}.log")[1]
-            for i, (k, code) in enumerate(FLOORS.items())
-        }
-    text = report(a, results, floors, load_start, harness.loadavg(), time.perf_counter() - t0)
+    runs = []
+    for name in a.variant_names:
+        runs.append(run_variant(variant(a, name)))
+        print(f"variant {name}: {runs[-1]['seconds']:.0f} s", file=sys.stderr)
+    text = report(a, runs, load_start, harness.loadavg(), time.perf_counter() - t0)
     a.out.write_text(text)
     print(text)
     return a.out

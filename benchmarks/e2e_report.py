@@ -1,145 +1,177 @@
-"""benchmarks/e2e.py's report: RESULTS-e2e.md from the runs' measurements."""
+"""benchmarks/e2e.py's report: RESULTS-e2e.md from the runs' measurements (one section per variant)."""
 
 from __future__ import annotations
 
 import statistics
 
 import harness
+from e2e_variants import NAMES
 from harness import TARGETS, table
 
-SPEED_TARGET, RSS_TARGET = 1.3, 0.85  # lorakit finetune vs Trainer + PEFT: tokens/s at least, peak RSS at most
+# (side, reference side, variants it is judged on or None for all, goal, "tokens/s" or "peak RSS")
+GOALS = [
+    ("lk", "hf", None, 1.3, "tokens/s"),
+    ("lk", "hf-compile", None, 1.1, "tokens/s"),
+    ("lk", "hf", ("vocab32k",), 0.8, "peak RSS"),
+]
+med = statistics.median
 
 
-def report(
-    a, results: dict[str, list[dict]], floors: dict[str, int], load_start: str, load_end: str, seconds: float
-) -> str:
-    lk, hf = results["lorakit finetune"], results["Trainer + PEFT"]
-    tps = {k: [r["tokens"] / r["loop_s"] for r in v] for k, v in results.items()}
-    speed = [x / y for x, y in zip(tps["lorakit finetune"], tps["Trainer + PEFT"], strict=True)]
-    rss = [x["rss"] / y["rss"] for x, y in zip(lk, hf, strict=True)]
-    med = statistics.median
+def tps(r: dict) -> float:
+    return r["tokens"] / r["loop_s"]
 
-    def row(name: str) -> list[str]:
-        v = results[name]
-        return [
-            name,
-            f"{med(tps[name]):,.0f}",
-            f"{med(r['loop_s'] for r in v):.2f} s",
-            f"{(a.steps - a.log_every) / med(r['loop_s'] for r in v):.3f}",
-            f"{med(r['tokens'] for r in v):,.0f}",
-            f"{med(r['rss'] for r in v) / 2**20:,.0f} MiB",
-            f"{floors[name] / 2**20:,.0f} MiB",
-            f"{(med(r['rss'] for r in v) - floors[name]) / 2**20:,.0f} MiB",
-            f"{med(r['wall_s'] for r in v):.1f} s",
-            " / ".join(f"{x:,.0f}" for x in tps[name]),
-        ]
 
-    judged = [
-        [
-            "tokens/s, lorakit finetune / Trainer + PEFT",
-            f"≥ {SPEED_TARGET}×",
-            f"{med(speed):.2f}×",
-            "met" if med(speed) >= SPEED_TARGET else "**missed**",
-        ],
-        [
-            "peak RSS, lorakit finetune / Trainer + PEFT",
-            f"≤ {RSS_TARGET}×",
-            f"{med(rss):.2f}×",
-            "met" if med(rss) <= RSS_TARGET else "**missed**",
-        ],
-    ]
-    quick = " (--quick: a tiny model; these numbers only show that the suite runs)" if a.quick else ""
-    return "\n".join(
-        [
-            "# End to end: `lorakit finetune` vs transformers Trainer + PEFT",
-            "",
-            f"Command: `python benchmarks/e2e.py{a.command}`{quick}. Total {seconds:.0f} s.",
-            "",
-            f"Machine: {harness.machine(a.device, a.threads)}. Load average (1/5/15 min) at start {load_start}, "
-            f"at end {load_end}: the machine is shared, so the numbers were taken under that load; repetitions "
-            "interleave (lorakit, Trainer, Trainer, lorakit, ...) and ratios are medians of same-repetition ratios.",
-            "",
-            f"Setup: Llama-style model from a transformers config (hidden {a.hidden}, intermediate {a.intermediate}, "
-            f"{a.layers} layers, {a.heads} heads, vocab {a.vocab}, fp32, random seeded weights) saved with a WordLevel "
-            f"tokenizer; {a.rows} JSONL text rows of {max(2, a.max_length * 3 // 4)}–{a.max_length * 5 // 4} words "
-            f"(truncated to --max-length {a.max_length}, + EOS); LoRA r{a.rank} alpha{2 * a.rank} dropout 0 on "
-            f"q/k/v/o/gate/up/down; batch {a.batch}; {a.steps} optimizer steps, the first {a.log_every} not counted; "
-            f"lr {a.lr} linear to 0, AdamW (torch, weight decay 0), clip 1.0; logging every {a.log_every} steps; no "
-            f"evaluation or checkpoint during the loop; {a.threads} thread(s) per side (OMP_NUM_THREADS); "
-            f"{a.reps} repetitions per side.",
-            "",
-            "## Targets",
-            "",
-            table(["target", "goal", "measured (median)", "verdict"], judged),
-            "",
-            "## Throughput and memory",
-            "",
-            "tokens/s = real (attention-mask) tokens of the counted steps / loop time of those steps. Peak RSS = the "
-            "side's whole process (imports, model load, data, training, saving): ru_maxrss from wait4. Wall = the "
-            "whole command, start to exit. Import floor = peak RSS of a process that "
-            "only imports what the side imports "
-            "before it loads a model (lorakit: its CLI, hf and train packages; Trainer: torch, transformers, peft, "
-            "datasets), measured once.",
-            "",
-            table(
-                [
-                    "side",
-                    "tokens/s",
-                    "loop time",
-                    "steps/s",
-                    "tokens counted",
-                    "peak RSS",
-                    "import floor",
-                    "peak − floor",
-                    "wall",
-                    "tokens/s per repetition",
-                ],
-                [row("lorakit finetune"), row("Trainer + PEFT")],
-            ),
-            "",
-            f"Per-repetition ratios: tokens/s {', '.join(f'{x:.2f}' for x in speed)}; "
-            f"peak RSS {', '.join(f'{x:.2f}' for x in rss)}.",
-            "",
-            "## Where the difference comes from",
-            "",
-            "- Same padding strategy: both pad each batch to its longest row (lorakit's collate, "
-            "DataCollatorForLanguageModeling), both sides count the same real tokens per row (ids + EOS, truncated), "
-            "and with these row lengths their shuffles give near-equal real tokens (see 'tokens counted').",
-            "- Same optimizer: both build torch.optim.AdamW with the defaults (the for-each-parameter loop on CPU), "
-            "clip at 1.0 and zero gradients to None; both log every "
-            f"{a.log_every} steps (one loss sync each), the Trainer's tqdm bar adds one update a step.",
-            "- Same data path in effect: the Trainer's DataLoader (num_workers 0) collates in the training process as "
-            "lorakit's loader does; at "
-            f"{med(r['loop_s'] for r in hf) / max(1, a.steps - a.log_every):.2f} s a step either loader's cost is "
-            "far below the noise.",
-            "- So the loop ratio is the LoRA layers' own cost: lorakit's fused linear op against PEFT's Linear "
-            "wrapper (benchmarks/RESULTS.md measures it in one process, same tensors: lorakit's step is about 0.9× "
-            "PEFT's at dropout 0). The forward and backward of the frozen model dominate both loops: there PEFT's "
-            "step is about 1.25× the frozen-model floor, so even a LoRA op that cost nothing would make the loop "
-            "only about 1.25× faster than Trainer + PEFT; 1.3× on CPU needs the frozen part itself to get cheaper.",
-            f"- Outside the loop (wall − loop, median): lorakit {med(r['wall_s'] - r['loop_s'] for r in lk):.1f} s, "
-            f"Trainer {med(r['wall_s'] - r['loop_s'] for r in hf):.1f} s. lorakit's run also evaluates the validation "
-            "rows at the end, writes a checkpoint (with the optimizer state), the adapter and loss.png (matplotlib), "
-            "none of which the Trainer recipe here does (save_strategy='no'); both start Python, import torch and "
-            "transformers and load the same model.",
-            "- Memory: lorakit imports transformers only when it loads the model, so its import floor is torch alone; "
-            "by the peak both processes hold torch, transformers, the model, the activations of one batch and the "
-            "LoRA optimizer state (a few MiB); the Trainer side also holds peft, accelerate and datasets (Arrow).",
-            "",
-            "How each side's commands look:",
-            "",
-            "```",
-            "lorakit:  python -m lorakit finetune --model MODEL --data train.jsonl "
-            "--valid valid.jsonl --task causal-lm \\",
-            f"            --out OUT --targets {' '.join(TARGETS)} --rank {a.rank} --alpha {2 * a.rank} --dropout 0 \\",
-            f"            --lr {a.lr} --batch-size {a.batch} --max-length {a.max_length} --schedule linear "
-            "--weight-decay 0 \\",
-            f"            --device {a.device} --seed 0 --log-every {a.log_every} --plain --max-steps {a.steps}",
-            "Trainer:  get_peft_model(AutoModelForCausalLM.from_pretrained(MODEL), LoraConfig(...));",
-            "          dataset.map(tokenize); Trainer(model, TrainingArguments(per_device_train_batch_size, max_steps,",
-            "          logging_steps, save_strategy='no', report_to=[], optim='adamw_torch', ...),",
-            "          DataCollatorForLanguageModeling(mlm=False))",
-            "```",
-            "",
-        ]
+def paired(run: dict, side: str, ref: str, what: str) -> list[float]:
+    """Same-repetition ratios side / ref of tokens/s or peak RSS."""
+    res = run["results"]
+    f = tps if what == "tokens/s" else (lambda r: r["rss"])
+    return [f(x) / f(y) for x, y in zip(res[side], res[ref], strict=True)]
+
+
+def warmup_excess(a, r: dict) -> float:
+    """What compiling (and first-call setup) cost, estimated: the Trainer's steps' times minus as many median
+    steps (a recompile inside the counted steps included); lorakit's (logged every --log-every steps): the
+    warm-up steps' time minus as many steady-state steps."""
+    if "step_s" in r:
+        return sum(r["step_s"]) - len(r["step_s"]) * statistics.median(r["step_s"])
+    return r["warmup_s"] - a.log_every * r["loop_s"] / max(1, r["steps"] - a.log_every)
+
+
+def compile_cell(a, key: str, v: list[dict]) -> str:
+    """What the side reports of its compile: lorakit's metrics fields, the Trainer's dynamo records."""
+    first = v[0]
+    if key.startswith("lk"):
+        if "compile_s" in first:
+            recompiles = first.get("recompiles", "?")
+            return f"{med(r['compile_s'] for r in v):.1f} s, {recompiles} recompiles (metrics.jsonl)"
+        return "compiled, no compile_s in metrics" if first.get("compiled") else "eager (compile resolved off)"
+    if "dynamo_frames" in first:
+        return (
+            f"dynamo {med(r['dynamo_compile_s'] for r in v):.1f} s fwd, {first['dynamo_frames']} frames compiled, "
+            f"{first['graph_breaks']} graph breaks, {first['lengths']} batch lengths"
+        )
+    return "eager"
+
+
+def side_rows(a, run: dict) -> list[list[str]]:
+    rows, floors = [], run["floors"]
+    for key, v in run["results"].items():
+        floor = floors["lk" if key.startswith("lk") else "hf"]
+        loop = med(r["loop_s"] for r in v)
+        rows.append(
+            [
+                NAMES[key],
+                f"{med(tps(r) for r in v):,.0f}",
+                f"{loop:.2f} s",
+                f"{med((r['steps'] - a.log_every) / r['loop_s'] for r in v):.3f}",
+                f"{med(r['tokens'] for r in v):,.0f}",
+                f"{med(r['rss'] for r in v) / 2**20:,.0f} MiB",
+                f"{floor / 2**20:,.0f} MiB",
+                f"{(med(r['rss'] for r in v) - floor) / 2**20:,.0f} MiB",
+                f"{med(r['wall_s'] for r in v):.1f} s",
+                f"{med(warmup_excess(a, r) for r in v):.1f} s (est.)",
+                compile_cell(a, key, v),
+                " / ".join(f"{tps(r):,.0f}" for r in v),
+            ]
+        )
+    return rows
+
+
+def ratio_rows(run: dict) -> list[list[str]]:
+    res, rows = run["results"], []
+    for ref in ("hf", "hf-compile"):
+        if ref not in res:
+            continue
+        for key in res:
+            if key == ref:
+                continue
+            speed, rss = paired(run, key, ref, "tokens/s"), paired(run, key, ref, "peak RSS")
+            each = ", ".join(f"{x:.2f}" for x in speed)
+            rows.append([f"{NAMES[key]} / {NAMES[ref]}", f"{med(speed):.2f}× ({each})", f"{med(rss):.2f}×"])
+    return rows
+
+
+def target_rows(runs: list[dict]) -> list[list[str]]:
+    rows = []
+    for side, ref, only, goal, what in GOALS:
+        for run in runs:
+            name = run["a"].name
+            if only and name not in only:
+                continue
+            label = f"{name}: {what}, {NAMES[side]} / {NAMES[ref]}"
+            sign = "≥" if what == "tokens/s" else "≤"
+            if side not in run["results"] or ref not in run["results"]:
+                rows.append([label, f"{sign} {goal}×", "—", "not run (side not in --sides)"])
+                continue
+            x = med(paired(run, side, ref, what))
+            ok = x >= goal if what == "tokens/s" else x <= goal
+            rows.append([label, f"{sign} {goal}×", f"{x:.2f}×", "met" if ok else "**missed**"])
+    if not any(r[0].startswith("vocab32k") for r in rows):
+        rows.append(["vocab32k: peak RSS, lorakit / Trainer + PEFT", "≤ 0.8×", "—", "not run (variant vocab32k)"])
+    return rows
+
+
+def setup_line(a) -> str:
+    return (
+        f"Llama-style model (hidden {a.hidden}, intermediate {a.intermediate}, {a.layers} layers, {a.heads} heads, "
+        f"vocab {a.vocab}, random seeded weights, {a.precision}); {a.rows} rows of "
+        f"{max(2, a.max_length * 3 // 4)}–{a.max_length * 5 // 4} words (truncated to max length {a.max_length}, "
+        f"+ EOS); batch {a.batch}; {a.steps} steps, the first {a.log_every} not counted; {a.reps} repetition(s)."
     )
+
+
+def variant_section(a, run: dict) -> list[str]:
+    va = run["a"]
+    head = ["side", "tokens/s", "loop time", "steps/s", "tokens counted", "peak RSS", "import floor"]
+    head += ["peak − floor", "wall", "warm-up excess", "compile", "tokens/s per repetition"]
+    took = ", ".join(f"{NAMES[k]} {s / max(1, va.reps):.0f} s" for k, s in run["side_s"].items())
+    return [
+        f"## Variant {va.name}",
+        "",
+        setup_line(va),
+        "",
+        table(head, side_rows(va, run)),
+        "",
+        table(["ratio (same-repetition, median)", "tokens/s", "peak RSS"], ratio_rows(run)),
+        "",
+        f"Time: the variant took {run['seconds']:.0f} s; one repetition of each side (mean): {took}.",
+        "",
+    ]
+
+
+def report(a, runs: list[dict], load_start: str, load_end: str, seconds: float) -> str:
+    quick = " (--quick: a tiny model; these numbers only show that the suite runs)" if a.quick else ""
+    lines = [
+        "# End to end: `lorakit finetune` vs transformers Trainer + PEFT",
+        "",
+        f"Command: `python benchmarks/e2e.py{a.command}`{quick}. Total {seconds:.0f} s.",
+        "",
+        f"Machine: {harness.machine(a.device, a.threads)}. Load average (1/5/15 min) at start {load_start}, "
+        f"at end {load_end}: the numbers were taken under that load; each side runs in its own fresh process, "
+        "repetitions interleave in a rotating order, and ratios are medians of same-repetition ratios.",
+        "",
+        f"Common setup: LoRA r{a.rank} alpha{2 * a.rank} dropout 0 on {'/'.join(t[:-5] for t in TARGETS)}; lr "
+        f"{a.lr} linear to 0, AdamW (torch, weight decay 0), clip 1.0; no evaluation or checkpoint during the loop; "
+        f"{a.threads} thread(s) per side; device {a.device}. `lorakit finetune` runs with its defaults "
+        "(--loss/--fuse/--compile auto) unless the side names a flag; the Trainer side is get_peft_model + "
+        "Trainer(TrainingArguments(optim='adamw_torch', save_strategy='no', ...)) + DataCollatorForLanguageModeling.",
+        "",
+        "## Targets",
+        "",
+        table(["target", "goal", "measured (median)", "verdict"], target_rows(runs)),
+        "",
+        "Columns: tokens/s = real (attention-mask) tokens of the counted steps / their loop time. Peak RSS = the "
+        "side's whole process (ru_maxrss from wait4). Import floor = peak RSS of a process that only imports what "
+        "the side imports before it loads a model. Warm-up excess = an estimate of compile time on a compiled side "
+        "(the first-call setup on an eager one): Trainer, every step's time minus as many median steps (a recompile "
+        "for a new batch length inside the counted steps included: it also slows that side's tokens/s, as it would a "
+        "user's run); lorakit, the first counted-out steps' time minus as many steady-state steps. "
+        "Compile = what the side records: lorakit's `compile_s`/`recompiles` in metrics.jsonl, the Trainer's "
+        "torch._dynamo records (forward compile time; the backward compiles lazily inside the first step, so the "
+        "estimate is the fuller figure); transformers compiles the whole PeftModel (accelerate's "
+        "TorchDynamoPlugin, dynamic=None: a second batch length recompiles it with dynamic shapes).",
+        "",
+    ]
+    for run in runs:
+        lines += variant_section(a, run)
+    return "\n".join(lines)

@@ -91,14 +91,29 @@ def loadavg() -> str:
         return "n/a"
 
 
+def isa() -> str:
+    """The CPU's vector ISA level as torch's CPU kernels see it (AVX-512, AVX2, ...), with /proc/cpuinfo's flags."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line.split(":", 1)[1].split() for line in f if line.startswith("flags")))
+    except (OSError, StopIteration):
+        pass
+    level = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2" if flags else "?"
+    extras = [name for flag, name in (("avx512_bf16", "bf16"), ("amx_tile", "AMX")) if flag in flags]
+    capability = torch.backends.cpu.get_cpu_capability()  # what torch dispatches to: "AVX512", "AVX2", "DEFAULT"
+    return f"{level}{' + ' + ', '.join(extras) if extras else ''} (torch kernels: {capability})"
+
+
 def machine(device: str, threads: int) -> str:
-    """One line describing where the numbers came from."""
+    """One line describing where the numbers came from: CPU model and ISA, device, versions."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    cpu = f"{cpu}, {isa()}"
     import peft
     import transformers
 

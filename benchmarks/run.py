@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 from harness import TARGETS  # noqa: E402  (the suites import it from here)
 from run_ops import adapter_ops, inference_cases, inputs, profile_delta  # noqa: E402
-from run_report import report  # noqa: E402
+from run_report import report, step_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the training cases")
     p.add_argument("--fast-rounds", type=int, default=15, help="rounds of inference and adapter cases")
     p.add_argument("--no-rss", action="store_true", help="skip the per-case peak-RSS subprocesses")
+    p.add_argument(
+        "--cases",
+        choices=("all", "classic", "step"),
+        default="all",
+        help="all: every case, 'lorakit fast' included; classic: without it; step: only the training steps of "
+        "lorakit p=0, 'lorakit fast' and the frozen bound (minutes, no memory or adapter sections)",
+    )
     p.add_argument("--quick", action="store_true", help="a tiny model and few rounds (for tests)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--rss-case", help=argparse.SUPPRESS)  # internal: one case's peak RSS, in a fresh process
@@ -147,10 +154,43 @@ class TrainCase:
             self.opt.zero_grad(set_to_none=True)
 
 
+class FastCase(TrainCase):
+    """'lorakit fast': the LoRA model with fused frozen blocks, compiled blocks and the chunked loss (never the
+    full logits): the decoder's hidden states and the lm_head weight go to chunked_cross_entropy, shifted as
+    transformers' loss shifts them."""
+
+    def forward(self):
+        from lorakit.train.chunked_ce import chunked_cross_entropy
+
+        x = self.embed(self.ids).detach().requires_grad_(True)
+        hidden = self.model.get_decoder()(inputs_embeds=x).last_hidden_state[:, :-1]
+        labels = self.labels[:, 1:]
+        head = self.model.get_output_embeddings()
+        return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1))
+
+
+def fast_case(a, base, embed, ids, labels) -> FastCase:
+    """The fast path's case (lorakit.hf.fuse, lorakit.train.compile, lorakit.train.chunked_ce: imported here
+    so the other cases run without them); its compile facts land in a.fast_info."""
+    from lorakit.hf.fuse import fuse_frozen_blocks
+    from lorakit.train.compile import compile_blocks
+
+    model = build_lorakit(a, base, 0.0)
+    fused = fuse_frozen_blocks(model)
+    compiled = compile_blocks(model)
+    a.fast_info = {"fused": len(fused), "compiled": compiled}  # compile_s/recompiles read after the run
+    return FastCase(model, embed, ids, labels)
+
+
 def train_cases(a, base):
-    """{name: TrainCase} for both dropouts; the frozen bound and full fine-tuning once."""
+    """{name: TrainCase} for both dropouts; the frozen bound and full fine-tuning once; 'lorakit fast' unless
+    --cases classic; only lorakit p=0, 'lorakit fast' and the frozen bound with --cases step."""
     ids, labels = inputs(a)
     embed = base.get_input_embeddings()
+    if getattr(a, "cases", "classic") == "step":
+        fast = fast_case(a, base, embed, ids, labels)
+        cases = {"lorakit p=0": TrainCase(build_lorakit(a, base, 0.0), embed, ids, labels), "lorakit fast": fast}
+        return {**cases, "frozen bound": TrainCase(frozen(copy.deepcopy(base)), embed, ids, labels)}
     cases = {}
     for p in (0.0, a.dropout):
         lkm = build_lorakit(a, base, p)
@@ -161,6 +201,8 @@ def train_cases(a, base):
     for prm in full.parameters():
         prm.requires_grad_(True)
     cases["full fine-tuning"] = TrainCase(full, embed, ids, labels, use_ids=True)
+    if getattr(a, "cases", "classic") == "all":
+        cases["lorakit fast"] = fast_case(a, base, embed, ids, labels)
     return cases
 
 
@@ -228,6 +270,7 @@ def peak_rss(a, names: list[str]) -> dict[str, dict]:
         f"--dropout={a.dropout}",
         f"--threads={a.threads}",
         f"--device={a.device}",
+        f"--cases={a.cases}",
     ]
     out = {}
     for n in names:
@@ -243,6 +286,16 @@ def log(*m: object) -> None:
     print(*m, file=sys.stderr, flush=True)
 
 
+def peft_diff(a, cases) -> float:
+    """Max |logits| difference of lorakit p=0 and PEFT p=0 before any step (AdamW amplifies rounding later)."""
+    ids, _ = inputs(a)
+    with torch.no_grad():
+        lkm, pm = cases["lorakit p=0"].model.eval(), cases["PEFT p=0"].model.eval()
+        diff0 = (lkm(input_ids=ids).logits - pm(input_ids=ids).logits).abs().max().item()
+        lkm.train(), pm.train()
+    return diff0
+
+
 def main(argv: list[str] | None = None) -> Path | None:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -255,13 +308,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     cases = train_cases(a, base)
     p = f"{a.dropout:g}"
 
-    ids, _ = inputs(a)
-    with torch.no_grad():  # sanity before any step: AdamW amplifies rounding differences between the two
-        lkm, pm = cases["lorakit p=0"].model.eval(), cases["PEFT p=0"].model.eval()
-        diff0 = (lkm(input_ids=ids).logits - pm(input_ids=ids).logits).abs().max().item()
-        lkm.train(), pm.train()
+    diff0 = peft_diff(a, cases) if a.cases != "step" else 0.0
     log(f"training steps: {a.rounds} rounds of {len(cases)} cases")
-    train = harness.interleaved(cases, a.rounds, 1, a.device)
+    train = harness.interleaved(cases, a.rounds, 1, a.device)  # the warm-up round holds the fast case's compile
+    if a.cases == "step":
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(step_report(a, train, time.perf_counter() - t0))
+        log(f"wrote {a.out} in {time.perf_counter() - t0:.0f} s")
+        return a.out
 
     prof = {n: profile_delta(cases, n, "frozen bound") for n in ("lorakit p=0", f"lorakit p={p}")}
 

@@ -29,7 +29,7 @@ def test_quick_run_writes_a_report(tmp_path):
     out = tmp_path / "RESULTS.md"
     threads = torch.get_num_threads()
     try:
-        assert load_run().main(["--quick", "--out", str(out)]) == out
+        assert load_run().main(["--quick", "--cases", "classic", "--out", str(out)]) == out
     finally:
         torch.set_num_threads(threads)  # the run pins threads; leave the session as it was
     text = out.read_text()
@@ -45,6 +45,23 @@ def test_quick_run_writes_a_report(tmp_path):
     ]
     assert len(targets) == 7  # every target is judged, met or missed
     assert "nan" not in text.lower().replace("nanogpt", "")
+
+
+def test_quick_step_cases_time_the_fast_path_against_the_frozen_bound(tmp_path):
+    """--cases step: lorakit p=0, 'lorakit fast' (fused + compiled blocks + chunked loss) and the frozen bound."""
+    for module in ("lorakit.hf.fuse", "lorakit.train.compile", "lorakit.train.chunked_ce"):
+        pytest.importorskip(module)  # the fast path's modules (issue 30) land with their own branches
+    out = tmp_path / "RESULTS-step.md"
+    threads = torch.get_num_threads()
+    try:
+        assert load_run().main(["--quick", "--cases", "step", "--rounds", "2", "--out", str(out)]) == out
+    finally:
+        torch.set_num_threads(threads)
+    text = out.read_text()
+    assert "Machine: " in text and "AVX" in text and "nan" not in text.lower()
+    for case in ("lorakit p=0", "lorakit fast", "frozen bound"):
+        assert f"| {case} |" in text
+    assert "| training step ≤ 1.0× frozen bound (uncompiled), lorakit fast |" in text
 
 
 def test_lorakit_bench_subcommand_is_wired():
@@ -139,13 +156,18 @@ def test_e2e_suite_runs_quick(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert "Machine: " in text and "Load average" in text and "nan" not in text.lower()
-    rows = _table_rows(text, "## Throughput and memory")
+    assert ("AVX" in text or "DEFAULT" in text) and "torch kernels: " in text  # the CPU's ISA is named
+    rows = _table_rows(text, "## Variant base")
     for side in ("lorakit finetune", "Trainer + PEFT"):
-        tokens_per_s, tokens, rss = (float(rows[side][i].split()[0].replace(",", "")) for i in (1, 3, 4))
+        tokens_per_s, tokens, rss = (float(rows[side][i].split()[0].replace(",", "")) for i in (1, 4, 5))
         assert tokens_per_s > 0 and rss > 100  # MiB: a process that imported torch
-        assert 0 < tokens <= 4 * 2 * 32  # the 4 counted steps of batch 2, at most max-length 32 real tokens a row
+        # the 4 counted steps of batch 2, at most max-length 32 real tokens a row (+1 a logged interval: lorakit's
+        # tokens are its rows' throughput x interval, rounded)
+        assert 0 < tokens <= 4 * 2 * 32 + 2
+    assert rows["lorakit finetune / Trainer + PEFT"][1].split("×")[0].replace(".", "").isdigit()  # paired ratio
     targets = [line for line in text.splitlines() if line.endswith(("| met |", "| **missed** |"))]
-    assert len(targets) == 2
+    assert len(targets) == 1  # --quick runs the eager sides on base: the compiled and vocab32k targets say so
+    assert text.count("| not run (") == 2
 
 
 def test_scale_suite_runs_quick(tmp_path):
@@ -187,6 +209,14 @@ def test_gpu_script_parses_and_every_flag_it_passes_is_accepted():
     assert r.returncode == 0, r.stderr
     commands = [shlex.split(line)[1:] for line in r.stdout.splitlines()]
     assert {Path(c[0]).name for c in commands} == {"run.py", "adapters.py", "e2e.py", "scale.py", "serve.py"}
+    e2e = [c for c in commands if Path(c[0]).name == "e2e.py"]
+    spec = importlib.util.spec_from_file_location("lorakit_benchmarks_e2e", RUN.parent / "e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parsed = [module.parse_args(c[1:]) for c in e2e]  # the real parser: variant and side names checked too
+    assert all(a.precision == "bf16" and a.device == "cuda" and a.reps == 2 for a in parsed)
+    assert parsed[0].variant_names == ["base", "vocab32k", "long"] and "hf-compile" in parsed[0].side_keys
+    assert parsed[1].variant_names == ["long"] and parsed[1].side_keys == ["lk", "lk-offload"]
     # each script's own parser, stopped right after parsing (one process for all: the imports are shared);
     # unknown flags or bad values exit 2
     check = (

@@ -105,6 +105,7 @@ def _job(args: argparse.Namespace) -> job_module.FinetuneJob:
             fsdp=args.fsdp,
             max_steps=args.max_steps,
             eval_every=args.eval_every,
+            offload_activations=args.offload_activations,
         ),
         batch_size=args.batch_size,
         max_length=args.max_length,

@@ -28,6 +28,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="torch.compile each decoder block once, reused by every layer (default auto)",
     )
+    add_offload(g)
+
+
+def add_offload(g: argparse._ArgumentGroup) -> None:
+    """--offload-activations: the TrainConfig's offload_activations (CUDA only)."""
+    g.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="CUDA: keep the activations saved for backward in pinned CPU memory (less GPU memory for long "
+        "sequences, some host<->GPU copying); an error on CPU, where they already are",
+    )
 
 
 def config(args: argparse.Namespace) -> SpeedConfig:

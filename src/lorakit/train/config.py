@@ -42,6 +42,10 @@ class TrainConfig:
             (the paper suggests ~16); None or 1.0 for one learning rate.
         compile: torch.compile each repeated block of the model (regional compilation: lorakit.train.compile)
             before the run starts; dropout masks, checkpointing and resume behave as in eager mode.
+        offload_activations: keep the tensors the forward saves for backward in pinned CPU memory instead of
+            GPU memory (`torch.autograd.graph.save_on_cpu`), copied back during backward: less GPU memory for
+            long sequences, at the cost of host<->device copies. CUDA only: on a CPU device the activations
+            already live in CPU memory, so the Trainer refuses it there.
 
     Examples:
         >>> TrainConfig(epochs=2, lr=1e-3, schedule="cosine", warmup_steps=10).schedule
@@ -66,6 +70,7 @@ class TrainConfig:
     max_steps: int | None = None
     eval_every: int | None = 0
     compile: bool = False
+    offload_activations: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("epochs", self.epochs)
@@ -78,7 +83,7 @@ class TrainConfig:
         if self.eval_every is not None:
             _int("eval_every", self.eval_every, minimum=0)
         object.__setattr__(self, "eval_every", self.eval_every or 0)  # None and 0 say the same: one spelling
-        for name in ("fsdp", "compile"):
+        for name in ("fsdp", "compile", "offload_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: expected True or False")
         if self.loraplus_ratio is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 from collections.abc import Mapping
@@ -67,3 +68,28 @@ def peak_memory_mib(device: torch.device) -> tuple[float, str]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
     return peak_bytes / 2**20, "rss"
+
+
+def check_offload(offload: bool, device: torch.device) -> None:
+    """ValueError when activation offloading is asked for on a device whose activations are not on a GPU."""
+    if offload and device.type != "cuda":
+        raise ValueError(
+            f"offload_activations=True on device {device}: there is nothing to offload, the activations saved "
+            "for backward already live in CPU memory there (offloading moves them from CUDA memory to the CPU)"
+        )
+
+
+def saved_activations(offload: bool, device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """The context a training forward runs in: `save_on_cpu` when offloading (pinned memory on CUDA, so the
+    copies back during backward can overlap), else a no-op.
+
+    Examples:
+        >>> x = torch.ones(3, requires_grad=True)
+        >>> with saved_activations(True, torch.device("cpu")):
+        ...     y = (x * x).sum()
+        >>> y.backward(); x.grad
+        tensor([2., 2., 2.])
+    """
+    if not offload:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")

@@ -24,6 +24,7 @@ from . import rng
 from .batch import BatchOut, group_size
 from .checkpoint import Checkpoint, RunState, write_checkpoint
 from .config import TrainConfig
+from .device import saved_activations
 from .distributed import Group
 from .evaluation import Evaluator
 from .events import CheckpointSaved, EpochEnded, Evaluated, Event, StepLogged
@@ -61,6 +62,7 @@ class Run:
     generator: Any  # a DataLoader's own shuffle generator, if given
     ckpt: Checkpoint | None  # the checkpoint a resumed run started from
     where: str | None
+    device: torch.device  # where the batches run (activation offloading pins host memory on CUDA)
     lr: float = 0.0
     t0: float = 0.0
     elapsed0: float = 0.0
@@ -133,7 +135,8 @@ class Run:
         cfg, world = self.cfg, self.world
         stepping = b % cfg.grad_accum == 0 or b == self.batches_per_epoch
         with world.no_sync(self.net, skip=not stepping):  # ranks average gradients once per step
-            loss, out, y, n, u, self.unit = self.forward(batch, self.net)
+            with saved_activations(cfg.offload_activations, self.device):  # what forward saves for backward
+                loss, out, y, n, u, self.unit = self.forward(batch, self.net)
             (loss / group_size(b, cfg.grad_accum, self.batches_per_epoch)).backward()
         sums = self.epoch_meter.batch_sums(float(loss.detach()), n, out, y)
         *totals, n_all, u_all = world.sum([*sums.values(), n, u])  # the whole step's numbers, every rank

@@ -26,7 +26,7 @@ from . import rng
 from .batch import BatchOut, LossFn, Objective, forward
 from .checkpoint import Checkpoint, RunState, resume_from
 from .config import TrainConfig
-from .device import bf16_supported, resolve_device
+from .device import bf16_supported, check_offload, resolve_device
 from .distributed import Group
 from .evaluation import Evaluator, Probe
 from .events import Event, RunEnded, RunStarted
@@ -107,6 +107,7 @@ class Trainer:
         self.loss_fn = loss_fn
         self.metrics = as_metrics(metrics)
         self.group, self.device = Group.join(resolve_device(self.config.device))
+        check_offload(self.config.offload_activations, self.device)  # before anything is written
         self.group.barrier()  # every rank has checked its inputs before rank 0 creates the artifact dir
         if callbacks is None:
             from .reporting import auto_reporter
@@ -244,6 +245,7 @@ class Trainer:
             generator=getattr(train, "generator", None),  # a DataLoader's own shuffle generator, if given
             ckpt=None,
             where=str(self.artifacts.root) if self.artifacts else None,
+            device=self.device,
         )
         if resume:
             run.ckpt, run.s = self._resume(optimizer, epoch_meter, interval)
