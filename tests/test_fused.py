@@ -38,7 +38,9 @@ def _close(a, b, dtype):
 
 @pytest.mark.parametrize("cls", [LlamaRMSNorm, Qwen3RMSNorm])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize(("dtype", "weight_dtype"), [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    ("dtype", "weight_dtype"), [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)]
+)
 def test_rms_norm_matches_transformers(cls, shape, dtype, weight_dtype):
     ref = _norm_ref(cls, shape[-1], dtype, weight_dtype)
     x = torch.randn(shape).to(dtype).requires_grad_()

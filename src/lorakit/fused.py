@@ -6,7 +6,8 @@
 
 Eager autograd of transformers' code keeps a tensor per op and runs one kernel per op in backward. These keep
 only what the backward cannot recompute cheaply (RMSNorm: x and the per-row rstd, not the normalised copy;
-SwiGLU: gate and up, not silu(gate); RoPE: only cos and sin) and write each gradient in a few in-place passes.
+SwiGLU: gate and up, not silu(gate), recomputed; RoPE: only cos and sin) and write each gradient in a few
+in-place passes.
 Same values as transformers' code (fp32: to rounding; bf16: same casts). Pure torch: CPU and CUDA, traced by
 torch.compile like any autograd Function, plain ops under no_grad / inference_mode.
 """
@@ -49,24 +50,24 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class _SwiGLU(torch.autograd.Function):
-    """y = silu(gate) · up; the backward recomputes σ(gate) instead of keeping silu(gate)."""
+    """y = silu(gate) · up; the backward recomputes silu(gate) instead of keeping it."""
 
     @staticmethod
     def forward(ctx: Any, gate: Tensor, up: Tensor) -> Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        dup = g * silu if ctx.needs_input_grad[1] else None
+        # four passes (eager autograd: three, but it keeps silu(gate)); torch's fused silu_backward kernel
+        # computes g·up·σ(gate)·(1 + gate·(1 − σ(gate))) in one pass, in place over the fresh g·up
+        dup = F.silu(gate).mul_(g) if ctx.needs_input_grad[1] else None
         dgate = None
         if ctx.needs_input_grad[0]:
-            # d silu / d gate = σ + silu·(1 − σ)
-            dgate = torch.addcmul(sig, silu, torch.rsub(sig, 1)).mul_(g).mul_(up)
+            gu = g * up
+            dgate = torch.ops.aten.silu_backward.grad_input(gu, gate, grad_input=gu)
         return dgate, dup
 
 
