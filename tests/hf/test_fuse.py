@@ -5,6 +5,7 @@ listed transformers classes still Llama's formula."""
 import copy
 import importlib
 import inspect
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from transformers.models.llama import modeling_llama
 
 import lorakit as lk
 from lorakit.fused import rotary
-from lorakit.hf import checkpointing
+from lorakit.hf import checkpointing, speed
 from lorakit.hf.fuse import ATTENTIONS, MLPS, RMSNORMS, FusedRMSNorm, FusedSwiGLU, fuse_frozen_blocks, resolve_fuse
 from lorakit.train.config import TrainConfig
 
@@ -106,6 +107,15 @@ def test_fused_ops_are_the_ones_running(pair):
     assert not any("Rotary" in n or "RMSNorm" in n for n in _grad_fn_names(plain(**_batch()).loss))  # per instance
 
 
+def test_survives_transformers_kernelize_on_train_and_eval(pair):
+    plain, fused, _ = pair
+    model = copy.deepcopy(fused)
+    model.set_use_kernels(True)  # from_pretrained's default where `kernels` is installed: train()/eval() kernelize
+    model.eval().train()
+    assert "_RotaryBackward" in _grad_fn_names(model(**_batch()).loss)
+    _close(_loss_and_grads(model)[0], _loss_and_grads(plain)[0])
+
+
 def test_gradient_checkpointing_still_exact(pair):
     plain, fused, _ = pair
     expected = _loss_and_grads(plain)
@@ -176,3 +186,24 @@ def test_compiled_fused_model_matches_eager():
     _close(loss, expected[0])
     for name, g in expected[1].items():
         _close(grads[name], g)
+
+
+def test_finetune_speed_settings_fuse_the_model():
+    model = _tiny_models.llama()
+    for choice, want in (("off", False), ("auto", True), ("on", True)):
+        resolved = speed.resolve(
+            speed.SpeedConfig(fuse=choice), model, task="causal-lm", train=TrainConfig(device="cpu")
+        )
+        assert resolved.fuse is want and resolved.items()["fuse"] == {True: "on", False: "off"}[want]
+    speed.apply(resolved, model)
+    assert isinstance(model.model.norm, FusedRMSNorm) and isinstance(model.model.layers[1].mlp, FusedSwiGLU)
+
+
+@pytest.mark.slow  # a subprocess
+def test_benchmark_runs_quick(tmp_path):
+    out = tmp_path / "RESULTS-fused.md"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "fused.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    assert "Machine: " in text and "| fused |" in text and "| RoPE q, k (B, H, T, head) | bfloat16 |" in text

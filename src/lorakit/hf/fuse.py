@@ -67,12 +67,26 @@ class FusedSwiGLU(nn.Module):
 
 
 class FusedRotary(nn.Module):
-    """transformers' `apply_rotary_pos_emb` for one attention module's wrapper slot, on `lorakit.fused`'s op."""
+    """transformers' `apply_rotary_pos_emb` for one attention module's wrapper slot, on `lorakit.fused`'s op.
 
-    def forward(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
-        """(q·cos + rotate_half(q)·sin, k·cos + rotate_half(k)·sin), cos/sin unsqueezed at `unsqueeze_dim`."""
+    Shaped as the hub-kernels wrapper it replaces (a stateless module declaring the same layer name and a
+    `forward(*args, **kwargs)`), because transformers re-runs `kernels.kernelize` over these slots whenever a
+    model loaded with hub kernels (`from_pretrained`'s default) switches between train and eval; where a hub
+    kernel for the device is installed it takes the slot over, as it would on the unfused model.
+    """
+
+    kernel_layer_name = _ROPE
+
+    def forward(self, *args: Tensor | int, **kwargs: Tensor | int) -> tuple[Tensor, Tensor]:
+        """(q·cos + rotate_half(q)·sin, k·cos + rotate_half(k)·sin): apply_rotary_pos_emb's arguments."""
         # no use of self: under torch.compile the kernels hook calls this with its own wrapper as self
+        q, k, cos, sin, unsqueeze_dim = _rope_args(*args, **kwargs)
         return rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+
+def _rope_args(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple:
+    """apply_rotary_pos_emb's signature, bound."""
+    return q, k, cos, sin, unsqueeze_dim
 
 
 def _known(module: nn.Module, names: frozenset[str]) -> bool:
