@@ -17,7 +17,7 @@ the tests, so a transformers upgrade that changes one fails there, not silently 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -77,14 +77,14 @@ class FusedRotary(nn.Module):
 
     kernel_layer_name = _ROPE
 
-    def forward(self, *args: Tensor | int, **kwargs: Tensor | int) -> tuple[Tensor, Tensor]:
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """(q·cos + rotate_half(q)·sin, k·cos + rotate_half(k)·sin): apply_rotary_pos_emb's arguments."""
         # no use of self: under torch.compile the kernels hook calls this with its own wrapper as self
         q, k, cos, sin, unsqueeze_dim = _rope_args(*args, **kwargs)
         return rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
 
-def _rope_args(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple:
+def _rope_args(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Any, ...]:
     """apply_rotary_pos_emb's signature, bound."""
     return q, k, cos, sin, unsqueeze_dim
 
