@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from .fuse import fuse_frozen_blocks, resolve_fuse
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -70,11 +72,14 @@ class Resolved:
 def resolve(config: SpeedConfig, model: PreTrainedModel, *, task: str, train: TrainConfig) -> Resolved:
     """`config` resolved for `model` (loaded, LoRA applied, not yet fused or compiled), the job's task and its
     training settings (device, steps)."""
-    return Resolved(loss="plain", fuse=False, compile=False)
+    fuse = resolve_fuse(config.fuse, model, train)
+    return Resolved(loss="plain", fuse=fuse, compile=False)
 
 
 def apply(resolved: Resolved, model: PreTrainedModel) -> None:
     """Make `model` what `resolved` says before training starts (fused blocks swapped in, per instance)."""
+    if resolved.fuse:
+        fuse_frozen_blocks(model)
 
 
 def objective(resolved: Resolved, model: PreTrainedModel) -> Objective | None:
