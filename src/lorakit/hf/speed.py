@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import causal_loss
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -70,7 +72,8 @@ class Resolved:
 def resolve(config: SpeedConfig, model: PreTrainedModel, *, task: str, train: TrainConfig) -> Resolved:
     """`config` resolved for `model` (loaded, LoRA applied, not yet fused or compiled), the job's task and its
     training settings (device, steps)."""
-    return Resolved(loss="plain", fuse=False, compile=False)
+    loss = causal_loss.resolve_loss(config.loss, model, task)
+    return Resolved(loss=loss, fuse=False, compile=False)
 
 
 def apply(resolved: Resolved, model: PreTrainedModel) -> None:
@@ -79,4 +82,4 @@ def apply(resolved: Resolved, model: PreTrainedModel) -> None:
 
 def objective(resolved: Resolved, model: PreTrainedModel) -> Objective | None:
     """The training objective the loss setting asks for: None for the model's own (plain) loss."""
-    return None
+    return causal_loss.CausalLMChunkedLoss(model) if resolved.loss == "chunked" else None
