@@ -130,7 +130,9 @@ def test_unsupported_heads_are_named_and_auto_falls_back_to_plain():
     heads = {
         "LoraLinear, not a plain nn.Linear": lora(build("llama"), targets=("all-linear", "lm_head")),
         r"soft-capped \(final_logit_softcapping=30": build("gemma2", head_dim=8),
-        "model type 'gpt2' is not one": transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4)),
+        "model type 'gpt2' is not one": transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4)
+        ),
         "not a transformers causal LM": torch.nn.Linear(2, 2),
     }
     for reason, model in heads.items():

@@ -28,9 +28,10 @@ from ..train.chunked_ce import chunked_cross_entropy
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-# "auto" takes the chunked loss from this vocabulary size up. Measured on the 2-core AMD EPYC 7B13 (1 thread,
-# hidden 512, 1024 tokens; benchmarks/RESULTS-chunked-ce.md): the chunked step is as fast as the plain one or
-# faster at every vocabulary measured (4096, 32000, 128256) and holds far less memory from 32000 up.
+# "auto" takes the chunked loss from this vocabulary size up: the smallest measured, where it already pays.
+# benchmarks/RESULTS-chunked-ce.md (AMD EPYC, 1 thread, hidden 512, 1024 tokens, 2-layer Llama, loaded machine):
+# the chunked step took 0.92x / 0.88x / 0.87x the plain step's time at vocab 4096 / 32000 / 128256, and the
+# steps' peak memory 0.97x / 0.51x / 0.31x; below 4096 it was not measured, so auto keeps the plain loss there.
 CHUNKED_LOSS_MIN_VOCAB = 4096
 # model types whose *ForCausalLM forward is `lm_head(model(...).last_hidden_state)` and then transformers'
 # ForCausalLMLoss (read in their modeling code); their config-driven variations are checked one by one below
@@ -65,7 +66,8 @@ def chunked_loss_supported(model: nn.Module) -> str | None:
         return "its logits are scaled (logit_scale)"
     if getattr(config, "output_router_logits", False):
         return "it adds its router's auxiliary loss (output_router_logits=True)"
-    if model.get_decoder() is model:
+    decoder: Any = getattr(model, "get_decoder", None)
+    if decoder() is model:
         return f"{type(model).__name__} has no separate decoder (get_decoder)"
     return None
 
@@ -75,12 +77,13 @@ class CausalLMChunkedLoss:
 
     Counts the batch as the plain path does (`samples`: predicted tokens; `units`: attention-mask ones, or
     every position of a packed batch) and gives no outputs for batch metrics (perplexity comes from the loss).
-    When `net` is not `model` itself (a DDP/FSDP wrapper, which must run for its ranks to synchronise), or the
-    batch carries inputs it does not read, it runs the plain `net(**batch)` instead.
+    When `net` is not `model` itself (a DDP wrapper, which must run for its ranks to synchronise) or is sharded
+    in place by FSDP2 (its weights are gathered in its forward), or the batch carries inputs it does not read,
+    it runs the plain `net(**batch)` instead.
 
     Args:
         model: a causal LM that `chunked_loss_supported` accepts (ValueError with the reason otherwise).
-        chunk_tokens: tokens per chunk of the cross-entropy (default: logits chunks under 32 MiB).
+        chunk_tokens: tokens per chunk of the cross-entropy (default: `lorakit.train.chunked_ce.chunk_size`).
 
     Examples:
         >>> import torch
@@ -102,7 +105,8 @@ class CausalLMChunkedLoss:
     def __call__(self, net: nn.Module, batch: Any) -> BatchOut:
         """The batch's mean next-token loss and its sizes, as `lorakit.train.batch` counts a causal LM's."""
         labels = batch.get("labels") if isinstance(batch, Mapping) else None
-        if net is not self.model or not isinstance(labels, Tensor) or labels.dim() != 2 or set(batch) - BATCH_KEYS:
+        plain = net is not self.model or _sharded(net) or set(batch) - BATCH_KEYS
+        if plain or not isinstance(labels, Tensor) or labels.dim() != 2:
             return batches._mapping(net, batch, None)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         hidden = self.model.get_decoder()(**inputs).last_hidden_state  # (B, T, d): what the lm_head would read
@@ -116,6 +120,17 @@ class CausalLMChunkedLoss:
         mask, ids = batch.get("attention_mask"), batch.get("input_ids")
         tokens = int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
         return BatchOut(loss.float(), None, labels, n, tokens or n, "tokens" if tokens else "samples")
+
+
+def _sharded(net: nn.Module) -> bool:
+    """Whether `net` is sharded in place by FSDP2: its lm_head weight is gathered only inside its own forward."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(net, FSDPModule)
 
 
 def resolve_loss(choice: str, model: nn.Module, task: str) -> str:
@@ -138,5 +153,5 @@ def resolve_loss(choice: str, model: nn.Module, task: str) -> str:
         return "chunked"
     if choice != "auto":
         raise ValueError(f"loss={choice!r} is invalid: expected one of auto, chunked, plain")
-    vocab = int(getattr(model, "lm_head").weight.shape[0]) if reason is None else 0
-    return "chunked" if reason is None and vocab >= CHUNKED_LOSS_MIN_VOCAB else "plain"
+    head: Any = getattr(model, "lm_head", None)
+    return "chunked" if reason is None and head.weight.shape[0] >= CHUNKED_LOSS_MIN_VOCAB else "plain"
