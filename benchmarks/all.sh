@@ -37,6 +37,7 @@ mv benchmarks/RESULTS-variants.md.tmp benchmarks/RESULTS-variants.md
 } > benchmarks/RESULTS-distributed.md.tmp
 mv benchmarks/RESULTS-distributed.md.tmp benchmarks/RESULTS-distributed.md
 "$PY" benchmarks/checkpointing.py 2>benchmarks/checkpointing.log
+"$PY" benchmarks/chunked_ce.py 2>benchmarks/chunked_ce.log
 "$PY" benchmarks/serve.py 2>benchmarks/serve.log
 # end to end against Trainer + PEFT (about 8 minutes), scale curves (about 3 minutes), every export (about 1 minute)
 "$PY" benchmarks/e2e.py 2>benchmarks/e2e.log

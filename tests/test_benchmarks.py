@@ -108,6 +108,20 @@ def test_checkpointing_suite_runs_quick(tmp_path):
     assert padding[1] < padding[0]
 
 
+def test_chunked_ce_suite_runs_quick(tmp_path):
+    """benchmarks/chunked_ce.py on a tiny model: a row per vocabulary, both losses timed and their memory measured."""
+    import subprocess
+
+    out = tmp_path / "RESULTS-chunked-ce.md"
+    script = RUN.parent / "chunked_ce.py"
+    r = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    assert "Machine: " in text and "CHUNKED_LOSS_MIN_VOCAB" in text and "nan" not in text.lower()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row[0][2:] for row in rows] == ["512", "2,048"] and all(row[3].endswith("×") for row in rows)
+
+
 # -- benchmarks/serve.py (the serving engine under load) ----------------------------------------------
 
 

@@ -14,7 +14,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--loss",
         choices=LOSSES,
         default="auto",
-        help="causal-lm: chunked cross-entropy (never the full logits) or the model's plain loss (default auto)",
+        help="causal-lm loss: chunked cross-entropy that never holds the full (tokens, vocab) logits and sends only "
+        "trained positions to the lm_head, or the model's plain loss; auto: chunked where the model's head allows it "
+        "(a plain lm_head, no soft-capping) and the vocabulary is large enough to pay (default auto)",
     )
     g.add_argument(
         "--fuse",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import causal_loss
 from .fuse import fuse_frozen_blocks, resolve_fuse
 
 if TYPE_CHECKING:
@@ -72,8 +73,9 @@ class Resolved:
 def resolve(config: SpeedConfig, model: PreTrainedModel, *, task: str, train: TrainConfig) -> Resolved:
     """`config` resolved for `model` (loaded, LoRA applied, not yet fused or compiled), the job's task and its
     training settings (device, steps)."""
+    loss = causal_loss.resolve_loss(config.loss, model, task)
     fuse = resolve_fuse(config.fuse, model, train)
-    return Resolved(loss="plain", fuse=fuse, compile=False)
+    return Resolved(loss=loss, fuse=fuse, compile=False)
 
 
 def apply(resolved: Resolved, model: PreTrainedModel) -> None:
@@ -84,4 +86,4 @@ def apply(resolved: Resolved, model: PreTrainedModel) -> None:
 
 def objective(resolved: Resolved, model: PreTrainedModel) -> Objective | None:
     """The training objective the loss setting asks for: None for the model's own (plain) loss."""
-    return None
+    return causal_loss.CausalLMChunkedLoss(model) if resolved.loss == "chunked" else None
