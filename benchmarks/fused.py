@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,10 +36,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the training step")
     p.add_argument("--op-rounds", type=int, default=25, help="interleaved rounds of each op")
+    p.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="cpu: this process's CPU time (a loaded machine)"
+    )
     p.add_argument("--quick", action="store_true", help="a tiny model and few rounds (for tests)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS-fused.md")
     a = p.parse_args(argv)
     a.device, a.argv = "cpu", list(sys.argv[1:] if argv is None else argv)
+    a.timer = time.process_time if a.clock == "cpu" else time.perf_counter
     if a.quick:
         a.hidden, a.intermediate, a.layers, a.heads, a.vocab, a.batch, a.seq = 32, 64, 2, 2, 128, 2, 16
         a.rounds, a.op_rounds = 3, 3
@@ -84,7 +89,7 @@ def measure_ops(a) -> list[list[str]]:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for op, (ref, fused) in op_cases(a, dtype).items():
-            s = harness.interleaved({"eager": ref, "fused": fused}, a.op_rounds, 3, "cpu")
+            s = harness.interleaved({"eager": ref, "fused": fused}, a.op_rounds, 3, "cpu", clock=a.timer)
             rows.append(
                 [
                     op,
@@ -108,7 +113,7 @@ def measure_step(a) -> list[list[str]]:
     a.fused_names = fuse_frozen_blocks(fused_model)
     cases = {"unfused": TrainCase(plain, embed, ids, labels), "fused": TrainCase(fused_model, embed, ids, labels)}
     saved = {name: saved_bytes(case) for name, case in cases.items()}
-    s = harness.interleaved(cases, a.rounds, 2, "cpu")
+    s = harness.interleaved(cases, a.rounds, 2, "cpu", clock=a.timer)
     return [
         [
             name,
@@ -133,7 +138,8 @@ def main(argv: list[str] | None = None) -> Path:
             "# Fused blocks vs transformers' eager code (lorakit.fused, lorakit.hf.fuse)",
             "",
             f"Machine: {harness.machine('cpu', a.threads)}. Load average before / after: {load_before} / "
-            f"{harness.loadavg()} (a shared machine: read the ratios, not the absolute times).",
+            f"{harness.loadavg()} (a shared machine: read the ratios, not the absolute times). Clock: "
+            f"{'CPU time of this process' if a.clock == 'cpu' else 'wall time'}.",
             f"Command: `python benchmarks/fused.py {' '.join(a.argv)}`. Model: Llama hidden {a.hidden}, intermediate "
             f"{a.intermediate}, {a.layers} layers, {a.heads} heads, vocab {a.vocab}, {a.batch}×{a.seq} tokens, "
             f"LoRA r{a.rank} on q/k/v/o/gate/up/down, dropout 0; swapped: {', '.join(kinds)} "
