@@ -212,7 +212,8 @@ NOT_MEASURED = [
     'AVX-512 has 16 fp32 lanes where AVX2 has 8. "wide" puts tokens or d there, which fill any register; '
     '"narrow" puts r there, which leaves half of each 16-lane register idle at r = 8 (OpenBLAS had to add '
     'AVX-512 kernels for small M, OpenMathLib/OpenBLAS#3196). So the case where "wide" wins here is not one '
-    "that AVX-512 turns around; at r ≥ 16 the two are within ~15% here on h and dh and the layer does not see it. "
+    'that AVX-512 turns around; at r ≥ 16 "narrow" is up to ~15% ahead here on h and dh alone, a few percent of '
+    "a layer (and in bf16, torch's AVX2 fallback kernel, ~6% of the layer at r = 64). "
     "Two things differ on Intel and are not measured: MKL runs its own Intel-only kernels (on AMD it may take a "
     "generic path), and bf16 GEMMs go through oneDNN (torch takes it with avx512bw/vl/dq, pytorch/pytorch#61891) "
     "instead of the AVX2 fallback measured above. The fold rule compares element counts of two rank-r GEMMs of "
