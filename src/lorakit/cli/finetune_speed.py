@@ -29,7 +29,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--compile",
         choices=SWITCHES,
         default="auto",
-        help="torch.compile each decoder block once, reused by every layer (default auto)",
+        help="torch.compile each decoder block once, reused by every layer (default auto: on for CPU runs whose "
+        "--max-steps reaches the measured break-even, see docs/finetuning.md)",
     )
     add_offload(g)
 

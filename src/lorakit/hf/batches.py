@@ -10,9 +10,18 @@ import torch
 from .prepared import IGNORE_INDEX, Encoded
 
 
-def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input_ids and attention_mask (B, T); labels (B, T) with -100 padding, or (B,)."""
-    T = max(len(b["input_ids"]) for b in batch)
+def padded_length(longest: int, pad_multiple: int = 1) -> int:
+    """`longest` rounded up to a multiple of `pad_multiple` (compiled blocks see few distinct lengths)."""
+    return -(-longest // pad_multiple) * pad_multiple
+
+
+def collate(batch: Sequence[Encoded], pad_id: int, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids and attention_mask (B, T); labels (B, T) with -100 padding, or (B,).
+
+    T is the longest row rounded up to a multiple of `pad_multiple`; padding has attention mask 0 and label
+    -100, so the loss is the unpadded batch's.
+    """
+    T = padded_length(max(len(b["input_ids"]) for b in batch), pad_multiple)
     ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
     for i, b in enumerate(batch):

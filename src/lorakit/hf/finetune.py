@@ -156,7 +156,7 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
     model, matched, job = _load_model(job, tok, prepared, progress)
     fast = speed.resolve(job.speed, model, task=job.task, train=job.train)
     speed.apply(fast, model)
-    train_loader, valid_loader, packed = _loaders(job, model, tok, prepared, progress)
+    train_loader, valid_loader, packed = _loaders(job, model, tok, prepared, progress, fast.pad_multiple)
     setup = Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed, answer_probe=probe)
     setup.matched, setup.speed = matched, fast
     if job.reference is not None:  # the forgetting monitor's text
@@ -194,16 +194,21 @@ def _load_model(
 
 
 def _loaders(
-    job: FinetuneJob, model: PreTrainedModel, tok: PreTrainedTokenizerBase, prepared: data.Prepared, progress: Progress
+    job: FinetuneJob,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prepared: data.Prepared,
+    progress: Progress,
+    pad: int = 1,
 ) -> tuple[DataLoader[data.Encoded], DataLoader[data.Encoded], dict[str, Any] | None]:
     """The training loader (packed rows where the job packs), the validation loader, and what packing saved."""
-    collate = finetune_align.collate_for(job.task, tok.pad_token_id)  # pairs and prompts batch their own way
+    collate = finetune_align.collate_for(job.task, tok.pad_token_id, pad)  # pairs and prompts batch their own way
     train_rows, train_collate, packed = prepared.train, collate, None
     if job.pack:  # training rows only: validation stays unpacked, so its loss is an unpacked run's
         train_rows, packed = packing.pack_for_training(
             model, prepared.train, job.max_length, job.batch_size, job.train.seed, progress
         )
-        train_collate = functools.partial(packing.collate, pad_id=tok.pad_token_id)
+        train_collate = functools.partial(packing.collate, pad_id=tok.pad_token_id, pad_multiple=pad)
     if job.gradient_checkpointing:
         checkpointing.enable(model)
     shuffle = torch.Generator().manual_seed(job.train.seed)

@@ -88,7 +88,9 @@ def load_reference(model: nn.Module, ref_adapter: Path | str, align: AlignConfig
     return dataclasses.replace(align, reference=REFERENCE)
 
 
-def collate_for(task: str, pad_id: int) -> Callable[[Any], Any]:
-    """The collate function of `task`'s rows: pairs (dpo), prompts (grpo), else the model tasks' padding."""
-    fn = {"dpo": collate_pairs, "grpo": collate_prompts}.get(task, collate)
-    return functools.partial(fn, pad_id=pad_id)
+def collate_for(task: str, pad_id: int, pad_multiple: int = 1) -> Callable[[Any], Any]:
+    """The collate function of `task`'s rows: pairs (dpo), prompts (grpo), else the model tasks' padding (to a
+    multiple of `pad_multiple`)."""
+    if task in ("dpo", "grpo"):
+        return functools.partial({"dpo": collate_pairs, "grpo": collate_prompts}[task], pad_id=pad_id)
+    return functools.partial(collate, pad_id=pad_id, pad_multiple=pad_multiple)

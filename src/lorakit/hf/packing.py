@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..ui.progress import Progress, quiet
+from .batches import padded_length
 from .prepared import IGNORE_INDEX, Encoded, Rows
 
 if TYPE_CHECKING:
@@ -145,12 +146,13 @@ def _check_token_labels(examples: Rows) -> None:
             raise ValueError(f"example {i} has a class label: packing is for causal-lm rows (labels per token)")
 
 
-def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
+def collate(batch: Sequence[Encoded], pad_id: int, pad_multiple: int = 1) -> dict[str, Any]:
     """Right-pad packed rows: input_ids, labels (-100 padding), position_ids (B, T); no attention_mask.
 
-    The padding is a segment of its own (its positions restart at 0), so it attends to nothing real.
+    The padding is a segment of its own (its positions restart at 0), so it attends to nothing real; T is the
+    longest row rounded up to a multiple of `pad_multiple` (batches.collate).
     """
-    T = max(len(b["input_ids"]) for b in batch)
+    T = padded_length(max(len(b["input_ids"]) for b in batch), pad_multiple)
     ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     positions = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..train.compile import COMPILE_PAD_MULTIPLE, compile_unsupported
+from ..train.device import resolve_device
 from . import causal_loss
 from .fuse import fuse_frozen_blocks, resolve_fuse
 
@@ -75,7 +77,31 @@ def resolve(config: SpeedConfig, model: PreTrainedModel, *, task: str, train: Tr
     training settings (device, steps)."""
     loss = causal_loss.resolve_loss(config.loss, model, task)
     fuse = resolve_fuse(config.fuse, model, train)
-    return Resolved(loss=loss, fuse=fuse, compile=False)
+    on = _compile_choice(config.compile, model, task, train)
+    return Resolved(loss=loss, fuse=fuse, compile=on, pad_multiple=COMPILE_PAD_MULTIPLE if on else 1)
+
+
+# "auto" compiles only where it was measured to pay (benchmarks/RESULTS-compiled.md, AMD EPYC, one thread: steps
+# 0.90x eager's, 145 s of inductor compile, break-even at 218 steps): on CPU, a run of at least this many optimizer
+# steps (the break-even times a margin of 2, for a model or CPU where the gain is smaller). A run sized by epochs
+# has no step count yet when this resolves: it stays eager. CUDA: not measured here, so eager.
+COMPILE_MIN_STEPS = 450
+
+
+def _compile_choice(choice: str, model: PreTrainedModel, task: str, train: TrainConfig) -> bool:
+    """Whether to compile the blocks: "on" unless unsupported (a ValueError naming why), "auto" by the rule above
+    (CPU only: no GPU measurement here; causal-lm and classification tasks, whose batches are padded to a
+    multiple), "off" never."""
+    if choice == "off":
+        return False
+    device = resolve_device(train.device)
+    reason = compile_unsupported(model, device)
+    if choice == "on":
+        if reason is not None:
+            raise ValueError(f"compile='on' cannot be used: {reason}")
+        return True
+    steps = train.max_steps or 0
+    return reason is None and device.type == "cpu" and task not in ("dpo", "grpo") and steps >= COMPILE_MIN_STEPS
 
 
 def apply(resolved: Resolved, model: PreTrainedModel) -> None:

@@ -148,6 +148,7 @@ def step_row(e: StepLogged) -> dict[str, Any]:
         "throughput_unit": e.unit,
         "elapsed_s": e.elapsed_s,
         **e.metrics,
+        **({"compile_s": e.compile_s, "recompiles": e.recompiles} if e.compile_s is not None else {}),
     }
 
 

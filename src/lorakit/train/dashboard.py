@@ -26,6 +26,13 @@ MAX_WIDTH = 120
 TRAIN_STYLE, VALID_STYLE = "cyan", "magenta"
 
 
+def _compiled(last: StepLogged | None) -> str:
+    """` · compiled <s>, <n> recompiles` beside the device when the blocks are compiled."""
+    if last is None or last.compile_s is None:
+        return ""
+    return f" · compiled {last.compile_s:.0f}s, {last.recompiles} recompiles"
+
+
 class Dashboard:
     """A `rich.live.Live` view of a run; a trainer callback. `close()` restores the terminal."""
 
@@ -184,7 +191,7 @@ class Dashboard:
             "params",
             f"{s.trainable_params:,} / {s.total_params:,} ({pct:.1f}%)",
             "device",
-            f"{s.device} · {s.precision}",
+            f"{s.device} · {s.precision}" + _compiled(last),
         )
         kl = ev.kl_ref if ev else None
         if kl is not None:  # a fifth row

@@ -40,6 +40,8 @@ class StepLogged:
     elapsed_s: float
     metrics: dict[str, float] = field(default_factory=dict)
     unit: str = "samples"  # what throughput counts: "samples" or "tokens"
+    compile_s: float | None = None  # compiled blocks (TrainConfig.compile): seconds spent compiling so far
+    recompiles: int | None = None  # and graphs compiled after the first batch (new lengths, eval's no-grad)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ class PlainLog:
         self.stream = stream
         self.device = torch.device("cpu")
         self.epochs = self.total_steps = 0
+        self.recompiles: int | None = None  # the compile fields are logged when they change, not on every line
 
     def _write(self, line: str) -> None:
         """One log line, flushed."""
@@ -63,6 +64,9 @@ class PlainLog:
             )
         elif isinstance(e, StepLogged):
             norm = f" grad_norm={e.grad_norm:.4g}" if e.grad_norm is not None else ""
+            if e.compile_s is not None and e.recompiles != self.recompiles:
+                norm += f" compile_s={e.compile_s:.1f} recompiles={e.recompiles}"
+                self.recompiles = e.recompiles
             self._write(
                 f"step epoch={e.epoch}/{self.epochs} step={e.step}/{self.total_steps} loss={e.loss:.6g} "
                 f"lr={e.lr:.3e}{norm}{_metrics('', e.metrics)} {e.unit}_per_s={e.throughput:.0f} "

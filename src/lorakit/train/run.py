@@ -9,6 +9,7 @@ and every floating-point operation is what makes a resumed run end with the same
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -23,6 +24,7 @@ from . import artifacts as art
 from . import rng
 from .batch import BatchOut, group_size
 from .checkpoint import Checkpoint, RunState, write_checkpoint
+from .compile import Compiled
 from .config import TrainConfig
 from .device import saved_activations
 from .distributed import Group
@@ -71,6 +73,7 @@ class Run:
     t_interval: float = 0.0  # since the last log: its start, units (samples or tokens) and their name
     units: int = 0
     unit: str = "samples"
+    compiled: Compiled | None = None  # the compiled blocks (TrainConfig.compile): their compile time and recompiles
 
     def start_clock(self) -> None:
         """Start counting this run's time (added to the time of the runs it resumes)."""
@@ -195,9 +198,12 @@ class Run:
         means = self.interval.means()
         grad_norm = s.grad_norm_sum / s.grad_norms if s.grad_norms else None
         rate, mean = self.units / max(now - self.t_interval, 1e-9), means.pop("loss")
+        c = self.compiled
         logged = StepLogged(
             epoch, s.step, b, self.batches_per_epoch, mean, self.lr, grad_norm, rate, self.elapsed(), means, self.unit
         )
+        if c is not None:
+            logged = dataclasses.replace(logged, compile_s=c.compile_s, recompiles=c.recompiles)
         self.row(art.step_row(logged))
         self.emit(logged)
         self.interval.reset()

@@ -25,6 +25,7 @@ from . import artifacts as art
 from . import rng
 from .batch import BatchOut, LossFn, Objective, forward
 from .checkpoint import Checkpoint, RunState, resume_from
+from .compile import Compiled, compile_blocks, compile_unsupported
 from .config import TrainConfig
 from .device import bf16_supported, check_offload, resolve_device
 from .distributed import Group
@@ -117,6 +118,7 @@ class Trainer:
         self.callbacks = [cb for cb in callbacks if self.group.is_main or not getattr(cb, "main_rank_only", False)]
         self.artifact_root = Path(artifact_dir) if artifact_dir is not None else None
         self.artifacts = art.ArtifactDir(artifact_dir) if artifact_dir is not None and self.group.is_main else None
+        self.compiled: Compiled | None = None  # the compiled blocks, once a run with config.compile started
         self.fingerprints = Fingerprints()  # the frozen base's hashes, taken once for every adapter this run saves
         if self.config.precision == "bf16" and not bf16_supported(self.device):
             raise ValueError(f"precision='bf16' is not supported on device {self.device}; use precision='fp32'")
@@ -220,6 +222,7 @@ class Trainer:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not params:
             raise ValueError("the model has no trainable parameters (apply_lora first, or unfreeze some)")
+        compiled = self._compile(model) if cfg.compile else None  # before DDP wraps the blocks
         net = world.wrap(model, self.device, cfg.fsdp, self.fingerprints)  # what runs the batches
         optimizer = adamw(param_groups(params, cfg.loraplus_ratio), cfg.lr, cfg.betas, cfg.weight_decay)
         epoch_meter, interval = Meter(self.metrics), Meter(self.metrics)
@@ -246,6 +249,7 @@ class Trainer:
             ckpt=None,
             where=str(self.artifacts.root) if self.artifacts else None,
             device=self.device,
+            compiled=compiled,
         )
         if resume:
             run.ckpt, run.s = self._resume(optimizer, epoch_meter, interval)
@@ -258,6 +262,15 @@ class Trainer:
         self._announce(run)
         run.start_clock()
         return run
+
+    def _compile(self, model: nn.Module) -> Compiled:
+        """Compile the model's repeated blocks once (compile.py); a second `fit` reuses them."""
+        if self.compiled is None:
+            reason = compile_unsupported(model, self.device)
+            if reason is not None:
+                raise ValueError(f"TrainConfig.compile=True cannot be used: {reason}")
+            self.compiled = compile_blocks(model)
+        return self.compiled
 
     def _announce(self, run: Run) -> None:
         """Write the run's config.json (rank 0, with an artifact dir) and emit RunStarted."""
