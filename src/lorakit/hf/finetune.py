@@ -154,7 +154,7 @@ def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:
         _remove_new(made)  # a refused run leaves OUT as it found it, so that the fixed run may start there
         raise
     model, matched, job = _load_model(job, tok, prepared, progress)
-    fast = speed.resolve(job.speed, model, task=job.task, train=job.train)
+    fast = speed.resolve(job.speed, model, task=job.task, train=job.train, checkpointing=job.gradient_checkpointing)
     speed.apply(fast, model)
     train_loader, valid_loader, packed = _loaders(job, model, tok, prepared, progress, fast.pad_multiple)
     setup = Setup(job, model, tok, prepared, train_loader, valid_loader, packing=packed, answer_probe=probe)

@@ -72,12 +72,14 @@ class Resolved:
         return asdict(self)
 
 
-def resolve(config: SpeedConfig, model: PreTrainedModel, *, task: str, train: TrainConfig) -> Resolved:
-    """`config` resolved for `model` (loaded, LoRA applied, not yet fused or compiled), the job's task and its
-    training settings (device, steps)."""
+def resolve(
+    config: SpeedConfig, model: PreTrainedModel, *, task: str, train: TrainConfig, checkpointing: bool = False
+) -> Resolved:
+    """`config` resolved for `model` (loaded, LoRA applied, not yet fused or compiled), the job's task, its
+    training settings (device, steps) and whether it will checkpoint activations (compiling is then refused)."""
     loss = causal_loss.resolve_loss(config.loss, model, task)
     fuse = resolve_fuse(config.fuse, model, train)
-    on = _compile_choice(config.compile, model, task, train)
+    on = _compile_choice(config.compile, model, task, train, checkpointing)
     return Resolved(loss=loss, fuse=fuse, compile=on, pad_multiple=COMPILE_PAD_MULTIPLE if on else 1)
 
 
@@ -88,7 +90,7 @@ def resolve(config: SpeedConfig, model: PreTrainedModel, *, task: str, train: Tr
 COMPILE_MIN_STEPS = 450
 
 
-def _compile_choice(choice: str, model: PreTrainedModel, task: str, train: TrainConfig) -> bool:
+def _compile_choice(choice: str, model: PreTrainedModel, task: str, train: TrainConfig, checkpointing: bool) -> bool:
     """Whether to compile the blocks: "on" unless unsupported (a ValueError naming why), "auto" by the rule above
     (CPU only: no GPU measurement here; causal-lm and classification tasks, whose batches are padded to a
     multiple), "off" never."""
@@ -96,6 +98,8 @@ def _compile_choice(choice: str, model: PreTrainedModel, task: str, train: Train
         return False
     device = resolve_device(train.device)
     reason = compile_unsupported(model, device)
+    if checkpointing and reason is None:
+        reason = "gradient checkpointing is on: torch.utils.checkpoint runs its blocks with torch.compile disabled"
     if choice == "on":
         if reason is not None:
             raise ValueError(f"compile='on' cannot be used: {reason}")

@@ -139,7 +139,9 @@ def compile_blocks(model: nn.Module, *, backend: str = "inductor", dynamic: bool
 
 
 def compile_unsupported(model: nn.Module, device: torch.device | str) -> str | None:
-    """Why compiling `model`'s training on `device` is not offered (None: it is): MPS, or a quantised base.
+    """Why compiling `model`'s training on `device` is not offered (None: it is): MPS, a quantised base, or
+    gradient checkpointing (torch.utils.checkpoint runs with dynamo disabled inside it, so a checkpointed block
+    would run eager whatever was compiled: measured, tests/train/test_compile.py).
 
     Examples:
         >>> compile_unsupported(nn.Linear(2, 2), "mps")
@@ -150,4 +152,6 @@ def compile_unsupported(model: nn.Module, device: torch.device | str) -> str | N
     quantised = [type(m).__name__ for m in model.modules() if is_quantized(m) or hasattr(m, "quant_state")]
     if quantised or getattr(model, "is_quantized", False):
         return f"the base is quantised ({', '.join(sorted(set(quantised))) or 'is_quantized'}): not proven to trace"
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        return "gradient checkpointing is on: torch.utils.checkpoint runs its blocks with torch.compile disabled"
     return None
