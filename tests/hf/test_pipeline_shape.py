@@ -42,8 +42,12 @@ STAGES = (
 LEAVES = ("models", "messages")
 # what data.prepare calls in turn (each may call the stages it imports), then packing at the first batch
 PIPELINE = ("data", "templates", "sources", "examples", "encoding", "packing")
-MODEL_FILES = ("models.py", "task_fit.py")  # the job loads the tokenizer before its data and the model after it
-LEAF_FILES = ("messages.py",)  # called by a stage row by row (LEAVES)
+# the job checks its paths and loads the tokenizer before its data, and the model after it, resolving its speed
+# settings against the model (speed.py and what it asks: causal_loss.py, fuse.py)
+MODEL_FILES = ("models.py", "task_fit.py", "finetune_checks.py", "speed.py", "causal_loss.py", "fuse.py")
+# called by a stage row by row (LEAVES); fuse.py's modules are the model's own forward once fused (a stage that
+# runs the model, as packing does, runs them as it runs transformers' modeling code)
+LEAF_FILES = ("messages.py", "fuse.py")
 
 
 def _hf_imports(path: Path) -> set[str]:

@@ -126,7 +126,7 @@ class Setup:
     reference_loader: DataLoader[Any] | None = None  # job.reference in chunks of max_length tokens
     answer_probe: answers.AnswerProbe | None = None  # job.eval_metrics on the first validation rows
     matched: list[str] = field(default_factory=list)  # what each target rule selected (target_report), one line each
-    speed: speed.Resolved = field(default_factory=lambda: speed.Resolved("plain", False, False))  # job.speed resolved
+    speed: speed.Resolved = field(default_factory=speed.Resolved)  # job.speed resolved
 
 
 def prepare(job: FinetuneJob, progress: Progress | None = None) -> Setup:

@@ -57,9 +57,9 @@ class Resolved:
     """What the speed settings became for this model and run: the loss, whether blocks are fused and compiled,
     and the padding multiple of the training batches (compiled blocks see few distinct sequence lengths)."""
 
-    loss: str  # "chunked" or "plain"
-    fuse: bool
-    compile: bool
+    loss: str = "plain"  # or "chunked"
+    fuse: bool = False
+    compile: bool = False
     pad_multiple: int = 1
 
     def items(self) -> dict[str, str]:
