@@ -106,9 +106,10 @@ def main() -> None:
         f"| graphs for {len(lengths)} lengths {lengths[0]}..{lengths[-1]} padded to ×{COMPILE_PAD_MULTIPLE} "
         f"({distinct} distinct) | {compiled.graphs - graphs0} more (recompiles so far: {compiled.recompiles}) |",
         "",
-        "`finetune --compile auto` compiles CPU runs of at least `COMPILE_MIN_STEPS` optimizer steps "
-        "(lorakit/hf/speed.py): the break-even above times a margin of 2. Timings stretch under load; the ratio "
-        "is the figure to carry to another machine. Graph counts are dynamo's (process-wide).",
+        "Compiled blocks alone, against eager without lorakit's fused blocks. `finetune --compile auto` stays "
+        "eager: end to end, with the fused blocks that auto turns on, compiling did not pay "
+        "(benchmarks/RESULTS-e2e.md; lorakit/hf/speed.py). Timings stretch under load; the ratio is the figure "
+        "to carry to another machine. Graph counts are dynamo's (process-wide).",
         "",
     ]
     Path(args.out).write_text("\n".join(lines))

@@ -79,33 +79,28 @@ def resolve(
     training settings (device, steps) and whether it will checkpoint activations (compiling is then refused)."""
     loss = causal_loss.resolve_loss(config.loss, model, task)
     fuse = resolve_fuse(config.fuse, model, train)
-    on = _compile_choice(config.compile, model, task, train, checkpointing)
+    on = _compile_choice(config.compile, model, train, checkpointing)
     return Resolved(loss=loss, fuse=fuse, compile=on, pad_multiple=COMPILE_PAD_MULTIPLE if on else 1)
 
 
-# "auto" compiles only where it was measured to pay (benchmarks/RESULTS-compiled.md, AMD EPYC, one thread: steps
-# 0.90x eager's, 145 s of inductor compile, break-even at 218 steps): on CPU, a run of at least this many optimizer
-# steps (the break-even times a margin of 2, for a model or CPU where the gain is smaller). A run sized by epochs
-# has no step count yet when this resolves: it stays eager. CUDA: not measured here, so eager.
-COMPILE_MIN_STEPS = 450
+# "auto" stays eager: compiled blocks were not shown to pay on top of the fused ones that "auto" turns on. Alone,
+# they ran a step in 0.91x eager's time after 14 s of compiling (benchmarks/RESULTS-compiled.md, AMD EPYC, quiet);
+# end to end, `finetune --compile on` (fused blocks and the chunked loss on as well) gave 0.95x the tokens/s of
+# the same run eager (benchmarks/RESULTS-e2e.md). CUDA: not measured here. "on" compiles wherever it can.
 
 
-def _compile_choice(choice: str, model: PreTrainedModel, task: str, train: TrainConfig, checkpointing: bool) -> bool:
-    """Whether to compile the blocks: "on" unless unsupported (a ValueError naming why), "auto" by the rule above
-    (CPU only: no GPU measurement here; causal-lm and classification tasks, whose batches are padded to a
-    multiple), "off" never."""
-    if choice == "off":
+def _compile_choice(choice: str, model: PreTrainedModel, train: TrainConfig, checkpointing: bool) -> bool:
+    """Whether to compile the blocks: "on" unless unsupported (a ValueError naming why); "auto" and "off" never
+    (the measurements above)."""
+    if choice != "on":
         return False
     device = resolve_device(train.device)
     reason = compile_unsupported(model, device)
     if checkpointing and reason is None:
         reason = "gradient checkpointing is on: torch.utils.checkpoint runs its blocks with torch.compile disabled"
-    if choice == "on":
-        if reason is not None:
-            raise ValueError(f"compile='on' cannot be used: {reason}")
-        return True
-    steps = train.max_steps or 0
-    return reason is None and device.type == "cpu" and task not in ("dpo", "grpo") and steps >= COMPILE_MIN_STEPS
+    if reason is not None:
+        raise ValueError(f"compile='on' cannot be used: {reason}")
+    return True
 
 
 def apply(resolved: Resolved, model: PreTrainedModel) -> None:
