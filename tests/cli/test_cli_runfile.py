@@ -259,12 +259,13 @@ def test_ctrl_c_after_a_checkpoint_exits_130_with_a_resume_hint(run, tmp_path):
     assert "Traceback" not in err
 
 
-def test_the_setup_line_echoes_packing_and_checkpointing(run):
+def test_the_setup_line_echoes_packing_speed_and_checkpointing(run):
     lines = run["log"].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("start "))
     setup = lines[start - 1]  # said before the first step
     assert re.fullmatch(
-        r"setup pack=off padding=\d+\.\d% padding_if_packed=\d+\.\d% gradient_checkpointing=off "
+        r"setup pack=off padding=\d+\.\d% padding_if_packed=\d+\.\d% loss=(plain|chunked) fuse=(on|off) compile=off "
+        r"gradient_checkpointing=off "
         r"checkpoint_every=epoch checkpoint=first/run/checkpoint\.safetensors",
         setup,
     ), setup

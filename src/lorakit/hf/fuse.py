@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from transformers.activations import SiLUActivation
 
 from ..fused import rms_norm, rotary, swiglu
 from ..train.device import resolve_device
@@ -97,6 +96,8 @@ def _known(module: nn.Module, names: frozenset[str]) -> bool:
 
 def _plan(model: nn.Module) -> list[tuple[str, str]]:
     """(module name, what to fuse: "norm" | "mlp" | "rope") for every block `fuse_frozen_blocks` would swap."""
+    from transformers.activations import SiLUActivation  # here: lorakit imports without the hf extra
+
     plan = []
     for name, module in model.named_modules():
         if _known(module, RMSNORMS) and isinstance(getattr(module, "weight", None), nn.Parameter):
