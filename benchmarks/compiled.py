@@ -20,31 +20,21 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-import lorakit as lk
 from lorakit.train.compile import COMPILE_PAD_MULTIPLE, compile_blocks
 from lorakit.train.schedule import adamw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from run import build_base, build_lorakit  # noqa: E402
+from run import parse_args as run_args  # noqa: E402
 
 
 def model(dropout: float) -> LlamaForCausalLM:
-    """The benchmark Llama with LoRA r8 on every projection, seeded, in train mode."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=4096,
-        max_position_embeddings=512,
-    )
-    net = LlamaForCausalLM(cfg)
-    lk.apply_lora(net, lk.LoraConfig(rank=8, alpha=16.0, dropout=dropout), harness.TARGETS)
-    return net.train()
+    """The suites' benchmark Llama (run.py's defaults) with LoRA r8 on every projection, in train mode."""
+    a = run_args([])
+    return build_lorakit(a, build_base(a), dropout).train()
 
 
 def stepper(net: LlamaForCausalLM, ids: torch.Tensor):

@@ -49,8 +49,6 @@ def test_quick_run_writes_a_report(tmp_path):
 
 def test_quick_step_cases_time_the_fast_path_against_the_frozen_bound(tmp_path):
     """--cases step: lorakit p=0, 'lorakit fast' (fused + compiled blocks + chunked loss) and the frozen bound."""
-    for module in ("lorakit.hf.fuse", "lorakit.train.compile", "lorakit.train.chunked_ce"):
-        pytest.importorskip(module)  # the fast path's modules (issue 30) land with their own branches
     out = tmp_path / "RESULTS-step.md"
     threads = torch.get_num_threads()
     try:
