@@ -117,8 +117,7 @@ class CausalLMChunkedLoss:
             hidden[keep], head.weight, shifted[keep], bias=head.bias, chunk_tokens=self.chunk_tokens
         )
         n = int(keep.sum())
-        mask, ids = batch.get("attention_mask"), batch.get("input_ids")
-        tokens = int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
+        tokens = batches.real_tokens(batch)  # counted as the plain path counts them
         return BatchOut(loss.float(), None, labels, n, tokens or n, "tokens" if tokens else "samples")
 
 

@@ -98,7 +98,6 @@ def _mapping(net: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn | None) -
         loss = out.loss
     else:
         raise ValueError("a mapping batch needs a model output with .loss, or Trainer(loss_fn=...)")
-    ids = batch.get("input_ids")
     n = len(next(v for v in batch.values() if isinstance(v, Tensor)))
     if (
         loss_fn is None
@@ -110,9 +109,14 @@ def _mapping(net: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn | None) -
         # a causal LM's own loss is the mean over its predicted tokens (labels shifted by one, -100 skipped):
         # weigh the batch by that count, so validation loss is per token whatever the rows' lengths
         n = int((targets[:, 1:] != IGNORE_INDEX).sum())
-    mask = batch.get("attention_mask")
-    tokens = int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
+    tokens = real_tokens(batch)
     return BatchOut(loss.float(), logits, targets, n, tokens or n, "tokens" if tokens else "samples")
+
+
+def real_tokens(batch: Mapping[str, Any]) -> int:
+    """The batch's real tokens, what throughput counts: its attention mask's ones, else every input id (0: none)."""
+    mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+    return int(mask.sum()) if mask is not None else (ids.numel() if ids is not None else 0)
 
 
 def group_size(b: int, grad_accum: int, batches_per_epoch: int) -> int:
